@@ -1,0 +1,59 @@
+"""Where things are: addresses and tokens, resolved as flag > environment > default.
+
+Consul settings follow the consul CLI's own conventions (CONSUL_HTTP_ADDR,
+CONSUL_HTTP_TOKEN) so an operator's existing environment just works.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
+DEFAULT_XDS_ADDR = "127.0.0.1:18000"
+DEFAULT_ADMIN_ADDR = "127.0.0.1:18001"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve(flag: str | None, env_var: str, default: str) -> str:
+    """Flags override the environment, the environment overrides defaults."""
+    if flag:
+        return flag
+    return os.environ.get(env_var) or default
+
+
+@dataclass(frozen=True)
+class ConsulAddress:
+    scheme: str
+    host: str
+    port: int
+    token: str | None
+
+    @classmethod
+    def from_settings(cls, addr: str | None = None, token: str | None = None) -> ConsulAddress:
+        raw = resolve(addr, "CONSUL_HTTP_ADDR", DEFAULT_CONSUL_ADDR)
+        scheme = "http"
+        if "://" in raw:
+            scheme, raw = raw.split("://", 1)
+        host, port = split_host_port(raw, default_port=8500)
+        return cls(scheme, host, port, token or os.environ.get("CONSUL_HTTP_TOKEN") or None)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, default_port
+    if not port.isdigit():
+        raise ValueError(f"bad address {addr!r}: port must be a number")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def tools_dir() -> Path:
+    """Folder for binaries the project fetches itself (ignored by git)."""
+    return Path(os.environ.get("MLLAMBDA_TOOLS_DIR") or PROJECT_ROOT / ".tools")

@@ -1,0 +1,190 @@
+"""Start, wait for, and stop the real components (Envoy, Consul, tansu, runtimes).
+
+Shared by the test fixtures and the local-stack supervisor, so both start
+things the same way and both stop exactly what they started, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class StartError(RuntimeError):
+    """A component did not become ready; the message carries its last log lines."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class ManagedProcess:
+    """One child process in its own session, with its output in a log file."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was not started"
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise StartError(f"{self.name} exited during start-up:\n{self.tail()}")
+            try:
+                if check():
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise StartError(f"{self.name} not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+        # Reap anything the child left behind in its group.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def consul_ready(http_port: int) -> Callable[[], bool]:
+    """Consul answers and has elected a leader (KV writes work from then on)."""
+
+    def check() -> bool:
+        status, body = http_get(f"http://127.0.0.1:{http_port}/v1/status/leader")
+        return status == 200 and bool(json.loads(body))
+
+    return check
+
+
+def envoy_ready(admin_port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        status, body = http_get(f"http://127.0.0.1:{admin_port}/ready")
+        return status == 200 and body.strip() == "LIVE"
+
+    return check
+
+
+def tcp_ready(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    return check
+
+
+def consul_dev_argv(consul: Path, data_dir: Path, ports: dict[str, int]) -> list[str]:
+    """`consul agent -dev` on loopback, every port chosen by the caller."""
+    return [
+        str(consul),
+        "agent",
+        "-dev",
+        "-bind=127.0.0.1",
+        "-client=127.0.0.1",
+        f"-data-dir={data_dir}",
+        f"-http-port={ports['http']}",
+        f"-dns-port={ports['dns']}",
+        f"-serf-lan-port={ports['serf_lan']}",
+        f"-serf-wan-port={ports['serf_wan']}",
+        f"-server-port={ports['server']}",
+        f"-grpc-port={ports['grpc']}",
+        "-log-level=warn",
+    ]
+
+
+def tansu_argv(tansu: Path, port: int) -> list[str]:
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        str(tansu),
+        "broker",
+        f"--listener-url={url}",
+        f"--advertised-listener-url={url}",
+        "--storage-engine=memory://tansu/",
+    ]
+
+
+def envoy_argv(envoy: Path, config_path: Path, base_id: int | None = None) -> list[str]:
+    argv = [
+        str(envoy),
+        "-c",
+        str(config_path),
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+    if base_id is not None:
+        argv += ["--base-id", str(base_id)]
+    return argv

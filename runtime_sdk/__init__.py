@@ -1,0 +1,1 @@
+"""ML Lambda runtime SDK: wrap a predict() callable into a discoverable runtime."""

@@ -1,0 +1,110 @@
+"""Real Envoy, Consul and Kafka (tansu) on free loopback ports, stopped by PID."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane import processes
+from controlplane.tools import find_consul, find_envoy, find_tansu
+
+
+@dataclass(frozen=True)
+class ConsulAgent:
+    http_port: int
+    proc: processes.ManagedProcess
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+
+@dataclass(frozen=True)
+class EnvoyProc:
+    admin_port: int
+    proc: processes.ManagedProcess
+
+    def admin(self, path: str) -> tuple[int, str]:
+        return processes.http_get(f"http://127.0.0.1:{self.admin_port}{path}")
+
+
+def _require(path: Path | None, name: str) -> Path:
+    if path is None:
+        pytest.fail(f"{name} not found: run ./dev bootstrap (mllambda doctor says what is missing)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+def start_consul(logs_dir: Path, data_dir: Path) -> ConsulAgent:
+    ports = {
+        k: processes.free_port() for k in ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")
+    }
+    argv = processes.consul_dev_argv(_require(find_consul(), "consul"), data_dir, ports)
+    proc = processes.ManagedProcess("consul", argv, logs_dir / f"consul-{ports['http']}.log")
+    proc.start()
+    try:
+        proc.wait_ready(processes.consul_ready(ports["http"]), timeout=30)
+    except processes.StartError:
+        proc.stop()
+        raise
+    return ConsulAgent(ports["http"], proc)
+
+
+@pytest.fixture(scope="session")
+def consul_agent(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    agent = start_consul(logs_dir, tmp_path_factory.mktemp("consul"))
+    yield agent
+    agent.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(logs_dir: Path) -> Iterator[str]:
+    port = processes.free_port()
+    argv = processes.tansu_argv(_require(find_tansu(), "tansu"), port)
+    proc = processes.ManagedProcess("tansu", argv, logs_dir / f"tansu-{port}.log").start()
+    try:
+        proc.wait_ready(processes.tcp_ready(port), timeout=30)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+EnvoyFactory = Callable[[dict[str, Any]], EnvoyProc]
+
+
+@pytest.fixture
+def start_envoy(logs_dir: Path, tmp_path: Path) -> Iterator[EnvoyFactory]:
+    """Start an Envoy from a bootstrap dict; its admin port is set here."""
+    started: list[EnvoyProc] = []
+    envoy = _require(find_envoy(), "envoy")
+
+    def start(bootstrap: dict[str, Any], wait_live: bool = True) -> EnvoyProc:
+        admin_port = processes.free_port()
+        config = {
+            **bootstrap,
+            "admin": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+            },
+        }
+        path = tmp_path / f"envoy-{admin_port}.json"
+        path.write_text(json.dumps(config))
+        proc = processes.ManagedProcess(
+            "envoy", processes.envoy_argv(envoy, path), logs_dir / f"envoy-{admin_port}.log"
+        ).start()
+        started.append(EnvoyProc(admin_port, proc))
+        if wait_live:
+            proc.wait_ready(processes.envoy_ready(admin_port), timeout=30)
+        return started[-1]
+
+    yield start
+    for item in started:
+        item.proc.stop()

@@ -1,0 +1,39 @@
+"""The install is complete and configuration follows the consul CLI's conventions."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from controlplane.config import ConsulAddress
+
+
+def test_doctor_lists_the_real_components() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "doctor"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"ok\s+envoy\s+1\.40\.\d+", result.stdout)
+    assert re.search(r"ok\s+consul\s+1\.8\.\d+", result.stdout)
+    assert re.search(r"ok\s+tansu\s+\S+", result.stdout)
+
+
+def test_consul_address_flag_beats_environment_beats_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
+    assert ConsulAddress.from_settings().url == "http://127.0.0.1:8500"
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://consul.internal:8501")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "secret")
+    env = ConsulAddress.from_settings()
+    assert (env.url, env.token) == ("https://consul.internal:8501", "secret")
+    assert ConsulAddress.from_settings("10.1.2.3:9500").url == "http://10.1.2.3:9500"
+
+
+def test_bad_consul_address_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="port must be a number"):
+        ConsulAddress.from_settings("127.0.0.1:http")
