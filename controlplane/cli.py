@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
-    return []
+    from controlplane import app, sidecar
+
+    return [app.register, sidecar.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,25 +78,25 @@ def kafka_bootstrap(logs_dir: Path) -> Iterator[str]:
         proc.stop()
 
 
-EnvoyFactory = Callable[[dict[str, Any]], EnvoyProc]
+Bootstrap = dict[str, Any] | Callable[[int], str]
+EnvoyFactory = Callable[..., EnvoyProc]
 
 
 @pytest.fixture
 def start_envoy(logs_dir: Path, tmp_path: Path) -> Iterator[EnvoyFactory]:
-    """Start an Envoy from a bootstrap dict; its admin port is set here."""
+    """Start an Envoy from a static bootstrap dict, or from `render(admin_port) -> YAML`."""
     started: list[EnvoyProc] = []
     envoy = _require(find_envoy(), "envoy")
 
-    def start(bootstrap: dict[str, Any], wait_live: bool = True) -> EnvoyProc:
+    def start(bootstrap: Bootstrap, wait_live: bool = True) -> EnvoyProc:
         admin_port = processes.free_port()
-        config = {
-            **bootstrap,
-            "admin": {
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-            },
-        }
-        path = tmp_path / f"envoy-{admin_port}.json"
-        path.write_text(json.dumps(config))
+        if callable(bootstrap):
+            text = bootstrap(admin_port)
+        else:
+            admin = {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+            text = json.dumps({**bootstrap, "admin": {"address": admin}})
+        path = tmp_path / f"envoy-{admin_port}.yaml"
+        path.write_text(text)
         proc = processes.ManagedProcess(
             "envoy", processes.envoy_argv(envoy, path), logs_dir / f"envoy-{admin_port}.log"
         ).start()

@@ -1,0 +1,1 @@
+"""Pure translation: pipelines + endpoints -> Envoy resources. No I/O here."""

@@ -1,0 +1,155 @@
+"""Small builders for the Envoy resources ML Lambda uses (real xds-protos types)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+# xds-protos ships no type stubs: resources are typed loosely at this edge.
+Address: TypeAlias = Any
+Resource: TypeAlias = Any
+
+
+def tcp_address(host: str, port: int) -> Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def pipe_address(path: str) -> Address:
+    """A Unix domain socket (Envoy calls it a pipe)."""
+    return address_pb2.Address(pipe=address_pb2.Pipe(path=path))
+
+
+def millis(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _any(message: Resource) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True) -> Resource:
+    """A cluster whose endpoints come over EDS (from Consul via the control plane)."""
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        connect_timeout=millis(connect_timeout_ms),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+    )
+    if outlier:
+        cluster.outlier_detection.CopyFrom(
+            outlier_detection_pb2.OutlierDetection(
+                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+                consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+                interval=millis(2000),
+                base_ejection_time=millis(10000),
+                max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+            )
+        )
+    return cluster
+
+
+def load_assignment(cluster_name: str, addresses: Iterable[Address]) -> Resource:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=cluster_name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=address)
+                    )
+                    for address in addresses
+                ]
+            )
+        ],
+    )
+
+
+def http_listener(name: str, address: Address, route_config_name: str) -> Resource:
+    """An HTTP listener whose routes come over RDS."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name,
+        rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+            )
+        ],
+        generate_request_id=wrappers_pb2.BoolValue(value=True),
+    )
+    return _listener(name, address, "envoy.filters.network.http_connection_manager", hcm)
+
+
+def tcp_proxy_listener(name: str, address: Address, cluster: str) -> Resource:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)
+    return _listener(name, address, "envoy.filters.network.tcp_proxy", proxy)
+
+
+def _listener(name: str, address: Address, filter_name: str, config: Resource) -> Resource:
+    return listener_pb2.Listener(
+        name=name,
+        address=address,
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))
+                ]
+            )
+        ],
+    )
+
+
+def route_config(
+    name: str, routes: Sequence[Resource], domains: Sequence[str] = ("*",)
+) -> Resource:
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name=name, domains=list(domains), routes=list(routes))
+        ],
+    )
+
+
+def weighted_route(
+    prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000
+) -> Resource:
+    """A route splitting by integer weights (one cluster: a plain route)."""
+    action = route_components_pb2.RouteAction(timeout=millis(timeout_ms))
+    if len(weights) == 1:
+        action.cluster = weights[0][0]
+    else:
+        action.weighted_clusters.CopyFrom(
+            route_components_pb2.WeightedCluster(
+                clusters=[
+                    route_components_pb2.WeightedCluster.ClusterWeight(
+                        name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)
+                    )
+                    for cluster, weight in weights
+                ]
+            )
+        )
+    return route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix=prefix), route=action
+    )

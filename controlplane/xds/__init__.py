@@ -1,0 +1,1 @@
+"""xDS: translation builds snapshots, the cache holds them, the server streams them."""

@@ -1,0 +1,74 @@
+"""Snapshots per node group, and who is waiting for them.
+
+Sidecars that share configuration share a node group (by default the node id;
+`group_by="cluster"` groups by Envoy's `--service-cluster`). Setting a
+snapshot wakes only the streams of that group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Literal
+
+from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
+
+GroupBy = Literal["id", "cluster"]
+
+
+def node_group(node: Any, group_by: GroupBy = "id") -> str:
+    return str(node.cluster if group_by == "cluster" else node.id)
+
+
+class SnapshotCache:
+    def __init__(self, group_by: GroupBy = "id") -> None:
+        self.group_by: GroupBy = group_by
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watchers: dict[str, set[asyncio.Queue[object]]] = defaultdict(set)
+        self._listeners: list[Callable[[str, Snapshot], None]] = []
+
+    def group_of(self, node: Any) -> str:
+        return node_group(node, self.group_by)
+
+    def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
+        """Replace a group's snapshot; refuses one that references missing resources."""
+        problems = snapshot.consistency_problems()
+        if problems:
+            raise InconsistentSnapshot(problems)
+        if self._snapshots.get(group) is snapshot:
+            return
+        self._snapshots[group] = snapshot
+        for queue in self._watchers.get(group, ()):
+            queue.put_nowait(SNAPSHOT_CHANGED)
+        for listener in self._listeners:
+            listener(group, snapshot)
+
+    def clear_snapshot(self, group: str) -> None:
+        self._snapshots.pop(group, None)
+
+    def get(self, group: str) -> Snapshot | None:
+        return self._snapshots.get(group)
+
+    def groups(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def watch(self, group: str, queue: asyncio.Queue[object]) -> None:
+        self._watchers[group].add(queue)
+
+    def unwatch(self, group: str, queue: asyncio.Queue[object]) -> None:
+        watchers = self._watchers.get(group)
+        if watchers is not None:
+            watchers.discard(queue)
+            if not watchers:
+                del self._watchers[group]
+
+    def watcher_count(self) -> int:
+        return sum(len(w) for w in self._watchers.values())
+
+    def on_set(self, listener: Callable[[str, Snapshot], None]) -> None:
+        """Call `listener(group, snapshot)` after every set (metrics, logs)."""
+        self._listeners.append(listener)
+
+
+SNAPSHOT_CHANGED = object()

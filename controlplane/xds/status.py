@@ -1,0 +1,74 @@
+"""What each Envoy has acknowledged or rejected, per resource type."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+log = logging.getLogger("mllambda.xds")
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    node_id: str
+    group: str
+    type_url: str
+    acked_version: str = ""
+    nack_version: str = ""
+    nack_error: str = ""
+    nacks: int = 0
+    updated_at: float = 0.0
+
+
+class StatusBook:
+    """ACK/NACK per (node id, type url); a NACK stays visible until a later ACK."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], TypeStatus] = {}
+        self._connected: dict[str, int] = {}
+
+    def _current(self, node_id: str, group: str, type_url: str) -> TypeStatus:
+        return self._by_key.get((node_id, type_url)) or TypeStatus(node_id, group, type_url)
+
+    def ack(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        status = self._current(node_id, group, type_url)
+        self._by_key[(node_id, type_url)] = replace(
+            status, acked_version=version, nack_version="", nack_error="", updated_at=time.time()
+        )
+
+    def nack(self, node_id: str, group: str, type_url: str, version: str, error: str) -> None:
+        status = self._current(node_id, group, type_url)
+        self._by_key[(node_id, type_url)] = replace(
+            status,
+            nack_version=version,
+            nack_error=error,
+            nacks=status.nacks + 1,
+            updated_at=time.time(),
+        )
+        log.warning(
+            "NACK node=%s type=%s version=%s error=%s",
+            node_id,
+            type_url.rsplit(".", 1)[-1],
+            version,
+            error,
+        )
+
+    def connected(self, node_id: str, delta: int) -> None:
+        count = self._connected.get(node_id, 0) + delta
+        if count > 0:
+            self._connected[node_id] = count
+        else:
+            self._connected.pop(node_id, None)
+
+    def is_connected(self, node_id: str) -> bool:
+        return node_id in self._connected
+
+    def all(self) -> list[TypeStatus]:
+        return sorted(self._by_key.values(), key=lambda s: (s.node_id, s.type_url))
+
+    def for_node(self, node_id: str) -> list[TypeStatus]:
+        return [s for s in self.all() if s.node_id == node_id]
+
+    def nacks(self) -> list[TypeStatus]:
+        return [s for s in self.all() if s.nack_error]

@@ -1,0 +1,79 @@
+"""Helpers for tests that talk to real Envoys and local HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from controlplane import processes
+
+
+@asynccontextmanager
+async def http_backend(name: str) -> AsyncIterator[int]:
+    """A tiny upstream that answers with its own name; yields its port."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"backend": name, "path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def get_json(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        body = await resp.text()
+        try:
+            return resp.status, json.loads(body)
+        except ValueError:
+            return resp.status, body
+
+
+def config_dump(admin_port: int) -> dict[str, Any]:
+    status, body = processes.http_get(f"http://127.0.0.1:{admin_port}/config_dump")
+    assert status == 200, body
+    return dict(json.loads(body))
+
+
+def dynamic_names(dump: dict[str, Any], kind: str) -> dict[str, str]:
+    """name -> version_info of the active dynamic resources of one kind in a config dump."""
+    names: dict[str, str] = {}
+    for section in dump["configs"]:
+        if kind == "clusters" and "dynamic_active_clusters" in section:
+            for item in section["dynamic_active_clusters"]:
+                names[item["cluster"]["name"]] = item["version_info"]
+        if kind == "listeners" and "dynamic_listeners" in section:
+            for item in section["dynamic_listeners"]:
+                if "active_state" in item:
+                    names[item["name"]] = item["active_state"]["version_info"]
+        if kind == "routes" and "dynamic_route_configs" in section:
+            for item in section["dynamic_route_configs"]:
+                names[item["route_config"]["name"]] = item["version_info"]
+    return names
