@@ -1,16 +1,21 @@
-"""The control plane process: xDS (and, with later pieces, admin and discovery)."""
+"""The control plane process: wires the store, admin API and xDS server together."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
+from dataclasses import dataclass, field
 
+import consul.aio
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from controlplane.config import DEFAULT_XDS_ADDR
+from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve
+from controlplane.errors import CliError
+from controlplane.store import DEFAULT_PREFIX
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
 from controlplane.xds.status import StatusBook
@@ -29,19 +34,11 @@ class XdsServer:
         self.port = 0
 
     async def start(self) -> XdsServer:
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_concurrent_streams", 100_000),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
             AdsServicer(self.cache, self.status), self._server
         )
-        self.port = self._server.add_insecure_port(self.address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.address} (port taken?)")
+        self.port = bind(self._server, self.address, "xDS")
         await self._server.start()
         log.info("xds listening address=%s", self.address)
         return self
@@ -51,27 +48,104 @@ class XdsServer:
             await self._server.stop(grace)
 
 
-async def serve(xds_addr: str, group_by: GroupBy) -> None:
-    cache, status = SnapshotCache(group_by), StatusBook()
-    server = await XdsServer(cache, status, xds_addr).start()
+GRPC_OPTIONS = [
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def bind(server: grpc.aio.Server, address: str, what: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen for {what} on {address}: {err}") from err
+    if port == 0:
+        raise OSError(f"cannot listen for {what} on {address}: address in use?")
+    return int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    xds_addr: str = DEFAULT_XDS_ADDR
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    consul: ConsulAddress = field(default_factory=ConsulAddress.from_settings)
+    token: str | None = None
+    group_by: GroupBy = "id"
+    kv_prefix: str = DEFAULT_PREFIX
+
+
+class ControlPlane:
+    """Stateless: pipelines live in Consul KV, endpoints in Consul's catalog."""
+
+    def __init__(self, settings: Settings) -> None:
+        from controlplane.admin.server import PipelineAdmin
+        from controlplane.store import PipelineStore
+
+        self.settings = settings
+        self.cache = SnapshotCache(settings.group_by)
+        self.status = StatusBook()
+        c = settings.consul
+        self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+        self.store = PipelineStore(self.consul, settings.kv_prefix)
+        self.admin = PipelineAdmin(self.store, self.status)
+        self.xds = XdsServer(self.cache, self.status, settings.xds_addr)
+        self._admin_server: grpc.aio.Server | None = None
+
+    async def start(self) -> ControlPlane:
+        from controlplane.admin.server import BearerAuth, add_admin_services, mark_serving
+
+        interceptors = [BearerAuth(self.settings.token)] if self.settings.token else []
+        self._admin_server = grpc.aio.server(interceptors=interceptors)
+        health = add_admin_services(self._admin_server, self.admin)
+        bind(self._admin_server, self.settings.admin_addr, "the admin API")
+        await self.xds.start()
+        await self._admin_server.start()
+        await mark_serving(health, True)
+        log.info("admin listening address=%s", self.settings.admin_addr)
+        return self
+
+    async def stop(self) -> None:
+        if self._admin_server is not None:
+            await self._admin_server.stop(0.5)
+        await self.xds.stop(0.5)
+        await self.consul.close()
+
+
+async def serve(settings: Settings) -> None:
+    plane = await ControlPlane(settings).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop()
+    await plane.stop()
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(args.xds, args.group_by))
+    try:
+        settings = Settings(
+            xds_addr=args.xds,
+            admin_addr=resolve(args.admin, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR),
+            consul=ConsulAddress.from_settings(args.consul),
+            token=os.environ.get("MLLAMBDA_TOKEN") or None,
+            group_by=args.group_by,
+            kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_PREFIX),
+        )
+        asyncio.run(serve(settings))
+    except (OSError, ValueError) as err:
+        raise CliError(str(err)) from err
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("controlplane", help="run the control plane (xDS server)")
+    parser = sub.add_parser("controlplane", help="run the control plane (xDS + admin API)")
     parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="xDS (ADS) listen address")
+    parser.add_argument("--admin", help=f"admin API listen address (default {DEFAULT_ADMIN_ADDR})")
+    parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
     parser.add_argument(
-        "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node ..."
+        "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
     )
+    parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_PREFIX})")
     parser.set_defaults(handler=cmd_controlplane)

@@ -7,11 +7,7 @@ import sys
 from collections.abc import Callable
 
 from controlplane import __version__
-
-
-class CliError(Exception):
-    """An error the user can act on; printed without a traceback."""
-
+from controlplane.errors import CliError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
     from controlplane import app, sidecar
+    from controlplane.admin import cli as admin_cli
 
-    return [app.register, sidecar.register]
+    return [app.register, sidecar.register, admin_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

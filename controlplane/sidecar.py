@@ -10,6 +10,7 @@ from pathlib import Path
 from string import Template
 
 from controlplane.config import DEFAULT_XDS_ADDR, PROJECT_ROOT, split_host_port
+from controlplane.errors import CliError
 from controlplane.processes import envoy_argv
 from controlplane.tools import find_envoy
 
@@ -17,9 +18,7 @@ TEMPLATE = PROJECT_ROOT / "envoy" / "sidecar.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def render_bootstrap(
-    node_id: str, cluster: str, xds_addr: str, admin_port: int, delta: bool = False
-) -> str:
+def render_bootstrap(node_id: str, cluster: str, xds_addr: str, admin_port: int, delta: bool = False) -> str:
     for label, value in (("node id", node_id), ("cluster", cluster)):
         if not _NAME.match(value):
             raise ValueError(f"bad {label} {value!r}: use letters, digits, '.', '_' or '-'")
@@ -41,8 +40,6 @@ def write_bootstrap(path: Path, **kwargs: object) -> Path:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from controlplane.cli import CliError
-
     envoy = find_envoy()
     if envoy is None:
         raise CliError("envoy not found: run ./dev bootstrap")

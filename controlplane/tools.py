@@ -111,15 +111,11 @@ def debian_mirror() -> str:
             continue
         for line in text.splitlines():
             line = line.strip()
-            match = re.match(r"URIs:\s*(\S+)", line) or re.match(
-                r"deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line
-            )
+            match = re.match(r"URIs:\s*(\S+)", line) or re.match(r"deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line)
             uri = match.group(1) if match else None
             if uri and "security" not in uri and "/debian" in uri:
                 return uri
-    raise ToolError(
-        "no Debian mirror found in /etc/apt/sources*; install consul 1.8+ on PATH instead"
-    )
+    raise ToolError("no Debian mirror found in /etc/apt/sources*; install consul 1.8+ on PATH instead")
 
 
 def install_consul() -> Path:
@@ -197,8 +193,6 @@ def generate_protos() -> None:
     # protoc writes absolute imports (`from mllambda.admin.v1 import admin_pb2`);
     # make them relative so the stubs live inside our package.
     for stub in GENERATED.rglob("*_pb2*.py"):
-        text = re.sub(
-            r"^from mllambda\.[\w.]+ import", "from . import", stub.read_text(), flags=re.M
-        )
+        text = re.sub(r"^from mllambda\.[\w.]+ import", "from . import", stub.read_text(), flags=re.M)
         stub.write_text(text)
     stamp.touch()

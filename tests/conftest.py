@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane import processes
+from controlplane.processes import ManagedProcess
 from controlplane.tools import find_consul, find_envoy, find_tansu
 
 
@@ -45,9 +50,7 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_consul(logs_dir: Path, data_dir: Path) -> ConsulAgent:
-    ports = {
-        k: processes.free_port() for k in ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")
-    }
+    ports = {k: processes.free_port() for k in ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")}
     argv = processes.consul_dev_argv(_require(find_consul(), "consul"), data_dir, ports)
     proc = processes.ManagedProcess("consul", argv, logs_dir / f"consul-{ports['http']}.log")
     proc.start()
@@ -108,3 +111,58 @@ def start_envoy(logs_dir: Path, tmp_path: Path) -> Iterator[EnvoyFactory]:
     yield start
     for item in started:
         item.proc.stop()
+
+
+@dataclass
+class ControlPlaneProc:
+    """A real `mllambda controlplane` process; restartable on the same ports."""
+
+    xds_port: int
+    admin_port: int
+    consul_port: int
+    kv_prefix: str
+    log_path: Path
+    proc: ManagedProcess | None = None
+
+    @property
+    def admin_addr(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def xds_addr(self) -> str:
+        return f"127.0.0.1:{self.xds_port}"
+
+    def start(self) -> ControlPlaneProc:
+        argv = [
+            sys.executable, "-m", "controlplane.cli", "controlplane",
+            f"--xds={self.xds_addr}", f"--admin={self.admin_addr}",
+            f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
+        ]  # fmt: skip
+        self.proc = ManagedProcess("controlplane", argv, self.log_path).start()
+        self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `mllambda ARGS` against this control plane, as a user would."""
+        env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr}
+        return subprocess.run(
+            [sys.executable, "-m", "controlplane.cli", *args],
+            capture_output=True, text=True, env=env, input=stdin, timeout=60,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def control_plane(consul_agent: ConsulAgent, logs_dir: Path) -> Iterator[ControlPlaneProc]:
+    plane = ControlPlaneProc(
+        processes.free_port(),
+        processes.free_port(),
+        consul_agent.http_port,
+        f"test-{uuid.uuid4().hex[:8]}/",
+        logs_dir / f"controlplane-{uuid.uuid4().hex[:6]}.log",
+    ).start()
+    yield plane
+    plane.stop()

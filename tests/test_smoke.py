@@ -87,9 +87,7 @@ def static_proxy(listen_port: int, upstream_port: int) -> dict[str, Any]:
             "listeners": [
                 {
                     "name": "ingress",
-                    "address": {
-                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
-                    },
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
                     "filter_chains": [{"filters": [hcm_filter()]}],
                 }
             ],
@@ -141,9 +139,7 @@ def hcm_filter() -> dict[str, Any]:
                             {
                                 "match": {"prefix": "/"},
                                 "route": {"cluster": "upstream"},
-                                "request_headers_to_add": [
-                                    {"header": {"key": "x-via", "value": "envoy"}}
-                                ],
+                                "request_headers_to_add": [{"header": {"key": "x-via", "value": "envoy"}}],
                             }
                         ],
                     }

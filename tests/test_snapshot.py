@@ -14,9 +14,7 @@ def listener() -> object:
 
 
 def test_a_route_to_a_missing_cluster_is_refused_with_its_name() -> None:
-    with pytest.raises(
-        InconsistentSnapshot, match="route config 'in' sends to missing cluster 'b'"
-    ):
+    with pytest.raises(InconsistentSnapshot, match="route config 'in' sends to missing cluster 'b'"):
         Snapshot.build(
             "1",
             clusters=[r.eds_cluster("a")],
@@ -37,16 +35,12 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_tcp_proxy_listener_must_name_an_existing_cluster() -> None:
     with pytest.raises(InconsistentSnapshot, match="missing cluster 'kafka'"):
-        Snapshot.build(
-            "1", listeners=[r.tcp_proxy_listener("k", r.tcp_address("127.0.0.1", 2), "kafka")]
-        )
+        Snapshot.build("1", listeners=[r.tcp_proxy_listener("k", r.tcp_address("127.0.0.1", 2), "kafka")])
 
 
 def test_cache_keeps_the_previous_snapshot_when_a_bad_one_is_set() -> None:
     cache = SnapshotCache()
-    good = Snapshot.build(
-        "1", clusters=[r.eds_cluster("a")], endpoints=[r.load_assignment("a", [])]
-    )
+    good = Snapshot.build("1", clusters=[r.eds_cluster("a")], endpoints=[r.load_assignment("a", [])])
     cache.set_snapshot("g", good)
     with pytest.raises(InconsistentSnapshot):
         cache.set_snapshot("g", Snapshot("2", {CLUSTER: good.of_type(CLUSTER)}))

@@ -65,9 +65,7 @@ def snapshot(version: str, listen: int, backends: dict[str, int], *routes: Any) 
     return Snapshot.build(
         version,
         clusters=[r.eds_cluster(name) for name in backends],
-        endpoints=[
-            r.load_assignment(n, [r.tcp_address("127.0.0.1", p)]) for n, p in backends.items()
-        ],
+        endpoints=[r.load_assignment(n, [r.tcp_address("127.0.0.1", p)]) for n, p in backends.items()],
         listeners=[r.http_listener("ingress", r.tcp_address("127.0.0.1", listen), "ingress")],
         routes=[r.route_config("ingress", list(routes))],
     )
@@ -78,9 +76,7 @@ def shown_version(snap: Snapshot, type_url: str, name: str, mode: str) -> str:
     return snap.version if mode == "sotw" else snap.of_type(type_url).versions[name]
 
 
-async def test_envoy_gets_config_and_proxies_through_it(
-    xds: Xds, start_envoy: Any, mode: str
-) -> None:
+async def test_envoy_gets_config_and_proxies_through_it(xds: Xds, start_envoy: Any, mode: str) -> None:
     listen = processes.free_port()
     async with http_backend("a") as port_a:
         xds.cache.set_snapshot(
@@ -112,18 +108,11 @@ async def test_changes_reach_envoy_and_removed_resources_disappear(
         v2 = snapshot("v2", listen, {"model-a": port_a, "model-b": port_b}, split)
         xds.cache.set_snapshot(NODE, v2)
         await wait_for(
-            lambda: (
-                set(dynamic_names(config_dump(envoy.admin_port), "clusters"))
-                == {"model-a", "model-b"}
-            )
+            lambda: set(dynamic_names(config_dump(envoy.admin_port), "clusters")) == {"model-a", "model-b"}
         )
         dump = config_dump(envoy.admin_port)
-        assert dynamic_names(dump, "routes") == {
-            "ingress": shown_version(v2, ROUTE, "ingress", mode)
-        }
-        assert dynamic_names(dump, "clusters")["model-b"] == shown_version(
-            v2, CLUSTER, "model-b", mode
-        )
+        assert dynamic_names(dump, "routes") == {"ingress": shown_version(v2, ROUTE, "ingress", mode)}
+        assert dynamic_names(dump, "clusters")["model-b"] == shown_version(v2, CLUSTER, "model-b", mode)
 
         seen = set()
         for _ in range(40):
@@ -163,9 +152,7 @@ async def test_rejected_config_is_recorded_and_envoy_keeps_serving(
         assert stats.strip().endswith(": 1"), stats
 
 
-async def test_control_plane_restart_loses_no_request(
-    xds: Xds, start_envoy: Any, mode: str
-) -> None:
+async def test_control_plane_restart_loses_no_request(xds: Xds, start_envoy: Any, mode: str) -> None:
     listen = processes.free_port()
     async with http_backend("a") as port_a:
         v1 = snapshot("v1", listen, {"model-a": port_a}, r.weighted_route("/", [("model-a", 1)]))

@@ -23,9 +23,7 @@ Resource: TypeAlias = Any
 
 
 def tcp_address(host: str, port: int) -> Address:
-    return address_pb2.Address(
-        socket_address=address_pb2.SocketAddress(address=host, port_value=port)
-    )
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
 def pipe_address(path: str) -> Address:
@@ -93,9 +91,7 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
         stat_prefix=name,
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
         http_filters=[
-            hcm_pb2.HttpFilter(
-                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
-            )
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
         ],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
     )
@@ -113,17 +109,13 @@ def _listener(name: str, address: Address, filter_name: str, config: Resource) -
         address=address,
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))
-                ]
+                filters=[listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))]
             )
         ],
     )
 
 
-def route_config(
-    name: str, routes: Sequence[Resource], domains: Sequence[str] = ("*",)
-) -> Resource:
+def route_config(name: str, routes: Sequence[Resource], domains: Sequence[str] = ("*",)) -> Resource:
     return route_pb2.RouteConfiguration(
         name=name,
         virtual_hosts=[
@@ -132,9 +124,7 @@ def route_config(
     )
 
 
-def weighted_route(
-    prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000
-) -> Resource:
+def weighted_route(prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000) -> Resource:
     """A route splitting by integer weights (one cluster: a plain route)."""
     action = route_components_pb2.RouteAction(timeout=millis(timeout_ms))
     if len(weights) == 1:
@@ -150,6 +140,4 @@ def weighted_route(
                 ]
             )
         )
-    return route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix=prefix), route=action
-    )
+    return route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix=prefix), route=action)

@@ -143,9 +143,7 @@ class _Stream:
         """Record an ACK or NACK of the latest response; maybe finish a cluster removal."""
         type_url = request.type_url
         if request.HasField("error_detail"):
-            self.status.nack(
-                self.node_id, self.group, type_url, state.version, request.error_detail.message
-            )
+            self.status.nack(self.node_id, self.group, type_url, state.version, request.error_detail.message)
             self._cleanup_nonces.discard(request.response_nonce)
             return []
         self.status.ack(self.node_id, self.group, type_url, version)
@@ -193,9 +191,7 @@ class SotwStream(_Stream):
             if state is None or request.response_nonce != state.nonce:
                 return []  # stale: a newer response is on its way
             responses = self.handle_ack(request, state, request.version_info)
-            if (state.wildcard, state.names) == (wildcard, names) or request.HasField(
-                "error_detail"
-            ):
+            if (state.wildcard, state.names) == (wildcard, names) or request.HasField("error_detail"):
                 return responses
             state.wildcard, state.names = wildcard, names
             return responses + self._maybe(type_url, state)
@@ -301,15 +297,11 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
-        async for response in SotwStream(self.cache, self.status, self._nonces).run(
-            request_iterator
-        ):
+        async for response in SotwStream(self.cache, self.status, self._nonces).run(request_iterator):
             yield response
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
-        async for response in DeltaStream(self.cache, self.status, self._nonces).run(
-            request_iterator
-        ):
+        async for response in DeltaStream(self.cache, self.status, self._nonces).run(request_iterator):
             yield response

@@ -1,0 +1,1 @@
+"""The admin API (gRPC) and the CLI commands built on it."""

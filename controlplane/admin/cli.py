@@ -1,0 +1,232 @@
+"""kubectl-style commands on the admin API: apply -f, get, describe, history, rollback, delete."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
+from controlplane.errors import CliError
+from controlplane.model import InvalidPipeline, parse_pipeline
+
+RESOURCE = ("pipeline", "pipelines", "pl")
+_CODES_TO_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is the control plane running (mllambda controlplane / ./dev up)?",
+    grpc.StatusCode.UNAUTHENTICATED: "set MLLAMBDA_TOKEN to the control plane's token",
+    grpc.StatusCode.ABORTED: "another client changed it at the same time; run the command again",
+}
+
+
+@contextmanager
+def admin_client(args: argparse.Namespace) -> Iterator[Any]:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
+
+    address = resolve(args.server, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR)
+    token = os.environ.get("MLLAMBDA_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.PipelineAdminStub(channel)
+        try:
+            yield _Caller(stub, metadata)
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details() or ""
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                details = "invalid pipeline:\n  " + details.replace("; ", "\n  ")
+            hint = _CODES_TO_HINTS.get(code)
+            where = f" ({address})" if code == grpc.StatusCode.UNAVAILABLE else ""
+            raise CliError(f"{details}{where}" + (f"\nhint: {hint}" if hint else "")) from err
+
+
+class _Caller:
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.stub, self.metadata = stub, metadata
+
+    def __getattr__(self, method: str) -> Any:
+        rpc = getattr(self.stub, method)
+        return lambda request: rpc(request, metadata=self.metadata, timeout=15)
+
+
+def load_documents(path: str) -> list[dict[str, Any]]:
+    """Read every YAML document of a file (`-` for stdin); problems name the document."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise CliError(f"{path} is not valid YAML: {err}") from err
+    if not docs:
+        raise CliError(f"{path} has no documents")
+    return docs
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    from controlplane.admin.convert import spec_to_proto
+
+    pipelines, problems = [], []
+    for index, doc in enumerate(load_documents(args.filename)):
+        where = f"{args.filename} document {index + 1}"
+        kind = doc.get("kind", "Pipeline") if isinstance(doc, dict) else "Pipeline"
+        if kind != "Pipeline":
+            problems.append(f"{where}: kind {kind!r} cannot be applied (stack files go to `mllambda up -f`)")
+            continue
+        try:
+            pipelines.append(parse_pipeline(doc))
+        except InvalidPipeline as err:
+            problems += [f"{where}: {p}" for p in err.problems]
+    if problems:  # nothing is sent unless every document is valid
+        raise CliError("invalid pipeline definition, nothing applied:\n  " + "\n  ".join(problems))
+    with admin_client(args) as admin:
+        for pipeline in pipelines:
+            reply = admin.Apply(pb.ApplyRequest(spec=spec_to_proto(pipeline)))
+            state = "created" if reply.created else "unchanged"
+            print(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})")
+            for warning in reply.warnings:
+                print(f"  warning: {warning}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        if args.name:
+            versions = [admin.Get(pb.GetRequest(name=args.name)).pipeline]
+        else:
+            versions = list(admin.List(pb.ListRequest()).pipelines)
+    rows = [
+        [v.spec.name, str(v.version), v.spec.transport, str(len(v.spec.stages)), v.created_at, v.cause]
+        for v in versions
+    ]
+    emit(args.output, versions, ["NAME", "VERSION", "TRANSPORT", "STAGES", "CREATED", "CAUSE"], rows)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        versions = list(admin.History(pb.HistoryRequest(name=args.name)).versions)
+    rows = [[str(v.version), v.created_at, v.cause, summary(v.spec)] for v in versions]
+    emit(args.output, versions, ["VERSION", "CREATED", "CAUSE", "STAGES"], rows)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        reply = admin.Rollback(pb.RollbackRequest(name=args.name, to_version=args.to_version))
+    state = "rolled back" if reply.created else "unchanged"
+    print(f"pipeline/{args.name} {state} to version {args.to_version} (now version {reply.pipeline.version})")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        reply = admin.Delete(pb.DeleteRequest(name=args.name))
+    print(f"pipeline/{args.name} deleted (history kept, last version {reply.pipeline.version})")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        status = admin.Status(pb.StatusRequest(name=args.name))
+    v = status.pipeline
+    lines = [
+        f"Name:       {v.spec.name}",
+        f"Version:    {v.version} ({v.cause}, {v.created_at})",
+        f"Transport:  {v.spec.transport}",
+        "Stages:",
+    ]
+    for i, stage in enumerate(v.spec.stages):
+        lines.append(f"  {i + 1}. {stage.name}  timeout={stage.timeout_ms}ms retries={stage.retry.attempts}")
+        lines += [f"       {variant_text(x)}" for x in stage.variants]
+        for branch in stage.branches:
+            lines.append(
+                f"       branch {branch.key}: " + ", ".join(variant_text(x) for x in branch.variants)
+            )
+        if stage.HasField("shadow"):
+            s = stage.shadow
+            lines.append(f"       shadow {s.model}:{s.version} {s.percent:g}% of requests")
+    lines.append("Envoy nodes:" if status.nodes else "Envoy nodes: none connected")
+    for node in status.nodes:
+        state = f"NACK {node.nack_version}: {node.nack_error}" if node.nack_error else "ok"
+        kind = node.type_url.rsplit(".", 1)[-1]
+        lines.append(f"  {node.node_id:<24} {kind:<22} acked={node.acked_version or '-'} {state}")
+    lines += [f"Warning: {w}" for w in status.warnings]
+    print("\n".join(lines))
+    return 0
+
+
+def variant_text(variant: Any) -> str:
+    return f"{variant.model}:{variant.version} weight={variant.weight}"
+
+
+def summary(spec: Any) -> str:
+    parts = []
+    for stage in spec.stages:
+        names = [f"{x.model}:{x.version}" for x in stage.variants] or [f"{len(stage.branches)} branches"]
+        parts.append(f"{stage.name}[{','.join(names)}]")
+    return " -> ".join(parts)
+
+
+def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[str]]) -> None:
+    from controlplane.admin.convert import version_to_dict
+
+    if output in ("json", "yaml"):
+        items = [version_to_dict(m) for m in messages]
+        data: Any = items[0] if len(items) == 1 else {"items": items}
+        print(
+            json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end=""
+        )
+        if output == "json":
+            print()
+        return
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        print("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, help_text: str, handler: Any, resource: bool = True) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument(
+            "--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)"
+        )
+        if resource:
+            parser.add_argument("resource", choices=RESOURCE, metavar="pipeline")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    apply = add("apply", "create or update pipelines from a YAML file", cmd_apply, resource=False)
+    apply.add_argument(
+        "-f", "--filename", required=True, help="YAML file (several documents allowed; - for stdin)"
+    )
+    get = add("get", "list pipelines or show one", cmd_get)
+    get.add_argument("name", nargs="?")
+    get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    describe = add("describe", "show a pipeline, its stages and which Envoys have it", cmd_describe)
+    describe.add_argument("name")
+    history = add("history", "list every version of a pipeline", cmd_history)
+    history.add_argument("name")
+    history.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    rollback = add("rollback", "make an old version current again (as a new version)", cmd_rollback)
+    rollback.add_argument("name")
+    rollback.add_argument("--to-version", type=int, required=True)
+    delete = add("delete", "stop serving a pipeline (history is kept)", cmd_delete)
+    delete.add_argument("name")

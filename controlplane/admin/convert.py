@@ -1,0 +1,39 @@
+"""Domain objects <-> admin API messages, at the wire boundary only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format
+
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane.model import Pipeline, parse_pipeline, pipeline_to_dict
+from controlplane.store import PipelineVersion
+
+
+def spec_from_proto(spec: Any) -> Pipeline:
+    """Validates: raises InvalidPipeline with every problem and its field path."""
+    return parse_pipeline(json_format.MessageToDict(spec, preserving_proto_field_name=True))
+
+
+def spec_to_proto(pipeline: Pipeline) -> Any:
+    return json_format.ParseDict(pipeline_to_dict(pipeline), pb.PipelineSpec())
+
+
+def version_to_proto(version: PipelineVersion) -> Any:
+    return pb.PipelineVersion(
+        spec=spec_to_proto(version.pipeline),
+        version=version.version,
+        created_at=version.created_at,
+        cause=version.cause,
+        deleted=version.deleted,
+    )
+
+
+def version_to_dict(message: Any) -> dict[str, Any]:
+    """For `-o json|yaml`: field names as in the YAML people write."""
+    return dict(
+        json_format.MessageToDict(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )

@@ -1,0 +1,185 @@
+"""PipelineAdmin over gRPC, with reflection and the standard health service.
+
+Status codes: INVALID_ARGUMENT (every validation problem, with field paths),
+NOT_FOUND, ABORTED (check-and-set lost too often), UNAVAILABLE (Consul down),
+UNAUTHENTICATED (bearer token required and missing or wrong).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
+from controlplane.admin.convert import spec_from_proto, version_to_proto
+from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.store import (
+    PipelineNotFound,
+    PipelineStore,
+    StoreUnavailable,
+    WriteConflict,
+)
+from controlplane.xds.status import StatusBook
+
+log = logging.getLogger("mllambda.admin")
+SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
+
+# What the rest of the control plane tells the admin API (kept as plain callables
+# so the API knows nothing about discovery or translation).
+KnownModels = Callable[[], set[tuple[str, str]] | None]
+NodesFor = Callable[[str], list[Any]]
+
+_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidPipeline, grpc.StatusCode.INVALID_ARGUMENT),
+    (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
+    (WriteConflict, grpc.StatusCode.ABORTED),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map domain errors to status codes; anything else is INTERNAL and logged."""
+
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as err:
+            for kind, code in _ERRORS:
+                if isinstance(err, kind):
+                    await context.abort(code, str(err))
+            if isinstance(err, grpc.aio.AbortError):
+                raise
+            log.exception("admin %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+def _required_name(name: str) -> str:
+    if not name:
+        from controlplane.model import Problem
+
+        raise InvalidPipeline([Problem("name", "required")])
+    return name
+
+
+class PipelineAdmin(pb_grpc.PipelineAdminServicer):
+    def __init__(
+        self,
+        store: PipelineStore,
+        status: StatusBook | None = None,
+        known_models: KnownModels = lambda: None,
+        nodes_for: NodesFor | None = None,
+    ) -> None:
+        self.store = store
+        self.status = status or StatusBook()
+        self.known_models = known_models
+        self.nodes_for = nodes_for
+
+    def warnings(self, pipeline: Pipeline) -> list[str]:
+        known = self.known_models()
+        if known is None:
+            return []
+        return [
+            f"model {model} version {version} is not registered (yet)"
+            for model, version in sorted(pipeline.models() - known)
+        ]
+
+    @_guard
+    async def Apply(self, request: Any, context: Any) -> Any:
+        pipeline = spec_from_proto(request.spec)
+        version, created = await self.store.apply(pipeline)
+        log.info("apply pipeline=%s version=%d created=%s", pipeline.name, version.version, created)
+        return pb.ApplyResponse(
+            pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline)
+        )
+
+    @_guard
+    async def Get(self, request: Any, context: Any) -> Any:
+        version = await self.store.get(_required_name(request.name))
+        return pb.GetResponse(pipeline=version_to_proto(version))
+
+    @_guard
+    async def List(self, request: Any, context: Any) -> Any:
+        view = await self.store.view()
+        return pb.ListResponse(pipelines=[version_to_proto(v) for v in view.live()])
+
+    @_guard
+    async def Delete(self, request: Any, context: Any) -> Any:
+        version = await self.store.delete(_required_name(request.name))
+        log.info("delete pipeline=%s version=%d", version.pipeline.name, version.version)
+        return pb.DeleteResponse(pipeline=version_to_proto(version))
+
+    @_guard
+    async def Rollback(self, request: Any, context: Any) -> Any:
+        version, created = await self.store.rollback(_required_name(request.name), request.to_version)
+        log.info("rollback pipeline=%s version=%d", request.name, version.version)
+        return pb.ApplyResponse(
+            pipeline=version_to_proto(version),
+            created=created,
+            warnings=self.warnings(version.pipeline),
+        )
+
+    @_guard
+    async def History(self, request: Any, context: Any) -> Any:
+        versions = await self.store.history(_required_name(request.name))
+        return pb.HistoryResponse(versions=[version_to_proto(v) for v in versions])
+
+    @_guard
+    async def Status(self, request: Any, context: Any) -> Any:
+        version = await self.store.get(_required_name(request.name))
+        nodes = self.nodes_for(request.name) if self.nodes_for else self._all_nodes()
+        return pb.StatusResponse(
+            pipeline=version_to_proto(version), nodes=nodes, warnings=self.warnings(version.pipeline)
+        )
+
+    def _all_nodes(self) -> list[Any]:
+        return [
+            pb.NodeStatus(
+                node_id=s.node_id,
+                type_url=s.type_url,
+                acked_version=s.acked_version,
+                nack_version=s.nack_version,
+                nack_error=s.nack_error,
+            )
+            for s in self.status.all()
+        ]
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Require `authorization: Bearer <token>` on every call when a token is set."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).lower().encode(), self.expected.lower()):
+            return await continuation(details)
+
+        async def deny(request: Any, context: Any) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def add_admin_services(server: grpc.aio.Server, admin: PipelineAdmin) -> health.aio.HealthServicer:
+    pb_grpc.add_PipelineAdminServicer_to_server(admin, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def mark_serving(health_servicer: Any, serving: bool) -> None:
+    state = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await health_servicer.set(name, state)

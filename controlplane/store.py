@@ -1,0 +1,209 @@
+"""Pipeline versions in Consul KV: immutable, numbered, written with check-and-set.
+
+Layout under the prefix (default `mllambda/pipelines/`):
+  <name>/head        {"version": N, "deleted": false}   -- which version is current
+  <name>/v/00000042  {"version": 42, "spec": {...}, "created_at": ..., "cause": ...}
+
+A new version and its head move are one Consul transaction: the head is
+check-and-set against the index it was read at and the version key must not
+exist yet, so two writers can never lose or duplicate an update; the loser
+re-reads and tries again. The control plane keeps no state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import consul
+import consul.aio
+
+from controlplane.model import Pipeline, parse_pipeline, pipeline_to_dict
+
+DEFAULT_PREFIX = "mllambda/pipelines/"
+MAX_ATTEMPTS = 32
+
+
+class StoreError(Exception):
+    """Base for store failures; each subclass maps to one gRPC status."""
+
+
+class PipelineNotFound(StoreError):
+    pass
+
+
+class WriteConflict(StoreError):
+    """Too many concurrent writers on one pipeline; nothing was written."""
+
+
+class StoreUnavailable(StoreError):
+    """Consul could not be reached; nothing was written."""
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    pipeline: Pipeline
+    version: int
+    created_at: str
+    cause: str
+    deleted: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "spec": pipeline_to_dict(self.pipeline),
+            "created_at": self.created_at,
+            "cause": self.cause,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
+        return cls(
+            parse_pipeline(record["spec"]),
+            int(record["version"]),
+            str(record["created_at"]),
+            str(record["cause"]),
+            deleted,
+        )
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """Everything under the prefix at one Consul index."""
+
+    index: int
+    current: dict[str, PipelineVersion]  # name -> current version (deleted ones included)
+    history: dict[str, list[PipelineVersion]]
+
+    def live(self) -> list[PipelineVersion]:
+        return [v for _, v in sorted(self.current.items()) if not v.deleted]
+
+
+class PipelineStore:
+    def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _head_key(self, name: str) -> str:
+        return f"{self.prefix}{name}/head"
+
+    def _version_key(self, name: str, version: int) -> str:
+        return f"{self.prefix}{name}/v/{version:08d}"
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            raise StoreUnavailable(f"Consul unreachable: {err}") from err
+        except consul.ConsulException as err:
+            if str(err).startswith("5"):
+                raise StoreUnavailable(f"Consul error: {err}") from err
+            raise
+
+    async def _read_head(self, name: str) -> tuple[int, dict[str, Any] | None]:
+        _, item = await self._call(self.client.kv.get(self._head_key(name)))
+        if item is None:
+            return 0, None
+        return int(item["ModifyIndex"]), json.loads(item["Value"])
+
+    async def _read_version(self, name: str, version: int, deleted: bool = False) -> PipelineVersion:
+        _, item = await self._call(self.client.kv.get(self._version_key(name, version)))
+        if item is None:
+            raise PipelineNotFound(f"pipeline {name!r} has no version {version}")
+        return PipelineVersion.from_record(json.loads(item["Value"]), deleted)
+
+    async def apply(self, pipeline: Pipeline, cause: str = "apply") -> tuple[PipelineVersion, bool]:
+        """Make `pipeline` current. Returns (version, created); the same spec twice is a no-op."""
+        for attempt in range(MAX_ATTEMPTS):
+            index, head = await self._read_head(pipeline.name)
+            if head is not None and not head["deleted"]:
+                current = await self._read_version(pipeline.name, head["version"])
+                if current.pipeline == pipeline:
+                    return current, False
+            number = head["version"] + 1 if head else 1
+            created = PipelineVersion(pipeline, number, _now(), cause)
+            if await self._commit(pipeline.name, index, {"version": number, "deleted": False}, created):
+                return created, True
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        raise WriteConflict(f"pipeline {pipeline.name!r}: too many concurrent writers, try again")
+
+    async def _commit(
+        self, name: str, head_index: int, head: dict[str, Any], new: PipelineVersion | None
+    ) -> bool:
+        ops = [_cas(self._head_key(name), head, head_index)]
+        if new is not None:
+            ops.append(_cas(self._version_key(name, new.version), new.to_record(), 0))
+        try:
+            await self._call(self.client.txn.put(ops))
+        except consul.ConsulException as err:
+            if str(err).startswith("409"):
+                return False  # someone else moved the head first
+            raise
+        return True
+
+    async def get(self, name: str) -> PipelineVersion:
+        _, head = await self._read_head(name)
+        if head is None or head["deleted"]:
+            raise PipelineNotFound(f"pipeline {name!r} not found")
+        return await self._read_version(name, head["version"])
+
+    async def history(self, name: str) -> list[PipelineVersion]:
+        view = await self.view()
+        if name not in view.history:
+            raise PipelineNotFound(f"pipeline {name!r} not found")
+        return view.history[name]
+
+    async def rollback(self, name: str, to_version: int) -> tuple[PipelineVersion, bool]:
+        target = await self._read_version(name, to_version)
+        return await self.apply(target.pipeline, cause=f"rollback to {to_version}")
+
+    async def delete(self, name: str) -> PipelineVersion:
+        """Stop serving `name`; its history stays until purged."""
+        for _ in range(MAX_ATTEMPTS):
+            index, head = await self._read_head(name)
+            if head is None or head["deleted"]:
+                raise PipelineNotFound(f"pipeline {name!r} not found")
+            if await self._commit(name, index, {**head, "deleted": True}, None):
+                return await self._read_version(name, head["version"], deleted=True)
+        raise WriteConflict(f"pipeline {name!r}: too many concurrent writers, try again")
+
+    async def purge(self, name: str) -> None:
+        await self._call(self.client.kv.delete(f"{self.prefix}{name}/", recurse=True))
+
+    async def view(self, index: int | None = None, wait: str = "30s") -> StoreView:
+        """All pipelines; with `index`, a blocking query that returns after a change."""
+        new_index, items = await self._call(
+            self.client.kv.get(self.prefix, recurse=True, index=index, wait=wait if index else None)
+        )
+        heads: dict[str, dict[str, Any]] = {}
+        records: dict[str, dict[int, dict[str, Any]]] = {}
+        for item in items or []:
+            rest = item["Key"][len(self.prefix) :]
+            name, _, tail = rest.partition("/")
+            value = json.loads(item["Value"])
+            if tail == "head":
+                heads[name] = value
+            elif tail.startswith("v/"):
+                records.setdefault(name, {})[int(value["version"])] = value
+        current, history = {}, {}
+        for name, head in heads.items():
+            versions = records.get(name, {})
+            history[name] = [PipelineVersion.from_record(versions[n]) for n in sorted(versions)]
+            if head["version"] in versions:
+                current[name] = PipelineVersion.from_record(versions[head["version"]], bool(head["deleted"]))
+        return StoreView(int(new_index or 0), current, history)
+
+
+def _cas(key: str, value: dict[str, Any], index: int) -> dict[str, Any]:
+    blob = base64.b64encode(json.dumps(value, sort_keys=True).encode()).decode()
+    return {"KV": {"Verb": "cas", "Key": key, "Value": blob, "Index": index}}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,206 @@
+"""The admin API and CLI against a real control plane process and a real Consul."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import consul
+import grpc
+import pytest
+import yaml
+from google.protobuf import json_format
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
+
+
+def spec_with_weights(name: str, a: int, b: int) -> Any:
+    return json_format.ParseDict(
+        {
+            "name": name,
+            "transport": "http",
+            "stages": [
+                {
+                    "name": "s",
+                    "variants": [
+                        {"model": "m", "version": "v1", "weight": a},
+                        {"model": "m", "version": "v2", "weight": b},
+                    ],
+                }
+            ],
+        },
+        pb.PipelineSpec(),
+    )
+
+
+def test_cli_apply_get_history_rollback_delete(control_plane: Any, tmp_path: Path) -> None:
+    applied = control_plane.cli("apply", "-f", str(EXAMPLE))
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines()[0] == "pipeline/nlp created (version 1)"
+    again = control_plane.cli("apply", "-f", str(EXAMPLE))
+    assert again.stdout.splitlines()[0] == "pipeline/nlp unchanged (version 1)"
+
+    v2 = yaml.safe_load(EXAMPLE.read_text())
+    v2["stages"][1]["variants"][0]["weight"] = 50
+    v2["stages"][1]["variants"][1]["weight"] = 50
+    (tmp_path / "v2.yaml").write_text(yaml.safe_dump(v2))
+    assert "created (version 2)" in control_plane.cli("apply", "-f", str(tmp_path / "v2.yaml")).stdout
+
+    got = json.loads(control_plane.cli("get", "pipeline", "nlp", "-o", "json").stdout)
+    assert got["version"] == "2"
+    assert [v["weight"] for v in got["spec"]["stages"][1]["variants"]] == [50, 50]
+    table = control_plane.cli("get", "pipelines").stdout.splitlines()
+    assert table[0].split() == ["NAME", "VERSION", "TRANSPORT", "STAGES", "CREATED", "CAUSE"]
+    assert table[1].split()[:4] == ["nlp", "2", "http", "3"]
+
+    rolled = control_plane.cli("rollback", "pipeline", "nlp", "--to-version", "1")
+    assert "now version 3" in rolled.stdout, rolled.stderr
+    history = yaml.safe_load(control_plane.cli("history", "pipeline", "nlp", "-o", "yaml").stdout)
+    assert [(h["version"], h["cause"]) for h in history["items"]] == [
+        ("1", "apply"),
+        ("2", "apply"),
+        ("3", "rollback to 1"),
+    ]
+    assert history["items"][2]["spec"] == history["items"][0]["spec"]
+
+    described = control_plane.cli("describe", "pipeline", "nlp").stdout
+    assert "classifier:v1 weight=90" in described and "branch sports: mlp-sports:v1" in described
+
+    deleted = control_plane.cli("delete", "pipeline", "nlp")
+    assert deleted.returncode == 0 and "history kept" in deleted.stdout
+    missing = control_plane.cli("get", "pipeline", "nlp")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: pipeline 'nlp' not found"
+    assert "Traceback" not in missing.stderr
+    assert (
+        len(yaml.safe_load(control_plane.cli("history", "pipeline", "nlp", "-o", "yaml").stdout)["items"])
+        == 3
+    )
+
+
+def test_restarting_the_control_plane_loses_nothing(control_plane: Any) -> None:
+    assert control_plane.cli("apply", "-f", str(EXAMPLE)).returncode == 0
+    control_plane.stop()
+    control_plane.start()
+    got = json.loads(control_plane.cli("get", "pipeline", "nlp", "-o", "json").stdout)
+    assert (got["spec"]["name"], got["version"]) == ("nlp", "1")
+
+
+def test_invalid_file_applies_nothing_and_names_each_problem(control_plane: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: ok\nstages: [{name: s, variants: [{model: m, version: v1}]}]\n---\n"
+        "name: Nope\ntransport: smoke\nstages: []\n"
+    )
+    result = control_plane.cli("apply", "-f", str(bad))
+    assert result.returncode == 1
+    assert "document 2: name: 'Nope' is not valid" in result.stderr
+    assert "document 2: transport: 'smoke' is not one of http, uds, kafka" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "No resources" not in control_plane.cli("get", "pipelines").stderr
+    assert control_plane.cli("get", "pipeline", "ok").returncode == 1  # the valid one was not applied
+
+
+def test_cli_says_what_to_do_when_the_control_plane_is_down(control_plane: Any) -> None:
+    control_plane.stop()
+    result = control_plane.cli("get", "pipelines")
+    assert result.returncode == 1
+    assert "hint: is the control plane running" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_concurrent_applies_lose_and_duplicate_nothing(control_plane: Any) -> None:
+    async def client(offset: int) -> list[tuple[int, Any]]:
+        async with grpc.aio.insecure_channel(control_plane.admin_addr) as channel:
+            stub = pb_grpc.PipelineAdminStub(channel)
+            accepted = []
+            for i in range(12):
+                spec = spec_with_weights("race", offset + i, 1)
+                reply = await stub.Apply(pb.ApplyRequest(spec=spec))
+                accepted.append((reply.pipeline.version, spec))
+            return accepted
+
+    results = await asyncio.gather(client(100), client(200))
+    accepted = [item for result in results for item in result]
+    async with grpc.aio.insecure_channel(control_plane.admin_addr) as channel:
+        history = await pb_grpc.PipelineAdminStub(channel).History(pb.HistoryRequest(name="race"))
+    versions = [v.version for v in history.versions]
+    assert versions == list(range(1, 25))
+    assert sorted(v for v, _ in accepted) == versions  # every accepted apply is its own version
+    by_version = {v.version: v.spec for v in history.versions}
+    for version, spec in accepted:
+        assert by_version[version].stages[0].variants[0].weight == spec.stages[0].variants[0].weight
+
+
+async def test_reflection_lists_the_admin_and_health_services(control_plane: Any) -> None:
+    async with grpc.aio.insecure_channel(control_plane.admin_addr) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for reply in stub.ServerReflectionInfo(iter([request])):
+            names = {s.name for s in reply.list_services_response.service}
+            break
+    assert {"mllambda.admin.v1.PipelineAdmin", "grpc.health.v1.Health"} <= names
+
+
+def json_float(value: float) -> float | str:
+    """Protobuf's JSON form quotes the non-finite floats."""
+    return value if math.isfinite(value) else {"inf": "Infinity", "-inf": "-Infinity"}.get(str(value), "NaN")
+
+
+labels = st.one_of(st.text(max_size=80), st.sampled_from(["", "ok", "UPPER", "a" * 64, "x/y", "a\nb"]))
+variants = st.fixed_dictionaries(
+    {"model": labels, "version": labels},
+    optional={"weight": st.integers(min_value=0, max_value=2**32 - 1)},
+)
+stages = st.fixed_dictionaries(
+    {"name": labels},
+    optional={
+        "variants": st.lists(variants, max_size=18),
+        "branches": st.lists(
+            st.fixed_dictionaries({"key": labels, "variants": st.lists(variants, max_size=3)}), max_size=3
+        ),
+        "timeout_ms": st.integers(min_value=0, max_value=2**32 - 1),
+        "shadow": st.fixed_dictionaries(
+            {"model": labels, "version": labels, "percent": st.floats(allow_nan=True).map(json_float)}
+        ),
+    },
+)
+hostile = st.fixed_dictionaries(
+    {"name": labels, "transport": labels, "stages": st.lists(stages, max_size=34)}
+)
+
+
+def test_hostile_definitions_are_refused_and_write_nothing(control_plane: Any, consul_agent: Any) -> None:
+    refused = accepted = 0
+    with grpc.insecure_channel(control_plane.admin_addr) as channel:
+        stub = pb_grpc.PipelineAdminStub(channel)
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(hostile)
+        def check(spec: dict[str, Any]) -> None:
+            nonlocal refused, accepted
+            try:
+                stub.Apply(pb.ApplyRequest(spec=json_format.ParseDict(spec, pb.PipelineSpec())), timeout=30)
+                accepted += 1
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+                assert ": " in (err.details() or "")  # every problem carries its field path
+                refused += 1
+
+        check()
+        listed = stub.List(pb.ListRequest(), timeout=10).pipelines  # still up and answering
+
+    _, keys = consul.Consul(port=consul_agent.http_port).kv.get(control_plane.kv_prefix, keys=True)
+    written = {key.split("/")[1] for key in keys or []}
+    assert refused > 100
+    assert len(written) == len(listed) <= accepted  # nothing refused reached Consul

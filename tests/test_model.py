@@ -1,0 +1,102 @@
+"""Pipeline definitions are validated once, with every problem and its field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane.model import (
+    DEFAULT_TIMEOUT_MS,
+    InvalidPipeline,
+    parse_pipeline,
+    pipeline_to_dict,
+)
+
+EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
+
+
+def problems(spec: object) -> list[str]:
+    with pytest.raises(InvalidPipeline) as err:
+        parse_pipeline(spec)
+    return [str(p) for p in err.value.problems]
+
+
+def test_the_example_parses_with_defaults_filled_in() -> None:
+    pipeline = parse_pipeline(yaml.safe_load(EXAMPLE.read_text()))
+    assert [s.name for s in pipeline.stages] == ["features", "classify", "network"]
+    assert pipeline.stages[0].variants[0].weight == 1
+    assert pipeline.stages[0].timeout_ms == DEFAULT_TIMEOUT_MS
+    assert pipeline.stages[1].shadow is not None and pipeline.stages[1].shadow.cluster == "classifier.v3"
+    assert [b.key for b in pipeline.stages[2].branches] == ["sports", "politics"]
+
+
+def test_canonical_form_round_trips() -> None:
+    pipeline = parse_pipeline(yaml.safe_load(EXAMPLE.read_text()))
+    assert parse_pipeline(pipeline_to_dict(pipeline)) == pipeline
+
+
+def test_every_problem_is_reported_with_its_path() -> None:
+    found = problems(
+        {
+            "name": "Bad_Name",
+            "transport": "carrier-pigeon",
+            "stages": [
+                {"name": "a", "variants": [{"model": "m", "version": "v1", "weight": 0}]},
+                {"name": "a", "variants": [{"model": "m", "version": "v1"}, {"model": "m", "version": "v1"}]},
+                {"name": "c"},
+            ],
+        }
+    )
+    assert found == [
+        "name: 'Bad_Name' is not valid: lowercase letters, digits and '-', up to 63",
+        "transport: 'carrier-pigeon' is not one of http, uds, kafka",
+        "stages[0].variants: weights must add up to more than 0",
+        "stages[1].variants: duplicate model version 'm.v1'",
+        "stages[2]: needs exactly one of 'variants' or 'branches'",
+        "stages: duplicate stage name 'a'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"name": "p", "stages": []}, "stages: a pipeline needs at least one stage"),
+        ({"name": "p", "stages": "abc"}, "stages: must be a list, got str"),
+        ({"name": "p; rm -rf /", "stages": [{}]}, "name: 'p; rm -rf /' is not valid"),
+        (
+            {"name": "p", "stages": [{"name": "s", "variants": [{"model": "m", "version": "../../etc"}]}]},
+            "stages[0].variants[0].version: '../../etc' is not valid",
+        ),
+        (
+            {
+                "name": "p",
+                "stages": [{"name": "s", "variants": [{"model": "m", "version": "1", "weight": -3}]}],
+            },
+            "stages[0].variants[0].weight: must be between 0 and 10000, got -3",
+        ),
+        (
+            {"name": "p", "stages": [{"name": "s", "branches": [{"key": "x", "variants": []}]}]},
+            "stages[0].branches: the first stage has no previous stage to branch on",
+        ),
+        ({"name": "p", "stages": [{"name": "s", "varients": []}]}, "stages[0].varients: unknown field"),
+        ("just a string", "spec: must be a mapping, got str"),
+    ],
+)
+def test_hostile_or_malformed_input_names_the_field(spec: object, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(spec)), problems(spec)
+
+
+def test_yaml_numeric_versions_are_read_as_text() -> None:
+    spec = {"name": "p", "stages": [{"name": "s", "variants": [{"model": "m", "version": 2}]}]}
+    assert parse_pipeline(spec).stages[0].variants[0].version == "2"
+
+
+def test_a_flood_of_problems_keeps_the_message_small() -> None:
+    stages = [{"name": f"S{i}", "variants": [{"model": "X" * 60, "version": "?"}]} for i in range(30)]
+    with pytest.raises(InvalidPipeline) as err:
+        parse_pipeline({"name": "p", "stages": stages})
+    assert len(err.value.problems) == 90
+    assert len(str(err.value)) < 8000
+    assert str(err.value).endswith("(and 50 more problems)")
