@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import consul.aio
 import grpc
@@ -15,9 +16,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve
 from controlplane.errors import CliError
-from controlplane.store import DEFAULT_PREFIX
+from controlplane.store import DEFAULT_PREFIX, PipelineVersion
+from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
+from controlplane.xds.snapshot import ROUTE
 from controlplane.xds.status import StatusBook
 
 log = logging.getLogger("mllambda")
@@ -73,13 +76,20 @@ class Settings:
     token: str | None = None
     group_by: GroupBy = "id"
     kv_prefix: str = DEFAULT_PREFIX
+    gateway_port: int = 18080
 
 
 class ControlPlane:
-    """Stateless: pipelines live in Consul KV, endpoints in Consul's catalog."""
+    """Stateless: pipelines live in Consul KV, endpoints in Consul's catalog.
+
+    Two watches (pipelines, runtimes) mark the state dirty; one loop translates
+    and sets snapshots. Unchanged groups get an identical snapshot version, so
+    only the Envoys whose config changed hear about it.
+    """
 
     def __init__(self, settings: Settings) -> None:
         from controlplane.admin.server import PipelineAdmin
+        from controlplane.discovery import Discovery
         from controlplane.store import PipelineStore
 
         self.settings = settings
@@ -88,9 +98,22 @@ class ControlPlane:
         c = settings.consul
         self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
         self.store = PipelineStore(self.consul, settings.kv_prefix)
-        self.admin = PipelineAdmin(self.store, self.status)
+        self.discovery = Discovery(self.consul, self._mark_dirty)
+        self.admin = PipelineAdmin(self.store, self.status, self._known_models, self._nodes_for)
         self.xds = XdsServer(self.cache, self.status, settings.xds_addr)
+        self.options = Options(gateway_port=settings.gateway_port)
+        self.pipelines: list[PipelineVersion] = []
+        # (group, snapshot version) -> {pipeline name: pipeline version} it carries
+        self.deployed: dict[tuple[str, str], dict[str, int]] = {}
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self._admin_server: grpc.aio.Server | None = None
+
+    def _mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _known_models(self) -> set[tuple[str, str]] | None:
+        return self.discovery.known_models() if self.discovery.reachable else None
 
     async def start(self) -> ControlPlane:
         from controlplane.admin.server import BearerAuth, add_admin_services, mark_serving
@@ -103,9 +126,77 @@ class ControlPlane:
         await self._admin_server.start()
         await mark_serving(health, True)
         log.info("admin listening address=%s", self.settings.admin_addr)
+        self._tasks = [
+            asyncio.create_task(self.discovery.run()),
+            asyncio.create_task(self._watch_pipelines()),
+            asyncio.create_task(self._reconcile_forever()),
+        ]
         return self
 
+    async def _watch_pipelines(self) -> None:
+        from controlplane.discovery import Backoff, next_index
+
+        index, backoff = 0, Backoff()
+        while True:
+            try:
+                view = await self.store.view(index or None)
+            except Exception as err:  # keep serving the last known pipelines
+                log.warning("pipeline watch failed: %s", err)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            index = next_index(index, view.index)
+            live = view.live()
+            if live != self.pipelines:
+                self.pipelines = live
+                self._mark_dirty()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("reconcile failed; Envoys keep their last config")
+            await asyncio.sleep(0.01)  # coalesce bursts of changes
+
+    def reconcile(self) -> None:
+        pipelines = [v.pipeline for v in self.pipelines]
+        versions = {v.pipeline.name: v.version for v in self.pipelines}
+        snapshots = translate(pipelines, self.discovery.instances(), self.options)
+        for group, snapshot in snapshots.items():
+            previous = self.cache.get(group)
+            if previous is not None and previous.version == snapshot.version:
+                continue
+            self.cache.set_snapshot(group, snapshot)
+            self.deployed[(group, snapshot.version)] = versions
+            log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
+
+    def _nodes_for(self, name: str) -> list[Any]:
+        from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+        nodes = []
+        for s in self.status.all():
+            if s.type_url != ROUTE:
+                continue
+            carried = self.deployed.get((s.group, s.acked_version), {})
+            nodes.append(
+                pb.NodeStatus(
+                    node_id=s.node_id,
+                    type_url=s.type_url,
+                    acked_version=s.acked_version,
+                    nack_version=s.nack_version,
+                    nack_error=s.nack_error,
+                    pipeline_version=carried.get(name, 0),
+                )
+            )
+        return nodes
+
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._admin_server is not None:
             await self._admin_server.stop(0.5)
         await self.xds.stop(0.5)
@@ -132,6 +223,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
             token=os.environ.get("MLLAMBDA_TOKEN") or None,
             group_by=args.group_by,
             kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_PREFIX),
+            gateway_port=args.gateway_port,
         )
         asyncio.run(serve(settings))
     except (OSError, ValueError) as err:
@@ -148,4 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
     )
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_PREFIX})")
+    parser.add_argument(
+        "--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener"
+    )
     parser.set_defaults(handler=cmd_controlplane)

@@ -56,8 +56,9 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
     from controlplane import app, sidecar
     from controlplane.admin import cli as admin_cli
+    from runtime_sdk import runner
 
-    return [app.register, sidecar.register, admin_cli.register]
+    return [app.register, sidecar.register, admin_cli.register, runner.register_command]
 
 
 def main(argv: list[str] | None = None) -> int:

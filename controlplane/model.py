@@ -27,6 +27,8 @@ LIMITS = {
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VERSION = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_BRANCH_ON = "route_key"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Stage:
     shadow: Shadow | None = None
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     retry: Retry = field(default_factory=Retry)
+    branch_on: str = DEFAULT_BRANCH_ON  # field of the previous stage's output that picks the branch
 
     def all_variants(self) -> tuple[Variant, ...]:
         return self.variants + tuple(v for b in self.branches for v in b.variants)
@@ -205,7 +208,7 @@ class _Parser:
         return Pipeline(name, str(transport), stages)
 
     def stage(self, raw: Any, path: str) -> Stage:
-        allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry"}
+        allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on"}
         data = self.mapping(raw, path, allowed)
         name = self.label(data.get("name"), f"{path}.name")
         variants = self.variants(data.get("variants"), f"{path}.variants")
@@ -223,7 +226,11 @@ class _Parser:
             DEFAULT_TIMEOUT_MS,
         )
         retry = self.retry(data.get("retry"), f"{path}.retry", timeout)
-        return Stage(name, variants, branches, shadow, timeout, retry)
+        branch_on = DEFAULT_BRANCH_ON
+        if data.get("branch_on"):
+            rule = "a field name: letters, digits, '_', '.', '-', up to 64"
+            branch_on = self.text(data["branch_on"], f"{path}.branch_on", _FIELD, rule)
+        return Stage(name, variants, branches, shadow, timeout, retry, branch_on)
 
     def variants(self, raw: Any, path: str) -> tuple[Variant, ...]:
         items = self.items(raw, path, LIMITS["variants"])

@@ -166,8 +166,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
     lines.append("Envoy nodes:" if status.nodes else "Envoy nodes: none connected")
     for node in status.nodes:
         state = f"NACK {node.nack_version}: {node.nack_error}" if node.nack_error else "ok"
-        kind = node.type_url.rsplit(".", 1)[-1]
-        lines.append(f"  {node.node_id:<24} {kind:<22} acked={node.acked_version or '-'} {state}")
+        carried = f"pipeline v{node.pipeline_version}" if node.pipeline_version else "pipeline not in config"
+        lines.append(f"  {node.node_id:<32} acked={node.acked_version or '-'} {carried} {state}")
     lines += [f"Warning: {w}" for w in status.warnings]
     print("\n".join(lines))
     return 0

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -15,7 +15,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 # xds-protos ships no type stubs: resources are typed loosely at this edge.
 Address: TypeAlias = Any
@@ -94,8 +94,37 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
         ],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
+        local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply()),
     )
     return _listener(name, address, "envoy.filters.network.http_connection_manager", hcm)
+
+
+def _json_local_reply() -> Resource:
+    """Envoy's own errors (503 no healthy upstream, 504 timeout) as JSON naming the route.
+
+    Routes are named after the pipeline stage they lead to, so a client sees
+    which stage failed.
+    """
+    body = struct_pb2.Struct()
+    body.update({"error": "%LOCAL_REPLY_BODY%", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})
+    return substitution_format_string_pb2.SubstitutionFormatString(json_format=body)
+
+
+def static_cluster(name: str, address: Address, connect_timeout_ms: int = 1000) -> Resource:
+    """A cluster with one fixed endpoint (a sidecar's own runtime)."""
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=millis(connect_timeout_ms),
+        load_assignment=load_assignment(name, [address]),
+    )
+
+
+def header(key: str, value: str) -> Resource:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
 
 
 def tcp_proxy_listener(name: str, address: Address, cluster: str) -> Resource:

@@ -1,0 +1,300 @@
+"""Pipelines + discovered runtimes -> one Envoy snapshot per node group. Pure: no I/O.
+
+The data path, for pipeline P with stages S0..Sn:
+  client -> gateway `/pipelines/P` --(weighted S0 clusters)--> sidecar ingress `/pipelines/P/S0`
+  -> runtime (TCP or Unix socket, by transport) -> runtime posts its output to its
+  sidecar's egress `/pipelines/P/S1` --(S1 clusters, branches, mirror)--> next sidecar ...
+Each ingress route tells the runtime, in headers, the path of the next hop; the
+last stage gets none and answers. Cluster `<model>.<version>` holds the sidecar
+ingress addresses of that version's passing instances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import wrappers_pb2
+
+from controlplane.discovery import Instance
+from controlplane.model import Pipeline, Stage, Variant
+from controlplane.translate import resources as r
+from controlplane.xds.snapshot import Snapshot
+from runtime_sdk import headers as h
+
+Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
+LOCAL_HTTP = "local-http"
+LOCAL_UDS = "local-uds"
+SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
+RETRY_ON = "connect-failure,refused-stream,reset,retriable-status-codes"
+_STEERING = [h.NEXT, h.TRANSPORT, h.BRANCH_FIELD, h.SHADOW, h.STAGE]
+
+
+@dataclass(frozen=True)
+class Options:
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 18080
+    gateway_group: str = "gateway"
+
+
+def stage_path(pipeline: str, stage: str) -> str:
+    return f"/pipelines/{pipeline}/{stage}"
+
+
+def translate(
+    pipelines: Sequence[Pipeline], instances: Sequence[Instance], options: Options = Options()
+) -> dict[str, Snapshot]:
+    served = [p for p in pipelines if p.transport in SERVED_TRANSPORTS]
+    endpoints = _endpoints_by_cluster(instances)
+    snapshots = {options.gateway_group: _gateway(served, endpoints, options)}
+    for instance in instances:
+        snapshots[instance.service_id] = _sidecar(served, instance, endpoints)
+    return snapshots
+
+
+def _endpoints_by_cluster(instances: Iterable[Instance]) -> Endpoints:
+    found: Endpoints = {}
+    for i in sorted(instances, key=lambda i: i.service_id):
+        if i.passing:
+            found.setdefault(i.cluster, []).append(r.tcp_address(i.host, i.ingress_port))
+    return found
+
+
+def _gateway(pipelines: Sequence[Pipeline], endpoints: Endpoints, options: Options) -> Snapshot:
+    routes = []
+    for p in pipelines:
+        entry = f"/pipelines/{p.name}"
+        routes += _stage_routes(p, 0, match_path=entry, rewrite=stage_path(p.name, p.stages[0].name))
+    routes.append(_not_found())
+    listener = r.http_listener(
+        "gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway"
+    )
+    return _snapshot([listener], [r.route_config("gateway", routes)], _remote_clusters(routes, endpoints))
+
+
+def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints) -> Snapshot:
+    ingress = [_readiness_route()]
+    egress = []
+    for p in pipelines:
+        for k, stage in enumerate(p.stages):
+            if stage.shadow and stage.shadow.cluster == me.cluster:
+                ingress.append(_ingress_route(p, k, shadow=True))
+            if me.cluster in {v.cluster for v in stage.all_variants()}:
+                ingress.append(_ingress_route(p, k, shadow=False))
+                if k + 1 < len(p.stages):
+                    next_stage = p.stages[k + 1]
+                    path = stage_path(p.name, next_stage.name)
+                    egress += _stage_routes(p, k + 1, match_path=path, rewrite=None)
+    listeners = [
+        r.http_listener("ingress", r.tcp_address(me.host, me.ingress_port), "ingress"),
+        r.http_listener("egress", r.tcp_address("127.0.0.1", me.egress_port), "egress"),
+    ]
+    if me.egress_uds:
+        listeners.append(r.http_listener("egress-uds", r.pipe_address(me.egress_uds), "egress"))
+    clusters = [r.static_cluster(LOCAL_HTTP, r.tcp_address("127.0.0.1", me.runtime_port))]
+    if me.runtime_uds:
+        clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds)))
+    remote = _remote_clusters(egress, endpoints)
+    routes = [r.route_config("ingress", ingress), r.route_config("egress", _dedupe(egress))]
+    return _snapshot(listeners, routes, remote, clusters)
+
+
+def _remaining_timeout(p: Pipeline, k: int) -> int:
+    """A stage's route waits for the whole rest of the chain (calls are nested)."""
+    return sum(stage.timeout_ms for stage in p.stages[k:])
+
+
+def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
+    """Sidecar -> its own runtime, telling the runtime where the output goes next."""
+    stage = p.stages[k]
+    add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport)]
+    if shadow:
+        add.append(r.header(h.SHADOW, "1"))
+    elif k + 1 < len(p.stages):
+        following = p.stages[k + 1]
+        add.append(r.header(h.NEXT, stage_path(p.name, following.name)))
+        if following.branches:
+            add.append(r.header(h.BRANCH_FIELD, following.branch_on))
+    match = rc.RouteMatch(path=stage_path(p.name, stage.name))
+    if shadow:
+        # Envoy marks mirrored requests by appending "-shadow" to the authority.
+        match.headers.append(
+            rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(suffix="-shadow"))
+        )
+    local = LOCAL_UDS if p.transport == "uds" else LOCAL_HTTP
+    return rc.Route(
+        name=f"{p.name}/{stage.name}",
+        match=match,
+        route=rc.RouteAction(cluster=local, timeout=r.millis(_remaining_timeout(p, k))),
+        request_headers_to_add=add,
+        request_headers_to_remove=_STEERING,
+    )
+
+
+def _stage_routes(p: Pipeline, k: int, match_path: str, rewrite: str | None) -> list[rc.Route]:
+    """Routes into stage k: a weighted split, or one route per branch key."""
+    stage = p.stages[k]
+    if not stage.branches:
+        return [_split_route(p, k, stage.variants, match_path, rewrite, None)]
+    routes = [_split_route(p, k, b.variants, match_path, rewrite, b.key) for b in stage.branches]
+    keys = ", ".join(b.key for b in stage.branches)
+    routes.append(
+        rc.Route(
+            name=f"{p.name}/{stage.name}",
+            match=rc.RouteMatch(path=match_path),
+            direct_response=rc.DirectResponseAction(
+                status=422,
+                body=_inline(
+                    json.dumps(
+                        {
+                            "error": f"stage {stage.name!r}: no branch for this routing key",
+                            "field": stage.branch_on,
+                            "known_keys": keys,
+                        }
+                    )
+                ),
+            ),
+        )
+    )
+    return routes
+
+
+def _split_route(
+    p: Pipeline,
+    k: int,
+    variants: Sequence[Variant],
+    match_path: str,
+    rewrite: str | None,
+    branch_key: str | None,
+) -> rc.Route:
+    stage = p.stages[k]
+    action = rc.RouteAction(
+        timeout=r.millis(_remaining_timeout(p, k)),
+        retry_policy=_retry(stage),
+        request_mirror_policies=_mirror(stage),
+    )
+    if rewrite:
+        action.prefix_rewrite = rewrite
+    live = [v for v in variants if v.weight > 0]
+    if len(live) == 1:
+        action.cluster = live[0].cluster
+    else:
+        action.weighted_clusters.CopyFrom(
+            rc.WeightedCluster(
+                clusters=[
+                    rc.WeightedCluster.ClusterWeight(
+                        name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight)
+                    )
+                    for v in live
+                ]
+            )
+        )
+    match = rc.RouteMatch(path=match_path)
+    if branch_key is not None:
+        match.headers.append(
+            rc.HeaderMatcher(name=h.BRANCH, string_match=string_pb2.StringMatcher(exact=branch_key))
+        )
+    return rc.Route(name=f"{p.name}/{stage.name}", match=match, route=action)
+
+
+def _retry(stage: Stage) -> rc.RetryPolicy:
+    policy = rc.RetryPolicy(
+        retry_on=RETRY_ON,
+        num_retries=wrappers_pb2.UInt32Value(value=stage.retry.attempts),
+        retriable_status_codes=[503],
+    )
+    if stage.retry.per_try_timeout_ms:
+        policy.per_try_timeout.CopyFrom(r.millis(stage.retry.per_try_timeout_ms))
+    return policy
+
+
+def _mirror(stage: Stage) -> list[rc.RouteAction.RequestMirrorPolicy]:
+    if stage.shadow is None:
+        return []
+    fraction = percent_pb2.FractionalPercent(
+        numerator=round(stage.shadow.percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+    )
+    return [
+        rc.RouteAction.RequestMirrorPolicy(
+            cluster=stage.shadow.cluster,
+            runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=fraction),
+        )
+    ]
+
+
+def _inline(text: str) -> Any:
+    return base_pb2.DataSource(inline_string=text)
+
+
+def _readiness_route() -> rc.Route:
+    """Consul's health check goes through the sidecar: passing means Envoy and model are ready."""
+    return rc.Route(
+        name="readyz",
+        match=rc.RouteMatch(path="/readyz"),
+        route=rc.RouteAction(cluster=LOCAL_HTTP, timeout=r.millis(1000)),
+    )
+
+
+def _not_found() -> rc.Route:
+    body = json.dumps({"error": "no such pipeline; `mllambda get pipelines` lists them"})
+    return rc.Route(
+        name="not-found",
+        match=rc.RouteMatch(prefix="/"),
+        direct_response=rc.DirectResponseAction(status=404, body=_inline(body)),
+    )
+
+
+def _route_clusters(routes: Iterable[rc.Route]) -> set[str]:
+    names: set[str] = set()
+    for route in routes:
+        if route.HasField("route"):
+            if route.route.cluster:
+                names.add(route.route.cluster)
+            names.update(c.name for c in route.route.weighted_clusters.clusters)
+            names.update(m.cluster for m in route.route.request_mirror_policies)
+    return names
+
+
+def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints) -> list[tuple[Any, Any]]:
+    return [
+        (r.eds_cluster(name), r.load_assignment(name, endpoints.get(name, [])))
+        for name in sorted(_route_clusters(routes))
+    ]
+
+
+def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:
+    """A sidecar serving one stage for two variants needs each egress route once."""
+    seen, unique = set(), []
+    for route in routes:
+        key = route.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(route)
+    return unique
+
+
+def _snapshot(
+    listeners: list[Any],
+    routes: list[Any],
+    remote: list[tuple[Any, Any]],
+    local_clusters: Sequence[Any] = (),
+) -> Snapshot:
+    clusters = [*local_clusters, *(c for c, _ in remote)]
+    assignments = [a for _, a in remote]
+    digest = hashlib.sha256()
+    for item in [*listeners, *routes, *clusters, *assignments]:
+        digest.update(item.SerializeToString(deterministic=True))
+    return Snapshot.build(
+        digest.hexdigest()[:12],
+        clusters=clusters,
+        endpoints=assignments,
+        listeners=listeners,
+        routes=routes,
+    )

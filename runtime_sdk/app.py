@@ -1,0 +1,220 @@
+"""An aiohttp application around one model's predict(): JSON in, JSON out, then on to the next hop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from runtime_sdk import headers as h
+
+Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
+DEFAULT_MAX_BODY = 1024 * 1024
+
+
+class Rejected(Exception):
+    """Raise from predict() to refuse a payload: the caller gets a 422 with this message."""
+
+
+@dataclass
+class Egress:
+    """How this runtime reaches its own sidecar's egress listener."""
+
+    tcp_port: int | None = None
+    uds_path: str | None = None
+    sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None)
+        if self.tcp_port:
+            self.sessions["http"] = aiohttp.ClientSession(timeout=timeout)
+        if self.uds_path:
+            connector = aiohttp.UnixConnector(path=self.uds_path)
+            self.sessions["uds"] = aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    async def close(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+
+    def target(self, transport: str, path: str) -> tuple[aiohttp.ClientSession, str]:
+        session = self.sessions.get(transport) or self.sessions.get("http") or self.sessions.get("uds")
+        if session is None:
+            raise web.HTTPServiceUnavailable(text=_error("this runtime has no sidecar to forward to"))
+        if session is self.sessions.get("uds"):
+            return session, f"http://sidecar{path}"
+        return session, f"http://127.0.0.1:{self.tcp_port}{path}"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version", "code"]
+        self.requests = Counter("mllambda_runtime_requests", "predict requests", labels, registry=registry)
+        self.latency = Histogram(
+            "mllambda_runtime_predict_seconds",
+            "time in predict()",
+            ["model", "version"],
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
+
+@dataclass
+class Runtime:
+    predict: Predict
+    model: str
+    version: str
+    egress: Egress = field(default_factory=Egress)
+    ready: bool = False
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.registry)
+        self.is_async = inspect.iscoroutinefunction(self.predict)
+
+    async def call_model(self, payload: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            if self.is_async:
+                result = await self.predict(payload)  # type: ignore[misc]
+            else:
+                # A model's predict is CPU work: keep it off the event loop.
+                result = await asyncio.to_thread(self.predict, payload)
+        finally:
+            self.metrics.latency.labels(self.model, self.version).observe(time.perf_counter() - started)
+        if not isinstance(result, dict):
+            raise TypeError(f"predict() returned {type(result).__name__}, expected a JSON object (dict)")
+        return result
+
+
+def _error(message: str, **extra: Any) -> str:
+    return json.dumps({"error": message, **extra})
+
+
+async def read_payload(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx that says what is wrong with it."""
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        limit = request.app[MAX_BODY]
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=request.content_length or 0,
+            text=_error(f"body too large: the limit is {limit} bytes"),
+            content_type="application/json",
+        ) from err
+    try:
+        payload = json.loads(body)
+    except ValueError as err:
+        raise _bad(f"body is not valid JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise _bad(f"body must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=_error(message), content_type="application/json")
+
+
+async def handle_predict(request: web.Request) -> web.StreamResponse:
+    runtime: Runtime = request.app[RUNTIME]
+    served = f"{request.headers.get(h.STAGE, 'direct')}={runtime.model}:{runtime.version}"
+    code = 200
+    try:
+        payload = await read_payload(request)
+        try:
+            output = await runtime.call_model(payload)
+        except Rejected as err:
+            code = 422
+            return _json_response({"error": str(err), "model": runtime.model}, 422, served)
+        except Exception as err:
+            code = 500
+            message = f"model {runtime.model}:{runtime.version} failed: {type(err).__name__}: {err}"
+            return _json_response({"error": message}, 500, served)
+        next_path = request.headers.get(h.NEXT)
+        if not next_path or request.headers.get(h.SHADOW):
+            return _json_response(output, 200, served)
+        response = await forward(runtime, request, output, next_path, served)
+        code = response.status
+        return response
+    except web.HTTPException as err:
+        code = err.status
+        raise
+    finally:
+        runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
+
+
+async def forward(
+    runtime: Runtime, request: web.Request, output: dict[str, Any], next_path: str, served: str
+) -> web.Response:
+    """Send the output to the next hop through the own sidecar; relay its answer."""
+    outgoing = {k: request.headers[k] for k in h.PROPAGATED if k in request.headers}
+    outgoing["content-type"] = "application/json"
+    branch_field = request.headers.get(h.BRANCH_FIELD)
+    if branch_field:
+        key = output.get(branch_field)
+        if isinstance(key, str | int) and not isinstance(key, bool):
+            outgoing[h.BRANCH] = str(key)
+    session, url = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), next_path)
+    try:
+        async with session.post(url, data=json.dumps(output), headers=outgoing) as resp:
+            body = await resp.read()
+            downstream = resp.headers.get(h.SERVED)
+            content_type = resp.headers.get("content-type", "application/json")
+            status = resp.status
+    except aiohttp.ClientError as err:
+        return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served)
+    chain = f"{served}, {downstream}" if downstream else served
+    return web.Response(body=body, status=status, headers={h.SERVED: chain, "content-type": content_type})
+
+
+def _json_response(body: dict[str, Any], status: int, served: str) -> web.Response:
+    return web.json_response(body, status=status, headers={h.SERVED: served})
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[RUNTIME]
+    status = 200 if runtime.ready else 503
+    return web.json_response(
+        {"ready": runtime.ready, "model": runtime.model, "version": runtime.version}, status=status
+    )
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[RUNTIME]
+    return web.Response(body=generate_latest(runtime.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+
+
+def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+    """Factory: predict on POST / and /pipelines/..., health and metrics on GET."""
+    app = web.Application(client_max_size=max_body)
+    app[RUNTIME] = runtime
+    app[MAX_BODY] = max_body
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_post("/predict", handle_predict)
+    app.router.add_post("/pipelines/{tail:.*}", handle_predict)
+
+    async def egress_lifecycle(app: web.Application) -> Any:
+        await runtime.egress.start()
+        yield
+        await runtime.egress.close()
+
+    app.cleanup_ctx.append(egress_lifecycle)
+    return app

@@ -1,0 +1,20 @@
+"""The headers Envoy routes use to steer the runtime SDK (the runtime never learns the topology)."""
+
+NEXT = "x-mll-next"  # path of the next hop on the sidecar's egress listener; absent on the last stage
+TRANSPORT = "x-mll-transport"  # how to reach the own sidecar's egress: "http" (TCP) or "uds"
+BRANCH_FIELD = "x-mll-branch-field"  # output field whose value picks the next stage's branch
+BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matches on it
+STAGE = "x-mll-stage"  # the stage this request is for
+SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
+SERVED = "x-mll-served"  # response: "stage=model:version" per hop, first hop first
+
+# Propagated unchanged to the next hop, so one request can be followed end to end.
+PROPAGATED = (
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+)
