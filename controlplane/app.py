@@ -126,6 +126,7 @@ class ControlPlane:
         await self._admin_server.start()
         await mark_serving(health, True)
         log.info("admin listening address=%s", self.settings.admin_addr)
+        self._mark_dirty()  # every known node group gets a snapshot, even with nothing deployed
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
             asyncio.create_task(self._watch_pipelines()),

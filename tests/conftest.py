@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -122,6 +123,7 @@ class ControlPlaneProc:
     consul_port: int
     kv_prefix: str
     log_path: Path
+    gateway_port: int = 0
     proc: ManagedProcess | None = None
 
     @property
@@ -137,6 +139,7 @@ class ControlPlaneProc:
             sys.executable, "-m", "controlplane.cli", "controlplane",
             f"--xds={self.xds_addr}", f"--admin={self.admin_addr}",
             f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
+            f"--gateway-port={self.gateway_port or processes.free_port()}",
         ]  # fmt: skip
         self.proc = ManagedProcess("controlplane", argv, self.log_path).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
@@ -163,6 +166,62 @@ def control_plane(consul_agent: ConsulAgent, logs_dir: Path) -> Iterator[Control
         consul_agent.http_port,
         f"test-{uuid.uuid4().hex[:8]}/",
         logs_dir / f"controlplane-{uuid.uuid4().hex[:6]}.log",
+        processes.free_port(),
     ).start()
     yield plane
     plane.stop()
+
+
+@dataclass
+class RuntimeProc:
+    service_id: str
+    model: str
+    version: str
+    proc: ManagedProcess
+
+
+@pytest.fixture
+def start_runtime(
+    control_plane: ControlPlaneProc, consul_agent: ConsulAgent, logs_dir: Path
+) -> Iterator[Callable[..., RuntimeProc]]:
+    """Start `mllambda runtime` (with its own Envoy sidecar); wait until Consul says passing."""
+    started: list[RuntimeProc] = []
+    run_dir = tempfile.mkdtemp(prefix="mll-")
+
+    def start(target: str, model: str, version: str, wait: bool = True) -> RuntimeProc:
+        service_id = f"{model}-{version}-{uuid.uuid4().hex[:6]}"
+        argv = [
+            sys.executable, "-m", "controlplane.cli", "runtime", target,
+            f"--model={model}", f"--version={version}", f"--service-id={service_id}",
+            f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={control_plane.xds_addr}",
+            "--drain-seconds=1.5",
+        ]  # fmt: skip
+        proc = ManagedProcess(
+            f"runtime {service_id}", argv, logs_dir / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": run_dir}
+        ).start()
+        runtime = RuntimeProc(service_id, model, version, proc)
+        started.append(runtime)
+        if wait:
+            proc.wait_ready(lambda: consul_passing(consul_agent.http_port, model, service_id), timeout=30)
+        return runtime
+
+    yield start
+    for runtime in started:
+        runtime.proc.stop()
+
+
+def consul_passing(consul_port: int, service: str, service_id: str) -> bool:
+    status, body = processes.http_get(
+        f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true"
+    )
+    return status == 200 and service_id in {e["Service"]["ID"] for e in json.loads(body)}
+
+
+@pytest.fixture
+def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> EnvoyProc:
+    """The gateway Envoy; its listener is at control_plane.gateway_port once a pipeline exists."""
+    from controlplane.sidecar import render_bootstrap
+
+    return start_envoy(
+        lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port)
+    )

@@ -1,0 +1,45 @@
+"""Tiny models for trying pipelines out: tokenize -> count -> score, plus a branch and failures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from runtime_sdk import Rejected
+
+
+def tokenize(payload: dict[str, Any]) -> dict[str, Any]:
+    text = payload.get("text")
+    if not isinstance(text, str):
+        raise Rejected("expected {'text': '<a string>'}")
+    return {"tokens": text.split()}
+
+
+async def count(payload: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(0)  # async predicts work too
+    return {"tokens": payload["tokens"], "count": len(payload["tokens"])}
+
+
+def score(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"count": payload["count"], "score": payload["count"] * 10}
+
+
+def score_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"count": payload["count"], "score": payload["count"] * 100}
+
+
+def length_class(payload: dict[str, Any]) -> dict[str, Any]:
+    """A classifier: its `category` picks the next stage's branch."""
+    return {**payload, "category": "long" if payload["count"] > 3 else "short"}
+
+
+def short_model(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"category": payload["category"], "answer": "short text"}
+
+
+def long_model(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"category": payload["category"], "answer": "long text"}
+
+
+def broken(payload: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("this model always fails")
