@@ -310,6 +310,7 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
             out["variants"] = variants(stage.variants)
         if stage.branches:
             out["branches"] = [{"key": b.key, "variants": variants(b.variants)} for b in stage.branches]
+            out["branch_on"] = stage.branch_on
         if stage.shadow:
             s = stage.shadow
             out["shadow"] = {"model": s.model, "version": s.version, "percent": s.percent}

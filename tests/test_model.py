@@ -34,7 +34,15 @@ def test_the_example_parses_with_defaults_filled_in() -> None:
 
 def test_canonical_form_round_trips() -> None:
     pipeline = parse_pipeline(yaml.safe_load(EXAMPLE.read_text()))
+    assert pipeline.stages[2].branch_on == "category"
     assert parse_pipeline(pipeline_to_dict(pipeline)) == pipeline
+
+
+def test_wire_form_round_trips() -> None:
+    from controlplane.admin.convert import spec_from_proto, spec_to_proto
+
+    pipeline = parse_pipeline(yaml.safe_load(EXAMPLE.read_text()))
+    assert spec_from_proto(spec_to_proto(pipeline)) == pipeline
 
 
 def test_every_problem_is_reported_with_its_path() -> None:

@@ -43,16 +43,23 @@ async def post(session: aiohttp.ClientSession, url: str, payload: Any) -> tuple[
 
 
 async def until_ok(url: str, payload: Any, timeout: float = 20) -> tuple[int, Any, str]:
+    """Retry until the pipeline answers 200 (config takes a moment to reach every Envoy)."""
+    last: Any = None
     async with aiohttp.ClientSession() as session:
 
         async def attempt() -> Any:
+            nonlocal last
             try:
-                result = await post(session, url, payload)
-            except aiohttp.ClientError:
+                last = await post(session, url, payload)
+            except aiohttp.ClientError as err:
+                last = err
                 return None
-            return result if result[0] == 200 else None
+            return last if last[0] == 200 else None
 
-        return await wait_for(attempt, timeout=timeout)  # type: ignore[no-any-return]
+        try:
+            return await wait_for(attempt, timeout=timeout)  # type: ignore[no-any-return]
+        except AssertionError:
+            raise AssertionError(f"{url} never answered 200; last: {last}") from None
 
 
 @pytest.fixture
@@ -120,3 +127,141 @@ async def test_weights_split_traffic_and_change_live(
     v2_share, failed = await share(1000)
     assert failed == 0
     assert abs(v2_share - 0.50) <= 0.05, v2_share
+
+
+def runtime_requests(consul_port: int, model: str, service_id: str) -> int:
+    """Requests a runtime has answered, from its own /metrics (port found in Consul)."""
+    import json
+
+    from controlplane.processes import http_get
+
+    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
+    port = next(e["ServiceMeta"]["runtime_port"] for e in json.loads(body) if e["ServiceID"] == service_id)
+    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("mllambda_runtime_requests_total{")
+        )
+    )
+
+
+async def test_shadow_gets_copies_and_never_affects_the_answer(
+    control_plane: Any,
+    consul_agent: Any,
+    gateway: Any,
+    three_stages: None,
+    start_runtime: Any,
+    tmp_path: Path,
+) -> None:
+    shadow = start_runtime(f"{M}:score_v2", "score", "v2")
+    spec = {
+        "variants": [{"model": "score", "version": "v1"}],
+        "shadow": {"model": "score", "version": "v2", "percent": 30},
+    }
+    apply(control_plane, tmp_path, pipeline("shadowed", **spec))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/shadowed"
+    await until_ok(url, {"text": "a b"})
+    before = runtime_requests(consul_agent.http_port, "score", shadow.service_id)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(600)))
+    assert {(status, body["score"]) for status, body, _ in results} == {(200, 20)}  # never v2's 200
+    await asyncio.sleep(0.5)
+    copies = runtime_requests(consul_agent.http_port, "score", shadow.service_id) - before
+    assert 0.24 <= copies / 600 <= 0.36, copies
+
+    broken = start_runtime(f"{M}:broken", "broken", "v1")
+    spec["shadow"] = {"model": "broken", "version": "v1", "percent": 100}
+    apply(control_plane, tmp_path, pipeline("shadowed", **spec))
+    await asyncio.sleep(1.0)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(100)))
+    assert {status for status, _, _ in results} == {200}
+    await asyncio.sleep(0.5)
+    assert runtime_requests(consul_agent.http_port, "broken", broken.service_id) >= 90
+
+
+async def test_branch_follows_the_key_the_previous_stage_produced(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for target, model in [("tokenize", "tokenize"), ("count", "count"), ("length_class", "classify")]:
+        start_runtime(f"{M}:{target}", model, "v1")
+    start_runtime(f"{M}:short_model", "short", "v1")
+    start_runtime(f"{M}:long_model", "long", "v1")
+    spec = {
+        "name": "branchy",
+        "stages": [
+            {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
+            {"name": "count", "variants": [{"model": "count", "version": "v1"}]},
+            {"name": "classify", "variants": [{"model": "classify", "version": "v1"}]},
+            {
+                "name": "answer",
+                "branch_on": "category",
+                "branches": [
+                    {"key": "short", "variants": [{"model": "short", "version": "v1"}]},
+                    {"key": "long", "variants": [{"model": "long", "version": "v1"}]},
+                ],
+            },
+        ],
+    }
+    apply(control_plane, tmp_path, spec)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/branchy"
+    _, body, served = await until_ok(url, {"text": "two words"})
+    assert body == {"category": "short", "answer": "short text"}
+    assert served.endswith("answer=short:v1")
+    _, body, served = await until_ok(url, {"text": "this one has many words"})
+    assert body == {"category": "long", "answer": "long text"}
+    assert served.endswith("answer=long:v1")
+
+
+async def test_switching_transport_live_fails_no_request(
+    control_plane: Any, gateway: Any, three_stages: None, tmp_path: Path
+) -> None:
+    apply(control_plane, tmp_path, pipeline("switchy"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/switchy"
+    await until_ok(url, {"text": "a b c"})
+    outcomes: collections.Counter[int] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def steady() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                status, body, _ = await post(session, url, {"text": "a b c"})
+                outcomes[status if body == {"count": 3, "score": 30} else -status] += 1
+
+    load = [asyncio.create_task(steady()) for _ in range(4)]
+    for transport in ("uds", "http", "uds", "http"):
+        await asyncio.sleep(0.7)
+        apply(control_plane, tmp_path, pipeline("switchy", transport=transport))
+    await asyncio.sleep(0.7)
+    stop.set()
+    await asyncio.gather(*load)
+    assert set(outcomes) == {200}, outcomes
+    assert outcomes[200] > 100
+
+
+async def test_a_stage_whose_model_is_down_answers_503_naming_the_stage(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    start_runtime(f"{M}:tokenize", "tokenize", "v1")
+    start_runtime(f"{M}:count", "count", "v1")
+    scorer = start_runtime(f"{M}:score", "score", "v1")
+    apply(control_plane, tmp_path, pipeline("fragile"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/fragile"
+    await until_ok(url, {"text": "a b"})
+
+    scorer.proc.stop()
+    async with aiohttp.ClientSession() as session:
+
+        async def down() -> Any:
+            status, body, _ = await post(session, url, {"text": "a b"})
+            return body if status == 503 else None
+
+        body = await wait_for(down, timeout=15)
+    assert body["route"] == "fragile/score", body
+    assert "no healthy upstream" in body["error"]
+
+    start_runtime(f"{M}:score", "score", "v1")
+    _, body, _ = await until_ok(url, {"text": "a b"})
+    assert body == {"count": 2, "score": 20}

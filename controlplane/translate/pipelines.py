@@ -124,9 +124,9 @@ def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
             add.append(r.header(h.BRANCH_FIELD, following.branch_on))
     match = rc.RouteMatch(path=stage_path(p.name, stage.name))
     if shadow:
-        # Envoy marks mirrored requests by appending "-shadow" to the authority.
+        # Envoy marks mirrored requests by appending "-shadow" to the host part of the authority.
         match.headers.append(
-            rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(suffix="-shadow"))
+            rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(contains="-shadow"))
         )
     local = LOCAL_UDS if p.transport == "uds" else LOCAL_HTTP
     return rc.Route(
