@@ -46,6 +46,7 @@ class ManagedProcess:
     argv: Sequence[str]
     log_path: Path
     env: dict[str, str] | None = None
+    die_with_parent: bool = False  # Linux: SIGKILL this child if its parent dies, even by SIGKILL
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> ManagedProcess:
@@ -58,6 +59,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(self.env or {})},
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         return self
 
@@ -110,6 +112,13 @@ class ManagedProcess:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:

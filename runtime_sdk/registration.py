@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +11,7 @@ import consul
 import consul.aio
 
 TAG = "mllambda"
+log = logging.getLogger("mllambda.runtime")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class Registration:
         }
 
 
-async def register(client: consul.aio.Consul, reg: Registration, through_sidecar: bool = True) -> None:
+async def register(
+    client: consul.aio.Consul, reg: Registration, through_sidecar: bool = True, passing: bool = False
+) -> None:
     """Register with a check Consul runs every second.
 
     The check goes through the sidecar's ingress listener, so an instance only
@@ -47,6 +52,8 @@ async def register(client: consul.aio.Consul, reg: Registration, through_sidecar
     check: dict[str, Any] = consul.Check.http(
         f"http://{reg.host}:{port}/readyz", interval="1s", timeout="1s", deregister="1m"
     )
+    if passing:  # re-registering a runtime known to be healthy: no critical gap
+        check["Status"] = "passing"
     await client.agent.service.register(
         reg.model,
         service_id=reg.service_id,
@@ -60,3 +67,16 @@ async def register(client: consul.aio.Consul, reg: Registration, through_sidecar
 
 async def deregister(client: consul.aio.Consul, service_id: str) -> None:
     await client.agent.service.deregister(service_id)
+
+
+async def keep_registered(client: consul.aio.Consul, reg: Registration, through_sidecar: bool) -> None:
+    """Anti-entropy: if the agent forgot us (restarted, wiped), register again."""
+    while True:
+        await asyncio.sleep(2)
+        try:
+            services = await client.agent.services()
+            if reg.service_id not in services:
+                await register(client, reg, through_sidecar, passing=True)
+                log.info("re-registered service_id=%s", reg.service_id)
+        except Exception as err:  # Consul away: try again next round
+            log.debug("registration check failed: %s", err)

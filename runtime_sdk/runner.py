@@ -23,7 +23,7 @@ from controlplane.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.sidecar import write_bootstrap
 from controlplane.tools import find_envoy
 from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Runtime, build_app
-from runtime_sdk.registration import Registration, deregister, register
+from runtime_sdk.registration import Registration, deregister, keep_registered, register
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -97,7 +97,11 @@ async def run(args: argparse.Namespace) -> None:
         runtime.ready = True
         await register(client, reg, through_sidecar=sidecar is not None)
         log.info("registered service_id=%s ingress_port=%d", service_id, reg.ingress_port)
-        await wait_for_stop(stop, sidecar)
+        keeper = asyncio.create_task(keep_registered(client, reg, sidecar is not None))
+        try:
+            await wait_for_stop(stop, sidecar)
+        finally:
+            keeper.cancel()
     finally:
         # Leave the catalog first so Envoys stop sending here, then drain what is in flight.
         try:
@@ -137,7 +141,7 @@ def start_sidecar(reg: Registration, xds_addr: str, folder: Path) -> ManagedProc
     )
     remove_socket(reg.egress_uds)
     log_path = folder / f"{reg.service_id}-envoy.log"
-    return ManagedProcess("sidecar", envoy_argv(envoy, config), log_path).start()
+    return ManagedProcess("sidecar", envoy_argv(envoy, config), log_path, die_with_parent=True).start()
 
 
 def remove_socket(path: str) -> None:

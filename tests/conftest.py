@@ -24,6 +24,7 @@ from controlplane.tools import find_consul, find_envoy, find_tansu
 class ConsulAgent:
     http_port: int
     proc: processes.ManagedProcess
+    ports: dict[str, int]
 
     @property
     def addr(self) -> str:
@@ -50,9 +51,15 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-def start_consul(logs_dir: Path, data_dir: Path) -> ConsulAgent:
-    ports = {k: processes.free_port() for k in ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")}
+def start_consul(
+    logs_dir: Path, data_dir: Path, ports: dict[str, int] | None = None, persistent: bool = False
+) -> ConsulAgent:
+    """A dev agent, or (persistent) a one-node server that keeps its data across restarts."""
+    names = ("http", "dns", "serf_lan", "serf_wan", "server", "grpc")
+    ports = ports or {k: processes.free_port() for k in names}
     argv = processes.consul_dev_argv(_require(find_consul(), "consul"), data_dir, ports)
+    if persistent:
+        argv = [a for a in argv if a != "-dev"] + ["-server", "-bootstrap-expect=1"]
     proc = processes.ManagedProcess("consul", argv, logs_dir / f"consul-{ports['http']}.log")
     proc.start()
     try:
@@ -60,7 +67,7 @@ def start_consul(logs_dir: Path, data_dir: Path) -> ConsulAgent:
     except processes.StartError:
         proc.stop()
         raise
-    return ConsulAgent(ports["http"], proc)
+    return ConsulAgent(ports["http"], proc, ports)
 
 
 @pytest.fixture(scope="session")

@@ -184,3 +184,23 @@ async def test_control_plane_restart_loses_no_request(xds: Xds, start_envoy: Any
         await load
         assert counts["failed"] == 0
         assert counts["ok"] > 50
+
+
+async def test_envoy_that_connects_before_its_snapshot_exists_gets_it_when_set(
+    xds: Xds, start_envoy: Any, mode: str
+) -> None:
+    listen = processes.free_port()
+    async with http_backend("late") as port:
+        envoy = await asyncio.to_thread(
+            start_envoy,
+            lambda admin: render_bootstrap(NODE, "test", xds.addr, admin, delta=mode == "delta"),
+            wait_live=False,
+        )
+        await wait_for(lambda: xds.status.is_connected(NODE))
+        await asyncio.sleep(0.3)
+        xds.cache.set_snapshot(
+            NODE, snapshot("v1", listen, {"model-a": port}, r.weighted_route("/", [("model-a", 1)]))
+        )
+        await wait_for(lambda: envoy.admin("/ready")[1].strip() == "LIVE")
+        status, body = await get_json(f"http://127.0.0.1:{listen}/")
+        assert (status, body["backend"]) == (200, "late")

@@ -19,6 +19,7 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
@@ -209,6 +210,14 @@ def _retry(stage: Stage) -> rc.RetryPolicy:
         retry_on=RETRY_ON,
         num_retries=wrappers_pb2.UInt32Value(value=stage.retry.attempts),
         retriable_status_codes=[503],
+        # A retry goes to another instance when there is one.
+        retry_host_predicate=[
+            rc.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=r.pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
     )
     if stage.retry.per_try_timeout_ms:
         policy.per_try_timeout.CopyFrom(r.millis(stage.retry.per_try_timeout_ms))

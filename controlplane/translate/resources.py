@@ -42,7 +42,7 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def _any(message: Resource) -> any_pb2.Any:
+def pack(message: Resource) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -91,7 +91,7 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
         stat_prefix=name,
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
         ],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply()),
@@ -138,7 +138,7 @@ def _listener(name: str, address: Address, filter_name: str, config: Resource) -
         address=address,
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))]
+                filters=[listener_components_pb2.Filter(name=filter_name, typed_config=pack(config))]
             )
         ],
     )

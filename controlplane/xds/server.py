@@ -48,6 +48,7 @@ class TypeState:
     known: dict[str, str] | None = None  # name -> version the client has (None: nothing sent)
     nonce: str = ""
     version: str = ""
+    answered: bool = False  # Envoy waits for a first response per type, even an empty one
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -113,8 +114,9 @@ class _Stream:
         responses = []
         for type_url in PUSH_ORDER:
             state = self.types.get(type_url)
-            if state is not None and state.known is not None:
-                response = self.respond(type_url, state, previous if type_url == CLUSTER else None)
+            if state is not None:
+                keep_from = previous if type_url == CLUSTER else None
+                response = self.respond(type_url, state, keep_from, force=not state.answered)
                 if response is not None:
                     responses.append(response)
         gating = {r.nonce for r in responses if r.type_url in (LISTENER, ROUTE)}
@@ -175,7 +177,9 @@ class _Stream:
     def on_request(self, request: Any) -> list[Any]:
         raise NotImplementedError
 
-    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None) -> Any:
+    def respond(
+        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
+    ) -> Any:
         raise NotImplementedError
 
 
@@ -204,16 +208,19 @@ class SotwStream(_Stream):
             self.snapshot = self.cache.get(self.group)
         if self.snapshot is None:
             return []  # answered when the first snapshot is set
-        response = self.respond(type_url, state, None)
+        response = self.respond(type_url, state, None, force=True)
         return [response] if response is not None else []
 
-    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None) -> Any:
+    def respond(
+        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
+    ) -> Any:
         chosen = self.selection(type_url, state, keep_from)
         versions = {name: version for name, (version, _) in chosen.items()}
-        if state.known is not None and versions == state.known:
+        if not force and state.answered and versions == state.known:
             return None
         assert self.snapshot is not None
         state.known, state.nonce, state.version = versions, self.next_nonce(), self.snapshot.version
+        state.answered = True
         log.debug(
             "push node=%s type=%s version=%s n=%d",
             self.node_id,
@@ -271,11 +278,12 @@ class DeltaStream(_Stream):
         known = state.known or {}
         changed = {n: vp for n, vp in chosen.items() if known.get(n) != vp[0]}
         removed = sorted(n for n in known if n not in chosen)
-        if not changed and not removed and not (force or state.known is None):
+        if not changed and not removed and not (force or not state.answered):
             return None
         assert self.snapshot is not None
         state.known = {name: version for name, (version, _) in chosen.items()}
         state.nonce, state.version = self.next_nonce(), self.snapshot.version
+        state.answered = True
         return discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=state.version,
             type_url=type_url,

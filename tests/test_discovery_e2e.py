@@ -1,0 +1,112 @@
+"""Runtimes register in Consul; discovery turns them into endpoints that reach every Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.processes import http_get
+from tests.envoy_helpers import wait_for
+from tests.test_pipeline_e2e import apply, post, runtime_requests, until_ok
+
+pytestmark = pytest.mark.slow
+ONE_STAGE = {"name": "one", "stages": [{"name": "tok", "variants": [{"model": "tokenize", "version": "v1"}]}]}
+TOKENIZE = "examples.trivial.models:tokenize"
+
+
+def gateway_hosts(gateway: Any, cluster: str) -> set[str]:
+    """host:port of a cluster's endpoints as the gateway Envoy knows them."""
+    _, text = gateway.admin("/clusters")
+    return {
+        line.split("::")[1]
+        for line in text.splitlines()
+        if line.startswith(f"{cluster}::") and line.count("::") >= 3 and line.split("::")[2] == "cx_active"
+    }
+
+
+def consul_status(consul_port: int, service: str, service_id: str) -> str:
+    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/health/checks/{service}")
+    statuses = [c["Status"] for c in json.loads(body) if c["ServiceID"] == service_id]
+    return statuses[0] if statuses else "gone"
+
+
+class SteadyLoad:
+    """A few clients sending requests back to back; counts every outcome."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url, self.clients = url, clients
+        self.outcomes: collections.Counter[int] = collections.Counter()
+        self.stop = asyncio.Event()
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self.stop.is_set():
+                status, _, _ = await post(session, self.url, {"text": "a b"})
+                self.outcomes[status] += 1
+
+    async def __aenter__(self) -> SteadyLoad:
+        self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+
+async def test_replicas_are_found_and_sigterm_drains_without_errors(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    first = start_runtime(TOKENIZE, "tokenize", "v1", wait=False)
+    await wait_for(lambda: consul_status(consul_agent.http_port, "tokenize", first.service_id) != "gone")
+    registered_after = time.monotonic() - started
+    print(f"runtime process start -> registered in Consul: {registered_after:.2f}s")
+    assert registered_after < 3.0
+
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+    assert len(gateway_hosts(gateway, "tokenize.v1")) == 1
+
+    second = start_runtime(TOKENIZE, "tokenize", "v1")
+    await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2)
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(200)))
+    for replica in (first, second):
+        assert runtime_requests(consul_agent.http_port, "tokenize", replica.service_id) > 30
+
+    async with SteadyLoad(url) as load:
+        await asyncio.sleep(0.5)
+        first.proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(first.proc.popen.wait, 20)
+        await asyncio.sleep(0.5)
+    assert set(load.outcomes) == {200}, load.outcomes
+    assert load.outcomes[200] > 100
+    assert first.proc.popen.returncode == 0
+    await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 1)
+
+
+async def test_sigkill_turns_critical_and_leaves_eds(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    doomed = start_runtime(TOKENIZE, "tokenize", "v1")
+    start_runtime(TOKENIZE, "tokenize", "v1")
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+    await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2)
+
+    doomed.proc.signal(signal.SIGKILL)
+    await wait_for(lambda: consul_status(consul_agent.http_port, "tokenize", doomed.service_id) == "critical")
+    await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 1)
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(100)))
+    assert {status for status, _, _ in results} == {200}

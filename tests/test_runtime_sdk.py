@@ -1,0 +1,78 @@
+"""The runtime's HTTP contract: bad payloads get a clear 4xx and never reach the model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from runtime_sdk import Rejected
+from runtime_sdk.app import Runtime, build_app
+
+calls: list[dict[str, Any]] = []
+
+
+def model(payload: dict[str, Any]) -> dict[str, Any]:
+    calls.append(payload)
+    if payload.get("explode"):
+        raise ValueError("kaboom")
+    if payload.get("refuse"):
+        raise Rejected("refused: need a positive number")
+    if payload.get("weird"):
+        return ["not", "a", "dict"]  # type: ignore[return-value]
+    return {"doubled": payload["n"] * 2}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    calls.clear()
+    runtime = Runtime(model, "doubler", "v1", ready=True)
+    async with TestClient(TestServer(build_app(runtime, max_body=1024))) as test_client:
+        yield test_client
+
+
+async def test_predict_round_trip_names_who_served(client: Any) -> None:
+    resp = await client.post("/predict", json={"n": 21})
+    assert resp.status == 200
+    assert await resp.json() == {"doubled": 42}
+    assert resp.headers["x-mll-served"] == "direct=doubler:v1"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "body is not valid JSON"),
+        (b"[1, 2]", 400, "body must be a JSON object, got list"),
+        (b'"text"', 400, "body must be a JSON object, got str"),
+        (b'{"pad": "' + b"x" * 2000 + b'"}', 413, "body too large: the limit is 1024 bytes"),
+    ],
+)
+async def test_bad_payloads_get_4xx_and_never_reach_the_model(
+    client: Any, body: bytes, status: int, message: str
+) -> None:
+    resp = await client.post("/predict", data=body, headers={"content-type": "application/json"})
+    assert resp.status == status
+    assert message in (await resp.json())["error"]
+    assert calls == []
+
+
+async def test_model_errors_and_refusals_are_told_apart(client: Any) -> None:
+    refused = await client.post("/predict", json={"refuse": True})
+    assert (refused.status, (await refused.json())["error"]) == (422, "refused: need a positive number")
+    failed = await client.post("/predict", json={"explode": True})
+    assert failed.status == 500
+    assert (await failed.json())["error"] == "model doubler:v1 failed: ValueError: kaboom"
+    weird = await client.post("/predict", json={"weird": True})
+    assert weird.status == 500 and "expected a JSON object" in (await weird.json())["error"]
+
+
+async def test_readiness_and_metrics(client: Any) -> None:
+    assert (await client.get("/readyz")).status == 200
+    await client.post("/predict", json={"n": 1})
+    await client.post("/predict", data=b"nope")
+    metrics = await (await client.get("/metrics")).text()
+    assert 'mllambda_runtime_requests_total{code="200",model="doubler",version="v1"} 1.0' in metrics
+    assert 'mllambda_runtime_requests_total{code="400",model="doubler",version="v1"} 1.0' in metrics
