@@ -12,9 +12,10 @@ from typing import Any
 
 import consul.aio
 import grpc
+from aiohttp import web
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve
+from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve, split_host_port
 from controlplane.errors import CliError
 from controlplane.store import DEFAULT_PREFIX, PipelineVersion
 from controlplane.translate.pipelines import Options, translate
@@ -77,6 +78,7 @@ class Settings:
     group_by: GroupBy = "id"
     kv_prefix: str = DEFAULT_PREFIX
     gateway_port: int = 18080
+    metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
 
 
 class ControlPlane:
@@ -105,6 +107,8 @@ class ControlPlane:
         self.pipelines: list[PipelineVersion] = []
         # (group, snapshot version) -> {pipeline name: pipeline version} it carries
         self.deployed: dict[tuple[str, str], dict[str, int]] = {}
+        self.snapshots_set: dict[str, int] = {}
+        self._web: web.AppRunner | None = None
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_server: grpc.aio.Server | None = None
@@ -126,6 +130,14 @@ class ControlPlane:
         await self._admin_server.start()
         await mark_serving(health, True)
         log.info("admin listening address=%s", self.settings.admin_addr)
+        if self.settings.metrics_addr:
+            from controlplane.web import build_web_app
+
+            host, port = split_host_port(self.settings.metrics_addr, 18002)
+            self._web = web.AppRunner(build_web_app(self), access_log=None)
+            await self._web.setup()
+            await web.TCPSite(self._web, host, port).start()
+            log.info("dashboard and metrics at http://%s:%d/", host, port)
         self._mark_dirty()  # every known node group gets a snapshot, even with nothing deployed
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
@@ -167,10 +179,13 @@ class ControlPlane:
         versions = {v.pipeline.name: v.version for v in self.pipelines}
         snapshots = translate(pipelines, self.discovery.instances(), self.options)
         for group, snapshot in snapshots.items():
+            # Same config, newer pipeline versions: the node serves them already.
+            self.deployed[(group, snapshot.version)] = versions
             previous = self.cache.get(group)
             if previous is not None and previous.version == snapshot.version:
                 continue
             self.cache.set_snapshot(group, snapshot)
+            self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
             self.deployed[(group, snapshot.version)] = versions
             log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
 
@@ -198,6 +213,8 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._web is not None:
+            await self._web.cleanup()
         if self._admin_server is not None:
             await self._admin_server.stop(0.5)
         await self.xds.stop(0.5)
@@ -225,6 +242,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
             group_by=args.group_by,
             kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_PREFIX),
             gateway_port=args.gateway_port,
+            metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
         )
         asyncio.run(serve(settings))
     except (OSError, ValueError) as err:
@@ -241,7 +259,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
     )
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_PREFIX})")
-    parser.add_argument(
-        "--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener"
-    )
+    parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
     parser.set_defaults(handler=cmd_controlplane)

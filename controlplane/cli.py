@@ -54,11 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
-    from controlplane import app, sidecar
+    from controlplane import app, invoke, sidecar, stack
     from controlplane.admin import cli as admin_cli
     from runtime_sdk import runner
 
-    return [app.register, sidecar.register, admin_cli.register, runner.register_command]
+    return [
+        stack.register,
+        invoke.register,
+        admin_cli.register,
+        app.register,
+        sidecar.register,
+        runner.register_command,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,9 +95,7 @@ class Discovery:
         self.reachable = False
 
     def instances(self) -> list[Instance]:
-        return sorted(
-            (i for group in self.by_service.values() for i in group.values()), key=lambda i: i.service_id
-        )
+        return sorted((i for group in self.by_service.values() for i in group.values()), key=lambda i: i.service_id)
 
     def known_models(self) -> set[tuple[str, str]]:
         return {(i.model, i.version) for i in self.instances()}

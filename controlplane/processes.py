@@ -96,22 +96,40 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.pid, signal.SIGKILL)
-                self.popen.wait()
-            except ProcessLookupError:
-                pass
-        # Reap anything the child left behind in its group.
+        if self.popen is not None:
+            stop_group(self.pid, timeout, wait=self.popen.wait)
+
+
+def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] | None = None) -> None:
+    """Stop a process group by its leader's PID: SIGTERM, then SIGKILL after `timeout`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    if wait is not None:
         try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            wait(timeout)
+        except subprocess.TimeoutExpired:
             pass
+    else:  # not our child: poll until it is gone
+        while time.monotonic() < deadline and _exists(pid):
+            time.sleep(0.05)
+    # Whatever is left in the group (a straggler, a grandchild) goes now.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _die_with_parent() -> None:

@@ -133,9 +133,7 @@ class PipelineStore:
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise WriteConflict(f"pipeline {pipeline.name!r}: too many concurrent writers, try again")
 
-    async def _commit(
-        self, name: str, head_index: int, head: dict[str, Any], new: PipelineVersion | None
-    ) -> bool:
+    async def _commit(self, name: str, head_index: int, head: dict[str, Any], new: PipelineVersion | None) -> bool:
         ops = [_cas(self._head_key(name), head, head_index)]
         if new is not None:
             ops.append(_cas(self._version_key(name, new.version), new.to_record(), 0))

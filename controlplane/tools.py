@@ -131,8 +131,7 @@ def install_consul() -> Path:
         for sub in ("lists/partial", "cache/archives/partial", "etc/sources.list.d", "dl"):
             (state / sub).mkdir(parents=True)
         (state / "etc/sources.list").write_text(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-            f"{debian_mirror()} bullseye main\n"
+            f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {debian_mirror()} bullseye main\n"
         )
         options = [
             f"-oDir::Etc::sourcelist={state}/etc/sources.list",

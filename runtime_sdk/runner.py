@@ -43,9 +43,7 @@ def load_callable(target: str) -> Callable[..., Any]:
 
 
 def run_dir() -> Path:
-    folder = Path(
-        os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}"
-    )
+    folder = Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

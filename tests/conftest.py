@@ -218,9 +218,7 @@ def start_runtime(
 
 
 def consul_passing(consul_port: int, service: str, service_id: str) -> bool:
-    status, body = processes.http_get(
-        f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true"
-    )
+    status, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true")
     return status == 200 and service_id in {e["Service"]["ID"] for e in json.loads(body)}
 
 
@@ -229,6 +227,4 @@ def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> Envoy
     """The gateway Envoy; its listener is at control_plane.gateway_port once a pipeline exists."""
     from controlplane.sidecar import render_bootstrap
 
-    return start_envoy(
-        lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port)
-    )
+    return start_envoy(lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port))

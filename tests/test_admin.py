@@ -82,10 +82,7 @@ def test_cli_apply_get_history_rollback_delete(control_plane: Any, tmp_path: Pat
     assert missing.returncode == 1
     assert missing.stderr.strip() == "error: pipeline 'nlp' not found"
     assert "Traceback" not in missing.stderr
-    assert (
-        len(yaml.safe_load(control_plane.cli("history", "pipeline", "nlp", "-o", "yaml").stdout)["items"])
-        == 3
-    )
+    assert len(yaml.safe_load(control_plane.cli("history", "pipeline", "nlp", "-o", "yaml").stdout)["items"]) == 3
 
 
 def test_restarting_the_control_plane_loses_nothing(control_plane: Any) -> None:
@@ -175,9 +172,7 @@ stages = st.fixed_dictionaries(
         ),
     },
 )
-hostile = st.fixed_dictionaries(
-    {"name": labels, "transport": labels, "stages": st.lists(stages, max_size=34)}
-)
+hostile = st.fixed_dictionaries({"name": labels, "transport": labels, "stages": st.lists(stages, max_size=34)})
 
 
 def test_hostile_definitions_are_refused_and_write_nothing(control_plane: Any, consul_agent: Any) -> None:

@@ -32,6 +32,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
     start_runtime: Any,
     tmp_path: Path,
     logs_dir: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     start_runtime(TOKENIZE, "tokenize", "v1")
     apply(control_plane, tmp_path, ONE_STAGE)
@@ -45,9 +46,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
         await asyncio.sleep(3.0)  # control plane cannot reach Consul meanwhile
         assert gateway_hosts(gateway, "tokenize.v1") == before
         # Same ports, same data dir: the operator starts Consul again.
-        again = await asyncio.to_thread(
-            start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True
-        )
+        again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
         await asyncio.sleep(1.0)
     assert set(load.outcomes) == {200}, load.outcomes
 
@@ -55,4 +54,3 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
     start_runtime(TOKENIZE, "tokenize", "v1")
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2, timeout=30)
     await until_ok(url, {"text": "a b"})
-    again.proc.stop()

@@ -12,9 +12,7 @@ from controlplane.config import ConsulAddress
 
 
 def test_doctor_lists_the_real_components() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "doctor"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "controlplane.cli", "doctor"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert re.search(r"ok\s+envoy\s+1\.40\.\d+", result.stdout)
     assert re.search(r"ok\s+consul\s+1\.8\.\d+", result.stdout)

@@ -80,9 +80,7 @@ async def test_three_stage_pipeline_returns_the_composed_result(
     async with aiohttp.ClientSession() as session:
         status, body, _ = await post(session, url, {"no_text": 1})
         assert status == 422 and "expected {'text'" in body["error"]
-        status, body, _ = await post(
-            session, f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/nope", {}
-        )
+        status, body, _ = await post(session, f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/nope", {})
         assert status == 404 and "mllambda get pipelines" in body["error"]
 
 

@@ -23,9 +23,7 @@ async def test_consul_registers_and_reads_back_a_service(consul_agent: Any) -> N
             "smoke-model", service_id="smoke-1", address="127.0.0.1", port=9999, tags=["v1"]
         )
         _, nodes = await client.catalog.service("smoke-model")
-        assert [(n["ServiceID"], n["ServicePort"], n["ServiceTags"]) for n in nodes] == [
-            ("smoke-1", 9999, ["v1"])
-        ]
+        assert [(n["ServiceID"], n["ServicePort"], n["ServiceTags"]) for n in nodes] == [("smoke-1", 9999, ["v1"])]
         await client.agent.service.deregister("smoke-1")
         _, nodes = await client.catalog.service("smoke-model")
         assert nodes == []

@@ -89,9 +89,7 @@ async def test_envoy_gets_config_and_proxies_through_it(xds: Xds, start_envoy: A
         await wait_for(lambda: xds.acked("v1"))
 
 
-async def test_changes_reach_envoy_and_removed_resources_disappear(
-    xds: Xds, start_envoy: Any, mode: str
-) -> None:
+async def test_changes_reach_envoy_and_removed_resources_disappear(xds: Xds, start_envoy: Any, mode: str) -> None:
     listen = processes.free_port()
     async with http_backend("a") as port_a, http_backend("b") as port_b:
         v1 = snapshot(
@@ -107,9 +105,7 @@ async def test_changes_reach_envoy_and_removed_resources_disappear(
         split = r.weighted_route("/", [("model-a", 50), ("model-b", 50)])
         v2 = snapshot("v2", listen, {"model-a": port_a, "model-b": port_b}, split)
         xds.cache.set_snapshot(NODE, v2)
-        await wait_for(
-            lambda: set(dynamic_names(config_dump(envoy.admin_port), "clusters")) == {"model-a", "model-b"}
-        )
+        await wait_for(lambda: set(dynamic_names(config_dump(envoy.admin_port), "clusters")) == {"model-a", "model-b"})
         dump = config_dump(envoy.admin_port)
         assert dynamic_names(dump, "routes") == {"ingress": shown_version(v2, ROUTE, "ingress", mode)}
         assert dynamic_names(dump, "clusters")["model-b"] == shown_version(v2, CLUSTER, "model-b", mode)
@@ -122,9 +118,7 @@ async def test_changes_reach_envoy_and_removed_resources_disappear(
         assert seen == {"a", "b"}
 
 
-async def test_rejected_config_is_recorded_and_envoy_keeps_serving(
-    xds: Xds, start_envoy: Any, mode: str
-) -> None:
+async def test_rejected_config_is_recorded_and_envoy_keeps_serving(xds: Xds, start_envoy: Any, mode: str) -> None:
     listen = processes.free_port()
     async with http_backend("a") as port_a:
         good = r.weighted_route("/", [("model-a", 1)])
@@ -198,9 +192,7 @@ async def test_envoy_that_connects_before_its_snapshot_exists_gets_it_when_set(
         )
         await wait_for(lambda: xds.status.is_connected(NODE))
         await asyncio.sleep(0.3)
-        xds.cache.set_snapshot(
-            NODE, snapshot("v1", listen, {"model-a": port}, r.weighted_route("/", [("model-a", 1)]))
-        )
+        xds.cache.set_snapshot(NODE, snapshot("v1", listen, {"model-a": port}, r.weighted_route("/", [("model-a", 1)])))
         await wait_for(lambda: envoy.admin("/ready")[1].strip() == "LIVE")
         status, body = await get_json(f"http://127.0.0.1:{listen}/")
         assert (status, body["backend"]) == (200, "late")

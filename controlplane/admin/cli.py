@@ -4,55 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
+from controlplane.admin.client import AdminClient
 from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
 from controlplane.errors import CliError
 from controlplane.model import InvalidPipeline, parse_pipeline
 
 RESOURCE = ("pipeline", "pipelines", "pl")
-_CODES_TO_HINTS = {
-    grpc.StatusCode.UNAVAILABLE: "is the control plane running (mllambda controlplane / ./dev up)?",
-    grpc.StatusCode.UNAUTHENTICATED: "set MLLAMBDA_TOKEN to the control plane's token",
-    grpc.StatusCode.ABORTED: "another client changed it at the same time; run the command again",
-}
 
 
-@contextmanager
-def admin_client(args: argparse.Namespace) -> Iterator[Any]:
-    from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
-
-    address = resolve(args.server, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR)
-    token = os.environ.get("MLLAMBDA_TOKEN")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.PipelineAdminStub(channel)
-        try:
-            yield _Caller(stub, metadata)
-        except grpc.RpcError as err:
-            code, details = err.code(), err.details() or ""
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                details = "invalid pipeline:\n  " + details.replace("; ", "\n  ")
-            hint = _CODES_TO_HINTS.get(code)
-            where = f" ({address})" if code == grpc.StatusCode.UNAVAILABLE else ""
-            raise CliError(f"{details}{where}" + (f"\nhint: {hint}" if hint else "")) from err
-
-
-class _Caller:
-    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.stub, self.metadata = stub, metadata
-
-    def __getattr__(self, method: str) -> Any:
-        rpc = getattr(self.stub, method)
-        return lambda request: rpc(request, metadata=self.metadata, timeout=15)
+def admin_client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(resolve(args.server, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR))
 
 
 def load_documents(path: str) -> list[dict[str, Any]]:
@@ -70,9 +37,6 @@ def load_documents(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-    from controlplane.admin.convert import spec_to_proto
-
     pipelines, problems = [], []
     for index, doc in enumerate(load_documents(args.filename)):
         where = f"{args.filename} document {index + 1}"
@@ -88,7 +52,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise CliError("invalid pipeline definition, nothing applied:\n  " + "\n  ".join(problems))
     with admin_client(args) as admin:
         for pipeline in pipelines:
-            reply = admin.Apply(pb.ApplyRequest(spec=spec_to_proto(pipeline)))
+            reply = admin.apply(pipeline)
             state = "created" if reply.created else "unchanged"
             print(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})")
             for warning in reply.warnings:
@@ -157,9 +121,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         lines.append(f"  {i + 1}. {stage.name}  timeout={stage.timeout_ms}ms retries={stage.retry.attempts}")
         lines += [f"       {variant_text(x)}" for x in stage.variants]
         for branch in stage.branches:
-            lines.append(
-                f"       branch {branch.key}: " + ", ".join(variant_text(x) for x in branch.variants)
-            )
+            lines.append(f"       branch {branch.key}: " + ", ".join(variant_text(x) for x in branch.variants))
         if stage.HasField("shadow"):
             s = stage.shadow
             lines.append(f"       shadow {s.model}:{s.version} {s.percent:g}% of requests")
@@ -191,9 +153,7 @@ def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[s
     if output in ("json", "yaml"):
         items = [version_to_dict(m) for m in messages]
         data: Any = items[0] if len(items) == 1 else {"items": items}
-        print(
-            json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end=""
-        )
+        print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
         if output == "json":
             print()
         return
@@ -205,18 +165,14 @@ def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[s
 def register(sub: argparse._SubParsersAction) -> None:
     def add(name: str, help_text: str, handler: Any, resource: bool = True) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text)
-        parser.add_argument(
-            "--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)"
-        )
+        parser.add_argument("--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)")
         if resource:
             parser.add_argument("resource", choices=RESOURCE, metavar="pipeline")
         parser.set_defaults(handler=handler)
         return parser
 
     apply = add("apply", "create or update pipelines from a YAML file", cmd_apply, resource=False)
-    apply.add_argument(
-        "-f", "--filename", required=True, help="YAML file (several documents allowed; - for stdin)"
-    )
+    apply.add_argument("-f", "--filename", required=True, help="YAML file (several documents allowed; - for stdin)")
     get = add("get", "list pipelines or show one", cmd_get)
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

@@ -33,7 +33,5 @@ def version_to_proto(version: PipelineVersion) -> Any:
 def version_to_dict(message: Any) -> dict[str, Any]:
     """For `-o json|yaml`: field names as in the YAML people write."""
     return dict(
-        json_format.MessageToDict(
-            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     )

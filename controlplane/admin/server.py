@@ -98,9 +98,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         pipeline = spec_from_proto(request.spec)
         version, created = await self.store.apply(pipeline)
         log.info("apply pipeline=%s version=%d created=%s", pipeline.name, version.version, created)
-        return pb.ApplyResponse(
-            pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline)
-        )
+        return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))
 
     @_guard
     async def Get(self, request: Any, context: Any) -> Any:

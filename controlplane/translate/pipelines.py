@@ -74,9 +74,7 @@ def _gateway(pipelines: Sequence[Pipeline], endpoints: Endpoints, options: Optio
         entry = f"/pipelines/{p.name}"
         routes += _stage_routes(p, 0, match_path=entry, rewrite=stage_path(p.name, p.stages[0].name))
     routes.append(_not_found())
-    listener = r.http_listener(
-        "gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway"
-    )
+    listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     return _snapshot([listener], [r.route_config("gateway", routes)], _remote_clusters(routes, endpoints))
 
 
@@ -190,18 +188,14 @@ def _split_route(
         action.weighted_clusters.CopyFrom(
             rc.WeightedCluster(
                 clusters=[
-                    rc.WeightedCluster.ClusterWeight(
-                        name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight)
-                    )
+                    rc.WeightedCluster.ClusterWeight(name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight))
                     for v in live
                 ]
             )
         )
     match = rc.RouteMatch(path=match_path)
     if branch_key is not None:
-        match.headers.append(
-            rc.HeaderMatcher(name=h.BRANCH, string_match=string_pb2.StringMatcher(exact=branch_key))
-        )
+        match.headers.append(rc.HeaderMatcher(name=h.BRANCH, string_match=string_pb2.StringMatcher(exact=branch_key)))
     return rc.Route(name=f"{p.name}/{stage.name}", match=match, route=action)
 
 

@@ -75,9 +75,7 @@ def load_assignment(cluster_name: str, addresses: Iterable[Address]) -> Resource
         endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(
                 lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=address)
-                    )
+                    endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))
                     for address in addresses
                 ]
             )
@@ -90,9 +88,7 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
-        http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))
-        ],
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply()),
     )
@@ -147,9 +143,7 @@ def _listener(name: str, address: Address, filter_name: str, config: Resource) -
 def route_config(name: str, routes: Sequence[Resource], domains: Sequence[str] = ("*",)) -> Resource:
     return route_pb2.RouteConfiguration(
         name=name,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(name=name, domains=list(domains), routes=list(routes))
-        ],
+        virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=list(domains), routes=list(routes))],
     )
 
 

@@ -87,7 +87,7 @@ class _Stream:
             reader.cancel()
             if self.group:
                 self.cache.unwatch(self.group, queue)
-                self.status.connected(self.node_id, -1)
+                self.status.connected(self.node_id, -1, self.mode)
                 log.info("stream closed node=%s", self.node_id)
 
     async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[object]) -> None:
@@ -103,7 +103,7 @@ class _Stream:
         self.node_id = request.node.id or "unknown"
         self.group = self.cache.group_of(request.node)
         self.cache.watch(self.group, queue)
-        self.status.connected(self.node_id, +1)
+        self.status.connected(self.node_id, +1, self.mode)
         log.info("stream opened node=%s group=%s mode=%s", self.node_id, self.group, self.mode)
 
     def _on_snapshot(self) -> list[Any]:
@@ -155,9 +155,7 @@ class _Stream:
                 return self._drop_removed_clusters()
         return []
 
-    def selection(
-        self, type_url: str, state: TypeState, keep_from: Snapshot | None
-    ) -> dict[str, tuple[str, Any]]:
+    def selection(self, type_url: str, state: TypeState, keep_from: Snapshot | None) -> dict[str, tuple[str, Any]]:
         """name -> (version, packed resource) this stream should have now."""
         assert self.snapshot is not None
         chosen = {
@@ -177,9 +175,7 @@ class _Stream:
     def on_request(self, request: Any) -> list[Any]:
         raise NotImplementedError
 
-    def respond(
-        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
-    ) -> Any:
+    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
         raise NotImplementedError
 
 
@@ -211,9 +207,7 @@ class SotwStream(_Stream):
         response = self.respond(type_url, state, None, force=True)
         return [response] if response is not None else []
 
-    def respond(
-        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
-    ) -> Any:
+    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
         chosen = self.selection(type_url, state, keep_from)
         versions = {name: version for name, (version, _) in chosen.items()}
         if not force and state.answered and versions == state.known:
@@ -271,9 +265,7 @@ class DeltaStream(_Stream):
         response = self.respond(type_url, state, None, force=fresh)
         return responses + ([response] if response is not None else [])
 
-    def respond(
-        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
-    ) -> Any:
+    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
         chosen = self.selection(type_url, state, keep_from)
         known = state.known or {}
         changed = {n: vp for n, vp in chosen.items() if known.get(n) != vp[0]}
@@ -302,14 +294,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.status = status
         self._nonces = itertools.count(1)
 
-    async def StreamAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[Any]:
+    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for response in SotwStream(self.cache, self.status, self._nonces).run(request_iterator):
             yield response
 
-    async def DeltaAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[Any]:
+    async def DeltaAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for response in DeltaStream(self.cache, self.status, self._nonces).run(request_iterator):
             yield response

@@ -18,6 +18,7 @@ class TypeStatus:
     nack_version: str = ""
     nack_error: str = ""
     nacks: int = 0
+    acks: int = 0
     updated_at: float = 0.0
 
 
@@ -27,6 +28,7 @@ class StatusBook:
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], TypeStatus] = {}
         self._connected: dict[str, int] = {}
+        self._modes: dict[str, int] = {"sotw": 0, "delta": 0}
 
     def _current(self, node_id: str, group: str, type_url: str) -> TypeStatus:
         return self._by_key.get((node_id, type_url)) or TypeStatus(node_id, group, type_url)
@@ -34,7 +36,12 @@ class StatusBook:
     def ack(self, node_id: str, group: str, type_url: str, version: str) -> None:
         status = self._current(node_id, group, type_url)
         self._by_key[(node_id, type_url)] = replace(
-            status, acked_version=version, nack_version="", nack_error="", updated_at=time.time()
+            status,
+            acked_version=version,
+            nack_version="",
+            nack_error="",
+            acks=status.acks + 1,
+            updated_at=time.time(),
         )
 
     def nack(self, node_id: str, group: str, type_url: str, version: str, error: str) -> None:
@@ -54,12 +61,16 @@ class StatusBook:
             error,
         )
 
-    def connected(self, node_id: str, delta: int) -> None:
+    def connected(self, node_id: str, delta: int, mode: str = "sotw") -> None:
+        self._modes[mode] = self._modes.get(mode, 0) + delta
         count = self._connected.get(node_id, 0) + delta
         if count > 0:
             self._connected[node_id] = count
         else:
             self._connected.pop(node_id, None)
+
+    def streams_by_mode(self) -> dict[str, int]:
+        return dict(self._modes)
 
     def is_connected(self, node_id: str) -> bool:
         return node_id in self._connected

@@ -1,0 +1,70 @@
+"""A small synchronous client for the admin API, with errors a person can act on."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grpc
+
+from controlplane.errors import CliError
+from controlplane.model import Pipeline
+
+_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is the control plane running (mllambda controlplane / ./dev up)?",
+    grpc.StatusCode.UNAUTHENTICATED: "set MLLAMBDA_TOKEN to the control plane's token",
+    grpc.StatusCode.ABORTED: "another client changed it at the same time; run the command again",
+}
+
+
+class AdminClient:
+    """`client.Get(request)` etc. call the RPC; failures become CliError with a hint."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 15) -> None:
+        from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
+
+        self.address = address
+        token = token if token is not None else os.environ.get("MLLAMBDA_TOKEN")
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.PipelineAdminStub(self.channel)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
+    def __getattr__(self, method: str) -> Any:
+        rpc = getattr(self.stub, method)
+
+        def call(request: Any) -> Any:
+            try:
+                return rpc(request, metadata=self.metadata, timeout=self.timeout)
+            except grpc.RpcError as err:
+                raise self._explain(err) from err
+
+        return call
+
+    def _explain(self, err: grpc.RpcError) -> CliError:
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            details = "invalid pipeline:\n  " + details.replace("; ", "\n  ")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = f"{details} ({self.address})"
+        hint = _HINTS.get(code)
+        return CliError(details + (f"\nhint: {hint}" if hint else ""))
+
+    def apply(self, pipeline: Pipeline) -> Any:
+        from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+        from controlplane.admin.convert import spec_to_proto
+
+        return self.Apply(pb.ApplyRequest(spec=spec_to_proto(pipeline)))
+
+    def gateway_has(self, name: str, version: int, node_id: str = "gateway") -> bool:
+        """Has the gateway Envoy acknowledged config that carries this pipeline version?"""
+        from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+        nodes = self.Status(pb.StatusRequest(name=name)).nodes
+        return any(n.node_id == node_id and n.pipeline_version == version for n in nodes)

@@ -1,0 +1,112 @@
+"""`mllambda invoke PIPELINE --data JSON`: one request (or --count N) through the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from controlplane.errors import CliError
+from runtime_sdk.headers import SERVED
+
+DEFAULT_GATEWAY = "http://127.0.0.1:18080"
+
+
+def read_data(data: str) -> Any:
+    text = data
+    if data.startswith("@"):
+        try:
+            text = sys.stdin.read() if data == "@-" else Path(data[1:]).read_text()
+        except OSError as err:
+            raise CliError(f"cannot read {data[1:]}: {err.strerror}") from err
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CliError(f"--data is not valid JSON: {err}") from err
+
+
+def parse_served(header: str) -> list[tuple[str, str]]:
+    """'features=features:v1, network=net-food:v2' -> [(stage, model:version), ...]"""
+    return [tuple(part.strip().split("=", 1)) for part in header.split(",") if "=" in part]  # type: ignore[misc]
+
+
+async def send(url: str, payload: Any, count: int, concurrency: int = 8) -> tuple[list[Any], list[str], list[str]]:
+    bodies: list[Any] = []
+    served: list[str] = []
+    errors: list[str] = []
+    queue = iter(range(count))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for _ in queue:
+            try:
+                async with session.post(url, json=payload) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status == 200:
+                        bodies.append(body)
+                        served.append(resp.headers.get(SERVED, ""))
+                    else:
+                        errors.append(f"HTTP {resp.status}: {json.dumps(body)}")
+            except (aiohttp.ClientError, ValueError) as err:
+                errors.append(f"{type(err).__name__}: {err}")
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, count))))
+    return bodies, served, errors
+
+
+def split_table(served: list[str]) -> dict[str, collections.Counter[str]]:
+    by_stage: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for header in served:
+        for stage, variant in parse_served(header):
+            by_stage[stage][variant] += 1
+    return by_stage
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    gateway = (args.gateway or os.environ.get("MLLAMBDA_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
+    url = f"{gateway}/pipelines/{args.pipeline}"
+    payload = read_data(args.data)
+    try:
+        bodies, served, errors = asyncio.run(send(url, payload, args.count))
+    except OSError as err:
+        raise CliError(f"cannot reach the gateway at {gateway}: {err}\nhint: is the stack up (./dev up)?") from err
+    if args.count == 1:
+        if errors:
+            raise CliError(errors[0])
+        if args.output == "json":
+            print(json.dumps({"result": bodies[0], "served_by": dict(parse_served(served[0]))}, indent=2))
+        else:
+            print(json.dumps(bodies[0], indent=2))
+            print("served by: " + " -> ".join(f"{s} {v}" for s, v in parse_served(served[0])))
+        return 0
+    table = split_table(served)
+    if args.output == "json":
+        split = {stage: dict(counter) for stage, counter in table.items()}
+        print(json.dumps({"requests": args.count, "ok": len(bodies), "errors": len(errors), "split": split}, indent=2))
+    else:
+        print(f"{args.count} requests: {len(bodies)} ok, {len(errors)} failed")
+        print(f"{'STAGE':<16}{'MODEL:VERSION':<28}{'COUNT':>7}{'SHARE':>9}")
+        for stage, counter in table.items():
+            total = sum(counter.values())
+            for variant, n in sorted(counter.items()):
+                print(f"{stage:<16}{variant:<28}{n:>7}{100 * n / total:>8.1f}%")
+        for error in sorted(set(errors))[:5]:
+            print(f"error: {error}")
+    return 1 if errors and not bodies else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("invoke", help="send a request through the gateway and show which models served it")
+    parser.add_argument("pipeline")
+    parser.add_argument("--data", required=True, help="JSON payload, or @file (@- for stdin)")
+    parser.add_argument("--count", type=int, default=1, help="send N requests and print the observed split")
+    parser.add_argument("--gateway", help=f"gateway URL (MLLAMBDA_GATEWAY, default {DEFAULT_GATEWAY})")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    parser.set_defaults(handler=cmd_invoke)

@@ -1,0 +1,330 @@
+"""`mllambda up -f STACK.yaml` / `mllambda down`: the whole local stack, started and stopped by PID.
+
+Order: Consul (reused if one answers) -> control plane -> gateway Envoy ->
+runtimes (each with its sidecar) -> pipelines applied -> wait until the gateway
+has acknowledged them. Stopping goes in reverse. Nothing runs in containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+from controlplane.errors import CliError
+from controlplane.model import InvalidPipeline, Pipeline, parse_pipeline
+from controlplane.tools import find_consul
+
+STATE_DIR = Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
+
+
+@dataclass(frozen=True)
+class Ports:
+    consul: int = 8500
+    xds: int = 18000
+    admin: int = 18001
+    gateway: int = 18080
+    gateway_admin: int = 19000
+    controlplane_metrics: int = 18002
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    model: str
+    version: str
+    target: str
+    loader: str | None = None
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    ports: Ports
+    runtimes: tuple[RuntimeSpec, ...]
+    pipelines: tuple[Pipeline, ...]
+
+
+def load_stack(path: Path) -> Stack:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise CliError(f"{path} is not valid YAML: {err}") from err
+    problems: list[str] = []
+    if not isinstance(data, dict) or data.get("kind") != "Stack":
+        raise CliError(f"{path}: expected a document with `kind: Stack` (pipelines go to `mllambda apply`)")
+    port_names = {f.name for f in fields(Ports)}
+    raw_ports = data.get("ports") or {}
+    problems += [
+        f"ports.{k}: unknown port (known: {', '.join(sorted(port_names))})" for k in raw_ports if k not in port_names
+    ]
+    ports = Ports(**{k: int(v) for k, v in raw_ports.items() if k in port_names})
+    runtimes = []
+    for i, raw in enumerate(data.get("runtimes") or []):
+        missing = [k for k in ("model", "version", "target") if not (isinstance(raw, dict) and raw.get(k))]
+        if missing:
+            problems.append(f"runtimes[{i}]: missing {', '.join(missing)}")
+            continue
+        runtimes.append(
+            RuntimeSpec(
+                str(raw["model"]),
+                str(raw["version"]),
+                raw["target"],
+                raw.get("loader"),
+                int(raw.get("replicas", 1)),
+            )
+        )
+    pipelines = []
+    for i, raw in enumerate(data.get("pipelines") or []):
+        try:
+            pipelines.append(parse_pipeline(raw))
+        except InvalidPipeline as err:
+            problems += [f"pipelines[{i}].{p}" for p in err.problems]
+    if problems:
+        raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
+    return Stack(str(data.get("name", "stack")), ports, tuple(runtimes), tuple(pipelines))
+
+
+@dataclass
+class Supervisor:
+    stack: Stack
+    state_dir: Path = STATE_DIR
+    started: list[processes.ManagedProcess] = field(default_factory=list)
+    consul_url: str = ""
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def step(self, message: str) -> None:
+        print(f"==> {message}", flush=True)
+
+    def start(self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60) -> None:
+        proc = processes.ManagedProcess(name, argv, self.logs / f"{name}.log").start()
+        self.started.append(proc)
+        self._record()
+        try:
+            proc.wait_ready(ready, timeout=timeout)
+        except processes.StartError as err:
+            raise CliError(f"{err}\n(full log: {proc.log_path})") from err
+
+    def _record(self) -> None:
+        state = {
+            "stack": self.stack.name,
+            "processes": [{"name": p.name, "pid": p.pid} for p in self.started],
+        }
+        (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def check_ports(self, reuse_consul: bool) -> None:
+        p = self.stack.ports
+        wanted = {"xds": p.xds, "admin": p.admin, "gateway": p.gateway, "gateway_admin": p.gateway_admin}
+        if not reuse_consul:
+            wanted["consul"] = p.consul
+        taken = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(port)]
+        if taken:
+            raise CliError(
+                f"already in use: {', '.join(taken)}.\n"
+                "Is a stack already up (mllambda down)? Or choose other ports under `ports:` in the stack file."
+            )
+
+    def up(self) -> None:
+        if (self.state_dir / "stack.json").exists():
+            stale = json.loads((self.state_dir / "stack.json").read_text())
+            if any(processes._exists(p["pid"]) for p in stale["processes"]):
+                raise CliError("a stack is already running here: `mllambda down` stops it")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        p, me = self.stack.ports, [sys.executable, "-m", "controlplane.cli"]
+        consul_up = _consul_answers(p.consul)
+        self.check_ports(consul_up)
+        self.consul_url = f"http://127.0.0.1:{p.consul}"
+        if consul_up:
+            self.step(f"consul: using the agent already at 127.0.0.1:{p.consul}")
+        else:
+            consul = find_consul()
+            if consul is None:
+                raise CliError("consul not found: run ./dev bootstrap (or `mllambda setup`)")
+            self.step(f"consul: starting a dev agent on 127.0.0.1:{p.consul}")
+            extra = {k: processes.free_port() for k in ("dns", "serf_lan", "serf_wan", "server", "grpc")}
+            argv = processes.consul_dev_argv(consul, self.state_dir / "consul", {"http": p.consul, **extra})
+            self.start("consul", argv, processes.consul_ready(p.consul))
+        consul_flag = f"--consul=127.0.0.1:{p.consul}"
+        self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}")
+        self.start(
+            "controlplane",
+            [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
+             f"--gateway-port={p.gateway}", f"--metrics-port={p.controlplane_metrics}"],
+            processes.tcp_ready(p.admin),
+        )  # fmt: skip
+        self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
+        self.start(
+            "gateway",
+            [*me, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds=127.0.0.1:{p.xds}",
+             f"--admin-port={p.gateway_admin}", f"--config-dir={self.state_dir / 'envoy'}"],
+            processes.envoy_ready(p.gateway_admin),
+        )  # fmt: skip
+        self.start_runtimes(me, consul_flag)
+        self.apply_pipelines()
+        self.summary()
+
+    def start_runtimes(self, me: list[str], consul_flag: str) -> None:
+        ids: list[tuple[str, str]] = []
+        run_dir = self.state_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for spec in self.stack.runtimes:
+            for i in range(spec.replicas):
+                service_id = f"{spec.model}-{spec.version}-{i}"
+                argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
+                        f"--service-id={service_id}", consul_flag,
+                        f"--xds=127.0.0.1:{self.stack.ports.xds}"]  # fmt: skip
+                if spec.loader:
+                    argv.append(f"--loader={spec.loader}")
+                proc = processes.ManagedProcess(
+                    service_id, argv, self.logs / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": str(run_dir)}
+                ).start()
+                self.started.append(proc)
+                ids.append((spec.model, service_id))
+        self._record()
+        self.step(f"runtimes: starting {len(ids)} (each with its own Envoy sidecar)")
+        deadline, shown = time.monotonic() + 180, ""
+        while True:
+            waiting = [sid for model, sid in ids if not _passing(self.stack.ports.consul, model, sid)]
+            for proc in self.started:
+                if not proc.alive():
+                    raise CliError(f"{proc.name} exited during start-up:\n{proc.tail()}\n(full log: {proc.log_path})")
+            line = f"    {len(ids) - len(waiting)}/{len(ids)} passing" + (
+                f"; waiting for {', '.join(waiting[:4])}" if waiting else ""
+            )
+            if line != shown:
+                print(line, flush=True)
+                shown = line
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise CliError(
+                    f"runtimes not passing their Consul checks after 180s: {', '.join(waiting)} (logs in {self.logs})"
+                )
+            time.sleep(0.5)
+
+    def apply_pipelines(self) -> None:
+        from controlplane.admin.client import AdminClient
+
+        client = AdminClient(f"127.0.0.1:{self.stack.ports.admin}")
+        for pipeline in self.stack.pipelines:
+            reply = client.apply(pipeline)
+            state = "created" if reply.created else "unchanged"
+            self.step(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})")
+            deadline = time.monotonic() + 30
+            while not client.gateway_has(pipeline.name, reply.pipeline.version):
+                if time.monotonic() > deadline:
+                    raise CliError(f"the gateway did not acknowledge pipeline {pipeline.name} in 30s")
+                time.sleep(0.2)
+            print(
+                f"    gateway Envoy acknowledged pipeline/{pipeline.name} v{reply.pipeline.version}",
+                flush=True,
+            )
+
+    def summary(self) -> None:
+        p = self.stack.ports
+        first = self.stack.pipelines[0].name if self.stack.pipelines else "NAME"
+        print(
+            f"""
+ML Lambda stack '{self.stack.name}' is up.
+  gateway        http://127.0.0.1:{p.gateway}/pipelines/<name>
+  try it         .venv/bin/mllambda invoke {first} --data '{{"text": "the striker scored a brilliant goal"}}'
+  admin gRPC     127.0.0.1:{p.admin}   (mllambda get pipelines)
+  dashboard      http://127.0.0.1:{p.controlplane_metrics}/   (metrics: /metrics)
+  Consul UI      {self.consul_url}/ui/
+  Envoy admin    gateway http://127.0.0.1:{p.gateway_admin}/ ; sidecars: `mllambda describe pipeline {first}`
+  logs           {self.logs}
+""",
+            flush=True,
+        )
+
+    def stop_all(self) -> None:
+        """Reverse order; runtimes together (each drains on its own)."""
+        runtimes = [p for p in self.started if p.name not in ("consul", "controlplane", "gateway")]
+        for proc in runtimes:
+            proc.signal(signal.SIGTERM)
+        for proc in reversed(self.started):
+            proc.stop(timeout=15)
+        (self.state_dir / "stack.json").unlink(missing_ok=True)
+
+
+def _consul_answers(port: int) -> bool:
+    try:
+        return processes.consul_ready(port)()
+    except (OSError, ValueError):
+        return False
+
+
+def _passing(consul_port: int, service: str, service_id: str) -> bool:
+    try:
+        status, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true")
+    except OSError:
+        return False
+    return status == 200 and service_id in {e["Service"]["ID"] for e in json.loads(body)}
+
+
+def down(state_dir: Path = STATE_DIR) -> int:
+    path = state_dir / "stack.json"
+    if not path.exists():
+        print("no stack is running here")
+        return 0
+    state = json.loads(path.read_text())
+    for item in reversed(state["processes"]):
+        if processes._exists(item["pid"]):
+            print(f"stopping {item['name']} (pid {item['pid']})", flush=True)
+        processes.stop_group(item["pid"], timeout=15)
+    path.unlink(missing_ok=True)
+    print(f"stack '{state['stack']}' stopped")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    supervisor = Supervisor(load_stack(Path(args.filename)))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        supervisor.up()
+        if args.detach:
+            print("running in the background: `mllambda down` stops it")
+            return 0
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            time.sleep(0.5)
+            dead = [p for p in supervisor.started if not p.alive()]
+            if dead:
+                raise CliError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+    except KeyboardInterrupt:
+        print("\n==> stopping", flush=True)
+        supervisor.stop_all()
+        return 0
+    except BaseException:
+        print("==> start failed; stopping what was started", file=sys.stderr, flush=True)
+        supervisor.stop_all()
+        raise
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    return down()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="run the local stack: Consul, control plane, gateway, runtimes, pipelines")
+    up.add_argument("-f", "--filename", required=True, help="stack file (kind: Stack)")
+    up.add_argument("-d", "--detach", action="store_true", help="return once ready; stop with `mllambda down`")
+    up.set_defaults(handler=cmd_up)
+    down_parser = sub.add_parser("down", help="stop the stack started with `mllambda up --detach`")
+    down_parser.set_defaults(handler=cmd_down)

@@ -1,0 +1,147 @@
+"""The control plane's HTTP side: Prometheus /metrics, /api/status as JSON, and a dashboard page.
+
+Metrics are read from live state at scrape time (a custom collector), so there
+is no second copy of the truth to keep in sync.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controlplane.model import pipeline_to_dict
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+
+class StateCollector(Collector):
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def collect(self) -> Iterator[Any]:
+        plane = self.plane
+        connected = GaugeMetricFamily("mllambda_xds_connected_streams", "open ADS streams", labels=["mode"])
+        for mode, count in plane.status.streams_by_mode().items():
+            connected.add_metric([mode], count)
+        yield connected
+        acks = CounterMetricFamily("mllambda_xds_acks", "ACKs received", labels=["node", "type"])
+        nacks = CounterMetricFamily("mllambda_xds_nacks", "NACKs received", labels=["node", "type"])
+        for s in plane.status.all():
+            kind = s.type_url.rsplit(".", 1)[-1]
+            acks.add_metric([s.node_id, kind], s.acks)
+            nacks.add_metric([s.node_id, kind], s.nacks)
+        yield acks
+        yield nacks
+        pushes = CounterMetricFamily("mllambda_xds_snapshots_set", "snapshots set per node group", labels=["group"])
+        for group, count in plane.snapshots_set.items():
+            pushes.add_metric([group], count)
+        yield pushes
+        pipelines = GaugeMetricFamily("mllambda_pipeline_version", "current version", labels=["pipeline"])
+        for version in plane.pipelines:
+            pipelines.add_metric([version.pipeline.name], version.version)
+        yield pipelines
+        yield GaugeMetricFamily(
+            "mllambda_consul_reachable", "discovery reaches Consul", value=int(plane.discovery.reachable)
+        )
+        yield CounterMetricFamily("mllambda_consul_watch_errors", "failed Consul queries", value=plane.discovery.errors)
+        staleness = plane.discovery.staleness()
+        yield GaugeMetricFamily(
+            "mllambda_consul_staleness_seconds", "since the last good answer", value=min(staleness, 1e9)
+        )
+
+
+def status_json(plane: ControlPlane) -> dict[str, Any]:
+    return {
+        "pipelines": [
+            {"version": v.version, "created_at": v.created_at, "cause": v.cause, **pipeline_to_dict(v.pipeline)}
+            for v in plane.pipelines
+        ],
+        "runtimes": [
+            {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
+            for i in plane.discovery.instances()
+        ],
+        "envoys": [
+            {
+                "node": s.node_id,
+                "type": s.type_url.rsplit(".", 1)[-1],
+                "acked": s.acked_version,
+                "nack_version": s.nack_version,
+                "nack_error": s.nack_error,
+                "connected": plane.status.is_connected(s.node_id),
+            }
+            for s in plane.status.all()
+        ],
+        "consul": {"reachable": plane.discovery.reachable, "errors": plane.discovery.errors},
+        "generated_at": time.time(),
+    }
+
+
+def render_dashboard(status: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<h2>Pipelines</h2>"]
+    for p in status["pipelines"]:
+        parts.append(
+            f"<h3>{e(p['name'])} <small>v{p['version']} · {e(p['transport'])} · {e(p['cause'])}</small></h3><ol>"
+        )
+        for stage in p["stages"]:
+            groups = [("", stage.get("variants", []))] + [
+                (f"branch {b['key']}: ", b["variants"]) for b in stage.get("branches", [])
+            ]
+            cells = []
+            for label, variants in groups:
+                total = sum(v["weight"] for v in variants) or 1
+                shown = ", ".join(
+                    f"{e(v['model'])}:{e(v['version'])} {100 * v['weight'] / total:.0f}%" for v in variants
+                )
+                cells.append(f"{e(label)}{shown}")
+            shadow = stage.get("shadow")
+            if shadow:
+                cells.append(f"shadow {e(shadow['model'])}:{e(shadow['version'])} {shadow['percent']:g}%")
+            parts.append(f"<li><b>{e(stage['name'])}</b>: {'; '.join(cells)}</li>")
+        parts.append("</ol>")
+    parts.append("<h2>Runtimes</h2><ul>")
+    for r in status["runtimes"]:
+        state = "passing" if r["passing"] else "critical"
+        parts.append(f"<li>{e(r['service_id'])} ({e(r['model'])}:{e(r['version'])}) — {state}</li>")
+    parts.append("</ul><h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
+    for n in status["envoys"]:
+        nack = f"{e(n['nack_version'])}: {e(n['nack_error'])}" if n["nack_error"] else ""
+        parts.append(f"<tr><td>{e(n['node'])}</td><td>{e(n['type'])}</td><td>{e(n['acked'])}</td><td>{nack}</td></tr>")
+    parts.append("</table>")
+    consul = "reachable" if status["consul"]["reachable"] else "UNREACHABLE"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
+        "<title>ML Lambda</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;"
+        "text-align:left}</style></head><body><h1>ML Lambda</h1>"
+        f"<p>Consul: {consul} · <a href='/api/status'>JSON</a> · <a href='/metrics'>metrics</a></p>"
+        + "".join(parts)
+        + "</body></html>"
+    )
+
+
+def build_web_app(plane: ControlPlane) -> web.Application:
+    registry = CollectorRegistry()
+    registry.register(StateCollector(plane))
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def api_status(request: web.Request) -> web.Response:
+        return web.json_response(status_json(plane))
+
+    async def dashboard(request: web.Request) -> web.Response:
+        return web.Response(text=render_dashboard(status_json(plane)), content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/", dashboard)
+    return app
