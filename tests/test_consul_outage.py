@@ -47,6 +47,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
         assert gateway_hosts(gateway, "tokenize.v1") == before
         # Same ports, same data dir: the operator starts Consul again.
         again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
+        request.addfinalizer(again.proc.stop)
         await asyncio.sleep(1.0)
     assert set(load.outcomes) == {200}, load.outcomes
 
