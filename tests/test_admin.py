@@ -199,3 +199,13 @@ def test_hostile_definitions_are_refused_and_write_nothing(control_plane: Any, c
     written = {key.split("/")[1] for key in keys or []}
     assert refused > 100
     assert len(written) == len(listed) <= accepted  # nothing refused reached Consul
+
+
+def test_kafka_transport_is_refused_until_it_is_served(control_plane: Any, tmp_path: Path) -> None:
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    spec["transport"] = "kafka"
+    (tmp_path / "kafka.yaml").write_text(yaml.safe_dump(spec))
+    result = control_plane.cli("apply", "-f", str(tmp_path / "kafka.yaml"))
+    assert result.returncode == 1
+    assert "transport 'kafka' is not served" in result.stderr
+    assert control_plane.cli("get", "pipeline", "nlp").returncode == 1  # nothing was written

@@ -36,8 +36,14 @@ SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
 KnownModels = Callable[[], set[tuple[str, str]] | None]
 NodesFor = Callable[[str], list[Any]]
 
+
+class NotServedYet(Exception):
+    """A valid definition this control plane cannot serve (yet)."""
+
+
 _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidPipeline, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotServedYet, grpc.StatusCode.FAILED_PRECONDITION),
     (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
     (WriteConflict, grpc.StatusCode.ABORTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -96,6 +102,8 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
     @_guard
     async def Apply(self, request: Any, context: Any) -> Any:
         pipeline = spec_from_proto(request.spec)
+        if pipeline.transport == "kafka":
+            raise NotServedYet("transport 'kafka' is not served by this control plane yet; use http or uds")
         version, created = await self.store.apply(pipeline)
         log.info("apply pipeline=%s version=%d created=%s", pipeline.name, version.version, created)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))

@@ -1,0 +1,78 @@
+"""The README walk-through, end to end: up -> invoke -> apply v2 -> observed split -> down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+NLP = PROJECT_ROOT / "examples" / "nlp"
+
+
+def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+
+
+def test_nlp_walkthrough(tmp_path: Path) -> None:
+    stack = yaml.safe_load((NLP / "stack.yaml").read_text())
+    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
+    ports["controlplane_metrics"] = processes.free_port()
+    stack["ports"] = ports
+    (tmp_path / "stack.yaml").write_text(yaml.safe_dump(stack))
+    env = {
+        "MLLAMBDA_STATE_DIR": str(tmp_path / "state"),
+        "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}",
+        "MLLAMBDA_GATEWAY": f"http://127.0.0.1:{ports['gateway']}",
+    }
+    up = mllambda("up", "-f", str(tmp_path / "stack.yaml"), "--detach", env=env)
+    state_file = tmp_path / "state" / "stack.json"
+    pids = [p["pid"] for p in json.loads(state_file.read_text())["processes"]] if state_file.exists() else []
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "8/8 passing" in up.stdout
+        assert f"gateway        http://127.0.0.1:{ports['gateway']}" in up.stdout
+
+        one = mllambda(
+            "invoke", "nlp", "--data", '{"text": "the striker scored a brilliant goal"}', "-o", "json", env=env
+        )
+        assert one.returncode == 0, one.stderr
+        answer = json.loads(one.stdout)
+        assert answer["result"]["category"] == "sports"
+        assert answer["result"]["sentiment"] in ("positive", "negative")
+        assert answer["served_by"] == {
+            "features": "features:v1",
+            "classify": "classifier:v1",
+            "network": "net-sports:v1",
+        }
+
+        applied = mllambda("apply", "-f", str(NLP / "pipeline-v2.yaml"), env=env)
+        assert "pipeline/nlp created (version 2)" in applied.stdout, applied.stderr
+        many = mllambda(
+            "invoke", "nlp", "--data", '{"text": "the pasta was delicious"}', "--count", "1000", "-o", "json", env=env
+        )
+        split = json.loads(many.stdout)
+        assert (split["ok"], split["errors"]) == (1000, 0)
+        v2_share = split["split"]["network"].get("net-food:v2", 0) / 1000
+        assert abs(v2_share - 0.10) <= 0.03, split
+
+        status = json.loads(processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status")[1])
+        assert [p["version"] for p in status["pipelines"]] == [2]
+    finally:
+        down = mllambda("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "stack 'nlp' stopped" in down.stdout
+    assert pids and not [pid for pid in pids if processes._exists(pid)]
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftovers == []
