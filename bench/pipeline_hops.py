@@ -1,0 +1,184 @@
+"""Data path cost, measured with wrk (apt-get install wrk), baseline and subject interleaved.
+
+1. Added latency of two Envoy hops (sidecar -> sidecar, configs from our own
+   resource builders): wrk -c1 against a backend directly vs through the Envoys.
+2. Throughput of the 3-stage example pipeline through the real stack (gateway,
+   three sidecars, runtime SDK) vs a plain aiohttp chain doing the same predicts.
+Run: .venv/bin/python -m bench.pipeline_hops [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from google.protobuf import json_format
+
+from bench.common import median
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+from controlplane.tools import find_envoy
+from controlplane.translate import resources as r
+
+POST_LUA = (
+    'wrk.method = "POST"\n'
+    'wrk.body = \'{"text": "the quick brown fox jumps"}\'\n'
+    'wrk.headers["Content-Type"] = "application/json"\n'
+)
+MODELS = "examples.trivial.models"
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "75", "90", "99"):
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        assert match, out
+        value, unit = float(match.group(1)), match.group(2)
+        result[f"p{pct}"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+def static_envoy(folder: Path, name: str, listen: int, upstream: int) -> processes.ManagedProcess:
+    """An Envoy with one HTTP listener and one static cluster, built like the generated config."""
+    listener = json_format.MessageToDict(
+        r.http_listener(name, r.tcp_address("127.0.0.1", listen), name), preserving_proto_field_name=True
+    )
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    del hcm["rds"]
+    route = r.route_config(name, [r.weighted_route("/", [("next", 1)])])
+    hcm["route_config"] = json_format.MessageToDict(route, preserving_proto_field_name=True)
+    cluster = json_format.MessageToDict(
+        r.static_cluster("next", r.tcp_address("127.0.0.1", upstream)), preserving_proto_field_name=True
+    )
+    admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": processes.free_port()}}}
+    config = folder / f"{name}.json"
+    config.write_text(
+        json.dumps({"admin": admin, "static_resources": {"listeners": [listener], "clusters": [cluster]}})
+    )
+    envoy = find_envoy()
+    assert envoy
+    proc = processes.ManagedProcess(name, processes.envoy_argv(envoy, config), folder / f"{name}.log").start()
+    proc.wait_ready(processes.tcp_ready(listen))
+    return proc
+
+
+def start_python(folder: Path, name: str, args: list[str], port: int) -> processes.ManagedProcess:
+    proc = processes.ManagedProcess(name, [sys.executable, *args], folder / f"{name}.log").start()
+    proc.wait_ready(processes.tcp_ready(port))
+    return proc
+
+
+def hop_latency(folder: Path, runs: int, script: Path) -> None:
+    backend = processes.free_port()
+    procs = [start_python(folder, "backend", ["-m", "bench.plain_chain", f"--port={backend}",
+                                              f"--predict={MODELS}:tokenize"], backend)]  # fmt: skip
+    ingress, egress = processes.free_port(), processes.free_port()
+    procs.append(static_envoy(folder, "ingress", ingress, backend))
+    procs.append(static_envoy(folder, "egress", egress, ingress))
+    try:
+        rows: dict[str, list[dict[str, float]]] = {"direct": [], "two envoys": []}
+        for _ in range(runs):
+            rows["direct"].append(wrk(f"http://127.0.0.1:{backend}/", 1, 5, script))
+            rows["two envoys"].append(wrk(f"http://127.0.0.1:{egress}/", 1, 5, script))
+        print(f"\n1. latency, one connection, median of {runs} runs of 5 s (ms)")
+        print(f"   {'path':<12}{'p50':>8}{'p90':>8}{'p99':>8}")
+        summary = {k: {p: median([row[p] for row in v]) for p in ("p50", "p90", "p99")} for k, v in rows.items()}
+        for path, values in summary.items():
+            print(f"   {path:<12}{values['p50']:>8.3f}{values['p90']:>8.3f}{values['p99']:>8.3f}")
+        added = {p: summary["two envoys"][p] - summary["direct"][p] for p in ("p50", "p90", "p99")}
+        print(f"   {'added':<12}{added['p50']:>8.3f}{added['p90']:>8.3f}{added['p99']:>8.3f}")
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def stage(model: str) -> dict[str, object]:
+    return {"name": model, "variants": [{"model": model, "version": "v1"}]}
+
+
+def throughput(folder: Path, runs: int, script: Path) -> None:
+    ports = [processes.free_port() for _ in range(3)]
+    chain = []
+    for i, model in enumerate(("tokenize", "count", "score")):
+        args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
+        if i < 2:
+            args.append(f"--next=http://127.0.0.1:{ports[i + 1]}/")
+        chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
+    stack_ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
+    stack_ports["controlplane_metrics"] = processes.free_port()
+    stack = {
+        "kind": "Stack",
+        "name": "bench",
+        "ports": stack_ports,
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in ("tokenize", "count", "score")],
+        "pipelines": [
+            {
+                "name": "bench",
+                "stages": [
+                    {"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("tokenize", "count", "score")
+                ],
+            }
+        ],
+    }
+    (folder / "stack.yaml").write_text(yaml.safe_dump(stack))
+    env = {**os.environ, "MLLAMBDA_STATE_DIR": str(folder / "state")}
+    cli = [sys.executable, "-m", "controlplane.cli"]
+    subprocess.run([*cli, "up", "-f", str(folder / "stack.yaml"), "--detach"], env=env, check=True, cwd=PROJECT_ROOT,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
+        for _ in range(runs):
+            rows["plain aiohttp chain"].append(wrk(f"http://127.0.0.1:{ports[0]}/", 32, 8, script))
+            rows["ML Lambda (Envoy)"].append(
+                wrk(f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench", 32, 8, script)
+            )
+        print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
+        print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+        medians = {}
+        for path, values in rows.items():
+            medians[path] = median([v["rps"] for v in values])
+            print(f"   {path:<22}{medians[path]:>9.0f}{median([v['p50'] for v in values]):>9.2f}"
+                  f"{median([v['p99'] for v in values]):>9.2f}{sum(v['errors'] for v in values):>9.0f}")  # fmt: skip
+        ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
+        print(f"   ratio ML Lambda / plain: {ratio:.2f}")
+    finally:
+        subprocess.run([*cli, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+        for proc in chain:
+            proc.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=["latency", "throughput"])
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install wrk")
+    folder = Path(tempfile.mkdtemp(prefix="mll-bench-"))
+    script = folder / "post.lua"
+    script.write_text(POST_LUA)
+    started = time.time()
+    if args.only != "throughput":
+        hop_latency(folder, args.runs, script)
+    if args.only != "latency":
+        throughput(folder, args.runs, script)
+    print(f"\n({time.time() - started:.0f} s; logs in {folder})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The baseline: one aiohttp server per stage, each calling the next directly (no Envoy, no SDK)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--predict", required=True, help="MODULE:CALLABLE")
+    parser.add_argument("--next", help="URL of the next stage")
+    args = parser.parse_args()
+    module, _, name = args.predict.partition(":")
+    predict = getattr(importlib.import_module(module), name)
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        payload = await request.json()
+        output = await predict(payload) if asyncio.iscoroutinefunction(predict) else predict(payload)
+        if not args.next:
+            return web.json_response(output)
+        async with session["next"].post(args.next, data=json.dumps(output)) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+
+    async def client(app: web.Application) -> AsyncIterator[None]:
+        session["next"] = aiohttp.ClientSession()
+        yield
+        await session["next"].close()
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    app.cleanup_ctx.append(client)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
