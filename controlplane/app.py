@@ -18,6 +18,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve, split_host_port
 from controlplane.errors import CliError
 from controlplane.store import DEFAULT_PREFIX, PipelineVersion
+from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
@@ -78,6 +79,7 @@ class Settings:
     group_by: GroupBy = "id"
     kv_prefix: str = DEFAULT_PREFIX
     gateway_port: int = 18080
+    gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
     metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
 
 
@@ -108,6 +110,7 @@ class ControlPlane:
         # (group, snapshot version) -> {pipeline name: pipeline version} it carries
         self.deployed: dict[tuple[str, str], dict[str, int]] = {}
         self.snapshots_set: dict[str, int] = {}
+        self.traffic = TrafficScraper()
         self._web: web.AppRunner | None = None
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -189,6 +192,20 @@ class ControlPlane:
             self.deployed[(group, snapshot.version)] = versions
             log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
 
+    async def traffic_rows(self) -> list[VariantTraffic]:
+        """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""
+        ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
+        if self.settings.gateway_admin_port:
+            ports.append(self.settings.gateway_admin_port)
+        stats = await self.traffic.stats(ports)
+        return per_variant([v.pipeline for v in self.pipelines], stats)
+
+    def envoy_admin_urls(self) -> dict[str, str]:
+        urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in self.discovery.instances()}
+        if self.settings.gateway_admin_port:
+            urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
+        return urls
+
     def _nodes_for(self, name: str) -> list[Any]:
         from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
@@ -242,6 +259,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
             group_by=args.group_by,
             kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_PREFIX),
             gateway_port=args.gateway_port,
+            gateway_admin_port=args.gateway_admin_port,
             metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
         )
         asyncio.run(serve(settings))
@@ -260,5 +278,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_PREFIX})")
     parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
+    parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
     parser.set_defaults(handler=cmd_controlplane)

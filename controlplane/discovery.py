@@ -39,6 +39,7 @@ class Instance:
     ingress_port: int
     egress_port: int
     egress_uds: str
+    envoy_admin_port: int = 0
 
     @property
     def cluster(self) -> str:
@@ -59,6 +60,7 @@ class Instance:
                 ingress_port=int(meta["ingress_port"]),
                 egress_port=int(meta["egress_port"]),
                 egress_uds=meta.get("egress_uds", ""),
+                envoy_admin_port=int(meta.get("envoy_admin_port") or 0),
             )
         except (KeyError, ValueError) as err:
             log.warning("ignoring service %s with incomplete meta: %s", service.get("ID"), err)

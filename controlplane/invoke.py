@@ -110,3 +110,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--gateway", help=f"gateway URL (MLLAMBDA_GATEWAY, default {DEFAULT_GATEWAY})")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
     parser.set_defaults(handler=cmd_invoke)
+    status = sub.add_parser("status", help="pipelines, configured vs observed traffic, and Envoy ACK/NACK state")
+    status.add_argument("--dashboard", help="control plane dashboard URL (MLLAMBDA_DASHBOARD, http://127.0.0.1:18002)")
+    status.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The dashboard's picture as tables (from the control plane's /api/status)."""
+    from controlplane.processes import http_get
+
+    base = (args.dashboard or os.environ.get("MLLAMBDA_DASHBOARD") or "http://127.0.0.1:18002").rstrip("/")
+    try:
+        code, body = http_get(f"{base}/api/status", timeout=10)
+    except OSError as err:
+        raise CliError(f"cannot reach the control plane at {base}: {err}\nhint: is the stack up (./dev up)?") from err
+    if code != 200:
+        raise CliError(f"{base}/api/status answered HTTP {code}")
+    status = json.loads(body)
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+        return 0
+    for p in status["pipelines"]:
+        print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}")
+    columns = f"{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
+    print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'P99 MS':>8}")
+    for t in status["traffic"]:
+        observed = "-" if t["observed_share"] is None else f"{100 * t['observed_share']:.1f}%"
+        p99 = "-" if t["p99_ms"] is None else f"{t['p99_ms']:.1f}"
+        variant = f"{t['model']}:{t['version']}"
+        weight = f"{100 * t['configured_share']:.1f}%"
+        left = f"{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
+        print(f"{left}{t['requests']:>10}{t['errors']:>6}{p99:>8}")
+    print(f"\n{'ENVOY NODE':<28}{'TYPE':<24}{'ACKED':<14}NACK")
+    for n in status["envoys"]:
+        nack = f"{n['nack_version']}: {n['nack_error']}" if n["nack_error"] else ""
+        print(f"{n['node']:<28}{n['type']:<24}{n['acked']:<14}{nack}")
+    return 0

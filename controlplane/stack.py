@@ -164,7 +164,8 @@ class Supervisor:
         self.start(
             "controlplane",
             [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
-             f"--gateway-port={p.gateway}", f"--metrics-port={p.controlplane_metrics}"],
+             f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
+             f"--metrics-port={p.controlplane_metrics}"],
             processes.tcp_ready(p.admin),
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")

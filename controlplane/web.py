@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.model import pipeline_to_dict
+from controlplane.traffic import VariantTraffic
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 class StateCollector(Collector):
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
+        self.traffic: list[VariantTraffic] = []  # refreshed by the /metrics handler before each scrape
 
     def collect(self) -> Iterator[Any]:
         plane = self.plane
@@ -52,14 +55,29 @@ class StateCollector(Collector):
             "mllambda_consul_reachable", "discovery reaches Consul", value=int(plane.discovery.reachable)
         )
         yield CounterMetricFamily("mllambda_consul_watch_errors", "failed Consul queries", value=plane.discovery.errors)
+        labels = ["pipeline", "stage", "branch", "model", "version"]
+        requests = CounterMetricFamily("mllambda_variant_requests", "requests a variant received", labels=labels)
+        errors = CounterMetricFamily("mllambda_variant_errors", "5xx answers from a variant", labels=labels)
+        observed = GaugeMetricFamily("mllambda_variant_observed_share", "share of its split group", labels=labels)
+        configured = GaugeMetricFamily("mllambda_variant_configured_share", "weight share", labels=labels)
+        for t in self.traffic:
+            key = [t.pipeline, t.stage, t.branch, t.model, t.version]
+            requests.add_metric(key, t.requests)
+            errors.add_metric(key, t.errors)
+            configured.add_metric(key, t.configured_share)
+            if t.observed_share is not None:
+                observed.add_metric(key, t.observed_share)
+        yield from (requests, errors, observed, configured)
         staleness = plane.discovery.staleness()
         yield GaugeMetricFamily(
             "mllambda_consul_staleness_seconds", "since the last good answer", value=min(staleness, 1e9)
         )
 
 
-def status_json(plane: ControlPlane) -> dict[str, Any]:
+def status_json(plane: ControlPlane, traffic: list[VariantTraffic]) -> dict[str, Any]:
     return {
+        "traffic": [asdict(t) for t in traffic],
+        "links": {"consul_ui": f"{plane.settings.consul.url}/ui/", "envoy_admin": plane.envoy_admin_urls()},
         "pipelines": [
             {"version": v.version, "created_at": v.created_at, "cause": v.cause, **pipeline_to_dict(v.pipeline)}
             for v in plane.pipelines
@@ -111,34 +129,65 @@ def render_dashboard(status: dict[str, Any]) -> str:
     for r in status["runtimes"]:
         state = "passing" if r["passing"] else "critical"
         parts.append(f"<li>{e(r['service_id'])} ({e(r['model'])}:{e(r['version'])}) — {state}</li>")
-    parts.append("</ul><h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
+    parts.append("</ul><h2>Traffic</h2>" + render_traffic(status["traffic"]))
+    parts.append("<h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
     for n in status["envoys"]:
         nack = f"{e(n['nack_version'])}: {e(n['nack_error'])}" if n["nack_error"] else ""
         parts.append(f"<tr><td>{e(n['node'])}</td><td>{e(n['type'])}</td><td>{e(n['acked'])}</td><td>{nack}</td></tr>")
     parts.append("</table>")
     consul = "reachable" if status["consul"]["reachable"] else "UNREACHABLE"
+    links = status["links"]
+    admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(links["envoy_admin"].items()))
+    parts.append(f"<p>Envoy admin: {admin_links}</p>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
         "<title>ML Lambda</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;"
         "text-align:left}</style></head><body><h1>ML Lambda</h1>"
-        f"<p>Consul: {consul} · <a href='/api/status'>JSON</a> · <a href='/metrics'>metrics</a></p>"
-        + "".join(parts)
-        + "</body></html>"
+        f"<p>Consul: {consul} (<a href='{e(links['consul_ui'])}'>UI</a>) · <a href='/api/status'>JSON</a>"
+        " · <a href='/metrics'>metrics</a></p>" + "".join(parts) + "</body></html>"
     )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_traffic(rows: list[dict[str, Any]]) -> str:
+    e = html.escape
+    out = [
+        "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
+        "<th>observed</th><th>requests</th><th>5xx</th><th>p50 ms</th><th>p99 ms</th></tr>"
+    ]
+    for t in rows:
+        errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
+        out.append(
+            f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
+            f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
+            f"<td class='observed'>{_pct(t['observed_share'])}</td><td>{t['requests']}</td><td>{errors}</td>"
+            f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
+        )
+    return "".join(out) + "</table>"
 
 
 def build_web_app(plane: ControlPlane) -> web.Application:
     registry = CollectorRegistry()
-    registry.register(StateCollector(plane))
+    collector = StateCollector(plane)
+    registry.register(collector)
 
     async def metrics(request: web.Request) -> web.Response:
+        collector.traffic = await plane.traffic_rows()
         return web.Response(body=generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def api_status(request: web.Request) -> web.Response:
-        return web.json_response(status_json(plane))
+        return web.json_response(status_json(plane, await plane.traffic_rows()))
 
     async def dashboard(request: web.Request) -> web.Response:
-        return web.Response(text=render_dashboard(status_json(plane)), content_type="text/html")
+        page = render_dashboard(status_json(plane, await plane.traffic_rows()))
+        return web.Response(text=page, content_type="text/html")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,8 @@ def start_envoy(logs_dir: Path, tmp_path: Path) -> Iterator[EnvoyFactory]:
     started: list[EnvoyProc] = []
     envoy = _require(find_envoy(), "envoy")
 
-    def start(bootstrap: Bootstrap, wait_live: bool = True) -> EnvoyProc:
-        admin_port = processes.free_port()
+    def start(bootstrap: Bootstrap, wait_live: bool = True, admin_port: int = 0) -> EnvoyProc:
+        admin_port = admin_port or processes.free_port()
         if callable(bootstrap):
             text = bootstrap(admin_port)
         else:
@@ -131,6 +131,8 @@ class ControlPlaneProc:
     kv_prefix: str
     log_path: Path
     gateway_port: int = 0
+    gateway_admin_port: int = field(default_factory=processes.free_port)
+    metrics_port: int = field(default_factory=processes.free_port)
     proc: ManagedProcess | None = None
 
     @property
@@ -147,6 +149,7 @@ class ControlPlaneProc:
             f"--xds={self.xds_addr}", f"--admin={self.admin_addr}",
             f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
             f"--gateway-port={self.gateway_port or processes.free_port()}",
+            f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
         ]  # fmt: skip
         self.proc = ManagedProcess("controlplane", argv, self.log_path).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
@@ -227,4 +230,7 @@ def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> Envoy
     """The gateway Envoy; its listener is at control_plane.gateway_port once a pipeline exists."""
     from controlplane.sidecar import render_bootstrap
 
-    return start_envoy(lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port))
+    return start_envoy(
+        lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port),
+        admin_port=control_plane.gateway_admin_port,
+    )

@@ -1,0 +1,158 @@
+"""Observed traffic per pipeline, stage and variant, from the Envoys' own stats.
+
+Each Envoy that routes into a stage counts requests per upstream cluster
+(`cluster.<model>.<version>.upstream_rq_total`), so summing a cluster over the
+gateway and all sidecars gives what that model version received. Scraping is
+I/O at the edge; `per_variant` is a pure function of pipelines and numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from controlplane.model import Pipeline, Variant
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    requests: int = 0
+    errors: int = 0  # upstream 5xx
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class VariantTraffic:
+    pipeline: str
+    stage: str
+    branch: str  # "" for a plain split; "(shadow)" for the shadow
+    model: str
+    version: str
+    configured_share: float
+    observed_share: float | None
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
+    """Envoy `/stats?format=json` -> ClusterStats per cluster."""
+    counts: dict[str, dict[str, int]] = {}
+    quantiles: dict[str, dict[str, float]] = {}
+    for item in body.get("stats", []):
+        name = item.get("name", "")
+        if name.startswith("cluster.") and "value" in item:
+            for suffix in ("upstream_rq_total", "upstream_rq_5xx"):
+                if name.endswith("." + suffix):
+                    cluster = name[len("cluster.") : -len(suffix) - 1]
+                    counts.setdefault(cluster, {})[suffix] = int(item["value"])
+        histograms = item.get("histograms")
+        if isinstance(histograms, dict):
+            supported = histograms.get("supported_quantiles", [])
+            for histogram in histograms.get("computed_quantiles", []):
+                hname = histogram.get("name", "")
+                if hname.startswith("cluster.") and hname.endswith(".upstream_rq_time"):
+                    cluster = hname[len("cluster.") : -len(".upstream_rq_time")]
+                    values = {str(q): v.get("cumulative") for q, v in zip(supported, histogram["values"], strict=False)}
+                    quantiles[cluster] = {k: float(v) for k, v in values.items() if v is not None}
+    return {
+        cluster: ClusterStats(
+            c.get("upstream_rq_total", 0),
+            c.get("upstream_rq_5xx", 0),
+            quantiles.get(cluster, {}).get("50"),
+            quantiles.get(cluster, {}).get("99"),
+        )
+        for cluster, c in counts.items()
+    }
+
+
+def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterStats]:
+    """Sum counts; latency quantiles are request-weighted averages (an approximation)."""
+    merged: dict[str, ClusterStats] = {}
+    for stats in per_envoy:
+        for cluster, s in stats.items():
+            old = merged.get(cluster, ClusterStats())
+            total = old.requests + s.requests
+            merged[cluster] = ClusterStats(
+                total, old.errors + s.errors, _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
+                _blend(old.p99_ms, old.requests, s.p99_ms, s.requests),
+            )  # fmt: skip
+    return merged
+
+
+def _blend(a: float | None, wa: int, b: float | None, wb: int) -> float | None:
+    if a is None or wa == 0:
+        return b
+    if b is None or wb == 0:
+        return a
+    return (a * wa + b * wb) / (wa + wb)
+
+
+def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]) -> list[VariantTraffic]:
+    """Configured vs observed share for every split group (a stage, or one branch of it)."""
+    rows: list[VariantTraffic] = []
+    for p in pipelines:
+        for stage in p.stages:
+            groups: list[tuple[str, tuple[Variant, ...]]] = [("", stage.variants)] if stage.variants else []
+            groups += [(b.key, b.variants) for b in stage.branches]
+            stage_total = 0
+            for branch, variants in groups:
+                weights = sum(v.weight for v in variants) or 1
+                total = sum(stats.get(v.cluster, ClusterStats()).requests for v in variants)
+                stage_total += total
+                for v in variants:
+                    rows.append(
+                        _row((p.name, stage.name, branch), v.model, v.version, v.weight / weights, total, stats)
+                    )
+            if stage.shadow:
+                s = stage.shadow
+                where = (p.name, stage.name, "(shadow)")
+                rows.append(_row(where, s.model, s.version, s.percent / 100, stage_total, stats))
+    return rows
+
+
+def _row(
+    where: tuple[str, str, str],
+    model: str,
+    version: str,
+    configured: float,
+    total: int,
+    stats: Mapping[str, ClusterStats],
+) -> VariantTraffic:
+    s = stats.get(f"{model}.{version}") or ClusterStats()
+    observed = s.requests / total if total else None
+    return VariantTraffic(*where, model, version, configured, observed, s.requests, s.errors, s.p50_ms, s.p99_ms)
+
+
+class TrafficScraper:
+    """Reads every Envoy's stats at most once per `max_age` seconds."""
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self.max_age = max_age
+        self._at = 0.0
+        self._stats: dict[str, ClusterStats] = {}
+        self._lock = asyncio.Lock()
+
+    async def stats(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
+        async with self._lock:
+            if time.monotonic() - self._at >= self.max_age:
+                timeout = aiohttp.ClientTimeout(total=2)
+                async with aiohttp.ClientSession(timeout=timeout) as session:
+                    found = await asyncio.gather(*(self._one(session, port) for port in set(admin_ports)))
+                self._stats, self._at = merge(found), time.monotonic()
+            return self._stats
+
+    async def _one(self, session: aiohttp.ClientSession, port: int) -> dict[str, ClusterStats]:
+        url = f"http://127.0.0.1:{port}/stats?format=json&usedonly&filter=^cluster%5C."
+        try:
+            async with session.get(url) as resp:
+                return parse_envoy_stats(await resp.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return {}  # an Envoy that is going away does not hide the others

@@ -1,0 +1,148 @@
+"""What people running pipelines see: /metrics, the dashboard in a real browser, `mllambda status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+from tests.envoy_helpers import wait_for
+from tests.test_pipeline_e2e import apply, pipeline, post, until_ok
+
+pytestmark = pytest.mark.slow
+M = "examples.trivial.models"
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+SPLIT = {
+    "variants": [{"model": "score", "version": "v1", "weight": 90}, {"model": "score", "version": "v2", "weight": 10}]
+}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def scrape(control_plane: Any, path: str = "/metrics") -> str:
+    status, body = processes.http_get(f"http://127.0.0.1:{control_plane.metrics_port}{path}")
+    assert status == 200, body
+    return body
+
+
+@pytest.fixture
+def split_pipeline(control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path) -> str:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    start_runtime(f"{M}:score_v2", "score", "v2")
+    apply(control_plane, tmp_path, pipeline("watched", **SPLIT))
+    return f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/watched"
+
+
+async def test_metrics_move_with_traffic(control_plane: Any, split_pipeline: str) -> None:
+    await until_ok(split_pipeline, {"text": "a b"})
+    before = metric(scrape(control_plane), "mllambda_variant_requests_total", pipeline="watched", stage="score")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            await post(session, split_pipeline, {"text": "a b"})
+    await wait_for(
+        lambda: (
+            metric(scrape(control_plane), "mllambda_variant_requests_total", pipeline="watched", stage="score")
+            >= before + 200
+        )
+    )
+    text = scrape(control_plane)
+    assert metric(text, "mllambda_variant_requests_total", stage="tokenize") >= 200  # counted at the gateway
+    assert metric(text, "mllambda_variant_configured_share", model="score", version="v1") == 0.9
+    v2 = metric(text, "mllambda_variant_observed_share", model="score", version="v2")
+    assert 0.04 < v2 < 0.18, v2
+    assert metric(text, "mllambda_xds_acks_total", node="gateway") > 0
+    assert metric(text, "mllambda_xds_connected_streams", mode="sotw") >= 5  # gateway + 4 sidecars
+    assert metric(text, "mllambda_pipeline_version", pipeline="watched") == 1
+
+
+async def test_a_rejected_config_is_counted_and_shown(
+    control_plane: Any, consul_agent: Any, start_envoy: Any, tmp_path: Path
+) -> None:
+    from controlplane.sidecar import render_bootstrap
+
+    # Someone else holds the gateway port: Envoy must reject the gateway listener.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", control_plane.gateway_port))
+    squatter.listen()
+    try:
+        start_envoy(
+            lambda admin: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin),
+            wait_live=False,
+            admin_port=control_plane.gateway_admin_port,
+        )
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_xds_nacks_total", node="gateway") >= 1)
+        status = json.loads(scrape(control_plane, "/api/status"))
+        rejected = [e for e in status["envoys"] if e["node"] == "gateway" and e["nack_error"]]
+        assert rejected and "Address already in use" in rejected[0]["nack_error"], rejected
+    finally:
+        squatter.close()
+
+
+def mllambda(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.fail("chromium not found: ./dev test installs Debian's chromium package")
+    return found
+
+
+def browser(*args: str) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    return subprocess.run([chromium(), *flags, *args], capture_output=True, text=True, timeout=60)
+
+
+async def test_dashboard_in_a_real_browser_matches_invoke(
+    control_plane: Any, split_pipeline: str, tmp_path: Path
+) -> None:
+    await until_ok(split_pipeline, {"text": "a b"})
+    gateway = f"--gateway=http://127.0.0.1:{control_plane.gateway_port}"
+    invoke = await asyncio.to_thread(
+        mllambda, "invoke", "watched", "--data", '{"text": "a b c"}', "--count", "1000", "-o", "json", gateway
+    )
+    measured = json.loads(invoke.stdout)
+    assert measured["ok"] == 1000, measured
+    invoke_v2 = measured["split"]["score"].get("score:v2", 0) / 1000
+
+    url = f"http://127.0.0.1:{control_plane.metrics_port}/"
+    dom = (await asyncio.to_thread(browser, "--user-data-dir=" + str(tmp_path / "chrome"), "--dump-dom", url)).stdout
+    assert "<h3>watched" in dom
+    rows = re.findall(r"<td class=\"variant\">(score:v\d)</td><td>([\d.]+)%</td><td class=\"observed\">([\d.]+)%", dom)
+    shown = {variant: (float(weight), float(observed)) for variant, weight, observed in rows}
+    assert shown["score:v1"][0] == 90.0 and shown["score:v2"][0] == 10.0
+    assert abs(shown["score:v2"][1] / 100 - invoke_v2) <= 0.02, (shown, invoke_v2)
+    assert "tokenize-v1-" in dom  # runtimes and Envoys are listed
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    profile = "--user-data-dir=" + str(tmp_path / "chrome2")
+    await asyncio.to_thread(browser, profile, f"--screenshot={shot}", "--window-size=1280,1400", url)
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+    dashboard = f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}"
+    status = await asyncio.to_thread(mllambda, "status", dashboard)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"score\s+score:v2\s+10\.0%\s+[\d.]+%", status.stdout), status.stdout
