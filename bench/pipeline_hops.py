@@ -111,7 +111,7 @@ def stage(model: str) -> dict[str, object]:
     return {"name": model, "variants": [{"model": model, "version": "v1"}]}
 
 
-def throughput(folder: Path, runs: int, script: Path) -> None:
+def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -> None:
     ports = [processes.free_port() for _ in range(3)]
     chain = []
     for i, model in enumerate(("tokenize", "count", "score")):
@@ -125,7 +125,10 @@ def throughput(folder: Path, runs: int, script: Path) -> None:
         "kind": "Stack",
         "name": "bench",
         "ports": stack_ports,
-        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in ("tokenize", "count", "score")],
+        "runtimes": [
+            {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": runtime_args}
+            for m in ("tokenize", "count", "score")
+        ],
         "pipelines": [
             {
                 "name": "bench",
@@ -166,6 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", choices=["latency", "throughput"])
+    parser.add_argument("--runtime-args", default="", help='extra runtime flags, e.g. "--inline --envoy-concurrency=1"')
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
@@ -176,7 +180,7 @@ def main() -> None:
     if args.only != "throughput":
         hop_latency(folder, args.runs, script)
     if args.only != "latency":
-        throughput(folder, args.runs, script)
+        throughput(folder, args.runs, script, args.runtime_args.split())
     print(f"\n({time.time() - started:.0f} s; logs in {folder})")
 
 

@@ -203,7 +203,8 @@ def tansu_argv(tansu: Path, port: int) -> list[str]:
     ]
 
 
-def envoy_argv(envoy: Path, config_path: Path, base_id: int | None = None) -> list[str]:
+def envoy_argv(envoy: Path, config_path: Path, concurrency: int | None = None) -> list[str]:
+    """`concurrency`: worker threads (Envoy's default is one per core)."""
     argv = [
         str(envoy),
         "-c",
@@ -212,6 +213,6 @@ def envoy_argv(envoy: Path, config_path: Path, base_id: int | None = None) -> li
         "--log-level",
         "warn",
     ]
-    if base_id is not None:
-        argv += ["--base-id", str(base_id)]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
     return argv

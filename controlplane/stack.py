@@ -45,6 +45,7 @@ class RuntimeSpec:
     target: str
     loader: str | None = None
     replicas: int = 1
+    args: tuple[str, ...] = ()  # extra `mllambda runtime` flags, e.g. ["--inline"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def load_stack(path: Path) -> Stack:
                 raw["target"],
                 raw.get("loader"),
                 int(raw.get("replicas", 1)),
+                tuple(str(a) for a in raw.get("args") or ()),
             )
         )
     pipelines = []
@@ -191,6 +193,7 @@ class Supervisor:
                         f"--xds=127.0.0.1:{self.stack.ports.xds}"]  # fmt: skip
                 if spec.loader:
                     argv.append(f"--loader={spec.loader}")
+                argv += spec.args
                 proc = processes.ManagedProcess(
                     service_id, argv, self.logs / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": str(run_dir)}
                 ).start()

@@ -73,6 +73,7 @@ class Runtime:
     version: str
     egress: Egress = field(default_factory=Egress)
     ready: bool = False
+    inline: bool = False  # run a sync predict on the event loop: for models that take microseconds
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class Runtime:
         try:
             if self.is_async:
                 result = await self.predict(payload)  # type: ignore[misc]
+            elif self.inline:
+                result = self.predict(payload)
             else:
                 # A model's predict is CPU work: keep it off the event loop.
                 result = await asyncio.to_thread(self.predict, payload)

@@ -65,7 +65,7 @@ async def run(args: argparse.Namespace) -> None:
         egress_uds=str(folder / f"{service_id}-egress.sock"),
         envoy_admin_port=args.envoy_admin_port or free_port(),
     )
-    runtime = Runtime(predict, args.model, args.version, Egress(reg.egress_port, reg.egress_uds))
+    runtime = Runtime(predict, args.model, args.version, Egress(reg.egress_port, reg.egress_uds), inline=args.inline)
     runner = web.AppRunner(build_app(runtime, args.max_body), shutdown_timeout=args.drain_seconds + 10)
     await runner.setup()
     remove_socket(reg.runtime_uds)
@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> None:
 
     sidecar = None
     if not args.no_sidecar:
-        sidecar = start_sidecar(reg, args.xds, folder)
+        sidecar = start_sidecar(reg, args.xds, folder, args.envoy_concurrency)
     c = ConsulAddress.from_settings(args.consul)
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
     stop = asyncio.Event()
@@ -126,7 +126,7 @@ async def wait_for_stop(stop: asyncio.Event, sidecar: ManagedProcess | None) -> 
             pass
 
 
-def start_sidecar(reg: Registration, xds_addr: str, folder: Path) -> ManagedProcess:
+def start_sidecar(reg: Registration, xds_addr: str, folder: Path, concurrency: int | None) -> ManagedProcess:
     envoy = find_envoy()
     if envoy is None:
         raise CliError("envoy not found: run ./dev bootstrap, or pass --no-sidecar")
@@ -139,7 +139,8 @@ def start_sidecar(reg: Registration, xds_addr: str, folder: Path) -> ManagedProc
     )
     remove_socket(reg.egress_uds)
     log_path = folder / f"{reg.service_id}-envoy.log"
-    return ManagedProcess("sidecar", envoy_argv(envoy, config), log_path, die_with_parent=True).start()
+    argv = envoy_argv(envoy, config, concurrency)
+    return ManagedProcess("sidecar", argv, log_path, die_with_parent=True).start()
 
 
 def remove_socket(path: str) -> None:
@@ -169,5 +170,9 @@ def register_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--egress-port", type=int)
     parser.add_argument("--envoy-admin-port", type=int)
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit in bytes")
+    parser.add_argument(
+        "--inline", action="store_true", help="run a sync predict on the event loop (fast models: skips a thread hop)"
+    )
+    parser.add_argument("--envoy-concurrency", type=int, help="sidecar worker threads (default: one per core)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.set_defaults(handler=cmd_runtime)

@@ -133,6 +133,7 @@ class ControlPlaneProc:
     gateway_port: int = 0
     gateway_admin_port: int = field(default_factory=processes.free_port)
     metrics_port: int = field(default_factory=processes.free_port)
+    env: dict[str, str] = field(default_factory=dict)
     proc: ManagedProcess | None = None
 
     @property
@@ -151,7 +152,7 @@ class ControlPlaneProc:
             f"--gateway-port={self.gateway_port or processes.free_port()}",
             f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
         ]  # fmt: skip
-        self.proc = ManagedProcess("controlplane", argv, self.log_path).start()
+        self.proc = ManagedProcess("controlplane", argv, self.log_path, env=self.env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
         return self
 
@@ -159,9 +160,9 @@ class ControlPlaneProc:
         if self.proc is not None:
             self.proc.stop()
 
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, stdin: str | None = None, token: str = "") -> subprocess.CompletedProcess[str]:
         """Run `mllambda ARGS` against this control plane, as a user would."""
-        env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr}
+        env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr, "MLLAMBDA_TOKEN": token}
         return subprocess.run(
             [sys.executable, "-m", "controlplane.cli", *args],
             capture_output=True, text=True, env=env, input=stdin, timeout=60,

@@ -209,3 +209,37 @@ def test_kafka_transport_is_refused_until_it_is_served(control_plane: Any, tmp_p
     assert result.returncode == 1
     assert "transport 'kafka' is not served" in result.stderr
     assert control_plane.cli("get", "pipeline", "nlp").returncode == 1  # nothing was written
+
+
+def test_a_second_control_plane_sees_the_same_pipelines(control_plane: Any, logs_dir: Path) -> None:
+    from controlplane import processes
+    from tests.conftest import ControlPlaneProc
+
+    assert control_plane.cli("apply", "-f", str(EXAMPLE)).returncode == 0
+    second = ControlPlaneProc(
+        processes.free_port(),
+        processes.free_port(),
+        control_plane.consul_port,
+        control_plane.kv_prefix,
+        logs_dir / "controlplane-second.log",
+    ).start()
+    try:
+        got = json.loads(second.cli("get", "pipeline", "nlp", "-o", "json").stdout)
+        assert (got["spec"]["name"], got["version"]) == ("nlp", "1")
+        v2 = yaml.safe_load(EXAMPLE.read_text())
+        v2["transport"] = "uds"
+        second.cli("apply", "-f", "-", stdin=yaml.safe_dump(v2))
+        assert json.loads(control_plane.cli("get", "pipeline", "nlp", "-o", "json").stdout)["version"] == "2"
+    finally:
+        second.stop()
+
+
+def test_bearer_token_is_required_when_set(control_plane: Any) -> None:
+    control_plane.stop()
+    control_plane.env = {"MLLAMBDA_TOKEN": "s3cret"}
+    control_plane.start()
+    denied = control_plane.cli("get", "pipelines")
+    assert denied.returncode == 1
+    assert "missing or wrong bearer token" in denied.stderr and "MLLAMBDA_TOKEN" in denied.stderr
+    assert control_plane.cli("get", "pipelines", token="wrong").returncode == 1
+    assert control_plane.cli("get", "pipelines", token="s3cret").returncode == 0

@@ -45,6 +45,8 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
         consul_agent.proc.stop()
         await asyncio.sleep(3.0)  # control plane cannot reach Consul meanwhile
         assert gateway_hosts(gateway, "tokenize.v1") == before
+        unavailable = await asyncio.to_thread(control_plane.cli, "get", "pipelines")
+        assert unavailable.returncode == 1 and "Consul unreachable" in unavailable.stderr, unavailable.stderr
         # Same ports, same data dir: the operator starts Consul again.
         again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
         request.addfinalizer(again.proc.stop)
