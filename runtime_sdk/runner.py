@@ -173,6 +173,11 @@ def register_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--inline", action="store_true", help="run a sync predict on the event loop (fast models: skips a thread hop)"
     )
-    parser.add_argument("--envoy-concurrency", type=int, help="sidecar worker threads (default: one per core)")
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="sidecar worker threads (default 1: it fronts one runtime; measured in docs/benchmarks.md)",
+    )
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.set_defaults(handler=cmd_runtime)
