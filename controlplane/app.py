@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any
 
 import consul.aio
 import grpc
@@ -22,7 +21,6 @@ from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
-from controlplane.xds.snapshot import ROUTE
 from controlplane.xds.status import StatusBook
 
 log = logging.getLogger("mllambda")
@@ -103,12 +101,12 @@ class ControlPlane:
         self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
         self.store = PipelineStore(self.consul, settings.kv_prefix)
         self.discovery = Discovery(self.consul, self._mark_dirty)
-        self.admin = PipelineAdmin(self.store, self.status, self._known_models, self._nodes_for)
+        self.admin = PipelineAdmin(self.store, self.status, self._known_models, self._carried_version)
         self.xds = XdsServer(self.cache, self.status, settings.xds_addr)
         self.options = Options(gateway_port=settings.gateway_port)
         self.pipelines: list[PipelineVersion] = []
-        # (group, snapshot version) -> {pipeline name: pipeline version} it carries
-        self.deployed: dict[tuple[str, str], dict[str, int]] = {}
+        # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
+        self.deployed: dict[str, dict[str, dict[str, int]]] = {}
         self.snapshots_set: dict[str, int] = {}
         self.traffic = TrafficScraper()
         self._web: web.AppRunner | None = None
@@ -182,14 +180,12 @@ class ControlPlane:
         versions = {v.pipeline.name: v.version for v in self.pipelines}
         snapshots = translate(pipelines, self.discovery.instances(), self.options)
         for group, snapshot in snapshots.items():
-            # Same config, newer pipeline versions: the node serves them already.
-            self.deployed[(group, snapshot.version)] = versions
+            self._remember(group, snapshot.version, versions)
             previous = self.cache.get(group)
             if previous is not None and previous.version == snapshot.version:
                 continue
             self.cache.set_snapshot(group, snapshot)
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
-            self.deployed[(group, snapshot.version)] = versions
             log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
 
     async def traffic_rows(self) -> list[VariantTraffic]:
@@ -206,25 +202,16 @@ class ControlPlane:
             urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
         return urls
 
-    def _nodes_for(self, name: str) -> list[Any]:
-        from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    def _remember(self, group: str, snapshot_version: str, versions: dict[str, int], keep: int = 8) -> None:
+        """Same config, newer pipeline versions: the node serves them already. Bounded per group."""
+        history = self.deployed.setdefault(group, {})
+        history.pop(snapshot_version, None)
+        history[snapshot_version] = versions
+        while len(history) > keep:
+            del history[next(iter(history))]
 
-        nodes = []
-        for s in self.status.all():
-            if s.type_url != ROUTE:
-                continue
-            carried = self.deployed.get((s.group, s.acked_version), {})
-            nodes.append(
-                pb.NodeStatus(
-                    node_id=s.node_id,
-                    type_url=s.type_url,
-                    acked_version=s.acked_version,
-                    nack_version=s.nack_version,
-                    nack_error=s.nack_error,
-                    pipeline_version=carried.get(name, 0),
-                )
-            )
-        return nodes
+    def _carried_version(self, group: str, snapshot_version: str, name: str) -> int:
+        return self.deployed.get(group, {}).get(snapshot_version, {}).get(name, 0)
 
     async def stop(self) -> None:
         for task in self._tasks:

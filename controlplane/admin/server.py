@@ -26,15 +26,17 @@ from controlplane.store import (
     StoreUnavailable,
     WriteConflict,
 )
+from controlplane.xds.snapshot import ROUTE
 from controlplane.xds.status import StatusBook
 
 log = logging.getLogger("mllambda.admin")
 SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
 
-# What the rest of the control plane tells the admin API (kept as plain callables
-# so the API knows nothing about discovery or translation).
+# What the rest of the control plane tells the admin API (plain callables, so
+# the API knows nothing about discovery or translation).
 KnownModels = Callable[[], set[tuple[str, str]] | None]
-NodesFor = Callable[[str], list[Any]]
+# (node group, acknowledged config version, pipeline name) -> pipeline version inside it (0: none)
+CarriedVersion = Callable[[str, str, str], int]
 
 
 class NotServedYet(Exception):
@@ -83,12 +85,12 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         store: PipelineStore,
         status: StatusBook | None = None,
         known_models: KnownModels = lambda: None,
-        nodes_for: NodesFor | None = None,
+        carried_version: CarriedVersion = lambda group, version, name: 0,
     ) -> None:
         self.store = store
         self.status = status or StatusBook()
         self.known_models = known_models
-        self.nodes_for = nodes_for
+        self.carried_version = carried_version
 
     def warnings(self, pipeline: Pipeline) -> list[str]:
         known = self.known_models()
@@ -142,12 +144,13 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
     @_guard
     async def Status(self, request: Any, context: Any) -> Any:
         version = await self.store.get(_required_name(request.name))
-        nodes = self.nodes_for(request.name) if self.nodes_for else self._all_nodes()
+        nodes = self._nodes(request.name)
         return pb.StatusResponse(
             pipeline=version_to_proto(version), nodes=nodes, warnings=self.warnings(version.pipeline)
         )
 
-    def _all_nodes(self) -> list[Any]:
+    def _nodes(self, name: str) -> list[Any]:
+        """Route configs carry pipelines: one row per Envoy, from its route config ACK/NACK."""
         return [
             pb.NodeStatus(
                 node_id=s.node_id,
@@ -155,8 +158,10 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
                 acked_version=s.acked_version,
                 nack_version=s.nack_version,
                 nack_error=s.nack_error,
+                pipeline_version=self.carried_version(s.group, s.acked_version, name),
             )
             for s in self.status.all()
+            if s.type_url == ROUTE
         ]
 
 
