@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import consul.aio
@@ -19,6 +20,7 @@ from controlplane.errors import CliError
 from controlplane.store import DEFAULT_PREFIX, PipelineVersion
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, translate
+from controlplane.web import LatencyHistogram
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
 from controlplane.xds.status import StatusBook
@@ -108,6 +110,9 @@ class ControlPlane:
         # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
         self.deployed: dict[str, dict[str, dict[str, int]]] = {}
         self.snapshots_set: dict[str, int] = {}
+        self.push_latency = LatencyHistogram()
+        self._set_at: dict[tuple[str, str], float] = {}
+        self.status.on_ack(self._observe_push)
         self.traffic = TrafficScraper()
         self._web: web.AppRunner | None = None
         self._dirty = asyncio.Event()
@@ -185,6 +190,9 @@ class ControlPlane:
             if previous is not None and previous.version == snapshot.version:
                 continue
             self.cache.set_snapshot(group, snapshot)
+            self._set_at[(group, snapshot.version)] = time.monotonic()
+            while len(self._set_at) > 10_000:
+                del self._set_at[next(iter(self._set_at))]
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
             log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
 
@@ -201,6 +209,12 @@ class ControlPlane:
         if self.settings.gateway_admin_port:
             urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
         return urls
+
+    def _observe_push(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        set_at = self._set_at.get((group, version))
+        elapsed = time.monotonic() - set_at if set_at is not None else None
+        if elapsed is not None and elapsed < 60:  # not a re-ACK after a reconnect
+            self.push_latency.observe(elapsed)
 
     def _remember(self, group: str, snapshot_version: str, versions: dict[str, int], keep: int = 8) -> None:
         """Same config, newer pipeline versions: the node serves them already. Bounded per group."""

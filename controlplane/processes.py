@@ -113,7 +113,7 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
         except subprocess.TimeoutExpired:
             pass
     else:  # not our child: poll until it is gone
-        while time.monotonic() < deadline and _exists(pid):
+        while time.monotonic() < deadline and exists(pid):
             time.sleep(0.05)
     # Whatever is left in the group (a straggler, a grandchild) goes now.
     try:
@@ -122,7 +122,7 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
         pass
 
 
-def _exists(pid: int) -> bool:
+def exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

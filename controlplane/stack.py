@@ -144,7 +144,7 @@ class Supervisor:
     def up(self) -> None:
         if (self.state_dir / "stack.json").exists():
             stale = json.loads((self.state_dir / "stack.json").read_text())
-            if any(processes._exists(p["pid"]) for p in stale["processes"]):
+            if any(processes.exists(p["pid"]) for p in stale["processes"]):
                 raise CliError("a stack is already running here: `mllambda down` stops it")
         self.logs.mkdir(parents=True, exist_ok=True)
         p, me = self.stack.ports, [sys.executable, "-m", "controlplane.cli"]
@@ -288,7 +288,7 @@ def down(state_dir: Path = STATE_DIR) -> int:
         return 0
     state = json.loads(path.read_text())
     for item in reversed(state["processes"]):
-        if processes._exists(item["pid"]):
+        if processes.exists(item["pid"]):
             print(f"stopping {item['name']} (pid {item['pid']})", flush=True)
         processes.stop_group(item["pid"], timeout=15)
     path.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.model import pipeline_to_dict
@@ -22,6 +22,29 @@ from controlplane.traffic import VariantTraffic
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
+
+
+class LatencyHistogram:
+    """Cumulative buckets, exported as a Prometheus histogram by the collector."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += 1
+        self.sum += seconds
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets = [(str(b), float(c)) for b, c in zip(self.BUCKETS, self.counts, strict=True)]
+        buckets.append(("+Inf", float(self.total)))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
 class StateCollector(Collector):
@@ -47,6 +70,19 @@ class StateCollector(Collector):
         for group, count in plane.snapshots_set.items():
             pushes.add_metric([group], count)
         yield pushes
+        yield plane.push_latency.family("mllambda_xds_push_seconds", "snapshot set -> ACK, per node and type")
+        info = GaugeMetricFamily(
+            "mllambda_snapshot_info", "current snapshot per node group", labels=["group", "version"]
+        )
+        for group in plane.cache.groups():
+            snapshot = plane.cache.get(group)
+            if snapshot is not None:
+                info.add_metric([group, snapshot.version], 1)
+        yield info
+        admin = CounterMetricFamily("mllambda_admin_requests", "admin API calls", labels=["method", "code"])
+        for (method, code), count in plane.admin.calls.items():
+            admin.add_metric([method, code], count)
+        yield admin
         pipelines = GaugeMetricFamily("mllambda_pipeline_version", "current version", labels=["pipeline"])
         for version in plane.pipelines:
             pipelines.add_metric([version.pipeline.name], version.version)

@@ -31,7 +31,7 @@ SPLIT = {
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -71,6 +71,9 @@ async def test_metrics_move_with_traffic(control_plane: Any, split_pipeline: str
     assert metric(text, "mllambda_xds_acks_total", node="gateway") > 0
     assert metric(text, "mllambda_xds_connected_streams", mode="sotw") >= 5  # gateway + 4 sidecars
     assert metric(text, "mllambda_pipeline_version", pipeline="watched") == 1
+    assert metric(text, "mllambda_xds_push_seconds_count") > 0
+    assert metric(text, "mllambda_snapshot_info", group="gateway") == 1
+    assert metric(text, "mllambda_admin_requests_total", method="Apply", code="OK") >= 1
 
 
 async def test_a_rejected_config_is_counted_and_shown(

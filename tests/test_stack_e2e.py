@@ -73,6 +73,6 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         down = mllambda("down", env=env)
     assert down.returncode == 0, down.stderr
     assert "stack 'nlp' stopped" in down.stdout
-    assert pids and not [pid for pid in pids if processes._exists(pid)]
+    assert pids and not [pid for pid in pids if processes.exists(pid)]
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert leftovers == []

@@ -56,16 +56,20 @@ def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any
     """Map domain errors to status codes; anything else is INTERNAL and logged."""
 
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        outcome = grpc.StatusCode.OK
         try:
             return await method(self, request, context)
         except Exception as err:
-            for kind, code in _ERRORS:
-                if isinstance(err, kind):
-                    await context.abort(code, str(err))
+            outcome = next((code for kind, code in _ERRORS if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
+            if outcome != grpc.StatusCode.INTERNAL:
+                await context.abort(outcome, str(err))
             if isinstance(err, grpc.aio.AbortError):
                 raise
             log.exception("admin %s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+        finally:
+            key = (method.__name__, outcome.name)
+            self.calls[key] = self.calls.get(key, 0) + 1
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -91,6 +95,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         self.status = status or StatusBook()
         self.known_models = known_models
         self.carried_version = carried_version
+        self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
 
     def warnings(self, pipeline: Pipeline) -> list[str]:
         known = self.known_models()

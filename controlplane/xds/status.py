@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 log = logging.getLogger("mllambda.xds")
@@ -28,12 +29,19 @@ class StatusBook:
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], TypeStatus] = {}
         self._connected: dict[str, int] = {}
+        self._on_ack: list[Callable[[str, str, str, str], None]] = []
         self._modes: dict[str, int] = {"sotw": 0, "delta": 0}
 
     def _current(self, node_id: str, group: str, type_url: str) -> TypeStatus:
         return self._by_key.get((node_id, type_url)) or TypeStatus(node_id, group, type_url)
 
+    def on_ack(self, listener: Callable[[str, str, str, str], None]) -> None:
+        """Call `listener(node_id, group, type_url, version)` on every ACK (metrics)."""
+        self._on_ack.append(listener)
+
     def ack(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        for listener in self._on_ack:
+            listener(node_id, group, type_url, version)
         status = self._current(node_id, group, type_url)
         self._by_key[(node_id, type_url)] = replace(
             status,
