@@ -17,6 +17,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane.config import DEFAULT_ADMIN_ADDR, DEFAULT_XDS_ADDR, ConsulAddress, resolve, split_host_port
 from controlplane.errors import CliError
+from controlplane.kafka import KafkaPlane
 from controlplane.store import DEFAULT_PREFIX, PipelineVersion
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, translate
@@ -80,7 +81,8 @@ class Settings:
     kv_prefix: str = DEFAULT_PREFIX
     gateway_port: int = 18080
     gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
-    metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
+    metrics_addr: str | None = None  # host:port for /metrics, /api/status, the dashboard and the Kafka bridge
+    kafka_bootstrap: str | None = None  # enables transport: kafka
 
 
 class ControlPlane:
@@ -105,7 +107,14 @@ class ControlPlane:
         self.discovery = Discovery(self.consul, self._mark_dirty)
         self.admin = PipelineAdmin(self.store, self.status, self._known_models, self._carried_version)
         self.xds = XdsServer(self.cache, self.status, settings.xds_addr)
-        self.options = Options(gateway_port=settings.gateway_port)
+        self.kafka: KafkaPlane | None = None
+        bridge = None
+        if settings.kafka_bootstrap:
+            self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
+            if settings.metrics_addr:
+                bridge = split_host_port(settings.metrics_addr, 18002)
+        self.admin.kafka_enabled = self.kafka is not None
+        self.options = Options(gateway_port=settings.gateway_port, bridge=bridge)
         self.pipelines: list[PipelineVersion] = []
         # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
         self.deployed: dict[str, dict[str, dict[str, int]]] = {}
@@ -144,6 +153,8 @@ class ControlPlane:
             await self._web.setup()
             await web.TCPSite(self._web, host, port).start()
             log.info("dashboard and metrics at http://%s:%d/", host, port)
+        if self.kafka is not None:
+            await self.kafka.start()
         self._mark_dirty()  # every known node group gets a snapshot, even with nothing deployed
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
@@ -167,8 +178,17 @@ class ControlPlane:
             index = next_index(index, view.index)
             live = view.live()
             if live != self.pipelines:
+                if self.kafka is not None:
+                    await self._sync_kafka(live)
                 self.pipelines = live
                 self._mark_dirty()
+
+    async def _sync_kafka(self, live: list[PipelineVersion]) -> None:
+        assert self.kafka is not None
+        try:
+            await self.kafka.sync([(v.pipeline, v.version) for v in live])
+        except Exception:
+            log.exception("publishing Kafka routing tables failed; will retry on the next change")
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -233,6 +253,8 @@ class ControlPlane:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._web is not None:
             await self._web.cleanup()
+        if self.kafka is not None:
+            await self.kafka.stop()
         if self._admin_server is not None:
             await self._admin_server.stop(0.5)
         await self.xds.stop(0.5)
@@ -262,6 +284,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
             gateway_port=args.gateway_port,
             gateway_admin_port=args.gateway_admin_port,
             metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
+            kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
         )
         asyncio.run(serve(settings))
     except (OSError, ValueError) as err:
@@ -280,5 +303,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_PREFIX})")
     parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
     parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
+    parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
     parser.set_defaults(handler=cmd_controlplane)

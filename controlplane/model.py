@@ -27,6 +27,7 @@ LIMITS = {
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VERSION = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_BRANCH_ON = "route_key"
 
@@ -91,6 +92,8 @@ class Pipeline:
     name: str
     transport: str
     stages: tuple[Stage, ...]
+    input_topic: str = ""  # kafka: where requests come in (default mll.<name>.in)
+    output_topic: str = ""  # kafka: where results go (default mll.<name>.out)
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}
@@ -191,7 +194,8 @@ class _Parser:
         return self.text(value, path, _LABEL, "lowercase letters, digits and '-', up to 63")
 
     def pipeline(self, spec: Any) -> Pipeline | None:
-        data = self.mapping(spec, "spec", {"name", "transport", "stages", "kind", "apiVersion"})
+        allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic"}
+        data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
         name = self.label(data.get("name"), "name")
@@ -205,7 +209,13 @@ class _Parser:
         self.unique([s.name for s in stages], "stages", "stage name")
         if stages and stages[0].branches:
             self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
-        return Pipeline(name, str(transport), stages)
+        topics = []
+        for field_name in ("input_topic", "output_topic"):
+            value = data.get(field_name) or ""
+            if value:
+                self.text(value, field_name, _TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
+            topics.append(str(value))
+        return Pipeline(name, str(transport), stages, topics[0], topics[1])
 
     def stage(self, raw: Any, path: str) -> Stage:
         allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on"}
@@ -320,4 +330,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
             "per_try_timeout_ms": stage.retry.per_try_timeout_ms,
         }
         stages.append(out)
-    return {"name": pipeline.name, "transport": pipeline.transport, "stages": stages}
+    result: dict[str, Any] = {"name": pipeline.name, "transport": pipeline.transport, "stages": stages}
+    for field_name in ("input_topic", "output_topic"):
+        if getattr(pipeline, field_name):
+            result[field_name] = getattr(pipeline, field_name)
+    return result

@@ -23,7 +23,7 @@ from controlplane import processes
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
 from controlplane.model import InvalidPipeline, Pipeline, parse_pipeline
-from controlplane.tools import find_consul
+from controlplane.tools import find_consul, find_tansu
 
 STATE_DIR = Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
 
@@ -36,6 +36,7 @@ class Ports:
     gateway: int = 18080
     gateway_admin: int = 19000
     controlplane_metrics: int = 18002
+    kafka: int = 9092
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Stack:
     ports: Ports
     runtimes: tuple[RuntimeSpec, ...]
     pipelines: tuple[Pipeline, ...]
+    kafka: bool = False  # start a tansu broker, so pipelines can use transport: kafka
 
 
 def load_stack(path: Path) -> Stack:
@@ -96,7 +98,7 @@ def load_stack(path: Path) -> Stack:
             problems += [f"pipelines[{i}].{p}" for p in err.problems]
     if problems:
         raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
-    return Stack(str(data.get("name", "stack")), ports, tuple(runtimes), tuple(pipelines))
+    return Stack(str(data.get("name", "stack")), ports, tuple(runtimes), tuple(pipelines), bool(data.get("kafka")))
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Supervisor:
     state_dir: Path = STATE_DIR
     started: list[processes.ManagedProcess] = field(default_factory=list)
     consul_url: str = ""
+    kafka_flags: list[str] = field(default_factory=list)
 
     @property
     def logs(self) -> Path:
@@ -134,6 +137,8 @@ class Supervisor:
         wanted = {"xds": p.xds, "admin": p.admin, "gateway": p.gateway, "gateway_admin": p.gateway_admin}
         if not reuse_consul:
             wanted["consul"] = p.consul
+        if self.stack.kafka:
+            wanted["kafka"] = p.kafka
         taken = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(port)]
         if taken:
             raise CliError(
@@ -162,12 +167,21 @@ class Supervisor:
             argv = processes.consul_dev_argv(consul, self.state_dir / "consul", {"http": p.consul, **extra})
             self.start("consul", argv, processes.consul_ready(p.consul))
         consul_flag = f"--consul=127.0.0.1:{p.consul}"
+        kafka_flags: list[str] = []
+        if self.stack.kafka:
+            tansu = find_tansu()
+            if tansu is None:
+                raise CliError("tansu (the Kafka broker) not found: run ./dev bootstrap")
+            self.step(f"kafka: starting tansu on 127.0.0.1:{p.kafka}")
+            self.start("kafka", processes.tansu_argv(tansu, p.kafka), processes.tcp_ready(p.kafka))
+            kafka_flags = [f"--kafka-bootstrap=127.0.0.1:{p.kafka}"]
+        self.kafka_flags = kafka_flags
         self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}")
         self.start(
             "controlplane",
             [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
              f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
-             f"--metrics-port={p.controlplane_metrics}"],
+             f"--metrics-port={p.controlplane_metrics}", *kafka_flags],
             processes.tcp_ready(p.admin),
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
@@ -193,7 +207,7 @@ class Supervisor:
                         f"--xds=127.0.0.1:{self.stack.ports.xds}"]  # fmt: skip
                 if spec.loader:
                     argv.append(f"--loader={spec.loader}")
-                argv += spec.args
+                argv += [*spec.args, *self.kafka_flags]
                 proc = processes.ManagedProcess(
                     service_id, argv, self.logs / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": str(run_dir)}
                 ).start()
@@ -258,7 +272,7 @@ ML Lambda stack '{self.stack.name}' is up.
 
     def stop_all(self) -> None:
         """Reverse order; runtimes together (each drains on its own)."""
-        runtimes = [p for p in self.started if p.name not in ("consul", "controlplane", "gateway")]
+        runtimes = [p for p in self.started if p.name not in ("consul", "controlplane", "gateway", "kafka")]
         for proc in runtimes:
             proc.signal(signal.SIGTERM)
         for proc in reversed(self.started):

@@ -7,6 +7,7 @@ is no second copy of the truth to keep in sync.
 from __future__ import annotations
 
 import html
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -225,7 +226,26 @@ def build_web_app(plane: ControlPlane) -> web.Application:
         page = render_dashboard(status_json(plane, await plane.traffic_rows()))
         return web.Response(text=page, content_type="text/html")
 
+    async def bridge(request: web.Request) -> web.Response:
+        """HTTP in, Kafka through the pipeline, HTTP out (the gateway routes Kafka pipelines here)."""
+        name = request.match_info["pipeline"]
+        pipeline = next((v.pipeline for v in plane.pipelines if v.pipeline.name == name), None)
+        if plane.kafka is None or pipeline is None:
+            return web.json_response({"error": f"no Kafka pipeline named {name!r}"}, status=404)
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+        except ValueError as err:
+            return web.json_response({"error": f"body is not valid JSON: {err}"}, status=400)
+        if not isinstance(payload, dict):
+            return web.json_response({"error": f"body must be a JSON object, got {type(payload).__name__}"}, status=400)
+        timeout = sum(stage.timeout_ms for stage in pipeline.stages) / 1000
+        status, result, served = await plane.kafka.call(name, body, timeout)
+        headers = {"x-mll-served": served} if served else {}
+        return web.Response(body=result, status=status, content_type="application/json", headers=headers)
+
     app = web.Application()
+    app.router.add_post("/bridge/{pipeline}", bridge)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/", dashboard)

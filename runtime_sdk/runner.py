@@ -21,8 +21,10 @@ from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress
 from controlplane.errors import CliError
 from controlplane.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.sidecar import write_bootstrap
+from controlplane.store import DEFAULT_PREFIX
 from controlplane.tools import find_envoy
 from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Runtime, build_app
+from runtime_sdk.kafka import KafkaAdapter
 from runtime_sdk.registration import Registration, deregister, keep_registered, register
 
 log = logging.getLogger("mllambda.runtime")
@@ -96,10 +98,18 @@ async def run(args: argparse.Namespace) -> None:
         await register(client, reg, through_sidecar=sidecar is not None)
         log.info("registered service_id=%s ingress_port=%d", service_id, reg.ingress_port)
         keeper = asyncio.create_task(keep_registered(client, reg, sidecar is not None))
+        kafka = os.environ.get("MLLAMBDA_KAFKA_BOOTSTRAP") if args.kafka_bootstrap is None else args.kafka_bootstrap
+        adapter = None
+        if kafka:
+            kv_prefix = args.kv_prefix or os.environ.get("MLLAMBDA_KV_PREFIX") or DEFAULT_PREFIX
+            adapter = asyncio.create_task(KafkaAdapter(runtime, kafka, client, kv_prefix).run())
         try:
             await wait_for_stop(stop, sidecar)
         finally:
             keeper.cancel()
+            if adapter is not None:
+                adapter.cancel()
+                await asyncio.gather(adapter, return_exceptions=True)
     finally:
         # Leave the catalog first so Envoys stop sending here, then drain what is in flight.
         try:
@@ -179,5 +189,7 @@ def register_command(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="sidecar worker threads (default 1: it fronts one runtime; measured in docs/benchmarks.md)",
     )
+    parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.set_defaults(handler=cmd_runtime)

@@ -207,9 +207,9 @@ def start_runtime(
             f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={control_plane.xds_addr}",
             "--drain-seconds=1.5",
         ]  # fmt: skip
-        proc = ManagedProcess(
-            f"runtime {service_id}", argv, logs_dir / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": run_dir}
-        ).start()
+        env = {"MLLAMBDA_RUN_DIR": run_dir, "MLLAMBDA_KV_PREFIX": control_plane.kv_prefix}
+        env["MLLAMBDA_KAFKA_BOOTSTRAP"] = control_plane.env.get("MLLAMBDA_KAFKA_BOOTSTRAP", "")
+        proc = ManagedProcess(f"runtime {service_id}", argv, logs_dir / f"{service_id}.log", env=env).start()
         runtime = RuntimeProc(service_id, model, version, proc)
         started.append(runtime)
         if wait:

@@ -96,6 +96,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         self.known_models = known_models
         self.carried_version = carried_version
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
+        self.kafka_enabled = False
 
     def warnings(self, pipeline: Pipeline) -> list[str]:
         known = self.known_models()
@@ -109,8 +110,8 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
     @_guard
     async def Apply(self, request: Any, context: Any) -> Any:
         pipeline = spec_from_proto(request.spec)
-        if pipeline.transport == "kafka":
-            raise NotServedYet("transport 'kafka' is not served by this control plane yet; use http or uds")
+        if pipeline.transport == "kafka" and not self.kafka_enabled:
+            raise NotServedYet("transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap")
         version, created = await self.store.apply(pipeline)
         log.info("apply pipeline=%s version=%d created=%s", pipeline.name, version.version, created)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))

@@ -32,6 +32,7 @@ from runtime_sdk import headers as h
 
 Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
 LOCAL_HTTP = "local-http"
+BRIDGE = "mll-kafka-bridge"
 LOCAL_UDS = "local-uds"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-status-codes"
@@ -43,6 +44,7 @@ class Options:
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 18080
     gateway_group: str = "gateway"
+    bridge: tuple[str, int] | None = None  # the Kafka bridge (host, port); None: Kafka pipelines get no route
 
 
 def stage_path(pipeline: str, stage: str) -> str:
@@ -53,8 +55,9 @@ def translate(
     pipelines: Sequence[Pipeline], instances: Sequence[Instance], options: Options = Options()
 ) -> dict[str, Snapshot]:
     served = [p for p in pipelines if p.transport in SERVED_TRANSPORTS]
+    bridged = [p for p in pipelines if p.transport == "kafka"] if options.bridge else []
     endpoints = _endpoints_by_cluster(instances)
-    snapshots = {options.gateway_group: _gateway(served, endpoints, options)}
+    snapshots = {options.gateway_group: _gateway(served, bridged, endpoints, options)}
     for instance in instances:
         snapshots[instance.service_id] = _sidecar(served, instance, endpoints)
     return snapshots
@@ -68,14 +71,32 @@ def _endpoints_by_cluster(instances: Iterable[Instance]) -> Endpoints:
     return found
 
 
-def _gateway(pipelines: Sequence[Pipeline], endpoints: Endpoints, options: Options) -> Snapshot:
+def _gateway(
+    pipelines: Sequence[Pipeline], bridged: Sequence[Pipeline], endpoints: Endpoints, options: Options
+) -> Snapshot:
     routes = []
     for p in pipelines:
         entry = f"/pipelines/{p.name}"
         routes += _stage_routes(p, 0, match_path=entry, rewrite=stage_path(p.name, p.stages[0].name))
+    routes += [_bridge_route(p) for p in bridged]
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
-    return _snapshot([listener], [r.route_config("gateway", routes)], _remote_clusters(routes, endpoints))
+    remote = _remote_clusters([route for route in routes if route.route.cluster != BRIDGE], endpoints)
+    local = [r.static_cluster(BRIDGE, r.tcp_address(*options.bridge))] if bridged and options.bridge else []
+    return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
+
+
+def _bridge_route(p: Pipeline) -> rc.Route:
+    """A Kafka pipeline keeps its HTTP API: the gateway sends it to the bridge."""
+    return rc.Route(
+        name=f"{p.name}/kafka-bridge",
+        match=rc.RouteMatch(path=f"/pipelines/{p.name}"),
+        route=rc.RouteAction(
+            cluster=BRIDGE,
+            prefix_rewrite=f"/bridge/{p.name}",
+            timeout=r.millis(_remaining_timeout(p, 0) + 1000),
+        ),
+    )
 
 
 def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints) -> Snapshot:

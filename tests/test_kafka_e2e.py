@@ -1,0 +1,149 @@
+"""The same pipelines over Kafka topics (real tansu broker), switched by `mllambda apply`."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from tests.test_pipeline_e2e import M, apply, pipeline, post, until_ok
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def kafka_plane(control_plane: Any, kafka_bootstrap: str) -> Any:
+    """The control plane, restarted with a Kafka broker (before any runtime starts)."""
+    control_plane.stop()
+    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    control_plane.start()
+    return control_plane
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value)
+    finally:
+        await producer.stop()
+
+
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 60) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"test-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    found: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < count:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    found += records
+    finally:
+        await consumer.stop()
+    return found
+
+
+def served(record: Any) -> str:
+    return next((v.decode() for k, v in record.headers if k == "x-mll-served"), "")
+
+
+async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
+    kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/words"
+    apply(kafka_plane, tmp_path, pipeline("words"))
+    _, over_http, _ = await until_ok(url, {"text": "one two three"})
+
+    spec = {**pipeline("words", transport="kafka"), "input_topic": "user-in", "output_topic": "user-out"}
+    apply(kafka_plane, tmp_path, spec)
+    _, over_kafka, chain = await until_ok(url, {"text": "one two three"}, timeout=60)
+    assert over_kafka == over_http == {"count": 3, "score": 30}
+    assert chain == "tokenize=tokenize:v1, count=count:v1, score=score:v1"
+
+    # Users' own topics: 20 messages of 10..29 words in, 20 results out (beside the bridge's 3-word ones).
+    texts = [" ".join(["w"] * n) for n in range(10, 30)]
+    await produce(kafka_bootstrap, "user-in", [json.dumps({"text": t}).encode() for t in texts])
+
+    async def user_results() -> list[int]:
+        records = await consume(kafka_bootstrap, "user-out", 21)
+        return sorted(c for r in records if (c := json.loads(r.value)["count"]) >= 10)
+
+    assert await user_results() == list(range(10, 30))
+
+
+async def test_kafka_split_and_dead_letters(
+    kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    start_runtime(f"{M}:score_v2", "score", "v2")
+    split = [{"model": "score", "version": "v1", "weight": 90}, {"model": "score", "version": "v2", "weight": 10}]
+    apply(kafka_plane, tmp_path, pipeline("kx", transport="kafka", variants=split))
+    await until_ok(f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kx", {"text": "warm up"}, timeout=60)
+
+    good = [json.dumps({"text": "a b"}).encode()] * 2000
+    bad = [b"not json at all", b"[1, 2, 3]", json.dumps({"no_text": True}).encode()]
+    await produce(kafka_bootstrap, "mll.kx.in", good[:1000] + bad + good[1000:])
+    results = await consume(kafka_bootstrap, "mll.kx.out", 2001, timeout=180)
+    chains = collections.Counter(served(r).rsplit(", ", 1)[-1] for r in results)
+    v2 = chains["score=score:v2"] / sum(chains.values())
+    assert abs(v2 - 0.10) <= 0.02, chains
+
+    parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kx.dlq", 3)]
+    by_payload = {p["payload"]: p["error"] for p in parked}
+    assert by_payload == {
+        "not json at all": "not valid input: Expecting value: line 1 column 1 (char 0)",
+        "[1, 2, 3]": "not valid input: expected a JSON object, got list",
+        '{"no_text": true}': "refused: expected {'text': '<a string>'}",
+    }
+
+    start_runtime(f"{M}:broken", "broken", "v1")
+    broken = {
+        "name": "kb",
+        "transport": "kafka",
+        "stages": [{"name": "b", "variants": [{"model": "broken", "version": "v1"}]}],
+    }
+    apply(kafka_plane, tmp_path, broken)
+    await asyncio.sleep(1)
+    await produce(kafka_bootstrap, "mll.kb.in", [b'{"x": 1}'])
+    parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kb.dlq", 1)]
+    assert parked[0]["error"] == "predict failed: RuntimeError: this model always fails"
+
+
+async def test_switching_http_kafka_http_loses_no_request(
+    kafka_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/flip"
+    apply(kafka_plane, tmp_path, pipeline("flip"))
+    await until_ok(url, {"text": "a b c"})
+    outcomes: collections.Counter[int] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def steady() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                status, body, _ = await post(session, url, {"text": "a b c"})
+                outcomes[status if body == {"count": 3, "score": 30} else -status] += 1
+
+    load = [asyncio.create_task(steady()) for _ in range(4)]
+    for transport in ("kafka", "http", "kafka", "http"):
+        await asyncio.sleep(2)
+        apply(kafka_plane, tmp_path, pipeline("flip", transport=transport))
+    await asyncio.sleep(2)
+    stop.set()
+    await asyncio.gather(*load)
+    assert set(outcomes) == {200}, outcomes
