@@ -27,7 +27,7 @@ def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subproces
 
 def test_nlp_walkthrough(tmp_path: Path) -> None:
     stack = yaml.safe_load((NLP / "stack.yaml").read_text())
-    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
+    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka")}
     ports["controlplane_metrics"] = processes.free_port()
     stack["ports"] = ports
     (tmp_path / "stack.yaml").write_text(yaml.safe_dump(stack))
@@ -69,6 +69,15 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
 
         status = json.loads(processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status")[1])
         assert [p["version"] for p in status["pipelines"]] == [2]
+
+        # The one-line switch to Kafka: same request, same kind of answer, now through topics.
+        kafka = mllambda("apply", "-f", str(NLP / "pipeline-kafka.yaml"), env=env)
+        assert "pipeline/nlp created (version 3)" in kafka.stdout, kafka.stderr
+        striker = '{"text": "the striker scored a brilliant goal"}'
+        over_kafka = mllambda("invoke", "nlp", "--data", striker, "-o", "json", env=env)
+        assert over_kafka.returncode == 0, over_kafka.stderr
+        assert json.loads(over_kafka.stdout)["result"]["category"] == "sports"
+        assert json.loads(over_kafka.stdout)["served_by"]["network"] in ("net-sports:v1", "net-sports:v2")
     finally:
         down = mllambda("down", env=env)
     assert down.returncode == 0, down.stderr
