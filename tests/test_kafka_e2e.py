@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 60) -
     finally:
         await consumer.stop()
     return found
+
+
+def predictions(consul_port: int, runtime: Any) -> int:
+    """How many predicts a runtime has run (its own /metrics; port from Consul)."""
+    from controlplane.processes import http_get
+
+    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{runtime.model}")
+    port = next(e["ServiceMeta"]["runtime_port"] for e in json.loads(body) if e["ServiceID"] == runtime.service_id)
+    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+    line = next(x for x in metrics.splitlines() if x.startswith("mllambda_runtime_predict_seconds_count"))
+    return int(float(line.rsplit(" ", 1)[1]))
 
 
 def served(record: Any) -> str:
@@ -147,3 +159,42 @@ async def test_switching_http_kafka_http_loses_no_request(
     stop.set()
     await asyncio.gather(*load)
     assert set(outcomes) == {200}, outcomes
+
+
+async def test_killing_a_replica_mid_stream_loses_no_message(
+    kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    start_runtime(f"{M}:tokenize", "tokenize", "v1")
+    doomed = start_runtime(f"{M}:count", "count", "v1")
+    start_runtime(f"{M}:count", "count", "v1")
+    start_runtime(f"{M}:score", "score", "v1")
+    apply(kafka_plane, tmp_path, pipeline("kk", transport="kafka"))
+    await until_ok(f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kk", {"text": "warm"}, timeout=60)
+    await asyncio.sleep(3)  # both replicas have joined the consumer group
+
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for n in range(2, 302):  # n words: the result's count says which message it was
+            await producer.send_and_wait("mll.kk.in", json.dumps({"text": " ".join(["w"] * n)}).encode())
+            if n == 60:
+                processed = await asyncio.to_thread(predictions, kafka_plane.consul_port, doomed)
+                assert processed > 0, "the replica to kill owned no partition: the test would prove nothing"
+                doomed.proc.signal(signal.SIGKILL)
+            await asyncio.sleep(0.01)
+    finally:
+        await producer.stop()
+
+    seen: set[int] = set()
+    consumer = AIOKafkaConsumer(
+        "mll.kk.out", bootstrap_servers=kafka_bootstrap, group_id="kill-test", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        async with asyncio.timeout(120):
+            while not set(range(2, 302)) <= seen:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    seen.update(json.loads(r.value)["count"] for r in records)
+    finally:
+        await consumer.stop()
+    assert set(range(2, 302)) <= seen
