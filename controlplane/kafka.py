@@ -44,7 +44,7 @@ class KafkaPlane:
         self.rng = random.Random()
 
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
         await self.producer.start()
         await self._create_topics([self.reply_topic], partitions=1)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
@@ -110,10 +110,9 @@ class KafkaPlane:
         await consumer.start()
         try:
             while True:
-                for partition, records in (await consumer.getmany(timeout_ms=500, max_records=100)).items():
-                    for record in records:
-                        await self._route_one(name, record)
-                        await consumer.commit({partition: record.offset + 1})
+                for partition, records in (await consumer.getmany(timeout_ms=500, max_records=500)).items():
+                    await asyncio.gather(*(self._route_one(name, record) for record in records))
+                    await consumer.commit({partition: records[-1].offset + 1})
         finally:
             await consumer.stop()
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import consul.aio
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from runtime_sdk.app import Rejected, Runtime
 
@@ -119,7 +119,7 @@ class KafkaAdapter:
         return found
 
     async def run(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
         await self.producer.start()
         index = 0
         try:
@@ -159,12 +159,12 @@ class KafkaAdapter:
         await consumer.start()
         try:
             while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=100)
+                batches = await consumer.getmany(timeout_ms=500, max_records=500)
                 for partition, records in batches.items():
-                    for record in records:
-                        await self._handle(pipeline, index, shadow, record)
-                        # Committed only now: the next hop (or the dead-letter topic) has acknowledged it.
-                        await consumer.commit({TopicPartition(partition.topic, partition.partition): record.offset + 1})
+                    # A fetched batch is handled concurrently (the producer batches the sends) ...
+                    await asyncio.gather(*(self._handle(pipeline, index, shadow, r) for r in records))
+                    # ... and committed only once every message in it is acknowledged downstream.
+                    await consumer.commit({partition: records[-1].offset + 1})
         finally:
             await consumer.stop()
 
