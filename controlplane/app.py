@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import consul.aio
 import grpc
@@ -21,6 +21,7 @@ from controlplane.kafka import KafkaPlane
 from controlplane.store import DEFAULT_PREFIX, PipelineVersion
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, translate
+from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.web import LatencyHistogram
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import AdsServicer
@@ -114,7 +115,9 @@ class ControlPlane:
             if settings.metrics_addr:
                 bridge = split_host_port(settings.metrics_addr, 18002)
         self.admin.kafka_enabled = self.kafka is not None
-        self.options = Options(gateway_port=settings.gateway_port, bridge=bridge)
+        broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092) if settings.kafka_bootstrap else None
+        self.options = Options(gateway_port=settings.gateway_port, bridge=bridge, kafka_broker=broker)
+        self.status.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.pipelines: list[PipelineVersion] = []
         # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
         self.deployed: dict[str, dict[str, dict[str, int]]] = {}
@@ -203,7 +206,9 @@ class ControlPlane:
     def reconcile(self) -> None:
         pipelines = [v.pipeline for v in self.pipelines]
         versions = {v.pipeline.name: v.version for v in self.pipelines}
-        snapshots = translate(pipelines, self.discovery.instances(), self.options)
+        with_filter = frozenset(n for n, ext in self.status.extensions.items() if KAFKA_BROKER_FILTER in ext)
+        options = replace(self.options, kafka_filter_nodes=with_filter)
+        snapshots = translate(pipelines, self.discovery.instances(), options)
         for group, snapshot in snapshots.items():
             self._remember(group, snapshot.version, versions)
             previous = self.cache.get(group)

@@ -40,6 +40,7 @@ class Instance:
     egress_port: int
     egress_uds: str
     envoy_admin_port: int = 0
+    kafka_port: int = 0  # the sidecar's Kafka listener (0: none)
 
     @property
     def cluster(self) -> str:
@@ -61,6 +62,7 @@ class Instance:
                 egress_port=int(meta["egress_port"]),
                 egress_uds=meta.get("egress_uds", ""),
                 envoy_admin_port=int(meta.get("envoy_admin_port") or 0),
+                kafka_port=int(meta.get("kafka_port") or 0),
             )
         except (KeyError, ValueError) as err:
             log.warning("ignoring service %s with incomplete meta: %s", service.get("ID"), err)

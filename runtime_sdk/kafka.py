@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import consul.aio
@@ -87,6 +87,21 @@ async def dead_letter(
     log.warning("dead-lettered pipeline=%s at=%s reason=%s", table["pipeline"], where, reason)
 
 
+async def started(make: Callable[[], Any]) -> Any:
+    """Start a fresh Kafka client, retrying while the broker (or the sidecar in front of it) is not there yet."""
+    for attempt in range(1000):
+        client = make()
+        try:
+            await client.start()
+            return client
+        except Exception as err:  # KafkaConnectionError and friends
+            await client.stop()
+            if attempt % 10 == 0:
+                log.info("waiting for the Kafka broker: %s", err)
+            await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+    raise RuntimeError("Kafka broker unreachable")
+
+
 class KafkaAdapter:
     """Follows the routing tables and runs one consumer per topic this model version serves."""
 
@@ -119,8 +134,9 @@ class KafkaAdapter:
         return found
 
     async def run(self) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
-        await self.producer.start()
+        self.producer = await started(
+            lambda: AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+        )
         index = 0
         try:
             while True:
@@ -149,14 +165,15 @@ class KafkaAdapter:
             self.consumers.pop(topic).cancel()
 
     async def _consume(self, topic: str, pipeline: str, index: int, shadow: bool) -> None:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=f"mll.{topic}",  # replicas of one model version share the work
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        consumer = await started(
+            lambda: AIOKafkaConsumer(
+                topic,
+                bootstrap_servers=self.bootstrap,
+                group_id=f"mll.{topic}",  # replicas of one model version share the work
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
         )
-        await consumer.start()
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=500)

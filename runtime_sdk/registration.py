@@ -26,6 +26,7 @@ class Registration:
     egress_port: int  # the sidecar listener this runtime forwards to
     egress_uds: str
     envoy_admin_port: int
+    kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker
 
     def meta(self) -> dict[str, str]:
         return {
@@ -37,6 +38,7 @@ class Registration:
             "egress_port": str(self.egress_port),
             "egress_uds": self.egress_uds,
             "envoy_admin_port": str(self.envoy_admin_port),
+            "kafka_port": str(self.kafka_port),
         }
 
 

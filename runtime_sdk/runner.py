@@ -53,6 +53,7 @@ def run_dir() -> Path:
 async def run(args: argparse.Namespace) -> None:
     predict = load_callable(args.target)
     loader = load_callable(args.loader) if args.loader else None
+    kafka = os.environ.get("MLLAMBDA_KAFKA_BOOTSTRAP") if args.kafka_bootstrap is None else args.kafka_bootstrap
     service_id = args.service_id or f"{args.model}-{args.version}-{socket.gethostname()}-{os.getpid()}"
     folder = run_dir()
     reg = Registration(
@@ -66,6 +67,8 @@ async def run(args: argparse.Namespace) -> None:
         egress_port=args.egress_port or free_port(),
         egress_uds=str(folder / f"{service_id}-egress.sock"),
         envoy_admin_port=args.envoy_admin_port or free_port(),
+        # Broker traffic goes through the sidecar when there is one.
+        kafka_port=free_port() if kafka and not args.no_sidecar else 0,
     )
     runtime = Runtime(predict, args.model, args.version, Egress(reg.egress_port, reg.egress_uds), inline=args.inline)
     runner = web.AppRunner(build_app(runtime, args.max_body), shutdown_timeout=args.drain_seconds + 10)
@@ -98,11 +101,11 @@ async def run(args: argparse.Namespace) -> None:
         await register(client, reg, through_sidecar=sidecar is not None)
         log.info("registered service_id=%s ingress_port=%d", service_id, reg.ingress_port)
         keeper = asyncio.create_task(keep_registered(client, reg, sidecar is not None))
-        kafka = os.environ.get("MLLAMBDA_KAFKA_BOOTSTRAP") if args.kafka_bootstrap is None else args.kafka_bootstrap
         adapter = None
         if kafka:
             kv_prefix = args.kv_prefix or os.environ.get("MLLAMBDA_KV_PREFIX") or DEFAULT_PREFIX
-            adapter = asyncio.create_task(KafkaAdapter(runtime, kafka, client, kv_prefix).run())
+            via = f"127.0.0.1:{reg.kafka_port}" if reg.kafka_port else kafka
+            adapter = asyncio.create_task(KafkaAdapter(runtime, via, client, kv_prefix).run())
         try:
             await wait_for_stop(stop, sidecar)
         finally:

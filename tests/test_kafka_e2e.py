@@ -94,6 +94,14 @@ async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
 
     assert await user_results() == list(range(10, 30))
 
+    # The runtimes reached the broker through their sidecars' Kafka listeners.
+    from controlplane.processes import http_get
+
+    _, catalog = http_get(f"http://127.0.0.1:{kafka_plane.consul_port}/v1/catalog/service/count")
+    admin = json.loads(catalog)[0]["ServiceMeta"]["envoy_admin_port"]
+    _, stats = http_get(f"http://127.0.0.1:{admin}/stats?filter=cluster.kafka-broker.upstream_cx_total")
+    assert int(stats.strip().rsplit(" ", 1)[1]) > 0, stats
+
 
 async def test_kafka_split_and_dead_letters(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path

@@ -33,6 +33,7 @@ from runtime_sdk import headers as h
 Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
 LOCAL_HTTP = "local-http"
 BRIDGE = "mll-kafka-bridge"
+KAFKA = "kafka-broker"
 LOCAL_UDS = "local-uds"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-status-codes"
@@ -45,6 +46,8 @@ class Options:
     gateway_port: int = 18080
     gateway_group: str = "gateway"
     bridge: tuple[str, int] | None = None  # the Kafka bridge (host, port); None: Kafka pipelines get no route
+    kafka_broker: tuple[str, int] | None = None  # sidecars proxy runtimes' broker traffic here
+    kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
 
 
 def stage_path(pipeline: str, stage: str) -> str:
@@ -59,7 +62,7 @@ def translate(
     endpoints = _endpoints_by_cluster(instances)
     snapshots = {options.gateway_group: _gateway(served, bridged, endpoints, options)}
     for instance in instances:
-        snapshots[instance.service_id] = _sidecar(served, instance, endpoints)
+        snapshots[instance.service_id] = _sidecar(served, instance, endpoints, options)
     return snapshots
 
 
@@ -99,7 +102,7 @@ def _bridge_route(p: Pipeline) -> rc.Route:
     )
 
 
-def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints) -> Snapshot:
+def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints, options: Options) -> Snapshot:
     ingress = [_readiness_route()]
     egress = []
     for p in pipelines:
@@ -121,6 +124,10 @@ def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints) 
     clusters = [r.static_cluster(LOCAL_HTTP, r.tcp_address("127.0.0.1", me.runtime_port))]
     if me.runtime_uds:
         clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds)))
+    if options.kafka_broker and me.kafka_port:
+        broker_filter = me.service_id in options.kafka_filter_nodes
+        listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
+        clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
     remote = _remote_clusters(egress, endpoints)
     routes = [r.route_config("ingress", ingress), r.route_config("egress", _dedupe(egress))]
     return _snapshot(listeners, routes, remote, clusters)

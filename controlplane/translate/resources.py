@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from xds.type.v3 import typed_struct_pb2
 
 # xds-protos ships no type stubs: resources are typed loosely at this edge.
 Address: TypeAlias = Any
@@ -126,6 +127,31 @@ def header(key: str, value: str) -> Resource:
 def tcp_proxy_listener(name: str, address: Address, cluster: str) -> Resource:
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)
     return _listener(name, address, "envoy.filters.network.tcp_proxy", proxy)
+
+
+KAFKA_BROKER_FILTER = "envoy.filters.network.kafka_broker"
+
+
+def kafka_listener(name: str, address: Address, cluster: str, broker_filter: bool) -> Resource:
+    """A runtime's way to the broker through its sidecar.
+
+    With a contrib Envoy build the kafka_broker filter goes first (Kafka-level
+    stats). Neither xds-protos nor the standard build carry its proto, so it is
+    sent as a TypedStruct naming the inner type.
+    """
+    filters = []
+    if broker_filter:
+        inner = struct_pb2.Struct()
+        inner.update({"stat_prefix": name})
+        typed = typed_struct_pb2.TypedStruct(
+            type_url="type.googleapis.com/envoy.extensions.filters.network.kafka_broker.v3.KafkaBroker", value=inner
+        )
+        filters.append(listener_components_pb2.Filter(name=KAFKA_BROKER_FILTER, typed_config=pack(typed)))
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)
+    filters.append(listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy)))
+    return listener_pb2.Listener(
+        name=name, address=address, filter_chains=[listener_components_pb2.FilterChain(filters=filters)]
+    )
 
 
 def _listener(name: str, address: Address, filter_name: str, config: Resource) -> Resource:

@@ -104,6 +104,7 @@ class _Stream:
         self.group = self.cache.group_of(request.node)
         self.cache.watch(self.group, queue)
         self.status.connected(self.node_id, +1, self.mode)
+        self.status.joined(self.node_id, frozenset(e.name for e in request.node.extensions))
         log.info("stream opened node=%s group=%s mode=%s", self.node_id, self.group, self.mode)
 
     def _on_snapshot(self) -> list[Any]:

@@ -30,6 +30,8 @@ class StatusBook:
         self._by_key: dict[tuple[str, str], TypeStatus] = {}
         self._connected: dict[str, int] = {}
         self._on_ack: list[Callable[[str, str, str, str], None]] = []
+        self.extensions: dict[str, frozenset[str]] = {}  # node id -> extension names its Envoy reports
+        self.on_join: list[Callable[[str], None]] = []
         self._modes: dict[str, int] = {"sotw": 0, "delta": 0}
 
     def _current(self, node_id: str, group: str, type_url: str) -> TypeStatus:
@@ -76,6 +78,11 @@ class StatusBook:
             self._connected[node_id] = count
         else:
             self._connected.pop(node_id, None)
+
+    def joined(self, node_id: str, extensions: frozenset[str]) -> None:
+        self.extensions[node_id] = extensions
+        for listener in self.on_join:
+            listener(node_id)
 
     def streams_by_mode(self) -> dict[str, int]:
         return dict(self._modes)

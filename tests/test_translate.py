@@ -1,0 +1,130 @@
+"""Pipelines + runtimes -> Envoy resources, on plain data: no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from xds.type.v3 import typed_struct_pb2
+
+from controlplane.discovery import Instance
+from controlplane.model import parse_pipeline
+from controlplane.translate.pipelines import Options, translate
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+
+
+def instance(model: str, version: str, n: int, passing: bool = True, kafka_port: int = 0) -> Instance:
+    return Instance(
+        f"{model}-{version}-{n}", model, version, "127.0.0.1", passing,
+        runtime_port=7000 + n, runtime_uds=f"/run/{model}-{n}.sock", ingress_port=8000 + n,
+        egress_port=9000 + n, egress_uds=f"/run/{model}-{n}-egress.sock", kafka_port=kafka_port,
+    )  # fmt: skip
+
+
+PIPELINE = parse_pipeline(
+    {
+        "name": "p",
+        "stages": [
+            {"name": "a", "variants": [{"model": "ma", "version": "v1"}], "timeout_ms": 1000},
+            {
+                "name": "b",
+                "variants": [
+                    {"model": "mb", "version": "v1", "weight": 90},
+                    {"model": "mb", "version": "v2", "weight": 10},
+                ],
+                "shadow": {"model": "mb", "version": "v3", "percent": 5},
+                "timeout_ms": 2000,
+            },
+            {
+                "name": "c",
+                "branch_on": "category",
+                "branches": [{"key": "x", "variants": [{"model": "mx", "version": "v1"}]}],
+                "timeout_ms": 3000,
+            },
+        ],
+    }
+)
+RUNTIMES = [instance("ma", "v1", 1), instance("mb", "v1", 2), instance("mb", "v2", 3, passing=False)]
+
+
+def routes(snapshot: Snapshot, name: str) -> list[Any]:
+    return list(snapshot.of_type(ROUTE).by_name[name].virtual_hosts[0].routes)
+
+
+def test_gateway_enters_stage_zero_with_the_whole_chain_timeout() -> None:
+    gateway = translate([PIPELINE], RUNTIMES)["gateway"]
+    entry = routes(gateway, "gateway")[0]
+    assert entry.match.path == "/pipelines/p"
+    assert entry.route.prefix_rewrite == "/pipelines/p/a"
+    assert entry.route.cluster == "ma.v1"
+    assert entry.route.timeout.seconds == 6  # 1 + 2 + 3 s: the calls are nested
+    assert routes(gateway, "gateway")[-1].direct_response.status == 404
+
+
+def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
+    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
+    (into_b,) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/b"]
+    weights = {c.name: c.weight.value for c in into_b.route.weighted_clusters.clusters}
+    assert weights == {"mb.v1": 90, "mb.v2": 10}
+    (mirror,) = into_b.route.request_mirror_policies
+    assert (mirror.cluster, mirror.runtime_fraction.default_value.numerator) == ("mb.v3", 50_000)
+    assert into_b.route.retry_policy.retry_on == "connect-failure,refused-stream,reset,retriable-status-codes"
+    assert list(into_b.route.retry_policy.retriable_status_codes) == [503]
+
+
+def test_endpoints_are_passing_sidecar_ingresses_only() -> None:
+    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
+    assignments = sidecar.of_type(ENDPOINT).by_name
+    port = [e.endpoint.address.socket_address.port_value for e in assignments["mb.v1"].endpoints[0].lb_endpoints]
+    assert port == [8002]
+    assert list(assignments["mb.v2"].endpoints[0].lb_endpoints) == []  # not passing: no traffic
+
+
+def test_ingress_tells_the_runtime_its_next_hop_and_branch_field() -> None:
+    sidecar = translate([PIPELINE], RUNTIMES)["mb-v1-2"]
+    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/b"]
+    added = {h.header.key: h.header.value for h in ingress.request_headers_to_add}
+    assert added["x-mll-next"] == "/pipelines/p/c"
+    assert added["x-mll-branch-field"] == "category"
+    assert ingress.route.cluster == "local-http"
+    (branch, fallback) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/c"]
+    assert (branch.match.headers[0].name, branch.match.headers[0].string_match.exact) == ("x-mll-branch", "x")
+    assert fallback.direct_response.status == 422
+
+
+def test_uds_transport_points_ingress_at_the_unix_socket() -> None:
+    uds = parse_pipeline(
+        {**{"name": "p", "transport": "uds"}, "stages": [{"name": "a", "variants": [{"model": "ma", "version": "v1"}]}]}
+    )
+    sidecar = translate([uds], RUNTIMES)["ma-v1-1"]
+    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/a"]
+    assert ingress.route.cluster == "local-uds"
+    local = sidecar.of_type(CLUSTER).by_name["local-uds"]
+    assert local.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path == "/run/ma-1.sock"
+
+
+def test_unchanged_inputs_give_the_same_snapshot_versions() -> None:
+    first, second = translate([PIPELINE], RUNTIMES), translate([PIPELINE], list(reversed(RUNTIMES)))
+    assert {g: s.version for g, s in first.items()} == {g: s.version for g, s in second.items()}
+
+
+def test_sidecars_proxy_kafka_and_use_the_broker_filter_only_where_envoy_has_it() -> None:
+    runtimes = [instance("ma", "v1", 1, kafka_port=9500), instance("mb", "v1", 2, kafka_port=9501)]
+    options = Options(kafka_broker=("127.0.0.1", 9092), kafka_filter_nodes=frozenset({"mb-v1-2"}))
+    snapshots = translate([PIPELINE], runtimes, options)
+    plain = snapshots["ma-v1-1"].of_type(LISTENER).by_name["kafka"].filter_chains[0].filters
+    assert [f.name for f in plain] == ["envoy.filters.network.tcp_proxy"]
+    contrib = snapshots["mb-v1-2"].of_type(LISTENER).by_name["kafka"].filter_chains[0].filters
+    assert [f.name for f in contrib] == ["envoy.filters.network.kafka_broker", "envoy.filters.network.tcp_proxy"]
+    typed = typed_struct_pb2.TypedStruct()
+    contrib[0].typed_config.Unpack(typed)
+    assert typed.type_url.endswith("kafka_broker.v3.KafkaBroker")
+    broker = snapshots["ma-v1-1"].of_type(CLUSTER).by_name["kafka-broker"]
+    assert broker.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 9092
+
+
+def test_listeners_use_rds_routes_that_exist() -> None:
+    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
+    hcm = hcm_pb2.HttpConnectionManager()
+    sidecar.of_type(LISTENER).by_name["egress"].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert hcm.rds.route_config_name in sidecar.of_type(ROUTE).by_name
