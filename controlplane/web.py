@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from controlplane.model import pipeline_to_dict
+from controlplane.store import StoreError
 from controlplane.traffic import VariantTraffic
 
 if TYPE_CHECKING:
@@ -111,8 +112,11 @@ class StateCollector(Collector):
         )
 
 
-def status_json(plane: ControlPlane, traffic: list[VariantTraffic]) -> dict[str, Any]:
+def status_json(
+    plane: ControlPlane, traffic: list[VariantTraffic], history: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     return {
+        "history": history,
         "traffic": [asdict(t) for t in traffic],
         "links": {"consul_ui": f"{plane.settings.consul.url}/ui/", "envoy_admin": plane.envoy_admin_urls()},
         "pipelines": [
@@ -219,12 +223,22 @@ def build_web_app(plane: ControlPlane) -> web.Application:
         collector.traffic = await plane.traffic_rows()
         return web.Response(body=generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
+    async def current() -> dict[str, Any]:
+        try:
+            view = await plane.store.view()
+            history = {
+                name: [{"version": v.version, "cause": v.cause, "created_at": v.created_at} for v in versions]
+                for name, versions in view.history.items()
+            }
+        except StoreError:  # Consul away: the page still shows what the control plane knows
+            history = {}
+        return status_json(plane, await plane.traffic_rows(), history)
+
     async def api_status(request: web.Request) -> web.Response:
-        return web.json_response(status_json(plane, await plane.traffic_rows()))
+        return web.json_response(await current())
 
     async def dashboard(request: web.Request) -> web.Response:
-        page = render_dashboard(status_json(plane, await plane.traffic_rows()))
-        return web.Response(text=page, content_type="text/html")
+        return web.Response(text=render_dashboard(await current()), content_type="text/html")
 
     async def bridge(request: web.Request) -> web.Response:
         """HTTP in, Kafka through the pipeline, HTTP out (the gateway routes Kafka pipelines here)."""

@@ -138,6 +138,7 @@ async def test_dashboard_in_a_real_browser_matches_invoke(
     assert shown["score:v1"][0] == 90.0 and shown["score:v2"][0] == 10.0
     assert abs(shown["score:v2"][1] / 100 - invoke_v2) <= 0.02, (shown, invoke_v2)
     assert "tokenize-v1-" in dom  # runtimes and Envoys are listed
+    assert "history: v1 (apply" in dom
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any, Literal
 
 from controlplane.xds.snapshot import InconsistentSnapshot, Snapshot
@@ -26,7 +25,6 @@ class SnapshotCache:
         self.group_by: GroupBy = group_by
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[asyncio.Queue[object]]] = defaultdict(set)
-        self._listeners: list[Callable[[str, Snapshot], None]] = []
 
     def group_of(self, node: Any) -> str:
         return node_group(node, self.group_by)
@@ -41,11 +39,6 @@ class SnapshotCache:
         self._snapshots[group] = snapshot
         for queue in self._watchers.get(group, ()):
             queue.put_nowait(SNAPSHOT_CHANGED)
-        for listener in self._listeners:
-            listener(group, snapshot)
-
-    def clear_snapshot(self, group: str) -> None:
-        self._snapshots.pop(group, None)
 
     def get(self, group: str) -> Snapshot | None:
         return self._snapshots.get(group)
@@ -62,13 +55,6 @@ class SnapshotCache:
             watchers.discard(queue)
             if not watchers:
                 del self._watchers[group]
-
-    def watcher_count(self) -> int:
-        return sum(len(w) for w in self._watchers.values())
-
-    def on_set(self, listener: Callable[[str, Snapshot], None]) -> None:
-        """Call `listener(group, snapshot)` after every set (metrics, logs)."""
-        self._listeners.append(listener)
 
 
 SNAPSHOT_CHANGED = object()

@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -32,13 +29,6 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 # Envoy subscribes to these by name; the other two are wildcard.
 NAMED_TYPES = frozenset({ENDPOINT, ROUTE})
-
-_MESSAGE_TYPES: dict[str, type[Message]] = {
-    CLUSTER: cluster_pb2.Cluster,
-    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    LISTENER: listener_pb2.Listener,
-    ROUTE: route_pb2.RouteConfiguration,
-}
 
 
 class InconsistentSnapshot(ValueError):
@@ -161,10 +151,6 @@ def _pack(message: Message) -> any_pb2.Any:
 
 def short(type_url: str) -> str:
     return type_url.rsplit(".", 1)[-1]
-
-
-def message_type(type_url: str) -> type[Message]:
-    return _MESSAGE_TYPES[type_url]
 
 
 def _listener_references(listener: Message) -> Iterator[tuple[str, str]]:
