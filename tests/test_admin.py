@@ -201,13 +201,13 @@ def test_hostile_definitions_are_refused_and_write_nothing(control_plane: Any, c
     assert len(written) == len(listed) <= accepted  # nothing refused reached Consul
 
 
-def test_kafka_transport_is_refused_until_it_is_served(control_plane: Any, tmp_path: Path) -> None:
+def test_kafka_transport_without_a_broker_is_refused(control_plane: Any, tmp_path: Path) -> None:
     spec = yaml.safe_load(EXAMPLE.read_text())
     spec["transport"] = "kafka"
     (tmp_path / "kafka.yaml").write_text(yaml.safe_dump(spec))
     result = control_plane.cli("apply", "-f", str(tmp_path / "kafka.yaml"))
     assert result.returncode == 1
-    assert "transport 'kafka' is not served" in result.stderr
+    assert "transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap" in result.stderr
     assert control_plane.cli("get", "pipeline", "nlp").returncode == 1  # nothing was written
 
 
