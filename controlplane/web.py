@@ -147,9 +147,11 @@ def render_dashboard(status: dict[str, Any]) -> str:
     e = html.escape
     parts = ["<h2>Pipelines</h2>"]
     for p in status["pipelines"]:
-        parts.append(
-            f"<h3>{e(p['name'])} <small>v{p['version']} · {e(p['transport'])} · {e(p['cause'])}</small></h3><ol>"
-        )
+        about = f"v{p['version']} · {e(p['transport'])} · {e(p['cause'])}"
+        parts.append(f"<h3>{e(p['name'])} <small>{about}</small></h3>")
+        versions = status["history"].get(p["name"], [])
+        shown = ", ".join(f"v{h['version']} ({e(h['cause'])}, {e(h['created_at'])})" for h in versions[-5:])
+        parts.append(f"<p class='history'>history: {shown}</p><ol>")
         for stage in p["stages"]:
             groups = [("", stage.get("variants", []))] + [
                 (f"branch {b['key']}: ", b["variants"]) for b in stage.get("branches", [])

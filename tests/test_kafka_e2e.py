@@ -10,11 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from tests.test_pipeline_e2e import M, apply, pipeline, post, until_ok
+from tests.test_pipeline_e2e import M, apply, pipeline, switch_under_load, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -147,25 +146,7 @@ async def test_switching_http_kafka_http_loses_no_request(
 ) -> None:
     for model in ("tokenize", "count", "score"):
         start_runtime(f"{M}:{model}", model, "v1")
-    url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/flip"
-    apply(kafka_plane, tmp_path, pipeline("flip"))
-    await until_ok(url, {"text": "a b c"})
-    outcomes: collections.Counter[int] = collections.Counter()
-    stop = asyncio.Event()
-
-    async def steady() -> None:
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                status, body, _ = await post(session, url, {"text": "a b c"})
-                outcomes[status if body == {"count": 3, "score": 30} else -status] += 1
-
-    load = [asyncio.create_task(steady()) for _ in range(4)]
-    for transport in ("kafka", "http", "kafka", "http"):
-        await asyncio.sleep(2)
-        apply(kafka_plane, tmp_path, pipeline("flip", transport=transport))
-    await asyncio.sleep(2)
-    stop.set()
-    await asyncio.gather(*load)
+    outcomes = await switch_under_load(kafka_plane, tmp_path, "flip", ["kafka", "http", "kafka", "http"], 2.0)
     assert set(outcomes) == {200}, outcomes
 
 

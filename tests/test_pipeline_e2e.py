@@ -213,11 +213,12 @@ async def test_branch_follows_the_key_the_previous_stage_produced(
     assert served.endswith("answer=long:v1")
 
 
-async def test_switching_transport_live_fails_no_request(
-    control_plane: Any, gateway: Any, three_stages: None, tmp_path: Path
-) -> None:
-    apply(control_plane, tmp_path, pipeline("switchy"))
-    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/switchy"
+async def switch_under_load(
+    control_plane: Any, tmp_path: Path, name: str, transports: list[str], pause: float
+) -> collections.Counter[int]:
+    """Apply each transport in turn while four clients send requests; count outcomes (-status: wrong body)."""
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/{name}"
+    apply(control_plane, tmp_path, pipeline(name))
     await until_ok(url, {"text": "a b c"})
     outcomes: collections.Counter[int] = collections.Counter()
     stop = asyncio.Event()
@@ -229,12 +230,19 @@ async def test_switching_transport_live_fails_no_request(
                 outcomes[status if body == {"count": 3, "score": 30} else -status] += 1
 
     load = [asyncio.create_task(steady()) for _ in range(4)]
-    for transport in ("uds", "http", "uds", "http"):
-        await asyncio.sleep(0.7)
-        apply(control_plane, tmp_path, pipeline("switchy", transport=transport))
-    await asyncio.sleep(0.7)
+    for transport in transports:
+        await asyncio.sleep(pause)
+        apply(control_plane, tmp_path, pipeline(name, transport=transport))
+    await asyncio.sleep(pause)
     stop.set()
     await asyncio.gather(*load)
+    return outcomes
+
+
+async def test_switching_transport_live_fails_no_request(
+    control_plane: Any, gateway: Any, three_stages: None, tmp_path: Path
+) -> None:
+    outcomes = await switch_under_load(control_plane, tmp_path, "switchy", ["uds", "http", "uds", "http"], 0.7)
     assert set(outcomes) == {200}, outcomes
     assert outcomes[200] > 100
 
