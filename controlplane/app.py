@@ -119,6 +119,7 @@ class ControlPlane:
         self.options = Options(gateway_port=settings.gateway_port, bridge=bridge, kafka_broker=broker)
         self.status.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.pipelines: list[PipelineVersion] = []
+        self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
         self.deployed: dict[str, dict[str, dict[str, int]]] = {}
         self.snapshots_set: dict[str, int] = {}
@@ -179,6 +180,7 @@ class ControlPlane:
                 continue
             backoff.reset()
             index = next_index(index, view.index)
+            self.history = view.history
             live = view.live()
             if live != self.pipelines:
                 if self.kafka is not None:

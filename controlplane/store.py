@@ -162,7 +162,7 @@ class PipelineStore:
         return await self.apply(target.pipeline, cause=f"rollback to {to_version}")
 
     async def delete(self, name: str) -> PipelineVersion:
-        """Stop serving `name`; its history stays until purged."""
+        """Stop serving `name`; its history stays (`history`, `rollback` still work)."""
         for _ in range(MAX_ATTEMPTS):
             index, head = await self._read_head(name)
             if head is None or head["deleted"]:
@@ -170,9 +170,6 @@ class PipelineStore:
             if await self._commit(name, index, {**head, "deleted": True}, None):
                 return await self._read_version(name, head["version"], deleted=True)
         raise WriteConflict(f"pipeline {name!r}: too many concurrent writers, try again")
-
-    async def purge(self, name: str) -> None:
-        await self._call(self.client.kv.delete(f"{self.prefix}{name}/", recurse=True))
 
     async def view(self, index: int | None = None, wait: str = "30s") -> StoreView:
         """All pipelines; with `index`, a blocking query that returns after a change."""

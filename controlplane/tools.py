@@ -13,7 +13,6 @@ import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,6 @@ class Tool:
     @property
     def ok(self) -> bool:
         return self.path is not None and self.version is not None
-
-
-def _venv_bin(name: str) -> Path | None:
-    candidate = Path(sys.executable).parent / name
-    return candidate if candidate.exists() else None
 
 
 def find_envoy() -> Path | None:

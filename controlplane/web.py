@@ -19,7 +19,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from controlplane.model import pipeline_to_dict
-from controlplane.store import StoreError
 from controlplane.traffic import VariantTraffic
 
 if TYPE_CHECKING:
@@ -226,14 +225,10 @@ def build_web_app(plane: ControlPlane) -> web.Application:
         return web.Response(body=generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def current() -> dict[str, Any]:
-        try:
-            view = await plane.store.view()
-            history = {
-                name: [{"version": v.version, "cause": v.cause, "created_at": v.created_at} for v in versions]
-                for name, versions in view.history.items()
-            }
-        except StoreError:  # Consul away: the page still shows what the control plane knows
-            history = {}
+        history = {
+            name: [{"version": v.version, "cause": v.cause, "created_at": v.created_at} for v in versions]
+            for name, versions in plane.history.items()
+        }
         return status_json(plane, await plane.traffic_rows(), history)
 
     async def api_status(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from tests.test_pipeline_e2e import M, apply, pipeline, switch_under_load, until_ok
+from tests.test_pipeline_e2e import M, apply, pipeline, runtime_metric, switch_under_load, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +54,8 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 60) -
 
 
 def predictions(consul_port: int, runtime: Any) -> int:
-    """How many predicts a runtime has run (its own /metrics; port from Consul)."""
-    from controlplane.processes import http_get
-
-    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{runtime.model}")
-    port = next(e["ServiceMeta"]["runtime_port"] for e in json.loads(body) if e["ServiceID"] == runtime.service_id)
-    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
-    line = next(x for x in metrics.splitlines() if x.startswith("mllambda_runtime_predict_seconds_count"))
-    return int(float(line.rsplit(" ", 1)[1]))
+    """How many predicts a runtime has run, whatever the transport."""
+    return runtime_metric(consul_port, runtime.model, runtime.service_id, "mllambda_runtime_predict_seconds_count")
 
 
 def served(record: Any) -> str:

@@ -127,8 +127,8 @@ async def test_weights_split_traffic_and_change_live(
     assert abs(v2_share - 0.50) <= 0.05, v2_share
 
 
-def runtime_requests(consul_port: int, model: str, service_id: str) -> int:
-    """Requests a runtime has answered, from its own /metrics (port found in Consul)."""
+def runtime_metric(consul_port: int, model: str, service_id: str, name: str) -> int:
+    """Sum of one metric from a runtime's own /metrics (its port found in Consul)."""
     import json
 
     from controlplane.processes import http_get
@@ -137,12 +137,13 @@ def runtime_requests(consul_port: int, model: str, service_id: str) -> int:
     port = next(e["ServiceMeta"]["runtime_port"] for e in json.loads(body) if e["ServiceID"] == service_id)
     _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
     return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("mllambda_runtime_requests_total{")
-        )
+        sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith((name + "{", name + " ")))
     )
+
+
+def runtime_requests(consul_port: int, model: str, service_id: str) -> int:
+    """Requests a runtime has answered over HTTP."""
+    return runtime_metric(consul_port, model, service_id, "mllambda_runtime_requests_total")
 
 
 async def test_shadow_gets_copies_and_never_affects_the_answer(

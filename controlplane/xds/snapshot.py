@@ -73,12 +73,6 @@ class Resources:
         packed = {name: _pack(msg) for name, msg in by_name.items()}
         return cls(MappingProxyType(by_name), MappingProxyType(versions), MappingProxyType(packed))
 
-    def select(self, names: frozenset[str] | None) -> dict[str, str]:
-        """name -> version for a subscription (None means wildcard)."""
-        if names is None:
-            return dict(self.versions)
-        return {n: v for n, v in self.versions.items() if n in names}
-
 
 @dataclass(frozen=True)
 class Snapshot:
