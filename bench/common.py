@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -32,3 +34,48 @@ def start_sidecar_envoy(node_id: str, xds_addr: str, delta: bool) -> processes.M
     config = folder / "envoy.yaml"
     config.write_text(render_bootstrap(node_id, "bench", xds_addr, admin, delta=delta))
     return processes.ManagedProcess("envoy", processes.envoy_argv(envoy, config), folder / "envoy.log").start()
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of this machine's stack processes, by pid, with a role label."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = process_role(argv)
+        if role:
+            found[int(entry.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def process_role(argv: list[str]) -> str:
+    text = " ".join(argv)
+    if Path(argv[0]).name == "envoy":
+        return "envoy (sidecar)" if "-envoy.yaml" in text else "envoy (gateway/other)"
+    if "bench.plain_chain" in text:
+        return "python (plain stage)"
+    if " runtime " in f" {text} ":
+        return "python (runtime SDK)"
+    if "controlplane" in text and "python" in Path(argv[0]).name:
+        return "python (control plane/supervisor)"
+    return ""
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two process_cpu() samples, summed by role."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return spent
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's finished children (e.g. a wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from google.protobuf import json_format
 
-from bench.common import median
+from bench.common import children_cpu, cpu_spent, median, process_cpu
 from controlplane import processes
 from controlplane.config import PROJECT_ROOT
 from controlplane.tools import find_envoy
@@ -43,6 +43,7 @@ def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, flo
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     for pct in ("50", "75", "90", "99"):
         match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", out, re.M)
         assert match, out
@@ -145,11 +146,18 @@ def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -
                    stdout=subprocess.DEVNULL)  # fmt: skip
     try:
         rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
+        urls = {
+            "plain aiohttp chain": f"http://127.0.0.1:{ports[0]}/",
+            "ML Lambda (Envoy)": f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench",
+        }
+        cpu: dict[str, dict[str, float]] = {path: {} for path in urls}
         for _ in range(runs):
-            rows["plain aiohttp chain"].append(wrk(f"http://127.0.0.1:{ports[0]}/", 32, 8, script))
-            rows["ML Lambda (Envoy)"].append(
-                wrk(f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench", 32, 8, script)
-            )
+            for path, url in urls.items():
+                before, wrk_before = process_cpu(), children_cpu()
+                rows[path].append(wrk(url, 32, 8, script))
+                spent = {**cpu_spent(before, process_cpu()), "wrk": children_cpu() - wrk_before}
+                for role, seconds in spent.items():
+                    cpu[path][role] = cpu[path].get(role, 0.0) + seconds
         print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
         print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
         medians = {}
@@ -159,6 +167,11 @@ def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -
                   f"{median([v['p99'] for v in values]):>9.2f}{sum(v['errors'] for v in values):>9.0f}")  # fmt: skip
         ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
         print(f"   ratio ML Lambda / plain: {ratio:.2f}")
+        print("\n   CPU per request by process role (us), all runs")
+        for path, spent in cpu.items():
+            requests = sum(v["requests"] for v in rows[path])
+            parts = ", ".join(f"{role} {sec / requests * 1e6:.0f}" for role, sec in sorted(spent.items()) if sec)
+            print(f"   {path}: total {sum(spent.values()) / requests * 1e6:.0f} = {parts}")
     finally:
         subprocess.run([*cli, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
         for proc in chain:
