@@ -112,7 +112,9 @@ def stage(model: str) -> dict[str, object]:
     return {"name": model, "variants": [{"model": model, "version": "v1"}]}
 
 
-def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -> None:
+def throughput(
+    folder: Path, runs: int, script: Path, runtime_args: list[str], gateway_concurrency: int, transport: str
+) -> None:
     ports = [processes.free_port() for _ in range(3)]
     chain = []
     for i, model in enumerate(("tokenize", "count", "score")):
@@ -126,6 +128,7 @@ def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -
         "kind": "Stack",
         "name": "bench",
         "ports": stack_ports,
+        "gateway_concurrency": gateway_concurrency,
         "runtimes": [
             {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": runtime_args}
             for m in ("tokenize", "count", "score")
@@ -133,6 +136,7 @@ def throughput(folder: Path, runs: int, script: Path, runtime_args: list[str]) -
         "pipelines": [
             {
                 "name": "bench",
+                "transport": transport,
                 "stages": [
                     {"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("tokenize", "count", "score")
                 ],
@@ -182,7 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", choices=["latency", "throughput"])
-    parser.add_argument("--runtime-args", default="", help='extra runtime flags, e.g. "--inline --envoy-concurrency=1"')
+    parser.add_argument("--runtime-args", default="", help='extra runtime flags, e.g. "--inline=never"')
+    parser.add_argument("--gateway-concurrency", type=int, default=1, help="gateway Envoy worker threads")
+    parser.add_argument("--transport", default="http", choices=["http", "uds"])
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
@@ -193,7 +199,7 @@ def main() -> None:
     if args.only != "throughput":
         hop_latency(folder, args.runs, script)
     if args.only != "latency":
-        throughput(folder, args.runs, script, args.runtime_args.split())
+        throughput(folder, args.runs, script, args.runtime_args.split(), args.gateway_concurrency, args.transport)
     print(f"\n({time.time() - started:.0f} s; logs in {folder})")
 
 

@@ -51,7 +51,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / f"{args.node_id}.yaml"
     config.write_text(text)
-    argv = envoy_argv(envoy, config)
+    argv = envoy_argv(envoy, config, args.concurrency)
     os.execv(argv[0], argv)
     return 0  # not reached
 
@@ -64,4 +64,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin-port", type=int, default=19000)
     parser.add_argument("--delta", action="store_true", help="incremental xDS instead of SotW")
     parser.add_argument("--config-dir", help="where to write the bootstrap (default: a temp dir)")
+    parser.add_argument("--concurrency", type=int, help="Envoy worker threads (default: one per core)")
     parser.set_defaults(handler=cmd_sidecar)

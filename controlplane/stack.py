@@ -56,6 +56,7 @@ class Stack:
     runtimes: tuple[RuntimeSpec, ...]
     pipelines: tuple[Pipeline, ...]
     kafka: bool = False  # start a tansu broker, so pipelines can use transport: kafka
+    gateway_concurrency: int | None = None  # gateway Envoy worker threads (default: one per core)
 
 
 def load_stack(path: Path) -> Stack:
@@ -96,9 +97,13 @@ def load_stack(path: Path) -> Stack:
             pipelines.append(parse_pipeline(raw))
         except InvalidPipeline as err:
             problems += [f"pipelines[{i}].{p}" for p in err.problems]
+    concurrency = data.get("gateway_concurrency")
+    if concurrency is not None and (type(concurrency) is not int or concurrency < 1):
+        problems.append(f"gateway_concurrency: expected a positive integer, got {concurrency!r}")
     if problems:
         raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
-    return Stack(str(data.get("name", "stack")), ports, tuple(runtimes), tuple(pipelines), bool(data.get("kafka")))
+    name = str(data.get("name", "stack"))
+    return Stack(name, ports, tuple(runtimes), tuple(pipelines), bool(data.get("kafka")), concurrency)
 
 
 @dataclass
@@ -188,7 +193,8 @@ class Supervisor:
         self.start(
             "gateway",
             [*me, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds=127.0.0.1:{p.xds}",
-             f"--admin-port={p.gateway_admin}", f"--config-dir={self.state_dir / 'envoy'}"],
+             f"--admin-port={p.gateway_admin}", f"--config-dir={self.state_dir / 'envoy'}",
+             *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else [])],
             processes.envoy_ready(p.gateway_admin),
         )  # fmt: skip
         self.start_runtimes(me, consul_flag)

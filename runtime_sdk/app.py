@@ -66,6 +66,32 @@ class Metrics:
         )
 
 
+INLINE_BUDGET = 0.001  # seconds: a sync predict this fast runs on the event loop in `auto` mode
+INLINE_AFTER = 50  # consecutive fast predicts (measured in threads) before `auto` goes inline
+
+
+@dataclass
+class Placement:
+    """Where a sync predict() runs: on the event loop or in a worker thread.
+
+    A thread hop costs ~50 us of CPU per request (docs/benchmarks.md), more than
+    many small models take. `auto` measures each predict: after INLINE_AFTER
+    in a row under INLINE_BUDGET it runs them on the loop; the first slower one
+    sends it back to threads (so the loop is blocked at most once, for that call).
+    `always` / `never` fix the choice.
+    """
+
+    mode: str = "auto"  # auto | always | never
+    fast_in_a_row: int = 0
+
+    @property
+    def inline(self) -> bool:
+        return self.mode == "always" or (self.mode == "auto" and self.fast_in_a_row >= INLINE_AFTER)
+
+    def observe(self, seconds: float) -> None:
+        self.fast_in_a_row = self.fast_in_a_row + 1 if seconds < INLINE_BUDGET else 0
+
+
 @dataclass
 class Runtime:
     predict: Predict
@@ -73,7 +99,7 @@ class Runtime:
     version: str
     egress: Egress = field(default_factory=Egress)
     ready: bool = False
-    inline: bool = False  # run a sync predict on the event loop: for models that take microseconds
+    placement: Placement = field(default_factory=Placement)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -81,20 +107,29 @@ class Runtime:
         self.is_async = inspect.iscoroutinefunction(self.predict)
 
     async def call_model(self, payload: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            if self.is_async:
+        if self.is_async:
+            started = time.perf_counter()
+            try:
                 result = await self.predict(payload)  # type: ignore[misc]
-            elif self.inline:
-                result = self.predict(payload)
-            else:
-                # A model's predict is CPU work: keep it off the event loop.
-                result = await asyncio.to_thread(self.predict, payload)
-        finally:
-            self.metrics.latency.labels(self.model, self.version).observe(time.perf_counter() - started)
+            finally:
+                self.metrics.latency.labels(self.model, self.version).observe(time.perf_counter() - started)
+        elif self.placement.inline:
+            result = self._timed_predict(payload)
+        else:
+            # A model's predict is CPU work: off the event loop unless it is known to be quick.
+            result = await asyncio.to_thread(self._timed_predict, payload)
         if not isinstance(result, dict):
             raise TypeError(f"predict() returned {type(result).__name__}, expected a JSON object (dict)")
         return result
+
+    def _timed_predict(self, payload: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.predict(payload)
+        finally:
+            took = time.perf_counter() - started
+            self.placement.observe(took)
+            self.metrics.latency.labels(self.model, self.version).observe(took)
 
 
 def _error(message: str, **extra: Any) -> str:

@@ -23,7 +23,7 @@ from controlplane.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.sidecar import write_bootstrap
 from controlplane.store import DEFAULT_PREFIX
 from controlplane.tools import find_envoy
-from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Runtime, build_app
+from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Placement, Runtime, build_app
 from runtime_sdk.kafka import KafkaAdapter
 from runtime_sdk.registration import Registration, deregister, keep_registered, register
 
@@ -70,8 +70,12 @@ async def run(args: argparse.Namespace) -> None:
         # Broker traffic goes through the sidecar when there is one.
         kafka_port=free_port() if kafka and not args.no_sidecar else 0,
     )
-    runtime = Runtime(predict, args.model, args.version, Egress(reg.egress_port, reg.egress_uds), inline=args.inline)
-    runner = web.AppRunner(build_app(runtime, args.max_body), shutdown_timeout=args.drain_seconds + 10)
+    egress = Egress(reg.egress_port, reg.egress_uds)
+    runtime = Runtime(predict, args.model, args.version, egress, placement=Placement(args.inline))
+    access_log = logging.getLogger("aiohttp.access") if args.access_log else None  # a line per request costs ~10% CPU
+    runner = web.AppRunner(
+        build_app(runtime, args.max_body), shutdown_timeout=args.drain_seconds + 10, access_log=access_log
+    )
     await runner.setup()
     remove_socket(reg.runtime_uds)
     await web.TCPSite(runner, reg.host, reg.runtime_port).start()
@@ -184,7 +188,11 @@ def register_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--envoy-admin-port", type=int)
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit in bytes")
     parser.add_argument(
-        "--inline", action="store_true", help="run a sync predict on the event loop (fast models: skips a thread hop)"
+        "--inline",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="run a sync predict on the event loop instead of a worker thread: "
+        "auto (default) does so while predicts take under 1 ms",
     )
     parser.add_argument(
         "--envoy-concurrency",
@@ -195,4 +203,5 @@ def register_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
+    parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
     parser.set_defaults(handler=cmd_runtime)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from runtime_sdk import Rejected
-from runtime_sdk.app import Runtime, build_app
+from runtime_sdk.app import INLINE_AFTER, INLINE_BUDGET, Placement, Runtime, build_app
 
 calls: list[dict[str, Any]] = []
 
@@ -76,3 +78,34 @@ async def test_readiness_and_metrics(client: Any) -> None:
     metrics = await (await client.get("/metrics")).text()
     assert 'mllambda_runtime_requests_total{code="200",model="doubler",version="v1"} 1.0' in metrics
     assert 'mllambda_runtime_requests_total{code="400",model="doubler",version="v1"} 1.0' in metrics
+
+
+async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_off() -> None:
+    threads: list[int] = []
+
+    def model(payload: dict[str, Any]) -> dict[str, Any]:
+        threads.append(threading.get_ident())
+        time.sleep(payload.get("sleep", 0))
+        return {}
+
+    loop_thread = threading.get_ident()
+    runtime = Runtime(model, "where", "v1", ready=True)
+    async with TestClient(TestServer(build_app(runtime))) as client:
+        for _ in range(INLINE_AFTER + 5):
+            assert (await client.post("/predict", json={})).status == 200
+        assert loop_thread not in threads[:INLINE_AFTER], "measured in worker threads first"
+        assert threads[-5:] == [loop_thread] * 5, "then inline: no thread hop"
+
+        await client.post("/predict", json={"sleep": 2 * INLINE_BUDGET})  # inline, once
+        await client.post("/predict", json={})
+        assert threads[-2] == loop_thread and threads[-1] != loop_thread, "back to threads after a slow one"
+
+
+@pytest.mark.parametrize(("mode", "on_loop"), [("always", True), ("never", False)])
+async def test_placement_can_be_fixed(mode: str, on_loop: bool) -> None:
+    threads: list[int] = []
+    runtime = Runtime(lambda p: threads.append(threading.get_ident()) or {}, "m", "v1", placement=Placement(mode))
+    async with TestClient(TestServer(build_app(runtime))) as client:
+        for _ in range(INLINE_AFTER + 5):
+            await client.post("/predict", json={})
+    assert {t == threading.get_ident() for t in threads} == {on_loop}
