@@ -73,7 +73,7 @@ def static_envoy(folder: Path, name: str, listen: int, upstream: int) -> process
     )
     envoy = find_envoy()
     assert envoy
-    proc = processes.ManagedProcess(name, processes.envoy_argv(envoy, config), folder / f"{name}.log").start()
+    proc = processes.ManagedProcess(name, processes.envoy_argv(envoy, config, 1), folder / f"{name}.log").start()
     proc.wait_ready(processes.tcp_ready(listen))
     return proc
 

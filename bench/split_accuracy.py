@@ -30,11 +30,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-split-"))
     ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
     ports["controlplane_metrics"] = processes.free_port()
-    runtimes = [
-        {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": ["--inline"]}
-        for m in ("tokenize", "count", "score")
-    ]
-    runtimes.append({"model": "score", "version": "v2", "target": f"{MODELS}:score_v2", "args": ["--inline"]})
+    runtimes = [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in ("tokenize", "count", "score")]
+    runtimes.append({"model": "score", "version": "v2", "target": f"{MODELS}:score_v2"})
     stack = {"kind": "Stack", "name": "bench-split", "ports": ports, "runtimes": runtimes, "pipelines": []}
     (folder / "stack.yaml").write_text(yaml.safe_dump(stack))
     env = {

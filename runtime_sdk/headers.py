@@ -7,6 +7,9 @@ BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matc
 STAGE = "x-mll-stage"  # the stage this request is for
 SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
 SERVED = "x-mll-served"  # response: "stage=model:version" per hop, first hop first
+# Response: a 503 the answering Envoy made itself (it could not reach its own runtime). Only such
+# answers are retried by the hop before; a failure relayed from further down the chain is final.
+RETRIABLE = "x-mll-retriable"
 
 # Propagated unchanged to the next hop, so one request can be followed end to end.
 PROPAGATED = (

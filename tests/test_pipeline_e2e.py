@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,68 @@ async def test_a_stage_whose_model_is_down_answers_503_naming_the_stage(
     start_runtime(f"{M}:score", "score", "v1")
     _, body, _ = await until_ok(url, {"text": "a b"})
     assert body == {"count": 2, "score": 20}
+
+
+def envoy_stat(envoy: Any, name: str) -> int:
+    _, text = envoy.admin(f"/stats?filter=^{name}$")
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+async def test_a_failure_further_down_is_not_retried_by_every_hop(
+    control_plane: Any, consul_agent: Any, gateway: Any, three_stages: None, tmp_path: Path
+) -> None:
+    """Each hop retries its own next hop; an answer relayed from further down is final (no retry storm)."""
+    apply(control_plane, tmp_path, pipeline("storm", variants=[{"model": "missing", "version": "v1"}]))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/storm"
+    counted = [runtime_requests(consul_agent.http_port, m, sid) for m, sid in three_stages_ids(consul_agent)]
+    async with aiohttp.ClientSession() as session:
+        results = [await post(session, url, {"text": "a b"}) for _ in range(10)]
+    assert {status for status, _, _ in results} == {503}
+    assert results[0][1]["route"] == "storm/score", results[0][1]
+    after = [runtime_requests(consul_agent.http_port, m, sid) for m, sid in three_stages_ids(consul_agent)]
+    # Two retries per hop would make that 30 calls of tokenize and 90 of count.
+    assert [a - b for a, b in zip(after, counted, strict=True)] == [10, 10, 0]
+    assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") == 0
+
+
+def three_stages_ids(consul_agent: Any) -> list[tuple[str, str]]:
+    import json
+
+    from controlplane.processes import http_get
+
+    ids = []
+    for model in ("tokenize", "count", "score"):
+        _, body = http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/{model}")
+        ids.append((model, json.loads(body)[0]["ServiceID"]))
+    return ids
+
+
+async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    import json
+
+    from controlplane.processes import http_get
+
+    lost = start_runtime(f"{M}:tokenize", "tokenize", "v1")
+    start_runtime(f"{M}:tokenize", "tokenize", "v1")
+    spec = {"name": "lone", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]}
+    apply(control_plane, tmp_path, spec)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/lone"
+    await until_ok(url, {"text": "a b"})
+    await wait_for(lambda: envoy_stat(gateway, "cluster.tokenize.v1.membership_healthy") == 2)
+
+    # One runtime's Unix socket is gone (as after a crash); its health check (TCP) still passes. Over
+    # uds its sidecar cannot reach it and answers a 503 of its own: the gateway retries the other one.
+    _, body = http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/tokenize")
+    socket = next(e["ServiceMeta"]["runtime_uds"] for e in json.loads(body) if e["ServiceID"] == lost.service_id)
+    os.unlink(socket)
+    apply(control_plane, tmp_path, {**spec, "transport": "uds"})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            status, answer, _ = await post(session, url, {"text": "a b"})
+            assert status == 200, answer
+            if envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry"):
+                break
+            await asyncio.sleep(0.05)
+    assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") > 0, "the lost replica was never tried"

@@ -68,8 +68,11 @@ def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
     assert weights == {"mb.v1": 90, "mb.v2": 10}
     (mirror,) = into_b.route.request_mirror_policies
     assert (mirror.cluster, mirror.runtime_fraction.default_value.numerator) == ("mb.v3", 50_000)
-    assert into_b.route.retry_policy.retry_on == "connect-failure,refused-stream,reset,retriable-status-codes"
-    assert list(into_b.route.retry_policy.retriable_status_codes) == [503]
+    # Retried: failures of the hop itself, and 503s its sidecar made (runtime unreachable) -- never a
+    # 503 relayed from further down, which every hop before would otherwise multiply.
+    assert into_b.route.retry_policy.retry_on == "connect-failure,refused-stream,reset,retriable-headers"
+    assert [m.name for m in into_b.route.retry_policy.retriable_headers] == ["x-mll-retriable"]
+    assert not into_b.route.retry_policy.retriable_status_codes
 
 
 def test_endpoints_are_passing_sidecar_ingresses_only() -> None:

@@ -36,7 +36,7 @@ BRIDGE = "mll-kafka-bridge"
 KAFKA = "kafka-broker"
 LOCAL_UDS = "local-uds"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
-RETRY_ON = "connect-failure,refused-stream,reset,retriable-status-codes"
+RETRY_ON = "connect-failure,refused-stream,reset,retriable-headers"  # + the next hop's own 503s
 _STEERING = [h.NEXT, h.TRANSPORT, h.BRANCH_FIELD, h.SHADOW, h.STAGE]
 
 
@@ -231,7 +231,7 @@ def _retry(stage: Stage) -> rc.RetryPolicy:
     policy = rc.RetryPolicy(
         retry_on=RETRY_ON,
         num_retries=wrappers_pb2.UInt32Value(value=stage.retry.attempts),
-        retriable_status_codes=[503],
+        retriable_headers=[rc.HeaderMatcher(name=h.RETRIABLE, present_match=True)],
         # A retry goes to another instance when there is one.
         retry_host_predicate=[
             rc.RetryPolicy.RetryHostPredicate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -17,6 +18,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from xds.type.v3 import typed_struct_pb2
+
+from runtime_sdk import headers as h
 
 # xds-protos ships no type stubs: resources are typed loosely at this edge.
 Address: TypeAlias = Any
@@ -58,10 +61,17 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
     )
     if outlier:
+        # Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
+        # from a stage further down, or caused by the input, and says nothing about this host.
+        off = wrappers_pb2.UInt32Value(value=0)
         cluster.outlier_detection.CopyFrom(
             outlier_detection_pb2.OutlierDetection(
-                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-                consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+                split_external_local_origin_errors=True,
+                consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=5),
+                enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+                enforcing_consecutive_5xx=off,
+                enforcing_consecutive_gateway_failure=off,
+                enforcing_success_rate=off,
                 interval=millis(2000),
                 base_ejection_time=millis(10000),
                 max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
@@ -91,7 +101,7 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
         http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
-        local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply()),
+        local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply(), mappers=[_retriable_503()]),
     )
     return _listener(name, address, "envoy.filters.network.http_connection_manager", hcm)
 
@@ -105,6 +115,18 @@ def _json_local_reply() -> Resource:
     body = struct_pb2.Struct()
     body.update({"error": "%LOCAL_REPLY_BODY%", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})
     return substitution_format_string_pb2.SubstitutionFormatString(json_format=body)
+
+
+def _retriable_503() -> Resource:
+    """Mark this Envoy's own 503s (its upstream unreachable or overflowing): the hop before may retry them."""
+    only_503 = accesslog_pb2.ComparisonFilter(
+        op=accesslog_pb2.ComparisonFilter.EQ,
+        value=base_pb2.RuntimeUInt32(default_value=503, runtime_key="mllambda.retriable_status"),
+    )
+    return hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=only_503)),
+        headers_to_add=[header(h.RETRIABLE, "true")],
+    )
 
 
 def static_cluster(name: str, address: Address, connect_timeout_ms: int = 1000) -> Resource:
