@@ -103,6 +103,14 @@ def hop_latency(folder: Path, runs: int, script: Path) -> None:
             print(f"   {path:<12}{values['p50']:>8.3f}{values['p90']:>8.3f}{values['p99']:>8.3f}")
         added = {p: summary["two envoys"][p] - summary["direct"][p] for p in ("p50", "p90", "p99")}
         print(f"   {'added':<12}{added['p50']:>8.3f}{added['p90']:>8.3f}{added['p99']:>8.3f}")
+
+        # What one traversal costs Envoy when it is busy (16 connections, one worker, as a sidecar runs).
+        costs = []
+        for _ in range(runs):
+            before = process_cpu()
+            result = wrk(f"http://127.0.0.1:{ingress}/", 16, 4, script)
+            costs.append(cpu_spent(before, process_cpu()).get("envoy (gateway/other)", 0.0) / result["requests"])
+        print(f"   CPU per Envoy traversal at 16 connections: {median(costs) * 1e6:.0f} us (median of {runs})")
     finally:
         for proc in procs:
             proc.stop()
