@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,44 +67,76 @@ def load_stack(path: Path) -> Stack:
         raise CliError(f"cannot read {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise CliError(f"{path} is not valid YAML: {err}") from err
-    problems: list[str] = []
     if not isinstance(data, dict) or data.get("kind") != "Stack":
         raise CliError(f"{path}: expected a document with `kind: Stack` (pipelines go to `mllambda apply`)")
-    port_names = {f.name for f in fields(Ports)}
+    problems = unknown_keys(data, STACK_KEYS, "")
+    port_names = [f.name for f in fields(Ports)]
     raw_ports = data.get("ports") or {}
-    problems += [
-        f"ports.{k}: unknown port (known: {', '.join(sorted(port_names))})" for k in raw_ports if k not in port_names
-    ]
-    ports = Ports(**{k: int(v) for k, v in raw_ports.items() if k in port_names})
+    if not isinstance(raw_ports, dict):
+        problems.append(f"ports: expected a mapping of {', '.join(port_names)}")
+        raw_ports = {}
+    problems += unknown_keys(raw_ports, port_names, "ports.")
+    chosen = {k: v for k, v in raw_ports.items() if k in port_names}
+    ports = Ports(**{k: whole_number(v, f"ports.{k}", problems, 1, 65535) for k, v in chosen.items()})
     runtimes = []
-    for i, raw in enumerate(data.get("runtimes") or []):
-        missing = [k for k in ("model", "version", "target") if not (isinstance(raw, dict) and raw.get(k))]
-        if missing:
-            problems.append(f"runtimes[{i}]: missing {', '.join(missing)}")
+    raw_runtimes = data.get("runtimes") or []
+    if not isinstance(raw_runtimes, list):
+        problems.append("runtimes: expected a list")
+        raw_runtimes = []
+    for i, raw in enumerate(raw_runtimes):
+        where = f"runtimes[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a mapping with model, version, target")
             continue
-        runtimes.append(
-            RuntimeSpec(
-                str(raw["model"]),
-                str(raw["version"]),
-                raw["target"],
-                raw.get("loader"),
-                int(raw.get("replicas", 1)),
-                tuple(str(a) for a in raw.get("args") or ()),
-            )
-        )
+        problems += unknown_keys(raw, RUNTIME_KEYS, f"{where}.")
+        missing = [k for k in ("model", "version", "target") if not isinstance(raw.get(k), str) or not raw[k]]
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)} (strings)")
+        args = raw.get("args") or []
+        if not isinstance(args, list):
+            problems.append(f"{where}.args: expected a list of flags, e.g. [--inline=never]")
+            args = []
+        replicas = whole_number(raw.get("replicas", 1), f"{where}.replicas", problems, 1, 100)
+        if not missing:
+            loader = raw.get("loader")
+            args_ = tuple(str(a) for a in args)
+            runtimes.append(RuntimeSpec(raw["model"], raw["version"], raw["target"], loader, replicas, args_))
     pipelines = []
-    for i, raw in enumerate(data.get("pipelines") or []):
+    raw_pipelines = data.get("pipelines") or []
+    if not isinstance(raw_pipelines, list):
+        problems.append("pipelines: expected a list")
+        raw_pipelines = []
+    for i, raw in enumerate(raw_pipelines):
         try:
             pipelines.append(parse_pipeline(raw))
         except InvalidPipeline as err:
             problems += [f"pipelines[{i}].{p}" for p in err.problems]
     concurrency = data.get("gateway_concurrency")
-    if concurrency is not None and (type(concurrency) is not int or concurrency < 1):
-        problems.append(f"gateway_concurrency: expected a positive integer, got {concurrency!r}")
+    if concurrency is not None:
+        concurrency = whole_number(concurrency, "gateway_concurrency", problems, 1, 256)
+    kafka = data.get("kafka", False)
+    if not isinstance(kafka, bool):
+        problems.append(f"kafka: expected true or false, got {kafka!r}")
     if problems:
         raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
     name = str(data.get("name", "stack"))
-    return Stack(name, ports, tuple(runtimes), tuple(pipelines), bool(data.get("kafka")), concurrency)
+    return Stack(name, ports, tuple(runtimes), tuple(pipelines), kafka, concurrency)
+
+
+STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency")
+RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args")
+
+
+def unknown_keys(data: dict[str, Any], known: Sequence[str], where: str) -> list[str]:
+    return [f"{where}{k}: unknown field (known: {', '.join(known)})" for k in data if k not in known]
+
+
+def whole_number(value: Any, where: str, problems: list[str], low: int, high: int) -> int:
+    """`value` if it is an integer in [low, high]; else a problem is noted (and `low` stands in)."""
+    if type(value) is not int or not low <= value <= high:
+        problems.append(f"{where}: expected a whole number from {low} to {high}, got {value!r}")
+        return low
+    return value
 
 
 @dataclass
