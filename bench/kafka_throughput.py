@@ -59,7 +59,7 @@ async def kafka_run(bootstrap: str, topic_in: str, topic_out: str, messages: int
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-kafka-"))
