@@ -134,14 +134,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in status["pipelines"]:
         print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}")
     columns = f"{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
-    print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'P99 MS':>8}")
+    print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'RETRIES':>9}{'P99 MS':>8}")
     for t in status["traffic"]:
         observed = "-" if t["observed_share"] is None else f"{100 * t['observed_share']:.1f}%"
         p99 = "-" if t["p99_ms"] is None else f"{t['p99_ms']:.1f}"
         variant = f"{t['model']}:{t['version']}"
         weight = f"{100 * t['configured_share']:.1f}%"
         left = f"{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
-        print(f"{left}{t['requests']:>10}{t['errors']:>6}{p99:>8}")
+        print(f"{left}{t['requests']:>10}{t['errors']:>6}{t['retries']:>9}{p99:>8}")
     print(f"\n{'ENVOY NODE':<28}{'TYPE':<24}{'ACKED':<14}NACK")
     for n in status["envoys"]:
         nack = f"{n['nack_version']}: {n['nack_error']}" if n["nack_error"] else ""

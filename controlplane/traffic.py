@@ -25,6 +25,7 @@ class ClusterStats:
     errors: int = 0  # upstream 5xx
     p50_ms: float | None = None
     p99_ms: float | None = None
+    retries: int = 0  # of those requests, retries (the hop before found this variant unreachable)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class VariantTraffic:
     errors: int
     p50_ms: float | None
     p99_ms: float | None
+    retries: int
 
 
 def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
@@ -49,7 +51,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
     for item in body.get("stats", []):
         name = item.get("name", "")
         if name.startswith("cluster.") and "value" in item:
-            for suffix in ("upstream_rq_total", "upstream_rq_5xx"):
+            for suffix in ("upstream_rq_total", "upstream_rq_5xx", "upstream_rq_retry"):
                 if name.endswith("." + suffix):
                     cluster = name[len("cluster.") : -len(suffix) - 1]
                     counts.setdefault(cluster, {})[suffix] = int(item["value"])
@@ -68,6 +70,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
             c.get("upstream_rq_5xx", 0),
             quantiles.get(cluster, {}).get("50"),
             quantiles.get(cluster, {}).get("99"),
+            c.get("upstream_rq_retry", 0),
         )
         for cluster, c in counts.items()
     }
@@ -82,7 +85,7 @@ def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterS
             total = old.requests + s.requests
             merged[cluster] = ClusterStats(
                 total, old.errors + s.errors, _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
-                _blend(old.p99_ms, old.requests, s.p99_ms, s.requests),
+                _blend(old.p99_ms, old.requests, s.p99_ms, s.requests), old.retries + s.retries,
             )  # fmt: skip
     return merged
 
@@ -128,7 +131,9 @@ def _row(
 ) -> VariantTraffic:
     s = stats.get(f"{model}.{version}") or ClusterStats()
     observed = s.requests / total if total else None
-    return VariantTraffic(*where, model, version, configured, observed, s.requests, s.errors, s.p50_ms, s.p99_ms)
+    return VariantTraffic(
+        *where, model, version, configured, observed, s.requests, s.errors, s.p50_ms, s.p99_ms, s.retries
+    )
 
 
 class TrafficScraper:

@@ -95,16 +95,18 @@ class StateCollector(Collector):
         labels = ["pipeline", "stage", "branch", "model", "version"]
         requests = CounterMetricFamily("mllambda_variant_requests", "requests a variant received", labels=labels)
         errors = CounterMetricFamily("mllambda_variant_errors", "5xx answers from a variant", labels=labels)
+        retries = CounterMetricFamily("mllambda_variant_retries", "retried requests to a variant", labels=labels)
         observed = GaugeMetricFamily("mllambda_variant_observed_share", "share of its split group", labels=labels)
         configured = GaugeMetricFamily("mllambda_variant_configured_share", "weight share", labels=labels)
         for t in self.traffic:
             key = [t.pipeline, t.stage, t.branch, t.model, t.version]
             requests.add_metric(key, t.requests)
             errors.add_metric(key, t.errors)
+            retries.add_metric(key, t.retries)
             configured.add_metric(key, t.configured_share)
             if t.observed_share is not None:
                 observed.add_metric(key, t.observed_share)
-        yield from (requests, errors, observed, configured)
+        yield from (requests, errors, retries, observed, configured)
         staleness = plane.discovery.staleness()
         yield GaugeMetricFamily(
             "mllambda_consul_staleness_seconds", "since the last good answer", value=min(staleness, 1e9)
@@ -202,7 +204,7 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
     e = html.escape
     out = [
         "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
-        "<th>observed</th><th>requests</th><th>5xx</th><th>p50 ms</th><th>p99 ms</th></tr>"
+        "<th>observed</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
     ]
     for t in rows:
         errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
@@ -210,6 +212,7 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
             f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
             f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
             f"<td class='observed'>{_pct(t['observed_share'])}</td><td>{t['requests']}</td><td>{errors}</td>"
+            f"<td>{t['retries']}</td>"
             f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
         )
     return "".join(out) + "</table>"

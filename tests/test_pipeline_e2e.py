@@ -338,3 +338,7 @@ async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
                 break
             await asyncio.sleep(0.05)
     assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") > 0, "the lost replica was never tried"
+    # ... and operators see it: the control plane's metrics count retries per variant.
+    _, metrics = http_get(f"http://127.0.0.1:{control_plane.metrics_port}/metrics")
+    retries = [line for line in metrics.splitlines() if line.startswith("mllambda_variant_retries_total{")]
+    assert any('model="tokenize"' in line and not line.endswith(" 0.0") for line in retries), retries
