@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import tempfile
@@ -22,13 +23,17 @@ def render_bootstrap(node_id: str, cluster: str, xds_addr: str, admin_port: int,
     for label, value in (("node id", node_id), ("cluster", cluster)):
         if not _NAME.match(value):
             raise ValueError(f"bad {label} {value!r}: use letters, digits, '.', '_' or '-'")
-    host, port = split_host_port(xds_addr, default_port=18000)
+    servers = [split_host_port(addr.strip(), default_port=18000) for addr in xds_addr.split(",") if addr.strip()]
+    if not servers:
+        raise ValueError("no xDS address given")
+    endpoints = [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}} for host, port in servers
+    ]
     return Template(TEMPLATE.read_text()).substitute(
         node_id=node_id,
         node_cluster=cluster,
         admin_port=admin_port,
-        xds_host=host,
-        xds_port=port,
+        xds_endpoints=json.dumps(endpoints),  # JSON is YAML
         api_type="DELTA_GRPC" if delta else "GRPC",
     )
 
@@ -60,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("sidecar", help="run an Envoy fed by the control plane")
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--cluster", required=True, help="Envoy service cluster (node group)")
-    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS address")
+    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS address(es): HOST:PORT[,HOST:PORT]")
     parser.add_argument("--admin-port", type=int, default=19000)
     parser.add_argument("--delta", action="store_true", help="incremental xDS instead of SotW")
     parser.add_argument("--config-dir", help="where to write the bootstrap (default: a temp dir)")

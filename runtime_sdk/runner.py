@@ -181,7 +181,7 @@ def register_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--uds", help="runtime Unix socket path (default: under $MLLAMBDA_RUN_DIR)")
     parser.add_argument("--service-id", help="Consul service id (and Envoy node id)")
     parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
-    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS address for the sidecar")
+    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS HOST:PORT[,...]")
     parser.add_argument("--no-sidecar", action="store_true", help="the sidecar is run by someone else")
     parser.add_argument("--ingress-port", type=int)
     parser.add_argument("--egress-port", type=int)

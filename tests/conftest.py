@@ -199,12 +199,12 @@ def start_runtime(
     started: list[RuntimeProc] = []
     run_dir = tempfile.mkdtemp(prefix="mll-")
 
-    def start(target: str, model: str, version: str, wait: bool = True) -> RuntimeProc:
+    def start(target: str, model: str, version: str, wait: bool = True, xds: str = "") -> RuntimeProc:
         service_id = f"{model}-{version}-{uuid.uuid4().hex[:6]}"
         argv = [
             sys.executable, "-m", "controlplane.cli", "runtime", target,
             f"--model={model}", f"--version={version}", f"--service-id={service_id}",
-            f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={control_plane.xds_addr}",
+            f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={xds or control_plane.xds_addr}",
             "--drain-seconds=1.5",
         ]  # fmt: skip
         env = {"MLLAMBDA_RUN_DIR": run_dir, "MLLAMBDA_KV_PREFIX": control_plane.kv_prefix}
