@@ -79,11 +79,7 @@ def load_stack(path: Path) -> Stack:
     chosen = {k: v for k, v in raw_ports.items() if k in port_names}
     ports = Ports(**{k: whole_number(v, f"ports.{k}", problems, 1, 65535) for k, v in chosen.items()})
     runtimes = []
-    raw_runtimes = data.get("runtimes") or []
-    if not isinstance(raw_runtimes, list):
-        problems.append("runtimes: expected a list")
-        raw_runtimes = []
-    for i, raw in enumerate(raw_runtimes):
+    for i, raw in enumerate(listed(data, "runtimes", problems)):
         where = f"runtimes[{i}]"
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected a mapping with model, version, target")
@@ -102,11 +98,7 @@ def load_stack(path: Path) -> Stack:
             args_ = tuple(str(a) for a in args)
             runtimes.append(RuntimeSpec(raw["model"], raw["version"], raw["target"], loader, replicas, args_))
     pipelines = []
-    raw_pipelines = data.get("pipelines") or []
-    if not isinstance(raw_pipelines, list):
-        problems.append("pipelines: expected a list")
-        raw_pipelines = []
-    for i, raw in enumerate(raw_pipelines):
+    for i, raw in enumerate(listed(data, "pipelines", problems)):
         try:
             pipelines.append(parse_pipeline(raw))
         except InvalidPipeline as err:
@@ -129,6 +121,15 @@ RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args")
 
 def unknown_keys(data: dict[str, Any], known: Sequence[str], where: str) -> list[str]:
     return [f"{where}{k}: unknown field (known: {', '.join(known)})" for k in data if k not in known]
+
+
+def listed(data: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
+    """`data[key]` if it is a list (absent: empty); else a problem is noted."""
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        problems.append(f"{key}: expected a list")
+        return []
+    return value
 
 
 def whole_number(value: Any, where: str, problems: list[str], low: int, high: int) -> int:

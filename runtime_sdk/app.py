@@ -104,6 +104,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
+        self.latency = self.metrics.latency.labels(self.model, self.version)  # looked up once, not per request
         self.is_async = inspect.iscoroutinefunction(self.predict)
 
     async def call_model(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class Runtime:
             try:
                 result = await self.predict(payload)  # type: ignore[misc]
             finally:
-                self.metrics.latency.labels(self.model, self.version).observe(time.perf_counter() - started)
+                self.latency.observe(time.perf_counter() - started)
         elif self.placement.inline:
             result = self._timed_predict(payload)
         else:
@@ -129,7 +130,7 @@ class Runtime:
         finally:
             took = time.perf_counter() - started
             self.placement.observe(took)
-            self.metrics.latency.labels(self.model, self.version).observe(took)
+            self.latency.observe(took)
 
 
 def _error(message: str, **extra: Any) -> str:

@@ -56,6 +56,12 @@ async def get_json(url: str) -> tuple[int, Any]:
             return resp.status, body
 
 
+def envoy_stat(envoy: Any, name: str) -> int:
+    """One counter or gauge from an Envoy's admin /stats (0 if it does not exist yet)."""
+    _, text = envoy.admin(f"/stats?filter=^{name}$")
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
 def config_dump(admin_port: int) -> dict[str, Any]:
     status, body = processes.http_get(f"http://127.0.0.1:{admin_port}/config_dump")
     assert status == 200, body

@@ -11,8 +11,9 @@ import pytest
 from controlplane import processes
 from controlplane.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
+from tests.envoy_helpers import envoy_stat
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad
-from tests.test_pipeline_e2e import apply, envoy_stat, until_ok
+from tests.test_pipeline_e2e import apply, until_ok
 
 pytestmark = pytest.mark.slow
 

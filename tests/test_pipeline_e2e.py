@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.envoy_helpers import wait_for
+from controlplane.processes import http_get
+from tests.envoy_helpers import envoy_stat, wait_for
 
 pytestmark = pytest.mark.slow
 M = "examples.trivial.models"
@@ -64,13 +66,12 @@ async def until_ok(url: str, payload: Any, timeout: float = 20) -> tuple[int, An
 
 
 @pytest.fixture
-def three_stages(start_runtime: Any) -> None:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
+def three_stages(start_runtime: Any) -> list[Any]:
+    return [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
 
 
 async def test_three_stage_pipeline_returns_the_composed_result(
-    control_plane: Any, gateway: Any, three_stages: None, tmp_path: Path
+    control_plane: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
 ) -> None:
     apply(control_plane, tmp_path, pipeline("words"))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/words"
@@ -86,7 +87,7 @@ async def test_three_stage_pipeline_returns_the_composed_result(
 
 
 async def test_weights_split_traffic_and_change_live(
-    control_plane: Any, gateway: Any, three_stages: None, start_runtime: Any, tmp_path: Path
+    control_plane: Any, gateway: Any, three_stages: list[Any], start_runtime: Any, tmp_path: Path
 ) -> None:
     start_runtime(f"{M}:score_v2", "score", "v2")
     split = {
@@ -128,14 +129,15 @@ async def test_weights_split_traffic_and_change_live(
     assert abs(v2_share - 0.50) <= 0.05, v2_share
 
 
+def service_meta(consul_port: int, model: str, service_id: str) -> dict[str, str]:
+    """What a runtime registered about itself (ports, socket paths), as Consul's catalog has it."""
+    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
+    return next(e["ServiceMeta"] for e in json.loads(body) if e["ServiceID"] == service_id)
+
+
 def runtime_metric(consul_port: int, model: str, service_id: str, name: str) -> int:
     """Sum of one metric from a runtime's own /metrics (its port found in Consul)."""
-    import json
-
-    from controlplane.processes import http_get
-
-    _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
-    port = next(e["ServiceMeta"]["runtime_port"] for e in json.loads(body) if e["ServiceID"] == service_id)
+    port = service_meta(consul_port, model, service_id)["runtime_port"]
     _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
     return int(
         sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith((name + "{", name + " ")))
@@ -151,7 +153,7 @@ async def test_shadow_gets_copies_and_never_affects_the_answer(
     control_plane: Any,
     consul_agent: Any,
     gateway: Any,
-    three_stages: None,
+    three_stages: list[Any],
     start_runtime: Any,
     tmp_path: Path,
 ) -> None:
@@ -242,7 +244,7 @@ async def switch_under_load(
 
 
 async def test_switching_transport_live_fails_no_request(
-    control_plane: Any, gateway: Any, three_stages: None, tmp_path: Path
+    control_plane: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
 ) -> None:
     outcomes = await switch_under_load(control_plane, tmp_path, "switchy", ["uds", "http", "uds", "http"], 0.7)
     assert set(outcomes) == {200}, outcomes
@@ -275,47 +277,26 @@ async def test_a_stage_whose_model_is_down_answers_503_naming_the_stage(
     assert body == {"count": 2, "score": 20}
 
 
-def envoy_stat(envoy: Any, name: str) -> int:
-    _, text = envoy.admin(f"/stats?filter=^{name}$")
-    return int(text.split(":")[1]) if ":" in text else 0
-
-
 async def test_a_failure_further_down_is_not_retried_by_every_hop(
-    control_plane: Any, consul_agent: Any, gateway: Any, three_stages: None, tmp_path: Path
+    control_plane: Any, consul_agent: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
 ) -> None:
     """Each hop retries its own next hop; an answer relayed from further down is final (no retry storm)."""
     apply(control_plane, tmp_path, pipeline("storm", variants=[{"model": "missing", "version": "v1"}]))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/storm"
-    counted = [runtime_requests(consul_agent.http_port, m, sid) for m, sid in three_stages_ids(consul_agent)]
+    counted = [runtime_requests(consul_agent.http_port, r.model, r.service_id) for r in three_stages]
     async with aiohttp.ClientSession() as session:
         results = [await post(session, url, {"text": "a b"}) for _ in range(10)]
     assert {status for status, _, _ in results} == {503}
     assert results[0][1]["route"] == "storm/score", results[0][1]
-    after = [runtime_requests(consul_agent.http_port, m, sid) for m, sid in three_stages_ids(consul_agent)]
+    after = [runtime_requests(consul_agent.http_port, r.model, r.service_id) for r in three_stages]
     # Two retries per hop would make that 30 calls of tokenize and 90 of count.
     assert [a - b for a, b in zip(after, counted, strict=True)] == [10, 10, 0]
     assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") == 0
 
 
-def three_stages_ids(consul_agent: Any) -> list[tuple[str, str]]:
-    import json
-
-    from controlplane.processes import http_get
-
-    ids = []
-    for model in ("tokenize", "count", "score"):
-        _, body = http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/{model}")
-        ids.append((model, json.loads(body)[0]["ServiceID"]))
-    return ids
-
-
 async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
     control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    import json
-
-    from controlplane.processes import http_get
-
     lost = start_runtime(f"{M}:tokenize", "tokenize", "v1")
     start_runtime(f"{M}:tokenize", "tokenize", "v1")
     spec = {"name": "lone", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]}
@@ -326,9 +307,7 @@ async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
 
     # One runtime's Unix socket is gone (as after a crash); its health check (TCP) still passes. Over
     # uds its sidecar cannot reach it and answers a 503 of its own: the gateway retries the other one.
-    _, body = http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/tokenize")
-    socket = next(e["ServiceMeta"]["runtime_uds"] for e in json.loads(body) if e["ServiceID"] == lost.service_id)
-    os.unlink(socket)
+    os.unlink(service_meta(consul_agent.http_port, "tokenize", lost.service_id)["runtime_uds"])
     apply(control_plane, tmp_path, {**spec, "transport": "uds"})
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
