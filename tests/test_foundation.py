@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from controlplane import processes
 from controlplane.config import ConsulAddress
 
 
@@ -35,3 +36,9 @@ def test_consul_address_flag_beats_environment_beats_default(
 def test_bad_consul_address_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="port must be a number"):
         ConsulAddress.from_settings("127.0.0.1:http")
+
+
+def test_free_ports_never_repeat_within_a_process() -> None:
+    """Two components started together (Consul's DNS and Serf ports) never get the same port."""
+    ports = [processes.free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
