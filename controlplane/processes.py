@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,22 +24,40 @@ class StartError(RuntimeError):
     """A component did not become ready; the message carries its last log lines."""
 
 
-_handed_out: set[int] = set()
+PORT_HOLD_SECONDS = 120.0
 
 
 def free_port() -> int:
-    """A loopback port free for TCP and UDP that this process has not handed out before.
+    """A loopback port free for TCP and UDP that no process on this machine took lately.
 
-    The kernel may give the same ephemeral port to two bind(0) calls in a row, and
-    Consul refuses to start when two of its ports (say DNS and Serf WAN) collide.
+    The kernel may hand the same ephemeral port to two bind(0) calls in a row (or
+    to two processes before either binds it); Consul refuses to start when two of
+    its ports collide. So each port handed out is marked in a shared folder and
+    not handed out again, by any process, for PORT_HOLD_SECONDS.
     """
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _handed_out and _udp_free(port):
-            _handed_out.add(port)
+        if _udp_free(port) and _claim(port):
             return port
+
+
+def _claim(port: int) -> bool:
+    folder = Path(tempfile.gettempdir()) / f"mllambda-ports-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    mark = folder / str(port)
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - mark.stat().st_mtime < PORT_HOLD_SECONDS:
+                return False
+            mark.touch()
+            return True
+        except FileNotFoundError:
+            return False
 
 
 def _udp_free(port: int) -> bool:

@@ -39,6 +39,16 @@ def test_bad_consul_address_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_free_ports_never_repeat_within_a_process() -> None:
-    """Two components started together (Consul's DNS and Serf ports) never get the same port."""
+    """Components started together (Consul's DNS and Serf ports, a runtime and its sidecar) never share a port."""
     ports = [processes.free_port() for _ in range(500)]
     assert len(set(ports)) == len(ports)
+
+
+def test_free_ports_never_repeat_across_processes() -> None:
+    """A runtime process picking its sidecar's ports never gets one the test process just took."""
+    code = "from controlplane import processes; print(*(processes.free_port() for _ in range(300)))"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    mine = {processes.free_port() for _ in range(300)}
+    out, _ = child.communicate(timeout=60)
+    theirs = {int(p) for p in out.split()}
+    assert len(theirs) == 300 and not mine & theirs
