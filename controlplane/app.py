@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -109,14 +110,14 @@ class ControlPlane:
         self.admin = PipelineAdmin(self.store, self.status, self._known_models, self._carried_version)
         self.xds = XdsServer(self.cache, self.status, settings.xds_addr)
         self.kafka: KafkaPlane | None = None
-        bridge = None
+        self.bridge: tuple[str, int] | None = None  # this process's Kafka bridge
         if settings.kafka_bootstrap:
             self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
             if settings.metrics_addr:
-                bridge = split_host_port(settings.metrics_addr, 18002)
+                self.bridge = split_host_port(settings.metrics_addr, 18002)
         self.admin.kafka_enabled = self.kafka is not None
         broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092) if settings.kafka_bootstrap else None
-        self.options = Options(gateway_port=settings.gateway_port, bridge=bridge, kafka_broker=broker)
+        self.options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
         self.status.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
@@ -165,7 +166,30 @@ class ControlPlane:
             asyncio.create_task(self._watch_pipelines()),
             asyncio.create_task(self._reconcile_forever()),
         ]
+        if self.bridge is not None:
+            self._tasks += [
+                asyncio.create_task(self._keep_bridge_registered()),
+                asyncio.create_task(self.discovery.watch_bridges(self.settings.kv_prefix)),
+            ]
         return self
+
+    @property
+    def _bridge_id(self) -> str:
+        assert self.bridge is not None
+        return f"mllambda-bridge-{self.bridge[0]}-{self.bridge[1]}"
+
+    async def _keep_bridge_registered(self) -> None:
+        """In Consul, so that every control plane routes Kafka pipelines to every bridge."""
+        from controlplane.kafka import register_bridge
+        from runtime_sdk.registration import keep_registered
+
+        assert self.bridge is not None
+        again = functools.partial(register_bridge, self.consul, self._bridge_id, *self.bridge, self.settings.kv_prefix)
+        try:
+            await again()
+        except Exception as err:  # Consul away: the keeper below registers it when it is back
+            log.warning("registering the Kafka bridge failed: %s", err)
+        await keep_registered(self.consul, self._bridge_id, again)
 
     async def _watch_pipelines(self) -> None:
         from controlplane.discovery import Backoff, next_index
@@ -209,7 +233,8 @@ class ControlPlane:
         pipelines = [v.pipeline for v in self.pipelines]
         versions = {v.pipeline.name: v.version for v in self.pipelines}
         with_filter = frozenset(n for n, ext in self.status.extensions.items() if KAFKA_BROKER_FILTER in ext)
-        options = replace(self.options, kafka_filter_nodes=with_filter)
+        bridges = {*self.discovery.bridges, *([self.bridge] if self.bridge else [])}
+        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=tuple(sorted(bridges)))
         snapshots = translate(pipelines, self.discovery.instances(), options)
         for group, snapshot in snapshots.items():
             self._remember(group, snapshot.version, versions)
@@ -258,6 +283,11 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bridge is not None:  # gateways stop sending here; in-flight calls finish below
+            try:
+                await self.consul.agent.service.deregister(self._bridge_id)
+            except Exception as err:
+                log.warning("deregistering the Kafka bridge failed: %s", err)
         if self._web is not None:
             await self._web.cleanup()
         if self.kafka is not None:

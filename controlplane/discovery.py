@@ -23,6 +23,7 @@ from controlplane.model import model_cluster
 
 log = logging.getLogger("mllambda.discovery")
 TAG = "mllambda"
+BRIDGE_SERVICE = "mllambda-bridge"  # control planes serving the Kafka HTTP bridge
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Discovery:
         self.on_change = on_change
         self.wait = wait
         self.by_service: dict[str, dict[str, Instance]] = {}
+        self.bridges: tuple[tuple[str, int], ...] = ()  # passing bridges of this deployment, sorted
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.errors = 0
         self.last_success = 0.0
@@ -145,10 +147,20 @@ class Discovery:
                 self.on_change()
 
     async def _watch_service(self, name: str) -> None:
+        await self._follow(name, lambda entries: self._take_instances(name, entries))
+
+    async def watch_bridges(self, kv_prefix: str) -> None:
+        """Passing Kafka bridges of the control planes that share this KV prefix."""
+        await self._follow(BRIDGE_SERVICE, lambda entries: self._take_bridges(kv_prefix, entries), passing=True)
+
+    async def _follow(self, name: str, take: Callable[[list[dict[str, Any]]], None], passing: bool = False) -> None:
+        """A blocking query on one service's health, forever; `take` gets each answer."""
         index, backoff, wait = 0, Backoff(), self.wait
         while True:
             try:
-                returned, entries = await self.client.health.service(name, index=index or None, wait=wait)
+                returned, entries = await self.client.health.service(
+                    name, index=index or None, wait=wait, passing=passing
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as err:
@@ -158,13 +170,24 @@ class Discovery:
             backoff.reset()
             self._ok()
             index = next_index(index, returned)
-            found = {i.service_id: i for e in entries if (i := Instance.from_health_entry(e))}
-            if found != self.by_service.get(name):
-                self.by_service[name] = found
-                log.info(
-                    "service=%s instances=%d passing=%d",
-                    name,
-                    len(found),
-                    sum(i.passing for i in found.values()),
-                )
-                self.on_change()
+            take(entries)
+
+    def _take_instances(self, name: str, entries: list[dict[str, Any]]) -> None:
+        found = {i.service_id: i for e in entries if (i := Instance.from_health_entry(e))}
+        if found != self.by_service.get(name):
+            self.by_service[name] = found
+            log.info("service=%s instances=%d passing=%d", name, len(found), sum(i.passing for i in found.values()))
+            self.on_change()
+
+    def _take_bridges(self, kv_prefix: str, entries: list[dict[str, Any]]) -> None:
+        found = tuple(
+            sorted(
+                (e["Service"].get("Address") or e["Node"]["Address"], int(e["Service"]["Port"]))
+                for e in entries
+                if (e["Service"].get("Meta") or {}).get("kv_prefix") == kv_prefix
+            )
+        )
+        if found != self.bridges:
+            self.bridges = found
+            log.info("kafka bridges=%s", ", ".join(f"{host}:{port}" for host, port in found) or "none")
+            self.on_change()

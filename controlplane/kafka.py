@@ -4,8 +4,10 @@
   mode keeps its table, marked inactive: runtimes drain what is in flight.
 - Entry router: one consumer per Kafka pipeline (active or draining) on its input topic (a user
   topic if configured) that picks stage 0's variant like every other hop.
-- Bridge: an HTTP request becomes a message with a correlation id and this
-  process's reply topic; the last stage (or the dead-letter path) answers there.
+- Bridge: an HTTP request becomes a message into stage 0 with a correlation id and
+  this process's reply topic; the last stage (or the dead-letter path) answers there.
+  Every control plane serves it and registers it in Consul (`BRIDGE_SERVICE`), so
+  gateways spread bridge requests over all of them and retry another when one dies.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import random
 import uuid
 from typing import Any
 
+import consul
 import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from controlplane.discovery import BRIDGE_SERVICE
 from controlplane.model import Pipeline
 from controlplane.translate.kafka import all_topics, routing_table
 from runtime_sdk.kafka import CORRELATION, ERROR, REPLY_TO, SERVED, dead_letter, header, kafka_prefix, next_topics
@@ -111,23 +115,24 @@ class KafkaPlane:
         try:
             while True:
                 for partition, records in (await consumer.getmany(timeout_ms=500, max_records=500)).items():
-                    await asyncio.gather(*(self._route_one(name, record) for record in records))
+                    await asyncio.gather(*(self._enter(name, r.value, list(r.headers or [])) for r in records))
                     await consumer.commit({partition: records[-1].offset + 1})
         finally:
             await consumer.stop()
 
-    async def _route_one(self, name: str, record: Any) -> None:
+    async def _enter(self, name: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """Into stage 0 (weights, branch, shadow), acknowledged; input that cannot enter is dead-lettered."""
         assert self.producer is not None
-        table, headers = self.tables[name], list(record.headers or [])
+        table = self.tables[name]
         try:
-            payload = json.loads(record.value)
+            payload = json.loads(value)
             if not isinstance(payload, dict):
                 raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
             topics = next_topics(table, 0, payload, self.rng)
         except (ValueError, LookupError) as err:
-            await dead_letter(self.producer, table, record.value, headers, f"not valid input: {err}", "input")
+            await dead_letter(self.producer, table, value, headers, f"not valid input: {err}", "input")
             return
-        await asyncio.gather(*(self.producer.send_and_wait(t, record.value, headers=headers) for t in topics))
+        await asyncio.gather(*(self.producer.send_and_wait(t, value, headers=headers) for t in topics))
 
     async def _collect_replies(self, consumer: AIOKafkaConsumer) -> None:
         try:
@@ -151,10 +156,26 @@ class KafkaPlane:
         self.waiting[correlation] = future
         headers = [(CORRELATION, correlation.encode()), (REPLY_TO, self.reply_topic.encode())]
         try:
-            await self.producer.send_and_wait(table["input"], payload, headers=headers)
+            # Straight into stage 0, not through the input topic: the entry routers'
+            # consumer group is not on this path, so losing a control plane stalls no request.
+            await self._enter(name, payload, headers)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             message = {"error": f"no result from pipeline {name!r} within {timeout:.0f}s (it is still in the topics)"}
             return 504, json.dumps(message).encode(), ""
         finally:
             self.waiting.pop(correlation, None)
+
+
+async def register_bridge(client: consul.aio.Consul, service_id: str, host: str, port: int, kv_prefix: str) -> None:
+    """This control plane's bridge, for every control plane of the deployment (same KV prefix) to route to."""
+    check = consul.Check.http(f"http://{host}:{port}/healthz", interval="1s", timeout="1s", deregister="1m")
+    await client.agent.service.register(
+        BRIDGE_SERVICE,
+        service_id=service_id,
+        address=host,
+        port=port,
+        tags=[BRIDGE_SERVICE],
+        meta={"kv_prefix": kv_prefix},
+        check=check,
+    )

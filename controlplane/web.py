@@ -258,8 +258,12 @@ def build_web_app(plane: ControlPlane) -> web.Application:
         headers = {"x-mll-served": served} if served else {}
         return web.Response(body=result, status=status, content_type="application/json", headers=headers)
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")  # Consul's check on this control plane's Kafka bridge
+
     app = web.Application()
     app.router.add_post("/bridge/{pipeline}", bridge)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/", dashboard)

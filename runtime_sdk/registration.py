@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,14 +72,16 @@ async def deregister(client: consul.aio.Consul, service_id: str) -> None:
     await client.agent.service.deregister(service_id)
 
 
-async def keep_registered(client: consul.aio.Consul, reg: Registration, through_sidecar: bool) -> None:
-    """Anti-entropy: if the agent forgot us (restarted, wiped), register again."""
+async def keep_registered(
+    client: consul.aio.Consul, service_id: str, register_again: Callable[[], Awaitable[None]]
+) -> None:
+    """Anti-entropy: if the agent forgot a service (restarted, wiped), register it again."""
     while True:
         await asyncio.sleep(2)
         try:
             services = await client.agent.services()
-            if reg.service_id not in services:
-                await register(client, reg, through_sidecar, passing=True)
-                log.info("re-registered service_id=%s", reg.service_id)
+            if service_id not in services:
+                await register_again()
+                log.info("re-registered service_id=%s", service_id)
         except Exception as err:  # Consul away: try again next round
             log.debug("registration check failed: %s", err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -104,7 +105,8 @@ async def run(args: argparse.Namespace) -> None:
         runtime.ready = True
         await register(client, reg, through_sidecar=sidecar is not None)
         log.info("registered service_id=%s ingress_port=%d", service_id, reg.ingress_port)
-        keeper = asyncio.create_task(keep_registered(client, reg, sidecar is not None))
+        again = functools.partial(register, client, reg, sidecar is not None, passing=True)
+        keeper = asyncio.create_task(keep_registered(client, reg.service_id, again))
         adapter = None
         if kafka:
             kv_prefix = args.kv_prefix or os.environ.get("MLLAMBDA_KV_PREFIX") or DEFAULT_PREFIX

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +12,26 @@ import pytest
 from controlplane import processes
 from controlplane.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
-from tests.envoy_helpers import envoy_stat
-from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad
+from tests.envoy_helpers import envoy_stat, wait_for
+from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.test_pipeline_e2e import apply, until_ok
 
 pytestmark = pytest.mark.slow
 
 
+def second_control_plane(first: ControlPlaneProc, logs_dir: Path) -> ControlPlaneProc:
+    """Another control plane of the same deployment: same Consul, KV prefix, gateway and broker."""
+    return ControlPlaneProc(
+        processes.free_port(), processes.free_port(), first.consul_port, first.kv_prefix,
+        logs_dir / f"controlplane-second-{first.xds_port}.log", first.gateway_port, first.gateway_admin_port,
+        env=dict(first.env),
+    )  # fmt: skip
+
+
 async def test_envoys_fail_over_to_a_second_control_plane(
     control_plane: Any, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
 ) -> None:
-    second = ControlPlaneProc(
-        processes.free_port(), processes.free_port(), control_plane.consul_port, control_plane.kv_prefix,
-        logs_dir / "controlplane-second.log", control_plane.gateway_port, control_plane.gateway_admin_port,
-    )  # fmt: skip
+    second = second_control_plane(control_plane, logs_dir)
     both = f"{control_plane.xds_addr},{second.xds_addr}"  # the second is not up yet: Envoys use the first
     gateway = start_envoy(
         lambda admin: render_bootstrap("gateway", "gateway", both, admin), admin_port=control_plane.gateway_admin_port
@@ -47,5 +54,40 @@ async def test_envoys_fail_over_to_a_second_control_plane(
         # Both serve identical, content-versioned snapshots: switching servers re-created no listener.
         assert envoy_stat(gateway, "listener_manager.listener_modified") == listeners_changed
         assert envoy_stat(gateway, "control_plane.connected_state") == 1
+    finally:
+        second.stop()
+
+
+async def test_kafka_bridge_survives_losing_a_control_plane(
+    control_plane: Any, kafka_bootstrap: str, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
+) -> None:
+    """Each control plane serves the HTTP bridge of Kafka pipelines; the gateway uses them all."""
+    control_plane.stop()
+    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    control_plane.start()
+    second = second_control_plane(control_plane, logs_dir)
+    both = f"{control_plane.xds_addr},{second.xds_addr}"
+    gateway = start_envoy(
+        lambda admin: render_bootstrap("gateway", "gateway", both, admin), admin_port=control_plane.gateway_admin_port
+    )
+    start_runtime(TOKENIZE, "tokenize", "v1", xds=both)
+    apply(control_plane, tmp_path, {**ONE_STAGE, "transport": "kafka"})
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"}, timeout=60)
+    assert len(gateway_hosts(gateway, "mll-kafka-bridge")) == 1
+    second.start()
+    try:
+        await wait_for(lambda: len(gateway_hosts(gateway, "mll-kafka-bridge")) == 2, timeout=30)
+        async with SteadyLoad(url) as load:
+            await asyncio.sleep(2)  # both bridges busy
+            assert control_plane.proc is not None
+            control_plane.proc.signal(signal.SIGKILL)
+            answered_before = sum(load.outcomes.values())
+            # Consul's check fails, the surviving control plane drops the dead bridge.
+            await wait_for(lambda: len(gateway_hosts(gateway, "mll-kafka-bridge")) == 1, timeout=30)
+            await asyncio.sleep(2)
+        _, stats = gateway.admin("/stats?filter=mll-kafka-bridge.upstream_(rq_retry|cx_connect_fail)")
+        assert set(load.outcomes) == {200}, (load.outcomes, stats)
+        assert sum(load.outcomes.values()) - answered_before > 20, load.outcomes
     finally:
         second.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -124,6 +125,23 @@ def test_sidecars_proxy_kafka_and_use_the_broker_filter_only_where_envoy_has_it(
     assert typed.type_url.endswith("kafka_broker.v3.KafkaBroker")
     broker = snapshots["ma-v1-1"].of_type(CLUSTER).by_name["kafka-broker"]
     assert broker.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 9092
+
+
+def test_kafka_pipelines_reach_every_bridge_and_retry_another_one() -> None:
+    kafka = dataclasses.replace(PIPELINE, transport="kafka")
+    assert translate([kafka], RUNTIMES)["gateway"].of_type(CLUSTER).by_name.keys().isdisjoint({"mll-kafka-bridge"})
+    options = Options(bridges=(("10.0.0.1", 18002), ("10.0.0.2", 18002)))
+    gateway = translate([kafka], RUNTIMES, options)["gateway"]
+    entry = routes(gateway, "gateway")[0]
+    assert (entry.match.path, entry.route.prefix_rewrite) == ("/pipelines/p", "/bridge/p")
+    assert entry.route.cluster == "mll-kafka-bridge"
+    assert {"connect-failure", "reset"} <= set(entry.route.retry_policy.retry_on.split(","))
+    assert entry.route.retry_policy.num_retries.value >= 1
+    assert entry.route.retry_policy.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
+    bridge = gateway.of_type(CLUSTER).by_name["mll-kafka-bridge"]
+    hosts = [e.endpoint.address.socket_address.address for e in bridge.load_assignment.endpoints[0].lb_endpoints]
+    assert hosts == ["10.0.0.1", "10.0.0.2"]
+    assert bridge.circuit_breakers.thresholds[0].max_retries.value > 1000  # every in-flight request may retry
 
 
 def test_listeners_use_rds_routes_that_exist() -> None:

@@ -33,6 +33,7 @@ from runtime_sdk import headers as h
 Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
 LOCAL_HTTP = "local-http"
 BRIDGE = "mll-kafka-bridge"
+BRIDGE_RETRIES = 2
 KAFKA = "kafka-broker"
 LOCAL_UDS = "local-uds"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
@@ -45,7 +46,7 @@ class Options:
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 18080
     gateway_group: str = "gateway"
-    bridge: tuple[str, int] | None = None  # the Kafka bridge (host, port); None: Kafka pipelines get no route
+    bridges: tuple[tuple[str, int], ...] = ()  # every control plane's Kafka bridge; none: no route for Kafka pipelines
     kafka_broker: tuple[str, int] | None = None  # sidecars proxy runtimes' broker traffic here
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
 
@@ -58,7 +59,7 @@ def translate(
     pipelines: Sequence[Pipeline], instances: Sequence[Instance], options: Options = Options()
 ) -> dict[str, Snapshot]:
     served = [p for p in pipelines if p.transport in SERVED_TRANSPORTS]
-    bridged = [p for p in pipelines if p.transport == "kafka"] if options.bridge else []
+    bridged = [p for p in pipelines if p.transport == "kafka"] if options.bridges else []
     endpoints = _endpoints_by_cluster(instances)
     snapshots = {options.gateway_group: _gateway(served, bridged, endpoints, options)}
     for instance in instances:
@@ -85,7 +86,7 @@ def _gateway(
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     remote = _remote_clusters([route for route in routes if route.route.cluster != BRIDGE], endpoints)
-    local = [r.static_cluster(BRIDGE, r.tcp_address(*options.bridge))] if bridged and options.bridge else []
+    local = [r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in options.bridges))] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
 
@@ -98,6 +99,9 @@ def _bridge_route(p: Pipeline) -> rc.Route:
             cluster=BRIDGE,
             prefix_rewrite=f"/bridge/{p.name}",
             timeout=r.millis(_remaining_timeout(p, 0) + 1000),
+            # A control plane that dies takes its bridge along: try another one. A
+            # request cut off mid-way may then run twice (Kafka mode is at least once).
+            retry_policy=_retry(BRIDGE_RETRIES),
         ),
     )
 
@@ -204,7 +208,7 @@ def _split_route(
     stage = p.stages[k]
     action = rc.RouteAction(
         timeout=r.millis(_remaining_timeout(p, k)),
-        retry_policy=_retry(stage),
+        retry_policy=_retry(stage.retry.attempts, stage.retry.per_try_timeout_ms),
         request_mirror_policies=_mirror(stage),
     )
     if rewrite:
@@ -227,10 +231,10 @@ def _split_route(
     return rc.Route(name=f"{p.name}/{stage.name}", match=match, route=action)
 
 
-def _retry(stage: Stage) -> rc.RetryPolicy:
+def _retry(attempts: int, per_try_timeout_ms: int = 0) -> rc.RetryPolicy:
     policy = rc.RetryPolicy(
         retry_on=RETRY_ON,
-        num_retries=wrappers_pb2.UInt32Value(value=stage.retry.attempts),
+        num_retries=wrappers_pb2.UInt32Value(value=attempts),
         retriable_headers=[rc.HeaderMatcher(name=h.RETRIABLE, present_match=True)],
         # A retry goes to another instance when there is one.
         retry_host_predicate=[
@@ -241,8 +245,8 @@ def _retry(stage: Stage) -> rc.RetryPolicy:
         ],
         host_selection_retry_max_attempts=3,
     )
-    if stage.retry.per_try_timeout_ms:
-        policy.per_try_timeout.CopyFrom(r.millis(stage.retry.per_try_timeout_ms))
+    if per_try_timeout_ms:
+        policy.per_try_timeout.CopyFrom(r.millis(per_try_timeout_ms))
     return policy
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -52,6 +52,14 @@ def pack(message: Resource) -> any_pb2.Any:
     return packed
 
 
+# Envoy lets a cluster run only 3 retries at once by default: when a host dies, every
+# request in flight retries together and the 4th fails. Each route bounds its own
+# retries (num_retries), so the cluster-wide cap is lifted, as Istio does.
+_RETRIES_UNCAPPED = circuit_breaker_pb2.CircuitBreakers(
+    thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=wrappers_pb2.UInt32Value(value=2**32 - 1))]
+)
+
+
 def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True) -> Resource:
     """A cluster whose endpoints come over EDS (from Consul via the control plane)."""
     cluster = cluster_pb2.Cluster(
@@ -59,6 +67,7 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
         type=cluster_pb2.Cluster.EDS,
         connect_timeout=millis(connect_timeout_ms),
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        circuit_breakers=_RETRIES_UNCAPPED,
     )
     if outlier:
         # Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
@@ -129,13 +138,14 @@ def _retriable_503() -> Resource:
     )
 
 
-def static_cluster(name: str, address: Address, connect_timeout_ms: int = 1000) -> Resource:
-    """A cluster with one fixed endpoint (a sidecar's own runtime)."""
+def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 1000) -> Resource:
+    """A cluster with fixed endpoints (a sidecar's own runtime, the control planes' Kafka bridges)."""
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=millis(connect_timeout_ms),
-        load_assignment=load_assignment(name, [address]),
+        load_assignment=load_assignment(name, addresses),
+        circuit_breakers=_RETRIES_UNCAPPED,
     )
 
 
