@@ -233,8 +233,7 @@ class ControlPlane:
         pipelines = [v.pipeline for v in self.pipelines]
         versions = {v.pipeline.name: v.version for v in self.pipelines}
         with_filter = frozenset(n for n, ext in self.status.extensions.items() if KAFKA_BROKER_FILTER in ext)
-        bridges = {*self.discovery.bridges, *([self.bridge] if self.bridge else [])}
-        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=tuple(sorted(bridges)))
+        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=self.kafka_bridges())
         snapshots = translate(pipelines, self.discovery.instances(), options)
         for group, snapshot in snapshots.items():
             self._remember(group, snapshot.version, versions)
@@ -247,6 +246,10 @@ class ControlPlane:
                 del self._set_at[next(iter(self._set_at))]
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
             log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
+
+    def kafka_bridges(self) -> tuple[tuple[str, int], ...]:
+        """Where gateways send Kafka pipelines' HTTP requests: every passing bridge of this deployment, and ours."""
+        return tuple(sorted({*self.discovery.bridges, *([self.bridge] if self.bridge else [])}))
 
     async def traffic_rows(self) -> list[VariantTraffic]:
         """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""

@@ -140,6 +140,7 @@ def status_json(
             for s in plane.status.all()
         ],
         "consul": {"reachable": plane.discovery.reachable, "errors": plane.discovery.errors},
+        "kafka_bridges": [f"{host}:{port}" for host, port in plane.kafka_bridges()],
         "generated_at": time.time(),
     }
 
@@ -183,6 +184,8 @@ def render_dashboard(status: dict[str, Any]) -> str:
     links = status["links"]
     admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(links["envoy_admin"].items()))
     parts.append(f"<p>Envoy admin: {admin_links}</p>")
+    if status["kafka_bridges"]:
+        parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
         "<title>ML Lambda</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;"

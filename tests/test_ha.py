@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,12 @@ async def test_envoys_fail_over_to_a_second_control_plane(
         second.stop()
 
 
+def bridges_of(plane: ControlPlaneProc) -> list[str]:
+    """The Kafka bridges a control plane routes to, as its /api/status shows them."""
+    _, body = processes.http_get(f"http://127.0.0.1:{plane.metrics_port}/api/status")
+    return list(json.loads(body)["kafka_bridges"])
+
+
 async def test_kafka_bridge_survives_losing_a_control_plane(
     control_plane: Any, kafka_bootstrap: str, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
 ) -> None:
@@ -78,6 +85,7 @@ async def test_kafka_bridge_survives_losing_a_control_plane(
     second.start()
     try:
         await wait_for(lambda: len(gateway_hosts(gateway, "mll-kafka-bridge")) == 2, timeout=30)
+        assert len(bridges_of(second)) == 2
         async with SteadyLoad(url) as load:
             await asyncio.sleep(2)  # both bridges busy
             assert control_plane.proc is not None
@@ -88,6 +96,7 @@ async def test_kafka_bridge_survives_losing_a_control_plane(
             await asyncio.sleep(2)
         _, stats = gateway.admin("/stats?filter=mll-kafka-bridge.upstream_(rq_retry|cx_connect_fail)")
         assert set(load.outcomes) == {200}, (load.outcomes, stats)
+        assert bridges_of(second) == [f"127.0.0.1:{second.metrics_port}"]
         assert sum(load.outcomes.values()) - answered_before > 20, load.outcomes
     finally:
         second.stop()
