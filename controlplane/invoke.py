@@ -146,4 +146,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     for n in status["envoys"]:
         nack = f"{n['nack_version']}: {n['nack_error']}" if n["nack_error"] else ""
         print(f"{n['node']:<28}{n['type']:<24}{n['acked']:<14}{nack}")
+    if status.get("kafka_bridges"):
+        print(f"\nkafka bridges: {', '.join(status['kafka_bridges'])}")
     return 0

@@ -165,13 +165,19 @@ async def test_shadow_gets_copies_and_never_affects_the_answer(
     apply(control_plane, tmp_path, pipeline("shadowed", **spec))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/shadowed"
     await until_ok(url, {"text": "a b"})
-    before = runtime_requests(consul_agent.http_port, "score", shadow.service_id)
+    count = three_stages[1]  # the stage whose sidecar sends the copies
+
+    def answered() -> tuple[int, int]:
+        port = consul_agent.http_port
+        return runtime_requests(port, "score", shadow.service_id), runtime_requests(port, "count", count.service_id)
+
+    before = answered()
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(600)))
     assert {(status, body["score"]) for status, body, _ in results} == {(200, 20)}  # never v2's 200
     await asyncio.sleep(0.5)
-    copies = runtime_requests(consul_agent.http_port, "score", shadow.service_id) - before
-    assert 0.24 <= copies / 600 <= 0.36, copies
+    copies, counted = (after - then for after, then in zip(answered(), before, strict=True))
+    assert 0.24 <= copies / 600 <= 0.36, f"{copies} copies; the count stage ran {counted} times for 600 requests"
 
     broken = start_runtime(f"{M}:broken", "broken", "v1")
     spec["shadow"] = {"model": "broken", "version": "v1", "percent": 100}

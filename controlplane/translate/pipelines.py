@@ -86,8 +86,14 @@ def _gateway(
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     remote = _remote_clusters([route for route in routes if route.route.cluster != BRIDGE], endpoints)
-    local = [r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in options.bridges))] if bridged else []
+    local = [_bridge_cluster(options.bridges)] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
+
+
+def _bridge_cluster(bridges: Sequence[tuple[str, int]]) -> Any:
+    cluster = r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in bridges))
+    cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)  # a dying control plane: all its requests retry
+    return cluster
 
 
 def _bridge_route(p: Pipeline) -> rc.Route:

@@ -53,9 +53,10 @@ def pack(message: Resource) -> any_pb2.Any:
 
 
 # Envoy lets a cluster run only 3 retries at once by default: when a host dies, every
-# request in flight retries together and the 4th fails. Each route bounds its own
-# retries (num_retries), so the cluster-wide cap is lifted, as Istio does.
-_RETRIES_UNCAPPED = circuit_breaker_pb2.CircuitBreakers(
+# request in flight to it retries together and the 4th fails. Where that is expected
+# (a control plane's Kafka bridge), the route bounds retries (num_retries) and the
+# cluster-wide cap is lifted, as Istio does.
+RETRIES_UNCAPPED = circuit_breaker_pb2.CircuitBreakers(
     thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=wrappers_pb2.UInt32Value(value=2**32 - 1))]
 )
 
@@ -67,7 +68,6 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
         type=cluster_pb2.Cluster.EDS,
         connect_timeout=millis(connect_timeout_ms),
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
-        circuit_breakers=_RETRIES_UNCAPPED,
     )
     if outlier:
         # Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
@@ -145,7 +145,6 @@ def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 100
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=millis(connect_timeout_ms),
         load_assignment=load_assignment(name, addresses),
-        circuit_breakers=_RETRIES_UNCAPPED,
     )
 
 
