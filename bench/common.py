@@ -1,15 +1,22 @@
-"""Shared helpers for the benchmarks: percentiles, medians of runs, a real Envoy."""
+"""Shared helpers for the benchmarks: percentiles, medians of runs, a real Envoy, a whole stack."""
 
 from __future__ import annotations
 
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from controlplane import processes
+from controlplane.config import PROJECT_ROOT
 from controlplane.sidecar import render_bootstrap
 from controlplane.tools import find_envoy
 
@@ -79,3 +86,28 @@ def children_cpu() -> float:
     """CPU seconds of this process's finished children (e.g. a wrk run)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+CLI = [sys.executable, "-m", "controlplane.cli"]
+
+
+@contextmanager
+def running_stack(folder: Path, stack: dict[str, Any]) -> Iterator[tuple[dict[str, int], dict[str, str]]]:
+    """`mllambda up --detach` a stack on free ports, `down` at the end.
+
+    Yields its ports and the environment that points the CLI at it.
+    """
+    names = ["consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics"]
+    ports = {name: processes.free_port() for name in [*names, *(["kafka"] if stack.get("kafka") else [])]}
+    (folder / "stack.yaml").write_text(yaml.safe_dump({"kind": "Stack", **stack, "ports": ports}))
+    env = {
+        **os.environ,
+        "MLLAMBDA_STATE_DIR": str(folder / "state"),
+        "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}",
+    }
+    up = [*CLI, "up", "-f", str(folder / "stack.yaml"), "--detach"]
+    subprocess.run(up, env=env, check=True, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+    try:
+        yield ports, env
+    finally:
+        subprocess.run([*CLI, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import median, percentile
+from bench.common import median, percentile, running_stack
 from bench.pipeline_hops import MODELS, POST_LUA, stage, wrk
-from controlplane import processes
-from controlplane.config import PROJECT_ROOT
 
 
 async def kafka_run(bootstrap: str, topic_in: str, topic_out: str, messages: int) -> dict[str, float]:
@@ -63,23 +57,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-kafka-"))
-    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka")}
-    ports["controlplane_metrics"] = processes.free_port()
     models = ("tokenize", "count", "score")
     stack = {
-        "kind": "Stack", "name": "bench-kafka", "kafka": True, "ports": ports,
+        "name": "bench-kafka", "kafka": True,
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "kb", "transport": "kafka", "stages": [stage(m) for m in models]},
                       {"name": "hb", "transport": "http", "stages": [stage(m) for m in models]}],
     }  # fmt: skip
-    (folder / "stack.yaml").write_text(yaml.safe_dump(stack))
     (folder / "post.lua").write_text(POST_LUA)
-    env = {**os.environ, "MLLAMBDA_STATE_DIR": str(folder / "state")}
-    cli = [sys.executable, "-m", "controlplane.cli"]
-    subprocess.run([*cli, "up", "-f", str(folder / "stack.yaml"), "--detach"], env=env, check=True, cwd=PROJECT_ROOT,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    bootstrap = f"127.0.0.1:{ports['kafka']}"
-    try:
+    with running_stack(folder, stack) as (ports, _):
+        bootstrap = f"127.0.0.1:{ports['kafka']}"
         kafka, http = [], []
         for _ in range(args.runs):
             kafka.append(asyncio.run(kafka_run(bootstrap, "mll.kb.in", "mll.kb.out", args.messages)))
@@ -95,8 +82,6 @@ def main() -> None:
         )
         ratio = median([k["rate"] for k in kafka]) / median([h["rps"] for h in http])
         print(f"  kafka/http throughput ratio: {ratio:.2f}")
-    finally:
-        subprocess.run([*cli, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,12 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from google.protobuf import json_format
 
-from bench.common import children_cpu, cpu_spent, median, process_cpu
+from bench.common import children_cpu, cpu_spent, median, process_cpu, running_stack
 from controlplane import processes
-from controlplane.config import PROJECT_ROOT
 from controlplane.tools import find_envoy
 from controlplane.translate import resources as r
 
@@ -130,62 +127,44 @@ def throughput(
         if i < 2:
             args.append(f"--next=http://127.0.0.1:{ports[i + 1]}/")
         chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
-    stack_ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
-    stack_ports["controlplane_metrics"] = processes.free_port()
+    models = ("tokenize", "count", "score")
     stack = {
-        "kind": "Stack",
         "name": "bench",
-        "ports": stack_ports,
         "gateway_concurrency": gateway_concurrency,
-        "runtimes": [
-            {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": runtime_args}
-            for m in ("tokenize", "count", "score")
-        ],
-        "pipelines": [
-            {
-                "name": "bench",
-                "transport": transport,
-                "stages": [
-                    {"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("tokenize", "count", "score")
-                ],
-            }
-        ],
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": runtime_args} for m in models],
+        "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
-    (folder / "stack.yaml").write_text(yaml.safe_dump(stack))
-    env = {**os.environ, "MLLAMBDA_STATE_DIR": str(folder / "state")}
-    cli = [sys.executable, "-m", "controlplane.cli"]
-    subprocess.run([*cli, "up", "-f", str(folder / "stack.yaml"), "--detach"], env=env, check=True, cwd=PROJECT_ROOT,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
     try:
-        rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
-        urls = {
-            "plain aiohttp chain": f"http://127.0.0.1:{ports[0]}/",
-            "ML Lambda (Envoy)": f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench",
-        }
-        cpu: dict[str, dict[str, float]] = {path: {} for path in urls}
-        for _ in range(runs):
-            for path, url in urls.items():
-                before, wrk_before = process_cpu(), children_cpu()
-                rows[path].append(wrk(url, 32, 8, script))
-                spent = {**cpu_spent(before, process_cpu()), "wrk": children_cpu() - wrk_before}
-                for role, seconds in spent.items():
-                    cpu[path][role] = cpu[path].get(role, 0.0) + seconds
-        print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
-        print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
-        medians = {}
-        for path, values in rows.items():
-            medians[path] = median([v["rps"] for v in values])
-            print(f"   {path:<22}{medians[path]:>9.0f}{median([v['p50'] for v in values]):>9.2f}"
-                  f"{median([v['p99'] for v in values]):>9.2f}{sum(v['errors'] for v in values):>9.0f}")  # fmt: skip
-        ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
-        print(f"   ratio ML Lambda / plain: {ratio:.2f}")
-        print("\n   CPU per request by process role (us), all runs")
-        for path, spent in cpu.items():
-            requests = sum(v["requests"] for v in rows[path])
-            parts = ", ".join(f"{role} {sec / requests * 1e6:.0f}" for role, sec in sorted(spent.items()) if sec)
-            print(f"   {path}: total {sum(spent.values()) / requests * 1e6:.0f} = {parts}")
+        with running_stack(folder, stack) as (stack_ports, _):
+            rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
+            urls = {
+                "plain aiohttp chain": f"http://127.0.0.1:{ports[0]}/",
+                "ML Lambda (Envoy)": f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench",
+            }
+            cpu: dict[str, dict[str, float]] = {path: {} for path in urls}
+            for _ in range(runs):
+                for path, url in urls.items():
+                    before, wrk_before = process_cpu(), children_cpu()
+                    rows[path].append(wrk(url, 32, 8, script))
+                    spent = {**cpu_spent(before, process_cpu()), "wrk": children_cpu() - wrk_before}
+                    for role, seconds in spent.items():
+                        cpu[path][role] = cpu[path].get(role, 0.0) + seconds
+            print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
+            print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+            medians = {}
+            for path, values in rows.items():
+                medians[path] = median([v["rps"] for v in values])
+                p50, p99 = median([v["p50"] for v in values]), median([v["p99"] for v in values])
+                errors = sum(v["errors"] for v in values)
+                print(f"   {path:<22}{medians[path]:>9.0f}{p50:>9.2f}{p99:>9.2f}{errors:>9.0f}")
+            ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
+            print(f"   ratio ML Lambda / plain: {ratio:.2f}")
+            print("\n   CPU per request by process role (us), all runs")
+            for path, spent in cpu.items():
+                requests = sum(v["requests"] for v in rows[path])
+                parts = ", ".join(f"{role} {sec / requests * 1e6:.0f}" for role, sec in sorted(spent.items()) if sec)
+                print(f"   {path}: total {sum(spent.values()) / requests * 1e6:.0f} = {parts}")
     finally:
-        subprocess.run([*cli, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
         for proc in chain:
             proc.stop()
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from bench.common import CLI, running_stack
 from bench.pipeline_hops import MODELS, stage
-from controlplane import processes
-from controlplane.config import PROJECT_ROOT
 from controlplane.invoke import send, split_table
 
 
@@ -28,21 +25,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-split-"))
-    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
-    ports["controlplane_metrics"] = processes.free_port()
     runtimes = [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in ("tokenize", "count", "score")]
     runtimes.append({"model": "score", "version": "v2", "target": f"{MODELS}:score_v2"})
-    stack = {"kind": "Stack", "name": "bench-split", "ports": ports, "runtimes": runtimes, "pipelines": []}
-    (folder / "stack.yaml").write_text(yaml.safe_dump(stack))
-    env = {
-        **os.environ,
-        "MLLAMBDA_STATE_DIR": str(folder / "state"),
-        "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}",
-    }
-    cli = [sys.executable, "-m", "controlplane.cli"]
-    subprocess.run([*cli, "up", "-f", str(folder / "stack.yaml"), "--detach"], env=env, check=True, cwd=PROJECT_ROOT,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    try:
+    with running_stack(folder, {"name": "bench-split", "runtimes": runtimes}) as (ports, env):
         for v1, v2 in ((90, 10), (99, 1)):
             weights = [
                 {"model": "score", "version": "v1", "weight": v1},
@@ -53,8 +38,9 @@ def main() -> None:
                 "stages": [stage("tokenize"), stage("count"), {"name": "score", "variants": weights}],
             }
             (folder / "p.yaml").write_text(yaml.safe_dump(spec))
-            applied = [*cli, "apply", "-f", str(folder / "p.yaml")]
-            subprocess.run(applied, env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*CLI, "apply", "-f", str(folder / "p.yaml")], env=env, check=True, stdout=subprocess.DEVNULL
+            )
             url = f"http://127.0.0.1:{ports['gateway']}/pipelines/split"
             asyncio.run(send(url, {"text": "a b"}, 20))  # config reached every Envoy
             bodies, served, errors = asyncio.run(send(url, {"text": "a b"}, args.requests, concurrency=16))
@@ -62,8 +48,6 @@ def main() -> None:
             share = counts.get("score:v2", 0) / max(1, sum(counts.values()))
             print(json.dumps({"configured_v2": v2 / 100, "observed_v2": round(share, 4), "ok": len(bodies),
                               "errors": len(errors), "off_by_pp": round(100 * abs(share - v2 / 100), 2)}))  # fmt: skip
-    finally:
-        subprocess.run([*cli, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from controlplane.discovery import BRIDGE_SERVICE
 from controlplane.model import Pipeline
 from controlplane.translate.kafka import all_topics, routing_table
-from runtime_sdk.kafka import CORRELATION, ERROR, REPLY_TO, SERVED, dead_letter, header, kafka_prefix, next_topics
+from runtime_sdk.kafka import (
+    CORRELATION,
+    ERROR,
+    REPLY_TO,
+    SERVED,
+    consume_batches,
+    dead_letter,
+    header,
+    kafka_prefix,
+    next_topics,
+)
 
 log = logging.getLogger("mllambda.kafka")
 PARTITIONS = 3
@@ -112,13 +122,7 @@ class KafkaPlane:
             enable_auto_commit=False, auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
-        try:
-            while True:
-                for partition, records in (await consumer.getmany(timeout_ms=500, max_records=500)).items():
-                    await asyncio.gather(*(self._enter(name, r.value, list(r.headers or [])) for r in records))
-                    await consumer.commit({partition: records[-1].offset + 1})
-        finally:
-            await consumer.stop()
+        await consume_batches(consumer, lambda record: self._enter(name, record.value, list(record.headers or [])))
 
     async def _enter(self, name: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         """Into stage 0 (weights, branch, shadow), acknowledged; input that cannot enter is dead-lettered."""

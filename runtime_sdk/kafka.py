@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import consul.aio
@@ -102,6 +102,21 @@ async def started(make: Callable[[], Any]) -> Any:
     raise RuntimeError("Kafka broker unreachable")
 
 
+async def consume_batches(consumer: AIOKafkaConsumer, handle: Callable[[Any], Awaitable[None]]) -> None:
+    """Forever, then stop the consumer: at least once, for every hop and entry router.
+
+    A fetched batch is handled concurrently (the producer batches the sends) and
+    committed only once every message in it is acknowledged downstream.
+    """
+    try:
+        while True:
+            for partition, records in (await consumer.getmany(timeout_ms=500, max_records=500)).items():
+                await asyncio.gather(*(handle(record) for record in records))
+                await consumer.commit({partition: records[-1].offset + 1})
+    finally:
+        await consumer.stop()
+
+
 class KafkaAdapter:
     """Follows the routing tables and runs one consumer per topic this model version serves."""
 
@@ -174,16 +189,7 @@ class KafkaAdapter:
                 auto_offset_reset="earliest",
             )
         )
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=500)
-                for partition, records in batches.items():
-                    # A fetched batch is handled concurrently (the producer batches the sends) ...
-                    await asyncio.gather(*(self._handle(pipeline, index, shadow, r) for r in records))
-                    # ... and committed only once every message in it is acknowledged downstream.
-                    await consumer.commit({partition: records[-1].offset + 1})
-        finally:
-            await consumer.stop()
+        await consume_batches(consumer, lambda record: self._handle(pipeline, index, shadow, record))
 
     async def _handle(self, pipeline: str, index: int, shadow: bool, record: Any) -> None:
         assert self.producer is not None

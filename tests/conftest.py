@@ -183,6 +183,15 @@ def control_plane(consul_agent: ConsulAgent, logs_dir: Path) -> Iterator[Control
     plane.stop()
 
 
+@pytest.fixture
+def kafka_plane(control_plane: ControlPlaneProc, kafka_bootstrap: str) -> ControlPlaneProc:
+    """The control plane, restarted with a Kafka broker (before any runtime starts)."""
+    control_plane.stop()
+    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    control_plane.start()
+    return control_plane
+
+
 @dataclass
 class RuntimeProc:
     service_id: str

@@ -66,12 +66,10 @@ def bridges_of(plane: ControlPlaneProc) -> list[str]:
 
 
 async def test_kafka_bridge_survives_losing_a_control_plane(
-    control_plane: Any, kafka_bootstrap: str, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
+    kafka_plane: Any, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
 ) -> None:
     """Each control plane serves the HTTP bridge of Kafka pipelines; the gateway uses them all."""
-    control_plane.stop()
-    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
-    control_plane.start()
+    control_plane = kafka_plane
     second = second_control_plane(control_plane, logs_dir)
     both = f"{control_plane.xds_addr},{second.xds_addr}"
     gateway = start_envoy(

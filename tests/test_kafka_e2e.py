@@ -13,19 +13,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from controlplane.processes import http_get
 from tests.envoy_helpers import wait_for
-from tests.test_pipeline_e2e import M, apply, pipeline, runtime_metric, switch_under_load, until_ok
+from tests.test_pipeline_e2e import M, apply, pipeline, runtime_metric, service_meta, switch_under_load, until_ok
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def kafka_plane(control_plane: Any, kafka_bootstrap: str) -> Any:
-    """The control plane, restarted with a Kafka broker (before any runtime starts)."""
-    control_plane.stop()
-    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
-    control_plane.start()
-    return control_plane
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -66,8 +58,7 @@ def served(record: Any) -> str:
 async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
+    runtimes = [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
     url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/words"
     apply(kafka_plane, tmp_path, pipeline("words"))
     _, over_http, _ = await until_ok(url, {"text": "one two three"})
@@ -89,10 +80,7 @@ async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
     assert await user_results() == list(range(10, 30))
 
     # The runtimes reached the broker through their sidecars' Kafka listeners.
-    from controlplane.processes import http_get
-
-    _, catalog = http_get(f"http://127.0.0.1:{kafka_plane.consul_port}/v1/catalog/service/count")
-    admin = json.loads(catalog)[0]["ServiceMeta"]["envoy_admin_port"]
+    admin = service_meta(kafka_plane.consul_port, "count", runtimes[1].service_id)["envoy_admin_port"]
     _, stats = http_get(f"http://127.0.0.1:{admin}/stats?filter=cluster.kafka-broker.upstream_cx_total")
     assert int(stats.strip().rsplit(" ", 1)[1]) > 0, stats
 

@@ -35,7 +35,9 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_tcp_proxy_listener_must_name_an_existing_cluster() -> None:
     with pytest.raises(InconsistentSnapshot, match="missing cluster 'kafka'"):
-        Snapshot.build("1", listeners=[r.tcp_proxy_listener("k", r.tcp_address("127.0.0.1", 2), "kafka")])
+        Snapshot.build(
+            "1", listeners=[r.kafka_listener("k", r.tcp_address("127.0.0.1", 2), "kafka", broker_filter=False)]
+        )
 
 
 def test_cache_keeps_the_previous_snapshot_when_a_bad_one_is_set() -> None:

@@ -112,7 +112,7 @@ def http_listener(name: str, address: Address, route_config_name: str) -> Resour
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply(), mappers=[_retriable_503()]),
     )
-    return _listener(name, address, "envoy.filters.network.http_connection_manager", hcm)
+    return _listener(name, address, ("envoy.filters.network.http_connection_manager", hcm))
 
 
 def _json_local_reply() -> Resource:
@@ -155,11 +155,6 @@ def header(key: str, value: str) -> Resource:
     )
 
 
-def tcp_proxy_listener(name: str, address: Address, cluster: str) -> Resource:
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)
-    return _listener(name, address, "envoy.filters.network.tcp_proxy", proxy)
-
-
 KAFKA_BROKER_FILTER = "envoy.filters.network.kafka_broker"
 
 
@@ -177,23 +172,16 @@ def kafka_listener(name: str, address: Address, cluster: str, broker_filter: boo
         typed = typed_struct_pb2.TypedStruct(
             type_url="type.googleapis.com/envoy.extensions.filters.network.kafka_broker.v3.KafkaBroker", value=inner
         )
-        filters.append(listener_components_pb2.Filter(name=KAFKA_BROKER_FILTER, typed_config=pack(typed)))
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)
-    filters.append(listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(proxy)))
-    return listener_pb2.Listener(
-        name=name, address=address, filter_chains=[listener_components_pb2.FilterChain(filters=filters)]
-    )
+        filters.append((KAFKA_BROKER_FILTER, typed))
+    filters.append(("envoy.filters.network.tcp_proxy", tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster)))
+    return _listener(name, address, *filters)
 
 
-def _listener(name: str, address: Address, filter_name: str, config: Resource) -> Resource:
+def _listener(name: str, address: Address, *filters: tuple[str, Resource]) -> Resource:
+    """A listener with one filter chain: (filter name, its config) in order."""
+    chain = [listener_components_pb2.Filter(name=n, typed_config=pack(config)) for n, config in filters]
     return listener_pb2.Listener(
-        name=name,
-        address=address,
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name=filter_name, typed_config=pack(config))]
-            )
-        ],
+        name=name, address=address, filter_chains=[listener_components_pb2.FilterChain(filters=chain)]
     )
 
 
