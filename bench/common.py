@@ -98,7 +98,7 @@ def running_stack(folder: Path, stack: dict[str, Any]) -> Iterator[tuple[dict[st
     Yields its ports and the environment that points the CLI at it.
     """
     names = ["consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics"]
-    ports = {name: processes.free_port() for name in [*names, *(["kafka"] if stack.get("kafka") else [])]}
+    ports = {name: processes.free_port() for name in [*names, *(["kafka", "bridge"] if stack.get("kafka") else [])]}
     (folder / "stack.yaml").write_text(yaml.safe_dump({"kind": "Stack", **stack, "ports": ports}))
     env = {
         **os.environ,

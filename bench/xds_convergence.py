@@ -13,11 +13,11 @@ import time
 
 from bench.common import median, percentile, start_sidecar_envoy
 from controlplane import processes
-from controlplane.app import XdsServer
 from controlplane.translate import resources as r
+from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import ROUTE, Snapshot
-from controlplane.xds.status import StatusBook
 
 PIPELINES = 100
 
@@ -40,7 +40,7 @@ def build(version: int, listen: int) -> Snapshot:
     )
 
 
-class TimedBook(StatusBook):
+class TimedBook(AckBook):
     """Records when each route version is ACKed."""
 
     def __init__(self) -> None:

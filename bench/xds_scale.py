@@ -22,11 +22,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from bench.common import median
 from controlplane import processes
-from controlplane.app import XdsServer
 from controlplane.translate import resources as r
+from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import CLUSTER, Snapshot
-from controlplane.xds.status import StatusBook
 
 STREAMS_PER_CHANNEL = 100
 
@@ -114,7 +114,7 @@ async def client_main(address: str, streams: int) -> None:
 
 
 async def measure(streams: int) -> dict[str, float]:
-    cache, book, port = SnapshotCache(group_by="cluster"), StatusBook(), processes.free_port()
+    cache, book, port = SnapshotCache(group_by="cluster"), AckBook(), processes.free_port()
     server = await XdsServer(cache, book, f"127.0.0.1:{port}").start()
     cache.set_snapshot("bench", snapshot(0))
     base_rss = rss_mib()

@@ -47,24 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     setup = sub.add_parser("setup", help="generate stubs and fetch Consul if missing")
     setup.set_defaults(handler=cmd_setup)
 
-    for register in _command_modules():
-        register(sub)
+    for add_command in _command_adders():
+        add_command(sub)
     return parser
 
 
-def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
+def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
-    from controlplane import app, invoke, sidecar, stack
+    from controlplane import invoke, launch, plane, sidecar, stack
     from controlplane.admin import cli as admin_cli
-    from runtime_sdk import runner
 
     return [
-        stack.register,
-        invoke.register,
-        admin_cli.register,
-        app.register,
-        sidecar.register,
-        runner.register_command,
+        stack.add_command,
+        invoke.add_command,
+        admin_cli.add_command,
+        plane.add_command,
+        sidecar.add_command,
+        launch.add_command,
     ]
 
 

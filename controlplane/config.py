@@ -13,6 +13,7 @@ from pathlib import Path
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 DEFAULT_XDS_ADDR = "127.0.0.1:18000"
 DEFAULT_ADMIN_ADDR = "127.0.0.1:18001"
+DEFAULT_BRIDGE_ADDR = "127.0.0.1:18003"  # the Kafka HTTP bridge (only with a broker)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from contract.headers import SERVED
 from controlplane.errors import CliError
-from runtime_sdk.headers import SERVED
 
 DEFAULT_GATEWAY = "http://127.0.0.1:18080"
 
@@ -102,7 +102,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 1 if errors and not bodies else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("invoke", help="send a request through the gateway and show which models served it")
     parser.add_argument("pipeline")
     parser.add_argument("--data", required=True, help="JSON payload, or @file (@- for stdin)")

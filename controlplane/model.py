@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.naming import model_cluster
+
 TRANSPORTS = ("http", "uds", "kafka")
 DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_RETRY_ATTEMPTS = 2
@@ -77,8 +79,13 @@ class Stage:
     retry: Retry = field(default_factory=Retry)
     branch_on: str = DEFAULT_BRANCH_ON  # field of the previous stage's output that picks the branch
 
+    def groups(self) -> list[tuple[str, tuple[Variant, ...]]]:
+        """Each split group: ("", variants) for a plain split, (branch key, variants) per branch."""
+        found = [("", self.variants)] if self.variants else []
+        return found + [(b.key, b.variants) for b in self.branches]
+
     def all_variants(self) -> tuple[Variant, ...]:
-        return self.variants + tuple(v for b in self.branches for v in b.variants)
+        return tuple(v for _, variants in self.groups() for v in variants)
 
     def models(self) -> set[tuple[str, str]]:
         found = {(v.model, v.version) for v in self.all_variants()}
@@ -98,9 +105,9 @@ class Pipeline:
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}
 
-
-def model_cluster(model: str, version: str) -> str:
-    return f"{model}.{version}"
+    def timeout_ms(self, from_stage: int = 0) -> int:
+        """What a call entering stage `from_stage` may take: calls are nested, so the rest of the chain."""
+        return sum(stage.timeout_ms for stage in self.stages[from_stage:])
 
 
 @dataclass(frozen=True)

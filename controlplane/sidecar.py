@@ -61,7 +61,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("sidecar", help="run an Envoy fed by the control plane")
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--cluster", required=True, help="Envoy service cluster (node group)")

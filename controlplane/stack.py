@@ -38,6 +38,7 @@ class Ports:
     gateway_admin: int = 19000
     controlplane_metrics: int = 18002
     kafka: int = 9092
+    bridge: int = 18003  # the control plane's Kafka HTTP bridge (with kafka: true)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class Supervisor:
         if not reuse_consul:
             wanted["consul"] = p.consul
         if self.stack.kafka:
-            wanted["kafka"] = p.kafka
+            wanted.update(kafka=p.kafka, bridge=p.bridge)
         taken = [f"{name} port {port}" for name, port in wanted.items() if not processes.port_is_free(port)]
         if taken:
             raise CliError(
@@ -214,13 +215,14 @@ class Supervisor:
             self.step(f"kafka: starting tansu on 127.0.0.1:{p.kafka}")
             self.start("kafka", processes.tansu_argv(tansu, p.kafka), processes.tcp_ready(p.kafka))
             kafka_flags = [f"--kafka-bootstrap=127.0.0.1:{p.kafka}"]
-        self.kafka_flags = kafka_flags
+        self.kafka_flags = kafka_flags  # runtimes get them too
         self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}")
         self.start(
             "controlplane",
             [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
              f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
-             f"--metrics-port={p.controlplane_metrics}", *kafka_flags],
+             f"--metrics-port={p.controlplane_metrics}", *kafka_flags,
+             *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else [])],
             processes.tcp_ready(p.admin),
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
@@ -379,7 +381,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     return down()
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_command(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="run the local stack: Consul, control plane, gateway, runtimes, pipelines")
     up.add_argument("-f", "--filename", required=True, help="stack file (kind: Stack)")
     up.add_argument("-d", "--detach", action="store_true", help="return once ready; stop with `mllambda down`")

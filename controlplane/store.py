@@ -24,9 +24,9 @@ import aiohttp
 import consul
 import consul.aio
 
+from contract.naming import DEFAULT_KV_PREFIX
 from controlplane.model import Pipeline, parse_pipeline, pipeline_to_dict
 
-DEFAULT_PREFIX = "mllambda/pipelines/"
 MAX_ATTEMPTS = 32
 
 
@@ -86,7 +86,7 @@ class StoreView:
 
 
 class PipelineStore:
-    def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_KV_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
 

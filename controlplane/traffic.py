@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from controlplane.model import Pipeline, Variant
+from contract.naming import model_cluster
+from controlplane.model import Pipeline
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,8 @@ def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]
     rows: list[VariantTraffic] = []
     for p in pipelines:
         for stage in p.stages:
-            groups: list[tuple[str, tuple[Variant, ...]]] = [("", stage.variants)] if stage.variants else []
-            groups += [(b.key, b.variants) for b in stage.branches]
             stage_total = 0
-            for branch, variants in groups:
+            for branch, variants in stage.groups():
                 weights = sum(v.weight for v in variants) or 1
                 total = sum(stats.get(v.cluster, ClusterStats()).requests for v in variants)
                 stage_total += total
@@ -129,7 +128,7 @@ def _row(
     total: int,
     stats: Mapping[str, ClusterStats],
 ) -> VariantTraffic:
-    s = stats.get(f"{model}.{version}") or ClusterStats()
+    s = stats.get(model_cluster(model, version)) or ClusterStats()
     observed = s.requests / total if total else None
     return VariantTraffic(
         *where, model, version, configured, observed, s.requests, s.errors, s.p50_ms, s.p99_ms, s.retries

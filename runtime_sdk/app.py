@@ -14,7 +14,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from runtime_sdk import headers as h
+from contract import headers as h
+from contract.naming import model_cluster
+from contract.payload import NotAnObject, parse_object
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -107,6 +109,10 @@ class Runtime:
         self.latency = self.metrics.latency.labels(self.model, self.version)  # looked up once, not per request
         self.is_async = inspect.iscoroutinefunction(self.predict)
 
+    @property
+    def cluster(self) -> str:
+        return model_cluster(self.model, self.version)
+
     async def call_model(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.is_async:
             started = time.perf_counter()
@@ -150,12 +156,9 @@ async def read_payload(request: web.Request) -> dict[str, Any]:
             content_type="application/json",
         ) from err
     try:
-        payload = json.loads(body)
-    except ValueError as err:
-        raise _bad(f"body is not valid JSON: {err}") from err
-    if not isinstance(payload, dict):
-        raise _bad(f"body must be a JSON object, got {type(payload).__name__}")
-    return payload
+        return parse_object(body)
+    except NotAnObject as err:
+        raise _bad(str(err)) from err
 
 
 def _bad(message: str) -> web.HTTPBadRequest:

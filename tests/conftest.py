@@ -133,6 +133,7 @@ class ControlPlaneProc:
     gateway_port: int = 0
     gateway_admin_port: int = field(default_factory=processes.free_port)
     metrics_port: int = field(default_factory=processes.free_port)
+    bridge_port: int = field(default_factory=processes.free_port)  # the Kafka HTTP bridge (with a broker)
     env: dict[str, str] = field(default_factory=dict)
     proc: ManagedProcess | None = None
 
@@ -151,6 +152,7 @@ class ControlPlaneProc:
             f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
             f"--gateway-port={self.gateway_port or processes.free_port()}",
             f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
+            f"--bridge=127.0.0.1:{self.bridge_port}",
         ]  # fmt: skip
         self.proc = ManagedProcess("controlplane", argv, self.log_path, env=self.env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)

@@ -94,9 +94,9 @@ async def test_kafka_bridge_survives_losing_a_control_plane(
             await asyncio.sleep(2)
         _, stats = gateway.admin("/stats?filter=mll-kafka-bridge.upstream_(rq_retry|cx_connect_fail)")
         assert set(load.outcomes) == {200}, (load.outcomes, stats)
-        assert bridges_of(second) == [f"127.0.0.1:{second.metrics_port}"]
+        assert bridges_of(second) == [f"127.0.0.1:{second.bridge_port}"]
         status = second.cli("status", f"--dashboard=http://127.0.0.1:{second.metrics_port}")
-        assert f"kafka bridges: 127.0.0.1:{second.metrics_port}\n" in status.stdout, status.stdout + status.stderr
+        assert f"kafka bridges: 127.0.0.1:{second.bridge_port}\n" in status.stdout, status.stdout + status.stderr
         assert sum(load.outcomes.values()) - answered_before > 20, load.outcomes
     finally:
         second.stop()

@@ -106,8 +106,8 @@ async def test_kafka_split_and_dead_letters(
     parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kx.dlq", 3)]
     by_payload = {p["payload"]: p["error"] for p in parked}
     assert by_payload == {
-        "not json at all": "not valid input: Expecting value: line 1 column 1 (char 0)",
-        "[1, 2, 3]": "not valid input: expected a JSON object, got list",
+        "not json at all": "not valid input: body is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+        "[1, 2, 3]": "not valid input: body must be a JSON object, got list",
         '{"no_text": true}': "refused: expected {'text': '<a string>'}",
     }
 

@@ -27,7 +27,9 @@ def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subproces
 
 def test_nlp_walkthrough(tmp_path: Path) -> None:
     stack = yaml.safe_load((NLP / "stack.yaml").read_text())
-    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka")}
+    ports = {
+        k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka", "bridge")
+    }
     ports["controlplane_metrics"] = processes.free_port()
     stack["ports"] = ports
     (tmp_path / "stack.yaml").write_text(yaml.safe_dump(stack))

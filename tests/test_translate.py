@@ -8,15 +8,15 @@ from typing import Any
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from xds.type.v3 import typed_struct_pb2
 
-from controlplane.discovery import Instance
+from contract.service import RuntimeService
 from controlplane.model import parse_pipeline
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
 
-def instance(model: str, version: str, n: int, passing: bool = True, kafka_port: int = 0) -> Instance:
-    return Instance(
-        f"{model}-{version}-{n}", model, version, "127.0.0.1", passing,
+def instance(model: str, version: str, n: int, passing: bool = True, kafka_port: int = 0) -> RuntimeService:
+    return RuntimeService(
+        f"{model}-{version}-{n}", model, version, "127.0.0.1", passing=passing,
         runtime_port=7000 + n, runtime_uds=f"/run/{model}-{n}.sock", ingress_port=8000 + n,
         egress_port=9000 + n, egress_uds=f"/run/{model}-{n}-egress.sock", kafka_port=kafka_port,
     )  # fmt: skip

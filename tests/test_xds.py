@@ -12,12 +12,12 @@ import pytest
 from envoy.type.matcher.v3 import regex_pb2
 
 from controlplane import processes
-from controlplane.app import XdsServer
 from controlplane.sidecar import render_bootstrap
 from controlplane.translate import resources as r
+from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
-from controlplane.xds.status import StatusBook
 from tests.envoy_helpers import config_dump, dynamic_names, get_json, http_backend, wait_for
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ NODE = "node-1"
 @dataclass
 class Xds:
     cache: SnapshotCache
-    status: StatusBook
+    acks: AckBook
     server: XdsServer
     port: int
 
@@ -36,15 +36,15 @@ class Xds:
         return f"127.0.0.1:{self.port}"
 
     def acked(self, version: str, *types: str) -> bool:
-        acked = {s.type_url: s.acked_version for s in self.status.for_node(NODE)}
+        acked = {s.type_url: s.acked_version for s in self.acks.for_node(NODE)}
         return all(acked.get(t) == version for t in types or (CLUSTER, ENDPOINT, LISTENER, ROUTE))
 
 
 @pytest.fixture
 async def xds() -> AsyncIterator[Xds]:
-    cache, status, port = SnapshotCache(), StatusBook(), processes.free_port()
-    server = await XdsServer(cache, status, f"127.0.0.1:{port}").start()
-    holder = Xds(cache, status, server, port)
+    cache, acks, port = SnapshotCache(), AckBook(), processes.free_port()
+    server = await XdsServer(cache, acks, f"127.0.0.1:{port}").start()
+    holder = Xds(cache, acks, server, port)
     yield holder
     await holder.server.stop(0)
 
@@ -132,7 +132,7 @@ async def test_rejected_config_is_recorded_and_envoy_keeps_serving(xds: Xds, sta
         bad.match.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex="(unclosed"))
         xds.cache.set_snapshot(NODE, snapshot("v2", listen, {"model-a": port_a}, bad, good))
 
-        nack = await wait_for(lambda: [s for s in xds.status.nacks() if s.type_url == ROUTE])
+        nack = await wait_for(lambda: [s for s in xds.acks.nacks() if s.type_url == ROUTE])
         assert nack[0].nack_version == "v2"
         assert "(unclosed" in nack[0].nack_error
         route_v1 = shown_version(v1, ROUTE, "ingress", mode)
@@ -169,10 +169,10 @@ async def test_control_plane_restart_loses_no_request(xds: Xds, start_envoy: Any
         await xds.server.stop(0)
         await asyncio.sleep(1.5)  # Envoy serves from its last config meanwhile
 
-        xds.cache, xds.status = SnapshotCache(), StatusBook()
+        xds.cache, xds.acks = SnapshotCache(), AckBook()
         xds.cache.set_snapshot(NODE, v1)
-        xds.server = await XdsServer(xds.cache, xds.status, xds.addr).start()
-        await wait_for(lambda: xds.status.is_connected(NODE) and xds.acked("v1"), timeout=30)
+        xds.server = await XdsServer(xds.cache, xds.acks, xds.addr).start()
+        await wait_for(lambda: xds.acks.is_connected(NODE) and xds.acked("v1"), timeout=30)
         await asyncio.sleep(0.3)
         stop.set()
         await load
@@ -190,7 +190,7 @@ async def test_envoy_that_connects_before_its_snapshot_exists_gets_it_when_set(
             lambda admin: render_bootstrap(NODE, "test", xds.addr, admin, delta=mode == "delta"),
             wait_live=False,
         )
-        await wait_for(lambda: xds.status.is_connected(NODE))
+        await wait_for(lambda: xds.acks.is_connected(NODE))
         await asyncio.sleep(0.3)
         xds.cache.set_snapshot(NODE, snapshot("v1", listen, {"model-a": port}, r.weighted_route("/", [("model-a", 1)])))
         await wait_for(lambda: envoy.admin("/ready")[1].strip() == "LIVE")

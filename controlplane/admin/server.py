@@ -26,8 +26,8 @@ from controlplane.store import (
     StoreUnavailable,
     WriteConflict,
 )
+from controlplane.xds.acks import AckBook
 from controlplane.xds.snapshot import ROUTE
-from controlplane.xds.status import StatusBook
 
 log = logging.getLogger("mllambda.admin")
 SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
@@ -87,12 +87,12 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
     def __init__(
         self,
         store: PipelineStore,
-        status: StatusBook | None = None,
+        acks: AckBook | None = None,
         known_models: KnownModels = lambda: None,
         carried_version: CarriedVersion = lambda group, version, name: 0,
     ) -> None:
         self.store = store
-        self.status = status or StatusBook()
+        self.acks = acks or AckBook()
         self.known_models = known_models
         self.carried_version = carried_version
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
@@ -166,7 +166,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
                 nack_error=s.nack_error,
                 pipeline_version=self.carried_version(s.group, s.acked_version, name),
             )
-            for s in self.status.all()
+            for s in self.acks.all()
             if s.type_url == ROUTE
         ]
 

@@ -24,11 +24,12 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.discovery import Instance
+from contract import headers as h
+from contract.naming import bridge_path, pipeline_path, stage_path
+from contract.service import RuntimeService
 from controlplane.model import Pipeline, Stage, Variant
 from controlplane.translate import resources as r
-from controlplane.xds.snapshot import Snapshot
-from runtime_sdk import headers as h
+from controlplane.xds.snapshot import Snapshot, route_clusters
 
 Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
 LOCAL_HTTP = "local-http"
@@ -38,7 +39,6 @@ KAFKA = "kafka-broker"
 LOCAL_UDS = "local-uds"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-headers"  # + the next hop's own 503s
-_STEERING = [h.NEXT, h.TRANSPORT, h.BRANCH_FIELD, h.SHADOW, h.STAGE]
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,8 @@ class Options:
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
 
 
-def stage_path(pipeline: str, stage: str) -> str:
-    return f"/pipelines/{pipeline}/{stage}"
-
-
 def translate(
-    pipelines: Sequence[Pipeline], instances: Sequence[Instance], options: Options = Options()
+    pipelines: Sequence[Pipeline], instances: Sequence[RuntimeService], options: Options = Options()
 ) -> dict[str, Snapshot]:
     served = [p for p in pipelines if p.transport in SERVED_TRANSPORTS]
     bridged = [p for p in pipelines if p.transport == "kafka"] if options.bridges else []
@@ -67,7 +63,7 @@ def translate(
     return snapshots
 
 
-def _endpoints_by_cluster(instances: Iterable[Instance]) -> Endpoints:
+def _endpoints_by_cluster(instances: Iterable[RuntimeService]) -> Endpoints:
     found: Endpoints = {}
     for i in sorted(instances, key=lambda i: i.service_id):
         if i.passing:
@@ -80,7 +76,7 @@ def _gateway(
 ) -> Snapshot:
     routes = []
     for p in pipelines:
-        entry = f"/pipelines/{p.name}"
+        entry = pipeline_path(p.name)
         routes += _stage_routes(p, 0, match_path=entry, rewrite=stage_path(p.name, p.stages[0].name))
     routes += [_bridge_route(p) for p in bridged]
     routes.append(_not_found())
@@ -100,11 +96,11 @@ def _bridge_route(p: Pipeline) -> rc.Route:
     """A Kafka pipeline keeps its HTTP API: the gateway sends it to the bridge."""
     return rc.Route(
         name=f"{p.name}/kafka-bridge",
-        match=rc.RouteMatch(path=f"/pipelines/{p.name}"),
+        match=rc.RouteMatch(path=pipeline_path(p.name)),
         route=rc.RouteAction(
             cluster=BRIDGE,
-            prefix_rewrite=f"/bridge/{p.name}",
-            timeout=r.millis(_remaining_timeout(p, 0) + 1000),
+            prefix_rewrite=bridge_path(p.name),
+            timeout=r.millis(p.timeout_ms() + 1000),
             # A control plane that dies takes its bridge along: try another one. A
             # request cut off mid-way may then run twice (Kafka mode is at least once).
             retry_policy=_retry(BRIDGE_RETRIES),
@@ -112,7 +108,7 @@ def _bridge_route(p: Pipeline) -> rc.Route:
     )
 
 
-def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints, options: Options) -> Snapshot:
+def _sidecar(pipelines: Sequence[Pipeline], me: RuntimeService, endpoints: Endpoints, options: Options) -> Snapshot:
     ingress = [_readiness_route()]
     egress = []
     for p in pipelines:
@@ -143,11 +139,6 @@ def _sidecar(pipelines: Sequence[Pipeline], me: Instance, endpoints: Endpoints, 
     return _snapshot(listeners, routes, remote, clusters)
 
 
-def _remaining_timeout(p: Pipeline, k: int) -> int:
-    """A stage's route waits for the whole rest of the chain (calls are nested)."""
-    return sum(stage.timeout_ms for stage in p.stages[k:])
-
-
 def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
     """Sidecar -> its own runtime, telling the runtime where the output goes next."""
     stage = p.stages[k]
@@ -169,9 +160,9 @@ def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
     return rc.Route(
         name=f"{p.name}/{stage.name}",
         match=match,
-        route=rc.RouteAction(cluster=local, timeout=r.millis(_remaining_timeout(p, k))),
+        route=rc.RouteAction(cluster=local, timeout=r.millis(p.timeout_ms(k))),
         request_headers_to_add=add,
-        request_headers_to_remove=_STEERING,
+        request_headers_to_remove=list(h.STEERING),
     )
 
 
@@ -213,24 +204,13 @@ def _split_route(
 ) -> rc.Route:
     stage = p.stages[k]
     action = rc.RouteAction(
-        timeout=r.millis(_remaining_timeout(p, k)),
+        timeout=r.millis(p.timeout_ms(k)),
         retry_policy=_retry(stage.retry.attempts, stage.retry.per_try_timeout_ms),
         request_mirror_policies=_mirror(stage),
     )
     if rewrite:
         action.prefix_rewrite = rewrite
-    live = [v for v in variants if v.weight > 0]
-    if len(live) == 1:
-        action.cluster = live[0].cluster
-    else:
-        action.weighted_clusters.CopyFrom(
-            rc.WeightedCluster(
-                clusters=[
-                    rc.WeightedCluster.ClusterWeight(name=v.cluster, weight=wrappers_pb2.UInt32Value(value=v.weight))
-                    for v in live
-                ]
-            )
-        )
+    r.set_clusters(action, [(v.cluster, v.weight) for v in variants if v.weight > 0])
     match = rc.RouteMatch(path=match_path)
     if branch_key is not None:
         match.headers.append(rc.HeaderMatcher(name=h.BRANCH, string_match=string_pb2.StringMatcher(exact=branch_key)))
@@ -292,21 +272,10 @@ def _not_found() -> rc.Route:
     )
 
 
-def _route_clusters(routes: Iterable[rc.Route]) -> set[str]:
-    names: set[str] = set()
-    for route in routes:
-        if route.HasField("route"):
-            if route.route.cluster:
-                names.add(route.route.cluster)
-            names.update(c.name for c in route.route.weighted_clusters.clusters)
-            names.update(m.cluster for m in route.route.request_mirror_policies)
-    return names
-
-
 def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints) -> list[tuple[Any, Any]]:
     return [
         (r.eds_cluster(name), r.load_assignment(name, endpoints.get(name, [])))
-        for name in sorted(_route_clusters(routes))
+        for name in sorted(route_clusters(routes))
     ]
 
 

@@ -16,10 +16,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from xds.type.v3 import typed_struct_pb2
 
-from runtime_sdk import headers as h
+from contract import headers as h
+from controlplane.xds.snapshot import pack
 
 # xds-protos ships no type stubs: resources are typed loosely at this edge.
 Address: TypeAlias = Any
@@ -44,12 +45,6 @@ def _ads() -> config_source_pb2.ConfigSource:
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
     )
-
-
-def pack(message: Resource) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
 
 
 # Envoy lets a cluster run only 3 retries at once by default: when a host dies, every
@@ -192,9 +187,8 @@ def route_config(name: str, routes: Sequence[Resource], domains: Sequence[str] =
     )
 
 
-def weighted_route(prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000) -> Resource:
-    """A route splitting by integer weights (one cluster: a plain route)."""
-    action = route_components_pb2.RouteAction(timeout=millis(timeout_ms))
+def set_clusters(action: Resource, weights: Sequence[tuple[str, int]]) -> Resource:
+    """Point a route at one cluster, or split it by integer weights across several."""
     if len(weights) == 1:
         action.cluster = weights[0][0]
     else:
@@ -208,4 +202,10 @@ def weighted_route(prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: 
                 ]
             )
         )
+    return action
+
+
+def weighted_route(prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000) -> Resource:
+    """A prefix route split by weights (tests and benchmarks build bare snapshots with it)."""
+    action = set_clusters(route_components_pb2.RouteAction(timeout=millis(timeout_ms)), weights)
     return route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix=prefix), route=action)

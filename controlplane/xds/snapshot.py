@@ -70,7 +70,7 @@ class Resources:
                 raise InconsistentSnapshot([f"duplicate {short(type_url)} {name!r}"])
             by_name[name] = item
         versions = {name: resource_version(msg) for name, msg in by_name.items()}
-        packed = {name: _pack(msg) for name, msg in by_name.items()}
+        packed = {name: pack(msg) for name, msg in by_name.items()}
         return cls(MappingProxyType(by_name), MappingProxyType(versions), MappingProxyType(packed))
 
 
@@ -131,19 +131,20 @@ class Snapshot:
                 if target and target not in clusters:
                     problems.append(f"listener {name!r} sends to missing cluster {target!r}")
         for name, route_config in routes.items():
-            for target in _route_clusters(route_config):
+            for target in _config_clusters(route_config):
                 if target not in clusters:
                     problems.append(f"route config {name!r} sends to missing cluster {target!r}")
         return problems
 
 
-def _pack(message: Message) -> any_pb2.Any:
+def pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
 def short(type_url: str) -> str:
+    """`type.googleapis.com/envoy.config.cluster.v3.Cluster` -> `Cluster` (for logs, metrics, pages)."""
     return type_url.rsplit(".", 1)[-1]
 
 
@@ -161,7 +162,7 @@ def _listener_references(listener: Message) -> Iterator[tuple[str, str]]:
                 if hcm.HasField("rds"):
                     yield hcm.rds.route_config_name, ""
                 elif hcm.HasField("route_config"):
-                    for target in _route_clusters(hcm.route_config):
+                    for target in _config_clusters(hcm.route_config):
                         yield "", target
             elif config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
                 proxy = tcp_proxy_pb2.TcpProxy()
@@ -170,15 +171,20 @@ def _listener_references(listener: Message) -> Iterator[tuple[str, str]]:
                     yield "", proxy.cluster
 
 
-def _route_clusters(route_config: Message) -> Iterator[str]:
+def _config_clusters(route_config: Message) -> Iterator[str]:
     for vhost in route_config.virtual_hosts:
-        for route in vhost.routes:
-            if not route.HasField("route"):
-                continue
-            action = route.route
-            if action.cluster:
-                yield action.cluster
-            for weighted in action.weighted_clusters.clusters:
-                yield weighted.name
-            for mirror in action.request_mirror_policies:
-                yield mirror.cluster
+        yield from route_clusters(vhost.routes)
+
+
+def route_clusters(routes: Iterable[Message]) -> set[str]:
+    """Every cluster some route sends to: its cluster, weighted clusters and mirrors."""
+    names: set[str] = set()
+    for route in routes:
+        if not route.HasField("route"):
+            continue
+        action = route.route
+        if action.cluster:
+            names.add(action.cluster)
+        names.update(weighted.name for weighted in action.weighted_clusters.clusters)
+        names.update(mirror.cluster for mirror in action.request_mirror_policies)
+    return names

@@ -1,4 +1,5 @@
-"""The headers Envoy routes use to steer the runtime SDK (the runtime never learns the topology)."""
+"""Header names: the HTTP headers Envoy routes use to steer the runtime SDK (the
+runtime never learns the topology), and the Kafka record headers of a hop."""
 
 NEXT = "x-mll-next"  # path of the next hop on the sidecar's egress listener; absent on the last stage
 TRANSPORT = "x-mll-transport"  # how to reach the own sidecar's egress: "http" (TCP) or "uds"
@@ -6,10 +7,13 @@ BRANCH_FIELD = "x-mll-branch-field"  # output field whose value picks the next s
 BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matches on it
 STAGE = "x-mll-stage"  # the stage this request is for
 SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
-SERVED = "x-mll-served"  # response: "stage=model:version" per hop, first hop first
+SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" per hop, first hop first
 # Response: a 503 the answering Envoy made itself (it could not reach its own runtime). Only such
 # answers are retried by the hop before; a failure relayed from further down the chain is final.
 RETRIABLE = "x-mll-retriable"
+
+# Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
+STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE)
 
 # Propagated unchanged to the next hop, so one request can be followed end to end.
 PROPAGATED = (
@@ -21,3 +25,8 @@ PROPAGATED = (
     "x-b3-parentspanid",
     "x-b3-sampled",
 )
+
+# Kafka record headers.
+CORRELATION = "mll-correlation-id"  # the HTTP bridge's request id
+REPLY_TO = "mll-reply-to"  # the HTTP bridge's reply topic
+ERROR = "mll-error"  # why a record was dead-lettered

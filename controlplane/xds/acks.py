@@ -1,4 +1,4 @@
-"""What each Envoy has acknowledged or rejected, per resource type."""
+"""The ACK book: what each Envoy has acknowledged or rejected, per resource type."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from controlplane.xds.snapshot import short
+
 log = logging.getLogger("mllambda.xds")
 
 
 @dataclass(frozen=True)
-class TypeStatus:
+class TypeAck:
     node_id: str
     group: str
     type_url: str
@@ -23,19 +25,19 @@ class TypeStatus:
     updated_at: float = 0.0
 
 
-class StatusBook:
+class AckBook:
     """ACK/NACK per (node id, type url); a NACK stays visible until a later ACK."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], TypeStatus] = {}
+        self._by_key: dict[tuple[str, str], TypeAck] = {}
         self._connected: dict[str, int] = {}
         self._on_ack: list[Callable[[str, str, str, str], None]] = []
         self.extensions: dict[str, frozenset[str]] = {}  # node id -> extension names its Envoy reports
         self.on_join: list[Callable[[str], None]] = []
         self._modes: dict[str, int] = {"sotw": 0, "delta": 0}
 
-    def _current(self, node_id: str, group: str, type_url: str) -> TypeStatus:
-        return self._by_key.get((node_id, type_url)) or TypeStatus(node_id, group, type_url)
+    def _current(self, node_id: str, group: str, type_url: str) -> TypeAck:
+        return self._by_key.get((node_id, type_url)) or TypeAck(node_id, group, type_url)
 
     def on_ack(self, listener: Callable[[str, str, str, str], None]) -> None:
         """Call `listener(node_id, group, type_url, version)` on every ACK (metrics)."""
@@ -66,7 +68,7 @@ class StatusBook:
         log.warning(
             "NACK node=%s type=%s version=%s error=%s",
             node_id,
-            type_url.rsplit(".", 1)[-1],
+            short(type_url),
             version,
             error,
         )
@@ -90,11 +92,11 @@ class StatusBook:
     def is_connected(self, node_id: str) -> bool:
         return node_id in self._connected
 
-    def all(self) -> list[TypeStatus]:
+    def all(self) -> list[TypeAck]:
         return sorted(self._by_key.values(), key=lambda s: (s.node_id, s.type_url))
 
-    def for_node(self, node_id: str) -> list[TypeStatus]:
+    def for_node(self, node_id: str) -> list[TypeAck]:
         return [s for s in self.all() if s.node_id == node_id]
 
-    def nacks(self) -> list[TypeStatus]:
+    def nacks(self) -> list[TypeAck]:
         return [s for s in self.all() if s.nack_error]

@@ -1,13 +1,12 @@
-"""Kafka pipelines on the control plane side: routing tables, topics, entry routers, HTTP bridge.
+"""Kafka pipelines on the control plane side: routing tables, topics, entry routers, bridge calls.
 
 - Tables go to Consul KV (runtimes watch them). A pipeline that leaves Kafka
   mode keeps its table, marked inactive: runtimes drain what is in flight.
 - Entry router: one consumer per Kafka pipeline (active or draining) on its input topic (a user
   topic if configured) that picks stage 0's variant like every other hop.
-- Bridge: an HTTP request becomes a message into stage 0 with a correlation id and
+- Bridge calls: an HTTP request becomes a message into stage 0 with a correlation id and
   this process's reply topic; the last stage (or the dead-letter path) answers there.
-  Every control plane serves it and registers it in Consul (`BRIDGE_SERVICE`), so
-  gateways spread bridge requests over all of them and retry another when one dies.
+  bridge.py serves them over HTTP.
 """
 
 from __future__ import annotations
@@ -17,41 +16,33 @@ import json
 import logging
 import random
 import uuid
-from typing import Any
 
-import consul
 import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from controlplane.discovery import BRIDGE_SERVICE
+from contract import headers as h
+from contract.kafka_io import Headers, consume_batches, dead_letter, header
+from contract.naming import router_group, routing_table_prefix
+from contract.payload import NotAnObject, parse_object
+from contract.routing import RoutingTable
 from controlplane.model import Pipeline
-from controlplane.translate.kafka import all_topics, routing_table
-from runtime_sdk.kafka import (
-    CORRELATION,
-    ERROR,
-    REPLY_TO,
-    SERVED,
-    consume_batches,
-    dead_letter,
-    header,
-    kafka_prefix,
-    next_topics,
-)
+from controlplane.translate.topics import routing_table
 
 log = logging.getLogger("mllambda.kafka")
 PARTITIONS = 3
+Reply = tuple[int, bytes, str]  # HTTP status, body, served chain
 
 
 class KafkaPlane:
     def __init__(self, bootstrap: str, client: consul.aio.Consul, kv_prefix: str) -> None:
         self.bootstrap = bootstrap
         self.client = client
-        self.prefix = kafka_prefix(kv_prefix)
-        self.tables: dict[str, dict[str, Any]] = {}
+        self.prefix = routing_table_prefix(kv_prefix)
+        self.tables: dict[str, RoutingTable] = {}
         self.routers: dict[str, asyncio.Task[None]] = {}
         self.reply_topic = f"mll.bridge.{uuid.uuid4().hex[:12]}"
-        self.waiting: dict[str, asyncio.Future[tuple[int, bytes, str]]] = {}
+        self.waiting: dict[str, asyncio.Future[Reply]] = {}
         self.producer: AIOKafkaProducer | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
@@ -93,20 +84,22 @@ class KafkaPlane:
     async def sync(self, pipelines: list[tuple[Pipeline, int]]) -> None:
         """Publish tables for Kafka pipelines; mark the others inactive; run the routers."""
         _, items = await self.client.kv.get(self.prefix, recurse=True)
-        published = {item["Key"][len(self.prefix) :]: json.loads(item["Value"]) for item in items or []}
-        wanted: dict[str, dict[str, Any]] = {}
-        for pipeline, version in pipelines:
-            if pipeline.transport == "kafka":
-                wanted[pipeline.name] = routing_table(pipeline, version)
+        published: dict[str, RoutingTable] = {}
+        for item in items or []:
+            try:
+                published[item["Key"][len(self.prefix) :]] = RoutingTable.from_json(item["Value"] or b"")
+            except ValueError as err:  # overwritten below if the pipeline is in Kafka mode
+                log.warning("ignoring routing table key=%s: %s", item["Key"], err)
+        wanted = {p.name: routing_table(p, version) for p, version in pipelines if p.transport == "kafka"}
         for name, table in published.items():
             if name not in wanted:
-                wanted[name] = {**table, "active": False}
+                wanted[name] = table.inactive()
         for name, table in wanted.items():
-            if table["active"]:
-                await self._create_topics(all_topics(table))
+            if table.active:
+                await self._create_topics(table.all_topics())
             if published.get(name) != table:
-                await self.client.kv.put(f"{self.prefix}{name}", json.dumps(table))
-                log.info("routing table pipeline=%s version=%s active=%s", name, table["version"], table["active"])
+                await self.client.kv.put(f"{self.prefix}{name}", table.to_json())
+                log.info("routing table pipeline=%s version=%s active=%s", name, table.version, table.active)
         self.tables = wanted
         # Routers keep running for inactive tables too: what is already on an
         # input topic still moves through (nothing new arrives there).
@@ -116,24 +109,20 @@ class KafkaPlane:
     async def _route_input(self, name: str) -> None:
         """Input topic -> stage 0 (weights, shadow), committing only after the produce is acked."""
         assert self.producer is not None
-        topic = self.tables[name]["input"]
         consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=self.bootstrap, group_id=f"mll.{name}.router",
+            self.tables[name].input, bootstrap_servers=self.bootstrap, group_id=router_group(name),
             enable_auto_commit=False, auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
         await consume_batches(consumer, lambda record: self._enter(name, record.value, list(record.headers or [])))
 
-    async def _enter(self, name: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    async def _enter(self, name: str, value: bytes, headers: Headers) -> None:
         """Into stage 0 (weights, branch, shadow), acknowledged; input that cannot enter is dead-lettered."""
         assert self.producer is not None
         table = self.tables[name]
         try:
-            payload = json.loads(value)
-            if not isinstance(payload, dict):
-                raise ValueError(f"expected a JSON object, got {type(payload).__name__}")
-            topics = next_topics(table, 0, payload, self.rng)
-        except (ValueError, LookupError) as err:
+            topics = table.next_topics(0, parse_object(value), self.rng)
+        except (NotAnObject, LookupError) as err:
             await dead_letter(self.producer, table, value, headers, f"not valid input: {err}", "input")
             return
         await asyncio.gather(*(self.producer.send_and_wait(t, value, headers=headers) for t in topics))
@@ -142,23 +131,22 @@ class KafkaPlane:
         try:
             async for record in consumer:
                 headers = list(record.headers or [])
-                future = self.waiting.pop(header(headers, CORRELATION), None)
+                future = self.waiting.pop(header(headers, h.CORRELATION), None)
                 if future is not None and not future.done():
-                    status = 422 if header(headers, ERROR) else 200
-                    future.set_result((status, record.value, header(headers, SERVED)))
+                    status = 422 if header(headers, h.ERROR) else 200
+                    future.set_result((status, record.value, header(headers, h.SERVED)))
         finally:
             await consumer.stop()
 
-    async def call(self, name: str, payload: bytes, timeout: float) -> tuple[int, bytes, str]:
-        """The HTTP bridge: one request in, its result (or its dead-letter reason) out."""
+    async def call(self, name: str, payload: bytes, timeout: float) -> Reply:
+        """One request in, its result (or its dead-letter reason) out."""
         assert self.producer is not None
-        table = self.tables.get(name)
-        if table is None:  # an inactive table still drains: the gateway flips a moment after it
+        if name not in self.tables:  # an inactive table still drains: the gateway flips a moment after it
             return 404, json.dumps({"error": f"pipeline {name!r} is not in Kafka mode"}).encode(), ""
         correlation = uuid.uuid4().hex
-        future: asyncio.Future[tuple[int, bytes, str]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.waiting[correlation] = future
-        headers = [(CORRELATION, correlation.encode()), (REPLY_TO, self.reply_topic.encode())]
+        headers = [(h.CORRELATION, correlation.encode()), (h.REPLY_TO, self.reply_topic.encode())]
         try:
             # Straight into stage 0, not through the input topic: the entry routers'
             # consumer group is not on this path, so losing a control plane stalls no request.
@@ -169,17 +157,3 @@ class KafkaPlane:
             return 504, json.dumps(message).encode(), ""
         finally:
             self.waiting.pop(correlation, None)
-
-
-async def register_bridge(client: consul.aio.Consul, service_id: str, host: str, port: int, kv_prefix: str) -> None:
-    """This control plane's bridge, for every control plane of the deployment (same KV prefix) to route to."""
-    check = consul.Check.http(f"http://{host}:{port}/healthz", interval="1s", timeout="1s", deregister="1m")
-    await client.agent.service.register(
-        BRIDGE_SERVICE,
-        service_id=service_id,
-        address=host,
-        port=port,
-        tags=[BRIDGE_SERVICE],
-        meta={"kv_prefix": kv_prefix},
-        check=check,
-    )

@@ -1,0 +1,68 @@
+"""Names both sides derive from a pipeline or a model version: clusters, paths, topics, keys.
+
+Pipeline, stage, model and version names are validated by the control plane
+(DNS-label rules), so every name built here is safe in Envoy resource names,
+URL paths, Kafka topics and Consul keys.
+"""
+
+from __future__ import annotations
+
+SERVICE_TAG = "mllambda"  # Consul tag of every runtime (discovery watches services that carry it)
+BRIDGE_SERVICE = "mllambda-bridge"  # Consul service of the control planes' Kafka HTTP bridges
+DEFAULT_KV_PREFIX = "mllambda/pipelines/"  # pipeline versions in Consul KV
+
+
+def model_cluster(model: str, version: str) -> str:
+    """One Envoy cluster (and Envoy node cluster) per model version."""
+    return f"{model}.{version}"
+
+
+def pipeline_path(pipeline: str) -> str:
+    """Where clients call a pipeline on the gateway."""
+    return f"/pipelines/{pipeline}"
+
+
+def stage_path(pipeline: str, stage: str) -> str:
+    """The path of one hop: a sidecar's ingress and egress routes match it."""
+    return f"/pipelines/{pipeline}/{stage}"
+
+
+def bridge_path(pipeline: str) -> str:
+    """Where the gateway sends a Kafka pipeline's HTTP requests on a control plane's bridge."""
+    return f"/bridge/{pipeline}"
+
+
+def bridge_service_id(host: str, port: int) -> str:
+    return f"{BRIDGE_SERVICE}-{host}-{port}"
+
+
+def routing_table_prefix(kv_prefix: str) -> str:
+    """Where Kafka routing tables live in Consul KV, beside the pipeline versions."""
+    return kv_prefix.rstrip("/") + "-kafka/"
+
+
+def input_topic(pipeline: str, configured: str = "") -> str:
+    return configured or f"mll.{pipeline}.in"
+
+
+def output_topic(pipeline: str, configured: str = "") -> str:
+    return configured or f"mll.{pipeline}.out"
+
+
+def dead_letter_topic(pipeline: str) -> str:
+    return f"mll.{pipeline}.dlq"
+
+
+def hop_topic(pipeline: str, stage: str, cluster: str, shadow: bool = False) -> str:
+    """One topic per hop: `mll.<pipeline>.<stage>.<model>.<version>` (shadows add `.shadow`)."""
+    return f"mll.{pipeline}.{stage}.{cluster}" + (".shadow" if shadow else "")
+
+
+def hop_group(topic: str) -> str:
+    """Replicas of one model version share a hop topic's work in this consumer group."""
+    return f"mll.{topic}"
+
+
+def router_group(pipeline: str) -> str:
+    """The control planes' entry routers share a pipeline's input topic in this group."""
+    return f"mll.{pipeline}.router"

@@ -1,0 +1,20 @@
+"""The one rule for what a stage receives and returns: a JSON object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class NotAnObject(ValueError):
+    """A body that is not a JSON object; the message says what it is instead."""
+
+
+def parse_object(body: bytes | str) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError as err:  # includes UnicodeDecodeError
+        raise NotAnObject(f"body is not valid JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise NotAnObject(f"body must be a JSON object, got {type(payload).__name__}")
+    return payload

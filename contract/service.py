@@ -1,0 +1,113 @@
+"""A runtime's entry in Consul's catalog: the one schema of its service meta.
+
+The runtime SDK writes it (`to_meta`), the control plane reads it back from a
+health entry (`from_entry`). A registration that does not fit the schema is
+refused with the reason, so one bad entry cannot take the others down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from contract.naming import SERVICE_TAG, model_cluster
+
+
+class BadRegistration(ValueError):
+    """A catalog entry that is not a usable ML Lambda runtime."""
+
+
+@dataclass(frozen=True)
+class RuntimeService:
+    """One runtime instance and where its sidecar listens."""
+
+    service_id: str
+    model: str
+    version: str
+    host: str
+    runtime_port: int
+    runtime_uds: str
+    ingress_port: int  # the sidecar listener other Envoys send to
+    egress_port: int  # the sidecar listener this runtime forwards to
+    egress_uds: str
+    envoy_admin_port: int = 0
+    kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker (0: none)
+    passing: bool = False  # from Consul's health checks; not part of the meta
+
+    @property
+    def cluster(self) -> str:
+        return model_cluster(self.model, self.version)
+
+    def tags(self) -> list[str]:
+        return [SERVICE_TAG, f"version-{self.version}"]
+
+    def to_meta(self) -> dict[str, str]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "runtime_port": str(self.runtime_port),
+            "runtime_uds": self.runtime_uds,
+            "ingress_port": str(self.ingress_port),
+            "egress_port": str(self.egress_port),
+            "egress_uds": self.egress_uds,
+            "envoy_admin_port": str(self.envoy_admin_port),
+            "kafka_port": str(self.kafka_port),
+        }
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> RuntimeService:
+        """A `/v1/health/service/...` entry -> RuntimeService, or BadRegistration saying why."""
+        try:
+            service = entry["Service"]
+            meta = service.get("Meta") or {}
+            return cls(
+                service_id=str(service["ID"]),
+                model=_text(meta, "model"),
+                version=_text(meta, "version"),
+                host=str(service.get("Address") or entry["Node"]["Address"]),
+                runtime_port=_port(meta, "runtime_port"),
+                runtime_uds=str(meta.get("runtime_uds", "")),
+                ingress_port=_port(meta, "ingress_port"),
+                egress_port=_port(meta, "egress_port"),
+                egress_uds=str(meta.get("egress_uds", "")),
+                envoy_admin_port=_port(meta, "envoy_admin_port", optional=True),
+                kafka_port=_port(meta, "kafka_port", optional=True),
+                passing=all(c.get("Status") == "passing" for c in entry.get("Checks") or []),
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BadRegistration(f"incomplete entry: missing {err}") from err
+
+
+def _text(meta: Mapping[str, Any], key: str) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRegistration(f"meta {key!r} is missing or empty")
+    return value
+
+
+def _port(meta: Mapping[str, Any], key: str, optional: bool = False) -> int:
+    raw = meta.get(key)
+    if optional and raw in (None, "", "0"):
+        return 0
+    if not isinstance(raw, str) or not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise BadRegistration(f"meta {key!r} is not a port number: {str(raw)[:20]!r}")
+    return int(raw)
+
+
+def bridge_meta(kv_prefix: str) -> dict[str, str]:
+    """A Kafka bridge serves the control planes that share its pipeline KV prefix."""
+    return {"kv_prefix": kv_prefix}
+
+
+def bridge_address(entry: Mapping[str, Any], kv_prefix: str) -> tuple[str, int] | None:
+    """A bridge's (host, port) from its health entry; None if it serves another deployment or is malformed."""
+    try:
+        service = entry["Service"]
+        if (service.get("Meta") or {}).get("kv_prefix") != kv_prefix:
+            return None
+        port = int(service["Port"])
+        host = str(service.get("Address") or entry["Node"]["Address"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return (host, port) if 0 < port < 65536 else None

@@ -1,0 +1,146 @@
+"""The control plane's page for people: /api/status as JSON and the dashboard rendered from it.
+
+Both are pure functions of a `PlaneView` and the observed traffic; the web app
+at the bottom wires them (and /metrics) to a `PlaneReader`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.metrics import metrics_handler
+from controlplane.model import pipeline_to_dict
+from controlplane.traffic import VariantTraffic
+from controlplane.view import PlaneReader, PlaneView
+from controlplane.xds.snapshot import short
+
+HISTORY_SHOWN = 5  # versions per pipeline on the page
+
+
+def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[str, Any]:
+    """What /api/status answers and `mllambda status` prints."""
+    return {
+        "history": {
+            name: [{"version": v.version, "cause": v.cause, "created_at": v.created_at} for v in versions]
+            for name, versions in view.history.items()
+        },
+        "traffic": [asdict(t) for t in traffic],
+        "links": {"consul_ui": view.consul_ui, "envoy_admin": dict(view.envoy_admin)},
+        "pipelines": [
+            {"version": v.version, "created_at": v.created_at, "cause": v.cause, **pipeline_to_dict(v.pipeline)}
+            for v in view.pipelines
+        ],
+        "runtimes": [
+            {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
+            for i in view.runtimes
+        ],
+        "envoys": [
+            {
+                "node": s.node_id,
+                "type": short(s.type_url),
+                "acked": s.acked_version,
+                "nack_version": s.nack_version,
+                "nack_error": s.nack_error,
+                "connected": s.node_id in view.connected,
+            }
+            for s in view.acks
+        ],
+        "consul": {"reachable": view.consul.reachable, "errors": view.consul.errors},
+        "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
+        "generated_at": time.time(),
+    }
+
+
+def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<h2>Pipelines</h2>"]
+    for current in view.pipelines:
+        p = current.pipeline
+        about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}"
+        parts.append(f"<h3>{e(p.name)} <small>{about}</small></h3>")
+        versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
+        shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
+        parts.append(f"<p class='history'>history: {shown}</p><ol>")
+        for stage in p.stages:
+            cells = []
+            for key, variants in stage.groups():
+                total = sum(v.weight for v in variants) or 1
+                split = ", ".join(f"{e(v.model)}:{e(v.version)} {100 * v.weight / total:.0f}%" for v in variants)
+                cells.append(f"branch {e(key)}: {split}" if key else split)
+            if stage.shadow:
+                s = stage.shadow
+                cells.append(f"shadow {e(s.model)}:{e(s.version)} {s.percent:g}%")
+            parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
+        parts.append("</ol>")
+    parts.append("<h2>Runtimes</h2><ul>")
+    for r in view.runtimes:
+        state = "passing" if r.passing else "critical"
+        parts.append(f"<li>{e(r.service_id)} ({e(r.model)}:{e(r.version)}) — {state}</li>")
+    parts.append("</ul><h2>Traffic</h2>" + render_traffic(status["traffic"]))
+    parts.append("<h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
+    for n in status["envoys"]:
+        nack = f"{e(n['nack_version'])}: {e(n['nack_error'])}" if n["nack_error"] else ""
+        parts.append(f"<tr><td>{e(n['node'])}</td><td>{e(n['type'])}</td><td>{e(n['acked'])}</td><td>{nack}</td></tr>")
+    parts.append("</table>")
+    consul = "reachable" if view.consul.reachable else "UNREACHABLE"
+    admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(view.envoy_admin.items()))
+    parts.append(f"<p>Envoy admin: {admin_links}</p>")
+    if status["kafka_bridges"]:
+        parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
+        "<title>ML Lambda</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;"
+        "text-align:left}</style></head><body><h1>ML Lambda</h1>"
+        f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
+        " · <a href='/metrics'>metrics</a></p>" + "".join(parts) + "</body></html>"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_traffic(rows: list[dict[str, Any]]) -> str:
+    e = html.escape
+    out = [
+        "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
+        "<th>observed</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
+    ]
+    for t in rows:
+        errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
+        out.append(
+            f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
+            f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
+            f"<td class='observed'>{_pct(t['observed_share'])}</td><td>{t['requests']}</td><td>{errors}</td>"
+            f"<td>{t['retries']}</td>"
+            f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
+        )
+    return "".join(out) + "</table>"
+
+
+def build_dashboard_app(reader: PlaneReader) -> web.Application:
+    """/ (the page), /api/status (JSON), /metrics (Prometheus): read-only."""
+
+    async def api_status(request: web.Request) -> web.Response:
+        return web.json_response(status_document(reader.view(), await reader.traffic()))
+
+    async def dashboard(request: web.Request) -> web.Response:
+        view = reader.view()
+        page = render_dashboard(view, status_document(view, await reader.traffic()))
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(reader))
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/", dashboard)
+    return app

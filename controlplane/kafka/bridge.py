@@ -1,0 +1,106 @@
+"""The Kafka HTTP bridge: HTTP in, Kafka through the pipeline, HTTP out.
+
+The gateway routes a Kafka pipeline's requests here. Every control plane with
+a broker runs one on its own listen address (`--bridge`) and registers it in
+Consul (`BRIDGE_SERVICE`, with its KV prefix), so gateways spread bridge
+requests over all of them and retry another when one dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import consul
+import consul.aio
+from aiohttp import web
+
+from contract import headers as h
+from contract.naming import BRIDGE_SERVICE, bridge_service_id
+from contract.payload import NotAnObject, parse_object
+from contract.service import bridge_meta
+from contract.watch import keep_registered
+from controlplane.kafka.plane import KafkaPlane
+from controlplane.model import Pipeline
+
+log = logging.getLogger("mllambda.kafka")
+
+
+def build_bridge_app(kafka: KafkaPlane, live_pipeline: Callable[[str], Pipeline | None]) -> web.Application:
+    async def bridge(request: web.Request) -> web.Response:
+        name = request.match_info["pipeline"]
+        pipeline = live_pipeline(name)
+        if pipeline is None:
+            return web.json_response({"error": f"no Kafka pipeline named {name!r}"}, status=404)
+        body = await request.read()
+        try:
+            parse_object(body)
+        except NotAnObject as err:
+            return web.json_response({"error": str(err)}, status=400)
+        status, result, served = await kafka.call(name, body, pipeline.timeout_ms() / 1000)
+        headers = {h.SERVED: served} if served else {}
+        return web.Response(body=result, status=status, content_type="application/json", headers=headers)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")  # Consul's check on this bridge
+
+    app = web.Application()
+    app.router.add_post("/bridge/{pipeline}", bridge)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+class BridgeServer:
+    """Serves the bridge on `address` and keeps it registered in Consul while it runs."""
+
+    def __init__(self, app: web.Application, address: tuple[str, int], client: consul.aio.Consul, kv_prefix: str):
+        self.app = app
+        self.host, self.port = address
+        self.client = client
+        self.kv_prefix = kv_prefix
+        self.service_id = bridge_service_id(self.host, self.port)
+        self._runner: web.AppRunner | None = None
+        self._keeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> BridgeServer:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        log.info("kafka bridge at http://%s:%d/bridge/", self.host, self.port)
+        try:
+            await self._register()
+        except Exception as err:  # Consul away: the keeper registers it when it is back
+            log.warning("registering the Kafka bridge failed: %s", err)
+        self._keeper = asyncio.create_task(keep_registered(self._known, self._register, self.service_id))
+        return self
+
+    async def _register(self) -> None:
+        check = consul.Check.http(
+            f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s", deregister="1m"
+        )
+        await self.client.agent.service.register(
+            BRIDGE_SERVICE,
+            service_id=self.service_id,
+            address=self.host,
+            port=self.port,
+            tags=[BRIDGE_SERVICE],
+            meta=bridge_meta(self.kv_prefix),
+            check=check,
+        )
+
+    async def _known(self) -> bool:
+        return self.service_id in await self.client.agent.services()
+
+    async def deregister(self) -> None:
+        """Gateways stop sending here; in-flight calls still finish until stop()."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+        try:
+            await self.client.agent.service.deregister(self.service_id)
+        except Exception as err:
+            log.warning("deregistering the Kafka bridge failed: %s", err)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,137 @@
+"""`mllambda runtime MODULE:CALLABLE --model M --version V`: pick ports, start the Envoy sidecar,
+then hand over to the runtime SDK (serve, register, drain)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import consul.aio
+
+from contract.naming import DEFAULT_KV_PREFIX, model_cluster
+from contract.service import RuntimeService
+from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, resolve
+from controlplane.errors import CliError
+from controlplane.processes import ManagedProcess, envoy_argv, free_port
+from controlplane.sidecar import write_bootstrap
+from controlplane.tools import find_envoy
+from runtime_sdk.app import DEFAULT_MAX_BODY
+from runtime_sdk.serve import ServeError, ServeOptions, remove_socket, serve
+
+log = logging.getLogger("mllambda.runtime")
+
+
+def run_dir() -> Path:
+    folder = Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> RuntimeService:
+    """The runtime's addresses: given by flags, else free ports and sockets under the run folder."""
+    service_id = args.service_id or f"{args.model}-{args.version}-{socket.gethostname()}-{os.getpid()}"
+    return RuntimeService(
+        service_id=service_id,
+        model=args.model,
+        version=args.version,
+        host="127.0.0.1",
+        runtime_port=args.port or free_port(),
+        runtime_uds=str(args.uds or folder / f"{service_id}.sock"),
+        ingress_port=args.ingress_port or free_port(),
+        egress_port=args.egress_port or free_port(),
+        egress_uds=str(folder / f"{service_id}-egress.sock"),
+        envoy_admin_port=args.envoy_admin_port or free_port(),
+        # Broker traffic goes through the sidecar when there is one.
+        kafka_port=free_port() if kafka and not args.no_sidecar else 0,
+    )
+
+
+def start_sidecar(service: RuntimeService, xds_addr: str, folder: Path, concurrency: int | None) -> ManagedProcess:
+    envoy = find_envoy()
+    if envoy is None:
+        raise CliError("envoy not found: run ./dev bootstrap, or pass --no-sidecar")
+    config = write_bootstrap(
+        folder / f"{service.service_id}-envoy.yaml",
+        node_id=service.service_id,
+        cluster=model_cluster(service.model, service.version),
+        xds_addr=xds_addr,
+        admin_port=service.envoy_admin_port,
+    )
+    remove_socket(service.egress_uds)
+    argv = envoy_argv(envoy, config, concurrency)
+    return ManagedProcess("sidecar", argv, folder / f"{service.service_id}-envoy.log", die_with_parent=True).start()
+
+
+async def launch(args: argparse.Namespace) -> None:
+    kafka = resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "")
+    folder = run_dir()
+    service = plan_service(args, folder, bool(kafka))
+    options = ServeOptions(
+        predict=args.target,
+        loader=args.loader or "",
+        inline=args.inline,
+        max_body=args.max_body,
+        drain_seconds=args.drain_seconds,
+        access_log=args.access_log,
+        kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
+        kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
+    )
+    sidecar = None if args.no_sidecar else start_sidecar(service, args.xds, folder, args.envoy_concurrency)
+    c = ConsulAddress.from_settings(args.consul)
+    client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+    try:
+        await serve(options, service, client, sidecar)
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        await client.close()
+
+
+def cmd_runtime(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(launch(args))
+    except ServeError as err:
+        raise CliError(str(err)) from err
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("runtime", help="serve a predict() callable as a discoverable runtime")
+    parser.add_argument("target", help="MODULE:CALLABLE, predict(payload: dict) -> dict (sync or async)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--loader", help="MODULE:CALLABLE run once before the runtime turns ready")
+    parser.add_argument("--port", type=int, help="runtime TCP port (default: a free one)")
+    parser.add_argument("--uds", help="runtime Unix socket path (default: under $MLLAMBDA_RUN_DIR)")
+    parser.add_argument("--service-id", help="Consul service id (and Envoy node id)")
+    parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS HOST:PORT[,...]")
+    parser.add_argument("--no-sidecar", action="store_true", help="the sidecar is run by someone else")
+    parser.add_argument("--ingress-port", type=int)
+    parser.add_argument("--egress-port", type=int)
+    parser.add_argument("--envoy-admin-port", type=int)
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit in bytes")
+    parser.add_argument(
+        "--inline",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="run a sync predict on the event loop instead of a worker thread: "
+        "auto (default) does so while predicts take under 1 ms",
+    )
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="sidecar worker threads (default 1: it fronts one runtime; measured in docs/benchmarks.md)",
+    )
+    parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
+    parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
+    parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
+    parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
+    parser.set_defaults(handler=cmd_runtime)

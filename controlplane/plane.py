@@ -1,0 +1,270 @@
+"""The control plane process: wires store, discovery, reconcile, xDS, admin API, Kafka and the dashboard.
+
+Stateless: pipelines live in Consul KV, endpoints in Consul's catalog. Two
+watches (pipelines, runtimes) mark the state dirty; one loop reconciles. Unchanged
+groups get an identical snapshot version, so only the Envoys whose config
+changed hear about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import consul.aio
+import grpc
+from aiohttp import web
+
+from contract.naming import DEFAULT_KV_PREFIX
+from contract.watch import watch
+from controlplane.admin.server import BearerAuth, PipelineAdmin, add_admin_services, mark_serving
+from controlplane.config import (
+    DEFAULT_ADMIN_ADDR,
+    DEFAULT_BRIDGE_ADDR,
+    DEFAULT_XDS_ADDR,
+    ConsulAddress,
+    resolve,
+    split_host_port,
+)
+from controlplane.dashboard import build_dashboard_app
+from controlplane.discovery import Discovery
+from controlplane.errors import CliError
+from controlplane.kafka.bridge import BridgeServer, build_bridge_app
+from controlplane.kafka.plane import KafkaPlane
+from controlplane.listen import bind_grpc
+from controlplane.model import Pipeline
+from controlplane.reconcile import Reconciler
+from controlplane.store import PipelineStore, PipelineVersion, StoreView
+from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
+from controlplane.translate.pipelines import Options
+from controlplane.view import ConsulHealth, PlaneView
+from controlplane.xds.acks import AckBook
+from controlplane.xds.cache import GroupBy, SnapshotCache
+from controlplane.xds.server import XdsServer
+
+log = logging.getLogger("mllambda")
+
+
+@dataclass(frozen=True)
+class Settings:
+    xds_addr: str = DEFAULT_XDS_ADDR
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    consul: ConsulAddress = field(default_factory=ConsulAddress.from_settings)
+    token: str | None = None
+    group_by: GroupBy = "id"
+    kv_prefix: str = DEFAULT_KV_PREFIX
+    gateway_port: int = 18080
+    gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
+    metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
+    kafka_bootstrap: str | None = None  # enables transport: kafka
+    bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        c = settings.consul
+        self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+        self.cache = SnapshotCache(settings.group_by)
+        self.acks = AckBook()
+        self.store = PipelineStore(self.consul, settings.kv_prefix)
+        self.discovery = Discovery(self.consul, self._mark_dirty)
+        self.kafka: KafkaPlane | None = None
+        self.bridge: BridgeServer | None = None
+        broker = None
+        if settings.kafka_bootstrap:
+            self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
+            broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
+        options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
+        self.reconciler = Reconciler(self.cache, self.acks, options)
+        self.admin = PipelineAdmin(self.store, self.acks, self._known_models, self.reconciler.carried_version)
+        self.admin.kafka_enabled = self.kafka is not None
+        self.xds = XdsServer(self.cache, self.acks, settings.xds_addr)
+        self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
+        self.pipelines: list[PipelineVersion] = []
+        self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
+        self.traffic_scraper = TrafficScraper()
+        self._dashboard: web.AppRunner | None = None
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._admin_server: grpc.aio.Server | None = None
+
+    def _mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _known_models(self) -> set[tuple[str, str]] | None:
+        return self.discovery.known_models() if self.discovery.reachable else None
+
+    async def start(self) -> ControlPlane:
+        interceptors = [BearerAuth(self.settings.token)] if self.settings.token else []
+        self._admin_server = grpc.aio.server(interceptors=interceptors)
+        health = add_admin_services(self._admin_server, self.admin)
+        bind_grpc(self._admin_server, self.settings.admin_addr, "the admin API")
+        await self.xds.start()
+        await self._admin_server.start()
+        await mark_serving(health, True)
+        log.info("admin listening address=%s", self.settings.admin_addr)
+        if self.settings.metrics_addr:
+            host, port = split_host_port(self.settings.metrics_addr, 18002)
+            self._dashboard = web.AppRunner(build_dashboard_app(self), access_log=None)
+            await self._dashboard.setup()
+            await web.TCPSite(self._dashboard, host, port).start()
+            log.info("dashboard and metrics at http://%s:%d/", host, port)
+        if self.kafka is not None:
+            await self.kafka.start()
+            address = split_host_port(self.settings.bridge_addr, 18003)
+            app = build_bridge_app(self.kafka, self._live_pipeline)
+            self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix).start()
+        self._mark_dirty()  # every known node group gets a snapshot, even with nothing deployed
+        self._tasks = [
+            asyncio.create_task(self.discovery.run()),
+            asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
+            asyncio.create_task(self._reconcile_forever()),
+        ]
+        if self.bridge is not None:
+            self._tasks.append(asyncio.create_task(self.discovery.watch_bridges(self.settings.kv_prefix)))
+        return self
+
+    def _live_pipeline(self, name: str) -> Pipeline | None:
+        return next((v.pipeline for v in self.pipelines if v.pipeline.name == name), None)
+
+    async def _query_store(self, index: int | None) -> tuple[int, StoreView]:
+        view = await self.store.view(index)
+        return view.index, view
+
+    async def _take_pipelines(self, view: StoreView) -> None:
+        self.history = view.history
+        live = view.live()
+        if live != self.pipelines:
+            if self.kafka is not None:
+                try:
+                    await self.kafka.sync([(v.pipeline, v.version) for v in live])
+                except Exception:
+                    log.exception("publishing Kafka routing tables failed; will retry on the next change")
+            self.pipelines = live
+            self._mark_dirty()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                self.reconciler.reconcile(self.pipelines, self.discovery.instances(), self.kafka_bridges())
+            except Exception:
+                log.exception("reconcile failed; Envoys keep their last config")
+            await asyncio.sleep(0.01)  # coalesce bursts of changes
+
+    def kafka_bridges(self) -> tuple[tuple[str, int], ...]:
+        """Where gateways send Kafka pipelines' HTTP requests: every passing bridge of this deployment, and ours."""
+        ours = [(self.bridge.host, self.bridge.port)] if self.bridge else []
+        return tuple(sorted({*self.discovery.bridges, *ours}))
+
+    # The PlaneReader the dashboard and /metrics get (controlplane/view.py).
+
+    def view(self) -> PlaneView:
+        return PlaneView(
+            pipelines=tuple(self.pipelines),
+            history=self.history,
+            runtimes=tuple(self.discovery.instances()),
+            acks=tuple(self.acks.all()),
+            connected=frozenset(s.node_id for s in self.acks.all() if self.acks.is_connected(s.node_id)),
+            streams_by_mode=self.acks.streams_by_mode(),
+            snapshot_versions=self.reconciler.snapshot_versions(),
+            snapshots_set=dict(self.reconciler.snapshots_set),
+            push_latency=self.reconciler.push_latency,
+            admin_calls=dict(self.admin.calls),
+            consul=ConsulHealth(self.discovery.reachable, self.discovery.errors, self.discovery.staleness()),
+            consul_ui=f"{self.settings.consul.url}/ui/",
+            envoy_admin=self._envoy_admin_urls(),
+            kafka_bridges=self.kafka_bridges(),
+        )
+
+    async def traffic(self) -> list[VariantTraffic]:
+        """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""
+        ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
+        if self.settings.gateway_admin_port:
+            ports.append(self.settings.gateway_admin_port)
+        stats = await self.traffic_scraper.stats(ports)
+        return per_variant([v.pipeline for v in self.pipelines], stats)
+
+    def _envoy_admin_urls(self) -> dict[str, str]:
+        urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in self.discovery.instances()}
+        if self.settings.gateway_admin_port:
+            urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
+        return urls
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bridge is not None:
+            await self.bridge.deregister()
+        if self._dashboard is not None:
+            await self._dashboard.cleanup()
+        if self.bridge is not None:
+            await self.bridge.stop()
+        if self.kafka is not None:
+            await self.kafka.stop()
+        if self._admin_server is not None:
+            await self._admin_server.stop(0.5)
+        await self.xds.stop(0.5)
+        await self.consul.close()
+
+
+async def serve(settings: Settings) -> None:
+    plane = await ControlPlane(settings).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await plane.stop()
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        xds_addr=args.xds,
+        admin_addr=resolve(args.admin, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR),
+        consul=ConsulAddress.from_settings(args.consul),
+        token=os.environ.get("MLLAMBDA_TOKEN") or None,
+        group_by=args.group_by,
+        kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
+        gateway_port=args.gateway_port,
+        gateway_admin_port=args.gateway_admin_port,
+        metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
+        kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
+        bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
+    )
+
+
+def cmd_controlplane(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(serve(settings_from(args)))
+    except (OSError, ValueError) as err:
+        raise CliError(str(err)) from err
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("controlplane", help="run the control plane (xDS + admin API)")
+    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="xDS (ADS) listen address")
+    parser.add_argument("--admin", help=f"admin API listen address (default {DEFAULT_ADMIN_ADDR})")
+    parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    parser.add_argument(
+        "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
+    )
+    parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
+    parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
+    parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
+    parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
+    parser.add_argument(
+        "--bridge",
+        help=f"Kafka HTTP bridge listen address, with a broker (MLLAMBDA_BRIDGE_ADDR, {DEFAULT_BRIDGE_ADDR})",
+    )
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
+    parser.set_defaults(handler=cmd_controlplane)

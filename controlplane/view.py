@@ -1,0 +1,49 @@
+"""The control plane as the dashboard and /metrics see it: plain data, read-only.
+
+Readers get a `PlaneView` taken at one moment and the observed traffic, never
+the control plane object itself (go-control-plane's server sees its cache only
+through an interface in the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from contract.service import RuntimeService
+from controlplane.reconcile import LatencyHistogram
+from controlplane.store import PipelineVersion
+from controlplane.traffic import VariantTraffic
+from controlplane.xds.acks import TypeAck
+
+
+@dataclass(frozen=True)
+class ConsulHealth:
+    reachable: bool
+    errors: int  # failed queries since start
+    staleness: float  # seconds since the last good answer (inf: never)
+
+
+@dataclass(frozen=True)
+class PlaneView:
+    pipelines: Sequence[PipelineVersion]  # live ones, current version each
+    history: Mapping[str, Sequence[PipelineVersion]]
+    runtimes: Sequence[RuntimeService]
+    acks: Sequence[TypeAck]  # per (node, type)
+    connected: frozenset[str]  # node ids with an open ADS stream
+    streams_by_mode: Mapping[str, int]
+    snapshot_versions: Mapping[str, str]  # node group -> current snapshot version
+    snapshots_set: Mapping[str, int]  # node group -> snapshots set since start
+    push_latency: LatencyHistogram
+    admin_calls: Mapping[tuple[str, str], int]  # (method, code) -> count
+    consul: ConsulHealth
+    consul_ui: str
+    envoy_admin: Mapping[str, str]  # node id -> its Envoy admin URL
+    kafka_bridges: Sequence[tuple[str, int]]
+
+
+class PlaneReader(Protocol):
+    def view(self) -> PlaneView: ...
+
+    async def traffic(self) -> list[VariantTraffic]: ...

@@ -1,0 +1,152 @@
+"""The Kafka transport: the same predict(), fed from topics instead of HTTP.
+
+Routing tables (one per Kafka pipeline) come from the control plane through
+Consul KV; runtimes never hard-code topics. A message moves one hop like this:
+consume -> predict -> choose the next topic (weights, branch key, shadow copy)
+-> produce and wait for the ack -> commit the consumed offset. So delivery is
+at least once; nothing is committed before the next hop has it. Input that is
+not a JSON object, a refused payload, or a predict that keeps failing goes to
+the pipeline's dead-letter topic with the reason and the original bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from typing import Any
+
+import consul.aio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from contract import headers as h
+from contract.kafka_io import Headers, consume_batches, dead_letter, header, started, with_header
+from contract.naming import hop_group, routing_table_prefix
+from contract.payload import NotAnObject, parse_object
+from contract.routing import RoutingTable
+from contract.watch import WAIT, watch
+from runtime_sdk.app import Rejected, Runtime
+
+log = logging.getLogger("mllambda.kafka")
+
+
+class KafkaAdapter:
+    """Follows the routing tables and runs one consumer per topic this model version serves."""
+
+    def __init__(self, runtime: Runtime, bootstrap: str, client: consul.aio.Consul, kv_prefix: str) -> None:
+        self.runtime = runtime
+        self.bootstrap = bootstrap
+        self.client = client
+        self.prefix = routing_table_prefix(kv_prefix)
+        self.tables: dict[str, RoutingTable] = {}
+        self.consumers: dict[str, asyncio.Task[None]] = {}
+        self.producer: AIOKafkaProducer | None = None
+        self.rng = random.Random()
+
+    def subscriptions(self) -> dict[str, tuple[str, int, bool]]:
+        """topic -> (pipeline, stage index, is shadow) for this model version."""
+        return {
+            topic: (name, index, shadow)
+            for name, table in self.tables.items()
+            for topic, (index, shadow) in table.subscriptions(self.runtime.cluster).items()
+        }
+
+    async def run(self) -> None:
+        self.producer = await started(
+            lambda: AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+        )
+        try:
+            await watch(self._query_tables, self._take_tables, what="routing tables")
+        finally:
+            for task in self.consumers.values():
+                task.cancel()
+            await asyncio.gather(*self.consumers.values(), return_exceptions=True)
+            await self.producer.stop()
+
+    async def _query_tables(self, index: int | None) -> tuple[Any, list[dict[str, Any]]]:
+        found, items = await self.client.kv.get(self.prefix, recurse=True, index=index, wait=WAIT)
+        return found, items or []
+
+    def _take_tables(self, items: list[dict[str, Any]]) -> None:
+        tables = {}
+        for item in items:
+            name = item["Key"][len(self.prefix) :]
+            try:
+                tables[name] = RoutingTable.from_json(item["Value"] or b"")
+            except ValueError as err:  # keep what we had for it: a broken record stops no other pipeline
+                log.warning("ignoring routing table key=%s: %s", item["Key"], err)
+                if name in self.tables:
+                    tables[name] = self.tables[name]
+        self.tables = tables
+        self._sync_consumers()
+
+    def _sync_consumers(self) -> None:
+        wanted = self.subscriptions()
+        for topic in set(wanted) - set(self.consumers):
+            log.info("consuming topic=%s", topic)
+            self.consumers[topic] = asyncio.create_task(self._consume(topic, *wanted[topic]))
+        for topic in set(self.consumers) - set(wanted):
+            self.consumers.pop(topic).cancel()
+
+    async def _consume(self, topic: str, pipeline: str, index: int, shadow: bool) -> None:
+        consumer = await started(
+            lambda: AIOKafkaConsumer(
+                topic,
+                bootstrap_servers=self.bootstrap,
+                group_id=hop_group(topic),
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+        )
+        await consume_batches(consumer, lambda record: self._handle(pipeline, index, shadow, record))
+
+    async def _handle(self, pipeline: str, index: int, shadow: bool, record: Any) -> None:
+        assert self.producer is not None
+        table = self.tables.get(pipeline)
+        if table is None:
+            return
+        stage = table.stages[index]
+        headers: Headers = list(record.headers or [])
+        where = f"{stage.name}={self.runtime.model}:{self.runtime.version}"
+        try:
+            payload = parse_object(record.value)
+        except NotAnObject as err:
+            await dead_letter(self.producer, table, record.value, headers, f"not valid input: {err}", where)
+            return
+        try:
+            output = await self._predict(payload, attempts=1 + stage.retries)
+        except Rejected as err:
+            await dead_letter(self.producer, table, record.value, headers, f"refused: {err}", where)
+            return
+        except Exception as err:
+            await dead_letter(
+                self.producer, table, record.value, headers, f"predict failed: {type(err).__name__}: {err}", where
+            )
+            return
+        if shadow:
+            return  # a copy: answered, never forwarded
+        served = header(headers, h.SERVED)
+        headers = with_header(headers, h.SERVED, f"{served}, {where}" if served else where)
+        try:
+            topics = table.next_topics(index + 1, output, self.rng)
+        except LookupError as err:
+            await dead_letter(self.producer, table, record.value, headers, str(err), where)
+            return
+        body = json.dumps(output).encode()
+        await asyncio.gather(*(self.producer.send_and_wait(t, body, headers=headers) for t in topics))
+        reply_to = header(headers, h.REPLY_TO)
+        if index + 1 == len(table.stages) and reply_to:
+            await self.producer.send_and_wait(reply_to, body, headers=headers)
+
+    async def _predict(self, payload: dict[str, Any], attempts: int) -> dict[str, Any]:
+        for attempt in range(attempts):
+            try:
+                return await self.runtime.call_model(payload)
+            except Rejected:
+                raise
+            except Exception:
+                if attempt + 1 == attempts:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")

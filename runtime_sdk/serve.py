@@ -1,0 +1,138 @@
+"""Serve one predict() as a runtime: HTTP on TCP and a Unix socket, Consul registration,
+the Kafka adapter, and a drain on stop.
+
+Who starts the Envoy sidecar and picks the ports is the launcher's business
+(`mllambda runtime`, or a pod spec); this module only needs to know whether a
+sidecar is there and whether it is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import consul.aio
+from aiohttp import web
+
+from contract.service import RuntimeService
+from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Placement, Runtime, build_app
+from runtime_sdk.kafka_adapter import KafkaAdapter
+from runtime_sdk.registration import deregister, register, stay_registered
+
+log = logging.getLogger("mllambda.runtime")
+
+
+class ServeError(RuntimeError):
+    """Something the person starting the runtime has to fix (the message says what)."""
+
+
+class Sidecar(Protocol):
+    """The runtime's Envoy, as far as the runtime cares."""
+
+    def alive(self) -> bool: ...
+
+    def tail(self, lines: int = 20) -> str: ...
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    predict: str  # MODULE:CALLABLE
+    loader: str = ""  # MODULE:CALLABLE run once before turning ready
+    inline: str = "auto"
+    max_body: int = DEFAULT_MAX_BODY
+    drain_seconds: float = 2.0
+    access_log: bool = False
+    kafka_via: str = ""  # where this runtime's Kafka clients connect (its sidecar's Kafka listener); "": no Kafka
+    kv_prefix: str = ""  # the control plane's pipeline KV prefix (routing tables live beside it)
+
+
+def load_callable(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ServeError(f"{target!r}: expected MODULE:CALLABLE, e.g. examples.trivial.models:tokenize")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ServeError(f"cannot import {module_name!r}: {err}") from err
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise ServeError(f"{module_name!r} has no callable {attr!r}")
+    return found
+
+
+def remove_socket(path: str) -> None:
+    """A stale socket file from a crashed run would make bind() fail."""
+    Path(path).unlink(missing_ok=True)
+
+
+async def serve(
+    options: ServeOptions, service: RuntimeService, client: consul.aio.Consul, sidecar: Sidecar | None
+) -> None:
+    """Until SIGINT/SIGTERM (or the sidecar dies): serve, register, then deregister and drain."""
+    predict = load_callable(options.predict)
+    loader = load_callable(options.loader) if options.loader else None
+    egress = Egress(service.egress_port, service.egress_uds)
+    runtime = Runtime(predict, service.model, service.version, egress, placement=Placement(options.inline))
+    access_log = logging.getLogger("aiohttp.access") if options.access_log else None  # a line per request: ~10% CPU
+    runner = web.AppRunner(
+        build_app(runtime, options.max_body), shutdown_timeout=options.drain_seconds + 10, access_log=access_log
+    )
+    await runner.setup()
+    remove_socket(service.runtime_uds)
+    await web.TCPSite(runner, service.host, service.runtime_port).start()
+    await web.UnixSite(runner, service.runtime_uds).start()
+    log.info(
+        "serving model=%s version=%s port=%d uds=%s",
+        service.model,
+        service.version,
+        service.runtime_port,
+        service.runtime_uds,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    through_sidecar = sidecar is not None
+    try:
+        if loader is not None:
+            log.info("loading model=%s", service.model)
+            await asyncio.to_thread(loader)
+        runtime.ready = True
+        await register(client, service, through_sidecar)
+        log.info("registered service_id=%s ingress_port=%d", service.service_id, service.ingress_port)
+        tasks = [asyncio.create_task(stay_registered(client, service, through_sidecar))]
+        if options.kafka_via:
+            tasks.append(asyncio.create_task(KafkaAdapter(runtime, options.kafka_via, client, options.kv_prefix).run()))
+        try:
+            await wait_for_stop(stop, sidecar)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        # Leave the catalog first so Envoys stop sending here, then drain what is in flight.
+        try:
+            await deregister(client, service.service_id)
+            log.info("deregistered service_id=%s; draining %.1fs", service.service_id, options.drain_seconds)
+            await asyncio.sleep(options.drain_seconds)
+        except Exception as err:
+            log.warning("deregistration failed service_id=%s: %s", service.service_id, err)
+        runtime.ready = False
+        await runner.cleanup()
+        remove_socket(service.runtime_uds)
+
+
+async def wait_for_stop(stop: asyncio.Event, sidecar: Sidecar | None) -> None:
+    while not stop.is_set():
+        if sidecar is not None and not sidecar.alive():
+            raise ServeError(f"the Envoy sidecar exited:\n{sidecar.tail()}")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except TimeoutError:
+            pass

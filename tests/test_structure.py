@@ -1,0 +1,119 @@
+"""The layout holds: no import cycles, the SDK never imports the control plane, modules stay small.
+
+Reads the source with `ast` (no imports run), so it also sees imports inside
+functions: a lazy import that closes a cycle is still a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("contract", "controlplane", "runtime_sdk")
+MAX_LINES = 400
+# What each package may import from the others (and itself).
+ALLOWED = {
+    "contract": {"contract"},
+    "runtime_sdk": {"contract", "runtime_sdk"},
+    "controlplane": {"contract", "runtime_sdk", "controlplane"},
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_gen" in path.parts:
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
+    """Our modules that `path` imports, anywhere in it."""
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            # `from a.b import c`: the module a.b.c if there is one, else a.b
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                targets.add(name)
+    return targets
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    edges = {name: imports_of(path, known) for name, path in known.items()}
+    # A package's __init__ is not a dependency of what it contains.
+    return {name: {t for t in targets if t != name and not name.startswith(t + ".")} for name, targets in edges.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in edges.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_sees_real_imports() -> None:
+    edges = graph()
+    assert "contract.service" in edges["controlplane.discovery"]
+    assert "controlplane.model" in edges["controlplane.translate.pipelines"]
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(graph()) == []
+
+
+def test_a_cycle_is_found_when_there_is_one() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_packages_import_only_what_they_may() -> None:
+    wrong = [
+        f"{source} imports {target}"
+        for source, targets in graph().items()
+        for target in targets
+        if target.split(".")[0] not in ALLOWED[source.split(".")[0]]
+    ]
+    assert wrong == []
+
+
+def test_no_module_over_the_size_limit() -> None:
+    big = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert big == {}
