@@ -21,7 +21,7 @@ from controlplane.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.sidecar import write_bootstrap
 from controlplane.tools import find_envoy
 from runtime_sdk.app import DEFAULT_MAX_BODY
-from runtime_sdk.serve import ServeError, ServeOptions, remove_socket, serve
+from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_socket, serve
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -68,6 +68,9 @@ def start_sidecar(service: RuntimeService, xds_addr: str, folder: Path, concurre
 
 
 async def launch(args: argparse.Namespace) -> None:
+    for target in (args.target, args.loader):
+        if target:
+            load_callable(target)  # a typo fails here, before an Envoy is started for it
     kafka = resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "")
     folder = run_dir()
     service = plan_service(args, folder, bool(kafka))

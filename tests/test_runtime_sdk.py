@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -109,3 +111,20 @@ async def test_placement_can_be_fixed(mode: str, on_loop: bool) -> None:
         for _ in range(INLINE_AFTER + 5):
             await client.post("/predict", json={})
     assert {t == threading.get_ident() for t in threads} == {on_loop}
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_such_module_here:predict", "cannot import 'no_such_module_here'"),
+        ("examples.trivial.models:nothing", "'examples.trivial.models' has no callable 'nothing'"),
+        ("examples.trivial.models", "expected MODULE:CALLABLE"),
+    ],
+)
+def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anything(target: str, message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "runtime", target, "--model=m", "--version=v1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
