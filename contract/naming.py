@@ -22,9 +22,13 @@ def pipeline_path(pipeline: str) -> str:
     return f"/pipelines/{pipeline}"
 
 
-def stage_path(pipeline: str, stage: str) -> str:
-    """The path of one hop: a sidecar's ingress and egress routes match it."""
-    return f"/pipelines/{pipeline}/{stage}"
+def stage_path(pipeline: str, version: int, stage: str) -> str:
+    """The path of one hop of one pipeline version: a sidecar's ingress and egress routes match it.
+
+    The version is in the path so that a request finishes on the version it
+    entered with while a newer one takes over (the old hops drain).
+    """
+    return f"/pipelines/{pipeline}/v{version}/{stage}"
 
 
 def bridge_path(pipeline: str) -> str:

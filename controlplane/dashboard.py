@@ -33,7 +33,13 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "traffic": [asdict(t) for t in traffic],
         "links": {"consul_ui": view.consul_ui, "envoy_admin": dict(view.envoy_admin)},
         "pipelines": [
-            {"version": v.version, "created_at": v.created_at, "cause": v.cause, **pipeline_to_dict(v.pipeline)}
+            {
+                "version": v.version,
+                "created_at": v.created_at,
+                "cause": v.cause,
+                **pipeline_to_dict(v.pipeline),
+                "serving": view.switch.get(v.pipeline.name, {}),
+            }
             for v in view.pipelines
         ],
         "runtimes": [
@@ -62,7 +68,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     parts = ["<h2>Pipelines</h2>"]
     for current in view.pipelines:
         p = current.pipeline
-        about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}"
+        about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}{_switch_note(view, p.name)}"
         parts.append(f"<h3>{e(p.name)} <small>{about}</small></h3>")
         versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
         shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
@@ -100,6 +106,17 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
         " · <a href='/metrics'>metrics</a></p>" + "".join(parts) + "</body></html>"
     )
+
+
+def _switch_note(view: PlaneView, name: str) -> str:
+    s = view.switch.get(name, {})
+    note = ""
+    if s.get("pending"):
+        waiting = ", ".join(s["waiting_for"]) or "the next check"
+        note += f" · v{s['pending']} pending {s['pending_seconds']:.0f}s, waiting for {html.escape(waiting)}"
+    if s.get("draining"):
+        note += " · draining " + ", ".join(f"v{n}" for n in s["draining"])
+    return note
 
 
 def _pct(value: float | None) -> str:

@@ -35,6 +35,16 @@ class StateCollector(Collector):
         for version in view.pipelines:
             pipelines.add_metric([version.pipeline.name], version.version)
         yield pipelines
+        entry = GaugeMetricFamily("mllambda_pipeline_entry_version", "version new requests enter", labels=["pipeline"])
+        pending = GaugeMetricFamily(
+            "mllambda_pipeline_pending_seconds", "how long a newer version waits for its hops", labels=["pipeline"]
+        )
+        for name, s in view.switch.items():
+            if s.get("entry"):
+                entry.add_metric([name], s["entry"])
+            pending.add_metric([name], s.get("pending_seconds") or 0)
+        yield entry
+        yield pending
         yield GaugeMetricFamily(
             "mllambda_consul_reachable", "discovery reaches Consul", value=int(view.consul.reachable)
         )

@@ -111,6 +111,35 @@ class Pipeline:
 
 
 @dataclass(frozen=True)
+class PipelineVersion:
+    """One immutable, numbered version of a pipeline (a record in Consul KV)."""
+
+    pipeline: Pipeline
+    version: int
+    created_at: str
+    cause: str
+    deleted: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "spec": pipeline_to_dict(self.pipeline),
+            "created_at": self.created_at,
+            "cause": self.cause,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
+        return cls(
+            parse_pipeline(record["spec"]),
+            int(record["version"]),
+            str(record["created_at"]),
+            str(record["cause"]),
+            deleted,
+        )
+
+
+@dataclass(frozen=True)
 class Problem:
     path: str
     message: str

@@ -1,9 +1,10 @@
-"""The control plane process: wires store, discovery, reconcile, xDS, admin API, Kafka and the dashboard.
+"""The control plane process: wires store, discovery, switch, reconcile, xDS, admin API, Kafka and the dashboard.
 
-Stateless: pipelines live in Consul KV, endpoints in Consul's catalog. Two
-watches (pipelines, runtimes) mark the state dirty; one loop reconciles. Unchanged
-groups get an identical snapshot version, so only the Envoys whose config
-changed hear about it.
+Pipelines live in Consul KV, endpoints in Consul's catalog. Two watches
+(pipelines, runtimes) mark the state dirty; one loop moves versions through the
+staged change protocol (switch.py) as Envoys acknowledge, and reconciles.
+Unchanged groups get an identical snapshot version, so only the Envoys whose
+config changed hear about it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import bind_grpc
-from controlplane.model import Pipeline
+from controlplane.model import Pipeline, PipelineVersion
 from controlplane.reconcile import Reconciler
-from controlplane.store import PipelineStore, PipelineVersion, StoreView
+from controlplane.store import PipelineStore, StoreView
+from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options
 from controlplane.view import ConsulHealth, PlaneView
@@ -47,6 +49,7 @@ from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import XdsServer
 
 log = logging.getLogger("mllambda")
+TICK = 0.2  # seconds between checks while a version waits or drains
 
 
 @dataclass(frozen=True)
@@ -85,16 +88,21 @@ class ControlPlane:
         self.admin.kafka_enabled = self.kafka is not None
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr)
         self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
+        self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
+        self.switchboard = Switchboard()
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.traffic_scraper = TrafficScraper()
         self._dashboard: web.AppRunner | None = None
-        self._dirty = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._dirty = True
+        self._read_once = False
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_server: grpc.aio.Server | None = None
 
     def _mark_dirty(self) -> None:
-        self._dirty.set()
+        self._dirty = True
+        self._wake.set()
 
     def _known_models(self) -> set[tuple[str, str]] | None:
         return self.discovery.known_models() if self.discovery.reachable else None
@@ -139,24 +147,56 @@ class ControlPlane:
     async def _take_pipelines(self, view: StoreView) -> None:
         self.history = view.history
         live = view.live()
-        if live != self.pipelines:
+        if live != self.pipelines or not self._read_once:
             if self.kafka is not None:
                 try:
                     await self.kafka.sync([(v.pipeline, v.version) for v in live])
                 except Exception:
                     log.exception("publishing Kafka routing tables failed; will retry on the next change")
             self.pipelines = live
+            # What the store says on a control plane's first read is what the Envoys serve already.
+            self.switchboard.update(live, in_traffic=not self._read_once)
+            self._read_once = True
             self._mark_dirty()
 
     async def _reconcile_forever(self) -> None:
         while True:
-            await self._dirty.wait()
-            self._dirty.clear()
             try:
-                self.reconciler.reconcile(self.pipelines, self.discovery.instances(), self.kafka_bridges())
+                await asyncio.wait_for(self._wake.wait(), timeout=TICK)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._step()
             except Exception:
                 log.exception("reconcile failed; Envoys keep their last config")
             await asyncio.sleep(0.01)  # coalesce bursts of changes
+
+    async def _step(self) -> None:
+        pending_kafka = [
+            (v.pipeline.name, v.version) for v in self.switchboard.pending() if v.pipeline.transport == "kafka"
+        ]
+        if pending_kafka and self.kafka is not None:
+            await self.kafka.check_consumers(pending_kafka)
+        # Readiness is judged on what the last reconcile routed, so a new version is first
+        # translated (its hops pushed) and only then, on a later step, let in.
+        if self.switchboard.advance(self._missing, self.reconciler.gateway_left):
+            self._dirty = True
+        if self._dirty:
+            self._dirty = False
+            deployments = self.switchboard.deployments()
+            self.reconciler.reconcile(deployments, self.discovery.instances(), self.kafka_bridges())
+
+    def _missing(self, version: PipelineVersion) -> list[str]:
+        """What a version waits for before it takes traffic (nothing: it is ready)."""
+        name = version.pipeline.name
+        if version.pipeline.transport != "kafka":
+            return self.reconciler.missing_acks((name, version.version))
+        if self.kafka is None:
+            return ["a Kafka broker (--kafka-bootstrap)"]
+        if not self.kafka_bridges():
+            return ["a Kafka bridge"]
+        return self.kafka.missing_consumers(name, version.version)
 
     def kafka_bridges(self) -> tuple[tuple[str, int], ...]:
         """Where gateways send Kafka pipelines' HTTP requests: every passing bridge of this deployment, and ours."""
@@ -181,6 +221,7 @@ class ControlPlane:
             consul_ui=f"{self.settings.consul.url}/ui/",
             envoy_admin=self._envoy_admin_urls(),
             kafka_bridges=self.kafka_bridges(),
+            switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
         )
 
     async def traffic(self) -> list[VariantTraffic]:

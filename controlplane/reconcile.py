@@ -1,9 +1,10 @@
-"""Pipelines + runtimes -> a snapshot per node group in the cache, and what was pushed when.
+"""Deployments + runtimes -> a snapshot per node group in the cache, and what each Envoy has of it.
 
-Translation is pure (translate/); this is the step around it that remembers:
-which pipeline versions each snapshot carries (so `describe` can say which
-version an Envoy serves from the config version it acknowledged), how often
-each group got a new snapshot, and how long a push took until its ACK.
+Translation is pure (translate/); this is the step around it that remembers
+which pipeline versions each group's snapshots route, in the order they were
+set, so that an Envoy's ACK says which versions it routes now: the staged
+change protocol (switch.py) waits on that, and `describe` shows it. It also
+counts snapshots set per group and times each push until its ACK.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from dataclasses import replace
 from prometheus_client.core import HistogramMetricFamily
 
 from contract.service import RuntimeService
-from controlplane.store import PipelineVersion
-from controlplane.translate.pipelines import Options, translate
+from controlplane.translate.pipelines import Carried, Deployment, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import ROUTE
 
 log = logging.getLogger("mllambda")
-KEEP_VERSIONS = 8  # snapshot versions remembered per group
+KEEP_VERSIONS = 64  # snapshot versions remembered per group (older ACKs count as "has nothing newer")
 KEEP_SET_TIMES = 10_000  # (group, version) set times kept for push latency
 
 
@@ -50,13 +51,64 @@ class LatencyHistogram:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
+class GroupLedger:
+    """One node group's snapshots in the order they were set, and since when each pipeline version is routed.
+
+    An Envoy that acknowledged routes of snapshot number s routes pipeline
+    version (P, N) iff P/N has been carried since a snapshot numbered <= s. An ACK
+    of a snapshot too old to be remembered predates everything carried now.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.number: dict[str, int] = {}  # snapshot version -> its number (the last KEEP_VERSIONS)
+        self.carried: Carried = frozenset()
+        self.since: dict[tuple[str, int], int] = {}  # pair carried now -> first snapshot number carrying it
+        self.gone: dict[tuple[str, int], int] = {}  # pair carried before -> snapshot number that dropped it
+
+    def record(self, snapshot_version: str, pairs: Carried) -> None:
+        if snapshot_version not in self.number:
+            self.count += 1
+            self.number[snapshot_version] = self.count
+            while len(self.number) > KEEP_VERSIONS:
+                del self.number[next(iter(self.number))]
+        if pairs == self.carried:
+            return
+        n = self.number[snapshot_version]
+        for pair in pairs - self.carried:
+            self.since[pair] = n
+            self.gone.pop(pair, None)
+        for pair in self.carried - pairs:
+            del self.since[pair]
+            self.gone[pair] = n
+        while len(self.gone) > KEEP_SET_TIMES:
+            del self.gone[next(iter(self.gone))]
+        self.carried = pairs
+
+    def routes(self, acked_version: str, pair: tuple[str, int]) -> bool:
+        """Does an Envoy that acknowledged `acked_version` route `pair`?"""
+        n = self.number.get(acked_version)
+        return n is not None and pair in self.since and n >= self.since[pair]
+
+    def left(self, acked_version: str, pair: tuple[str, int]) -> bool:
+        """Has an Envoy that acknowledged `acked_version` stopped routing `pair`?"""
+        if pair in self.carried:
+            return False
+        n = self.number.get(acked_version)
+        return pair not in self.gone or (n is not None and n >= self.gone[pair])
+
+    def newest(self, acked_version: str, name: str) -> int:
+        """The newest version of pipeline `name` an Envoy that acknowledged `acked_version` routes (0: none)."""
+        return max((v for p, v in self.since if p == name and self.routes(acked_version, (p, v))), default=0)
+
+
 class Reconciler:
     def __init__(self, cache: SnapshotCache, acks: AckBook, options: Options) -> None:
         self.cache = cache
         self.acks = acks
         self.options = options
-        # group -> snapshot version -> {pipeline name: pipeline version} it carries (the last few)
-        self.deployed: dict[str, dict[str, dict[str, int]]] = {}
+        self.ledgers: dict[str, GroupLedger] = {}
+        self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
         self.snapshots_set: dict[str, int] = {}
         self.push_latency = LatencyHistogram()
         self._set_at: dict[tuple[str, str], float] = {}
@@ -64,16 +116,19 @@ class Reconciler:
 
     def reconcile(
         self,
-        pipelines: Sequence[PipelineVersion],
+        deployments: Sequence[Deployment],
         instances: Sequence[RuntimeService],
         bridges: tuple[tuple[str, int], ...],
     ) -> None:
-        versions = {v.pipeline.name: v.version for v in pipelines}
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
         options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges)
-        snapshots = translate([v.pipeline for v in pipelines], instances, options)
+        snapshots = translate(deployments, instances, options)
+        pairs = carried(deployments, instances, options)
+        self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.routed)
+        for group in set(self.ledgers) - set(snapshots):
+            del self.ledgers[group]  # a runtime that is gone
         for group, snapshot in snapshots.items():
-            self._remember(group, snapshot.version, versions)
+            self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
             previous = self.cache.get(group)
             if previous is not None and previous.version == snapshot.version:
                 continue
@@ -82,11 +137,37 @@ class Reconciler:
             while len(self._set_at) > KEEP_SET_TIMES:
                 del self._set_at[next(iter(self._set_at))]
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
-            log.info("snapshot group=%s version=%s pipelines=%s", group, snapshot.version, versions)
+            log.info("snapshot group=%s version=%s routes=%s", group, snapshot.version, sorted(pairs[group]))
+
+    def _acked_routes(self, node_id: str) -> str | None:
+        return next((s.acked_version for s in self.acks.for_node(node_id) if s.type_url == ROUTE), None)
+
+    def missing_acks(self, pair: tuple[str, int]) -> list[str]:
+        """Connected sidecars that must route `pair` and have not acknowledged it yet."""
+        if pair not in self.translated:
+            return ["its first translation"]
+        missing = []
+        for group, ledger in self.ledgers.items():
+            if group == self.options.gateway_group or pair not in ledger.carried or not self.acks.is_connected(group):
+                continue
+            acked = self._acked_routes(group)
+            if acked is None or not ledger.routes(acked, pair):
+                missing.append(group)
+        return sorted(missing)
+
+    def gateway_left(self, pair: tuple[str, int]) -> bool:
+        """The gateway no longer sends new requests into `pair` (or no gateway is connected here)."""
+        group = self.options.gateway_group
+        ledger = self.ledgers.get(group)
+        if ledger is None or not self.acks.is_connected(group):
+            return True
+        acked = self._acked_routes(group)
+        return acked is not None and ledger.left(acked, pair)
 
     def carried_version(self, group: str, snapshot_version: str, name: str) -> int:
-        """The version of pipeline `name` inside a group's snapshot version (0: not in it)."""
-        return self.deployed.get(group, {}).get(snapshot_version, {}).get(name, 0)
+        """The newest version of pipeline `name` routed by a node of `group` that acknowledged `snapshot_version`."""
+        ledger = self.ledgers.get(group)
+        return ledger.newest(snapshot_version, name) if ledger else 0
 
     def snapshot_versions(self) -> dict[str, str]:
         return {group: s.version for group in self.cache.groups() if (s := self.cache.get(group)) is not None}
@@ -96,11 +177,3 @@ class Reconciler:
         elapsed = time.monotonic() - set_at if set_at is not None else None
         if elapsed is not None and elapsed < 60:  # not a re-ACK after a reconnect
             self.push_latency.observe(elapsed)
-
-    def _remember(self, group: str, snapshot_version: str, versions: dict[str, int]) -> None:
-        """Same config, newer pipeline versions: the node serves them already. Bounded per group."""
-        history = self.deployed.setdefault(group, {})
-        history.pop(snapshot_version, None)
-        history[snapshot_version] = versions
-        while len(history) > KEEP_VERSIONS:
-            del history[next(iter(history))]

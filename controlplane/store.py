@@ -25,7 +25,7 @@ import consul
 import consul.aio
 
 from contract.naming import DEFAULT_KV_PREFIX
-from controlplane.model import Pipeline, parse_pipeline, pipeline_to_dict
+from controlplane.model import Pipeline, PipelineVersion
 
 MAX_ATTEMPTS = 32
 
@@ -44,33 +44,6 @@ class WriteConflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """Consul could not be reached; nothing was written."""
-
-
-@dataclass(frozen=True)
-class PipelineVersion:
-    pipeline: Pipeline
-    version: int
-    created_at: str
-    cause: str
-    deleted: bool = False
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "spec": pipeline_to_dict(self.pipeline),
-            "created_at": self.created_at,
-            "cause": self.cause,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
-        return cls(
-            parse_pipeline(record["spec"]),
-            int(record["version"]),
-            str(record["created_at"]),
-            str(record["cause"]),
-            deleted,
-        )
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from contract.service import RuntimeService
+from controlplane.model import PipelineVersion
 from controlplane.reconcile import LatencyHistogram
-from controlplane.store import PipelineVersion
 from controlplane.traffic import VariantTraffic
 from controlplane.xds.acks import TypeAck
 
@@ -41,6 +41,7 @@ class PlaneView:
     consul_ui: str
     envoy_admin: Mapping[str, str]  # node id -> its Envoy admin URL
     kafka_bridges: Sequence[tuple[str, int]]
+    switch: Mapping[str, Mapping[str, Any]]  # pipeline -> its entry, pending and draining versions (switch.py)
 
 
 class PlaneReader(Protocol):

@@ -9,8 +9,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
-from controlplane.model import parse_pipeline
-from controlplane.translate.pipelines import Options, translate
+from controlplane.model import Pipeline, PipelineVersion, parse_pipeline
+from controlplane.translate.pipelines import Deployment, Options, carried, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
 
@@ -48,23 +48,31 @@ PIPELINE = parse_pipeline(
 RUNTIMES = [instance("ma", "v1", 1), instance("mb", "v1", 2), instance("mb", "v2", 3, passing=False)]
 
 
+def at(pipeline: Pipeline, version: int = 1) -> PipelineVersion:
+    return PipelineVersion(pipeline, version, "2026-01-01T00:00:00Z", "test")
+
+
+def steady(*pipelines: Pipeline) -> list[Deployment]:
+    return [Deployment.steady(at(p)) for p in pipelines]
+
+
 def routes(snapshot: Snapshot, name: str) -> list[Any]:
     return list(snapshot.of_type(ROUTE).by_name[name].virtual_hosts[0].routes)
 
 
 def test_gateway_enters_stage_zero_with_the_whole_chain_timeout() -> None:
-    gateway = translate([PIPELINE], RUNTIMES)["gateway"]
+    gateway = translate(steady(PIPELINE), RUNTIMES)["gateway"]
     entry = routes(gateway, "gateway")[0]
     assert entry.match.path == "/pipelines/p"
-    assert entry.route.prefix_rewrite == "/pipelines/p/a"
+    assert entry.route.prefix_rewrite == "/pipelines/p/v1/a"
     assert entry.route.cluster == "ma.v1"
     assert entry.route.timeout.seconds == 6  # 1 + 2 + 3 s: the calls are nested
     assert routes(gateway, "gateway")[-1].direct_response.status == 404
 
 
 def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
-    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
-    (into_b,) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/b"]
+    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]
+    (into_b,) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/v1/b"]
     weights = {c.name: c.weight.value for c in into_b.route.weighted_clusters.clusters}
     assert weights == {"mb.v1": 90, "mb.v2": 10}
     (mirror,) = into_b.route.request_mirror_policies
@@ -77,7 +85,7 @@ def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
 
 
 def test_endpoints_are_passing_sidecar_ingresses_only() -> None:
-    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
+    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]
     assignments = sidecar.of_type(ENDPOINT).by_name
     port = [e.endpoint.address.socket_address.port_value for e in assignments["mb.v1"].endpoints[0].lb_endpoints]
     assert port == [8002]
@@ -85,13 +93,13 @@ def test_endpoints_are_passing_sidecar_ingresses_only() -> None:
 
 
 def test_ingress_tells_the_runtime_its_next_hop_and_branch_field() -> None:
-    sidecar = translate([PIPELINE], RUNTIMES)["mb-v1-2"]
-    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/b"]
+    sidecar = translate(steady(PIPELINE), RUNTIMES)["mb-v1-2"]
+    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/v1/b"]
     added = {h.header.key: h.header.value for h in ingress.request_headers_to_add}
-    assert added["x-mll-next"] == "/pipelines/p/c"
+    assert added["x-mll-next"] == "/pipelines/p/v1/c"
     assert added["x-mll-branch-field"] == "category"
     assert ingress.route.cluster == "local-http"
-    (branch, fallback) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/c"]
+    (branch, fallback) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/v1/c"]
     assert (branch.match.headers[0].name, branch.match.headers[0].string_match.exact) == ("x-mll-branch", "x")
     assert fallback.direct_response.status == 422
 
@@ -100,22 +108,22 @@ def test_uds_transport_points_ingress_at_the_unix_socket() -> None:
     uds = parse_pipeline(
         {**{"name": "p", "transport": "uds"}, "stages": [{"name": "a", "variants": [{"model": "ma", "version": "v1"}]}]}
     )
-    sidecar = translate([uds], RUNTIMES)["ma-v1-1"]
-    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/a"]
+    sidecar = translate(steady(uds), RUNTIMES)["ma-v1-1"]
+    (ingress,) = [r for r in routes(sidecar, "ingress") if r.match.path == "/pipelines/p/v1/a"]
     assert ingress.route.cluster == "local-uds"
     local = sidecar.of_type(CLUSTER).by_name["local-uds"]
     assert local.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path == "/run/ma-1.sock"
 
 
 def test_unchanged_inputs_give_the_same_snapshot_versions() -> None:
-    first, second = translate([PIPELINE], RUNTIMES), translate([PIPELINE], list(reversed(RUNTIMES)))
+    first, second = translate(steady(PIPELINE), RUNTIMES), translate(steady(PIPELINE), list(reversed(RUNTIMES)))
     assert {g: s.version for g, s in first.items()} == {g: s.version for g, s in second.items()}
 
 
 def test_sidecars_proxy_kafka_and_use_the_broker_filter_only_where_envoy_has_it() -> None:
     runtimes = [instance("ma", "v1", 1, kafka_port=9500), instance("mb", "v1", 2, kafka_port=9501)]
     options = Options(kafka_broker=("127.0.0.1", 9092), kafka_filter_nodes=frozenset({"mb-v1-2"}))
-    snapshots = translate([PIPELINE], runtimes, options)
+    snapshots = translate(steady(PIPELINE), runtimes, options)
     plain = snapshots["ma-v1-1"].of_type(LISTENER).by_name["kafka"].filter_chains[0].filters
     assert [f.name for f in plain] == ["envoy.filters.network.tcp_proxy"]
     contrib = snapshots["mb-v1-2"].of_type(LISTENER).by_name["kafka"].filter_chains[0].filters
@@ -129,9 +137,11 @@ def test_sidecars_proxy_kafka_and_use_the_broker_filter_only_where_envoy_has_it(
 
 def test_kafka_pipelines_reach_every_bridge_and_retry_another_one() -> None:
     kafka = dataclasses.replace(PIPELINE, transport="kafka")
-    assert translate([kafka], RUNTIMES)["gateway"].of_type(CLUSTER).by_name.keys().isdisjoint({"mll-kafka-bridge"})
+    assert (
+        translate(steady(kafka), RUNTIMES)["gateway"].of_type(CLUSTER).by_name.keys().isdisjoint({"mll-kafka-bridge"})
+    )
     options = Options(bridges=(("10.0.0.1", 18002), ("10.0.0.2", 18002)))
-    gateway = translate([kafka], RUNTIMES, options)["gateway"]
+    gateway = translate(steady(kafka), RUNTIMES, options)["gateway"]
     entry = routes(gateway, "gateway")[0]
     assert (entry.match.path, entry.route.prefix_rewrite) == ("/pipelines/p", "/bridge/p")
     assert entry.route.cluster == "mll-kafka-bridge"
@@ -145,7 +155,36 @@ def test_kafka_pipelines_reach_every_bridge_and_retry_another_one() -> None:
 
 
 def test_listeners_use_rds_routes_that_exist() -> None:
-    sidecar = translate([PIPELINE], RUNTIMES)["ma-v1-1"]
+    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]
     hcm = hcm_pb2.HttpConnectionManager()
     sidecar.of_type(LISTENER).by_name["egress"].filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert hcm.rds.route_config_name in sidecar.of_type(ROUTE).by_name
+
+
+def test_a_pending_version_gets_its_hops_beside_the_entry_which_the_gateway_keeps_entering() -> None:
+    v1, v2 = at(PIPELINE, 1), at(dataclasses.replace(PIPELINE, stages=PIPELINE.stages[:2]), 2)
+    deployment = [Deployment(v1, (v1, v2))]
+    snapshots = translate(deployment, RUNTIMES)
+    (entry, _) = routes(snapshots["gateway"], "gateway")
+    assert entry.route.prefix_rewrite == "/pipelines/p/v1/a"
+    sidecar = snapshots["mb-v1-2"]
+    paths = {r.match.path for r in routes(sidecar, "ingress")}
+    assert {"/pipelines/p/v1/b", "/pipelines/p/v2/b"} <= paths
+    nexts = {
+        r.match.path: {h.header.key: h.header.value for h in r.request_headers_to_add}
+        for r in routes(sidecar, "ingress")
+    }
+    assert nexts["/pipelines/p/v1/b"]["x-mll-next"] == "/pipelines/p/v1/c"
+    assert "x-mll-next" not in nexts["/pipelines/p/v2/b"]  # b is v2's last stage
+    pairs = carried(deployment, [*RUNTIMES, instance("mx", "v1", 4)])
+    assert pairs["gateway"] == {("p", 1)}
+    assert pairs["mb-v1-2"] == {("p", 1), ("p", 2)}
+    assert pairs["mx-v1-4"] == {("p", 1)}  # stage c is gone in v2
+
+
+def test_a_deleted_pipeline_loses_its_entry_while_its_hops_drain() -> None:
+    v1 = at(PIPELINE)
+    snapshots = translate([Deployment(None, (v1,))], RUNTIMES)
+    assert [r.direct_response.status for r in routes(snapshots["gateway"], "gateway")] == [404]
+    assert "/pipelines/p/v1/b" in {r.match.path for r in routes(snapshots["mb-v1-2"], "ingress")}
+    assert carried([Deployment(None, (v1,))], RUNTIMES)["gateway"] == frozenset()

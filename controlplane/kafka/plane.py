@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract import headers as h
 from contract.kafka_io import Headers, consume_batches, dead_letter, header
-from contract.naming import router_group, routing_table_prefix
+from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import RoutingTable
 from controlplane.model import Pipeline
@@ -47,10 +47,14 @@ class KafkaPlane:
         self._reply_task: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
         self.rng = random.Random()
+        self.admin: AIOKafkaAdminClient | None = None
+        self._missing: dict[tuple[str, int], list[str]] = {}  # (pipeline, version) -> hops without a consumer
 
     async def start(self) -> None:
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
         await self.producer.start()
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self.admin.start()
         await self._create_topics([self.reply_topic], partitions=1)
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
         await consumer.start()
@@ -65,21 +69,53 @@ class KafkaPlane:
         await asyncio.gather(*self.routers.values(), return_exceptions=True)
         if self.producer is not None:
             await self.producer.stop()
+        if self.admin is not None:
+            await self.admin.close()
 
     async def _create_topics(self, topics: list[str], partitions: int = PARTITIONS) -> None:
         missing = [t for t in topics if t not in self._topics]
         if not missing:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing if t not in existing]
-            if new:
-                await admin.create_topics(new)
-        finally:
-            await admin.close()
+        assert self.admin is not None
+        existing = set(await self.admin.list_topics())
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing if t not in existing]
+        if new:
+            await self.admin.create_topics(new)
         self._topics.update(missing)
+
+    async def check_consumers(self, versions: list[tuple[str, int]]) -> None:
+        """For each (pipeline, version): which of its hops have no consumer yet (kept for `missing_consumers`).
+
+        A version takes traffic only once every hop's consumer group is stable with
+        a member: otherwise its first requests would wait for the runtimes to join.
+        """
+        assert self.admin is not None
+        found: dict[tuple[str, int], list[str]] = {}
+        for name, version in versions:
+            table = self.tables.get(name)
+            if table is None or table.version != version or not table.active:
+                found[(name, version)] = ["its routing table (not published yet)"]
+                continue
+            topics = [v.topic for stage in table.stages for group in stage.groups for v in group.variants]
+            groups = {hop_group(t): t for t in topics}
+            try:
+                # One group per request: tansu cannot answer a DescribeGroups naming several.
+                answers = await asyncio.gather(*(self.admin.describe_consumer_groups([g]) for g in groups))
+            except Exception as err:
+                found[(name, version)] = [f"the broker ({err})"]
+                continue
+            ready = {
+                g["group"]
+                for described in answers
+                for response in described
+                for g in response.to_object()["groups"]
+                if g["error_code"] == 0 and g["state"] == "Stable" and g["members"]
+            }
+            found[(name, version)] = [f"a consumer of {topic}" for group, topic in groups.items() if group not in ready]
+        self._missing = found
+
+    def missing_consumers(self, name: str, version: int) -> list[str]:
+        return self._missing.get((name, version), ["a consumer check (not run yet)"])
 
     async def sync(self, pipelines: list[tuple[Pipeline, int]]) -> None:
         """Publish tables for Kafka pipelines; mark the others inactive; run the routers."""

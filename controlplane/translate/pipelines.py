@@ -1,9 +1,9 @@
-"""Pipelines + discovered runtimes -> one Envoy snapshot per node group. Pure: no I/O.
+"""Pipeline deployments + discovered runtimes -> one Envoy snapshot per node group. Pure: no I/O.
 
-The data path, for pipeline P with stages S0..Sn:
-  client -> gateway `/pipelines/P` --(weighted S0 clusters)--> sidecar ingress `/pipelines/P/S0`
+The data path, for version N of pipeline P with stages S0..Sn:
+  client -> gateway `/pipelines/P` --(weighted S0 clusters)--> sidecar ingress `/pipelines/P/vN/S0`
   -> runtime (TCP or Unix socket, by transport) -> runtime posts its output to its
-  sidecar's egress `/pipelines/P/S1` --(S1 clusters, branches, mirror)--> next sidecar ...
+  sidecar's egress `/pipelines/P/vN/S1` --(S1 clusters, branches, mirror)--> next sidecar ...
 Each ingress route tells the runtime, in headers, the path of the next hop; the
 last stage gets none and answers. Cluster `<model>.<version>` holds the sidecar
 ingress addresses of that version's passing instances.
@@ -27,7 +27,7 @@ from google.protobuf import wrappers_pb2
 from contract import headers as h
 from contract.naming import bridge_path, pipeline_path, stage_path
 from contract.service import RuntimeService
-from controlplane.model import Pipeline, Stage, Variant
+from controlplane.model import Pipeline, PipelineVersion, Stage, Variant
 from controlplane.translate import resources as r
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
@@ -51,16 +51,66 @@ class Options:
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """One pipeline on the data path.
+
+    `entry` is the version the gateway sends new requests into (None: no entry,
+    the pipeline is deleted or its first version is not ready yet); `routed` is
+    every version whose hops the sidecars keep: the entry, a newer one waiting to
+    take over, and older ones draining their in-flight requests.
+    """
+
+    entry: PipelineVersion | None
+    routed: tuple[PipelineVersion, ...]
+
+    @classmethod
+    def steady(cls, version: PipelineVersion) -> Deployment:
+        return cls(version, (version,))
+
+
+Carried = frozenset[tuple[str, int]]  # (pipeline, version) pairs whose routes a snapshot holds
+
+
 def translate(
-    pipelines: Sequence[Pipeline], instances: Sequence[RuntimeService], options: Options = Options()
+    deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
 ) -> dict[str, Snapshot]:
-    served = [p for p in pipelines if p.transport in SERVED_TRANSPORTS]
-    bridged = [p for p in pipelines if p.transport == "kafka"] if options.bridges else []
     endpoints = _endpoints_by_cluster(instances)
-    snapshots = {options.gateway_group: _gateway(served, bridged, endpoints, options)}
+    routed = [v for d in deployments for v in d.routed if v.pipeline.transport in SERVED_TRANSPORTS]
+    snapshots = {options.gateway_group: _gateway(_entries(deployments, options), endpoints, options)}
     for instance in instances:
-        snapshots[instance.service_id] = _sidecar(served, instance, endpoints, options)
+        snapshots[instance.service_id] = _sidecar(routed, instance, endpoints, options)
     return snapshots
+
+
+def carried(
+    deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
+) -> dict[str, Carried]:
+    """Which pipeline versions each group's snapshot routes: the gateway its entries, a sidecar its hops."""
+    found = {options.gateway_group: frozenset((v.pipeline.name, v.version) for v in _entries(deployments, options))}
+    for instance in instances:
+        found[instance.service_id] = frozenset(
+            (v.pipeline.name, v.version)
+            for d in deployments
+            for v in d.routed
+            if v.pipeline.transport in SERVED_TRANSPORTS and any(_serves(instance, s) for s in v.pipeline.stages)
+        )
+    return found
+
+
+def _entries(deployments: Sequence[Deployment], options: Options) -> list[PipelineVersion]:
+    """The versions the gateway routes: served ones, and Kafka ones when some bridge is there."""
+    return [
+        d.entry
+        for d in deployments
+        if d.entry is not None and (d.entry.pipeline.transport in SERVED_TRANSPORTS or options.bridges)
+    ]
+
+
+def _serves(me: RuntimeService, stage: Stage) -> bool:
+    return me.cluster in {v.cluster for v in stage.all_variants()} or bool(
+        stage.shadow and stage.shadow.cluster == me.cluster
+    )
 
 
 def _endpoints_by_cluster(instances: Iterable[RuntimeService]) -> Endpoints:
@@ -71,17 +121,19 @@ def _endpoints_by_cluster(instances: Iterable[RuntimeService]) -> Endpoints:
     return found
 
 
-def _gateway(
-    pipelines: Sequence[Pipeline], bridged: Sequence[Pipeline], endpoints: Endpoints, options: Options
-) -> Snapshot:
+def _gateway(entries: Sequence[PipelineVersion], endpoints: Endpoints, options: Options) -> Snapshot:
     routes = []
-    for p in pipelines:
-        entry = pipeline_path(p.name)
-        routes += _stage_routes(p, 0, match_path=entry, rewrite=stage_path(p.name, p.stages[0].name))
-    routes += [_bridge_route(p) for p in bridged]
+    for v in entries:
+        p = v.pipeline
+        if p.transport == "kafka":
+            routes.append(_bridge_route(p))
+        else:
+            first = stage_path(p.name, v.version, p.stages[0].name)
+            routes += _stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     remote = _remote_clusters([route for route in routes if route.route.cluster != BRIDGE], endpoints)
+    bridged = any(v.pipeline.transport == "kafka" for v in entries)
     local = [_bridge_cluster(options.bridges)] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
@@ -108,18 +160,18 @@ def _bridge_route(p: Pipeline) -> rc.Route:
     )
 
 
-def _sidecar(pipelines: Sequence[Pipeline], me: RuntimeService, endpoints: Endpoints, options: Options) -> Snapshot:
+def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: Endpoints, options: Options) -> Snapshot:
     ingress = [_readiness_route()]
     egress = []
-    for p in pipelines:
+    for v in routed:
+        p = v.pipeline
         for k, stage in enumerate(p.stages):
             if stage.shadow and stage.shadow.cluster == me.cluster:
-                ingress.append(_ingress_route(p, k, shadow=True))
-            if me.cluster in {v.cluster for v in stage.all_variants()}:
-                ingress.append(_ingress_route(p, k, shadow=False))
+                ingress.append(_ingress_route(p, v.version, k, shadow=True))
+            if me.cluster in {variant.cluster for variant in stage.all_variants()}:
+                ingress.append(_ingress_route(p, v.version, k, shadow=False))
                 if k + 1 < len(p.stages):
-                    next_stage = p.stages[k + 1]
-                    path = stage_path(p.name, next_stage.name)
+                    path = stage_path(p.name, v.version, p.stages[k + 1].name)
                     egress += _stage_routes(p, k + 1, match_path=path, rewrite=None)
     listeners = [
         r.http_listener("ingress", r.tcp_address(me.host, me.ingress_port), "ingress"),
@@ -139,7 +191,7 @@ def _sidecar(pipelines: Sequence[Pipeline], me: RuntimeService, endpoints: Endpo
     return _snapshot(listeners, routes, remote, clusters)
 
 
-def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
+def _ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
     """Sidecar -> its own runtime, telling the runtime where the output goes next."""
     stage = p.stages[k]
     add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport)]
@@ -147,10 +199,10 @@ def _ingress_route(p: Pipeline, k: int, shadow: bool) -> rc.Route:
         add.append(r.header(h.SHADOW, "1"))
     elif k + 1 < len(p.stages):
         following = p.stages[k + 1]
-        add.append(r.header(h.NEXT, stage_path(p.name, following.name)))
+        add.append(r.header(h.NEXT, stage_path(p.name, version, following.name)))
         if following.branches:
             add.append(r.header(h.BRANCH_FIELD, following.branch_on))
-    match = rc.RouteMatch(path=stage_path(p.name, stage.name))
+    match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
     if shadow:
         # Envoy marks mirrored requests by appending "-shadow" to the host part of the authority.
         match.headers.append(

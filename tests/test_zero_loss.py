@@ -1,0 +1,165 @@
+"""Config changes under load lose nothing: every request answers 200 with what its version computes.
+
+Eight clients send requests without pause while 22 changes go through `mllambda
+apply`: HTTP <-> Unix sockets <-> Kafka, a stage inserted and removed, weights
+changed, a branch stage added and its branches swapped. Each answer must be
+exactly what the stages it went through (its `x-mll-served` chain) compute, so
+a request that started on one version and finished on another would show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import processes
+from tests.envoy_helpers import get_json, wait_for
+from tests.test_pipeline_e2e import M, apply, until_ok
+
+pytestmark = pytest.mark.slow
+NAME = "steady"
+TEXT = {"text": "a b c"}  # 3 words: count 3, category "short"
+
+TOKENIZE = {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]}
+COUNT = {"name": "count", "variants": [{"model": "count", "version": "v1"}]}
+CLASSIFY = {"name": "classify", "variants": [{"model": "classify", "version": "v1"}]}
+
+
+def score(v1: int = 1, v2: int = 0) -> dict[str, Any]:
+    weights = [("v1", v1), ("v2", v2)]
+    return {"name": "score", "variants": [{"model": "score", "version": v, "weight": w} for v, w in weights if w]}
+
+
+def answer(swapped: bool = False) -> dict[str, Any]:
+    short, long = ("long", "short") if swapped else ("short", "long")
+    return {
+        "name": "answer",
+        "branch_on": "category",
+        "branches": [
+            {"key": "short", "variants": [{"model": short, "version": "v1"}]},
+            {"key": "long", "variants": [{"model": long, "version": "v1"}]},
+        ],
+    }
+
+
+def spec(transport: str, *stages: dict[str, Any]) -> dict[str, Any]:
+    return {"name": NAME, "transport": transport, "stages": list(stages)}
+
+
+CHANGES = [
+    spec("uds", TOKENIZE, COUNT, score()),
+    spec("http", TOKENIZE, COUNT, score()),
+    spec("kafka", TOKENIZE, COUNT, score()),
+    spec("http", TOKENIZE, COUNT, score()),
+    spec("http", TOKENIZE, COUNT, score(90, 10)),  # weights
+    spec("http", TOKENIZE, COUNT, CLASSIFY, score(90, 10)),  # a stage inserted
+    spec("uds", TOKENIZE, COUNT, CLASSIFY, score(90, 10)),
+    spec("uds", TOKENIZE, COUNT, score(90, 10)),  # ... and removed
+    spec("kafka", TOKENIZE, COUNT, score(90, 10)),
+    spec("uds", TOKENIZE, COUNT, score(50, 50)),
+    spec("http", TOKENIZE, COUNT, CLASSIFY, answer()),  # a branch stage
+    spec("http", TOKENIZE, COUNT, CLASSIFY, answer(swapped=True)),  # its branches swapped
+    spec("uds", TOKENIZE, COUNT, CLASSIFY, answer(swapped=True)),
+    spec("kafka", TOKENIZE, COUNT, CLASSIFY, answer(swapped=True)),
+    spec("http", TOKENIZE, COUNT, CLASSIFY, answer()),
+    spec("http", TOKENIZE, COUNT, score(1, 1)),
+    spec("kafka", TOKENIZE, COUNT, score(1, 1)),
+    spec("uds", TOKENIZE, COUNT, score(0, 1)),
+    spec("http", TOKENIZE, COUNT, score(1, 0)),
+    spec("http", TOKENIZE, COUNT, CLASSIFY, score(1, 0)),
+    spec("uds", TOKENIZE, COUNT, score(1, 0)),
+    spec("http", TOKENIZE, COUNT, score(1, 0)),
+]
+
+# What each hop computes on TEXT, keyed by "stage=model:version": the answer a chain must give.
+LAST_HOP_ANSWERS = {
+    "score=score:v1": {"count": 3, "score": 30},
+    "score=score:v2": {"count": 3, "score": 300},
+    "answer=short:v1": {"category": "short", "answer": "short text"},
+    "answer=long:v1": {"category": "short", "answer": "long text"},
+}
+CHAINS = {  # the stage lists a version can have
+    ("tokenize", "count", "score"),
+    ("tokenize", "count", "classify", "score"),
+    ("tokenize", "count", "classify", "answer"),
+}
+
+
+def verdict(status: int, body: Any, served: str) -> str:
+    """'ok', or what is wrong with this answer."""
+    if status != 200:
+        return f"{status} {json.dumps(body)[:120]}"
+    hops = [hop.strip() for hop in served.split(",") if hop.strip()]
+    stages = tuple(hop.split("=")[0] for hop in hops)
+    if stages not in CHAINS:
+        return f"chain {served!r}"
+    if body != LAST_HOP_ANSWERS.get(hops[-1]):
+        return f"answer {body} for chain {served!r}"
+    return "ok"
+
+
+async def serving(control_plane: Any) -> dict[str, Any]:
+    """The switch state of the pipeline, as the control plane's /api/status shows it."""
+    _, status = await get_json(f"http://127.0.0.1:{control_plane.metrics_port}/api/status")
+    found = [p for p in status["pipelines"] if p["name"] == NAME]
+    return found[0]["serving"] if found else {}
+
+
+async def test_twenty_two_changes_under_load_fail_no_request(
+    kafka_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for target, model, version in [
+        ("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
+        ("score", "score", "v1"), ("score_v2", "score", "v2"),
+        ("short_model", "short", "v1"), ("long_model", "long", "v1"),
+    ]:  # fmt: skip
+        start_runtime(f"{M}:{target}", model, version, wait=False)
+    for model, replicas in [("tokenize", 1), ("count", 1), ("classify", 1), ("score", 2), ("short", 1), ("long", 1)]:
+        await wait_for(lambda m=model, n=replicas: _passing(kafka_plane, m) >= n, timeout=60)
+    url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/{NAME}"
+    apply(kafka_plane, tmp_path, spec("http", TOKENIZE, COUNT, score()))
+    await until_ok(url, TEXT)
+
+    outcomes: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not stop.is_set():
+                try:
+                    async with session.post(url, json=TEXT) as resp:
+                        body = await resp.json(content_type=None)
+                        outcomes[verdict(resp.status, body, resp.headers.get("x-mll-served", ""))] += 1
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    outcomes[f"client error {type(err).__name__}"] += 1
+
+    load = [asyncio.create_task(client()) for _ in range(8)]
+    try:
+        for version, change in enumerate(CHANGES, start=2):
+            await asyncio.sleep(0.5)
+            apply(kafka_plane, tmp_path, change)
+            # In traffic: the gateway enters the new version.
+            await wait_for(lambda v=version: _entered(kafka_plane, v), timeout=60)
+        await asyncio.sleep(1)
+    finally:
+        stop.set()
+        await asyncio.gather(*load)
+    assert set(outcomes) == {"ok"}, outcomes
+    assert outcomes["ok"] > 500, outcomes
+
+
+async def _entered(control_plane: Any, version: int) -> bool:
+    return (await serving(control_plane)).get("entry") == version
+
+
+def _passing(control_plane: Any, model: str) -> int:
+    url = f"http://127.0.0.1:{control_plane.consul_port}/v1/health/service/{model}?passing=true"
+    status, body = processes.http_get(url)
+    return len(json.loads(body)) if status == 200 else 0
