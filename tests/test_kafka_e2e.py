@@ -15,7 +15,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from controlplane.processes import http_get
 from tests.envoy_helpers import wait_for
-from tests.test_pipeline_e2e import M, apply, pipeline, runtime_metric, service_meta, switch_under_load, until_ok
+from tests.test_pipeline_e2e import (
+    M,
+    apply,
+    in_traffic,
+    pipeline,
+    runtime_metric,
+    service_meta,
+    switch_under_load,
+    until_ok,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +74,7 @@ async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
 
     spec = {**pipeline("words", transport="kafka"), "input_topic": "user-in", "output_topic": "user-out"}
     apply(kafka_plane, tmp_path, spec)
+    await in_traffic(kafka_plane, "words", 2)  # its consumers have joined; the gateway sends to the bridge
     _, over_kafka, chain = await until_ok(url, {"text": "one two three"}, timeout=60)
     assert over_kafka == over_http == {"count": 3, "score": 30}
     assert chain == "tokenize=tokenize:v1, count=count:v1, score=score:v1"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from controlplane.processes import http_get
-from tests.envoy_helpers import envoy_stat, wait_for
+from tests.envoy_helpers import envoy_stat, get_json, wait_for
 
 pytestmark = pytest.mark.slow
 M = "examples.trivial.models"
@@ -37,6 +37,16 @@ def apply(control_plane: Any, tmp_path: Path, spec: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(spec))
     result = control_plane.cli("apply", "-f", str(path))
     assert result.returncode == 0, result.stderr
+
+
+async def in_traffic(control_plane: Any, name: str, version: int, timeout: float = 60) -> None:
+    """Wait until the gateway enters `version` of pipeline `name` (the staged switch is done)."""
+
+    async def entered() -> bool:
+        _, status = await get_json(f"http://127.0.0.1:{control_plane.metrics_port}/api/status")
+        return any(p["name"] == name and p["serving"].get("entry") == version for p in status["pipelines"])
+
+    await wait_for(entered, timeout=timeout)
 
 
 async def post(session: aiohttp.ClientSession, url: str, payload: Any) -> tuple[int, Any, str]:

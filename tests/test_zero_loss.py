@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 
 from controlplane import processes
-from tests.envoy_helpers import get_json, wait_for
-from tests.test_pipeline_e2e import M, apply, until_ok
+from tests.envoy_helpers import wait_for
+from tests.test_pipeline_e2e import M, apply, in_traffic, until_ok
 
 pytestmark = pytest.mark.slow
 NAME = "steady"
@@ -104,13 +104,6 @@ def verdict(status: int, body: Any, served: str) -> str:
     return "ok"
 
 
-async def serving(control_plane: Any) -> dict[str, Any]:
-    """The switch state of the pipeline, as the control plane's /api/status shows it."""
-    _, status = await get_json(f"http://127.0.0.1:{control_plane.metrics_port}/api/status")
-    found = [p for p in status["pipelines"] if p["name"] == NAME]
-    return found[0]["serving"] if found else {}
-
-
 async def test_twenty_two_changes_under_load_fail_no_request(
     kafka_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
@@ -146,17 +139,13 @@ async def test_twenty_two_changes_under_load_fail_no_request(
             await asyncio.sleep(0.5)
             apply(kafka_plane, tmp_path, change)
             # In traffic: the gateway enters the new version.
-            await wait_for(lambda v=version: _entered(kafka_plane, v), timeout=60)
+            await in_traffic(kafka_plane, NAME, version)
         await asyncio.sleep(1)
     finally:
         stop.set()
         await asyncio.gather(*load)
     assert set(outcomes) == {"ok"}, outcomes
     assert outcomes["ok"] > 500, outcomes
-
-
-async def _entered(control_plane: Any, version: int) -> bool:
-    return (await serving(control_plane)).get("entry") == version
 
 
 def _passing(control_plane: Any, model: str) -> int:
