@@ -84,12 +84,14 @@ class ControlPlane:
             broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
         options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
         self.reconciler = Reconciler(self.cache, self.acks, options)
-        self.admin = PipelineAdmin(self.store, self.acks, self._known_models, self.reconciler.carried_version)
+        self.switchboard = Switchboard()
+        self.admin = PipelineAdmin(
+            self.store, self.acks, self._known_models, self.reconciler.carried_version, self.switchboard.notes
+        )
         self.admin.kafka_enabled = self.kafka is not None
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr)
         self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
-        self.switchboard = Switchboard()
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.traffic_scraper = TrafficScraper()

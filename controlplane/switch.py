@@ -130,3 +130,17 @@ class Switchboard:
             "pending_seconds": round(self.clock() - track.pending_since, 3) if track.pending else 0,
             "draining": sorted(track.draining),
         }
+
+    def notes(self, name: str) -> list[str]:
+        """The switch in sentences, for `mllambda describe`."""
+        r = self.report(name)
+        notes = []
+        if r["pending"]:
+            waiting = ", ".join(r["waiting_for"]) or "the next check"
+            notes.append(
+                f"version {r['pending']} is not in traffic yet ({r['pending_seconds']:.1f}s): waiting for {waiting}; "
+                f"{'version ' + str(r['entry']) if r['entry'] else 'nothing'} serves meanwhile"
+            )
+        if r["draining"]:
+            notes.append("draining requests still on version " + ", ".join(str(n) for n in r["draining"]))
+        return notes

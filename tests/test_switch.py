@@ -106,3 +106,14 @@ def test_the_ledger_says_what_an_acknowledged_snapshot_routes() -> None:
         ledger.record(f"eds-{n}", frozenset({("p", 2)}))
     assert not ledger.routes("s1", ("p", 2))  # too old to know: it predates what is carried now
     assert ledger.routes(f"eds-{KEEP_VERSIONS}", ("p", 2))
+
+
+def test_describe_says_what_a_pending_version_waits_for_and_what_drains() -> None:
+    board = Switchboard(Clock())
+    board.update([version(1)], in_traffic=True)
+    board.update([version(2)])
+    board.advance(lambda v: ["tokenize-v1-abc"], lambda pair: False)
+    (note,) = board.notes("p")
+    assert "version 2 is not in traffic yet" in note and "tokenize-v1-abc" in note and "version 1 serves" in note
+    board.advance(lambda v: [], lambda pair: False)
+    assert board.notes("p") == ["draining requests still on version 1"]

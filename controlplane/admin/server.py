@@ -37,6 +37,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
 KnownModels = Callable[[], set[tuple[str, str]] | None]
 # (node group, acknowledged config version, pipeline name) -> pipeline version inside it (0: none)
 CarriedVersion = Callable[[str, str, str], int]
+# pipeline name -> what its staged switch is waiting for or draining, as sentences
+SwitchNotes = Callable[[str], list[str]]
 
 
 class NotServedYet(Exception):
@@ -90,11 +92,13 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         acks: AckBook | None = None,
         known_models: KnownModels = lambda: None,
         carried_version: CarriedVersion = lambda group, version, name: 0,
+        switch_notes: SwitchNotes = lambda name: [],
     ) -> None:
         self.store = store
         self.acks = acks or AckBook()
         self.known_models = known_models
         self.carried_version = carried_version
+        self.switch_notes = switch_notes
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
         self.kafka_enabled = False
 
@@ -151,9 +155,8 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
     async def Status(self, request: Any, context: Any) -> Any:
         version = await self.store.get(_required_name(request.name))
         nodes = self._nodes(request.name)
-        return pb.StatusResponse(
-            pipeline=version_to_proto(version), nodes=nodes, warnings=self.warnings(version.pipeline)
-        )
+        warnings = self.warnings(version.pipeline) + self.switch_notes(version.pipeline.name)
+        return pb.StatusResponse(pipeline=version_to_proto(version), nodes=nodes, warnings=warnings)
 
     def _nodes(self, name: str) -> list[Any]:
         """Route configs carry pipelines: one row per Envoy, from its route config ACK/NACK."""
