@@ -21,11 +21,12 @@ from controlplane.translate.pipelines import Carried, Deployment, Options, carri
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import ROUTE
+from controlplane.xds.snapshot import ROUTE, short
 
 log = logging.getLogger("mllambda")
 KEEP_VERSIONS = 64  # snapshot versions remembered per group (older ACKs count as "has nothing newer")
 KEEP_SET_TIMES = 10_000  # (group, version) set times kept for push latency
+NACK_SHOWN = 160  # characters of an Envoy's NACK text quoted in a report
 
 
 class LatencyHistogram:
@@ -152,8 +153,17 @@ class Reconciler:
                 continue
             acked = self._acked_routes(group)
             if acked is None or not ledger.routes(acked, pair):
-                missing.append(group)
+                missing.append(group + self._nack_note(group))
         return sorted(missing)
+
+    def _nack_note(self, node_id: str) -> str:
+        """Why a node may never get there: the last config it rejected, shortened."""
+        rejected = [s for s in self.acks.for_node(node_id) if s.nack_error]
+        if not rejected:
+            return ""
+        error = " ".join(rejected[0].nack_error.split())  # one line, whatever Envoy sent
+        shown = error[:NACK_SHOWN] + ("..." if len(error) > NACK_SHOWN else "")
+        return f" (rejected {short(rejected[0].type_url)}: {shown})"
 
     def gateway_left(self, pair: tuple[str, int]) -> bool:
         """The gateway no longer sends new requests into `pair` (or no gateway is connected here)."""

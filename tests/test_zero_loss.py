@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,44 @@ def _passing(control_plane: Any, model: str) -> int:
     url = f"http://127.0.0.1:{control_plane.consul_port}/v1/health/service/{model}?passing=true"
     status, body = processes.http_get(url)
     return len(json.loads(body)) if status == 200 else 0
+
+
+def sidecar_pid(service_id: str) -> int:
+    """The Envoy sidecar a runtime started (its bootstrap file is named after the service id)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(f"{service_id}-envoy.yaml".encode()) for arg in argv):
+            return int(entry.name)
+    raise AssertionError(f"no sidecar process for {service_id}")
+
+
+async def test_a_sidecar_that_does_not_acknowledge_holds_the_change_back_and_is_named(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    frozen = start_runtime(f"{M}:length_class", "classify", "v1")
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/{NAME}"
+    apply(control_plane, tmp_path, spec("http", TOKENIZE, COUNT, score()))
+    await until_ok(url, TEXT)
+    pid = sidecar_pid(frozen.service_id)
+    os.kill(pid, signal.SIGSTOP)  # connected, but answers nothing: it never acknowledges
+    try:
+        apply(control_plane, tmp_path, spec("http", TOKENIZE, COUNT, CLASSIFY, score()))
+        await asyncio.sleep(3)
+        described = control_plane.cli("describe", "pipeline", NAME)
+        assert "version 2 is not in traffic yet" in described.stdout, described.stdout
+        assert frozen.service_id in described.stdout and "version 1 serves meanwhile" in described.stdout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for _ in range(20):  # still version 1, and every request answered
+                async with session.post(url, json=TEXT) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["x-mll-served"].count(",") == 2  # three stages: no classify yet
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await in_traffic(control_plane, NAME, 2)
+    _, body, served = await until_ok(url, TEXT)
+    assert "classify=classify:v1" in served and body == {"count": 3, "score": 30}
