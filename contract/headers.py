@@ -30,3 +30,4 @@ PROPAGATED = (
 CORRELATION = "mll-correlation-id"  # the HTTP bridge's request id
 REPLY_TO = "mll-reply-to"  # the HTTP bridge's reply topic
 ERROR = "mll-error"  # why a record was dead-lettered
+TABLE_VERSION = "mll-version"  # the pipeline version (routing table) a message entered with

@@ -1,9 +1,12 @@
-"""The Kafka routing table: how a message moves from one hop's topic to the next.
+"""The Kafka routing tables: how a message moves from one hop's topic to the next.
 
-The control plane builds one table per Kafka pipeline and publishes it as JSON
-in Consul KV; every runtime and entry router follows it. The producer of a hop
-picks the next variant by weight and the branch by the routing key, with the
-same rules as the HTTP routes.
+The control plane builds one table per Kafka version of a pipeline and
+publishes the last few (`PipelineTables`) as JSON in Consul KV; every runtime
+and entry router follows them. A message carries the version it entered with
+(header `mll-version`) and every hop routes it by that version's table, so a
+change of stages never strands a message already on its way. The producer of
+a hop picks the next variant by weight and the branch by the routing key, with
+the same rules as the HTTP routes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+KEPT_VERSIONS = 4  # table versions kept per pipeline for messages still on their way
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,11 @@ class RoutingTable:
     @classmethod
     def from_json(cls, text: str | bytes) -> RoutingTable:
         """Parse a published table; ValueError says what is wrong with it."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RoutingTable:
         try:
-            data = json.loads(text)
             return cls(
                 pipeline=str(data["pipeline"]),
                 version=int(data["version"]),
@@ -137,3 +145,43 @@ def _stage(data: Mapping[str, Any]) -> StageTopics:
         timeout_ms=int(data["timeout_ms"]),
         retries=int(data["retries"]),
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineTables:
+    """The kept table versions of one pipeline, oldest first; new messages enter the newest."""
+
+    tables: tuple[RoutingTable, ...]
+
+    @property
+    def newest(self) -> RoutingTable:
+        return self.tables[-1]
+
+    def get(self, version: int | None) -> RoutingTable | None:
+        """The table of `version` (None: the newest), if it is still kept."""
+        if version is None:
+            return self.newest
+        return next((t for t in self.tables if t.version == version), None)
+
+    def with_newest(self, table: RoutingTable) -> PipelineTables:
+        kept = tuple(t for t in self.tables if t.version != table.version)
+        return PipelineTables((*kept, table)[-KEPT_VERSIONS:])
+
+    def inactive(self) -> PipelineTables:
+        return PipelineTables((*self.tables[:-1], self.newest.inactive()))
+
+    def topics(self, cluster: str) -> set[str]:
+        """Every hop topic one model version serves in any kept version."""
+        return {topic for t in self.tables for topic in t.subscriptions(cluster)}
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(t) for t in self.tables], sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PipelineTables:
+        """Parse what is published for one pipeline; ValueError says what is wrong with it."""
+        data = json.loads(text)
+        items = data if isinstance(data, list) else [data]  # one bare table: the layout before versions
+        if not items:
+            raise ValueError("no routing table in it")
+        return cls(tuple(RoutingTable.from_dict(item) for item in items))

@@ -1,9 +1,10 @@
 """The Kafka transport: the same predict(), fed from topics instead of HTTP.
 
-Routing tables (one per Kafka pipeline) come from the control plane through
-Consul KV; runtimes never hard-code topics. A message moves one hop like this:
-consume -> predict -> choose the next topic (weights, branch key, shadow copy)
--> produce and wait for the ack -> commit the consumed offset. So delivery is
+Routing tables (the last few versions per Kafka pipeline) come from the control
+plane through Consul KV; runtimes never hard-code topics. A message moves one
+hop like this: consume -> find the table of the version it entered with ->
+predict -> choose the next topic (weights, branch key, shadow copy) -> produce
+and wait for the ack -> commit the consumed offset. So delivery is
 at least once; nothing is committed before the next hop has it. Input that is
 not a JSON object, a refused payload, or a predict that keeps failing goes to
 the pipeline's dead-letter topic with the reason and the original bytes.
@@ -24,7 +25,7 @@ from contract import headers as h
 from contract.kafka_io import Headers, consume_batches, dead_letter, header, started, with_header
 from contract.naming import hop_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
-from contract.routing import RoutingTable
+from contract.routing import PipelineTables
 from contract.watch import WAIT, watch
 from runtime_sdk.app import Rejected, Runtime
 
@@ -39,18 +40,14 @@ class KafkaAdapter:
         self.bootstrap = bootstrap
         self.client = client
         self.prefix = routing_table_prefix(kv_prefix)
-        self.tables: dict[str, RoutingTable] = {}
+        self.tables: dict[str, PipelineTables] = {}
         self.consumers: dict[str, asyncio.Task[None]] = {}
         self.producer: AIOKafkaProducer | None = None
         self.rng = random.Random()
 
-    def subscriptions(self) -> dict[str, tuple[str, int, bool]]:
-        """topic -> (pipeline, stage index, is shadow) for this model version."""
-        return {
-            topic: (name, index, shadow)
-            for name, table in self.tables.items()
-            for topic, (index, shadow) in table.subscriptions(self.runtime.cluster).items()
-        }
+    def subscriptions(self) -> dict[str, str]:
+        """topic -> pipeline, for every hop this model version serves in a kept table version."""
+        return {topic: name for name, tables in self.tables.items() for topic in tables.topics(self.runtime.cluster)}
 
     async def run(self) -> None:
         self.producer = await started(
@@ -73,7 +70,7 @@ class KafkaAdapter:
         for item in items:
             name = item["Key"][len(self.prefix) :]
             try:
-                tables[name] = RoutingTable.from_json(item["Value"] or b"")
+                tables[name] = PipelineTables.from_json(item["Value"] or b"")
             except ValueError as err:  # keep what we had for it: a broken record stops no other pipeline
                 log.warning("ignoring routing table key=%s: %s", item["Key"], err)
                 if name in self.tables:
@@ -85,11 +82,11 @@ class KafkaAdapter:
         wanted = self.subscriptions()
         for topic in set(wanted) - set(self.consumers):
             log.info("consuming topic=%s", topic)
-            self.consumers[topic] = asyncio.create_task(self._consume(topic, *wanted[topic]))
+            self.consumers[topic] = asyncio.create_task(self._consume(topic, wanted[topic]))
         for topic in set(self.consumers) - set(wanted):
             self.consumers.pop(topic).cancel()
 
-    async def _consume(self, topic: str, pipeline: str, index: int, shadow: bool) -> None:
+    async def _consume(self, topic: str, pipeline: str) -> None:
         consumer = await started(
             lambda: AIOKafkaConsumer(
                 topic,
@@ -99,15 +96,23 @@ class KafkaAdapter:
                 auto_offset_reset="earliest",
             )
         )
-        await consume_batches(consumer, lambda record: self._handle(pipeline, index, shadow, record))
+        await consume_batches(consumer, lambda record: self._handle(pipeline, topic, record))
 
-    async def _handle(self, pipeline: str, index: int, shadow: bool, record: Any) -> None:
+    async def _handle(self, pipeline: str, topic: str, record: Any) -> None:
         assert self.producer is not None
-        table = self.tables.get(pipeline)
-        if table is None:
-            return
-        stage = table.stages[index]
+        tables = self.tables.get(pipeline)
+        if tables is None:
+            return  # its consumer is being cancelled
         headers: Headers = list(record.headers or [])
+        entered = header(headers, h.TABLE_VERSION)
+        table = tables.get(int(entered) if entered.isdigit() else None)
+        hop = table.subscriptions(self.runtime.cluster).get(topic) if table else None
+        if table is None or hop is None:
+            reason = f"version {entered} of pipeline {pipeline!r} has no hop on {topic} (its routing table is gone)"
+            await dead_letter(self.producer, tables.newest, record.value, headers, reason, topic)
+            return
+        index, shadow = hop
+        stage = table.stages[index]
         where = f"{stage.name}={self.runtime.model}:{self.runtime.version}"
         try:
             payload = parse_object(record.value)

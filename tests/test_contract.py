@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from contract.routing import RoutingTable
+from contract.routing import KEPT_VERSIONS, PipelineTables, RoutingTable
 from contract.service import BadRegistration, RuntimeService, bridge_address
 from contract.watch import next_index, watch
 from controlplane.model import parse_pipeline
@@ -147,3 +147,19 @@ async def test_watch_passes_indexes_back_survives_errors_and_bad_answers() -> No
     assert taken == ["a", "b", "c"]  # the bad answer did not end the watch
     assert errors == ["consul away"]
     assert asked == [None, 5, 5, 9, None, 6]  # 4 < 9: start over (None = a non-blocking first read)
+
+
+def test_the_last_few_table_versions_are_kept_and_a_message_finds_its_own() -> None:
+    tables = PipelineTables((routing_table(PIPELINE, 1),))
+    for n in range(2, 7):
+        tables = tables.with_newest(routing_table(PIPELINE, n))
+    assert [t.version for t in tables.tables] == list(range(7 - KEPT_VERSIONS, 7))
+    assert tables.get(None) is tables.newest and tables.get(6) is tables.newest
+    assert tables.get(1) is None  # too old: such a message is dead-lettered with the reason
+    assert PipelineTables.from_json(tables.to_json()) == tables
+    assert PipelineTables.from_json(tables.inactive().to_json()).newest.active is False
+    assert PipelineTables.from_json(routing_table(PIPELINE, 9).to_json()).newest.version == 9  # the older layout
+    assert "mll.p.b.bs.v1.shadow" in tables.topics("bs.v1")
+    for bad in ("[]", "{}", "[1]", "nope"):
+        with pytest.raises(ValueError):
+            PipelineTables.from_json(bad)

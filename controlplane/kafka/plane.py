@@ -22,10 +22,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract import headers as h
-from contract.kafka_io import Headers, consume_batches, dead_letter, header
+from contract.kafka_io import Headers, consume_batches, dead_letter, header, with_header
 from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
-from contract.routing import RoutingTable
+from contract.routing import PipelineTables
 from controlplane.model import Pipeline
 from controlplane.translate.topics import routing_table
 
@@ -39,7 +39,7 @@ class KafkaPlane:
         self.bootstrap = bootstrap
         self.client = client
         self.prefix = routing_table_prefix(kv_prefix)
-        self.tables: dict[str, RoutingTable] = {}
+        self.tables: dict[str, PipelineTables] = {}
         self.routers: dict[str, asyncio.Task[None]] = {}
         self.reply_topic = f"mll.bridge.{uuid.uuid4().hex[:12]}"
         self.waiting: dict[str, asyncio.Future[Reply]] = {}
@@ -92,7 +92,7 @@ class KafkaPlane:
         assert self.admin is not None
         found: dict[tuple[str, int], list[str]] = {}
         for name, version in versions:
-            table = self.tables.get(name)
+            table = self.tables[name].newest if name in self.tables else None
             if table is None or table.version != version or not table.active:
                 found[(name, version)] = ["its routing table (not published yet)"]
                 continue
@@ -118,24 +118,31 @@ class KafkaPlane:
         return self._missing.get((name, version), ["a consumer check (not run yet)"])
 
     async def sync(self, pipelines: list[tuple[Pipeline, int]]) -> None:
-        """Publish tables for Kafka pipelines; mark the others inactive; run the routers."""
+        """Publish tables for Kafka pipelines (a new version beside the kept ones); mark the others inactive."""
         _, items = await self.client.kv.get(self.prefix, recurse=True)
-        published: dict[str, RoutingTable] = {}
+        published: dict[str, PipelineTables] = {}
         for item in items or []:
             try:
-                published[item["Key"][len(self.prefix) :]] = RoutingTable.from_json(item["Value"] or b"")
+                published[item["Key"][len(self.prefix) :]] = PipelineTables.from_json(item["Value"] or b"")
             except ValueError as err:  # overwritten below if the pipeline is in Kafka mode
-                log.warning("ignoring routing table key=%s: %s", item["Key"], err)
-        wanted = {p.name: routing_table(p, version) for p, version in pipelines if p.transport == "kafka"}
-        for name, table in published.items():
+                log.warning("ignoring routing tables key=%s: %s", item["Key"], err)
+        wanted: dict[str, PipelineTables] = {}
+        for p, version in pipelines:
+            if p.transport == "kafka":
+                table = routing_table(p, version)
+                wanted[p.name] = (
+                    published[p.name].with_newest(table) if p.name in published else PipelineTables((table,))
+                )
+        for name, tables in published.items():
             if name not in wanted:
-                wanted[name] = table.inactive()
-        for name, table in wanted.items():
-            if table.active:
-                await self._create_topics(table.all_topics())
-            if published.get(name) != table:
-                await self.client.kv.put(f"{self.prefix}{name}", table.to_json())
-                log.info("routing table pipeline=%s version=%s active=%s", name, table.version, table.active)
+                wanted[name] = tables.inactive()
+        for name, tables in wanted.items():
+            if tables.newest.active:
+                await self._create_topics(tables.newest.all_topics())
+            if published.get(name) != tables:
+                await self.client.kv.put(f"{self.prefix}{name}", tables.to_json())
+                newest = tables.newest
+                log.info("routing table pipeline=%s version=%s active=%s", name, newest.version, newest.active)
         self.tables = wanted
         # Routers keep running for inactive tables too: what is already on an
         # input topic still moves through (nothing new arrives there).
@@ -146,16 +153,20 @@ class KafkaPlane:
         """Input topic -> stage 0 (weights, shadow), committing only after the produce is acked."""
         assert self.producer is not None
         consumer = AIOKafkaConsumer(
-            self.tables[name].input, bootstrap_servers=self.bootstrap, group_id=router_group(name),
+            self.tables[name].newest.input, bootstrap_servers=self.bootstrap, group_id=router_group(name),
             enable_auto_commit=False, auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
         await consume_batches(consumer, lambda record: self._enter(name, record.value, list(record.headers or [])))
 
     async def _enter(self, name: str, value: bytes, headers: Headers) -> None:
-        """Into stage 0 (weights, branch, shadow), acknowledged; input that cannot enter is dead-lettered."""
+        """Into stage 0 of the newest version (weights, branch, shadow), acknowledged; marked with that version.
+
+        Input that cannot enter is dead-lettered.
+        """
         assert self.producer is not None
-        table = self.tables[name]
+        table = self.tables[name].newest
+        headers = with_header(headers, h.TABLE_VERSION, str(table.version))
         try:
             topics = table.next_topics(0, parse_object(value), self.rng)
         except (NotAnObject, LookupError) as err:
