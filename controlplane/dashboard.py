@@ -59,6 +59,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         ],
         "consul": {"reachable": view.consul.reachable, "errors": view.consul.errors},
         "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
+        "broken_records": dict(view.broken),
         "generated_at": time.time(),
     }
 
@@ -84,6 +85,10 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
                 cells.append(f"shadow {e(s.model)}:{e(s.version)} {s.percent:g}%")
             parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
         parts.append("</ol>")
+    if view.broken:
+        parts.append("<h2>Skipped records</h2><ul class='broken'>")
+        parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
+        parts.append("</ul>")
     parts.append("<h2>Runtimes</h2><ul>")
     for r in view.runtimes:
         state = "passing" if r.passing else "critical"

@@ -25,8 +25,15 @@ log = logging.getLogger("mllambda.discovery")
 
 
 class Discovery:
-    def __init__(self, client: consul.aio.Consul, on_change: Callable[[], None], wait: str = WAIT) -> None:
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        on_change: Callable[[], None],
+        wait: str = WAIT,
+        reserved_ids: frozenset[str] = frozenset(),
+    ) -> None:
         self.client = client
+        self.reserved_ids = reserved_ids  # node ids of the control plane's own Envoys (the gateway)
         self.on_change = on_change
         self.wait = wait
         self.by_service: dict[str, dict[str, RuntimeService]] = {}
@@ -102,6 +109,10 @@ class Discovery:
             for entry in entries:
                 try:
                     instance = RuntimeService.from_entry(entry)
+                    if instance.service_id in self.reserved_ids:
+                        raise BadRegistration(
+                            f"service id {instance.service_id!r} is reserved (an Envoy of ours uses it)"
+                        )
                 except BadRegistration as err:
                     self._refuse(entry, str(err))
                     continue

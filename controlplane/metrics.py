@@ -45,6 +45,9 @@ class StateCollector(Collector):
             pending.add_metric([name], s.get("pending_seconds") or 0)
         yield entry
         yield pending
+        broken = GaugeMetricFamily("mllambda_store_broken_records", "pipelines with a record that was skipped")
+        broken.add_metric([], len(view.broken))
+        yield broken
         yield GaugeMetricFamily(
             "mllambda_consul_reachable", "discovery reaches Consul", value=int(view.consul.reachable)
         )

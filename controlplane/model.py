@@ -32,6 +32,7 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_BRANCH_ON = "route_key"
+INTERNAL_TOPICS = "mll."  # hop, input/output default, dead-letter and bridge topics (contract.naming)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,15 @@ class InvalidPipeline(ValueError):
         self.problems = problems
 
 
+def check_name(name: Any, path: str = "name") -> str:
+    """A pipeline name from any entry point (admin calls, CLI): the same rule as in a definition."""
+    problems: list[Problem] = []
+    _Parser(problems).label(name, path)
+    if problems:
+        raise InvalidPipeline(problems)
+    return str(name)
+
+
 def parse_pipeline(spec: Any) -> Pipeline:
     """Plain data (a YAML document or a protobuf as a dict) -> a valid Pipeline.
 
@@ -205,7 +215,7 @@ class _Parser:
         if not isinstance(value, str) or not value:
             self.bad(path, "required" if value in (None, "") else "must be a string")
             return ""
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):  # `$` alone would let a trailing newline through
             shown = value if len(value) <= 70 else value[:67] + "..."
             self.bad(path, f"{shown!r} is not valid: {rule}")
         return value
@@ -245,13 +255,20 @@ class _Parser:
         self.unique([s.name for s in stages], "stages", "stage name")
         if stages and stages[0].branches:
             self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
-        topics = []
-        for field_name in ("input_topic", "output_topic"):
-            value = data.get(field_name) or ""
-            if value:
-                self.text(value, field_name, _TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
-            topics.append(str(value))
+        topics = [self.topic(data.get(field_name), field_name) for field_name in ("input_topic", "output_topic")]
+        if topics[0] and topics[0] == topics[1]:
+            self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
         return Pipeline(name, str(transport), stages, topics[0], topics[1])
+
+    def topic(self, value: Any, path: str) -> str:
+        if not value:
+            return ""
+        topic = self.text(value, path, _TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
+        if topic in (".", ".."):
+            self.bad(path, f"{topic!r} is not a usable Kafka topic name")
+        elif topic.startswith(INTERNAL_TOPICS):
+            self.bad(path, f"topics starting with {INTERNAL_TOPICS!r} are ML Lambda's own (hops, dead letters)")
+        return topic
 
     def stage(self, raw: Any, path: str) -> Stage:
         allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on"}

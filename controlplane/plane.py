@@ -75,7 +75,6 @@ class ControlPlane:
         self.cache = SnapshotCache(settings.group_by)
         self.acks = AckBook()
         self.store = PipelineStore(self.consul, settings.kv_prefix)
-        self.discovery = Discovery(self.consul, self._mark_dirty)
         self.kafka: KafkaPlane | None = None
         self.bridge: BridgeServer | None = None
         broker = None
@@ -83,6 +82,7 @@ class ControlPlane:
             self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
             broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
         options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
+        self.discovery = Discovery(self.consul, self._mark_dirty, reserved_ids=frozenset({options.gateway_group}))
         self.reconciler = Reconciler(self.cache, self.acks, options)
         self.switchboard = Switchboard()
         self.admin = PipelineAdmin(
@@ -94,6 +94,7 @@ class ControlPlane:
         self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
+        self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
         self.traffic_scraper = TrafficScraper()
         self._dashboard: web.AppRunner | None = None
         self._wake = asyncio.Event()
@@ -148,7 +149,13 @@ class ControlPlane:
 
     async def _take_pipelines(self, view: StoreView) -> None:
         self.history = view.history
-        live = view.live()
+        for name, reason in view.broken.items():
+            if self.broken.get(name) != reason:
+                log.warning("pipeline=%s record skipped: %s", name, reason)
+        self.broken = view.broken
+        # A pipeline whose record broke keeps serving the version it had; the others go on.
+        kept = [v for v in self.pipelines if v.pipeline.name in view.broken and v.pipeline.name not in view.current]
+        live = sorted(view.live() + kept, key=lambda v: v.pipeline.name)
         if live != self.pipelines or not self._read_once:
             if self.kafka is not None:
                 try:
@@ -224,6 +231,7 @@ class ControlPlane:
             envoy_admin=self._envoy_admin_urls(),
             kafka_bridges=self.kafka_bridges(),
             switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
+            broken=dict(self.broken),
         )
 
     async def traffic(self) -> list[VariantTraffic]:

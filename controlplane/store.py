@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from contract.naming import DEFAULT_KV_PREFIX
 from controlplane.model import Pipeline, PipelineVersion
 
 MAX_ATTEMPTS = 32
+MAX_BROKEN_SHOWN = 100  # broken pipelines reported at once
 
 
 class StoreError(Exception):
@@ -46,6 +47,30 @@ class StoreUnavailable(StoreError):
     """Consul could not be reached; nothing was written."""
 
 
+class BrokenRecord(StoreError):
+    """A record under the prefix that is not what this store writes (hand-edited, or from another tool)."""
+
+
+REASON_SHOWN = 200  # characters of a broken record's reason kept and shown
+
+
+def _decode(item: dict[str, Any]) -> Any:
+    try:
+        return json.loads(item["Value"] or b"")
+    except ValueError as err:
+        raise BrokenRecord(f"{item['Key']}: not JSON ({err})"[:REASON_SHOWN]) from err
+
+
+def _version_of(item: dict[str, Any]) -> PipelineVersion:
+    record = _decode(item)
+    try:
+        return PipelineVersion.from_record(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BrokenRecord(
+            f"{item['Key']}: not a pipeline version ({type(err).__name__}: {err})"[:REASON_SHOWN]
+        ) from err
+
+
 @dataclass(frozen=True)
 class StoreView:
     """Everything under the prefix at one Consul index."""
@@ -53,6 +78,7 @@ class StoreView:
     index: int
     current: dict[str, PipelineVersion]  # name -> current version (deleted ones included)
     history: dict[str, list[PipelineVersion]]
+    broken: dict[str, str] = field(default_factory=dict)  # name -> why a record of it was skipped
 
     def live(self) -> list[PipelineVersion]:
         return [v for _, v in sorted(self.current.items()) if not v.deleted]
@@ -83,13 +109,16 @@ class PipelineStore:
         _, item = await self._call(self.client.kv.get(self._head_key(name)))
         if item is None:
             return 0, None
-        return int(item["ModifyIndex"]), json.loads(item["Value"])
+        head = _decode(item)
+        if not isinstance(head, dict) or not isinstance(head.get("version"), int):
+            raise BrokenRecord(f"{item['Key']}: not a pipeline head"[:REASON_SHOWN])
+        return int(item["ModifyIndex"]), head
 
     async def _read_version(self, name: str, version: int, deleted: bool = False) -> PipelineVersion:
         _, item = await self._call(self.client.kv.get(self._version_key(name, version)))
         if item is None:
             raise PipelineNotFound(f"pipeline {name!r} has no version {version}")
-        return PipelineVersion.from_record(json.loads(item["Value"]), deleted)
+        return replace(_version_of(item), deleted=deleted)
 
     async def apply(self, pipeline: Pipeline, cause: str = "apply") -> tuple[PipelineVersion, bool]:
         """Make `pipeline` current. Returns (version, created); the same spec twice is a no-op."""
@@ -150,22 +179,32 @@ class PipelineStore:
             self.client.kv.get(self.prefix, recurse=True, index=index, wait=wait if index else None)
         )
         heads: dict[str, dict[str, Any]] = {}
-        records: dict[str, dict[int, dict[str, Any]]] = {}
+        records: dict[str, dict[int, PipelineVersion]] = {}
+        broken: dict[str, str] = {}
         for item in items or []:
-            rest = item["Key"][len(self.prefix) :]
-            name, _, tail = rest.partition("/")
-            value = json.loads(item["Value"])
-            if tail == "head":
-                heads[name] = value
-            elif tail.startswith("v/"):
-                records.setdefault(name, {})[int(value["version"])] = value
+            name, _, tail = item["Key"][len(self.prefix) :].partition("/")
+            try:
+                if tail == "head":
+                    heads[name] = _decode(item)
+                    if not isinstance(heads[name].get("version"), int):
+                        raise BrokenRecord(f"{item['Key']}: not a pipeline head"[:REASON_SHOWN])
+                elif tail.startswith("v/"):
+                    version = _version_of(item)
+                    records.setdefault(name, {})[version.version] = version
+            except (BrokenRecord, AttributeError) as err:  # skipped and reported: it stops no other pipeline
+                if tail == "head":
+                    heads.pop(name, None)
+                if len(broken) < MAX_BROKEN_SHOWN:
+                    broken.setdefault(name, str(err)[:REASON_SHOWN])
         current, history = {}, {}
         for name, head in heads.items():
             versions = records.get(name, {})
-            history[name] = [PipelineVersion.from_record(versions[n]) for n in sorted(versions)]
+            history[name] = [versions[n] for n in sorted(versions)]
             if head["version"] in versions:
-                current[name] = PipelineVersion.from_record(versions[head["version"]], bool(head["deleted"]))
-        return StoreView(int(new_index or 0), current, history)
+                current[name] = replace(versions[head["version"]], deleted=bool(head.get("deleted")))
+            elif name not in broken:
+                broken[name] = f"head names version {head['version']}, which is not stored"
+        return StoreView(int(new_index or 0), current, history, broken)
 
 
 def _cas(key: str, value: dict[str, Any], index: int) -> dict[str, Any]:

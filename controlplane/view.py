@@ -42,6 +42,7 @@ class PlaneView:
     envoy_admin: Mapping[str, str]  # node id -> its Envoy admin URL
     kafka_bridges: Sequence[tuple[str, int]]
     switch: Mapping[str, Mapping[str, Any]]  # pipeline -> its entry, pending and draining versions (switch.py)
+    broken: Mapping[str, str]  # pipeline -> why its record in the store was skipped
 
 
 class PlaneReader(Protocol):

@@ -243,3 +243,26 @@ def test_bearer_token_is_required_when_set(control_plane: Any) -> None:
     assert "missing or wrong bearer token" in denied.stderr and "MLLAMBDA_TOKEN" in denied.stderr
     assert control_plane.cli("get", "pipelines", token="wrong").returncode == 1
     assert control_plane.cli("get", "pipelines", token="s3cret").returncode == 0
+
+
+def test_names_are_checked_at_every_admin_call_before_they_reach_a_key(control_plane: Any) -> None:
+    here = control_plane.kv_prefix.rstrip("/")
+    # Unchecked, Consul's URL normalisation would read our own "victim" back through "..".
+    hostile = [f"../{here}/victim", "victim\n", "victim/v/00000001", "Victim", "a" * 64, "x y"]
+    with grpc.insecure_channel(control_plane.admin_addr) as channel:
+        stub = pb_grpc.PipelineAdminStub(channel)
+        stub.Apply(pb.ApplyRequest(spec=spec_with_weights("victim", 1, 1)), timeout=10)
+        calls = [
+            lambda n: stub.Get(pb.GetRequest(name=n), timeout=10),
+            lambda n: stub.History(pb.HistoryRequest(name=n), timeout=10),
+            lambda n: stub.Status(pb.StatusRequest(name=n), timeout=10),
+            lambda n: stub.Rollback(pb.RollbackRequest(name=n, to_version=1), timeout=10),
+            lambda n: stub.Delete(pb.DeleteRequest(name=n), timeout=10),
+        ]
+        for call in calls:
+            for name in hostile:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(name)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
+                assert (caught.value.details() or "").startswith("name: ")
+        assert stub.Get(pb.GetRequest(name="victim"), timeout=10).pipeline.version == 1  # untouched

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from controlplane.model import (
     DEFAULT_TIMEOUT_MS,
     InvalidPipeline,
+    check_name,
     parse_pipeline,
     pipeline_to_dict,
 )
@@ -108,3 +112,45 @@ def test_a_flood_of_problems_keeps_the_message_small() -> None:
     assert len(err.value.problems) == 90
     assert len(str(err.value)) < 8000
     assert str(err.value).endswith("(and 50 more problems)")
+
+
+@given(st.text(max_size=80))
+def test_a_name_is_accepted_only_if_it_is_a_whole_dns_label(name: str) -> None:
+    for accepted in (_accepts_name(name), _accepts_pipeline_named(name)):
+        if accepted:
+            assert re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name), repr(name)
+
+
+def _accepts_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidPipeline:
+        return False
+    return True
+
+
+def _accepts_pipeline_named(name: str) -> bool:
+    try:
+        parse_pipeline({"name": name, "stages": [{"name": "s", "variants": [{"model": "m", "version": "v1"}]}]})
+    except InvalidPipeline:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("topics", "problem"),
+    [
+        ({"input_topic": "."}, "input_topic: '.' is not a usable Kafka topic name"),
+        ({"output_topic": ".."}, "output_topic: '..' is not a usable Kafka topic name"),
+        ({"input_topic": "mll.p.s.m.v1"}, "input_topic: topics starting with 'mll.'"),
+        ({"input_topic": "same", "output_topic": "same"}, "output_topic: must differ from input_topic"),
+        ({"input_topic": "in\n"}, "input_topic: 'in\\n' is not valid"),
+    ],
+)
+def test_kafka_topic_names_that_would_break_the_broker_or_the_hops_are_refused(
+    topics: dict[str, str], problem: str
+) -> None:
+    spec = {"name": "p", "transport": "kafka", "stages": [{"name": "s", "variants": [{"model": "m", "version": "v1"}]}]}
+    with pytest.raises(InvalidPipeline) as caught:
+        parse_pipeline({**spec, **topics})
+    assert problem in str(caught.value)

@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
-from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.model import InvalidPipeline, Pipeline, check_name
 from controlplane.store import (
+    BrokenRecord,
     PipelineNotFound,
     PipelineStore,
     StoreUnavailable,
@@ -51,6 +52,7 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
     (WriteConflict, grpc.StatusCode.ABORTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (BrokenRecord, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 
@@ -78,11 +80,8 @@ def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any
 
 
 def _required_name(name: str) -> str:
-    if not name:
-        from controlplane.model import Problem
-
-        raise InvalidPipeline([Problem("name", "required")])
-    return name
+    """Validated before it goes near a KV key: `../other/pipelines/x` must not read outside the prefix."""
+    return check_name(name)
 
 
 class PipelineAdmin(pb_grpc.PipelineAdminServicer):

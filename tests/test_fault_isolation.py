@@ -1,0 +1,66 @@
+"""One bad record or registration in Consul never stops the other pipelines (real Consul, Envoy, runtimes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import consul
+import pytest
+
+from contract.service import RuntimeService
+from controlplane import processes
+from tests.envoy_helpers import wait_for
+from tests.test_observability import metric, scrape
+from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
+
+pytestmark = pytest.mark.slow
+
+
+def status(control_plane: Any) -> dict[str, Any]:
+    return json.loads(scrape(control_plane, "/api/status"))  # type: ignore[no-any-return]
+
+
+async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothing(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
+    apply(control_plane, tmp_path, pipeline("kept"))
+    await until_ok(f"{base}/kept", {"text": "a b"})
+
+    kv = consul.Consul(port=consul_agent.http_port).kv
+    prefix = control_plane.kv_prefix
+    kv.put(f"{prefix}junk/head", "not json at all")
+    kv.put(f"{prefix}weird/head", json.dumps({"version": 1, "deleted": False}))
+    kv.put(f"{prefix}weird/v/00000001", json.dumps({"version": 1, "spec": {"name": "Weird!"}}))
+    kv.put(f"{prefix}kept/v/00000001", "{broken")  # the current version of a serving pipeline
+    # A runtime that claims the gateway's node id, and one whose meta says port -1.
+    good_meta = RuntimeService("x", "tokenize", "v1", "127.0.0.1", 1, "/x", 2, 3, "/y", 4).to_meta()
+    agent = consul.Consul(port=consul_agent.http_port).agent.service
+    agent.register("tokenize", service_id="gateway", port=2, tags=["mllambda"], meta=good_meta)
+    agent.register("count", service_id="bad-port", port=2, tags=["mllambda"], meta={**good_meta, "ingress_port": "-1"})
+
+    try:
+        apply(control_plane, tmp_path, pipeline("after"))  # a change after the bad input still deploys
+        await in_traffic(control_plane, "after", 1)
+        _, body, _ = await until_ok(f"{base}/after", {"text": "a b c"})
+        assert body == {"count": 3, "score": 30}
+        _, body, _ = await until_ok(f"{base}/kept", {"text": "a b"})  # keeps the version it had
+        assert body == {"count": 2, "score": 20}
+
+        broken = await wait_for(lambda: status(control_plane)["broken_records"], timeout=10)
+        assert set(broken) == {"junk", "weird", "kept"}, broken
+        assert "not JSON" in broken["junk"] and "not a pipeline version" in broken["weird"]
+        assert metric(scrape(control_plane), "mllambda_store_broken_records") == 3
+        runtimes = {r["service_id"] for r in status(control_plane)["runtimes"]}
+        assert not {"gateway", "bad-port"} & runtimes
+        got = control_plane.cli("get", "pipelines", "junk")
+        assert got.returncode == 1 and "not JSON" in got.stderr and "Traceback" not in got.stderr, got.stderr
+    finally:
+        agent.deregister("gateway")
+        agent.deregister("bad-port")
+    _, listing = processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/agent/services")
+    assert "bad-port" not in listing
