@@ -42,7 +42,7 @@ from controlplane.reconcile import Reconciler
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
-from controlplane.translate.pipelines import Options
+from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import GroupBy, SnapshotCache
@@ -199,13 +199,14 @@ class ControlPlane:
     def _missing(self, version: PipelineVersion) -> list[str]:
         """What a version waits for before it takes traffic (nothing: it is ready)."""
         name = version.pipeline.name
+        gateway = self.reconciler.gateway_missing(gateway_clusters(version))
         if version.pipeline.transport != "kafka":
-            return self.reconciler.missing_acks((name, version.version))
+            return self.reconciler.missing_acks((name, version.version)) + gateway
         if self.kafka is None:
             return ["a Kafka broker (--kafka-bootstrap)"]
         if not self.kafka_bridges():
             return ["a Kafka bridge"]
-        return self.kafka.missing_consumers(name, version.version)
+        return self.kafka.missing_consumers(name, version.version) + gateway
 
     def kafka_bridges(self) -> tuple[tuple[str, int], ...]:
         """Where gateways send Kafka pipelines' HTTP requests: every passing bridge of this deployment, and ours."""

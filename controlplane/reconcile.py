@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import replace
+from typing import Generic, TypeVar
 
 from prometheus_client.core import HistogramMetricFamily
 
 from contract.service import RuntimeService
-from controlplane.translate.pipelines import Carried, Deployment, Options, carried, translate
+from controlplane.translate.pipelines import BRIDGE, Carried, Deployment, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import ROUTE, short
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, ROUTE, short
 
 log = logging.getLogger("mllambda")
 KEEP_VERSIONS = 64  # snapshot versions remembered per group (older ACKs count as "has nothing newer")
@@ -52,8 +53,13 @@ class LatencyHistogram:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
-class GroupLedger:
+K = TypeVar("K", bound=Hashable)
+
+
+class GroupLedger(Generic[K]):
     """One node group's snapshots in the order they were set, and since when each pipeline version is routed.
+
+    (Or any other thing a snapshot holds: the gateway's clusters are followed the same way.)
 
     An Envoy that acknowledged routes of snapshot number s routes pipeline
     version (P, N) iff P/N has been carried since a snapshot numbered <= s. An ACK
@@ -63,11 +69,11 @@ class GroupLedger:
     def __init__(self) -> None:
         self.count = 0
         self.number: dict[str, int] = {}  # snapshot version -> its number (the last KEEP_VERSIONS)
-        self.carried: Carried = frozenset()
-        self.since: dict[tuple[str, int], int] = {}  # pair carried now -> first snapshot number carrying it
-        self.gone: dict[tuple[str, int], int] = {}  # pair carried before -> snapshot number that dropped it
+        self.carried: frozenset[K] = frozenset()
+        self.since: dict[K, int] = {}  # carried now -> first snapshot number carrying it
+        self.gone: dict[K, int] = {}  # carried before -> snapshot number that dropped it
 
-    def record(self, snapshot_version: str, pairs: Carried) -> None:
+    def record(self, snapshot_version: str, pairs: frozenset[K]) -> None:
         if snapshot_version not in self.number:
             self.count += 1
             self.number[snapshot_version] = self.count
@@ -86,12 +92,12 @@ class GroupLedger:
             del self.gone[next(iter(self.gone))]
         self.carried = pairs
 
-    def routes(self, acked_version: str, pair: tuple[str, int]) -> bool:
+    def routes(self, acked_version: str, pair: K) -> bool:
         """Does an Envoy that acknowledged `acked_version` route `pair`?"""
         n = self.number.get(acked_version)
         return n is not None and pair in self.since and n >= self.since[pair]
 
-    def left(self, acked_version: str, pair: tuple[str, int]) -> bool:
+    def left(self, acked_version: str, pair: K) -> bool:
         """Has an Envoy that acknowledged `acked_version` stopped routing `pair`?"""
         if pair in self.carried:
             return False
@@ -100,7 +106,8 @@ class GroupLedger:
 
     def newest(self, acked_version: str, name: str) -> int:
         """The newest version of pipeline `name` an Envoy that acknowledged `acked_version` routes (0: none)."""
-        return max((v for p, v in self.since if p == name and self.routes(acked_version, (p, v))), default=0)
+        pairs = [pair for pair in self.since if isinstance(pair, tuple) and pair[0] == name]
+        return max((pair[1] for pair in pairs if self.routes(acked_version, pair)), default=0)
 
 
 class Reconciler:
@@ -108,7 +115,8 @@ class Reconciler:
         self.cache = cache
         self.acks = acks
         self.options = options
-        self.ledgers: dict[str, GroupLedger] = {}
+        self.ledgers: dict[str, GroupLedger[tuple[str, int]]] = {}
+        self.gateway_clusters: GroupLedger[str] = GroupLedger()
         self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
         self.snapshots_set: dict[str, int] = {}
         self.push_latency = LatencyHistogram()
@@ -128,6 +136,8 @@ class Reconciler:
         self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.routed)
         for group in set(self.ledgers) - set(snapshots):
             del self.ledgers[group]  # a runtime that is gone
+        gateway = snapshots[self.options.gateway_group]
+        self.gateway_clusters.record(gateway.version, frozenset(gateway.of_type(CLUSTER).by_name))
         for group, snapshot in snapshots.items():
             self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
             previous = self.cache.get(group)
@@ -140,8 +150,21 @@ class Reconciler:
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
             log.info("snapshot group=%s version=%s routes=%s", group, snapshot.version, sorted(pairs[group]))
 
-    def _acked_routes(self, node_id: str) -> str | None:
-        return next((s.acked_version for s in self.acks.for_node(node_id) if s.type_url == ROUTE), None)
+    def _acked(self, node_id: str, type_url: str = ROUTE) -> str | None:
+        return next((s.acked_version for s in self.acks.for_node(node_id) if s.type_url == type_url), None)
+
+    def gateway_missing(self, clusters: frozenset[str]) -> list[str]:
+        """Clusters the gateway has not warmed yet (EDS clusters: endpoints acknowledged; static: the cluster)."""
+        group = self.options.gateway_group
+        if not self.acks.is_connected(group):
+            return []
+        by_endpoints, by_cluster = self._acked(group, ENDPOINT), self._acked(group, CLUSTER)
+        missing = []
+        for name in sorted(clusters):
+            acked = by_cluster if name == BRIDGE else by_endpoints
+            if acked is None or not self.gateway_clusters.routes(acked, name):
+                missing.append(f"{group} (cluster {name})")
+        return missing
 
     def missing_acks(self, pair: tuple[str, int]) -> list[str]:
         """Connected sidecars that must route `pair` and have not acknowledged it yet."""
@@ -151,7 +174,7 @@ class Reconciler:
         for group, ledger in self.ledgers.items():
             if group == self.options.gateway_group or pair not in ledger.carried or not self.acks.is_connected(group):
                 continue
-            acked = self._acked_routes(group)
+            acked = self._acked(group)
             if acked is None or not ledger.routes(acked, pair):
                 missing.append(group + self._nack_note(group))
         return sorted(missing)
@@ -171,7 +194,7 @@ class Reconciler:
         ledger = self.ledgers.get(group)
         if ledger is None or not self.acks.is_connected(group):
             return True
-        acked = self._acked_routes(group)
+        acked = self._acked(group)
         return acked is not None and ledger.left(acked, pair)
 
     def carried_version(self, group: str, snapshot_version: str, name: str) -> int:

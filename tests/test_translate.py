@@ -10,7 +10,7 @@ from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion, parse_pipeline
-from controlplane.translate.pipelines import Deployment, Options, carried, translate
+from controlplane.translate.pipelines import Deployment, Options, carried, gateway_clusters, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
 
@@ -188,3 +188,14 @@ def test_a_deleted_pipeline_loses_its_entry_while_its_hops_drain() -> None:
     assert [r.direct_response.status for r in routes(snapshots["gateway"], "gateway")] == [404]
     assert "/pipelines/p/v1/b" in {r.match.path for r in routes(snapshots["mb-v1-2"], "ingress")}
     assert carried([Deployment(None, (v1,))], RUNTIMES)["gateway"] == frozenset()
+
+
+def test_the_gateway_warms_a_pending_versions_first_clusters_before_it_routes_there() -> None:
+    v1 = at(PIPELINE, 1)
+    starts_at_b = dataclasses.replace(PIPELINE, stages=PIPELINE.stages[1:2])
+    v2 = at(starts_at_b, 2)
+    gateway = translate([Deployment(v1, (v1, v2))], RUNTIMES)["gateway"]
+    (entry, _) = routes(gateway, "gateway")
+    assert entry.route.cluster == "ma.v1"  # still entering v1
+    assert {"ma.v1", "mb.v1", "mb.v2", "mb.v3"} <= set(gateway.of_type(CLUSTER).by_name)  # v2's, warm ahead
+    assert gateway_clusters(v2) == {"mb.v1", "mb.v2", "mb.v3"}  # its split and its shadow

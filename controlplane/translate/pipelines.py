@@ -76,8 +76,9 @@ def translate(
     deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
 ) -> dict[str, Snapshot]:
     endpoints = _endpoints_by_cluster(instances)
-    routed = [v for d in deployments for v in d.routed if v.pipeline.transport in SERVED_TRANSPORTS]
-    snapshots = {options.gateway_group: _gateway(_entries(deployments, options), endpoints, options)}
+    everything = [v for d in deployments for v in d.routed]
+    routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
+    snapshots = {options.gateway_group: _gateway(_entries(deployments, options), everything, endpoints, options)}
     for instance in instances:
         snapshots[instance.service_id] = _sidecar(routed, instance, endpoints, options)
     return snapshots
@@ -121,21 +122,37 @@ def _endpoints_by_cluster(instances: Iterable[RuntimeService]) -> Endpoints:
     return found
 
 
-def _gateway(entries: Sequence[PipelineVersion], endpoints: Endpoints, options: Options) -> Snapshot:
-    routes = []
-    for v in entries:
-        p = v.pipeline
-        if p.transport == "kafka":
-            routes.append(_bridge_route(p))
-        else:
-            first = stage_path(p.name, v.version, p.stages[0].name)
-            routes += _stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
+def _gateway(
+    entries: Sequence[PipelineVersion], routed: Sequence[PipelineVersion], endpoints: Endpoints, options: Options
+) -> Snapshot:
+    """Routes into each entry version; clusters for every routed version's first stage.
+
+    Envoy applies a route at once but warms a new cluster until its endpoints
+    arrive, and meanwhile answers 503 (cluster not found) for it. So the gateway
+    gets the first-stage clusters of a version while it is still pending, and the
+    switch (switch.py) lets it in only once the gateway has acknowledged them.
+    """
+    routes = [route for v in entries for route in _gateway_routes(v)]
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
-    remote = _remote_clusters([route for route in routes if route.route.cluster != BRIDGE], endpoints)
-    bridged = any(v.pipeline.transport == "kafka" for v in entries)
+    ahead = [route for v in routed for route in _gateway_routes(v)]  # not served: only their clusters
+    remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints)
+    bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges)] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
+
+
+def _gateway_routes(v: PipelineVersion) -> list[rc.Route]:
+    p = v.pipeline
+    if p.transport == "kafka":
+        return [_bridge_route(p)]
+    first = stage_path(p.name, v.version, p.stages[0].name)
+    return _stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
+
+
+def gateway_clusters(version: PipelineVersion) -> frozenset[str]:
+    """The clusters the gateway must have (warm) before it may enter `version`."""
+    return frozenset(route_clusters(_gateway_routes(version)))
 
 
 def _bridge_cluster(bridges: Sequence[tuple[str, int]]) -> Any:
