@@ -18,15 +18,16 @@ from typing import Generic, TypeVar
 from prometheus_client.core import HistogramMetricFamily
 
 from contract.service import RuntimeService
-from controlplane.translate.pipelines import BRIDGE, Carried, Deployment, Options, carried, translate
+from controlplane.translate.pipelines import Carried, Deployment, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
-from controlplane.xds.snapshot import CLUSTER, ENDPOINT, ROUTE, short
+from controlplane.xds.snapshot import CLUSTER, ROUTE, short
 
 log = logging.getLogger("mllambda")
 KEEP_VERSIONS = 64  # snapshot versions remembered per group (older ACKs count as "has nothing newer")
 KEEP_SET_TIMES = 10_000  # (group, version) set times kept for push latency
+GATEWAY_WARM = 0.5  # seconds a new cluster is in the gateway's config before a route may use it
 NACK_SHOWN = 160  # characters of an Envoy's NACK text quoted in a report
 
 
@@ -59,7 +60,7 @@ K = TypeVar("K", bound=Hashable)
 class GroupLedger(Generic[K]):
     """One node group's snapshots in the order they were set, and since when each pipeline version is routed.
 
-    (Or any other thing a snapshot holds: the gateway's clusters are followed the same way.)
+
 
     An Envoy that acknowledged routes of snapshot number s routes pipeline
     version (P, N) iff P/N has been carried since a snapshot numbered <= s. An ACK
@@ -116,7 +117,7 @@ class Reconciler:
         self.acks = acks
         self.options = options
         self.ledgers: dict[str, GroupLedger[tuple[str, int]]] = {}
-        self.gateway_clusters: GroupLedger[str] = GroupLedger()
+        self.gateway_clusters: dict[str, float] = {}  # cluster in the gateway's snapshot -> since when (monotonic)
         self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
         self.snapshots_set: dict[str, int] = {}
         self.push_latency = LatencyHistogram()
@@ -137,7 +138,9 @@ class Reconciler:
         for group in set(self.ledgers) - set(snapshots):
             del self.ledgers[group]  # a runtime that is gone
         gateway = snapshots[self.options.gateway_group]
-        self.gateway_clusters.record(gateway.version, frozenset(gateway.of_type(CLUSTER).by_name))
+        now = time.monotonic()
+        names = gateway.of_type(CLUSTER).by_name
+        self.gateway_clusters = {name: self.gateway_clusters.get(name, now) for name in names}
         for group, snapshot in snapshots.items():
             self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
             previous = self.cache.get(group)
@@ -154,17 +157,24 @@ class Reconciler:
         return next((s.acked_version for s in self.acks.for_node(node_id) if s.type_url == type_url), None)
 
     def gateway_missing(self, clusters: frozenset[str]) -> list[str]:
-        """Clusters the gateway has not warmed yet (EDS clusters: endpoints acknowledged; static: the cluster)."""
+        """Clusters the gateway may not have warmed yet.
+
+        Envoy applies a route at once but warms a new cluster until its endpoints
+        arrive (503 "cluster not found" meanwhile). Its endpoints follow the
+        cluster on the same ADS stream within milliseconds; an ACK cannot say
+        when, because a cluster the Envoy still held is not sent again. So a
+        cluster gets GATEWAY_WARM seconds in the gateway's snapshot before a
+        route may use it.
+        """
         group = self.options.gateway_group
         if not self.acks.is_connected(group):
             return []
-        by_endpoints, by_cluster = self._acked(group, ENDPOINT), self._acked(group, CLUSTER)
-        missing = []
-        for name in sorted(clusters):
-            acked = by_cluster if name == BRIDGE else by_endpoints
-            if acked is None or not self.gateway_clusters.routes(acked, name):
-                missing.append(f"{group} (cluster {name})")
-        return missing
+        now = time.monotonic()
+        return [
+            f"{group} (warming cluster {name})"
+            for name in sorted(clusters)
+            if now - self.gateway_clusters.get(name, now) < GATEWAY_WARM
+        ]
 
     def missing_acks(self, pair: tuple[str, int]) -> list[str]:
         """Connected sidecars that must route `pair` and have not acknowledged it yet."""

@@ -135,16 +135,18 @@ def _gateway(
     routes = [route for v in entries for route in _gateway_routes(v)]
     routes.append(_not_found())
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
-    ahead = [route for v in routed for route in _gateway_routes(v)]  # not served: only their clusters
+    # Not served: only their clusters. Kafka versions count too, so that switching
+    # back to HTTP finds the first stage's clusters warm.
+    ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
     remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints)
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges)] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
 
-def _gateway_routes(v: PipelineVersion) -> list[rc.Route]:
+def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]:
     p = v.pipeline
-    if p.transport == "kafka":
+    if p.transport == "kafka" and not as_http:
         return [_bridge_route(p)]
     first = stage_path(p.name, v.version, p.stages[0].name)
     return _stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
