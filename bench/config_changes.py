@@ -85,10 +85,12 @@ async def load(url: str, stop: asyncio.Event, outcomes: collections.Counter[str]
                 outcomes[type(err).__name__] += 1
 
 
-def apply_and_time(admin: AdminClient, spec: dict[str, Any]) -> float:
+def apply_and_time(admin: AdminClient, spec: dict[str, Any], limit: float = 60) -> float:
     started = time.perf_counter()
     version = admin.apply(parse_pipeline(spec)).pipeline.version
     while not admin.gateway_has(spec["name"], version):
+        if time.perf_counter() - started > limit:
+            raise SystemExit(f"version {version} not in traffic after {limit:.0f}s: see mllambda describe")
         time.sleep(0.005)
     return (time.perf_counter() - started) * 1000
 

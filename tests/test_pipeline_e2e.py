@@ -133,7 +133,7 @@ async def test_weights_split_traffic_and_change_live(
 
     split["variants"][0]["weight"] = split["variants"][1]["weight"] = 50  # type: ignore[index]
     apply(control_plane, tmp_path, pipeline("split", **split))
-    await asyncio.sleep(1.0)
+    await in_traffic(control_plane, "split", 2)
     v2_share, failed = await share(1000)
     assert failed == 0
     assert abs(v2_share - 0.50) <= 0.05, v2_share
@@ -298,6 +298,7 @@ async def test_a_failure_further_down_is_not_retried_by_every_hop(
 ) -> None:
     """Each hop retries its own next hop; an answer relayed from further down is final (no retry storm)."""
     apply(control_plane, tmp_path, pipeline("storm", variants=[{"model": "missing", "version": "v1"}]))
+    await in_traffic(control_plane, "storm", 1)  # apply returns before the gateway enters the version
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/storm"
     counted = [runtime_requests(consul_agent.http_port, r.model, r.service_id) for r in three_stages]
     async with aiohttp.ClientSession() as session:
