@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from controlplane import processes
 from tests.envoy_helpers import wait_for
@@ -180,8 +181,11 @@ async def test_a_sidecar_that_does_not_acknowledge_holds_the_change_back_and_is_
     pid = sidecar_pid(frozen.service_id)
     os.kill(pid, signal.SIGSTOP)  # connected, but answers nothing: it never acknowledges
     try:
-        apply(control_plane, tmp_path, spec("http", TOKENIZE, COUNT, CLASSIFY, score()))
-        await asyncio.sleep(3)
+        change = tmp_path / "with-classify.yaml"
+        change.write_text(yaml.safe_dump(spec("http", TOKENIZE, COUNT, CLASSIFY, score())))
+        waited = control_plane.cli("apply", "-f", str(change), "--wait", "--timeout", "3")
+        assert waited.returncode == 1, waited.stdout + waited.stderr
+        assert "version 2 is not in traffic after 3s" in waited.stderr and frozen.service_id in waited.stderr
         described = control_plane.cli("describe", "pipeline", NAME)
         assert "version 2 is not in traffic yet" in described.stdout, described.stdout
         assert frozen.service_id in described.stdout and "version 1 serves meanwhile" in described.stdout
@@ -192,6 +196,7 @@ async def test_a_sidecar_that_does_not_acknowledge_holds_the_change_back_and_is_
                     assert resp.headers["x-mll-served"].count(",") == 2  # three stages: no classify yet
     finally:
         os.kill(pid, signal.SIGCONT)
-    await in_traffic(control_plane, NAME, 2)
+    waited = control_plane.cli("apply", "-f", str(change), "--wait")
+    assert waited.returncode == 0 and "pipeline/steady version 2 in traffic" in waited.stdout, waited.stderr
     _, body, served = await until_ok(url, TEXT)
     assert "classify=classify:v1" in served and body == {"count": 3, "score": 30}

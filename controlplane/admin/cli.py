@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,43 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if problems:  # nothing is sent unless every document is valid
         raise CliError("invalid pipeline definition, nothing applied:\n  " + "\n  ".join(problems))
     with admin_client(args) as admin:
+        applied = []
         for pipeline in pipelines:
             reply = admin.apply(pipeline)
             state = "created" if reply.created else "unchanged"
-            print(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})")
+            print(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})", flush=True)
             for warning in reply.warnings:
                 print(f"  warning: {warning}")
+            applied.append((pipeline.name, reply.pipeline.version))
+        if args.wait:
+            for name, version in applied:
+                wait_in_traffic(admin, name, version, args.timeout)
     return 0
+
+
+def wait_in_traffic(admin: AdminClient, name: str, version: int, timeout: float) -> None:
+    """Until the gateway enters `version` (the staged switch is done), saying what it waits for."""
+    started = time.monotonic()
+    said = ""
+    while not admin.gateway_has(name, version):
+        note = next(iter(_switch_notes(admin, name)), "")
+        if time.monotonic() - started > timeout:
+            raise CliError(
+                f"pipeline/{name} version {version} is not in traffic after {timeout:g}s"
+                + (f": {note}" if note else " (is a gateway Envoy connected?)")
+                + f"\nhint: `mllambda describe pipeline {name}` shows which Envoy has what"
+            )
+        if note and note != said:
+            print(f"  {note}", flush=True)
+            said = note
+        time.sleep(0.1)
+    print(f"pipeline/{name} version {version} in traffic ({time.monotonic() - started:.1f}s)", flush=True)
+
+
+def _switch_notes(admin: AdminClient, name: str) -> list[str]:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    return [w for w in admin.Status(pb.StatusRequest(name=name)).warnings if "not in traffic yet" in w]
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -173,6 +204,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
     apply = add("apply", "create or update pipelines from a YAML file", cmd_apply, resource=False)
     apply.add_argument("-f", "--filename", required=True, help="YAML file (several documents allowed; - for stdin)")
+    apply.add_argument(
+        "--wait", action="store_true", help="return once the gateway sends requests into the new version"
+    )
+    apply.add_argument("--timeout", type=float, default=60, help="seconds --wait waits (default 60)")
     get = add("get", "list pipelines or show one", cmd_get)
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
