@@ -22,7 +22,6 @@ from aiohttp import web
 
 from contract.naming import DEFAULT_KV_PREFIX
 from contract.watch import watch
-from controlplane.admin.server import BearerAuth, PipelineAdmin, add_admin_services, mark_serving
 from controlplane.config import (
     DEFAULT_ADMIN_ADDR,
     DEFAULT_BRIDGE_ADDR,
@@ -85,6 +84,10 @@ class ControlPlane:
         self.discovery = Discovery(self.consul, self._mark_dirty, reserved_ids=frozenset({options.gateway_group}))
         self.reconciler = Reconciler(self.cache, self.acks, options)
         self.switchboard = Switchboard()
+        # The admin API needs the generated stubs; importing it here (not at module level) keeps
+        # `mllambda setup`, which generates them, runnable on a fresh checkout.
+        from controlplane.admin.server import PipelineAdmin
+
         self.admin = PipelineAdmin(
             self.store, self.acks, self._known_models, self.reconciler.carried_version, self.switchboard.notes
         )
@@ -111,6 +114,8 @@ class ControlPlane:
         return self.discovery.known_models() if self.discovery.reachable else None
 
     async def start(self) -> ControlPlane:
+        from controlplane.admin.server import BearerAuth, add_admin_services, mark_serving
+
         interceptors = [BearerAuth(self.settings.token)] if self.settings.token else []
         self._admin_server = grpc.aio.server(interceptors=interceptors)
         health = add_admin_services(self._admin_server, self.admin)

@@ -117,3 +117,22 @@ def test_packages_import_only_what_they_may() -> None:
 def test_no_module_over_the_size_limit() -> None:
     big = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert big == {}
+
+
+def test_the_cli_starts_before_the_admin_stubs_are_generated() -> None:
+    """`mllambda setup` generates them, so the CLI must build without them (a fresh checkout)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "class NoStubs:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.startswith('controlplane._gen'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NoStubs())\n"
+        "from controlplane.cli import build_parser\n"
+        "build_parser().parse_args(['setup'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
