@@ -16,6 +16,7 @@ from aiohttp import web
 
 from controlplane.metrics import metrics_handler
 from controlplane.model import pipeline_to_dict
+from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
 from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
@@ -114,14 +115,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
 
 
 def _switch_note(view: PlaneView, name: str) -> str:
-    s = view.switch.get(name, {})
-    note = ""
-    if s.get("pending"):
-        waiting = ", ".join(s["waiting_for"]) or "the next check"
-        note += f" · v{s['pending']} pending {s['pending_seconds']:.0f}s, waiting for {html.escape(waiting)}"
-    if s.get("draining"):
-        note += " · draining " + ", ".join(f"v{n}" for n in s["draining"])
-    return note
+    return "".join(f" · {html.escape(note)}" for note in switch_notes(view.switch.get(name, {})))
 
 
 def _pct(value: float | None) -> str:

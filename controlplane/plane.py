@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import consul.aio
@@ -21,6 +22,7 @@ import grpc
 from aiohttp import web
 
 from contract.naming import DEFAULT_KV_PREFIX
+from contract.service import RuntimeService
 from contract.watch import watch
 from controlplane.config import (
     DEFAULT_ADMIN_ADDR,
@@ -221,12 +223,13 @@ class ControlPlane:
     # The PlaneReader the dashboard and /metrics get (controlplane/view.py).
 
     def view(self) -> PlaneView:
+        runtimes, acks = tuple(self.discovery.instances()), tuple(self.acks.all())
         return PlaneView(
             pipelines=tuple(self.pipelines),
             history=self.history,
-            runtimes=tuple(self.discovery.instances()),
-            acks=tuple(self.acks.all()),
-            connected=frozenset(s.node_id for s in self.acks.all() if self.acks.is_connected(s.node_id)),
+            runtimes=runtimes,
+            acks=acks,
+            connected=frozenset(s.node_id for s in acks if self.acks.is_connected(s.node_id)),
             streams_by_mode=self.acks.streams_by_mode(),
             snapshot_versions=self.reconciler.snapshot_versions(),
             snapshots_set=dict(self.reconciler.snapshots_set),
@@ -234,7 +237,7 @@ class ControlPlane:
             admin_calls=dict(self.admin.calls),
             consul=ConsulHealth(self.discovery.reachable, self.discovery.errors, self.discovery.staleness()),
             consul_ui=f"{self.settings.consul.url}/ui/",
-            envoy_admin=self._envoy_admin_urls(),
+            envoy_admin=self._envoy_admin_urls(runtimes),
             kafka_bridges=self.kafka_bridges(),
             switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
             broken=dict(self.broken),
@@ -248,8 +251,8 @@ class ControlPlane:
         stats = await self.traffic_scraper.stats(ports)
         return per_variant([v.pipeline for v in self.pipelines], stats)
 
-    def _envoy_admin_urls(self) -> dict[str, str]:
-        urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in self.discovery.instances()}
+    def _envoy_admin_urls(self, runtimes: Sequence[RuntimeService]) -> dict[str, str]:
+        urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}
         if self.settings.gateway_admin_port:
             urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
         return urls

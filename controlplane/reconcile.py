@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Generic, TypeVar
 
 from prometheus_client.core import HistogramMetricFamily
 
@@ -54,10 +53,10 @@ class LatencyHistogram:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
-K = TypeVar("K", bound=Hashable)
+Pair = tuple[str, int]  # (pipeline, version)
 
 
-class GroupLedger(Generic[K]):
+class GroupLedger:
     """One node group's snapshots in the order they were set, and since when each pipeline version is routed.
 
 
@@ -70,11 +69,11 @@ class GroupLedger(Generic[K]):
     def __init__(self) -> None:
         self.count = 0
         self.number: dict[str, int] = {}  # snapshot version -> its number (the last KEEP_VERSIONS)
-        self.carried: frozenset[K] = frozenset()
-        self.since: dict[K, int] = {}  # carried now -> first snapshot number carrying it
-        self.gone: dict[K, int] = {}  # carried before -> snapshot number that dropped it
+        self.carried: Carried = frozenset()
+        self.since: dict[Pair, int] = {}  # carried now -> first snapshot number carrying it
+        self.gone: dict[Pair, int] = {}  # carried before -> snapshot number that dropped it
 
-    def record(self, snapshot_version: str, pairs: frozenset[K]) -> None:
+    def record(self, snapshot_version: str, pairs: Carried) -> None:
         if snapshot_version not in self.number:
             self.count += 1
             self.number[snapshot_version] = self.count
@@ -93,12 +92,12 @@ class GroupLedger(Generic[K]):
             del self.gone[next(iter(self.gone))]
         self.carried = pairs
 
-    def routes(self, acked_version: str, pair: K) -> bool:
+    def routes(self, acked_version: str, pair: Pair) -> bool:
         """Does an Envoy that acknowledged `acked_version` route `pair`?"""
         n = self.number.get(acked_version)
         return n is not None and pair in self.since and n >= self.since[pair]
 
-    def left(self, acked_version: str, pair: K) -> bool:
+    def left(self, acked_version: str, pair: Pair) -> bool:
         """Has an Envoy that acknowledged `acked_version` stopped routing `pair`?"""
         if pair in self.carried:
             return False
@@ -107,8 +106,7 @@ class GroupLedger(Generic[K]):
 
     def newest(self, acked_version: str, name: str) -> int:
         """The newest version of pipeline `name` an Envoy that acknowledged `acked_version` routes (0: none)."""
-        pairs = [pair for pair in self.since if isinstance(pair, tuple) and pair[0] == name]
-        return max((pair[1] for pair in pairs if self.routes(acked_version, pair)), default=0)
+        return max((v for p, v in self.since if p == name and self.routes(acked_version, (p, v))), default=0)
 
 
 class Reconciler:
@@ -116,7 +114,7 @@ class Reconciler:
         self.cache = cache
         self.acks = acks
         self.options = options
-        self.ledgers: dict[str, GroupLedger[tuple[str, int]]] = {}
+        self.ledgers: dict[str, GroupLedger] = {}
         self.gateway_clusters: dict[str, float] = {}  # cluster in the gateway's snapshot -> since when (monotonic)
         self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
         self.snapshots_set: dict[str, int] = {}

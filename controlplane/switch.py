@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,14 +133,19 @@ class Switchboard:
 
     def notes(self, name: str) -> list[str]:
         """The switch in sentences, for `mllambda describe`."""
-        r = self.report(name)
-        notes = []
-        if r["pending"]:
-            waiting = ", ".join(r["waiting_for"]) or "the next check"
-            notes.append(
-                f"version {r['pending']} is not in traffic yet ({r['pending_seconds']:.1f}s): waiting for {waiting}; "
-                f"{'version ' + str(r['entry']) if r['entry'] else 'nothing'} serves meanwhile"
-            )
-        if r["draining"]:
-            notes.append("draining requests still on version " + ", ".join(str(n) for n in r["draining"]))
-        return notes
+        return switch_notes(self.report(name))
+
+
+def switch_notes(report: Mapping[str, Any]) -> list[str]:
+    """A report (see `Switchboard.report`) in sentences: what a pending version waits for, what drains."""
+    notes = []
+    if report.get("pending"):
+        waiting = ", ".join(report["waiting_for"]) or "the next check"
+        serving = f"version {report['entry']}" if report["entry"] else "nothing"
+        notes.append(
+            f"version {report['pending']} is not in traffic yet ({report['pending_seconds']:.1f}s): "
+            f"waiting for {waiting}; {serving} serves meanwhile"
+        )
+    if report.get("draining"):
+        notes.append("draining requests still on version " + ", ".join(str(n) for n in report["draining"]))
+    return notes
