@@ -58,7 +58,12 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
             }
             for s in view.acks
         ],
-        "consul": {"reachable": view.consul.reachable, "errors": view.consul.errors},
+        "consul": {
+            "reachable": view.consul.reachable,
+            "errors": view.consul.errors,
+            "holding_since": view.consul.holding_since,
+            "refused": dict(view.consul.refused),
+        },
         "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
         "broken_records": dict(view.broken),
         "generated_at": time.time(),
@@ -90,11 +95,19 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         parts.append("<h2>Skipped records</h2><ul class='broken'>")
         parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
         parts.append("</ul>")
+    if view.consul.holding_since is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(view.consul.holding_since))
+        parts.append(f"<p class='holding'>Every runtime vanished from Consul at {since}: the last ones are held.</p>")
     parts.append("<h2>Runtimes</h2><ul>")
     for r in view.runtimes:
         state = "passing" if r.passing else "critical"
         parts.append(f"<li>{e(r.service_id)} ({e(r.model)}:{e(r.version)}) — {state}</li>")
-    parts.append("</ul><h2>Traffic</h2>" + render_traffic(status["traffic"]))
+    parts.append("</ul>")
+    if view.consul.refused:
+        parts.append("<h2>Ignored registrations</h2><ul class='refused'>")
+        parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
+        parts.append("</ul>")
+    parts.append("<h2>Traffic</h2>" + render_traffic(status["traffic"]))
     parts.append("<h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
     for n in status["envoys"]:
         nack = f"{e(n['nack_version'])}: {e(n['nack_error'])}" if n["nack_error"] else ""

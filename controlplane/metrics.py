@@ -52,6 +52,17 @@ class StateCollector(Collector):
             "mllambda_consul_reachable", "discovery reaches Consul", value=int(view.consul.reachable)
         )
         yield CounterMetricFamily("mllambda_consul_watch_errors", "failed Consul queries", value=view.consul.errors)
+        yield GaugeMetricFamily(
+            "mllambda_discovery_holding",
+            "1 while the last runtimes are held because every one vanished at once",
+            value=int(view.consul.holding_since is not None),
+        )
+        yield CounterMetricFamily(
+            "mllambda_discovery_held_drops", "times every runtime vanished at once", value=view.consul.held_drops
+        )
+        yield GaugeMetricFamily(
+            "mllambda_discovery_refused_registrations", "registrations ignored", value=len(view.consul.refused)
+        )
         yield from _traffic(self.traffic)
         yield GaugeMetricFamily(
             "mllambda_consul_staleness_seconds", "since the last good answer", value=min(view.consul.staleness, 1e9)

@@ -33,7 +33,7 @@ from controlplane.config import (
     split_host_port,
 )
 from controlplane.dashboard import build_dashboard_app
-from controlplane.discovery import Discovery
+from controlplane.discovery import EMPTY_GRACE, Discovery
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
@@ -66,6 +66,7 @@ class Settings:
     metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
     kafka_bootstrap: str | None = None  # enables transport: kafka
     bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
+    empty_grace: float = EMPTY_GRACE  # seconds every runtime may vanish at once before it is believed
 
 
 class ControlPlane:
@@ -83,7 +84,14 @@ class ControlPlane:
             self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
             broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
         options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
-        self.discovery = Discovery(self.consul, self._mark_dirty, reserved_ids=frozenset({options.gateway_group}))
+        # Discovery's blocking queries get their own connections: admin calls never wait behind them.
+        self.watch_consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+        self.discovery = Discovery(
+            self.watch_consul,
+            self._mark_dirty,
+            reserved_ids=frozenset({options.gateway_group}),
+            empty_grace=settings.empty_grace,
+        )
         self.reconciler = Reconciler(self.cache, self.acks, options)
         self.switchboard = Switchboard()
         # The admin API needs the generated stubs; importing it here (not at module level) keeps
@@ -133,16 +141,17 @@ class ControlPlane:
             await web.TCPSite(self._dashboard, host, port).start()
             log.info("dashboard and metrics at http://%s:%d/", host, port)
         if self.kafka is not None:
-            await self.kafka.start()
             address = split_host_port(self.settings.bridge_addr, 18003)
             app = build_bridge_app(self.kafka, self._live_pipeline)
             self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix).start()
-        self._mark_dirty()  # every known node group gets a snapshot, even with nothing deployed
+        self._mark_dirty()  # every known node group gets a snapshot once Consul has been read
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
             asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
             asyncio.create_task(self._reconcile_forever()),
         ]
+        if self.kafka is not None:
+            self._tasks.append(asyncio.create_task(self.kafka.run(self._pending_kafka, self._wake.set)))
         if self.bridge is not None:
             self._tasks.append(asyncio.create_task(self.discovery.watch_bridges(self.settings.kv_prefix)))
         return self
@@ -165,10 +174,7 @@ class ControlPlane:
         live = sorted(view.live() + kept, key=lambda v: v.pipeline.name)
         if live != self.pipelines or not self._read_once:
             if self.kafka is not None:
-                try:
-                    await self.kafka.sync([(v.pipeline, v.version) for v in live])
-                except Exception:
-                    log.exception("publishing Kafka routing tables failed; will retry on the next change")
+                self.kafka.want([(v.pipeline, v.version) for v in live])
             self.pipelines = live
             # What the store says on a control plane's first read is what the Envoys serve already.
             self.switchboard.update(live, in_traffic=not self._read_once)
@@ -188,12 +194,12 @@ class ControlPlane:
                 log.exception("reconcile failed; Envoys keep their last config")
             await asyncio.sleep(0.01)  # coalesce bursts of changes
 
+    def _pending_kafka(self) -> list[tuple[str, int]]:
+        return [(v.pipeline.name, v.version) for v in self.switchboard.pending() if v.pipeline.transport == "kafka"]
+
     async def _step(self) -> None:
-        pending_kafka = [
-            (v.pipeline.name, v.version) for v in self.switchboard.pending() if v.pipeline.transport == "kafka"
-        ]
-        if pending_kafka and self.kafka is not None:
-            await self.kafka.check_consumers(pending_kafka)
+        if not (self._read_once and self.discovery.complete):
+            return  # cold start: no Envoy gets a config before the first complete read (they keep theirs)
         # Readiness is judged on what the last reconcile routed, so a new version is first
         # translated (its hops pushed) and only then, on a later step, let in.
         if self.switchboard.advance(self._missing, self.reconciler.gateway_left):
@@ -213,6 +219,8 @@ class ControlPlane:
             return ["a Kafka broker (--kafka-bootstrap)"]
         if not self.kafka_bridges():
             return ["a Kafka bridge"]
+        if self.kafka.error:
+            return [f"the Kafka broker ({self.kafka.error})"]
         return self.kafka.missing_consumers(name, version.version) + gateway
 
     def kafka_bridges(self) -> tuple[tuple[str, int], ...]:
@@ -235,7 +243,14 @@ class ControlPlane:
             snapshots_set=dict(self.reconciler.snapshots_set),
             push_latency=self.reconciler.push_latency,
             admin_calls=dict(self.admin.calls),
-            consul=ConsulHealth(self.discovery.reachable, self.discovery.errors, self.discovery.staleness()),
+            consul=ConsulHealth(
+                self.discovery.reachable,
+                self.discovery.errors,
+                self.discovery.staleness(),
+                self.discovery.holding_since,
+                self.discovery.held_drops,
+                dict(self.discovery.refused),
+            ),
             consul_ui=f"{self.settings.consul.url}/ui/",
             envoy_admin=self._envoy_admin_urls(runtimes),
             kafka_bridges=self.kafka_bridges(),
@@ -273,6 +288,7 @@ class ControlPlane:
             await self._admin_server.stop(0.5)
         await self.xds.stop(0.5)
         await self.consul.close()
+        await self.watch_consul.close()
 
 
 async def serve(settings: Settings) -> None:
@@ -298,6 +314,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
         kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
         bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
+        empty_grace=args.empty_grace,
     )
 
 
@@ -325,6 +342,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--bridge",
         help=f"Kafka HTTP bridge listen address, with a broker (MLLAMBDA_BRIDGE_ADDR, {DEFAULT_BRIDGE_ADDR})",
+    )
+    parser.add_argument(
+        "--empty-grace",
+        type=float,
+        default=EMPTY_GRACE,
+        help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
     )
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
     parser.set_defaults(handler=cmd_controlplane)

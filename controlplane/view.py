@@ -8,7 +8,7 @@ through an interface in the same way).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from contract.service import RuntimeService
@@ -23,6 +23,9 @@ class ConsulHealth:
     reachable: bool
     errors: int  # failed queries since start
     staleness: float  # seconds since the last good answer (inf: never)
+    holding_since: float | None = None  # every passing runtime vanished at once; the last set is held
+    held_drops: int = 0  # how often that happened
+    refused: Mapping[str, str] = field(default_factory=dict)  # service id -> why its registration is ignored
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Callable
 
 import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -26,11 +27,14 @@ from contract.kafka_io import Headers, consume_batches, dead_letter, header, wit
 from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
+from contract.watch import Backoff
 from controlplane.model import Pipeline
 from controlplane.translate.topics import routing_table
 
 log = logging.getLogger("mllambda.kafka")
 PARTITIONS = 3
+TICK = 0.2  # seconds between consumer checks while a Kafka version waits
+BROKER_TIMEOUT = 5.0  # seconds one round of broker calls may take
 Reply = tuple[int, bytes, str]  # HTTP status, body, served chain
 
 
@@ -49,8 +53,59 @@ class KafkaPlane:
         self.rng = random.Random()
         self.admin: AIOKafkaAdminClient | None = None
         self._missing: dict[tuple[str, int], list[str]] = {}  # (pipeline, version) -> hops without a consumer
+        self._wanted: list[tuple[Pipeline, int]] = []
+        self._unsynced = False
+        self._nudge = asyncio.Event()
+        self.started = False
+        self.error = ""  # the last broker or Consul failure, until a round succeeds
+
+    def want(self, pipelines: list[tuple[Pipeline, int]]) -> None:
+        """The live pipelines changed: publish their tables (in `run`, never on the caller's time)."""
+        self._wanted, self._unsynced = pipelines, True
+        self._nudge.set()
+
+    async def run(self, pending: Callable[[], list[tuple[str, int]]], checked: Callable[[], None]) -> None:
+        """Connect, publish tables, check consumers of pending versions; retried with backoff, forever.
+
+        Runs beside the HTTP reconcile loop, so a slow or absent broker delays
+        only Kafka pipelines. `checked` is told after each consumer check.
+        """
+        backoff = Backoff(cap=5.0)
+        while True:
+            try:
+                await asyncio.wait_for(self._nudge.wait(), timeout=TICK)
+            except TimeoutError:
+                pass
+            self._nudge.clear()
+            try:
+                if not self.started:
+                    await asyncio.wait_for(self.start(), BROKER_TIMEOUT)
+                    self._unsynced = True  # entry routers start with the tables
+                if self._unsynced:
+                    self._unsynced = False
+                    try:
+                        await asyncio.wait_for(self.sync(self._wanted), BROKER_TIMEOUT)
+                    except BaseException:
+                        self._unsynced = True
+                        raise
+                versions = pending()
+                if versions:
+                    await asyncio.wait_for(self.check_consumers(versions), BROKER_TIMEOUT)
+                    checked()
+                if self.error:
+                    log.info("kafka: working again")
+                self.error = ""
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if not self.error:
+                    log.warning("kafka: %s; retrying with backoff (HTTP pipelines are not affected)", err or type(err))
+                self.error = f"{type(err).__name__}: {err}"[:200]
+                await asyncio.sleep(backoff.next_delay())
 
     async def start(self) -> None:
+        await self.stop()  # what a failed earlier attempt left
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
         await self.producer.start()
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
@@ -62,15 +117,19 @@ class KafkaPlane:
         await consumer.seek_to_end()
         await consumer.position(TopicPartition(self.reply_topic, 0))  # settled before any request is sent
         self._reply_task = asyncio.create_task(self._collect_replies(consumer))
+        self.started = True
+        log.info("kafka: connected to %s", self.bootstrap)
 
     async def stop(self) -> None:
         for task in [*self.routers.values(), *([self._reply_task] if self._reply_task else [])]:
             task.cancel()
         await asyncio.gather(*self.routers.values(), return_exceptions=True)
+        self.routers, self._reply_task, self.started = {}, None, False
         if self.producer is not None:
             await self.producer.stop()
         if self.admin is not None:
             await self.admin.close()
+        self.producer = self.admin = None
 
     async def _create_topics(self, topics: list[str], partitions: int = PARTITIONS) -> None:
         missing = [t for t in topics if t not in self._topics]
@@ -187,7 +246,8 @@ class KafkaPlane:
 
     async def call(self, name: str, payload: bytes, timeout: float) -> Reply:
         """One request in, its result (or its dead-letter reason) out."""
-        assert self.producer is not None
+        if self.producer is None or not self.started:
+            return 503, json.dumps({"error": f"Kafka broker not reachable ({self.error or 'connecting'})"}).encode(), ""
         if name not in self.tables:  # an inactive table still drains: the gateway flips a moment after it
             return 404, json.dumps({"error": f"pipeline {name!r} is not in Kafka mode"}).encode(), ""
         correlation = uuid.uuid4().hex
