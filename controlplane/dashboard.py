@@ -66,6 +66,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         },
         "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
         "broken_records": dict(view.broken),
+        "translate_failed": dict(view.translate_failed),
         "generated_at": time.time(),
     }
 
@@ -94,6 +95,10 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     if view.broken:
         parts.append("<h2>Skipped records</h2><ul class='broken'>")
         parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
+        parts.append("</ul>")
+    if view.translate_failed:
+        parts.append("<h2>Config not updated</h2><ul class='failed'>")
+        parts += [f"<li>{e(g)}: {e(why)}</li>" for g, why in sorted(view.translate_failed.items())[:50]]
         parts.append("</ul>")
     if view.consul.holding_since is not None:
         since = time.strftime("%H:%M:%S", time.localtime(view.consul.holding_since))

@@ -49,6 +49,11 @@ class StateCollector(Collector):
         broken.add_metric([], len(view.broken))
         yield broken
         yield GaugeMetricFamily(
+            "mllambda_translate_failed_groups",
+            "node groups whose translation failed (they keep their last config)",
+            value=len(view.translate_failed),
+        )
+        yield GaugeMetricFamily(
             "mllambda_consul_reachable", "discovery reaches Consul", value=int(view.consul.reachable)
         )
         yield CounterMetricFamily("mllambda_consul_watch_errors", "failed Consul queries", value=view.consul.errors)

@@ -256,6 +256,7 @@ class ControlPlane:
             kafka_bridges=self.kafka_bridges(),
             switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
             broken=dict(self.broken),
+            translate_failed=dict(self.reconciler.failed),
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -20,7 +20,7 @@ from contract.service import RuntimeService
 from controlplane.translate.pipelines import Carried, Deployment, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
-from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.cache import InconsistentSnapshot, SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ROUTE, short
 
 log = logging.getLogger("mllambda")
@@ -118,6 +118,9 @@ class Reconciler:
         self.gateway_clusters: dict[str, float] = {}  # cluster in the gateway's snapshot -> since when (monotonic)
         self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
         self.snapshots_set: dict[str, int] = {}
+        self.failed: dict[str, str] = {}  # node group -> why its translation failed (it keeps its last snapshot)
+        self._failed_pairs: dict[str, Carried] = {}
+        self._reported: dict[str, str] = {}  # failures already logged (each is logged once)
         self.push_latency = LatencyHistogram()
         self._set_at: dict[tuple[str, str], float] = {}
         acks.on_ack(self._observe_push)
@@ -130,26 +133,44 @@ class Reconciler:
     ) -> None:
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
         options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges)
-        snapshots = translate(deployments, instances, options)
+        failed: dict[str, str] = {}
+        snapshots = translate(deployments, instances, options, failed)
         pairs = carried(deployments, instances, options)
+        self._reported, self.failed, self._failed_pairs = self.failed, {}, {}
+        for group, error in failed.items():  # it keeps its last snapshot; the other groups go on
+            self._fail(group, error, pairs.get(group, frozenset()))
         self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.routed)
-        for group in set(self.ledgers) - set(snapshots):
+        for group in set(self.ledgers) - set(snapshots) - set(failed):
             del self.ledgers[group]  # a runtime that is gone
-        gateway = snapshots[self.options.gateway_group]
-        now = time.monotonic()
-        names = gateway.of_type(CLUSTER).by_name
-        self.gateway_clusters = {name: self.gateway_clusters.get(name, now) for name in names}
+        gateway = snapshots.get(self.options.gateway_group)
+        if gateway is not None:
+            now = time.monotonic()
+            names = gateway.of_type(CLUSTER).by_name
+            self.gateway_clusters = {name: self.gateway_clusters.get(name, now) for name in names}
         for group, snapshot in snapshots.items():
-            self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
             previous = self.cache.get(group)
             if previous is not None and previous.version == snapshot.version:
+                self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
                 continue
-            self.cache.set_snapshot(group, snapshot)
+            try:
+                self.cache.set_snapshot(group, snapshot)
+            except InconsistentSnapshot as err:  # a translation bug: this group keeps its config
+                self._fail(group, f"inconsistent snapshot: {err}"[:200], pairs[group])
+                continue
+            self.ledgers.setdefault(group, GroupLedger()).record(snapshot.version, pairs[group])
             self._set_at[(group, snapshot.version)] = time.monotonic()
             while len(self._set_at) > KEEP_SET_TIMES:
                 del self._set_at[next(iter(self._set_at))]
             self.snapshots_set[group] = self.snapshots_set.get(group, 0) + 1
             log.info("snapshot group=%s version=%s routes=%s", group, snapshot.version, sorted(pairs[group]))
+        for group in self.cache.forget_unwatched(set(snapshots) | set(self.failed)):
+            self.snapshots_set.pop(group, None)
+
+    def _fail(self, group: str, error: str, pairs: Carried) -> None:
+        if self._reported.get(group) != error:
+            log.error("translation failed group=%s: %s; it keeps its last config", group, error)
+        self.failed[group] = error
+        self._failed_pairs[group] = pairs
 
     def _acked(self, node_id: str, type_url: str = ROUTE) -> str | None:
         return next((s.acked_version for s in self.acks.for_node(node_id) if s.type_url == type_url), None)
@@ -185,6 +206,7 @@ class Reconciler:
             acked = self._acked(group)
             if acked is None or not ledger.routes(acked, pair):
                 missing.append(group + self._nack_note(group))
+        missing += [f"{g} (translation failed: {e})" for g, e in self.failed.items() if pair in self._failed_pairs[g]]
         return sorted(missing)
 
     def _nack_note(self, node_id: str) -> str:

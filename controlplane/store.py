@@ -29,6 +29,7 @@ from controlplane.model import Pipeline, PipelineVersion
 
 MAX_ATTEMPTS = 32
 MAX_BROKEN_SHOWN = 100  # broken pipelines reported at once
+HISTORY_PAGE, HISTORY_MAX = 50, 500  # versions per History page: default, most
 
 
 class StoreError(Exception):
@@ -88,6 +89,7 @@ class PipelineStore:
     def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_KV_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
+        self._parsed: dict[str, tuple[int, PipelineVersion]] = {}  # version key -> (ModifyIndex, parsed)
 
     def _head_key(self, name: str) -> str:
         return f"{self.prefix}{name}/head"
@@ -153,11 +155,29 @@ class PipelineStore:
             raise PipelineNotFound(f"pipeline {name!r} not found")
         return await self._read_version(name, head["version"])
 
-    async def history(self, name: str) -> list[PipelineVersion]:
-        view = await self.view()
-        if name not in view.history:
-            raise PipelineNotFound(f"pipeline {name!r} not found")
-        return view.history[name]
+    async def history(self, name: str, limit: int = HISTORY_PAGE, before: int = 0) -> tuple[list[PipelineVersion], int]:
+        """The newest `limit` versions below `before` (0: all), oldest first, and where the next page starts.
+
+        Reads the version keys, then only the page's records (one transaction per 64).
+        """
+        limit = max(1, min(limit or HISTORY_PAGE, HISTORY_MAX))
+        _, keys = await self._call(self.client.kv.get(f"{self.prefix}{name}/v/", keys=True))
+        numbers = sorted(n for k in keys or [] if (n := _number(k)) is not None and (not before or n < before))
+        if not numbers:
+            _, head = await self._read_head(name)
+            if head is None:
+                raise PipelineNotFound(f"pipeline {name!r} not found")
+            return [], 0
+        page = numbers[-limit:]
+        versions = []
+        for start in range(0, len(page), 64):
+            ops = [{"KV": {"Verb": "get", "Key": self._version_key(name, n)}} for n in page[start : start + 64]]
+            answer = await self._call(self.client.txn.put(ops))
+            for result in answer.get("Results") or []:
+                item = dict(result["KV"])
+                item["Value"] = base64.b64decode(item["Value"]) if item.get("Value") else b""
+                versions.append(_version_of(item))
+        return versions, (page[0] if len(numbers) > limit else 0)
 
     async def rollback(self, name: str, to_version: int) -> tuple[PipelineVersion, bool]:
         target = await self._read_version(name, to_version)
@@ -181,6 +201,7 @@ class PipelineStore:
         heads: dict[str, dict[str, Any]] = {}
         records: dict[str, dict[int, PipelineVersion]] = {}
         broken: dict[str, str] = {}
+        parsed, self._parsed = self._parsed, {}  # versions are immutable: parse each record once
         for item in items or []:
             name, _, tail = item["Key"][len(self.prefix) :].partition("/")
             try:
@@ -189,7 +210,9 @@ class PipelineStore:
                     if not isinstance(heads[name].get("version"), int):
                         raise BrokenRecord(f"{item['Key']}: not a pipeline head"[:REASON_SHOWN])
                 elif tail.startswith("v/"):
-                    version = _version_of(item)
+                    known = parsed.get(item["Key"])
+                    version = known[1] if known and known[0] == item["ModifyIndex"] else _version_of(item)
+                    self._parsed[item["Key"]] = (item["ModifyIndex"], version)
                     records.setdefault(name, {})[version.version] = version
             except (BrokenRecord, AttributeError) as err:  # skipped and reported: it stops no other pipeline
                 if tail == "head":
@@ -205,6 +228,11 @@ class PipelineStore:
             elif name not in broken:
                 broken[name] = f"head names version {head['version']}, which is not stored"
         return StoreView(int(new_index or 0), current, history, broken)
+
+
+def _number(key: str) -> int | None:
+    tail = key.rpartition("/v/")[2]
+    return int(tail) if tail.isdigit() else None
 
 
 def _cas(key: str, value: dict[str, Any], index: int) -> dict[str, Any]:

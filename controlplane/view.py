@@ -46,6 +46,7 @@ class PlaneView:
     kafka_bridges: Sequence[tuple[str, int]]
     switch: Mapping[str, Mapping[str, Any]]  # pipeline -> its entry, pending and draining versions (switch.py)
     broken: Mapping[str, str]  # pipeline -> why its record in the store was skipped
+    translate_failed: Mapping[str, str] = field(default_factory=dict)  # node group -> why (it keeps its config)
 
 
 class PlaneReader(Protocol):

@@ -266,3 +266,23 @@ def test_names_are_checked_at_every_admin_call_before_they_reach_a_key(control_p
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
                 assert (caught.value.details() or "").startswith("name: ")
         assert stub.Get(pb.GetRequest(name="victim"), timeout=10).pipeline.version == 1  # untouched
+
+
+def test_history_is_paged_newest_first_pages_oldest_first_within(control_plane: Any) -> None:
+    with grpc.insecure_channel(control_plane.admin_addr) as channel:
+        stub = pb_grpc.PipelineAdminStub(channel)
+        for i in range(7):
+            stub.Apply(pb.ApplyRequest(spec=spec_with_weights("paged", 10 + i, 1)))
+
+    def page(*flags: str) -> tuple[list[int], str]:
+        done = control_plane.cli("history", "pipeline", "paged", "-o", "json", *flags)
+        assert done.returncode == 0, done.stderr
+        return [int(v["version"]) for v in json.loads(done.stdout)["items"]], done.stderr
+
+    assert page() == ([1, 2, 3, 4, 5, 6, 7], "")
+    newest, hint = page("--limit", "3")
+    assert newest == [5, 6, 7] and "--before 5" in hint
+    assert page("--limit", "3", "--before", "5") == ([2, 3, 4], "older versions: mllambda history paged --before 2\n")
+    assert page("--limit", "3", "--before", "2") == ([1], "")
+    missing = control_plane.cli("history", "pipeline", "nope", "--before", "3")
+    assert missing.returncode == 1 and "not found" in missing.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,56 @@ async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothi
         agent.deregister("bad-port")
     _, listing = processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/agent/services")
     assert "bad-port" not in listing
+
+
+async def test_a_huge_nack_with_terminal_escapes_is_stored_and_shown_bounded_and_flat(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """Any local process can still open an ADS stream (#15 closes that); what it sends stays small and inert."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+    from google.rpc import status_pb2
+
+    from controlplane.xds.snapshot import ROUTE
+
+    start_runtime(f"{M}:tokenize", "tokenize", "v1")
+    apply(
+        control_plane,
+        tmp_path,
+        {"name": "p", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]},
+    )
+    await in_traffic(control_plane, "p", 1)
+    hostile = "\x1b[2J\x1b]0;owned\x07<img src=x onerror=alert(1)>\n" * 20_000  # ~1 MB
+    node = base_pb2.Node(id="gateway", cluster="forged")
+    outgoing: asyncio.Queue[Any] = asyncio.Queue()
+    await outgoing.put(discovery_pb2.DiscoveryRequest(node=node, type_url=ROUTE, resource_names=["gateway"]))
+
+    async def requests() -> Any:
+        while (item := await outgoing.get()) is not None:
+            yield item
+
+    async with grpc.aio.insecure_channel(control_plane.xds_addr) as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(requests())
+        first = await call.read()
+        await outgoing.put(
+            discovery_pb2.DiscoveryRequest(
+                node=node,
+                type_url=ROUTE,
+                resource_names=["gateway"],
+                response_nonce=first.nonce,
+                error_detail=status_pb2.Status(message=hostile),
+            )
+        )
+        shown = await wait_for(
+            lambda: [e for e in status(control_plane)["envoys"] if e["nack_error"] and e["node"] == "gateway"],
+            timeout=10,
+        )
+        await outgoing.put(None)
+        call.cancel()
+    assert len(shown[0]["nack_error"]) <= 1_003 and "\x1b" not in shown[0]["nack_error"]
+    described = control_plane.cli("describe", "pipeline", "p")
+    assert described.returncode == 0, described.stderr
+    assert "NACK" in described.stdout and "<img" in described.stdout  # shown, flattened
+    assert "\x1b" not in described.stdout and "\x07" not in described.stdout
+    assert max(len(line) for line in described.stdout.splitlines()) < 1_200

@@ -199,3 +199,35 @@ def test_the_gateway_warms_a_pending_versions_first_clusters_before_it_routes_th
     assert entry.route.cluster == "ma.v1"  # still entering v1
     assert {"ma.v1", "mb.v1", "mb.v2", "mb.v3"} <= set(gateway.of_type(CLUSTER).by_name)  # v2's, warm ahead
     assert gateway_clusters(v2) == {"mb.v1", "mb.v2", "mb.v3"}  # its split and its shadow
+
+
+def test_a_group_whose_translation_fails_keeps_its_last_snapshot_and_stops_no_other(monkeypatch: Any) -> None:
+    from controlplane.reconcile import Reconciler
+    from controlplane.translate import pipelines
+    from controlplane.xds.acks import AckBook
+    from controlplane.xds.cache import SnapshotCache
+
+    cache = SnapshotCache()
+    reconciler = Reconciler(cache, AckBook(), Options())
+    reconciler.reconcile(steady(PIPELINE), RUNTIMES, ())
+    before = {group: cache.get(group) for group in cache.groups()}
+    sidecar = pipelines._sidecar
+
+    def broken_for_mb(routed: Any, me: RuntimeService, *rest: Any) -> Snapshot:
+        if me.service_id == "mb-v1-2":
+            raise RuntimeError("a translation bug")
+        return sidecar(routed, me, *rest)
+
+    monkeypatch.setattr(pipelines, "_sidecar", broken_for_mb)
+    v2 = dataclasses.replace(PIPELINE.stages[0], timeout_ms=1500)
+    changed = dataclasses.replace(PIPELINE, stages=(v2, *PIPELINE.stages[1:]))
+    reconciler.reconcile([Deployment.steady(at(changed, 2))], RUNTIMES, ())
+
+    assert reconciler.failed == {"mb-v1-2": "RuntimeError: a translation bug"}
+    assert cache.get("mb-v1-2") is before["mb-v1-2"]  # kept, not emptied
+    assert cache.get("gateway") is not before["gateway"] and cache.get("ma-v1-1") is not before["ma-v1-1"]
+    assert any("translation failed" in m for m in reconciler.missing_acks(("p", 2)))
+
+    monkeypatch.setattr(pipelines, "_sidecar", sidecar)  # fixed: the group catches up, the report goes
+    reconciler.reconcile([Deployment.steady(at(changed, 2))], RUNTIMES, ())
+    assert reconciler.failed == {} and cache.get("mb-v1-2") is not before["mb-v1-2"]

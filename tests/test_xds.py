@@ -196,3 +196,20 @@ async def test_envoy_that_connects_before_its_snapshot_exists_gets_it_when_set(
         await wait_for(lambda: envoy.admin("/ready")[1].strip() == "LIVE")
         status, body = await get_json(f"http://127.0.0.1:{listen}/")
         assert (status, body["backend"]) == (200, "late")
+
+
+def test_the_ack_book_forgets_nodes_gone_longer_than_its_limit_and_keeps_the_others() -> None:
+    import time
+
+    book = AckBook(forget_after=0.05)
+    for node in ("gone", "back", "here"):
+        book.connected(node, 1)
+        book.joined(node, frozenset({"envoy.filters.network.kafka_broker"}))
+        book.nack(node, node, CLUSTER, "v1", "rejected")
+    book.connected("gone", -1)
+    book.connected("back", -1)
+    assert {s.node_id for s in book.all()} == {"gone", "back", "here"}  # not at once: it may come back
+    book.connected("back", 1)
+    time.sleep(0.1)
+    assert {s.node_id for s in book.all()} == {"back", "here"}
+    assert set(book.extensions) == {"back", "here"}

@@ -103,7 +103,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         [v.spec.name, str(v.version), v.spec.transport, str(len(v.spec.stages)), v.created_at, v.cause]
         for v in versions
     ]
-    emit(args.output, versions, ["NAME", "VERSION", "TRANSPORT", "STAGES", "CREATED", "CAUSE"], rows)
+    headers = ["NAME", "VERSION", "TRANSPORT", "STAGES", "CREATED", "CAUSE"]
+    emit(args.output, versions, headers, rows, one=bool(args.name))
     return 0
 
 
@@ -111,9 +112,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
     with admin_client(args) as admin:
-        versions = list(admin.History(pb.HistoryRequest(name=args.name)).versions)
+        reply = admin.History(pb.HistoryRequest(name=args.name, limit=args.limit, before=args.before))
+    versions = list(reply.versions)
     rows = [[str(v.version), v.created_at, v.cause, summary(v.spec)] for v in versions]
     emit(args.output, versions, ["VERSION", "CREATED", "CAUSE", "STAGES"], rows)
+    if reply.next_before:
+        print(f"older versions: mllambda history {args.name} --before {reply.next_before}", file=sys.stderr)
     return 0
 
 
@@ -178,12 +182,13 @@ def summary(spec: Any) -> str:
     return " -> ".join(parts)
 
 
-def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[str]]) -> None:
+def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[str]], one: bool = False) -> None:
+    """A table, or JSON/YAML: the object when one was asked for by name, else `{"items": [...]}` (kubectl's way)."""
     from controlplane.admin.convert import version_to_dict
 
     if output in ("json", "yaml"):
         items = [version_to_dict(m) for m in messages]
-        data: Any = items[0] if len(items) == 1 else {"items": items}
+        data: Any = items[0] if one else {"items": items}
         print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
         if output == "json":
             print()
@@ -216,6 +221,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     history = add("history", "list every version of a pipeline", cmd_history)
     history.add_argument("name")
     history.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    history.add_argument("--limit", type=int, default=50, help="versions per page (at most 500)")
+    history.add_argument("--before", type=int, default=0, help="only versions older than this one")
     rollback = add("rollback", "make an old version current again (as a new version)", cmd_rollback)
     rollback.add_argument("name")
     rollback.add_argument("--to-version", type=int, required=True)

@@ -147,8 +147,8 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
 
     @_guard
     async def History(self, request: Any, context: Any) -> Any:
-        versions = await self.store.history(_required_name(request.name))
-        return pb.HistoryResponse(versions=[version_to_proto(v) for v in versions])
+        versions, older = await self.store.history(_required_name(request.name), request.limit, request.before)
+        return pb.HistoryResponse(versions=[version_to_proto(v) for v in versions], next_before=older)
 
     @_guard
     async def Status(self, request: Any, context: Any) -> Any:

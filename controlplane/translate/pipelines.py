@@ -11,9 +11,10 @@ ingress addresses of that version's passing instances.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,14 +74,31 @@ Carried = frozenset[tuple[str, int]]  # (pipeline, version) pairs whose routes a
 
 
 def translate(
-    deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
+    deployments: Sequence[Deployment],
+    instances: Sequence[RuntimeService],
+    options: Options = Options(),
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Snapshot]:
+    """A snapshot per node group.
+
+    With `failed`, a group whose translation raises is left out and its error
+    recorded there (the others are unaffected); without it, the error propagates.
+    """
     endpoints = _endpoints_by_cluster(instances)
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
-    snapshots = {options.gateway_group: _gateway(_entries(deployments, options), everything, endpoints, options)}
-    for instance in instances:
-        snapshots[instance.service_id] = _sidecar(routed, instance, endpoints, options)
+    builds: list[tuple[str, Callable[[], Snapshot]]] = [
+        (options.gateway_group, lambda: _gateway(_entries(deployments, options), everything, endpoints, options))
+    ]
+    builds += [(i.service_id, functools.partial(_sidecar, routed, i, endpoints, options)) for i in instances]
+    snapshots = {}
+    for group, build in builds:
+        try:
+            snapshots[group] = build()
+        except Exception as err:
+            if failed is None:
+                raise
+            failed[group] = f"{type(err).__name__}: {err}"[:200]
     return snapshots
 
 

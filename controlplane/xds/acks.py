@@ -10,6 +10,14 @@ from dataclasses import dataclass, replace
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.xds")
+NACK_KEPT = 1_000  # characters of an Envoy's NACK text kept (what describe, status and the dashboard show)
+FORGET_AFTER = 600.0  # seconds after its last stream closed that a node's state is dropped
+
+
+def printable(text: str, limit: int) -> str:
+    """One line of at most `limit` characters, without control characters (terminal escapes)."""
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return flat[:limit] + ("..." if len(flat) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,9 @@ class TypeAck:
 class AckBook:
     """ACK/NACK per (node id, type url); a NACK stays visible until a later ACK."""
 
-    def __init__(self) -> None:
+    def __init__(self, forget_after: float = FORGET_AFTER) -> None:
+        self.forget_after = forget_after
+        self._gone_since: dict[str, float] = {}  # node id -> when its last stream closed
         self._by_key: dict[tuple[str, str], TypeAck] = {}
         self._connected: dict[str, int] = {}
         self._on_ack: list[Callable[[str, str, str, str], None]] = []
@@ -57,6 +67,7 @@ class AckBook:
         )
 
     def nack(self, node_id: str, group: str, type_url: str, version: str, error: str) -> None:
+        error = printable(error, NACK_KEPT)
         status = self._current(node_id, group, type_url)
         self._by_key[(node_id, type_url)] = replace(
             status,
@@ -66,11 +77,7 @@ class AckBook:
             updated_at=time.time(),
         )
         log.warning(
-            "NACK node=%s type=%s version=%s error=%s",
-            node_id,
-            short(type_url),
-            version,
-            error,
+            "NACK node=%s type=%s version=%s error=%s", printable(node_id, 200), short(type_url), version[:40], error
         )
 
     def connected(self, node_id: str, delta: int, mode: str = "sotw") -> None:
@@ -78,8 +85,22 @@ class AckBook:
         count = self._connected.get(node_id, 0) + delta
         if count > 0:
             self._connected[node_id] = count
+            self._gone_since.pop(node_id, None)
         else:
             self._connected.pop(node_id, None)
+            self._gone_since[node_id] = time.monotonic()
+        self.forget_gone()
+
+    def forget_gone(self) -> None:
+        """Drop everything about nodes whose last stream closed more than `forget_after` seconds ago."""
+        cutoff = time.monotonic() - self.forget_after
+        gone = {n for n, since in self._gone_since.items() if since < cutoff}
+        if not gone:
+            return
+        for node_id in gone:
+            del self._gone_since[node_id]
+            self.extensions.pop(node_id, None)
+        self._by_key = {key: s for key, s in self._by_key.items() if key[0] not in gone}
 
     def joined(self, node_id: str, extensions: frozenset[str]) -> None:
         self.extensions[node_id] = extensions
@@ -93,6 +114,7 @@ class AckBook:
         return node_id in self._connected
 
     def all(self) -> list[TypeAck]:
+        self.forget_gone()
         return sorted(self._by_key.values(), key=lambda s: (s.node_id, s.type_url))
 
     def for_node(self, node_id: str) -> list[TypeAck]:

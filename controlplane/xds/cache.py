@@ -43,6 +43,13 @@ class SnapshotCache:
     def get(self, group: str) -> Snapshot | None:
         return self._snapshots.get(group)
 
+    def forget_unwatched(self, keep: set[str]) -> list[str]:
+        """Drop the snapshots of groups not in `keep` that no stream watches (runtimes gone)."""
+        gone = [g for g in self._snapshots if g not in keep and not self._watchers.get(g)]
+        for group in gone:
+            del self._snapshots[group]
+        return gone
+
     def groups(self) -> list[str]:
         return sorted(self._snapshots)
 
