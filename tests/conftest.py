@@ -135,6 +135,7 @@ class ControlPlaneProc:
     metrics_port: int = field(default_factory=processes.free_port)
     bridge_port: int = field(default_factory=processes.free_port)  # the Kafka HTTP bridge (with a broker)
     env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     proc: ManagedProcess | None = None
 
     @property
@@ -152,7 +153,7 @@ class ControlPlaneProc:
             f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
             f"--gateway-port={self.gateway_port or processes.free_port()}",
             f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
-            f"--bridge=127.0.0.1:{self.bridge_port}",
+            f"--bridge=127.0.0.1:{self.bridge_port}", *self.extra_args,
         ]  # fmt: skip
         self.proc = ManagedProcess("controlplane", argv, self.log_path, env=self.env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)

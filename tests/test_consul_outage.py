@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import consul
 import pytest
 
 from tests.conftest import ConsulAgent, start_consul
 from tests.envoy_helpers import wait_for
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
+from tests.test_observability import metric, scrape
 from tests.test_pipeline_e2e import apply, until_ok
 
 pytestmark = pytest.mark.slow
@@ -57,3 +59,66 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
     start_runtime(TOKENIZE, "tokenize", "v1")
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2, timeout=30)
     await until_ok(url, {"text": "a b"})
+
+
+async def test_a_control_plane_started_while_consul_is_down_empties_no_envoy(
+    control_plane: Any,
+    consul_agent: ConsulAgent,
+    gateway: Any,
+    start_runtime: Any,
+    tmp_path: Path,
+    logs_dir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Cold start: the gateway reconnects to a control plane that has read nothing yet and keeps its config."""
+    start_runtime(TOKENIZE, "tokenize", "v1")
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+
+    async with SteadyLoad(url) as load:
+        control_plane.stop()
+        consul_agent.proc.stop()
+        await asyncio.to_thread(control_plane.start)  # Consul is down: it cannot read catalog or KV
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_xds_connected_streams") >= 2, timeout=30)
+        await asyncio.sleep(2.0)  # the gateway and the sidecar are connected; before the fix they got empty configs
+        again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
+        request.addfinalizer(again.proc.stop)
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_consul_reachable") == 1, timeout=30)
+        await asyncio.sleep(1.0)
+    assert set(load.outcomes) == {200}, load.outcomes
+    assert sum(load.outcomes.values()) > 50
+
+    apply(control_plane, tmp_path, {**ONE_STAGE, "stages": [{**ONE_STAGE["stages"][0], "timeout_ms": 4000}]})
+    await until_ok(url, {"text": "a b"})  # and it deploys again once Consul is back
+
+
+async def test_every_runtime_vanishing_at_once_is_held_for_the_grace_then_believed(
+    control_plane: Any, consul_agent: ConsulAgent, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """An agent that forgot its services (restart, wiped state) empties no gateway; a real drop goes through."""
+    control_plane.stop()
+    control_plane.extra_args = ["--empty-grace=4"]
+    control_plane.start()
+    runtime = start_runtime(TOKENIZE, "tokenize", "v1")
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+    agent = consul.Consul(port=consul_agent.http_port).agent
+
+    async with SteadyLoad(url) as load:
+        agent.service.deregister(runtime.service_id)  # what an agent restart looks like to discovery
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_discovery_held_drops_total") == 1, timeout=10)
+        # the runtime registers itself again within 2 s (anti-entropy); the hold ends
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_discovery_holding") == 0, timeout=10)
+        await asyncio.sleep(0.5)
+    assert set(load.outcomes) == {200}, load.outcomes
+
+    # A drop that lasts is believed after the grace: the endpoint leaves the gateway.
+    before = gateway_hosts(gateway, "tokenize.v1")
+    runtime.proc.stop()
+    await asyncio.sleep(2.0)
+    assert gateway_hosts(gateway, "tokenize.v1") == before  # held
+    assert metric(scrape(control_plane), "mllambda_discovery_holding") == 1
+    await wait_for(lambda: not gateway_hosts(gateway, "tokenize.v1"), timeout=15)
+    assert metric(scrape(control_plane), "mllambda_discovery_holding") == 0
