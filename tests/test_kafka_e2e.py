@@ -179,3 +179,35 @@ async def test_killing_a_replica_mid_stream_loses_no_message(
     finally:
         await consumer.stop()
     assert set(range(2, 302)) <= seen
+
+
+async def test_a_broker_that_is_away_delays_no_http_pipeline_and_kafka_catches_up_by_itself(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path, logs_dir: Path, request: Any
+) -> None:
+    from controlplane import processes
+    from controlplane.tools import find_tansu
+
+    port = processes.free_port()
+    control_plane.stop()
+    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}  # nothing listens there yet
+    control_plane.start()
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
+    apply(control_plane, tmp_path, pipeline("late", transport="kafka"))
+    described = control_plane.cli("describe", "pipeline", "late")
+    assert "Kafka broker" in described.stdout, described.stdout  # what it waits for, said
+
+    apply(control_plane, tmp_path, pipeline("web"))  # HTTP pipelines deploy as if Kafka were not configured
+    await in_traffic(control_plane, "web", 1, timeout=10)
+    _, body, _ = await until_ok(f"{base}/web", {"text": "a b"}, timeout=10)
+    assert body == {"count": 2, "score": 20}
+
+    tansu = find_tansu()
+    assert tansu is not None
+    broker = processes.ManagedProcess("tansu", processes.tansu_argv(tansu, port), logs_dir / f"tansu-{port}.log")
+    request.addfinalizer(broker.stop)
+    broker.start().wait_ready(processes.tcp_ready(port), timeout=30)
+    await in_traffic(control_plane, "late", 1, timeout=90)  # no further change needed: retried with backoff
+    _, body, chain = await until_ok(f"{base}/late", {"text": "a b c"}, timeout=30)
+    assert body == {"count": 3, "score": 30} and chain.startswith("tokenize=")
