@@ -7,6 +7,29 @@ URL paths, Kafka topics and Consul keys.
 
 from __future__ import annotations
 
+import re
+
+# The name rules, for every entry point (admin API, CLI, stack file, Consul meta). Always `fullmatch`:
+# `$` alone lets a trailing newline through.
+LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # pipelines, stages, models: a DNS label
+VERSION = re.compile(r"[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?")  # a model version: a label that may hold dots
+SERVICE_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?")  # a runtime's Consul service id
+RULES = {
+    LABEL: "lowercase letters, digits and '-', up to 63",
+    VERSION: "lowercase letters, digits, '.' and '-', up to 32",
+    SERVICE_ID: "letters, digits, '_', '.' and '-', up to 128",
+}
+
+
+def name_problem(value: object, rule: re.Pattern[str]) -> str | None:
+    """Why `value` breaks `rule` (None: it fits)."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if not rule.fullmatch(value):
+        return f"{value[:80]!r} is not a valid name ({RULES[rule]})"
+    return None
+
+
 SERVICE_TAG = "mllambda"  # Consul tag of every runtime (discovery watches services that carry it)
 BRIDGE_SERVICE = "mllambda-bridge"  # Consul service of the control planes' Kafka HTTP bridges
 DEFAULT_KV_PREFIX = "mllambda/pipelines/"  # pipeline versions in Consul KV

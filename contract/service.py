@@ -7,11 +7,12 @@ refused with the reason, so one bad entry cannot take the others down.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from contract.naming import SERVICE_TAG, model_cluster
+from contract.naming import LABEL, SERVICE_ID, SERVICE_TAG, VERSION, model_cluster, name_problem
 
 
 class BadRegistration(ValueError):
@@ -62,9 +63,9 @@ class RuntimeService:
             service = entry["Service"]
             meta = service.get("Meta") or {}
             return cls(
-                service_id=str(service["ID"]),
-                model=_text(meta, "model"),
-                version=_text(meta, "version"),
+                service_id=_named(service["ID"], "service id", SERVICE_ID),
+                model=_named(_text(meta, "model"), "meta 'model'", LABEL),
+                version=_named(_text(meta, "version"), "meta 'version'", VERSION),
                 host=str(service.get("Address") or entry["Node"]["Address"]),
                 runtime_port=_port(meta, "runtime_port"),
                 runtime_uds=str(meta.get("runtime_uds", "")),
@@ -84,6 +85,13 @@ def _text(meta: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRegistration(f"meta {key!r} is missing or empty")
     return value
+
+
+def _named(value: Any, what: str, rule: re.Pattern[str]) -> str:
+    problem = name_problem(value, rule)
+    if problem is not None:
+        raise BadRegistration(f"{what}: {problem}")
+    return str(value)
 
 
 def _port(meta: Mapping[str, Any], key: str, optional: bool = False) -> int:

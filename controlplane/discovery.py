@@ -4,9 +4,10 @@ Two blocking queries follow the whole fleet (see contract.watch): the service
 catalog (which services carry the `mllambda` tag) and the health checks of
 tagged services (`/v1/health/state/any`, filtered). A service whose checks
 changed (an instance registered, deregistered, or its health moved) is read
-again with one non-blocking query, at most READS at a time; a full re-read every
-RESYNC seconds catches what checks do not show (meta changed in place). So
-2,000 services cost two held connections, not 2,000.
+again with one non-blocking query, at most READS at a time; so is a service
+without any check, on every catalog change. A full re-read every RESYNC
+seconds catches what neither shows (meta changed in place under the same
+checks). So 2,000 services cost two held connections, not 2,000.
 
 Failure behaviour:
 - Consul unreachable: the last known instances stay in force.
@@ -35,7 +36,7 @@ from contract.watch import WAIT, Backoff, watch
 
 log = logging.getLogger("mllambda.discovery")
 READS = 8  # service reads in flight at once
-RESYNC = 60.0  # seconds between full re-reads
+RESYNC = 30.0  # seconds between full re-reads
 EMPTY_GRACE = 30.0  # seconds the last passing instances are held when all vanish at once
 MAX_REFUSED = 1_000  # refused registrations remembered (to log each once) and shown
 Fingerprint = frozenset[tuple[str, str, str]]  # (service id, check id, status) of one service's checks
@@ -69,7 +70,7 @@ class Discovery:
         self.empty_grace = empty_grace
         self.by_service: dict[str, dict[str, RuntimeService]] = {}
         self.bridges: tuple[tuple[str, int], ...] = ()  # passing bridges of this deployment, sorted
-        self.refused: dict[str, str] = {}  # service id -> why its registration is ignored
+        self._refused: dict[str, dict[str, str]] = {}  # service name -> service id -> why it is ignored
         self.errors = 0
         self.last_success = 0.0
         self.reachable = False
@@ -95,6 +96,12 @@ class Discovery:
 
     def instances(self) -> list[RuntimeService]:
         return self._published
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Registrations ignored now (service id -> why), at most MAX_REFUSED."""
+        found = {sid: why for group in self._refused.values() for sid, why in group.items()}
+        return dict(sorted(found.items())[:MAX_REFUSED])
 
     def known_models(self) -> set[tuple[str, str]]:
         return {(i.model, i.version) for i in self.instances()}
@@ -146,8 +153,12 @@ class Discovery:
         for name in gone:
             del self.by_service[name]
             self._read_at.pop(name, None)
+            self._refused.pop(name, None)
         self._names = names
-        self._mark_stale(names - set(self.by_service))
+        # Checks show most changes; a service without any (not an ML Lambda runtime's way, but possible)
+        # is read again on every catalog change instead.
+        blind = {n for n in names if not (self._checks or {}).get(n)}
+        self._mark_stale((names - set(self.by_service)) | blind)
         if gone:
             self._publish()
 
@@ -196,28 +207,29 @@ class Discovery:
         self._ok()
         if self._names is not None and name not in self._names:
             return True  # left the catalog while we read it
-        self.by_service[name] = self._parse(entries or [])
+        self.by_service[name] = self._parse(name, entries or [])
         self._read_at[name] = mark
         return True
 
-    def _parse(self, entries: list[dict[str, Any]]) -> dict[str, RuntimeService]:
-        found = {}
+    def _parse(self, name: str, entries: list[dict[str, Any]]) -> dict[str, RuntimeService]:
+        found, before, self._refused[name] = {}, self._refused.get(name, {}), {}
         for entry in entries:
             try:
                 instance = RuntimeService.from_entry(entry)
                 if instance.service_id in self.reserved_ids:
                     raise BadRegistration(f"service id {instance.service_id!r} is reserved (an Envoy of ours uses it)")
             except (BadRegistration, AttributeError, TypeError) as err:  # not even an entry: same
-                self._refuse(entry if isinstance(entry, dict) else {}, str(err))
+                self._refuse(name, entry if isinstance(entry, dict) else {}, str(err), before)
                 continue
             found[instance.service_id] = instance
         return found
 
-    def _refuse(self, entry: dict[str, Any], why: str) -> None:
-        service_id = str((entry.get("Service") or {}).get("ID", "?"))[:200]
-        if self.refused.get(service_id) != why and len(self.refused) < MAX_REFUSED:
-            self.refused[service_id] = why[:200]
-            log.warning("ignoring service %r: %s", service_id, why)
+    def _refuse(self, name: str, entry: dict[str, Any], why: str, before: dict[str, str]) -> None:
+        service_id, why = str((entry.get("Service") or {}).get("ID", "?"))[:200], why[:200]
+        if len(self._refused[name]) < MAX_REFUSED:
+            self._refused[name][service_id] = why
+        if before.get(service_id) != why:
+            log.warning("ignoring service %r: %s", service_id, why)  # once per registration and reason
 
     # What is published, with the hold on a sudden drop to nothing.
 

@@ -7,13 +7,14 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
 
 import consul.aio
 
-from contract.naming import DEFAULT_KV_PREFIX, model_cluster
+from contract.naming import DEFAULT_KV_PREFIX, LABEL, SERVICE_ID, VERSION, model_cluster, name_problem
 from contract.service import RuntimeService
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, resolve
 from controlplane.errors import CliError
@@ -32,9 +33,21 @@ def run_dir() -> Path:
     return folder
 
 
+def checked_service_id(args: argparse.Namespace) -> str:
+    """The names from the flags, held to the rules every entry point uses; the service id, given or made."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
+    service_id = args.service_id or f"{args.model}-{args.version}-{host}-{os.getpid()}"
+    names = [("--model", args.model, LABEL), ("--version", args.version, VERSION)]
+    for flag, value, rule in [*names, ("--service-id", service_id, SERVICE_ID)]:
+        problem = name_problem(value, rule)
+        if problem is not None:
+            raise CliError(f"{flag}: {problem}")
+    return service_id
+
+
 def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> RuntimeService:
     """The runtime's addresses: given by flags, else free ports and sockets under the run folder."""
-    service_id = args.service_id or f"{args.model}-{args.version}-{socket.gethostname()}-{os.getpid()}"
+    service_id = checked_service_id(args)
     return RuntimeService(
         service_id=service_id,
         model=args.model,
@@ -97,6 +110,7 @@ async def launch(args: argparse.Namespace) -> None:
 
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    checked_service_id(args)  # before any model code is imported
     try:
         asyncio.run(launch(args))
     except ServeError as err:

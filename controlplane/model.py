@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from contract.naming import model_cluster
+from contract.naming import LABEL, RULES, VERSION, model_cluster
 
 TRANSPORTS = ("http", "uds", "kafka")
 DEFAULT_TIMEOUT_MS = 10_000
@@ -26,8 +26,6 @@ LIMITS = {
     "timeout_ms": 300_000,
     "retry_attempts": 5,
 }
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_VERSION = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -237,7 +235,7 @@ class _Parser:
         return int(self.number(value, path, low, high, default))
 
     def label(self, value: Any, path: str) -> str:
-        return self.text(value, path, _LABEL, "lowercase letters, digits and '-', up to 63")
+        return self.text(value, path, LABEL, RULES[LABEL])
 
     def pipeline(self, spec: Any) -> Pipeline | None:
         allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic"}
@@ -314,8 +312,7 @@ class _Parser:
     def version(self, value: Any, path: str) -> str:
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = str(value)  # YAML reads `version: 2` as a number
-        rule = "lowercase letters, digits, '.' and '-', up to 32"
-        return self.text(value, path, _VERSION, rule)
+        return self.text(value, path, VERSION, RULES[VERSION])
 
     def branch(self, raw: Any, path: str) -> Branch:
         data = self.mapping(raw, path, {"key", "variants"})

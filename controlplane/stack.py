@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from contract.naming import LABEL, VERSION, name_problem
 from controlplane import processes
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
@@ -89,6 +90,9 @@ def load_stack(path: Path) -> Stack:
         missing = [k for k in ("model", "version", "target") if not isinstance(raw.get(k), str) or not raw[k]]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)} (strings)")
+        for key, rule in (("model", LABEL), ("version", VERSION)):
+            if key not in missing and (problem := name_problem(raw[key], rule)):
+                problems.append(f"{where}.{key}: {problem}")
         args = raw.get("args") or []
         if not isinstance(args, list):
             problems.append(f"{where}.args: expected a list of flags, e.g. [--inline=never]")
@@ -110,10 +114,12 @@ def load_stack(path: Path) -> Stack:
     kafka = data.get("kafka", False)
     if not isinstance(kafka, bool):
         problems.append(f"kafka: expected true or false, got {kafka!r}")
+    name = data.get("name", "stack")
+    if problem := name_problem(name, LABEL):
+        problems.append(f"name: {problem}")
     if problems:
         raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
-    name = str(data.get("name", "stack"))
-    return Stack(name, ports, tuple(runtimes), tuple(pipelines), kafka, concurrency)
+    return Stack(str(name), ports, tuple(runtimes), tuple(pipelines), kafka, concurrency)
 
 
 STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency")

@@ -41,8 +41,10 @@ async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothi
     # A runtime that claims the gateway's node id, and one whose meta says port -1.
     good_meta = RuntimeService("x", "tokenize", "v1", "127.0.0.1", 1, "/x", 2, 3, "/y", 4).to_meta()
     agent = consul.Consul(port=consul_agent.http_port).agent.service
-    agent.register("tokenize", service_id="gateway", port=2, tags=["mllambda"], meta=good_meta)
-    agent.register("count", service_id="bad-port", port=2, tags=["mllambda"], meta={**good_meta, "ingress_port": "-1"})
+    ttl = consul.Check.ttl("1h")
+    agent.register("tokenize", service_id="gateway", port=2, tags=["mllambda"], meta=good_meta, check=ttl)
+    bad_port = {**good_meta, "ingress_port": "-1"}
+    agent.register("count", service_id="bad-port", port=2, tags=["mllambda"], meta=bad_port, check=ttl)
 
     try:
         apply(control_plane, tmp_path, pipeline("after"))  # a change after the bad input still deploys
@@ -58,6 +60,11 @@ async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothi
         assert metric(scrape(control_plane), "mllambda_store_broken_records") == 3
         runtimes = {r["service_id"] for r in status(control_plane)["runtimes"]}
         assert not {"gateway", "bad-port"} & runtimes
+        refused = await wait_for(
+            lambda: len(found := status(control_plane)["consul"]["refused"]) >= 2 and found, timeout=10
+        )
+        assert "reserved" in refused["gateway"] and "not a port number" in refused["bad-port"], refused
+        assert metric(scrape(control_plane), "mllambda_discovery_refused_registrations") == 2
         got = control_plane.cli("get", "pipelines", "junk")
         assert got.returncode == 1 and "not JSON" in got.stderr and "Traceback" not in got.stderr, got.stderr
     finally:
