@@ -7,6 +7,7 @@ refused with the reason, so one bad entry cannot take the others down.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class RuntimeService:
     kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker (0: none)
     passing: bool = False  # from Consul's health checks; not part of the meta
 
-    @property
+    @functools.cached_property
     def cluster(self) -> str:
         return model_cluster(self.model, self.version)
 

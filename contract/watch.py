@@ -56,14 +56,19 @@ async def watch(
     what: str,
     on_error: Callable[[str, Exception], None] | None = None,
     on_success: Callable[[], None] | None = None,
+    spacing: Callable[[], float] | None = None,
 ) -> None:
     """Call `take` with every answer of a blocking query, forever (until cancelled).
 
     An exception from `take` is logged and the watch goes on: one bad answer
-    does not end it.
+    does not end it. `spacing` says how long to wait before the next query
+    (Consul's advice for watches whose answers are large and change often:
+    changes in between are read together).
     """
     index, backoff = 0, Backoff()
     while True:
+        if spacing is not None and index:
+            await asyncio.sleep(spacing())
         try:
             returned, answer = await query(index or None)
         except asyncio.CancelledError:

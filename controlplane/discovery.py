@@ -36,6 +36,7 @@ from contract.watch import WAIT, Backoff, watch
 
 log = logging.getLogger("mllambda.discovery")
 READS = 8  # service reads in flight at once
+SPACING = 0.1  # most seconds between two answers of the fleet-wide checks query (20 us per check in it)
 RESYNC = 30.0  # seconds between full re-reads
 EMPTY_GRACE = 30.0  # seconds the last passing instances are held when all vanish at once
 MAX_REFUSED = 1_000  # refused registrations remembered (to log each once) and shown
@@ -136,7 +137,9 @@ class Discovery:
         common: dict[str, Any] = {"on_error": self._failed, "on_success": self._ok}
         tasks = [
             asyncio.create_task(watch(services, self._take_catalog, what="catalog", **common)),
-            asyncio.create_task(watch(checks, self._take_checks, what="health checks", **common)),
+            asyncio.create_task(
+                watch(checks, self._take_checks, what="health checks", spacing=self._spacing, **common)
+            ),
             asyncio.create_task(self._read_forever()),
         ]
         try:
@@ -161,6 +164,10 @@ class Discovery:
         self._mark_stale((names - set(self.by_service)) | blind)
         if gone:
             self._publish()
+
+    def _spacing(self) -> float:
+        """The checks query's answer grows with the fleet: read it at most every 20 us per check, up to SPACING."""
+        return min(SPACING, 0.00002 * sum(len(marks) for marks in (self._checks or {}).values()))
 
     def _take_checks(self, found: list[dict[str, Any]]) -> None:
         self._checks = fingerprints(found)

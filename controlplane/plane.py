@@ -51,6 +51,7 @@ from controlplane.xds.server import XdsServer
 
 log = logging.getLogger("mllambda")
 TICK = 0.2  # seconds between checks while a version waits or drains
+COALESCE = 0.03  # seconds after a reconcile before the next: a burst of changes is translated once
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ class ControlPlane:
                 await self._step()
             except Exception:
                 log.exception("reconcile failed; Envoys keep their last config")
-            await asyncio.sleep(0.01)  # coalesce bursts of changes
+            await asyncio.sleep(COALESCE)
 
     def _pending_kafka(self) -> list[tuple[str, int]]:
         return [(v.pipeline.name, v.version) for v in self.switchboard.pending() if v.pipeline.transport == "kafka"]

@@ -17,7 +17,7 @@ from dataclasses import replace
 from prometheus_client.core import HistogramMetricFamily
 
 from contract.service import RuntimeService
-from controlplane.translate.pipelines import Carried, Deployment, Options, carried, translate
+from controlplane.translate.pipelines import Carried, Deployment, Memo, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import InconsistentSnapshot, SnapshotCache
@@ -120,6 +120,7 @@ class Reconciler:
         self.snapshots_set: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # node group -> why its translation failed (it keeps its last snapshot)
         self._failed_pairs: dict[str, Carried] = {}
+        self._memo: Memo = {}  # sidecar inputs -> their snapshot (translate's cache)
         self._reported: dict[str, str] = {}  # failures already logged (each is logged once)
         self.push_latency = LatencyHistogram()
         self._set_at: dict[tuple[str, str], float] = {}
@@ -134,7 +135,7 @@ class Reconciler:
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
         options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges)
         failed: dict[str, str] = {}
-        snapshots = translate(deployments, instances, options, failed)
+        snapshots = translate(deployments, instances, options, failed, self._memo)
         pairs = carried(deployments, instances, options)
         self._reported, self.failed, self._failed_pairs = self.failed, {}, {}
         for group, error in failed.items():  # it keeps its last snapshot; the other groups go on

@@ -10,7 +10,7 @@ from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion, parse_pipeline
-from controlplane.translate.pipelines import Deployment, Options, carried, gateway_clusters, translate
+from controlplane.translate.pipelines import Deployment, Memo, Options, carried, gateway_clusters, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
 
@@ -231,3 +231,20 @@ def test_a_group_whose_translation_fails_keeps_its_last_snapshot_and_stops_no_ot
     monkeypatch.setattr(pipelines, "_sidecar", sidecar)  # fixed: the group catches up, the report goes
     reconciler.reconcile([Deployment.steady(at(changed, 2))], RUNTIMES, ())
     assert reconciler.failed == {} and cache.get("mb-v1-2") is not before["mb-v1-2"]
+
+
+def test_with_a_memo_only_sidecars_whose_inputs_changed_get_new_snapshots() -> None:
+    memo: Memo = {}
+    idle = [instance(f"idle{n}", "v1", 10 + n) for n in range(5)]  # in the fleet, in no pipeline
+    first = translate(steady(PIPELINE), [*RUNTIMES, *idle], memo=memo)
+    fresh = translate(steady(PIPELINE), [*RUNTIMES, *idle])
+    assert {g: s.version for g, s in first.items()} == {g: s.version for g, s in fresh.items()}  # same result
+
+    more = [*RUNTIMES, *idle, instance("mb", "v1", 40)]  # stage b gains a replica
+    second = translate(steady(PIPELINE), more, memo=memo)
+    assert second["ma-v1-1"] is not first["ma-v1-1"]  # stage a sends to b: its endpoints changed
+    assert all(second[i.service_id] is first[i.service_id] for i in idle)  # untouched, not rebuilt
+    assert {g: s.version for g, s in second.items()} == {
+        g: s.version for g, s in translate(steady(PIPELINE), more).items()
+    }
+    assert sum(len(per) for per in memo.values()) == len(more)  # bounded by the fleet

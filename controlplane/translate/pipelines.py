@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,22 @@ from controlplane.model import Pipeline, PipelineVersion, Stage, Variant
 from controlplane.translate import resources as r
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
-Endpoints = dict[str, list[Any]]  # cluster name -> sidecar ingress addresses
+Reach = dict[str, tuple[tuple[str, int], ...]]  # cluster -> (host, port) of its passing sidecar ingresses
+
+
+class Endpoints:
+    """Cluster name -> its endpoints as Envoy addresses, built when a snapshot first asks for them."""
+
+    def __init__(self, reach: Reach) -> None:
+        self.reach = reach
+        self._built: dict[str, list[Any]] = {}
+
+    def get(self, cluster: str) -> list[Any]:
+        if cluster not in self._built:
+            self._built[cluster] = [r.tcp_address(host, port) for host, port in self.reach.get(cluster, ())]
+        return self._built[cluster]
+
+
 LOCAL_HTTP = "local-http"
 BRIDGE = "mll-kafka-bridge"
 BRIDGE_RETRIES = 2
@@ -73,33 +88,87 @@ class Deployment:
 Carried = frozenset[tuple[str, int]]  # (pipeline, version) pairs whose routes a snapshot holds
 
 
+Memo = dict[Hashable, dict[Hashable, Snapshot]]  # what a model version's sidecars depend on -> per sidecar
+
+
 def translate(
     deployments: Sequence[Deployment],
     instances: Sequence[RuntimeService],
     options: Options = Options(),
     failed: dict[str, str] | None = None,
+    memo: Memo | None = None,
 ) -> dict[str, Snapshot]:
     """A snapshot per node group.
 
     With `failed`, a group whose translation raises is left out and its error
     recorded there (the others are unaffected); without it, the error propagates.
+    With `memo` (a cache the caller keeps between calls), a sidecar whose inputs
+    did not change gets its earlier snapshot back instead of a rebuilt one: with
+    thousands of runtimes, one registration rebuilds only the sidecars that
+    route to its model version. The inputs are compared once per model version.
     """
-    endpoints = _endpoints_by_cluster(instances)
+    reach = _reach(instances)
+    endpoints = Endpoints(reach)
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
-    builds: list[tuple[str, Callable[[], Snapshot]]] = [
-        (options.gateway_group, lambda: _gateway(_entries(deployments, options), everything, endpoints, options))
-    ]
-    builds += [(i.service_id, functools.partial(_sidecar, routed, i, endpoints, options)) for i in instances]
-    snapshots = {}
-    for group, build in builds:
-        try:
-            snapshots[group] = build()
-        except Exception as err:
-            if failed is None:
-                raise
-            failed[group] = f"{type(err).__name__}: {err}"[:200]
+    snapshots: dict[str, Snapshot] = {}
+    _isolated(options.gateway_group, snapshots, failed,
+              lambda: _gateway(_entries(deployments, options), everything, endpoints, options))  # fmt: skip
+    serving = _served_by(routed)
+    kept: Memo = {}
+    by_cluster: dict[str, list[RuntimeService]] = {}
+    for i in instances:
+        by_cluster.setdefault(i.cluster, []).append(i)
+    for cluster, members in by_cluster.items():
+        mine = serving.get(cluster, ())
+        shared = _shared_key(mine, reach)
+        known = memo.get(shared, {}) if memo is not None else {}
+        fresh = kept.setdefault(shared, {})
+        for i in members:
+            own = (i, options.kafka_broker, i.service_id in options.kafka_filter_nodes) if i.kafka_port else i
+            snapshot = known.get(own)
+            if snapshot is None:
+                snapshot = _isolated(
+                    i.service_id, snapshots, failed, functools.partial(_sidecar, mine, i, endpoints, options)
+                )
+            else:
+                snapshots[i.service_id] = snapshot
+            if snapshot is not None:
+                fresh[own] = snapshot
+    if memo is not None:
+        memo.clear()
+        memo.update(kept)  # only what this round used: the cache stays as large as the fleet
     return snapshots
+
+
+def _isolated(
+    group: str, snapshots: dict[str, Snapshot], failed: dict[str, str] | None, build: Callable[[], Snapshot]
+) -> Snapshot | None:
+    """Build one group's snapshot into `snapshots`; with `failed`, an error is recorded there instead of raised."""
+    try:
+        snapshots[group] = build()
+        return snapshots[group]
+    except Exception as err:
+        if failed is None:
+            raise
+        failed[group] = f"{type(err).__name__}: {err}"[:200]
+        return None
+
+
+def _shared_key(mine: tuple[PipelineVersion, ...], reach: Reach) -> Hashable:
+    """What every sidecar of one model version depends on: the versions it serves, their clusters' endpoints."""
+    clusters = sorted({v.cluster for p in mine for stage in p.pipeline.stages for v in stage.all_variants()})
+    versions = tuple((v.pipeline.name, v.version) for v in mine)  # a stored version never changes
+    return (versions, tuple((c, reach.get(c, ())) for c in clusters))
+
+
+def _reach(instances: Iterable[RuntimeService]) -> Reach:
+    """Cluster -> its passing endpoints as plain values (Endpoints turns them into addresses)."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for i in sorted(instances, key=lambda i: i.service_id):
+        if i.passing:
+            found.setdefault(i.cluster, []).append((i.host, i.ingress_port))
+    return {cluster: tuple(hosts) for cluster, hosts in found.items()}
 
 
 def carried(
@@ -107,14 +176,24 @@ def carried(
 ) -> dict[str, Carried]:
     """Which pipeline versions each group's snapshot routes: the gateway its entries, a sidecar its hops."""
     found = {options.gateway_group: frozenset((v.pipeline.name, v.version) for v in _entries(deployments, options))}
+    routed = [v for d in deployments for v in d.routed if v.pipeline.transport in SERVED_TRANSPORTS]
+    serving = {
+        cluster: frozenset((v.pipeline.name, v.version) for v in vs) for cluster, vs in _served_by(routed).items()
+    }
     for instance in instances:
-        found[instance.service_id] = frozenset(
-            (v.pipeline.name, v.version)
-            for d in deployments
-            for v in d.routed
-            if v.pipeline.transport in SERVED_TRANSPORTS and any(_serves(instance, s) for s in v.pipeline.stages)
-        )
+        found[instance.service_id] = serving.get(instance.cluster, frozenset())
     return found
+
+
+def _served_by(routed: Sequence[PipelineVersion]) -> dict[str, tuple[PipelineVersion, ...]]:
+    """Model version (cluster) -> the routed versions with a stage it serves (a variant or the shadow), in order."""
+    found: dict[str, list[PipelineVersion]] = {}
+    for v in routed:
+        clusters = {x.cluster for stage in v.pipeline.stages for x in stage.all_variants()}
+        clusters |= {stage.shadow.cluster for stage in v.pipeline.stages if stage.shadow}
+        for cluster in clusters:
+            found.setdefault(cluster, []).append(v)
+    return {cluster: tuple(vs) for cluster, vs in found.items()}
 
 
 def _entries(deployments: Sequence[Deployment], options: Options) -> list[PipelineVersion]:
@@ -124,20 +203,6 @@ def _entries(deployments: Sequence[Deployment], options: Options) -> list[Pipeli
         for d in deployments
         if d.entry is not None and (d.entry.pipeline.transport in SERVED_TRANSPORTS or options.bridges)
     ]
-
-
-def _serves(me: RuntimeService, stage: Stage) -> bool:
-    return me.cluster in {v.cluster for v in stage.all_variants()} or bool(
-        stage.shadow and stage.shadow.cluster == me.cluster
-    )
-
-
-def _endpoints_by_cluster(instances: Iterable[RuntimeService]) -> Endpoints:
-    found: Endpoints = {}
-    for i in sorted(instances, key=lambda i: i.service_id):
-        if i.passing:
-            found.setdefault(i.cluster, []).append(r.tcp_address(i.host, i.ingress_port))
-    return found
 
 
 def _gateway(
@@ -363,8 +428,7 @@ def _not_found() -> rc.Route:
 
 def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints) -> list[tuple[Any, Any]]:
     return [
-        (r.eds_cluster(name), r.load_assignment(name, endpoints.get(name, [])))
-        for name in sorted(route_clusters(routes))
+        (r.eds_cluster(name), r.load_assignment(name, endpoints.get(name))) for name in sorted(route_clusters(routes))
     ]
 
 
