@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ from controlplane.xds.server import XdsServer
 
 log = logging.getLogger("mllambda")
 TICK = 0.2  # seconds between checks while a version waits or drains
+GC_YOUNG = 50_000  # allocations between young-generation collections (Python's default: 700)
 COALESCE = 0.03  # seconds after a reconcile before the next: a burst of changes is translated once
 
 
@@ -295,6 +297,13 @@ class ControlPlane:
 
 async def serve(settings: Settings) -> None:
     plane = await ControlPlane(settings).start()
+    # With thousands of runtimes each Consul answer allocates tens of thousands of short-lived
+    # objects. Python's default thresholds promote them mid-parse and then pay for full
+    # collections of 75-90 ms, the tail of every admin call (bench/consul_scale.py). Collect
+    # young objects rarely (they mostly die by refcount first) and leave the start-up heap
+    # (imports, protobuf descriptors) out of every scan.
+    gc.set_threshold(GC_YOUNG, 20, 20)
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
