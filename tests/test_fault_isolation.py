@@ -125,3 +125,33 @@ async def test_a_huge_nack_with_terminal_escapes_is_stored_and_shown_bounded_and
     assert "NACK" in described.stdout and "<img" in described.stdout  # shown, flattened
     assert "\x1b" not in described.stdout and "\x07" not in described.stdout
     assert max(len(line) for line in described.stdout.splitlines()) < 1_200
+
+
+def consul_connections(pid: int, consul_port: int) -> int:
+    import subprocess
+
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if f"pid={pid}," in line and f":{consul_port} " in line + " ")
+
+
+async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_do_not_wait(
+    control_plane: Any, consul_agent: Any, tmp_path: Path
+) -> None:
+    """Before: one held blocking query per service, on the admin API's pool of 100: Apply + Get took 30 s."""
+    agent = consul.Consul(port=consul_agent.http_port).agent.service
+    meta = RuntimeService("x", "m", "v1", "127.0.0.1", 1, "/r", 2, 3, "/e", 4).to_meta()
+    ids = [f"fleet{n}-v1-1" for n in range(150)]
+    try:
+        for n, service_id in enumerate(ids):
+            check = {"TTL": "1h", "Status": "passing", "DeregisterCriticalServiceAfter": "1h"}
+            agent.register(f"fleet{n}", service_id=service_id, port=2, tags=["mllambda"],
+                           meta={**meta, "model": f"fleet{n}"}, check=check)  # fmt: skip
+        await wait_for(lambda: set(ids) <= {r["service_id"] for r in status(control_plane)["runtimes"]}, timeout=30)
+        assert consul_connections(control_plane.proc.pid, consul_agent.http_port) <= 16
+        spec = {"name": "busy", "stages": [{"name": "s", "variants": [{"model": "fleet7", "version": "v1"}]}]}
+        apply(control_plane, tmp_path, spec)  # the CLI's own timeout is far below the 30 s it took
+        got = control_plane.cli("get", "pipeline", "busy")
+        assert got.returncode == 0 and "busy" in got.stdout, got.stderr
+    finally:
+        for service_id in ids:
+            agent.deregister(service_id)
