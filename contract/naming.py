@@ -31,6 +31,14 @@ def name_problem(value: object, rule: re.Pattern[str]) -> str | None:
 
 
 SERVICE_TAG = "mllambda"  # Consul tag of every runtime (discovery watches services that carry it)
+BRIDGE_REPLY_PREFIX = "mll.bridge."  # a control plane's reply topic: the only topic a hop answers an HTTP bridge on
+
+
+def bridge_reply_topic(host: str, port: int) -> str:
+    """A bridge's reply topic: one per listen address, so a restarted control plane reuses it (none leak)."""
+    return f"{BRIDGE_REPLY_PREFIX}{host.replace(':', '_')}_{port}"
+
+
 BRIDGE_SERVICE = "mllambda-bridge"  # Consul service of the control planes' Kafka HTTP bridges
 DEFAULT_KV_PREFIX = "mllambda/pipelines/"  # pipeline versions in Consul KV
 
@@ -43,6 +51,9 @@ def model_cluster(model: str, version: str) -> str:
 def pipeline_path(pipeline: str) -> str:
     """Where clients call a pipeline on the gateway."""
     return f"/pipelines/{pipeline}"
+
+
+STAGE_PATH = re.compile(r"/pipelines/[a-z0-9-]{1,63}/v[0-9]{1,10}/[a-z0-9-]{1,63}")  # what stage_path builds
 
 
 def stage_path(pipeline: str, version: int, stage: str) -> str:
@@ -81,8 +92,12 @@ def dead_letter_topic(pipeline: str) -> str:
 
 
 def hop_topic(pipeline: str, stage: str, cluster: str, shadow: bool = False) -> str:
-    """One topic per hop: `mll.<pipeline>.<stage>.<model>.<version>` (shadows add `.shadow`)."""
-    return f"mll.{pipeline}.{stage}.{cluster}" + (".shadow" if shadow else "")
+    """One topic per hop: `mll.<pipeline>.<stage>.<model>.<version>`; a shadow's ends in `_shadow`.
+
+    `_` appears in no pipeline, stage, model or version name, so version `v1.shadow`
+    cannot take the shadow topic of version `v1`.
+    """
+    return f"mll.{pipeline}.{stage}.{cluster}" + ("_shadow" if shadow else "")
 
 
 def hop_group(topic: str) -> str:

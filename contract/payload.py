@@ -10,11 +10,15 @@ class NotAnObject(ValueError):
     """A body that is not a JSON object; the message says what it is instead."""
 
 
-def parse_object(body: bytes | str) -> dict[str, Any]:
+def parse_object(body: bytes | str | None) -> dict[str, Any]:
+    if body is None:
+        raise NotAnObject("the record has no value (a tombstone)")
     try:
         payload = json.loads(body)
     except ValueError as err:  # includes UnicodeDecodeError
         raise NotAnObject(f"body is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise NotAnObject("body is nested too deeply") from err
     if not isinstance(payload, dict):
         raise NotAnObject(f"body must be a JSON object, got {type(payload).__name__}")
     return payload

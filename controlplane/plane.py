@@ -22,7 +22,7 @@ import consul.aio
 import grpc
 from aiohttp import web
 
-from contract.naming import DEFAULT_KV_PREFIX
+from contract.naming import DEFAULT_KV_PREFIX, bridge_reply_topic
 from contract.service import RuntimeService
 from contract.watch import watch
 from controlplane.config import (
@@ -84,7 +84,8 @@ class ControlPlane:
         self.bridge: BridgeServer | None = None
         broker = None
         if settings.kafka_bootstrap:
-            self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix)
+            reply_topic = bridge_reply_topic(*split_host_port(settings.bridge_addr, 18003))
+            self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix, reply_topic)
             broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
         options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
         # Discovery's blocking queries get their own connections: admin calls never wait behind them.

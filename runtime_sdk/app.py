@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,11 +17,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from contract import headers as h
-from contract.naming import model_cluster
+from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
+log = logging.getLogger("mllambda.runtime")
 
 
 class Rejected(Exception):
@@ -66,6 +69,12 @@ class Metrics:
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.kafka_restarts = Counter(
+            "mllambda_runtime_kafka_consumer_restarts",
+            "Kafka consumers started again after they stopped (broker, rebalance)",
+            ["topic"],
+            registry=registry,
+        )
 
 
 INLINE_BUDGET = 0.001  # seconds: a sync predict this fast runs on the event loop in `auto` mode
@@ -102,6 +111,7 @@ class Runtime:
     egress: Egress = field(default_factory=Egress)
     ready: bool = False
     placement: Placement = field(default_factory=Placement)
+    kafka_failing: dict[str, str] = field(default_factory=dict)  # topic -> why its consumer stopped (restarting)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -178,12 +188,19 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
             return _json_response({"error": str(err), "model": runtime.model}, 422, served)
         except Exception as err:
             code = 500
-            message = f"model {runtime.model}:{runtime.version} failed: {type(err).__name__}: {err}"
-            return _json_response({"error": message}, 500, served)
+            return _failed(runtime, served, err, "predict() raised")
+        try:
+            body = json.dumps(output)
+        except (TypeError, ValueError, RecursionError) as err:
+            code = 500
+            return _failed(runtime, served, err, "predict() returned what JSON cannot hold")
         next_path = request.headers.get(h.NEXT)
         if not next_path or request.headers.get(h.SHADOW):
-            return _json_response(output, 200, served)
-        response = await forward(runtime, request, output, next_path, served)
+            return web.Response(text=body, status=200, content_type="application/json", headers={h.SERVED: served})
+        if not STAGE_PATH.fullmatch(next_path):  # only ever a path on the own sidecar's egress
+            code = 400
+            return _json_response({"error": f"{h.NEXT} is not a stage path"}, 400, served)
+        response = await forward(runtime, request, body, output, next_path, served)
         code = response.status
         return response
     except web.HTTPException as err:
@@ -193,8 +210,16 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
 
 
+def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web.Response:
+    """A stable answer for a model failure; the detail (exception text, traceback) only in the runtime's log."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("error_id=%s model=%s:%s %s", error_id, runtime.model, runtime.version, what, exc_info=err)
+    message = f"model {runtime.model}:{runtime.version} failed ({type(err).__name__}); see its log for error_id"
+    return _json_response({"error": message, "error_id": error_id}, 500, served)
+
+
 async def forward(
-    runtime: Runtime, request: web.Request, output: dict[str, Any], next_path: str, served: str
+    runtime: Runtime, request: web.Request, body: str, output: dict[str, Any], next_path: str, served: str
 ) -> web.Response:
     """Send the output to the next hop through the own sidecar; relay its answer."""
     outgoing = {k: request.headers[k] for k in h.PROPAGATED if k in request.headers}
@@ -206,15 +231,15 @@ async def forward(
             outgoing[h.BRANCH] = str(key)
     session, url = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), next_path)
     try:
-        async with session.post(url, data=json.dumps(output), headers=outgoing) as resp:
-            body = await resp.read()
+        async with session.post(url, data=body, headers=outgoing) as resp:
+            answer = await resp.read()
             downstream = resp.headers.get(h.SERVED)
             content_type = resp.headers.get("content-type", "application/json")
             status = resp.status
     except aiohttp.ClientError as err:
         return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served)
     chain = f"{served}, {downstream}" if downstream else served
-    return web.Response(body=body, status=status, headers={h.SERVED: chain, "content-type": content_type})
+    return web.Response(body=answer, status=status, headers={h.SERVED: chain, "content-type": content_type})
 
 
 def _json_response(body: dict[str, Any], status: int, served: str) -> web.Response:
@@ -228,9 +253,10 @@ async def handle_healthz(request: web.Request) -> web.Response:
 async def handle_readyz(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[RUNTIME]
     status = 200 if runtime.ready else 503
-    return web.json_response(
-        {"ready": runtime.ready, "model": runtime.model, "version": runtime.version}, status=status
-    )
+    body: dict[str, Any] = {"ready": runtime.ready, "model": runtime.model, "version": runtime.version}
+    if runtime.kafka_failing:  # reported; HTTP traffic is still served, so the instance stays ready
+        body["kafka_consumers_restarting"] = dict(runtime.kafka_failing)
+    return web.json_response(body, status=status)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

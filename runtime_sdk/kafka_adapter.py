@@ -13,6 +13,7 @@ the pipeline's dead-letter topic with the reason and the original bytes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -22,7 +23,7 @@ import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contract import headers as h
-from contract.kafka_io import Headers, consume_batches, dead_letter, header, started, with_header
+from contract.kafka_io import Headers, consume_batches, dead_letter, header, reply, started, supervise, with_header
 from contract.naming import hop_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
@@ -44,6 +45,7 @@ class KafkaAdapter:
         self.consumers: dict[str, asyncio.Task[None]] = {}
         self.producer: AIOKafkaProducer | None = None
         self.rng = random.Random()
+        self.failing = runtime.kafka_failing  # topic -> why its consumer last stopped (until it runs again)
 
     def subscriptions(self) -> dict[str, str]:
         """topic -> pipeline, for every hop this model version serves in a kept table version."""
@@ -82,7 +84,9 @@ class KafkaAdapter:
         wanted = self.subscriptions()
         for topic in set(wanted) - set(self.consumers):
             log.info("consuming topic=%s", topic)
-            self.consumers[topic] = asyncio.create_task(self._consume(topic, wanted[topic]))
+            run = functools.partial(self._consume, topic, wanted[topic])
+            died = functools.partial(self._died, topic)
+            self.consumers[topic] = asyncio.create_task(supervise(f"consumer of {topic}", run, died))
         for topic in set(self.consumers) - set(wanted):
             self.consumers.pop(topic).cancel()
 
@@ -96,14 +100,31 @@ class KafkaAdapter:
                 auto_offset_reset="earliest",
             )
         )
-        await consume_batches(consumer, lambda record: self._handle(pipeline, topic, record))
+        self.failing.pop(topic, None)
+        await consume_batches(
+            consumer,
+            lambda record: self._handle(pipeline, topic, record),
+            lambda record, reason: self._poisoned(pipeline, topic, record, reason),
+        )
+
+    def _died(self, topic: str, reason: str) -> None:
+        self.failing[topic] = reason
+        self.runtime.metrics.kafka_restarts.labels(topic).inc()
+
+    async def _poisoned(self, pipeline: str, topic: str, record: Any, reason: str) -> None:
+        """A record whose handling failed in a way that would fail again: parked with the reason."""
+        assert self.producer is not None
+        tables = self.tables.get(pipeline)
+        if tables is not None:
+            headers = [(k, v or b"") for k, v in record.headers or []]
+            await dead_letter(self.producer, tables.newest, record.value, headers, f"poison: {reason}", topic)
 
     async def _handle(self, pipeline: str, topic: str, record: Any) -> None:
         assert self.producer is not None
         tables = self.tables.get(pipeline)
         if tables is None:
             return  # its consumer is being cancelled
-        headers: Headers = list(record.headers or [])
+        headers: Headers = [(k, v or b"") for k, v in record.headers or []]
         entered = header(headers, h.TABLE_VERSION)
         table = tables.get(int(entered) if entered.isdigit() else None)
         hop = table.subscriptions(self.runtime.cluster).get(topic) if table else None
@@ -140,9 +161,8 @@ class KafkaAdapter:
             return
         body = json.dumps(output).encode()
         await asyncio.gather(*(self.producer.send_and_wait(t, body, headers=headers) for t in topics))
-        reply_to = header(headers, h.REPLY_TO)
-        if index + 1 == len(table.stages) and reply_to:
-            await self.producer.send_and_wait(reply_to, body, headers=headers)
+        if index + 1 == len(table.stages):
+            await reply(self.producer, headers, body, headers)
 
     async def _predict(self, payload: dict[str, Any], attempts: int) -> dict[str, Any]:
         for attempt in range(attempts):

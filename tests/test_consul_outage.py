@@ -27,6 +27,15 @@ def consul_agent(logs_dir: Path, tmp_path: Path) -> Iterator[ConsulAgent]:
     agent.proc.stop()
 
 
+async def serving_one(control_plane: Any, start_runtime: Any, tmp_path: Path) -> str:
+    """One runtime, pipeline `one` on it, answering through the gateway; its URL."""
+    start_runtime(TOKENIZE, "tokenize", "v1")
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+    return url
+
+
 async def test_consul_outage_fails_nothing_and_discovery_resumes(
     control_plane: Any,
     consul_agent: ConsulAgent,
@@ -36,10 +45,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
     logs_dir: Path,
     request: pytest.FixtureRequest,
 ) -> None:
-    start_runtime(TOKENIZE, "tokenize", "v1")
-    apply(control_plane, tmp_path, ONE_STAGE)
-    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
-    await until_ok(url, {"text": "a b"})
+    url = await serving_one(control_plane, start_runtime, tmp_path)
     before = gateway_hosts(gateway, "tokenize.v1")
 
     async with SteadyLoad(url) as load:
@@ -71,10 +77,7 @@ async def test_a_control_plane_started_while_consul_is_down_empties_no_envoy(
     request: pytest.FixtureRequest,
 ) -> None:
     """Cold start: the gateway reconnects to a control plane that has read nothing yet and keeps its config."""
-    start_runtime(TOKENIZE, "tokenize", "v1")
-    apply(control_plane, tmp_path, ONE_STAGE)
-    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
-    await until_ok(url, {"text": "a b"})
+    url = await serving_one(control_plane, start_runtime, tmp_path)
 
     async with SteadyLoad(url) as load:
         control_plane.stop()

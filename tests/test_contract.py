@@ -107,7 +107,7 @@ def test_next_topics_follow_weights_branches_and_shadows() -> None:
     assert table.next_topics(2, {}, rng) == ["mll.p.out"]
     with pytest.raises(LookupError, match="no branch for kind='z'"):
         table.next_topics(1, {"kind": "z"}, rng)
-    assert table.subscriptions("bs.v1") == {"mll.p.b.bs.v1.shadow": (1, True)}
+    assert table.subscriptions("bs.v1") == {"mll.p.b.bs.v1_shadow": (1, True)}
 
 
 def test_an_index_that_goes_backwards_starts_over() -> None:
@@ -159,7 +159,13 @@ def test_the_last_few_table_versions_are_kept_and_a_message_finds_its_own() -> N
     assert PipelineTables.from_json(tables.to_json()) == tables
     assert PipelineTables.from_json(tables.inactive().to_json()).newest.active is False
     assert PipelineTables.from_json(routing_table(PIPELINE, 9).to_json()).newest.version == 9  # the older layout
-    assert "mll.p.b.bs.v1.shadow" in tables.topics("bs.v1")
+    assert "mll.p.b.bs.v1_shadow" in tables.topics("bs.v1")
     for bad in ("[]", "{}", "[1]", "nope"):
         with pytest.raises(ValueError):
             PipelineTables.from_json(bad)
+
+
+def test_a_version_named_like_a_shadow_topic_gets_its_own_topic() -> None:
+    from contract.naming import hop_topic, model_cluster
+
+    assert hop_topic("p", "s", model_cluster("m", "v1.shadow")) != hop_topic("p", "s", model_cluster("m", "v1"), True)

@@ -27,6 +27,8 @@ def model(payload: dict[str, Any]) -> dict[str, Any]:
         raise Rejected("refused: need a positive number")
     if payload.get("weird"):
         return ["not", "a", "dict"]  # type: ignore[return-value]
+    if payload.get("unserialisable"):
+        return {"when": object()}
     return {"doubled": payload["n"] * 2}
 
 
@@ -34,7 +36,7 @@ def model(payload: dict[str, Any]) -> dict[str, Any]:
 async def client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
     calls.clear()
     runtime = Runtime(model, "doubler", "v1", ready=True)
-    async with TestClient(TestServer(build_app(runtime, max_body=1024))) as test_client:
+    async with TestClient(TestServer(build_app(runtime, max_body=300_000))) as test_client:
         yield test_client
 
 
@@ -51,7 +53,8 @@ async def test_predict_round_trip_names_who_served(client: Any) -> None:
         (b"{not json", 400, "body is not valid JSON"),
         (b"[1, 2]", 400, "body must be a JSON object, got list"),
         (b'"text"', 400, "body must be a JSON object, got str"),
-        (b'{"pad": "' + b"x" * 2000 + b'"}', 413, "body too large: the limit is 1024 bytes"),
+        (b'{"pad": "' + b"x" * 300_000 + b'"}', 413, "body too large: the limit is 300000 bytes"),
+        (b"[" * 50_000 + b"]" * 50_000, 400, "body is nested too deeply"),
     ],
 )
 async def test_bad_payloads_get_4xx_and_never_reach_the_model(
@@ -63,14 +66,25 @@ async def test_bad_payloads_get_4xx_and_never_reach_the_model(
     assert calls == []
 
 
-async def test_model_errors_and_refusals_are_told_apart(client: Any) -> None:
+async def test_model_errors_and_refusals_are_told_apart(client: Any, caplog: Any) -> None:
     refused = await client.post("/predict", json={"refuse": True})
     assert (refused.status, (await refused.json())["error"]) == (422, "refused: need a positive number")
-    failed = await client.post("/predict", json={"explode": True})
-    assert failed.status == 500
-    assert (await failed.json())["error"] == "model doubler:v1 failed: ValueError: kaboom"
-    weird = await client.post("/predict", json={"weird": True})
-    assert weird.status == 500 and "expected a JSON object" in (await weird.json())["error"]
+    for flag, kind in (("explode", "ValueError"), ("weird", "TypeError"), ("unserialisable", "TypeError")):
+        failed = await client.post("/predict", json={flag: True})
+        answer = await failed.json()
+        assert failed.status == 500 and set(answer) == {"error", "error_id"}, answer
+        assert answer["error"] == f"model doubler:v1 failed ({kind}); see its log for error_id"
+        # The detail stays in the runtime's log, under the id the caller got.
+        logged = [r for r in caplog.records if answer["error_id"] in r.getMessage()]
+        assert logged and logged[0].exc_info is not None
+    assert "kaboom" not in str(answer) and "kaboom" in caplog.text
+
+
+async def test_the_next_hop_can_only_be_a_stage_path_on_the_own_sidecar(client: Any) -> None:
+    for hostile in ("@127.0.0.1:28999/stolen", "//evil.example/x", "/pipelines/p/v1/s/../../admin", "/readyz"):
+        resp = await client.post("/predict", json={"n": 1}, headers={"x-mll-next": hostile})
+        assert resp.status == 400, hostile
+        assert (await resp.json())["error"] == "x-mll-next is not a stage path"
 
 
 async def test_readiness_and_metrics(client: Any) -> None:

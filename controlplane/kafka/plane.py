@@ -12,18 +12,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract import headers as h
-from contract.kafka_io import Headers, consume_batches, dead_letter, header, with_header
+from contract.kafka_io import Headers, consume_batches, dead_letter, external, header, supervise, with_header
 from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
@@ -34,18 +37,21 @@ from controlplane.translate.topics import routing_table
 log = logging.getLogger("mllambda.kafka")
 PARTITIONS = 3
 TICK = 0.2  # seconds between consumer checks while a Kafka version waits
+MAX_WAITING = 1_000  # bridge calls waiting for a result at once; more are refused (503) at once
+MAX_WAIT = 300.0  # seconds a bridge call waits at most, whatever the pipeline's timeouts add up to
+ROUTER_LINGER = 60.0  # seconds an inactive pipeline's entry router keeps draining its input topic
 BROKER_TIMEOUT = 5.0  # seconds one round of broker calls may take
 Reply = tuple[int, bytes, str]  # HTTP status, body, served chain
 
 
 class KafkaPlane:
-    def __init__(self, bootstrap: str, client: consul.aio.Consul, kv_prefix: str) -> None:
+    def __init__(self, bootstrap: str, client: consul.aio.Consul, kv_prefix: str, reply_topic: str) -> None:
         self.bootstrap = bootstrap
         self.client = client
         self.prefix = routing_table_prefix(kv_prefix)
         self.tables: dict[str, PipelineTables] = {}
         self.routers: dict[str, asyncio.Task[None]] = {}
-        self.reply_topic = f"mll.bridge.{uuid.uuid4().hex[:12]}"
+        self.reply_topic = reply_topic  # contract.naming.bridge_reply_topic of this control plane's bridge
         self.waiting: dict[str, asyncio.Future[Reply]] = {}
         self.producer: AIOKafkaProducer | None = None
         self._reply_task: asyncio.Task[None] | None = None
@@ -57,6 +63,8 @@ class KafkaPlane:
         self._unsynced = False
         self._nudge = asyncio.Event()
         self.started = False
+        self._inactive_since: dict[str, float] = {}  # pipeline -> since when it is out of Kafka mode
+        self.router_restarts: dict[str, int] = {}  # pipeline -> times its entry router was started again
         self.error = ""  # the last broker or Consul failure, until a round succeeds
 
     def want(self, pipelines: list[tuple[Pipeline, int]]) -> None:
@@ -88,6 +96,7 @@ class KafkaPlane:
                     except BaseException:
                         self._unsynced = True
                         raise
+                self.retire_routers()
                 versions = pending()
                 if versions:
                     await asyncio.wait_for(self.check_consumers(versions), BROKER_TIMEOUT)
@@ -203,10 +212,19 @@ class KafkaPlane:
                 newest = tables.newest
                 log.info("routing table pipeline=%s version=%s active=%s", name, newest.version, newest.active)
         self.tables = wanted
-        # Routers keep running for inactive tables too: what is already on an
-        # input topic still moves through (nothing new arrives there).
-        for name in set(wanted) - set(self.routers):
-            self.routers[name] = asyncio.create_task(self._route_input(name))
+        now = time.monotonic()
+        for name, tables in wanted.items():
+            if tables.newest.active:
+                self._inactive_since.pop(name, None)
+            else:
+                self._inactive_since.setdefault(name, now)
+        # A router keeps running ROUTER_LINGER seconds after its pipeline left Kafka mode: what is
+        # already on the input topic still moves through (nothing new arrives there). Then it stops.
+        self.retire_routers()
+        for name in set(wanted) - set(self.routers) - set(self._retired()):
+            run = functools.partial(self._route_input, name)
+            died = functools.partial(self._router_died, name)
+            self.routers[name] = asyncio.create_task(supervise(f"entry router of {name}", run, died))
 
     async def _route_input(self, name: str) -> None:
         """Input topic -> stage 0 (weights, shadow), committing only after the produce is acked."""
@@ -216,7 +234,31 @@ class KafkaPlane:
             enable_auto_commit=False, auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
-        await consume_batches(consumer, lambda record: self._enter(name, record.value, list(record.headers or [])))
+        # A producer's own headers go along; ours (reply topic, version, ...) cannot be set from outside.
+        await consume_batches(
+            consumer,
+            lambda record: self._enter(name, record.value, external(record.headers or [])),
+            lambda record, reason: self._poisoned(name, record, reason),
+        )
+
+    def _retired(self) -> list[str]:
+        cutoff = time.monotonic() - ROUTER_LINGER
+        return [name for name, since in self._inactive_since.items() if since < cutoff]
+
+    def retire_routers(self) -> None:
+        for name in self._retired():
+            router = self.routers.pop(name, None)
+            if router is not None:
+                router.cancel()
+                log.info("entry router of %s stopped (not in Kafka mode for %.0f s)", name, ROUTER_LINGER)
+
+    def _router_died(self, name: str, reason: str) -> None:
+        self.router_restarts[name] = self.router_restarts.get(name, 0) + 1
+
+    async def _poisoned(self, name: str, record: Any, reason: str) -> None:
+        assert self.producer is not None
+        table = self.tables[name].newest
+        await dead_letter(self.producer, table, record.value, external(record.headers or []), reason, "input")
 
     async def _enter(self, name: str, value: bytes, headers: Headers) -> None:
         """Into stage 0 of the newest version (weights, branch, shadow), acknowledged; marked with that version.
@@ -250,6 +292,9 @@ class KafkaPlane:
             return 503, json.dumps({"error": f"Kafka broker not reachable ({self.error or 'connecting'})"}).encode(), ""
         if name not in self.tables:  # an inactive table still drains: the gateway flips a moment after it
             return 404, json.dumps({"error": f"pipeline {name!r} is not in Kafka mode"}).encode(), ""
+        if len(self.waiting) >= MAX_WAITING:
+            return 503, json.dumps({"error": f"the bridge has {MAX_WAITING} calls waiting; try again"}).encode(), ""
+        timeout = min(timeout, MAX_WAIT)
         correlation = uuid.uuid4().hex
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self.waiting[correlation] = future

@@ -43,3 +43,22 @@ def long_model(payload: dict[str, Any]) -> dict[str, Any]:
 
 def broken(payload: dict[str, Any]) -> dict[str, Any]:
     raise RuntimeError("this model always fails")
+
+
+class _BreaksTheHop(dict):  # type: ignore[type-arg]
+    """An output whose serialisation raises what a lost broker connection raises (a fault, not the record's)."""
+
+    def items(self) -> Any:
+        from aiokafka.errors import KafkaConnectionError
+
+        raise KafkaConnectionError("injected: the connection to the broker was lost")
+
+
+_calls = {"flaky": 0}
+
+
+def flaky_once(payload: dict[str, Any]) -> dict[str, Any]:
+    """Counts like `count`, but its first answer breaks the Kafka hop it travels on (tests restart the consumer)."""
+    _calls["flaky"] += 1
+    result = {"tokens": payload["tokens"], "count": len(payload["tokens"])}
+    return _BreaksTheHop(result) if _calls["flaky"] == 1 else result
