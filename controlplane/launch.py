@@ -18,7 +18,7 @@ from contract.naming import DEFAULT_KV_PREFIX, LABEL, SERVICE_ID, VERSION, model
 from contract.service import RuntimeService
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, resolve
 from controlplane.errors import CliError
-from controlplane.processes import ManagedProcess, envoy_argv, free_port
+from controlplane.processes import ManagedProcess, envoy_argv, free_port, private_dir
 from controlplane.sidecar import write_bootstrap
 from controlplane.tools import find_envoy
 from runtime_sdk.app import DEFAULT_MAX_BODY
@@ -29,8 +29,10 @@ log = logging.getLogger("mllambda.runtime")
 
 def run_dir() -> Path:
     folder = Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    try:
+        return private_dir(folder)  # sockets live here
+    except PermissionError as err:
+        raise CliError(str(err)) from err
 
 
 def checked_service_id(args: argparse.Namespace) -> str:

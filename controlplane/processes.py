@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -43,9 +44,27 @@ def free_port() -> int:
             return port
 
 
+def private_dir(path: Path) -> Path:
+    """A folder only we can use: created 0700, or refused if it is a symlink, someone else's, or open to others.
+
+    Run folders live under the shared temp directory, where another user could
+    have made the path first to read our sockets or plant files.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a plain folder (a symlink?); remove it or choose another")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {info.st_uid}, not us; remove it or choose another")
+    if info.st_mode & 0o022:  # others could have put things in it
+        raise PermissionError(f"{path} is open to other users (mode {info.st_mode & 0o777:o}); `chmod 700` it")
+    if info.st_mode & 0o077:  # ours, readable by others (an older version made it so): close it
+        path.chmod(0o700)
+    return path
+
+
 def _claim(port: int) -> bool:
-    folder = Path(tempfile.gettempdir()) / f"mllambda-ports-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
+    folder = private_dir(Path(tempfile.gettempdir()) / f"mllambda-ports-{os.getuid()}")
     mark = folder / str(port)
     try:
         os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -152,6 +171,14 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22); None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def exists(pid: int) -> bool:

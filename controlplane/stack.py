@@ -154,13 +154,14 @@ class Supervisor:
     started: list[processes.ManagedProcess] = field(default_factory=list)
     consul_url: str = ""
     kafka_flags: list[str] = field(default_factory=list)
+    recorded: bool = False  # this supervisor wrote the state file
 
     @property
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
     def step(self, message: str) -> None:
-        print(f"==> {message}", flush=True)
+        say(f"==> {message}")
 
     def start(self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60) -> None:
         proc = processes.ManagedProcess(name, argv, self.logs / f"{name}.log").start()
@@ -172,11 +173,12 @@ class Supervisor:
             raise CliError(f"{err}\n(full log: {proc.log_path})") from err
 
     def _record(self) -> None:
-        state = {
-            "stack": self.stack.name,
-            "processes": [{"name": p.name, "pid": p.pid} for p in self.started],
-        }
-        (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+        """What `down` needs: each process's PID and start time (a PID alone may be reused by then)."""
+        entries = [{"name": p.name, "pid": p.pid, "started": processes.start_time(p.pid)} for p in self.started]
+        (self.state_dir / "stack.json").write_text(
+            json.dumps({"stack": self.stack.name, "processes": entries}, indent=2)
+        )
+        self.recorded = True
 
     def check_ports(self, reuse_consul: bool) -> None:
         p = self.stack.ports
@@ -193,10 +195,8 @@ class Supervisor:
             )
 
     def up(self) -> None:
-        if (self.state_dir / "stack.json").exists():
-            stale = json.loads((self.state_dir / "stack.json").read_text())
-            if any(processes.exists(p["pid"]) for p in stale["processes"]):
-                raise CliError("a stack is already running here: `mllambda down` stops it")
+        if ours_still_running(self.state_dir):
+            raise CliError("a stack is already running here: `mllambda down` stops it")
         self.logs.mkdir(parents=True, exist_ok=True)
         p, me = self.stack.ports, [sys.executable, "-m", "controlplane.cli"]
         consul_up = _consul_answers(p.consul)
@@ -273,7 +273,7 @@ class Supervisor:
                 f"; waiting for {', '.join(waiting[:4])}" if waiting else ""
             )
             if line != shown:
-                print(line, flush=True)
+                say(line)
                 shown = line
             if not waiting:
                 return
@@ -296,15 +296,12 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     raise CliError(f"the gateway did not acknowledge pipeline {pipeline.name} in 30s")
                 time.sleep(0.2)
-            print(
-                f"    gateway Envoy acknowledged pipeline/{pipeline.name} v{reply.pipeline.version}",
-                flush=True,
-            )
+            say(f"    gateway Envoy acknowledged pipeline/{pipeline.name} v{reply.pipeline.version}")
 
     def summary(self) -> None:
         p = self.stack.ports
         first = self.stack.pipelines[0].name if self.stack.pipelines else "NAME"
-        print(
+        say(
             f"""
 ML Lambda stack '{self.stack.name}' is up.
   gateway        http://127.0.0.1:{p.gateway}/pipelines/<name>
@@ -314,8 +311,7 @@ ML Lambda stack '{self.stack.name}' is up.
   Consul UI      {self.consul_url}/ui/
   Envoy admin    gateway http://127.0.0.1:{p.gateway_admin}/ ; sidecars: `mllambda describe pipeline {first}`
   logs           {self.logs}
-""",
-            flush=True,
+"""
         )
 
     def stop_all(self) -> None:
@@ -325,7 +321,8 @@ ML Lambda stack '{self.stack.name}' is up.
             proc.signal(signal.SIGTERM)
         for proc in reversed(self.started):
             proc.stop(timeout=15)
-        (self.state_dir / "stack.json").unlink(missing_ok=True)
+        if self.recorded:  # never another stack's record (a second `up` that was refused)
+            (self.state_dir / "stack.json").unlink(missing_ok=True)
 
 
 def _consul_answers(port: int) -> bool:
@@ -343,44 +340,75 @@ def _passing(consul_port: int, service: str, service_id: str) -> bool:
     return status == 200 and service_id in {e["Service"]["ID"] for e in json.loads(body)}
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print, unless nobody reads any more (`up | tee` and Ctrl-C): stopping must not depend on stdout."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _recorded(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((state_dir / "stack.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _ours(item: dict[str, Any]) -> bool:
+    """Is the recorded process still the one we started (same PID and start time)?"""
+    started = processes.start_time(int(item["pid"]))
+    return started is not None and started == item.get("started")
+
+
+def ours_still_running(state_dir: Path) -> bool:
+    state = _recorded(state_dir)
+    return state is not None and any(_ours(item) for item in state.get("processes", []))
+
+
 def down(state_dir: Path = STATE_DIR) -> int:
-    path = state_dir / "stack.json"
-    if not path.exists():
-        print("no stack is running here")
+    state = _recorded(state_dir)
+    if state is None:
+        say("no stack is running here")
         return 0
-    state = json.loads(path.read_text())
-    for item in reversed(state["processes"]):
-        if processes.exists(item["pid"]):
-            print(f"stopping {item['name']} (pid {item['pid']})", flush=True)
-        processes.stop_group(item["pid"], timeout=15)
-    path.unlink(missing_ok=True)
-    print(f"stack '{state['stack']}' stopped")
+    for item in reversed(state.get("processes", [])):
+        if _ours(item):
+            say(f"stopping {item['name']} (pid {item['pid']})")
+            processes.stop_group(int(item["pid"]), timeout=15)
+        elif processes.exists(int(item["pid"])):
+            say(f"pid {item['pid']} is no longer our {item['name']} (the PID was reused): left alone")
+    (state_dir / "stack.json").unlink(missing_ok=True)
+    say(f"stack '{state.get('stack', '?')}' stopped")
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(load_stack(Path(args.filename)))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the stack like Ctrl-C
+        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    detached = False
     try:
         supervisor.up()
         if args.detach:
-            print("running in the background: `mllambda down` stops it")
+            detached = True
+            say("running in the background: `mllambda down` stops it")
             return 0
-        print("Ctrl-C stops everything.", flush=True)
+        say("Ctrl-C stops everything.")
         while True:
             time.sleep(0.5)
             dead = [p for p in supervisor.started if not p.alive()]
             if dead:
                 raise CliError(f"{dead[0].name} exited:\n{dead[0].tail()}")
     except KeyboardInterrupt:
-        print("\n==> stopping", flush=True)
-        supervisor.stop_all()
+        say("\n==> stopping")
         return 0
     except BaseException:
-        print("==> start failed; stopping what was started", file=sys.stderr, flush=True)
-        supervisor.stop_all()
+        say("==> start failed; stopping what was started", err=True)
         raise
-    return 0
+    finally:
+        if not detached:
+            supervisor.stop_all()
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import consul.aio
@@ -67,8 +68,14 @@ def load_callable(target: str) -> Callable[..., Any]:
 
 
 def remove_socket(path: str) -> None:
-    """A stale socket file from a crashed run would make bind() fail."""
-    Path(path).unlink(missing_ok=True)
+    """A stale socket of ours from a crashed run would make bind() fail; anything else is left alone."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+        raise ServeError(f"{path} exists and is not a socket of ours; remove it or choose another path")
+    os.unlink(path)
 
 
 async def serve(

@@ -1,0 +1,132 @@
+"""The local stack and run folders under hostile conditions: a closed pipe, a second `up`, reused PIDs, shared /tmp."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+from runtime_sdk.serve import ServeError, remove_socket
+from tests.test_stack_e2e import mllambda
+
+SMALL = {
+    "kind": "Stack",
+    "name": "small",
+    "runtimes": [{"model": "tokenize", "version": "v1", "target": "examples.trivial.models:tokenize"}],
+    "pipelines": [{"name": "one", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]}],
+}
+
+
+def small_stack(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    ports = {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin")}
+    ports["controlplane_metrics"] = processes.free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, "ports": ports}))
+    return path, {"MLLAMBDA_STATE_DIR": str(tmp_path / "state"), "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}"}
+
+
+def recorded(tmp_path: Path) -> list[dict[str, Any]]:
+    return list(json.loads((tmp_path / "state" / "stack.json").read_text())["processes"])
+
+
+def still_ours(entries: list[dict[str, Any]]) -> list[str]:
+    return [e["name"] for e in entries if processes.start_time(e["pid"]) == e["started"]]
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_the_output_pipe_closed_still_stops_everything(tmp_path: Path) -> None:
+    """`mllambda up | tee log`, then Ctrl-C: tee dies first, and nothing must be left running."""
+    path, env = small_stack(tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=PROJECT_ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    assert up.stdout is not None
+    lines = []
+    for raw in up.stdout:
+        lines.append(raw.decode(errors="replace"))
+        if "Ctrl-C stops everything" in lines[-1]:
+            break
+    entries = recorded(tmp_path)
+    assert len(still_ours(entries)) >= 4, "".join(lines)
+    up.stdout.close()  # the reader is gone, like tee after Ctrl-C
+    os.killpg(up.pid, signal.SIGINT)
+    up.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while still_ours(entries) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert still_ours(entries) == []
+    assert not (tmp_path / "state" / "stack.json").exists()
+
+
+@pytest.mark.slow
+def test_a_second_up_is_refused_and_leaves_the_first_stacks_record_so_down_stops_it(tmp_path: Path) -> None:
+    path, env = small_stack(tmp_path)
+    first = mllambda("up", "-f", str(path), "--detach", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = recorded(tmp_path)
+    try:
+        second = mllambda("up", "-f", str(path), env=env)
+        assert second.returncode == 1 and "already running" in second.stderr, second.stderr
+        assert recorded(tmp_path) == entries  # untouched
+        assert len(still_ours(entries)) == len(entries)
+    finally:
+        down = mllambda("down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert still_ours(entries) == []
+
+
+def test_down_leaves_a_process_alone_whose_pid_was_reused(tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        entry = {"name": "gateway", "pid": bystander.pid, "started": 1}  # what was recorded: another process
+        (state / "stack.json").write_text(json.dumps({"stack": "old", "processes": [entry]}))
+        down = mllambda("down", env={"MLLAMBDA_STATE_DIR": str(state)})
+        assert down.returncode == 0 and "left alone" in down.stdout, down.stdout
+        assert bystander.poll() is None  # still running
+    finally:
+        bystander.kill()
+
+
+def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: Path) -> None:
+    mine = processes.private_dir(tmp_path / "run")
+    assert mine.stat().st_mode & 0o777 == 0o700
+    readable = tmp_path / "readable"
+    readable.mkdir(mode=0o755)
+    assert processes.private_dir(readable).stat().st_mode & 0o777 == 0o700  # ours: closed, not refused
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    for bad, why in ((tmp_path / "link", "symlink"), (open_to_all, "open to other users")):
+        with pytest.raises(PermissionError, match=why):
+            processes.private_dir(bad)
+    done = mllambda("runtime", "examples.trivial.models:tokenize", "--model=t", "--version=v1",
+                    env={"MLLAMBDA_RUN_DIR": str(open_to_all)}, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "chmod 700" in done.stderr, done.stderr
+
+    precious = mine / "notes.txt"
+    precious.write_text("keep me")
+    with pytest.raises(ServeError, match="not a socket of ours"):
+        remove_socket(str(precious))
+    assert precious.read_text() == "keep me"
+    stale = mine / "old.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))
+    remove_socket(str(stale))
+    assert not stale.exists()
