@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
-from controlplane.stack import load_stack
+from controlplane.stackfile import load_stack
 
 BAD = """
 kind: Stack
