@@ -35,6 +35,7 @@ class RuntimeService:
     egress_uds: str
     envoy_admin_port: int = 0
     kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker (0: none)
+    health_port: int = 0  # the runtime's readiness listener, off its event loop (0: the runtime port answers)
     passing: bool = False  # from Consul's health checks; not part of the meta
 
     @functools.cached_property
@@ -55,6 +56,7 @@ class RuntimeService:
             "egress_uds": self.egress_uds,
             "envoy_admin_port": str(self.envoy_admin_port),
             "kafka_port": str(self.kafka_port),
+            "health_port": str(self.health_port),
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class RuntimeService:
                 egress_uds=str(meta.get("egress_uds", "")),
                 envoy_admin_port=_port(meta, "envoy_admin_port", optional=True),
                 kafka_port=_port(meta, "kafka_port", optional=True),
+                health_port=_port(meta, "health_port", optional=True),
                 passing=all(c.get("Status") == "passing" for c in entry.get("Checks") or []),
             )
         except (KeyError, TypeError, AttributeError) as err:

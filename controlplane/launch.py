@@ -61,6 +61,7 @@ def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> Runtime
         egress_port=args.egress_port or free_port(),
         egress_uds=str(folder / f"{service_id}-egress.sock"),
         envoy_admin_port=args.envoy_admin_port or free_port(),
+        health_port=free_port(),
         # Broker traffic goes through the sidecar when there is one.
         kafka_port=free_port() if kafka and not args.no_sidecar else 0,
     )

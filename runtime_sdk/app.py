@@ -250,12 +250,16 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return web.json_response({"live": True})
 
 
-async def handle_readyz(request: web.Request) -> web.Response:
-    runtime: Runtime = request.app[RUNTIME]
-    status = 200 if runtime.ready else 503
+def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
+    """The readiness answer (status, body), for the app's /readyz and the health listener alike."""
     body: dict[str, Any] = {"ready": runtime.ready, "model": runtime.model, "version": runtime.version}
     if runtime.kafka_failing:  # reported; HTTP traffic is still served, so the instance stays ready
         body["kafka_consumers_restarting"] = dict(runtime.kafka_failing)
+    return (200 if runtime.ready else 503), body
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    status, body = readiness(request.app[RUNTIME])
     return web.json_response(body, status=status)
 
 

@@ -19,7 +19,7 @@ async def register(
     The check goes through the sidecar's ingress listener, so an instance only
     turns passing once its Envoy has config and its model is loaded.
     """
-    port = service.ingress_port if through_sidecar else service.runtime_port
+    port = service.ingress_port if through_sidecar else (service.health_port or service.runtime_port)
     check: dict[str, Any] = consul.Check.http(
         f"http://{service.host}:{port}/readyz", interval="1s", timeout="1s", deregister="1m"
     )

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from contract.service import RuntimeService
 from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Placement, Runtime, build_app
+from runtime_sdk.health import HealthServer
 from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.registration import deregister, register, stay_registered
 
@@ -94,6 +95,7 @@ async def serve(
     remove_socket(service.runtime_uds)
     await web.TCPSite(runner, service.host, service.runtime_port).start()
     await web.UnixSite(runner, service.runtime_uds).start()
+    health = HealthServer(runtime, "127.0.0.1", service.health_port).start() if service.health_port else None
     log.info(
         "serving model=%s version=%s port=%d uds=%s",
         service.model,
@@ -131,6 +133,8 @@ async def serve(
         except Exception as err:
             log.warning("deregistration failed service_id=%s: %s", service.service_id, err)
         runtime.ready = False
+        if health is not None:
+            health.stop()
         await runner.cleanup()
         remove_socket(service.runtime_uds)
 

@@ -15,7 +15,7 @@ import pytest
 
 from controlplane.processes import http_get
 from tests.envoy_helpers import wait_for
-from tests.test_pipeline_e2e import apply, post, runtime_requests, until_ok
+from tests.test_pipeline_e2e import M, apply, post, runtime_requests, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
 ONE_STAGE = {"name": "one", "stages": [{"name": "tok", "variants": [{"model": "tokenize", "version": "v1"}]}]}
@@ -110,3 +110,35 @@ async def test_sigkill_turns_critical_and_leaves_eds(
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(100)))
     assert {status for status, _, _ in results} == {200}
+
+
+async def test_readiness_answers_in_time_while_predicts_hold_the_event_loop(
+    control_plane: Any, start_runtime: Any, consul_agent: Any
+) -> None:
+    """Consul's check (1 s timeout, through the sidecar) must not flap a busy replica out of the catalog."""
+    hog = start_runtime(f"{M}:cpu_hog", "hog", "v1")
+    meta = service_meta(consul_agent.http_port, "hog", hog.service_id)
+    predict_url = f"http://127.0.0.1:{meta['runtime_port']}/predict"
+    ready_url = f"http://127.0.0.1:{meta['ingress_port']}/readyz"  # the path Consul's check takes
+    stop = asyncio.Event()
+
+    async def keep_busy(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            async with session.post(predict_url, json={}) as resp:
+                assert resp.status == 200
+
+    late: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        busy = [asyncio.create_task(keep_busy(session)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        statuses = []
+        for _ in range(20):
+            started = time.perf_counter()
+            async with session.get(ready_url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                statuses.append(resp.status)
+            late.append(time.perf_counter() - started)
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*busy)
+    assert statuses == [200] * 20 and max(late) < 1.0, (statuses, late)
+    assert consul_status(consul_agent.http_port, "hog", hog.service_id) == "passing"

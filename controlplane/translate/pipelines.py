@@ -24,6 +24,7 @@ from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate.routes import (
+    LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
     ingress_route,
@@ -262,7 +263,7 @@ def _bridge_route(p: Pipeline) -> rc.Route:
 
 
 def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: Endpoints, options: Options) -> Snapshot:
-    ingress = [readiness_route()]
+    ingress = [readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP)]
     egress = []
     for v in routed:
         p = v.pipeline
@@ -281,6 +282,8 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     if me.egress_uds:
         listeners.append(r.http_listener("egress-uds", r.pipe_address(me.egress_uds), "egress"))
     clusters = [r.static_cluster(LOCAL_HTTP, r.tcp_address("127.0.0.1", me.runtime_port))]
+    if me.health_port:
+        clusters.append(r.static_cluster(LOCAL_HEALTH, r.tcp_address("127.0.0.1", me.health_port)))
     if me.runtime_uds:
         clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds)))
     if options.kafka_broker and me.kafka_port:

@@ -21,6 +21,7 @@ from controlplane.translate import resources as r
 
 LOCAL_HTTP = "local-http"  # a sidecar's cluster for its own runtime over TCP
 LOCAL_UDS = "local-uds"  # ... over its Unix socket
+LOCAL_HEALTH = "local-health"  # ... its readiness listener (a thread of its own, not its event loop)
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-headers"  # + the next hop's own 503s
 
 
@@ -139,12 +140,12 @@ def _inline(text: str) -> Any:
     return base_pb2.DataSource(inline_string=text)
 
 
-def readiness_route() -> rc.Route:
+def readiness_route(cluster: str = LOCAL_HTTP) -> rc.Route:
     """Consul's health check goes through the sidecar: passing means Envoy and model are ready."""
     return rc.Route(
         name="readyz",
         match=rc.RouteMatch(path="/readyz"),
-        route=rc.RouteAction(cluster=LOCAL_HTTP, timeout=r.millis(1000)),
+        route=rc.RouteAction(cluster=cluster, timeout=r.millis(1000)),
     )
 
 

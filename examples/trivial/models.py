@@ -62,3 +62,14 @@ def flaky_once(payload: dict[str, Any]) -> dict[str, Any]:
     _calls["flaky"] += 1
     result = {"tokens": payload["tokens"], "count": len(payload["tokens"])}
     return _BreaksTheHop(result) if _calls["flaky"] == 1 else result
+
+
+async def cpu_hog(payload: dict[str, Any]) -> dict[str, Any]:
+    """An `async def` that computes for 1.5 s without awaiting: it holds the event loop (a common mistake)."""
+    import time
+
+    until = time.perf_counter() + 1.5
+    spins = 0
+    while time.perf_counter() < until:
+        spins += 1
+    return {"spins": spins}
