@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -68,15 +69,23 @@ def with_header(headers: Sequence[tuple[str, bytes]], name: str, value: str) -> 
 
 
 async def dead_letter(
-    producer: AIOKafkaProducer, table: RoutingTable, raw: bytes | None, headers: Headers, reason: str, where: str
+    producer: AIOKafkaProducer,
+    table: RoutingTable,
+    raw: bytes | None,
+    headers: Headers,
+    reason: str,
+    where: str,
+    told: str = "",
 ) -> None:
     """Park a message with why it failed (the reason bounded, the payload cut at PAYLOAD_KEPT); tell a waiting bridge.
 
-    A record still too large for the broker is parked with the reason alone.
+    The bridge's caller gets `told` (default: the reason) and the record's
+    `error_id`: a model's exception text stays in the dead-letter topic. A record
+    still too large for the broker is parked with the reason alone.
     """
-    raw, reason = raw or b"", flat(reason)
+    raw, reason, error_id = raw or b"", flat(reason), uuid.uuid4().hex[:16]
     payload = raw[:PAYLOAD_KEPT].decode(errors="replace")
-    record: dict[str, Any] = {"error": reason, "where": flat(where, 200), "payload": payload}
+    record: dict[str, Any] = {"error": reason, "error_id": error_id, "where": flat(where, 200), "payload": payload}
     if len(raw) > PAYLOAD_KEPT:
         record.update(truncated=True, payload_bytes=len(raw))
     marked = with_header([(key, value or b"") for key, value in headers], h.ERROR, reason)
@@ -85,7 +94,8 @@ async def dead_letter(
     except RECORD_ERRORS:
         record.update(payload="", truncated=True, payload_bytes=len(raw))
         await producer.send_and_wait(table.dead_letter, json.dumps(record).encode(), headers=_ours(marked))
-    await reply(producer, headers, json.dumps({"error": reason}).encode(), marked)
+    answer = {"error": flat(told) if told else reason, "error_id": error_id}
+    await reply(producer, headers, json.dumps(answer).encode(), marked)
     log.warning("dead-lettered pipeline=%s at=%s reason=%s", table.pipeline, flat(where, 200), reason)
 
 

@@ -146,9 +146,10 @@ class KafkaAdapter:
             await dead_letter(self.producer, table, record.value, headers, f"refused: {err}", where)
             return
         except Exception as err:
-            await dead_letter(
-                self.producer, table, record.value, headers, f"predict failed: {type(err).__name__}: {err}", where
-            )
+            kind = type(err).__name__
+            told = f"model {self.runtime.model}:{self.runtime.version} failed ({kind}); see {table.dead_letter}"
+            reason = f"predict failed: {kind}: {err}"
+            await dead_letter(self.producer, table, record.value, headers, reason, where, told)
             return
         if shadow:
             return  # a copy: answered, never forwarded

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -20,6 +21,7 @@ from tests.test_pipeline_e2e import (
     apply,
     in_traffic,
     pipeline,
+    post,
     runtime_metric,
     service_meta,
     switch_under_load,
@@ -136,6 +138,16 @@ async def test_kafka_split_and_dead_letters(
     await produce(kafka_bootstrap, "mll.kb.in", [b'{"x": 1}'])
     parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kb.dlq", 1)]
     assert parked[0]["error"] == "predict failed: RuntimeError: this model always fails"
+
+    # Through the bridge, the caller learns that the model failed, and the id to look up, never its exception text.
+    await in_traffic(kafka_plane, "kb", 1)
+    async with aiohttp.ClientSession() as session:
+        status, told, _ = await post(session, f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kb", {"x": 2})
+    assert status == 422 and told["error"] == "model broken:v1 failed (RuntimeError); see mll.kb.dlq", told
+    parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kb.dlq", 2)]
+    assert [p["error"] for p in parked if p["error_id"] == told["error_id"]] == [
+        "predict failed: RuntimeError: this model always fails"
+    ]
 
 
 async def test_switching_http_kafka_http_loses_no_request(
