@@ -73,9 +73,11 @@ def check(status: int, body: Any, served: str) -> bool:
     return status == 200 and ANSWERS.get(last) == body
 
 
-async def load(url: str, stop: asyncio.Event, outcomes: collections.Counter[str]) -> None:
+async def load(url: str, stop: asyncio.Event, outcomes: collections.Counter[str], during: dict[str, Any]) -> None:
+    """Requests back to back; each one's latency is filed under the change in progress when it started."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         while not stop.is_set():
+            kind, started = during["kind"], time.perf_counter()
             try:
                 async with session.post(url, json=TEXT) as resp:
                     body = await resp.json(content_type=None)
@@ -83,6 +85,7 @@ async def load(url: str, stop: asyncio.Event, outcomes: collections.Counter[str]
                     outcomes["ok" if ok else f"{resp.status} {json.dumps(body)[:80]}"] += 1
             except (aiohttp.ClientError, TimeoutError) as err:
                 outcomes[type(err).__name__] += 1
+            during["latency"][kind].append((time.perf_counter() - started) * 1000)
 
 
 def apply_and_time(admin: AdminClient, spec: dict[str, Any], limit: float = 60) -> float:
@@ -102,10 +105,12 @@ async def run(ports: dict[str, int], changes: int) -> dict[str, Any]:
     with AdminClient(f"127.0.0.1:{ports['admin']}") as admin:
         first = {"name": "churn", "transport": "http", "stages": [TOKENIZE, COUNT, score(1, 0)]}
         await asyncio.to_thread(apply_and_time, admin, first)
-        clients = [asyncio.create_task(load(url, stop, outcomes)) for _ in range(8)]
+        during: dict[str, Any] = {"kind": "steady", "latency": collections.defaultdict(list)}
+        clients = [asyncio.create_task(load(url, stop, outcomes, during)) for _ in range(8)]
         took: dict[str, list[float]] = collections.defaultdict(list)
         for n in range(changes):
             kind, transport, stages = CYCLE[n % len(CYCLE)]
+            during["kind"] = kind
             spec = {"name": "churn", "transport": transport, "stages": stages}
             took[kind].append(await asyncio.to_thread(apply_and_time, admin, spec))
             await asyncio.sleep(0.05)
@@ -122,6 +127,10 @@ async def run(ports: dict[str, int], changes: int) -> dict[str, Any]:
         "apply_to_in_traffic_ms": {
             kind: {"n": len(ms), "p50": round(percentile(ms, 50), 1), "p99": round(percentile(ms, 99), 1)}
             for kind, ms in took.items()
+        },
+        "request_ms_during_change": {
+            kind: {"p50": round(percentile(ms, 50), 1), "p99": round(percentile(ms, 99), 1), "max": round(max(ms), 1)}
+            for kind, ms in during["latency"].items()
         },
     }
 

@@ -48,6 +48,12 @@ class StateCollector(Collector):
         broken = GaugeMetricFamily("mllambda_store_broken_records", "pipelines with a record that was skipped")
         broken.add_metric([], len(view.broken))
         yield broken
+        restarts = CounterMetricFamily(
+            "mllambda_kafka_router_restarts", "Kafka entry routers started again", labels=["pipeline"]
+        )
+        for name, count in view.kafka_router_restarts.items():
+            restarts.add_metric([name], count)
+        yield restarts
         yield GaugeMetricFamily(
             "mllambda_translate_failed_groups",
             "node groups whose translation failed (they keep their last config)",

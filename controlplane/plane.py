@@ -261,6 +261,7 @@ class ControlPlane:
             switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
             broken=dict(self.broken),
             translate_failed=dict(self.reconciler.failed),
+            kafka_router_restarts=dict(self.kafka.router_restarts) if self.kafka else {},
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -47,6 +47,7 @@ class PlaneView:
     switch: Mapping[str, Mapping[str, Any]]  # pipeline -> its entry, pending and draining versions (switch.py)
     broken: Mapping[str, str]  # pipeline -> why its record in the store was skipped
     translate_failed: Mapping[str, str] = field(default_factory=dict)  # node group -> why (it keeps its config)
+    kafka_router_restarts: Mapping[str, int] = field(default_factory=dict)  # pipeline -> entry router restarts
 
 
 class PlaneReader(Protocol):

@@ -227,3 +227,36 @@ async def test_a_broker_that_is_away_delays_no_http_pipeline_and_kafka_catches_u
     await in_traffic(control_plane, "late", 1, timeout=90)  # no further change needed: retried with backoff
     _, body, chain = await until_ok(f"{base}/late", {"text": "a b c"}, timeout=30)
     assert body == {"count": 3, "score": 30} and chain.startswith("tokenize=")
+
+
+async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_topic(
+    kafka_plane: Any, kafka_bootstrap: str, start_runtime: Any, tmp_path: Path
+) -> None:
+    """v1 [tokenize, count, score] -> v2 [echo, tokenize, count, score] while input keeps arriving on a user topic."""
+    for model in ("tokenize", "count", "score", "echo"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    v1 = {**pipeline("ins", transport="kafka"), "input_topic": "ins-in", "output_topic": "ins-out"}
+    apply(kafka_plane, tmp_path, v1)
+    await in_traffic(kafka_plane, "ins", 1)
+    sizes = [1 + i % 5 for i in range(600)]
+    messages = [(json.dumps({"text": " ".join(["w"] * n)}).encode(), []) for n in sizes]
+
+    from tests.test_kafka_poison import send
+
+    async def paced() -> None:  # over ~8 s, so that the switch happens while messages flow
+        for start in range(0, len(messages), 15):
+            await send(kafka_bootstrap, "ins-in", messages[start : start + 15])
+            await asyncio.sleep(0.2)
+
+    sending = asyncio.create_task(paced())
+    await asyncio.sleep(1.0)
+    echo = {"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}
+    apply(kafka_plane, tmp_path, {**v1, "stages": [echo, *v1["stages"]]})
+    await sending
+    await in_traffic(kafka_plane, "ins", 2)
+    results = await consume(kafka_bootstrap, "ins-out", len(sizes), timeout=120)
+    extra = await consume(kafka_bootstrap, "ins-out", len(sizes) + 1, timeout=3, missing_ok=True)
+    assert len(extra) == len(sizes)  # one message in, one out: none looped, none twice
+    assert sorted(json.loads(r.value)["score"] for r in results) == sorted(n * 10 for n in sizes)
+    chains = collections.Counter(served(r).split("=", 1)[0] for r in results)
+    assert set(chains) <= {"tokenize", "echo"} and chains["echo"] > 0, chains  # the new path took over

@@ -73,3 +73,8 @@ async def cpu_hog(payload: dict[str, Any]) -> dict[str, Any]:
     while time.perf_counter() < until:
         spins += 1
     return {"spins": spins}
+
+
+def echo(payload: dict[str, Any]) -> dict[str, Any]:
+    """Passes its input on unchanged (a stage to insert in front of others)."""
+    return payload
