@@ -19,6 +19,10 @@ from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
 pytestmark = pytest.mark.slow
 
 
+def one_stage(name: str, model: str) -> dict[str, Any]:
+    return {"name": name, "stages": [{"name": "s", "variants": [{"model": model, "version": "v1"}]}]}
+
+
 def status(control_plane: Any) -> dict[str, Any]:
     return json.loads(scrape(control_plane, "/api/status"))  # type: ignore[no-any-return]
 
@@ -155,3 +159,61 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
     finally:
         for service_id in ids:
             agent.deregister(service_id)
+
+
+async def test_hostile_requests_through_the_real_sidecars_steer_nothing_and_leak_no_detail(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from tests.test_pipeline_e2e import post, service_meta
+
+    stolen: list[str] = []
+
+    async def catch(request: web.Request) -> web.Response:  # where a forged next hop would send the output
+        stolen.append(request.path)
+        return web.Response(text="got it")
+
+    trap = web.Application()
+    trap.router.add_route("*", "/{tail:.*}", catch)
+    runner = web.AppRunner(trap)
+    await runner.setup()
+    port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        tok = start_runtime(f"{M}:tokenize", "tokenize", "v1")
+        start_runtime(f"{M}:broken", "broken", "v1")
+        apply(
+            control_plane,
+            tmp_path,
+            {"name": "p", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]},
+        )
+        apply(
+            control_plane,
+            tmp_path,
+            {"name": "b", "stages": [{"name": "x", "variants": [{"model": "broken", "version": "v1"}]}]},
+        )
+        base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
+        await until_ok(f"{base}/p", {"text": "a b"})
+        await in_traffic(control_plane, "b", 1)
+        meta = service_meta(consul_agent.http_port, "tokenize", tok.service_id)
+        hostile = {"x-mll-next": f"@127.0.0.1:{port}/stolen", "x-mll-transport": "http"}
+        async with aiohttp.ClientSession() as session:
+            # Through the gateway and the sidecar: Envoy drops steering headers a client sends.
+            async with session.post(f"{base}/p", json={"text": "a b"}, headers=hostile) as resp:
+                assert resp.status == 200 and await resp.json() == {"tokens": ["a", "b"]}
+            # Straight at the runtime (no Envoy in the way): refused.
+            direct = f"http://127.0.0.1:{meta['runtime_port']}/predict"
+            async with session.post(direct, json={"text": "a b"}, headers=hostile) as resp:
+                assert resp.status == 400 and (await resp.json())["error"] == "x-mll-next is not a stage path"
+            # Nested JSON is a 400 from the first runtime, through gateway and sidecar.
+            deep = b"[" * 50_000 + b"]" * 50_000
+            async with session.post(f"{base}/p", data=deep, headers={"content-type": "application/json"}) as resp:
+                assert resp.status == 400 and "nested too deeply" in (await resp.json())["error"]
+            status, body, _ = await post(session, f"{base}/b", {"x": 1})
+        assert status == 500 and set(body) == {"error", "error_id"}, body
+        assert "always fails" not in body["error"] and "RuntimeError" in body["error"]
+        assert stolen == []
+    finally:
+        await runner.cleanup()
