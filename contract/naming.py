@@ -105,6 +105,11 @@ def hop_group(topic: str) -> str:
     return f"mll.{topic}"
 
 
-def router_group(pipeline: str) -> str:
-    """The control planes' entry routers share a pipeline's input topic in this group."""
-    return f"mll.{pipeline}.router"
+def router_group(pipeline: str, topic: str = "") -> str:
+    """The control planes' entry routers share one input topic of a pipeline in this group.
+
+    The pipeline's default input topic keeps the plain group name; a configured
+    one gets its own group (an input topic can change between versions).
+    """
+    plain = f"mll.{pipeline}.router"
+    return plain if not topic or topic == input_topic(pipeline) else f"{plain}.{topic}"

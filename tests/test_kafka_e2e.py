@@ -260,3 +260,23 @@ async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_to
     assert sorted(json.loads(r.value)["score"] for r in results) == sorted(n * 10 for n in sizes)
     chains = collections.Counter(served(r).split("=", 1)[0] for r in results)
     assert set(chains) <= {"tokenize", "echo"} and chains["echo"] > 0, chains  # the new path took over
+
+
+async def test_an_input_topic_that_changes_between_versions_is_followed_and_the_old_one_drained(
+    kafka_plane: Any, kafka_bootstrap: str, start_runtime: Any, tmp_path: Path
+) -> None:
+    from tests.test_kafka_poison import send
+
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    v1 = {**pipeline("mv", transport="kafka"), "input_topic": "mv-a", "output_topic": "mv-out"}
+    apply(kafka_plane, tmp_path, v1)
+    await in_traffic(kafka_plane, "mv", 1)
+    await send(kafka_bootstrap, "mv-a", [(json.dumps({"text": "a"}).encode(), [])] * 20)
+    apply(kafka_plane, tmp_path, {**v1, "input_topic": "mv-b"})
+    await send(kafka_bootstrap, "mv-a", [(json.dumps({"text": "a b"}).encode(), [])] * 20)  # late, on the old one
+    await in_traffic(kafka_plane, "mv", 2)
+    await send(kafka_bootstrap, "mv-b", [(json.dumps({"text": "a b c"}).encode(), [])] * 20)
+    results = await consume(kafka_bootstrap, "mv-out", 60, timeout=90)
+    scores = collections.Counter(json.loads(r.value)["score"] for r in results)
+    assert scores == {10: 20, 20: 20, 30: 20}, scores  # the new topic is read, the old one drained

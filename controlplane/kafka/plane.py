@@ -50,7 +50,7 @@ class KafkaPlane:
         self.client = client
         self.prefix = routing_table_prefix(kv_prefix)
         self.tables: dict[str, PipelineTables] = {}
-        self.routers: dict[str, asyncio.Task[None]] = {}
+        self.routers: dict[tuple[str, str], asyncio.Task[None]] = {}  # (pipeline, input topic) -> its router
         self.reply_topic = reply_topic  # contract.naming.bridge_reply_topic of this control plane's bridge
         self.waiting: dict[str, asyncio.Future[Reply]] = {}
         self.producer: AIOKafkaProducer | None = None
@@ -63,7 +63,8 @@ class KafkaPlane:
         self._unsynced = False
         self._nudge = asyncio.Event()
         self.started = False
-        self._inactive_since: dict[str, float] = {}  # pipeline -> since when it is out of Kafka mode
+        self._idle_since: dict[tuple[str, str], float] = {}  # router -> since when no version enters there
+        self._retired: set[tuple[str, str]] = set()  # routers stopped after their linger
         self.router_restarts: dict[str, int] = {}  # pipeline -> times its entry router was started again
         self.error = ""  # the last broker or Consul failure, until a round succeeds
 
@@ -212,25 +213,30 @@ class KafkaPlane:
                 newest = tables.newest
                 log.info("routing table pipeline=%s version=%s active=%s", name, newest.version, newest.active)
         self.tables = wanted
+        # One router per (pipeline, input topic). A router whose topic no active version enters
+        # any more (the pipeline left Kafka mode, or its input topic changed) keeps running
+        # ROUTER_LINGER seconds, so what is already on that topic still moves through; then it stops.
         now = time.monotonic()
-        for name, tables in wanted.items():
-            if tables.newest.active:
-                self._inactive_since.pop(name, None)
+        entering = {(name, t.newest.input) for name, t in wanted.items() if t.newest.active}
+        known = entering | {(name, t.newest.input) for name, t in wanted.items()}
+        for key in set(self.routers) | known:
+            if key in entering:
+                self._idle_since.pop(key, None)
+                self._retired.discard(key)
             else:
-                self._inactive_since.setdefault(name, now)
-        # A router keeps running ROUTER_LINGER seconds after its pipeline left Kafka mode: what is
-        # already on the input topic still moves through (nothing new arrives there). Then it stops.
+                self._idle_since.setdefault(key, now)
         self.retire_routers()
-        for name in set(wanted) - set(self.routers) - set(self._retired()):
-            run = functools.partial(self._route_input, name)
+        for key in known - set(self.routers) - self._retired:
+            name, topic = key
+            run = functools.partial(self._route_input, name, topic)
             died = functools.partial(self._router_died, name)
-            self.routers[name] = asyncio.create_task(supervise(f"entry router of {name}", run, died))
+            self.routers[key] = asyncio.create_task(supervise(f"entry router of {name} on {topic}", run, died))
 
-    async def _route_input(self, name: str) -> None:
-        """Input topic -> stage 0 (weights, shadow), committing only after the produce is acked."""
+    async def _route_input(self, name: str, topic: str) -> None:
+        """An input topic -> stage 0 of the newest version (weights, shadow), committed after the produce is acked."""
         assert self.producer is not None
         consumer = AIOKafkaConsumer(
-            self.tables[name].newest.input, bootstrap_servers=self.bootstrap, group_id=router_group(name),
+            topic, bootstrap_servers=self.bootstrap, group_id=router_group(name, topic),
             enable_auto_commit=False, auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
@@ -241,16 +247,15 @@ class KafkaPlane:
             lambda record, reason: self._poisoned(name, record, reason),
         )
 
-    def _retired(self) -> list[str]:
-        cutoff = time.monotonic() - ROUTER_LINGER
-        return [name for name, since in self._inactive_since.items() if since < cutoff]
-
     def retire_routers(self) -> None:
-        for name in self._retired():
-            router = self.routers.pop(name, None)
+        cutoff = time.monotonic() - ROUTER_LINGER
+        for key in [k for k, since in self._idle_since.items() if since < cutoff]:
+            del self._idle_since[key]
+            self._retired.add(key)
+            router = self.routers.pop(key, None)
             if router is not None:
                 router.cancel()
-                log.info("entry router of %s stopped (not in Kafka mode for %.0f s)", name, ROUTER_LINGER)
+                log.info("entry router of %s on %s stopped (no version enters there)", *key)
 
     def _router_died(self, name: str, reason: str) -> None:
         self.router_restarts[name] = self.router_restarts.get(name, 0) + 1
