@@ -15,10 +15,12 @@ from controlplane import processes
 
 
 @asynccontextmanager
-async def http_backend(name: str) -> AsyncIterator[int]:
-    """A tiny upstream that answers with its own name; yields its port."""
+async def http_backend(name: str, seen: list[str] | None = None) -> AsyncIterator[int]:
+    """A tiny upstream that answers with its own name (and notes each path in `seen`); yields its port."""
 
     async def answer(request: web.Request) -> web.Response:
+        if seen is not None:
+            seen.append(request.path)
         return web.json_response({"backend": name, "path": request.path})
 
     app = web.Application()

@@ -12,7 +12,7 @@ import pytest
 
 from contract.service import RuntimeService
 from controlplane import processes
-from tests.envoy_helpers import wait_for
+from tests.envoy_helpers import http_backend, wait_for
 from tests.test_observability import metric, scrape
 from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
 
@@ -90,11 +90,7 @@ async def test_a_huge_nack_with_terminal_escapes_is_stored_and_shown_bounded_and
     from controlplane.xds.snapshot import ROUTE
 
     start_runtime(f"{M}:tokenize", "tokenize", "v1")
-    apply(
-        control_plane,
-        tmp_path,
-        {"name": "p", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]},
-    )
+    apply(control_plane, tmp_path, one_stage("p", "tokenize"))
     await in_traffic(control_plane, "p", 1)
     hostile = "\x1b[2J\x1b]0;owned\x07<img src=x onerror=alert(1)>\n" * 20_000  # ~1 MB
     node = base_pb2.Node(id="gateway", cluster="forged")
@@ -152,7 +148,7 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
                            meta={**meta, "model": f"fleet{n}"}, check=check)  # fmt: skip
         await wait_for(lambda: set(ids) <= {r["service_id"] for r in status(control_plane)["runtimes"]}, timeout=30)
         assert consul_connections(control_plane.proc.pid, consul_agent.http_port) <= 16
-        spec = {"name": "busy", "stages": [{"name": "s", "variants": [{"model": "fleet7", "version": "v1"}]}]}
+        spec = one_stage("busy", "fleet7")
         apply(control_plane, tmp_path, spec)  # the CLI's own timeout is far below the 30 s it took
         got = control_plane.cli("get", "pipeline", "busy")
         assert got.returncode == 0 and "busy" in got.stdout, got.stderr
@@ -165,35 +161,15 @@ async def test_hostile_requests_through_the_real_sidecars_steer_nothing_and_leak
     control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     import aiohttp
-    from aiohttp import web
 
     from tests.test_pipeline_e2e import post, service_meta
 
-    stolen: list[str] = []
-
-    async def catch(request: web.Request) -> web.Response:  # where a forged next hop would send the output
-        stolen.append(request.path)
-        return web.Response(text="got it")
-
-    trap = web.Application()
-    trap.router.add_route("*", "/{tail:.*}", catch)
-    runner = web.AppRunner(trap)
-    await runner.setup()
-    port = processes.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    stolen: list[str] = []  # where a forged next hop would send the output
+    async with http_backend("trap", seen=stolen) as port:
         tok = start_runtime(f"{M}:tokenize", "tokenize", "v1")
         start_runtime(f"{M}:broken", "broken", "v1")
-        apply(
-            control_plane,
-            tmp_path,
-            {"name": "p", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]},
-        )
-        apply(
-            control_plane,
-            tmp_path,
-            {"name": "b", "stages": [{"name": "x", "variants": [{"model": "broken", "version": "v1"}]}]},
-        )
+        apply(control_plane, tmp_path, one_stage("p", "tokenize"))
+        apply(control_plane, tmp_path, one_stage("b", "broken"))
         base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
         await until_ok(f"{base}/p", {"text": "a b"})
         await in_traffic(control_plane, "b", 1)
@@ -215,5 +191,3 @@ async def test_hostile_requests_through_the_real_sidecars_steer_nothing_and_leak
         assert status == 500 and set(body) == {"error", "error_id"}, body
         assert "always fails" not in body["error"] and "RuntimeError" in body["error"]
         assert stolen == []
-    finally:
-        await runner.cleanup()
