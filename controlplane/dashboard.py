@@ -162,6 +162,23 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
     return "".join(out) + "</table>"
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+@web.middleware
+async def _local_hosts_only(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer only requests addressed to this machine by name or loopback address.
+
+    A page on another site can make a browser send requests to 127.0.0.1 under
+    its own host name (DNS rebinding); such a request carries that name in `Host`.
+    """
+    host = request.headers.get("Host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name not in LOCAL_HOSTS:
+        return web.json_response({"error": f"host {host[:100]!r} is not this dashboard's"}, status=421)
+    return await handler(request)
+
+
 def build_dashboard_app(reader: PlaneReader) -> web.Application:
     """/ (the page), /api/status (JSON), /metrics (Prometheus): read-only."""
 
@@ -173,7 +190,7 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
         page = render_dashboard(view, status_document(view, await reader.traffic()))
         return web.Response(text=page, content_type="text/html")
 
-    app = web.Application()
+    app = web.Application(middlewares=[_local_hosts_only])
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/", dashboard)

@@ -157,6 +157,7 @@ class ControlPlaneProc:
         ]  # fmt: skip
         self.proc = ManagedProcess("controlplane", argv, self.log_path, env=self.env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
+        self.proc.wait_ready(processes.tcp_ready(self.metrics_port), timeout=30)  # the dashboard starts after
         return self
 
     def stop(self) -> None:

@@ -242,6 +242,7 @@ def test_bearer_token_is_required_when_set(control_plane: Any) -> None:
     assert denied.returncode == 1
     assert "missing or wrong bearer token" in denied.stderr and "MLLAMBDA_TOKEN" in denied.stderr
     assert control_plane.cli("get", "pipelines", token="wrong").returncode == 1
+    assert control_plane.cli("get", "pipelines", token="S3CRET").returncode == 1  # the token's case counts
     assert control_plane.cli("get", "pipelines", token="s3cret").returncode == 0
 
 

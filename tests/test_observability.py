@@ -150,3 +150,18 @@ async def test_dashboard_in_a_real_browser_matches_invoke(
     status = await asyncio.to_thread(mllambda, "status", dashboard)
     assert status.returncode == 0, status.stderr
     assert re.search(r"score\s+score:v2\s+10\.0%\s+[\d.]+%", status.stdout), status.stdout
+
+
+def test_the_dashboard_answers_only_requests_addressed_to_this_machine(control_plane: Any) -> None:
+    """DNS rebinding: a page elsewhere gets a browser to call 127.0.0.1 under its own host name."""
+    import urllib.error
+    import urllib.request
+
+    for path in ("/", "/api/status", "/metrics"):
+        url = f"http://127.0.0.1:{control_plane.metrics_port}{path}"
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Host": "localhost"}), timeout=10) as ok:
+            assert ok.status == 200
+        forged = urllib.request.Request(url, headers={"Host": f"evil.example:{control_plane.metrics_port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(forged, timeout=10)
+        assert refused.value.code == 421

@@ -177,11 +177,13 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     """Require `authorization: Bearer <token>` on every call when a token is set."""
 
     def __init__(self, token: str) -> None:
-        self.expected = f"bearer {token}".encode()
+        self.expected = token.encode()
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).lower().encode(), self.expected.lower()):
+        given = str(dict(details.invocation_metadata or ()).get("authorization", ""))
+        scheme, _, credential = given.partition(" ")
+        # The scheme is case-insensitive (RFC 7235); the token is compared exactly, in constant time.
+        if scheme.lower() == "bearer" and hmac.compare_digest(credential.encode(), self.expected):
             return await continuation(details)
 
         async def deny(request: Any, context: Any) -> Any:
