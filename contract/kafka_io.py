@@ -32,12 +32,12 @@ from aiokafka.errors import (
 
 from contract import headers as h
 from contract.naming import BRIDGE_REPLY_PREFIX
+from contract.payload import flat
 from contract.routing import RoutingTable
 from contract.watch import Backoff
 
 log = logging.getLogger("mllambda.kafka")
 Headers = list[tuple[str, bytes]]
-REASON_KEPT = 500  # characters of a dead-letter reason
 PAYLOAD_KEPT = 256 * 1024  # bytes of the original payload copied into a dead-letter record
 # Broker answers that concern the record itself: handling it again fails again.
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError, TopicAuthorizationFailedError)
@@ -56,12 +56,6 @@ def header(headers: Sequence[tuple[str, bytes | None]], name: str) -> str:
 def external(headers: Sequence[tuple[str, bytes | None]]) -> Headers:
     """A producer's own headers, without ours (`mll-*`): who writes to an input topic cannot steer a message."""
     return [(key, value or b"") for key, value in headers if not key.startswith("mll-")]
-
-
-def flat(text: str, limit: int = REASON_KEPT) -> str:
-    """One line, no control characters, at most `limit` characters."""
-    line = "".join(c if c.isprintable() else " " for c in text)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def with_header(headers: Sequence[tuple[str, bytes]], name: str, value: str) -> Headers:

@@ -1,4 +1,4 @@
-"""The one rule for what a stage receives and returns: a JSON object."""
+"""The one rule for what a stage receives and returns (a JSON object), and for text we show (`flat`)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def parse_object(body: bytes | str | None) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise NotAnObject(f"body must be a JSON object, got {type(payload).__name__}")
     return payload
+
+
+REASON_KEPT = 500  # characters of a reason we show (a dead-letter reason, a NACK quoted in a log)
+
+
+def flat(text: str, limit: int = REASON_KEPT) -> str:
+    """One line, no control characters, at most `limit` characters."""
+    line = "".join(c if c.isprintable() else " " for c in text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -110,10 +110,6 @@ class Discovery:
     def staleness(self) -> float:
         return time.time() - self.last_success if self.last_success else float("inf")
 
-    def watches(self) -> int:
-        """Blocking queries this discovery holds (bounded: catalog, checks, bridges)."""
-        return 3
-
     # Reading Consul.
 
     def _ok(self) -> None:
@@ -189,10 +185,10 @@ class Discovery:
                 self._stale |= self._names or set()
                 resync_at = time.monotonic() + RESYNC
             self._wake.clear()
-            batch, self._stale = self._stale, set()
+            batch, self._stale = sorted(self._stale), set()
             limit = asyncio.Semaphore(READS)
-            results = await asyncio.gather(*(self._read(name, limit) for name in sorted(batch)))
-            failed = {name for name, ok in zip(sorted(batch), results, strict=True) if not ok}
+            results = await asyncio.gather(*(self._read(name, limit) for name in batch))
+            failed = {name for name, ok in zip(batch, results, strict=True) if not ok}
             self._publish()
             if failed:
                 self._stale |= failed
@@ -240,8 +236,11 @@ class Discovery:
 
     # What is published, with the hold on a sudden drop to nothing.
 
+    def _fresh(self) -> list[RuntimeService]:
+        return sorted((i for group in self.by_service.values() for i in group.values()), key=lambda i: i.service_id)
+
     def _publish(self) -> None:
-        fresh = sorted((i for group in self.by_service.values() for i in group.values()), key=lambda i: i.service_id)
+        fresh = self._fresh()
         if fresh == self._published:
             return
         had_passing = any(i.passing for i in self._published)
@@ -277,9 +276,7 @@ class Discovery:
         self._release = None
         log.warning("no passing runtime for %.0f s: letting the drop through", self.empty_grace)
         self.holding_since = None
-        self._published = sorted(
-            (i for group in self.by_service.values() for i in group.values()), key=lambda i: i.service_id
-        )
+        self._published = self._fresh()
         self.on_change()
 
     # The Kafka bridges of this deployment.

@@ -7,17 +7,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from contract.payload import flat
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.xds")
 NACK_KEPT = 1_000  # characters of an Envoy's NACK text kept (what describe, status and the dashboard show)
 FORGET_AFTER = 600.0  # seconds after its last stream closed that a node's state is dropped
-
-
-def printable(text: str, limit: int) -> str:
-    """One line of at most `limit` characters, without control characters (terminal escapes)."""
-    flat = "".join(c if c.isprintable() else " " for c in text)
-    return flat[:limit] + ("..." if len(flat) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,7 @@ class AckBook:
         )
 
     def nack(self, node_id: str, group: str, type_url: str, version: str, error: str) -> None:
-        error = printable(error, NACK_KEPT)
+        error = flat(error, NACK_KEPT)
         status = self._current(node_id, group, type_url)
         self._by_key[(node_id, type_url)] = replace(
             status,
@@ -77,7 +72,7 @@ class AckBook:
             updated_at=time.time(),
         )
         log.warning(
-            "NACK node=%s type=%s version=%s error=%s", printable(node_id, 200), short(type_url), version[:40], error
+            "NACK node=%s type=%s version=%s error=%s", flat(node_id, 200), short(type_url), version[:40], error
         )
 
     def connected(self, node_id: str, delta: int, mode: str = "sotw") -> None:
