@@ -40,6 +40,31 @@ def bridge_reply_topic(host: str, port: int) -> str:
 
 
 BRIDGE_SERVICE = "mllambda-bridge"  # Consul service of the control planes' Kafka HTTP bridges
+
+# Identities (Consul Connect service names, in SPIFFE certificates). A runtime's is its model's name;
+# ours start with a prefix no model may take.
+RESERVED_PREFIX = "mllambda-"
+GATEWAY_IDENTITY = "mllambda-gateway"
+CONTROL_PLANE_IDENTITY = "mllambda-control-plane"
+SPIFFE_SERVICE = re.compile(r"spiffe://[^/]+/ns/[^/]+/dc/[^/]+/svc/([^/]+)")  # a Consul Connect leaf's URI SAN
+CERT_FILE, CA_FILE = "cert.json", "ca.json"  # file-based SDS in a sidecar's certificate folder
+CERT_SECRET, CA_SECRET = "mll-cert", "mll-ca"
+
+
+def spiffe_regex(service: str) -> str:
+    """A regex matching the SPIFFE URI of `service` in any trust domain and datacenter our CA signs for."""
+    return rf"spiffe://[^/]+/ns/default/dc/[^/]+/svc/{re.escape(service)}"
+
+
+def identity_of(uri: str) -> str | None:
+    """The Consul service a SPIFFE URI names (None: not one)."""
+    found = SPIFFE_SERVICE.fullmatch(uri)
+    return found.group(1) if found else None
+
+
+def cluster_model(cluster: str) -> str:
+    """The model (identity) of a model-version cluster: model names hold no dot."""
+    return cluster.split(".", 1)[0]
 DEFAULT_KV_PREFIX = "mllambda/pipelines/"  # pipeline versions in Consul KV
 
 

@@ -36,6 +36,7 @@ class RuntimeService:
     envoy_admin_port: int = 0
     kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker (0: none)
     health_port: int = 0  # the runtime's readiness listener, off its event loop (0: the runtime port answers)
+    tls_dir: str = ""  # its sidecar's certificate folder (file-based SDS); "": plaintext
     passing: bool = False  # from Consul's health checks; not part of the meta
 
     @functools.cached_property
@@ -57,6 +58,7 @@ class RuntimeService:
             "envoy_admin_port": str(self.envoy_admin_port),
             "kafka_port": str(self.kafka_port),
             "health_port": str(self.health_port),
+            "tls_dir": self.tls_dir,
         }
 
     @classmethod
@@ -78,6 +80,7 @@ class RuntimeService:
                 envoy_admin_port=_port(meta, "envoy_admin_port", optional=True),
                 kafka_port=_port(meta, "kafka_port", optional=True),
                 health_port=_port(meta, "health_port", optional=True),
+                tls_dir=_folder(meta.get("tls_dir", "")),
                 passing=all(c.get("Status") == "passing" for c in entry.get("Checks") or []),
             )
         except (KeyError, TypeError, AttributeError) as err:
@@ -88,6 +91,15 @@ def _text(meta: Mapping[str, Any], key: str) -> str:
     value = meta.get(key)
     if not isinstance(value, str) or not value:
         raise BadRegistration(f"meta {key!r} is missing or empty")
+    return value
+
+
+def _folder(value: Any) -> str:
+    """An absolute path Envoy reads SDS files under (it becomes part of a config path)."""
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > 200 or not value.isprintable():
+        raise BadRegistration(f"meta 'tls_dir' is not an absolute path: {str(value)[:40]!r}")
     return value
 
 

@@ -63,8 +63,10 @@ class Discovery:
         wait: str = WAIT,
         reserved_ids: frozenset[str] = frozenset(),
         empty_grace: float = EMPTY_GRACE,
+        require_tls: bool = False,
     ) -> None:
         self.client = client
+        self.require_tls = require_tls  # mTLS deployment: a runtime without a certificate folder is refused
         self.reserved_ids = reserved_ids  # node ids of the control plane's own Envoys (the gateway)
         self.on_change = on_change
         self.wait = wait
@@ -97,6 +99,13 @@ class Discovery:
 
     def instances(self) -> list[RuntimeService]:
         return self._published
+
+    def instance(self, service_id: str) -> RuntimeService | None:
+        """A registered runtime by its service id (its Envoy's node id), as last read from Consul."""
+        for group in self.by_service.values():
+            if service_id in group:
+                return group[service_id]
+        return None
 
     @property
     def refused(self) -> dict[str, str]:
@@ -221,6 +230,8 @@ class Discovery:
                 instance = RuntimeService.from_entry(entry)
                 if instance.service_id in self.reserved_ids:
                     raise BadRegistration(f"service id {instance.service_id!r} is reserved (an Envoy of ours uses it)")
+                if self.require_tls and not instance.tls_dir:
+                    raise BadRegistration("no certificate folder (meta 'tls_dir'): start it with --security mtls")
             except (BadRegistration, AttributeError, TypeError) as err:  # not even an entry: same
                 self._refuse(name, entry if isinstance(entry, dict) else {}, str(err), before)
                 continue

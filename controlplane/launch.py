@@ -10,12 +10,22 @@ import os
 import re
 import socket
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import consul.aio
 
-from contract.naming import DEFAULT_KV_PREFIX, LABEL, SERVICE_ID, VERSION, model_cluster, name_problem
+from contract.naming import (
+    DEFAULT_KV_PREFIX,
+    LABEL,
+    RESERVED_PREFIX,
+    SERVICE_ID,
+    VERSION,
+    model_cluster,
+    name_problem,
+)
 from contract.service import RuntimeService
+from controlplane.certs import CertKeeper, write_sds
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, resolve
 from controlplane.errors import CliError
 from controlplane.processes import ManagedProcess, envoy_argv, free_port, private_dir
@@ -44,6 +54,8 @@ def checked_service_id(args: argparse.Namespace) -> str:
         problem = name_problem(value, rule)
         if problem is not None:
             raise CliError(f"{flag}: {problem}")
+    if args.model.startswith(RESERVED_PREFIX):
+        raise CliError(f"--model: names starting with {RESERVED_PREFIX!r} are ML Lambda's own identities")
     return service_id
 
 
@@ -68,6 +80,7 @@ def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> Runtime
 
 
 def start_sidecar(service: RuntimeService, xds_addr: str, folder: Path, concurrency: int | None) -> ManagedProcess:
+    """The runtime's Envoy; with `service.tls_dir`, over mTLS to the control plane and every peer."""
     envoy = find_envoy()
     if envoy is None:
         raise CliError("envoy not found: run ./dev bootstrap, or pass --no-sidecar")
@@ -77,6 +90,7 @@ def start_sidecar(service: RuntimeService, xds_addr: str, folder: Path, concurre
         cluster=model_cluster(service.model, service.version),
         xds_addr=xds_addr,
         admin_port=service.envoy_admin_port,
+        tls_dir=service.tls_dir,
     )
     remove_socket(service.egress_uds)
     argv = envoy_argv(envoy, config, concurrency)
@@ -100,20 +114,33 @@ async def launch(args: argparse.Namespace) -> None:
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
     )
-    sidecar = None if args.no_sidecar else start_sidecar(service, args.xds, folder, args.envoy_concurrency)
-    c = ConsulAddress.from_settings(args.consul)
+    c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+    keeper = None
+    if args.security == "mtls" and not args.no_sidecar:
+        tls_dir = folder / f"{service.service_id}-tls"
+        keeper = CertKeeper(client, service.model, lambda fresh: write_sds(tls_dir, fresh))
+        await keeper.start()
+        service = replace(service, tls_dir=str(tls_dir))
+    sidecar = None
     try:
+        sidecar = None if args.no_sidecar else start_sidecar(service, args.xds, folder, args.envoy_concurrency)
         await serve(options, service, client, sidecar)
     finally:
         if sidecar is not None:
             sidecar.stop()
+        if keeper is not None:
+            await keeper.stop()
         await client.close()
 
 
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
+    # Model code runs in this process: it gets no admin token, and no Consul token through the
+    # environment (the Consul client keeps its own copy; give runtimes a service-scoped token).
+    os.environ.pop("MLLAMBDA_TOKEN", None)
+    args.consul_token = os.environ.pop("CONSUL_HTTP_TOKEN", None)
     try:
         asyncio.run(launch(args))
     except ServeError as err:
@@ -154,4 +181,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
+    parser.add_argument(
+        "--security",
+        choices=["mtls", "plaintext"],
+        default=os.environ.get("MLLAMBDA_SECURITY", "plaintext"),
+        help="mtls: the sidecar gets this model's Consul Connect certificate, kept fresh (MLLAMBDA_SECURITY)",
+    )
     parser.set_defaults(handler=cmd_runtime)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
+
 import grpc
 
 GRPC_OPTIONS = [
@@ -11,12 +14,44 @@ GRPC_OPTIONS = [
 ]
 
 
-def bind_grpc(server: grpc.aio.Server, address: str, what: str) -> int:
-    """Listen on `address`; an OSError names what could not listen where (a port in use, say)."""
+def bind_grpc(
+    server: grpc.aio.Server, address: str, what: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Listen on `address` (TLS with `credentials`); an OSError names what could not listen where."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         raise OSError(f"cannot listen for {what} on {address}: {err}") from err
     if port == 0:
         raise OSError(f"cannot listen for {what} on {address}: address in use?")
     return int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def refuse_exposed(what: str, host: str, guarded: bool, flag: str) -> None:
+    """Nothing beyond loopback without authentication: a ValueError says what to configure."""
+    if not guarded and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve {what} on {host} without authentication: configure it "
+            f"(see docs/architecture.md, threat model) or pass {flag} if the network is yours alone"
+        )
+
+
+def admin_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials | None:
+    """TLS for the admin API from PEM files; with `client_ca`, clients need a certificate it signed (mTLS)."""
+    if not cert:
+        return None
+    pairs = [(Path(key).read_bytes(), Path(cert).read_bytes())]
+    roots = Path(client_ca).read_bytes() if client_ca else None
+    return grpc.ssl_server_credentials(pairs, root_certificates=roots, require_client_auth=bool(client_ca))

@@ -15,16 +15,26 @@ import gc
 import logging
 import os
 import signal
+import ssl
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import consul.aio
 import grpc
 from aiohttp import web
 
-from contract.naming import DEFAULT_KV_PREFIX, bridge_reply_topic
+from contract.naming import (
+    BRIDGE_SERVICE,
+    CONTROL_PLANE_IDENTITY,
+    DEFAULT_KV_PREFIX,
+    GATEWAY_IDENTITY,
+    bridge_reply_topic,
+)
 from contract.service import RuntimeService
 from contract.watch import watch
+from controlplane.certs import CertKeeper, load_identity, server_context
 from controlplane.config import (
     DEFAULT_ADMIN_ADDR,
     DEFAULT_BRIDGE_ADDR,
@@ -38,8 +48,9 @@ from controlplane.discovery import EMPTY_GRACE, Discovery
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
-from controlplane.listen import bind_grpc
+from controlplane.listen import admin_credentials, bind_grpc, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
+from controlplane.processes import private_dir
 from controlplane.reconcile import Reconciler
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
@@ -49,6 +60,7 @@ from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import GroupBy, SnapshotCache
 from controlplane.xds.server import XdsServer
+from controlplane.xds.streams import WAIT
 
 log = logging.getLogger("mllambda")
 TICK = 0.2  # seconds between checks while a version waits or drains
@@ -70,6 +82,10 @@ class Settings:
     kafka_bootstrap: str | None = None  # enables transport: kafka
     bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
     empty_grace: float = EMPTY_GRACE  # seconds every runtime may vanish at once before it is believed
+    security: str = "plaintext"  # "mtls": every hop, xDS and the bridge mutually authenticated (Connect CA)
+    gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder (its launcher keeps it)
+    admin_tls: tuple[str, str, str] = ("", "", "")  # cert, key, client CA (PEM files) for the admin API
+    exposed: bool = False  # serve admin/xDS beyond loopback without authentication (--insecure-expose)
 
 
 class ControlPlane:
@@ -87,7 +103,18 @@ class ControlPlane:
             reply_topic = bridge_reply_topic(*split_host_port(settings.bridge_addr, 18003))
             self.kafka = KafkaPlane(settings.kafka_bootstrap, self.consul, settings.kv_prefix, reply_topic)
             broker = split_host_port(settings.kafka_bootstrap.split(",")[0], 9092)
-        options = Options(gateway_port=settings.gateway_port, kafka_broker=broker)
+        mtls = settings.security == "mtls"
+        if mtls and not settings.gateway_tls_dir:
+            raise ValueError("--security mtls needs --gateway-tls-dir (the gateway Envoy's certificate folder)")
+        options = Options(
+            gateway_port=settings.gateway_port,
+            kafka_broker=broker,
+            mtls=mtls,
+            gateway_tls_dir=settings.gateway_tls_dir,
+        )
+        self.options = options
+        self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None
+        self.bridge_identity = CertKeeper(self.consul, BRIDGE_SERVICE) if mtls and self.kafka else None
         # Discovery's blocking queries get their own connections: admin calls never wait behind them.
         self.watch_consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
         self.discovery = Discovery(
@@ -95,6 +122,7 @@ class ControlPlane:
             self._mark_dirty,
             reserved_ids=frozenset({options.gateway_group}),
             empty_grace=settings.empty_grace,
+            require_tls=mtls,
         )
         self.reconciler = Reconciler(self.cache, self.acks, options)
         self.switchboard = Switchboard()
@@ -106,7 +134,7 @@ class ControlPlane:
             self.store, self.acks, self._known_models, self.reconciler.carried_version, self.switchboard.notes
         )
         self.admin.kafka_enabled = self.kafka is not None
-        self.xds = XdsServer(self.cache, self.acks, settings.xds_addr)
+        self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
         self.pipelines: list[PipelineVersion] = []
@@ -124,16 +152,39 @@ class ControlPlane:
         self._dirty = True
         self._wake.set()
 
+    def _authorize(self, identity: str, node_id: str, group: str) -> str | None:
+        """Is the holder of `identity`'s certificate this node? The gateway's, or a registered runtime's model."""
+        gateway = self.options.gateway_group
+        if gateway in (node_id, group) or identity == GATEWAY_IDENTITY:
+            ok = identity == GATEWAY_IDENTITY and gateway in (node_id, group)
+            return None if ok else f"a certificate for {identity!r} cannot ask as node {node_id[:80]!r}"
+        instance = self.discovery.instance(node_id)
+        if instance is None:
+            return WAIT  # not registered yet: nothing is sent until it is
+        if instance.model != identity:
+            return f"a certificate for {identity!r} cannot ask as node {node_id!r} (a runtime of {instance.model!r})"
+        return None
+
     def _known_models(self) -> set[tuple[str, str]] | None:
         return self.discovery.known_models() if self.discovery.reachable else None
 
     async def start(self) -> ControlPlane:
         from controlplane.admin.server import BearerAuth, add_admin_services, mark_serving
 
-        interceptors = [BearerAuth(self.settings.token)] if self.settings.token else []
+        settings = self.settings
+        admin_tls = admin_credentials(*settings.admin_tls)
+        host = split_host_port(settings.admin_addr, 18001)[0]
+        guarded = bool(admin_tls and settings.token) or settings.exposed
+        refuse_exposed("the admin API", host, guarded, "--insecure-expose")
+        host = split_host_port(settings.xds_addr, 18000)[0]
+        refuse_exposed("xDS", host, self.identity is not None or settings.exposed, "--insecure-expose")
+        interceptors = [BearerAuth(settings.token)] if settings.token else []
         self._admin_server = grpc.aio.server(interceptors=interceptors)
         health = add_admin_services(self._admin_server, self.admin)
-        bind_grpc(self._admin_server, self.settings.admin_addr, "the admin API")
+        bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
+        for keeper in (self.identity, self.bridge_identity):
+            if keeper is not None:
+                await keeper.start()
         await self.xds.start()
         await self._admin_server.start()
         await mark_serving(health, True)
@@ -147,7 +198,8 @@ class ControlPlane:
         if self.kafka is not None:
             address = split_host_port(self.settings.bridge_addr, 18003)
             app = build_bridge_app(self.kafka, self._live_pipeline)
-            self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix).start()
+            tls = self._bridge_tls()
+            self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix, tls).start()
         self._mark_dirty()  # every known node group gets a snapshot once Consul has been read
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
@@ -278,10 +330,23 @@ class ControlPlane:
             urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
         return urls
 
+    def _bridge_tls(self) -> ssl.SSLContext | None:
+        """The bridge's server side of mTLS, renewed in place when Consul rotates its leaf."""
+        keeper = self.bridge_identity
+        if keeper is None or keeper.identity is None:
+            return None
+        folder = private_dir(Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}" / f"bridge-{os.getpid()}")
+        context = server_context(keeper.identity, folder)
+        keeper.on_change = lambda fresh: load_identity(context, fresh, folder)
+        return context
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for keeper in (self.identity, self.bridge_identity):
+            if keeper is not None:
+                await keeper.stop()
         if self.bridge is not None:
             await self.bridge.deregister()
         if self._dashboard is not None:
@@ -328,6 +393,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
         bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
         empty_grace=args.empty_grace,
+        security=args.security,
+        gateway_tls_dir=args.gateway_tls_dir or "",
+        admin_tls=(args.admin_tls_cert or "", args.admin_tls_key or "", args.admin_tls_client_ca or ""),
+        exposed=args.insecure_expose,
     )
 
 
@@ -363,4 +432,19 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
     )
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
+    parser.add_argument(
+        "--security",
+        choices=["mtls", "plaintext"],
+        default="plaintext",
+        help="mtls: every hop, xDS and the Kafka bridge mutually authenticated with Consul Connect certificates",
+    )
+    parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
+    parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")
+    parser.add_argument("--admin-tls-key", help="admin API over TLS: private key (PEM)")
+    parser.add_argument("--admin-tls-client-ca", help="admin API: require client certificates signed by this CA")
+    parser.add_argument(
+        "--insecure-expose",
+        action="store_true",
+        help="allow admin/xDS beyond loopback without TLS and a token (only on a network that is yours alone)",
+    )
     parser.set_defaults(handler=cmd_controlplane)

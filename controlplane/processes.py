@@ -89,6 +89,13 @@ def port_is_free(port: int, host: str = "127.0.0.1", kind: int = socket.SOCK_STR
         return True
 
 
+SECRET_ENV = ("MLLAMBDA_TOKEN", "CONSUL_HTTP_TOKEN")  # credentials no runtime or Envoy inherits
+
+
+def child_env(keep_secrets: bool = False) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if keep_secrets or k not in SECRET_ENV}
+
+
 @dataclass
 class ManagedProcess:
     """One child process in its own session, with its output in a log file."""
@@ -98,6 +105,7 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] | None = None
     die_with_parent: bool = False  # Linux: SIGKILL this child if its parent dies, even by SIGKILL
+    keep_secrets: bool = False  # pass on the admin and Consul tokens (only the control plane needs them)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> ManagedProcess:
@@ -108,7 +116,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(self.env or {})},
+                env={**child_env(keep_secrets=self.keep_secrets), **(self.env or {})},
                 start_new_session=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )

@@ -43,8 +43,10 @@ class Supervisor:
     def step(self, message: str) -> None:
         say(f"==> {message}")
 
-    def start(self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60) -> None:
-        proc = processes.ManagedProcess(name, argv, self.logs / f"{name}.log").start()
+    def start(
+        self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60, keep_secrets: bool = False
+    ) -> None:
+        proc = processes.ManagedProcess(name, argv, self.logs / f"{name}.log", keep_secrets=keep_secrets).start()
         self.started.append(proc)
         self._record()
         try:
@@ -102,20 +104,24 @@ class Supervisor:
             self.start("kafka", processes.tansu_argv(tansu, p.kafka), processes.tcp_ready(p.kafka))
             kafka_flags = [f"--kafka-bootstrap=127.0.0.1:{p.kafka}"]
         self.kafka_flags = kafka_flags  # runtimes get them too
-        self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}")
+        security = [f"--security={self.stack.security}"]
+        envoys = self.state_dir / "envoy"
+        mtls = [f"--gateway-tls-dir={envoys / 'gateway-tls'}"] if self.stack.security == "mtls" else []
+        self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}, security {self.stack.security}")
         self.start(
             "controlplane",
             [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
              f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
-             f"--metrics-port={p.controlplane_metrics}", *kafka_flags,
+             f"--metrics-port={p.controlplane_metrics}", *kafka_flags, *security, *mtls,
              *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else [])],
             processes.tcp_ready(p.admin),
+            keep_secrets=True,
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
         self.start(
             "gateway",
             [*me, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds=127.0.0.1:{p.xds}",
-             f"--admin-port={p.gateway_admin}", f"--config-dir={self.state_dir / 'envoy'}",
+             f"--admin-port={p.gateway_admin}", f"--config-dir={envoys}", *security, consul_flag,
              *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else [])],
             processes.envoy_ready(p.gateway_admin),
         )  # fmt: skip
@@ -131,7 +137,7 @@ class Supervisor:
             for i in range(spec.replicas):
                 service_id = f"{spec.model}-{spec.version}-{i}"
                 argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
-                        f"--service-id={service_id}", consul_flag,
+                        f"--service-id={service_id}", consul_flag, f"--security={self.stack.security}",
                         f"--xds=127.0.0.1:{self.stack.ports.xds}"]  # fmt: skip
                 if spec.loader:
                     argv.append(f"--loader={spec.loader}")

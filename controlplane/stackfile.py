@@ -44,6 +44,7 @@ class Stack:
     pipelines: tuple[Pipeline, ...]
     kafka: bool = False  # start a tansu broker, so pipelines can use transport: kafka
     gateway_concurrency: int | None = None  # gateway Envoy worker threads (default: one per core)
+    security: str = "mtls"  # every hop mutually authenticated; "plaintext" turns it off (benchmarks compare)
 
 
 def load_stack(path: Path) -> Stack:
@@ -98,15 +99,18 @@ def load_stack(path: Path) -> Stack:
     kafka = data.get("kafka", False)
     if not isinstance(kafka, bool):
         problems.append(f"kafka: expected true or false, got {kafka!r}")
+    security = data.get("security", "mtls")
+    if security not in ("mtls", "plaintext"):
+        problems.append(f"security: expected mtls or plaintext, got {str(security)[:40]!r}")
     name = data.get("name", "stack")
     if problem := name_problem(name, LABEL):
         problems.append(f"name: {problem}")
     if problems:
         raise CliError(f"{path} has problems:\n  " + "\n  ".join(problems))
-    return Stack(str(name), ports, tuple(runtimes), tuple(pipelines), kafka, concurrency)
+    return Stack(str(name), ports, tuple(runtimes), tuple(pipelines), kafka, concurrency, str(security))
 
 
-STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency")
+STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency", "security")
 RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args")
 
 

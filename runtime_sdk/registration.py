@@ -16,13 +16,18 @@ async def register(
 ) -> None:
     """Register with a check Consul runs every second.
 
-    The check goes through the sidecar's ingress listener, so an instance only
-    turns passing once its Envoy has config and its model is loaded.
+    The check goes through the sidecar, so an instance only turns passing once
+    its Envoy has config and its model is loaded: through its ingress, or, when
+    that requires a client certificate (mTLS), through its loopback egress
+    (Consul's agent runs on the same host).
     """
-    port = service.ingress_port if through_sidecar else (service.health_port or service.runtime_port)
-    check: dict[str, Any] = consul.Check.http(
-        f"http://{service.host}:{port}/readyz", interval="1s", timeout="1s", deregister="1m"
-    )
+    if not through_sidecar:
+        url = f"http://{service.host}:{service.health_port or service.runtime_port}/readyz"
+    elif service.tls_dir:
+        url = f"http://127.0.0.1:{service.egress_port}/readyz"
+    else:
+        url = f"http://{service.host}:{service.ingress_port}/readyz"
+    check: dict[str, Any] = consul.Check.http(url, interval="1s", timeout="1s", deregister="1m")
     if passing:  # re-registering a runtime known to be healthy: no critical gap
         check["Status"] = "passing"
     await client.agent.service.register(

@@ -17,6 +17,28 @@ _HINTS = {
 }
 
 
+def _channel(address: str) -> grpc.Channel:
+    """TLS when MLLAMBDA_ADMIN_CA names the CA to trust (with MLLAMBDA_ADMIN_CERT/KEY: a client certificate)."""
+    ca = os.environ.get("MLLAMBDA_ADMIN_CA")
+    if not ca:
+        return grpc.insecure_channel(address)
+    cert, key = os.environ.get("MLLAMBDA_ADMIN_CERT"), os.environ.get("MLLAMBDA_ADMIN_KEY")
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca),
+            private_key=_read(key) if key else None,
+            certificate_chain=_read(cert) if cert else None,
+        )
+    except OSError as err:
+        raise CliError(f"cannot read the admin TLS files: {err}") from err
+    return grpc.secure_channel(address, credentials)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class AdminClient:
     """`client.Get(request)` etc. call the RPC; failures become CliError with a hint."""
 
@@ -27,7 +49,7 @@ class AdminClient:
         token = token if token is not None else os.environ.get("MLLAMBDA_TOKEN")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.channel = _channel(address)
         self.stub = pb_grpc.PipelineAdminStub(self.channel)
 
     def __enter__(self) -> AdminClient:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import ssl
+from collections.abc import Awaitable, Callable
 
 import consul
 import consul.aio
 from aiohttp import web
 
 from contract import headers as h
-from contract.naming import BRIDGE_SERVICE, bridge_service_id
+from contract.naming import BRIDGE_SERVICE, GATEWAY_IDENTITY, bridge_service_id, identity_of
 from contract.payload import NotAnObject, parse_object
 from contract.service import bridge_meta
 from contract.watch import keep_registered
@@ -45,17 +46,40 @@ def build_bridge_app(kafka: KafkaPlane, live_pipeline: Callable[[str], Pipeline 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")  # Consul's check on this bridge
 
-    app = web.Application()
+    app = web.Application(middlewares=[_gateway_only])
     app.router.add_post("/bridge/{pipeline}", bridge)
     app.router.add_get("/healthz", healthz)
     return app
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _gateway_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Under mTLS, only the gateway may call the bridge (the TLS layer has checked the chain already)."""
+    if request.transport is None or request.transport.get_extra_info("sslcontext") is None:
+        return await handler(request)  # plaintext deployment, loopback
+    peer = request.transport.get_extra_info("peercert") or {}
+    uris = [value for kind, value in peer.get("subjectAltName", ()) if kind == "URI"]
+    if GATEWAY_IDENTITY not in {identity_of(uri) for uri in uris}:
+        return web.json_response({"error": "only the gateway may call the Kafka bridge"}, status=403)
+    return await handler(request)
+
+
 class BridgeServer:
     """Serves the bridge on `address` and keeps it registered in Consul while it runs."""
 
-    def __init__(self, app: web.Application, address: tuple[str, int], client: consul.aio.Consul, kv_prefix: str):
+    def __init__(
+        self,
+        app: web.Application,
+        address: tuple[str, int],
+        client: consul.aio.Consul,
+        kv_prefix: str,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.app = app
+        self.tls = tls
         self.host, self.port = address
         self.client = client
         self.kv_prefix = kv_prefix
@@ -66,7 +90,7 @@ class BridgeServer:
     async def start(self) -> BridgeServer:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls).start()
         log.info("kafka bridge at http://%s:%d/bridge/", self.host, self.port)
         try:
             await self._register()
@@ -76,9 +100,12 @@ class BridgeServer:
         return self
 
     async def _register(self) -> None:
-        check = consul.Check.http(
-            f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s", deregister="1m"
-        )
+        if self.tls is None:
+            check = consul.Check.http(
+                f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s", deregister="1m"
+            )
+        else:  # Consul's agent has no client certificate: it can only see that the port answers
+            check = consul.Check.tcp(self.host, self.port, interval="1s", timeout="1s", deregister="1m")
         await self.client.agent.service.register(
             BRIDGE_SERVICE,
             service_id=self.service_id,

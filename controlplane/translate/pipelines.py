@@ -19,10 +19,11 @@ from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 
-from contract.naming import bridge_path, pipeline_path, stage_path
+from contract.naming import BRIDGE_SERVICE, bridge_path, cluster_model, pipeline_path, stage_path
 from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
+from controlplane.translate import security
 from controlplane.translate.routes import (
     LOCAL_HEALTH,
     LOCAL_HTTP,
@@ -65,6 +66,8 @@ class Options:
     bridges: tuple[tuple[str, int], ...] = ()  # every control plane's Kafka bridge; none: no route for Kafka pipelines
     kafka_broker: tuple[str, int] | None = None  # sidecars proxy runtimes' broker traffic here
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
+    mtls: bool = False  # every hop mutually authenticated; a stage admits only its callers (security.py)
+    gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder
 
 
 @dataclass(frozen=True)
@@ -221,9 +224,10 @@ def _gateway(
     # Not served: only their clusters. Kafka versions count too, so that switching
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
-    remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints)
+    tls = options.gateway_tls_dir if options.mtls else ""
+    remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints, tls)
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
-    local = [_bridge_cluster(options.bridges)] if bridged else []
+    local = [_bridge_cluster(options.bridges, tls)] if bridged else []
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
 
@@ -240,9 +244,11 @@ def gateway_clusters(version: PipelineVersion) -> frozenset[str]:
     return frozenset(route_clusters(_gateway_routes(version)))
 
 
-def _bridge_cluster(bridges: Sequence[tuple[str, int]]) -> Any:
+def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
     cluster = r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in bridges))
     cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)  # a dying control plane: all its requests retry
+    if tls_dir:
+        cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, BRIDGE_SERVICE))
     return cluster
 
 
@@ -263,20 +269,30 @@ def _bridge_route(p: Pipeline) -> rc.Route:
 
 
 def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: Endpoints, options: Options) -> Snapshot:
-    ingress = [readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP)]
-    egress = []
+    if options.mtls and not me.tls_dir:
+        raise ValueError("this deployment is mTLS and the runtime has no certificate folder (--security mtls)")
+    tls = me.tls_dir if options.mtls else ""
+    ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP)
+    ingress, egress = [ready], []
     for v in routed:
         p = v.pipeline
         for k, stage in enumerate(p.stages):
             if stage.shadow and stage.shadow.cluster == me.cluster:
-                ingress.append(ingress_route(p, v.version, k, shadow=True))
+                ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
             if me.cluster in {variant.cluster for variant in stage.all_variants()}:
-                ingress.append(ingress_route(p, v.version, k, shadow=False))
+                ingress.append(_admit(ingress_route(p, v.version, k, shadow=False), p, k, tls))
                 if k + 1 < len(p.stages):
                     path = stage_path(p.name, v.version, p.stages[k + 1].name)
                     egress += stage_routes(p, k + 1, match_path=path, rewrite=None)
+    guard = [(security.RBAC_FILTER, security.rbac_filter())] if tls else []
     listeners = [
-        r.http_listener("ingress", r.tcp_address(me.host, me.ingress_port), "ingress"),
+        r.http_listener(
+            "ingress",
+            r.tcp_address(me.host, me.ingress_port),
+            "ingress",
+            transport_socket=security.downstream_tls(tls) if tls else None,
+            filters=guard,
+        ),
         r.http_listener("egress", r.tcp_address("127.0.0.1", me.egress_port), "egress"),
     ]
     if me.egress_uds:
@@ -290,15 +306,27 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         broker_filter = me.service_id in options.kafka_filter_nodes
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
         clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
-    remote = _remote_clusters(egress, endpoints)
-    routes = [r.route_config("ingress", ingress), r.route_config("egress", _dedupe(egress))]
+    remote = _remote_clusters(egress, endpoints, tls)
+    # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
+    routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *_dedupe(egress)])]
     return _snapshot(listeners, routes, remote, clusters)
 
 
-def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints) -> list[tuple[Any, Any]]:
-    return [
-        (r.eds_cluster(name), r.load_assignment(name, endpoints.get(name))) for name in sorted(route_clusters(routes))
-    ]
+def _admit(route: rc.Route, p: Pipeline, k: int, tls_dir: str) -> rc.Route:
+    """Under mTLS, a stage's ingress route admits only the identities the graph says call it."""
+    if tls_dir:
+        route.typed_per_filter_config[security.RBAC_FILTER].CopyFrom(security.route_rbac(security.callers(p, k)))
+    return route
+
+
+def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: str = "") -> list[tuple[Any, Any]]:
+    found = []
+    for name in sorted(route_clusters(routes)):
+        cluster = r.eds_cluster(name)
+        if tls_dir:
+            cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, cluster_model(name)))
+        found.append((cluster, r.load_assignment(name, endpoints.get(name))))
+    return found
 
 
 def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:

@@ -98,16 +98,26 @@ def load_assignment(cluster_name: str, addresses: Iterable[Address]) -> Resource
     )
 
 
-def http_listener(name: str, address: Address, route_config_name: str) -> Resource:
-    """An HTTP listener whose routes come over RDS."""
+def http_listener(
+    name: str,
+    address: Address,
+    route_config_name: str,
+    transport_socket: Resource = None,
+    filters: Sequence[tuple[str, Resource]] = (),
+) -> Resource:
+    """An HTTP listener whose routes come over RDS; `filters` go before the router."""
+    chain = [*filters, ("envoy.filters.http.router", router_pb2.Router())]
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router()))],
+        http_filters=[hcm_pb2.HttpFilter(name=n, typed_config=pack(config)) for n, config in chain],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply(), mappers=[_retriable_503()]),
     )
-    return _listener(name, address, ("envoy.filters.network.http_connection_manager", hcm))
+    listener = _listener(name, address, ("envoy.filters.network.http_connection_manager", hcm))
+    if transport_socket is not None:
+        listener.filter_chains[0].transport_socket.CopyFrom(transport_socket)
+    return listener
 
 
 def _json_local_reply() -> Resource:

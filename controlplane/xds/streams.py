@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from contract.naming import identity_of
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SNAPSHOT_CHANGED, SnapshotCache
 from controlplane.xds.snapshot import (
@@ -37,6 +39,32 @@ from controlplane.xds.snapshot import (
 
 log = logging.getLogger("mllambda.xds")
 _END = object()
+MAX_PENDING = 64  # requests read ahead per stream; beyond, reading pauses and gRPC flow control holds the client
+
+
+class Refused(Exception):
+    """This stream may not have what it asks for (its certificate names another identity)."""
+
+
+# Who a stream's node is allowed to be: (node id, group) -> None (allowed), a reason (refused),
+# or WAIT (not known yet: nothing is sent until it is, checked again on every snapshot change).
+Guard = Callable[[str, str], "str | None"]
+WAIT = "wait"
+
+
+class Inbox(asyncio.Queue[object]):
+    """A stream's events in order; snapshot changes collapse into one pending marker (it reads the latest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.change_pending = False
+
+    def put_nowait(self, item: object) -> None:
+        if item is SNAPSHOT_CHANGED:
+            if self.change_pending:
+                return
+            self.change_pending = True
+        super().put_nowait(item)
 
 
 @dataclass
@@ -57,9 +85,13 @@ class TypeState:
 class _Stream:
     """Shared loop: requests and snapshot changes arrive on one queue, in order."""
 
-    def __init__(self, cache: SnapshotCache, acks: AckBook, nonces: Iterable[int]) -> None:
+    def __init__(self, cache: SnapshotCache, acks: AckBook, nonces: Iterable[int], guard: Guard | None = None) -> None:
         self.cache = cache
         self.acks = acks
+        self.guard = guard  # None: plaintext xDS on loopback, every node is who it says
+        self.allowed = guard is None
+        self._extensions: frozenset[str] = frozenset()
+        self._held: list[Any] = []  # requests not answered yet: the node is not known to be who it says
         self._nonces = iter(nonces)
         self.types: dict[str, TypeState] = {}
         self.node_id = ""
@@ -71,28 +103,53 @@ class _Stream:
         return str(next(self._nonces))
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(requests, queue))
+        queue, room = Inbox(), asyncio.Semaphore(MAX_PENDING)
+        reader = asyncio.create_task(self._read(requests, queue, room))
         try:
             while (item := await queue.get()) is not _END:
                 if item is SNAPSHOT_CHANGED:
-                    responses = self._on_snapshot()
+                    queue.change_pending = False
+                    responses = self._replay() + self._on_snapshot() if self._admitted() else []
                 else:
+                    room.release()
                     if not self.node_id:
                         self._join(item, queue)
-                    responses = self.on_request(item)
+                    elif item.node.id and item.node.id != self.node_id:  # type: ignore[attr-defined]
+                        raise Refused(f"a stream of node {self.node_id!r} asked as {item.node.id[:80]!r}")  # type: ignore[attr-defined]
+                    self._held.append(item)
+                    if len(self._held) > MAX_PENDING:
+                        raise Refused(f"{MAX_PENDING} requests before node {self.node_id!r} was known")
+                    responses = self._replay() if self._admitted() else []
                 for response in responses:
                     yield response
         finally:
             reader.cancel()
             if self.group:
                 self.cache.unwatch(self.group, queue)
-                self.acks.connected(self.node_id, -1, self.mode)
+                if self.allowed:
+                    self.acks.connected(self.node_id, -1, self.mode)
                 log.info("stream closed node=%s", self.node_id)
 
-    async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[object]) -> None:
+    def _admitted(self) -> bool:
+        """May this stream be served (and its ACKs and extensions believed)? Raises Refused if never."""
+        if not self.allowed and self.guard is not None:
+            verdict = self.guard(self.node_id, self.group)
+            if verdict == WAIT:
+                return False
+            if verdict is not None:
+                raise Refused(verdict)
+            self.allowed = True
+            self._announce()
+        return self.allowed
+
+    def _replay(self) -> list[Any]:
+        held, self._held = self._held, []
+        return [response for request in held for response in self.on_request(request)]
+
+    async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[object], room: asyncio.Semaphore) -> None:
         try:
             async for request in requests:
+                await room.acquire()
                 queue.put_nowait(request)
         except Exception as err:  # the client went away; the stream ends either way
             log.debug("stream read ended node=%s: %s", self.node_id, err)
@@ -102,9 +159,14 @@ class _Stream:
     def _join(self, request: Any, queue: asyncio.Queue[object]) -> None:
         self.node_id = request.node.id or "unknown"
         self.group = self.cache.group_of(request.node)
+        self._extensions = frozenset(e.name for e in request.node.extensions)
         self.cache.watch(self.group, queue)
+        if self.allowed:
+            self._announce()
+
+    def _announce(self) -> None:
         self.acks.connected(self.node_id, +1, self.mode)
-        self.acks.joined(self.node_id, frozenset(e.name for e in request.node.extensions))
+        self.acks.joined(self.node_id, self._extensions)
         log.info("stream opened node=%s group=%s mode=%s", self.node_id, self.group, self.mode)
 
     def _on_snapshot(self) -> list[Any]:
@@ -289,16 +351,46 @@ class DeltaStream(_Stream):
         )
 
 
+Authorize = Callable[[str, str, str], "str | None"]  # (identity, node id, group) -> None, WAIT or why not
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache, acks: AckBook) -> None:
+    """`authorize` given: every stream must come with a client certificate, and gets only its own node's config."""
+
+    def __init__(self, cache: SnapshotCache, acks: AckBook, authorize: Authorize | None = None) -> None:
         self.cache = cache
         self.acks = acks
+        self.authorize = authorize
         self._nonces = itertools.count(1)
 
     async def StreamAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        async for response in SotwStream(self.cache, self.acks, self._nonces).run(request_iterator):
+        async for response in self._serve(SotwStream, request_iterator, context):
             yield response
 
     async def DeltaAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        async for response in DeltaStream(self.cache, self.acks, self._nonces).run(request_iterator):
+        async for response in self._serve(DeltaStream, request_iterator, context):
             yield response
+
+    async def _serve(self, kind: type[_Stream], requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        guard, identity = None, None
+        if self.authorize is not None:
+            identity = peer_identity(context)
+            if identity is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from our CA is required")
+            authorize, who = self.authorize, identity or ""
+            guard = lambda node, group: authorize(who, node, group)  # noqa: E731
+        try:
+            async for response in kind(self.cache, self.acks, self._nonces, guard).run(requests):
+                yield response
+        except Refused as err:
+            log.warning("xds stream refused identity=%s: %s", identity, err)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err)[:300])
+
+
+def peer_identity(context: Any) -> str | None:
+    """The Consul service named by the peer certificate's SPIFFE URI (gRPC lists URI SANs with the others)."""
+    for san in context.auth_context().get("x509_subject_alternative_name", []):
+        found = identity_of(san.decode(errors="replace"))
+        if found:
+            return found
+    return None
