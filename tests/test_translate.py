@@ -248,3 +248,49 @@ def test_with_a_memo_only_sidecars_whose_inputs_changed_get_new_snapshots() -> N
         g: s.version for g, s in translate(steady(PIPELINE), more).items()
     }
     assert sum(len(per) for per in memo.values()) == len(more)  # bounded by the fleet
+
+
+def test_under_mtls_every_hop_verifies_its_peer_and_each_stage_admits_only_its_callers() -> None:
+    from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+    secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in RUNTIMES]
+    options = Options(mtls=True, gateway_tls_dir="/certs/gateway")
+    snapshots = translate(steady(PIPELINE), secured, options)
+
+    def expected_peer(cluster: Any) -> list[str]:
+        context = tls_pb2.UpstreamTlsContext()
+        cluster.transport_socket.typed_config.Unpack(context)
+        sds = context.common_tls_context.tls_certificate_sds_secret_configs[0].sds_config.path_config_source.path
+        matchers = context.common_tls_context.combined_validation_context.default_validation_context
+        return [sds, *(m.matcher.safe_regex.regex for m in matchers.match_typed_subject_alt_names)]
+
+    gateway_cluster = snapshots["gateway"].of_type(CLUSTER).by_name["ma.v1"]
+    assert expected_peer(gateway_cluster) == ["/certs/gateway/cert.json", r"spiffe://[^/]+/ns/default/dc/[^/]+/svc/ma"]
+    sidecar = snapshots["ma-v1-1"]
+    assert expected_peer(sidecar.of_type(CLUSTER).by_name["mb.v2"])[1].endswith("/svc/mb")
+
+    def admitted(snapshot: Snapshot, route_name: str) -> set[str]:
+        route = next(r for r in routes(snapshot, "ingress") if r.name == route_name)
+        per_route = rbac_pb2.RBACPerRoute()
+        route.typed_per_filter_config["envoy.filters.http.rbac"].Unpack(per_route)
+        policy = per_route.rbac.rules.policies["pipeline-graph"]
+        return {p.authenticated.principal_name.safe_regex.regex.rsplit("/", 1)[1] for p in policy.principals}
+
+    assert admitted(sidecar, "p/a") == {"mllambda\\-gateway"}  # stage 0: the gateway only
+    assert admitted(snapshots["mb-v1-2"], "p/b") == {"ma"}  # stage 1: stage 0's model only
+    ingress = sidecar.of_type(LISTENER).by_name["ingress"]
+    assert ingress.filter_chains[0].transport_socket.name == "envoy.transport_sockets.tls"
+    manager = hcm_pb2.HttpConnectionManager()
+    ingress.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    # Consul's check reaches readiness through the loopback egress.
+    assert "readyz" in {r.name for r in routes(sidecar, "egress")}
+
+
+def test_under_mtls_a_runtime_without_certificates_gets_no_config_and_the_others_are_unaffected() -> None:
+    secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in RUNTIMES[:1]] + RUNTIMES[1:]
+    failed: dict[str, str] = {}
+    snapshots = translate(steady(PIPELINE), secured, Options(mtls=True, gateway_tls_dir="/g"), failed=failed)
+    assert "ma-v1-1" in snapshots and "mb-v1-2" not in snapshots
+    assert "certificate folder" in failed["mb-v1-2"]

@@ -213,3 +213,27 @@ def test_the_ack_book_forgets_nodes_gone_longer_than_its_limit_and_keeps_the_oth
     time.sleep(0.1)
     assert {s.node_id for s in book.all()} == {"back", "here"}
     assert set(book.extensions) == {"back", "here"}
+
+
+async def test_a_stream_cannot_change_its_node(xds: Xds) -> None:
+    """ACKs and NACKs count only for the node a stream opened as."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    xds.cache.set_snapshot(NODE, snapshot("v1", processes.free_port(), {}))
+    channel = grpc.aio.insecure_channel(xds.addr)
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+
+    def ask(node: str) -> Any:
+        return discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node), type_url=LISTENER)
+
+    call = stub.StreamAggregatedResources(iter([ask(NODE), ask("gateway")]))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in call:
+            pass
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "asked as 'gateway'" in (refused.value.details() or "")
+    assert xds.acks.for_node("gateway") == []  # nothing recorded for the node it claimed
+
+    await channel.close()

@@ -1,0 +1,53 @@
+"""Nothing beyond loopback without authentication; no runtime or Envoy inherits a credential."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from controlplane import processes
+from controlplane.listen import is_loopback, refuse_exposed
+
+
+def test_loopback_is_told_apart_from_everything_else() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "example.internal", ""))
+    refuse_exposed("the admin API", "127.0.0.1", guarded=False, flag="--x")  # loopback: fine
+    refuse_exposed("the admin API", "0.0.0.0", guarded=True, flag="--x")  # TLS and a token: fine
+    with pytest.raises(ValueError, match=r"refusing to serve the admin API on 0\.0\.0\.0 without authentication"):
+        refuse_exposed("the admin API", "0.0.0.0", guarded=False, flag="--x")
+
+
+@pytest.mark.parametrize("flag", ["--admin=0.0.0.0:{port}", "--xds=0.0.0.0:{port}"])
+def test_the_control_plane_refuses_a_non_loopback_bind_without_tls_and_a_token(
+    flag: str, consul_agent: object, tmp_path: Path
+) -> None:
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", flag.format(port=port),
+            f"--consul={consul_agent.addr}", f"--metrics-port={processes.free_port()}"]  # type: ignore[attr-defined]  # fmt: skip
+    if "--admin" in flag:
+        argv.append(f"--xds=127.0.0.1:{processes.free_port()}")
+    else:
+        argv.append(f"--admin=127.0.0.1:{processes.free_port()}")
+    proc = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log", env={"MLLAMBDA_TOKEN": "t0ken"}).start()
+    assert proc.popen is not None
+    assert proc.popen.wait(timeout=30) != 0
+    assert "refusing to serve" in proc.tail() and "without authentication" in proc.tail()
+    with pytest.raises(OSError):  # it never listened
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_children_do_not_inherit_the_admin_or_consul_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLLAMBDA_TOKEN", "admin-secret")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "consul-secret")
+    code = "import os; print(os.environ.get('MLLAMBDA_TOKEN'), os.environ.get('CONSUL_HTTP_TOKEN'))"
+    show = [sys.executable, "-c", code]
+    child = processes.ManagedProcess("child", show, tmp_path / "child.log").start()
+    assert child.popen is not None and child.popen.wait(timeout=10) == 0
+    assert child.tail() == "None None"
+    trusted = processes.ManagedProcess("cp", show, tmp_path / "cp.log", keep_secrets=True).start()
+    assert trusted.popen is not None and trusted.popen.wait(timeout=10) == 0
+    assert trusted.tail() == "admin-secret consul-secret"
