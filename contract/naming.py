@@ -65,6 +65,8 @@ def identity_of(uri: str) -> str | None:
 def cluster_model(cluster: str) -> str:
     """The model (identity) of a model-version cluster: model names hold no dot."""
     return cluster.split(".", 1)[0]
+
+
 DEFAULT_KV_PREFIX = "mllambda/pipelines/"  # pipeline versions in Consul KV
 
 

@@ -18,7 +18,6 @@ import signal
 import ssl
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import consul.aio
@@ -28,7 +27,6 @@ from aiohttp import web
 from contract.naming import (
     BRIDGE_SERVICE,
     CONTROL_PLANE_IDENTITY,
-    DEFAULT_KV_PREFIX,
     GATEWAY_IDENTITY,
     bridge_reply_topic,
 )
@@ -36,15 +34,10 @@ from contract.service import RuntimeService
 from contract.watch import watch
 from controlplane.certs import CertKeeper, load_identity, server_context
 from controlplane.config import (
-    DEFAULT_ADMIN_ADDR,
-    DEFAULT_BRIDGE_ADDR,
-    DEFAULT_XDS_ADDR,
-    ConsulAddress,
-    resolve,
     split_host_port,
 )
 from controlplane.dashboard import build_dashboard_app
-from controlplane.discovery import EMPTY_GRACE, Discovery
+from controlplane.discovery import Discovery
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
@@ -52,13 +45,14 @@ from controlplane.listen import admin_credentials, bind_grpc, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.processes import private_dir
 from controlplane.reconcile import Reconciler
+from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
-from controlplane.xds.cache import GroupBy, SnapshotCache
+from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
 from controlplane.xds.streams import WAIT
 
@@ -66,26 +60,6 @@ log = logging.getLogger("mllambda")
 TICK = 0.2  # seconds between checks while a version waits or drains
 GC_YOUNG = 50_000  # allocations between young-generation collections (Python's default: 700)
 COALESCE = 0.03  # seconds after a reconcile before the next: a burst of changes is translated once
-
-
-@dataclass(frozen=True)
-class Settings:
-    xds_addr: str = DEFAULT_XDS_ADDR
-    admin_addr: str = DEFAULT_ADMIN_ADDR
-    consul: ConsulAddress = field(default_factory=ConsulAddress.from_settings)
-    token: str | None = None
-    group_by: GroupBy = "id"
-    kv_prefix: str = DEFAULT_KV_PREFIX
-    gateway_port: int = 18080
-    gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
-    metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
-    kafka_bootstrap: str | None = None  # enables transport: kafka
-    bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
-    empty_grace: float = EMPTY_GRACE  # seconds every runtime may vanish at once before it is believed
-    security: str = "plaintext"  # "mtls": every hop, xDS and the bridge mutually authenticated (Connect CA)
-    gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder (its launcher keeps it)
-    admin_tls: tuple[str, str, str] = ("", "", "")  # cert, key, client CA (PEM files) for the admin API
-    exposed: bool = False  # serve admin/xDS beyond loopback without authentication (--insecure-expose)
 
 
 class ControlPlane:
@@ -379,27 +353,6 @@ async def serve(settings: Settings) -> None:
     await plane.stop()
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(
-        xds_addr=args.xds,
-        admin_addr=resolve(args.admin, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR),
-        consul=ConsulAddress.from_settings(args.consul),
-        token=os.environ.get("MLLAMBDA_TOKEN") or None,
-        group_by=args.group_by,
-        kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
-        gateway_port=args.gateway_port,
-        gateway_admin_port=args.gateway_admin_port,
-        metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
-        kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
-        bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
-        empty_grace=args.empty_grace,
-        security=args.security,
-        gateway_tls_dir=args.gateway_tls_dir or "",
-        admin_tls=(args.admin_tls_cert or "", args.admin_tls_key or "", args.admin_tls_client_ca or ""),
-        exposed=args.insecure_expose,
-    )
-
-
 def cmd_controlplane(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -411,40 +364,5 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("controlplane", help="run the control plane (xDS + admin API)")
-    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="xDS (ADS) listen address")
-    parser.add_argument("--admin", help=f"admin API listen address (default {DEFAULT_ADMIN_ADDR})")
-    parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
-    parser.add_argument(
-        "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
-    )
-    parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
-    parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
-    parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
-    parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
-    parser.add_argument(
-        "--bridge",
-        help=f"Kafka HTTP bridge listen address, with a broker (MLLAMBDA_BRIDGE_ADDR, {DEFAULT_BRIDGE_ADDR})",
-    )
-    parser.add_argument(
-        "--empty-grace",
-        type=float,
-        default=EMPTY_GRACE,
-        help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
-    )
-    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
-    parser.add_argument(
-        "--security",
-        choices=["mtls", "plaintext"],
-        default="plaintext",
-        help="mtls: every hop, xDS and the Kafka bridge mutually authenticated with Consul Connect certificates",
-    )
-    parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
-    parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")
-    parser.add_argument("--admin-tls-key", help="admin API over TLS: private key (PEM)")
-    parser.add_argument("--admin-tls-client-ca", help="admin API: require client certificates signed by this CA")
-    parser.add_argument(
-        "--insecure-expose",
-        action="store_true",
-        help="allow admin/xDS beyond loopback without TLS and a token (only on a network that is yours alone)",
-    )
+    add_arguments(parser)
     parser.set_defaults(handler=cmd_controlplane)

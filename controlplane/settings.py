@@ -1,0 +1,98 @@
+"""The control plane's settings: one frozen record, read once from flags and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from contract.naming import DEFAULT_KV_PREFIX
+from controlplane.config import (
+    DEFAULT_ADMIN_ADDR,
+    DEFAULT_BRIDGE_ADDR,
+    DEFAULT_XDS_ADDR,
+    ConsulAddress,
+    resolve,
+)
+from controlplane.discovery import EMPTY_GRACE
+from controlplane.xds.cache import GroupBy
+
+
+@dataclass(frozen=True)
+class Settings:
+    xds_addr: str = DEFAULT_XDS_ADDR
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    consul: ConsulAddress = field(default_factory=ConsulAddress.from_settings)
+    token: str | None = None
+    group_by: GroupBy = "id"
+    kv_prefix: str = DEFAULT_KV_PREFIX
+    gateway_port: int = 18080
+    gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
+    metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
+    kafka_bootstrap: str | None = None  # enables transport: kafka
+    bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
+    empty_grace: float = EMPTY_GRACE  # seconds every runtime may vanish at once before it is believed
+    security: str = "plaintext"  # "mtls": every hop, xDS and the bridge mutually authenticated (Connect CA)
+    gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder (its launcher keeps it)
+    admin_tls: tuple[str, str, str] = ("", "", "")  # cert, key, client CA (PEM files) for the admin API
+    exposed: bool = False  # serve admin/xDS beyond loopback without authentication (--insecure-expose)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        xds_addr=args.xds,
+        admin_addr=resolve(args.admin, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR),
+        consul=ConsulAddress.from_settings(args.consul),
+        token=os.environ.get("MLLAMBDA_TOKEN") or None,
+        group_by=args.group_by,
+        kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
+        gateway_port=args.gateway_port,
+        gateway_admin_port=args.gateway_admin_port,
+        metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
+        kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
+        bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
+        empty_grace=args.empty_grace,
+        security=args.security,
+        gateway_tls_dir=args.gateway_tls_dir or "",
+        admin_tls=(args.admin_tls_cert or "", args.admin_tls_key or "", args.admin_tls_client_ca or ""),
+        exposed=args.insecure_expose,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="xDS (ADS) listen address")
+    parser.add_argument("--admin", help=f"admin API listen address (default {DEFAULT_ADMIN_ADDR})")
+    parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    parser.add_argument(
+        "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
+    )
+    parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
+    parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
+    parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
+    parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
+    parser.add_argument(
+        "--bridge",
+        help=f"Kafka HTTP bridge listen address, with a broker (MLLAMBDA_BRIDGE_ADDR, {DEFAULT_BRIDGE_ADDR})",
+    )
+    parser.add_argument(
+        "--empty-grace",
+        type=float,
+        default=EMPTY_GRACE,
+        help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
+    )
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
+    parser.add_argument(
+        "--security",
+        choices=["mtls", "plaintext"],
+        default="plaintext",
+        help="mtls: every hop, xDS and the Kafka bridge mutually authenticated with Consul Connect certificates",
+    )
+    parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
+    parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")
+    parser.add_argument("--admin-tls-key", help="admin API over TLS: private key (PEM)")
+    parser.add_argument("--admin-tls-client-ca", help="admin API: require client certificates signed by this CA")
+    parser.add_argument(
+        "--insecure-expose",
+        action="store_true",
+        help="allow admin/xDS beyond loopback without TLS and a token (only on a network that is yours alone)",
+    )
