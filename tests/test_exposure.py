@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +53,39 @@ def test_children_do_not_inherit_the_admin_or_consul_token(tmp_path: Path, monke
     trusted = processes.ManagedProcess("cp", show, tmp_path / "cp.log", keep_secrets=True).start()
     assert trusted.popen is not None and trusted.popen.wait(timeout=10) == 0
     assert trusted.tail() == "admin-secret consul-secret"
+
+
+def test_the_admin_api_over_tls_serves_beyond_loopback_with_a_token_and_the_cli_follows(
+    consul_agent: object, tmp_path: Path
+) -> None:
+    key, cert = tmp_path / "admin.key", tmp_path / "admin.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--admin=0.0.0.0:{port}",
+            f"--xds=127.0.0.1:{processes.free_port()}", f"--consul={consul_agent.addr}",  # type: ignore[attr-defined]
+            f"--metrics-port={processes.free_port()}", f"--kv-prefix=tls-{port}/",
+            f"--admin-tls-cert={cert}", f"--admin-tls-key={key}"]  # fmt: skip
+    plane = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log", env={"MLLAMBDA_TOKEN": "t0ken"})
+    plane.start()
+    try:
+        plane.wait_ready(processes.tcp_ready(port), timeout=30)
+        base = {**os.environ, "MLLAMBDA_ADMIN_ADDR": f"localhost:{port}", "MLLAMBDA_TOKEN": "t0ken"}
+
+        def cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "controlplane.cli", "get", "pipelines"],
+                capture_output=True, text=True, env=env, timeout=60,
+            )  # fmt: skip
+
+        assert cli({**base, "MLLAMBDA_ADMIN_CA": str(cert)}).returncode == 0
+        plain = cli(base)  # a plaintext client cannot talk to a TLS port
+        assert plain.returncode == 1 and "Traceback" not in plain.stderr
+        no_token = cli({**base, "MLLAMBDA_ADMIN_CA": str(cert), "MLLAMBDA_TOKEN": ""})
+        assert no_token.returncode == 1 and "MLLAMBDA_TOKEN" in no_token.stderr
+    finally:
+        plane.stop()

@@ -237,3 +237,28 @@ async def test_a_stream_cannot_change_its_node(xds: Xds) -> None:
     assert xds.acks.for_node("gateway") == []  # nothing recorded for the node it claimed
 
     await channel.close()
+
+
+async def test_a_stream_reads_a_bounded_number_of_requests_ahead() -> None:
+    """A client that sends without end while its responses are not taken: the server stops reading."""
+    from controlplane.xds.streams import MAX_PENDING, SotwStream
+
+    cache, acks = SnapshotCache(), AckBook()
+    cache.set_snapshot(NODE, snapshot("v1", processes.free_port(), {}))
+    sent = 0
+
+    async def endless() -> AsyncIterator[Any]:
+        nonlocal sent
+        from envoy.config.core.v3 import base_pb2
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        while True:
+            sent += 1
+            yield discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=NODE), type_url=LISTENER)
+            await asyncio.sleep(0)
+
+    responses = SotwStream(cache, acks, iter(range(1, 10**9))).run(endless())
+    await anext(responses)  # the first answer; then nobody takes the next one
+    await asyncio.sleep(0.5)
+    assert sent <= MAX_PENDING + 2, sent
+    await responses.aclose()
