@@ -35,8 +35,8 @@ import aiohttp
 from bench.common import median, percentile
 from controlplane import processes
 from controlplane.admin.client import AdminClient
-from controlplane.model import parse_pipeline
 from controlplane.sidecar import render_bootstrap
+from controlplane.spec import parse_pipeline
 from controlplane.tools import find_consul, find_envoy
 
 

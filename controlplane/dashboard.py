@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.metrics import metrics_handler
-from controlplane.model import pipeline_to_dict
+from controlplane.spec import pipeline_to_dict
 from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
 from controlplane.view import PlaneReader, PlaneView

@@ -11,7 +11,8 @@ import yaml
 
 from contract.naming import LABEL, VERSION, name_problem
 from controlplane.errors import CliError
-from controlplane.model import InvalidPipeline, Pipeline, parse_pipeline
+from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.spec import parse_pipeline
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import consul.aio
 
 from contract.naming import DEFAULT_KV_PREFIX
 from controlplane.model import Pipeline, PipelineVersion
+from controlplane.spec import version_from_record, version_to_record
 
 MAX_ATTEMPTS = 32
 MAX_BROKEN_SHOWN = 100  # broken pipelines reported at once
@@ -65,7 +66,7 @@ def _decode(item: dict[str, Any]) -> Any:
 def _version_of(item: dict[str, Any]) -> PipelineVersion:
     record = _decode(item)
     try:
-        return PipelineVersion.from_record(record)
+        return version_from_record(record)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BrokenRecord(
             f"{item['Key']}: not a pipeline version ({type(err).__name__}: {err})"[:REASON_SHOWN]
@@ -140,7 +141,7 @@ class PipelineStore:
     async def _commit(self, name: str, head_index: int, head: dict[str, Any], new: PipelineVersion | None) -> bool:
         ops = [_cas(self._head_key(name), head, head_index)]
         if new is not None:
-            ops.append(_cas(self._version_key(name, new.version), new.to_record(), 0))
+            ops.append(_cas(self._version_key(name, new.version), version_to_record(new), 0))
         try:
             await self._call(self.client.txn.put(ops))
         except consul.ConsulException as err:

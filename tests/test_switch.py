@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.model import PipelineVersion, parse_pipeline
+from controlplane.model import PipelineVersion
 from controlplane.reconcile import KEEP_VERSIONS, GroupLedger
+from controlplane.spec import parse_pipeline
 from controlplane.switch import DRAIN_MARGIN, SLOW_AFTER, Switchboard
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.model import parse_pipeline
+from controlplane.spec import parse_pipeline
 from controlplane.traffic import ClusterStats, merge, parse_envoy_stats, per_variant
 
 

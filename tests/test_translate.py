@@ -9,7 +9,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
-from controlplane.model import Pipeline, PipelineVersion, parse_pipeline
+from controlplane.model import Pipeline, PipelineVersion
+from controlplane.spec import parse_pipeline
 from controlplane.translate.pipelines import Deployment, Memo, Options, carried, gateway_clusters, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 

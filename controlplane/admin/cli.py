@@ -14,7 +14,8 @@ import yaml
 from controlplane.admin.client import AdminClient
 from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
 from controlplane.errors import CliError
-from controlplane.model import InvalidPipeline, parse_pipeline
+from controlplane.model import InvalidPipeline
+from controlplane.spec import parse_pipeline
 
 RESOURCE = ("pipeline", "pipelines", "pl")
 

@@ -19,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
-from controlplane.model import InvalidPipeline, Pipeline, check_name
+from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.spec import check_name
 from controlplane.store import (
     BrokenRecord,
     PipelineNotFound,

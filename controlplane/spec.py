@@ -1,0 +1,276 @@
+"""Pipeline definitions as plain data <-> domain objects: the one validator (every problem, with its
+field path) and the canonical plain form stored in Consul."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from contract.naming import LABEL, RULES, VERSION
+from controlplane.model import (
+    _FIELD,
+    _KEY,
+    _TOPIC,
+    DEFAULT_BRANCH_ON,
+    DEFAULT_RETRY_ATTEMPTS,
+    DEFAULT_TIMEOUT_MS,
+    INTERNAL_TOPICS,
+    LIMITS,
+    TRANSPORTS,
+    Branch,
+    InvalidPipeline,
+    Pipeline,
+    PipelineVersion,
+    Problem,
+    Retry,
+    Shadow,
+    Stage,
+    Variant,
+)
+
+
+def check_name(name: Any, path: str = "name") -> str:
+    """A pipeline name from any entry point (admin calls, CLI): the same rule as in a definition."""
+    problems: list[Problem] = []
+    _Parser(problems).label(name, path)
+    if problems:
+        raise InvalidPipeline(problems)
+    return str(name)
+
+
+def parse_pipeline(spec: Any) -> Pipeline:
+    """Plain data (a YAML document or a protobuf as a dict) -> a valid Pipeline.
+
+    Raises InvalidPipeline listing every problem found, each with its field path.
+    """
+    problems: list[Problem] = []
+    pipeline = _Parser(problems).pipeline(spec)
+    if problems or pipeline is None:
+        raise InvalidPipeline(problems or [Problem("spec", "empty")])
+    return pipeline
+
+
+class _Parser:
+    """Reads plain data into domain objects, collecting problems instead of stopping."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+
+    def bad(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.bad(path, f"must be a mapping, got {type(value).__name__}")
+            return {}
+        for key in sorted(set(map(str, value)) - allowed):
+            self.bad(f"{path}.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def items(self, value: Any, path: str, limit: int) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.bad(path, f"must be a list, got {type(value).__name__}")
+            return []
+        if len(value) > limit:
+            self.bad(path, f"at most {limit} entries, got {len(value)}")
+            return value[:limit]
+        return value
+
+    def text(self, value: Any, path: str, pattern: re.Pattern[str], rule: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.bad(path, "required" if value in (None, "") else "must be a string")
+            return ""
+        if not pattern.fullmatch(value):  # `$` alone would let a trailing newline through
+            shown = value if len(value) <= 70 else value[:67] + "..."
+            self.bad(path, f"{shown!r} is not valid: {rule}")
+        return value
+
+    def number(self, value: Any, path: str, low: float, high: float, default: float) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.bad(path, f"must be a number, got {type(value).__name__}")
+            return default
+        if not low <= value <= high:
+            self.bad(path, f"must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    def integer(self, value: Any, path: str, low: int, high: int, default: int) -> int:
+        if value is not None and isinstance(value, float) and not value.is_integer():
+            self.bad(path, "must be a whole number")
+            return default
+        return int(self.number(value, path, low, high, default))
+
+    def label(self, value: Any, path: str) -> str:
+        return self.text(value, path, LABEL, RULES[LABEL])
+
+    def pipeline(self, spec: Any) -> Pipeline | None:
+        allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic"}
+        data = self.mapping(spec, "spec", allowed)
+        if not data:
+            return None
+        name = self.label(data.get("name"), "name")
+        transport = data.get("transport") or "http"
+        if transport not in TRANSPORTS:
+            self.bad("transport", f"{transport!r} is not one of {', '.join(TRANSPORTS)}")
+        raw_stages = self.items(data.get("stages"), "stages", LIMITS["stages"])
+        if not raw_stages and not any(p.path == "stages" for p in self.problems):
+            self.bad("stages", "a pipeline needs at least one stage")
+        stages = tuple(self.stage(s, f"stages[{i}]") for i, s in enumerate(raw_stages))
+        self.unique([s.name for s in stages], "stages", "stage name")
+        if stages and stages[0].branches:
+            self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
+        topics = [self.topic(data.get(field_name), field_name) for field_name in ("input_topic", "output_topic")]
+        if topics[0] and topics[0] == topics[1]:
+            self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
+        return Pipeline(name, str(transport), stages, topics[0], topics[1])
+
+    def topic(self, value: Any, path: str) -> str:
+        if not value:
+            return ""
+        topic = self.text(value, path, _TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
+        if topic in (".", ".."):
+            self.bad(path, f"{topic!r} is not a usable Kafka topic name")
+        elif topic.startswith(INTERNAL_TOPICS):
+            self.bad(path, f"topics starting with {INTERNAL_TOPICS!r} are ML Lambda's own (hops, dead letters)")
+        return topic
+
+    def stage(self, raw: Any, path: str) -> Stage:
+        allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on"}
+        data = self.mapping(raw, path, allowed)
+        name = self.label(data.get("name"), f"{path}.name")
+        variants = self.variants(data.get("variants"), f"{path}.variants")
+        raw_branches = self.items(data.get("branches"), f"{path}.branches", LIMITS["branches"])
+        branches = tuple(self.branch(b, f"{path}.branches[{i}]") for i, b in enumerate(raw_branches))
+        self.unique([b.key for b in branches], f"{path}.branches", "branch key")
+        if bool(variants) == bool(branches):
+            self.bad(path, "needs exactly one of 'variants' or 'branches'")
+        shadow = self.shadow(data["shadow"], f"{path}.shadow") if data.get("shadow") else None
+        timeout = self.integer(
+            data.get("timeout_ms") or None,
+            f"{path}.timeout_ms",
+            1,
+            LIMITS["timeout_ms"],
+            DEFAULT_TIMEOUT_MS,
+        )
+        retry = self.retry(data.get("retry"), f"{path}.retry", timeout)
+        branch_on = DEFAULT_BRANCH_ON
+        if data.get("branch_on"):
+            rule = "a field name: letters, digits, '_', '.', '-', up to 64"
+            branch_on = self.text(data["branch_on"], f"{path}.branch_on", _FIELD, rule)
+        return Stage(name, variants, branches, shadow, timeout, retry, branch_on)
+
+    def variants(self, raw: Any, path: str) -> tuple[Variant, ...]:
+        items = self.items(raw, path, LIMITS["variants"])
+        variants = tuple(self.variant(v, f"{path}[{i}]") for i, v in enumerate(items))
+        self.unique([v.cluster for v in variants], path, "model version")
+        if variants and sum(v.weight for v in variants) <= 0:
+            self.bad(path, "weights must add up to more than 0")
+        return variants
+
+    def variant(self, raw: Any, path: str) -> Variant:
+        data = self.mapping(raw, path, {"model", "version", "weight"})
+        return Variant(
+            self.label(data.get("model"), f"{path}.model"),
+            self.version(data.get("version"), f"{path}.version"),
+            self.integer(data.get("weight"), f"{path}.weight", 0, LIMITS["weight"], 1),
+        )
+
+    def version(self, value: Any, path: str) -> str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `version: 2` as a number
+        return self.text(value, path, VERSION, RULES[VERSION])
+
+    def branch(self, raw: Any, path: str) -> Branch:
+        data = self.mapping(raw, path, {"key", "variants"})
+        key = data.get("key")
+        rule = "letters, digits, '_', '.', '-', up to 64"
+        key_text = self.text(str(key) if isinstance(key, int) else key, f"{path}.key", _KEY, rule)
+        variants = self.variants(data.get("variants"), f"{path}.variants")
+        if not variants:
+            self.bad(f"{path}.variants", "a branch needs at least one variant")
+        return Branch(key_text, variants)
+
+    def shadow(self, raw: Any, path: str) -> Shadow:
+        data = self.mapping(raw, path, {"model", "version", "percent"})
+        if data.get("percent") is None:
+            self.bad(f"{path}.percent", "required")
+        return Shadow(
+            self.label(data.get("model"), f"{path}.model"),
+            self.version(data.get("version"), f"{path}.version"),
+            self.number(data.get("percent"), f"{path}.percent", 0.0001, 100, 100),
+        )
+
+    def retry(self, raw: Any, path: str, timeout_ms: int) -> Retry:
+        if raw is None:
+            return Retry()
+        data = self.mapping(raw, path, {"attempts", "per_try_timeout_ms"})
+        attempts = self.integer(
+            data.get("attempts"),
+            f"{path}.attempts",
+            0,
+            LIMITS["retry_attempts"],
+            DEFAULT_RETRY_ATTEMPTS,
+        )
+        per_try_path = f"{path}.per_try_timeout_ms"
+        per_try = self.integer(data.get("per_try_timeout_ms"), per_try_path, 0, timeout_ms, 0)
+        return Retry(attempts, per_try)
+
+    def unique(self, values: list[str], path: str, what: str) -> None:
+        seen: set[str] = set()
+        for value in values:
+            if value and value in seen:
+                self.bad(path, f"duplicate {what} {value!r}")
+            seen.add(value)
+
+
+def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
+    """The canonical plain form (stored in Consul, shown by `get -o yaml`)."""
+
+    def variants(items: tuple[Variant, ...]) -> list[dict[str, Any]]:
+        return [{"model": v.model, "version": v.version, "weight": v.weight} for v in items]
+
+    stages = []
+    for stage in pipeline.stages:
+        out: dict[str, Any] = {"name": stage.name}
+        if stage.variants:
+            out["variants"] = variants(stage.variants)
+        if stage.branches:
+            out["branches"] = [{"key": b.key, "variants": variants(b.variants)} for b in stage.branches]
+            out["branch_on"] = stage.branch_on
+        if stage.shadow:
+            s = stage.shadow
+            out["shadow"] = {"model": s.model, "version": s.version, "percent": s.percent}
+        out["timeout_ms"] = stage.timeout_ms
+        out["retry"] = {
+            "attempts": stage.retry.attempts,
+            "per_try_timeout_ms": stage.retry.per_try_timeout_ms,
+        }
+        stages.append(out)
+    result: dict[str, Any] = {"name": pipeline.name, "transport": pipeline.transport, "stages": stages}
+    for field_name in ("input_topic", "output_topic"):
+        if getattr(pipeline, field_name):
+            result[field_name] = getattr(pipeline, field_name)
+    return result
+
+
+def version_to_record(version: PipelineVersion) -> dict[str, Any]:
+    """A pipeline version as stored in Consul KV."""
+    return {
+        "version": version.version,
+        "spec": pipeline_to_dict(version.pipeline),
+        "created_at": version.created_at,
+        "cause": version.cause,
+    }
+
+
+def version_from_record(record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
+    return PipelineVersion(
+        parse_pipeline(record["spec"]),
+        int(record["version"]),
+        str(record["created_at"]),
+        str(record["cause"]),
+        deleted,
+    )
