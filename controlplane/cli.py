@@ -56,11 +56,13 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
     from controlplane import invoke, launch, plane, sidecar, stack
     from controlplane.admin import cli as admin_cli
+    from controlplane.admin import rollout_cli
 
     return [
         stack.add_command,
         invoke.add_command,
         admin_cli.add_command,
+        rollout_cli.add_command,
         plane.add_command,
         sidecar.add_command,
         launch.add_command,

@@ -67,6 +67,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
         "broken_records": dict(view.broken),
         "translate_failed": dict(view.translate_failed),
+        "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
         "generated_at": time.time(),
     }
 
@@ -90,6 +91,10 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             if stage.shadow:
                 s = stage.shadow
                 cells.append(f"shadow {e(s.model)}:{e(s.version)} {s.percent:g}%")
+            if stage.rollout:
+                ro = stage.rollout
+                state = "paused" if ro.paused else "not begun" if ro.step == 0 else f"step {ro.step}/{len(ro.steps)}"
+                cells.append(f"rollout to {e(ro.candidate.model)}:{e(ro.candidate.version)}: {state}")
             parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
         parts.append("</ol>")
     if view.broken:

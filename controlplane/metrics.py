@@ -55,6 +55,12 @@ class StateCollector(Collector):
             restarts.add_metric([name], count)
         yield restarts
         yield GaugeMetricFamily(
+            "mllambda_rollout_driving", "1 while this control plane drives rollouts", value=int(view.rollouts_driving)
+        )
+        yield CounterMetricFamily(
+            "mllambda_rollout_moves", "rollout steps, promotions and rollbacks written here", value=view.rollout_moves
+        )
+        yield GaugeMetricFamily(
             "mllambda_translate_failed_groups",
             "node groups whose translation failed (they keep their last config)",
             value=len(view.translate_failed),

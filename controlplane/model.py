@@ -68,6 +68,27 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A stage's traffic moved to a candidate in steps, each judged from Envoy stats (rollouts.py).
+
+    The user writes the candidate, the steps and the limits; the driving control
+    plane moves `step` (0: not begun; k: steps[k-1] percent live) and records the
+    stage's variants from before the rollout in `baseline`, one version per move.
+    """
+
+    candidate: Variant
+    steps: tuple[int, ...] = (5, 25, 50, 100)
+    step_seconds: int = 30
+    min_requests: int = 100
+    max_error_rate: float = 0.01  # the candidate's 5xx share in the step's window
+    max_p99_ratio: float = 1.5  # the candidate's p99 over the baseline's
+    max_p99_ms: int = 0  # 0: no absolute limit
+    step: int = 0
+    paused: bool = False
+    baseline: tuple[Variant, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     variants: tuple[Variant, ...] = ()
@@ -76,6 +97,7 @@ class Stage:
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     retry: Retry = field(default_factory=Retry)
     branch_on: str = DEFAULT_BRANCH_ON  # field of the previous stage's output that picks the branch
+    rollout: Rollout | None = None
 
     def groups(self) -> list[tuple[str, tuple[Variant, ...]]]:
         """Each split group: ("", variants) for a plain split, (branch key, variants) per branch."""
@@ -87,6 +109,8 @@ class Stage:
 
     def models(self) -> set[tuple[str, str]]:
         found = {(v.model, v.version) for v in self.all_variants()}
+        if self.rollout:
+            found.add((self.rollout.candidate.model, self.rollout.candidate.version))
         if self.shadow:
             found.add((self.shadow.model, self.shadow.version))
         return found

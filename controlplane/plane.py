@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import tempfile
 from collections.abc import Sequence
@@ -45,10 +46,11 @@ from controlplane.listen import admin_credentials, bind_grpc, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.processes import private_dir
 from controlplane.reconcile import Reconciler
+from controlplane.rollout_driver import RolloutDriver
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
-from controlplane.traffic import TrafficScraper, VariantTraffic, per_variant
+from controlplane.traffic import ClusterStats, TrafficScraper, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
@@ -115,6 +117,9 @@ class ControlPlane:
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
         self.traffic_scraper = TrafficScraper()
+        entries = lambda: [t.entry for t in self.switchboard.tracks.values() if t.entry is not None]  # noqa: E731
+        holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
+        self.rollouts = RolloutDriver(self.consul, self.store, settings.kv_prefix, entries, self._stats, holder)
         self._dashboard: web.AppRunner | None = None
         self._wake = asyncio.Event()
         self._dirty = True
@@ -179,6 +184,7 @@ class ControlPlane:
             asyncio.create_task(self.discovery.run()),
             asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
             asyncio.create_task(self._reconcile_forever()),
+            asyncio.create_task(self.rollouts.run()),
         ]
         if self.kafka is not None:
             self._tasks.append(asyncio.create_task(self.kafka.run(self._pending_kafka, self._wake.set)))
@@ -288,15 +294,19 @@ class ControlPlane:
             broken=dict(self.broken),
             translate_failed=dict(self.reconciler.failed),
             kafka_router_restarts=dict(self.kafka.router_restarts) if self.kafka else {},
+            rollouts_driving=self.rollouts.driving,
+            rollout_moves=self.rollouts.moves,
         )
 
     async def traffic(self) -> list[VariantTraffic]:
         """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""
+        return per_variant([v.pipeline for v in self.pipelines], await self._stats())
+
+    async def _stats(self) -> dict[str, ClusterStats]:
         ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
         if self.settings.gateway_admin_port:
             ports.append(self.settings.gateway_admin_port)
-        stats = await self.traffic_scraper.stats(ports)
-        return per_variant([v.pipeline for v in self.pipelines], stats)
+        return await self.traffic_scraper.stats(ports)
 
     def _envoy_admin_urls(self, runtimes: Sequence[RuntimeService]) -> dict[str, str]:
         urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}

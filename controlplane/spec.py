@@ -23,6 +23,7 @@ from controlplane.model import (
     PipelineVersion,
     Problem,
     Retry,
+    Rollout,
     Shadow,
     Stage,
     Variant,
@@ -120,6 +121,8 @@ class _Parser:
             self.bad("stages", "a pipeline needs at least one stage")
         stages = tuple(self.stage(s, f"stages[{i}]") for i, s in enumerate(raw_stages))
         self.unique([s.name for s in stages], "stages", "stage name")
+        if transport == "kafka" and any(s.rollout for s in stages):
+            self.bad("transport", "rollouts are judged from Envoy stats: use transport http or uds")
         if stages and stages[0].branches:
             self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
         topics = [self.topic(data.get(field_name), field_name) for field_name in ("input_topic", "output_topic")]
@@ -138,7 +141,7 @@ class _Parser:
         return topic
 
     def stage(self, raw: Any, path: str) -> Stage:
-        allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on"}
+        allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on", "rollout"}
         data = self.mapping(raw, path, allowed)
         name = self.label(data.get("name"), f"{path}.name")
         variants = self.variants(data.get("variants"), f"{path}.variants")
@@ -160,7 +163,40 @@ class _Parser:
         if data.get("branch_on"):
             rule = "a field name: letters, digits, '_', '.', '-', up to 64"
             branch_on = self.text(data["branch_on"], f"{path}.branch_on", _FIELD, rule)
-        return Stage(name, variants, branches, shadow, timeout, retry, branch_on)
+        rollout = self.rollout(data["rollout"], f"{path}.rollout", variants) if data.get("rollout") else None
+        return Stage(name, variants, branches, shadow, timeout, retry, branch_on, rollout)
+
+    def rollout(self, raw: Any, path: str, variants: tuple[Variant, ...]) -> Rollout | None:
+        fields = {"candidate", "steps", "step_seconds", "min_requests", "max_error_rate", "max_p99_ratio"}
+        fields |= {"max_p99_ms", "step", "paused", "baseline"}
+        data = self.mapping(raw, path, fields)
+        if not data:
+            return None
+        if not variants:
+            self.bad(path, "a rollout moves a plain split: this stage has branches, not variants")
+        candidate = self.variant(data.get("candidate"), f"{path}.candidate")
+        steps = tuple(
+            self.integer(x, f"{path}.steps[{i}]", 1, 100, 100)
+            for i, x in enumerate(self.items(data.get("steps") or [5, 25, 50, 100], f"{path}.steps", 10))
+        )
+        if list(steps) != sorted(set(steps)) or (steps and steps[-1] != 100):
+            self.bad(f"{path}.steps", f"percentages must rise and end at 100, got {list(steps)}")
+        baseline = self.variants(data.get("baseline"), f"{path}.baseline")
+        before = baseline or variants
+        if candidate.cluster in {v.cluster for v in before}:
+            self.bad(f"{path}.candidate", f"{candidate.model}:{candidate.version} already serves this stage")
+        return Rollout(
+            Variant(candidate.model, candidate.version),
+            steps,
+            self.integer(data.get("step_seconds") or None, f"{path}.step_seconds", 1, 3600, 30),
+            self.integer(data.get("min_requests") or None, f"{path}.min_requests", 1, 1_000_000, 100),
+            self.number(data.get("max_error_rate"), f"{path}.max_error_rate", 0, 1, 0.01),
+            self.number(data.get("max_p99_ratio"), f"{path}.max_p99_ratio", 1, 100, 1.5),
+            self.integer(data.get("max_p99_ms"), f"{path}.max_p99_ms", 0, LIMITS["timeout_ms"], 0),
+            self.integer(data.get("step"), f"{path}.step", 0, len(steps), 0),
+            bool(data.get("paused", False)),
+            baseline,
+        )
 
     def variants(self, raw: Any, path: str) -> tuple[Variant, ...]:
         items = self.items(raw, path, LIMITS["variants"])
@@ -243,6 +279,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         if stage.shadow:
             s = stage.shadow
             out["shadow"] = {"model": s.model, "version": s.version, "percent": s.percent}
+        if stage.rollout:
+            out["rollout"] = _rollout_dict(stage.rollout)
         out["timeout_ms"] = stage.timeout_ms
         out["retry"] = {
             "attempts": stage.retry.attempts,
@@ -254,6 +292,23 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         if getattr(pipeline, field_name):
             result[field_name] = getattr(pipeline, field_name)
     return result
+
+
+def _rollout_dict(r: Rollout) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "candidate": {"model": r.candidate.model, "version": r.candidate.version},
+        "steps": list(r.steps),
+        "step_seconds": r.step_seconds,
+        "min_requests": r.min_requests,
+        "max_error_rate": r.max_error_rate,
+        "max_p99_ratio": r.max_p99_ratio,
+        "max_p99_ms": r.max_p99_ms,
+        "step": r.step,
+        "paused": r.paused,
+    }
+    if r.baseline:
+        out["baseline"] = [{"model": v.model, "version": v.version, "weight": v.weight} for v in r.baseline]
+    return out
 
 
 def version_to_record(version: PipelineVersion) -> dict[str, Any]:

@@ -45,6 +45,10 @@ class WriteConflict(StoreError):
     """Too many concurrent writers on one pipeline; nothing was written."""
 
 
+class NotCurrent(StoreError):
+    """The caller's view is stale: the version it meant to replace is no longer current."""
+
+
 class StoreUnavailable(StoreError):
     """Consul could not be reached; nothing was written."""
 
@@ -123,10 +127,17 @@ class PipelineStore:
             raise PipelineNotFound(f"pipeline {name!r} has no version {version}")
         return replace(_version_of(item), deleted=deleted)
 
-    async def apply(self, pipeline: Pipeline, cause: str = "apply") -> tuple[PipelineVersion, bool]:
-        """Make `pipeline` current. Returns (version, created); the same spec twice is a no-op."""
+    async def apply(self, pipeline: Pipeline, cause: str = "apply", expect: int = 0) -> tuple[PipelineVersion, bool]:
+        """Make `pipeline` current. Returns (version, created); the same spec twice is a no-op.
+
+        With `expect`, only if version `expect` is current (else NotCurrent): a
+        read-judge-write (a rollout step, an edit) never overwrites a change it did not see.
+        """
         for attempt in range(MAX_ATTEMPTS):
             index, head = await self._read_head(pipeline.name)
+            if expect and (head is None or head["deleted"] or head["version"] != expect):
+                now = "deleted" if head and head["deleted"] else f"at version {head['version']}" if head else "absent"
+                raise NotCurrent(f"pipeline {pipeline.name!r} is {now}, not at version {expect}")
             if head is not None and not head["deleted"]:
                 current = await self._read_version(pipeline.name, head["version"])
                 if current.pipeline == pipeline:

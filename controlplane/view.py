@@ -48,6 +48,8 @@ class PlaneView:
     broken: Mapping[str, str]  # pipeline -> why its record in the store was skipped
     translate_failed: Mapping[str, str] = field(default_factory=dict)  # node group -> why (it keeps its config)
     kafka_router_restarts: Mapping[str, int] = field(default_factory=dict)  # pipeline -> entry router restarts
+    rollouts_driving: bool = False  # this control plane holds the rollout lock
+    rollout_moves: int = 0  # rollout versions this control plane wrote
 
 
 class PlaneReader(Protocol):

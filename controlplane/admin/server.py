@@ -19,10 +19,11 @@ from grpc_reflection.v1alpha import reflection
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
-from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.model import InvalidPipeline, Pipeline, Problem
 from controlplane.spec import check_name
 from controlplane.store import (
     BrokenRecord,
+    NotCurrent,
     PipelineNotFound,
     PipelineStore,
     StoreUnavailable,
@@ -33,6 +34,7 @@ from controlplane.xds.snapshot import ROUTE
 
 log = logging.getLogger("mllambda.admin")
 SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
+CAUSE_LIMIT = 200
 
 # What the rest of the control plane tells the admin API (plain callables, so
 # the API knows nothing about discovery or translation).
@@ -52,6 +54,7 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotServedYet, grpc.StatusCode.FAILED_PRECONDITION),
     (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
     (WriteConflict, grpc.StatusCode.ABORTED),
+    (NotCurrent, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (BrokenRecord, grpc.StatusCode.FAILED_PRECONDITION),
 ]
@@ -116,8 +119,11 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         pipeline = spec_from_proto(request.spec)
         if pipeline.transport == "kafka" and not self.kafka_enabled:
             raise NotServedYet("transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap")
-        version, created = await self.store.apply(pipeline)
-        log.info("apply pipeline=%s version=%d created=%s", pipeline.name, version.version, created)
+        cause = request.cause or "apply"
+        if len(cause) > CAUSE_LIMIT or not cause.isprintable():
+            raise InvalidPipeline([Problem("cause", f"up to {CAUSE_LIMIT} printable characters")])
+        version, created = await self.store.apply(pipeline, cause, expect=request.expect_version)
+        log.info("apply pipeline=%s version=%d created=%s cause=%s", pipeline.name, version.version, created, cause)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))
 
     @_guard

@@ -1,0 +1,101 @@
+"""`mllambda rollout status|pause|resume|promote|abort PIPELINE [--stage S]`.
+
+Each action is the same move the driver makes, written through the admin API
+as a new version with its cause, and only if the version it was judged on is
+still current (a concurrent step wins; run the command again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from controlplane.admin.cli import admin_client
+from controlplane.errors import CliError
+from controlplane.model import Pipeline
+from controlplane.rollouts import user_move
+
+ROLLOUT_CAUSES = ("rollout", "auto-rollback")
+
+
+def _current(admin: Any, name: str) -> tuple[Pipeline, int]:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    from controlplane.admin.convert import spec_from_proto
+
+    reply = admin.Get(pb.GetRequest(name=name))
+    return spec_from_proto(reply.pipeline.spec), int(reply.pipeline.version)
+
+
+def _stage(p: Pipeline, wanted: str | None) -> int:
+    found = [k for k, s in enumerate(p.stages) if s.rollout is not None and (wanted is None or s.name == wanted)]
+    if not found:
+        where = f"stage {wanted!r} of " if wanted else ""
+        raise CliError(f"no rollout in progress in {where}pipeline {p.name!r}\nhint: mllambda rollout status {p.name}")
+    if len(found) > 1:
+        names = ", ".join(p.stages[k].name for k in found)
+        raise CliError(f"pipeline {p.name!r} has rollouts in stages {names}: choose one with --stage")
+    return found[0]
+
+
+def status(p: Pipeline, version: int, recent: list[tuple[int, str]]) -> dict[str, Any]:
+    rollouts = []
+    for stage in p.stages:
+        r = stage.rollout
+        if r is None:
+            continue
+        share = r.steps[r.step - 1] if r.step else 0
+        rollouts.append(
+            {
+                "stage": stage.name,
+                "candidate": f"{r.candidate.model}:{r.candidate.version}",
+                "state": "paused" if r.paused else "not begun" if r.step == 0 else "running",
+                "step": f"{r.step}/{len(r.steps)}",
+                "candidate_share_percent": share,
+                "steps": list(r.steps),
+                "analysis": {
+                    "step_seconds": r.step_seconds,
+                    "min_requests": r.min_requests,
+                    "max_error_rate": r.max_error_rate,
+                    "max_p99_ratio": r.max_p99_ratio,
+                    "max_p99_ms": r.max_p99_ms,
+                },
+            }
+        )
+    moves = [{"version": v, "cause": c} for v, c in recent if c.startswith(ROLLOUT_CAUSES)]
+    return {"pipeline": p.name, "version": version, "rollouts": rollouts, "recent_moves": moves[-10:]}
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    with admin_client(args) as admin:
+        p, version = _current(admin, args.name)
+        if args.action == "status":
+            reply = admin.History(pb.HistoryRequest(name=args.name, limit=50))
+            found = status(p, version, [(int(v.version), v.cause) for v in reply.versions])
+            if args.output == "json":
+                print(json.dumps(found, indent=2))
+                return 0
+            for r in found["rollouts"]:
+                print(f"{args.name}/{r['stage']}: {r['candidate']} {r['state']}, step {r['step']}"
+                      f" ({r['candidate_share_percent']}% of traffic); steps {r['steps']}")  # fmt: skip
+            if not found["rollouts"]:
+                print(f"{args.name}: no rollout in progress (version {version})")
+            for move in found["recent_moves"]:
+                print(f"  v{move['version']}: {move['cause']}")
+            return 0
+        move = user_move(p, _stage(p, args.stage), args.action)
+        reply = admin.apply(move.pipeline, cause=move.cause, expect_version=version)
+    print(f"pipeline/{args.name} version {reply.pipeline.version}: {move.cause}")
+    return 0
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("rollout", help="see or steer a stage's progressive rollout")
+    parser.add_argument("action", choices=["status", "pause", "resume", "promote", "abort"])
+    parser.add_argument("name", help="pipeline")
+    parser.add_argument("--stage", help="the stage, when several have a rollout")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    parser.add_argument("--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)")
+    parser.set_defaults(handler=cmd_rollout)

@@ -1,0 +1,162 @@
+"""Drives rollouts: one control plane at a time, elected with a Consul session lock.
+
+The state of every rollout is the pipeline itself (its head version's `rollout`
+block and variants, in Consul KV), so a control plane that takes over the lock
+continues from the step the last driver wrote: it only starts the step's
+analysis window afresh. Each move is written with a compare-and-set on the
+version it judged, so a person's `apply` in between wins and the driver looks
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import consul.aio
+
+from controlplane.model import Pipeline, PipelineVersion
+from controlplane.rollouts import Window, judge
+from controlplane.store import NotCurrent, PipelineStore, WriteConflict
+from controlplane.traffic import ClusterStats
+
+log = logging.getLogger("mllambda.rollouts")
+SESSION_TTL = "10s"  # Consul's minimum; a dead driver's lock is free within 2x this
+TICK = 0.5
+
+
+@dataclass
+class Watched:
+    """The analysis window of one (pipeline, version, stage): counters when this driver first saw it live."""
+
+    since: float
+    requests: int
+    errors: int
+
+
+def lock_key(kv_prefix: str) -> str:
+    return kv_prefix.rstrip("/") + "-rollouts/driver"
+
+
+class RolloutDriver:
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        store: PipelineStore,
+        kv_prefix: str,
+        entries: Callable[[], Sequence[PipelineVersion]],
+        stats: Callable[[], Awaitable[Mapping[str, ClusterStats]]],
+        holder: str,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.key = lock_key(kv_prefix)
+        self.entries = entries  # the versions clients are sent into now
+        self.stats = stats
+        self.holder = holder  # written into the lock: who drives
+        self.driving = False
+        self.moves = 0
+        self.last_move: dict[str, str] = {}  # pipeline -> cause of the last move made here
+        self._windows: dict[tuple[str, int, int], Watched] = {}
+        self._session = ""
+
+    async def run(self) -> None:
+        """Forever: hold the lock (or wait for it), and while holding it, drive."""
+        while True:
+            try:
+                if await self._hold():
+                    await self._tick()
+                    await asyncio.sleep(TICK)
+                else:
+                    await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                await self._release()
+                raise
+            except Exception as err:  # Consul away, a write refused: try again, never stop
+                log.warning("rollout driver: %s", err)
+                self._lost()
+                await asyncio.sleep(1.0)
+
+    async def _hold(self) -> bool:
+        if not self._session:
+            self._session = await self.client.session.create(
+                name="mllambda-rollout-driver", ttl=int(SESSION_TTL[:-1]), behavior="release", lock_delay=0
+            )
+            self._renewed = time.monotonic()
+        elif time.monotonic() - self._renewed > 3:
+            if await self.client.session.renew(self._session) is None:
+                self._lost()
+                return False
+            self._renewed = time.monotonic()
+        if not self.driving:
+            self.driving = bool(await self.client.kv.put(self.key, self.holder, acquire=self._session))
+            if self.driving:
+                log.info("rollout driver: this control plane drives rollouts (%s)", self.holder)
+                self._windows.clear()  # windows start afresh for whoever takes over
+        return self.driving
+
+    def _lost(self) -> None:
+        if self.driving:
+            log.warning("rollout driver: lost the lock")
+        self.driving, self._session = False, ""
+
+    async def _release(self) -> None:
+        if self._session:
+            try:
+                await self.client.session.destroy(self._session)
+            except Exception:  # going away anyway; the TTL frees it
+                pass
+        self.driving, self._session = False, ""
+
+    async def _tick(self) -> None:
+        live = [v for v in self.entries() if any(s.rollout for s in v.pipeline.stages)]
+        keep = {(v.pipeline.name, v.version, k) for v in live for k, s in enumerate(v.pipeline.stages) if s.rollout}
+        for key in set(self._windows) - keep:
+            del self._windows[key]
+        if not live:
+            return
+        stats = await self.stats()
+        for version in live:
+            for k, stage in enumerate(version.pipeline.stages):
+                if stage.rollout is not None:
+                    await self._judge(version, k, stats)
+
+    async def _judge(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> None:
+        p = version.pipeline
+        move = judge(p, k, self._window(version, k, stats))
+        if move is None:
+            return
+        try:
+            written, created = await self.store.apply(move.pipeline, cause=move.cause, expect=version.version)
+        except (WriteConflict, NotCurrent):
+            return  # someone else wrote first: judge the new head next time
+        if created:
+            self.moves += 1
+            self.last_move[p.name] = move.cause
+            log.info("pipeline=%s version=%d %s", p.name, written.version, move.cause)
+
+    def _window(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> Window:
+        p = version.pipeline
+        stage = p.stages[k]
+        assert stage.rollout is not None
+        candidate = stats.get(stage.rollout.candidate.cluster, ClusterStats())
+        key = (p.name, version.version, k)
+        seen = self._windows.setdefault(key, Watched(time.monotonic(), candidate.requests, candidate.errors))
+        baseline = [stats.get(v.cluster) for v in stage.rollout.baseline or stage.variants]
+        weighted = [(s.p99_ms, s.requests) for s in baseline if s is not None and s.p99_ms is not None]
+        total = sum(n for _, n in weighted)
+        baseline_p99 = sum(q * n for q, n in weighted) / total if total else None
+        return Window(
+            requests=max(0, candidate.requests - seen.requests),
+            errors=max(0, candidate.errors - seen.errors),
+            seconds=time.monotonic() - seen.since,
+            candidate_p99_ms=candidate.p99_ms,
+            baseline_p99_ms=baseline_p99,
+        )
+
+
+def rollout_stages(p: Pipeline) -> list[int]:
+    return [k for k, s in enumerate(p.stages) if s.rollout is not None]

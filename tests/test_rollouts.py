@@ -1,0 +1,125 @@
+"""Rollouts, pure: steps, weights, and the analysis that promotes or rolls back."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.model import InvalidPipeline, Pipeline
+from controlplane.rollouts import Window, judge, user_move
+from controlplane.spec import parse_pipeline, pipeline_to_dict
+
+
+def pipeline(**rollout: object) -> Pipeline:
+    return parse_pipeline(
+        {
+            "name": "p",
+            "stages": [
+                {"name": "a", "variants": [{"model": "tok", "version": "v1"}]},
+                {
+                    "name": "b",
+                    "variants": [{"model": "net", "version": "v1", "weight": 3}, {"model": "net", "version": "v0"}],
+                    "rollout": {
+                        "candidate": {"model": "net", "version": "v2"},
+                        "steps": [10, 50, 100],
+                        "step_seconds": 5,
+                        "min_requests": 100,
+                        **rollout,
+                    },
+                },
+            ],
+        }
+    )
+
+
+def shares(p: Pipeline) -> dict[str, float]:
+    variants = p.stages[1].variants
+    total = sum(v.weight for v in variants)
+    return {v.cluster: round(100 * v.weight / total, 2) for v in variants if v.weight}
+
+
+QUIET = Window(requests=0, errors=0, seconds=0)
+GOOD = Window(requests=500, errors=1, seconds=6, candidate_p99_ms=12, baseline_p99_ms=10)
+
+
+def test_a_good_candidate_walks_every_step_then_is_promoted_alone() -> None:
+    p = pipeline()
+    seen = []
+    for _ in range(4):
+        move = judge(p, 1, GOOD)
+        assert move is not None
+        seen.append(move.cause)
+        p = parse_pipeline(pipeline_to_dict(move.pipeline))  # every move survives the store's round trip
+        if p.stages[1].rollout:
+            seen.append(str(shares(p)))
+    assert seen == [
+        "rollout p/b net:v2 step 1/3 (10%)", "{'net.v1': 67.5, 'net.v0': 22.5, 'net.v2': 10.0}",
+        "rollout p/b net:v2 step 2/3 (50%)", "{'net.v1': 37.5, 'net.v0': 12.5, 'net.v2': 50.0}",
+        "rollout p/b net:v2 step 3/3 (100%)", "{'net.v2': 100.0}",
+        "rollout p/b net:v2 promoted",
+    ]  # fmt: skip
+    assert p.stages[1].rollout is None and [v.cluster for v in p.stages[1].variants] == ["net.v2"]
+
+
+def test_a_step_holds_until_it_has_lasted_and_seen_enough_requests() -> None:
+    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
+    assert judge(p, 1, Window(requests=99, errors=0, seconds=60)) is None
+    assert judge(p, 1, Window(requests=1000, errors=0, seconds=4.9)) is None
+
+
+@pytest.mark.parametrize(
+    ("window", "cause"),
+    [
+        (Window(500, 60, 1), "auto-rollback p/b net:v2: 5xx 12.0% > 1.0% over 500 requests"),
+        (Window(500, 0, 1, candidate_p99_ms=60, baseline_p99_ms=10), "auto-rollback p/b net:v2: p99 6.0x baseline"),
+        (Window(500, 0, 1, candidate_p99_ms=900), "auto-rollback p/b net:v2: p99 900 ms > 800 ms"),
+    ],
+)
+def test_a_bad_candidate_is_rolled_back_to_the_baseline_with_the_reason(window: Window, cause: str) -> None:
+    p = judge(pipeline(max_p99_ms=800), 1, QUIET).pipeline  # type: ignore[union-attr]
+    move = judge(p, 1, window)
+    assert move is not None and move.cause.startswith(cause)
+    assert move.pipeline.stages[1].rollout is None
+    assert [(v.cluster, v.weight) for v in move.pipeline.stages[1].variants] == [("net.v1", 3), ("net.v0", 1)]
+
+
+def test_small_latency_differences_are_noise_not_a_regression() -> None:
+    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
+    move = judge(p, 1, Window(500, 0, 6, candidate_p99_ms=4, baseline_p99_ms=1))  # 4x, but 3 ms
+    assert move is not None and "step 2/3" in move.cause
+
+
+def test_paused_holds_and_a_person_can_promote_or_abort() -> None:
+    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
+    paused = user_move(p, 1, "pause")
+    assert paused.cause == "rollout p/b net:v2 paused" and judge(paused.pipeline, 1, GOOD) is None
+    assert user_move(p, 1, "promote").pipeline.stages[1].variants[0].cluster == "net.v2"
+    assert user_move(p, 1, "abort").cause == "rollout aborted p/b net:v2: aborted by hand"
+
+
+@pytest.mark.parametrize(
+    ("stage", "problem"),
+    [
+        ({"rollout": {"candidate": {"model": "net", "version": "v1"}}}, "already serves this stage"),
+        ({"rollout": {"candidate": {"model": "net", "version": "v2"}, "steps": [50, 20, 100]}}, "must rise"),
+        ({"rollout": {"candidate": {"model": "net", "version": "v2"}, "steps": [5, 50]}}, "end at 100"),
+        ({"rollout": {"candidate": {"model": "net", "version": "v2"}, "max_error_rate": 2}}, "between 0 and 1"),
+    ],
+)
+def test_a_bad_rollout_is_refused_with_its_path(stage: dict[str, object], problem: str) -> None:
+    spec = {"name": "p", "stages": [{"name": "b", "variants": [{"model": "net", "version": "v1"}], **stage}]}
+    with pytest.raises(InvalidPipeline) as err:
+        parse_pipeline(spec)
+    assert "stages[0].rollout" in str(err.value) and problem in str(err.value)
+
+
+def test_rollouts_need_envoy_stats_so_kafka_and_branches_are_refused() -> None:
+    rollout = {"candidate": {"model": "x", "version": "v2"}}
+    kafka = {"name": "p", "transport": "kafka", "stages": [{"name": "b", "variants": [{"model": "x", "version": "v1"}],
+                                                            "rollout": rollout}]}  # fmt: skip
+    with pytest.raises(InvalidPipeline, match="use transport http or uds"):
+        parse_pipeline(kafka)
+    first = {"name": "a", "variants": [{"model": "t", "version": "v1"}]}
+    branch = {"key": "k", "variants": [{"model": "x", "version": "v1"}]}
+    branches = {"name": "p", "stages": [first, {"name": "b", "branches": [branch], "rollout": rollout}]}
+    with pytest.raises(InvalidPipeline, match="has branches, not variants"):
+        parse_pipeline(branches)
