@@ -78,3 +78,18 @@ async def cpu_hog(payload: dict[str, Any]) -> dict[str, Any]:
 def echo(payload: dict[str, Any]) -> dict[str, Any]:
     """Passes its input on unchanged (a stage to insert in front of others)."""
     return payload
+
+
+def fails_30(payload: dict[str, Any]) -> dict[str, Any]:
+    """A bad candidate: like `echo`, but 30% of its answers are errors."""
+    import random
+
+    if random.random() < 0.3:
+        raise RuntimeError("candidate bug")
+    return payload
+
+
+async def slow_echo(payload: dict[str, Any]) -> dict[str, Any]:
+    """A slow candidate: like `echo`, 50 ms later."""
+    await asyncio.sleep(0.05)
+    return payload

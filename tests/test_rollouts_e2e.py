@@ -1,0 +1,129 @@
+"""Rollouts through real Envoys, Consul and runtimes under steady load: a good candidate is promoted
+step by step, a failing one and a slow one are rolled back on their own, each with the reason."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+MODELS = "examples.trivial.models"
+CANDIDATES = {"good": ("v2", "echo"), "failing": ("v3", "fails_30"), "slow": ("v4", "slow_echo")}
+
+
+def spec(name: str, candidate: str, steps: list[int], step_seconds: int) -> dict[str, Any]:
+    rollout = {
+        "candidate": {"model": "echo", "version": candidate},
+        "steps": steps,
+        "step_seconds": step_seconds,
+        "min_requests": 30,
+        "max_error_rate": 0.05,
+        "max_p99_ratio": 1.5,
+    }
+    stage = {"name": "s", "variants": [{"model": "echo", "version": "v1"}], "rollout": rollout}
+    return {"kind": "Pipeline", "name": name, "stages": [stage]}
+
+
+def call(port: int, name: str) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/pipelines/{name}",
+        data=b'{"text": "hello"}',
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except OSError:
+        return 0
+
+
+def history(control_plane: Any, name: str) -> list[dict[str, Any]]:
+    result = control_plane.cli("history", name, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    return list(found["items"] if isinstance(found, dict) else found)
+
+
+def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_their_own(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    start_runtime(f"{MODELS}:echo", "echo", "v1")
+    for version, target in CANDIDATES.values():
+        start_runtime(f"{MODELS}:{target}", "echo", version)
+    # Warm the baseline (its p99 is what the slow candidate is compared with).
+    warm = [{"kind": "Pipeline", "name": n, "stages": [{"name": "s", "variants": [{"model": "echo", "version": "v1"}]}]}
+            for n in CANDIDATES]  # fmt: skip
+    (tmp_path / "warm.yaml").write_text(yaml.safe_dump_all(warm))
+    assert control_plane.cli("apply", "-f", str(tmp_path / "warm.yaml"), "--wait").returncode == 0
+    results: dict[str, list[tuple[float, int]]] = {n: [] for n in CANDIDATES}
+    stop = threading.Event()
+
+    def load(name: str) -> None:
+        while not stop.is_set():
+            results[name].append((time.monotonic(), call(control_plane.gateway_port, name)))
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in CANDIDATES for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(6)  # baseline latency in the gateway's histograms (Envoy computes them every 5 s)
+        specs = [
+            spec("good", "v2", [20, 50, 100], 2),
+            spec("failing", "v3", [20, 100], 8),
+            spec("slow", "v4", [20, 100], 8),
+        ]
+        (tmp_path / "rollouts.yaml").write_text(yaml.safe_dump_all(specs))
+        started = time.monotonic()
+        applied = control_plane.cli("apply", "-f", str(tmp_path / "rollouts.yaml"))
+        assert applied.returncode == 0, applied.stderr
+        ended: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while len(ended) < len(CANDIDATES) and time.monotonic() < deadline:
+            for name in CANDIDATES:
+                last = history(control_plane, name)[-1]["cause"]
+                if name not in ended and ("promoted" in last or "auto-rollback" in last):
+                    ended[name] = time.monotonic()
+            time.sleep(0.5)
+        time.sleep(2)  # the final version in traffic
+        after = time.monotonic()
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    causes = {n: [v["cause"] for v in history(control_plane, n)] for n in CANDIDATES}
+    print(json.dumps(causes, indent=1))
+    assert causes["good"][-4:] == [
+        "rollout good/s echo:v2 step 1/3 (20%)",
+        "rollout good/s echo:v2 step 2/3 (50%)",
+        "rollout good/s echo:v2 step 3/3 (100%)",
+        "rollout good/s echo:v2 promoted",
+    ]
+    assert causes["failing"][-2] == "rollout failing/s echo:v3 step 1/2 (20%)"
+    assert causes["failing"][-1].startswith("auto-rollback failing/s echo:v3: 5xx"), causes["failing"]
+    assert causes["slow"][-2] == "rollout slow/s echo:v4 step 1/2 (20%)"
+    assert causes["slow"][-1].startswith("auto-rollback slow/s echo:v4: p99"), causes["slow"]
+
+    # The good rollout failed nothing; the failing one cost at most its share of the window.
+    assert [code for _, code in results["good"] if code != 200] == []
+    failed = [t for t, code in results["failing"] if code != 200 and started <= t]
+    during = [t for t, _ in results["failing"] if started <= t <= ended["failing"]]
+    print(f"failing candidate: {len(failed)} of {len(during)} requests failed; rolled back after "
+          f"{ended['failing'] - started:.1f} s")  # fmt: skip
+    assert len(failed) <= 0.20 * 0.30 * len(during) * 2 + 5, (len(failed), len(during))
+    # Once rolled back, every request answers again.
+    for name in ("failing", "slow"):
+        assert all(code == 200 for t, code in results[name] if t >= after), name
+    status = control_plane.cli("rollout", "status", "failing")
+    assert "no rollout in progress" in status.stdout and "auto-rollback failing/s echo:v3: 5xx" in status.stdout
