@@ -4,6 +4,7 @@ step by step, a failing one and a slow one are rolled back on their own, each wi
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.error
@@ -13,6 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+
+from controlplane import processes
+from controlplane.sidecar import render_bootstrap
+from tests.envoy_helpers import wait_for
+from tests.test_discovery_e2e import SteadyLoad
+from tests.test_ha import second_control_plane
 
 pytestmark = pytest.mark.slow
 MODELS = "examples.trivial.models"
@@ -127,3 +134,49 @@ def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_thei
         assert all(code == 200 for t, code in results[name] if t >= after), name
     status = control_plane.cli("rollout", "status", "failing")
     assert "no rollout in progress" in status.stdout and "auto-rollback failing/s echo:v3: 5xx" in status.stdout
+
+
+def driving(plane: Any) -> bool:
+    try:
+        _, body = processes.http_get(f"http://127.0.0.1:{plane.metrics_port}/api/status")
+    except OSError:
+        return False
+    return bool(json.loads(body)["rollouts"]["driving"])
+
+
+async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_same_step(
+    control_plane: Any, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
+) -> None:
+    second = second_control_plane(control_plane, logs_dir).start()
+    both = f"{control_plane.xds_addr},{second.xds_addr}"
+    try:
+        start_envoy(
+            lambda admin: render_bootstrap("gateway", "gateway", both, admin),
+            admin_port=control_plane.gateway_admin_port,
+        )
+        start_runtime(f"{MODELS}:echo", "echo", "v1", xds=both)
+        start_runtime(f"{MODELS}:echo", "echo", "v2", xds=both)
+        planes = [control_plane, second]
+        await wait_for(lambda: sum(driving(p) for p in planes) == 1, timeout=30)
+        driver, other = planes if driving(control_plane) else planes[::-1]
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec("handover", "v2", [10, 30, 50, 70, 100], 3)))
+        assert control_plane.cli("apply", "-f", str(tmp_path / "r.yaml")).returncode == 0
+        url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/handover"
+        async with SteadyLoad(url) as load:
+            await wait_for(lambda: "step 2/5" in history(other, "handover")[-1]["cause"], timeout=30)
+            assert driver.proc is not None
+            driver.proc.signal(signal.SIGKILL)  # no goodbye: its Consul session must time out
+            killed = time.monotonic()
+            await wait_for(lambda: driving(other), timeout=45)
+            took_over = time.monotonic() - killed
+            await wait_for(lambda: "promoted" in history(other, "handover")[-1]["cause"], timeout=60)
+        causes = [v["cause"] for v in history(other, "handover")]
+        print(f"took over after {took_over:.1f} s:", json.dumps(causes, indent=1))
+        steps = [c for c in causes if "step" in c]
+        assert steps == [
+            f"rollout handover/s echo:v2 step {n}/5 ({p}%)" for n, p in enumerate([10, 30, 50, 70, 100], 1)
+        ]
+        assert causes[-1] == "rollout handover/s echo:v2 promoted"
+        assert set(load.outcomes) == {200}, load.outcomes
+    finally:
+        second.stop()

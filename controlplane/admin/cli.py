@@ -161,6 +161,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
         if stage.HasField("shadow"):
             s = stage.shadow
             lines.append(f"       shadow {s.model}:{s.version} {s.percent:g}% of requests")
+        if stage.HasField("rollout"):
+            r = stage.rollout
+            state = "paused" if r.paused else "not begun" if r.step == 0 else f"step {r.step}/{len(r.steps)}"
+            to = f"{r.candidate.model}:{r.candidate.version}"
+            lines.append(f"       rollout to {to}: {state} (steps {list(r.steps)})")
     lines.append("Envoy nodes:" if status.nodes else "Envoy nodes: none connected")
     for node in status.nodes:
         state = f"NACK {node.nack_version}: {node.nack_error}" if node.nack_error else "ok"
