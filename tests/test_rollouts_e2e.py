@@ -55,7 +55,7 @@ def call(port: int, name: str) -> int:
 
 
 def history(control_plane: Any, name: str) -> list[dict[str, Any]]:
-    result = control_plane.cli("history", name, "-o", "json")
+    result = control_plane.cli("history", "pipeline", name, "-o", "json")
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     return list(found["items"] if isinstance(found, dict) else found)
