@@ -117,9 +117,10 @@ class ControlPlane:
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
         self.traffic_scraper = TrafficScraper()
-        entries = lambda: [t.entry for t in self.switchboard.tracks.values() if t.entry is not None]  # noqa: E731
         holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
-        self.rollouts = RolloutDriver(self.consul, self.store, settings.kv_prefix, entries, self._stats, holder)
+        self.rollouts = RolloutDriver(
+            self.consul, self.store, settings.kv_prefix, self._in_traffic, self._stats, holder
+        )
         self._dashboard: web.AppRunner | None = None
         self._wake = asyncio.Event()
         self._dirty = True
@@ -143,6 +144,18 @@ class ControlPlane:
         if instance.model != identity:
             return f"a certificate for {identity!r} cannot ask as node {node_id!r} (a runtime of {instance.model!r})"
         return None
+
+    def _in_traffic(self) -> list[PipelineVersion]:
+        """The versions clients are sent into, as far as this control plane can tell (for the rollout driver).
+
+        It knows when the gateway streams to it (the staged switch saw the ACK). When
+        the gateway streams to another control plane, the newest version is taken as
+        in traffic: that one's switch lets it in within a moment.
+        """
+        sees_gateway = self.acks.is_connected(self.options.gateway_group)
+        tracks = self.switchboard.tracks.values()
+        found = [t.entry if sees_gateway else t.pending or t.entry for t in tracks]
+        return [v for v in found if v is not None]
 
     def _known_models(self) -> set[tuple[str, str]] | None:
         return self.discovery.known_models() if self.discovery.reachable else None

@@ -20,6 +20,7 @@ from controlplane.sidecar import render_bootstrap
 from tests.envoy_helpers import wait_for
 from tests.test_discovery_e2e import SteadyLoad
 from tests.test_ha import second_control_plane
+from tests.test_pipeline_e2e import until_ok
 
 pytestmark = pytest.mark.slow
 MODELS = "examples.trivial.models"
@@ -162,6 +163,7 @@ async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec("handover", "v2", [10, 30, 50, 70, 100], 3)))
         assert control_plane.cli("apply", "-f", str(tmp_path / "r.yaml")).returncode == 0
         url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/handover"
+        await until_ok(url, {"text": "a b"})
         async with SteadyLoad(url) as load:
             await wait_for(lambda: "step 2/5" in history(other, "handover")[-1]["cause"], timeout=30)
             assert driver.proc is not None

@@ -85,8 +85,11 @@ class AdminClient:
         return self.Apply(pb.ApplyRequest(spec=spec_to_proto(pipeline), cause=cause, expect_version=expect_version))
 
     def gateway_has(self, name: str, version: int, node_id: str = "gateway") -> bool:
-        """Has the gateway Envoy acknowledged config that carries this pipeline version?"""
+        """Has the gateway Envoy acknowledged config that carries this pipeline version, or a newer one?
+
+        Newer counts: a rollout's driver may write the next version as soon as this one is in traffic.
+        """
         from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
         nodes = self.Status(pb.StatusRequest(name=name)).nodes
-        return any(n.node_id == node_id and n.pipeline_version == version for n in nodes)
+        return any(n.node_id == node_id and n.pipeline_version >= version for n in nodes)
