@@ -119,7 +119,7 @@ class ControlPlane:
         self.traffic_scraper = TrafficScraper()
         holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
         self.rollouts = RolloutDriver(
-            self.consul, self.store, settings.kv_prefix, self._in_traffic, self._stats, holder
+            self.consul, self.store, settings.kv_prefix, self._in_traffic, self._stats, holder, self._refused
         )
         self._dashboard: web.AppRunner | None = None
         self._wake = asyncio.Event()
@@ -146,16 +146,15 @@ class ControlPlane:
         return None
 
     def _in_traffic(self) -> list[PipelineVersion]:
-        """The versions clients are sent into, as far as this control plane can tell (for the rollout driver).
+        return self.switchboard.in_traffic(self.acks.is_connected(self.options.gateway_group))
 
-        It knows when the gateway streams to it (the staged switch saw the ACK). When
-        the gateway streams to another control plane, the newest version is taken as
-        in traffic: that one's switch lets it in within a moment.
-        """
-        sees_gateway = self.acks.is_connected(self.options.gateway_group)
-        tracks = self.switchboard.tracks.values()
-        found = [t.entry if sees_gateway else t.pending or t.entry for t in tracks]
-        return [v for v in found if v is not None]
+    def _refused(self) -> list[tuple[PipelineVersion, PipelineVersion, str]]:
+        """(pending, entry, why) for each new version an Envoy rejected while the last one still serves."""
+        found = []
+        for pending, entry in self.switchboard.stuck(after=3.0):
+            rejected = self.reconciler.rejected((pending.pipeline.name, pending.version))
+            found += [(pending, entry, rejected[0])] if rejected else []
+        return found
 
     def _known_models(self) -> set[tuple[str, str]] | None:
         return self.discovery.known_models() if self.discovery.reachable else None

@@ -210,6 +210,25 @@ class Reconciler:
         missing += [f"{g} (translation failed: {e})" for g, e in self.failed.items() if pair in self._failed_pairs[g]]
         return sorted(missing)
 
+    def rejected(self, pair: tuple[str, int]) -> list[str]:
+        """Envoys that `pair` waits for and that refuse their config (a NACK no ACK has followed): "node rejected ..."
+
+        Envoy re-sends nothing for a resource that did not change, so the NACK may
+        name an earlier config with the same listener: what counts is that the node
+        still holds out.
+        """
+        found = []
+        for group, ledger in self.ledgers.items():
+            if pair not in ledger.carried or not self.acks.is_connected(group):
+                continue
+            acked = self._acked(group)
+            if acked is not None and ledger.routes(acked, pair):
+                continue
+            for status in self.acks.for_node(group):
+                if status.nack_error:
+                    found.append(f"{group} rejected {short(status.type_url)}: {' '.join(status.nack_error.split())}")
+        return sorted(found)
+
     def _nack_note(self, node_id: str) -> str:
         """Why a node may never get there: the last config it rejected, shortened."""
         rejected = [s for s in self.acks.for_node(node_id) if s.nack_error]

@@ -50,6 +50,7 @@ class RolloutDriver:
         entries: Callable[[], Sequence[PipelineVersion]],
         stats: Callable[[], Awaitable[Mapping[str, ClusterStats]]],
         holder: str,
+        refused: Callable[[], Sequence[tuple[PipelineVersion, PipelineVersion, str]]] = lambda: [],
     ) -> None:
         self.client = client
         self.store = store
@@ -57,6 +58,7 @@ class RolloutDriver:
         self.entries = entries  # the versions clients are sent into now
         self.stats = stats
         self.holder = holder  # written into the lock: who drives
+        self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
         self.driving = False
         self.moves = 0
         self.last_move: dict[str, str] = {}  # pipeline -> cause of the last move made here
@@ -112,6 +114,10 @@ class RolloutDriver:
         self.driving, self._session = False, ""
 
     async def _tick(self) -> None:
+        for pending, entry, why in self.refused():
+            # The head goes back to what every Envoy took; the rejection stays visible (describe, status).
+            cause = f"auto-rollback {pending.pipeline.name} v{pending.version}: {why}"[:200]
+            await self._write(entry.pipeline, cause, pending.version)
         live = [v for v in self.entries() if any(s.rollout for s in v.pipeline.stages)]
         keep = {(v.pipeline.name, v.version, k) for v in live for k, s in enumerate(v.pipeline.stages) if s.rollout}
         for key in set(self._windows) - keep:
@@ -127,16 +133,18 @@ class RolloutDriver:
     async def _judge(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> None:
         p = version.pipeline
         move = judge(p, k, self._window(version, k, stats))
-        if move is None:
-            return
+        if move is not None:
+            await self._write(move.pipeline, move.cause, version.version)
+
+    async def _write(self, pipeline: Pipeline, cause: str, expect: int) -> None:
         try:
-            written, created = await self.store.apply(move.pipeline, cause=move.cause, expect=version.version)
+            written, created = await self.store.apply(pipeline, cause=cause, expect=expect)
         except (WriteConflict, NotCurrent):
             return  # someone else wrote first: judge the new head next time
         if created:
             self.moves += 1
-            self.last_move[p.name] = move.cause
-            log.info("pipeline=%s version=%d %s", p.name, written.version, move.cause)
+            self.last_move[pipeline.name] = cause
+            log.info("pipeline=%s version=%d %s", pipeline.name, written.version, cause)
 
     def _window(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> Window:
         p = version.pipeline

@@ -114,6 +114,25 @@ class Switchboard:
     def deployments(self) -> list[Deployment]:
         return [Deployment(t.entry, t.routed()) for _, t in sorted(self.tracks.items())]
 
+    def in_traffic(self, sees_gateway: bool) -> list[PipelineVersion]:
+        """The versions clients are sent into, as far as this control plane can tell (for the rollout driver).
+
+        It knows when the gateway streams to it (the switch saw the ACK). When the
+        gateway streams to another control plane, the newest version is taken as in
+        traffic: that one's switch lets it in within a moment.
+        """
+        found = [t.entry if sees_gateway else t.pending or t.entry for t in self.tracks.values()]
+        return [v for v in found if v is not None]
+
+    def stuck(self, after: float) -> list[tuple[PipelineVersion, PipelineVersion]]:
+        """(pending, entry) of versions waiting longer than `after` seconds while an older one serves."""
+        now = self.clock()
+        return [
+            (t.pending, t.entry)
+            for t in self.tracks.values()
+            if t.pending is not None and t.entry is not None and now - t.pending_since > after
+        ]
+
     def pending(self) -> list[PipelineVersion]:
         return [t.pending for t in self.tracks.values() if t.pending is not None]
 

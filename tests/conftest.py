@@ -212,13 +212,15 @@ def start_runtime(
     started: list[RuntimeProc] = []
     run_dir = tempfile.mkdtemp(prefix="mll-")
 
-    def start(target: str, model: str, version: str, wait: bool = True, xds: str = "") -> RuntimeProc:
+    def start(
+        target: str, model: str, version: str, wait: bool = True, xds: str = "", extra: tuple[str, ...] = ()
+    ) -> RuntimeProc:
         service_id = f"{model}-{version}-{uuid.uuid4().hex[:6]}"
         argv = [
             sys.executable, "-m", "controlplane.cli", "runtime", target,
             f"--model={model}", f"--version={version}", f"--service-id={service_id}",
             f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={xds or control_plane.xds_addr}",
-            "--drain-seconds=1.5",
+            "--drain-seconds=1.5", *extra,
         ]  # fmt: skip
         env = {"MLLAMBDA_RUN_DIR": run_dir, "MLLAMBDA_KV_PREFIX": control_plane.kv_prefix}
         env["MLLAMBDA_KAFKA_BOOTSTRAP"] = control_plane.env.get("MLLAMBDA_KAFKA_BOOTSTRAP", "")

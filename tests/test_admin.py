@@ -287,3 +287,20 @@ def test_history_is_paged_newest_first_pages_oldest_first_within(control_plane: 
     assert page("--limit", "3", "--before", "2") == ([1], "")
     missing = control_plane.cli("history", "pipeline", "nope", "--before", "3")
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_a_config_only_envoy_refuses_is_refused_at_apply_with_envoys_words(control_plane: Any, tmp_path: Path) -> None:
+    """Our validator allows 64 branches with 64-character keys; Envoy's 4 KiB direct-response limit does not."""
+    branches = [{"key": f"k{i:02d}" + "x" * 60, "variants": [{"model": "n", "version": "v1"}]} for i in range(64)]
+    spec = {"name": "wide", "stages": [{"name": "a", "variants": [{"model": "m", "version": "v1"}]},
+                                       {"name": "b", "branches": branches}]}  # fmt: skip
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(spec))
+    refused = control_plane.cli("apply", "-f", str(tmp_path / "wide.yaml"))
+    assert refused.returncode == 1
+    assert "Envoy refuses this pipeline's config: response body size is" in refused.stderr
+    assert "maximum is 4096" in refused.stderr and "Traceback" not in refused.stderr
+    assert control_plane.cli("get", "pipeline", "wide").returncode == 1  # nothing was written
+    # The same shape with fewer keys is fine, and a weight change later needs no second look by Envoy.
+    spec["stages"][1]["branches"] = branches[:8]  # type: ignore[index]
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(spec))
+    assert control_plane.cli("apply", "-f", str(tmp_path / "wide.yaml")).returncode == 0

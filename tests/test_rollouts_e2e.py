@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -182,3 +183,38 @@ async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_
         assert set(load.outcomes) == {200}, load.outcomes
     finally:
         second.stop()
+
+
+async def test_a_version_an_envoy_rejects_is_rolled_back_to_the_one_every_envoy_took(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """The sidecar of `picky` cannot bind its ingress (someone holds the port): it NACKs every listener config."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        start_runtime(f"{MODELS}:echo", "echo", "v1")
+        port = held.getsockname()[1]
+        start_runtime(f"{MODELS}:echo", "picky", "v1", wait=False, extra=(f"--ingress-port={port}",))
+        first = {"name": "a", "variants": [{"model": "echo", "version": "v1"}]}
+        one = {"kind": "Pipeline", "name": "nacked", "stages": [first]}
+        (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+        assert control_plane.cli("apply", "-f", str(tmp_path / "one.yaml"), "--wait").returncode == 0
+        url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/nacked"
+        two = {**one, "stages": [*one["stages"], {"name": "b", "variants": [{"model": "picky", "version": "v1"}]}]}
+        (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+        async with SteadyLoad(url) as load:
+            assert control_plane.cli("apply", "-f", str(tmp_path / "two.yaml")).returncode == 0
+            await wait_for(lambda: "auto-rollback" in history(control_plane, "nacked")[-1]["cause"], timeout=30)
+        last = history(control_plane, "nacked")[-1]
+        print(last["cause"])
+        assert last["cause"].startswith("auto-rollback nacked v2: picky-v1-")
+        assert "rejected Listener" in last["cause"] and "ddress already in use" in last["cause"]
+        assert [s["name"] for s in last["spec"]["stages"]] == ["a"]  # what every Envoy took
+        assert set(load.outcomes) == {200}, load.outcomes  # version 1 served throughout
+        # The rejection stays visible.
+        _, body = processes.http_get(f"http://127.0.0.1:{control_plane.metrics_port}/api/status")
+        nacks = [e["nack_error"] for e in json.loads(body)["envoys"] if e["node"].startswith("picky-v1-")]
+        assert any("Address already in use" in n for n in nacks), nacks
+    finally:
+        held.close()

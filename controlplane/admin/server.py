@@ -29,6 +29,7 @@ from controlplane.store import (
     StoreUnavailable,
     WriteConflict,
 )
+from controlplane.validate import EnvoyRefuses, EnvoyValidator
 from controlplane.xds.acks import AckBook
 from controlplane.xds.snapshot import ROUTE
 
@@ -51,6 +52,7 @@ class NotServedYet(Exception):
 
 _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidPipeline, grpc.StatusCode.INVALID_ARGUMENT),
+    (EnvoyRefuses, grpc.StatusCode.FAILED_PRECONDITION),
     (NotServedYet, grpc.StatusCode.FAILED_PRECONDITION),
     (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
     (WriteConflict, grpc.StatusCode.ABORTED),
@@ -104,6 +106,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         self.switch_notes = switch_notes
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
         self.kafka_enabled = False
+        self.validator = EnvoyValidator()
 
     def warnings(self, pipeline: Pipeline) -> list[str]:
         known = self.known_models()
@@ -122,6 +125,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         cause = request.cause or "apply"
         if len(cause) > CAUSE_LIMIT or not cause.isprintable():
             raise InvalidPipeline([Problem("cause", f"up to {CAUSE_LIMIT} printable characters")])
+        await self.validator.check(pipeline)  # Envoy's own rules, before anything is written
         version, created = await self.store.apply(pipeline, cause, expect=request.expect_version)
         log.info("apply pipeline=%s version=%d created=%s cause=%s", pipeline.name, version.version, created, cause)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))
