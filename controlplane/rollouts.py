@@ -7,8 +7,8 @@ candidate's requests since the step went live and decides:
 
 - roll back when, over at least `min_requests`, the candidate's 5xx share is
   above `max_error_rate`, or its p99 is above `max_p99_ratio` times the
-  baseline's (differences under LATENCY_SLACK_MS are noise on a shared host and
-  never count), or above `max_p99_ms`;
+  baseline's (differences under LATENCY_SLACK_MS never count: Envoy's
+  histogram buckets are that coarse there), or above `max_p99_ms`;
 - otherwise, once the step has lasted `step_seconds` with at least
   `min_requests`, take the next step, or promote after the last one;
 - else hold.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from controlplane.model import Pipeline, Rollout, Stage, Variant
 
-LATENCY_SLACK_MS = 5.0
+LATENCY_SLACK_MS = 10.0  # Envoy's histogram buckets are 5-15 ms wide around there; a shared host adds as much
 SCALE = 100  # weight units per percent: shares are exact in integer weights
 
 
