@@ -91,10 +91,13 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             if stage.shadow:
                 s = stage.shadow
                 cells.append(f"shadow {e(s.model)}:{e(s.version)} {s.percent:g}%")
-            if stage.rollout:
-                ro = stage.rollout
-                state = "paused" if ro.paused else "not begun" if ro.step == 0 else f"step {ro.step}/{len(ro.steps)}"
-                cells.append(f"rollout to {e(ro.candidate.model)}:{e(ro.candidate.version)}: {state}")
+            for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
+                if ro is not None:
+                    state = (
+                        "paused" if ro.paused else "not begun" if ro.step == 0 else f"step {ro.step}/{len(ro.steps)}"
+                    )
+                    where = f" in branch {e(key)}" if key else ""
+                    cells.append(f"rollout{where} to {e(ro.candidate.model)}:{e(ro.candidate.version)}: {state}")
             parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
         parts.append("</ol>")
     if view.broken:

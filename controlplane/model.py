@@ -56,18 +56,6 @@ class Shadow:
 
 
 @dataclass(frozen=True)
-class Branch:
-    key: str
-    variants: tuple[Variant, ...]
-
-
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = DEFAULT_RETRY_ATTEMPTS
-    per_try_timeout_ms: int = 0  # 0: the stage timeout
-
-
-@dataclass(frozen=True)
 class Rollout:
     """A stage's traffic moved to a candidate in steps, each judged from Envoy stats (rollouts.py).
 
@@ -86,6 +74,19 @@ class Rollout:
     step: int = 0
     paused: bool = False
     baseline: tuple[Variant, ...] = ()
+
+
+@dataclass(frozen=True)
+class Branch:
+    key: str
+    variants: tuple[Variant, ...]
+    rollout: Rollout | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = DEFAULT_RETRY_ATTEMPTS
+    per_try_timeout_ms: int = 0  # 0: the stage timeout
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,9 @@ class Stage:
 
     def models(self) -> set[tuple[str, str]]:
         found = {(v.model, v.version) for v in self.all_variants()}
-        if self.rollout:
-            found.add((self.rollout.candidate.model, self.rollout.candidate.version))
+        for rollout in [self.rollout, *(b.rollout for b in self.branches)]:
+            if rollout:
+                found.add((rollout.candidate.model, rollout.candidate.version))
         if self.shadow:
             found.add((self.shadow.model, self.shadow.version))
         return found

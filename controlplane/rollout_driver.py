@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import consul.aio
 
 from controlplane.model import Pipeline, PipelineVersion
-from controlplane.rollouts import Window, judge
+from controlplane.rollouts import Spot, Window, judge, spots, where
 from controlplane.store import NotCurrent, PipelineStore, WriteConflict
 from controlplane.traffic import ClusterStats
 
@@ -62,7 +62,7 @@ class RolloutDriver:
         self.driving = False
         self.moves = 0
         self.last_move: dict[str, str] = {}  # pipeline -> cause of the last move made here
-        self._windows: dict[tuple[str, int, int], Watched] = {}
+        self._windows: dict[tuple[str, int, Spot], Watched] = {}
         self._session = ""
 
     async def run(self) -> None:
@@ -118,23 +118,20 @@ class RolloutDriver:
             # The head goes back to what every Envoy took; the rejection stays visible (describe, status).
             cause = f"auto-rollback {pending.pipeline.name} v{pending.version}: {why}"[:200]
             await self._write(entry.pipeline, cause, pending.version)
-        live = [v for v in self.entries() if any(s.rollout for s in v.pipeline.stages)]
-        keep = {(v.pipeline.name, v.version, k) for v in live for k, s in enumerate(v.pipeline.stages) if s.rollout}
+        live = [(v, spot) for v in self.entries() for spot in spots(v.pipeline)]
+        keep = {(v.pipeline.name, v.version, spot) for v, spot in live}
         for key in set(self._windows) - keep:
             del self._windows[key]
         if not live:
             return
-        stats = await self.stats()
-        for version in live:
-            for k, stage in enumerate(version.pipeline.stages):
-                if stage.rollout is not None:
-                    await self._judge(version, k, stats)
-
-    async def _judge(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> None:
-        p = version.pipeline
-        move = judge(p, k, self._window(version, k, stats))
-        if move is not None:
-            await self._write(move.pipeline, move.cause, version.version)
+        stats, moved = await self.stats(), set()
+        for version, spot in live:
+            if version.pipeline.name in moved:
+                continue  # one move per version: the next head is judged afresh
+            move = judge(version.pipeline, spot, self._window(version, spot, stats))
+            if move is not None:
+                moved.add(version.pipeline.name)
+                await self._write(move.pipeline, move.cause, version.version)
 
     async def _write(self, pipeline: Pipeline, cause: str, expect: int) -> None:
         try:
@@ -146,14 +143,13 @@ class RolloutDriver:
             self.last_move[pipeline.name] = cause
             log.info("pipeline=%s version=%d %s", pipeline.name, written.version, cause)
 
-    def _window(self, version: PipelineVersion, k: int, stats: Mapping[str, ClusterStats]) -> Window:
-        p = version.pipeline
-        stage = p.stages[k]
-        assert stage.rollout is not None
-        candidate = stats.get(stage.rollout.candidate.cluster, ClusterStats())
-        key = (p.name, version.version, k)
+    def _window(self, version: PipelineVersion, spot: Spot, stats: Mapping[str, ClusterStats]) -> Window:
+        variants, rollout = where(version.pipeline, spot)
+        assert rollout is not None
+        candidate = stats.get(rollout.candidate.cluster, ClusterStats())
+        key = (version.pipeline.name, version.version, spot)
         seen = self._windows.setdefault(key, Watched(time.monotonic(), candidate.requests, candidate.errors))
-        baseline = [stats.get(v.cluster) for v in stage.rollout.baseline or stage.variants]
+        baseline = [stats.get(v.cluster) for v in rollout.baseline or variants]
         weighted = [(s.p99_ms, s.requests) for s in baseline if s is not None and s.p99_ms is not None]
         total = sum(n for _, n in weighted)
         baseline_p99 = sum(q * n for q, n in weighted) / total if total else None
@@ -164,7 +160,3 @@ class RolloutDriver:
             candidate_p99_ms=candidate.p99_ms,
             baseline_p99_ms=baseline_p99,
         )
-
-
-def rollout_stages(p: Pipeline) -> list[int]:
-    return [k for k, s in enumerate(p.stages) if s.rollout is not None]

@@ -121,7 +121,7 @@ class _Parser:
             self.bad("stages", "a pipeline needs at least one stage")
         stages = tuple(self.stage(s, f"stages[{i}]") for i, s in enumerate(raw_stages))
         self.unique([s.name for s in stages], "stages", "stage name")
-        if transport == "kafka" and any(s.rollout for s in stages):
+        if transport == "kafka" and any(s.rollout or any(b.rollout for b in s.branches) for s in stages):
             self.bad("transport", "rollouts are judged from Envoy stats: use transport http or uds")
         if stages and stages[0].branches:
             self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
@@ -173,7 +173,7 @@ class _Parser:
         if not data:
             return None
         if not variants:
-            self.bad(path, "a rollout moves a plain split: this stage has branches, not variants")
+            self.bad(path, "this stage has branches: put the rollout in the branch whose split it moves")
         candidate = self.variant(data.get("candidate"), f"{path}.candidate")
         steps = tuple(
             self.integer(x, f"{path}.steps[{i}]", 1, 100, 100)
@@ -220,14 +220,15 @@ class _Parser:
         return self.text(value, path, VERSION, RULES[VERSION])
 
     def branch(self, raw: Any, path: str) -> Branch:
-        data = self.mapping(raw, path, {"key", "variants"})
+        data = self.mapping(raw, path, {"key", "variants", "rollout"})
         key = data.get("key")
         rule = "letters, digits, '_', '.', '-', up to 64"
         key_text = self.text(str(key) if isinstance(key, int) else key, f"{path}.key", _KEY, rule)
         variants = self.variants(data.get("variants"), f"{path}.variants")
         if not variants:
             self.bad(f"{path}.variants", "a branch needs at least one variant")
-        return Branch(key_text, variants)
+        rollout = self.rollout(data["rollout"], f"{path}.rollout", variants) if data.get("rollout") else None
+        return Branch(key_text, variants, rollout)
 
     def shadow(self, raw: Any, path: str) -> Shadow:
         data = self.mapping(raw, path, {"model", "version", "percent"})
@@ -274,7 +275,7 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         if stage.variants:
             out["variants"] = variants(stage.variants)
         if stage.branches:
-            out["branches"] = [{"key": b.key, "variants": variants(b.variants)} for b in stage.branches]
+            out["branches"] = [_branch_dict(b, variants(b.variants)) for b in stage.branches]
             out["branch_on"] = stage.branch_on
         if stage.shadow:
             s = stage.shadow
@@ -292,6 +293,13 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         if getattr(pipeline, field_name):
             result[field_name] = getattr(pipeline, field_name)
     return result
+
+
+def _branch_dict(b: Branch, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": b.key, "variants": variants}
+    if b.rollout:
+        out["rollout"] = _rollout_dict(b.rollout)
+    return out
 
 
 def _rollout_dict(r: Rollout) -> dict[str, Any]:

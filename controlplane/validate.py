@@ -47,8 +47,9 @@ def shape(pipeline: Pipeline) -> str:
         for group in [stage.get("variants", []), *[b["variants"] for b in stage.get("branches", [])]]:
             for variant in group:
                 variant["weight"] = 1
-        if "rollout" in stage:
-            stage["rollout"] = {"candidate": stage["rollout"]["candidate"]}
+        for holder in [stage, *stage.get("branches", [])]:
+            if "rollout" in holder:
+                holder["rollout"] = {"candidate": holder["rollout"]["candidate"]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane.model import InvalidPipeline, Pipeline
-from controlplane.rollouts import Window, judge, user_move
+from controlplane.rollouts import Window, judge, spots, user_move
 from controlplane.spec import parse_pipeline, pipeline_to_dict
 
 
@@ -45,7 +45,7 @@ def test_a_good_candidate_walks_every_step_then_is_promoted_alone() -> None:
     p = pipeline()
     seen = []
     for _ in range(4):
-        move = judge(p, 1, GOOD)
+        move = judge(p, (1, ""), GOOD)
         assert move is not None
         seen.append(move.cause)
         p = parse_pipeline(pipeline_to_dict(move.pipeline))  # every move survives the store's round trip
@@ -61,9 +61,9 @@ def test_a_good_candidate_walks_every_step_then_is_promoted_alone() -> None:
 
 
 def test_a_step_holds_until_it_has_lasted_and_seen_enough_requests() -> None:
-    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
-    assert judge(p, 1, Window(requests=99, errors=0, seconds=60)) is None
-    assert judge(p, 1, Window(requests=1000, errors=0, seconds=4.9)) is None
+    p = judge(pipeline(), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
+    assert judge(p, (1, ""), Window(requests=99, errors=0, seconds=60)) is None
+    assert judge(p, (1, ""), Window(requests=1000, errors=0, seconds=4.9)) is None
 
 
 @pytest.mark.parametrize(
@@ -75,25 +75,25 @@ def test_a_step_holds_until_it_has_lasted_and_seen_enough_requests() -> None:
     ],
 )
 def test_a_bad_candidate_is_rolled_back_to_the_baseline_with_the_reason(window: Window, cause: str) -> None:
-    p = judge(pipeline(max_p99_ms=800), 1, QUIET).pipeline  # type: ignore[union-attr]
-    move = judge(p, 1, window)
+    p = judge(pipeline(max_p99_ms=800), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
+    move = judge(p, (1, ""), window)
     assert move is not None and move.cause.startswith(cause)
     assert move.pipeline.stages[1].rollout is None
     assert [(v.cluster, v.weight) for v in move.pipeline.stages[1].variants] == [("net.v1", 3), ("net.v0", 1)]
 
 
 def test_small_latency_differences_are_noise_not_a_regression() -> None:
-    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
-    move = judge(p, 1, Window(500, 0, 6, candidate_p99_ms=11, baseline_p99_ms=3))  # 3.7x, but 8 ms
+    p = judge(pipeline(), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
+    move = judge(p, (1, ""), Window(500, 0, 6, candidate_p99_ms=11, baseline_p99_ms=3))  # 3.7x, but 8 ms
     assert move is not None and "step 2/3" in move.cause
 
 
 def test_paused_holds_and_a_person_can_promote_or_abort() -> None:
-    p = judge(pipeline(), 1, QUIET).pipeline  # type: ignore[union-attr]
-    paused = user_move(p, 1, "pause")
-    assert paused.cause == "rollout p/b net:v2 paused" and judge(paused.pipeline, 1, GOOD) is None
-    assert user_move(p, 1, "promote").pipeline.stages[1].variants[0].cluster == "net.v2"
-    assert user_move(p, 1, "abort").cause == "rollout aborted p/b net:v2: aborted by hand"
+    p = judge(pipeline(), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
+    paused = user_move(p, (1, ""), "pause")
+    assert paused.cause == "rollout p/b net:v2 paused" and judge(paused.pipeline, (1, ""), GOOD) is None
+    assert user_move(p, (1, ""), "promote").pipeline.stages[1].variants[0].cluster == "net.v2"
+    assert user_move(p, (1, ""), "abort").cause == "rollout aborted p/b net:v2: aborted by hand"
 
 
 @pytest.mark.parametrize(
@@ -121,5 +121,21 @@ def test_rollouts_need_envoy_stats_so_kafka_and_branches_are_refused() -> None:
     first = {"name": "a", "variants": [{"model": "t", "version": "v1"}]}
     branch = {"key": "k", "variants": [{"model": "x", "version": "v1"}]}
     branches = {"name": "p", "stages": [first, {"name": "b", "branches": [branch], "rollout": rollout}]}
-    with pytest.raises(InvalidPipeline, match="has branches, not variants"):
+    with pytest.raises(InvalidPipeline, match="put the rollout in the branch whose split it moves"):
         parse_pipeline(branches)
+
+
+def test_a_rollout_inside_a_branch_moves_only_that_branch() -> None:
+    first = {"name": "a", "variants": [{"model": "tok", "version": "v1"}]}
+    rollout = {"candidate": {"model": "net-food", "version": "v2"}, "steps": [10, 100], "min_requests": 10}
+    food = {"key": "food", "variants": [{"model": "net-food", "version": "v1"}], "rollout": rollout}
+    sports = {"key": "sports", "variants": [{"model": "net-sports", "version": "v1"}]}
+    p = parse_pipeline({"name": "nlp", "stages": [first, {"name": "network", "branches": [food, sports]}]})
+    assert spots(p) == [(1, "food")]
+    move = judge(p, (1, "food"), QUIET)
+    assert move is not None and move.cause == "rollout nlp/network[food] net-food:v2 step 1/2 (10%)"
+    branches = {b.key: b for b in parse_pipeline(pipeline_to_dict(move.pipeline)).stages[1].branches}
+    assert [(v.cluster, v.weight) for v in branches["food"].variants] == [("net-food.v1", 9000), ("net-food.v2", 1000)]
+    assert branches["sports"] == parse_pipeline(pipeline_to_dict(p)).stages[1].branches[1]
+    back = judge(move.pipeline, (1, "food"), Window(50, 10, 1))
+    assert back is not None and back.cause.startswith("auto-rollback nlp/network[food] net-food:v2: 5xx 20.0%")

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
+from controlplane.spec import parse_pipeline
 from controlplane.stackfile import load_stack
 
 BAD = """
@@ -62,3 +64,13 @@ def test_up_with_a_bad_stack_file_says_so_and_starts_nothing(tmp_path: Path) -> 
     assert result.returncode == 1
     assert "has problems" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "state" / "logs").exists()
+
+
+def test_every_example_pipeline_is_valid_and_names_only_models_the_stack_runs() -> None:
+    stack = load_stack(PROJECT_ROOT / "examples/nlp/stack.yaml")
+    running = {(r.model, r.version) for r in stack.runtimes}
+    files = sorted((PROJECT_ROOT / "examples/nlp").glob("pipeline-*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        pipeline = parse_pipeline(yaml.safe_load(path.read_text()))
+        assert pipeline.models() <= running, (path.name, pipeline.models() - running)

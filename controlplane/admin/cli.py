@@ -161,11 +161,9 @@ def cmd_describe(args: argparse.Namespace) -> int:
         if stage.HasField("shadow"):
             s = stage.shadow
             lines.append(f"       shadow {s.model}:{s.version} {s.percent:g}% of requests")
-        if stage.HasField("rollout"):
-            r = stage.rollout
-            state = "paused" if r.paused else "not begun" if r.step == 0 else f"step {r.step}/{len(r.steps)}"
-            to = f"{r.candidate.model}:{r.candidate.version}"
-            lines.append(f"       rollout to {to}: {state} (steps {list(r.steps)})")
+        for key, holder in [("", stage), *((b.key, b) for b in stage.branches)]:
+            if holder.HasField("rollout"):
+                lines.append("       " + rollout_text(holder.rollout, key))
     lines.append("Envoy nodes:" if status.nodes else "Envoy nodes: none connected")
     for node in status.nodes:
         state = f"NACK {node.nack_version}: {node.nack_error}" if node.nack_error else "ok"
@@ -174,6 +172,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     lines += [f"Warning: {w}" for w in status.warnings]
     print("\n".join(lines))
     return 0
+
+
+def rollout_text(r: Any, branch: str) -> str:
+    from controlplane.rollouts import state
+
+    where = f" in branch {branch}" if branch else ""
+    return f"rollout{where} to {r.candidate.model}:{r.candidate.version}: {state(r)} (steps {list(r.steps)})"
 
 
 def variant_text(variant: Any) -> str:

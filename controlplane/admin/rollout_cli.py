@@ -14,7 +14,7 @@ from typing import Any
 from controlplane.admin.cli import admin_client
 from controlplane.errors import CliError
 from controlplane.model import Pipeline
-from controlplane.rollouts import user_move
+from controlplane.rollouts import Spot, spots, state, user_move, where
 
 ROLLOUT_CAUSES = ("rollout", "auto-rollback")
 
@@ -27,30 +27,35 @@ def _current(admin: Any, name: str) -> tuple[Pipeline, int]:
     return spec_from_proto(reply.pipeline.spec), int(reply.pipeline.version)
 
 
-def _stage(p: Pipeline, wanted: str | None) -> int:
-    found = [k for k, s in enumerate(p.stages) if s.rollout is not None and (wanted is None or s.name == wanted)]
+def _spot(p: Pipeline, stage: str | None, branch: str | None) -> Spot:
+    found = [
+        (k, key)
+        for k, key in spots(p)
+        if (stage is None or p.stages[k].name == stage) and (branch is None or key == branch)
+    ]
     if not found:
-        where = f"stage {wanted!r} of " if wanted else ""
-        raise CliError(f"no rollout in progress in {where}pipeline {p.name!r}\nhint: mllambda rollout status {p.name}")
+        raise CliError(f"no rollout in progress there in pipeline {p.name!r}\nhint: mllambda rollout status {p.name}")
     if len(found) > 1:
-        names = ", ".join(p.stages[k].name for k in found)
-        raise CliError(f"pipeline {p.name!r} has rollouts in stages {names}: choose one with --stage")
+        names = ", ".join(_name(p, spot) for spot in found)
+        raise CliError(f"pipeline {p.name!r} has rollouts in {names}: choose one with --stage (and --branch)")
     return found[0]
+
+
+def _name(p: Pipeline, spot: Spot) -> str:
+    return p.stages[spot[0]].name + (f"[{spot[1]}]" if spot[1] else "")
 
 
 def status(p: Pipeline, version: int, recent: list[tuple[int, str]]) -> dict[str, Any]:
     rollouts = []
-    for stage in p.stages:
-        r = stage.rollout
-        if r is None:
-            continue
+    for spot in spots(p):
+        _, r = where(p, spot)
+        assert r is not None
         share = r.steps[r.step - 1] if r.step else 0
         rollouts.append(
             {
-                "stage": stage.name,
+                "stage": _name(p, spot),
                 "candidate": f"{r.candidate.model}:{r.candidate.version}",
-                "state": "paused" if r.paused else "not begun" if r.step == 0 else "running",
-                "step": f"{r.step}/{len(r.steps)}",
+                "state": state(r),
                 "candidate_share_percent": share,
                 "steps": list(r.steps),
                 "analysis": {
@@ -78,14 +83,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 print(json.dumps(found, indent=2))
                 return 0
             for r in found["rollouts"]:
-                print(f"{args.name}/{r['stage']}: {r['candidate']} {r['state']}, step {r['step']}"
+                print(f"{args.name}/{r['stage']}: to {r['candidate']}, {r['state']}"
                       f" ({r['candidate_share_percent']}% of traffic); steps {r['steps']}")  # fmt: skip
             if not found["rollouts"]:
                 print(f"{args.name}: no rollout in progress (version {version})")
             for move in found["recent_moves"]:
                 print(f"  v{move['version']}: {move['cause']}")
             return 0
-        move = user_move(p, _stage(p, args.stage), args.action)
+        move = user_move(p, _spot(p, args.stage, args.branch), args.action)
         reply = admin.apply(move.pipeline, cause=move.cause, expect_version=version)
     print(f"pipeline/{args.name} version {reply.pipeline.version}: {move.cause}")
     return 0
@@ -96,6 +101,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("action", choices=["status", "pause", "resume", "promote", "abort"])
     parser.add_argument("name", help="pipeline")
     parser.add_argument("--stage", help="the stage, when several have a rollout")
+    parser.add_argument("--branch", help="the branch key, when the rollout moves a branch's split")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
     parser.add_argument("--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)")
     parser.set_defaults(handler=cmd_rollout)
