@@ -6,6 +6,7 @@ CONSUL_HTTP_TOKEN) so an operator's existing environment just works.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,3 +59,16 @@ def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
 def tools_dir() -> Path:
     """Folder for binaries the project fetches itself (ignored by git)."""
     return Path(os.environ.get("MLLAMBDA_TOOLS_DIR") or PROJECT_ROOT / ".tools")
+
+
+SECURITY_MODES = ("mtls", "plaintext")
+
+
+def add_security_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--security mtls|plaintext`, the same flag and MLLAMBDA_SECURITY default for every command."""
+    parser.add_argument(
+        "--security",
+        choices=SECURITY_MODES,
+        default=os.environ.get("MLLAMBDA_SECURITY", "plaintext"),
+        help=f"mtls: {what} (MLLAMBDA_SECURITY; default plaintext)",
+    )

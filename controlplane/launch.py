@@ -26,7 +26,7 @@ from contract.naming import (
 )
 from contract.service import RuntimeService
 from controlplane.certs import CertKeeper, write_sds
-from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, resolve
+from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag, resolve
 from controlplane.errors import CliError
 from controlplane.processes import ManagedProcess, envoy_argv, free_port, private_dir
 from controlplane.sidecar import write_bootstrap
@@ -181,10 +181,5 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
-    parser.add_argument(
-        "--security",
-        choices=["mtls", "plaintext"],
-        default=os.environ.get("MLLAMBDA_SECURITY", "plaintext"),
-        help="mtls: the sidecar gets this model's Consul Connect certificate, kept fresh (MLLAMBDA_SECURITY)",
-    )
+    add_security_flag(parser, "the sidecar gets this model's Connect certificate, kept fresh")
     parser.set_defaults(handler=cmd_runtime)

@@ -12,6 +12,7 @@ from controlplane.config import (
     DEFAULT_BRIDGE_ADDR,
     DEFAULT_XDS_ADDR,
     ConsulAddress,
+    add_security_flag,
     resolve,
 )
 from controlplane.discovery import EMPTY_GRACE
@@ -81,12 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
     )
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
-    parser.add_argument(
-        "--security",
-        choices=["mtls", "plaintext"],
-        default="plaintext",
-        help="mtls: every hop, xDS and the Kafka bridge mutually authenticated with Consul Connect certificates",
-    )
+    add_security_flag(parser, "every hop, xDS and the Kafka bridge mutually authenticated (Consul Connect)")
     parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
     parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")
     parser.add_argument("--admin-tls-key", help="admin API over TLS: private key (PEM)")

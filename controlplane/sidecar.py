@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from contract.naming import CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY
 from controlplane.certs import CertKeeper, write_sds
-from controlplane.config import DEFAULT_XDS_ADDR, PROJECT_ROOT, ConsulAddress, split_host_port
+from controlplane.config import DEFAULT_XDS_ADDR, PROJECT_ROOT, ConsulAddress, add_security_flag, split_host_port
 from controlplane.errors import CliError
 from controlplane.processes import ManagedProcess, envoy_argv
 from controlplane.tools import find_envoy
@@ -118,12 +118,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--delta", action="store_true", help="incremental xDS instead of SotW")
     parser.add_argument("--config-dir", help="where to write the bootstrap (default: a temp dir)")
     parser.add_argument("--concurrency", type=int, help="Envoy worker threads (default: one per core)")
-    parser.add_argument(
-        "--security",
-        choices=["mtls", "plaintext"],
-        default="plaintext",
-        help="mtls: a certificate from Consul's Connect CA, kept fresh (the control plane runs --security mtls too)",
-    )
+    add_security_flag(parser, "a certificate from Consul's Connect CA, kept fresh")
     parser.add_argument(
         "--identity", default=GATEWAY_IDENTITY, help="the Consul service this Envoy's certificate names"
     )
