@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from controlplane.rollouts import spots, where
 from controlplane.traffic import VariantTraffic
 from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
@@ -60,6 +61,19 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "mllambda_rollout_moves", "rollout steps, promotions and rollbacks written here", value=view.rollout_moves
         )
+        share = GaugeMetricFamily(
+            "mllambda_rollout_candidate_percent",
+            "the share of its split a rollout's candidate gets now (0: not begun)",
+            labels=["pipeline", "stage", "branch", "candidate"],
+        )
+        for current in view.pipelines:
+            for spot in spots(current.pipeline):
+                _, r = where(current.pipeline, spot)
+                assert r is not None
+                stage = current.pipeline.stages[spot[0]].name
+                percent = r.steps[r.step - 1] if r.step else 0
+                share.add_metric([current.pipeline.name, stage, spot[1], r.candidate.cluster], percent)
+        yield share
         yield GaugeMetricFamily(
             "mllambda_translate_failed_groups",
             "node groups whose translation failed (they keep their last config)",

@@ -21,6 +21,7 @@ from controlplane.sidecar import render_bootstrap
 from tests.envoy_helpers import wait_for
 from tests.test_discovery_e2e import SteadyLoad
 from tests.test_ha import second_control_plane
+from tests.test_observability import metric, scrape
 from tests.test_pipeline_e2e import until_ok
 
 pytestmark = pytest.mark.slow
@@ -167,6 +168,8 @@ async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_
         await until_ok(url, {"text": "a b"})
         async with SteadyLoad(url) as load:
             await wait_for(lambda: "step 2/5" in history(other, "handover")[-1]["cause"], timeout=30)
+            shown = metric(scrape(other), "mllambda_rollout_candidate_percent", pipeline="handover", stage="s")
+            assert shown in (30, 50), shown  # the step /metrics shows (it may have moved on once)
             assert driver.proc is not None
             driver.proc.signal(signal.SIGKILL)  # no goodbye: its Consul session must time out
             killed = time.monotonic()
