@@ -80,8 +80,15 @@ def _claim(port: int) -> bool:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> bool:
-    """Nobody has `port` bound (TCP by default; socket.SOCK_DGRAM for UDP)."""
+    """Nobody has `port` bound (TCP by default; socket.SOCK_DGRAM for UDP).
+
+    Connections of a process that just stopped linger in TIME_WAIT for a minute;
+    servers (Consul, Envoy, gRPC) bind with SO_REUSEADDR and ignore them, so the
+    check does too: `down` then `up` works at once.
+    """
     with socket.socket(socket.AF_INET, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

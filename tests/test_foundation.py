@@ -52,3 +52,34 @@ def test_free_ports_never_repeat_across_processes() -> None:
     out, _ = child.communicate(timeout=60)
     theirs = {int(p) for p in out.split()}
     assert len(theirs) == 300 and not mine & theirs
+
+
+def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> None:
+    """`mllambda down` then `up`: Consul's old connections sit in TIME_WAIT, but nothing listens."""
+    import socket
+    import time
+
+    from controlplane import processes
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Consul (Go) and Envoy listen
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not processes.port_is_free(port)  # listening: taken
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.close()
+    server.close()
+    time.sleep(0.1)  # the FIN exchange completes: TIME_WAIT
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))  # what the old check did
+        lingering = False
+    except OSError:
+        lingering = True
+    finally:
+        plain.close()
+    assert lingering, "no TIME_WAIT was made: the test proves nothing"
+    assert processes.port_is_free(port)
