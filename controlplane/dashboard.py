@@ -148,6 +148,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _window(seconds: float | None) -> str:
+    return "" if seconds is None else f" <small>({seconds:.0f} s)</small>"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -156,14 +160,15 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
     e = html.escape
     out = [
         "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
-        "<th>observed</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
+        "<th>observed (window)</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
     ]
     for t in rows:
         errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
         out.append(
             f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
             f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
-            f"<td class='observed'>{_pct(t['observed_share'])}</td><td>{t['requests']}</td><td>{errors}</td>"
+            f"<td class='observed'>{_pct(t['observed_share'])}{_window(t.get('window_seconds'))}</td>"
+            f"<td>{t['requests']}</td><td>{errors}</td>"
             f"<td>{t['retries']}</td>"
             f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
         )
@@ -191,11 +196,11 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
     """/ (the page), /api/status (JSON), /metrics (Prometheus): read-only."""
 
     async def api_status(request: web.Request) -> web.Response:
-        return web.json_response(status_document(reader.view(), await reader.traffic()))
+        return web.json_response(status_document(reader.view(), await reader.recent_traffic()))
 
     async def dashboard(request: web.Request) -> web.Response:
         view = reader.view()
-        page = render_dashboard(view, status_document(view, await reader.traffic()))
+        page = render_dashboard(view, status_document(view, await reader.recent_traffic()))
         return web.Response(text=page, content_type="text/html")
 
     app = web.Application(middlewares=[_local_hosts_only])

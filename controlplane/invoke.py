@@ -131,8 +131,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(status, indent=2))
         return 0
+    windows = {t["pipeline"]: t.get("window_seconds") for t in status["traffic"]}
     for p in status["pipelines"]:
-        print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}")
+        seen = windows.get(p["name"])
+        over = f"  (observed over the last {seen:.0f} s of this version)" if seen is not None else ""
+        print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}{over}")
     columns = f"{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
     print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'RETRIES':>9}{'P99 MS':>8}")
     for t in status["traffic"]:

@@ -50,7 +50,7 @@ from controlplane.rollout_driver import RolloutDriver
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
-from controlplane.traffic import ClusterStats, TrafficScraper, VariantTraffic, per_variant
+from controlplane.traffic import ClusterStats, TrafficBook, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
@@ -116,7 +116,7 @@ class ControlPlane:
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
-        self.traffic_scraper = TrafficScraper()
+        self.traffic_book = TrafficBook(self._admin_ports)
         holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
         self.rollouts = RolloutDriver(
             self.consul, self.store, settings.kv_prefix, self._in_traffic, self._stats, holder, self._refused
@@ -197,6 +197,7 @@ class ControlPlane:
             asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
             asyncio.create_task(self._reconcile_forever()),
             asyncio.create_task(self.rollouts.run()),
+            asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
         ]
         if self.kafka is not None:
             self._tasks.append(asyncio.create_task(self.kafka.run(self._pending_kafka, self._wake.set)))
@@ -252,6 +253,7 @@ class ControlPlane:
         # translated (its hops pushed) and only then, on a later step, let in.
         if self.switchboard.advance(self._missing, self.reconciler.gateway_left):
             self._dirty = True
+            self.traffic_book.entered.set()  # a reading of the counters where the new version's window starts
         if self._dirty:
             self._dirty = False
             deployments = self.switchboard.deployments()
@@ -314,11 +316,19 @@ class ControlPlane:
         """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""
         return per_variant([v.pipeline for v in self.pipelines], await self._stats())
 
+    async def recent_traffic(self) -> list[VariantTraffic]:
+        return await self.traffic_book.recent([v.pipeline for v in self.pipelines], self._entered_at)
+
+    def _entered_at(self, name: str) -> float | None:
+        track = self.switchboard.tracks.get(name)
+        return track.entered_at if track and track.entry else None
+
     async def _stats(self) -> dict[str, ClusterStats]:
+        return await self.traffic_book.stats()
+
+    def _admin_ports(self) -> list[int]:
         ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
-        if self.settings.gateway_admin_port:
-            ports.append(self.settings.gateway_admin_port)
-        return await self.traffic_scraper.stats(ports)
+        return ports + ([self.settings.gateway_admin_port] if self.settings.gateway_admin_port else [])
 
     def _envoy_admin_urls(self, runtimes: Sequence[RuntimeService]) -> dict[str, str]:
         urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}

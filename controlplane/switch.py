@@ -46,6 +46,7 @@ class Track:
     pending_since: float = 0.0
     waiting_for: tuple[str, ...] = ()
     reported_slow: bool = False
+    entered_at: float = 0.0  # when the entry took traffic (clock of the switchboard)
     draining: dict[int, PipelineVersion] = field(default_factory=dict)
     drain_until: dict[int, float] = field(default_factory=dict)  # set once the gateway has left that version
 
@@ -68,7 +69,7 @@ class Switchboard:
             names.add(name)
             track = self.tracks.setdefault(name, Track())
             if in_traffic and track.entry is None:
-                track.entry = current
+                track.entry, track.entered_at = current, now
             elif track.entry is not None and track.entry.version == current.version:
                 track.pending = None
             elif track.pending is None or track.pending.version != current.version:
@@ -94,6 +95,7 @@ class Switchboard:
                     if track.entry is not None:
                         track.draining[track.entry.version] = track.entry
                     track.entry, track.pending, changed = track.pending, None, True
+                    track.entered_at = now
                     log.info("pipeline=%s version=%d in traffic after %.2fs", name, track.entry.version,
                              now - track.pending_since)  # fmt: skip
                 elif now - track.pending_since > SLOW_AFTER and not track.reported_slow:

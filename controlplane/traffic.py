@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -43,6 +44,7 @@ class VariantTraffic:
     p50_ms: float | None
     p99_ms: float | None
     retries: int
+    window_seconds: float | None = None  # what the counts cover (None: since the Envoys started)
 
 
 def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
@@ -120,6 +122,32 @@ def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]
     return rows
 
 
+def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> dict[str, ClusterStats]:
+    """Counts between two readings (latency quantiles are the newer reading's); a restarted Envoy counts from 0."""
+    found = {}
+    for cluster, s in now.items():
+        old = then.get(cluster, ClusterStats())
+        found[cluster] = ClusterStats(
+            max(0, s.requests - old.requests), max(0, s.errors - old.errors), s.p50_ms, s.p99_ms,
+            max(0, s.retries - old.retries),
+        )  # fmt: skip
+    return found
+
+
+class TrafficHistory:
+    """Readings of every Envoy's counters over time, so shares can be observed over a window, not since start."""
+
+    def __init__(self, kept: int = 720) -> None:
+        self._readings: deque[tuple[float, dict[str, ClusterStats]]] = deque(maxlen=kept)  # bounded: ~1 h at 5 s
+
+    def add(self, at: float, stats: Mapping[str, ClusterStats]) -> None:
+        self._readings.append((at, dict(stats)))
+
+    def first_since(self, start: float) -> tuple[float, dict[str, ClusterStats]] | None:
+        """The earliest reading taken at or after `start` (None: none yet)."""
+        return next(((at, stats) for at, stats in self._readings if at >= start), None)
+
+
 def _row(
     where: tuple[str, str, str],
     model: str,
@@ -144,9 +172,9 @@ class TrafficScraper:
         self._stats: dict[str, ClusterStats] = {}
         self._lock = asyncio.Lock()
 
-    async def stats(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
+    async def stats(self, admin_ports: Iterable[int], fresh: bool = False) -> dict[str, ClusterStats]:
         async with self._lock:
-            if time.monotonic() - self._at >= self.max_age:
+            if fresh or time.monotonic() - self._at >= self.max_age:
                 timeout = aiohttp.ClientTimeout(total=2)
                 async with aiohttp.ClientSession(timeout=timeout) as session:
                     found = await asyncio.gather(*(self._one(session, port) for port in set(admin_ports)))
@@ -160,3 +188,47 @@ class TrafficScraper:
                 return parse_envoy_stats(await resp.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return {}  # an Envoy that is going away does not hide the others
+
+
+WINDOW = 60.0  # seconds of traffic the dashboard and `status` observe shares over
+READ_EVERY = 5.0  # seconds between readings of every Envoy's counters
+
+
+class TrafficBook:
+    """Every Envoy's counters: as they are (for /metrics), and over a recent window of each pipeline's version."""
+
+    def __init__(self, admin_ports: Callable[[], list[int]]) -> None:
+        self.admin_ports = admin_ports
+        self.scraper = TrafficScraper()
+        self.history = TrafficHistory()
+        self.entered = asyncio.Event()  # set when a version enters traffic: read at once, its window starts there
+
+    async def stats(self, fresh: bool = False) -> dict[str, ClusterStats]:
+        return await self.scraper.stats(self.admin_ports(), fresh)
+
+    async def recent(
+        self, pipelines: Sequence[Pipeline], entered_at: Callable[[str], float | None]
+    ) -> list[VariantTraffic]:
+        """Per variant over the last WINDOW seconds, counted from the first reading after the version entered.
+
+        The previous version's traffic never mixes in; `window_seconds` says what the counts cover.
+        """
+        current, now, rows = await self.stats(), time.monotonic(), []
+        for p in pipelines:
+            base = self.history.first_since(max(now - WINDOW, entered_at(p.name) or now))
+            counted = delta(current, base[1]) if base else {}
+            seconds = round(now - base[0], 1) if base else 0.0
+            rows += [replace(r, window_seconds=seconds) for r in per_variant([p], counted)]
+        return rows
+
+    async def run(self, active: Callable[[], bool]) -> None:
+        """A reading every READ_EVERY seconds while there is something to read, and at once on `entered`."""
+        while True:
+            if active():
+                at = time.monotonic()
+                self.history.add(at, await self.stats(fresh=True))  # an Envoy that does not answer counts empty
+            try:
+                await asyncio.wait_for(self.entered.wait(), READ_EVERY)
+            except TimeoutError:
+                pass
+            self.entered.clear()

@@ -55,4 +55,6 @@ class PlaneView:
 class PlaneReader(Protocol):
     def view(self) -> PlaneView: ...
 
-    async def traffic(self) -> list[VariantTraffic]: ...
+    async def traffic(self) -> list[VariantTraffic]: ...  # counts since each Envoy started (for /metrics)
+
+    async def recent_traffic(self) -> list[VariantTraffic]: ...  # over a recent window of the version in traffic

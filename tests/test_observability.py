@@ -165,3 +165,29 @@ def test_the_dashboard_answers_only_requests_addressed_to_this_machine(control_p
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(forged, timeout=10)
         assert refused.value.code == 421
+
+
+async def test_observed_shares_count_only_the_current_version(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """A new user's report: after 90/10 replaced 100/0, shares since Envoy start read 95.4/4.6."""
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"{M}:{model}", model, "v1")
+    start_runtime(f"{M}:score_v2", "score", "v2")
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/shifted"
+    for spec, requests in ((pipeline("shifted"), 300), (pipeline("shifted", **SPLIT), 500)):
+        (tmp_path / "p.yaml").write_text(json.dumps(spec))
+        applied = control_plane.cli("apply", "-f", str(tmp_path / "p.yaml"), "--wait")
+        assert applied.returncode == 0, applied.stderr
+        await asyncio.sleep(0.5)  # the reading where the version's window starts
+        async with aiohttp.ClientSession() as session:
+            answers = [await post(session, url, {"text": "a b"}) for _ in range(requests)]
+        assert {status for status, _, _ in answers} == {200}
+    await asyncio.sleep(1.5)  # the scraper's one-second cache
+    rows = [t for t in json.loads(scrape(control_plane, "/api/status"))["traffic"] if t["pipeline"] == "shifted"]
+    score = {t["version"]: t for t in rows if t["stage"] == "score"}
+    assert sum(t["requests"] for t in score.values()) == 500, score  # the 300 of version 1 are not in it
+    assert 0.06 <= score["v2"]["observed_share"] <= 0.14, score
+    assert 0 < score["v2"]["window_seconds"] <= 60
+    status = control_plane.cli("status", f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}")
+    assert "observed over the last" in status.stdout, status.stdout + status.stderr
