@@ -147,8 +147,12 @@ def _replace(path: Path, text: str) -> None:
 
 
 def server_context(identity: Identity, folder: Path) -> ssl.SSLContext:
-    """A TLS server context that requires a client certificate from our CA (the bridge)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    """A TLS server context that requires a client certificate from our CA, and trusts no other (the bridge).
+
+    Not `ssl.create_default_context`: that would also trust the system's public CAs for client certificates.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     load_identity(context, identity, folder)
     return context
