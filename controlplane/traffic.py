@@ -172,14 +172,17 @@ class TrafficScraper:
         self._stats: dict[str, ClusterStats] = {}
         self._lock = asyncio.Lock()
 
-    async def stats(self, admin_ports: Iterable[int], fresh: bool = False) -> dict[str, ClusterStats]:
+    async def stats(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
         async with self._lock:
-            if fresh or time.monotonic() - self._at >= self.max_age:
-                timeout = aiohttp.ClientTimeout(total=2)
-                async with aiohttp.ClientSession(timeout=timeout) as session:
-                    found = await asyncio.gather(*(self._one(session, port) for port in set(admin_ports)))
-                self._stats, self._at = merge(found), time.monotonic()
+            if time.monotonic() - self._at >= self.max_age:
+                self._stats, self._at = await self.read(admin_ports), time.monotonic()
             return self._stats
+
+    async def read(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
+        """Every Envoy's counters now, bypassing the cache (which the people reading it keep fresh)."""
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            return merge(await asyncio.gather(*(self._one(session, port) for port in set(admin_ports))))
 
     async def _one(self, session: aiohttp.ClientSession, port: int) -> dict[str, ClusterStats]:
         url = f"http://127.0.0.1:{port}/stats?format=json&usedonly&filter=^cluster%5C."
@@ -203,8 +206,8 @@ class TrafficBook:
         self.history = TrafficHistory()
         self.entered = asyncio.Event()  # set when a version enters traffic: read at once, its window starts there
 
-    async def stats(self, fresh: bool = False) -> dict[str, ClusterStats]:
-        return await self.scraper.stats(self.admin_ports(), fresh)
+    async def stats(self) -> dict[str, ClusterStats]:
+        return await self.scraper.stats(self.admin_ports())
 
     async def recent(
         self, pipelines: Sequence[Pipeline], entered_at: Callable[[str], float | None]
@@ -226,7 +229,7 @@ class TrafficBook:
         while True:
             if active():
                 at = time.monotonic()
-                self.history.add(at, await self.stats(fresh=True))  # an Envoy that does not answer counts empty
+                self.history.add(at, await self.scraper.read(self.admin_ports()))  # one not answering counts empty
             try:
                 await asyncio.wait_for(self.entered.wait(), READ_EVERY)
             except TimeoutError:
