@@ -33,6 +33,7 @@ from consul.callback import CB
 from contract.naming import CA_FILE, CA_SECRET, CERT_FILE, CERT_SECRET
 from contract.watch import WAIT, watch
 from controlplane.errors import CliError
+from controlplane.processes import private_dir
 
 log = logging.getLogger("mllambda.certs")
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -57,7 +58,7 @@ class CertKeeper:
         self.service = service
         self.on_change = on_change
         self.identity: Identity | None = None
-        self.rotations = 0
+        self._ready = asyncio.Event()
         self._leaf: dict[str, Any] | None = None
         self._roots: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,15 +69,15 @@ class CertKeeper:
             asyncio.create_task(watch(self._query_roots, self._take_roots, what="connect ca roots")),
             asyncio.create_task(watch(self._query_leaf, self._take_leaf, what=f"connect leaf {self.service}")),
         ]
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.identity is None:
-            if asyncio.get_running_loop().time() > deadline:
-                await self.stop()
-                raise CliError(
-                    f"no certificate for {self.service!r} from Consul's Connect CA in {timeout:.0f}s: "
-                    "is Connect enabled on the agent (`connect { enabled = true }`; on in -dev)?"
-                )
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            await self.stop()
+            raise CliError(
+                f"no certificate for {self.service!r} from Consul's Connect CA in {timeout:.0f}s: "
+                "is Connect enabled on the agent (`connect { enabled = true }`; on in -dev)?"
+            ) from None
+        assert self.identity is not None
         return self.identity
 
     async def stop(self) -> None:
@@ -116,16 +117,15 @@ class CertKeeper:
         if fresh == self.identity:
             return
         if self.identity is not None:
-            self.rotations += 1
             log.info("identity renewed service=%s serial=%s", self.service, fresh.serial)
         self.identity = fresh
         self.on_change(fresh)
+        self._ready.set()
 
 
 def write_sds(folder: Path, identity: Identity) -> None:
     """Envoy's file-based SDS: the CA first, then the leaf, each replaced atomically."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    private_dir(folder)
     ca = {"name": CA_SECRET, "validation_context": {"trusted_ca": {"inline_string": identity.roots}}}
     cert = {
         "name": CERT_SECRET,
@@ -158,9 +158,17 @@ def server_context(identity: Identity, folder: Path) -> ssl.SSLContext:
     return context
 
 
+def renewed_server_context(keeper: CertKeeper, folder: Path) -> ssl.SSLContext:
+    """A server context for `keeper`'s identity, reloaded in place whenever Consul renews it."""
+    assert keeper.identity is not None
+    context = server_context(keeper.identity, folder)
+    keeper.on_change = lambda fresh: load_identity(context, fresh, folder)
+    return context
+
+
 def load_identity(context: ssl.SSLContext, identity: Identity, folder: Path) -> None:
     """(Re)load a context's certificate and trusted roots; handshakes after this use them."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(folder)
     chain, key = folder / "chain.pem", folder / "key.pem"
     _replace(chain, identity.chain)
     _replace(key, identity.key)

@@ -14,9 +14,9 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
-import ssl
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +33,7 @@ from contract.naming import (
 )
 from contract.service import RuntimeService
 from contract.watch import watch
-from controlplane.certs import CertKeeper, load_identity, server_context
+from controlplane.certs import CertKeeper, renewed_server_context
 from controlplane.config import (
     split_host_port,
 )
@@ -44,13 +44,12 @@ from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
-from controlplane.processes import private_dir
 from controlplane.reconcile import Reconciler
 from controlplane.rollout_driver import RolloutDriver
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
-from controlplane.traffic import ClusterStats, TrafficBook, VariantTraffic, per_variant
+from controlplane.traffic import TrafficBook, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
@@ -119,9 +118,16 @@ class ControlPlane:
         self.traffic_book = TrafficBook(self._admin_ports)
         holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
         self.rollouts = RolloutDriver(
-            self.consul, self.store, settings.kv_prefix, self._in_traffic, self._stats, holder, self._refused
+            self.consul,
+            self.store,
+            settings.kv_prefix,
+            self._in_traffic,
+            self.traffic_book.stats,
+            holder,
+            self._refused,
         )
         self._dashboard: web.AppRunner | None = None
+        self._bridge_keys: Path | None = None  # where the bridge's TLS context loads its key from
         self._wake = asyncio.Event()
         self._dirty = True
         self._read_once = False
@@ -189,7 +195,10 @@ class ControlPlane:
         if self.kafka is not None:
             address = split_host_port(self.settings.bridge_addr, 18003)
             app = build_bridge_app(self.kafka, self._live_pipeline)
-            tls = self._bridge_tls()
+            tls = None
+            if self.bridge_identity is not None:  # its key is copied where only we read it (ssl loads files)
+                self._bridge_keys = Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}" / f"bridge-{os.getpid()}"
+                tls = renewed_server_context(self.bridge_identity, self._bridge_keys)
             self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix, tls).start()
         self._mark_dirty()  # every known node group gets a snapshot once Consul has been read
         self._tasks = [
@@ -314,7 +323,7 @@ class ControlPlane:
 
     async def traffic(self) -> list[VariantTraffic]:
         """Observed traffic per pipeline/stage/variant, from every Envoy's own stats."""
-        return per_variant([v.pipeline for v in self.pipelines], await self._stats())
+        return per_variant([v.pipeline for v in self.pipelines], await self.traffic_book.stats())
 
     async def recent_traffic(self) -> list[VariantTraffic]:
         return await self.traffic_book.recent([v.pipeline for v in self.pipelines], self._entered_at)
@@ -322,9 +331,6 @@ class ControlPlane:
     def _entered_at(self, name: str) -> float | None:
         track = self.switchboard.tracks.get(name)
         return track.entered_at if track and track.entry else None
-
-    async def _stats(self) -> dict[str, ClusterStats]:
-        return await self.traffic_book.stats()
 
     def _admin_ports(self) -> list[int]:
         ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
@@ -336,16 +342,6 @@ class ControlPlane:
             urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
         return urls
 
-    def _bridge_tls(self) -> ssl.SSLContext | None:
-        """The bridge's server side of mTLS, renewed in place when Consul rotates its leaf."""
-        keeper = self.bridge_identity
-        if keeper is None or keeper.identity is None:
-            return None
-        folder = private_dir(Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}" / f"bridge-{os.getpid()}")
-        context = server_context(keeper.identity, folder)
-        keeper.on_change = lambda fresh: load_identity(context, fresh, folder)
-        return context
-
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -353,6 +349,8 @@ class ControlPlane:
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.stop()
+        if self._bridge_keys is not None:
+            shutil.rmtree(self._bridge_keys, ignore_errors=True)  # the bridge's key copy goes with it
         if self.bridge is not None:
             await self.bridge.deregister()
         if self._dashboard is not None:

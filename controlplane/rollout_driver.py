@@ -61,9 +61,9 @@ class RolloutDriver:
         self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
         self.driving = False
         self.moves = 0
-        self.last_move: dict[str, str] = {}  # pipeline -> cause of the last move made here
         self._windows: dict[tuple[str, int, Spot], Watched] = {}
         self._session = ""
+        self._renewed = 0.0
 
     async def run(self) -> None:
         """Forever: hold the lock (or wait for it), and while holding it, drive."""
@@ -140,7 +140,6 @@ class RolloutDriver:
             return  # someone else wrote first: judge the new head next time
         if created:
             self.moves += 1
-            self.last_move[pipeline.name] = cause
             log.info("pipeline=%s version=%d %s", pipeline.name, written.version, cause)
 
     def _window(self, version: PipelineVersion, spot: Spot, stats: Mapping[str, ClusterStats]) -> Window:

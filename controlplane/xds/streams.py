@@ -46,8 +46,7 @@ class Refused(Exception):
     """This stream may not have what it asks for (its certificate names another identity)."""
 
 
-# Who a stream's node is allowed to be: (node id, group) -> None (allowed), a reason (refused),
-# or WAIT (not known yet: nothing is sent until it is, checked again on every snapshot change).
+# (node id, group) -> None (allowed), a reason (refused), or WAIT (unknown yet: checked again on each change).
 Guard = Callable[[str, str], "str | None"]
 WAIT = "wait"
 
@@ -65,6 +64,12 @@ class Inbox(asyncio.Queue[object]):
                 return
             self.change_pending = True
         super().put_nowait(item)
+
+    def get_nowait(self) -> object:
+        item = super().get_nowait()  # Queue.get() ends here too
+        if item is SNAPSHOT_CHANGED:
+            self.change_pending = False  # a change after this one must be read again
+        return item
 
 
 @dataclass
@@ -108,7 +113,6 @@ class _Stream:
         try:
             while (item := await queue.get()) is not _END:
                 if item is SNAPSHOT_CHANGED:
-                    queue.change_pending = False
                     responses = self._replay() + self._on_snapshot() if self._admitted() else []
                 else:
                     room.release()
