@@ -8,12 +8,15 @@ BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matc
 STAGE = "x-mll-stage"  # the stage this request is for
 SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
 SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" per hop, first hop first
+FANOUT = "x-mll-fanout"  # an ensemble's members to ask: "name=timeout_ms" each, "?" after optional ones
+FANOUT_PATH = "x-mll-fanout-path"  # the ensemble stage's path on the egress; members at "<path>/<name>"
+FANOUT_BRANCH_FIELD = "x-mll-fanout-branch-field"  # output field that picks a member's branch
 # Response: a 503 the answering Envoy made itself (it could not reach its own runtime). Only such
 # answers are retried by the hop before; a failure relayed from further down the chain is final.
 RETRIABLE = "x-mll-retriable"
 
 # Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
-STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE)
+STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD)
 
 # Propagated unchanged to the next hop, so one request can be followed end to end.
 PROPAGATED = (

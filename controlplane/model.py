@@ -24,6 +24,7 @@ LIMITS = {
     "weight": 10_000,
     "timeout_ms": 300_000,
     "retry_attempts": 5,
+    "members": 8,  # contract.fanout.MAX_MEMBERS
 }
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -84,6 +85,27 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One model of an ensemble stage: asked at the same time as the others, with its own split and shadow.
+
+    Its variants split by weight (or its branches by the stage's `branch_on`)
+    as a stage's do. A required member's failure fails the request; an optional
+    one's (an error, or no answer within `timeout_ms`) leaves it out, marked.
+    """
+
+    name: str
+    variants: tuple[Variant, ...] = ()
+    branches: tuple[Branch, ...] = ()
+    shadow: Shadow | None = None
+    required: bool = True
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+
+    def groups(self) -> list[tuple[str, tuple[Variant, ...]]]:
+        found = [("", self.variants)] if self.variants else []
+        return found + [(b.key, b.variants) for b in self.branches]
+
+
+@dataclass(frozen=True)
 class Retry:
     attempts: int = DEFAULT_RETRY_ATTEMPTS
     per_try_timeout_ms: int = 0  # 0: the stage timeout
@@ -99,23 +121,36 @@ class Stage:
     retry: Retry = field(default_factory=Retry)
     branch_on: str = DEFAULT_BRANCH_ON  # field of the previous stage's output that picks the branch
     rollout: Rollout | None = None
+    members: tuple[Member, ...] = ()  # an ensemble: every member asked at once, answers merged by name
+    join: Variant | None = None  # an ensemble's model that gets the merged answers (None: they go on as they are)
 
     def groups(self) -> list[tuple[str, tuple[Variant, ...]]]:
-        """Each split group: ("", variants) for a plain split, (branch key, variants) per branch."""
+        """Each split group: ("", variants) for a plain split, (branch key, variants) per branch;
+        for an ensemble, ("<member>" or "<member>/<branch key>", variants) per member, then ("(join)", join)."""
         found = [("", self.variants)] if self.variants else []
-        return found + [(b.key, b.variants) for b in self.branches]
+        found += [(b.key, b.variants) for b in self.branches]
+        for m in self.members:
+            found += [(f"{m.name}/{key}" if key else m.name, variants) for key, variants in m.groups()]
+        return found + ([("(join)", (self.join,))] if self.join else [])
 
     def all_variants(self) -> tuple[Variant, ...]:
         return tuple(v for _, variants in self.groups() for v in variants)
+
+    def shadows(self) -> list[tuple[str, Shadow]]:
+        """("", the stage's shadow) or (member name, its shadow) for each shadow."""
+        found = [("", self.shadow)] if self.shadow else []
+        return found + [(m.name, m.shadow) for m in self.members if m.shadow]
+
+    def clusters(self) -> set[str]:
+        """Every model version this stage sends requests to (variants, members, join, shadows)."""
+        return {v.cluster for v in self.all_variants()} | {s.cluster for _, s in self.shadows()}
 
     def models(self) -> set[tuple[str, str]]:
         found = {(v.model, v.version) for v in self.all_variants()}
         for rollout in [self.rollout, *(b.rollout for b in self.branches)]:
             if rollout:
                 found.add((rollout.candidate.model, rollout.candidate.version))
-        if self.shadow:
-            found.add((self.shadow.model, self.shadow.version))
-        return found
+        return found | {(s.model, s.version) for _, s in self.shadows()}
 
 
 @dataclass(frozen=True)

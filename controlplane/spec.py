@@ -4,6 +4,7 @@ field path) and the canonical plain form stored in Consul."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
@@ -19,6 +20,7 @@ from controlplane.model import (
     TRANSPORTS,
     Branch,
     InvalidPipeline,
+    Member,
     Pipeline,
     PipelineVersion,
     Problem,
@@ -125,10 +127,24 @@ class _Parser:
             self.bad("transport", "rollouts are judged from Envoy stats: use transport http or uds")
         if stages and stages[0].branches:
             self.bad("stages[0].branches", "the first stage has no previous stage to branch on")
+        self.ensembles(stages, str(transport))
         topics = [self.topic(data.get(field_name), field_name) for field_name in ("input_topic", "output_topic")]
         if topics[0] and topics[0] == topics[1]:
             self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
         return Pipeline(name, str(transport), stages, topics[0], topics[1])
+
+    def ensembles(self, stages: tuple[Stage, ...], transport: str) -> None:
+        """Who fans out: the model sending into an ensemble stage, so one must be there to do it."""
+        for k, stage in enumerate(stages):
+            if not stage.members:
+                continue
+            path = f"stages[{k}].members"
+            if transport == "kafka":
+                self.bad(path, "ensembles fan out over HTTP: use transport http or uds (Kafka has no windowed join)")
+            if k == 0:
+                self.bad(path, "the first stage is called by the gateway, which cannot fan out: put a stage before it")
+            elif stages[k - 1].members and not stages[k - 1].join:
+                self.bad(path, f"no model sends into this ensemble: give stages[{k - 1}] (an ensemble) a join")
 
     def topic(self, value: Any, path: str) -> str:
         if not value:
@@ -142,15 +158,9 @@ class _Parser:
 
     def stage(self, raw: Any, path: str) -> Stage:
         allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on", "rollout"}
-        data = self.mapping(raw, path, allowed)
+        data = self.mapping(raw, path, allowed | {"members", "join"})
         name = self.label(data.get("name"), f"{path}.name")
-        variants = self.variants(data.get("variants"), f"{path}.variants")
-        raw_branches = self.items(data.get("branches"), f"{path}.branches", LIMITS["branches"])
-        branches = tuple(self.branch(b, f"{path}.branches[{i}]") for i, b in enumerate(raw_branches))
-        self.unique([b.key for b in branches], f"{path}.branches", "branch key")
-        if bool(variants) == bool(branches):
-            self.bad(path, "needs exactly one of 'variants' or 'branches'")
-        shadow = self.shadow(data["shadow"], f"{path}.shadow") if data.get("shadow") else None
+        variants, branches = self.split(data, path)
         timeout = self.integer(
             data.get("timeout_ms") or None,
             f"{path}.timeout_ms",
@@ -158,13 +168,54 @@ class _Parser:
             LIMITS["timeout_ms"],
             DEFAULT_TIMEOUT_MS,
         )
+        raw_members = self.items(data.get("members"), f"{path}.members", LIMITS["members"])
+        members = tuple(self.member(m, f"{path}.members[{i}]", timeout) for i, m in enumerate(raw_members))
+        self.unique([m.name for m in members], f"{path}.members", "member name")
+        if sum(map(bool, (variants, branches, members))) != 1:
+            self.bad(path, "needs exactly one of 'variants', 'branches' or 'members'")
+        shadow = self.shadow(data["shadow"], f"{path}.shadow") if data.get("shadow") else None
+        join = self.variant(data["join"], f"{path}.join", weighted=False) if data.get("join") else None
+        for field_name, present in (("shadow", shadow), ("rollout", data.get("rollout"))):
+            if members and present:
+                self.bad(f"{path}.{field_name}", f"an ensemble's {field_name} goes in one of its members")
+        if join and not members:
+            self.bad(f"{path}.join", "only an ensemble (a stage with 'members') has a join")
         retry = self.retry(data.get("retry"), f"{path}.retry", timeout)
         branch_on = DEFAULT_BRANCH_ON
         if data.get("branch_on"):
             rule = "a field name: letters, digits, '_', '.', '-', up to 64"
             branch_on = self.text(data["branch_on"], f"{path}.branch_on", _FIELD, rule)
-        rollout = self.rollout(data["rollout"], f"{path}.rollout", variants) if data.get("rollout") else None
-        return Stage(name, variants, branches, shadow, timeout, retry, branch_on, rollout)
+        rollout = None
+        if data.get("rollout") and not members:
+            rollout = self.rollout(data["rollout"], f"{path}.rollout", variants)
+        return Stage(name, variants, branches, shadow, timeout, retry, branch_on, rollout, members, join)
+
+    def split(self, data: dict[str, Any], path: str) -> tuple[tuple[Variant, ...], tuple[Branch, ...]]:
+        """A stage's or member's variants, or its branches."""
+        variants = self.variants(data.get("variants"), f"{path}.variants")
+        raw_branches = self.items(data.get("branches"), f"{path}.branches", LIMITS["branches"])
+        branches = tuple(self.branch(b, f"{path}.branches[{i}]") for i, b in enumerate(raw_branches))
+        self.unique([b.key for b in branches], f"{path}.branches", "branch key")
+        return variants, branches
+
+    def member(self, raw: Any, path: str, stage_timeout_ms: int) -> Member:
+        allowed = {"name", "variants", "branches", "shadow", "required", "timeout_ms"}
+        data = self.mapping(raw, path, allowed)
+        name = self.label(data.get("name"), f"{path}.name")
+        variants, branches = self.split(data, path)
+        if bool(variants) == bool(branches):
+            self.bad(path, "needs exactly one of 'variants' or 'branches'")
+        for b in branches:
+            if b.rollout:
+                self.bad(f"{path}.branches", "rollouts are not supported inside an ensemble")
+        required = data.get("required", True)
+        if not isinstance(required, bool):
+            self.bad(f"{path}.required", f"must be true or false, got {type(required).__name__}")
+        timeout = self.integer(
+            data.get("timeout_ms") or None, f"{path}.timeout_ms", 1, stage_timeout_ms, stage_timeout_ms
+        )
+        shadow = self.shadow(data["shadow"], f"{path}.shadow") if data.get("shadow") else None
+        return Member(name, variants, branches, shadow, required is not False, timeout)
 
     def rollout(self, raw: Any, path: str, variants: tuple[Variant, ...]) -> Rollout | None:
         fields = {"candidate", "steps", "step_seconds", "min_requests", "max_error_rate", "max_p99_ratio"}
@@ -206,8 +257,8 @@ class _Parser:
             self.bad(path, "weights must add up to more than 0")
         return variants
 
-    def variant(self, raw: Any, path: str) -> Variant:
-        data = self.mapping(raw, path, {"model", "version", "weight"})
+    def variant(self, raw: Any, path: str, weighted: bool = True) -> Variant:
+        data = self.mapping(raw, path, {"model", "version", "weight"} if weighted else {"model", "version"})
         return Variant(
             self.label(data.get("model"), f"{path}.model"),
             self.version(data.get("version"), f"{path}.version"),
@@ -282,6 +333,11 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
             out["shadow"] = {"model": s.model, "version": s.version, "percent": s.percent}
         if stage.rollout:
             out["rollout"] = _rollout_dict(stage.rollout)
+        if stage.members:
+            out["members"] = [_member_dict(m, variants) for m in stage.members]
+            out["branch_on"] = stage.branch_on
+        if stage.join:
+            out["join"] = {"model": stage.join.model, "version": stage.join.version}
         out["timeout_ms"] = stage.timeout_ms
         out["retry"] = {
             "attempts": stage.retry.attempts,
@@ -293,6 +349,19 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         if getattr(pipeline, field_name):
             result[field_name] = getattr(pipeline, field_name)
     return result
+
+
+def _member_dict(m: Member, variants: Callable[[tuple[Variant, ...]], list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": m.name}
+    if m.variants:
+        out["variants"] = variants(m.variants)
+    if m.branches:
+        out["branches"] = [_branch_dict(b, variants(b.variants)) for b in m.branches]
+    if m.shadow:
+        out["shadow"] = {"model": m.shadow.model, "version": m.shadow.version, "percent": m.shadow.percent}
+    out["required"] = m.required
+    out["timeout_ms"] = m.timeout_ms
+    return out
 
 
 def _branch_dict(b: Branch, variants: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from contract import headers as h
+from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
+from runtime_sdk.ensemble import Answers, ask
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -194,6 +196,15 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         except (TypeError, ValueError, RecursionError) as err:
             code = 500
             return _failed(runtime, served, err, "predict() returned what JSON cannot hold")
+        if request.headers.get(h.FANOUT) and not request.headers.get(h.SHADOW):
+            answers = await ask_members(runtime, request, body, output)
+            served = ", ".join([served, *answers.served])
+            if answers.merged is None:
+                code = answers.status
+                stage = request.headers.get(h.FANOUT_PATH, "").rsplit("/", 1)[-1]
+                message = f"ensemble {stage!r}: required member {answers.failed!r} failed: {answers.reason}"
+                return _json_response({"error": message, "member": answers.failed}, code, served)
+            output, body = answers.merged, json.dumps(answers.merged)
         next_path = request.headers.get(h.NEXT)
         if not next_path or request.headers.get(h.SHADOW):
             return web.Response(text=body, status=200, content_type="application/json", headers={h.SERVED: served})
@@ -208,6 +219,19 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
+
+
+async def ask_members(runtime: Runtime, request: web.Request, body: str, output: dict[str, Any]) -> Answers:
+    """The ensemble the control plane names in the steering headers, asked through the own sidecar."""
+    headers = request.headers
+    try:
+        fan = FanOut.parse(headers.get(h.FANOUT_PATH, ""), headers[h.FANOUT], headers.get(h.FANOUT_BRANCH_FIELD, ""))
+    except ValueError as err:
+        raise web.HTTPBadRequest(text=_error(f"{h.FANOUT}: {err}"), content_type="application/json") from err
+    outgoing = {k: headers[k] for k in h.PROPAGATED if k in headers}
+    outgoing["content-type"] = "application/json"
+    session, base = runtime.egress.target(headers.get(h.TRANSPORT, "http"), "")
+    return await ask(session, base, fan, body, outgoing, output)
 
 
 def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web.Response:

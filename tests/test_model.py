@@ -61,7 +61,7 @@ def test_every_problem_is_reported_with_its_path() -> None:
         "transport: 'carrier-pigeon' is not one of http, uds, kafka",
         "stages[0].variants: weights must add up to more than 0",
         "stages[1].variants: duplicate model version 'm.v1'",
-        "stages[2]: needs exactly one of 'variants' or 'branches'",
+        "stages[2]: needs exactly one of 'variants', 'branches' or 'members'",
         "stages: duplicate stage name 'a'",
     ]
 

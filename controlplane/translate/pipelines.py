@@ -21,14 +21,16 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 
 from contract.naming import BRIDGE_SERVICE, bridge_path, cluster_model, pipeline_path, stage_path
 from contract.service import RuntimeService
-from controlplane.model import Pipeline, PipelineVersion
+from controlplane.model import Pipeline, PipelineVersion, Stage
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.routes import (
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
+    entry_routes,
     ingress_route,
+    member_route,
     not_found_route,
     readiness_route,
     retry_policy,
@@ -160,7 +162,7 @@ def _isolated(
 
 def _shared_key(mine: tuple[PipelineVersion, ...], reach: Reach) -> Hashable:
     """What every sidecar of one model version depends on: the versions it serves, their clusters' endpoints."""
-    clusters = sorted({v.cluster for p in mine for stage in p.pipeline.stages for v in stage.all_variants()})
+    clusters = sorted({c for p in mine for stage in p.pipeline.stages for c in stage.clusters()})
     versions = tuple((v.pipeline.name, v.version) for v in mine)  # a stored version never changes
     return (versions, tuple((c, reach.get(c, ())) for c in clusters))
 
@@ -189,12 +191,10 @@ def carried(
 
 
 def _served_by(routed: Sequence[PipelineVersion]) -> dict[str, tuple[PipelineVersion, ...]]:
-    """Model version (cluster) -> the routed versions with a stage it serves (a variant or the shadow), in order."""
+    """Model version (cluster) -> the routed versions with a stage it serves (a variant, member, join, shadow)."""
     found: dict[str, list[PipelineVersion]] = {}
     for v in routed:
-        clusters = {x.cluster for stage in v.pipeline.stages for x in stage.all_variants()}
-        clusters |= {stage.shadow.cluster for stage in v.pipeline.stages if stage.shadow}
-        for cluster in clusters:
+        for cluster in {c for stage in v.pipeline.stages for c in stage.clusters()}:
             found.setdefault(cluster, []).append(v)
     return {cluster: tuple(vs) for cluster, vs in found.items()}
 
@@ -275,15 +275,9 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP)
     ingress, egress = [ready], []
     for v in routed:
-        p = v.pipeline
-        for k, stage in enumerate(p.stages):
-            if stage.shadow and stage.shadow.cluster == me.cluster:
-                ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
-            if me.cluster in {variant.cluster for variant in stage.all_variants()}:
-                ingress.append(_admit(ingress_route(p, v.version, k, shadow=False), p, k, tls))
-                if k + 1 < len(p.stages):
-                    path = stage_path(p.name, v.version, p.stages[k + 1].name)
-                    egress += stage_routes(p, k + 1, match_path=path, rewrite=None)
+        more_in, more_out = _hops(v, me.cluster, tls)
+        ingress += more_in
+        egress += more_out
     guard = [(security.RBAC_FILTER, security.rbac_filter())] if tls else []
     listeners = [
         r.http_listener(
@@ -310,6 +304,31 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
     routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *_dedupe(egress)])]
     return _snapshot(listeners, routes, remote, clusters)
+
+
+def _hops(v: PipelineVersion, me: str, tls: str) -> tuple[list[rc.Route], list[rc.Route]]:
+    """What model version `me` serves in `v`: ingress routes into its runtime, egress routes to where it sends."""
+    p, ingress, egress = v.pipeline, [], []
+    for k, stage in enumerate(p.stages):
+        if stage.shadow and stage.shadow.cluster == me:
+            ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
+        if _sends_on(stage, me):
+            ingress.append(_admit(ingress_route(p, v.version, k, shadow=False), p, k, tls))
+            if k + 1 < len(p.stages):
+                egress += entry_routes(p, v.version, k + 1)
+        for m in stage.members:
+            if me in {x.cluster for _, variants in m.groups() for x in variants}:
+                ingress.append(_admit(member_route(p, v.version, k, m, shadow=False), p, k, tls))
+            if m.shadow and m.shadow.cluster == me:
+                ingress.append(_admit(member_route(p, v.version, k, m, shadow=True), p, k, tls))
+    return ingress, egress
+
+
+def _sends_on(stage: Stage, me: str) -> bool:
+    """Whether `me` answers `stage` as the model whose output goes on: a variant, or an ensemble's join."""
+    if stage.members:
+        return stage.join is not None and stage.join.cluster == me
+    return me in {x.cluster for x in stage.all_variants()}
 
 
 def _admit(route: rc.Route, p: Pipeline, k: int, tls_dir: str) -> rc.Route:

@@ -14,9 +14,11 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
+from contract import fanout
 from contract import headers as h
+from contract.fanout import FanOut
 from contract.naming import stage_path
-from controlplane.model import Pipeline, Stage, Variant
+from controlplane.model import Member, Pipeline, Shadow, Variant
 from controlplane.translate import resources as r
 
 LOCAL_HTTP = "local-http"  # a sidecar's cluster for its own runtime over TCP
@@ -31,50 +33,112 @@ def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
     add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport)]
     if shadow:
         add.append(r.header(h.SHADOW, "1"))
-    elif k + 1 < len(p.stages):
-        following = p.stages[k + 1]
-        add.append(r.header(h.NEXT, stage_path(p.name, version, following.name)))
-        if following.branches:
-            add.append(r.header(h.BRANCH_FIELD, following.branch_on))
+    else:
+        add += onward(p, version, k + 1)
     match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
     if shadow:
         # Envoy marks mirrored requests by appending "-shadow" to the host part of the authority.
         match.headers.append(
             rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(contains="-shadow"))
         )
+    return _local_route(p, f"{p.name}/{stage.name}", match, add, p.timeout_ms(k))
+
+
+def member_route(p: Pipeline, version: int, k: int, member: Member, shadow: bool) -> rc.Route:
+    """Sidecar -> its own runtime, for one member of an ensemble: it answers and never forwards."""
+    stage = p.stages[k]
+    add = [r.header(h.STAGE, f"{stage.name}.{member.name}"), r.header(h.TRANSPORT, p.transport)]
+    match = rc.RouteMatch(path=member_path(p, version, k, member))
+    if shadow:
+        add.append(r.header(h.SHADOW, "1"))
+        match.headers.append(
+            rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(contains="-shadow"))
+        )
+    return _local_route(p, f"{p.name}/{stage.name}/{member.name}", match, add, member.timeout_ms)
+
+
+def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], timeout_ms: int) -> rc.Route:
     local = LOCAL_UDS if p.transport == "uds" else LOCAL_HTTP
     return rc.Route(
-        name=f"{p.name}/{stage.name}",
+        name=name,
         match=match,
-        route=rc.RouteAction(cluster=local, timeout=r.millis(p.timeout_ms(k))),
+        route=rc.RouteAction(cluster=local, timeout=r.millis(timeout_ms)),
         request_headers_to_add=add,
         request_headers_to_remove=list(h.STEERING),
     )
 
 
+def member_path(p: Pipeline, version: int, k: int, member: Member) -> str:
+    return f"{stage_path(p.name, version, p.stages[k].name)}/{member.name}"
+
+
+def onward(p: Pipeline, version: int, k: int) -> list[Any]:
+    """Steering headers for the runtime that sends into stage k: where to, and for an ensemble whom to ask."""
+    if k >= len(p.stages):
+        return []
+    stage = p.stages[k]
+    if not stage.members:
+        found = [r.header(h.NEXT, stage_path(p.name, version, stage.name))]
+        return found + ([r.header(h.BRANCH_FIELD, stage.branch_on)] if stage.branches else [])
+    fan = FanOut(
+        stage_path(p.name, version, stage.name),
+        tuple(fanout.Member(m.name, m.timeout_ms, m.required) for m in stage.members),
+        stage.branch_on if any(m.branches for m in stage.members) else "",
+    )
+    found = [r.header(h.FANOUT_PATH, fan.path), r.header(h.FANOUT, fan.header_value())]
+    if fan.branch_field:
+        found.append(r.header(h.FANOUT_BRANCH_FIELD, fan.branch_field))
+    if stage.join:  # the merged answers go to the join, which sends on
+        return [*found, r.header(h.NEXT, fan.path)]
+    return found + onward(p, version, k + 1)  # the sender sends the merged answers on itself
+
+
+def entry_routes(p: Pipeline, version: int, k: int) -> list[rc.Route]:
+    """A sender's egress routes into stage k: its split, or an ensemble's members and then its join."""
+    stage = p.stages[k]
+    path = stage_path(p.name, version, stage.name)
+    if not stage.members:
+        return stage_routes(p, k, match_path=path, rewrite=None)
+    routes = []
+    for m in stage.members:
+        name, where = f"{p.name}/{stage.name}/{m.name}", member_path(p, version, k, m)
+        routes += _split(p, k, name, m.groups(), where, None, m.timeout_ms, m.shadow)
+    if stage.join:
+        return routes + _split(p, k, f"{p.name}/{stage.name}", [("", (stage.join,))], path, None)
+    return routes + (entry_routes(p, version, k + 1) if k + 1 < len(p.stages) else [])
+
+
 def stage_routes(p: Pipeline, k: int, match_path: str, rewrite: str | None) -> list[rc.Route]:
     """Routes into stage k: a weighted split, or one route per branch key."""
     stage = p.stages[k]
-    if not stage.branches:
-        return [_split_route(p, k, stage.variants, match_path, rewrite, None)]
-    routes = [_split_route(p, k, b.variants, match_path, rewrite, b.key) for b in stage.branches]
-    keys = ", ".join(b.key for b in stage.branches)
+    return _split(p, k, f"{p.name}/{stage.name}", stage.groups(), match_path, rewrite, shadow=stage.shadow)
+
+
+def _split(
+    p: Pipeline,
+    k: int,
+    name: str,
+    groups: Sequence[tuple[str, Sequence[Variant]]],
+    match_path: str,
+    rewrite: str | None,
+    timeout_ms: int = 0,
+    shadow: Shadow | None = None,
+) -> list[rc.Route]:
+    """A weighted split, or one route per branch key and a 422 for any other key."""
+    stage = p.stages[k]
+    routes = [
+        _split_route(p, k, name, variants, match_path, rewrite, key or None, timeout_ms or p.timeout_ms(k), shadow)
+        for key, variants in groups
+    ]
+    if groups and groups[0][0] == "":
+        return routes
+    keys = ", ".join(key for key, _ in groups)
+    body = {"error": f"stage {stage.name!r}: no branch for this routing key", "field": stage.branch_on}
     routes.append(
         rc.Route(
-            name=f"{p.name}/{stage.name}",
+            name=name,
             match=rc.RouteMatch(path=match_path),
-            direct_response=rc.DirectResponseAction(
-                status=422,
-                body=_inline(
-                    json.dumps(
-                        {
-                            "error": f"stage {stage.name!r}: no branch for this routing key",
-                            "field": stage.branch_on,
-                            "known_keys": keys,
-                        }
-                    )
-                ),
-            ),
+            direct_response=rc.DirectResponseAction(status=422, body=_inline(json.dumps({**body, "known_keys": keys}))),
         )
     )
     return routes
@@ -83,16 +147,19 @@ def stage_routes(p: Pipeline, k: int, match_path: str, rewrite: str | None) -> l
 def _split_route(
     p: Pipeline,
     k: int,
+    name: str,
     variants: Sequence[Variant],
     match_path: str,
     rewrite: str | None,
     branch_key: str | None,
+    timeout_ms: int,
+    shadow: Shadow | None,
 ) -> rc.Route:
     stage = p.stages[k]
     action = rc.RouteAction(
-        timeout=r.millis(p.timeout_ms(k)),
+        timeout=r.millis(timeout_ms),
         retry_policy=retry_policy(stage.retry.attempts, stage.retry.per_try_timeout_ms),
-        request_mirror_policies=_mirror(stage),
+        request_mirror_policies=_mirror(shadow),
     )
     if rewrite:
         action.prefix_rewrite = rewrite
@@ -100,7 +167,7 @@ def _split_route(
     match = rc.RouteMatch(path=match_path)
     if branch_key is not None:
         match.headers.append(rc.HeaderMatcher(name=h.BRANCH, string_match=string_pb2.StringMatcher(exact=branch_key)))
-    return rc.Route(name=f"{p.name}/{stage.name}", match=match, route=action)
+    return rc.Route(name=name, match=match, route=action)
 
 
 def retry_policy(attempts: int, per_try_timeout_ms: int = 0) -> rc.RetryPolicy:
@@ -122,15 +189,15 @@ def retry_policy(attempts: int, per_try_timeout_ms: int = 0) -> rc.RetryPolicy:
     return policy
 
 
-def _mirror(stage: Stage) -> list[rc.RouteAction.RequestMirrorPolicy]:
-    if stage.shadow is None:
+def _mirror(shadow: Shadow | None) -> list[rc.RouteAction.RequestMirrorPolicy]:
+    if shadow is None:
         return []
     fraction = percent_pb2.FractionalPercent(
-        numerator=round(stage.shadow.percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+        numerator=round(shadow.percent * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
     )
     return [
         rc.RouteAction.RequestMirrorPolicy(
-            cluster=stage.shadow.cluster,
+            cluster=shadow.cluster,
             runtime_fraction=base_pb2.RuntimeFractionalPercent(default_value=fraction),
         )
     ]

@@ -101,8 +101,14 @@ def callers(p: Pipeline, k: int) -> frozenset[str]:
     """Who may call stage k of `p`: the gateway for the first stage, the previous stage's models after.
 
     A shadow of stage k is called by the same hop as its variants (a mirror), and
-    a shadow's own output goes nowhere, so it never calls stage k+1.
+    a shadow's own output goes nowhere, so it never calls stage k+1. After an
+    ensemble, its join calls; without a join, the model that asked the members
+    sends their merged answers on itself. An ensemble's members and its join are
+    called by whoever calls the stage.
     """
     if k == 0:
         return frozenset({GATEWAY_IDENTITY})
-    return frozenset(v.model for v in p.stages[k - 1].all_variants())
+    before = p.stages[k - 1]
+    if not before.members:
+        return frozenset(v.model for v in before.all_variants())
+    return frozenset({before.join.model}) if before.join else callers(p, k - 1)

@@ -93,3 +93,23 @@ async def slow_echo(payload: dict[str, Any]) -> dict[str, Any]:
     """A slow candidate: like `echo`, 50 ms later."""
     await asyncio.sleep(0.05)
     return payload
+
+
+def longest(payload: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble member: the longest token."""
+    return {"longest": max(payload["tokens"], key=len, default="")}
+
+
+async def sleepy(payload: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble member that answers too late for any short timeout."""
+    await asyncio.sleep(2)
+    return {"slept": True}
+
+
+def join_answers(payload: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble's join: one answer from the members' (`_missing` lists the optional ones left out)."""
+    return {
+        "count": payload["a"]["count"],
+        "longest": payload["b"]["longest"],
+        "left_out": sorted(payload.get("_missing", {})),
+    }

@@ -1,0 +1,95 @@
+"""Asking an ensemble's members: the runtime that sends into an ensemble stage does it, through its sidecar.
+
+All members are asked at once on the one connection pool of the egress
+session, so the stage takes as long as its slowest member, not their sum. Each
+request goes through the sidecars like any hop (retries, outlier detection,
+metrics, mTLS); Envoy's route holds the member's timeout, and the runtime's
+own deadline (a little later) covers a sidecar that does not answer at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from contract import headers as h
+from contract.fanout import FanOut, Member, merge
+
+GRACE = 0.2  # seconds past a member's timeout before the runtime stops waiting for its sidecar
+REASON_CHARS = 300
+
+
+@dataclass
+class Answers:
+    """What the members said: the merged output, or the required member that failed and how."""
+
+    merged: dict[str, Any] | None = None
+    served: list[str] = field(default_factory=list)  # the members' x-mll-served entries, in member order
+    failed: str = ""  # a required member's name
+    status: int = 200
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Said:
+    status: int  # 0: no answer (timeout, unreachable)
+    output: dict[str, Any] | None
+    served: str
+    reason: str
+
+
+async def ask(
+    session: aiohttp.ClientSession, url: str, fan: FanOut, body: str, headers: Mapping[str, str], output: Any
+) -> Answers:
+    """Send `body` to every member at `url` + its path; merge the answers by member name."""
+    outgoing = dict(headers)
+    if fan.branch_field and isinstance(key := output.get(fan.branch_field), str | int) and not isinstance(key, bool):
+        outgoing[h.BRANCH] = str(key)
+    said = await asyncio.gather(*(_one(session, url + fan.member_path(m), m, body, outgoing) for m in fan.members))
+    answers, missing = {}, {}
+    result = Answers(served=[s.served for s in said if s.served])
+    for member, s in zip(fan.members, said, strict=True):
+        if s.output is not None:
+            answers[member.name] = s.output
+        elif member.required:
+            result.failed, result.reason = member.name, s.reason
+            result.status = 504 if s.reason.startswith("timed out") else _failure_status(s.status)
+            return result
+        else:
+            missing[member.name] = s.reason
+    result.merged = merge(answers, missing)
+    return result
+
+
+def _failure_status(status: int) -> int:
+    """A member's 4xx (its input refused) is the caller's too; anything else is a bad gateway."""
+    return status if 400 <= status < 500 else 502
+
+
+async def _one(session: aiohttp.ClientSession, url: str, member: Member, body: str, headers: dict[str, str]) -> _Said:
+    seconds = member.timeout_ms / 1000
+    try:
+        async with asyncio.timeout(seconds + GRACE):
+            async with session.post(url, data=body, headers=headers) as resp:
+                text = await resp.read()
+                served = resp.headers.get(h.SERVED, "")
+                status = resp.status
+    except TimeoutError:
+        return _Said(0, None, "", f"timed out after {member.timeout_ms} ms")
+    except aiohttp.ClientError as err:
+        return _Said(0, None, "", f"unreachable: {err}"[:REASON_CHARS])
+    if status == 504:
+        return _Said(status, None, served, f"timed out after {member.timeout_ms} ms")
+    try:
+        output = json.loads(text)
+    except ValueError:
+        output = None
+    if status != 200 or not isinstance(output, dict):
+        detail = output.get("error") if isinstance(output, dict) else text[:200].decode(errors="replace")
+        return _Said(status, None, served, f"answered {status}: {detail}"[:REASON_CHARS])
+    return _Said(status, output, served, "")

@@ -1,0 +1,111 @@
+"""Ensembles through real Envoys: one stage asks several models at once and joins their answers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import consul_passing
+from tests.test_pipeline_e2e import M, apply, in_traffic, post, until_ok
+
+pytestmark = pytest.mark.slow
+TEXT = {"text": "a quick brown fox"}
+
+
+def ensemble(*members: dict[str, Any], transport: str = "http", join: bool = True) -> dict[str, Any]:
+    stage: dict[str, Any] = {"name": "vote", "timeout_ms": 3000, "members": list(members)}
+    if join:
+        stage["join"] = {"model": "joiner", "version": "v1"}
+    return {
+        "name": "ens",
+        "transport": transport,
+        "stages": [{"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]}, stage],
+    }
+
+
+COUNT = {"name": "a", "variants": [{"model": "count", "version": "v1"}]}
+LONGEST = {
+    "name": "b",
+    "variants": [
+        {"model": "longest", "version": "v1", "weight": 90},
+        {"model": "longest", "version": "v2", "weight": 10},
+    ],
+}
+SLEEPY = {"name": "slow", "required": False, "timeout_ms": 300, "variants": [{"model": "sleepy", "version": "v1"}]}
+BROKEN = {"name": "bad", "variants": [{"model": "broken", "version": "v1"}]}
+
+
+@pytest.fixture
+def runtimes(start_runtime: Any, consul_agent: Any) -> None:
+    started = [
+        start_runtime(f"{M}:{target}", model, version, wait=False)
+        for target, model, version in [
+            ("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("longest", "longest", "v1"),
+            ("longest", "longest", "v2"), ("sleepy", "sleepy", "v1"), ("broken", "broken", "v1"),
+            ("join_answers", "joiner", "v1"),
+        ]
+    ]  # fmt: skip
+    for r in started:
+        r.proc.wait_ready(lambda r=r: consul_passing(consul_agent.http_port, r.model, r.service_id), timeout=60)
+
+
+async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
+    control_plane: Any, gateway: Any, runtimes: None, tmp_path: Path
+) -> None:
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/ens"
+
+    # Two members and a join: both answers reach the join, every member in the served chain.
+    apply(control_plane, tmp_path, ensemble(COUNT, LONGEST))
+    status, body, served = await until_ok(url, TEXT)
+    assert body == {"count": 4, "longest": "quick", "left_out": []}
+    assert served.startswith("tokenize=tokenize:v1, vote.a=count:v1, vote.b=longest:v")
+    assert served.endswith("vote=joiner:v1")
+
+    # Weights inside a member still hold: 90/10 over 2,000 requests, within 2 pp.
+    seen: collections.Counter[str] = collections.Counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+
+        async def one() -> None:
+            status, _, served = await post(session, url, TEXT)
+            seen[served.split("vote.b=")[1].split(",")[0] if status == 200 else f"failed {status}"] += 1
+
+        for _ in range(40):
+            await asyncio.gather(*(one() for _ in range(50)))
+    assert set(seen) == {"longest:v1", "longest:v2"}, seen
+    assert abs(seen["longest:v2"] / 2000 - 0.10) <= 0.02, seen
+
+    # Over Unix sockets, with an optional member that answers too late: left out and marked,
+    # and the answer arrives once its 300 ms are up, well within the stage's 3 s.
+    apply(control_plane, tmp_path, ensemble(COUNT, LONGEST, SLEEPY, transport="uds"))
+    await in_traffic(control_plane, "ens", 2)
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        status, body, served = await post(session, url, TEXT)
+        took = time.monotonic() - started
+    assert (status, body) == (200, {"count": 4, "longest": "quick", "left_out": ["slow"]}), served
+    assert 0.3 <= took < 1.5, took
+
+    # Without a join the merged answers are the result; an optional member's reason is kept.
+    apply(control_plane, tmp_path, ensemble(COUNT, SLEEPY, join=False))
+    await in_traffic(control_plane, "ens", 3)
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await post(session, url, TEXT)
+    assert status == 200, body
+    assert body["a"] == {"tokens": ["a", "quick", "brown", "fox"], "count": 4}
+    assert set(body) == {"a", "_missing"} and "timed out after 300 ms" in body["_missing"]["slow"]
+
+    # A required member that fails fails the request, with an error that names it.
+    apply(control_plane, tmp_path, ensemble(COUNT, BROKEN))
+    await in_traffic(control_plane, "ens", 4)
+    async with aiohttp.ClientSession() as session:
+        status, body, served = await post(session, url, TEXT)
+    assert status == 502, body
+    assert "ensemble 'vote': required member 'bad' failed: answered 500" in body["error"], body
+    assert body["member"] == "bad"
+    assert "vote.bad=broken:v1" in served
