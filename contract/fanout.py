@@ -50,7 +50,7 @@ class FanOut:
             raise ValueError("the fan-out path is not a stage path")
         found = []
         for entry in members.split(",")[: MAX_MEMBERS + 1]:
-            match = _ENTRY.fullmatch(entry.strip())
+            match = _ENTRY.fullmatch(entry)
             if not match or not LABEL.fullmatch(match.group(1)) or int(match.group(2)) == 0:
                 raise ValueError(f"not a fan-out member: {entry[:80]!r}")
             found.append(Member(match.group(1), int(match.group(2)), match.group(3) is None))

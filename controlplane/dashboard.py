@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.metrics import metrics_handler
+from controlplane.model import JOIN_GROUP
 from controlplane.spec import pipeline_to_dict
 from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
@@ -87,10 +88,13 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             for key, variants in stage.groups():
                 total = sum(v.weight for v in variants) or 1
                 split = ", ".join(f"{e(v.model)}:{e(v.version)} {100 * v.weight / total:.0f}%" for v in variants)
-                cells.append(f"branch {e(key)}: {split}" if key else split)
-            if stage.shadow:
-                s = stage.shadow
-                cells.append(f"shadow {e(s.model)}:{e(s.version)} {s.percent:g}%")
+                label = "" if not key else f"{'member' if stage.members else 'branch'} {e(key)}: "
+                label = "join: " if key == JOIN_GROUP else label
+                cells.append(label + split)
+            for member, s in stage.shadows():
+                about = f" of member {e(member)}" if member else ""
+                cells.append(f"shadow{about} {e(s.model)}:{e(s.version)} {s.percent:g}%")
+            cells += [f"member {e(m.name)}: optional, {m.timeout_ms} ms" for m in stage.members if not m.required]
             for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
                 if ro is not None:
                     state = (

@@ -30,6 +30,7 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_BRANCH_ON = "route_key"
+JOIN_GROUP = "(join)"  # an ensemble's join, among its split groups
 INTERNAL_TOPICS = "mll."  # hop, input/output default, dead-letter and bridge topics (contract.naming)
 
 
@@ -131,7 +132,7 @@ class Stage:
         found += [(b.key, b.variants) for b in self.branches]
         for m in self.members:
             found += [(f"{m.name}/{key}" if key else m.name, variants) for key, variants in m.groups()]
-        return found + ([("(join)", (self.join,))] if self.join else [])
+        return found + ([(JOIN_GROUP, (self.join,))] if self.join else [])
 
     def all_variants(self) -> tuple[Variant, ...]:
         return tuple(v for _, variants in self.groups() for v in variants)

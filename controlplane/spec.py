@@ -4,7 +4,7 @@ field path) and the canonical plain form stored in Consul."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
@@ -316,33 +316,22 @@ class _Parser:
 
 def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
     """The canonical plain form (stored in Consul, shown by `get -o yaml`)."""
-
-    def variants(items: tuple[Variant, ...]) -> list[dict[str, Any]]:
-        return [{"model": v.model, "version": v.version, "weight": v.weight} for v in items]
-
     stages = []
     for stage in pipeline.stages:
-        out: dict[str, Any] = {"name": stage.name}
-        if stage.variants:
-            out["variants"] = variants(stage.variants)
-        if stage.branches:
-            out["branches"] = [_branch_dict(b, variants(b.variants)) for b in stage.branches]
+        out: dict[str, Any] = {"name": stage.name, **_split_dict(stage)}
+        if stage.branches or stage.members:
             out["branch_on"] = stage.branch_on
-        if stage.shadow:
-            s = stage.shadow
-            out["shadow"] = {"model": s.model, "version": s.version, "percent": s.percent}
         if stage.rollout:
             out["rollout"] = _rollout_dict(stage.rollout)
         if stage.members:
-            out["members"] = [_member_dict(m, variants) for m in stage.members]
-            out["branch_on"] = stage.branch_on
+            out["members"] = [
+                {"name": m.name, **_split_dict(m), "required": m.required, "timeout_ms": m.timeout_ms}
+                for m in stage.members
+            ]
         if stage.join:
             out["join"] = {"model": stage.join.model, "version": stage.join.version}
         out["timeout_ms"] = stage.timeout_ms
-        out["retry"] = {
-            "attempts": stage.retry.attempts,
-            "per_try_timeout_ms": stage.retry.per_try_timeout_ms,
-        }
+        out["retry"] = asdict(stage.retry)
         stages.append(out)
     result: dict[str, Any] = {"name": pipeline.name, "transport": pipeline.transport, "stages": stages}
     for field_name in ("input_topic", "output_topic"):
@@ -351,23 +340,19 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
     return result
 
 
-def _member_dict(m: Member, variants: Callable[[tuple[Variant, ...]], list[dict[str, Any]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": m.name}
-    if m.variants:
-        out["variants"] = variants(m.variants)
-    if m.branches:
-        out["branches"] = [_branch_dict(b, variants(b.variants)) for b in m.branches]
-    if m.shadow:
-        out["shadow"] = {"model": m.shadow.model, "version": m.shadow.version, "percent": m.shadow.percent}
-    out["required"] = m.required
-    out["timeout_ms"] = m.timeout_ms
-    return out
-
-
-def _branch_dict(b: Branch, variants: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"key": b.key, "variants": variants}
-    if b.rollout:
-        out["rollout"] = _rollout_dict(b.rollout)
+def _split_dict(holder: Stage | Member) -> dict[str, Any]:
+    """A stage's or member's variants or branches, and its shadow."""
+    out: dict[str, Any] = {}
+    if holder.variants:
+        out["variants"] = [asdict(v) for v in holder.variants]
+    if holder.branches:
+        out["branches"] = [
+            {"key": b.key, "variants": [asdict(v) for v in b.variants]}
+            | ({"rollout": _rollout_dict(b.rollout)} if b.rollout else {})
+            for b in holder.branches
+        ]
+    if holder.shadow:
+        out["shadow"] = asdict(holder.shadow)
     return out
 
 
@@ -384,7 +369,7 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
         "paused": r.paused,
     }
     if r.baseline:
-        out["baseline"] = [{"model": v.model, "version": v.version, "weight": v.weight} for v in r.baseline]
+        out["baseline"] = [asdict(v) for v in r.baseline]
     return out
 
 

@@ -102,23 +102,21 @@ def _blend(a: float | None, wa: int, b: float | None, wb: int) -> float | None:
 
 
 def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]) -> list[VariantTraffic]:
-    """Configured vs observed share for every split group (a stage, or one branch of it)."""
+    """Configured vs observed share for every split group (a stage, one branch of it, an ensemble's member)."""
     rows: list[VariantTraffic] = []
     for p in pipelines:
         for stage in p.stages:
-            stage_total = 0
-            for branch, variants in stage.groups():
+            totals: dict[str, int] = {}  # requests per member ("" for a plain stage) into its split groups
+            for group, variants in stage.groups():
                 weights = sum(v.weight for v in variants) or 1
                 total = sum(stats.get(v.cluster, ClusterStats()).requests for v in variants)
-                stage_total += total
+                member = group.split("/", 1)[0] if stage.members else ""
+                totals[member] = totals.get(member, 0) + total
                 for v in variants:
-                    rows.append(
-                        _row((p.name, stage.name, branch), v.model, v.version, v.weight / weights, total, stats)
-                    )
-            if stage.shadow:
-                s = stage.shadow
-                where = (p.name, stage.name, "(shadow)")
-                rows.append(_row(where, s.model, s.version, s.percent / 100, stage_total, stats))
+                    rows.append(_row((p.name, stage.name, group), v.model, v.version, v.weight / weights, total, stats))
+            for member, s in stage.shadows():
+                where = (p.name, stage.name, f"{member} (shadow)" if member else "(shadow)")
+                rows.append(_row(where, s.model, s.version, s.percent / 100, totals.get(member, 0), stats))
     return rows
 
 

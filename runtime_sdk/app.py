@@ -183,6 +183,7 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
     code = 200
     try:
         payload = await read_payload(request)
+        fan = fan_out_of(request)
         try:
             output = await runtime.call_model(payload)
         except Rejected as err:
@@ -196,8 +197,8 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         except (TypeError, ValueError, RecursionError) as err:
             code = 500
             return _failed(runtime, served, err, "predict() returned what JSON cannot hold")
-        if request.headers.get(h.FANOUT) and not request.headers.get(h.SHADOW):
-            answers = await ask_members(runtime, request, body, output)
+        if fan is not None:
+            answers = await ask_members(runtime, request, fan, body, output)
             served = ", ".join([served, *answers.served])
             if answers.merged is None:
                 code = answers.status
@@ -221,13 +222,22 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
 
 
-async def ask_members(runtime: Runtime, request: web.Request, body: str, output: dict[str, Any]) -> Answers:
-    """The ensemble the control plane names in the steering headers, asked through the own sidecar."""
+def fan_out_of(request: web.Request) -> FanOut | None:
+    """The ensemble the steering headers say to ask after predict (None: none); a 400 for a forged one."""
     headers = request.headers
+    if h.FANOUT not in headers or headers.get(h.SHADOW):
+        return None
     try:
-        fan = FanOut.parse(headers.get(h.FANOUT_PATH, ""), headers[h.FANOUT], headers.get(h.FANOUT_BRANCH_FIELD, ""))
+        return FanOut.parse(headers.get(h.FANOUT_PATH, ""), headers[h.FANOUT], headers.get(h.FANOUT_BRANCH_FIELD, ""))
     except ValueError as err:
-        raise web.HTTPBadRequest(text=_error(f"{h.FANOUT}: {err}"), content_type="application/json") from err
+        raise _bad(f"{h.FANOUT}: {err}") from err
+
+
+async def ask_members(
+    runtime: Runtime, request: web.Request, fan: FanOut, body: str, output: dict[str, Any]
+) -> Answers:
+    """Every member of the ensemble, asked through the own sidecar at once."""
+    headers = request.headers
     outgoing = {k: headers[k] for k in h.PROPAGATED if k in headers}
     outgoing["content-type"] = "application/json"
     session, base = runtime.egress.target(headers.get(h.TRANSPORT, "http"), "")

@@ -87,6 +87,18 @@ async def test_the_next_hop_can_only_be_a_stage_path_on_the_own_sidecar(client: 
         assert (await resp.json())["error"] == "x-mll-next is not a stage path"
 
 
+async def test_forged_ensemble_steering_is_refused_before_the_model_runs(client: Any) -> None:
+    for fanout, path in [
+        ("x=100\tevil", "/pipelines/p/v1/e"),
+        ("x=100", "//evil.example/x"),
+        ("a=1,a=2", "/pipelines/p/v1/e"),
+    ]:
+        resp = await client.post("/predict", json={"n": 1}, headers={"x-mll-fanout": fanout, "x-mll-fanout-path": path})
+        assert resp.status == 400, fanout
+        assert (await resp.json())["error"].startswith("x-mll-fanout: ")
+    assert calls == []
+
+
 async def test_readiness_and_metrics(client: Any) -> None:
     assert (await client.get("/readyz")).status == 200
     await client.post("/predict", json={"n": 1})

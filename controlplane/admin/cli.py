@@ -161,6 +161,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
         if stage.HasField("shadow"):
             s = stage.shadow
             lines.append(f"       shadow {s.model}:{s.version} {s.percent:g}% of requests")
+        lines += member_lines(stage)
         for key, holder in [("", stage), *((b.key, b) for b in stage.branches)]:
             if holder.HasField("rollout"):
                 lines.append("       " + rollout_text(holder.rollout, key))
@@ -172,6 +173,26 @@ def cmd_describe(args: argparse.Namespace) -> int:
     lines += [f"Warning: {w}" for w in status.warnings]
     print("\n".join(lines))
     return 0
+
+
+def member_lines(stage: Any) -> list[str]:
+    """An ensemble's members, each with its split, and its join."""
+    lines = []
+    for m in stage.members:
+        kind = "required" if m.required or not m.HasField("required") else "optional"
+        lines.append(f"       member {m.name} ({kind}, timeout {m.timeout_ms}ms): " + variants_text(m))
+        if m.HasField("shadow"):
+            lines.append(f"         shadow {m.shadow.model}:{m.shadow.version} {m.shadow.percent:g}% of requests")
+    if stage.HasField("join"):
+        lines.append(f"       join {stage.join.model}:{stage.join.version}")
+    return lines
+
+
+def variants_text(holder: Any) -> str:
+    split = ", ".join(variant_text(x) for x in holder.variants)
+    return split or "; ".join(
+        f"branch {b.key}: " + ", ".join(variant_text(x) for x in b.variants) for b in holder.branches
+    )
 
 
 def rollout_text(r: Any, branch: str) -> str:
@@ -189,6 +210,7 @@ def summary(spec: Any) -> str:
     parts = []
     for stage in spec.stages:
         names = [f"{x.model}:{x.version}" for x in stage.variants] or [f"{len(stage.branches)} branches"]
+        names = [f"ensemble of {', '.join(m.name for m in stage.members)}"] if stage.members else names
         parts.append(f"{stage.name}[{','.join(names)}]")
     return " -> ".join(parts)
 
