@@ -34,7 +34,7 @@ class ClusterStats:
 class VariantTraffic:
     pipeline: str
     stage: str
-    branch: str  # "" for a plain split; "(shadow)" for the shadow
+    branch: str  # "" for a plain split, a branch key, an ensemble member ("m", "m/key", "(join)"); "(shadow)"
     model: str
     version: str
     configured_share: float

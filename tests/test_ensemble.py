@@ -177,3 +177,19 @@ def test_steering_headers_round_trip_and_answers_merge_by_name() -> None:
     assert fan.member_path(fan.members[1]) == "/pipelines/p/v1/e/y"
     assert merge({"x": {"a": 1}}, {"y": "timed out"}) == {"x": {"a": 1}, "_missing": {"y": "timed out"}}
     assert merge({"x": {}}, {}) == {"x": {}}
+
+
+def test_status_shows_a_row_per_member_with_its_share_and_errors() -> None:
+    from controlplane.traffic import ClusterStats, per_variant
+
+    stats = {
+        "mx.v1": ClusterStats(100, 3),
+        "mx.v2": ClusterStats(10),
+        "my.v1": ClusterStats(40, 0),
+        "mj.v1": ClusterStats(97),
+    }
+    rows = {(r.branch, r.model, r.version): r for r in per_variant([PIPELINE], stats) if r.stage == "e"}
+    assert set(rows) == {("x", "mx", "v1"), ("y/k", "my", "v1"), ("(join)", "mj", "v1"), ("x (shadow)", "mx", "v2")}
+    assert (rows["x", "mx", "v1"].observed_share, rows["x", "mx", "v1"].errors) == (1.0, 3)
+    assert rows["x (shadow)", "mx", "v2"].observed_share == 0.1  # of member x's requests
+    assert rows["y/k", "my", "v1"].requests == 40

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import consul_passing
+from tests.envoy_helpers import get_json
 from tests.test_pipeline_e2e import M, apply, in_traffic, post, until_ok
 
 pytestmark = pytest.mark.slow
@@ -90,6 +91,18 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
         took = time.monotonic() - started
     assert (status, body) == (200, {"count": 4, "longest": "quick", "left_out": ["slow"]}), served
     assert 0.3 <= took < 1.5, took
+
+    # What a person reads: the members in describe, a traffic row per member in status and on the dashboard.
+    described = control_plane.cli("describe", "pipeline", "ens").stdout
+    assert "member slow (optional, timeout 300ms): sleepy:v1 weight=1" in described, described
+    assert "join joiner:v1" in described
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{control_plane.metrics_port}/") as resp:
+        page = await resp.text()
+    assert "member b: longest:v1 90%, longest:v2 10%" in page and "join: joiner:v1 100%" in page
+    _, status_body = await get_json(f"http://127.0.0.1:{control_plane.metrics_port}/api/status")
+    rows = {(t["branch"], t["version"]): t for t in status_body["traffic"] if t["pipeline"] == "ens"}
+    assert (rows["b", "v1"]["configured_share"], rows["b", "v2"]["configured_share"]) == (0.9, 0.1)
+    assert {branch for branch, _ in rows} == {"", "a", "b", "slow", "(join)"}  # "": the first stage
 
     # Without a join the merged answers are the result; an optional member's reason is kept.
     apply(control_plane, tmp_path, ensemble(COUNT, SLEEPY, join=False))

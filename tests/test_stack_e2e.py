@@ -72,9 +72,20 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         status = json.loads(processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status")[1])
         assert [p["version"] for p in status["pipelines"]] == [2]
 
+        # Both networks at once (an ensemble), through the stack's mTLS: each member admitted by its RBAC.
+        ensemble = mllambda("apply", "-f", str(NLP / "pipeline-ensemble.yaml"), "--wait", env=env)
+        assert "pipeline/nlp created (version 3)" in ensemble.stdout, ensemble.stderr
+        both = mllambda("invoke", "nlp", "--data", '{"text": "the pasta was delicious"}', "-o", "json", env=env)
+        assert both.returncode == 0, both.stderr
+        answer = json.loads(both.stdout)
+        assert answer["result"]["tfidf"]["network"] == "tfidf+mlp"
+        assert answer["result"]["word2vec"]["network"] == "word2vec+mlp"
+        assert answer["served_by"]["network.tfidf"] == "net-food:v1"
+        assert answer["served_by"]["network.word2vec"] == "net-food:v2"
+
         # The one-line switch to Kafka: same request, same kind of answer, now through topics.
-        kafka = mllambda("apply", "-f", str(NLP / "pipeline-kafka.yaml"), env=env)
-        assert "pipeline/nlp created (version 3)" in kafka.stdout, kafka.stderr
+        kafka = mllambda("apply", "-f", str(NLP / "pipeline-kafka.yaml"), "--wait", env=env)
+        assert "pipeline/nlp created (version 4)" in kafka.stdout, kafka.stderr
         striker = '{"text": "the striker scored a brilliant goal"}'
         over_kafka = mllambda("invoke", "nlp", "--data", striker, "-o", "json", env=env)
         assert over_kafka.returncode == 0, over_kafka.stderr
