@@ -37,6 +37,9 @@ from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_so
 log = logging.getLogger("mllambda.runtime")
 
 
+MAX_BATCH = 4096
+
+
 def run_dir() -> Path:
     folder = Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
     try:
@@ -46,7 +49,7 @@ def run_dir() -> Path:
 
 
 def checked_service_id(args: argparse.Namespace) -> str:
-    """The names from the flags, held to the rules every entry point uses; the service id, given or made."""
+    """The flags, held to the rules every entry point uses (names, batching); the service id, given or made."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
     service_id = args.service_id or f"{args.model}-{args.version}-{host}-{os.getpid()}"
     names = [("--model", args.model, LABEL), ("--version", args.version, VERSION)]
@@ -56,6 +59,10 @@ def checked_service_id(args: argparse.Namespace) -> str:
             raise CliError(f"{flag}: {problem}")
     if args.model.startswith(RESERVED_PREFIX):
         raise CliError(f"--model: names starting with {RESERVED_PREFIX!r} are ML Lambda's own identities")
+    if not 0 <= args.max_batch <= MAX_BATCH:
+        raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
+    if not 0 < args.max_wait_ms <= 10_000:
+        raise CliError(f"--max-wait-ms: more than 0 and at most 10000, got {args.max_wait_ms:g}")
     return service_id
 
 
@@ -113,6 +120,8 @@ async def launch(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
     )
     c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
@@ -176,6 +185,16 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="sidecar worker threads (default 1: it fronts one runtime; measured in docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="adaptive batching: TARGET is predict_batch(list[dict]) -> list[dict], called with up to this many "
+        "concurrent requests at once (default 0: no batching, TARGET is predict(dict) -> dict)",
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="with --max-batch: longest a request waits for others (5)"
     )
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +20,7 @@ from contract import headers as h
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
+from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.ensemble import Answers, ask
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
@@ -71,6 +72,13 @@ class Metrics:
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.batch_size = Histogram(
+            "mllambda_runtime_batch_size",
+            "requests per predict_batch() call (adaptive batching)",
+            ["model", "version"],
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.kafka_restarts = Counter(
             "mllambda_runtime_kafka_consumer_restarts",
             "Kafka consumers started again after they stopped (broker, rebalance)",
@@ -115,18 +123,26 @@ class Runtime:
     placement: Placement = field(default_factory=Placement)
     kafka_failing: dict[str, str] = field(default_factory=dict)  # topic -> why its consumer stopped (restarting)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
         self.latency = self.metrics.latency.labels(self.model, self.version)  # looked up once, not per request
         self.is_async = inspect.iscoroutinefunction(self.predict)
+        self.batcher = None
+        if self.batch is not None:
+            sizes = self.metrics.batch_size.labels(self.model, self.version)
+            predict_batch = cast(PredictBatch, self.predict)
+            self.batcher = Batcher(predict_batch, self.batch, sizes.observe, self.latency.observe)
 
     @property
     def cluster(self) -> str:
         return model_cluster(self.model, self.version)
 
     async def call_model(self, payload: dict[str, Any]) -> dict[str, Any]:
-        if self.is_async:
+        if self.batcher is not None:
+            result = await self.batcher.submit(payload)
+        elif self.is_async:
             started = time.perf_counter()
             try:
                 result = await self.predict(payload)  # type: ignore[misc]
@@ -189,6 +205,10 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
         except Rejected as err:
             code = 422
             return _json_response({"error": str(err), "model": runtime.model}, 422, served)
+        except Overloaded as err:  # this hop's own failure: another replica may take it (x-mll-retriable)
+            code = 503
+            refusal = {"error": f"model {runtime.model}:{runtime.version} is overloaded: {err}"}
+            return web.json_response(refusal, status=503, headers={h.SERVED: served, h.RETRIABLE: "1"})
         except Exception as err:
             code = 500
             return _failed(runtime, served, err, "predict() raised")
@@ -321,6 +341,8 @@ def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> web.Applica
         await runtime.egress.start()
         yield
         await runtime.egress.close()
+        if runtime.batcher is not None:
+            await runtime.batcher.close()
 
     app.cleanup_ctx.append(egress_lifecycle)
     return app

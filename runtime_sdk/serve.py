@@ -23,6 +23,7 @@ from aiohttp import web
 
 from contract.service import RuntimeService
 from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Placement, Runtime, build_app
+from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.health import HealthServer
 from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.registration import deregister, register, stay_registered
@@ -52,6 +53,8 @@ class ServeOptions:
     access_log: bool = False
     kafka_via: str = ""  # where this runtime's Kafka clients connect (its sidecar's Kafka listener); "": no Kafka
     kv_prefix: str = ""  # the control plane's pipeline KV prefix (routing tables live beside it)
+    max_batch: int = 0  # > 0: the target is predict_batch(list[dict]) -> list[dict], fed by adaptive batching
+    max_wait_ms: float = 5.0
 
 
 def load_callable(target: str) -> Callable[..., Any]:
@@ -86,7 +89,8 @@ async def serve(
     predict = load_callable(options.predict)
     loader = load_callable(options.loader) if options.loader else None
     egress = Egress(service.egress_port, service.egress_uds)
-    runtime = Runtime(predict, service.model, service.version, egress, placement=Placement(options.inline))
+    batch = BatchPolicy(options.max_batch, options.max_wait_ms) if options.max_batch else None
+    runtime = Runtime(predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch)
     access_log = logging.getLogger("aiohttp.access") if options.access_log else None  # a line per request: ~10% CPU
     runner = web.AppRunner(
         build_app(runtime, options.max_body), shutdown_timeout=options.drain_seconds + 10, access_log=access_log
