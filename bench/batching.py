@@ -99,8 +99,8 @@ def main() -> None:
         rps, p50, p99 = (median([r[k] for r in results[name]]) for k in ("rps", "p50", "p99"))
         print(f"{name:<10}{rps:>10.0f}{p50:>10.1f}{p99:>10.1f}")
     ratio = [b["rps"] / s["rps"] for s, b in zip(results["single"], results["batched"], strict=True)]
-    p99 = [b["p99"] / s["p99"] for s, b in zip(results["single"], results["batched"], strict=True)]
-    print(f"\nbatched / single: {median(ratio):.2f}x throughput, {median(p99):.2f}x p99 (medians of per-run ratios)")
+    tail = [b["p99"] / s["p99"] for s, b in zip(results["single"], results["batched"], strict=True)]
+    print(f"\nbatched / single: {median(ratio):.2f}x throughput, {median(tail):.2f}x p99 (medians of per-run ratios)")
 
 
 if __name__ == "__main__":
