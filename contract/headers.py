@@ -11,12 +11,17 @@ SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" pe
 FANOUT = "x-mll-fanout"  # an ensemble's members to ask: "name=timeout_ms" each, "?" after optional ones
 FANOUT_PATH = "x-mll-fanout-path"  # the ensemble stage's path on the egress; members at "<path>/<name>"
 FANOUT_BRANCH_FIELD = "x-mll-fanout-branch-field"  # output field that picks a member's branch
+PROTOCOL = "x-mll-protocol"  # set by the gateway: "oip" when the client spoke the Open Inference Protocol
+OIP_MODEL = "x-mll-oip-model"  # ... and the pipeline ("model") and version its answer is encoded for
+OIP_VERSION = "x-mll-oip-version"
 # Response: a 503 the answering Envoy made itself (it could not reach its own runtime). Only such
 # answers are retried by the hop before; a failure relayed from further down the chain is final.
 RETRIABLE = "x-mll-retriable"
 
 # Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
 STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD)
+
+ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION)  # the gateway's, for the first stage (or bridge) only
 
 # Propagated unchanged to the next hop, so one request can be followed end to end.
 PROPAGATED = (

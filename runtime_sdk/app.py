@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from contract import headers as h
+from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
@@ -183,10 +184,28 @@ async def read_payload(request: web.Request) -> dict[str, Any]:
             text=_error(f"body too large: the limit is {limit} bytes"),
             content_type="application/json",
         ) from err
+    if request.headers.get(h.PROTOCOL) == oip.PROTOCOL:  # the gateway's OIP route: tensors in
+        try:
+            payload, request[OIP_ID] = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+        except oip.BadRequest as err:
+            raise _bad(str(err)) from err
+        return payload
     try:
         return parse_object(body)
     except NotAnObject as err:
         raise _bad(str(err)) from err
+
+
+OIP_ID = "mll_oip_id"  # request key: the OIP request's id, echoed in its response
+
+
+def as_oip(request: web.Request, response: web.Response) -> web.Response:
+    """The first stage answers an OIP client in OIP: the pipeline's JSON answer as output tensors."""
+    headers = request.headers
+    if headers.get(h.PROTOCOL) == oip.PROTOCOL and isinstance(response.body, bytes):
+        model, version = headers.get(h.OIP_MODEL, ""), headers.get(h.OIP_VERSION, "")
+        response.body = oip.reencode(response.status, response.body, model, version, request.get(OIP_ID, ""))
+    return response
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -194,6 +213,10 @@ def _bad(message: str) -> web.HTTPBadRequest:
 
 
 async def handle_predict(request: web.Request) -> web.StreamResponse:
+    return as_oip(request, await predict_and_forward(request))
+
+
+async def predict_and_forward(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[RUNTIME]
     served = f"{request.headers.get(h.STAGE, 'direct')}={runtime.model}:{runtime.version}"
     code = 200

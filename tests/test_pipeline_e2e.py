@@ -95,6 +95,19 @@ async def test_three_stage_pipeline_returns_the_composed_result(
         status, body, _ = await post(session, f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/nope", {})
         assert status == 404 and "mllambda get pipelines" in body["error"]
 
+        # The same pipeline as an Open Inference Protocol model; malformed requests get OIP's 400s.
+        infer = f"http://127.0.0.1:{control_plane.gateway_port}/v2/models/words/infer"
+        text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["the quick brown fox"]}
+        status, body, _ = await post(session, infer, {"id": "r1", "inputs": [text]})
+        assert status == 200, body
+        assert body["id"] == "r1" and body["model_name"] == "words"
+        assert {t["name"]: t["data"] for t in body["outputs"]} == {"count": [4], "score": [40]}
+        status, body, _ = await post(session, infer, {"inputs": [{**text, "shape": [2]}]})
+        assert (status, body) == (400, {"error": "inputs[0]: shape [2] holds 2 elements, data has 1"})
+        # Only the gateway's OIP route makes a request OIP: the header from a client is dropped.
+        async with session.post(url, json={"text": "a b"}, headers={"x-mll-protocol": "oip"}) as resp:
+            assert (resp.status, await resp.json()) == (200, {"count": 2, "score": 20})
+
 
 async def test_weights_split_traffic_and_change_live(
     control_plane: Any, gateway: Any, three_stages: list[Any], start_runtime: Any, tmp_path: Path

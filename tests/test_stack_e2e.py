@@ -25,6 +25,26 @@ def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subproces
     )  # fmt: skip
 
 
+def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
+    """One inference through the gateway with tritonclient, as a KServe/Triton user would; outputs by name."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+    about = client.get_model_metadata(model)
+    assert about["name"] == model, about
+    tensor = triton.InferInput("text", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([text], dtype=object))  # binary tensor extension, Triton's default
+    result = client.infer(model, [tensor])
+    found = {}
+    for output in result.get_response()["outputs"]:
+        value = result.as_numpy(output["name"]).reshape(-1)[0]
+        found[output["name"]] = value.decode() if isinstance(value, bytes) else getattr(value, "item", lambda: value)()
+    client.close()
+    return found
+
+
 def test_nlp_walkthrough(tmp_path: Path) -> None:
     stack = yaml.safe_load((NLP / "stack.yaml").read_text())
     ports = {
@@ -59,6 +79,11 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
             "network": "net-sports:v1",
         }
 
+        # The same pipeline as an Open Inference Protocol model, called by Triton's own client.
+        oip_answer = infer_with_triton(ports["gateway"], "nlp", "the striker scored a brilliant goal")
+        assert oip_answer["category"] == "sports" and oip_answer["sentiment"] == answer["result"]["sentiment"]
+        assert oip_answer["sentiment_confidence"] == answer["result"]["sentiment_confidence"]
+
         applied = mllambda("apply", "-f", str(NLP / "pipeline-v2.yaml"), env=env)
         assert "pipeline/nlp created (version 2)" in applied.stdout, applied.stderr
         many = mllambda(
@@ -91,6 +116,7 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert over_kafka.returncode == 0, over_kafka.stderr
         assert json.loads(over_kafka.stdout)["result"]["category"] == "sports"
         assert json.loads(over_kafka.stdout)["served_by"]["network"] in ("net-sports:v1", "net-sports:v2")
+        assert infer_with_triton(ports["gateway"], "nlp", "the striker scored a brilliant goal")["category"] == "sports"
     finally:
         down = mllambda("down", env=env)
     assert down.returncode == 0, down.stderr

@@ -9,6 +9,7 @@ requests over all of them and retry another when one dies.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import consul.aio
 from aiohttp import web
 
 from contract import headers as h
+from contract import oip
 from contract.naming import BRIDGE_SERVICE, GATEWAY_IDENTITY, bridge_service_id, identity_of
 from contract.payload import NotAnObject, parse_object
 from contract.service import bridge_meta
@@ -34,12 +36,20 @@ def build_bridge_app(kafka: KafkaPlane, live_pipeline: Callable[[str], Pipeline 
         pipeline = live_pipeline(name)
         if pipeline is None:
             return web.json_response({"error": f"no Kafka pipeline named {name!r}"}, status=404)
-        body = await request.read()
+        body, request_id = await request.read(), ""
+        speaks_oip = request.headers.get(h.PROTOCOL) == oip.PROTOCOL
         try:
-            parse_object(body)
-        except NotAnObject as err:
+            if speaks_oip:
+                payload, request_id = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+                body = json.dumps(payload).encode()
+            else:
+                parse_object(body)
+        except (NotAnObject, oip.BadRequest) as err:
             return web.json_response({"error": str(err)}, status=400)
         status, result, served = await kafka.call(name, body, pipeline.timeout_ms() / 1000)
+        if speaks_oip:
+            model, version = request.headers.get(h.OIP_MODEL, name), request.headers.get(h.OIP_VERSION, "")
+            result = oip.reencode(status, result, model, version, request_id)
         headers = {h.SERVED: served} if served else {}
         return web.Response(body=result, status=status, content_type="application/json", headers=headers)
 

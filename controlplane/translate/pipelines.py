@@ -19,6 +19,8 @@ from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 
+from contract import headers as h
+from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, cluster_model, pipeline_path, stage_path
 from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion, Stage
@@ -32,6 +34,8 @@ from controlplane.translate.routes import (
     ingress_route,
     member_route,
     not_found_route,
+    oip_model_routes,
+    oip_server_routes,
     readiness_route,
     retry_policy,
     stage_routes,
@@ -219,7 +223,7 @@ def _gateway(
     switch (switch.py) lets it in only once the gateway has acknowledged them.
     """
     routes = [route for v in entries for route in _gateway_routes(v)]
-    routes.append(not_found_route())
+    routes += [*oip_server_routes(), not_found_route()]
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     # Not served: only their clusters. Kafka versions count too, so that switching
     # back to HTTP finds the first stage's clusters warm.
@@ -232,11 +236,21 @@ def _gateway(
 
 
 def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]:
+    """A pipeline's JSON API and its Open Inference Protocol model, both into its first stage."""
     p = v.pipeline
     if p.transport == "kafka" and not as_http:
-        return [_bridge_route(p)]
-    first = stage_path(p.name, v.version, p.stages[0].name)
-    return stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
+        json_api, infer = [_bridge_route(p, pipeline_path(p.name))], [_bridge_route(p, oip.infer_path(p.name))]
+    else:
+        first = stage_path(p.name, v.version, p.stages[0].name)
+        json_api = stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
+        infer = stage_routes(p, 0, match_path=oip.infer_path(p.name), rewrite=first)
+    for route in json_api:
+        route.request_headers_to_remove.extend(h.ENTRY)  # only the gateway says a request is OIP
+    for route in infer:
+        route.request_headers_to_add.extend(
+            [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
+        )
+    return json_api + infer + oip_model_routes(p.name, str(v.version))
 
 
 def gateway_clusters(version: PipelineVersion) -> frozenset[str]:
@@ -252,11 +266,11 @@ def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
     return cluster
 
 
-def _bridge_route(p: Pipeline) -> rc.Route:
-    """A Kafka pipeline keeps its HTTP API: the gateway sends it to the bridge."""
+def _bridge_route(p: Pipeline, path: str) -> rc.Route:
+    """A Kafka pipeline keeps its HTTP APIs: the gateway sends them to the bridge."""
     return rc.Route(
         name=f"{p.name}/kafka-bridge",
-        match=rc.RouteMatch(path=pipeline_path(p.name)),
+        match=rc.RouteMatch(path=path),
         route=rc.RouteAction(
             cluster=BRIDGE,
             prefix_rewrite=bridge_path(p.name),

@@ -112,7 +112,7 @@ def http_listener(
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
         http_filters=[hcm_pb2.HttpFilter(name=n, typed_config=pack(config)) for n, config in chain],
         generate_request_id=wrappers_pb2.BoolValue(value=True),
-        local_reply_config=hcm_pb2.LocalReplyConfig(body_format=_json_local_reply(), mappers=[_retriable_503()]),
+        local_reply_config=hcm_pb2.LocalReplyConfig(mappers=_local_replies()),
     )
     listener = _listener(name, address, ("envoy.filters.network.http_connection_manager", hcm))
     if transport_socket is not None:
@@ -120,27 +120,37 @@ def http_listener(
     return listener
 
 
-def _json_local_reply() -> Resource:
+def _local_replies() -> list[Resource]:
     """Envoy's own errors (503 no healthy upstream, 504 timeout) as JSON naming the route.
 
     Routes are named after the pipeline stage they lead to, so a client sees
-    which stage failed.
+    which stage failed. Only replies with a response flag are Envoy's errors;
+    direct responses (OIP metadata, a 422 for an unknown branch) keep their own
+    body. This Envoy's own 503s (its upstream unreachable or overflowing) are
+    marked: the hop before may retry them. The first mapper that matches applies.
     """
     body = struct_pb2.Struct()
     body.update({"error": "%LOCAL_REPLY_BODY%", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})
-    return substitution_format_string_pb2.SubstitutionFormatString(json_format=body)
-
-
-def _retriable_503() -> Resource:
-    """Mark this Envoy's own 503s (its upstream unreachable or overflowing): the hop before may retry them."""
+    as_json = substitution_format_string_pb2.SubstitutionFormatString(json_format=body)
+    envoys_own = accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter())
     only_503 = accesslog_pb2.ComparisonFilter(
         op=accesslog_pb2.ComparisonFilter.EQ,
         value=base_pb2.RuntimeUInt32(default_value=503, runtime_key="mllambda.retriable_status"),
     )
-    return hcm_pb2.ResponseMapper(
-        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=only_503)),
-        headers_to_add=[header(h.RETRIABLE, "true")],
+    both = accesslog_pb2.AndFilter(
+        filters=[
+            envoys_own,
+            accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=only_503)),
+        ]
     )
+    return [
+        hcm_pb2.ResponseMapper(
+            filter=accesslog_pb2.AccessLogFilter(and_filter=both),
+            headers_to_add=[header(h.RETRIABLE, "true")],
+            body_format_override=as_json,
+        ),
+        hcm_pb2.ResponseMapper(filter=envoys_own, body_format_override=as_json),
+    ]
 
 
 def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 1000) -> Resource:

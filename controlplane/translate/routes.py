@@ -14,7 +14,7 @@ from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import wrappers_pb2
 
-from contract import fanout
+from contract import fanout, oip
 from contract import headers as h
 from contract.fanout import FanOut
 from contract.naming import stage_path
@@ -214,6 +214,28 @@ def readiness_route(cluster: str = LOCAL_HTTP) -> rc.Route:
         match=rc.RouteMatch(path="/readyz"),
         route=rc.RouteAction(cluster=cluster, timeout=r.millis(1000)),
     )
+
+
+def oip_model_routes(model: str, version: str) -> list[rc.Route]:
+    """Open Inference Protocol: a pipeline's model metadata and readiness, answered by the gateway itself."""
+    get = [rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))]
+    about = json.dumps(oip.metadata(model, version))
+    return [
+        _answer(f"{model}/oip-metadata", rc.RouteMatch(path=f"/v2/models/{model}", headers=get), 200, about),
+        _answer(f"{model}/oip-ready", rc.RouteMatch(path=f"/v2/models/{model}/ready", headers=get), 200, ""),
+    ]
+
+
+def oip_server_routes() -> list[rc.Route]:
+    """Open Inference Protocol: the server's liveness, readiness and metadata (the gateway is up: it answers)."""
+    about = json.dumps({"name": "mllambda", "version": "1", "extensions": []})
+    found = [_answer("oip-server", rc.RouteMatch(path="/v2"), 200, about)]
+    return found + [_answer("oip-health", rc.RouteMatch(path=f"/v2/health/{x}"), 200, "") for x in ("live", "ready")]
+
+
+def _answer(name: str, match: rc.RouteMatch, status: int, body: str) -> rc.Route:
+    action = rc.DirectResponseAction(status=status, body=_inline(body) if body else None)
+    return rc.Route(name=name, match=match, direct_response=action)
 
 
 def not_found_route() -> rc.Route:
