@@ -40,7 +40,9 @@ def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
     found = {}
     for output in result.get_response()["outputs"]:
         value = result.as_numpy(output["name"]).reshape(-1)[0]
-        found[output["name"]] = value.decode() if isinstance(value, bytes) else getattr(value, "item", lambda: value)()
+        if isinstance(value, bytes):
+            value = value.decode()
+        found[output["name"]] = value.item() if hasattr(value, "item") else value
     client.close()
     return found
 
