@@ -11,6 +11,7 @@ SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" pe
 FANOUT = "x-mll-fanout"  # an ensemble's members to ask: "name=timeout_ms" each, "?" after optional ones
 FANOUT_PATH = "x-mll-fanout-path"  # the ensemble stage's path on the egress; members at "<path>/<name>"
 FANOUT_BRANCH_FIELD = "x-mll-fanout-branch-field"  # output field that picks a member's branch
+ASK = "x-mll-ask"  # an OIP stage's path on the egress: ask it, its answer is the output that goes on
 PROTOCOL = "x-mll-protocol"  # set by the gateway: "oip" when the client spoke the Open Inference Protocol
 OIP_MODEL = "x-mll-oip-model"  # ... and the pipeline ("model") and version its answer is encoded for
 OIP_VERSION = "x-mll-oip-version"
@@ -19,7 +20,7 @@ OIP_VERSION = "x-mll-oip-version"
 RETRIABLE = "x-mll-retriable"
 
 # Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
-STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD)
+STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD, ASK)
 
 ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION)  # the gateway's, for the first stage (or bridge) only
 

@@ -73,9 +73,42 @@ def decode_request(body: bytes, header_length: str | None = None) -> tuple[dict[
             flat = [_element(x, datatype, f"inputs[{i}].data") for x in flat]
         if len(flat) != math.prod(shape):
             raise BadRequest(f"inputs[{i}]: shape {shape} holds {math.prod(shape)} elements, data has {len(flat)}")
-        payload[name] = flat[0] if len(flat) == 1 else _reshape(flat, shape)
+        payload[name] = _value(flat, shape, tensor, f"inputs[{i}]")
     request_id = request.get("id")
     return payload, request_id if isinstance(request_id, str) else ""
+
+
+def _value(flat: list[Any], shape: list[int], tensor: dict[str, Any], where: str) -> Any:
+    """A tensor's field value; BYTES marked `content_type: json` holds JSON text (what we encode that way)."""
+    if (tensor.get("parameters") or {}).get("content_type") == "json" and len(flat) == 1:
+        try:
+            return json.loads(flat[0])
+        except (ValueError, TypeError, RecursionError) as err:
+            raise BadRequest(f"{where}: content_type json, but the data is not JSON") from err
+    return flat[0] if len(flat) == 1 else _reshape(flat, shape)
+
+
+def encode_request(payload: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object as an inference request (each field a tensor, as for a response)."""
+    return {"inputs": [{"name": name, **_tensor(value)} for name, value in payload.items()]}
+
+
+def decode_response(body: bytes) -> dict[str, Any]:
+    """An OIP server's inference response -> the JSON object of its outputs (the request's mapping)."""
+    try:
+        response = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise BadRequest(f"the answer is not JSON: {err}") from err
+    if not isinstance(response, dict) or not isinstance(response.get("outputs"), list):
+        raise BadRequest("the answer has no 'outputs' list")
+    found: dict[str, Any] = {}
+    for i, tensor in enumerate(response["outputs"][:MAX_INPUTS]):
+        name, shape, datatype = _header(tensor, f"outputs[{i}]")
+        flat = [_element(x, datatype, f"outputs[{i}].data") for x in _flatten(tensor.get("data"), f"outputs[{i}]")]
+        if len(flat) != math.prod(shape):
+            raise BadRequest(f"outputs[{i}]: shape {shape} holds {math.prod(shape)} elements, data has {len(flat)}")
+        found[name] = _value(flat, shape, tensor, f"outputs[{i}]")
+    return found
 
 
 def _header(tensor: Any, where: str) -> tuple[str, list[int], str]:

@@ -37,6 +37,7 @@ class RuntimeService:
     kafka_port: int = 0  # the sidecar listener that proxies to the Kafka broker (0: none)
     health_port: int = 0  # the runtime's readiness listener, off its event loop (0: the runtime port answers)
     tls_dir: str = ""  # its sidecar's certificate folder (file-based SDS); "": plaintext
+    oip_model: str = ""  # a server we do not run (`mllambda register`): its OIP model name; "": our runtime SDK
     passing: bool = False  # from Consul's health checks; not part of the meta
 
     @functools.cached_property
@@ -59,6 +60,7 @@ class RuntimeService:
             "kafka_port": str(self.kafka_port),
             "health_port": str(self.health_port),
             "tls_dir": self.tls_dir,
+            "oip_model": self.oip_model,
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class RuntimeService:
                 kafka_port=_port(meta, "kafka_port", optional=True),
                 health_port=_port(meta, "health_port", optional=True),
                 tls_dir=_folder(meta.get("tls_dir", "")),
+                oip_model=_named(meta["oip_model"], "meta 'oip_model'", SERVICE_ID) if meta.get("oip_model") else "",
                 passing=all(c.get("Status") == "passing" for c in entry.get("Checks") or []),
             )
         except (KeyError, TypeError, AttributeError) as err:

@@ -49,7 +49,7 @@ def run_dir() -> Path:
 
 
 def checked_service_id(args: argparse.Namespace) -> str:
-    """The flags, held to the rules every entry point uses (names, batching); the service id, given or made."""
+    """The names from the flags, held to the rules every entry point uses; the service id, given or made."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
     service_id = args.service_id or f"{args.model}-{args.version}-{host}-{os.getpid()}"
     names = [("--model", args.model, LABEL), ("--version", args.version, VERSION)]
@@ -59,11 +59,14 @@ def checked_service_id(args: argparse.Namespace) -> str:
             raise CliError(f"{flag}: {problem}")
     if args.model.startswith(RESERVED_PREFIX):
         raise CliError(f"--model: names starting with {RESERVED_PREFIX!r} are ML Lambda's own identities")
+    return service_id
+
+
+def check_batching(args: argparse.Namespace) -> None:
     if not 0 <= args.max_batch <= MAX_BATCH:
         raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
     if not 0 < args.max_wait_ms <= 10_000:
         raise CliError(f"--max-wait-ms: more than 0 and at most 10000, got {args.max_wait_ms:g}")
-    return service_id
 
 
 def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> RuntimeService:
@@ -146,6 +149,7 @@ async def launch(args: argparse.Namespace) -> None:
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
+    check_batching(args)
     # Model code runs in this process: it gets no admin token, and no Consul token through the
     # environment (the Consul client keeps its own copy; give runtimes a service-scoped token).
     os.environ.pop("MLLAMBDA_TOKEN", None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from contract.naming import model_cluster
 
 TRANSPORTS = ("http", "uds", "kafka")
+PROTOCOLS = ("json", "oip")  # how a stage's models are called: our JSON hop, or the Open Inference Protocol
 DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_RETRY_ATTEMPTS = 2
 LIMITS = {
@@ -124,6 +125,7 @@ class Stage:
     rollout: Rollout | None = None
     members: tuple[Member, ...] = ()  # an ensemble: every member asked at once, answers merged by name
     join: Variant | None = None  # an ensemble's model that gets the merged answers (None: they go on as they are)
+    protocol: str = "json"  # "oip": its models answer OIP and never forward; the model before sends their answer on
 
     def groups(self) -> list[tuple[str, tuple[Variant, ...]]]:
         """Each split group: ("", variants) for a plain split, (branch key, variants) per branch;

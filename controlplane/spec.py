@@ -4,7 +4,7 @@ field path) and the canonical plain form stored in Consul."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
@@ -17,12 +17,12 @@ from controlplane.model import (
     DEFAULT_TIMEOUT_MS,
     INTERNAL_TOPICS,
     LIMITS,
+    PROTOCOLS,
     TRANSPORTS,
     Branch,
     InvalidPipeline,
     Member,
     Pipeline,
-    PipelineVersion,
     Problem,
     Retry,
     Rollout,
@@ -134,17 +134,21 @@ class _Parser:
         return Pipeline(name, str(transport), stages, topics[0], topics[1])
 
     def ensembles(self, stages: tuple[Stage, ...], transport: str) -> None:
-        """Who fans out: the model sending into an ensemble stage, so one must be there to do it."""
+        """Who asks: the model sending into an ensemble or OIP stage asks it, so one must be there to do it."""
         for k, stage in enumerate(stages):
-            if not stage.members:
+            if not stage.members and stage.protocol != "oip":
                 continue
-            path = f"stages[{k}].members"
+            where, what = (
+                (f"stages[{k}].members", "an ensemble") if stage.members else (f"stages[{k}].protocol", "an OIP stage")
+            )
             if transport == "kafka":
-                self.bad(path, "ensembles fan out over HTTP: use transport http or uds (Kafka has no windowed join)")
+                self.bad(where, f"{what} is asked over HTTP: use transport http or uds")
             if k == 0:
-                self.bad(path, "the first stage is called by the gateway, which cannot fan out: put a stage before it")
-            elif stages[k - 1].members and not stages[k - 1].join:
-                self.bad(path, f"no model sends into this ensemble: give stages[{k - 1}] (an ensemble) a join")
+                self.bad(
+                    where, f"the first stage is called by the gateway, which cannot ask {what}: put a stage before it"
+                )
+            elif (stages[k - 1].members and not stages[k - 1].join) or stages[k - 1].protocol == "oip":
+                self.bad(where, f"no model of ours sends into {what} here: put a stage (or a join) before it")
 
     def topic(self, value: Any, path: str) -> str:
         if not value:
@@ -158,7 +162,7 @@ class _Parser:
 
     def stage(self, raw: Any, path: str) -> Stage:
         allowed = {"name", "variants", "branches", "shadow", "timeout_ms", "retry", "branch_on", "rollout"}
-        data = self.mapping(raw, path, allowed | {"members", "join"})
+        data = self.mapping(raw, path, allowed | {"members", "join", "protocol"})
         name = self.label(data.get("name"), f"{path}.name")
         variants, branches = self.split(data, path)
         timeout = self.integer(
@@ -188,7 +192,13 @@ class _Parser:
         rollout = None
         if data.get("rollout") and not members:
             rollout = self.rollout(data["rollout"], f"{path}.rollout", variants)
-        return Stage(name, variants, branches, shadow, timeout, retry, branch_on, rollout, members, join)
+        protocol = str(data.get("protocol") or "json")
+        if protocol not in PROTOCOLS:
+            self.bad(f"{path}.protocol", f"{protocol[:20]!r} is not one of {', '.join(PROTOCOLS)}")
+        elif protocol == "oip" and members:
+            self.bad(f"{path}.protocol", "an ensemble's members speak JSON; put an OIP model in a stage of its own")
+        stage = Stage(name, variants, branches, shadow, timeout, retry, branch_on, rollout, members, join)
+        return replace(stage, protocol=protocol)
 
     def split(self, data: dict[str, Any], path: str) -> tuple[tuple[Variant, ...], tuple[Branch, ...]]:
         """A stage's or member's variants, or its branches."""
@@ -330,6 +340,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
             ]
         if stage.join:
             out["join"] = {"model": stage.join.model, "version": stage.join.version}
+        if stage.protocol != "json":
+            out["protocol"] = stage.protocol
         out["timeout_ms"] = stage.timeout_ms
         out["retry"] = asdict(stage.retry)
         stages.append(out)
@@ -371,23 +383,3 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
     if r.baseline:
         out["baseline"] = [asdict(v) for v in r.baseline]
     return out
-
-
-def version_to_record(version: PipelineVersion) -> dict[str, Any]:
-    """A pipeline version as stored in Consul KV."""
-    return {
-        "version": version.version,
-        "spec": pipeline_to_dict(version.pipeline),
-        "created_at": version.created_at,
-        "cause": version.cause,
-    }
-
-
-def version_from_record(record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
-    return PipelineVersion(
-        parse_pipeline(record["spec"]),
-        int(record["version"]),
-        str(record["created_at"]),
-        str(record["cause"]),
-        deleted,
-    )

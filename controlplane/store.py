@@ -26,7 +26,7 @@ import consul.aio
 
 from contract.naming import DEFAULT_KV_PREFIX
 from controlplane.model import Pipeline, PipelineVersion
-from controlplane.spec import version_from_record, version_to_record
+from controlplane.spec import parse_pipeline, pipeline_to_dict
 
 MAX_ATTEMPTS = 32
 MAX_BROKEN_SHOWN = 100  # broken pipelines reported at once
@@ -254,3 +254,23 @@ def _cas(key: str, value: dict[str, Any], index: int) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def version_to_record(version: PipelineVersion) -> dict[str, Any]:
+    """A pipeline version as stored in Consul KV."""
+    return {
+        "version": version.version,
+        "spec": pipeline_to_dict(version.pipeline),
+        "created_at": version.created_at,
+        "cause": version.cause,
+    }
+
+
+def version_from_record(record: dict[str, Any], deleted: bool = False) -> PipelineVersion:
+    return PipelineVersion(
+        parse_pipeline(record["spec"]),
+        int(record["version"]),
+        str(record["created_at"]),
+        str(record["cause"]),
+        deleted,
+    )

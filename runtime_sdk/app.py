@@ -22,7 +22,7 @@ from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
-from runtime_sdk.ensemble import Answers, ask
+from runtime_sdk.ensemble import Answers, ask, ask_oip_stage
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -223,6 +223,9 @@ async def predict_and_forward(request: web.Request) -> web.Response:
     try:
         payload = await read_payload(request)
         fan = fan_out_of(request)
+        ask_path = request.headers.get(h.ASK) if not request.headers.get(h.SHADOW) else None
+        if ask_path is not None and not STAGE_PATH.fullmatch(ask_path):
+            raise _bad(f"{h.ASK} is not a stage path")
         try:
             output = await runtime.call_model(payload)
         except Rejected as err:
@@ -240,6 +243,13 @@ async def predict_and_forward(request: web.Request) -> web.Response:
         except (TypeError, ValueError, RecursionError) as err:
             code = 500
             return _failed(runtime, served, err, "predict() returned what JSON cannot hold")
+        if ask_path is not None:
+            asked = await ask_oip_stage(runtime.egress, request.headers, ask_path, output)
+            served = ", ".join(x for x in (served, asked.served) if x)
+            if asked.output is None:
+                code = asked.status
+                return _json_response({"error": asked.reason}, code, served)
+            output, body = asked.output, json.dumps(asked.output)
         if fan is not None:
             answers = await ask_members(runtime, request, fan, body, output)
             served = ", ".join([served, *answers.served])

@@ -1,4 +1,6 @@
-"""Asking an ensemble's members: the runtime that sends into an ensemble stage does it, through its sidecar.
+"""Asking other stages and sending their answer on: an ensemble's members, an OIP stage.
+
+The runtime that sends into an ensemble stage asks its members, through its sidecar.
 
 All members are asked at once on the one connection pool of the egress
 session, so the stage takes as long as its slowest member, not their sum. Each
@@ -19,6 +21,7 @@ import aiohttp
 
 from contract import headers as h
 from contract.fanout import FanOut, Member, merge
+from contract.oip import BadRequest, decode_response, encode_request
 
 GRACE = 0.2  # seconds past a member's timeout before the runtime stops waiting for its sidecar
 REASON_CHARS = 300
@@ -64,6 +67,43 @@ async def ask(
             missing[member.name] = s.reason
     result.merged = merge(answers, missing)
     return result
+
+
+@dataclass(frozen=True)
+class Asked:
+    output: dict[str, Any] | None  # None: failed
+    served: str
+    status: int = 200
+    reason: str = ""
+
+
+async def ask_oip_stage(egress: Any, headers: Mapping[str, str], path: str, output: dict[str, Any]) -> Asked:
+    """An OIP stage's models answer and never forward: ask it through the own sidecar; its answer goes on.
+
+    The output goes as an inference request (contract.oip: each field a tensor) and
+    the response's tensors come back as fields. Its failure is the request's.
+    """
+    outgoing = {k: headers[k] for k in h.PROPAGATED if k in headers}
+    outgoing["content-type"] = "application/json"
+    session, url = egress.target(headers.get(h.TRANSPORT, "http"), path)
+    stage = path.rsplit("/", 1)[-1]
+    try:
+        async with session.post(url, data=json.dumps(encode_request(output)), headers=outgoing) as resp:
+            text, status, served = await resp.read(), resp.status, resp.headers.get(h.SERVED, "")
+    except aiohttp.ClientError as err:
+        return Asked(None, "", 503, f"OIP stage {stage!r} unreachable: {err}"[:REASON_CHARS])
+    if status != 200:
+        try:
+            detail = json.loads(text).get("error") or text[:200].decode(errors="replace")
+        except (ValueError, AttributeError):
+            detail = text[:200].decode(errors="replace")
+        return Asked(
+            None, served, _failure_status(status), f"OIP stage {stage!r} answered {status}: {detail}"[:REASON_CHARS]
+        )
+    try:
+        return Asked(decode_response(text), served)
+    except BadRequest as err:
+        return Asked(None, served, 502, f"OIP stage {stage!r}: {err}"[:REASON_CHARS])
 
 
 def _failure_status(status: int) -> int:

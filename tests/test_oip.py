@@ -107,3 +107,16 @@ def test_deeply_nested_data_is_read_without_recursion() -> None:
     data = "[" * 500 + "1.5" + "]" * 500
     body = '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": ' + data + "}]}"
     assert oip.decode_request(body.encode()) == ({"x": 1.5}, "")
+
+
+def test_what_we_send_an_oip_stage_decodes_back_to_the_same_object() -> None:
+    payload = {"x": [[5.1, 3.5, 1.4, 0.2]], "text": "hi", "n": 2, "meta": {"a": [1, "b"]}}
+    body = json.dumps(oip.encode_request(payload)).encode()
+    assert oip.decode_request(body) == (payload, "")
+    answer = json.dumps({"model_name": "iris", "outputs": [
+        {"name": "predict", "shape": [1, 1], "datatype": "INT64", "data": [2]},
+        {"name": "proba", "shape": [1, 3], "datatype": "FP64", "data": [0.1, 0.2, 0.7]},
+    ]}).encode()  # fmt: skip
+    assert oip.decode_response(answer) == {"predict": 2, "proba": [[0.1, 0.2, 0.7]]}
+    with pytest.raises(oip.BadRequest, match="no 'outputs' list"):
+        oip.decode_response(b'{"error": "x"}')

@@ -72,7 +72,8 @@ def test_gateway_enters_stage_zero_with_the_whole_chain_timeout() -> None:
 
 
 def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
-    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]
+    passing = [dataclasses.replace(i, passing=True) for i in RUNTIMES]
+    sidecar = translate(steady(PIPELINE), passing)["ma-v1-1"]
     (into_b,) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/v1/b"]
     weights = {c.name: c.weight.value for c in into_b.route.weighted_clusters.clusters}
     assert weights == {"mb.v1": 90, "mb.v2": 10}
@@ -83,6 +84,20 @@ def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
     assert into_b.route.retry_policy.retry_on == "connect-failure,refused-stream,reset,retriable-headers"
     assert [m.name for m in into_b.route.retry_policy.retriable_headers] == ["x-mll-retriable"]
     assert not into_b.route.retry_policy.retriable_status_codes
+
+
+def test_a_split_leaves_out_a_variant_with_no_passing_instance_but_keeps_its_cluster_warm() -> None:
+    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]  # mb.v2's only instance is not passing
+    (into_b,) = [r for r in routes(sidecar, "egress") if r.match.path == "/pipelines/p/v1/b"]
+    assert into_b.route.cluster == "mb.v1" and not into_b.route.weighted_clusters.clusters
+    assert "mb.v2" in sidecar.of_type(CLUSTER).by_name
+    nobody = [i for i in RUNTIMES if i.model != "mb"]  # no variant serving: the split is kept (503s say so)
+    (into_b,) = [
+        r
+        for r in routes(translate(steady(PIPELINE), nobody)["ma-v1-1"], "egress")
+        if r.match.path == "/pipelines/p/v1/b"
+    ]
+    assert len(into_b.route.weighted_clusters.clusters) == 2
 
 
 def test_endpoints_are_passing_sidecar_ingresses_only() -> None:

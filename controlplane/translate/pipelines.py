@@ -36,6 +36,7 @@ from controlplane.translate.routes import (
     not_found_route,
     oip_model_routes,
     oip_server_routes,
+    oip_stage_route,
     readiness_route,
     retry_policy,
     stage_routes,
@@ -232,6 +233,7 @@ def _gateway(
     remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints, tls)
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges, tls)] if bridged else []
+    routes = _only_serving(routes, endpoints.reach)  # after the clusters: an empty one stays warm
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
 
@@ -286,10 +288,10 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     if options.mtls and not me.tls_dir:
         raise ValueError("this deployment is mTLS and the runtime has no certificate folder (--security mtls)")
     tls = me.tls_dir if options.mtls else ""
-    ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP)
+    ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP, me.oip_model)
     ingress, egress = [ready], []
     for v in routed:
-        more_in, more_out = _hops(v, me.cluster, tls)
+        more_in, more_out = _hops(v, me, tls)
         ingress += more_in
         egress += more_out
     guard = [(security.RBAC_FILTER, security.rbac_filter())] if tls else []
@@ -315,15 +317,22 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
         clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
     remote = _remote_clusters(egress, endpoints, tls)
+    egress = _only_serving(_dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
-    routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *_dedupe(egress)])]
+    routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *egress])]
     return _snapshot(listeners, routes, remote, clusters)
 
 
-def _hops(v: PipelineVersion, me: str, tls: str) -> tuple[list[rc.Route], list[rc.Route]]:
+def _hops(v: PipelineVersion, runtime: RuntimeService, tls: str) -> tuple[list[rc.Route], list[rc.Route]]:
     """What model version `me` serves in `v`: ingress routes into its runtime, egress routes to where it sends."""
-    p, ingress, egress = v.pipeline, [], []
+    p, me, ingress, egress = v.pipeline, runtime.cluster, [], []
     for k, stage in enumerate(p.stages):
+        if stage.protocol == oip.PROTOCOL:  # its models answer; the sender sends on
+            if me in {x.cluster for x in stage.all_variants()}:
+                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=False), p, k, tls))
+            if stage.shadow and stage.shadow.cluster == me:
+                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=True), p, k, tls))
+            continue
         if stage.shadow and stage.shadow.cluster == me:
             ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
         if _sends_on(stage, me):
@@ -360,6 +369,22 @@ def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: 
             cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, cluster_model(name)))
         found.append((cluster, r.load_assignment(name, endpoints.get(name))))
     return found
+
+
+def _only_serving(routes: list[rc.Route], reach: Reach) -> list[rc.Route]:
+    """A split leaves out variants with no passing instance while another variant has one.
+
+    Envoy picks a weighted cluster before it looks for a host, and a retry stays
+    in that cluster: a variant whose instances all fail their checks would fail
+    its whole share. Its share goes to the others until it is back.
+    """
+    for route in routes:
+        weighted = route.route.weighted_clusters.clusters if route.HasField("route") else []
+        serving = [(c.name, c.weight.value) for c in weighted if reach.get(c.name)]
+        if serving and len(serving) < len(weighted):
+            route.route.ClearField("weighted_clusters")
+            r.set_clusters(route.route, serving)
+    return routes
 
 
 def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:

@@ -18,6 +18,7 @@ from contract import fanout, oip
 from contract import headers as h
 from contract.fanout import FanOut
 from contract.naming import stage_path
+from contract.service import RuntimeService
 from controlplane.model import Member, Pipeline, Shadow, Variant
 from controlplane.translate import resources as r
 
@@ -57,6 +58,28 @@ def member_route(p: Pipeline, version: int, k: int, member: Member, shadow: bool
     return _local_route(p, f"{p.name}/{stage.name}/{member.name}", match, add, member.timeout_ms)
 
 
+def oip_stage_route(p: Pipeline, version: int, k: int, me: RuntimeService, shadow: bool) -> rc.Route:
+    """Sidecar -> its own model in an OIP stage: asked in OIP, it answers and never forwards.
+
+    A server we do not run gets the request on its own OIP path; our runtime SDK
+    reads the protocol headers. The sidecar names who answered, as our SDK does.
+    """
+    stage = p.stages[k]
+    add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport), r.header(h.PROTOCOL, oip.PROTOCOL)]
+    add += [r.header(h.OIP_MODEL, me.model), r.header(h.OIP_VERSION, me.version)]
+    match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
+    if shadow:
+        add.append(r.header(h.SHADOW, "1"))
+        match.headers.append(
+            rc.HeaderMatcher(name=":authority", string_match=string_pb2.StringMatcher(contains="-shadow"))
+        )
+    route = _local_route(p, f"{p.name}/{stage.name}", match, add, p.timeout_ms(k))
+    if me.oip_model:  # a server we do not run: TCP only, on its own OIP path
+        route.route.cluster, route.route.prefix_rewrite = LOCAL_HTTP, oip.infer_path(me.oip_model)
+    route.response_headers_to_add.append(r.header(h.SERVED, f"{stage.name}={me.model}:{me.version}"))
+    return route
+
+
 def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], timeout_ms: int) -> rc.Route:
     local = LOCAL_UDS if p.transport == "uds" else LOCAL_HTTP
     return rc.Route(
@@ -77,6 +100,8 @@ def onward(p: Pipeline, version: int, k: int) -> list[Any]:
     if k >= len(p.stages):
         return []
     stage = p.stages[k]
+    if stage.protocol == oip.PROTOCOL:  # asked, then its answer goes on from the sender
+        return [r.header(h.ASK, stage_path(p.name, version, stage.name)), *onward(p, version, k + 1)]
     if not stage.members:
         found = [r.header(h.NEXT, stage_path(p.name, version, stage.name))]
         return found + ([r.header(h.BRANCH_FIELD, stage.branch_on)] if stage.branches else [])
@@ -97,6 +122,9 @@ def entry_routes(p: Pipeline, version: int, k: int) -> list[rc.Route]:
     """A sender's egress routes into stage k: its split, or an ensemble's members and then its join."""
     stage = p.stages[k]
     path = stage_path(p.name, version, stage.name)
+    if stage.protocol == oip.PROTOCOL:
+        onward_routes = entry_routes(p, version, k + 1) if k + 1 < len(p.stages) else []
+        return stage_routes(p, k, match_path=path, rewrite=None) + onward_routes
     if not stage.members:
         return stage_routes(p, k, match_path=path, rewrite=None)
     routes = []
@@ -207,13 +235,15 @@ def _inline(text: str) -> Any:
     return base_pb2.DataSource(inline_string=text)
 
 
-def readiness_route(cluster: str = LOCAL_HTTP) -> rc.Route:
-    """Consul's health check goes through the sidecar: passing means Envoy and model are ready."""
-    return rc.Route(
-        name="readyz",
-        match=rc.RouteMatch(path="/readyz"),
-        route=rc.RouteAction(cluster=cluster, timeout=r.millis(1000)),
-    )
+def readiness_route(cluster: str = LOCAL_HTTP, oip_model: str = "") -> rc.Route:
+    """Consul's health check goes through the sidecar: passing means Envoy and model are ready.
+
+    A server we do not run is asked OIP's own question: is this model ready.
+    """
+    action = rc.RouteAction(cluster=cluster, timeout=r.millis(1000))
+    if oip_model:
+        action.prefix_rewrite = f"/v2/models/{oip_model}/ready"
+    return rc.Route(name="readyz", match=rc.RouteMatch(path="/readyz"), route=action)
 
 
 def oip_model_routes(model: str, version: str) -> list[rc.Route]:

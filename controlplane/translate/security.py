@@ -104,11 +104,14 @@ def callers(p: Pipeline, k: int) -> frozenset[str]:
     a shadow's own output goes nowhere, so it never calls stage k+1. After an
     ensemble, its join calls; without a join, the model that asked the members
     sends their merged answers on itself. An ensemble's members and its join are
-    called by whoever calls the stage.
+    called by whoever calls the stage; so are an OIP stage's models, whose answer
+    the caller sends on itself.
     """
     if k == 0:
         return frozenset({GATEWAY_IDENTITY})
     before = p.stages[k - 1]
+    if before.protocol == "oip":  # its models answered the one who asked them, who sends on
+        return callers(p, k - 1)
     if not before.members:
         return frozenset(v.model for v in before.all_variants())
     return frozenset({before.join.model}) if before.join else callers(p, k - 1)
