@@ -23,20 +23,17 @@ from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, cluster_model, pipeline_path, stage_path
 from contract.service import RuntimeService
-from controlplane.model import Pipeline, PipelineVersion, Stage
+from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.routes import (
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
-    entry_routes,
-    ingress_route,
-    member_route,
+    hops,
     not_found_route,
     oip_model_routes,
     oip_server_routes,
-    oip_stage_route,
     readiness_route,
     retry_policy,
     stage_routes,
@@ -291,7 +288,7 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP, me.oip_model)
     ingress, egress = [ready], []
     for v in routed:
-        more_in, more_out = _hops(v, me, tls)
+        more_in, more_out = hops(v, me, tls)
         ingress += more_in
         egress += more_out
     guard = [(security.RBAC_FILTER, security.rbac_filter())] if tls else []
@@ -321,44 +318,6 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
     routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *egress])]
     return _snapshot(listeners, routes, remote, clusters)
-
-
-def _hops(v: PipelineVersion, runtime: RuntimeService, tls: str) -> tuple[list[rc.Route], list[rc.Route]]:
-    """What model version `me` serves in `v`: ingress routes into its runtime, egress routes to where it sends."""
-    p, me, ingress, egress = v.pipeline, runtime.cluster, [], []
-    for k, stage in enumerate(p.stages):
-        if stage.protocol == oip.PROTOCOL:  # its models answer; the sender sends on
-            if me in {x.cluster for x in stage.all_variants()}:
-                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=False), p, k, tls))
-            if stage.shadow and stage.shadow.cluster == me:
-                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=True), p, k, tls))
-            continue
-        if stage.shadow and stage.shadow.cluster == me:
-            ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
-        if _sends_on(stage, me):
-            ingress.append(_admit(ingress_route(p, v.version, k, shadow=False), p, k, tls))
-            if k + 1 < len(p.stages):
-                egress += entry_routes(p, v.version, k + 1)
-        for m in stage.members:
-            if me in {x.cluster for _, variants in m.groups() for x in variants}:
-                ingress.append(_admit(member_route(p, v.version, k, m, shadow=False), p, k, tls))
-            if m.shadow and m.shadow.cluster == me:
-                ingress.append(_admit(member_route(p, v.version, k, m, shadow=True), p, k, tls))
-    return ingress, egress
-
-
-def _sends_on(stage: Stage, me: str) -> bool:
-    """Whether `me` answers `stage` as the model whose output goes on: a variant, or an ensemble's join."""
-    if stage.members:
-        return stage.join is not None and stage.join.cluster == me
-    return me in {x.cluster for x in stage.all_variants()}
-
-
-def _admit(route: rc.Route, p: Pipeline, k: int, tls_dir: str) -> rc.Route:
-    """Under mTLS, a stage's ingress route admits only the identities the graph says call it."""
-    if tls_dir:
-        route.typed_per_filter_config[security.RBAC_FILTER].CopyFrom(security.route_rbac(security.callers(p, k)))
-    return route
 
 
 def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: str = "") -> list[tuple[Any, Any]]:

@@ -19,13 +19,52 @@ from contract import headers as h
 from contract.fanout import FanOut
 from contract.naming import stage_path
 from contract.service import RuntimeService
-from controlplane.model import Member, Pipeline, Shadow, Variant
+from controlplane.model import Member, Pipeline, PipelineVersion, Shadow, Stage, Variant
 from controlplane.translate import resources as r
+from controlplane.translate import security
 
 LOCAL_HTTP = "local-http"  # a sidecar's cluster for its own runtime over TCP
 LOCAL_UDS = "local-uds"  # ... over its Unix socket
 LOCAL_HEALTH = "local-health"  # ... its readiness listener (a thread of its own, not its event loop)
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-headers"  # + the next hop's own 503s
+
+
+def hops(v: PipelineVersion, runtime: RuntimeService, tls: str) -> tuple[list[rc.Route], list[rc.Route]]:
+    """What a runtime's model version serves in `v`: routes into the runtime, and to where it sends."""
+    p, me, ingress, egress = v.pipeline, runtime.cluster, [], []
+    for k, stage in enumerate(p.stages):
+        if stage.protocol == oip.PROTOCOL:  # its models answer; the sender sends on
+            if me in {x.cluster for x in stage.all_variants()}:
+                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=False), p, k, tls))
+            if stage.shadow and stage.shadow.cluster == me:
+                ingress.append(_admit(oip_stage_route(p, v.version, k, runtime, shadow=True), p, k, tls))
+            continue
+        if stage.shadow and stage.shadow.cluster == me:
+            ingress.append(_admit(ingress_route(p, v.version, k, shadow=True), p, k, tls))
+        if _sends_on(stage, me):
+            ingress.append(_admit(ingress_route(p, v.version, k, shadow=False), p, k, tls))
+            if k + 1 < len(p.stages):
+                egress += entry_routes(p, v.version, k + 1)
+        for m in stage.members:
+            if me in {x.cluster for _, variants in m.groups() for x in variants}:
+                ingress.append(_admit(member_route(p, v.version, k, m, shadow=False), p, k, tls))
+            if m.shadow and m.shadow.cluster == me:
+                ingress.append(_admit(member_route(p, v.version, k, m, shadow=True), p, k, tls))
+    return ingress, egress
+
+
+def _sends_on(stage: Stage, me: str) -> bool:
+    """Whether `me` answers `stage` as the model whose output goes on: a variant, or an ensemble's join."""
+    if stage.members:
+        return stage.join is not None and stage.join.cluster == me
+    return me in {x.cluster for x in stage.all_variants()}
+
+
+def _admit(route: rc.Route, p: Pipeline, k: int, tls_dir: str) -> rc.Route:
+    """Under mTLS, a stage's ingress route admits only the identities the graph says call it."""
+    if tls_dir:
+        route.typed_per_filter_config[security.RBAC_FILTER].CopyFrom(security.route_rbac(security.callers(p, k)))
+    return route
 
 
 def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
