@@ -43,8 +43,9 @@ def main() -> None:
             )
             url = f"http://127.0.0.1:{ports['gateway']}/pipelines/split"
             asyncio.run(send(url, {"text": "a b"}, 20))  # config reached every Envoy
-            bodies, served, errors = asyncio.run(send(url, {"text": "a b"}, args.requests, concurrency=16))
-            counts = split_table(served)["score"]
+            sent = asyncio.run(send(url, {"text": "a b"}, args.requests, concurrency=16))
+            bodies, errors = sent.bodies, sent.errors
+            counts = split_table(sent.served)["score"]
             share = counts.get("score:v2", 0) / max(1, sum(counts.values()))
             print(json.dumps({"configured_v2": v2 / 100, "observed_v2": round(share, 4), "ok": len(bodies),
                               "errors": len(errors), "off_by_pp": round(100 * abs(share - v2 / 100), 2)}))  # fmt: skip

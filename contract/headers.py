@@ -7,6 +7,7 @@ BRANCH_FIELD = "x-mll-branch-field"  # output field whose value picks the next s
 BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matches on it
 STAGE = "x-mll-stage"  # the stage this request is for
 SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
+TIMING = "x-mll-timing"  # response: "stage=model/runtime/next" ms per hop, first hop first (docs: the pipeline tax)
 SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" per hop, first hop first
 FANOUT = "x-mll-fanout"  # an ensemble's members to ask: "name=timeout_ms" each, "?" after optional ones
 FANOUT_PATH = "x-mll-fanout-path"  # the ensemble stage's path on the egress; members at "<path>/<name>"

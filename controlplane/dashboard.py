@@ -95,6 +95,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
                 about = f" of member {e(member)}" if member else ""
                 cells.append(f"shadow{about} {e(s.model)}:{e(s.version)} {s.percent:g}%")
             cells += [f"member {e(m.name)}: optional, {m.timeout_ms} ms" for m in stage.members if not m.required]
+            cells += ["asked over the Open Inference Protocol"] if stage.protocol == "oip" else []
             for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
                 if ro is not None:
                     state = (

@@ -7,13 +7,16 @@ import asyncio
 import collections
 import json
 import os
+import statistics
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from contract.headers import SERVED
+from contract.headers import SERVED, TIMING
 from controlplane.errors import CliError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:18080"
@@ -37,28 +40,83 @@ def parse_served(header: str) -> list[tuple[str, str]]:
     return [tuple(part.strip().split("=", 1)) for part in header.split(",") if "=" in part]  # type: ignore[misc]
 
 
-async def send(url: str, payload: Any, count: int, concurrency: int = 8) -> tuple[list[Any], list[str], list[str]]:
-    bodies: list[Any] = []
-    served: list[str] = []
-    errors: list[str] = []
+@dataclass
+class Sent:
+    bodies: list[Any] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)
+    hops: list[list[HopCost]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HopCost:
+    """Where one hop's time went (ms): in the model, in the runtime SDK around it, and in the mesh on the way in
+    (the caller's sidecar, this stage's sidecar, the network; for the first hop the gateway and the client's leg)."""
+
+    stage: str
+    model_ms: float
+    sdk_ms: float
+    mesh_ms: float
+
+
+def hop_costs(timing: str, wall_ms: float) -> list[HopCost]:
+    """From x-mll-timing (`stage=model/runtime/next` per hop) and what the client waited."""
+    costs: list[HopCost] = []
+    before = wall_ms
+    for part in timing.split(","):
+        stage, _, numbers = part.strip().partition("=")
+        try:
+            model, runtime, after = numbers.split("/")
+            model_ms, runtime_ms = float(model), float(runtime)
+            next_ms = None if after == "-" else float(after)
+        except ValueError:
+            return costs  # not ours, or cut short: what was read so far
+        costs.append(HopCost(stage, model_ms, runtime_ms - model_ms - (next_ms or 0), before - runtime_ms))
+        if next_ms is None:
+            break
+        before = next_ms
+    return costs
+
+
+async def send(url: str, payload: Any, count: int, concurrency: int = 8) -> Sent:
+    sent = Sent()
     queue = iter(range(count))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for _ in queue:
+            started = time.perf_counter()
             try:
                 async with session.post(url, json=payload) as resp:
                     body = await resp.json(content_type=None)
+                    wall_ms = (time.perf_counter() - started) * 1000
                     if resp.status == 200:
-                        bodies.append(body)
-                        served.append(resp.headers.get(SERVED, ""))
+                        sent.bodies.append(body)
+                        sent.served.append(resp.headers.get(SERVED, ""))
+                        sent.hops.append(hop_costs(resp.headers.get(TIMING, ""), wall_ms))
                     else:
-                        errors.append(f"HTTP {resp.status}: {json.dumps(body)}")
+                        sent.errors.append(f"HTTP {resp.status}: {json.dumps(body)}")
+            except aiohttp.ClientConnectorError as err:
+                sent.errors.append(f"cannot reach the gateway: {err}\nhint: is the stack up (./dev up)? "
+                                   "The gateway is --gateway or MLLAMBDA_GATEWAY.")  # fmt: skip
             except (aiohttp.ClientError, ValueError) as err:
-                errors.append(f"{type(err).__name__}: {err}")
+                sent.errors.append(f"{type(err).__name__}: {err}")
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(session) for _ in range(min(concurrency, count))))
-    return bodies, served, errors
+    return sent
+
+
+def hop_table(hops: list[list[HopCost]]) -> list[dict[str, Any]]:
+    """Per stage, the median of each part over the requests that passed it."""
+    by_stage: dict[str, list[HopCost]] = collections.defaultdict(list)
+    for chain in hops:
+        for cost in chain:
+            by_stage[cost.stage].append(cost)
+    return [
+        {"stage": stage, **{part: round(statistics.median(getattr(c, part) for c in costs), 2)
+                            for part in ("model_ms", "sdk_ms", "mesh_ms")}}
+        for stage, costs in by_stage.items()
+    ]  # fmt: skip
 
 
 def split_table(served: list[str]) -> dict[str, collections.Counter[str]]:
@@ -74,22 +132,25 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     url = f"{gateway}/pipelines/{args.pipeline}"
     payload = read_data(args.data)
     try:
-        bodies, served, errors = asyncio.run(send(url, payload, args.count))
+        sent = asyncio.run(send(url, payload, args.count))
     except OSError as err:
         raise CliError(f"cannot reach the gateway at {gateway}: {err}\nhint: is the stack up (./dev up)?") from err
+    bodies, served, errors, hops = sent.bodies, sent.served, sent.errors, hop_table(sent.hops)
     if args.count == 1:
         if errors:
             raise CliError(errors[0])
         if args.output == "json":
-            print(json.dumps({"result": bodies[0], "served_by": dict(parse_served(served[0]))}, indent=2))
+            print(json.dumps({"result": bodies[0], "served_by": dict(parse_served(served[0])), "hops": hops}, indent=2))
         else:
             print(json.dumps(bodies[0], indent=2))
             print("served by: " + " -> ".join(f"{s} {v}" for s, v in parse_served(served[0])))
+            print_hops(hops, "")
         return 0
     table = split_table(served)
     if args.output == "json":
         split = {stage: dict(counter) for stage, counter in table.items()}
-        print(json.dumps({"requests": args.count, "ok": len(bodies), "errors": len(errors), "split": split}, indent=2))
+        summary = {"requests": args.count, "ok": len(bodies), "errors": len(errors), "split": split, "hops": hops}
+        print(json.dumps(summary, indent=2))
     else:
         print(f"{args.count} requests: {len(bodies)} ok, {len(errors)} failed")
         print(f"{'STAGE':<16}{'MODEL:VERSION':<28}{'COUNT':>7}{'SHARE':>9}")
@@ -97,9 +158,18 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             total = sum(counter.values())
             for variant, n in sorted(counter.items()):
                 print(f"{stage:<16}{variant:<28}{n:>7}{100 * n / total:>8.1f}%")
+        print_hops(hops, "medians, ")
         for error in sorted(set(errors))[:5]:
             print(f"error: {error}")
     return 1 if errors and not bodies else 0
+
+
+def print_hops(hops: list[dict[str, Any]], what: str) -> None:
+    if not hops:
+        return
+    print(f"time per hop ({what}ms): model | runtime SDK | mesh on the way in (sidecars, network)")
+    for hop in hops:
+        print(f"  {hop['stage']:<16}{hop['model_ms']:>8.2f}{hop['sdk_ms']:>8.2f}{hop['mesh_ms']:>8.2f}")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:

@@ -220,6 +220,7 @@ async def predict_and_forward(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[RUNTIME]
     served = f"{request.headers.get(h.STAGE, 'direct')}={runtime.model}:{runtime.version}"
     code = 200
+    arrived = time.perf_counter()
     try:
         payload = await read_payload(request)
         fan = fan_out_of(request)
@@ -227,7 +228,9 @@ async def predict_and_forward(request: web.Request) -> web.Response:
         if ask_path is not None and not STAGE_PATH.fullmatch(ask_path):
             raise _bad(f"{h.ASK} is not a stage path")
         try:
+            model_started = time.perf_counter()
             output = await runtime.call_model(payload)
+            model_ms = (time.perf_counter() - model_started) * 1000
         except Rejected as err:
             code = 422
             return _json_response({"error": str(err), "model": runtime.model}, 422, served)
@@ -260,12 +263,17 @@ async def predict_and_forward(request: web.Request) -> web.Response:
                 return _json_response({"error": message, "member": answers.failed}, code, served)
             output, body = answers.merged, json.dumps(answers.merged)
         next_path = request.headers.get(h.NEXT)
+        label = request.headers.get(h.STAGE, "direct")
         if not next_path or request.headers.get(h.SHADOW):
-            return web.Response(text=body, status=200, content_type="application/json", headers={h.SERVED: served})
+            timing = hop_timing(label, model_ms, arrived, None)
+            headers = {h.SERVED: served, h.TIMING: timing}
+            return web.Response(text=body, status=200, content_type="application/json", headers=headers)
         if not STAGE_PATH.fullmatch(next_path):  # only ever a path on the own sidecar's egress
             code = 400
             return _json_response({"error": f"{h.NEXT} is not a stage path"}, 400, served)
-        response = await forward(runtime, request, body, output, next_path, served)
+        response, next_ms = await forward(runtime, request, body, output, next_path, served)
+        own = hop_timing(label, model_ms, arrived, next_ms)
+        response.headers[h.TIMING] = ", ".join(x for x in (own, response.headers.get(h.TIMING)) if x)
         code = response.status
         return response
     except web.HTTPException as err:
@@ -305,10 +313,17 @@ def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web
     return _json_response({"error": message, "error_id": error_id}, 500, served)
 
 
+def hop_timing(label: str, model_ms: float, arrived: float, next_ms: float | None) -> str:
+    """This hop's x-mll-timing entry: `stage=model/runtime/next` in ms (runtime: all of this request here;
+    next: the call to the next hop, its sidecars and all after it, as this runtime waited for it)."""
+    total_ms = (time.perf_counter() - arrived) * 1000
+    return f"{label}={model_ms:.2f}/{total_ms:.2f}/" + ("-" if next_ms is None else f"{next_ms:.2f}")
+
+
 async def forward(
     runtime: Runtime, request: web.Request, body: str, output: dict[str, Any], next_path: str, served: str
-) -> web.Response:
-    """Send the output to the next hop through the own sidecar; relay its answer."""
+) -> tuple[web.Response, float | None]:
+    """Send the output to the next hop through the own sidecar; relay its answer (and how long it took)."""
     outgoing = {k: request.headers[k] for k in h.PROPAGATED if k in request.headers}
     outgoing["content-type"] = "application/json"
     branch_field = request.headers.get(h.BRANCH_FIELD)
@@ -317,16 +332,20 @@ async def forward(
         if isinstance(key, str | int) and not isinstance(key, bool):
             outgoing[h.BRANCH] = str(key)
     session, url = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), next_path)
+    sent = time.perf_counter()
     try:
         async with session.post(url, data=body, headers=outgoing) as resp:
             answer = await resp.read()
             downstream = resp.headers.get(h.SERVED)
             content_type = resp.headers.get("content-type", "application/json")
             status = resp.status
+            timing = resp.headers.get(h.TIMING, "")
     except aiohttp.ClientError as err:
-        return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served)
+        return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served), None
+    next_ms = (time.perf_counter() - sent) * 1000
     chain = f"{served}, {downstream}" if downstream else served
-    return web.Response(body=answer, status=status, headers={h.SERVED: chain, "content-type": content_type})
+    headers = {h.SERVED: chain, "content-type": content_type, h.TIMING: timing}
+    return web.Response(body=answer, status=status, headers=headers), next_ms
 
 
 def _json_response(body: dict[str, Any], status: int, served: str) -> web.Response:

@@ -191,3 +191,13 @@ async def test_observed_shares_count_only_the_current_version(
     assert 0 < score["v2"]["window_seconds"] <= 60
     status = control_plane.cli("status", f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}")
     assert "observed over the last" in status.stdout, status.stdout + status.stderr
+
+
+def test_the_pipeline_tax_is_split_per_hop_from_the_timing_header() -> None:
+    from controlplane.invoke import HopCost, hop_costs, hop_table
+
+    costs = hop_costs("a=1.00/10.00/8.00, b=2.00/7.00/-", wall_ms=12.0)
+    assert costs == [HopCost("a", 1.0, 1.0, 2.0), HopCost("b", 2.0, 5.0, 1.0)]
+    assert hop_costs("a=1/oops/2", 5.0) == [] and hop_costs("", 5.0) == []
+    table = hop_table([costs, hop_costs("a=3.00/12.00/8.00, b=2.00/7.00/-", wall_ms=14.0)])
+    assert table[0] == {"stage": "a", "model_ms": 2.0, "sdk_ms": 1.0, "mesh_ms": 2.0}

@@ -93,6 +93,9 @@ async def test_mlserver_is_a_stage_beside_our_runtime_and_leaves_eds_when_not_re
     seen = await send(300)
     assert set(seen) == {"iris:v1", "iris:v2"} and 0.38 <= seen["iris:v1"] / 300 <= 0.62, seen
 
+    described = control_plane.cli("describe", "pipeline", "sizes").stdout
+    assert "2. classify  timeout=10000ms retries=2 protocol=oip" in described, described
+
     # MLServer's model stops being ready: Consul's check through the sidecar fails, EDS drops it.
     server.popen.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     await wait_for(lambda: not consul_passing(consul_agent.http_port, "iris", "iris-mlserver"), timeout=20)

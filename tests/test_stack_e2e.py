@@ -80,6 +80,9 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
             "classify": "classifier:v1",
             "network": "net-sports:v1",
         }
+        # Where the time went, per hop: model, runtime SDK, and the mesh on the way in.
+        assert [h["stage"] for h in answer["hops"]] == ["features", "classify", "network"]
+        assert all(h["model_ms"] > 0 and h["mesh_ms"] > 0 and h["sdk_ms"] >= 0 for h in answer["hops"]), answer["hops"]
 
         # The same pipeline as an Open Inference Protocol model, called by Triton's own client.
         oip_answer = infer_with_triton(ports["gateway"], "nlp", "the striker scored a brilliant goal")

@@ -154,7 +154,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
         "Stages:",
     ]
     for i, stage in enumerate(v.spec.stages):
-        lines.append(f"  {i + 1}. {stage.name}  timeout={stage.timeout_ms}ms retries={stage.retry.attempts}")
+        protocol = f" protocol={stage.protocol}" if stage.protocol not in ("", "json") else ""
+        lines.append(f"  {i + 1}. {stage.name}  timeout={stage.timeout_ms}ms retries={stage.retry.attempts}{protocol}")
         lines += [f"       {variant_text(x)}" for x in stage.variants]
         for branch in stage.branches:
             lines.append(f"       branch {branch.key}: " + ", ".join(variant_text(x) for x in branch.variants))
