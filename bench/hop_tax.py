@@ -2,9 +2,9 @@
 around it, and the mesh on the way in (the caller's sidecar, the stage's sidecar, the network; for
 the first hop also the gateway and the client's leg).
 
-The NLP stack as `mllambda up` runs it (mTLS on every hop), and once with `security: plaintext`;
-requests one at a time (`mllambda invoke`'s own client and x-mll-timing), medians per run, the
-median of the runs.
+The NLP stack as `mllambda up` runs it (mTLS on every hop) and with `security: plaintext`, both up
+at once and measured in turns; requests one at a time (`mllambda invoke`'s own client and
+x-mll-timing), medians per run, the median of the runs.
 Run: .venv/bin/python -m bench.hop_tax [--runs 3] [--requests 300]
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -31,20 +32,24 @@ def main() -> None:
     args = parser.parse_args()
     stack = yaml.safe_load((PROJECT_ROOT / "examples" / "nlp" / "stack.yaml").read_text())
     stack.pop("kafka", None)
-    for security in ("mtls", "plaintext"):
-        folder = Path(tempfile.mkdtemp(prefix=f"mll-bench-tax-{security}-"))
-        runs: list[list[dict[str, float]]] = []
-        with running_stack(folder, {**stack, "security": security}) as (ports, _):
-            url = f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp"
-            asyncio.run(send(url, TEXT, 30, concurrency=1))  # warm
-            for _ in range(args.runs):
+    runs: dict[str, list[list[dict[str, float]]]] = {"mtls": [], "plaintext": []}
+    with contextlib.ExitStack() as stacks:
+        urls = {}
+        for security in runs:  # both up at once, measured in turns: same machine, same minute
+            folder = Path(tempfile.mkdtemp(prefix=f"mll-bench-tax-{security}-"))
+            ports, _ = stacks.enter_context(running_stack(folder, {**stack, "security": security}))
+            urls[security] = f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp"
+            asyncio.run(send(urls[security], TEXT, 30, concurrency=1))  # warm
+        for _ in range(args.runs):
+            for security, url in urls.items():
                 sent = asyncio.run(send(url, TEXT, args.requests, concurrency=1))
                 assert not sent.errors, sent.errors[:3]
-                runs.append(hop_table(sent.hops))
+                runs[security].append(hop_table(sent.hops))
+    for security, measured in runs.items():
         print(f"\n{security}: median of {args.runs} runs x {args.requests} requests, one at a time (ms)")
         print(f"{'stage':<12}{'model':>8}{'sdk':>8}{'mesh':>8}")
-        for i, hop in enumerate(runs[0]):
-            parts = [median([run[i][part] for run in runs]) for part in ("model_ms", "sdk_ms", "mesh_ms")]
+        for i, hop in enumerate(measured[0]):
+            parts = [median([run[i][part] for run in measured]) for part in ("model_ms", "sdk_ms", "mesh_ms")]
             print(f"{hop['stage']:<12}" + "".join(f"{x:>8.2f}" for x in parts))
 
 
