@@ -59,6 +59,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
             }
             for s in view.acks
         ],
+        "nodes": per_node(view),
         "consul": {
             "reachable": view.consul.reachable,
             "errors": view.consul.errors,
@@ -71,6 +72,29 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
         "generated_at": time.time(),
     }
+
+
+NACK_SHOWN = 160  # characters of a node's last NACK in the node table (describe shows it whole)
+
+
+def per_node(view: PlaneView) -> list[dict[str, Any]]:
+    """One row per Envoy: the config version it acknowledged (per type when they differ), its last NACK, age."""
+    by_node: dict[str, list[Any]] = {}
+    for ack in view.acks:
+        by_node.setdefault(ack.node_id, []).append(ack)
+    rows = []
+    for node, acks in sorted(by_node.items()):
+        versions = {short(a.type_url): a.acked_version or "-" for a in acks}
+        same = set(versions.values())
+        acked = same.pop() if len(same) == 1 else ", ".join(f"{t} {v}" for t, v in sorted(versions.items()))
+        nacked = max((a for a in acks if a.nack_error), key=lambda a: a.updated_at, default=None)
+        nack = f"{short(nacked.type_url)} {nacked.nack_version}: {nacked.nack_error}"[:NACK_SHOWN] if nacked else ""
+        newest = max((a.updated_at for a in acks), default=0.0)
+        rows.append({
+            "node": node, "connected": node in view.connected, "acked": acked, "nack": nack,
+            "age_seconds": round(time.time() - newest, 1) if newest else None,
+        })  # fmt: skip
+    return rows
 
 
 def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
@@ -126,11 +150,16 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
         parts.append("</ul>")
     parts.append("<h2>Traffic</h2>" + render_traffic(status["traffic"]))
-    parts.append("<h2>Envoys</h2><table><tr><th>node</th><th>type</th><th>acked</th><th>NACK</th></tr>")
-    for n in status["envoys"]:
-        nack = f"{e(n['nack_version'])}: {e(n['nack_error'])}" if n["nack_error"] else ""
-        parts.append(f"<tr><td>{e(n['node'])}</td><td>{e(n['type'])}</td><td>{e(n['acked'])}</td><td>{nack}</td></tr>")
-    parts.append("</table>")
+    nodes = status["nodes"]
+    failing = sum(1 for n in nodes if n["nack"])
+    summary = f"Envoys: {len(nodes)} nodes, {failing} rejecting config"
+    parts.append(f"<details{' open' if failing else ''}><summary><h2 style='display:inline'>{summary}</h2></summary>")
+    parts.append("<table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
+    for n in nodes:
+        age = f"{n['age_seconds']:.0f} s ago" if n["age_seconds"] is not None else ""
+        cells = [e(n["node"]) + ("" if n["connected"] else " (gone)"), e(n["acked"]), e(n["nack"]), age]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table></details>")
     consul = "reachable" if view.consul.reachable else "UNREACHABLE"
     admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(view.envoy_admin.items()))
     parts.append(f"<p>Envoy admin: {admin_links}</p>")

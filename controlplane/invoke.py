@@ -215,10 +215,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         weight = f"{100 * t['configured_share']:.1f}%"
         left = f"{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
         print(f"{left}{t['requests']:>10}{t['errors']:>6}{t['retries']:>9}{p99:>8}")
-    print(f"\n{'ENVOY NODE':<28}{'TYPE':<24}{'ACKED':<14}NACK")
-    for n in status["envoys"]:
-        nack = f"{n['nack_version']}: {n['nack_error']}" if n["nack_error"] else ""
-        print(f"{n['node']:<28}{n['type']:<24}{n['acked']:<14}{nack}")
+    print(f"\n{'ENVOY NODE':<36}{'ACKED':<16}{'UPDATED':>9}  LAST NACK")
+    for n in status["nodes"]:
+        age = "-" if n["age_seconds"] is None else f"{n['age_seconds']:.0f}s ago"
+        node = n["node"] if n["connected"] else f"{n['node']} (gone)"
+        print(f"{node:<36}{n['acked']:<16}{age:>9}  {n['nack'][:80]}")
     if status.get("kafka_bridges"):
         print(f"\nkafka bridges: {', '.join(status['kafka_bridges'])}")
     return 0

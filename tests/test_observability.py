@@ -95,6 +95,12 @@ async def test_a_rejected_config_is_counted_and_shown(
         status = json.loads(scrape(control_plane, "/api/status"))
         rejected = [e for e in status["envoys"] if e["node"] == "gateway" and e["nack_error"]]
         assert rejected and "Address already in use" in rejected[0]["nack_error"], rejected
+        # One row per node, its last NACK cut short, open on the dashboard because something is rejected.
+        (gateway,) = [n for n in status["nodes"] if n["node"] == "gateway"]
+        assert gateway["nack"].startswith("Listener ") and len(gateway["nack"]) <= 160, gateway
+        assert gateway["acked"].startswith("Cluster ") and "Listener -" in gateway["acked"]
+        page = scrape(control_plane, "/")
+        assert "<details open><summary><h2 style='display:inline'>Envoys: 1 nodes, 1 rejecting config" in page
     finally:
         squatter.close()
 
