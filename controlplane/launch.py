@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 from dataclasses import replace
@@ -143,6 +144,7 @@ async def launch(args: argparse.Namespace) -> None:
             sidecar.stop()
         if keeper is not None:
             await keeper.stop()
+            shutil.rmtree(service.tls_dir, ignore_errors=True)  # it holds the private key
         await client.close()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import signal
 from dataclasses import replace
 
@@ -86,6 +87,7 @@ async def hold(args: argparse.Namespace, service: RuntimeService) -> None:
             sidecar.stop()
         if keeper is not None:
             await keeper.stop()
+            shutil.rmtree(service.tls_dir, ignore_errors=True)  # it holds the private key
         await client.close()
 
 

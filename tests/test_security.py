@@ -105,6 +105,7 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         extra_args=["--security=mtls", f"--gateway-tls-dir={state / 'gateway-tls'}"],
     )
     started: list[ManagedProcess] = []
+    run_dir = tempfile.mkdtemp(prefix="mll-sec-")
     try:
         plane.start()
         me = [sys.executable, "-m", "controlplane.cli"]
@@ -117,7 +118,6 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         ).start()  # fmt: skip
         started.append(gateway)
         gateway.wait_ready(processes.envoy_ready(plane.gateway_admin_port), timeout=30)
-        run_dir = tempfile.mkdtemp(prefix="mll-sec-")
         runtimes = {}
         for model in ("tokenize", "count", "score"):
             service_id = f"{model}-v1-{uuid.uuid4().hex[:6]}"
@@ -144,12 +144,15 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             proc.stop()
         plane.stop()
         consul.proc.stop()
+    left = sorted(p.name for p in Path(run_dir).iterdir() if p.name.endswith("-tls"))
+    assert not left, f"a stopped runtime left its certificate folder (it holds the key): {left}"
 
 
 def test_the_pipeline_answers_end_to_end_with_every_hop_on_mtls(secure: Deployment) -> None:
     status, body = gateway_call(secure.plane, "one two three")
     assert status == 200, body
     assert body["score"] == 3 * 10  # tokenize -> count -> score, each hop through mTLS
+    assert Path(secure.meta("count")["tls_dir"]).is_dir()  # removed when the runtime stops (the fixture checks)
     # Each Envoy presents a Connect leaf naming its own identity.
     certs = json.loads(processes.http_get(f"http://127.0.0.1:{secure.gateway_admin}/certs")[1])["certificates"]
     uris = {san["uri"] for e in certs for c in e.get("cert_chain", []) for san in c["subject_alt_names"]}
