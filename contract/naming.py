@@ -75,6 +75,20 @@ def model_cluster(model: str, version: str) -> str:
     return f"{model}.{version}"
 
 
+def cluster_stat_name(cluster: str) -> str:
+    """How a model-version cluster is named in Envoy's stats: `<model>_<version>` (`_` is in neither name).
+
+    Envoy's Prometheus output tags a stat with the cluster's name up to its first
+    dot, so `score.v1` would come out as cluster `score` and a metric named after
+    `v1`; with no dot in the stat name the whole name is the tag.
+    """
+    return cluster.replace(".", "_")
+
+
+def cluster_of_stat(name: str) -> str:
+    return name.replace("_", ".")
+
+
 def pipeline_path(pipeline: str) -> str:
     """Where clients call a pipeline on the gateway."""
     return f"/pipelines/{pipeline}"

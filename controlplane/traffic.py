@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from contract.naming import model_cluster
+from contract.naming import cluster_of_stat, model_cluster
 from controlplane.model import Pipeline
 
 
@@ -56,7 +56,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
         if name.startswith("cluster.") and "value" in item:
             for suffix in ("upstream_rq_total", "upstream_rq_5xx", "upstream_rq_retry"):
                 if name.endswith("." + suffix):
-                    cluster = name[len("cluster.") : -len(suffix) - 1]
+                    cluster = cluster_of_stat(name[len("cluster.") : -len(suffix) - 1])
                     counts.setdefault(cluster, {})[suffix] = int(item["value"])
         histograms = item.get("histograms")
         if isinstance(histograms, dict):
@@ -64,7 +64,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
             for histogram in histograms.get("computed_quantiles", []):
                 hname = histogram.get("name", "")
                 if hname.startswith("cluster.") and hname.endswith(".upstream_rq_time"):
-                    cluster = hname[len("cluster.") : -len(".upstream_rq_time")]
+                    cluster = cluster_of_stat(hname[len("cluster.") : -len(".upstream_rq_time")])
                     values = {str(q): v.get("cumulative") for q, v in zip(supported, histogram["values"], strict=False)}
                     quantiles[cluster] = {k: float(v) for k, v in values.items() if v is not None}
     return {

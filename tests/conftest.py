@@ -236,6 +236,12 @@ def start_runtime(
         runtime.proc.stop()
 
 
+@pytest.fixture
+def three_stages(start_runtime: Callable[..., RuntimeProc]) -> list[RuntimeProc]:
+    """tokenize -> count -> score (examples.trivial.models), each with its sidecar, passing."""
+    return [start_runtime(f"examples.trivial.models:{m}", m, "v1") for m in ("tokenize", "count", "score")]
+
+
 def consul_passing(consul_port: int, service: str, service_id: str) -> bool:
     status, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true")
     return status == 200 and service_id in {e["Service"]["ID"] for e in json.loads(body)}

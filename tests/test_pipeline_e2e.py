@@ -75,11 +75,6 @@ async def until_ok(url: str, payload: Any, timeout: float = 20) -> tuple[int, An
             raise AssertionError(f"{url} never answered 200; last: {last}") from None
 
 
-@pytest.fixture
-def three_stages(start_runtime: Any) -> list[Any]:
-    return [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
-
-
 async def test_three_stage_pipeline_returns_the_composed_result(
     control_plane: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
 ) -> None:
@@ -321,7 +316,7 @@ async def test_a_failure_further_down_is_not_retried_by_every_hop(
     after = [runtime_requests(consul_agent.http_port, r.model, r.service_id) for r in three_stages]
     # Two retries per hop would make that 30 calls of tokenize and 90 of count.
     assert [a - b for a, b in zip(after, counted, strict=True)] == [10, 10, 0]
-    assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") == 0
+    assert envoy_stat(gateway, "cluster.tokenize_v1.upstream_rq_retry") == 0
 
 
 async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
@@ -333,7 +328,7 @@ async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
     apply(control_plane, tmp_path, spec)
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/lone"
     await until_ok(url, {"text": "a b"})
-    await wait_for(lambda: envoy_stat(gateway, "cluster.tokenize.v1.membership_healthy") == 2)
+    await wait_for(lambda: envoy_stat(gateway, "cluster.tokenize_v1.membership_healthy") == 2)
 
     # One runtime's Unix socket is gone (as after a crash); its health check (TCP) still passes. Over
     # uds its sidecar cannot reach it and answers a 503 of its own: the gateway retries the other one.
@@ -343,10 +338,10 @@ async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
         for _ in range(200):
             status, answer, _ = await post(session, url, {"text": "a b"})
             assert status == 200, answer
-            if envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry"):
+            if envoy_stat(gateway, "cluster.tokenize_v1.upstream_rq_retry"):
                 break
             await asyncio.sleep(0.05)
-    assert envoy_stat(gateway, "cluster.tokenize.v1.upstream_rq_retry") > 0, "the lost replica was never tried"
+    assert envoy_stat(gateway, "cluster.tokenize_v1.upstream_rq_retry") > 0, "the lost replica was never tried"
     # ... and operators see it: the control plane's metrics count retries per variant.
     _, metrics = http_get(f"http://127.0.0.1:{control_plane.metrics_port}/metrics")
     retries = [line for line in metrics.splitlines() if line.startswith("mllambda_variant_retries_total{")]

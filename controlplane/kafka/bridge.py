@@ -8,7 +8,6 @@ requests over all of them and retry another when one dies.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import ssl
@@ -23,9 +22,9 @@ from contract import oip
 from contract.naming import BRIDGE_SERVICE, GATEWAY_IDENTITY, bridge_service_id, identity_of
 from contract.payload import NotAnObject, parse_object
 from contract.service import bridge_meta
-from contract.watch import keep_registered
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.model import Pipeline
+from controlplane.presence import Presence
 
 log = logging.getLogger("mllambda.kafka")
 
@@ -91,52 +90,28 @@ class BridgeServer:
         self.app = app
         self.tls = tls
         self.host, self.port = address
-        self.client = client
-        self.kv_prefix = kv_prefix
-        self.service_id = bridge_service_id(self.host, self.port)
+        if tls is None:
+            check = consul.Check.http(f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s",
+                                      deregister="1m")  # fmt: skip
+        else:  # Consul's agent has no client certificate: it can only see that the port answers
+            check = consul.Check.tcp(self.host, self.port, interval="1s", timeout="1s", deregister="1m")
+        service_id = bridge_service_id(self.host, self.port)
+        self.presence = Presence(
+            client, BRIDGE_SERVICE, service_id, self.host, self.port, check, bridge_meta(kv_prefix)
+        )
         self._runner: web.AppRunner | None = None
-        self._keeper: asyncio.Task[None] | None = None
 
     async def start(self) -> BridgeServer:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls).start()
         log.info("kafka bridge at http://%s:%d/bridge/", self.host, self.port)
-        try:
-            await self._register()
-        except Exception as err:  # Consul away: the keeper registers it when it is back
-            log.warning("registering the Kafka bridge failed: %s", err)
-        self._keeper = asyncio.create_task(keep_registered(self._known, self._register, self.service_id))
+        await self.presence.start()
         return self
-
-    async def _register(self) -> None:
-        if self.tls is None:
-            check = consul.Check.http(
-                f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s", deregister="1m"
-            )
-        else:  # Consul's agent has no client certificate: it can only see that the port answers
-            check = consul.Check.tcp(self.host, self.port, interval="1s", timeout="1s", deregister="1m")
-        await self.client.agent.service.register(
-            BRIDGE_SERVICE,
-            service_id=self.service_id,
-            address=self.host,
-            port=self.port,
-            tags=[BRIDGE_SERVICE],
-            meta=bridge_meta(self.kv_prefix),
-            check=check,
-        )
-
-    async def _known(self) -> bool:
-        return self.service_id in await self.client.agent.services()
 
     async def deregister(self) -> None:
         """Gateways stop sending here; in-flight calls still finish until stop()."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-        try:
-            await self.client.agent.service.deregister(self.service_id)
-        except Exception as err:
-            log.warning("deregistering the Kafka bridge failed: %s", err)
+        await self.presence.stop()
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from xds.type.v3 import typed_struct_pb2
 
 from contract import headers as h
+from contract.naming import cluster_stat_name
 from controlplane.xds.snapshot import pack
 
 # xds-protos ships no type stubs: resources are typed loosely at this edge.
@@ -60,6 +61,7 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
     """A cluster whose endpoints come over EDS (from Consul via the control plane)."""
     cluster = cluster_pb2.Cluster(
         name=name,
+        alt_stat_name=cluster_stat_name(name),
         type=cluster_pb2.Cluster.EDS,
         connect_timeout=millis(connect_timeout_ms),
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),

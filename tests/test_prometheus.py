@@ -1,0 +1,87 @@
+"""deploy/prometheus: a real Prometheus finds the control plane, the gateway, runtimes and sidecars
+through Consul and computes the recording rules from what they export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from controlplane.config import PROJECT_ROOT
+from controlplane.processes import ManagedProcess, free_port, http_get
+from controlplane.tools import install_prometheus
+from tests.envoy_helpers import wait_for
+from tests.test_pipeline_e2e import apply, pipeline, until_ok
+
+pytestmark = pytest.mark.slow
+DEPLOY = PROJECT_ROOT / "deploy" / "prometheus"
+
+
+@pytest.fixture
+def prometheus(consul_agent: Any, tmp_path: Path, logs_dir: Path) -> Iterator[int]:
+    """deploy/prometheus/prometheus.yml as shipped, pointed at the test's Consul, scraping every second."""
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(DEPLOY / "rules.yml")]
+    for job in config["scrape_configs"]:
+        for sd in job["consul_sd_configs"]:
+            sd["server"] = consul_agent.addr
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [
+        str(install_prometheus()), f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+    ]  # fmt: skip
+    proc = ManagedProcess("prometheus", argv, logs_dir / "prometheus.log").start()
+    proc.wait_ready(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, timeout=30)
+    yield port
+    proc.stop()
+
+
+def query(port: int, expr: str) -> list[dict[str, Any]]:
+    status, body = http_get(f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expr)}")
+    assert status == 200, body
+    return json.loads(body)["data"]["result"]  # type: ignore[no-any-return]
+
+
+async def test_recording_rules_give_per_variant_rate_errors_and_p99(
+    control_plane: Any,
+    gateway: Any,
+    three_stages: list[Any],
+    prometheus: int,
+    tmp_path: Path,
+) -> None:
+    apply(control_plane, tmp_path, pipeline("watched"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/watched"
+    await until_ok(url, {"text": "a b c"})
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                async with session.post(url, json={"text": "a b c"}) as resp:
+                    await resp.read()
+                await asyncio.sleep(0.01)
+
+    traffic = asyncio.create_task(load())
+    try:
+        rate = 'mllambda:variant_requests:rate1m{pipeline="watched",stage="score"}'
+        found = await wait_for(lambda: [r for r in query(prometheus, rate) if float(r["value"][1]) > 0], timeout=60)
+        assert found[0]["metric"]["model"] == "score" and found[0]["metric"]["version"] == "v1"
+        errors = query(prometheus, 'mllambda:variant_error_ratio:rate1m{pipeline="watched"}')
+        assert errors and all(float(r["value"][1]) == 0 for r in errors), errors
+        upstream = 'mllambda:model_upstream_p99_ms:1m{model=~"tokenize|count|score",version="v1"}'
+        await wait_for(lambda: len(query(prometheus, upstream)) == 3, timeout=30)  # gateway and sidecars scraped
+        await wait_for(lambda: query(prometheus, 'mllambda:model_predict_p99_seconds:1m{model="count"}'), timeout=30)
+        jobs = {t["labels"]["job"] for t in query(prometheus, "up == 1") for t in [{"labels": t["metric"]}]}
+        assert jobs >= {"mllambda-control-plane", "mllambda-gateway", "mllambda-runtime", "mllambda-sidecar"}, jobs
+    finally:
+        stop.set()
+        await traffic
