@@ -23,7 +23,8 @@ RETRIABLE = "x-mll-retriable"
 # Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
 STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD, ASK)
 
-ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION)  # the gateway's, for the first stage (or bridge) only
+LOG = "x-mll-log"  # set by the gateway: the percentage of this pipeline's requests the first stage logs
+ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION, LOG)  # the gateway's, for the first stage (or bridge) only
 
 # Propagated unchanged to the next hop, so one request can be followed end to end.
 PROPAGATED = (

@@ -94,7 +94,8 @@ def pipeline_path(pipeline: str) -> str:
     return f"/pipelines/{pipeline}"
 
 
-STAGE_PATH = re.compile(r"/pipelines/[a-z0-9-]{1,63}/v[0-9]{1,10}/[a-z0-9-]{1,63}")  # what stage_path builds
+# What stage_path builds; groups: pipeline, version, stage.
+STAGE_PATH = re.compile(r"/pipelines/([a-z0-9-]{1,63})/v([0-9]{1,10})/([a-z0-9-]{1,63})")
 
 
 def stage_path(pipeline: str, version: int, stage: str) -> str:

@@ -126,6 +126,8 @@ async def launch(args: argparse.Namespace) -> None:
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        payload_log_dir=str(args.payload_log_dir or folder / "payloads"),
+        payload_log_max_bytes=args.payload_log_max_mb * 1024 * 1024,
     )
     c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
@@ -202,6 +204,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="with --max-batch: longest a request waits for others (5)"
     )
+    parser.add_argument(
+        "--payload-log-dir",
+        help="where this runtime writes sampled payload records of pipelines it is the first stage of "
+        "(user data; default: payloads/ in its private run folder)",
+    )
+    parser.add_argument("--payload-log-max-mb", type=int, default=64, help="per pipeline file, before rotating (64)")
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")

@@ -163,6 +163,7 @@ class Pipeline:
     stages: tuple[Stage, ...]
     input_topic: str = ""  # kafka: where requests come in (default mll.<name>.in)
     output_topic: str = ""  # kafka: where results go (default mll.<name>.out)
+    log_percent: float = 0  # payload logging: this share of requests recorded by the first stage (0: off)
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

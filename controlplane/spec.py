@@ -110,7 +110,7 @@ class _Parser:
         return self.text(value, path, LABEL, RULES[LABEL])
 
     def pipeline(self, spec: Any) -> Pipeline | None:
-        allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic"}
+        allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic", "logging"}
         data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
@@ -131,7 +131,18 @@ class _Parser:
         topics = [self.topic(data.get(field_name), field_name) for field_name in ("input_topic", "output_topic")]
         if topics[0] and topics[0] == topics[1]:
             self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
-        return Pipeline(name, str(transport), stages, topics[0], topics[1])
+        log_percent = self.logging(data.get("logging"), str(transport))
+        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent)
+
+    def logging(self, raw: Any, transport: str) -> float:
+        """Payload logging: `logging: {percent: P}` (the records hold user data; README, Payload logging)."""
+        if raw is None:
+            return 0
+        data = self.mapping(raw, "logging", {"percent"})
+        percent = self.number(data.get("percent"), "logging.percent", 0, 100, 0)
+        if percent and transport == "kafka":
+            self.bad("logging", "payloads are logged by the first stage's runtime over HTTP: use transport http or uds")
+        return float(percent)
 
     def ensembles(self, stages: tuple[Stage, ...], transport: str) -> None:
         """Who asks: the model sending into an ensemble or OIP stage asks it, so one must be there to do it."""
@@ -349,6 +360,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
     for field_name in ("input_topic", "output_topic"):
         if getattr(pipeline, field_name):
             result[field_name] = getattr(pipeline, field_name)
+    if pipeline.log_percent:
+        result["logging"] = {"percent": pipeline.log_percent}
     return result
 
 

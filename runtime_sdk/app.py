@@ -23,6 +23,7 @@ from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage
+from runtime_sdk.payload_log import PayloadLog, body_value, record, sampled
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -125,6 +126,7 @@ class Runtime:
     kafka_failing: dict[str, str] = field(default_factory=dict)  # topic -> why its consumer stopped (restarting)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
+    payload_log: PayloadLog | None = None  # where sampled requests go when this runtime is a pipeline's first stage
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
@@ -213,7 +215,25 @@ def _bad(message: str) -> web.HTTPBadRequest:
 
 
 async def handle_predict(request: web.Request) -> web.StreamResponse:
-    return as_oip(request, await predict_and_forward(request))
+    started = time.perf_counter()
+    response = as_oip(request, await predict_and_forward(request))
+    runtime: Runtime = request.app[RUNTIME]
+    if runtime.payload_log is not None and h.LOG in request.headers and sampled(request.headers[h.LOG]):
+        await log_payload(runtime.payload_log, request, response, started)
+    return response
+
+
+async def log_payload(payloads: PayloadLog, request: web.Request, response: web.Response, started: float) -> None:
+    """One sampled record of the pipeline's request and answer (this runtime is its first stage)."""
+    parts = STAGE_PATH.fullmatch(request.path)
+    if parts is None or not isinstance(response.body, bytes):
+        return
+    pipeline, version = parts.group(1), parts.group(2)
+    entry = record(
+        pipeline, version, request.headers.get("x-request-id", ""), response.status, started,
+        response.headers.get(h.SERVED, ""), body_value(await request.read()), body_value(response.body),
+    )  # fmt: skip
+    payloads.offer(pipeline, entry)
 
 
 async def predict_and_forward(request: web.Request) -> web.Response:
@@ -395,6 +415,8 @@ def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> web.Applica
         await runtime.egress.close()
         if runtime.batcher is not None:
             await runtime.batcher.close()
+        if runtime.payload_log is not None:
+            await runtime.payload_log.close()
 
     app.cleanup_ctx.append(egress_lifecycle)
     return app

@@ -16,6 +16,7 @@ import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import consul.aio
@@ -26,6 +27,7 @@ from runtime_sdk.app import DEFAULT_MAX_BODY, Egress, Placement, Runtime, build_
 from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.health import HealthServer
 from runtime_sdk.kafka_adapter import KafkaAdapter
+from runtime_sdk.payload_log import DEFAULT_MAX_BYTES, PayloadLog
 from runtime_sdk.registration import deregister, register, stay_registered
 
 log = logging.getLogger("mllambda.runtime")
@@ -55,6 +57,8 @@ class ServeOptions:
     kv_prefix: str = ""  # the control plane's pipeline KV prefix (routing tables live beside it)
     max_batch: int = 0  # > 0: the target is predict_batch(list[dict]) -> list[dict], fed by adaptive batching
     max_wait_ms: float = 5.0
+    payload_log_dir: str = ""  # where sampled payload records go ("": not kept)
+    payload_log_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def load_callable(target: str) -> Callable[..., Any]:
@@ -90,7 +94,13 @@ async def serve(
     loader = load_callable(options.loader) if options.loader else None
     egress = Egress(service.egress_port, service.egress_uds)
     batch = BatchPolicy(options.max_batch, options.max_wait_ms) if options.max_batch else None
-    runtime = Runtime(predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch)
+    payloads = (
+        PayloadLog(Path(options.payload_log_dir), options.payload_log_max_bytes) if options.payload_log_dir else None
+    )
+    runtime = Runtime(
+        predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch,
+        payload_log=payloads,
+    )  # fmt: skip
     access_log = logging.getLogger("aiohttp.access") if options.access_log else None  # a line per request: ~10% CPU
     runner = web.AppRunner(
         build_app(runtime, options.max_body), shutdown_timeout=options.drain_seconds + 10, access_log=access_log

@@ -346,3 +346,42 @@ async def test_a_runtime_its_sidecar_cannot_reach_is_retried_on_another_replica(
     _, metrics = http_get(f"http://127.0.0.1:{control_plane.metrics_port}/metrics")
     retries = [line for line in metrics.splitlines() if line.startswith("mllambda_variant_retries_total{")]
     assert any('model="tokenize"' in line and not line.endswith(" 0.0") for line in retries), retries
+
+
+async def test_payload_logging_samples_at_its_rate_and_stops_when_turned_off(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    logs = tmp_path / "payloads"
+    start_runtime(f"{M}:tokenize", "tokenize", "v1", extra=(f"--payload-log-dir={logs}",))
+    start_runtime(f"{M}:count", "count", "v1")
+    start_runtime(f"{M}:score", "score", "v1")
+    apply(control_plane, tmp_path, {**pipeline("logged"), "logging": {"percent": 10}})
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/logged"
+    await until_ok(url, {"text": "warm up"})
+
+    async def send(n: int) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+            for _ in range(n // 50):
+                results = await asyncio.gather(*(post(session, url, {"text": f"a b {i}"}) for i in range(50)))
+                assert all(status == 200 for status, _, _ in results)
+
+    def records() -> list[dict[str, Any]]:
+        path = logs / "logged.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    await send(2000)
+    await asyncio.sleep(0.5)  # the writer is behind the answers
+    logged = [r for r in records() if r["request"] != {"text": "warm up"}]
+    assert abs(len(logged) / 2000 - 0.10) <= 0.02, len(logged)
+    first = logged[0]
+    assert first["pipeline"] == "logged" and first["version"] == "1" and first["status"] == 200
+    assert first["request"]["text"].startswith("a b ") and first["response"] == {"count": 3, "score": 30}
+    assert first["served"] == ["tokenize=tokenize:v1", "count=count:v1", "score=score:v1"]
+    assert first["latency_ms"] > 0 and len(first["request_id"]) >= 16  # the gateway's x-request-id
+
+    apply(control_plane, tmp_path, pipeline("logged"))  # logging off
+    await in_traffic(control_plane, "logged", 2)
+    before = len(records())
+    await send(300)
+    await asyncio.sleep(0.5)
+    assert len(records()) == before

@@ -80,8 +80,11 @@ async def test_recording_rules_give_per_variant_rate_errors_and_p99(
         upstream = 'mllambda:model_upstream_p99_ms:1m{model=~"tokenize|count|score",version="v1"}'
         await wait_for(lambda: len(query(prometheus, upstream)) == 3, timeout=30)  # gateway and sidecars scraped
         await wait_for(lambda: query(prometheus, 'mllambda:model_predict_p99_seconds:1m{model="count"}'), timeout=30)
-        jobs = {t["labels"]["job"] for t in query(prometheus, "up == 1") for t in [{"labels": t["metric"]}]}
-        assert jobs >= {"mllambda-control-plane", "mllambda-gateway", "mllambda-runtime", "mllambda-sidecar"}, jobs
+        ours = f"mllambda-control-plane-127.0.0.1-{control_plane.metrics_port}"
+        up = {(t["metric"]["job"], t["metric"]["instance"]) for t in query(prometheus, "up == 1")}
+        assert {("mllambda-control-plane", ours), ("mllambda-gateway", f"gateway of {ours}")} <= up, up
+        assert {r.service_id for r in three_stages} <= {i for job, i in up if job == "mllambda-sidecar"}, up
+        assert {r.service_id for r in three_stages} <= {i for job, i in up if job == "mllambda-runtime"}, up
     finally:
         stop.set()
         await traffic

@@ -243,12 +243,16 @@ def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]
         first = stage_path(p.name, v.version, p.stages[0].name)
         json_api = stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
         infer = stage_routes(p, 0, match_path=oip.infer_path(p.name), rewrite=first)
+    logged = [r.header(h.LOG, f"{p.log_percent:g}")] if p.log_percent else []
     for route in json_api:
-        route.request_headers_to_remove.extend(h.ENTRY)  # only the gateway says a request is OIP
+        route.request_headers_to_remove.extend(h.ENTRY)  # only the gateway says a request is OIP, or logged
+        route.request_headers_to_add.extend(logged)
     for route in infer:
+        route.request_headers_to_remove.extend(h.ENTRY)
         route.request_headers_to_add.extend(
             [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
         )
+        route.request_headers_to_add.extend(logged)
     return json_api + infer + oip_model_routes(p.name, str(v.version))
 
 
