@@ -23,7 +23,8 @@ from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage
-from runtime_sdk.payload_log import PayloadLog, body_value, record, sampled
+from runtime_sdk.entry import as_oip, log_payload, oip_payload
+from runtime_sdk.payload_log import PayloadLog, sampled
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -188,26 +189,13 @@ async def read_payload(request: web.Request) -> dict[str, Any]:
         ) from err
     if request.headers.get(h.PROTOCOL) == oip.PROTOCOL:  # the gateway's OIP route: tensors in
         try:
-            payload, request[OIP_ID] = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+            return oip_payload(request, body)
         except oip.BadRequest as err:
             raise _bad(str(err)) from err
-        return payload
     try:
         return parse_object(body)
     except NotAnObject as err:
         raise _bad(str(err)) from err
-
-
-OIP_ID = "mll_oip_id"  # request key: the OIP request's id, echoed in its response
-
-
-def as_oip(request: web.Request, response: web.Response) -> web.Response:
-    """The first stage answers an OIP client in OIP: the pipeline's JSON answer as output tensors."""
-    headers = request.headers
-    if headers.get(h.PROTOCOL) == oip.PROTOCOL and isinstance(response.body, bytes):
-        model, version = headers.get(h.OIP_MODEL, ""), headers.get(h.OIP_VERSION, "")
-        response.body = oip.reencode(response.status, response.body, model, version, request.get(OIP_ID, ""))
-    return response
 
 
 def _bad(message: str) -> web.HTTPBadRequest:
@@ -221,19 +209,6 @@ async def handle_predict(request: web.Request) -> web.StreamResponse:
     if runtime.payload_log is not None and h.LOG in request.headers and sampled(request.headers[h.LOG]):
         await log_payload(runtime.payload_log, request, response, started)
     return response
-
-
-async def log_payload(payloads: PayloadLog, request: web.Request, response: web.Response, started: float) -> None:
-    """One sampled record of the pipeline's request and answer (this runtime is its first stage)."""
-    parts = STAGE_PATH.fullmatch(request.path)
-    if parts is None or not isinstance(response.body, bytes):
-        return
-    pipeline, version = parts.group(1), parts.group(2)
-    entry = record(
-        pipeline, version, request.headers.get("x-request-id", ""), response.status, started,
-        response.headers.get(h.SERVED, ""), body_value(await request.read()), body_value(response.body),
-    )  # fmt: skip
-    payloads.offer(pipeline, entry)
 
 
 async def predict_and_forward(request: web.Request) -> web.Response:
