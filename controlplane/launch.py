@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,23 +133,38 @@ async def launch(args: argparse.Namespace) -> None:
     )
     c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+    try:
+        async with identity_and_sidecar(args, service, folder, client, args.envoy_concurrency) as (service, sidecar):
+            await serve(options, service, client, sidecar)
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def identity_and_sidecar(
+    args: argparse.Namespace, service: RuntimeService, folder: Path, client: consul.aio.Consul, concurrency: int = 1
+) -> AsyncIterator[tuple[RuntimeService, ManagedProcess | None]]:
+    """The model's certificate (under mTLS, kept fresh) and its Envoy sidecar while the block runs.
+
+    Afterwards both go, and the certificate folder with them: it holds the private key.
+    """
+    no_sidecar = getattr(args, "no_sidecar", False)
     keeper = None
-    if args.security == "mtls" and not args.no_sidecar:
+    if args.security == "mtls" and not no_sidecar:
         tls_dir = folder / f"{service.service_id}-tls"
         keeper = CertKeeper(client, service.model, lambda fresh: write_sds(tls_dir, fresh))
         await keeper.start()
         service = replace(service, tls_dir=str(tls_dir))
     sidecar = None
     try:
-        sidecar = None if args.no_sidecar else start_sidecar(service, args.xds, folder, args.envoy_concurrency)
-        await serve(options, service, client, sidecar)
+        sidecar = None if no_sidecar else start_sidecar(service, args.xds, folder, concurrency)
+        yield service, sidecar
     finally:
         if sidecar is not None:
             sidecar.stop()
         if keeper is not None:
             await keeper.stop()
-            shutil.rmtree(service.tls_dir, ignore_errors=True)  # it holds the private key
-        await client.close()
+            shutil.rmtree(service.tls_dir, ignore_errors=True)
 
 
 def cmd_runtime(args: argparse.Namespace) -> int:

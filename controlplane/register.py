@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import signal
-from dataclasses import replace
 
 import consul.aio
 
 from contract.naming import SERVICE_ID, name_problem
 from contract.service import RuntimeService
-from controlplane.certs import CertKeeper, write_sds
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag
 from controlplane.errors import CliError
-from controlplane.launch import checked_service_id, run_dir, start_sidecar
+from controlplane.launch import checked_service_id, identity_and_sidecar, run_dir
 from controlplane.processes import free_port
 from runtime_sdk.registration import deregister, register, stay_registered
 from runtime_sdk.serve import ServeError, wait_for_stop
@@ -58,36 +55,24 @@ def plan_external(args: argparse.Namespace) -> RuntimeService:
 
 
 async def hold(args: argparse.Namespace, service: RuntimeService) -> None:
-    folder = run_dir()
     c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
     client = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
-    keeper = sidecar = None
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        if args.security == "mtls":
-            tls_dir = folder / f"{service.service_id}-tls"
-            keeper = CertKeeper(client, service.model, lambda fresh: write_sds(tls_dir, fresh))
-            await keeper.start()
-            service = replace(service, tls_dir=str(tls_dir))
-        sidecar = start_sidecar(service, args.xds, folder, 1)
-        await register(client, service)
-        log.info("registered service_id=%s oip=127.0.0.1:%d model=%s", service.service_id, service.runtime_port,
-                 service.oip_model)  # fmt: skip
-        keep = asyncio.create_task(stay_registered(client, service, True))
-        try:
-            await wait_for_stop(stop, sidecar)
-        finally:
-            keep.cancel()
-            await deregister(client, service.service_id)
-            log.info("deregistered service_id=%s", service.service_id)
+        async with identity_and_sidecar(args, service, run_dir(), client) as (service, sidecar):
+            await register(client, service)
+            log.info("registered service_id=%s oip=127.0.0.1:%d model=%s", service.service_id,
+                     service.runtime_port, service.oip_model)  # fmt: skip
+            keep = asyncio.create_task(stay_registered(client, service, True))
+            try:
+                await wait_for_stop(stop, sidecar)
+            finally:
+                keep.cancel()
+                await deregister(client, service.service_id)
+                log.info("deregistered service_id=%s", service.service_id)
     finally:
-        if sidecar is not None:
-            sidecar.stop()
-        if keeper is not None:
-            await keeper.stop()
-            shutil.rmtree(service.tls_dir, ignore_errors=True)  # it holds the private key
         await client.close()
 
 
