@@ -17,6 +17,7 @@ import consul
 from aiohttp import web
 
 from contract.naming import CONTROL_PLANE_IDENTITY
+from controlplane.charts import line_chart, pipeline_svg, rate_series
 from controlplane.metrics import metrics_handler
 from controlplane.model import JOIN_GROUP
 from controlplane.presence import Presence
@@ -27,6 +28,7 @@ from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
+STYLE = "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}svg{display:block;margin:8px 0}"
 HISTORY_SHOWN = 5  # versions per pipeline on the page
 
 
@@ -108,7 +110,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     for current in view.pipelines:
         p = current.pipeline
         about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}{_switch_note(view, p.name)}"
-        parts.append(f"<h3>{e(p.name)} <small>{about}</small></h3>")
+        parts.append(f"<h3><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{about}</small></h3>")
         versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
         shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
         parts.append(f"<p class='history'>history: {shown}</p><ol>")
@@ -172,8 +174,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
-        "<title>ML Lambda</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;"
-        "text-align:left}</style></head><body><h1>ML Lambda</h1>"
+        f"<title>ML Lambda</title><style>{STYLE}</style></head><body><h1>ML Lambda</h1>"
         f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
         " · <a href='/metrics'>metrics</a></p>" + "".join(parts) + "</body></html>"
     )
@@ -242,11 +243,49 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
         page = render_dashboard(view, status_document(view, await reader.recent_traffic()))
         return web.Response(text=page, content_type="text/html")
 
+    async def pipeline_page(request: web.Request) -> web.Response:
+        view, name = reader.view(), request.match_info["name"]
+        current = next((v for v in view.pipelines if v.pipeline.name == name), None)
+        if current is None:
+            return web.Response(status=404, text=f"no pipeline {html.escape(name)!r}", content_type="text/html")
+        rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
+        return web.Response(text=render_pipeline_page(view, current, rows), content_type="text/html")
+
     app = web.Application(middlewares=[_local_hosts_only])
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
+    app.router.add_get("/pipelines/{name}", pipeline_page)
     app.router.add_get("/", dashboard)
     return app
+
+
+CHART_MINUTES = 15
+
+
+def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic]) -> str:
+    """One pipeline: its graph (weights and windowed shares) and its variants' traffic over the last minutes."""
+    p, e = current.pipeline, html.escape
+    now = time.monotonic()
+    first = view.readings[0][0] if view.readings else now
+    start = max(now - CHART_MINUTES * 60, first - 5)  # a young control plane's chart starts with its readings
+    clusters = sorted({v.cluster for stage in p.stages for v in stage.all_variants()})
+    rps, errors = rate_series(view.readings, clusters, start)
+    entered = view.entered_at.get(p.name)
+    marks = [(entered, f"v{current.version} in traffic")] if entered else []
+    seen = next((r.window_seconds for r in rows if r.window_seconds), None)
+    window = f"observed over the last {seen:.0f} s of v{current.version}" if seen else "no traffic observed yet"
+    body = [
+        f"<h2>{e(p.name)} <small>v{current.version} · {e(p.transport)} · {e(current.cause)} · {window}</small></h2>",
+        pipeline_svg(p, rows),
+        "<h3>Over time</h3>",
+        line_chart("requests/s per model version", rps, start, now, marks),
+        line_chart("5xx ratio per model version", errors, start, now, marks),
+        "<p><a href='/'>all pipelines</a></p>",
+    ]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='5'>"
+        f"<title>{e(p.name)} · ML Lambda</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 class DashboardServer:

@@ -316,6 +316,8 @@ class ControlPlane:
             kafka_router_restarts=dict(self.kafka.router_restarts) if self.kafka else {},
             rollouts_driving=self.rollouts.driving,
             rollout_moves=self.rollouts.moves,
+            readings=self.traffic_book.history.readings(),
+            entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -141,6 +141,9 @@ class TrafficHistory:
     def add(self, at: float, stats: Mapping[str, ClusterStats]) -> None:
         self._readings.append((at, dict(stats)))
 
+    def readings(self) -> list[tuple[float, dict[str, ClusterStats]]]:
+        return list(self._readings)
+
     def first_since(self, start: float) -> tuple[float, dict[str, ClusterStats]] | None:
         """The earliest reading taken at or after `start` (None: none yet)."""
         return next(((at, stats) for at, stats in self._readings if at >= start), None)

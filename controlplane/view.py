@@ -50,6 +50,8 @@ class PlaneView:
     kafka_router_restarts: Mapping[str, int] = field(default_factory=dict)  # pipeline -> entry router restarts
     rollouts_driving: bool = False  # this control plane holds the rollout lock
     rollout_moves: int = 0  # rollout versions this control plane wrote
+    readings: Sequence[tuple[float, Mapping[str, Any]]] = ()  # every Envoy's counters over time (monotonic clock)
+    entered_at: Mapping[str, float] = field(default_factory=dict)  # pipeline -> when its version took traffic
 
 
 class PlaneReader(Protocol):

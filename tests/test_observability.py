@@ -138,7 +138,7 @@ async def test_dashboard_in_a_real_browser_matches_invoke(
 
     url = f"http://127.0.0.1:{control_plane.metrics_port}/"
     dom = (await asyncio.to_thread(browser, "--user-data-dir=" + str(tmp_path / "chrome"), "--dump-dom", url)).stdout
-    assert "<h3>watched" in dom
+    assert '<a href="/pipelines/watched">watched</a>' in dom
     rows = re.findall(r"<td class=\"variant\">(score:v\d)</td><td>([\d.]+)%</td><td class=\"observed\">([\d.]+)%", dom)
     shown = {variant: (float(weight), float(observed)) for variant, weight, observed in rows}
     assert shown["score:v1"][0] == 90.0 and shown["score:v2"][0] == 10.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,31 @@ def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
             value = value.decode()
         found[output["name"]] = value.item() if hasattr(value, "item") else value
     client.close()
+    return found
+
+
+def drawn(url: str, profile: Path, shot: str) -> dict[str, dict[tuple[str, str], tuple[float, float | None]]]:
+    """The pipeline page as a real browser renders it: a screenshot kept in test-artifacts/, and per stage
+    the drawn variants: (group, model:version) -> (configured weight, share seen)."""
+    from tests.test_observability import ARTIFACTS, browser
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser(f"--user-data-dir={profile}", f"--screenshot={ARTIFACTS / shot}", "--window-size=1100,900", url)
+    assert (ARTIFACTS / shot).stat().st_size > 10_000
+    dom = browser(f"--user-data-dir={profile}-dom", "--dump-dom", url).stdout
+    assert dom.count('<svg class="chart"') == 2, dom[:500]  # requests/s and 5xx ratio over time
+    found: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {}
+    stage = ""
+    for match in re.finditer(
+        r"font-weight=\"bold\">([a-z0-9-]+)</text>|<g class=\"variant\" data-group=\"([^\"]*)\" "
+        r"data-variant=\"([^\"]+)\" data-weight=\"([\d.]+)\" data-seen=\"([\d.]*)\"",
+        dom,
+    ):
+        if match.group(1):
+            stage = match.group(1)
+            continue
+        seen = float(match.group(5)) if match.group(5) else None
+        found.setdefault(stage, {})[(match.group(2), match.group(3))] = (float(match.group(4)), seen)
     return found
 
 
@@ -89,7 +115,14 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert oip_answer["category"] == "sports" and oip_answer["sentiment"] == answer["result"]["sentiment"]
         assert oip_answer["sentiment_confidence"] == answer["result"]["sentiment_confidence"]
 
-        applied = mllambda("apply", "-f", str(NLP / "pipeline-v2.yaml"), env=env)
+        page = f"http://127.0.0.1:{ports['controlplane_metrics']}/pipelines/nlp"
+        before = drawn(page, tmp_path / "chrome-v1", "nlp-v1.png")
+        assert {key: weight for key, (weight, _) in before["network"].items()} == {
+            ("sports", "net-sports:v1"): 1.0, ("tech", "net-tech:v1"): 1.0, ("food", "net-food:v1"): 1.0
+        }  # fmt: skip
+        assert before["network"][("sports", "net-sports:v1")][1] == 1.0  # the requests so far: sports
+
+        applied = mllambda("apply", "-f", str(NLP / "pipeline-v2.yaml"), "--wait", env=env)
         assert "pipeline/nlp created (version 2)" in applied.stdout, applied.stderr
         many = mllambda(
             "invoke", "nlp", "--data", '{"text": "the pasta was delicious"}', "--count", "1000", "-o", "json", env=env
@@ -98,6 +131,14 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert (split["ok"], split["errors"]) == (1000, 0)
         v2_share = split["split"]["network"].get("net-food:v2", 0) / 1000
         assert abs(v2_share - 0.10) <= 0.03, split
+        # The page draws every variant with its weight, and the share seen since v2 matches what invoke counted.
+        after = drawn(page, tmp_path / "chrome-v2", "nlp-v2.png")
+        weights = {variant: weight for (_, variant), (weight, _) in after["network"].items()}
+        assert weights == {
+            f"net-{c}:{v}": (0.9 if v == "v1" else 0.1) for c in ("sports", "tech", "food") for v in ("v1", "v2")
+        }
+        seen_v2 = after["network"][("food", "net-food:v2")][1]
+        assert seen_v2 is not None and abs(seen_v2 - v2_share) <= 0.02, (seen_v2, v2_share)
 
         status = json.loads(processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status")[1])
         assert [p["version"] for p in status["pipelines"]] == [2]
