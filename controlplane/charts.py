@@ -78,10 +78,12 @@ def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic]) -> str:
     )
 
 
-def rate_series(readings: Readings, clusters: Sequence[str], since: float) -> tuple[Series, Series]:
-    """Requests/s and 5xx ratio per cluster between consecutive readings taken after `since`."""
+def rate_series(readings: Readings, clusters: Sequence[str], since: float) -> tuple[Series, Series, Series]:
+    """Requests/s and 5xx ratio per cluster between consecutive readings taken after `since`, and the p99
+    (ms) of each reading's last Envoy stats interval."""
     rps: Series = {c: [] for c in clusters}
     errors: Series = {c: [] for c in clusters}
+    p99: Series = {c: [] for c in clusters}
     kept = [(at, stats) for at, stats in readings if at >= since]  # one every 5 s: at most an hour's
     for (before, old), (at, new) in itertools.pairwise(kept):
         seconds = at - before
@@ -92,7 +94,9 @@ def rate_series(readings: Readings, clusters: Sequence[str], since: float) -> tu
             got = moved.get(c, ClusterStats())
             rps[c].append((at, got.requests / seconds))
             errors[c].append((at, got.errors / got.requests if got.requests else 0.0))
-    return rps, errors
+            if got.requests and got.p99_recent_ms is not None:
+                p99[c].append((at, got.p99_recent_ms))
+    return rps, errors, p99
 
 
 def _duration(seconds: float) -> str:

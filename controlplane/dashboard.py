@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 import consul
@@ -262,6 +263,20 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
 CHART_MINUTES = 15
 
 
+def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, str]]:
+    """When each recent version was written (a rollout step, a rollback: its cause), and when the current one
+    took traffic, on the charts' clock."""
+    marks = []
+    for v in view.history.get(name, [])[-6:]:
+        try:
+            written = datetime.fromisoformat(v.created_at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        marks.append((now - (time.time() - written), f"v{v.version} {v.cause[:28]}"))
+    entered = view.entered_at.get(name)
+    return marks + ([(entered, "in traffic")] if entered else [])
+
+
 def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic]) -> str:
     """One pipeline: its graph (weights and windowed shares) and its variants' traffic over the last minutes."""
     p, e = current.pipeline, html.escape
@@ -269,9 +284,8 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
     first = view.readings[0][0] if view.readings else now
     start = max(now - CHART_MINUTES * 60, first - 5)  # a young control plane's chart starts with its readings
     clusters = sorted({v.cluster for stage in p.stages for v in stage.all_variants()})
-    rps, errors = rate_series(view.readings, clusters, start)
-    entered = view.entered_at.get(p.name)
-    marks = [(entered, f"v{current.version} in traffic")] if entered else []
+    rps, errors, p99 = rate_series(view.readings, clusters, start)
+    marks = version_marks(view, p.name, now)
     seen = next((r.window_seconds for r in rows if r.window_seconds), None)
     window = f"observed over the last {seen:.0f} s of v{current.version}" if seen else "no traffic observed yet"
     body = [
@@ -280,6 +294,7 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
         "<h3>Over time</h3>",
         line_chart("requests/s per model version", rps, start, now, marks),
         line_chart("5xx ratio per model version", errors, start, now, marks),
+        line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
         "<p><a href='/'>all pipelines</a></p>",
     ]
     return (

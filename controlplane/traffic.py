@@ -28,6 +28,7 @@ class ClusterStats:
     p50_ms: float | None = None
     p99_ms: float | None = None
     retries: int = 0  # of those requests, retries (the hop before found this variant unreachable)
+    p99_recent_ms: float | None = None  # over Envoy's last stats interval (5 s), not since it started
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
                 hname = histogram.get("name", "")
                 if hname.startswith("cluster.") and hname.endswith(".upstream_rq_time"):
                     cluster = cluster_of_stat(hname[len("cluster.") : -len(".upstream_rq_time")])
-                    values = {str(q): v.get("cumulative") for q, v in zip(supported, histogram["values"], strict=False)}
+                    pairs = list(zip(supported, histogram["values"], strict=False))
+                    values = {str(q): v.get("cumulative") for q, v in pairs}
+                    values["99-recent"] = next((v.get("interval") for q, v in pairs if str(q) == "99"), None)
                     quantiles[cluster] = {k: float(v) for k, v in values.items() if v is not None}
     return {
         cluster: ClusterStats(
@@ -74,6 +77,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
             quantiles.get(cluster, {}).get("50"),
             quantiles.get(cluster, {}).get("99"),
             c.get("upstream_rq_retry", 0),
+            quantiles.get(cluster, {}).get("99-recent"),
         )
         for cluster, c in counts.items()
     }
@@ -89,6 +93,7 @@ def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterS
             merged[cluster] = ClusterStats(
                 total, old.errors + s.errors, _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
                 _blend(old.p99_ms, old.requests, s.p99_ms, s.requests), old.retries + s.retries,
+                _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests),
             )  # fmt: skip
     return merged
 
@@ -127,7 +132,7 @@ def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> 
         old = then.get(cluster, ClusterStats())
         found[cluster] = ClusterStats(
             max(0, s.requests - old.requests), max(0, s.errors - old.errors), s.p50_ms, s.p99_ms,
-            max(0, s.retries - old.retries),
+            max(0, s.retries - old.retries), s.p99_recent_ms,
         )  # fmt: skip
     return found
 

@@ -34,7 +34,7 @@ def test_rates_come_from_consecutive_readings_and_a_restarted_envoy_counts_from_
         (105.0, {"ma.v1": ClusterStats(150, 5)}),
         (110.0, {"ma.v1": ClusterStats(10, 0)}),  # restarted: less than before, counted as nothing new
     ]
-    rps, errors = rate_series(readings, ["ma.v1", "ma.v2"], since=0)
+    rps, errors, _ = rate_series(readings, ["ma.v1", "ma.v2"], since=0)
     assert rps["ma.v1"] == [(105.0, 10.0), (110.0, 0.0)] and errors["ma.v1"] == [(105.0, 0.1), (110.0, 0.0)]
     assert rps["ma.v2"] == [(105.0, 0.0), (110.0, 0.0)]
     assert rate_series(readings, ["ma.v1"], since=104)[0]["ma.v1"] == [(110.0, 0.0)]

@@ -22,7 +22,7 @@ def envoy_stats(cluster: str, total: int, five_xx: int, retries: int, p50: float
                     "computed_quantiles": [
                         {
                             "name": f"cluster.{cluster}.upstream_rq_time",
-                            "values": [{"cumulative": p50}, {"cumulative": p99}],
+                            "values": [{"cumulative": p50}, {"cumulative": p99, "interval": p99 / 2}],
                         }
                     ],
                 }
@@ -33,13 +33,14 @@ def envoy_stats(cluster: str, total: int, five_xx: int, retries: int, p50: float
 
 def test_envoy_stats_become_counts_retries_and_quantiles_per_cluster() -> None:
     parsed = parse_envoy_stats(envoy_stats("score.v1", 120, 3, 2, 1.5, 9.0))
-    assert parsed == {"score.v1": ClusterStats(requests=120, errors=3, p50_ms=1.5, p99_ms=9.0, retries=2)}
+    assert parsed == {"score.v1": ClusterStats(120, 3, p50_ms=1.5, p99_ms=9.0, retries=2, p99_recent_ms=4.5)}
+    assert parse_envoy_stats(envoy_stats("score_v1", 1, 0, 0, 1.0, 2.0)).keys() == {"score.v1"}  # Envoy's stat name
 
 
 def test_merging_envoys_sums_counts_and_weights_latency_by_requests() -> None:
     gateway = parse_envoy_stats(envoy_stats("a.v1", 100, 1, 4, 2.0, 10.0))
     sidecar = parse_envoy_stats(envoy_stats("a.v1", 300, 2, 1, 4.0, 20.0))
-    assert merge([gateway, sidecar]) == {"a.v1": ClusterStats(400, 3, 3.5, 17.5, 5)}
+    assert merge([gateway, sidecar]) == {"a.v1": ClusterStats(400, 3, 3.5, 17.5, 5, 8.75)}
 
 
 def test_observed_share_is_per_split_group_and_the_shadow_is_measured_against_its_stage() -> None:
