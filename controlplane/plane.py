@@ -69,7 +69,7 @@ class ControlPlane:
         self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
         self.cache = SnapshotCache(settings.group_by)
         self.acks = AckBook()
-        self.store = PipelineStore(self.consul, settings.kv_prefix)
+        self.store = PipelineStore(self.consul, settings.kv_prefix, settings.keep_versions)
         self.kafka: KafkaPlane | None = None
         self.bridge: BridgeServer | None = None
         broker = None

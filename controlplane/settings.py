@@ -16,6 +16,7 @@ from controlplane.config import (
     resolve,
 )
 from controlplane.discovery import EMPTY_GRACE
+from controlplane.store import KEEP_VERSIONS
 from controlplane.xds.cache import GroupBy
 
 
@@ -37,6 +38,7 @@ class Settings:
     gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder (its launcher keeps it)
     admin_tls: tuple[str, str, str] = ("", "", "")  # cert, key, client CA (PEM files) for the admin API
     exposed: bool = False  # serve admin/xDS beyond loopback without authentication (--insecure-expose)
+    keep_versions: int = KEEP_VERSIONS  # per pipeline in Consul KV: each new version drops the one this far back
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -57,7 +59,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gateway_tls_dir=args.gateway_tls_dir or "",
         admin_tls=(args.admin_tls_cert or "", args.admin_tls_key or "", args.admin_tls_client_ca or ""),
         exposed=args.insecure_expose,
+        keep_versions=args.keep_versions,
     )
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("keep at least 2 versions (the current one and one to roll back to)")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
     )
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
+    parser.add_argument(
+        "--keep-versions",
+        type=_at_least_two,
+        default=KEEP_VERSIONS,
+        help=f"versions kept per pipeline (history, rollback); each new one drops the oldest (default {KEEP_VERSIONS})",
+    )
     add_security_flag(parser, "every hop, xDS and the Kafka bridge mutually authenticated (Consul Connect)")
     parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
     parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")

@@ -31,6 +31,7 @@ from controlplane.spec import parse_pipeline, pipeline_to_dict
 MAX_ATTEMPTS = 32
 MAX_BROKEN_SHOWN = 100  # broken pipelines reported at once
 HISTORY_PAGE, HISTORY_MAX = 50, 500  # versions per History page: default, most
+KEEP_VERSIONS = 1000  # per pipeline: rollout steps write versions, so history must not grow without end
 
 
 class StoreError(Exception):
@@ -91,9 +92,10 @@ class StoreView:
 
 
 class PipelineStore:
-    def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_KV_PREFIX) -> None:
+    def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_KV_PREFIX, keep: int = KEEP_VERSIONS) -> None:
         self.client = client
         self.prefix = prefix
+        self.keep = keep  # versions per pipeline: writing version N drops version N - keep, in the same transaction
         self._parsed: dict[str, tuple[int, PipelineVersion]] = {}  # version key -> (ModifyIndex, parsed)
 
     def _head_key(self, name: str) -> str:
@@ -153,6 +155,8 @@ class PipelineStore:
         ops = [_cas(self._head_key(name), head, head_index)]
         if new is not None:
             ops.append(_cas(self._version_key(name, new.version), version_to_record(new), 0))
+            if new.version > self.keep:
+                ops.append({"KV": {"Verb": "delete", "Key": self._version_key(name, new.version - self.keep)}})
         try:
             await self._call(self.client.txn.put(ops))
         except consul.ConsulException as err:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +306,27 @@ def test_a_config_only_envoy_refuses_is_refused_at_apply_with_envoys_words(contr
     spec["stages"][1]["branches"] = branches[:8]  # type: ignore[index]
     (tmp_path / "wide.yaml").write_text(yaml.safe_dump(spec))
     assert control_plane.cli("apply", "-f", str(tmp_path / "wide.yaml")).returncode == 0
+
+
+def test_history_keeps_the_newest_versions_and_a_pruned_one_is_not_found(control_plane: Any) -> None:
+    control_plane.stop()
+    control_plane.extra_args = [*control_plane.extra_args, "--keep-versions=3"]
+    control_plane.start()
+    with grpc.insecure_channel(control_plane.admin_addr) as channel:
+        stub = pb_grpc.PipelineAdminStub(channel)
+        for i in range(5):
+            stub.Apply(pb.ApplyRequest(spec=spec_with_weights("kept", 10 + i, 1)))
+
+    def versions() -> list[int]:
+        done = control_plane.cli("history", "pipeline", "kept", "-o", "json")
+        return [int(v["version"]) for v in json.loads(done.stdout)["items"]]
+
+    assert versions() == [3, 4, 5]  # each new version dropped the one 3 back, in the same transaction
+    gone = control_plane.cli("rollback", "pipeline", "kept", "--to-version", "1")
+    assert gone.returncode == 1 and "has no version 1" in gone.stderr, gone.stderr
+    assert control_plane.cli("rollback", "pipeline", "kept", "--to-version", "3").returncode == 0
+    assert versions() == [4, 5, 6]
+    refused = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", "controlplane", "--keep-versions=1"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "keep at least 2 versions" in refused.stderr
