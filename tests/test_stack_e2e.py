@@ -57,7 +57,7 @@ def drawn(url: str, profile: Path, shot: str) -> dict[str, dict[tuple[str, str],
     browser(f"--user-data-dir={profile}", f"--screenshot={ARTIFACTS / shot}", "--window-size=1100,900", url)
     assert (ARTIFACTS / shot).stat().st_size > 10_000
     dom = browser(f"--user-data-dir={profile}-dom", "--dump-dom", url).stdout
-    assert dom.count('<svg class="chart"') == 2, dom[:500]  # requests/s and 5xx ratio over time
+    assert dom.count('<svg class="chart"') == 3, dom[:500]  # requests/s, 5xx ratio and p99 over time
     found: dict[str, dict[tuple[str, str], tuple[float, float | None]]] = {}
     stage = ""
     for match in re.finditer(
