@@ -22,7 +22,7 @@ from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
-from runtime_sdk.ensemble import Answers, ask, ask_oip_stage
+from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.payload_log import PayloadLog, sampled
 
@@ -293,11 +293,8 @@ async def ask_members(
     runtime: Runtime, request: web.Request, fan: FanOut, body: str, output: dict[str, Any]
 ) -> Answers:
     """Every member of the ensemble, asked through the own sidecar at once."""
-    headers = request.headers
-    outgoing = {k: headers[k] for k in h.PROPAGATED if k in headers}
-    outgoing["content-type"] = "application/json"
-    session, base = runtime.egress.target(headers.get(h.TRANSPORT, "http"), "")
-    return await ask(session, base, fan, body, outgoing, output)
+    session, base = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), "")
+    return await ask(session, base, fan, body, request.headers, output)
 
 
 def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web.Response:
@@ -319,13 +316,7 @@ async def forward(
     runtime: Runtime, request: web.Request, body: str, output: dict[str, Any], next_path: str, served: str
 ) -> tuple[web.Response, float | None]:
     """Send the output to the next hop through the own sidecar; relay its answer (and how long it took)."""
-    outgoing = {k: request.headers[k] for k in h.PROPAGATED if k in request.headers}
-    outgoing["content-type"] = "application/json"
-    branch_field = request.headers.get(h.BRANCH_FIELD)
-    if branch_field:
-        key = output.get(branch_field)
-        if isinstance(key, str | int) and not isinstance(key, bool):
-            outgoing[h.BRANCH] = str(key)
+    outgoing = hop_headers(request.headers, output, request.headers.get(h.BRANCH_FIELD, ""))
     session, url = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), next_path)
     sent = time.perf_counter()
     try:

@@ -46,13 +46,30 @@ class _Said:
     reason: str
 
 
+def hop_headers(incoming: Mapping[str, str], output: Mapping[str, Any], branch_field: str = "") -> dict[str, str]:
+    """What a request to another hop carries: the trace headers, and the branch its output picks."""
+    outgoing = {k: incoming[k] for k in h.PROPAGATED if k in incoming}
+    outgoing["content-type"] = "application/json"
+    if branch_field and isinstance(key := output.get(branch_field), str | int) and not isinstance(key, bool):
+        outgoing[h.BRANCH] = str(key)
+    return outgoing
+
+
+def _detail(text: bytes) -> str:
+    """What a failed hop said: its `error`, else the start of its body."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    found = answer.get("error") if isinstance(answer, dict) else None
+    return str(found) if found else text[:200].decode(errors="replace")
+
+
 async def ask(
     session: aiohttp.ClientSession, url: str, fan: FanOut, body: str, headers: Mapping[str, str], output: Any
 ) -> Answers:
     """Send `body` to every member at `url` + its path; merge the answers by member name."""
-    outgoing = dict(headers)
-    if fan.branch_field and isinstance(key := output.get(fan.branch_field), str | int) and not isinstance(key, bool):
-        outgoing[h.BRANCH] = str(key)
+    outgoing = hop_headers(headers, output, fan.branch_field)
     said = await asyncio.gather(*(_one(session, url + fan.member_path(m), m, body, outgoing) for m in fan.members))
     answers, missing = {}, {}
     result = Answers(served=[s.served for s in said if s.served])
@@ -83,23 +100,16 @@ async def ask_oip_stage(egress: Any, headers: Mapping[str, str], path: str, outp
     The output goes as an inference request (contract.oip: each field a tensor) and
     the response's tensors come back as fields. Its failure is the request's.
     """
-    outgoing = {k: headers[k] for k in h.PROPAGATED if k in headers}
-    outgoing["content-type"] = "application/json"
     session, url = egress.target(headers.get(h.TRANSPORT, "http"), path)
     stage = path.rsplit("/", 1)[-1]
     try:
-        async with session.post(url, data=json.dumps(encode_request(output)), headers=outgoing) as resp:
+        async with session.post(url, data=json.dumps(encode_request(output)), headers=hop_headers(headers, {})) as resp:
             text, status, served = await resp.read(), resp.status, resp.headers.get(h.SERVED, "")
     except aiohttp.ClientError as err:
         return Asked(None, "", 503, f"OIP stage {stage!r} unreachable: {err}"[:REASON_CHARS])
     if status != 200:
-        try:
-            detail = json.loads(text).get("error") or text[:200].decode(errors="replace")
-        except (ValueError, AttributeError):
-            detail = text[:200].decode(errors="replace")
-        return Asked(
-            None, served, _failure_status(status), f"OIP stage {stage!r} answered {status}: {detail}"[:REASON_CHARS]
-        )
+        reason = f"OIP stage {stage!r} answered {status}: {_detail(text)}"[:REASON_CHARS]
+        return Asked(None, served, _failure_status(status), reason)
     try:
         return Asked(decode_response(text), served)
     except BadRequest as err:
@@ -130,6 +140,5 @@ async def _one(session: aiohttp.ClientSession, url: str, member: Member, body: s
     except ValueError:
         output = None
     if status != 200 or not isinstance(output, dict):
-        detail = output.get("error") if isinstance(output, dict) else text[:200].decode(errors="replace")
-        return _Said(status, None, served, f"answered {status}: {detail}"[:REASON_CHARS])
+        return _Said(status, None, served, f"answered {status}: {_detail(text)}"[:REASON_CHARS])
     return _Said(status, output, served, "")
