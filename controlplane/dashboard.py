@@ -25,6 +25,7 @@ from controlplane.presence import Presence
 from controlplane.spec import pipeline_to_dict
 from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
+from controlplane.ui import LocalAdmin, add_ui_routes
 from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
 
@@ -111,7 +112,8 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     for current in view.pipelines:
         p = current.pipeline
         about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}{_switch_note(view, p.name)}"
-        parts.append(f"<h3><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{about}</small></h3>")
+        edit = f" <a href='/pipelines/{e(p.name)}/edit'>edit</a>"
+        parts.append(f"<h3><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{about}</small>{edit}</h3>")
         versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
         shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
         parts.append(f"<p class='history'>history: {shown}</p><ol>")
@@ -177,7 +179,8 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
         f"<title>ML Lambda</title><style>{STYLE}</style></head><body><h1>ML Lambda</h1>"
         f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
-        " · <a href='/metrics'>metrics</a></p>" + "".join(parts) + "</body></html>"
+        " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/yaml'>YAML editor</a>"
+        " · <a href='/login'>sign in</a></p>" + "".join(parts) + "</body></html>"
     )
 
 
@@ -233,8 +236,9 @@ async def _local_hosts_only(request: web.Request, handler: Any) -> web.StreamRes
     return await handler(request)
 
 
-def build_dashboard_app(reader: PlaneReader) -> web.Application:
-    """/ (the page), /api/status (JSON), /metrics (Prometheus): read-only."""
+def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None) -> web.Application:
+    """/ (the page), /api/status (JSON), /metrics (Prometheus); with `ui`, the pages that change pipelines
+    (controlplane/ui.py) for a signed-in browser."""
 
     async def api_status(request: web.Request) -> web.Response:
         return web.json_response(status_document(reader.view(), await reader.recent_traffic()))
@@ -252,7 +256,9 @@ def build_dashboard_app(reader: PlaneReader) -> web.Application:
         rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
         return web.Response(text=render_pipeline_page(view, current, rows), content_type="text/html")
 
-    app = web.Application(middlewares=[_local_hosts_only])
+    app = web.Application(middlewares=[_local_hosts_only], client_max_size=512 * 1024)
+    if ui is not None:
+        add_ui_routes(app, reader, ui.sessions, ui.admin)
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
@@ -295,7 +301,7 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
         line_chart("requests/s per model version", rps, start, now, marks),
         line_chart("5xx ratio per model version", errors, start, now, marks),
         line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
-        "<p><a href='/'>all pipelines</a></p>",
+        f"<p><a href='/'>all pipelines</a> · <a href='/pipelines/{e(p.name)}/edit'>edit</a></p>",
     ]
     return (
         "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='5'>"

@@ -50,6 +50,7 @@ from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficBook, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
+from controlplane.ui import LocalAdmin
 from controlplane.view import ConsulHealth, PlaneView
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
@@ -126,6 +127,7 @@ class ControlPlane:
             self._refused,
         )
         self._dashboard: DashboardServer | None = None
+        self._ui: LocalAdmin | None = None
         self._bridge_keys: Path | None = None  # where the bridge's TLS context loads its key from
         self._wake = asyncio.Event()
         self._dirty = True
@@ -178,6 +180,8 @@ class ControlPlane:
         self._admin_server = grpc.aio.server(interceptors=interceptors)
         health = add_admin_services(self._admin_server, self.admin)
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
+        if settings.metrics_addr:
+            self._ui = LocalAdmin(self._admin_server, settings.token, settings.ui_token)
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.start()
@@ -187,7 +191,7 @@ class ControlPlane:
         log.info("admin listening address=%s", self.settings.admin_addr)
         if self.settings.metrics_addr:
             address = split_host_port(self.settings.metrics_addr, 18002)
-            app = build_dashboard_app(self)
+            app = build_dashboard_app(self, self._ui)
             self._dashboard = await DashboardServer(app, address, self.consul, settings.gateway_admin_port).start()
         if self.kafka is not None:
             address = split_host_port(self.settings.bridge_addr, 18003)
@@ -354,6 +358,8 @@ class ControlPlane:
             await self.bridge.deregister()
         if self._dashboard is not None:
             await self._dashboard.stop()
+        if self._ui is not None:
+            await self._ui.close()
         if self.bridge is not None:
             await self.bridge.stop()
         if self.kafka is not None:

@@ -96,7 +96,7 @@ def port_is_free(port: int, host: str = "127.0.0.1", kind: int = socket.SOCK_STR
         return True
 
 
-SECRET_ENV = ("MLLAMBDA_TOKEN", "CONSUL_HTTP_TOKEN")  # credentials no runtime or Envoy inherits
+SECRET_ENV = ("MLLAMBDA_TOKEN", "MLLAMBDA_UI_TOKEN", "CONSUL_HTTP_TOKEN")  # credentials no runtime or Envoy inherits
 
 
 def child_env(keep_secrets: bool = False) -> dict[str, str]:

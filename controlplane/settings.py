@@ -26,6 +26,7 @@ class Settings:
     admin_addr: str = DEFAULT_ADMIN_ADDR
     consul: ConsulAddress = field(default_factory=ConsulAddress.from_settings)
     token: str | None = None
+    ui_token: str | None = None  # signs a browser in to change pipelines from the dashboard (else the admin token)
     group_by: GroupBy = "id"
     kv_prefix: str = DEFAULT_KV_PREFIX
     gateway_port: int = 18080
@@ -47,6 +48,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         admin_addr=resolve(args.admin, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR),
         consul=ConsulAddress.from_settings(args.consul),
         token=os.environ.get("MLLAMBDA_TOKEN") or None,
+        ui_token=os.environ.get("MLLAMBDA_UI_TOKEN") or None,
         group_by=args.group_by,
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
         gateway_port=args.gateway_port,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ class Supervisor:
     consul_url: str = ""
     kafka_flags: list[str] = field(default_factory=list)
     recorded: bool = False  # this supervisor wrote the state file
+    ui_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # signs a browser in to the dashboard
 
     @property
     def logs(self) -> Path:
@@ -44,9 +46,16 @@ class Supervisor:
         say(f"==> {message}")
 
     def start(
-        self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 60, keep_secrets: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[], bool],
+        timeout: float = 60,
+        keep_secrets: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
-        proc = processes.ManagedProcess(name, argv, self.logs / f"{name}.log", keep_secrets=keep_secrets).start()
+        log = self.logs / f"{name}.log"
+        proc = processes.ManagedProcess(name, argv, log, env=env, keep_secrets=keep_secrets).start()
         self.started.append(proc)
         self._record()
         try:
@@ -116,6 +125,7 @@ class Supervisor:
              *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else [])],
             processes.tcp_ready(p.admin),
             keep_secrets=True,
+            env={"MLLAMBDA_UI_TOKEN": self.ui_token},
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
         self.start(
@@ -194,6 +204,7 @@ ML Lambda stack '{self.stack.name}' is up.
   try it         .venv/bin/mllambda invoke {first} --data '{{"text": "the striker scored a brilliant goal"}}'
   admin gRPC     127.0.0.1:{p.admin}   (mllambda get pipelines)
   dashboard      http://127.0.0.1:{p.controlplane_metrics}/   (metrics: /metrics)
+  sign in there  http://127.0.0.1:{p.controlplane_metrics}/login?token={self.ui_token}   (to change pipelines)
   Consul UI      {self.consul_url}/ui/
   Envoy admin    gateway http://127.0.0.1:{p.gateway_admin}/ ; sidecars: `mllambda describe pipeline {first}`
   logs           {self.logs}

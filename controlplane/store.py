@@ -195,9 +195,9 @@ class PipelineStore:
                 versions.append(_version_of(item))
         return versions, (page[0] if len(numbers) > limit else 0)
 
-    async def rollback(self, name: str, to_version: int) -> tuple[PipelineVersion, bool]:
+    async def rollback(self, name: str, to_version: int, cause: str = "") -> tuple[PipelineVersion, bool]:
         target = await self._read_version(name, to_version)
-        return await self.apply(target.pipeline, cause=f"rollback to {to_version}")
+        return await self.apply(target.pipeline, cause=cause or f"rollback to {to_version}")
 
     async def delete(self, name: str) -> PipelineVersion:
         """Stop serving `name`; its history stays (`history`, `rollback` still work)."""

@@ -137,6 +137,7 @@ class ControlPlaneProc:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     proc: ManagedProcess | None = None
+    ui_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # signs a browser in to the dashboard
 
     @property
     def admin_addr(self) -> str:
@@ -155,7 +156,8 @@ class ControlPlaneProc:
             f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
             f"--bridge=127.0.0.1:{self.bridge_port}", *self.extra_args,
         ]  # fmt: skip
-        self.proc = ManagedProcess("controlplane", argv, self.log_path, env=self.env).start()
+        env = {"MLLAMBDA_UI_TOKEN": self.ui_token, **self.env}
+        self.proc = ManagedProcess("controlplane", argv, self.log_path, env=env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
         self.proc.wait_ready(processes.tcp_ready(self.metrics_port), timeout=30)  # the dashboard starts after
         return self

@@ -55,13 +55,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
         applied = []
         for pipeline in pipelines:
-            reply = admin.apply(pipeline)
+            reply = admin.apply(pipeline, dry_run=args.dry_run)
+            if args.dry_run:
+                change = "would be changed" if reply.created else "unchanged"
+                print(f"pipeline/{pipeline.name} valid, {change} (server dry run: nothing written)", flush=True)
+                continue
             state = "created" if reply.created else "unchanged"
             print(f"pipeline/{pipeline.name} {state} (version {reply.pipeline.version})", flush=True)
             for warning in reply.warnings:
                 print(f"  warning: {warning}")
             applied.append((pipeline.name, reply.pipeline.version))
-        if args.wait:
+        if args.wait and not args.dry_run:
             for name, version in applied:
                 wait_in_traffic(admin, name, version, args.timeout)
     return 0
@@ -247,6 +251,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--wait", action="store_true", help="return once the gateway sends requests into the new version"
     )
     apply.add_argument("--timeout", type=float, default=60, help="seconds --wait waits (default 60)")
+    apply.add_argument(
+        "--dry-run", action="store_true", help="the control plane validates it all (Envoy's rules too), writes nothing"
+    )
     get = add("get", "list pipelines or show one", cmd_get)
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
-from controlplane.model import InvalidPipeline, Pipeline, Problem
+from controlplane.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.spec import check_name
 from controlplane.store import (
     BrokenRecord,
@@ -85,6 +85,12 @@ def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any
     return wrapper
 
 
+def _cause(cause: str) -> str:
+    if len(cause) > CAUSE_LIMIT or not cause.isprintable():
+        raise InvalidPipeline([Problem("cause", f"up to {CAUSE_LIMIT} printable characters")])
+    return cause
+
+
 def _required_name(name: str) -> str:
     """Validated before it goes near a KV key: `../other/pipelines/x` must not read outside the prefix."""
     return check_name(name)
@@ -122,13 +128,26 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         pipeline = spec_from_proto(request.spec)
         if pipeline.transport == "kafka" and not self.kafka_enabled:
             raise NotServedYet("transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap")
-        cause = request.cause or "apply"
-        if len(cause) > CAUSE_LIMIT or not cause.isprintable():
-            raise InvalidPipeline([Problem("cause", f"up to {CAUSE_LIMIT} printable characters")])
+        cause = _cause(request.cause or "apply")
         await self.validator.check(pipeline)  # Envoy's own rules, before anything is written
+        if request.dry_run:
+            return await self._dry_run(pipeline, request.expect_version)
         version, created = await self.store.apply(pipeline, cause, expect=request.expect_version)
         log.info("apply pipeline=%s version=%d created=%s cause=%s", pipeline.name, version.version, created, cause)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))
+
+    async def _dry_run(self, pipeline: Pipeline, expect: int) -> Any:
+        """What Apply would answer, nothing written: `created` says whether it would make a new version."""
+        try:
+            current: PipelineVersion | None = await self.store.get(pipeline.name)
+        except PipelineNotFound:
+            current = None
+        if expect and (current is None or current.version != expect):
+            now = f"at version {current.version}" if current else "absent"
+            raise NotCurrent(f"pipeline {pipeline.name!r} is {now}, not at version {expect}")
+        created = current is None or current.pipeline != pipeline
+        would = PipelineVersion(pipeline, 0, "", "")
+        return pb.ApplyResponse(pipeline=version_to_proto(would), created=created, warnings=self.warnings(pipeline))
 
     @_guard
     async def Get(self, request: Any, context: Any) -> Any:
@@ -148,8 +167,9 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
 
     @_guard
     async def Rollback(self, request: Any, context: Any) -> Any:
-        version, created = await self.store.rollback(_required_name(request.name), request.to_version)
-        log.info("rollback pipeline=%s version=%d", request.name, version.version)
+        cause = _cause(request.cause) if request.cause else ""
+        version, created = await self.store.rollback(_required_name(request.name), request.to_version, cause)
+        log.info("rollback pipeline=%s version=%d cause=%s", request.name, version.version, cause)
         return pb.ApplyResponse(
             pipeline=version_to_proto(version),
             created=created,

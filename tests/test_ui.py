@@ -1,0 +1,225 @@
+"""The dashboard that changes pipelines: its forms as pure functions, then every change and every refusal
+through a real control plane process (its admin API, Envoy's validation, Consul KV)."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from controlplane.model import InvalidPipeline
+from controlplane.spec import parse_pipeline, pipeline_to_dict
+from controlplane.ui import _local
+from controlplane.ui_auth import FAILED_SIGN_INS, SESSION_SECONDS, SESSIONS_KEPT, Sessions
+from controlplane.ui_forms import edited, groups, problems_from_details
+
+EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
+CLASSIFY = "stages[1].variants"
+
+
+def example() -> dict[str, Any]:
+    return pipeline_to_dict(parse_pipeline(yaml.safe_load(EXAMPLE.read_text())))
+
+
+def test_a_form_edits_weights_shadows_and_transport_and_nothing_else() -> None:
+    doc = example()
+    form = {
+        f"{CLASSIFY}[0].weight": "75", f"{CLASSIFY}[1].weight": "25", "transport": "uds",
+        "stages[1].shadow.model": "classifier", "stages[1].shadow.version": "v3", "stages[1].shadow.percent": "12.5",
+        "stages[0].shadow.model": "tokenize", "stages[0].shadow.version": "v2", "stages[0].shadow.percent": "1",
+        "stages[2].shadow.model": "", "stages[2].shadow.version": "", "stages[2].shadow.percent": "",
+        "name": "renamed", "stages[1].timeout_ms": "1", "csrf": "x",  # not editable here: ignored
+    }  # fmt: skip
+    new = parse_pipeline(edited(doc, form))
+    assert [v.weight for v in new.stages[1].variants] == [75, 25]
+    assert new.transport == "uds" and new.name == "nlp" and new.stages[1].timeout_ms == 2000
+    assert new.stages[1].shadow is not None and new.stages[1].shadow.percent == 12.5
+    assert new.stages[0].shadow is not None and new.stages[0].shadow.version == "v2"
+    assert new.stages[2].shadow is None
+    removed = parse_pipeline(edited(doc, {"stages[1].shadow.model": "x", "stages[1].shadow.remove": "on"}))
+    assert removed.stages[1].shadow is None
+    assert parse_pipeline(edited(doc, {})) == parse_pipeline(doc)  # a form that names nothing changes nothing
+    assert [g.path for g in groups(doc)] == [
+        "stages[0].variants",
+        CLASSIFY,
+        "stages[2].branches[0].variants",
+        "stages[2].branches[1].variants",
+    ]
+
+
+def test_what_is_not_a_number_is_reported_at_its_field() -> None:
+    doc = example()
+    for value, path in (
+        ("ten", f"{CLASSIFY}[0].weight"),
+        ("-1", f"{CLASSIFY}[0].weight"),
+        ("1e9", f"{CLASSIFY}[0].weight"),
+    ):
+        with pytest.raises(InvalidPipeline) as err:
+            parse_pipeline(edited(doc, {path: value}))
+        assert [p.path for p in err.value.problems] == [path], (value, err.value.problems)
+    with pytest.raises(InvalidPipeline) as err:
+        parse_pipeline(edited(doc, {f"{CLASSIFY}[0].weight": "0", f"{CLASSIFY}[1].weight": "0"}))
+    assert [p.path for p in err.value.problems] == [CLASSIFY]  # the group's fieldset shows it
+    with pytest.raises(InvalidPipeline) as err:
+        parse_pipeline(edited(doc, {"stages[1].shadow.model": "classifier", "stages[1].shadow.version": "v3",
+                                    "stages[1].shadow.percent": "lots"}))  # fmt: skip
+    assert [p.path for p in err.value.problems] == ["stages[1].shadow.percent"]
+    back = problems_from_details(str(InvalidPipeline(err.value.problems)))
+    assert [(p.path, p.message) for p in back] == [(p.path, p.message) for p in err.value.problems]
+
+
+def test_sessions_are_bounded_expire_and_wrong_tokens_are_throttled() -> None:
+    now = [0.0]
+    sessions = Sessions("s3cret", clock=lambda: now[0])
+    first = sessions.sign_in("s3cret", "ada", "127.0.0.1")
+    assert first is not None and sessions.find(first.sid) == first and first.who == "ada from 127.0.0.1"
+    for _ in range(SESSIONS_KEPT):
+        assert sessions.sign_in("s3cret", "", "127.0.0.1") is not None
+    assert len(sessions.by_sid) == SESSIONS_KEPT and sessions.find(first.sid) is None  # the oldest went
+    last = list(sessions.by_sid)[-1]
+    now[0] += SESSION_SECONDS + 1
+    assert sessions.find(last) is None
+    for _ in range(FAILED_SIGN_INS):
+        assert not sessions.throttled() and sessions.sign_in("s3cre", "", "x") is None
+    assert sessions.throttled()
+    now[0] += 61
+    assert not sessions.throttled()
+
+
+def test_redirects_stay_on_the_dashboard() -> None:
+    assert _local("/pipelines/nlp/edit") == "/pipelines/nlp/edit"
+    for hostile in ("//evil.example/x", "https://evil.example", "/\\evil.example", "javascript:alert(1)"):
+        assert _local(hostile) == "/"
+
+
+class Forms(HTMLParser):
+    """Every form's fields as a browser would post them (text, hidden, select, ticked boxes)."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.forms: list[tuple[dict[str, str], dict[str, str]]] = []
+        self.select: str | None = None
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.forms.append((a, {}))
+        elif tag == "input" and self.forms and (a.get("type") != "checkbox" or "checked" in a):
+            self.forms[-1][1][a["name"]] = a.get("value", "")
+        elif tag == "select":
+            self.select = a["name"]
+        elif tag == "option" and self.select and "selected" in a:
+            self.forms[-1][1][self.select] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self.select and self.forms and self.forms[-1][1].get(self.select) == "":
+            self.forms[-1][1][self.select] = data
+
+    def handle_endtag(self, tag: str) -> None:
+        self.select = None if tag == "select" else self.select
+
+    def find(self, action: str) -> dict[str, str]:
+        return next(dict(fields) for attrs, fields in self.forms if attrs.get("action") == action)
+
+
+def history(control_plane: Any) -> list[tuple[int, str]]:
+    out = yaml.safe_load(control_plane.cli("history", "pipeline", "nlp", "-o", "yaml").stdout)
+    return [(int(h["version"]), h["cause"]) for h in out["items"]]
+
+
+async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(control_plane: Any) -> None:
+    assert "created (version 1)" in control_plane.cli("apply", "-f", str(EXAMPLE)).stdout
+    dry = control_plane.cli("apply", "-f", str(EXAMPLE), "--dry-run")
+    assert "pipeline/nlp valid, unchanged (server dry run" in dry.stdout, dry.stderr
+    base = f"http://127.0.0.1:{control_plane.metrics_port}"
+    edit = "/pipelines/nlp/edit"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        # Signed out: the form is not served, a forged post changes nothing.
+        async with browser.get(base + edit, allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == f"/login?next={edit}"
+        async with browser.post(base + edit, data={f"{CLASSIFY}[0].weight": "1", "csrf": ""}) as r:
+            assert r.status == 403 and "sign in first" in await r.text()
+        async with browser.get(base + "/login?token=wrong") as r:
+            assert r.status == 401 and "wrong token" in await r.text()
+        async with browser.post(base + "/login", data={"token": control_plane.ui_token, "name": "ada"}) as r:
+            assert r.status == 200 and str(r.url) == base + "/"  # followed the redirect, signed in
+        async with browser.get(base + edit) as r:
+            page = Forms(await r.text())
+        form = page.find(edit)
+        assert form[f"{CLASSIFY}[0].weight"] == "90" and form["transport"] == "http" and form["expect_version"] == "1"
+
+        # Signed in, but the CSRF value or the origin is not the page's: refused.
+        async with browser.post(base + edit, data={**form, "csrf": "guess"}) as r:
+            assert r.status == 403 and "CSRF" in await r.text()
+        async with browser.post(base + edit, data=form, headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 403
+        async with browser.post(base + edit, data=form, headers={"Host": "evil.example"}) as r:
+            assert r.status == 421
+        assert history(control_plane) == [(1, "apply")]
+
+        # An invalid edit: the field's own error next to it, the typed value kept, nothing written.
+        async with browser.post(base + edit, data={**form, f"{CLASSIFY}[0].weight": "ninety"}) as r:
+            text = await r.text()
+        assert r.status == 400
+        assert re.search(
+            rf"value='ninety'> <output></output><span class='error' data-for='{re.escape(CLASSIFY)}\[0\]\.weight'>",
+            text,
+        )
+        async with browser.post(base + edit, data={**form, "transport": "kafka"}) as r:
+            assert r.status == 400 and "needs a Kafka broker" in await r.text()  # the admin API's own answer
+        assert history(control_plane) == [(1, "apply")]
+
+        # A real edit: a new version with the cause `ui by ada`, the weights as typed.
+        weights = {f"{CLASSIFY}[0].weight": "60", f"{CLASSIFY}[1].weight": "40", "stages[1].shadow.percent": "20"}
+        async with browser.post(base + edit, data={**form, **weights}) as r:
+            assert r.status == 200 and "version 2 created" in await r.text()
+        assert history(control_plane) == [(1, "apply"), (2, "ui by ada")]
+        got = yaml.safe_load(control_plane.cli("get", "pipeline", "nlp", "-o", "yaml").stdout)
+        assert [v["weight"] for v in got["spec"]["stages"][1]["variants"]] == [60, 40]
+        assert got["spec"]["stages"][1]["shadow"]["percent"] == 20
+        # The form posted again, judged on version 1: refused, not overwritten.
+        async with browser.post(base + edit, data={**form, f"{CLASSIFY}[0].weight": "1"}) as r:
+            assert r.status == 400 and "not at version 1" in await r.text()
+
+        async with browser.get(f"{base}/pipelines/nlp/diff?from=1&to=2") as r:
+            diff = await r.text()
+        assert "<span class='del'>-    weight: 90</span>" in diff and "<span class='add'>+    weight: 60</span>" in diff
+
+        # Roll back from the history table.
+        async with browser.get(base + edit) as r:
+            back = Forms(await r.text()).find("/pipelines/nlp/rollback")
+        assert back["to_version"] == "1"
+        async with browser.post(base + "/pipelines/nlp/rollback", data=back) as r:
+            assert r.status == 200 and "version 3 created" in await r.text()
+        assert history(control_plane)[-1] == (3, "rollback to v1 (ui by ada)")
+
+        # The YAML editor: validate writes nothing, a parse error names its line, apply writes.
+        async with browser.get(base + "/yaml?name=nlp") as r:
+            yaml_form = Forms(await r.text()).find("/yaml")
+        text = EXAMPLE.read_text().replace("weight: 10", "weight: 30")
+        async with browser.post(base + "/yaml", data={**yaml_form, "text": text, "action": "validate"}) as r:
+            assert r.status == 200 and "valid: pipeline nlp would make a new version" in await r.text()
+        async with browser.post(base + "/yaml", data={**yaml_form, "text": "stages: [\n", "action": "validate"}) as r:
+            assert r.status == 400 and "line 2" in await r.text()
+        async with browser.post(base + "/yaml", data={**yaml_form, "text": "x" * 300_000, "action": "apply"}) as r:
+            assert r.status == 400
+        assert history(control_plane)[-1][0] == 3
+        async with browser.post(base + "/yaml", data={**yaml_form, "text": text, "action": "apply"}) as r:
+            assert r.status == 200 and "version 4 created" in await r.text()
+        assert history(control_plane)[-1] == (4, "ui by ada")
+
+        async with browser.get(base + "/runtimes") as r:
+            assert r.status == 200 and "<table id='runtimes'>" in await r.text()
+        async with browser.get(base + edit) as r:
+            csrf = Forms(await r.text()).find("/logout")["csrf"]
+        async with browser.post(base + "/logout", data={"csrf": csrf}) as r:
+            assert r.status == 200
+        async with browser.post(base + edit, data=form) as r:
+            assert r.status == 403
+    assert history(control_plane)[-1][0] == 4
