@@ -33,6 +33,7 @@ import consul.aio
 from contract.naming import BRIDGE_SERVICE, SERVICE_TAG
 from contract.service import BadRegistration, RuntimeService, bridge_address
 from contract.watch import WAIT, Backoff, watch
+from controlplane.view import ConsulHealth
 
 log = logging.getLogger("mllambda.discovery")
 READS = 8  # service reads in flight at once
@@ -118,6 +119,10 @@ class Discovery:
 
     def staleness(self) -> float:
         return time.time() - self.last_success if self.last_success else float("inf")
+
+    def health(self) -> ConsulHealth:
+        refused = dict(self.refused)
+        return ConsulHealth(self.reachable, self.errors, self.staleness(), self.holding_since, self.held_drops, refused)
 
     # Reading Consul.
 

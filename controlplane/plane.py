@@ -51,7 +51,7 @@ from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficBook, VariantTraffic, per_variant
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.ui import LocalAdmin
-from controlplane.view import ConsulHealth, PlaneView
+from controlplane.view import PlaneView
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
@@ -303,14 +303,7 @@ class ControlPlane:
             snapshots_set=dict(self.reconciler.snapshots_set),
             push_latency=self.reconciler.push_latency,
             admin_calls=dict(self.admin.calls),
-            consul=ConsulHealth(
-                self.discovery.reachable,
-                self.discovery.errors,
-                self.discovery.staleness(),
-                self.discovery.holding_since,
-                self.discovery.held_drops,
-                dict(self.discovery.refused),
-            ),
+            consul=self.discovery.health(),
             consul_ui=f"{self.settings.consul.url}/ui/",
             envoy_admin=self._envoy_admin_urls(runtimes),
             kafka_bridges=self.kafka_bridges(),
