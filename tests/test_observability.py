@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,35 @@ def chromium() -> str:
     if not found:
         pytest.fail("chromium not found: ./dev test installs Debian's chromium package")
     return found
+
+
+@contextlib.contextmanager
+def driven_browser(profile: Path) -> Iterator[Any]:
+    """Debian's chromium driven by its chromium-driver through Selenium (no browser or driver download)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if not driver_path:
+        pytest.fail("chromedriver not found: ./dev test installs Debian's chromium-driver package")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--window-size=1280,1400",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)  # fmt: skip
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def browser(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,12 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from controlplane import processes
+from controlplane.admin.client import AdminClient
 from controlplane.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -71,6 +75,59 @@ def drawn(url: str, profile: Path, shot: str) -> dict[str, dict[tuple[str, str],
         seen = float(match.group(5)) if match.group(5) else None
         found.setdefault(stage, {})[(match.group(2), match.group(3))] = (float(match.group(4)), seen)
     return found
+
+
+def history(env: dict[str, str]) -> list[tuple[int, str]]:
+    found = json.loads(mllambda("history", "pipeline", "nlp", "-o", "json", env=env).stdout)
+    return [(int(h["version"]), h["cause"]) for h in found["items"]]
+
+
+def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[str, str]) -> None:
+    """In a real browser: an invalid weight shows its field's error and changes nothing; 95/5 makes version 3.
+    A post without the session changes nothing either. A screenshot of every page is kept."""
+    from selenium.webdriver.common.by import By
+
+    from tests.test_observability import ARTIFACTS, driven_browser
+
+    def shoot(name: str) -> None:
+        page.save_screenshot(str(ARTIFACTS / name))
+        assert (ARTIFACTS / name).stat().st_size > 10_000
+
+    group = "stages[2].branches[2].variants"  # network · branch food
+    v1, v2 = f"{group}[0].weight", f"{group}[1].weight"
+    with driven_browser(tmp_path / "selenium") as page:
+        page.get(sign_in)
+        assert page.current_url == dashboard + "/"
+        shoot("ui-pipelines.png")
+        page.get(dashboard + "/pipelines/nlp/edit")
+        page.find_element(By.NAME, v2).clear()
+        page.find_element(By.NAME, v2).send_keys("-3")
+        page.find_element(By.ID, "apply").click()
+        error = page.find_element(By.CSS_SELECTOR, f"span.error[data-for='{v2}']")
+        assert "0" in error.text, error.text  # the allowed range
+        shoot("ui-invalid-edit.png")
+        assert history(env)[-1][0] == 2
+        for name, weight in ((v1, "95"), (v2, "5")):
+            page.find_element(By.NAME, name).clear()
+            page.find_element(By.NAME, name).send_keys(weight)
+        shares = page.find_elements(By.CSS_SELECTOR, f"fieldset[data-path='{group}'] output")
+        assert [s.text for s in shares] == ["95%", "5%"]  # the shares follow the weights as they are typed
+        page.find_element(By.ID, "apply").click()
+        assert "version 3 created" in page.find_element(By.ID, "note").text
+        shoot("ui-edit.png")
+        for path, shot in (("/pipelines/nlp/diff?from=2&to=3", "ui-diff.png"), ("/yaml?name=nlp", "ui-yaml.png")):
+            page.get(dashboard + path)
+            shoot(shot)
+        assert "weight: 95" in page.find_element(By.ID, "text").get_attribute("value")  # the editor holds v3
+        page.get(dashboard + "/runtimes")
+        rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+                for r in page.find_elements(By.CSS_SELECTOR, "#runtimes tr")[1:]}  # fmt: skip
+        assert rows["net-food:v2"] == "1/1" and len(rows) == 8, rows
+        shoot("ui-runtimes.png")
+    forged = urllib.request.Request(dashboard + "/pipelines/nlp/edit", data=f"{v2}=50".encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(forged, timeout=10)
+    assert refused.value.code == 403 and history(env)[-1][0] == 3
 
 
 def test_nlp_walkthrough(tmp_path: Path) -> None:
@@ -143,9 +200,25 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         status = json.loads(processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status")[1])
         assert [p["version"] for p in status["pipelines"]] == [2]
 
+        # The dashboard, signed in with the link `up` printed, moves net-food v2 from 10% to 5% (version 3).
+        link = re.search(r"sign in there\s+(\S+)", up.stdout)
+        assert link, up.stdout
+        changed_in_browser(f"http://127.0.0.1:{ports['controlplane_metrics']}", link.group(1), tmp_path, env)
+        assert history(env)[-1] == (3, "ui")
+        admin = AdminClient(env["MLLAMBDA_ADMIN_ADDR"])
+        deadline = time.monotonic() + 30
+        while not admin.gateway_has("nlp", 3):
+            assert time.monotonic() < deadline, "version 3 not in traffic after 30 s"
+            time.sleep(0.2)
+        food = '{"text": "the pasta was delicious"}'
+        many = mllambda("invoke", "nlp", "--data", food, "--count", "2000", "-o", "json", env=env)
+        split = json.loads(many.stdout)
+        assert (split["ok"], split["errors"]) == (2000, 0)
+        assert abs(split["split"]["network"].get("net-food:v2", 0) / 2000 - 0.05) <= 0.02, split["split"]
+
         # Both networks at once (an ensemble), through the stack's mTLS: each member admitted by its RBAC.
         ensemble = mllambda("apply", "-f", str(NLP / "pipeline-ensemble.yaml"), "--wait", env=env)
-        assert "pipeline/nlp created (version 3)" in ensemble.stdout, ensemble.stderr
+        assert "pipeline/nlp created (version 4)" in ensemble.stdout, ensemble.stderr
         both = mllambda("invoke", "nlp", "--data", '{"text": "the pasta was delicious"}', "-o", "json", env=env)
         assert both.returncode == 0, both.stderr
         answer = json.loads(both.stdout)
@@ -156,7 +229,7 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
 
         # The one-line switch to Kafka: same request, same kind of answer, now through topics.
         kafka = mllambda("apply", "-f", str(NLP / "pipeline-kafka.yaml"), "--wait", env=env)
-        assert "pipeline/nlp created (version 4)" in kafka.stdout, kafka.stderr
+        assert "pipeline/nlp created (version 5)" in kafka.stdout, kafka.stderr
         striker = '{"text": "the striker scored a brilliant goal"}'
         over_kafka = mllambda("invoke", "nlp", "--data", striker, "-o", "json", env=env)
         assert over_kafka.returncode == 0, over_kafka.stderr
