@@ -119,12 +119,12 @@ def _walk(doc: Any, path: str) -> Any:
 
 
 def _number(text: str) -> Any:
-    if re.fullmatch(r"\d{1,9}", text):
+    """A number when it reads as one (so "-3" is reported as out of range, not as text), else the text."""
+    if re.fullmatch(r"-?\d{1,9}", text):
         return int(text)
-    try:
-        return float(text) if re.fullmatch(r"\d{0,9}(\.\d{0,6})?", text) and text != "." else text
-    except ValueError:
-        return text
+    if re.fullmatch(r"-?\d{0,9}\.\d{1,6}|-?\d{1,9}\.", text):
+        return float(text)
+    return text
 
 
 def problems_from_details(details: str) -> list[Problem]:

@@ -86,6 +86,8 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
     """In a real browser: an invalid weight shows its field's error and changes nothing; 95/5 makes version 3.
     A post without the session changes nothing either. A screenshot of every page is kept."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as shown
+    from selenium.webdriver.support.wait import WebDriverWait
 
     from tests.test_observability import ARTIFACTS, driven_browser
 
@@ -103,8 +105,9 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
         page.find_element(By.NAME, v2).clear()
         page.find_element(By.NAME, v2).send_keys("-3")
         page.find_element(By.ID, "apply").click()
-        error = page.find_element(By.CSS_SELECTOR, f"span.error[data-for='{v2}']")
-        assert "0" in error.text, error.text  # the allowed range
+        found = shown.presence_of_element_located((By.CSS_SELECTOR, f"span.error[data-for='{v2}']"))
+        error = WebDriverWait(page, 15).until(found, page.page_source)  # the answer to the submitted form
+        assert error.text == "must be between 0 and 10000, got -3", error.text
         shoot("ui-invalid-edit.png")
         assert history(env)[-1][0] == 2
         for name, weight in ((v1, "95"), (v2, "5")):
@@ -113,7 +116,8 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
         shares = page.find_elements(By.CSS_SELECTOR, f"fieldset[data-path='{group}'] output")
         assert [s.text for s in shares] == ["95%", "5%"]  # the shares follow the weights as they are typed
         page.find_element(By.ID, "apply").click()
-        assert "version 3 created" in page.find_element(By.ID, "note").text
+        note = WebDriverWait(page, 15).until(shown.presence_of_element_located((By.ID, "note")), page.page_source)
+        assert "version 3 created" in note.text
         shoot("ui-edit.png")
         for path, shot in (("/pipelines/nlp/diff?from=2&to=3", "ui-diff.png"), ("/yaml?name=nlp", "ui-yaml.png")):
             page.get(dashboard + path)
