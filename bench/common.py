@@ -63,6 +63,10 @@ def process_cpu() -> dict[int, tuple[str, float]]:
 
 def process_role(argv: list[str]) -> str:
     text = " ".join(argv)
+    if argv[0].startswith("ray::") or "/.tools/ray/" in text:
+        return "ray"
+    if Path(argv[0]).name == "consul":
+        return "consul"
     if Path(argv[0]).name == "envoy":
         return "envoy (sidecar)" if "-envoy.yaml" in text else "envoy (gateway/other)"
     if "bench.plain_chain" in text:

@@ -1,0 +1,182 @@
+"""The peer benchmark: one 3-stage pipeline (tokenize -> count -> score) on every system, same load.
+
+Systems: a plain aiohttp chain (no mesh: the limit), ML Lambda (http, uds, http with mTLS) and Ray
+Serve (DeploymentHandle composition, one replica per stage; default and RAY_SERVE_THROUGHPUT_OPTIMIZED).
+Ray is installed into .tools/ray on first use (not a project dependency). Each run starts one system
+alone, checks a sample of its answers against the predicts' own, warms it up, then loads it with wrk
+(32 connections, 8 s) while reading every process's CPU time from /proc by role, and its memory.
+Systems take turns within each run; medians of the runs are reported.
+
+Run: .venv/bin/python -m bench.peers [--runs 3] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import children_cpu, cpu_spent, median, process_cpu, running_stack
+from bench.pipeline_hops import MODELS, POST_LUA, stage, start_python, wrk
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+
+RAY_VENV = PROJECT_ROOT / ".tools" / "ray"
+RAY_WANT = "ray[serve]>=2.40,<3"
+SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
+SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain aiohttp chain": ("plain", {}),
+    "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
+    "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
+    "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
+    "Ray Serve": ("ray", {"optimized": False}),
+    "Ray Serve, throughput-optimized": ("ray", {"optimized": True}),
+}
+
+
+def expected(text: str) -> dict[str, int]:
+    """What tokenize -> count -> score answer (examples/trivial/models.py)."""
+    return {"count": len(text.split()), "score": 10 * len(text.split())}
+
+
+@contextlib.contextmanager
+def plain(folder: Path) -> Iterator[str]:
+    ports = [processes.free_port() for _ in range(3)]
+    chain = []
+    try:
+        for i, model in enumerate(("tokenize", "count", "score")):
+            args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
+            args += [f"--next=http://127.0.0.1:{ports[i + 1]}/"] if i < 2 else []
+            chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
+        yield f"http://127.0.0.1:{ports[0]}/"
+    finally:
+        for proc in chain:
+            proc.stop()
+
+
+@contextlib.contextmanager
+def mllambda(folder: Path, transport: str, security: str) -> Iterator[str]:
+    models = ("tokenize", "count", "score")
+    stack = {
+        "name": "peers",
+        "security": security,
+        "gateway_concurrency": 1,
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
+        "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
+    }
+    with running_stack(folder, stack) as (ports, _):
+        yield f"http://127.0.0.1:{ports['gateway']}/pipelines/bench"
+
+
+def ensure_ray() -> Path:
+    python = RAY_VENV / "bin" / "python"
+    stamp = RAY_VENV / ".installed"
+    if stamp.exists() and stamp.read_text() == RAY_WANT:
+        return python
+    print(f"==> installing {RAY_WANT} into {RAY_VENV} (once; a few minutes)", flush=True)
+    shutil.rmtree(RAY_VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", RAY_WANT], check=True)
+    stamp.write_text(RAY_WANT)
+    return python
+
+
+@contextlib.contextmanager
+def ray(folder: Path, optimized: bool) -> Iterator[str]:
+    python, port = ensure_ray(), processes.free_port()
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if optimized else "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = [str(python), str(PROJECT_ROOT / "bench" / "ray_app.py"), str(port)]
+    driver = processes.ManagedProcess("ray", argv, folder / f"ray-{port}.log", env=env).start()
+    try:
+        driver.wait_ready(lambda: "ready" in (folder / f"ray-{port}.log").read_text(), timeout=180)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        driver.stop()
+        subprocess.run([str(RAY_VENV / "bin" / "ray"), "stop", "--force"], capture_output=True)
+
+
+def answers_right(url: str) -> None:
+    for text in SAMPLES:
+        request = urllib.request.Request(url, data=json.dumps({"text": text}).encode(), method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            got = json.loads(resp.read())
+        if got != expected(text):
+            raise SystemExit(f"{url} answered {got!r} for {text!r}, not {expected(text)!r}")
+
+
+def memory_mib(roles: set[str]) -> float:
+    total = 0
+    for pid, (role, _) in process_cpu().items():
+        if role in roles:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total / 1024
+
+
+def measure(url: str, script: Path) -> dict[str, float]:
+    answers_right(url)
+    wrk(url, 32, 2, script)  # warm-up: connection pools, Ray's replicas
+    before, wrk_before = process_cpu(), children_cpu()
+    result = wrk(url, 32, 8, script)
+    spent = cpu_spent(before, process_cpu())
+    result["cpu_us"] = (sum(spent.values()) + children_cpu() - wrk_before) / result["requests"] * 1e6
+    result["mib"] = memory_mib({role for role, seconds in spent.items() if seconds > 0} | {"consul"})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="these systems only")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install wrk")
+    folder = Path(tempfile.mkdtemp(prefix="mll-bench-peers-"))
+    script = folder / "post.lua"
+    script.write_text(POST_LUA)
+    starters: dict[str, Any] = {"plain": plain, "mllambda": mllambda, "ray": ray}
+    chosen = {name: SYSTEMS[name] for name in args.only or SYSTEMS}
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
+    started = time.time()
+    for run in range(args.runs):
+        for name, (kind, options) in chosen.items():
+            where = folder / f"{run}-{kind}-{len(rows[name])}-{os.getpid()}"
+            where.mkdir()
+            with starters[kind](where, **options) as url:
+                rows[name].append(measure(url, script))
+            print(f"   run {run + 1}/{args.runs} {name}: {rows[name][-1]['rps']:.0f} req/s", flush=True)
+    report(rows, args.runs)
+    print(f"\n({time.time() - started:.0f} s; logs in {folder})")
+
+
+def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
+    mid = {name: {k: median([r[k] for r in v]) for k in v[0]} for name, v in rows.items()}
+    print(f"\n3-stage pipeline, wrk 32 connections, 8 s, median of {runs} runs")
+    print(
+        "| system | req/s | p50 ms | p99 ms | CPU us per request | RSS MiB | non-2xx |\n|---|---|---|---|---|---|---|"
+    )
+    for name, m in mid.items():
+        errors = sum(r["errors"] for r in rows[name])
+        print(f"| {name} | {m['rps']:,.0f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['cpu_us']:,.0f} | {m['mib']:,.0f} "
+              f"| {errors:.0f} |")  # fmt: skip
+    ours = mid.get("ML Lambda, http")
+    for name in ("plain aiohttp chain", "Ray Serve", "Ray Serve, throughput-optimized"):
+        if ours and name in mid:
+            print(f"ML Lambda http / {name}: req/s {ours['rps'] / mid[name]['rps']:.2f}x, "
+                  f"p99 {ours['p99'] / mid[name]['p99']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The peer: the same 3-stage pipeline (tokenize -> count -> score) as Ray Serve deployments, one replica
+each, composed with DeploymentHandles as Ray's docs show. Run by bench/peers.py with the Python of
+.tools/ray (Ray is not a project dependency); the predicts are the ones in examples/trivial/models.py,
+written out here because that module imports our SDK.
+
+Usage: .tools/ray/bin/python bench/ray_app.py PORT
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.requests import Request
+
+
+@serve.deployment
+class Tokenize:
+    def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": payload["text"].split()}
+
+
+@serve.deployment
+class Count:
+    async def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"tokens": payload["tokens"], "count": len(payload["tokens"])}
+
+
+@serve.deployment
+class Score:
+    def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"count": payload["count"], "score": payload["count"] * 10}
+
+
+@serve.deployment
+class Pipeline:
+    def __init__(self, tokenize: Any, count: Any, score: Any) -> None:
+        self.tokenize, self.count, self.score = tokenize, count, score
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        tokens = await self.tokenize.remote(await request.json())
+        counted = await self.count.remote(tokens)
+        return await self.score.remote(counted)
+
+
+def main() -> None:
+    port = int(sys.argv[1])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = Pipeline.bind(Tokenize.bind(), Count.bind(), Score.bind())  # type: ignore[attr-defined]
+    serve.run(app, route_prefix="/")
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
