@@ -1,10 +1,11 @@
 """Per-hop added latency measured the way Istio publishes it: open loop at 1,000 requests/s over
-16 connections with a 1 KB body (hey, -q per worker), p50/p90/p99, two sidecars in the path.
+16 connections with a 1 KB body (bench/openloop.py: evenly spaced, not hey's bursts), p50/p90/p99,
+two sidecars in the path.
 
 The backend is an Envoy answering a fixed 1 KB body (a C++ echo, as Istio uses fortio's Go one), so the
 figure is the two sidecars' cost, not a Python stage's. Paths, in turns within each run:
-  direct                 hey -> backend
-  two sidecars           hey -> egress Envoy -> ingress Envoy -> backend (plaintext, our listener/cluster builders)
+  direct                 load -> backend
+  two sidecars           load -> egress Envoy -> ingress Envoy -> backend (plaintext, our listener/cluster builders)
   two sidecars, mTLS     the same with mutual TLS between the two (ECDSA P-256 leaves, as Consul Connect issues)
   ..., HTTP/2 between    plaintext, the egress Envoy speaking HTTP/2 to the ingress one (a candidate, measured)
 Each Envoy runs one worker thread, as our sidecars do.
@@ -14,19 +15,19 @@ Run: .venv/bin/python -m bench.istio_hop [--runs 3]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 
 from bench.common import median
-from bench.mtls import hey
+from bench.openloop import open_loop, percentiles_ms
 from controlplane import processes
 from controlplane.tools import find_envoy
 from controlplane.translate import resources as r
@@ -81,6 +82,12 @@ def envoy_config(
         action = {"direct_response": {"status": 200, "body": {"inline_string": BODY}}}
         hcm["route_config"] = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, **action}]}]}  # fmt: skip
+        # Read the whole request before answering: a reply sent before the body is read closes the connection.
+        buffer = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": 65536,
+        }
+        hcm["http_filters"].insert(0, {"name": "envoy.filters.http.buffer", "typed_config": buffer})
         clusters = []
     else:
         route = r.route_config(name, [r.weighted_route("/", [("next", 1)])])
@@ -111,6 +118,17 @@ def envoy_config(
     return {"admin": admin, "static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
+def load(url: str, body: str) -> dict[str, float]:
+    """1,000 requests/s for 10 s over 16 connections, evenly spaced (bench/openloop.py)."""
+    started = time.perf_counter()
+    out = asyncio.run(open_loop(url, body.encode(), rate=1000, connections=16, seconds=10))
+    found = percentiles_ms(out)
+    found["rps"] = len(out.latencies) / (time.perf_counter() - started)
+    found["errors"] = float(sum(n for code, n in out.statuses.items() if code != 200))
+    found["late"] = float(out.late)
+    return found
+
+
 def cpu_seconds(pids: list[int]) -> float:
     tick, total = os.sysconf("SC_CLK_TCK"), 0.0
     for pid in pids:
@@ -133,11 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    if not shutil.which("hey"):
-        sys.exit("hey not found: apt-get install hey")
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-istio-"))
-    body = folder / "body.json"
-    body.write_text(BODY)
     certs = certificates(folder)
     backend = processes.free_port()
     ports = {p: (processes.free_port(), processes.free_port()) for p in PATHS[1:]}  # (egress, ingress)
@@ -158,9 +172,9 @@ def main() -> None:
         for _ in range(args.runs):
             for path, url in urls.items():
                 before = cpu_seconds(sidecars.get(path, []))
-                rows[path].append(hey(url, body))
+                rows[path].append(load(url, BODY))
                 spent = cpu_seconds(sidecars.get(path, [])) - before
-                rows[path][-1]["cpu_us"] = spent / (rows[path][-1]["rps"] * 10) * 1e6  # hey runs 10 s
+                rows[path][-1]["cpu_us"] = spent / (rows[path][-1]["rps"] * 10) * 1e6  # 10 s of load
     finally:
         for proc in procs:
             proc.stop()
