@@ -37,6 +37,10 @@ SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
     "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
+    "ML Lambda, http, asyncio's own loop": (
+        "mllambda",
+        {"transport": "http", "security": "plaintext", "loop": "asyncio"},
+    ),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
     "Ray Serve": ("ray", {"optimized": False}),
@@ -65,13 +69,15 @@ def plain(folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mllambda(folder: Path, transport: str, security: str) -> Iterator[str]:
+def mllambda(folder: Path, transport: str, security: str, loop: str = "auto") -> Iterator[str]:
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
         "security": security,
         "gateway_concurrency": 1,
-        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
+        "runtimes": [
+            {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": [f"--loop={loop}"]} for m in models
+        ],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
     with running_stack(folder, stack) as (ports, _):
@@ -94,7 +100,11 @@ def ensure_ray() -> Path:
 @contextlib.contextmanager
 def ray(folder: Path, optimized: bool) -> Iterator[str]:
     python, port = ensure_ray(), processes.free_port()
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if optimized else "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if optimized else "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",  # a loopback-only benchmark cluster
+    }
     argv = [str(python), str(PROJECT_ROOT / "bench" / "ray_app.py"), str(port)]
     driver = processes.ManagedProcess("ray", argv, folder / f"ray-{port}.log", env=env).start()
     try:
