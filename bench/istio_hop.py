@@ -8,6 +8,7 @@ figure is the two sidecars' cost, not a Python stage's. Paths, in turns within e
   two sidecars           load -> egress Envoy -> ingress Envoy -> backend (plaintext, our listener/cluster builders)
   two sidecars, mTLS     the same with mutual TLS between the two (ECDSA P-256 leaves, as Consul Connect issues)
   ..., HTTP/2 between    plaintext, the egress Envoy speaking HTTP/2 to the ingress one (a candidate, measured)
+  ..., Unix socket       plaintext, egress to ingress over a Unix socket, as two co-located sidecars could
 Each Envoy runs one worker thread, as our sidecars do.
 Run: .venv/bin/python -m bench.istio_hop [--runs 3]
 """
@@ -34,7 +35,13 @@ from controlplane.translate import resources as r
 
 BODY = json.dumps({"text": " ".join(["word"] * 200)})  # ~1 KB each way
 TLS = "envoy.extensions.transport_sockets.tls.v3"
-PATHS = ("direct", "two sidecars", "two sidecars, mTLS", "two sidecars, HTTP/2 between")
+PATHS = (
+    "direct",
+    "two sidecars",
+    "two sidecars, mTLS",
+    "two sidecars, HTTP/2 between",
+    "two sidecars, Unix socket between",
+)
 H2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -137,13 +144,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start(folder: Path, name: str, config: Any, port: int) -> processes.ManagedProcess:
+def over_pipe(config: Any, socket: Path, side: str) -> Any:
+    """The ingress listening on, or the egress's cluster sending to, a Unix socket instead of TCP."""
+    pipe = {"pipe": {"path": str(socket)}}
+    if side == "ingress":
+        config["static_resources"]["listeners"][0]["address"] = pipe
+    else:
+        endpoint = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        endpoint["endpoint"]["address"] = pipe
+    return config
+
+
+def start(folder: Path, name: str, config: Any, port: int, socket: Path | None = None) -> processes.ManagedProcess:
     envoy = find_envoy()
     assert envoy, "run ./dev bootstrap first"
     (folder / f"{name}.json").write_text(json.dumps(config))
     argv = processes.envoy_argv(envoy, folder / f"{name}.json", 1)
     proc = processes.ManagedProcess(name, argv, folder / f"{name}.log").start()
-    proc.wait_ready(processes.tcp_ready(port))
+    proc.wait_ready(socket.exists if socket else processes.tcp_ready(port))
     return proc
 
 
@@ -156,14 +174,17 @@ def main() -> None:
     backend = processes.free_port()
     ports = {p: (processes.free_port(), processes.free_port()) for p in PATHS[1:]}  # (egress, ingress)
     procs = [start(folder, "backend", envoy_config("backend", backend, None, None, ""), backend)]
-    sidecars: dict[str, list[int]] = {}
+    sidecars: dict[str, list[int]] = {"direct": [procs[0].pid]}  # direct: the backend's own CPU
     try:
         for path, (egress, ingress) in ports.items():
             tls, h2 = (certs if "mTLS" in path else None), "HTTP/2" in path
-            tag = "tls" if tls else "h2" if h2 else "plain"
+            socket = folder / "ingress.sock" if "Unix" in path else None
+            tag = "tls" if tls else "h2" if h2 else "uds" if socket else "plain"
             inner = envoy_config("ingress", ingress, backend, tls, "ingress")
-            procs.append(start(folder, f"ingress-{tag}", inner, ingress))
+            inner = over_pipe(inner, socket, "ingress") if socket else inner
+            procs.append(start(folder, f"ingress-{tag}", inner, ingress, socket))
             outer = envoy_config("egress", egress, ingress, tls, "egress", h2)
+            outer = over_pipe(outer, socket, "egress") if socket else outer
             procs.append(start(folder, f"egress-{tag}", outer, egress))
             sidecars[path] = [procs[-2].pid, procs[-1].pid]
         urls = {PATHS[0]: f"http://127.0.0.1:{backend}/"}
@@ -181,7 +202,7 @@ def main() -> None:
     keys = ("p50", "p90", "p99", "rps", "cpu_us")
     mid = {p: {k: median([x[k] for x in v]) for k in keys} for p, v in rows.items()}
     print(f"\nopen loop, 1,000 req/s, 16 connections, 1 KB, median of {args.runs} runs of 10 s (ms)")
-    print("| path | p50 | p90 | p99 | req/s | sidecars' CPU us per request | non-2xx |")
+    print("| path | p50 | p90 | p99 | req/s | CPU us per request: sidecars (direct: the backend) | non-2xx |")
     print("|---|---|---|---|---|---|---|")
     for path, m in mid.items():
         errors = sum(x["errors"] for x in rows[path])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,10 +36,6 @@ SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
     "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
-    "ML Lambda, http, asyncio's own loop": (
-        "mllambda",
-        {"transport": "http", "security": "plaintext", "loop": "asyncio"},
-    ),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
     "Ray Serve": ("ray", {"optimized": False}),
@@ -69,15 +64,13 @@ def plain(folder: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mllambda(folder: Path, transport: str, security: str, loop: str = "auto") -> Iterator[str]:
+def mllambda(folder: Path, transport: str, security: str) -> Iterator[str]:
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
         "security": security,
         "gateway_concurrency": 1,
-        "runtimes": [
-            {"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": [f"--loop={loop}"]} for m in models
-        ],
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
     with running_stack(folder, stack) as (ports, _):
@@ -141,7 +134,9 @@ def measure(url: str, script: Path) -> dict[str, float]:
     before, wrk_before = process_cpu(), children_cpu()
     result = wrk(url, 32, 8, script)
     spent = cpu_spent(before, process_cpu())
-    result["cpu_us"] = (sum(spent.values()) + children_cpu() - wrk_before) / result["requests"] * 1e6
+    spent["wrk"] = children_cpu() - wrk_before
+    result["cpu_us"] = sum(spent.values()) / result["requests"] * 1e6
+    result.update({f"cpu {role}": seconds / result["requests"] * 1e6 for role, seconds in spent.items()})
     result["mib"] = memory_mib({role for role, seconds in spent.items() if seconds > 0} | {"consul"})
     return result
 
@@ -161,8 +156,8 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     started = time.time()
     for run in range(args.runs):
-        for name, (kind, options) in chosen.items():
-            where = folder / f"{run}-{kind}-{len(rows[name])}-{os.getpid()}"
+        for index, (name, (kind, options)) in enumerate(chosen.items()):
+            where = folder / f"run{run}-system{index}"
             where.mkdir()
             with starters[kind](where, **options) as url:
                 rows[name].append(measure(url, script))
@@ -172,7 +167,7 @@ def main() -> None:
 
 
 def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
-    mid = {name: {k: median([r[k] for r in v]) for k in v[0]} for name, v in rows.items()}
+    mid = {name: {k: median([r.get(k, 0.0) for r in v]) for k in v[0]} for name, v in rows.items()}
     print(f"\n3-stage pipeline, wrk 32 connections, 8 s, median of {runs} runs")
     print(
         "| system | req/s | p50 ms | p99 ms | CPU us per request | RSS MiB | non-2xx |\n|---|---|---|---|---|---|---|"
@@ -181,6 +176,10 @@ def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
         errors = sum(r["errors"] for r in rows[name])
         print(f"| {name} | {m['rps']:,.0f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['cpu_us']:,.0f} | {m['mib']:,.0f} "
               f"| {errors:.0f} |")  # fmt: skip
+    print("\nCPU us per request by process role (medians)")
+    for name, m in mid.items():
+        parts = ", ".join(f"{k[4:]} {v:.0f}" for k, v in sorted(m.items()) if k.startswith("cpu ") and v >= 1)
+        print(f"- {name}: {parts}")
     ours = mid.get("ML Lambda, http")
     for name in ("plain aiohttp chain", "Ray Serve", "Ray Serve, throughput-optimized"):
         if ours and name in mid:

@@ -12,7 +12,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,19 +167,6 @@ async def identity_and_sidecar(
             shutil.rmtree(service.tls_dir, ignore_errors=True)
 
 
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (`auto`): the runtime SDK's own CPU per request is measured in docs/benchmarks.md."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError as err:
-        if choice == "uvloop":
-            raise CliError("--loop uvloop: uvloop is not installed (pip install uvloop)") from err
-        return None
-    return uvloop.new_event_loop
-
-
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
@@ -189,8 +176,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     os.environ.pop("MLLAMBDA_TOKEN", None)
     args.consul_token = os.environ.pop("CONSUL_HTTP_TOKEN", None)
     try:
-        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-            runner.run(launch(args))
+        asyncio.run(launch(args))
     except ServeError as err:
         raise CliError(str(err)) from err
     return 0
@@ -245,8 +231,5 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
-    parser.add_argument(
-        "--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="event loop (auto: uvloop if installed)"
-    )
     add_security_flag(parser, "the sidecar gets this model's Connect certificate, kept fresh")
     parser.set_defaults(handler=cmd_runtime)

@@ -112,13 +112,13 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
     def html_page(text: str, status: int = 200) -> web.Response:
         return web.Response(text=text, status=status, content_type="text/html")
 
-    def done(session: Session, name: str, reply: Any, what: str) -> web.Response:
+    def done(session: Session, name: str, reply: Any) -> web.Response:
+        """Back to the form, which says what happened (from the store, never from text in the URL)."""
         version = int(reply.pipeline.version)
         if reply.created:
             cause = reply.pipeline.cause
             log.info("ui change pipeline=%s version=%d cause=%r by=%s", name, version, cause, session.who)
-        note = f"version {version} {'created' if reply.created else 'is current (nothing changed)'}: {what}"
-        raise web.HTTPSeeOther(f"/pipelines/{name}/edit?" + urlencode({"note": note[:200]}))
+        raise web.HTTPSeeOther(f"/pipelines/{name}/edit?" + urlencode({"version": version, "created": reply.created}))
 
     async def login_form(request: web.Request) -> web.StreamResponse:
         next_url = _local(request.query.get("next", "/"))
@@ -160,7 +160,10 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         if session is None:
             raise web.HTTPSeeOther(f"/login?next=/pipelines/{name}/edit")
         current = await _current_or_404(name)
-        note = request.query.get("note", "")[:200]
+        note = ""
+        if (shown := _int(request.query.get("version"))) == current.version:
+            created = request.query.get("created") == "True"
+            note = f"version {shown} created: {current.cause}" if created else f"nothing changed: v{shown} is current"
         return html_page(_edit(current, pipeline_to_dict(current.pipeline), [], session, note))
 
     def _edit(current: PipelineVersion, doc: Mapping[str, Any], problems: list[Problem], s: Session, note: str) -> str:
@@ -189,7 +192,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         except AdminRefused as err:
             status = 503 if err.code == grpc.StatusCode.UNAVAILABLE else 400
             return html_page(_edit(current, doc, err.problems(), session, ""), status)
-        return done(session, name, reply, "weights, shadows and transport as submitted")
+        return done(session, name, reply)
 
     async def rollback(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
         name, to = request.match_info["name"], _int(form.get("to_version"))
@@ -199,7 +202,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             reply = await admin.call("Rollback", request_pb)
         except AdminRefused as err:
             return web.Response(status=400 if err.code != grpc.StatusCode.NOT_FOUND else 404, text=f"{err}\n")
-        return done(session, name, reply, f"rolled back to v{to}")
+        return done(session, name, reply)
 
     async def rollout(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
         name, action = request.match_info["name"], str(form.get("action", ""))
@@ -212,7 +215,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             reply = await admin.apply(move.pipeline, cause_of(session, move.cause), expect=current.version)
         except AdminRefused as err:
             return web.Response(status=409, text=f"{err}\n")
-        return done(session, name, reply, move.cause)
+        return done(session, name, reply)
 
     async def diff(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -250,7 +253,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         if dry_run:
             change = "would make a new version" if reply.created else "is the same as the current version"
             return html_page(yaml_page(text, [], session.csrf, f"valid: pipeline {pipeline.name} {change}"))
-        return done(session, pipeline.name, reply, "applied from the YAML editor")
+        return done(session, pipeline.name, reply)
 
     async def runtimes(request: web.Request) -> web.StreamResponse:
         view = reader.view()
