@@ -215,7 +215,7 @@ async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(contro
         assert history(control_plane)[-1] == (4, "ui by ada")
 
         # A rollout's buttons: resume a paused one (the same move as `mllambda rollout resume`).
-        rollout = "    rollout: {candidate: {model: classifier, version: v3}, steps: [10, 50], paused: true}\n"
+        rollout = "    rollout: {candidate: {model: classifier, version: v3}, steps: [10, 100], paused: true}\n"
         paused = text.replace("    shadow: {model: classifier", rollout + "    shadow: {model: classifier")
         async with browser.post(base + "/yaml", data={**yaml_form, "text": paused, "action": "apply"}) as r:
             assert r.status == 200 and "version 5 created" in await r.text()
@@ -225,7 +225,7 @@ async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(contro
             assert r.status == 200 and r.url.query == {"version": "6", "created": "True"}  # the driver may move next
         async with browser.post(base + "/pipelines/nlp/rollout", data={**steer, "action": "explode"}) as r:
             assert r.status == 400
-        assert (6, "rollout classify resumed (ui by ada)") in history(control_plane)
+        assert (6, "rollout nlp/classify classifier:v3 resumed (ui by ada)") in history(control_plane)
 
         async with browser.get(base + "/runtimes") as r:
             assert r.status == 200 and "<table id='runtimes'>" in await r.text()
