@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import median, running_stack
-from bench.pipeline_hops import MODELS, POST_LUA, stage, start_python, wrk
-from controlplane import processes
+from bench.pipeline_hops import MODELS, POST_LUA, plain_chain, stage, wrk
 
 BODY = json.dumps({"text": " ".join(["word"] * 200)})  # ~1 KB, as in Istio's figures
 PATHS = ("plain aiohttp chain", "ML Lambda plaintext", "ML Lambda mTLS")
@@ -54,13 +53,6 @@ def main() -> None:
     body.write_text(BODY)
     script.write_text(POST_LUA)
     models = ("tokenize", "count", "score")
-    ports = [processes.free_port() for _ in models]
-    chain = []
-    for i, model in enumerate(models):
-        flags = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
-        if i < 2:
-            flags.append(f"--next=http://127.0.0.1:{ports[i + 1]}/")
-        chain.append(start_python(folder, f"plain-{model}", flags, ports[i]))
 
     def stack(security: str) -> dict[str, object]:
         return {
@@ -72,22 +64,18 @@ def main() -> None:
         }
 
     started = time.time()
-    try:
-        with contextlib.ExitStack() as stacks:
-            urls = {PATHS[0]: f"http://127.0.0.1:{ports[0]}/"}
-            for path, security in ((PATHS[1], "plaintext"), (PATHS[2], "mtls")):
-                (folder / security).mkdir()
-                stack_ports, _ = stacks.enter_context(running_stack(folder / security, stack(security)))
-                urls[path] = f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench"
-            latency: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
-            load: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
-            for _ in range(args.runs):
-                for path, url in urls.items():
-                    latency[path].append(hey(url, body))
-                    load[path].append(wrk(url, 32, 8, script))
-    finally:
-        for proc in chain:
-            proc.stop()
+    with contextlib.ExitStack() as stacks:
+        urls = {PATHS[0]: stacks.enter_context(plain_chain(folder))}
+        for path, security in ((PATHS[1], "plaintext"), (PATHS[2], "mtls")):
+            (folder / security).mkdir()
+            stack_ports, _ = stacks.enter_context(running_stack(folder / security, stack(security)))
+            urls[path] = f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench"
+        latency: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+        load: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+        for _ in range(args.runs):
+            for path, url in urls.items():
+                latency[path].append(hey(url, body))
+                load[path].append(wrk(url, 32, 8, script))
     report(latency, load, args.runs)
     print(f"\n({time.time() - started:.0f} s; logs in {folder})")
 

@@ -18,7 +18,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import children_cpu, cpu_spent, median, process_cpu, running_stack
-from bench.pipeline_hops import MODELS, POST_LUA, stage, start_python, wrk
+from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 from controlplane import processes
 from controlplane.config import PROJECT_ROOT
 
@@ -46,21 +45,6 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
 def expected(text: str) -> dict[str, int]:
     """What tokenize -> count -> score answer (examples/trivial/models.py)."""
     return {"count": len(text.split()), "score": 10 * len(text.split())}
-
-
-@contextlib.contextmanager
-def plain(folder: Path) -> Iterator[str]:
-    ports = [processes.free_port() for _ in range(3)]
-    chain = []
-    try:
-        for i, model in enumerate(("tokenize", "count", "score")):
-            args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
-            args += [f"--next=http://127.0.0.1:{ports[i + 1]}/"] if i < 2 else []
-            chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
-        yield f"http://127.0.0.1:{ports[0]}/"
-    finally:
-        for proc in chain:
-            proc.stop()
 
 
 @contextlib.contextmanager
@@ -146,12 +130,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="these systems only")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk not found: apt-get install wrk")
-    folder = Path(tempfile.mkdtemp(prefix="mll-bench-peers-"))
-    script = folder / "post.lua"
-    script.write_text(POST_LUA)
-    starters: dict[str, Any] = {"plain": plain, "mllambda": mllambda, "ray": ray}
+    folder, script = wrk_folder("mll-bench-peers-")
+    starters: dict[str, Any] = {"plain": plain_chain, "mllambda": mllambda, "ray": ray}
     chosen = {name: SYSTEMS[name] for name in args.only or SYSTEMS}
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     started = time.time()

@@ -10,6 +10,7 @@ Run: .venv/bin/python -m bench.pipeline_hops [--runs 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -113,6 +115,31 @@ def hop_latency(folder: Path, runs: int, script: Path) -> None:
             proc.stop()
 
 
+@contextlib.contextmanager
+def plain_chain(folder: Path) -> Iterator[str]:
+    """The baseline: tokenize -> count -> score as three aiohttp servers calling each other; yields its URL."""
+    ports = [processes.free_port() for _ in range(3)]
+    chain = []
+    try:
+        for i, model in enumerate(("tokenize", "count", "score")):
+            args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
+            args += [f"--next=http://127.0.0.1:{ports[i + 1]}/"] if i < 2 else []
+            chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
+        yield f"http://127.0.0.1:{ports[0]}/"
+    finally:
+        for proc in chain:
+            proc.stop()
+
+
+def wrk_folder(prefix: str) -> tuple[Path, Path]:
+    """A scratch folder and wrk's POST script in it; exits with the fix when wrk is missing."""
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install wrk")
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    (folder / "post.lua").write_text(POST_LUA)
+    return folder, folder / "post.lua"
+
+
 def stage(model: str) -> dict[str, object]:
     return {"name": model, "variants": [{"model": model, "version": "v1"}]}
 
@@ -120,13 +147,6 @@ def stage(model: str) -> dict[str, object]:
 def throughput(
     folder: Path, runs: int, script: Path, runtime_args: list[str], gateway_concurrency: int, transport: str
 ) -> None:
-    ports = [processes.free_port() for _ in range(3)]
-    chain = []
-    for i, model in enumerate(("tokenize", "count", "score")):
-        args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
-        if i < 2:
-            args.append(f"--next=http://127.0.0.1:{ports[i + 1]}/")
-        chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
     models = ("tokenize", "count", "score")
     stack = {
         "name": "bench",
@@ -134,39 +154,35 @@ def throughput(
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}", "args": runtime_args} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
-    try:
-        with running_stack(folder, stack) as (stack_ports, _):
-            rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
-            urls = {
-                "plain aiohttp chain": f"http://127.0.0.1:{ports[0]}/",
-                "ML Lambda (Envoy)": f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench",
-            }
-            cpu: dict[str, dict[str, float]] = {path: {} for path in urls}
-            for _ in range(runs):
-                for path, url in urls.items():
-                    before, wrk_before = process_cpu(), children_cpu()
-                    rows[path].append(wrk(url, 32, 8, script))
-                    spent = {**cpu_spent(before, process_cpu()), "wrk": children_cpu() - wrk_before}
-                    for role, seconds in spent.items():
-                        cpu[path][role] = cpu[path].get(role, 0.0) + seconds
-            print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
-            print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
-            medians = {}
-            for path, values in rows.items():
-                medians[path] = median([v["rps"] for v in values])
-                p50, p99 = median([v["p50"] for v in values]), median([v["p99"] for v in values])
-                errors = sum(v["errors"] for v in values)
-                print(f"   {path:<22}{medians[path]:>9.0f}{p50:>9.2f}{p99:>9.2f}{errors:>9.0f}")
-            ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
-            print(f"   ratio ML Lambda / plain: {ratio:.2f}")
-            print("\n   CPU per request by process role (us), all runs")
-            for path, spent in cpu.items():
-                requests = sum(v["requests"] for v in rows[path])
-                parts = ", ".join(f"{role} {sec / requests * 1e6:.0f}" for role, sec in sorted(spent.items()) if sec)
-                print(f"   {path}: total {sum(spent.values()) / requests * 1e6:.0f} = {parts}")
-    finally:
-        for proc in chain:
-            proc.stop()
+    with plain_chain(folder) as plain_url, running_stack(folder, stack) as (stack_ports, _):
+        rows: dict[str, list[dict[str, float]]] = {"plain aiohttp chain": [], "ML Lambda (Envoy)": []}
+        urls = {
+            "plain aiohttp chain": plain_url,
+            "ML Lambda (Envoy)": f"http://127.0.0.1:{stack_ports['gateway']}/pipelines/bench",
+        }
+        cpu: dict[str, dict[str, float]] = {path: {} for path in urls}
+        for _ in range(runs):
+            for path, url in urls.items():
+                before, wrk_before = process_cpu(), children_cpu()
+                rows[path].append(wrk(url, 32, 8, script))
+                spent = {**cpu_spent(before, process_cpu()), "wrk": children_cpu() - wrk_before}
+                for role, seconds in spent.items():
+                    cpu[path][role] = cpu[path].get(role, 0.0) + seconds
+        print(f"\n2. 3-stage throughput, 32 connections, median of {runs} runs of 8 s")
+        print(f"   {'path':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+        medians = {}
+        for path, values in rows.items():
+            medians[path] = median([v["rps"] for v in values])
+            p50, p99 = median([v["p50"] for v in values]), median([v["p99"] for v in values])
+            errors = sum(v["errors"] for v in values)
+            print(f"   {path:<22}{medians[path]:>9.0f}{p50:>9.2f}{p99:>9.2f}{errors:>9.0f}")
+        ratio = medians["ML Lambda (Envoy)"] / medians["plain aiohttp chain"]
+        print(f"   ratio ML Lambda / plain: {ratio:.2f}")
+        print("\n   CPU per request by process role (us), all runs")
+        for path, spent in cpu.items():
+            requests = sum(v["requests"] for v in rows[path])
+            parts = ", ".join(f"{role} {sec / requests * 1e6:.0f}" for role, sec in sorted(spent.items()) if sec)
+            print(f"   {path}: total {sum(spent.values()) / requests * 1e6:.0f} = {parts}")
 
 
 def main() -> None:
@@ -177,11 +193,7 @@ def main() -> None:
     parser.add_argument("--gateway-concurrency", type=int, default=1, help="gateway Envoy worker threads")
     parser.add_argument("--transport", default="http", choices=["http", "uds"])
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk not found: apt-get install wrk")
-    folder = Path(tempfile.mkdtemp(prefix="mll-bench-"))
-    script = folder / "post.lua"
-    script.write_text(POST_LUA)
+    folder, script = wrk_folder("mll-bench-")
     started = time.time()
     if args.only != "throughput":
         hop_latency(folder, args.runs, script)
