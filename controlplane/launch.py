@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -51,6 +52,30 @@ def run_dir() -> Path:
         raise CliError(str(err)) from err
 
 
+def advertised(args: argparse.Namespace) -> str:
+    """The address other Envoys reach this sidecar's ingress at; it listens there. Beyond loopback only with
+    mTLS: the ingress would otherwise take requests from anyone on the network."""
+    address = args.advertise_address
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError as err:
+        raise CliError(f"--advertise-address: an IP address of this host, got {address!r}") from err
+    if not ip.is_loopback and args.security != "mtls":
+        raise CliError(
+            f"--advertise-address {address}: refusing to open the sidecar's ingress beyond loopback without "
+            "mutual TLS\nhint: add --security mtls (every control plane and runtime of the deployment)"
+        )
+    return str(ip)
+
+
+def add_advertise_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--advertise-address",
+        default="127.0.0.1",
+        help="IP this host's sidecar ingress listens on and registers in Consul (beyond loopback: mTLS only)",
+    )
+
+
 def checked_service_id(args: argparse.Namespace) -> str:
     """The names from the flags, held to the rules every entry point uses; the service id, given or made."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
@@ -79,7 +104,7 @@ def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> Runtime
         service_id=service_id,
         model=args.model,
         version=args.version,
-        host="127.0.0.1",
+        host=advertised(args),
         runtime_port=args.port or free_port(),
         runtime_uds=str(args.uds or folder / f"{service_id}.sock"),
         ingress_port=args.ingress_port or free_port(),
@@ -170,6 +195,7 @@ async def identity_and_sidecar(
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
+    advertised(args)
     check_batching(args)
     # Model code runs in this process: it gets no admin token, and no Consul token through the
     # environment (the Consul client keeps its own copy; give runtimes a service-scoped token).
@@ -231,5 +257,6 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")
     parser.add_argument("--access-log", action="store_true", help="log every request (Envoy's stats count them anyway)")
+    add_advertise_flag(parser)
     add_security_flag(parser, "the sidecar gets this model's Connect certificate, kept fresh")
     parser.set_defaults(handler=cmd_runtime)

@@ -23,7 +23,7 @@ from contract.naming import SERVICE_ID, name_problem
 from contract.service import RuntimeService
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag
 from controlplane.errors import CliError
-from controlplane.launch import checked_service_id, identity_and_sidecar, run_dir
+from controlplane.launch import add_advertise_flag, advertised, checked_service_id, identity_and_sidecar, run_dir
 from controlplane.processes import free_port
 from runtime_sdk.registration import deregister, register, stay_registered
 from runtime_sdk.serve import ServeError, wait_for_stop
@@ -43,7 +43,7 @@ def plan_external(args: argparse.Namespace) -> RuntimeService:
         service_id=service_id,
         model=args.model,
         version=args.version,
-        host="127.0.0.1",
+        host=advertised(args),
         runtime_port=args.oip_port,
         runtime_uds="",
         ingress_port=args.ingress_port or free_port(),
@@ -101,6 +101,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
     parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS HOST:PORT[,...]")
     parser.add_argument("--ingress-port", type=int)
+    add_advertise_flag(parser)
     parser.add_argument("--envoy-admin-port", type=int)
     add_security_flag(parser, "the sidecar gets this model's Connect certificate, kept fresh")
     parser.set_defaults(handler=cmd_register)

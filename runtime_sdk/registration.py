@@ -22,7 +22,7 @@ async def register(
     (Consul's agent runs on the same host).
     """
     if not through_sidecar:
-        url = f"http://{service.host}:{service.health_port or service.runtime_port}/readyz"
+        url = f"http://127.0.0.1:{service.health_port or service.runtime_port}/readyz"  # loopback-bound
     elif service.tls_dir:
         url = f"http://127.0.0.1:{service.egress_port}/readyz"
     else:

@@ -107,7 +107,7 @@ async def serve(
     )
     await runner.setup()
     remove_socket(service.runtime_uds)
-    await web.TCPSite(runner, service.host, service.runtime_port).start()
+    await web.TCPSite(runner, "127.0.0.1", service.runtime_port).start()  # only its own sidecar calls it
     await web.UnixSite(runner, service.runtime_uds).start()
     health = HealthServer(runtime, "127.0.0.1", service.health_port).start() if service.health_port else None
     log.info(

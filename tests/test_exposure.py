@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controlplane import processes
 from controlplane.listen import is_loopback, refuse_exposed
+from tests.test_pipeline_e2e import apply, until_ok
 
 
 def test_loopback_is_told_apart_from_everything_else() -> None:
@@ -89,3 +92,36 @@ def test_the_admin_api_over_tls_serves_beyond_loopback_with_a_token_and_the_cli_
         assert no_token.returncode == 1 and "MLLAMBDA_TOKEN" in no_token.stderr
     finally:
         plane.stop()
+
+
+@pytest.mark.parametrize(
+    ("address", "said"),
+    [("10.9.8.7", "refusing to open the sidecar's ingress beyond loopback"), ("db.internal", "an IP address")],
+)
+def test_a_runtime_is_not_advertised_beyond_loopback_without_mtls(address: str, said: str) -> None:
+    argv = [sys.executable, "-m", "controlplane.cli", "runtime", "examples.trivial.models:echo",
+            "--model=echo", "--version=v1", f"--advertise-address={address}", "--consul=127.0.0.1:1"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_runtime_advertised_on_another_address_is_reached_there_and_only_there(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """127.0.0.2 stands for a host's own address: the sidecar's ingress listens there, Consul and EDS carry it."""
+    runtime = start_runtime("examples.trivial.models:echo", "echo", "v1", extra=("--advertise-address=127.0.0.2",))
+    status, body = processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/echo")
+    entry = next(e for e in json.loads(body) if e["ServiceID"] == runtime.service_id)
+    assert status == 200 and entry["ServiceAddress"] == "127.0.0.2"
+    ingress = int(entry["ServiceMeta"]["ingress_port"])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ingress), timeout=1).close()
+    spec = {
+        "name": "far",
+        "transport": "http",
+        "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}],
+    }
+    apply(control_plane, tmp_path, spec)
+    code, answer, served = await until_ok(f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/far", {"x": 1})
+    assert code == 200 and answer == {"x": 1} and served == "echo=echo:v1"
