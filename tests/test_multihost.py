@@ -1,0 +1,183 @@
+"""Three hosts (network namespaces on a private subnet): a 3-server Consul cluster, two control planes,
+one model version on two hosts, the gateway on the third; then a control plane host cut off, and
+separately a runtime host killed, under steady load. Everything talks over the hosts' own addresses
+with mTLS; each host's Consul server is also its local agent."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.config import PROJECT_ROOT
+from controlplane.tools import find_consul
+from tests.netns import Hosts, unavailable
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "controlplane.cli"]
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"the multi-host test needs network namespaces: {why}")
+    found = Hosts(3).open()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+def until(what: str, check: Callable[[], bool], timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout:g} s")
+
+
+def consul_get(hosts: Hosts, host: int, path: str) -> str:
+    return hosts.run(host, ["curl", "-s", "-m", "2", f"http://127.0.0.1:8500{path}"]).stdout
+
+
+def leader_elsewhere(hosts: Hosts, asked: int, gone: int) -> Callable[[], bool]:
+    """The Consul servers that remain have elected one of themselves (a follower may still name the lost one)."""
+
+    def check() -> bool:
+        leader = consul_get(hosts, asked, "/v1/status/leader")
+        return '"10.' in leader and f'"{hosts.ips[gone]}:' not in leader
+
+    return check
+
+
+def served(hosts: Hosts) -> str:
+    """What answers one request through the gateway on host 2 (its x-mll-served; "" if none did)."""
+    url = "http://127.0.0.1:18080/pipelines/far"
+    done = hosts.run(2, ["curl", "-s", "-m", "2", "-D", "-", "-o", "/dev/null", "-XPOST", "-H",
+                         "content-type: application/json", "-d", '{"x": 1}', url])  # fmt: skip
+    return next((line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
+                 if line.lower().startswith("x-mll-served:")), "")  # fmt: skip
+
+
+def pipeline(folder: Path, stages: list[str]) -> Path:
+    path = folder / f"far-{len(stages)}.yaml"
+    spec = {"name": "far", "transport": "http",
+            "stages": [{"name": s, "variants": [{"model": "echo", "version": "v1"}]} for s in stages]}  # fmt: skip
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def under_load(hosts: Hosts, folder: Path, name: str, seconds: float, event: Callable[[], None]) -> dict[str, Any]:
+    """Steady load from the gateway's host while `event` happens 5 s in; what the clients saw."""
+    out = folder / f"{name}.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.multihost_load",
+        "http://127.0.0.1:18080/pipelines/far",
+        str(seconds),
+        str(out),
+    ]
+    load = hosts.start(2, f"load-{name}", argv, folder / f"load-{name}.log", env={"PYTHONPATH": str(PROJECT_ROOT)})
+    time.sleep(5)
+    event()
+    assert load.popen is not None
+    load.popen.wait(timeout=seconds + 30)
+    outcomes = json.loads(out.read_text())
+    failed = [t for t, code, _ in outcomes if code != 200]
+    last = max(t for t, _, _ in outcomes)
+    return {
+        "requests": len(outcomes),
+        "failed": len(failed),
+        "failed_at_seconds": failed[:20],
+        "answered_in_last_5s": sum(1 for t, code, _ in outcomes if code == 200 and t > last - 5),
+    }
+
+
+def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_runtime_host_dies(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    consul, xds = str(find_consul()), ",".join(f"{ip}:18000" for ip in hosts.ips[:2])
+    for i in range(3):
+        joins = [f"-retry-join={ip}" for j, ip in enumerate(hosts.ips) if j != i]
+        argv = [consul, "agent", "-server", "-bootstrap-expect=3", f"-bind={hosts.ips[i]}", "-client=127.0.0.1",
+                f"-data-dir={tmp_path}/consul{i}", f"-node=host{i}", "-dns-port=-1", "-log-level=warn",
+                "-hcl", "connect { enabled = true }", *joins]  # fmt: skip
+        hosts.start(i, f"consul{i}", argv, tmp_path / f"consul{i}.log")
+    until("a Consul leader", lambda: '"10.' in consul_get(hosts, 0, "/v1/status/leader"))
+    until("the Connect CA", lambda: "RootCert" in consul_get(hosts, 2, "/v1/agent/connect/ca/roots"))
+    for i in range(2):
+        hosts.start(i, f"controlplane{i}", [*CLI, "controlplane", f"--xds={hosts.ips[i]}:18000",
+                    "--admin=127.0.0.1:18001", "--consul=127.0.0.1:8500", "--security=mtls", "--gateway-port=18080",
+                    "--gateway-admin-port=19000", "--metrics-port=18002", f"--gateway-tls-dir={tmp_path}/gateway-tls"],
+                    tmp_path / f"controlplane{i}.log")  # fmt: skip
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        hosts.start(i, f"runtime{i}", [*CLI, "runtime", "examples.trivial.models:echo", "--model=echo",
+                    "--version=v1", f"--service-id=echo-host{i}", f"--xds={xds}", "--consul=127.0.0.1:8500",
+                    "--security=mtls", f"--advertise-address={hosts.ips[i]}"], tmp_path / f"runtime{i}.log",
+                    env={"MLLAMBDA_RUN_DIR": str(run_dir)})  # fmt: skip
+    hosts.start(2, "gateway", [*CLI, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds={xds}",
+                "--admin-port=19000", f"--config-dir={tmp_path}", "--security=mtls", "--consul=127.0.0.1:8500"],
+                tmp_path / "gateway.log")  # fmt: skip
+    passing = "/v1/health/service/echo?passing=true"
+    until("both runtimes passing", lambda: consul_get(hosts, 2, passing).count('"ServiceID":"echo-host') == 2, 90)
+    applied = hosts.run(0, [*CLI, "apply", "-f", str(pipeline(tmp_path, ["echo"])), "--server=127.0.0.1:18001"])
+    assert "pipeline/far created (version 1)" in applied.stdout, applied.stderr
+    until("the gateway answering", lambda: served(hosts) == "echo=echo:v1")
+    report: dict[str, Any] = {}
+
+    # 1. Host 0 (control plane 0, a runtime, a Consul server) loses its link; its processes live on.
+    def cut() -> None:
+        hosts.link(0, up=False)
+        report["quorum_after_cut_s"] = until("a leader without host 0", leader_elsewhere(hosts, 2, gone=0))
+        two = pipeline(tmp_path, ["echo", "again"])
+        applied = hosts.run(1, [*CLI, "apply", "-f", str(two), "--server=127.0.0.1:18001"])  # through control plane 1
+        assert "created (version 2)" in applied.stdout, applied.stderr
+        report["config_from_the_other_control_plane_s"] = until(
+            "version 2 at the gateway", lambda: served(hosts) == "echo=echo:v1, again=echo:v1", 60
+        )
+
+    report["cut"] = under_load(hosts, tmp_path, "cut", 40, cut)
+    hosts.link(0, up=True)
+    # Autopilot took host 0 out of the voters while it was gone, and makes it one again only after it has been
+    # stable for a while: until then, losing another server would lose the quorum.
+    tolerant = '"FailureTolerance":1'
+    report["voters_again_s"] = until(
+        "one failure tolerated again", lambda: tolerant in consul_get(hosts, 2, "/v1/operator/autopilot/health"), 90
+    )
+    until("both runtimes passing again", lambda: consul_get(hosts, 2, passing).count('"ServiceID":"echo-host') == 2, 90)
+
+    # 2. A runtime host (a control plane, a runtime, a Consul server) dies: every process, SIGKILL. The one
+    # that leads Consul if either does, so that the servers left must elect a leader while the load runs.
+    leader = consul_get(hosts, 2, "/v1/status/leader")
+    dead = 0 if f'"{hosts.ips[0]}:' in leader else 1
+    alive = 1 - dead
+    report["killed_host_led_consul"] = f'"{hosts.ips[dead]}:' in leader
+
+    def kill() -> None:
+        hosts.kill(dead)
+        report["quorum_after_kill_s"] = until("a leader after the kill", leader_elsewhere(hosts, alive, gone=dead))
+        one = pipeline(tmp_path, ["echo"])
+        applied = hosts.run(
+            alive, [*CLI, "apply", "-f", str(one), "--server=127.0.0.1:18001"]
+        )  # the control plane left
+        assert "created (version 3)" in applied.stdout, applied.stderr
+        report["config_after_kill_s"] = until("version 3 at the gateway", lambda: served(hosts) == "echo=echo:v1", 60)
+
+    report["kill"] = under_load(hosts, tmp_path, "kill", 40, kill)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "multihost.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    for scenario in ("cut", "kill"):
+        seen = report[scenario]
+        assert seen["answered_in_last_5s"] >= 20, (scenario, seen)  # it kept answering
+        assert seen["failed"] <= 0.02 * seen["requests"], (scenario, seen)
