@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -45,9 +46,18 @@ def render_bootstrap(
         node_cluster=cluster,
         admin_port=admin_port,
         xds_endpoints=json.dumps(endpoints),  # JSON is YAML
+        xds_cluster_type="STATIC" if all(_is_ip(host) for host, _ in servers) else "STRICT_DNS",
         api_type="DELTA_GRPC" if delta else "GRPC",
         xds_transport_socket=_xds_tls(tls_dir),
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _xds_tls(tls_dir: str) -> str:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from controlplane import processes
 from controlplane.config import ConsulAddress
@@ -83,3 +84,16 @@ def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> N
         plain.close()
     assert lingering, "no TIME_WAIT was made: the test proves nothing"
     assert processes.port_is_free(port)
+
+
+def test_control_planes_given_by_name_are_found_through_dns() -> None:
+    """Envoy's STATIC clusters take IP addresses only: `--xds cp.example:18000` needs a DNS cluster."""
+    from controlplane.sidecar import render_bootstrap
+
+    def xds_cluster(addresses: str) -> dict[str, object]:
+        config = yaml.safe_load(render_bootstrap("gateway", "gateway", addresses, 19000))
+        return next(c for c in config["static_resources"]["clusters"] if c["name"] == "mllambda_xds")
+
+    assert xds_cluster("127.0.0.1:18000,10.0.0.2:18000")["type"] == "STATIC"
+    named = xds_cluster("127.0.0.1:18000,mllambda-xds.mllambda.svc:18000")
+    assert named["type"] == "STRICT_DNS" and named["dns_lookup_family"] == "V4_PREFERRED"

@@ -33,7 +33,8 @@ async def test_envoys_fail_over_to_a_second_control_plane(
     control_plane: Any, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
 ) -> None:
     second = second_control_plane(control_plane, logs_dir)
-    both = f"{control_plane.xds_addr},{second.xds_addr}"  # the second is not up yet: Envoys use the first
+    # The second is given by name (as a Kubernetes Service would be) and is not up yet: Envoys use the first.
+    both = f"{control_plane.xds_addr},localhost:{second.xds_port}"
     gateway = start_envoy(
         lambda admin: render_bootstrap("gateway", "gateway", both, admin), admin_port=control_plane.gateway_admin_port
     )
