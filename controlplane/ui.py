@@ -158,7 +158,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
     async def edit_form(request: web.Request) -> web.StreamResponse:
         name, session = request.match_info["name"], session_of(request)
         if session is None:
-            raise web.HTTPSeeOther(f"/login?next=/pipelines/{name}/edit")
+            raise web.HTTPSeeOther("/login?" + urlencode({"next": f"/pipelines/{name}/edit"}))  # any name, quoted
         current = await _current_or_404(name)
         note = ""
         if (shown := _int(request.query.get("version"))) == current.version:
@@ -233,7 +233,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
     async def yaml_form(request: web.Request) -> web.StreamResponse:
         session = session_of(request)
         if session is None:
-            raise web.HTTPSeeOther("/login?next=/yaml")
+            raise web.HTTPSeeOther("/login?" + urlencode({"next": "/yaml"}))
         name = request.query.get("name", "")
         live = {v.pipeline.name: v.pipeline for v in reader.view().pipelines}
         text = as_yaml(pipeline_to_dict(live[name])) if name in live else ""
@@ -296,5 +296,6 @@ def _int(value: Any) -> int:
 
 
 def _local(url: str) -> str:
-    """Only a path on this dashboard ("//evil.example" is another site)."""
-    return url if url.startswith("/") and not url.startswith("//") and "\\" not in url else "/"
+    """Only a path on this dashboard ("//evil.example" is another site), on one line."""
+    local = url.startswith("/") and not url.startswith("//") and "\\" not in url and url.isprintable()
+    return url if local and len(url) <= 300 else "/"
