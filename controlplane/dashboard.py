@@ -222,21 +222,26 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
-@web.middleware
-async def _local_hosts_only(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer only requests addressed to this machine by name or loopback address.
+def _hosts_only(bound: str) -> Any:
+    """Answer only requests addressed to this machine by loopback name or address, or the address it listens on.
 
     A page on another site can make a browser send requests to 127.0.0.1 under
     its own host name (DNS rebinding); such a request carries that name in `Host`.
     """
-    host = request.headers.get("Host", "")
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name not in LOCAL_HOSTS:
-        return web.json_response({"error": f"host {host[:100]!r} is not this dashboard's"}, status=421)
-    return await handler(request)
+    allowed = {*LOCAL_HOSTS, bound}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in allowed:
+            return web.json_response({"error": f"host {host[:100]!r} is not this dashboard's"}, status=421)
+        return await handler(request)
+
+    return check
 
 
-def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None) -> web.Application:
+def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound: str = "127.0.0.1") -> web.Application:
     """/ (the page), /api/status (JSON), /metrics (Prometheus); with `ui`, the pages that change pipelines
     (controlplane/ui.py) for a signed-in browser."""
 
@@ -256,7 +261,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None) -> we
         rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
         return web.Response(text=render_pipeline_page(view, current, rows), content_type="text/html")
 
-    app = web.Application(middlewares=[_local_hosts_only], client_max_size=512 * 1024)
+    app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
     if ui is not None:
         add_ui_routes(app, reader, ui.sessions, ui.admin)
     app.router.add_get("/metrics", metrics_handler(reader))

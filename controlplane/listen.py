@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.config import split_host_port
+
 GRPC_OPTIONS = [
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.keepalive_time_ms", 30_000),
@@ -46,6 +48,20 @@ def refuse_exposed(what: str, host: str, guarded: bool, flag: str) -> None:
             f"refusing to serve {what} on {host} without authentication: configure it "
             f"(see docs/architecture.md, threat model) or pass {flag} if the network is yours alone"
         )
+
+
+def metrics_address(addr: str, exposed: bool) -> tuple[str, int]:
+    """Where the dashboard and /metrics listen: an IP address (it is registered in Consul for Prometheus),
+    beyond loopback only when told the network is ours alone (reads there need no credential)."""
+    host, port = split_host_port(addr, 18002)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as err:
+        raise ValueError(f"--metrics-addr: an IP address of this host and a port, got {addr!r}") from err
+    if ip.is_unspecified:
+        raise ValueError(f"--metrics-addr: this host's own address, not {host} (it is registered in Consul)")
+    refuse_exposed("the dashboard and /metrics", host, exposed, "--insecure-expose")
+    return host, port
 
 
 def admin_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCredentials | None:

@@ -41,7 +41,7 @@ from controlplane.discovery import Discovery
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
-from controlplane.listen import admin_credentials, bind_grpc, refuse_exposed
+from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.reconcile import Reconciler
 from controlplane.rollout_driver import RolloutDriver
@@ -176,6 +176,7 @@ class ControlPlane:
         refuse_exposed("the admin API", host, guarded, "--insecure-expose")
         host = split_host_port(settings.xds_addr, 18000)[0]
         refuse_exposed("xDS", host, self.identity is not None or settings.exposed, "--insecure-expose")
+        dashboard_at = metrics_address(settings.metrics_addr, settings.exposed) if settings.metrics_addr else None
         interceptors = [BearerAuth(settings.token)] if settings.token else []
         self._admin_server = grpc.aio.server(interceptors=interceptors)
         health = add_admin_services(self._admin_server, self.admin)
@@ -189,10 +190,9 @@ class ControlPlane:
         await self._admin_server.start()
         await mark_serving(health, True)
         log.info("admin listening address=%s", self.settings.admin_addr)
-        if self.settings.metrics_addr:
-            address = split_host_port(self.settings.metrics_addr, 18002)
-            app = build_dashboard_app(self, self._ui)
-            self._dashboard = await DashboardServer(app, address, self.consul, settings.gateway_admin_port).start()
+        if dashboard_at is not None:
+            app = build_dashboard_app(self, self._ui, dashboard_at[0])
+            self._dashboard = await DashboardServer(app, dashboard_at, self.consul, settings.gateway_admin_port).start()
         if self.kafka is not None:
             address = split_host_port(self.settings.bridge_addr, 18003)
             app = build_bridge_app(self.kafka, self._live_pipeline)

@@ -53,7 +53,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
         gateway_port=args.gateway_port,
         gateway_admin_port=args.gateway_admin_port,
-        metrics_addr=f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None,
+        metrics_addr=resolve(args.metrics_addr, "MLLAMBDA_METRICS_ADDR", "")
+        or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None),
         kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
         bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
         empty_grace=args.empty_grace,
@@ -94,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"seconds to hold the last runtimes when every one vanishes at once (default {EMPTY_GRACE:g}; 0: never)",
     )
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /api/status and the dashboard here")
+    parser.add_argument(
+        "--metrics-addr", help="the same on IP:PORT (beyond loopback only with --insecure-expose; registered in Consul)"
+    )
     parser.add_argument(
         "--keep-versions",
         type=_at_least_two,

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,15 @@ def test_loopback_is_told_apart_from_everything_else() -> None:
         refuse_exposed("the admin API", "0.0.0.0", guarded=False, flag="--x")
 
 
-@pytest.mark.parametrize("flag", ["--admin=0.0.0.0:{port}", "--xds=0.0.0.0:{port}"])
+@pytest.mark.parametrize("flag", ["--admin=0.0.0.0:{port}", "--xds=0.0.0.0:{port}", "--metrics-addr=10.9.9.9:{port}"])
 def test_the_control_plane_refuses_a_non_loopback_bind_without_tls_and_a_token(
     flag: str, consul_agent: object, tmp_path: Path
 ) -> None:
     port = processes.free_port()
     argv = [sys.executable, "-m", "controlplane.cli", "controlplane", flag.format(port=port),
             f"--consul={consul_agent.addr}", f"--metrics-port={processes.free_port()}"]  # type: ignore[attr-defined]  # fmt: skip
-    if "--admin" in flag:
-        argv.append(f"--xds=127.0.0.1:{processes.free_port()}")
-    else:
-        argv.append(f"--admin=127.0.0.1:{processes.free_port()}")
+    argv += [] if "--xds" in flag else [f"--xds=127.0.0.1:{processes.free_port()}"]
+    argv += [] if "--admin" in flag else [f"--admin=127.0.0.1:{processes.free_port()}"]
     proc = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log", env={"MLLAMBDA_TOKEN": "t0ken"}).start()
     assert proc.popen is not None
     assert proc.popen.wait(timeout=30) != 0
@@ -125,3 +125,28 @@ async def test_a_runtime_advertised_on_another_address_is_reached_there_and_only
     apply(control_plane, tmp_path, spec)
     code, answer, served = await until_ok(f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/far", {"x": 1})
     assert code == 200 and answer == {"x": 1} and served == "echo=echo:v1"
+
+
+def test_the_dashboard_listens_on_the_address_given_and_answers_for_it(consul_agent: Any, tmp_path: Path) -> None:
+    """127.0.0.2 stands for a host's own address (a loopback one, so no --insecure-expose is needed here)."""
+    port = processes.free_port()
+    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--xds=127.0.0.1:{processes.free_port()}",
+            f"--admin=127.0.0.1:{processes.free_port()}", f"--consul={consul_agent.addr}",
+            f"--metrics-addr=127.0.0.2:{port}", f"--kv-prefix=exposure-{port}/"]  # fmt: skip
+    proc = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log").start()
+    try:
+        proc.wait_ready(lambda: processes.http_get(f"http://127.0.0.2:{port}/metrics")[0] == 200, timeout=30)
+        with pytest.raises(OSError):  # not on 127.0.0.1
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        found = json.loads(
+            processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/mllambda-control-plane")[
+                1
+            ]
+        )
+        assert any(e["ServiceAddress"] == "127.0.0.2" and e["ServicePort"] == port for e in found), found
+        forged = urllib.request.Request(f"http://127.0.0.2:{port}/metrics", headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(forged, timeout=5)
+        assert refused.value.code == 421
+    finally:
+        proc.stop()
