@@ -181,7 +181,7 @@ class ControlPlane:
         self._admin_server = grpc.aio.server(interceptors=interceptors)
         health = add_admin_services(self._admin_server, self.admin)
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
-        if settings.metrics_addr:
+        if dashboard_at is not None:
             self._ui = LocalAdmin(self._admin_server, settings.token, settings.ui_token)
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:

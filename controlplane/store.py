@@ -136,20 +136,34 @@ class PipelineStore:
         read-judge-write (a rollout step, an edit) never overwrites a change it did not see.
         """
         for attempt in range(MAX_ATTEMPTS):
-            index, head = await self._read_head(pipeline.name)
-            if expect and (head is None or head["deleted"] or head["version"] != expect):
-                now = "deleted" if head and head["deleted"] else f"at version {head['version']}" if head else "absent"
-                raise NotCurrent(f"pipeline {pipeline.name!r} is {now}, not at version {expect}")
-            if head is not None and not head["deleted"]:
-                current = await self._read_version(pipeline.name, head["version"])
-                if current.pipeline == pipeline:
-                    return current, False
+            index, head, same = await self._judged(pipeline, expect)
+            if same is not None:
+                return same, False
             number = head["version"] + 1 if head else 1
             created = PipelineVersion(pipeline, number, _now(), cause)
             if await self._commit(pipeline.name, index, {"version": number, "deleted": False}, created):
                 return created, True
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise WriteConflict(f"pipeline {pipeline.name!r}: too many concurrent writers, try again")
+
+    async def would_create(self, pipeline: Pipeline, expect: int = 0) -> bool:
+        """What `apply` would do, writing nothing (a dry run): make a new version? NotCurrent as `apply` raises it."""
+        _, _, same = await self._judged(pipeline, expect)
+        return same is None
+
+    async def _judged(
+        self, pipeline: Pipeline, expect: int
+    ) -> tuple[int, dict[str, Any] | None, PipelineVersion | None]:
+        """The head read (its index, itself) after the `expect` check; the current version if it is `pipeline`."""
+        index, head = await self._read_head(pipeline.name)
+        if expect and (head is None or head["deleted"] or head["version"] != expect):
+            now = "deleted" if head and head["deleted"] else f"at version {head['version']}" if head else "absent"
+            raise NotCurrent(f"pipeline {pipeline.name!r} is {now}, not at version {expect}")
+        if head is not None and not head["deleted"]:
+            current = await self._read_version(pipeline.name, head["version"])
+            if current.pipeline == pipeline:
+                return index, head, current
+        return index, head, None
 
     async def _commit(self, name: str, head_index: int, head: dict[str, Any], new: PipelineVersion | None) -> bool:
         ops = [_cas(self._head_key(name), head, head_index)]

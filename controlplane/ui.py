@@ -62,19 +62,14 @@ class AdminCalls:
             raise AdminRefused(err.code(), err.details() or "") from err
 
     async def current(self, name: str) -> PipelineVersion:
-        from controlplane.admin.convert import spec_from_proto
+        from controlplane.admin.convert import version_from_proto
 
-        reply = await self.call("Get", admin_pb2().GetRequest(name=name))
-        v = reply.pipeline
-        return PipelineVersion(spec_from_proto(v.spec), int(v.version), v.created_at, v.cause)
+        return version_from_proto((await self.call("Get", admin_pb2().GetRequest(name=name))).pipeline)
 
     async def apply(self, pipeline: Pipeline, cause: str, expect: int = 0, dry_run: bool = False) -> Any:
-        from controlplane.admin.convert import spec_to_proto
+        from controlplane.admin.convert import apply_request
 
-        request = admin_pb2().ApplyRequest(
-            spec=spec_to_proto(pipeline), cause=cause, expect_version=expect, dry_run=dry_run
-        )
-        return await self.call("Apply", request)
+        return await self.call("Apply", apply_request(pipeline, cause, expect, dry_run))
 
     async def close(self) -> None:
         await self.channel.close()

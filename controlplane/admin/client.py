@@ -79,11 +79,9 @@ class AdminClient:
         return CliError(details + (f"\nhint: {hint}" if hint else ""))
 
     def apply(self, pipeline: Pipeline, cause: str = "", expect_version: int = 0, dry_run: bool = False) -> Any:
-        from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-        from controlplane.admin.convert import spec_to_proto
+        from controlplane.admin.convert import apply_request
 
-        spec = spec_to_proto(pipeline)
-        return self.Apply(pb.ApplyRequest(spec=spec, cause=cause, expect_version=expect_version, dry_run=dry_run))
+        return self.Apply(apply_request(pipeline, cause, expect_version, dry_run))
 
     def gateway_has(self, name: str, version: int, node_id: str = "gateway") -> bool:
         """Has the gateway Envoy acknowledged config that carries this pipeline version, or a newer one?

@@ -30,6 +30,17 @@ def version_to_proto(version: PipelineVersion) -> Any:
     )
 
 
+def version_from_proto(message: Any) -> PipelineVersion:
+    return PipelineVersion(
+        spec_from_proto(message.spec), int(message.version), message.created_at, message.cause, message.deleted
+    )
+
+
+def apply_request(pipeline: Pipeline, cause: str = "", expect_version: int = 0, dry_run: bool = False) -> Any:
+    spec = spec_to_proto(pipeline)
+    return pb.ApplyRequest(spec=spec, cause=cause, expect_version=expect_version, dry_run=dry_run)
+
+
 def version_to_dict(message: Any) -> dict[str, Any]:
     """For `-o json|yaml`: field names as in the YAML people write."""
     return dict(

@@ -21,10 +21,10 @@ ROLLOUT_CAUSES = ("rollout", "auto-rollback")
 
 def _current(admin: Any, name: str) -> tuple[Pipeline, int]:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-    from controlplane.admin.convert import spec_from_proto
+    from controlplane.admin.convert import version_from_proto
 
-    reply = admin.Get(pb.GetRequest(name=name))
-    return spec_from_proto(reply.pipeline.spec), int(reply.pipeline.version)
+    current = version_from_proto(admin.Get(pb.GetRequest(name=name)).pipeline)
+    return current.pipeline, current.version
 
 
 def _spot(p: Pipeline, stage: str | None, branch: str | None) -> Spot:

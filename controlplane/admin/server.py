@@ -138,14 +138,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
 
     async def _dry_run(self, pipeline: Pipeline, expect: int) -> Any:
         """What Apply would answer, nothing written: `created` says whether it would make a new version."""
-        try:
-            current: PipelineVersion | None = await self.store.get(pipeline.name)
-        except PipelineNotFound:
-            current = None
-        if expect and (current is None or current.version != expect):
-            now = f"at version {current.version}" if current else "absent"
-            raise NotCurrent(f"pipeline {pipeline.name!r} is {now}, not at version {expect}")
-        created = current is None or current.pipeline != pipeline
+        created = await self.store.would_create(pipeline, expect)
         would = PipelineVersion(pipeline, 0, "", "")
         return pb.ApplyResponse(pipeline=version_to_proto(would), created=created, warnings=self.warnings(pipeline))
 
