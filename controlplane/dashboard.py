@@ -79,6 +79,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "broken_records": dict(view.broken),
         "translate_failed": dict(view.translate_failed),
         "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
+        "scaling": [asdict(row) for row in view.scaling],
         "generated_at": time.time(),
     }
 
@@ -155,6 +156,17 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         state = "passing" if r.passing else "critical"
         parts.append(f"<li>{e(r.service_id)} ({e(r.model)}:{e(r.version)}) — {state}</li>")
     parts.append("</ul>")
+    if view.scaling:
+        parts.append("<h2>Autoscaling</h2><table class='scaling'><tr><th>version</th><th>replicas wanted / passing")
+        parts.append("</th><th>bounds</th><th>last decision</th></tr>")
+        for row in view.scaling:
+            when = time.strftime("%H:%M:%S", time.localtime(row.decided_at)) if row.decided_at else ""
+            wanted = "-" if row.wanted is None else row.wanted
+            parts.append(
+                f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
+                f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}</td></tr>"
+            )
+        parts.append("</table>")
     if view.consul.refused:
         parts.append("<h2>Ignored registrations</h2><ul class='refused'>")
         parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]

@@ -220,6 +220,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         age = "-" if n["age_seconds"] is None else f"{n['age_seconds']:.0f}s ago"
         node = n["node"] if n["connected"] else f"{n['node']} (gone)"
         print(f"{node:<36}{n['acked']:<16}{age:>9}  {n['nack'][:80]}")
+    if status.get("scaling"):
+        print(f"\n{'AUTOSCALED':<24}{'WANTED':>7}{'PASSING':>8}{'BOUNDS':>8}  LAST DECISION")
+        for row in status["scaling"]:
+            wanted = "-" if row["wanted"] is None else row["wanted"]
+            bounds = f"{row['min_replicas']}..{row['max_replicas']}"
+            when = time.strftime("%H:%M:%S", time.localtime(row["decided_at"])) if row["decided_at"] else ""
+            name = f"{row['model']}:{row['version']}"
+            print(f"{name:<24}{wanted:>7}{row['passing']:>8}{bounds:>8}  {when} {row['reason']}")
     if status.get("kafka_bridges"):
         print(f"\nkafka bridges: {', '.join(status['kafka_bridges'])}")
     return 0

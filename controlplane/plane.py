@@ -24,18 +24,11 @@ from pathlib import Path
 import consul.aio
 import grpc
 
-from contract.naming import (
-    BRIDGE_SERVICE,
-    CONTROL_PLANE_IDENTITY,
-    GATEWAY_IDENTITY,
-    bridge_reply_topic,
-)
+from contract.naming import BRIDGE_SERVICE, CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY, bridge_reply_topic
 from contract.service import RuntimeService
 from contract.watch import watch
 from controlplane.certs import CertKeeper, renewed_server_context
-from controlplane.config import (
-    split_host_port,
-)
+from controlplane.config import split_host_port
 from controlplane.dashboard import DashboardServer, build_dashboard_app
 from controlplane.discovery import Discovery
 from controlplane.errors import CliError
@@ -45,6 +38,7 @@ from controlplane.listen import admin_credentials, bind_grpc, metrics_address, r
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.reconcile import Reconciler
 from controlplane.rollout_driver import RolloutDriver
+from controlplane.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
@@ -126,6 +120,7 @@ class ControlPlane:
             holder,
             self._refused,
         )
+        self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
         self._dashboard: DashboardServer | None = None
         self._ui: LocalAdmin | None = None
         self._bridge_keys: Path | None = None  # where the bridge's TLS context loads its key from
@@ -208,6 +203,7 @@ class ControlPlane:
             asyncio.create_task(self._reconcile_forever()),
             asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
+            *([asyncio.create_task(self.autoscaler.run())] if self.autoscaler else []),
         ]
         if self.kafka is not None:
             self._tasks.append(asyncio.create_task(self.kafka.run(self._pending_kafka, self._wake.set)))
@@ -313,6 +309,7 @@ class ControlPlane:
             kafka_router_restarts=dict(self.kafka.router_restarts) if self.kafka else {},
             rollouts_driving=self.rollouts.driving,
             rollout_moves=self.rollouts.moves,
+            scaling=self.autoscaler.report() if self.autoscaler else (),
             readings=self.traffic_book.history.readings(),
             entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},
         )

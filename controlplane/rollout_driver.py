@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import consul.aio
 
+from controlplane.lock import SessionLock
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.rollouts import Spot, Window, judge, spots, where
 from controlplane.store import NotCurrent, PipelineStore, WriteConflict
 from controlplane.traffic import ClusterStats
 
 log = logging.getLogger("mllambda.rollouts")
-SESSION_TTL = "10s"  # Consul's minimum; a dead driver's lock is free within 2x this
 TICK = 0.5
 
 
@@ -52,66 +52,38 @@ class RolloutDriver:
         holder: str,
         refused: Callable[[], Sequence[tuple[PipelineVersion, PipelineVersion, str]]] = lambda: [],
     ) -> None:
-        self.client = client
         self.store = store
-        self.key = lock_key(kv_prefix)
+        self.lock = SessionLock(client, lock_key(kv_prefix), holder, "rollout driver")
         self.entries = entries  # the versions clients are sent into now
         self.stats = stats
-        self.holder = holder  # written into the lock: who drives
         self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
-        self.driving = False
         self.moves = 0
         self._windows: dict[tuple[str, int, Spot], Watched] = {}
-        self._session = ""
-        self._renewed = 0.0
+        self._since = 0.0  # when the lock was taken: the windows belong to that holding
 
     async def run(self) -> None:
         """Forever: hold the lock (or wait for it), and while holding it, drive."""
         while True:
             try:
-                if await self._hold():
+                if await self.lock.hold():
+                    if self._since != self.lock.taken:  # windows start afresh for whoever takes over
+                        self._windows.clear()
+                        self._since = self.lock.taken
                     await self._tick()
                     await asyncio.sleep(TICK)
                 else:
                     await asyncio.sleep(1.0)
             except asyncio.CancelledError:
-                await self._release()
+                await self.lock.release()
                 raise
             except Exception as err:  # Consul away, a write refused: try again, never stop
                 log.warning("rollout driver: %s", err)
-                self._lost()
+                self.lock.lost()
                 await asyncio.sleep(1.0)
 
-    async def _hold(self) -> bool:
-        if not self._session:
-            self._session = await self.client.session.create(
-                name="mllambda-rollout-driver", ttl=int(SESSION_TTL[:-1]), behavior="release", lock_delay=0
-            )
-            self._renewed = time.monotonic()
-        elif time.monotonic() - self._renewed > 3:
-            if await self.client.session.renew(self._session) is None:
-                self._lost()
-                return False
-            self._renewed = time.monotonic()
-        if not self.driving:
-            self.driving = bool(await self.client.kv.put(self.key, self.holder, acquire=self._session))
-            if self.driving:
-                log.info("rollout driver: this control plane drives rollouts (%s)", self.holder)
-                self._windows.clear()  # windows start afresh for whoever takes over
-        return self.driving
-
-    def _lost(self) -> None:
-        if self.driving:
-            log.warning("rollout driver: lost the lock")
-        self.driving, self._session = False, ""
-
-    async def _release(self) -> None:
-        if self._session:
-            try:
-                await self.client.session.destroy(self._session)
-            except Exception:  # going away anyway; the TTL frees it
-                pass
-        self.driving, self._session = False, ""
+    @property
+    def driving(self) -> bool:
+        return self.lock.holding
 
     async def _tick(self) -> None:
         for pending, entry, why in self.refused():

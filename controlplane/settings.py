@@ -40,6 +40,9 @@ class Settings:
     admin_tls: tuple[str, str, str] = ("", "", "")  # cert, key, client CA (PEM files) for the admin API
     exposed: bool = False  # serve admin/xDS beyond loopback without authentication (--insecure-expose)
     keep_versions: int = KEEP_VERSIONS  # per pipeline in Consul KV: each new version drops the one this far back
+    autoscale_file: str = ""  # `kind: Autoscale` policies per model version ("": nothing is scaled)
+    scaler: str = "local"  # who carries decisions out: "local" (`mllambda up`) or "kubernetes" (scale subresource)
+    kubernetes_namespace: str = "default"  # with scaler kubernetes: where the runtime Deployments are
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -63,6 +66,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         admin_tls=(args.admin_tls_cert or "", args.admin_tls_key or "", args.admin_tls_client_ca or ""),
         exposed=args.insecure_expose,
         keep_versions=args.keep_versions,
+        autoscale_file=resolve(args.autoscale, "MLLAMBDA_AUTOSCALE", ""),
+        scaler=args.scaler,
+        kubernetes_namespace=args.kubernetes_namespace,
     )
 
 
@@ -104,6 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=KEEP_VERSIONS,
         help=f"versions kept per pipeline (history, rollback); each new one drops the oldest (default {KEEP_VERSIONS})",
     )
+    parser.add_argument("--autoscale", help="autoscaling policies (kind: Autoscale YAML; MLLAMBDA_AUTOSCALE)")
+    parser.add_argument(
+        "--scaler",
+        choices=["local", "kubernetes"],
+        default="local",
+        help="who carries scaling out: local (`mllambda up` reads the decisions) or kubernetes (Deployment scale)",
+    )
+    parser.add_argument("--kubernetes-namespace", default="default", help="with --scaler kubernetes: the namespace")
     add_security_flag(parser, "every hop, xDS and the Kafka bridge mutually authenticated (Consul Connect)")
     parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
     parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")

@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from contract.naming import DEFAULT_KV_PREFIX
 from controlplane import processes
+from controlplane.autoscale import policies_document
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
-from controlplane.stackfile import Stack, load_stack
+from controlplane.local_scaler import LocalScaler
+from controlplane.stackfile import RuntimeSpec, Stack, load_stack
 from controlplane.tools import find_consul, find_tansu
 
 STATE_DIR = Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
@@ -37,6 +42,17 @@ class Supervisor:
     kafka_flags: list[str] = field(default_factory=list)
     recorded: bool = False  # this supervisor wrote the state file
     ui_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # signs a browser in to the dashboard
+    scaler: LocalScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = LocalScaler(self.stack.ports.consul, DEFAULT_KV_PREFIX, self.start_replica, say)
+
+    def follow_scaling(self) -> None:
+        """Replicas as the control plane decided (autoscaled versions only); the stack's record follows."""
+        changed, gone = self.scaler.follow()
+        if changed or gone:
+            self.started = [p for p in self.started if all(p is not g for g in gone)]
+            self._record()
 
     @property
     def logs(self) -> Path:
@@ -116,13 +132,18 @@ class Supervisor:
         security = [f"--security={self.stack.security}"]
         envoys = self.state_dir / "envoy"
         mtls = [f"--gateway-tls-dir={envoys / 'gateway-tls'}"] if self.stack.security == "mtls" else []
+        policies = tuple(r.autoscale for r in self.stack.runtimes if r.autoscale is not None)
+        autoscale: list[str] = []
+        if policies:
+            (self.state_dir / "autoscale.yaml").write_text(yaml.safe_dump(policies_document(policies)))
+            autoscale = [f"--autoscale={self.state_dir / 'autoscale.yaml'}"]
         self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}, security {self.stack.security}")
         self.start(
             "controlplane",
             [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
              f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
              f"--metrics-port={p.controlplane_metrics}", *kafka_flags, *security, *mtls,
-             *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else [])],
+             *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else []), *autoscale],
             processes.tcp_ready(p.admin),
             keep_secrets=True,
             env={"MLLAMBDA_UI_TOKEN": self.ui_token},
@@ -135,29 +156,32 @@ class Supervisor:
              *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else [])],
             processes.envoy_ready(p.gateway_admin),
         )  # fmt: skip
-        self.start_runtimes(me, consul_flag)
+        self.start_runtimes()
         self.apply_pipelines()
         self.summary()
 
-    def start_runtimes(self, me: list[str], consul_flag: str) -> None:
-        ids: list[tuple[str, str]] = []
-        run_dir = self.state_dir / "run"
+    def start_replica(self, spec: RuntimeSpec, index: int) -> processes.ManagedProcess:
+        """Replica `index` of a model version: `mllambda runtime` with its sidecar, registered when ready."""
+        service_id = f"{spec.model}-{spec.version}-{index}"
+        me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.state_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        for spec in self.stack.runtimes:
-            for i in range(spec.replicas):
-                service_id = f"{spec.model}-{spec.version}-{i}"
-                argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
-                        f"--service-id={service_id}", consul_flag, f"--security={self.stack.security}",
-                        f"--xds=127.0.0.1:{self.stack.ports.xds}"]  # fmt: skip
-                if spec.loader:
-                    argv.append(f"--loader={spec.loader}")
-                argv += [*spec.args, *self.kafka_flags]
-                proc = processes.ManagedProcess(
-                    service_id, argv, self.logs / f"{service_id}.log", env={"MLLAMBDA_RUN_DIR": str(run_dir)}
-                ).start()
-                self.started.append(proc)
-                ids.append((spec.model, service_id))
+        argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
+                f"--service-id={service_id}", f"--consul=127.0.0.1:{self.stack.ports.consul}",
+                f"--security={self.stack.security}", f"--xds=127.0.0.1:{self.stack.ports.xds}",
+                *([f"--loader={spec.loader}"] if spec.loader else []), *spec.args, *self.kafka_flags]  # fmt: skip
+        env = {"MLLAMBDA_RUN_DIR": str(run_dir)}
+        proc = processes.ManagedProcess(service_id, argv, self.logs / f"{service_id}.log", env=env).start()
+        self.started.append(proc)
         self._record()
+        return proc
+
+    def start_runtimes(self) -> None:
+        ids: list[tuple[str, str]] = []
+        for spec in self.stack.runtimes:
+            replicas = [self.start_replica(spec, i) for i in range(spec.replicas)]
+            ids += [(spec.model, proc.name) for proc in replicas]
+            if spec.autoscale is not None:
+                self.scaler.adopt(spec, replicas)
         self.step(f"runtimes: starting {len(ids)} (each with its own Envoy sidecar)")
         deadline, shown = time.monotonic() + 180, ""
         while True:
@@ -290,11 +314,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.detach:
             detached = True
             say("running in the background: `mllambda down` stops it")
+            if supervisor.scaler.versions:
+                say("note: autoscaling is decided, but replicas start and stop only under a foreground `mllambda up`")
             return 0
         say("Ctrl-C stops everything.")
         while True:
             time.sleep(0.5)
-            dead = [p for p in supervisor.started if not p.alive()]
+            supervisor.follow_scaling()
+            dead = [p for p in supervisor.started if not p.alive() and not supervisor.scaler.is_leaving(p)]
             if dead:
                 raise CliError(f"{dead[0].name} exited:\n{dead[0].tail()}")
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from contract.naming import LABEL, VERSION, name_problem
+from controlplane.autoscale import InvalidPolicy, Policy, parse_policy
 from controlplane.errors import CliError
 from controlplane.model import InvalidPipeline, Pipeline
 from controlplane.spec import parse_pipeline
@@ -35,6 +36,7 @@ class RuntimeSpec:
     loader: str | None = None
     replicas: int = 1
     args: tuple[str, ...] = ()  # extra `mllambda runtime` flags, e.g. ["--inline"]
+    autoscale: Policy | None = None  # replicas follow load between its bounds (`replicas` is where they start)
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,19 @@ def load_stack(path: Path) -> Stack:
         if not isinstance(args, list):
             problems.append(f"{where}.args: expected a list of flags, e.g. [--inline=never]")
             args = []
-        replicas = whole_number(raw.get("replicas", 1), f"{where}.replicas", problems, 1, 100)
+        policy = None
+        if "autoscale" in raw and not missing:
+            policy = autoscale_policy(raw, where, problems)
+        start = policy.min_replicas if policy else 1
+        replicas = whole_number(raw.get("replicas", start), f"{where}.replicas", problems, 1, 100)
+        if policy and not policy.min_replicas <= replicas <= policy.max_replicas:
+            problems.append(
+                f"{where}.replicas: {replicas} is outside autoscale's {policy.min_replicas}..{policy.max_replicas}"
+            )
         if not missing:
             loader = raw.get("loader")
             args_ = tuple(str(a) for a in args)
-            runtimes.append(RuntimeSpec(raw["model"], raw["version"], raw["target"], loader, replicas, args_))
+            runtimes.append(RuntimeSpec(raw["model"], raw["version"], raw["target"], loader, replicas, args_, policy))
     pipelines = []
     for i, raw in enumerate(listed(data, "pipelines", problems)):
         try:
@@ -112,7 +122,22 @@ def load_stack(path: Path) -> Stack:
 
 
 STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency", "security")
-RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args")
+RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args", "autoscale")
+
+
+def autoscale_policy(raw: dict[str, Any], where: str, problems: list[str]) -> Policy | None:
+    """`autoscale:` of a runtime: a policy for its model version (which it names already)."""
+    given = raw["autoscale"]
+    if not isinstance(given, dict):
+        problems.append(f"{where}.autoscale: expected a mapping (min_replicas, max_replicas, target_in_flight, ...)")
+        return None
+    bad = [k for k in ("model", "version") if k in given]
+    problems += [f"{where}.autoscale.{k}: not here (the runtime names it)" for k in bad]
+    try:
+        return parse_policy({**given, "model": raw["model"], "version": raw["version"]}, f"{where}.autoscale.")
+    except InvalidPolicy as err:
+        problems += err.problems
+        return None
 
 
 def unknown_keys(data: dict[str, Any], known: Sequence[str], where: str) -> list[str]:

@@ -29,6 +29,7 @@ class ClusterStats:
     p99_ms: float | None = None
     retries: int = 0  # of those requests, retries (the hop before found this variant unreachable)
     p99_recent_ms: float | None = None  # over Envoy's last stats interval (5 s), not since it started
+    in_flight: int = 0  # a gauge: requests sent and not yet answered, plus those waiting for a connection
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class VariantTraffic:
     window_seconds: float | None = None  # what the counts cover (None: since the Envoys started)
 
 
+COUNTED = (
+    "upstream_rq_total", "upstream_rq_5xx", "upstream_rq_retry",
+    "upstream_rq_active", "upstream_rq_pending_active",  # gauges: in flight now
+)  # fmt: skip
+
+
 def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
     """Envoy `/stats?format=json` -> ClusterStats per cluster."""
     counts: dict[str, dict[str, int]] = {}
@@ -55,7 +62,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
     for item in body.get("stats", []):
         name = item.get("name", "")
         if name.startswith("cluster.") and "value" in item:
-            for suffix in ("upstream_rq_total", "upstream_rq_5xx", "upstream_rq_retry"):
+            for suffix in COUNTED:
                 if name.endswith("." + suffix):
                     cluster = cluster_of_stat(name[len("cluster.") : -len(suffix) - 1])
                     counts.setdefault(cluster, {})[suffix] = int(item["value"])
@@ -78,6 +85,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
             quantiles.get(cluster, {}).get("99"),
             c.get("upstream_rq_retry", 0),
             quantiles.get(cluster, {}).get("99-recent"),
+            c.get("upstream_rq_active", 0) + c.get("upstream_rq_pending_active", 0),
         )
         for cluster, c in counts.items()
     }
@@ -93,7 +101,7 @@ def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterS
             merged[cluster] = ClusterStats(
                 total, old.errors + s.errors, _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
                 _blend(old.p99_ms, old.requests, s.p99_ms, s.requests), old.retries + s.retries,
-                _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests),
+                _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests), old.in_flight + s.in_flight,
             )  # fmt: skip
     return merged
 
@@ -126,13 +134,16 @@ def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]
 
 
 def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> dict[str, ClusterStats]:
-    """Counts between two readings (latency quantiles are the newer reading's); a restarted Envoy counts from 0."""
+    """Counts between two readings (latency quantiles and in-flight are the newer reading's).
+
+    A restarted Envoy counts from 0.
+    """
     found = {}
     for cluster, s in now.items():
         old = then.get(cluster, ClusterStats())
         found[cluster] = ClusterStats(
             max(0, s.requests - old.requests), max(0, s.errors - old.errors), s.p50_ms, s.p99_ms,
-            max(0, s.retries - old.retries), s.p99_recent_ms,
+            max(0, s.retries - old.retries), s.p99_recent_ms, s.in_flight,
         )  # fmt: skip
     return found
 

@@ -29,6 +29,21 @@ class ConsulHealth:
 
 
 @dataclass(frozen=True)
+class ScaleRow:
+    """One autoscaled model version: its bounds, what is wanted, what passes, and the last decision."""
+
+    model: str
+    version: str
+    min_replicas: int
+    max_replicas: int
+    wanted: int | None  # None: no decision recorded yet
+    passing: int
+    reason: str
+    decided_at: float | None  # unix time
+    decided_by: str
+
+
+@dataclass(frozen=True)
 class PlaneView:
     pipelines: Sequence[PipelineVersion]  # live ones, current version each
     history: Mapping[str, Sequence[PipelineVersion]]
@@ -52,6 +67,7 @@ class PlaneView:
     rollout_moves: int = 0  # rollout versions this control plane wrote
     readings: Sequence[tuple[float, Mapping[str, Any]]] = ()  # every Envoy's counters over time (monotonic clock)
     entered_at: Mapping[str, float] = field(default_factory=dict)  # pipeline -> when its version took traffic
+    scaling: Sequence[ScaleRow] = ()  # autoscaled model versions (`--autoscale`)
 
 
 class PlaneReader(Protocol):

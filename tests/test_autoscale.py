@@ -1,0 +1,148 @@
+"""Autoscaling decisions, policies and records: pure code, no processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controlplane.autoscale import (
+    MAX_POLICIES,
+    InvalidPolicy,
+    Observation,
+    Policy,
+    Stabilizer,
+    load_policies,
+    parse_policy,
+    policies_document,
+    recommend,
+)
+from controlplane.errors import CliError
+from controlplane.scaler import MAX_RECORD, parse_record
+from controlplane.stackfile import load_stack
+from controlplane.traffic import merge, parse_envoy_stats
+
+POLICY = Policy("classifier", "v1", min_replicas=1, max_replicas=4, target_in_flight=2, up_window=3, down_window=10)
+
+
+def run(stabilizer: Stabilizer, current: int, loads: list[float], start: float = 0.0) -> list[tuple[float, int, str]]:
+    """Feed one observation a second; apply each decision; return (time, replicas, reason) of every change."""
+    changes = []
+    for i, load in enumerate(loads):
+        decision = stabilizer.decide(start + i, current, Observation(load, current))
+        if decision is not None:
+            current = decision.replicas
+            changes.append((start + i, current, decision.reason))
+    return changes
+
+
+def test_load_asks_for_replicas_by_in_flight_per_replica_within_bounds() -> None:
+    assert recommend(POLICY, Observation(0, 1))[0] == 1  # never below min
+    assert recommend(POLICY, Observation(4, 1))[0] == 2
+    assert recommend(POLICY, Observation(4.1, 1))[0] == 3
+    assert recommend(POLICY, Observation(500, 1))[0] == 4  # never above max
+    slow = Policy("m", "v1", 1, 6, target_in_flight=100, target_p99_ms=200)
+    wanted, reason = recommend(slow, Observation(5, 2, p99_ms=450))
+    assert wanted == 5 and "p99 450 ms over the target 200 ms" in reason
+
+
+def test_a_spike_shorter_than_the_up_window_adds_nothing_a_lasting_one_does() -> None:
+    assert run(Stabilizer(POLICY, 0), 1, [0, 9, 0, 9, 0, 0]) == []
+    changes = run(Stabilizer(POLICY, 0), 1, [0, 8, 8, 8, 8, 8])
+    assert changes[0][:2] == (4, 4)  # the 4th second of 8 in flight (3 s window): 4 replicas
+    assert "up 1→4" in changes[0][2] and "8 in flight" in changes[0][2]
+
+
+def test_replicas_leave_only_after_the_load_stayed_low_for_the_whole_down_window() -> None:
+    stabilizer = Stabilizer(POLICY, 0)
+    changes = run(stabilizer, 1, [8] * 5 + [1] * 20)
+    ups = [c for c in changes if "up" in c[2]]
+    downs = [c for c in changes if "down" in c[2]]
+    assert ups[0][1] == 4
+    assert len(downs) == 1 and downs[0][1] == 1
+    assert downs[0][0] >= 4 + 10  # the last high recommendation (t=4) plus the window
+    assert "over 10 s" in downs[0][2]
+
+
+def test_nothing_leaves_before_a_new_decider_has_watched_a_whole_window() -> None:
+    stabilizer = Stabilizer(POLICY, started=100)
+    assert run(stabilizer, 3, [0] * 9, start=100) == []  # 9 s < 10 s window
+    assert run(stabilizer, 3, [0] * 3, start=109)[0][1] == 1
+
+
+def test_a_count_outside_the_bounds_is_brought_back() -> None:
+    decision = Stabilizer(POLICY, 0).decide(0, 9, Observation(0, 9))
+    assert decision is not None and decision.replicas == 4 and "outside 1..4" in decision.reason
+
+
+def test_recommendations_kept_are_bounded_by_the_window() -> None:
+    stabilizer = Stabilizer(Policy("m", "v1", up_window=3, down_window=20), 0)
+    run(stabilizer, 1, [1.0] * 1000)
+    assert len(stabilizer._seen) <= 22
+
+
+def test_policies_name_every_problem_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidPolicy) as err:
+        parse_policy(
+            {"model": "Bad\nName", "version": "v1", "min_replicas": 0, "max_replicas": 1000, "target_in_flight": -1,
+             "up_window": "soon", "surprise": 1},
+            "models[0].",
+        )  # fmt: skip
+    text = "\n".join(err.value.problems)
+    for path in ("models[0].model", "min_replicas", "max_replicas", "target_in_flight", "up_window", "surprise"):
+        assert path in text
+    with pytest.raises(InvalidPolicy, match="below min_replicas"):
+        parse_policy({"model": "m", "version": "v1", "min_replicas": 3, "max_replicas": 2})
+    doc = policies_document((POLICY, Policy("m", "v2")))
+    path = tmp_path / "autoscale.yaml"
+    path.write_text(json.dumps(doc))
+    assert load_policies(path) == (POLICY, Policy("m", "v2"))
+    path.write_text(json.dumps({"kind": "Autoscale", "models": [doc["models"][0]] * 2}))
+    with pytest.raises(InvalidPolicy, match="classifier.v1: more than one policy"):
+        load_policies(path)
+    path.write_text(json.dumps({"kind": "Autoscale", "models": [doc["models"][0]] * (MAX_POLICIES + 1)}))
+    with pytest.raises(InvalidPolicy, match=f"at most {MAX_POLICIES}"):
+        load_policies(path)
+    path.write_text("kind: [")
+    with pytest.raises(InvalidPolicy, match="not valid YAML"):
+        load_policies(path)
+
+
+def test_the_stack_file_takes_a_policy_per_runtime_and_starts_at_min(tmp_path: Path) -> None:
+    path = tmp_path / "stack.yaml"
+    runtime = {"model": "m", "version": "v1", "target": "x:y", "autoscale": {"min_replicas": 2, "max_replicas": 3}}
+    path.write_text(json.dumps({"kind": "Stack", "runtimes": [runtime]}))
+    spec = load_stack(path).runtimes[0]
+    assert spec.replicas == 2 and spec.autoscale == Policy("m", "v1", min_replicas=2, max_replicas=3)
+    runtime["replicas"] = 5
+    runtime["autoscale"] = {"model": "other", "max_replicas": 0}
+    path.write_text(json.dumps({"kind": "Stack", "runtimes": [runtime]}))
+    with pytest.raises(CliError) as err:
+        load_stack(path)
+    assert "runtimes[0].autoscale.model: not here" in str(err.value)
+    assert "runtimes[0].autoscale.max_replicas: expected a whole number from 1 to 100" in str(err.value)
+
+
+def test_a_scale_record_that_is_not_ours_is_ignored() -> None:
+    good = {"model": "m", "version": "v1", "replicas": 3, "reason": "r", "at": 1.0, "by": "cp"}
+    assert parse_record(json.dumps(good).encode()).replicas == 3  # type: ignore[union-attr]
+    hostile = [
+        None, b"", b"not json", b"[]", b"{}", json.dumps({**good, "replicas": -1}).encode(),
+        json.dumps({**good, "replicas": 10**9}).encode(), json.dumps({**good, "replicas": "3"}).encode(),
+        json.dumps({**good, "at": "yesterday"}).encode(), json.dumps({**good, "reason": "x" * MAX_RECORD}).encode(),
+        b"\xff\xfe",
+    ]  # fmt: skip
+    assert [parse_record(raw) for raw in hostile] == [None] * len(hostile)
+
+
+def test_in_flight_is_read_from_envoy_gauges_and_summed_over_envoys() -> None:
+    def stats(active: int, pending: int) -> dict[str, object]:
+        return {"stats": [
+            {"name": "cluster.classifier_v1.upstream_rq_total", "value": 10},
+            {"name": "cluster.classifier_v1.upstream_rq_active", "value": active},
+            {"name": "cluster.classifier_v1.upstream_rq_pending_active", "value": pending},
+        ]}  # fmt: skip
+
+    merged = merge([parse_envoy_stats(stats(3, 1)), parse_envoy_stats(stats(2, 0))])
+    assert merged["classifier.v1"].in_flight == 6 and merged["classifier.v1"].requests == 20
