@@ -99,7 +99,7 @@ def test_policies_name_every_problem_with_its_path(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     assert load_policies(path) == (POLICY, Policy("m", "v2"))
     path.write_text(json.dumps({"kind": "Autoscale", "models": [doc["models"][0]] * 2}))
-    with pytest.raises(InvalidPolicy, match="classifier.v1: more than one policy"):
+    with pytest.raises(InvalidPolicy, match=r"classifier\.v1: more than one policy"):
         load_policies(path)
     path.write_text(json.dumps({"kind": "Autoscale", "models": [doc["models"][0]] * (MAX_POLICIES + 1)}))
     with pytest.raises(InvalidPolicy, match=f"at most {MAX_POLICIES}"):
