@@ -13,7 +13,6 @@ import time
 from examples.nlp import models
 from examples.nlp.models import Payload
 
-
 DEVICE_SECONDS = 0.025
 _device = threading.Lock()
 

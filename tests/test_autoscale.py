@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +150,73 @@ def test_in_flight_is_read_from_envoy_gauges_and_summed_over_envoys() -> None:
 
     merged = merge([parse_envoy_stats(stats(3, 1)), parse_envoy_stats(stats(2, 0))])
     assert merged["classifier.v1"].in_flight == 6 and merged["classifier.v1"].requests == 20
+
+
+class Recorded:
+    """A scaler backend that keeps what it was asked (the local backend's job is done by the record itself)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def scale(self, policy: Policy, replicas: int) -> None:
+        self.calls.append((policy.cluster, replicas))
+
+
+async def test_one_control_plane_decides_and_the_next_continues_from_its_record(consul_agent: Any) -> None:
+    """Two autoscalers on a real Consul: one holds the lock and decides; when it goes, the other takes over
+    from the recorded replicas (no reset to what passes), and its own decisions follow."""
+    import consul.aio
+
+    from contract.service import RuntimeService
+    from controlplane.scaler import Autoscaler, record_key
+    from controlplane.traffic import ClusterStats
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}/"
+    policy = Policy("classifier", "v1", 1, 4, target_in_flight=1, up_window=0.5, down_window=2)
+    load = {"in_flight": 0}
+    passing = [RuntimeService("c-0", "classifier", "v1", "127.0.0.1", 1, "", 2, 3, "", passing=True)]
+
+    async def stats() -> dict[str, ClusterStats]:
+        return {policy.cluster: ClusterStats(in_flight=load["in_flight"])}
+
+    client = consul.aio.Consul(host="127.0.0.1", port=consul_agent.http_port)
+    scalers = {
+        name: Autoscaler(client, prefix, [policy], lambda: passing, stats, f"cp-{name}", Recorded()) for name in "ab"
+    }
+    tasks = {name: asyncio.create_task(scaler.run()) for name, scaler in scalers.items()}
+
+    async def record() -> dict[str, Any]:
+        _, item = await client.kv.get(record_key(prefix, policy))
+        return json.loads(item["Value"]) if item else {}
+
+    async def until(test: Any, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not test():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+
+    try:
+        await until(lambda: any(s.lock.holding for s in scalers.values()))
+        holder = next(n for n, s in scalers.items() if s.lock.holding)
+        other = "b" if holder == "a" else "a"
+        load["in_flight"] = 5
+        await until(lambda: scalers[holder].wanted.get(policy.cluster) == 4)
+        assert (await record())["replicas"] == 4 and (await record())["by"] == f"cp-{holder}"
+        assert scalers[holder].backend.calls[-1] == (policy.cluster, 4)  # type: ignore[attr-defined]
+        assert scalers[other].backend.calls == [] and not scalers[other].lock.holding  # type: ignore[attr-defined]
+
+        tasks[holder].cancel()  # the deciding control plane goes away (its session is destroyed)
+        await asyncio.gather(tasks[holder], return_exceptions=True)
+        await until(lambda: scalers[other].lock.holding)
+        await asyncio.sleep(1.5)
+        assert scalers[other].wanted[policy.cluster] == 4  # continued from the record, not reset to 1 passing
+        assert (await record())["by"] == f"cp-{holder}"  # nothing to decide while the load stays
+        load["in_flight"] = 0
+        await until(lambda: scalers[other].wanted.get(policy.cluster) == 1)
+        assert (await record())["by"] == f"cp-{other}" and "down 4→1" in (await record())["reason"]
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await client.kv.delete(prefix.rstrip("/") + "-autoscale/", recurse=True)
+        await client.close()

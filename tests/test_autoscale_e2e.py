@@ -97,14 +97,19 @@ def first(seen: list[tuple[float, int, int]], after: float, test: Any) -> float 
     return next((at - after for at, wanted, passing in seen if at >= after and test(wanted, passing)), None)
 
 
+def launch(path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """`mllambda up -f` in the foreground (the local scaler lives there), its output in up.log."""
+    env = {**os.environ, "MLLAMBDA_STATE_DIR": str(tmp_path / "state")}
+    with open(tmp_path / "up.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env, start_new_session=True,
+        )  # fmt: skip
+
+
 async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_failure(tmp_path: Path) -> None:
     path, ports = stack_file(tmp_path)
-    env = {**os.environ, "MLLAMBDA_STATE_DIR": str(tmp_path / "state")}
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - the supervisor writes to it until it stops
-    up = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
+    up = launch(path, tmp_path)
     url = f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp"
     try:
         deadline = time.monotonic() + 240
@@ -152,6 +157,17 @@ async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_
         assert back_to_min is not None, figures  # down to min_replicas during the 40 s of low load
         assert failed == {"low": 0, "high": 0, "after": 0}, figures  # scale-in lost nothing
         assert "autoscale classifier:v1: 1 -> " in (tmp_path / "up.log").read_text()
+
+        # A record that does not parse (a hand edit, another tool) changes nothing and stops nothing.
+        key = f"http://127.0.0.1:{ports['consul']}/v1/kv/mllambda/pipelines-autoscale/classifier.v1"
+        async with aiohttp.ClientSession() as session, session.put(key, data=b'{"replicas": "lots"\n') as resp:
+            assert (await resp.read()).strip() == b"true"
+        await asyncio.sleep(3)
+        assert "autoscale record for classifier.v1 is not readable" in (tmp_path / "up.log").read_text()
+        assert up.poll() is None and scaling(ports)["passing"] == 1
+        after_garbage: list[tuple[float, float, int]] = []
+        await load(url, LOW, 3, after_garbage)
+        assert all(status == 200 for *_, status in after_garbage)
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGINT)
@@ -159,4 +175,3 @@ async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_
                 up.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(up.pid, signal.SIGKILL)
-        log.close()
