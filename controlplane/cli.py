@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
-    from controlplane import invoke, launch, plane, register, sidecar, stack
+    from controlplane import invoke, kube, launch, plane, register, sidecar, stack
     from controlplane.admin import cli as admin_cli
     from controlplane.admin import rollout_cli
 
@@ -67,6 +67,7 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
         sidecar.add_command,
         launch.add_command,
         register.add_command,
+        kube.add_command,
     ]
 
 

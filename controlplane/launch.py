@@ -175,7 +175,9 @@ async def identity_and_sidecar(
     """
     no_sidecar = getattr(args, "no_sidecar", False)
     keeper = None
-    if args.security == "mtls" and not no_sidecar:
+    if args.security == "mtls" and no_sidecar:  # the sidecar's own launcher keeps its certificate there
+        service = replace(service, tls_dir=args.sidecar_tls_dir)
+    elif args.security == "mtls":
         tls_dir = folder / f"{service.service_id}-tls"
         keeper = CertKeeper(client, service.model, lambda fresh: write_sds(tls_dir, fresh))
         await keeper.start()
@@ -196,6 +198,11 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
     advertised(args)
+    if args.no_sidecar and args.security == "mtls" and not args.sidecar_tls_dir:
+        raise CliError(
+            "--no-sidecar with --security mtls needs --sidecar-tls-dir: the folder where the sidecar's launcher "
+            "(`mllambda sidecar --security mtls --identity MODEL`) keeps its certificates, <config-dir>/<node-id>-tls"
+        )
     check_batching(args)
     # Model code runs in this process: it gets no admin token, and no Consul token through the
     # environment (the Consul client keeps its own copy; give runtimes a service-scoped token).
@@ -220,6 +227,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
     parser.add_argument("--xds", default=DEFAULT_XDS_ADDR, help="control plane xDS HOST:PORT[,...]")
     parser.add_argument("--no-sidecar", action="store_true", help="the sidecar is run by someone else")
+    parser.add_argument("--sidecar-tls-dir", help="with --no-sidecar and mtls: that sidecar's certificate folder")
     parser.add_argument("--ingress-port", type=int)
     parser.add_argument("--egress-port", type=int)
     parser.add_argument("--envoy-admin-port", type=int)

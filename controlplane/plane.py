@@ -76,6 +76,7 @@ class ControlPlane:
         if mtls and not settings.gateway_tls_dir:
             raise ValueError("--security mtls needs --gateway-tls-dir (the gateway Envoy's certificate folder)")
         options = Options(
+            gateway_host=settings.gateway_host,
             gateway_port=settings.gateway_port,
             kafka_broker=broker,
             mtls=mtls,

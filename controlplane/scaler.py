@@ -87,9 +87,9 @@ class LocalBackend:
         return None
 
 
-def deployment_name(policy: Policy) -> str:
+def deployment_name(model: str, version: str) -> str:
     """The Deployment of one model version, as deploy/kubernetes names it (dots are allowed in its name)."""
-    return f"runtime-{policy.model}-{policy.version}"
+    return f"runtime-{model}-{version}"
 
 
 class KubernetesBackend:
@@ -113,7 +113,7 @@ class KubernetesBackend:
     def request(self, policy: Policy, replicas: int) -> dict[str, Any]:
         """The call, as data: a merge patch of the Scale object's spec."""
         return {
-            "name": deployment_name(policy),
+            "name": deployment_name(policy.model, policy.version),
             "namespace": self.namespace,
             "body": {"spec": {"replicas": replicas}},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class Settings:
     ui_token: str | None = None  # signs a browser in to change pipelines from the dashboard (else the admin token)
     group_by: GroupBy = "id"
     kv_prefix: str = DEFAULT_KV_PREFIX
+    gateway_host: str = "127.0.0.1"  # where gateway Envoys listen for clients (the public edge; see the threat model)
     gateway_port: int = 18080
     gateway_admin_port: int = 0  # where to read the gateway Envoy's stats (0: not read)
     metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
@@ -54,6 +56,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ui_token=os.environ.get("MLLAMBDA_UI_TOKEN") or None,
         group_by=args.group_by,
         kv_prefix=resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX),
+        gateway_host=args.gateway_host,
         gateway_port=args.gateway_port,
         gateway_admin_port=args.gateway_admin_port,
         metrics_addr=resolve(args.metrics_addr, "MLLAMBDA_METRICS_ADDR", "")
@@ -72,6 +75,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def gateway_ip(text: str) -> str:
+    """An IP (0.0.0.0 for every address of a pod); the gateway answers clients without authenticating them."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IP address, got {text[:60]!r}") from None
+
+
 def _at_least_two(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -87,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
     )
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
+    parser.add_argument(
+        "--gateway-host", default="127.0.0.1", type=gateway_ip, help="IP the gateway Envoys' listener binds (127.0.0.1)"
+    )
     parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
     parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
