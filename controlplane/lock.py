@@ -7,8 +7,10 @@ one take it at once. The holder renews it every few seconds while it works.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import consul.aio
 
@@ -59,3 +61,21 @@ class SessionLock:
             except Exception:  # going away anyway; the TTL frees it
                 pass
         self.holding, self._session = False, ""
+
+
+async def lead(lock: SessionLock, step: Callable[[bool], Awaitable[float]]) -> None:
+    """Forever: hold the lock (or wait for it); `step(holding)` does one round and says how long to rest.
+
+    Whatever fails (Consul away, a write refused) is logged and tried again; nothing stops this but a cancel,
+    which gives the lock back at once.
+    """
+    while True:
+        try:
+            await asyncio.sleep(await step(await lock.hold()))
+        except asyncio.CancelledError:
+            await lock.release()
+            raise
+        except Exception as err:
+            lock._log.warning("%s: %s", lock.what, err)
+            lock.lost()
+            await asyncio.sleep(1.0)

@@ -10,7 +10,6 @@ again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 
 import consul.aio
 
-from controlplane.lock import SessionLock
+from controlplane.lock import SessionLock, lead
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.rollouts import Spot, Window, judge, spots, where
 from controlplane.store import NotCurrent, PipelineStore, WriteConflict
@@ -63,23 +62,16 @@ class RolloutDriver:
 
     async def run(self) -> None:
         """Forever: hold the lock (or wait for it), and while holding it, drive."""
-        while True:
-            try:
-                if await self.lock.hold():
-                    if self._since != self.lock.taken:  # windows start afresh for whoever takes over
-                        self._windows.clear()
-                        self._since = self.lock.taken
-                    await self._tick()
-                    await asyncio.sleep(TICK)
-                else:
-                    await asyncio.sleep(1.0)
-            except asyncio.CancelledError:
-                await self.lock.release()
-                raise
-            except Exception as err:  # Consul away, a write refused: try again, never stop
-                log.warning("rollout driver: %s", err)
-                self.lock.lost()
-                await asyncio.sleep(1.0)
+        await lead(self.lock, self._round)
+
+    async def _round(self, holding: bool) -> float:
+        if not holding:
+            return 1.0
+        if self._since != self.lock.taken:  # windows start afresh for whoever takes over
+            self._windows.clear()
+            self._since = self.lock.taken
+        await self._tick()
+        return TICK
 
     @property
     def driving(self) -> bool:

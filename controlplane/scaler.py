@@ -31,7 +31,7 @@ import consul.aio
 
 from contract.service import RuntimeService
 from controlplane.autoscale import TICK, Decision, Observation, Policy, Stabilizer, load_policies
-from controlplane.lock import SessionLock
+from controlplane.lock import SessionLock, lead
 from controlplane.traffic import ClusterStats, TrafficBook
 from controlplane.view import ScaleRow
 
@@ -157,23 +157,17 @@ class Autoscaler:
         return counts
 
     async def run(self) -> None:
-        while True:
-            try:
-                if await self.lock.hold():
-                    if self._since != self.lock.taken:
-                        await self._take_over()
-                    await self._tick(time.monotonic())
-                else:
-                    self._since = 0.0
-                    await self._read_records()  # for status on a control plane that does not decide
-                await asyncio.sleep(TICK)
-            except asyncio.CancelledError:
-                await self.lock.release()
-                raise
-            except Exception as err:  # Consul away, a write refused: try again, never stop
-                log.warning("autoscaler: %s", err)
-                self.lock.lost()
-                await asyncio.sleep(1.0)
+        await lead(self.lock, self._round)
+
+    async def _round(self, holding: bool) -> float:
+        if not holding:
+            self._since = 0.0
+            await self._read_records()  # for status on a control plane that does not decide
+        else:
+            if self._since != self.lock.taken:
+                await self._take_over()
+            await self._tick(time.monotonic())
+        return TICK
 
     async def _read_records(self) -> None:
         _, items = await self.client.kv.get(records_prefix(self.kv_prefix), recurse=True)
