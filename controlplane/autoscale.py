@@ -82,7 +82,7 @@ def parse_policy(raw: Any, where: str = "") -> Policy:
             return low
         return value
 
-    low = number("min_replicas", 1, MAX_REPLICAS, True, Policy.min_replicas)
+    low = number("min_replicas", 0, MAX_REPLICAS, True, Policy.min_replicas)  # 0: scale to zero when idle
     high = number("max_replicas", 1, MAX_REPLICAS, True, max(low, Policy.max_replicas))
     if high < low:
         problems.append(f"{where}max_replicas: {high} is below min_replicas {low}")
@@ -137,12 +137,15 @@ class Observation:
     in_flight: float  # over every Envoy sending to the version
     passing: int  # replicas passing their checks
     p99_ms: float | None = None  # over Envoy's last stats interval
+    active: bool = False  # requests arrived since the last observation (short ones never show in flight)
 
 
 def recommend(policy: Policy, seen: Observation) -> tuple[int, str]:
     """How many replicas this observation asks for, and why (in words a person reads in `status`)."""
     wanted = math.ceil(seen.in_flight / policy.target_in_flight - 1e-9)
     reason = f"{seen.in_flight:g} in flight, target {policy.target_in_flight:g} per replica"
+    if wanted == 0 and seen.active:
+        wanted, reason = 1, "requests arriving"
     target_p99 = policy.target_p99_ms
     if target_p99 and seen.p99_ms is not None and seen.passing and seen.p99_ms > target_p99:
         by_latency = math.ceil(seen.passing * seen.p99_ms / target_p99)
@@ -172,6 +175,8 @@ class Stabilizer:
         self._seen.append((now, wanted, reason))
         up = [(n, why) for at, n, why in self._seen if at >= now - self.policy.up_window]
         floor, why_up = min(up)
+        if current == 0 and wanted > 0:  # a request is held for this replica: no window to wait out
+            return Decision(wanted, f"up 0→{wanted}: cold start, {reason}")
         if floor > current:
             return Decision(floor, f"up {current}→{floor}: {why_up}")
         if current > self.policy.max_replicas or current < self.policy.min_replicas:

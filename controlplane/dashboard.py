@@ -26,7 +26,7 @@ from controlplane.spec import pipeline_to_dict
 from controlplane.switch import switch_notes
 from controlplane.traffic import VariantTraffic
 from controlplane.ui import LocalAdmin, add_ui_routes
-from controlplane.view import PlaneReader, PlaneView
+from controlplane.view import PlaneReader, PlaneView, ScaleRow
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
@@ -164,7 +164,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             wanted = "-" if row.wanted is None else row.wanted
             parts.append(
                 f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
-                f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}</td></tr>"
+                f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}{_cold(row)}</td></tr>"
             )
         parts.append("</table>")
     if view.consul.refused:
@@ -194,6 +194,10 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
         " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/yaml'>YAML editor</a>"
         " · <a href='/login'>sign in</a></p>" + "".join(parts) + "</body></html>"
     )
+
+
+def _cold(row: ScaleRow) -> str:
+    return "" if row.cold_start_s is None else f" (last cold start {row.cold_start_s:.1f} s)"
 
 
 def _switch_note(view: PlaneView, name: str) -> str:

@@ -227,7 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             bounds = f"{row['min_replicas']}..{row['max_replicas']}"
             when = time.strftime("%H:%M:%S", time.localtime(row["decided_at"])) if row["decided_at"] else ""
             name = f"{row['model']}:{row['version']}"
-            print(f"{name:<24}{wanted:>7}{row['passing']:>8}{bounds:>8}  {when} {row['reason']}")
+            cold = f" (last cold start {row['cold_start_s']:.1f} s)" if row.get("cold_start_s") is not None else ""
+            print(f"{name:<24}{wanted:>7}{row['passing']:>8}{bounds:>8}  {when} {row['reason']}{cold}")
     if status.get("kafka_bridges"):
         print(f"\nkafka bridges: {', '.join(status['kafka_bridges'])}")
     return 0

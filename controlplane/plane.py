@@ -160,7 +160,8 @@ class ControlPlane:
         return found
 
     def _known_models(self) -> set[tuple[str, str]] | None:
-        return self.discovery.known_models() if self.discovery.reachable else None
+        idle = {(p.model, p.version) for p in self.autoscaler.activator.policies} if self.autoscaler else set()
+        return self.discovery.known_models() | idle if self.discovery.reachable else None
 
     async def start(self) -> ControlPlane:
         from controlplane.admin.server import BearerAuth, add_admin_services, mark_serving
@@ -264,7 +265,8 @@ class ControlPlane:
         if self._dirty:
             self._dirty = False
             deployments = self.switchboard.deployments()
-            self.reconciler.reconcile(deployments, self.discovery.instances(), self.kafka_bridges())
+            parked = self.autoscaler.activator.parked() if self.autoscaler else ()
+            self.reconciler.reconcile(deployments, self.discovery.instances(), self.kafka_bridges(), parked)
 
     def _missing(self, version: PipelineVersion) -> list[str]:
         """What a version waits for before it takes traffic (nothing: it is ready)."""

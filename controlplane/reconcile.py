@@ -131,9 +131,10 @@ class Reconciler:
         deployments: Sequence[Deployment],
         instances: Sequence[RuntimeService],
         bridges: tuple[tuple[str, int], ...],
+        parked: tuple[tuple[str, str, int], ...] = (),
     ) -> None:
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
-        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges)
+        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges, parked=parked)
         failed: dict[str, str] = {}
         snapshots = translate(deployments, instances, options, failed, self._memo)
         pairs = carried(deployments, instances, options)

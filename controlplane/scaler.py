@@ -23,13 +23,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import consul.aio
 
 from contract.service import RuntimeService
+from controlplane.activator import Activator
 from controlplane.autoscale import TICK, Decision, Observation, Policy, Stabilizer, load_policies
 from controlplane.lock import SessionLock, lead
 from controlplane.traffic import ClusterStats, TrafficBook
@@ -147,6 +148,8 @@ class Autoscaler:
         self.decisions = 0
         self.unapplied: set[str] = set()  # clusters whose last decision the backend refused (tried again each tick)
         self._stabilizers: dict[str, Stabilizer] = {}
+        self._requests: dict[str, int] = {}  # cluster -> requests counted at the last tick
+        self.activator = Activator(self.policies, lambda cluster: self.passing().get(cluster, 0))
         self._since = 0.0
 
     def passing(self) -> dict[str, int]:
@@ -157,7 +160,11 @@ class Autoscaler:
         return counts
 
     async def run(self) -> None:
-        await lead(self.lock, self._round)
+        await self.activator.start()
+        try:
+            await lead(self.lock, self._round)
+        finally:
+            await self.activator.stop()
 
     async def _round(self, holding: bool) -> float:
         if not holding:
@@ -194,7 +201,9 @@ class Autoscaler:
             if p.cluster in self.unapplied:
                 await self._apply(p, self.wanted[p.cluster])
             s = stats.get(p.cluster, ClusterStats())
-            seen = Observation(float(s.in_flight), passing.get(p.cluster, 0), s.p99_recent_ms)
+            active = s.requests != self._requests.get(p.cluster, s.requests)
+            self._requests[p.cluster] = s.requests
+            seen = Observation(float(s.in_flight), passing.get(p.cluster, 0), s.p99_recent_ms, active)
             decision = self._stabilizers[p.cluster].decide(now, self.wanted[p.cluster], seen)
             if decision is not None:
                 await self._decide(p, decision)
@@ -224,19 +233,9 @@ class Autoscaler:
         for p in self.policies:
             r = self.records.get(p.cluster)
             wanted, reason, at, by = (r.replicas, r.reason, r.at, r.by) if r else (None, "", None, "")
-            rows.append(
-                ScaleRow(
-                    p.model,
-                    p.version,
-                    p.min_replicas,
-                    p.max_replicas,
-                    wanted,
-                    passing.get(p.cluster, 0),
-                    reason,
-                    at,
-                    by,
-                )
-            )
+            cold = self.activator.cold_starts.get(p.cluster)
+            row = ScaleRow(p.model, p.version, p.min_replicas, p.max_replicas, wanted, passing.get(p.cluster, 0))
+            rows.append(replace(row, reason=reason, decided_at=at, decided_by=by, cold_start_s=cold))
         return tuple(rows)
 
 

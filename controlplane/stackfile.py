@@ -89,7 +89,7 @@ def load_stack(path: Path) -> Stack:
         if "autoscale" in raw and not missing:
             policy = autoscale_policy(raw, where, problems)
         start = policy.min_replicas if policy else 1
-        replicas = whole_number(raw.get("replicas", start), f"{where}.replicas", problems, 1, 100)
+        replicas = whole_number(raw.get("replicas", start), f"{where}.replicas", problems, min(start, 1), 100)
         if policy and not policy.min_replicas <= replicas <= policy.max_replicas:
             problems.append(
                 f"{where}.replicas: {replicas} is outside autoscale's {policy.min_replicas}..{policy.max_replicas}"

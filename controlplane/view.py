@@ -38,9 +38,10 @@ class ScaleRow:
     max_replicas: int
     wanted: int | None  # None: no decision recorded yet
     passing: int
-    reason: str
-    decided_at: float | None  # unix time
-    decided_by: str
+    reason: str = ""  # of the last decision ("": none recorded yet)
+    decided_at: float | None = None  # unix time
+    decided_by: str = ""
+    cold_start_s: float | None = None  # scaled to zero: how long the last first request waited for a replica
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,17 @@ def test_nothing_leaves_before_a_new_decider_has_watched_a_whole_window() -> Non
     assert run(stabilizer, 3, [0] * 3, start=109)[0][1] == 1
 
 
+def test_to_zero_only_after_a_window_without_requests_and_back_at_the_first_one() -> None:
+    idle = Policy("m", "v1", min_replicas=0, max_replicas=2, target_in_flight=4, up_window=30, down_window=5)
+    stabilizer = Stabilizer(idle, 0)
+    seen = [Observation(0, 1, active=i % 3 == 0) for i in range(10)]  # short requests, never seen in flight
+    assert [stabilizer.decide(i, 1, o) for i, o in enumerate(seen)] == [None] * 10
+    quiet = [stabilizer.decide(10 + i, 1, Observation(0, 1)) for i in range(6)]
+    assert [d.replicas for d in quiet if d] == [0] and "down 1→0" in next(d for d in quiet if d).reason  # type: ignore[union-attr]
+    cold = stabilizer.decide(17, 0, Observation(1, 0))  # one request held: no 30 s up window to wait out
+    assert cold is not None and cold.replicas == 1 and "cold start" in cold.reason
+
+
 def test_a_count_outside_the_bounds_is_brought_back() -> None:
     decision = Stabilizer(POLICY, 0).decide(0, 9, Observation(0, 9))
     assert decision is not None and decision.replicas == 4 and "outside 1..4" in decision.reason
@@ -89,7 +100,7 @@ def test_recommendations_kept_are_bounded_by_the_window() -> None:
 def test_policies_name_every_problem_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidPolicy) as err:
         parse_policy(
-            {"model": "Bad\nName", "version": "v1", "min_replicas": 0, "max_replicas": 1000, "target_in_flight": -1,
+            {"model": "Bad\nName", "version": "v1", "min_replicas": -1, "max_replicas": 1000, "target_in_flight": -1,
              "up_window": "soon", "surprise": 1},
             "models[0].",
         )  # fmt: skip

@@ -74,10 +74,10 @@ async def load(url: str, rate: float, seconds: float, out: list[tuple[float, flo
         await asyncio.gather(*(one(i, start + i / rate) for i in range(int(rate * seconds))))
 
 
-def scaling(ports: dict[str, int]) -> dict[str, Any]:
+def scaling(ports: dict[str, int], model: str = "classifier") -> dict[str, Any]:
     status, body = processes.http_get(f"http://127.0.0.1:{ports['controlplane_metrics']}/api/status", timeout=5)
     assert status == 200
-    return next(r for r in json.loads(body)["scaling"] if r["model"] == "classifier")
+    return next(r for r in json.loads(body)["scaling"] if r["model"] == model)
 
 
 def p99(rows: list[tuple[float, float, int]]) -> float:
@@ -107,15 +107,28 @@ def launch(path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+async def until_up(up: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    deadline = time.monotonic() + 240
+    while "Ctrl-C stops everything" not in (tmp_path / "up.log").read_text():
+        assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+        await asyncio.sleep(0.5)
+
+
+def stop_stack(up: subprocess.Popen[bytes]) -> None:
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
 async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_failure(tmp_path: Path) -> None:
     path, ports = stack_file(tmp_path)
     up = launch(path, tmp_path)
     url = f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp"
     try:
-        deadline = time.monotonic() + 240
-        while "Ctrl-C stops everything" not in (tmp_path / "up.log").read_text():
-            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
-            await asyncio.sleep(0.5)
+        await until_up(up, tmp_path)
         assert scaling(ports)["wanted"] == 1 and scaling(ports)["passing"] == 1
 
         seen: list[tuple[float, int, int]] = []
@@ -169,9 +182,70 @@ async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_
         await load(url, LOW, 3, after_garbage)
         assert all(status == 200 for *_, status in after_garbage)
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
+        stop_stack(up)
+
+
+IDLE = {"kind": "Stack", "name": "idle", "runtimes": [
+    {"model": "tokenize", "version": "v1", "target": "examples.trivial.models:tokenize"},
+    {"model": "count", "version": "v1", "target": "examples.trivial.models:count",
+     "autoscale": {"min_replicas": 0, "max_replicas": 2, "target_in_flight": 4, "up_window": 2, "down_window": 6}},
+    {"model": "score", "version": "v1", "target": "examples.trivial.models:score"},
+], "pipelines": [{"name": "words", "stages": [
+    {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
+    {"name": "count", "variants": [{"model": "count", "version": "v1"}], "timeout_ms": 30000},
+    {"name": "score", "variants": [{"model": "score", "version": "v1"}]},
+]}]}  # fmt: skip
+
+
+async def test_a_version_scaled_to_zero_holds_the_first_request_until_a_replica_serves_it(tmp_path: Path) -> None:
+    """count:v1 starts with no replica. The first request is held (not failed) while one starts; when
+    no request came for the down window it goes back to zero; the next first request is served too.
+    A pipeline naming the idle version can still be applied. Cold-start latencies are reported."""
+    stack = {**IDLE, "ports": {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway",
+             "gateway_admin", "controlplane_metrics")}}  # fmt: skip
+    ports = stack["ports"]
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump(stack))
+    up = launch(path, tmp_path)
+    url = f"http://127.0.0.1:{ports['gateway']}/pipelines/words"
+    try:
+        await until_up(up, tmp_path)
+        assert "2/2 passing" in (tmp_path / "up.log").read_text()  # two runtimes start; count has none
+        assert (scaling(ports, "count")["wanted"], scaling(ports, "count")["passing"]) == (0, 0)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
+
+            async def call() -> tuple[int, float, Any]:
+                sent = time.monotonic()
+                async with session.post(url, json={"text": "one two three"}) as resp:
+                    return resp.status, time.monotonic() - sent, await resp.json(content_type=None)
+
+            first = await call()
+            assert first[0] == 200 and first[2] == {"count": 3, "score": 30}, first
+            warm = [await call() for _ in range(20)]
+            assert all(status == 200 for status, *_ in warm)
+            cold_start = scaling(ports, "count")["cold_start_s"]
+            deadline = time.monotonic() + 40
+            while scaling(ports, "count")["passing"] != 0:  # idle for the down window: back to zero
+                assert time.monotonic() < deadline, scaling(ports, "count")
+                await asyncio.sleep(0.5)
+            assert "autoscale count:v1: 1 -> 0 replicas" in (tmp_path / "up.log").read_text()
+            stages = IDLE["pipelines"][0]["stages"]
+            v2 = {"name": "words", "stages": [*stages[:2], {**stages[2], "timeout_ms": 4000}]}  # names count:v1
+            server = f"--server=127.0.0.1:{ports['admin']}"
+            argv = [sys.executable, "-m", "controlplane.cli", "apply", "-f", "-", server]
+            applied = await asyncio.to_thread(
+                subprocess.run, [*argv, "--wait"], input=yaml.safe_dump(v2), capture_output=True, text=True,
+                cwd=PROJECT_ROOT, timeout=60,
+            )  # fmt: skip
+            assert applied.returncode == 0 and "created (version 2)" in applied.stdout, applied.stdout + applied.stderr
+            second = await call()
+            assert second[0] == 200 and second[2] == {"count": 3, "score": 30}, second
+        warm_p50_ms = 1000 * sorted(t for _, t, _ in warm)[len(warm) // 2]
+        figures = {"first_request_s": first[1], "cold_start_held_s": cold_start, "warm_p50_ms": warm_p50_ms,
+                   "second_cold_request_s": second[1]}  # fmt: skip
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "scale-to-zero.json").write_text(json.dumps(figures, indent=2))
+        print(json.dumps(figures, indent=2))
+        assert first[1] > 0.5 and cold_start is not None, figures  # it was held while a replica started
+    finally:
+        stop_stack(up)

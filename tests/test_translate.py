@@ -312,3 +312,22 @@ def test_under_mtls_a_runtime_without_certificates_gets_no_config_and_the_others
     snapshots = translate(steady(PIPELINE), secured, Options(mtls=True, gateway_tls_dir="/g"), failed=failed)
     assert "ma-v1-1" in snapshots and "mb-v1-2" not in snapshots
     assert "certificate folder" in failed["mb-v1-2"]
+
+
+def test_a_scaled_to_zero_version_is_reached_at_its_activator_in_plaintext_until_a_replica_passes() -> None:
+    secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in RUNTIMES[:1]]  # only ma:v1 runs
+    parked = (("ma.v1", "127.0.0.1", 4444), ("mb.v1", "127.0.0.1", 5555))
+    options = Options(mtls=True, gateway_tls_dir="/certs/gateway", parked=parked)
+    snapshots = translate(steady(PIPELINE), secured, options)
+
+    def endpoints(snapshot: Snapshot, cluster: str) -> list[int]:
+        assignment = snapshot.of_type(ENDPOINT).by_name[cluster]
+        return [e.endpoint.address.socket_address.port_value for e in assignment.endpoints[0].lb_endpoints]
+
+    sidecar = snapshots["ma-v1-1"]
+    assert endpoints(sidecar, "mb.v1") == [5555]  # no replica: the activator holds its requests
+    assert not sidecar.of_type(CLUSTER).by_name["mb.v1"].HasField("transport_socket")  # on loopback, plaintext
+    assert sidecar.of_type(CLUSTER).by_name["mb.v2"].HasField("transport_socket")  # the others keep mTLS
+    # A version with a passing replica is reached there, whatever `parked` says (a stale reading).
+    assert endpoints(snapshots["gateway"], "ma.v1") == [8001]
+    assert snapshots["gateway"].of_type(CLUSTER).by_name["ma.v1"].HasField("transport_socket")

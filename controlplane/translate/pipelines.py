@@ -46,8 +46,9 @@ Reach = dict[str, tuple[tuple[str, int], ...]]  # cluster -> (host, port) of its
 class Endpoints:
     """Cluster name -> its endpoints as Envoy addresses, built when a snapshot first asks for them."""
 
-    def __init__(self, reach: Reach) -> None:
+    def __init__(self, reach: Reach, parked: Iterable[tuple[str, str, int]] = ()) -> None:
         self.reach = reach
+        self.parked = tuple((host, port) for _, host, port in parked)  # activators, on the control plane's host
         self._built: dict[str, list[Any]] = {}
 
     def get(self, cluster: str) -> list[Any]:
@@ -72,6 +73,7 @@ class Options:
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
     mtls: bool = False  # every hop mutually authenticated; a stage admits only its callers (security.py)
     gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder
+    parked: tuple[tuple[str, str, int], ...] = ()  # (cluster, host, port): a scaled-to-zero version's activator
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,8 @@ def translate(
     thousands of runtimes, one registration rebuilds only the sidecars that
     route to its model version. The inputs are compared once per model version.
     """
-    reach = _reach(instances)
-    endpoints = Endpoints(reach)
+    reach = _reach(instances, options.parked)
+    endpoints = Endpoints(reach, options.parked)
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
@@ -169,12 +171,17 @@ def _shared_key(mine: tuple[PipelineVersion, ...], reach: Reach) -> Hashable:
     return (versions, tuple((c, reach.get(c, ())) for c in clusters))
 
 
-def _reach(instances: Iterable[RuntimeService]) -> Reach:
-    """Cluster -> its passing endpoints as plain values (Endpoints turns them into addresses)."""
+def _reach(instances: Iterable[RuntimeService], parked: Iterable[tuple[str, str, int]] = ()) -> Reach:
+    """Cluster -> its passing endpoints as plain values (Endpoints turns them into addresses).
+
+    A scaled-to-zero version without a passing replica is reached at its activator instead.
+    """
     found: dict[str, list[tuple[str, int]]] = {}
     for i in sorted(instances, key=lambda i: i.service_id):
         if i.passing:
             found.setdefault(i.cluster, []).append((i.host, i.ingress_port))
+    for cluster, host, port in parked:
+        found.setdefault(cluster, [(host, port)])
     return {cluster: tuple(hosts) for cluster, hosts in found.items()}
 
 
@@ -326,9 +333,10 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
 
 def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: str = "") -> list[tuple[Any, Any]]:
     found = []
+    parked = {(host, port) for host, port in endpoints.parked}
     for name in sorted(route_clusters(routes)):
         cluster = r.eds_cluster(name)
-        if tls_dir:
+        if tls_dir and not set(endpoints.reach.get(name, ())) & parked:  # an activator speaks plaintext
             cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, cluster_model(name)))
         found.append((cluster, r.load_assignment(name, endpoints.get(name))))
     return found
