@@ -251,5 +251,10 @@ def autoscaler_from(
         return None
     policies = load_policies(Path(settings.autoscale_file))
     kubernetes = settings.scaler == "kubernetes"
+    if kubernetes and any(p.min_replicas == 0 for p in policies):
+        raise ValueError(
+            "min_replicas 0 works with --scaler local only: the activator that holds requests listens on the "
+            "control plane's loopback, which Envoys on other hosts cannot reach"
+        )
     backend: Backend = KubernetesBackend(settings.kubernetes_namespace) if kubernetes else LocalBackend()
     return Autoscaler(client, settings.kv_prefix, policies, instances, book.stats, holder, backend)

@@ -231,3 +231,22 @@ async def test_one_control_plane_decides_and_the_next_continues_from_its_record(
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await client.kv.delete(prefix.rstrip("/") + "-autoscale/", recurse=True)
         await client.close()
+
+
+def test_the_control_plane_refuses_a_bad_policy_file_and_scale_to_zero_beyond_one_host(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from controlplane.config import PROJECT_ROOT
+
+    def start(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "controlplane.cli", "controlplane", "--consul=127.0.0.1:1", *flags]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+
+    path = tmp_path / "autoscale.yaml"
+    path.write_text(json.dumps(policies_document((Policy("m", "v1", min_replicas=0),))))
+    refused = start(f"--autoscale={path}", "--scaler=kubernetes")
+    assert refused.returncode == 1 and "min_replicas 0 works with --scaler local only" in refused.stderr
+    path.write_text("kind: Autoscale\nmodels: [{model: m, version: v1, max_replicas: 0}]\n")
+    refused = start(f"--autoscale={path}")
+    assert refused.returncode == 1 and "models[0].max_replicas" in refused.stderr and "Traceback" not in refused.stderr
