@@ -158,12 +158,28 @@ def server_context(identity: Identity, folder: Path) -> ssl.SSLContext:
     return context
 
 
-def renewed_server_context(keeper: CertKeeper, folder: Path) -> ssl.SSLContext:
-    """A server context for `keeper`'s identity, reloaded in place whenever Consul renews it."""
+def client_context(identity: Identity, folder: Path) -> ssl.SSLContext:
+    """A TLS client context presenting `identity` and trusting only our CA. Peers are named by SPIFFE URI,
+    not by host name, so the host name is not checked; the chain is."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    load_identity(context, identity, folder)
+    return context
+
+
+def renewed_context(keeper: CertKeeper, folder: Path, client: bool = False) -> ssl.SSLContext:
+    """A server (or client) context for `keeper`'s identity, reloaded in place whenever Consul renews it."""
     assert keeper.identity is not None
-    context = server_context(keeper.identity, folder)
+    context = (client_context if client else server_context)(keeper.identity, folder)
     keeper.on_change = lambda fresh: load_identity(context, fresh, folder)
     return context
+
+
+def key_copies(kind: str) -> Path:
+    """A private folder for the copy of a key that `ssl` must load from a file (removed on stop)."""
+    return Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}" / f"{kind}-{os.getpid()}"
 
 
 def load_identity(context: ssl.SSLContext, identity: Identity, folder: Path) -> None:

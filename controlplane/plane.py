@@ -17,9 +17,7 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import consul.aio
 import grpc
@@ -27,7 +25,7 @@ import grpc
 from contract.naming import BRIDGE_SERVICE, CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY, bridge_reply_topic
 from contract.service import RuntimeService
 from contract.watch import watch
-from controlplane.certs import CertKeeper, renewed_server_context
+from controlplane.certs import CertKeeper, key_copies, renewed_context
 from controlplane.config import split_host_port
 from controlplane.dashboard import DashboardServer, build_dashboard_app
 from controlplane.discovery import Discovery
@@ -42,7 +40,7 @@ from controlplane.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.store import PipelineStore, StoreView
 from controlplane.switch import Switchboard
-from controlplane.traffic import TrafficBook, VariantTraffic, per_variant
+from controlplane.traffic import TrafficBook, VariantTraffic, per_variant, stats_urls
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.ui import LocalAdmin
 from controlplane.view import PlaneView
@@ -110,7 +108,9 @@ class ControlPlane:
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
-        self.traffic_book = TrafficBook(self._admin_ports)
+        self.traffic_book = TrafficBook(
+            lambda: stats_urls(self.discovery.instances(), settings.gateway_admin_port, self.identity is not None)
+        )
         holder = f"{socket.gethostname()} admin={settings.admin_addr} pid={os.getpid()}"
         self.rollouts = RolloutDriver(
             self.consul,
@@ -124,7 +124,6 @@ class ControlPlane:
         self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
         self._dashboard: DashboardServer | None = None
         self._ui: LocalAdmin | None = None
-        self._bridge_keys: Path | None = None  # where the bridge's TLS context loads its key from
         self._wake = asyncio.Event()
         self._dirty = True
         self._read_once = False
@@ -183,6 +182,8 @@ class ControlPlane:
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.start()
+        if self.identity is not None:  # reads counters of Envoys on other hosts through their ingress
+            self.traffic_book.scraper.tls = renewed_context(self.identity, key_copies("stats"), client=True)
         await self.xds.start()
         await self._admin_server.start()
         await mark_serving(health, True)
@@ -195,8 +196,7 @@ class ControlPlane:
             app = build_bridge_app(self.kafka, self._live_pipeline)
             tls = None
             if self.bridge_identity is not None:  # its key is copied where only we read it (ssl loads files)
-                self._bridge_keys = Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}" / f"bridge-{os.getpid()}"
-                tls = renewed_server_context(self.bridge_identity, self._bridge_keys)
+                tls = renewed_context(self.bridge_identity, key_copies("bridge"))
             self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix, tls).start()
         self._mark_dirty()  # every known node group gets a snapshot once Consul has been read
         self._tasks = [
@@ -328,10 +328,6 @@ class ControlPlane:
         track = self.switchboard.tracks.get(name)
         return track.entered_at if track and track.entry else None
 
-    def _admin_ports(self) -> list[int]:
-        ports = [i.envoy_admin_port for i in self.discovery.instances() if i.envoy_admin_port]
-        return ports + ([self.settings.gateway_admin_port] if self.settings.gateway_admin_port else [])
-
     def _envoy_admin_urls(self, runtimes: Sequence[RuntimeService]) -> dict[str, str]:
         urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}
         if self.settings.gateway_admin_port:
@@ -345,8 +341,8 @@ class ControlPlane:
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.stop()
-        if self._bridge_keys is not None:
-            shutil.rmtree(self._bridge_keys, ignore_errors=True)  # the bridge's key copy goes with it
+        for kind in ("bridge", "stats"):  # the key copies go with us
+            shutil.rmtree(key_copies(kind), ignore_errors=True)
         if self.bridge is not None:
             await self.bridge.deregister()
         if self._dashboard is not None:

@@ -9,6 +9,7 @@ I/O at the edge; `per_variant` is a pure function of pipelines and numbers.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from contract.naming import cluster_of_stat, model_cluster
+from contract.service import RuntimeService
 from controlplane.model import Pipeline
 
 
@@ -180,29 +182,46 @@ def _row(
     )
 
 
+STATS = "/stats?format=json&usedonly&filter=^cluster%5C."
+
+
+def stats_urls(instances: Iterable[RuntimeService], gateway_admin_port: int, secure: bool) -> list[str]:
+    """Where to read each Envoy's counters: the admin port when it is on this host (127.0.0.1);
+    elsewhere, under mTLS, the ingress's /stats route, which admits the control plane's identity only."""
+    urls = [f"http://127.0.0.1:{gateway_admin_port}{STATS}"] if gateway_admin_port else []
+    for i in instances:
+        if i.envoy_admin_port and i.host == "127.0.0.1":
+            urls.append(f"http://127.0.0.1:{i.envoy_admin_port}{STATS}")
+        elif i.envoy_admin_port and secure and i.tls_dir:
+            host = f"[{i.host}]" if ":" in i.host else i.host
+            urls.append(f"https://{host}:{i.ingress_port}{STATS}")
+    return urls
+
+
 class TrafficScraper:
-    """Reads every Envoy's stats at most once per `max_age` seconds."""
+    """Reads every Envoy's stats at most once per `max_age` seconds (with `tls`: our client certificate)."""
 
     def __init__(self, max_age: float = 1.0) -> None:
+        self.tls: ssl.SSLContext | None = None
         self.max_age = max_age
         self._at = 0.0
         self._stats: dict[str, ClusterStats] = {}
         self._lock = asyncio.Lock()
 
-    async def stats(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
+    async def stats(self, urls: Iterable[str]) -> dict[str, ClusterStats]:
         async with self._lock:
             if time.monotonic() - self._at >= self.max_age:
-                self._stats, self._at = await self.read(admin_ports), time.monotonic()
+                self._stats, self._at = await self.read(urls), time.monotonic()
             return self._stats
 
-    async def read(self, admin_ports: Iterable[int]) -> dict[str, ClusterStats]:
+    async def read(self, urls: Iterable[str]) -> dict[str, ClusterStats]:
         """Every Envoy's counters now, bypassing the cache (which the people reading it keep fresh)."""
         timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            return merge(await asyncio.gather(*(self._one(session, port) for port in set(admin_ports))))
+        connector = aiohttp.TCPConnector(ssl=self.tls) if self.tls else None
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            return merge(await asyncio.gather(*(self._one(session, url) for url in set(urls))))
 
-    async def _one(self, session: aiohttp.ClientSession, port: int) -> dict[str, ClusterStats]:
-        url = f"http://127.0.0.1:{port}/stats?format=json&usedonly&filter=^cluster%5C."
+    async def _one(self, session: aiohttp.ClientSession, url: str) -> dict[str, ClusterStats]:
         try:
             async with session.get(url) as resp:
                 return parse_envoy_stats(await resp.json(content_type=None))
@@ -217,14 +236,14 @@ READ_EVERY = 5.0  # seconds between readings of every Envoy's counters
 class TrafficBook:
     """Every Envoy's counters: as they are (for /metrics), and over a recent window of each pipeline's version."""
 
-    def __init__(self, admin_ports: Callable[[], list[int]]) -> None:
-        self.admin_ports = admin_ports
+    def __init__(self, urls: Callable[[], list[str]]) -> None:
+        self.urls = urls
         self.scraper = TrafficScraper()
         self.history = TrafficHistory()
         self.entered = asyncio.Event()  # set when a version enters traffic: read at once, its window starts there
 
     async def stats(self) -> dict[str, ClusterStats]:
-        return await self.scraper.stats(self.admin_ports())
+        return await self.scraper.stats(self.urls())
 
     async def recent(
         self, pipelines: Sequence[Pipeline], entered_at: Callable[[str], float | None]
@@ -246,7 +265,7 @@ class TrafficBook:
         while True:
             if active():
                 at = time.monotonic()
-                self.history.add(at, await self.scraper.read(self.admin_ports()))  # one not answering counts empty
+                self.history.add(at, await self.scraper.read(self.urls()))  # one not answering counts empty
             try:
                 await asyncio.wait_for(self.entered.wait(), READ_EVERY)
             except TimeoutError:

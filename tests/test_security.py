@@ -196,6 +196,40 @@ def test_a_stage_admits_only_the_identities_the_pipeline_graph_names(secure: Dep
     assert gateway_call(secure.plane, "x y")[0] == 200
 
 
+def _call_tls(port: int, method: str, path: str, cert: Path, key: Path, roots: str) -> tuple[int, str]:
+    context = ssl.create_default_context(cadata=roots)
+    context.check_hostname = False
+    context.load_cert_chain(cert, key)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    connection.request(method, path)
+    answer = connection.getresponse()
+    return answer.status, answer.read().decode(errors="replace")
+
+
+async def test_the_control_plane_reads_a_sidecars_counters_through_its_ingress_and_nobody_else_can(
+    secure: Deployment, tmp_path: Path
+) -> None:
+    """How the control plane reads Envoys on other hosts (their admin stays on loopback): GET /stats on the
+    mTLS ingress, for its own identity only. Read with the scraper the control plane uses."""
+    from controlplane.certs import Identity, client_context
+    from controlplane.traffic import STATS, TrafficScraper
+
+    assert gateway_call(secure.plane, "a b c")[0] == 200  # count's Envoy has sent to score
+    port = int(secure.meta("count")["ingress_port"])
+    for caller in ("intruder", "tokenize", "mllambda-gateway"):
+        cert, key, roots = secure.leaf(caller, tmp_path)
+        assert _call_tls(port, "GET", "/stats", cert, key, roots)[0] == 403, caller
+    cert, key, roots = secure.leaf("mllambda-control-plane", tmp_path)
+    for method, path in (("POST", "/stats"), ("GET", "/config_dump"), ("POST", "/quitquitquit"), ("GET", "/")):
+        assert _call_tls(port, method, path, cert, key, roots)[0] in (403, 404), (method, path)
+    identity = Identity("mllambda-control-plane", cert.read_text(), key.read_text(), roots, "")
+    scraper = TrafficScraper()
+    scraper.tls = client_context(identity, tmp_path / "keys")
+    stats = await scraper.read([f"https://127.0.0.1:{port}{STATS}"])
+    assert stats["score.v1"].requests >= 1, stats  # what count's own Envoy sent on to the next stage
+    assert gateway_call(secure.plane, "still up")[0] == 200  # nothing above stopped or changed an Envoy
+
+
 def _ads(secure: Deployment, node_id: str, credentials: grpc.ChannelCredentials | None, name: str = "") -> Any:
     """One ADS request for listeners as `node_id`; the first response, or the gRPC error."""
     options = [("grpc.ssl_target_name_override", name)] if name else []

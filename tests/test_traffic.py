@@ -65,3 +65,17 @@ def test_observed_share_is_per_split_group_and_the_shadow_is_measured_against_it
     assert rows["v1", ""].retries == 7
     assert (rows["v2", ""].observed_share, rows["v2", ""].errors) == (0.12, 6)
     assert rows["v3", "(shadow)"].observed_share == 0.2 and rows["v3", "(shadow)"].configured_share == 0.2
+
+
+def test_envoys_on_this_host_are_read_at_their_admin_port_and_others_through_their_mtls_ingress() -> None:
+    from contract.service import RuntimeService
+    from controlplane.traffic import STATS, stats_urls
+
+    def runtime(host: str, tls: str = "") -> RuntimeService:
+        return RuntimeService(f"m-{host}", "m", "v1", host, 1, "", 15001, 15002, "", 19000, tls_dir=tls)
+
+    here, there, open_there = runtime("127.0.0.1"), runtime("10.0.0.7", "/certs"), runtime("10.0.0.8")
+    assert stats_urls([here, there, open_there], 19999, secure=True) == [
+        f"http://127.0.0.1:19999{STATS}", f"http://127.0.0.1:19000{STATS}", f"https://10.0.0.7:15001{STATS}",
+    ]  # fmt: skip
+    assert stats_urls([there], 0, secure=False) == []  # without our own identity nothing there would admit us

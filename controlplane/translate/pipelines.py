@@ -27,6 +27,7 @@ from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.routes import (
+    ENVOY_ADMIN,
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
@@ -37,6 +38,7 @@ from controlplane.translate.routes import (
     readiness_route,
     retry_policy,
     stage_routes,
+    stats_route,
 )
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
@@ -297,7 +299,7 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         raise ValueError("this deployment is mTLS and the runtime has no certificate folder (--security mtls)")
     tls = me.tls_dir if options.mtls else ""
     ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP, me.oip_model)
-    ingress, egress = [ready], []
+    ingress, egress = [ready, *([stats_route()] if tls and me.envoy_admin_port else [])], []
     for v in routed:
         more_in, more_out = hops(v, me, tls)
         ingress += more_in
@@ -320,6 +322,8 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         clusters.append(r.static_cluster(LOCAL_HEALTH, r.tcp_address("127.0.0.1", me.health_port)))
     if me.runtime_uds:
         clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds)))
+    if tls and me.envoy_admin_port:
+        clusters.append(r.static_cluster(ENVOY_ADMIN, r.tcp_address("127.0.0.1", me.envoy_admin_port)))
     if options.kafka_broker and me.kafka_port:
         broker_filter = me.service_id in options.kafka_filter_nodes
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))

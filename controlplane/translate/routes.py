@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 from contract import fanout, oip
 from contract import headers as h
 from contract.fanout import FanOut
-from contract.naming import stage_path
+from contract.naming import CONTROL_PLANE_IDENTITY, stage_path
 from contract.service import RuntimeService
 from controlplane.model import Member, Pipeline, PipelineVersion, Shadow, Stage, Variant
 from controlplane.translate import resources as r
@@ -25,6 +25,7 @@ from controlplane.translate import security
 
 LOCAL_HTTP = "local-http"  # a sidecar's cluster for its own runtime over TCP
 LOCAL_UDS = "local-uds"  # ... over its Unix socket
+ENVOY_ADMIN = "envoy-admin"  # a sidecar's cluster for its own admin port (read-only /stats, via the ingress)
 LOCAL_HEALTH = "local-health"  # ... its readiness listener (a thread of its own, not its event loop)
 RETRY_ON = "connect-failure,refused-stream,reset,retriable-headers"  # + the next hop's own 503s
 
@@ -283,6 +284,16 @@ def readiness_route(cluster: str = LOCAL_HTTP, oip_model: str = "") -> rc.Route:
     if oip_model:
         action.prefix_rewrite = f"/v2/models/{oip_model}/ready"
     return rc.Route(name="readyz", match=rc.RouteMatch(path="/readyz"), route=action)
+
+
+def stats_route() -> rc.Route:
+    """GET /stats on an mTLS ingress, for the control plane's identity only: how it reads an Envoy's counters
+    on another host (Envoy's admin stays on loopback: it can also change and stop the Envoy)."""
+    get = [rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))]
+    action = rc.RouteAction(cluster=ENVOY_ADMIN, timeout=r.millis(2000))
+    route = rc.Route(name="envoy-stats", match=rc.RouteMatch(path="/stats", headers=get), route=action)
+    route.typed_per_filter_config[security.RBAC_FILTER].CopyFrom(security.route_rbac([CONTROL_PLANE_IDENTITY]))
+    return route
 
 
 def oip_model_routes(model: str, version: str) -> list[rc.Route]:
