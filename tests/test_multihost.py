@@ -149,10 +149,11 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     report["cut"] = under_load(hosts, tmp_path, "cut", 40, cut)
     hosts.link(0, up=True)
     # Autopilot took host 0 out of the voters while it was gone, and makes it one again only after it has been
-    # stable for a while: until then, losing another server would lose the quorum.
+    # stable for a while: until then, losing another server would lose the quorum. 27-45 s here when the machine
+    # is quiet; over 90 s once, while other suites loaded both cores, hence the long bound (it waits, asserts nothing).
     tolerant = '"FailureTolerance":1'
     report["voters_again_s"] = until(
-        "one failure tolerated again", lambda: tolerant in consul_get(hosts, 2, "/v1/operator/autopilot/health"), 90
+        "one failure tolerated again", lambda: tolerant in consul_get(hosts, 2, "/v1/operator/autopilot/health"), 180
     )
     until("both runtimes passing again", lambda: consul_get(hosts, 2, passing).count('"ServiceID":"echo-host') == 2, 90)
 
