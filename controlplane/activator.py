@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 
@@ -34,13 +34,22 @@ POLL = 0.05
 
 
 class Activator:
-    def __init__(self, policies: Sequence[Policy], passing: Callable[[str], int]) -> None:
+    def __init__(self, policies: Sequence[Policy], passing: Callable[[], Mapping[str, int]]) -> None:
         self.policies = [p for p in policies if p.min_replicas == 0]
-        self.passing = passing  # cluster -> replicas passing now
+        self.passing = passing  # replicas passing now, per cluster
         self.ports: dict[str, int] = {}  # cluster -> where it is held
         self.held: dict[str, int] = {}  # cluster -> requests waiting now
         self.cold_starts: dict[str, float] = {}  # cluster -> seconds the last first request waited
         self._runners: list[web.AppRunner] = []
+        self._seen: tuple[float, dict[str, bool]] = (0.0, {})  # one look at the fleet per POLL, however many wait
+
+    def _ready(self, cluster: str) -> bool:
+        at, ready = self._seen
+        if time.monotonic() - at >= POLL:
+            counts = self.passing()
+            ready = {c: counts.get(c, 0) > 0 for c in self.ports}
+            self._seen = (time.monotonic(), ready)
+        return ready.get(cluster, False)
 
     async def start(self) -> None:
         for policy in self.policies:
@@ -60,16 +69,17 @@ class Activator:
 
     def parked(self) -> tuple[tuple[str, str, int], ...]:
         """(cluster, host, port) of every scaled-to-zero version with no passing replica now."""
-        return tuple((c, "127.0.0.1", port) for c, port in sorted(self.ports.items()) if self.passing(c) == 0)
+        counts = self.passing()
+        return tuple((c, "127.0.0.1", port) for c, port in sorted(self.ports.items()) if counts.get(c, 0) == 0)
 
     def _handler(self, cluster: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def hold(request: web.Request) -> web.StreamResponse:
             if self.held.get(cluster, 0) >= MAX_HELD:
                 return web.Response(status=503, text=f"{cluster}: {MAX_HELD} requests already wait for a replica")
             self.held[cluster] = self.held.get(cluster, 0) + 1
-            started, cold = time.monotonic(), self.passing(cluster) == 0
+            started, cold = time.monotonic(), not self._ready(cluster)
             try:
-                while self.passing(cluster) == 0:
+                while not self._ready(cluster):
                     if time.monotonic() - started > MAX_HOLD:
                         return web.Response(status=503, text=f"no replica of {cluster} was ready in {MAX_HOLD:g} s")
                     await asyncio.sleep(POLL)

@@ -149,7 +149,7 @@ class Autoscaler:
         self.unapplied: set[str] = set()  # clusters whose last decision the backend refused (tried again each tick)
         self._stabilizers: dict[str, Stabilizer] = {}
         self._requests: dict[str, int] = {}  # cluster -> requests counted at the last tick
-        self.activator = Activator(self.policies, lambda cluster: self.passing().get(cluster, 0))
+        self.activator = Activator(self.policies, self.passing)
         self._since = 0.0
 
     def passing(self) -> dict[str, int]:

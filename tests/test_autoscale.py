@@ -250,3 +250,39 @@ def test_the_control_plane_refuses_a_bad_policy_file_and_scale_to_zero_beyond_on
     path.write_text("kind: Autoscale\nmodels: [{model: m, version: v1, max_replicas: 0}]\n")
     refused = start(f"--autoscale={path}")
     assert refused.returncode == 1 and "models[0].max_replicas" in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_the_activator_holds_requests_until_a_replica_passes_and_refuses_beyond_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aiohttp
+
+    from contract import headers as h
+    from controlplane import activator as module
+    from controlplane.activator import Activator
+
+    monkeypatch.setattr(module, "MAX_HELD", 2)
+    monkeypatch.setattr(module, "SETTLE", 0.05)
+    passing: dict[str, int] = {}
+    held = Activator([Policy("idle", "v1", min_replicas=0), Policy("busy", "v1")], lambda: passing)
+    await held.start()
+    try:
+        assert list(held.ports) == ["idle.v1"]  # only versions that may go to zero get a port
+        assert held.parked() == (("idle.v1", "127.0.0.1", held.ports["idle.v1"]),)
+        url = f"http://127.0.0.1:{held.ports['idle.v1']}/pipelines/p/v1/stage"
+        async with aiohttp.ClientSession() as session:
+
+            async def call() -> tuple[int, str | None]:
+                async with session.post(url, data=b'{"x": 1}') as resp:
+                    return resp.status, resp.headers.get(h.RETRIABLE)
+
+            waiting = [asyncio.create_task(call()) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert held.held["idle.v1"] == 2 and not any(t.done() for t in waiting)  # held, not failed
+            assert await call() == (503, None)  # a third is refused at once: the bound
+            passing["idle.v1"] = 1
+            assert await asyncio.gather(*waiting) == [(503, "1"), (503, "1")]  # "retry the hop": it reaches the replica
+        assert held.parked() == () and held.held["idle.v1"] == 0
+        assert 0.3 <= held.cold_starts["idle.v1"] < 2
+    finally:
+        await held.stop()
