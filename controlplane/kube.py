@@ -148,20 +148,19 @@ def scaler_rbac() -> list[dict[str, Any]]:
 
 def render(stack: Stack) -> dict[str, list[dict[str, Any]]]:
     """File name -> its documents."""
-    policies = tuple(r.autoscale for r in stack.runtimes if r.autoscale is not None)
+    policies = stack.policies
     plane = _container("controlplane", controlplane_args(bool(policies)), _env("POD_IP", "POD_NAMESPACE", "HOST_IP"),
                        {"xds": 18000})  # fmt: skip
     control: list[dict[str, Any]] = scaler_rbac()
-    if policies:
-        plane["volumeMounts"].append({"name": "autoscale", "mountPath": "/etc/mllambda", "readOnly": True})
-        document = yaml.safe_dump(policies_document(policies), sort_keys=False)
-        control.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "autoscale"},
-                        "data": {"autoscale.yaml": document}})  # fmt: skip
     deployment = _deployment("controlplane", 2, [plane], account="controlplane")
     if policies:
+        plane["volumeMounts"].append({"name": "autoscale", "mountPath": "/etc/mllambda", "readOnly": True})
         deployment["spec"]["template"]["spec"]["volumes"].append(
             {"name": "autoscale", "configMap": {"name": "autoscale"}}
         )
+        document = yaml.safe_dump(policies_document(policies), sort_keys=False)
+        control.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "autoscale"},
+                        "data": {"autoscale.yaml": document}})  # fmt: skip
     control += [deployment, _service("controlplane", {"xds": 18000}, headless=True)]
     gateway = _container("envoy", gateway_args(), _env("HOST_IP"), {"http": 18080})
     edge = [_deployment("gateway", 1, [gateway]), _service("gateway", {"http": 18080})]

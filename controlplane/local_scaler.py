@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from contract.naming import model_cluster
 from controlplane import processes
 from controlplane.scaler import parse_record, records_prefix
 from controlplane.stackfile import RuntimeSpec
@@ -45,11 +46,14 @@ class LocalScaler:
     broken: set[str] = field(default_factory=set)  # keys whose record did not parse (said once)
 
     def adopt(self, spec: RuntimeSpec, running: Sequence[processes.ManagedProcess]) -> None:
-        self.versions[f"{spec.model}.{spec.version}"] = Replicas(spec, dict(enumerate(running)), len(running))
+        self.versions[model_cluster(spec.model, spec.version)] = Replicas(spec, dict(enumerate(running)), len(running))
 
     def wanted(self) -> dict[str, int]:
-        """Replicas wanted per cluster, from the records that parse (Consul away: nothing)."""
-        url = f"http://127.0.0.1:{self.consul_port}/v1/kv/{records_prefix(self.kv_prefix)}?recurse=true"
+        """Replicas wanted per cluster, from the records that parse (Consul away, or nothing autoscaled: nothing)."""
+        if not self.versions:
+            return {}
+        prefix = records_prefix(self.kv_prefix)
+        url = f"http://127.0.0.1:{self.consul_port}/v1/kv/{prefix}?recurse=true"
         try:
             status, body = processes.http_get(url, timeout=2)
             items = json.loads(body) if status == 200 else []
@@ -57,12 +61,12 @@ class LocalScaler:
             return {}
         found = {}
         for item in items if isinstance(items, list) else []:
-            key = str(item.get("Key", ""))[len(records_prefix(self.kv_prefix)) :]
+            key = str(item.get("Key", ""))[len(prefix) :]
             if key not in self.versions:
                 continue
             raw = base64.b64decode(item["Value"]) if item.get("Value") else None
             record = parse_record(raw)
-            if record is None or f"{record.model}.{record.version}" != key:
+            if record is None or model_cluster(record.model, record.version) != key:
                 if key not in self.broken:
                     self.say(f"    autoscale record for {key} is not readable: replicas stay as they are")
                 self.broken.add(key)

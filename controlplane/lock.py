@@ -28,7 +28,7 @@ class SessionLock:
         self.taken = 0.0  # monotonic time this holder last took the lock
         self._session = ""
         self._renewed = 0.0
-        self._log = logging.getLogger(f"mllambda.{what.split()[0]}")
+        self.log = logging.getLogger(f"mllambda.{what.split()[0]}")
 
     async def hold(self) -> bool:
         """Renew the session, or take the lock if it is free; True while this process holds it."""
@@ -46,12 +46,12 @@ class SessionLock:
             self.holding = bool(await self.client.kv.put(self.key, self.holder, acquire=self._session))
             if self.holding:
                 self.taken = time.monotonic()
-                self._log.info("%s: this control plane holds the lock (%s)", self.what, self.holder)
+                self.log.info("%s: this control plane holds the lock (%s)", self.what, self.holder)
         return self.holding
 
     def lost(self) -> None:
         if self.holding:
-            self._log.warning("%s: lost the lock", self.what)
+            self.log.warning("%s: lost the lock", self.what)
         self.holding, self._session = False, ""
 
     async def release(self) -> None:
@@ -76,6 +76,6 @@ async def lead(lock: SessionLock, step: Callable[[bool], Awaitable[float]]) -> N
             await lock.release()
             raise
         except Exception as err:
-            lock._log.warning("%s: %s", lock.what, err)
+            lock.log.warning("%s: %s", lock.what, err)
             lock.lost()
             await asyncio.sleep(1.0)

@@ -145,7 +145,6 @@ class Autoscaler:
         self.lock = SessionLock(client, records_prefix(kv_prefix) + "decider", holder, "autoscaler")
         self.wanted: dict[str, int] = {}  # per cluster, while holding the lock
         self.records: dict[str, ScaleRecord] = {}  # the last decision per cluster (what status shows)
-        self.decisions = 0
         self.unapplied: set[str] = set()  # clusters whose last decision the backend refused (tried again each tick)
         self._stabilizers: dict[str, Stabilizer] = {}
         self._requests: dict[str, int] = {}  # cluster -> requests counted at the last tick
@@ -213,7 +212,6 @@ class Autoscaler:
         key = record_key(self.kv_prefix, policy)
         await self.client.kv.put(key, json.dumps(asdict(record)))
         self.wanted[policy.cluster], self.records[policy.cluster] = decision.replicas, record
-        self.decisions += 1
         log.info("model=%s version=%s replicas=%d %s", policy.model, policy.version, decision.replicas, decision.reason)
         await self._apply(policy, decision.replicas)
 

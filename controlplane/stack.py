@@ -132,10 +132,9 @@ class Supervisor:
         security = [f"--security={self.stack.security}"]
         envoys = self.state_dir / "envoy"
         mtls = [f"--gateway-tls-dir={envoys / 'gateway-tls'}"] if self.stack.security == "mtls" else []
-        policies = tuple(r.autoscale for r in self.stack.runtimes if r.autoscale is not None)
         autoscale: list[str] = []
-        if policies:
-            (self.state_dir / "autoscale.yaml").write_text(yaml.safe_dump(policies_document(policies)))
+        if self.stack.policies:
+            (self.state_dir / "autoscale.yaml").write_text(yaml.safe_dump(policies_document(self.stack.policies)))
             autoscale = [f"--autoscale={self.state_dir / 'autoscale.yaml'}"]
         self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}, security {self.stack.security}")
         self.start(

@@ -49,6 +49,11 @@ class Stack:
     gateway_concurrency: int | None = None  # gateway Envoy worker threads (default: one per core)
     security: str = "mtls"  # every hop mutually authenticated; "plaintext" turns it off (benchmarks compare)
 
+    @property
+    def policies(self) -> tuple[Policy, ...]:
+        """The autoscaling policies of its runtimes."""
+        return tuple(r.autoscale for r in self.runtimes if r.autoscale is not None)
+
 
 def load_stack(path: Path) -> Stack:
     try:

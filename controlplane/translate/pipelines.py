@@ -48,9 +48,9 @@ Reach = dict[str, tuple[tuple[str, int], ...]]  # cluster -> (host, port) of its
 class Endpoints:
     """Cluster name -> its endpoints as Envoy addresses, built when a snapshot first asks for them."""
 
-    def __init__(self, reach: Reach, parked: Iterable[tuple[str, str, int]] = ()) -> None:
+    def __init__(self, reach: Reach, at_activator: frozenset[str] = frozenset()) -> None:
         self.reach = reach
-        self.parked = tuple((host, port) for _, host, port in parked)  # activators, on the control plane's host
+        self.at_activator = at_activator  # clusters reached at the control plane's activator (plaintext loopback)
         self._built: dict[str, list[Any]] = {}
 
     def get(self, cluster: str) -> list[Any]:
@@ -119,7 +119,7 @@ def translate(
     route to its model version. The inputs are compared once per model version.
     """
     reach = _reach(instances, options.parked)
-    endpoints = Endpoints(reach, options.parked)
+    endpoints = Endpoints(reach, frozenset(c for c, host, port in options.parked if reach[c] == ((host, port),)))
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
@@ -337,10 +337,9 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
 
 def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: str = "") -> list[tuple[Any, Any]]:
     found = []
-    parked = {(host, port) for host, port in endpoints.parked}
     for name in sorted(route_clusters(routes)):
         cluster = r.eds_cluster(name)
-        if tls_dir and not set(endpoints.reach.get(name, ())) & parked:  # an activator speaks plaintext
+        if tls_dir and name not in endpoints.at_activator:  # an activator speaks plaintext
             cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, cluster_model(name)))
         found.append((cluster, r.load_assignment(name, endpoints.get(name))))
     return found
