@@ -96,8 +96,10 @@ CLI = [sys.executable, "-m", "controlplane.cli"]
 
 
 @contextmanager
-def running_stack(folder: Path, stack: dict[str, Any]) -> Iterator[tuple[dict[str, int], dict[str, str]]]:
-    """`mllambda up --detach` a stack on free ports, `down` at the end.
+def running_stack(
+    folder: Path, stack: dict[str, Any], more_env: dict[str, str] | None = None
+) -> Iterator[tuple[dict[str, int], dict[str, str]]]:
+    """`mllambda up --detach` a stack on free ports (`more_env`: for its processes too), `down` at the end.
 
     Yields its ports and the environment that points the CLI at it.
     """
@@ -108,6 +110,7 @@ def running_stack(folder: Path, stack: dict[str, Any]) -> Iterator[tuple[dict[st
         **os.environ,
         "MLLAMBDA_STATE_DIR": str(folder / "state"),
         "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}",
+        **(more_env or {}),
     }
     up = [*CLI, "up", "-f", str(folder / "stack.yaml"), "--detach"]
     subprocess.run(up, env=env, check=True, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)

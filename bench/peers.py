@@ -35,8 +35,16 @@ SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
     "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
+    "ML Lambda, http, every hop through the ingress": (
+        "mllambda",
+        {"transport": "http", "security": "plaintext", "colocated": "ingress"},
+    ),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
+    "ML Lambda, http + mTLS, every hop through the ingress": (
+        "mllambda",
+        {"transport": "http", "security": "mtls", "colocated": "ingress"},
+    ),
     "Ray Serve": ("ray", {"optimized": False}),
     "Ray Serve, throughput-optimized": ("ray", {"optimized": True}),
 }
@@ -48,7 +56,7 @@ def expected(text: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def mllambda(folder: Path, transport: str, security: str) -> Iterator[str]:
+def mllambda(folder: Path, transport: str, security: str, colocated: str = "direct") -> Iterator[str]:
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
@@ -57,7 +65,7 @@ def mllambda(folder: Path, transport: str, security: str) -> Iterator[str]:
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
-    with running_stack(folder, stack) as (ports, _):
+    with running_stack(folder, stack, {"MLLAMBDA_COLOCATED": colocated}) as (ports, _):
         yield f"http://127.0.0.1:{ports['gateway']}/pipelines/bench"
 
 

@@ -79,6 +79,7 @@ class ControlPlane:
             kafka_broker=broker,
             mtls=mtls,
             gateway_tls_dir=settings.gateway_tls_dir,
+            colocated=settings.colocated,
         )
         self.options = options
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None

@@ -20,6 +20,8 @@ from controlplane.discovery import EMPTY_GRACE
 from controlplane.store import KEEP_VERSIONS
 from controlplane.xds.cache import GroupBy
 
+COLOCATED = ("direct", "ingress")  # how a sender reaches a runtime on its own host (docs/architecture.md, "Same host")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -45,6 +47,7 @@ class Settings:
     autoscale_file: str = ""  # `kind: Autoscale` policies per model version ("": nothing is scaled)
     scaler: str = "local"  # who carries decisions out: "local" (`mllambda up`) or "kubernetes" (scale subresource)
     kubernetes_namespace: str = "default"  # with scaler kubernetes: where the runtime Deployments are
+    colocated: str = "direct"  # a runtime on the sender's host: "direct" to its socket, or "ingress" (its sidecar)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -72,6 +75,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         autoscale_file=resolve(args.autoscale, "MLLAMBDA_AUTOSCALE", ""),
         scaler=args.scaler,
         kubernetes_namespace=args.kubernetes_namespace,
+        colocated=_colocated(resolve(args.colocated, "MLLAMBDA_COLOCATED", "direct")),
     )
 
 
@@ -81,6 +85,12 @@ def gateway_ip(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an IP address, got {text[:60]!r}") from None
+
+
+def _colocated(text: str) -> str:
+    if text not in COLOCATED:
+        raise ValueError(f"MLLAMBDA_COLOCATED: expected one of {', '.join(COLOCATED)}, got {text[:40]!r}")
+    return text
 
 
 def _at_least_two(text: str) -> int:
@@ -132,6 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="who carries scaling out: local (`mllambda up` reads the decisions) or kubernetes (Deployment scale)",
     )
     parser.add_argument("--kubernetes-namespace", default="default", help="with --scaler kubernetes: the namespace")
+    parser.add_argument(
+        "--colocated",
+        choices=COLOCATED,
+        help="a runtime on the sender's own host: direct (to its socket, skipping its sidecar; the default) "
+        "or ingress (through its sidecar, as from another host) (MLLAMBDA_COLOCATED)",
+    )
     add_security_flag(parser, "every hop, xDS and the Kafka bridge mutually authenticated (Consul Connect)")
     parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")
     parser.add_argument("--admin-tls-cert", help="admin API over TLS: certificate chain (PEM)")

@@ -101,7 +101,7 @@ def test_a_split_leaves_out_a_variant_with_no_passing_instance_but_keeps_its_clu
 
 
 def test_endpoints_are_passing_sidecar_ingresses_only() -> None:
-    sidecar = translate(steady(PIPELINE), RUNTIMES)["ma-v1-1"]
+    sidecar = translate(steady(PIPELINE), RUNTIMES, Options(colocated="ingress"))["ma-v1-1"]
     assignments = sidecar.of_type(ENDPOINT).by_name
     port = [e.endpoint.address.socket_address.port_value for e in assignments["mb.v1"].endpoints[0].lb_endpoints]
     assert port == [8002]
@@ -328,6 +328,10 @@ def test_a_scaled_to_zero_version_is_reached_at_its_activator_in_plaintext_until
     assert endpoints(sidecar, "mb.v1") == [5555]  # no replica: the activator holds its requests
     assert not sidecar.of_type(CLUSTER).by_name["mb.v1"].HasField("transport_socket")  # on loopback, plaintext
     assert sidecar.of_type(CLUSTER).by_name["mb.v2"].HasField("transport_socket")  # the others keep mTLS
-    # A version with a passing replica is reached there, whatever `parked` says (a stale reading).
-    assert endpoints(snapshots["gateway"], "ma.v1") == [8001]
+    # A version with a passing replica is reached there, whatever `parked` says (a stale reading): here at
+    # its socket (the gateway's host), elsewhere at its ingress.
+    (replica,) = snapshots["gateway"].of_type(ENDPOINT).by_name["ma.v1"].endpoints[0].lb_endpoints
+    assert replica.endpoint.address.pipe.path == "/run/ma-1.sock"
+    far = translate(steady(PIPELINE), secured, dataclasses.replace(options, gateway_host="10.0.0.9"))
+    assert endpoints(far["gateway"], "ma.v1") == [8001]
     assert snapshots["gateway"].of_type(CLUSTER).by_name["ma.v1"].HasField("transport_socket")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,12 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 
 from contract import headers as h
 from contract import oip
-from contract.naming import BRIDGE_SERVICE, bridge_path, cluster_model, pipeline_path, stage_path
+from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
 from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
+from controlplane.translate.endpoints import Endpoints, Reach, only_serving, reach_of, remote_clusters
 from controlplane.translate.routes import (
     ENVOY_ADMIN,
     LOCAL_HEALTH,
@@ -41,23 +42,6 @@ from controlplane.translate.routes import (
     stats_route,
 )
 from controlplane.xds.snapshot import Snapshot, route_clusters
-
-Reach = dict[str, tuple[tuple[str, int], ...]]  # cluster -> (host, port) of its passing sidecar ingresses
-
-
-class Endpoints:
-    """Cluster name -> its endpoints as Envoy addresses, built when a snapshot first asks for them."""
-
-    def __init__(self, reach: Reach, at_activator: frozenset[str] = frozenset()) -> None:
-        self.reach = reach
-        self.at_activator = at_activator  # clusters reached at the control plane's activator (plaintext loopback)
-        self._built: dict[str, list[Any]] = {}
-
-    def get(self, cluster: str) -> list[Any]:
-        if cluster not in self._built:
-            self._built[cluster] = [r.tcp_address(host, port) for host, port in self.reach.get(cluster, ())]
-        return self._built[cluster]
-
 
 BRIDGE = "mll-kafka-bridge"
 BRIDGE_RETRIES = 2
@@ -76,6 +60,7 @@ class Options:
     mtls: bool = False  # every hop mutually authenticated; a stage admits only its callers (security.py)
     gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder
     parked: tuple[tuple[str, str, int], ...] = ()  # (cluster, host, port): a scaled-to-zero version's activator
+    colocated: str = "direct"  # a runtime on the sender's host: "direct" to its socket, or "ingress" (its sidecar)
 
 
 @dataclass(frozen=True)
@@ -118,8 +103,9 @@ def translate(
     thousands of runtimes, one registration rebuilds only the sidecars that
     route to its model version. The inputs are compared once per model version.
     """
-    reach = _reach(instances, options.parked)
-    endpoints = Endpoints(reach, frozenset(c for c, host, port in options.parked if reach[c] == ((host, port),)))
+    reach = reach_of(instances, options.parked)
+    parked = frozenset(c for c, host, port in options.parked if reach[c] == ((host, port, ""),))
+    endpoints = Endpoints(reach, parked)
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
@@ -173,20 +159,6 @@ def _shared_key(mine: tuple[PipelineVersion, ...], reach: Reach) -> Hashable:
     return (versions, tuple((c, reach.get(c, ())) for c in clusters))
 
 
-def _reach(instances: Iterable[RuntimeService], parked: Iterable[tuple[str, str, int]] = ()) -> Reach:
-    """Cluster -> its passing endpoints as plain values (Endpoints turns them into addresses).
-
-    A scaled-to-zero version without a passing replica is reached at its activator instead.
-    """
-    found: dict[str, list[tuple[str, int]]] = {}
-    for i in sorted(instances, key=lambda i: i.service_id):
-        if i.passing:
-            found.setdefault(i.cluster, []).append((i.host, i.ingress_port))
-    for cluster, host, port in parked:
-        found.setdefault(cluster, [(host, port)])
-    return {cluster: tuple(hosts) for cluster, hosts in found.items()}
-
-
 def carried(
     deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
 ) -> dict[str, Carried]:
@@ -236,10 +208,13 @@ def _gateway(
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
     tls = options.gateway_tls_dir if options.mtls else ""
-    remote = _remote_clusters([route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints, tls)
+    near = options.gateway_host if options.colocated == "direct" else ""
+    remote = remote_clusters(
+        [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints, tls, near
+    )
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges, tls)] if bridged else []
-    routes = _only_serving(routes, endpoints.reach)  # after the clusters: an empty one stays warm
+    routes = only_serving(routes, endpoints.reach)  # after the clusters: an empty one stays warm
     return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
 
 
@@ -250,8 +225,8 @@ def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]
         json_api, infer = [_bridge_route(p, pipeline_path(p.name))], [_bridge_route(p, oip.infer_path(p.name))]
     else:
         first = stage_path(p.name, v.version, p.stages[0].name)
-        json_api = stage_routes(p, 0, match_path=pipeline_path(p.name), rewrite=first)
-        infer = stage_routes(p, 0, match_path=oip.infer_path(p.name), rewrite=first)
+        json_api = stage_routes(p, v.version, 0, match_path=pipeline_path(p.name), rewrite=first)
+        infer = stage_routes(p, v.version, 0, match_path=oip.infer_path(p.name), rewrite=first)
     logged = [r.header(h.LOG, f"{p.log_percent:g}")] if p.log_percent else []
     for route in json_api:
         route.request_headers_to_remove.extend(h.ENTRY)  # only the gateway says a request is OIP, or logged
@@ -328,37 +303,11 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         broker_filter = me.service_id in options.kafka_filter_nodes
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
         clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
-    remote = _remote_clusters(egress, endpoints, tls)
-    egress = _only_serving(_dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
+    remote = remote_clusters(egress, endpoints, tls, me.host if options.colocated == "direct" else "")
+    egress = only_serving(_dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
     routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *egress])]
     return _snapshot(listeners, routes, remote, clusters)
-
-
-def _remote_clusters(routes: Iterable[rc.Route], endpoints: Endpoints, tls_dir: str = "") -> list[tuple[Any, Any]]:
-    found = []
-    for name in sorted(route_clusters(routes)):
-        cluster = r.eds_cluster(name)
-        if tls_dir and name not in endpoints.at_activator:  # an activator speaks plaintext
-            cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, cluster_model(name)))
-        found.append((cluster, r.load_assignment(name, endpoints.get(name))))
-    return found
-
-
-def _only_serving(routes: list[rc.Route], reach: Reach) -> list[rc.Route]:
-    """A split leaves out variants with no passing instance while another variant has one.
-
-    Envoy picks a weighted cluster before it looks for a host, and a retry stays
-    in that cluster: a variant whose instances all fail their checks would fail
-    its whole share. Its share goes to the others until it is back.
-    """
-    for route in routes:
-        weighted = route.route.weighted_clusters.clusters if route.HasField("route") else []
-        serving = [(c.name, c.weight.value) for c in weighted if reach.get(c.name)]
-        if serving and len(serving) < len(weighted):
-            route.route.ClearField("weighted_clusters")
-            r.set_clusters(route.route, serving)
-    return routes
 
 
 def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:

@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from xds.type.v3 import typed_struct_pb2
 
@@ -86,17 +87,29 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
     return cluster
 
 
-def load_assignment(cluster_name: str, addresses: Iterable[Address]) -> Resource:
+AT_SOCKET = "mll-at-socket"  # endpoint metadata: a runtime's own Unix socket on the sender's host
+_MATCH = "envoy.transport_socket_match"
+# In an mTLS cluster, the endpoints at a runtime's socket speak plaintext (a 0700 folder on the same host).
+PLAIN_AT_SOCKET = cluster_pb2.Cluster.TransportSocketMatch(
+    name="at-socket",
+    match=struct_pb2.Struct(fields={AT_SOCKET: struct_pb2.Value(bool_value=True)}),
+    transport_socket=base_pb2.TransportSocket(
+        name="envoy.transport_sockets.raw_buffer", typed_config=pack(raw_buffer_pb2.RawBuffer())
+    ),
+)
+
+
+def load_assignment(cluster_name: str, addresses: Iterable[Address], at_socket: Iterable[Address] = ()) -> Resource:
+    """Endpoints of a cluster; those `at_socket` are marked so that PLAIN_AT_SOCKET applies to them."""
+    marked = base_pb2.Metadata()
+    marked.filter_metadata[_MATCH].update({AT_SOCKET: True})
+    lb = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=a)) for a in addresses]
+    lb += [
+        endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=a), metadata=marked)
+        for a in at_socket
+    ]
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=cluster_name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address))
-                    for address in addresses
-                ]
-            )
-        ],
+        cluster_name=cluster_name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)]
     )
 
 

@@ -71,11 +71,10 @@ def _admit(route: rc.Route, p: Pipeline, k: int, tls_dir: str) -> rc.Route:
 def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
     """Sidecar -> its own runtime, telling the runtime where the output goes next."""
     stage = p.stages[k]
-    add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport)]
     if shadow:
-        add.append(r.header(h.SHADOW, "1"))
+        add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport), r.header(h.SHADOW, "1")]
     else:
-        add += onward(p, version, k + 1)
+        add = steering(p, version, k)
     match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
     if shadow:
         # Envoy marks mirrored requests by appending "-shadow" to the host part of the authority.
@@ -131,6 +130,12 @@ def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], t
     )
 
 
+def steering(p: Pipeline, version: int, k: int) -> list[Any]:
+    """What a runtime answering stage k (a variant, or an ensemble's join) is told: the stage, the transport,
+    where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
+    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *onward(p, version, k + 1)]
+
+
 def member_path(p: Pipeline, version: int, k: int, member: Member) -> str:
     return f"{stage_path(p.name, version, p.stages[k].name)}/{member.name}"
 
@@ -164,22 +169,41 @@ def entry_routes(p: Pipeline, version: int, k: int) -> list[rc.Route]:
     path = stage_path(p.name, version, stage.name)
     if stage.protocol == oip.PROTOCOL:
         onward_routes = entry_routes(p, version, k + 1) if k + 1 < len(p.stages) else []
-        return stage_routes(p, k, match_path=path, rewrite=None) + onward_routes
+        return stage_routes(p, version, k, match_path=path, rewrite=None) + onward_routes
     if not stage.members:
-        return stage_routes(p, k, match_path=path, rewrite=None)
+        return stage_routes(p, version, k, match_path=path, rewrite=None)
     routes = []
     for m in stage.members:
         name, where = f"{p.name}/{stage.name}/{m.name}", member_path(p, version, k, m)
         routes += _split(p, k, name, m.groups(), where, None, m.timeout_ms, m.shadow)
     if stage.join:
-        return routes + _split(p, k, f"{p.name}/{stage.name}", [("", (stage.join,))], path, None)
+        join = _split(p, k, f"{p.name}/{stage.name}", [("", (stage.join,))], path, None)
+        return routes + _steered(join, steering(p, version, k))
     return routes + (entry_routes(p, version, k + 1) if k + 1 < len(p.stages) else [])
 
 
-def stage_routes(p: Pipeline, k: int, match_path: str, rewrite: str | None) -> list[rc.Route]:
-    """Routes into stage k: a weighted split, or one route per branch key."""
+def stage_routes(p: Pipeline, version: int, k: int, match_path: str, rewrite: str | None) -> list[rc.Route]:
+    """Routes into stage k: a weighted split, or one route per branch key.
+
+    A plain stage's routes carry its steering headers (replacing any the request had),
+    so that a runtime on the sender's own host can be sent to without its ingress.
+    """
     stage = p.stages[k]
-    return _split(p, k, f"{p.name}/{stage.name}", stage.groups(), match_path, rewrite, shadow=stage.shadow)
+    routes = _split(p, k, f"{p.name}/{stage.name}", stage.groups(), match_path, rewrite, shadow=stage.shadow)
+    return routes if stage.protocol == oip.PROTOCOL else _steered(routes, steering(p, version, k))
+
+
+def _steered(routes: list[rc.Route], add: list[Any]) -> list[rc.Route]:
+    for route in routes:
+        if route.HasField("route"):
+            route.request_headers_to_remove.extend(h.STEERING)
+            route.request_headers_to_add.extend(add)
+    return routes
+
+
+def steered(route: rc.Route) -> bool:
+    """Whether a route tells the runtime it reaches where its output goes (see `stage_routes`)."""
+    return any(add.header.key == h.STAGE for add in route.request_headers_to_add)
 
 
 def _split(

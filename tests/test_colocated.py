@@ -1,0 +1,107 @@
+"""A runtime on the sender's own host is reached at its socket, skipping its sidecar (docs/architecture.md,
+"Same host"): the translation here on plain data, the data path through real Envoys in tests/test_colocated_e2e.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from contract import headers as h
+from controlplane.spec import parse_pipeline
+from controlplane.translate import resources as r
+from controlplane.translate.pipelines import Options, translate
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, Snapshot
+from tests.test_translate import PIPELINE, RUNTIMES, instance, routes, steady
+
+PASSING = [dataclasses.replace(i, passing=True) for i in RUNTIMES] + [instance("mb", "v3", 4), instance("mx", "v1", 5)]
+
+
+def reached(snapshot: Snapshot, cluster: str) -> list[str]:
+    """Each endpoint as "pipe:PATH" or "tcp:PORT"."""
+    found = []
+    for e in snapshot.of_type(ENDPOINT).by_name[cluster].endpoints[0].lb_endpoints:
+        a = e.endpoint.address
+        found.append(f"pipe:{a.pipe.path}" if a.HasField("pipe") else f"tcp:{a.socket_address.port_value}")
+    return found
+
+
+def added(route: Any) -> dict[str, str]:
+    return {x.header.key: x.header.value for x in route.request_headers_to_add}
+
+
+def test_a_runtime_on_the_senders_host_is_reached_at_its_socket_one_elsewhere_at_its_ingress() -> None:
+    elsewhere = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6")
+    snapshots = translate(steady(PIPELINE), [*PASSING, elsewhere])
+    sidecar = snapshots["ma-v1-1"]
+    assert reached(sidecar, "mb.v1") == ["tcp:8006", "pipe:/run/mb-2.sock"]
+    assert reached(sidecar, "mb.v2") == ["pipe:/run/mb-3.sock"]
+    assert reached(snapshots["gateway"], "ma.v1") == ["pipe:/run/ma-1.sock"]  # the gateway's host too
+    # A sender on another host reaches every instance through its ingress.
+    far = dataclasses.replace(instance("ma", "v1", 7), host="10.0.0.7")
+    assert reached(translate(steady(PIPELINE), [*PASSING, far])["ma-v1-7"], "mb.v1") == ["tcp:8002"]
+    # Off: every hop through the ingress, as before.
+    off = translate(steady(PIPELINE), PASSING, Options(colocated="ingress"))["ma-v1-1"]
+    assert reached(off, "mb.v1") == ["tcp:8002"]
+
+
+def test_a_mirror_target_stays_behind_its_ingress_which_marks_the_copy_as_a_shadow() -> None:
+    sidecar = translate(steady(PIPELINE), PASSING)["ma-v1-1"]
+    assert reached(sidecar, "mb.v3") == ["tcp:8004"]  # only its ingress tells a mirrored copy from a request
+
+
+def test_the_sender_says_what_the_ingress_would_and_drops_what_a_caller_forged() -> None:
+    snapshots = translate(steady(PIPELINE), PASSING)
+    (into_b,) = [x for x in routes(snapshots["ma-v1-1"], "egress") if x.match.path == "/pipelines/p/v1/b"]
+    (ingress_b,) = [x for x in routes(snapshots["mb-v1-2"], "ingress") if x.match.path == "/pipelines/p/v1/b"]
+    assert added(into_b) == added(ingress_b) == {
+        h.STAGE: "b", h.TRANSPORT: "http", h.NEXT: "/pipelines/p/v1/c", h.BRANCH_FIELD: "category",
+    }  # fmt: skip
+    assert set(h.STEERING) <= set(into_b.request_headers_to_remove)
+    entry = routes(snapshots["gateway"], "gateway")[0]
+    assert added(entry)[h.NEXT] == "/pipelines/p/v1/b" and set(h.STEERING) <= set(entry.request_headers_to_remove)
+    # The last stage's senders (one route per branch key) tell it that nothing follows.
+    (into_c, _unknown) = [x for x in routes(snapshots["mb-v1-2"], "egress") if x.match.path == "/pipelines/p/v1/c"]
+    assert h.NEXT not in added(into_c) and added(into_c)[h.STAGE] == "c"
+
+
+def test_under_mtls_socket_endpoints_are_plaintext_and_the_others_keep_verifying_their_peer() -> None:
+    secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in PASSING]
+    elsewhere = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6", tls_dir="/certs/x")
+    options = Options(mtls=True, gateway_tls_dir="/certs/gateway")
+    sidecar = translate(steady(PIPELINE), [*secured, elsewhere], options)["ma-v1-1"]
+    cluster = sidecar.of_type(CLUSTER).by_name["mb.v1"]
+    assert cluster.transport_socket.name == "envoy.transport_sockets.tls"  # the default: verify the peer
+    (match,) = cluster.transport_socket_matches
+    assert match.transport_socket.name == "envoy.transport_sockets.raw_buffer"
+    marks = [
+        dict(e.metadata.filter_metadata["envoy.transport_socket_match"])
+        for e in sidecar.of_type(ENDPOINT).by_name["mb.v1"].endpoints[0].lb_endpoints
+    ]
+    assert marks == [{}, {r.AT_SOCKET: True}]  # the other host's ingress over mTLS, the socket in plaintext
+    assert list(match.match.fields) == [r.AT_SOCKET]
+    mirror = sidecar.of_type(CLUSTER).by_name["mb.v3"]
+    assert not mirror.transport_socket_matches  # no endpoint at a socket: nothing to match
+
+
+def test_a_server_we_do_not_run_and_ensemble_members_stay_behind_their_ingress() -> None:
+    oip = dataclasses.replace(instance("mb", "v1", 2), oip_model="mb")
+    assert reached(translate(steady(PIPELINE), [*PASSING[:1], oip])["ma-v1-1"], "mb.v1") == ["tcp:8002"]
+    ensemble = parse_pipeline(
+        {
+            "name": "e",
+            "stages": [
+                {"name": "a", "variants": [{"model": "ma", "version": "v1"}]},
+                {
+                    "name": "vote",
+                    "members": [
+                        {"name": "one", "variants": [{"model": "mb", "version": "v1"}]},
+                        {"name": "two", "variants": [{"model": "mb", "version": "v2"}]},
+                    ],
+                    "join": {"model": "mx", "version": "v1"},
+                },
+            ],
+        }
+    )
+    sidecar = translate(steady(ensemble), PASSING)["ma-v1-1"]
+    assert reached(sidecar, "mb.v1") == ["tcp:8002"] and reached(sidecar, "mb.v2") == ["tcp:8003"]
+    assert reached(sidecar, "mx.v1") == ["pipe:/run/mx-5.sock"]  # the join sends on, as a stage's variant does
