@@ -3,6 +3,8 @@ its sidecar's ingress untouched; the answers, headers and refusals are those of 
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,10 @@ FORGED = {"x-mll-shadow": "1", "x-mll-next": "/pipelines/direct/v1/score", "x-ml
 
 
 def ingress_requests(consul_port: int, runtime: Any) -> int:
-    """Requests a runtime's sidecar took in on its ingress listener (Consul's checks use the egress one)."""
+    """Pipeline requests a runtime's sidecar passed from its ingress to the runtime (Consul's checks go to the
+    runtime's readiness port, a cluster of its own)."""
     admin = service_meta(consul_port, runtime.model, runtime.service_id)["envoy_admin_port"]
-    _, text = http_get(f"http://127.0.0.1:{admin}/stats?filter=^http.ingress.downstream_rq_total$")
+    _, text = http_get(f"http://127.0.0.1:{admin}/stats?filter=^cluster.local-http.upstream_rq_total$")
     return int(text.split(":")[1]) if ":" in text else 0
 
 
@@ -53,9 +56,10 @@ async def test_a_hop_on_one_host_skips_the_next_sidecar_and_answers_the_same(
     control_plane.env = {**control_plane.env, "MLLAMBDA_COLOCATED": "ingress"}
     control_plane.start()
 
-    async def through_ingress() -> bool:
+    async def through_ingress() -> bool:  # every Envoy back on the restarted control plane, in its own time
+        counted = [ingress_requests(consul_agent.http_port, r) for r in three_stages]
         await burst(1)
-        return ingress_requests(consul_agent.http_port, three_stages[2]) > after[2]
+        return all(ingress_requests(consul_agent.http_port, r) > n for r, n in zip(three_stages, counted, strict=True))
 
     await wait_for(through_ingress, timeout=30)
     before = [ingress_requests(consul_agent.http_port, r) for r in three_stages]
@@ -65,17 +69,21 @@ async def test_a_hop_on_one_host_skips_the_next_sidecar_and_answers_the_same(
 
 
 async def test_a_killed_runtime_on_the_senders_host_is_retried_on_its_other_replica(
-    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    """Killed with SIGKILL: still registered and its socket file left behind until Consul's check fails."""
-    start_runtime(f"{'examples.trivial.models'}:tokenize", "tokenize", "v1")
+    """The runtime process SIGKILLed, its sidecar left running: still registered, its socket file left behind,
+    until Consul's check fails. Senders on its host meet a refused socket and retry the other replica."""
+    sender = start_runtime("examples.trivial.models:tokenize", "tokenize", "v1")
     start_runtime("examples.trivial.models:count", "count", "v1")
     doomed = start_runtime("examples.trivial.models:count", "count", "v1")
     start_runtime("examples.trivial.models:score", "score", "v1")
     apply(control_plane, tmp_path, pipeline("killed"))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/killed"
     await until_ok(url, {"text": "a b"})
-    doomed.proc.kill()
+    os.kill(doomed.proc.pid, signal.SIGKILL)
     async with aiohttp.ClientSession() as session:
         outcomes = [await post(session, url, {"text": "a b"}) for _ in range(100)]
     assert {(status, str(body)) for status, body, _ in outcomes} == {(200, str({"count": 2, "score": 20}))}
+    admin = service_meta(consul_agent.http_port, "tokenize", sender.service_id)["envoy_admin_port"]
+    _, text = http_get(f"http://127.0.0.1:{admin}/stats?filter=^cluster.count_v1.upstream_rq_retry$")
+    assert int(text.split(":")[1]) > 0, "the killed replica was never tried"
