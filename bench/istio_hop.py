@@ -9,6 +9,8 @@ figure is the two sidecars' cost, not a Python stage's. Paths, in turns within e
   two sidecars, mTLS     the same with mutual TLS between the two (ECDSA P-256 leaves, as Consul Connect issues)
   ..., HTTP/2 between    plaintext, the egress Envoy speaking HTTP/2 to the ingress one (a candidate, measured)
   ..., Unix socket       plaintext, egress to ingress over a Unix socket, as two co-located sidecars could
+  one sidecar, same host load -> egress Envoy -> backend at a Unix socket: a hop on one host, which skips the
+                         receiver's sidecar (docs/architecture.md, "Same host")
 Each Envoy runs one worker thread, as our sidecars do.
 Run: .venv/bin/python -m bench.istio_hop [--runs 3]
 """
@@ -41,7 +43,9 @@ PATHS = (
     "two sidecars, mTLS",
     "two sidecars, HTTP/2 between",
     "two sidecars, Unix socket between",
+    "one sidecar, same host",
 )
+SAME_HOST = PATHS[-1]
 H2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -177,6 +181,14 @@ def main() -> None:
     sidecars: dict[str, list[int]] = {"direct": [procs[0].pid]}  # direct: the backend's own CPU
     try:
         for path, (egress, ingress) in ports.items():
+            if path == SAME_HOST:  # the receiver (a second backend) at a socket, reached by the sender's Envoy
+                socket = folder / "backend.sock"
+                receiver = over_pipe(envoy_config("backend-uds", ingress, None, None, ""), socket, "ingress")
+                procs.append(start(folder, "backend-uds", receiver, ingress, socket))
+                sender = over_pipe(envoy_config("egress", egress, ingress, None, "egress"), socket, "egress")
+                procs.append(start(folder, "egress-same-host", sender, egress))
+                sidecars[path] = [procs[-1].pid]
+                continue
             tls, h2 = (certs if "mTLS" in path else None), "HTTP/2" in path
             socket = folder / "ingress.sock" if "Unix" in path else None
             tag = "tls" if tls else "h2" if h2 else "uds" if socket else "plain"

@@ -79,7 +79,8 @@ class ControlPlane:
             kafka_broker=broker,
             mtls=mtls,
             gateway_tls_dir=settings.gateway_tls_dir,
-            colocated=settings.colocated,
+            # Envoys sharing a snapshot may be on different hosts: each goes through the ingress.
+            colocated="ingress" if settings.group_by == "cluster" else settings.colocated,
         )
         self.options = options
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None

@@ -6,7 +6,9 @@ The data path, for version N of pipeline P with stages S0..Sn:
   sidecar's egress `/pipelines/P/vN/S1` --(S1 clusters, branches, mirror)--> next sidecar ...
 Each ingress route tells the runtime, in headers, the path of the next hop; the
 last stage gets none and answers. Cluster `<model>.<version>` holds the sidecar
-ingress addresses of that version's passing instances.
+ingress addresses of that version's passing instances; for a sender on their
+host, their runtimes' sockets instead, its route saying what the ingress would
+(endpoints.py).
 """
 
 from __future__ import annotations
