@@ -182,10 +182,10 @@ def main() -> None:
     try:
         for path, (egress, ingress) in ports.items():
             if path == SAME_HOST:  # the receiver (a second backend) at a socket, reached by the sender's Envoy
-                socket = folder / "backend.sock"
-                receiver = over_pipe(envoy_config("backend-uds", ingress, None, None, ""), socket, "ingress")
-                procs.append(start(folder, "backend-uds", receiver, ingress, socket))
-                sender = over_pipe(envoy_config("egress", egress, ingress, None, "egress"), socket, "egress")
+                at = folder / "backend.sock"
+                receiver = over_pipe(envoy_config("backend-uds", ingress, None, None, ""), at, "ingress")
+                procs.append(start(folder, "backend-uds", receiver, ingress, at))
+                sender = over_pipe(envoy_config("egress", egress, ingress, None, "egress"), at, "egress")
                 procs.append(start(folder, "egress-same-host", sender, egress))
                 sidecars[path] = [procs[-1].pid]
                 continue
