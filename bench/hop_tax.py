@@ -2,10 +2,12 @@
 around it, and the mesh on the way in (the caller's sidecar, the stage's sidecar, the network; for
 the first hop also the gateway and the client's leg).
 
-The NLP stack as `mllambda up` runs it (mTLS on every hop) and with `security: plaintext`, both up
-at once and measured in turns; requests one at a time (`mllambda invoke`'s own client and
-x-mll-timing), medians per run, the median of the runs.
-Run: .venv/bin/python -m bench.hop_tax [--runs 3] [--requests 300]
+The NLP stack as `mllambda up` runs it (mTLS on every hop, same-host hops skipping the receiver's
+sidecar), and either with `security: plaintext` (`--compare security`) or with every hop through the
+receiver's sidecar (`--compare colocated`, `MLLAMBDA_COLOCATED=ingress`); both up at once and
+measured in turns; requests one at a time (`mllambda invoke`'s own client and x-mll-timing), medians
+per run, the median of the runs.
+Run: .venv/bin/python -m bench.hop_tax [--runs 3] [--requests 300] [--compare security|colocated]
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--compare", choices=["security", "colocated"], default="colocated")
     args = parser.parse_args()
     stack = yaml.safe_load((PROJECT_ROOT / "examples" / "nlp" / "stack.yaml").read_text())
     stack.pop("kafka", None)
-    runs: dict[str, list[list[dict[str, float]]]] = {"mtls": [], "plaintext": []}
+    setups: dict[str, tuple[dict[str, str], dict[str, str]]] = {"mtls": ({}, {})}  # name: stack changes, env
+    if args.compare == "colocated":
+        setups["mtls, every hop through the ingress"] = ({}, {"MLLAMBDA_COLOCATED": "ingress"})
+    else:
+        setups["plaintext"] = ({"security": "plaintext"}, {})
+    runs: dict[str, list[list[dict[str, float]]]] = {name: [] for name in setups}
     with contextlib.ExitStack() as stacks:
         urls = {}
-        for security in runs:  # both up at once, measured in turns: same machine, same minute
-            folder = Path(tempfile.mkdtemp(prefix=f"mll-bench-tax-{security}-"))
-            ports, _ = stacks.enter_context(running_stack(folder, {**stack, "security": security}))
+        for security, (changes, env) in setups.items():  # both up at once, measured in turns: same minute
+            folder = Path(tempfile.mkdtemp(prefix="mll-bench-tax-"))
+            ports, _ = stacks.enter_context(running_stack(folder, {**stack, **changes}, env))
             urls[security] = f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp"
             asyncio.run(send(urls[security], TEXT, 30, concurrency=1))  # warm
         for _ in range(args.runs):
