@@ -75,10 +75,10 @@ class RuntimeService:
                 version=_named(_text(meta, "version"), "meta 'version'", VERSION),
                 host=str(service.get("Address") or entry["Node"]["Address"]),
                 runtime_port=_port(meta, "runtime_port"),
-                runtime_uds=str(meta.get("runtime_uds", "")),
+                runtime_uds=_socket(meta, "runtime_uds"),
                 ingress_port=_port(meta, "ingress_port"),
                 egress_port=_port(meta, "egress_port"),
-                egress_uds=str(meta.get("egress_uds", "")),
+                egress_uds=_socket(meta, "egress_uds"),
                 envoy_admin_port=_port(meta, "envoy_admin_port", optional=True),
                 kafka_port=_port(meta, "kafka_port", optional=True),
                 health_port=_port(meta, "health_port", optional=True),
@@ -103,6 +103,27 @@ def _folder(value: Any) -> str:
         return ""
     if not isinstance(value, str) or not value.startswith("/") or len(value) > 200 or not value.isprintable():
         raise BadRegistration(f"meta 'tls_dir' is not an absolute path: {str(value)[:40]!r}")
+    return value
+
+
+SOCKET_PATH_BYTES = 107  # a Unix socket address holds 108 bytes with its NUL; Envoy refuses a longer path
+
+
+def _socket(meta: Mapping[str, Any], key: str) -> str:
+    """An absolute Unix socket path Envoy can take: other Envoys on the host send to a runtime's socket, so a
+    path Envoy refuses would fail their whole update (docs/architecture.md, "Same host")."""
+    value = meta.get(key, "")
+    if value in (None, ""):
+        return ""
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value.encode()) > SOCKET_PATH_BYTES
+        or not value.isprintable()
+    ):
+        raise BadRegistration(
+            f"meta {key!r} is not a Unix socket path (absolute, at most 107 bytes): {str(value)[:40]!r}"
+        )
     return value
 
 

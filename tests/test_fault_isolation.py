@@ -49,6 +49,11 @@ async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothi
     agent.register("tokenize", service_id="gateway", port=2, tags=["mllambda"], meta=good_meta, check=ttl)
     bad_port = {**good_meta, "ingress_port": "-1"}
     agent.register("count", service_id="bad-port", port=2, tags=["mllambda"], meta=bad_port, check=ttl)
+    # A passing instance of the first stage, on the gateway's host, whose socket path no Envoy can take
+    # (over the 107 bytes of a Unix socket address): the gateway would be sent it (same-host delivery).
+    long_socket = {**good_meta, "runtime_uds": "/tmp/" + "s" * 300 + ".sock"}
+    passing = {"TTL": "1h", "Status": "passing"}
+    agent.register("tokenize", service_id="bad-socket", port=2, tags=["mllambda"], meta=long_socket, check=passing)
 
     try:
         apply(control_plane, tmp_path, pipeline("after"))  # a change after the bad input still deploys
@@ -63,17 +68,19 @@ async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothi
         assert "not JSON" in broken["junk"] and "not a pipeline version" in broken["weird"]
         assert metric(scrape(control_plane), "mllambda_store_broken_records") == 3
         runtimes = {r["service_id"] for r in status(control_plane)["runtimes"]}
-        assert not {"gateway", "bad-port"} & runtimes
+        assert not {"gateway", "bad-port", "bad-socket"} & runtimes
         refused = await wait_for(
-            lambda: len(found := status(control_plane)["consul"]["refused"]) >= 2 and found, timeout=10
+            lambda: len(found := status(control_plane)["consul"]["refused"]) >= 3 and found, timeout=10
         )
         assert "reserved" in refused["gateway"] and "not a port number" in refused["bad-port"], refused
-        assert metric(scrape(control_plane), "mllambda_discovery_refused_registrations") == 2
+        assert "'runtime_uds' is not a Unix socket path" in refused["bad-socket"], refused
+        assert metric(scrape(control_plane), "mllambda_discovery_refused_registrations") == 3
         got = control_plane.cli("get", "pipelines", "junk")
         assert got.returncode == 1 and "not JSON" in got.stderr and "Traceback" not in got.stderr, got.stderr
     finally:
         agent.deregister("gateway")
         agent.deregister("bad-port")
+        agent.deregister("bad-socket")
     _, listing = processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/agent/services")
     assert "bad-port" not in listing
 
