@@ -210,9 +210,11 @@ def _gateway(
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
     tls = options.gateway_tls_dir if options.mtls else ""
-    near = options.gateway_host if options.colocated == "direct" else ""
     remote = remote_clusters(
-        [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE], endpoints, tls, near
+        [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE],
+        endpoints,
+        tls,
+        _near(options, options.gateway_host),
     )
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges, tls)] if bridged else []
@@ -305,11 +307,16 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         broker_filter = me.service_id in options.kafka_filter_nodes
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
         clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
-    remote = remote_clusters(egress, endpoints, tls, me.host if options.colocated == "direct" else "")
+    remote = remote_clusters(egress, endpoints, tls, _near(options, me.host))
     egress = only_serving(_dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
     routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *egress])]
     return _snapshot(listeners, routes, remote, clusters)
+
+
+def _near(options: Options, host: str) -> str:
+    """The sender's host, whose runtimes it reaches at their socket; "": it reaches every one at its ingress."""
+    return host if options.colocated == "direct" else ""
 
 
 def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:
