@@ -149,9 +149,20 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def test_the_pipeline_answers_end_to_end_with_every_hop_on_mtls(secure: Deployment) -> None:
+    def through_ingress() -> list[int]:  # requests each stage's sidecar passed from its ingress to its runtime
+        found = []
+        for port in secure.envoys[1:]:
+            text = processes.http_get(f"http://127.0.0.1:{port}/stats?filter=^cluster.local-http.upstream_rq_total$")
+            found.append(int(text[1].split(":")[1]) if ":" in text[1] else 0)
+        return found
+
+    before = through_ingress()
     status, body = gateway_call(secure.plane, "one two three")
     assert status == 200, body
-    assert body["score"] == 3 * 10  # tokenize -> count -> score, each hop through mTLS
+    assert body["score"] == 3 * 10  # tokenize -> count -> score
+    # All on one host: each hop went from the sender's sidecar to the next runtime's socket (plaintext in
+    # an mTLS cluster, by endpoint metadata), no ingress on the way (docs/architecture.md, "Same host").
+    assert through_ingress() == before
     assert Path(secure.meta("count")["tls_dir"]).is_dir()  # removed when the runtime stops (the fixture checks)
     # Each Envoy presents a Connect leaf naming its own identity.
     certs = json.loads(processes.http_get(f"http://127.0.0.1:{secure.gateway_admin}/certs")[1])["certificates"]
