@@ -106,7 +106,11 @@ def _folder(value: Any) -> str:
     return value
 
 
-SOCKET_PATH_BYTES = 107  # a Unix socket address holds 108 bytes with its NUL; Envoy refuses a longer path
+SOCKET_PATH_BYTES = 108  # a Unix socket address's path; the kernel, Python and Envoy refuse a longer one
+
+
+def socket_path_fits(path: str) -> bool:
+    return path.startswith("/") and len(path.encode()) <= SOCKET_PATH_BYTES and path.isprintable()
 
 
 def _socket(meta: Mapping[str, Any], key: str) -> str:
@@ -115,14 +119,9 @@ def _socket(meta: Mapping[str, Any], key: str) -> str:
     value = meta.get(key, "")
     if value in (None, ""):
         return ""
-    if (
-        not isinstance(value, str)
-        or not value.startswith("/")
-        or len(value.encode()) > SOCKET_PATH_BYTES
-        or not value.isprintable()
-    ):
+    if not isinstance(value, str) or not socket_path_fits(value):
         raise BadRegistration(
-            f"meta {key!r} is not a Unix socket path (absolute, at most 107 bytes): {str(value)[:40]!r}"
+            f"meta {key!r} is not a Unix socket path (absolute, at most {SOCKET_PATH_BYTES} bytes): {str(value)[:40]!r}"
         )
     return value
 

@@ -28,7 +28,7 @@ from contract.naming import (
     model_cluster,
     name_problem,
 )
-from contract.service import RuntimeService
+from contract.service import SOCKET_PATH_BYTES, RuntimeService, socket_path_fits
 from controlplane.certs import CertKeeper, write_sds
 from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag, resolve
 from controlplane.errors import CliError
@@ -100,16 +100,26 @@ def check_batching(args: argparse.Namespace) -> None:
 def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> RuntimeService:
     """The runtime's addresses: given by flags, else free ports and sockets under the run folder."""
     service_id = checked_service_id(args)
+    runtime_uds = str(args.uds or folder / f"{service_id}.sock")
+    if not socket_path_fits(runtime_uds):
+        raise CliError(
+            f"the runtime's socket path is {len(runtime_uds.encode())} bytes, over the {SOCKET_PATH_BYTES} a Unix "
+            f"socket path can hold: {runtime_uds[:60]}...; set MLLAMBDA_RUN_DIR (or --uds) to a shorter path"
+        )
+    egress_uds = str(folder / f"{service_id}-egress.sock")
+    if not socket_path_fits(egress_uds):  # the egress socket is a shortcut only: TCP carries `uds` pipelines too
+        log.warning("no egress socket: %s is over %d bytes; forwarding over TCP", egress_uds[:60], SOCKET_PATH_BYTES)
+        egress_uds = ""
     return RuntimeService(
         service_id=service_id,
         model=args.model,
         version=args.version,
         host=advertised(args),
         runtime_port=args.port or free_port(),
-        runtime_uds=str(args.uds or folder / f"{service_id}.sock"),
+        runtime_uds=runtime_uds,
         ingress_port=args.ingress_port or free_port(),
         egress_port=args.egress_port or free_port(),
-        egress_uds=str(folder / f"{service_id}-egress.sock"),
+        egress_uds=egress_uds,
         envoy_admin_port=args.envoy_admin_port or free_port(),
         health_port=free_port(),
         # Broker traffic goes through the sidecar when there is one.

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from contract import headers as h
+from contract.service import RuntimeService
 from controlplane.spec import parse_pipeline
 from controlplane.translate import resources as r
 from controlplane.translate.pipelines import Options, translate
@@ -105,3 +109,25 @@ def test_a_server_we_do_not_run_and_ensemble_members_stay_behind_their_ingress()
     sidecar = translate(steady(ensemble), PASSING)["ma-v1-1"]
     assert reached(sidecar, "mb.v1") == ["tcp:8002"] and reached(sidecar, "mb.v2") == ["tcp:8003"]
     assert reached(sidecar, "mx.v1") == ["pipe:/run/mx-5.sock"]  # the join sends on, as a stage's variant does
+
+
+def test_a_runtime_in_a_deep_folder_offers_no_egress_socket_and_one_whose_own_socket_cannot_fit_says_so(
+    tmp_path: Path,
+) -> None:
+    """Other Envoys connect to the runtime's socket, so its registration must carry a path Envoy takes."""
+    from controlplane.cli import build_parser
+    from controlplane.errors import CliError
+    from controlplane.launch import plan_service
+
+    def plan(folder: Path) -> RuntimeService:
+        args = build_parser().parse_args(["runtime", "m:f", "--model=m", "--version=v1", "--service-id=m-1"])
+        return plan_service(args, folder, kafka=False)
+
+    deep = Path("/" + "d" * 95)  # m-1.sock fits (105 bytes); m-1-egress.sock does not (112)
+    planned = plan(deep)
+    assert planned.runtime_uds == f"{deep}/m-1.sock" and planned.egress_uds == ""  # forwards over TCP instead
+    assert RuntimeService.from_entry(
+        {"Service": {"ID": "m-1", "Address": "127.0.0.1", "Meta": planned.to_meta()}, "Node": {}, "Checks": []}
+    ).egress_uds == ""  # fmt: skip
+    with pytest.raises(CliError, match="MLLAMBDA_RUN_DIR"):
+        plan(Path("/" + "d" * 110))

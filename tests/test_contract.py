@@ -41,7 +41,7 @@ def test_the_meta_a_runtime_writes_is_what_the_control_plane_reads() -> None:
         ({"egress_port": "70000"}, "'egress_port' is not a port number"),
         ({"model": ""}, "'model' is missing"),
         ({"envoy_admin_port": "x"}, "'envoy_admin_port' is not a port number"),
-        ({"runtime_uds": "/run/" + "x" * 103}, "'runtime_uds' is not a Unix socket path"),
+        ({"runtime_uds": "/run/" + "x" * 104}, "'runtime_uds' is not a Unix socket path"),
         ({"runtime_uds": "relative.sock"}, "'runtime_uds' is not a Unix socket path"),
         ({"egress_uds": "/run/a\nb.sock"}, "'egress_uds' is not a Unix socket path"),
     ],
