@@ -57,9 +57,8 @@ class Activator:
             app.router.add_route("*", "/{tail:.*}", self._handler(policy.cluster))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.ports[policy.cluster] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            self.ports[policy.cluster] = runner.addresses[0][1]
             self._runners.append(runner)
 
     async def stop(self) -> None:

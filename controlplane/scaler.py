@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -231,9 +231,20 @@ class Autoscaler:
         for p in self.policies:
             r = self.records.get(p.cluster)
             wanted, reason, at, by = (r.replicas, r.reason, r.at, r.by) if r else (None, "", None, "")
-            cold = self.activator.cold_starts.get(p.cluster)
-            row = ScaleRow(p.model, p.version, p.min_replicas, p.max_replicas, wanted, passing.get(p.cluster, 0))
-            rows.append(replace(row, reason=reason, decided_at=at, decided_by=by, cold_start_s=cold))
+            rows.append(
+                ScaleRow(
+                    p.model,
+                    p.version,
+                    p.min_replicas,
+                    p.max_replicas,
+                    wanted,
+                    passing.get(p.cluster, 0),
+                    reason=reason,
+                    decided_at=at,
+                    decided_by=by,
+                    cold_start_s=self.activator.cold_starts.get(p.cluster),
+                )
+            )
         return tuple(rows)
 
 

@@ -60,7 +60,12 @@ async def get_json(url: str) -> tuple[int, Any]:
 
 def envoy_stat(envoy: Any, name: str) -> int:
     """One counter or gauge from an Envoy's admin /stats (0 if it does not exist yet)."""
-    _, text = envoy.admin(f"/stats?filter=^{name}$")
+    return admin_stat(envoy.admin_port, name)
+
+
+def admin_stat(admin_port: int | str, name: str) -> int:
+    """One counter or gauge from the Envoy whose admin port this is (0 if it does not exist yet)."""
+    _, text = processes.http_get(f"http://127.0.0.1:{admin_port}/stats?filter=^{name}$")
     return int(text.split(":")[1]) if ":" in text else 0
 
 

@@ -11,8 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.processes import http_get
-from tests.envoy_helpers import wait_for
+from tests.envoy_helpers import admin_stat, wait_for
 from tests.test_pipeline_e2e import apply, pipeline, post, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
@@ -23,8 +22,7 @@ def ingress_requests(consul_port: int, runtime: Any) -> int:
     """Pipeline requests a runtime's sidecar passed from its ingress to the runtime (Consul's checks go to the
     runtime's readiness port, a cluster of its own)."""
     admin = service_meta(consul_port, runtime.model, runtime.service_id)["envoy_admin_port"]
-    _, text = http_get(f"http://127.0.0.1:{admin}/stats?filter=^cluster.local-http.upstream_rq_total$")
-    return int(text.split(":")[1]) if ":" in text else 0
+    return admin_stat(admin, "cluster.local-http.upstream_rq_total")
 
 
 async def test_a_hop_on_one_host_skips_the_next_sidecar_and_answers_the_same(
@@ -85,5 +83,4 @@ async def test_a_killed_runtime_on_the_senders_host_is_retried_on_its_other_repl
         outcomes = [await post(session, url, {"text": "a b"}) for _ in range(100)]
     assert {(status, str(body)) for status, body, _ in outcomes} == {(200, str({"count": 2, "score": 20}))}
     admin = service_meta(consul_agent.http_port, "tokenize", sender.service_id)["envoy_admin_port"]
-    _, text = http_get(f"http://127.0.0.1:{admin}/stats?filter=^cluster.count_v1.upstream_rq_retry$")
-    assert int(text.split(":")[1]) > 0, "the killed replica was never tried"
+    assert admin_stat(admin, "cluster.count_v1.upstream_rq_retry") > 0, "the killed replica was never tried"

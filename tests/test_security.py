@@ -29,6 +29,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from controlplane import processes
 from controlplane.processes import ManagedProcess
 from tests.conftest import ConsulAgent, ControlPlaneProc, consul_passing, start_consul
+from tests.envoy_helpers import admin_stat
 
 pytestmark = pytest.mark.slow
 LISTENERS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -150,11 +151,7 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_the_pipeline_answers_end_to_end_with_every_hop_on_mtls(secure: Deployment) -> None:
     def through_ingress() -> list[int]:  # requests each stage's sidecar passed from its ingress to its runtime
-        found = []
-        for port in secure.envoys[1:]:
-            text = processes.http_get(f"http://127.0.0.1:{port}/stats?filter=^cluster.local-http.upstream_rq_total$")
-            found.append(int(text[1].split(":")[1]) if ":" in text[1] else 0)
-        return found
+        return [admin_stat(port, "cluster.local-http.upstream_rq_total") for port in secure.envoys[1:]]
 
     before = through_ingress()
     status, body = gateway_call(secure.plane, "one two three")

@@ -40,8 +40,8 @@ class Endpoints:
         return self._built[cluster, near]
 
 
-def reach_of(instances: Iterable[RuntimeService], parked: Iterable[tuple[str, str, int]] = ()) -> Reach:
-    """Cluster -> its passing endpoints as plain values (Endpoints turns them into addresses).
+def endpoints_of(instances: Iterable[RuntimeService], parked: Iterable[tuple[str, str, int]] = ()) -> Endpoints:
+    """Every cluster's passing endpoints as plain values (Endpoints turns them into addresses).
 
     A scaled-to-zero version without a passing replica is reached at its activator instead.
     """
@@ -49,9 +49,10 @@ def reach_of(instances: Iterable[RuntimeService], parked: Iterable[tuple[str, st
     for i in sorted(instances, key=lambda i: i.service_id):
         if i.passing:  # a server we do not run (OIP) has no socket of ours: always through its sidecar
             found.setdefault(i.cluster, []).append((i.host, i.ingress_port, "" if i.oip_model else i.runtime_uds))
+    at_activator = frozenset(cluster for cluster, _, _ in parked if cluster not in found)
     for cluster, host, port in parked:
         found.setdefault(cluster, [(host, port, "")])
-    return {cluster: tuple(hosts) for cluster, hosts in found.items()}
+    return Endpoints({cluster: tuple(hosts) for cluster, hosts in found.items()}, at_activator)
 
 
 def remote_clusters(

@@ -28,7 +28,7 @@ from contract.service import RuntimeService
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
-from controlplane.translate.endpoints import Endpoints, Reach, only_serving, reach_of, remote_clusters
+from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
 from controlplane.translate.routes import (
     ENVOY_ADMIN,
     LOCAL_HEALTH,
@@ -105,9 +105,7 @@ def translate(
     thousands of runtimes, one registration rebuilds only the sidecars that
     route to its model version. The inputs are compared once per model version.
     """
-    reach = reach_of(instances, options.parked)
-    parked = frozenset(c for c, host, port in options.parked if reach[c] == ((host, port, ""),))
-    endpoints = Endpoints(reach, parked)
+    endpoints = endpoints_of(instances, options.parked)
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
@@ -120,7 +118,7 @@ def translate(
         by_cluster.setdefault(i.cluster, []).append(i)
     for cluster, members in by_cluster.items():
         mine = serving.get(cluster, ())
-        shared = _shared_key(mine, reach)
+        shared = _shared_key(mine, endpoints.reach)
         known = memo.get(shared, {}) if memo is not None else {}
         fresh = kept.setdefault(shared, {})
         for i in members:
