@@ -35,12 +35,20 @@ SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
     "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
+    "ML Lambda, http, shared Envoy": (
+        "mllambda",
+        {"transport": "http", "security": "plaintext", "colocated": "shared", "gateway_concurrency": 2},
+    ),
     "ML Lambda, http, every hop through the ingress": (
         "mllambda",
         {"transport": "http", "security": "plaintext", "colocated": "ingress"},
     ),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
+    "ML Lambda, http + mTLS, shared Envoy": (
+        "mllambda",
+        {"transport": "http", "security": "mtls", "colocated": "shared", "gateway_concurrency": 2},
+    ),
     "ML Lambda, http + mTLS, every hop through the ingress": (
         "mllambda",
         {"transport": "http", "security": "mtls", "colocated": "ingress"},
@@ -56,12 +64,16 @@ def expected(text: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def mllambda(folder: Path, transport: str, security: str, colocated: str = "direct") -> Iterator[str]:
+def mllambda(
+    folder: Path, transport: str, security: str, colocated: str = "direct", gateway_concurrency: int = 1
+) -> Iterator[str]:
+    """`gateway_concurrency`: one worker is best when the gateway carries one traversal per request; a gateway
+    that also carries the runtimes' output (shared) carries three, and does best with one per core."""
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
         "security": security,
-        "gateway_concurrency": 1,
+        "gateway_concurrency": gateway_concurrency,
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }

@@ -113,6 +113,16 @@ def socket_path_fits(path: str) -> bool:
     return path.startswith("/") and len(path.encode()) <= SOCKET_PATH_BYTES and path.isprintable()
 
 
+EGRESS_SOCKET = "-egress.sock"  # how a runtime's egress socket ends (launch.py names it)
+
+
+def shared_egress_socket(egress_uds: str) -> str:
+    """Where the host's shared Envoy takes a runtime's output, next to its egress socket (shorter, so it fits;
+    '@' is in no service id, so no runtime's own socket has this name); "": none (docs/architecture.md,
+    "Same host")."""
+    return egress_uds.removesuffix(EGRESS_SOCKET) + "@host.sock" if egress_uds.endswith(EGRESS_SOCKET) else ""
+
+
 def _socket(meta: Mapping[str, Any], key: str) -> str:
     """An absolute Unix socket path Envoy can take: other Envoys on the host send to a runtime's socket, so a
     path Envoy refuses would fail their whole update (docs/architecture.md, "Same host")."""

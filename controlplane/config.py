@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,12 @@ DEFAULT_ADMIN_ADDR = "127.0.0.1:18001"
 DEFAULT_BRIDGE_ADDR = "127.0.0.1:18003"  # the Kafka HTTP bridge (only with a broker)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_folder() -> Path:
+    """Where runtimes of this user keep their sockets (`MLLAMBDA_RUN_DIR`); the control plane's gateway binds
+    the shared egress sockets only there (docs/architecture.md, "Same host")."""
+    return Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
 
 
 def resolve(flag: str | None, env_var: str, default: str) -> str:

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +27,9 @@ from contract.naming import (
     model_cluster,
     name_problem,
 )
-from contract.service import SOCKET_PATH_BYTES, RuntimeService, socket_path_fits
+from contract.service import EGRESS_SOCKET, SOCKET_PATH_BYTES, RuntimeService, socket_path_fits
 from controlplane.certs import CertKeeper, write_sds
-from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag, resolve
+from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag, resolve, run_folder
 from controlplane.errors import CliError
 from controlplane.processes import ManagedProcess, envoy_argv, free_port, private_dir
 from controlplane.sidecar import write_bootstrap
@@ -45,7 +44,7 @@ MAX_BATCH = 4096
 
 
 def run_dir() -> Path:
-    folder = Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
+    folder = run_folder()
     try:
         return private_dir(folder)  # sockets live here
     except PermissionError as err:
@@ -106,7 +105,7 @@ def plan_service(args: argparse.Namespace, folder: Path, kafka: bool) -> Runtime
             f"the runtime's socket path is {len(runtime_uds.encode())} bytes, over the {SOCKET_PATH_BYTES} a Unix "
             f"socket path can hold: {runtime_uds[:60]}...; set MLLAMBDA_RUN_DIR (or --uds) to a shorter path"
         )
-    egress_uds = str(folder / f"{service_id}-egress.sock")
+    egress_uds = str(folder / f"{service_id}{EGRESS_SOCKET}")
     if not socket_path_fits(egress_uds):  # the egress socket is a shortcut only: TCP carries `uds` pipelines too
         log.warning("no egress socket: %s is over %d bytes; forwarding over TCP", egress_uds[:60], SOCKET_PATH_BYTES)
         egress_uds = ""

@@ -81,6 +81,7 @@ class ControlPlane:
             gateway_tls_dir=settings.gateway_tls_dir,
             # Envoys sharing a snapshot may be on different hosts: each goes through the ingress.
             colocated="ingress" if settings.group_by == "cluster" else settings.colocated,
+            run_folder=settings.run_folder,
         )
         self.options = options
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None

@@ -15,12 +15,14 @@ from controlplane.config import (
     ConsulAddress,
     add_security_flag,
     resolve,
+    run_folder,
 )
 from controlplane.discovery import EMPTY_GRACE
 from controlplane.store import KEEP_VERSIONS
 from controlplane.xds.cache import GroupBy
 
-COLOCATED = ("direct", "ingress")  # how a sender reaches a runtime on its own host (docs/architecture.md, "Same host")
+# how a sender reaches a runtime on its own host (docs/architecture.md, "Same host")
+COLOCATED = ("direct", "shared", "ingress")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Settings:
     autoscale_file: str = ""  # `kind: Autoscale` policies per model version ("": nothing is scaled)
     scaler: str = "local"  # who carries decisions out: "local" (`mllambda up`) or "kubernetes" (scale subresource)
     kubernetes_namespace: str = "default"  # with scaler kubernetes: where the runtime Deployments are
-    colocated: str = "direct"  # a runtime on the sender's host: "direct" to its socket, or "ingress" (its sidecar)
+    colocated: str = "shared"  # a runtime on the sender's host (COLOCATED; docs/architecture.md, "Same host")
+    run_folder: str = ""  # with shared: the folder whose runtimes' egress sockets the gateway takes
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -75,7 +78,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         autoscale_file=resolve(args.autoscale, "MLLAMBDA_AUTOSCALE", ""),
         scaler=args.scaler,
         kubernetes_namespace=args.kubernetes_namespace,
-        colocated=_colocated(resolve(args.colocated, "MLLAMBDA_COLOCATED", "direct")),
+        colocated=_colocated(resolve(args.colocated, "MLLAMBDA_COLOCATED", "shared")),
+        run_folder=str(run_folder()),
     )
 
 
@@ -145,8 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--colocated",
         choices=COLOCATED,
-        help="a runtime on the sender's own host: direct (to its socket, skipping its sidecar; the default) "
-        "or ingress (through its sidecar, as from another host) (MLLAMBDA_COLOCATED)",
+        help="a runtime on the sender's own host: shared (reached at its socket, and on the gateway's host its "
+        "output goes through the gateway Envoy too; the default), direct (at its socket, its output through "
+        "its own sidecar) or ingress (through its sidecar, as from another host) (MLLAMBDA_COLOCATED)",
     )
     add_security_flag(parser, "every hop, xDS and the Kafka bridge mutually authenticated (Consul Connect)")
     parser.add_argument("--gateway-tls-dir", help="with mtls: the gateway Envoy's certificate folder")

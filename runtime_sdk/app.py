@@ -22,6 +22,7 @@ from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
+from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.payload_log import PayloadLog, sampled
@@ -33,35 +34,6 @@ log = logging.getLogger("mllambda.runtime")
 
 class Rejected(Exception):
     """Raise from predict() to refuse a payload: the caller gets a 422 with this message."""
-
-
-@dataclass
-class Egress:
-    """How this runtime reaches its own sidecar's egress listener."""
-
-    tcp_port: int | None = None
-    uds_path: str | None = None
-    sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
-
-    async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None)
-        if self.tcp_port:
-            self.sessions["http"] = aiohttp.ClientSession(timeout=timeout)
-        if self.uds_path:
-            connector = aiohttp.UnixConnector(path=self.uds_path)
-            self.sessions["uds"] = aiohttp.ClientSession(connector=connector, timeout=timeout)
-
-    async def close(self) -> None:
-        for session in self.sessions.values():
-            await session.close()
-
-    def target(self, transport: str, path: str) -> tuple[aiohttp.ClientSession, str]:
-        session = self.sessions.get(transport) or self.sessions.get("http") or self.sessions.get("uds")
-        if session is None:
-            raise web.HTTPServiceUnavailable(text=_error("this runtime has no sidecar to forward to"))
-        if session is self.sessions.get("uds"):
-            return session, f"http://sidecar{path}"
-        return session, f"http://127.0.0.1:{self.tcp_port}{path}"
 
 
 class Metrics:
@@ -315,19 +287,18 @@ def hop_timing(label: str, model_ms: float, arrived: float, next_ms: float | Non
 async def forward(
     runtime: Runtime, request: web.Request, body: str, output: dict[str, Any], next_path: str, served: str
 ) -> tuple[web.Response, float | None]:
-    """Send the output to the next hop through the own sidecar; relay its answer (and how long it took)."""
+    """Send the output to the next hop (Egress.post); relay its answer (and how long it took)."""
     outgoing = hop_headers(request.headers, output, request.headers.get(h.BRANCH_FIELD, ""))
-    session, url = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), next_path)
     sent = time.perf_counter()
     try:
-        async with session.post(url, data=body, headers=outgoing) as resp:
-            answer = await resp.read()
-            downstream = resp.headers.get(h.SERVED)
-            content_type = resp.headers.get("content-type", "application/json")
-            status = resp.status
-            timing = resp.headers.get(h.TIMING, "")
+        status, answer, answered = await runtime.egress.post(
+            request.headers.get(h.TRANSPORT, "http"), next_path, body, outgoing
+        )
     except aiohttp.ClientError as err:
         return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served), None
+    downstream = answered.get(h.SERVED)
+    content_type = answered.get("content-type", "application/json")
+    timing = answered.get(h.TIMING, "")
     next_ms = (time.perf_counter() - sent) * 1000
     chain = f"{served}, {downstream}" if downstream else served
     headers = {h.SERVED: chain, "content-type": content_type, h.TIMING: timing}

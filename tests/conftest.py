@@ -135,6 +135,7 @@ class ControlPlaneProc:
     metrics_port: int = field(default_factory=processes.free_port)
     bridge_port: int = field(default_factory=processes.free_port)  # the Kafka HTTP bridge (with a broker)
     env: dict[str, str] = field(default_factory=dict)
+    run_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mll-"))  # its runtimes' sockets
     extra_args: list[str] = field(default_factory=list)
     proc: ManagedProcess | None = None
     ui_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # signs a browser in to the dashboard
@@ -156,7 +157,7 @@ class ControlPlaneProc:
             f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
             f"--bridge=127.0.0.1:{self.bridge_port}", *self.extra_args,
         ]  # fmt: skip
-        env = {"MLLAMBDA_UI_TOKEN": self.ui_token, **self.env}
+        env = {"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": self.run_dir, **self.env}
         self.proc = ManagedProcess("controlplane", argv, self.log_path, env=env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
         self.proc.wait_ready(processes.tcp_ready(self.metrics_port), timeout=30)  # the dashboard starts after
@@ -193,7 +194,7 @@ def control_plane(consul_agent: ConsulAgent, logs_dir: Path) -> Iterator[Control
 def kafka_plane(control_plane: ControlPlaneProc, kafka_bootstrap: str) -> ControlPlaneProc:
     """The control plane, restarted with a Kafka broker (before any runtime starts)."""
     control_plane.stop()
-    control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
+    control_plane.env = {**control_plane.env, "MLLAMBDA_KAFKA_BOOTSTRAP": kafka_bootstrap}
     control_plane.start()
     return control_plane
 
@@ -212,7 +213,7 @@ def start_runtime(
 ) -> Iterator[Callable[..., RuntimeProc]]:
     """Start `mllambda runtime` (with its own Envoy sidecar); wait until Consul says passing."""
     started: list[RuntimeProc] = []
-    run_dir = tempfile.mkdtemp(prefix="mll-")
+    run_dir = control_plane.run_dir  # the gateway takes the output of runtimes there (Same host, shared)
 
     def start(
         target: str, model: str, version: str, wait: bool = True, xds: str = "", extra: tuple[str, ...] = ()

@@ -14,7 +14,7 @@ from contract.service import RuntimeService
 from controlplane.spec import parse_pipeline
 from controlplane.translate import resources as r
 from controlplane.translate.pipelines import Options, translate
-from controlplane.xds.snapshot import CLUSTER, ENDPOINT, Snapshot
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
 from tests.test_translate import PIPELINE, RUNTIMES, instance, routes, steady
 
 PASSING = [dataclasses.replace(i, passing=True) for i in RUNTIMES] + [instance("mb", "v3", 4), instance("mx", "v1", 5)]
@@ -131,3 +131,55 @@ def test_a_runtime_in_a_deep_folder_offers_no_egress_socket_and_one_whose_own_so
     ).egress_uds == ""  # fmt: skip
     with pytest.raises(CliError, match="MLLAMBDA_RUN_DIR"):
         plan(Path("/" + "d" * 110))
+
+
+SHARED = Options(run_folder="/run")  # the control plane's run folder: the gateway takes its runtimes' output
+
+
+def listeners(snapshot: Snapshot) -> dict[str, str]:
+    return {x.name: x.address.pipe.path for x in snapshot.of_type(LISTENER).by_name.values()}
+
+
+def test_the_gateway_takes_the_output_of_runtimes_on_its_host_with_the_routes_their_sidecar_has() -> None:
+    elsewhere = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6")
+    snapshots = translate(steady(PIPELINE), [*PASSING, elsewhere], SHARED)
+    gateway = snapshots["gateway"]
+    assert listeners(gateway) == {
+        "gateway": "",
+        "egress-ma-v1-1": "/run/ma-1@host.sock",
+        "egress-mb-v1-2": "/run/mb-2@host.sock",
+        "egress-mb-v2-3": "/run/mb-3@host.sock",
+    }  # a shadow and the last stage send nowhere; a runtime on another host keeps its sidecar
+    for runtime in ("ma-v1-1", "mb-v1-2"):
+        sidecar = [x for x in routes(snapshots[runtime], "egress") if x.name != "readyz"]
+        assert routes(gateway, f"egress-{runtime}") == sidecar  # the sidecar keeps them: the runtime's fallback
+    # The gateway reaches the next stage as the sidecar would: its host's runtimes at their socket.
+    assert reached(gateway, "mb.v1") == reached(snapshots["ma-v1-1"], "mb.v1") == ["tcp:8006", "pipe:/run/mb-2.sock"]
+    assert translate(steady(PIPELINE), PASSING, dataclasses.replace(SHARED, colocated="direct"))["gateway"].of_type(
+        LISTENER
+    ).by_name.keys() == {"gateway"}
+
+
+def test_the_gateway_binds_only_in_its_own_run_folder_and_never_on_a_path_two_registrations_name() -> None:
+    """Envoy replaces whatever file is at a listener's path, and two listeners on one path fail its update."""
+    outside = dataclasses.replace(instance("ma", "v1", 1), egress_uds="/home/someone/ma-1-egress.sock")
+    twin = dataclasses.replace(instance("mb", "v1", 2), egress_uds="/run/ma-1-egress.sock")  # claims ma-1's
+    squatter = dataclasses.replace(instance("mx", "v1", 5), runtime_uds="/run/mb-3@host.sock")  # mb-3's shared one
+    gateway = translate(steady(PIPELINE), [*PASSING[:1], twin, *PASSING[2:4], squatter], SHARED)["gateway"]
+    assert "egress-ma-v1-1" not in listeners(gateway) and "egress-mb-v1-2" not in listeners(gateway)
+    assert "egress-mb-v2-3" not in listeners(gateway)
+    gateway = translate(steady(PIPELINE), [outside, *PASSING[1:]], SHARED)["gateway"]
+    assert "egress-ma-v1-1" not in listeners(gateway) and "egress-mb-v1-2" in listeners(gateway)
+
+
+def test_under_mtls_the_gateway_takes_only_output_that_stays_on_its_host() -> None:
+    """The gateway has its own identity only: a hop to another host keeps the runtime's sidecar (its identity)."""
+    secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in PASSING]
+    options = dataclasses.replace(SHARED, mtls=True, gateway_tls_dir="/certs/gateway")
+    assert "egress-ma-v1-1" not in listeners(translate(steady(PIPELINE), secured, options)["gateway"])  # mb.v3: mirror
+    stages = [{"name": n, "variants": [{"model": m, "version": "v1"}]} for n, m in (("a", "ma"), ("b", "mb"))]
+    plain = parse_pipeline({"name": "q", "stages": stages})
+    gateway = translate(steady(plain), secured, options)["gateway"]
+    assert "egress-ma-v1-1" in listeners(gateway) and reached(gateway, "mb.v1") == ["pipe:/run/mb-2.sock"]
+    far = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6", tls_dir="/certs/far")
+    assert "egress-ma-v1-1" not in listeners(translate(steady(plain), [*secured, far], options)["gateway"])

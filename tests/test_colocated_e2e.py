@@ -3,8 +3,10 @@ its sidecar's ingress untouched; the answers, headers and refusals are those of 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from tests.envoy_helpers import admin_stat, wait_for
 from tests.test_pipeline_e2e import apply, pipeline, post, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
+MODELS = ("count", "score")
 FORGED = {"x-mll-shadow": "1", "x-mll-next": "/pipelines/direct/v1/score", "x-mll-stage": "score"}
 
 
@@ -71,7 +74,7 @@ async def test_a_killed_runtime_on_the_senders_host_is_retried_on_its_other_repl
 ) -> None:
     """The runtime process SIGKILLed, its sidecar left running: still registered, its socket file left behind,
     until Consul's check fails. Senders on its host meet a refused socket and retry the other replica."""
-    sender = start_runtime("examples.trivial.models:tokenize", "tokenize", "v1")
+    sender = start_runtime("examples.trivial.models:tokenize", "tokenize", "v1")  # on the gateway's host
     start_runtime("examples.trivial.models:count", "count", "v1")
     doomed = start_runtime("examples.trivial.models:count", "count", "v1")
     start_runtime("examples.trivial.models:score", "score", "v1")
@@ -82,5 +85,64 @@ async def test_a_killed_runtime_on_the_senders_host_is_retried_on_its_other_repl
     async with aiohttp.ClientSession() as session:
         outcomes = [await post(session, url, {"text": "a b"}) for _ in range(100)]
     assert {(status, str(body)) for status, body, _ in outcomes} == {(200, str({"count": 2, "score": 20}))}
+    # The sender is the gateway Envoy, which carries the output of runtimes on its host (Same host, shared).
+    assert admin_stat(control_plane.gateway_admin_port, "cluster.count_v1.upstream_rq_retry") > 0, "never tried"
     admin = service_meta(consul_agent.http_port, "tokenize", sender.service_id)["envoy_admin_port"]
-    assert admin_stat(admin, "cluster.count_v1.upstream_rq_retry") > 0, "the killed replica was never tried"
+    assert admin_stat(admin, "cluster.count_v1.upstream_rq_total") == 0, "the sender's own sidecar carried it"
+
+
+def carried_by(control_plane: Any, consul_port: int, runtimes: list[Any]) -> list[int]:
+    """Requests into count and score sent by the gateway, then by the tokenize and count sidecars."""
+    sidecars = [service_meta(consul_port, r.model, r.service_id)["envoy_admin_port"] for r in runtimes[:2]]
+    gateway = [admin_stat(control_plane.gateway_admin_port, f"cluster.{c}_v1.upstream_rq_total") for c in MODELS]
+    return gateway + [admin_stat(a, f"cluster.{c}_v1.upstream_rq_total") for a, c in zip(sidecars, MODELS, strict=True)]
+
+
+async def test_the_gateway_carries_each_hop_on_its_host_and_changing_that_under_load_loses_nothing(
+    control_plane: Any, consul_agent: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
+) -> None:
+    """The runtimes' output goes through the gateway Envoy, not their sidecars. The control plane restarted
+    with `--colocated direct` takes it off the gateway (listeners drained, clusters gone) and back on, while
+    requests flow: each runtime falls back to its own sidecar and returns, and every request is answered."""
+    apply(control_plane, tmp_path, pipeline("shared"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/shared"
+    await until_ok(url, {"text": "a b c"})
+    answer = (200, str({"count": 3, "score": 30}))
+
+    def counted() -> list[int]:
+        return carried_by(control_plane, consul_agent.http_port, three_stages)
+
+    async def one() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            status, body, _ = await post(session, url, {"text": "a b c"})
+            return status, str(body)
+
+    async def moved(to: slice) -> bool:  # a runtime back from its 1 s fallback, in its own time
+        before = counted()
+        assert await one() == answer
+        return all(a > b for a, b in zip(counted()[to], before[to], strict=True))
+
+    await wait_for(lambda: moved(slice(0, 2)), timeout=10)
+    before = counted()
+    assert {await one() for _ in range(30)} == {answer}
+    assert [a - b for a, b in zip(counted(), before, strict=True)] == [30, 30, 0, 0]
+
+    outcomes: list[tuple[int, str]] = []
+    done = asyncio.Event()
+
+    async def load() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not done.is_set():
+                status, body, _ = await post(session, url, {"text": "a b c"})
+                outcomes.append((status, str(body)))
+
+    loaders = [asyncio.create_task(load()) for _ in range(4)]
+    for mode, to in (("direct", slice(2, 4)), ("shared", slice(0, 2))):
+        control_plane.stop()
+        control_plane.env = {**control_plane.env, "MLLAMBDA_COLOCATED": mode}
+        control_plane.start()
+        await wait_for(lambda: moved(to), timeout=30)  # noqa: B023 (awaited in this iteration)
+        await asyncio.sleep(1)
+    done.set()
+    await asyncio.gather(*loaders)
+    assert len(outcomes) > 100 and set(outcomes) == {answer}, Counter(outcomes).most_common(3)

@@ -61,7 +61,7 @@ def remote_clusters(
     """A cluster per model version the routes send to. With `near` (the sender's host), the instances of a
     version that only steered routes send to (no mirror, ensemble member or OIP model) and that run on that
     host are reached at their runtime's socket, skipping their sidecar (docs/architecture.md, "Same host")."""
-    direct = _steered_only(routes) if near else frozenset()
+    direct = steered_only(routes) if near else frozenset()
     found = []
     for name in sorted(route_clusters(routes)):
         cluster = r.eds_cluster(name)
@@ -74,7 +74,7 @@ def remote_clusters(
     return found
 
 
-def _steered_only(routes: Sequence[rc.Route]) -> frozenset[str]:
+def steered_only(routes: Sequence[rc.Route]) -> frozenset[str]:
     """Clusters that no route reaches without telling the runtime its stage (only its ingress could)."""
     steered_to: set[str] = set()
     other: set[str] = set()

@@ -24,16 +24,23 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
-from contract.service import RuntimeService
+from contract.service import RuntimeService, shared_egress_socket
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
-from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
+from controlplane.translate.endpoints import (
+    Endpoints,
+    Reach,
+    endpoints_of,
+    only_serving,
+    remote_clusters,
+)
 from controlplane.translate.routes import (
     ENVOY_ADMIN,
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
+    dedupe,
     hops,
     not_found_route,
     oip_model_routes,
@@ -43,6 +50,7 @@ from controlplane.translate.routes import (
     stage_routes,
     stats_route,
 )
+from controlplane.translate.shared import Carrier, shared_egress, shares_egress
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
 BRIDGE = "mll-kafka-bridge"
@@ -62,7 +70,10 @@ class Options:
     mtls: bool = False  # every hop mutually authenticated; a stage admits only its callers (security.py)
     gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder
     parked: tuple[tuple[str, str, int], ...] = ()  # (cluster, host, port): a scaled-to-zero version's activator
-    colocated: str = "direct"  # a runtime on the sender's host: "direct" to its socket, or "ingress" (its sidecar)
+    # a runtime on the sender's host: "shared" (its output too through the gateway Envoy), "direct" to its
+    # socket, or "ingress" (its sidecar) (docs/architecture.md, "Same host")
+    colocated: str = "shared"
+    run_folder: str = ""  # shared: the gateway takes the output of runtimes whose egress socket is in this folder
 
 
 @dataclass(frozen=True)
@@ -109,9 +120,13 @@ def translate(
     everything = [v for d in deployments for v in d.routed]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
-    _isolated(options.gateway_group, snapshots, failed,
-              lambda: _gateway(_entries(deployments, options), everything, endpoints, options))  # fmt: skip
     serving = _served_by(routed)
+    sharing = (
+        shares_egress(instances, options.gateway_host, options.run_folder) if options.colocated == "shared" else []
+    )
+    carriers = [(i, serving[i.cluster]) for i in sharing if i.cluster in serving]
+    _isolated(options.gateway_group, snapshots, failed,
+              lambda: _gateway(_entries(deployments, options), everything, endpoints, options, carriers))  # fmt: skip
     kept: Memo = {}
     by_cluster: dict[str, list[RuntimeService]] = {}
     for i in instances:
@@ -192,7 +207,11 @@ def _entries(deployments: Sequence[Deployment], options: Options) -> list[Pipeli
 
 
 def _gateway(
-    entries: Sequence[PipelineVersion], routed: Sequence[PipelineVersion], endpoints: Endpoints, options: Options
+    entries: Sequence[PipelineVersion],
+    routed: Sequence[PipelineVersion],
+    endpoints: Endpoints,
+    options: Options,
+    carriers: Sequence[Carrier] = (),
 ) -> Snapshot:
     """Routes into each entry version; clusters for every routed version's first stage.
 
@@ -208,16 +227,21 @@ def _gateway(
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
     tls = options.gateway_tls_dir if options.mtls else ""
+    own = [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE]
+    shared = shared_egress(carriers, own, endpoints, options.gateway_host if options.mtls else "")
     remote = remote_clusters(
-        [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE],
-        endpoints,
-        tls,
-        _near(options, options.gateway_host),
+        [*own, *(route for _, out in shared for route in out)], endpoints, tls, _near(options, options.gateway_host)
     )
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges, tls)] if bridged else []
-    routes = only_serving(routes, endpoints.reach)  # after the clusters: an empty one stays warm
-    return _snapshot([listener], [r.route_config("gateway", routes)], remote, local)
+    # after the clusters: an empty one stays warm
+    configs = [r.route_config("gateway", only_serving(routes, endpoints.reach))]
+    listeners = [listener]
+    for me, out in shared:
+        name = f"egress-{me.service_id}"  # the runtime's output, as its sidecar's egress would take it
+        listeners.append(r.http_listener(name, r.pipe_address(shared_egress_socket(me.egress_uds)), name))
+        configs.append(r.route_config(name, only_serving(out, endpoints.reach)))
+    return _snapshot(listeners, configs, remote, local)
 
 
 def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]:
@@ -306,7 +330,7 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         listeners.append(r.kafka_listener("kafka", r.tcp_address("127.0.0.1", me.kafka_port), KAFKA, broker_filter))
         clusters.append(r.static_cluster(KAFKA, r.tcp_address(*options.kafka_broker)))
     remote = remote_clusters(egress, endpoints, tls, _near(options, me.host))
-    egress = only_serving(_dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
+    egress = only_serving(dedupe(egress), endpoints.reach)  # after the clusters: an empty one stays warm
     # Consul checks readiness on the loopback egress too: the ingress admits only pipeline callers under mTLS.
     routes = [r.route_config("ingress", ingress), r.route_config("egress", [ready, *egress])]
     return _snapshot(listeners, routes, remote, clusters)
@@ -314,18 +338,7 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
 
 def _near(options: Options, host: str) -> str:
     """The sender's host, whose runtimes it reaches at their socket; "": it reaches every one at its ingress."""
-    return host if options.colocated == "direct" else ""
-
-
-def _dedupe(routes: list[rc.Route]) -> list[rc.Route]:
-    """A sidecar serving one stage for two variants needs each egress route once."""
-    seen, unique = set(), []
-    for route in routes:
-        key = route.SerializeToString(deterministic=True)
-        if key not in seen:
-            seen.add(key)
-            unique.append(route)
-    return unique
+    return "" if options.colocated == "ingress" else host
 
 
 def _snapshot(

@@ -349,3 +349,14 @@ def not_found_route() -> rc.Route:
         match=rc.RouteMatch(prefix="/"),
         direct_response=rc.DirectResponseAction(status=404, body=_inline(body)),
     )
+
+
+def dedupe(routes: list[rc.Route]) -> list[rc.Route]:
+    """A sidecar serving one stage for two variants needs each egress route once."""
+    seen, unique = set(), []
+    for route in routes:
+        key = route.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(route)
+    return unique

@@ -1,0 +1,58 @@
+"""The gateway Envoy as the one Envoy of its host: it takes the output of the runtimes there too, so a hop on
+that host passes one Envoy process that is busy anyway, not the sender's sidecar (docs/architecture.md,
+"Same host"). The sidecar keeps the same egress routes; the runtime SDK falls back to it when the gateway's
+socket refuses. Pure: no I/O."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+
+from envoy.config.route.v3 import route_components_pb2 as rc
+
+from contract.service import RuntimeService, shared_egress_socket
+from controlplane.model import PipelineVersion
+from controlplane.translate.endpoints import Endpoints, steered_only
+from controlplane.translate.routes import dedupe, hops
+from controlplane.xds.snapshot import route_clusters
+
+Carrier = tuple[RuntimeService, tuple[PipelineVersion, ...]]  # a runtime on the gateway's host, what it serves
+
+
+def shares_egress(instances: Sequence[RuntimeService], gateway_host: str, run_folder: str) -> list[RuntimeService]:
+    """The runtimes whose output the gateway takes: on its host, with their egress socket in the control plane's
+    run folder (the gateway binds a socket next to it, and Envoy replaces a file in its way: never elsewhere),
+    at a path no other registration names (two listeners on one path would fail the gateway's update)."""
+    if not run_folder:
+        return []
+    named = Counter(p for i in instances for p in (i.runtime_uds, i.egress_uds, shared_egress_socket(i.egress_uds)))
+    return [
+        i
+        for i in instances
+        if i.host == gateway_host
+        and os.path.dirname(i.egress_uds) == run_folder
+        and named[shared_egress_socket(i.egress_uds)] == 1
+    ]
+
+
+def shared_egress(
+    carriers: Sequence[Carrier], own: Sequence[rc.Route], endpoints: Endpoints, mtls_host: str = ""
+) -> list[tuple[RuntimeService, list[rc.Route]]]:
+    """Each carrier's egress routes, as its sidecar has them.
+
+    Under mTLS (`mtls_host`: the gateway's host) the gateway holds only its own identity: it takes a runtime's
+    output only when every hop of it goes to a runtime's socket on this host (plaintext, no identity); else
+    the runtime's sidecar keeps it. Routes the gateway has itself (`own`) count: a cluster one of them mirrors
+    is reached through its ingress.
+    """
+    found = [(me, dedupe([route for v in mine for route in hops(v, me, "")[1]])) for me, mine in carriers]
+    found = [(me, out) for me, out in found if out]  # a last stage sends nowhere
+    if not mtls_host:
+        return found
+    direct = steered_only([*own, *(route for _, out in found for route in out)])
+
+    def plain(cluster: str) -> bool:
+        return cluster in direct and cluster not in endpoints.at_activator and not endpoints.get(cluster, mtls_host)[0]
+
+    return [(me, out) for me, out in found if all(plain(c) for c in route_clusters(out))]
