@@ -3,8 +3,9 @@ around it, and the mesh on the way in (the caller's sidecar, the stage's sidecar
 the first hop also the gateway and the client's leg).
 
 The NLP stack as `mllambda up` runs it (mTLS on every hop, same-host hops skipping the receiver's
-sidecar), and either with `security: plaintext` (`--compare security`) or with every hop through the
-receiver's sidecar (`--compare colocated`, `MLLAMBDA_COLOCATED=ingress`); both up at once and
+sidecar, the runtimes' output through the gateway Envoy), and either with `security: plaintext`
+(`--compare security`) or (`--compare colocated`) with the output through each runtime's sidecar
+(`MLLAMBDA_COLOCATED=direct`) and with every hop through the receiver's sidecar (`ingress`); all up at once and
 measured in turns; requests one at a time (`mllambda invoke`'s own client and x-mll-timing), medians
 per run, the median of the runs.
 Run: .venv/bin/python -m bench.hop_tax [--runs 3] [--requests 300] [--compare security|colocated]
@@ -37,6 +38,7 @@ def main() -> None:
     stack.pop("kafka", None)
     setups: dict[str, tuple[dict[str, str], dict[str, str]]] = {"mtls": ({}, {})}  # name: stack changes, env
     if args.compare == "colocated":
+        setups["mtls, output through each sidecar"] = ({}, {"MLLAMBDA_COLOCATED": "direct"})
         setups["mtls, every hop through the ingress"] = ({}, {"MLLAMBDA_COLOCATED": "ingress"})
     else:
         setups["plaintext"] = ({"security": "plaintext"}, {})

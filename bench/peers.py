@@ -32,26 +32,22 @@ from controlplane.config import PROJECT_ROOT
 RAY_VENV = PROJECT_ROOT / ".tools" / "ray"
 RAY_WANT = "ray[serve]>=2.40,<3"
 SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
+PLAIN, MTLS = {"security": "plaintext"}, {"security": "mtls"}
+EACH_SIDECAR = {"colocated": "direct", "gateway_concurrency": 1}  # the gateway's one traversal: one worker is best
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
-    "ML Lambda, http": ("mllambda", {"transport": "http", "security": "plaintext"}),
-    "ML Lambda, http, shared Envoy": (
-        "mllambda",
-        {"transport": "http", "security": "plaintext", "colocated": "shared", "gateway_concurrency": 2},
-    ),
+    "ML Lambda, http": ("mllambda", {"transport": "http", **PLAIN}),
+    "ML Lambda, http, output through each sidecar": ("mllambda", {"transport": "http", **PLAIN, **EACH_SIDECAR}),
     "ML Lambda, http, every hop through the ingress": (
         "mllambda",
-        {"transport": "http", "security": "plaintext", "colocated": "ingress"},
+        {"transport": "http", **PLAIN, "colocated": "ingress", "gateway_concurrency": 1},
     ),
-    "ML Lambda, uds": ("mllambda", {"transport": "uds", "security": "plaintext"}),
-    "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", "security": "mtls"}),
-    "ML Lambda, http + mTLS, shared Envoy": (
-        "mllambda",
-        {"transport": "http", "security": "mtls", "colocated": "shared", "gateway_concurrency": 2},
-    ),
+    "ML Lambda, uds": ("mllambda", {"transport": "uds", **PLAIN}),
+    "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", **MTLS}),
+    "ML Lambda, http + mTLS, output through each sidecar": ("mllambda", {"transport": "http", **MTLS, **EACH_SIDECAR}),
     "ML Lambda, http + mTLS, every hop through the ingress": (
         "mllambda",
-        {"transport": "http", "security": "mtls", "colocated": "ingress"},
+        {"transport": "http", **MTLS, "colocated": "ingress", "gateway_concurrency": 1},
     ),
     "Ray Serve": ("ray", {"optimized": False}),
     "Ray Serve, throughput-optimized": ("ray", {"optimized": True}),
@@ -65,15 +61,15 @@ def expected(text: str) -> dict[str, int]:
 
 @contextlib.contextmanager
 def mllambda(
-    folder: Path, transport: str, security: str, colocated: str = "direct", gateway_concurrency: int = 1
+    folder: Path, transport: str, security: str, colocated: str = "shared", gateway_concurrency: int | None = None
 ) -> Iterator[str]:
-    """`gateway_concurrency`: one worker is best when the gateway carries one traversal per request; a gateway
-    that also carries the runtimes' output (shared) carries three, and does best with one per core."""
+    """The stack as `mllambda up` runs it (the gateway Envoy carries the runtimes' output too, one worker per
+    core), or with `colocated` / `gateway_concurrency` set otherwise."""
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
         "security": security,
-        "gateway_concurrency": gateway_concurrency,
+        **({"gateway_concurrency": gateway_concurrency} if gateway_concurrency else {}),
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }

@@ -145,7 +145,8 @@ class Supervisor:
              *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else []), *autoscale],
             processes.tcp_ready(p.admin),
             keep_secrets=True,
-            env={"MLLAMBDA_UI_TOKEN": self.ui_token},
+            # the runtimes' socket folder: the gateway takes their output there (docs/architecture.md, "Same host")
+            env={"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": str(self.run_dir())},
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
         self.start(
@@ -159,11 +160,16 @@ class Supervisor:
         self.apply_pipelines()
         self.summary()
 
+    def run_dir(self) -> Path:
+        """Where the stack's runtimes keep their sockets."""
+        folder = self.state_dir / "run"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def start_replica(self, spec: RuntimeSpec, index: int) -> processes.ManagedProcess:
         """Replica `index` of a model version: `mllambda runtime` with its sidecar, registered when ready."""
         service_id = f"{spec.model}-{spec.version}-{index}"
-        me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.state_dir / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.run_dir()
         argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
                 f"--service-id={service_id}", f"--consul=127.0.0.1:{self.stack.ports.consul}",
                 f"--security={self.stack.security}", f"--xds=127.0.0.1:{self.stack.ports.xds}",

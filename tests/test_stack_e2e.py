@@ -18,7 +18,7 @@ import yaml
 from controlplane import processes
 from controlplane.admin.client import AdminClient
 from controlplane.config import PROJECT_ROOT
-from tests.envoy_helpers import near_share
+from tests.envoy_helpers import admin_stat, near_share
 
 pytestmark = pytest.mark.slow
 NLP = PROJECT_ROOT / "examples" / "nlp"
@@ -193,6 +193,8 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert (split["ok"], split["errors"]) == (1000, 0)
         v2_share = split["split"]["network"].get("net-food:v2", 0) / 1000
         assert near_share(v2_share * 1000, 1000, 0.10), split
+        # On one host the runtimes' output goes through the gateway Envoy, mTLS or not (architecture, "Same host").
+        assert admin_stat(ports["gateway_admin"], "cluster.classifier_v1.upstream_rq_total") >= 1000
         # The page draws every variant with its weight, and the share seen since v2 matches what invoke counted.
         after = drawn(page, tmp_path / "chrome-v2", "nlp-v2.png")
         weights = {variant: weight for (_, variant), (weight, _) in after["network"].items()}
