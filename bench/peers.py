@@ -152,7 +152,8 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     started = time.time()
     for run in range(args.runs):
-        for index, (name, (kind, options)) in enumerate(chosen.items()):
+        turns = list(enumerate(chosen.items()))  # every other run in reverse: no system always follows the same one
+        for index, (name, (kind, options)) in turns[:: -1 if run % 2 else 1]:
             where = folder / f"run{run}-system{index}"
             where.mkdir()
             with starters[kind](where, **options) as url:

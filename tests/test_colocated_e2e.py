@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.envoy_helpers import admin_stat, wait_for
-from tests.test_pipeline_e2e import apply, pipeline, post, service_meta, until_ok
+from tests.test_pipeline_e2e import apply, in_traffic, pipeline, post, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
 MODELS = ("count", "score")
@@ -146,3 +146,29 @@ async def test_the_gateway_carries_each_hop_on_its_host_and_changing_that_under_
     done.set()
     await asyncio.gather(*loaders)
     assert len(outcomes) > 100 and set(outcomes) == {answer}, Counter(outcomes).most_common(3)
+
+
+async def test_a_shared_socket_path_the_gateway_cannot_bind_leaves_the_runtime_on_its_sidecar_and_changes_flowing(
+    control_plane: Any, consul_agent: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
+) -> None:
+    """A directory where the gateway would bind a runtime's shared socket: Envoy cannot replace it and refuses that
+    listener. The runtime's output goes through its own sidecar, every request is answered, and a new pipeline
+    version still enters (the gateway's routes are not held back by the listener it refused)."""
+    tokenize = three_stages[0]
+    squatted = Path(control_plane.run_dir) / f"{tokenize.service_id}@host.sock"
+    squatted.mkdir()
+    apply(control_plane, tmp_path, pipeline("squat"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/squat"
+    await until_ok(url, {"text": "a b c"})
+    sidecar = service_meta(consul_agent.http_port, "tokenize", tokenize.service_id)["envoy_admin_port"]
+    before = admin_stat(sidecar, "cluster.count_v1.upstream_rq_total")
+    async with aiohttp.ClientSession() as session:
+        outcomes = [await post(session, url, {"text": "a b c"}) for _ in range(30)]
+    assert {(status, str(body)) for status, body, _ in outcomes} == {(200, str({"count": 3, "score": 30}))}
+    assert admin_stat(sidecar, "cluster.count_v1.upstream_rq_total") - before == 30  # its own sidecar took them
+    assert squatted.is_dir()  # the gateway did not remove what was there
+    apply(control_plane, tmp_path, pipeline("squat", variants=[{"model": "score", "version": "v1", "weight": 100}]))
+    await in_traffic(control_plane, "squat", 2)
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await post(session, url, {"text": "a b"})
+    assert (status, body) == (200, {"count": 2, "score": 20})
