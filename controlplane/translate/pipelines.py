@@ -28,13 +28,7 @@ from contract.service import RuntimeService, shared_egress_socket
 from controlplane.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
-from controlplane.translate.endpoints import (
-    Endpoints,
-    Reach,
-    endpoints_of,
-    only_serving,
-    remote_clusters,
-)
+from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
 from controlplane.translate.routes import (
     ENVOY_ADMIN,
     LOCAL_HEALTH,

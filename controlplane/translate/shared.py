@@ -1,7 +1,7 @@
 """The gateway Envoy as the one Envoy of its host: it takes the output of the runtimes there too, so a hop on
 that host passes one Envoy process that is busy anyway, not the sender's sidecar (docs/architecture.md,
-"Same host"). The sidecar keeps the same egress routes; the runtime SDK falls back to it when the gateway's
-socket refuses. Pure: no I/O."""
+"One Envoy for the host"). The sidecar keeps the same egress routes: the runtime SDK falls back to it for
+whatever the gateway cannot do (runtime_sdk/egress.py). Pure: no I/O."""
 
 from __future__ import annotations
 
