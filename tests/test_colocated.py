@@ -140,19 +140,29 @@ def listeners(snapshot: Snapshot) -> dict[str, str]:
     return {x.name: x.address.pipe.path for x in snapshot.of_type(LISTENER).by_name.values()}
 
 
+def carried(snapshot: Snapshot, runtime: str) -> list[Any]:
+    """The routes the gateway carries for a runtime, before its last route: "not carried here" (503, retriable)."""
+    *found, last = routes(snapshot, f"egress-{runtime}")
+    assert last.direct_response.status == 503 and added_to_response(last) == {h.RETRIABLE: "true"}
+    return found
+
+
+def added_to_response(route: Any) -> dict[str, str]:
+    return {x.header.key: x.header.value for x in route.response_headers_to_add}
+
+
 def test_the_gateway_takes_the_output_of_runtimes_on_its_host_with_the_routes_their_sidecar_has() -> None:
     elsewhere = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6")
     snapshots = translate(steady(PIPELINE), [*PASSING, elsewhere], SHARED)
     gateway = snapshots["gateway"]
     assert listeners(gateway) == {
         "gateway": "",
-        "egress-ma-v1-1": "/run/ma-1@host.sock",
-        "egress-mb-v1-2": "/run/mb-2@host.sock",
-        "egress-mb-v2-3": "/run/mb-3@host.sock",
-    }  # a shadow and the last stage send nowhere; a runtime on another host keeps its sidecar
+        **{f"egress-{i.service_id}": i.egress_uds.replace("-egress.sock", "@host.sock") for i in PASSING},
+    }  # every runtime on its host, serving or not: a listener is never taken away while its runtime is there
     for runtime in ("ma-v1-1", "mb-v1-2"):
         sidecar = [x for x in routes(snapshots[runtime], "egress") if x.name != "readyz"]
-        assert routes(gateway, f"egress-{runtime}") == sidecar  # the sidecar keeps them: the runtime's fallback
+        assert carried(gateway, runtime) == sidecar  # the sidecar keeps them: the runtime's fallback
+    assert carried(gateway, "mx-v1-5") == carried(gateway, "mb-v3-4") == []  # the last stage, a shadow: nowhere
     # The gateway reaches the next stage as the sidecar would: its host's runtimes at their socket.
     assert reached(gateway, "mb.v1") == reached(snapshots["ma-v1-1"], "mb.v1") == ["tcp:8006", "pipe:/run/mb-2.sock"]
     assert translate(steady(PIPELINE), PASSING, dataclasses.replace(SHARED, colocated="direct"))["gateway"].of_type(
@@ -173,13 +183,17 @@ def test_the_gateway_binds_only_in_its_own_run_folder_and_never_on_a_path_two_re
 
 
 def test_under_mtls_the_gateway_takes_only_output_that_stays_on_its_host() -> None:
-    """The gateway has its own identity only: a hop to another host keeps the runtime's sidecar (its identity)."""
+    """The gateway has its own identity only: a hop to another host keeps the runtime's sidecar (its identity).
+    Its listener stays, with nothing but "not carried here": the runtime's sidecar takes everything."""
     secured = [dataclasses.replace(i, tls_dir=f"/certs/{i.service_id}") for i in PASSING]
     options = dataclasses.replace(SHARED, mtls=True, gateway_tls_dir="/certs/gateway")
-    assert "egress-ma-v1-1" not in listeners(translate(steady(PIPELINE), secured, options)["gateway"])  # mb.v3: mirror
+    assert carried(translate(steady(PIPELINE), secured, options)["gateway"], "ma-v1-1") == []  # mb.v3: a mirror
     stages = [{"name": n, "variants": [{"model": m, "version": "v1"}]} for n, m in (("a", "ma"), ("b", "mb"))]
     plain = parse_pipeline({"name": "q", "stages": stages})
     gateway = translate(steady(plain), secured, options)["gateway"]
-    assert "egress-ma-v1-1" in listeners(gateway) and reached(gateway, "mb.v1") == ["pipe:/run/mb-2.sock"]
+    assert carried(gateway, "ma-v1-1") != [] and reached(gateway, "mb.v1") == ["pipe:/run/mb-2.sock"]
     far = dataclasses.replace(instance("mb", "v1", 6), host="10.0.0.6", tls_dir="/certs/far")
-    assert "egress-ma-v1-1" not in listeners(translate(steady(plain), [*secured, far], options)["gateway"])
+    assert carried(translate(steady(plain), [*secured, far], options)["gateway"], "ma-v1-1") == []
+    # A version scaled to zero is reached at its activator, plaintext on loopback: carried.
+    idle = dataclasses.replace(options, parked=(("mb.v1", "127.0.0.1", 5555),))
+    assert carried(translate(steady(plain), secured[:1], idle)["gateway"], "ma-v1-1") != []

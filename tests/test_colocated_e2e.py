@@ -151,14 +151,20 @@ async def test_the_gateway_carries_each_hop_on_its_host_and_changing_that_under_
 async def test_a_shared_socket_path_the_gateway_cannot_bind_leaves_the_runtime_on_its_sidecar_and_changes_flowing(
     control_plane: Any, consul_agent: Any, gateway: Any, three_stages: list[Any], tmp_path: Path
 ) -> None:
-    """A directory where the gateway would bind a runtime's shared socket: Envoy cannot replace it and refuses that
-    listener. The runtime's output goes through its own sidecar, every request is answered, and a new pipeline
-    version still enters (the gateway's routes are not held back by the listener it refused)."""
+    """A directory where the gateway binds a runtime's shared socket, and the gateway Envoy restarted: Envoy
+    cannot replace a directory and refuses that listener. The runtime's output goes through its own sidecar,
+    every request is answered, and a new pipeline version still enters (the gateway's routes are not held
+    back by the listener it refused)."""
     tokenize = three_stages[0]
-    squatted = Path(control_plane.run_dir) / f"{tokenize.service_id}@host.sock"
-    squatted.mkdir()
     apply(control_plane, tmp_path, pipeline("squat"))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/squat"
+    await until_ok(url, {"text": "a b c"})
+    squatted = Path(control_plane.run_dir) / f"{tokenize.service_id}@host.sock"
+    assert squatted.is_socket()  # the gateway's, bound since the runtime registered
+    squatted.unlink()
+    squatted.mkdir()
+    gateway.proc.stop()
+    gateway.proc.start().wait_ready(lambda: admin_stat(gateway.admin_port, "listener_manager.lds.update_rejected") > 0)
     await until_ok(url, {"text": "a b c"})
     sidecar = service_meta(consul_agent.http_port, "tokenize", tokenize.service_id)["envoy_admin_port"]
     before = admin_stat(sidecar, "cluster.count_v1.upstream_rq_total")

@@ -44,7 +44,7 @@ from controlplane.translate.routes import (
     stage_routes,
     stats_route,
 )
-from controlplane.translate.shared import Carrier, shared_egress, shares_egress
+from controlplane.translate.shared import Carrier, not_carried_here, shared_egress, shares_egress
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
 BRIDGE = "mll-kafka-bridge"
@@ -118,7 +118,7 @@ def translate(
     sharing = (
         shares_egress(instances, options.gateway_host, options.run_folder) if options.colocated == "shared" else []
     )
-    carriers = [(i, serving[i.cluster]) for i in sharing if i.cluster in serving]
+    carriers = [(i, serving.get(i.cluster, ())) for i in sharing]  # a listener for each, serving or not
     _isolated(options.gateway_group, snapshots, failed,
               lambda: _gateway(_entries(deployments, options), everything, endpoints, options, carriers))  # fmt: skip
     kept: Memo = {}
@@ -234,7 +234,7 @@ def _gateway(
     for me, out in shared:
         name = f"egress-{me.service_id}"  # the runtime's output, as its sidecar's egress would take it
         listeners.append(r.http_listener(name, r.pipe_address(shared_egress_socket(me.egress_uds)), name))
-        configs.append(r.route_config(name, only_serving(out, endpoints.reach)))
+        configs.append(r.route_config(name, [*only_serving(out, endpoints.reach), not_carried_here()]))
     return _snapshot(listeners, configs, remote, local)
 
 

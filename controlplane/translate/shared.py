@@ -5,15 +5,19 @@ whatever the gateway cannot do (runtime_sdk/egress.py). Pure: no I/O."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
 
+from envoy.config.core.v3 import base_pb2 as core
 from envoy.config.route.v3 import route_components_pb2 as rc
 
+from contract import headers as h
 from contract.service import RuntimeService, shared_egress_socket
 from controlplane.model import PipelineVersion
 from controlplane.translate.endpoints import Endpoints, steered_only
+from controlplane.translate.resources import header
 from controlplane.translate.routes import dedupe, hops
 from controlplane.xds.snapshot import route_clusters
 
@@ -39,20 +43,33 @@ def shares_egress(instances: Sequence[RuntimeService], gateway_host: str, run_fo
 def shared_egress(
     carriers: Sequence[Carrier], own: Sequence[rc.Route], endpoints: Endpoints, mtls_host: str = ""
 ) -> list[tuple[RuntimeService, list[rc.Route]]]:
-    """Each carrier's egress routes, as its sidecar has them.
+    """Each carrier's egress routes, as its sidecar has them (none: it sends nowhere, or not through here).
 
     Under mTLS (`mtls_host`: the gateway's host) the gateway holds only its own identity: it takes a runtime's
-    output only when every hop of it goes to a runtime's socket on this host (plaintext, no identity); else
-    the runtime's sidecar keeps it. Routes the gateway has itself (`own`) count: a cluster one of them mirrors
-    is reached through its ingress.
+    output only when every hop of it goes to a runtime's socket on this host or to an activator (plaintext,
+    no identity); else the runtime's sidecar keeps it. Routes the gateway has itself (`own`) count: a
+    cluster one of them mirrors is reached through its ingress.
     """
     found = [(me, dedupe([route for v in mine for route in hops(v, me, "")[1]])) for me, mine in carriers]
-    found = [(me, out) for me, out in found if out]  # a last stage sends nowhere
     if not mtls_host:
         return found
     direct = steered_only([*own, *(route for _, out in found for route in out)])
 
-    def plain(cluster: str) -> bool:
-        return cluster in direct and cluster not in endpoints.at_activator and not endpoints.get(cluster, mtls_host)[0]
+    def plain(cluster: str) -> bool:  # an activator speaks plaintext on loopback: no identity either
+        return cluster in endpoints.at_activator or (cluster in direct and not endpoints.get(cluster, mtls_host)[0])
 
-    return [(me, out) for me, out in found if all(plain(c) for c in route_clusters(out))]
+    return [(me, out if all(plain(c) for c in route_clusters(out)) else []) for me, out in found]
+
+
+def not_carried_here() -> rc.Route:
+    """The last route of every shared listener: a path the gateway does not carry for this runtime (yet, or
+    any more) gets Envoy's own kind of answer, a 503 marked retriable, and the runtime sends it through its
+    sidecar instead. A listener is never taken away while its runtime is registered on the host (a removed
+    listener drains for minutes with its last routes); what the gateway carries changes by its routes only."""
+    body = json.dumps({"error": "not carried by the gateway: the runtime's own sidecar takes it"})
+    return rc.Route(
+        name="not-carried",
+        match=rc.RouteMatch(prefix="/"),
+        direct_response=rc.DirectResponseAction(status=503, body=core.DataSource(inline_string=body)),
+        response_headers_to_add=[header(h.RETRIABLE, "true")],
+    )
