@@ -122,6 +122,11 @@ async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_
         for _ in range(INLINE_AFTER + 5):
             assert (await client.post("/predict", json={})).status == 200
         assert loop_thread not in threads[:INLINE_AFTER], "measured in worker threads first"
+        # Then inline. A call preempted past the budget on a busy machine starts the count again: allow a few.
+        for _ in range(3 * INLINE_AFTER):
+            if threads[-5:] == [loop_thread] * 5:
+                break
+            await client.post("/predict", json={})
         assert threads[-5:] == [loop_thread] * 5, "then inline: no thread hop"
 
         await client.post("/predict", json={"sleep": 2 * INLINE_BUDGET})  # inline, once
