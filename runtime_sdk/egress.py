@@ -12,6 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from contract import headers as h
+from contract.service import shared_egress_socket
 
 SHARED_RETRY_S = 1.0  # the host's shared Envoy refused: the own sidecar forwards for this long, then try again
 # Errors where a request did not reach Envoy: no connection, or one closed while idle (a listener draining
@@ -24,13 +25,13 @@ class Egress:
     """How this runtime reaches its own sidecar's egress listener, and the host's shared one if it is there.
 
     The control plane has the gateway Envoy carry the output of runtimes on its host (`--colocated shared`,
-    docs/architecture.md "Same host"), at `shared_path`. Whether it does can change at any time: a
-    connection it refuses goes to the own sidecar, which always has the same routes.
+    docs/architecture.md "One Envoy for the host"), at a socket next to the egress socket
+    (`shared_egress_socket`). Whether it does can change at any time: what it cannot do goes to the own
+    sidecar, which always has the same routes (`post`).
     """
 
     tcp_port: int | None = None
     uds_path: str | None = None
-    shared_path: str = ""
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)  # the own sidecar's, by transport
     shared: aiohttp.ClientSession | None = None
     shared_after: float = 0.0  # monotonic: when to try the shared Envoy again
@@ -42,8 +43,8 @@ class Egress:
         if self.uds_path:
             connector = aiohttp.UnixConnector(path=self.uds_path)
             self.sessions["uds"] = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        if self.shared_path:
-            connector = aiohttp.UnixConnector(path=self.shared_path)
+        if shared := shared_egress_socket(self.uds_path or ""):
+            connector = aiohttp.UnixConnector(path=shared)
             self.shared = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
     async def post(

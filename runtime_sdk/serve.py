@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import consul.aio
 from aiohttp import web
 
-from contract.service import RuntimeService, shared_egress_socket
+from contract.service import RuntimeService
 from runtime_sdk.app import DEFAULT_MAX_BODY, Placement, Runtime, build_app
 from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.egress import Egress
@@ -93,7 +93,7 @@ async def serve(
     """Until SIGINT/SIGTERM (or the sidecar dies): serve, register, then deregister and drain."""
     predict = load_callable(options.predict)
     loader = load_callable(options.loader) if options.loader else None
-    egress = Egress(service.egress_port, service.egress_uds, shared_egress_socket(service.egress_uds))
+    egress = Egress(service.egress_port, service.egress_uds)
     batch = BatchPolicy(options.max_batch, options.max_wait_ms) if options.max_batch else None
     payloads = (
         PayloadLog(Path(options.payload_log_dir), options.payload_log_max_bytes) if options.payload_log_dir else None

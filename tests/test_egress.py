@@ -51,7 +51,7 @@ async def test_what_the_shared_envoy_cannot_do_goes_to_the_own_sidecar_and_what_
     def own_reply(request: web.Request) -> web.StreamResponse:
         return web.json_response({"via": "own"})
 
-    egress = Egress(uds_path=str(own_path), shared_path=str(shared_path))
+    egress = Egress(uds_path=str(own_path))  # the shared socket is next to it: r@host.sock
     await egress.start()
     try:
         async with serving(own_path, own_reply, own_seen):
