@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -25,6 +24,7 @@ from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
+from runtime_sdk.hop import HopError
 from runtime_sdk.payload_log import PayloadLog, sampled
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
@@ -265,8 +265,7 @@ async def ask_members(
     runtime: Runtime, request: web.Request, fan: FanOut, body: str, output: dict[str, Any]
 ) -> Answers:
     """Every member of the ensemble, asked through the own sidecar at once."""
-    session, base = runtime.egress.target(request.headers.get(h.TRANSPORT, "http"), "")
-    return await ask(session, base, fan, body, request.headers, output)
+    return await ask(runtime.egress, request.headers.get(h.TRANSPORT, "http"), fan, body, request.headers, output)
 
 
 def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web.Response:
@@ -291,18 +290,17 @@ async def forward(
     outgoing = hop_headers(request.headers, output, request.headers.get(h.BRANCH_FIELD, ""))
     sent = time.perf_counter()
     try:
-        status, answer, answered = await runtime.egress.post(
-            request.headers.get(h.TRANSPORT, "http"), next_path, body, outgoing
-        )
-    except aiohttp.ClientError as err:
+        answer = await runtime.egress.post(request.headers.get(h.TRANSPORT, "http"), next_path, body, outgoing)
+    except HopError as err:
         return _json_response({"error": f"next hop {next_path} unreachable: {err}"}, 503, served), None
+    status, answered = answer.status, answer.headers
     downstream = answered.get(h.SERVED)
     content_type = answered.get("content-type", "application/json")
     timing = answered.get(h.TIMING, "")
     next_ms = (time.perf_counter() - sent) * 1000
     chain = f"{served}, {downstream}" if downstream else served
     headers = {h.SERVED: chain, "content-type": content_type, h.TIMING: timing}
-    return web.Response(body=answer, status=status, headers=headers), next_ms
+    return web.Response(body=answer.body, status=status, headers=headers), next_ms
 
 
 def _json_response(body: dict[str, Any], status: int, served: str) -> web.Response:

@@ -2,8 +2,8 @@
 
 The runtime that sends into an ensemble stage asks its members, through its sidecar.
 
-All members are asked at once on the one connection pool of the egress
-session, so the stage takes as long as its slowest member, not their sum. Each
+All members are asked at once through the runtime's egress (runtime_sdk/egress.py),
+so the stage takes as long as its slowest member, not their sum. Each
 request goes through the sidecars like any hop (retries, outlier detection,
 metrics, mTLS); Envoy's route holds the member's timeout, and the runtime's
 own deadline (a little later) covers a sidecar that does not answer at all.
@@ -15,13 +15,15 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from contract import headers as h
 from contract.fanout import FanOut, Member, merge
 from contract.oip import BadRequest, decode_response, encode_request
+from runtime_sdk.hop import HopError, header_safe
+
+if TYPE_CHECKING:
+    from runtime_sdk.egress import Egress
 
 GRACE = 0.2  # seconds past a member's timeout before the runtime stops waiting for its sidecar
 REASON_CHARS = 300
@@ -51,7 +53,8 @@ def hop_headers(incoming: Mapping[str, str], output: Mapping[str, Any], branch_f
     outgoing = {k: incoming[k] for k in h.PROPAGATED if k in incoming}
     outgoing["content-type"] = "application/json"
     if branch_field and isinstance(key := output.get(branch_field), str | int) and not isinstance(key, bool):
-        outgoing[h.BRANCH] = str(key)
+        if header_safe(str(key)):  # a key with a line break names no branch: sent without one, it gets that 422
+            outgoing[h.BRANCH] = str(key)
     return outgoing
 
 
@@ -66,11 +69,11 @@ def _detail(text: bytes) -> str:
 
 
 async def ask(
-    session: aiohttp.ClientSession, url: str, fan: FanOut, body: str, headers: Mapping[str, str], output: Any
+    egress: Egress, transport: str, fan: FanOut, body: str, headers: Mapping[str, str], output: Any
 ) -> Answers:
-    """Send `body` to every member at `url` + its path; merge the answers by member name."""
+    """Send `body` to every member at its path; merge the answers by member name."""
     outgoing = hop_headers(headers, output, fan.branch_field)
-    said = await asyncio.gather(*(_one(session, url + fan.member_path(m), m, body, outgoing) for m in fan.members))
+    said = await asyncio.gather(*(_one(egress, transport, fan.member_path(m), m, body, outgoing) for m in fan.members))
     answers, missing = {}, {}
     result = Answers(served=[s.served for s in said if s.served])
     for member, s in zip(fan.members, said, strict=True):
@@ -94,18 +97,18 @@ class Asked:
     reason: str = ""
 
 
-async def ask_oip_stage(egress: Any, headers: Mapping[str, str], path: str, output: dict[str, Any]) -> Asked:
+async def ask_oip_stage(egress: Egress, headers: Mapping[str, str], path: str, output: dict[str, Any]) -> Asked:
     """An OIP stage's models answer and never forward: ask it through the own sidecar; its answer goes on.
 
     The output goes as an inference request (contract.oip: each field a tensor) and
     the response's tensors come back as fields. Its failure is the request's.
     """
-    session, url = egress.target(headers.get(h.TRANSPORT, "http"), path)
     stage = path.rsplit("/", 1)[-1]
+    transport, request = headers.get(h.TRANSPORT, "http"), json.dumps(encode_request(output))
     try:
-        async with session.post(url, data=json.dumps(encode_request(output)), headers=hop_headers(headers, {})) as resp:
-            text, status, served = await resp.read(), resp.status, resp.headers.get(h.SERVED, "")
-    except aiohttp.ClientError as err:
+        answer = await egress.post(transport, path, request, hop_headers(headers, {}))
+        text, status, served = answer.body, answer.status, answer.headers.get(h.SERVED, "")
+    except HopError as err:
         return Asked(None, "", 503, f"OIP stage {stage!r} unreachable: {err}"[:REASON_CHARS])
     if status != 200:
         reason = f"OIP stage {stage!r} answered {status}: {_detail(text)}"[:REASON_CHARS]
@@ -121,17 +124,15 @@ def _failure_status(status: int) -> int:
     return status if 400 <= status < 500 else 502
 
 
-async def _one(session: aiohttp.ClientSession, url: str, member: Member, body: str, headers: dict[str, str]) -> _Said:
+async def _one(egress: Egress, transport: str, path: str, member: Member, body: str, headers: dict[str, str]) -> _Said:
     seconds = member.timeout_ms / 1000
     try:
         async with asyncio.timeout(seconds + GRACE):
-            async with session.post(url, data=body, headers=headers) as resp:
-                text = await resp.read()
-                served = resp.headers.get(h.SERVED, "")
-                status = resp.status
+            answer = await egress.post(transport, path, body, headers)
+        text, served, status = answer.body, answer.headers.get(h.SERVED, ""), answer.status
     except TimeoutError:
         return _Said(0, None, "", f"timed out after {member.timeout_ms} ms")
-    except aiohttp.ClientError as err:
+    except HopError as err:
         return _Said(0, None, "", f"unreachable: {err}"[:REASON_CHARS])
     if status == 504:
         return _Said(status, None, served, f"timed out after {member.timeout_ms} ms")

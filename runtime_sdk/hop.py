@@ -1,0 +1,272 @@
+"""The runtime's HTTP/1.1 client for the one kind of peer it sends to: an Envoy listener on its own host.
+
+A runtime sends every output, ensemble question and OIP request to its sidecar's egress listener or to the
+host's shared one (runtime_sdk/egress.py), over a Unix socket or loopback TCP. aiohttp's client spends
+~95 us of CPU per request on that; this one ~28 us (docs/benchmarks.md, "What was tried for a cheaper hop"),
+because it does only what that peer needs: POST with a body, keep-alive, an answer delimited by
+Content-Length, chunked encoding or the connection's end.
+
+Bounds: MAX_CONNECTIONS open at once per peer (more requests wait for one), an answer's head MAX_HEAD bytes
+and its body `max_answer` bytes (more is a HopError and the connection is dropped).
+Failure: `Unsent` when the peer gave no byte of an answer (no connection; or one it closed first, which
+Envoy does to idle connections when a listener drains; it is not sent again here, as aiohttp did not);
+`HopError` for anything else that is not an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from multidict import CIMultiDict
+
+MAX_CONNECTIONS = 100
+MAX_HEAD = 64 * 1024
+MAX_ANSWER = 64 * 1024 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_UNSAFE = re.compile(r"[\r\n\x00]")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class HopError(Exception):
+    """No usable answer from the peer."""
+
+
+class Unsent(HopError):
+    """The request did not reach the peer: it may be sent elsewhere without being done twice."""
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    headers: CIMultiDict[str]
+
+
+def header_safe(value: str) -> bool:
+    """Whether `value` can be sent as a header value as it is (no line break or NUL to end the header early)."""
+    return _UNSAFE.search(value) is None
+
+
+def request_head(host: str, path: str, length: int, headers: Mapping[str, str]) -> bytes:
+    """The request line and headers of a POST; a ValueError for a name or value that would forge others."""
+    if not path.startswith("/") or _UNSAFE.search(path) or " " in path:
+        raise ValueError(f"not a request path: {path!r}")
+    lines = [f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {length}\r\n"]
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name) or not header_safe(value):
+            raise ValueError(f"header {name!r} cannot be sent: {value[:80]!r}")
+        if name.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+            lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+@dataclass
+class _Reading:
+    """One answer being read: its head, then its body (by length, chunks, or until the connection ends)."""
+
+    status: int = 0
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    length: int | None = None  # None: chunked or until the end
+    chunked: bool = False
+    body: bytearray = field(default_factory=bytearray)
+    keep_alive: bool = True
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, max_answer: int) -> None:
+        self.max_answer = max_answer
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.answer: asyncio.Future[Answer] | None = None
+        self.reading: _Reading | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        self.answer = asyncio.get_running_loop().create_future()
+        self.reading, self.buffer = None, bytearray()
+        self.transport.write(data)
+        return self.answer
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.answer is None or self.answer.done():
+            self.close()  # bytes nobody asked for: the connection cannot be trusted any more
+            return
+        try:
+            done = self._parse()
+        except HopError as err:
+            self._fail(err)
+            return
+        if done:
+            self._finish()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reading = self.reading
+        if reading is not None and reading.length is None and not reading.chunked and reading.status:
+            self._finish()  # an answer delimited by the connection's end
+        elif reading is None and not self.buffer:
+            self._fail(Unsent(f"the peer closed the connection before answering: {exc or 'closed'}"))
+        else:
+            self._fail(HopError(f"the peer closed the connection in the middle of its answer: {exc or 'closed'}"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, err: HopError) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(err)
+        self.close()
+
+    def _finish(self) -> None:
+        reading = self.reading
+        assert reading is not None and self.answer is not None
+        if not self.answer.done():
+            self.answer.set_result(Answer(reading.status, bytes(reading.body), reading.headers))
+        self.reading = None
+        if self.buffer or not reading.keep_alive:
+            self.close()
+
+    def _parse(self) -> bool:
+        """Consume what has arrived; True once the whole answer is in."""
+        while self.reading is None or self.reading.status < 200:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+                raise HopError(f"the answer's head is over {MAX_HEAD} bytes")
+            if end < 0:
+                return False
+            self.reading = _head(bytes(self.buffer[:end]))
+            del self.buffer[: end + 4]
+        reading = self.reading
+        if reading.chunked:
+            return self._chunks(reading)
+        take = len(self.buffer) if reading.length is None else min(len(self.buffer), reading.length - len(reading.body))
+        reading.body += self.buffer[:take]
+        del self.buffer[:take]
+        if len(reading.body) > self.max_answer:
+            raise HopError(f"the answer is over {self.max_answer} bytes")
+        return reading.length is not None and len(reading.body) == reading.length
+
+    def _chunks(self, reading: _Reading) -> bool:
+        while True:
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                if len(self.buffer) > MAX_HEAD:
+                    raise HopError("a chunk size line is too long")
+                return False
+            size_text = bytes(self.buffer[:line_end]).split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(size_text):
+                raise HopError(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
+            if size == 0:  # the last chunk, then trailers (ignored) up to an empty line
+                trailers_end = self.buffer.find(b"\r\n\r\n", line_end)
+                if self.buffer[line_end : line_end + 4] == b"\r\n\r\n":
+                    trailers_end = line_end
+                if trailers_end < 0:
+                    return False
+                del self.buffer[: trailers_end + 4]
+                return True
+            if len(reading.body) + size > self.max_answer:
+                raise HopError(f"the answer is over {self.max_answer} bytes")
+            if len(self.buffer) < line_end + 2 + size + 2:
+                return False
+            start = line_end + 2
+            if self.buffer[start + size : start + size + 2] != b"\r\n":
+                raise HopError("a chunk does not end where its size says")
+            reading.body += self.buffer[start : start + size]
+            del self.buffer[: start + size + 2]
+
+
+def _head(head: bytes) -> _Reading:
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest[:3]
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not code.isdigit() or len(code) != 3:
+        raise HopError(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
+    reading = _Reading(status=int(code), keep_alive=version == "HTTP/1.1")
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise HopError(f"bad header line in the answer: {line[:80]!r}")
+        reading.headers.add(name, value.strip())
+    connection = reading.headers.get("connection", "").lower()
+    reading.keep_alive = (reading.keep_alive or "keep-alive" in connection) and "close" not in connection
+    if "chunked" in reading.headers.get("transfer-encoding", "").lower():
+        reading.chunked = True
+    elif "content-length" in reading.headers:
+        lengths = set(reading.headers.getall("content-length"))
+        text = lengths.pop()
+        if lengths or not text.isdigit():
+            raise HopError(f"bad content-length in the answer: {text[:20]!r}")
+        reading.length = int(text)
+    elif reading.status in (204, 304) or reading.status < 200:
+        reading.length = 0
+    else:
+        reading.keep_alive = False  # the body runs to the connection's end
+    return reading
+
+
+class HopClient:
+    """Keep-alive connections to one peer, a Unix socket `path` or 127.0.0.1:`port`; `post` is all it does."""
+
+    def __init__(
+        self, path: str | None = None, port: int | None = None, host: str = "sidecar", max_answer: int = MAX_ANSWER
+    ) -> None:
+        self.path, self.port, self.max_answer = path, port, max_answer
+        self.host = f"127.0.0.1:{port}" if port else host  # the Host header: Envoy's routes match any
+        self.idle: list[_Connection] = []
+        self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def post(self, path: str, body: bytes | str, headers: Mapping[str, str]) -> Answer:
+        data = body.encode() if isinstance(body, str) else body
+        message = request_head(self.host, path, len(data), headers) + data
+        async with self.slots:
+            return await self._exchange(self._idle() or await self._connect(), message)
+
+    async def _exchange(self, connection: _Connection, message: bytes) -> Answer:
+        try:
+            answer = await connection.send(message)
+        except BaseException:
+            connection.close()  # failed or cancelled mid-answer: what is left of it must not reach the next caller
+            raise
+        if not connection.closed:
+            self.idle.append(connection)
+        return answer
+
+    def _idle(self) -> _Connection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
+                return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.path:
+                _, connection = await loop.create_unix_connection(lambda: _Connection(self.max_answer), self.path)
+            else:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self.max_answer), "127.0.0.1", self.port or 0
+                )
+        except OSError as err:
+            raise Unsent(f"cannot connect to {self.path or self.host}: {err}") from err
+        return connection
+
+    async def close(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
