@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from controlplane import processes
-from controlplane.config import PROJECT_ROOT
+from controlplane.config import PROJECT_ROOT, tools_dir
 from controlplane.sidecar import render_bootstrap
 from controlplane.tools import find_envoy
 
@@ -97,10 +97,11 @@ CLI = [sys.executable, "-m", "controlplane.cli"]
 
 @contextmanager
 def running_stack(
-    folder: Path, stack: dict[str, Any], more_env: dict[str, str] | None = None
+    folder: Path, stack: dict[str, Any], more_env: dict[str, str] | None = None, root: Path = PROJECT_ROOT
 ) -> Iterator[tuple[dict[str, int], dict[str, str]]]:
     """`mllambda up --detach` a stack on free ports (`more_env`: for its processes too), `down` at the end.
 
+    `root`: the checkout whose code runs the stack (`checkout`: another revision, side by side with this one).
     Yields its ports and the environment that points the CLI at it.
     """
     names = ["consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics"]
@@ -110,11 +111,26 @@ def running_stack(
         **os.environ,
         "MLLAMBDA_STATE_DIR": str(folder / "state"),
         "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{ports['admin']}",
+        "MLLAMBDA_TOOLS_DIR": str(tools_dir()),
         **(more_env or {}),
     }
     up = [*CLI, "up", "-f", str(folder / "stack.yaml"), "--detach"]
-    subprocess.run(up, env=env, check=True, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(up, env=env, check=True, cwd=root, stdout=subprocess.DEVNULL)
     try:
         yield ports, env
     finally:
-        subprocess.run([*CLI, "down"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run([*CLI, "down"], env=env, cwd=root, stdout=subprocess.DEVNULL)
+
+
+def checkout(revision: str) -> Path:
+    """A worktree of `revision` (its admin stubs generated) for `running_stack(root=...)`: `python -m` from
+    its folder imports its code, so one run can set a change against what came before it."""
+    sha = subprocess.run(["git", "rev-parse", revision], cwd=PROJECT_ROOT, check=True, capture_output=True, text=True)
+    where = Path(tempfile.gettempdir()) / f"mll-checkout-{sha.stdout.strip()[:12]}"
+    if not where.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(where), sha.stdout.strip()], cwd=PROJECT_ROOT, check=True
+        )
+    env = {**os.environ, "MLLAMBDA_TOOLS_DIR": str(tools_dir())}
+    subprocess.run([*CLI, "setup"], cwd=where, env=env, check=True, stdout=subprocess.DEVNULL)
+    return where

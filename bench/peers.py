@@ -7,7 +7,10 @@ alone, checks a sample of its answers against the predicts' own, warms it up, th
 (32 connections, 8 s) while reading every process's CPU time from /proc by role, and its memory.
 Systems take turns within each run; medians of the runs are reported.
 
-Run: .venv/bin/python -m bench.peers [--runs 3] [--only NAME ...]
+`--against REV` adds ML Lambda (http) as of git revision REV, run from a worktree in the same turns: a
+change measured against what came before it on the same noisy machine.
+
+Run: .venv/bin/python -m bench.peers [--runs 3] [--only NAME ...] [--against REV]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import children_cpu, cpu_spent, median, process_cpu, running_stack
+from bench.common import checkout, children_cpu, cpu_spent, median, process_cpu, running_stack
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 from controlplane import processes
 from controlplane.config import PROJECT_ROOT
@@ -36,6 +39,7 @@ PLAIN, MTLS = {"security": "plaintext"}, {"security": "mtls"}
 EACH_SIDECAR = {"colocated": "direct", "gateway_concurrency": 1}  # the gateway's one traversal: one worker is best
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain aiohttp chain": ("plain", {}),
+    "plain aiohttp chain, the SDK's client": ("plain", {"client": "hop"}),
     "ML Lambda, http": ("mllambda", {"transport": "http", **PLAIN}),
     "ML Lambda, http, output through each sidecar": ("mllambda", {"transport": "http", **PLAIN, **EACH_SIDECAR}),
     "ML Lambda, http, every hop through the ingress": (
@@ -61,10 +65,15 @@ def expected(text: str) -> dict[str, int]:
 
 @contextlib.contextmanager
 def mllambda(
-    folder: Path, transport: str, security: str, colocated: str = "shared", gateway_concurrency: int | None = None
+    folder: Path,
+    transport: str,
+    security: str,
+    colocated: str = "shared",
+    gateway_concurrency: int | None = None,
+    root: Path = PROJECT_ROOT,
 ) -> Iterator[str]:
     """The stack as `mllambda up` runs it (the gateway Envoy carries the runtimes' output too, one worker per
-    core), or with `colocated` / `gateway_concurrency` set otherwise."""
+    core), or with `colocated` / `gateway_concurrency` set otherwise; `root`: another revision's checkout."""
     models = ("tokenize", "count", "score")
     stack = {
         "name": "peers",
@@ -73,7 +82,7 @@ def mllambda(
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
-    with running_stack(folder, stack, {"MLLAMBDA_COLOCATED": colocated}) as (ports, _):
+    with running_stack(folder, stack, {"MLLAMBDA_COLOCATED": colocated}, root) as (ports, _):
         yield f"http://127.0.0.1:{ports['gateway']}/pipelines/bench"
 
 
@@ -145,10 +154,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=list(SYSTEMS), help="these systems only")
+    parser.add_argument("--against", metavar="REV", help="also ML Lambda, http as of git revision REV")
     args = parser.parse_args()
     folder, script = wrk_folder("mll-bench-peers-")
     starters: dict[str, Any] = {"plain": plain_chain, "mllambda": mllambda, "ray": ray}
     chosen = {name: SYSTEMS[name] for name in args.only or SYSTEMS}
+    if args.against:
+        chosen[f"ML Lambda, http, at {args.against}"] = (
+            "mllambda",
+            {"transport": "http", **PLAIN, "root": checkout(args.against)},
+        )
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     started = time.time()
     for run in range(args.runs):
@@ -178,6 +193,11 @@ def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
         parts = ", ".join(f"{k[4:]} {v:.0f}" for k, v in sorted(m.items()) if k.startswith("cpu ") and v >= 1)
         print(f"- {name}: {parts}")
     ours = mid.get("ML Lambda, http")
+    for name in [n for n in rows if n.startswith("ML Lambda, http, at ")] + ["plain aiohttp chain"]:
+        if "ML Lambda, http" in rows and name in rows:  # the ratio within each run, where the noise is shared
+            ratios = [a["rps"] / b["rps"] for a, b in zip(rows["ML Lambda, http"], rows[name], strict=True)]
+            print(f"ML Lambda http / {name}, per run: {', '.join(f'{x:.2f}' for x in ratios)} "
+                  f"(median {median(ratios):.2f}x)")  # fmt: skip
     for name in ("plain aiohttp chain", "Ray Serve", "Ray Serve, throughput-optimized"):
         if ours and name in mid:
             print(f"ML Lambda http / {name}: req/s {ours['rps'] / mid[name]['rps']:.2f}x, "

@@ -116,13 +116,20 @@ def hop_latency(folder: Path, runs: int, script: Path) -> None:
 
 
 @contextlib.contextmanager
-def plain_chain(folder: Path) -> Iterator[str]:
-    """The baseline: tokenize -> count -> score as three aiohttp servers calling each other; yields its URL."""
+def plain_chain(folder: Path, client: str = "aiohttp") -> Iterator[str]:
+    """The baseline: tokenize -> count -> score as three aiohttp servers calling each other (with aiohttp's
+    client, or `client="hop"`: the runtime SDK's); yields its URL."""
     ports = [processes.free_port() for _ in range(3)]
     chain = []
     try:
         for i, model in enumerate(("tokenize", "count", "score")):
-            args = ["-m", "bench.plain_chain", f"--port={ports[i]}", f"--predict={MODELS}:{model}"]
+            args = [
+                "-m",
+                "bench.plain_chain",
+                f"--port={ports[i]}",
+                f"--predict={MODELS}:{model}",
+                f"--client={client}",
+            ]
             args += [f"--next=http://127.0.0.1:{ports[i + 1]}/"] if i < 2 else []
             chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
         yield f"http://127.0.0.1:{ports[0]}/"

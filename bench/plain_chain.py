@@ -1,4 +1,8 @@
-"""The baseline: one aiohttp server per stage, each calling the next directly (no Envoy, no SDK)."""
+"""The baseline: one aiohttp server per stage, each calling the next directly (no Envoy, no SDK).
+
+`--client hop` calls the next stage with the runtime SDK's client (runtime_sdk/hop.py) instead of aiohttp's:
+the same chain with the same client ML Lambda's runtimes use, so that a comparison isolates the mesh.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
+
+from runtime_sdk.hop import HopClient
 
 
 def main() -> None:
@@ -17,7 +24,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--predict", required=True, help="MODULE:CALLABLE")
     parser.add_argument("--next", help="URL of the next stage")
+    parser.add_argument("--client", choices=["aiohttp", "hop"], default="aiohttp")
     args = parser.parse_args()
+    hop = HopClient(port=URL(args.next).port) if args.next and args.client == "hop" else None
+    next_path = URL(args.next).path if args.next else "/"
     module, _, name = args.predict.partition(":")
     predict = getattr(importlib.import_module(module), name)
     session: dict[str, aiohttp.ClientSession] = {}
@@ -27,6 +37,9 @@ def main() -> None:
         output = await predict(payload) if asyncio.iscoroutinefunction(predict) else predict(payload)
         if not args.next:
             return web.json_response(output)
+        if hop is not None:
+            answer = await hop.post(next_path, json.dumps(output), {"content-type": "application/json"})
+            return web.Response(body=answer.body, status=answer.status, content_type="application/json")
         async with session["next"].post(args.next, data=json.dumps(output)) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
 
