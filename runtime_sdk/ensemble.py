@@ -1,6 +1,6 @@
 """Asking other stages and sending their answer on: an ensemble's members, an OIP stage.
 
-The runtime that sends into an ensemble stage asks its members, through its sidecar.
+The runtime that sends into an ensemble stage asks its members, through its egress (runtime_sdk/egress.py).
 
 All members are asked at once through the runtime's egress (runtime_sdk/egress.py),
 so the stage takes as long as its slowest member, not their sum. Each
