@@ -46,7 +46,8 @@ class Peer:
                 writer.write(answer)
                 await writer.drain()
                 head = answer.split(b"\r\n\r\n")[0].lower()
-                if self.hang_up or b"connection: close" in head or not (b"content-length" in head or b"chunked" in head or b" 204 " in head):
+                framed = b"content-length" in head or b"chunked" in head or b" 204 " in head
+                if self.hang_up or b"connection: close" in head or not framed:
                     break  # as HTTP says: the end of the connection ends the answer
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -73,7 +74,7 @@ async def test_answers_by_length_by_chunks_and_to_the_end_and_keep_alive_reuses_
         [
             OK,
             b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Mll-Served: a=m:v1\r\n\r\n"
-            b"3;ext=1\r\n{\"a\r\n5\r\n\": 1}\r\n0\r\nx-trailer: t\r\n\r\n",
+            b'3;ext=1\r\n{"a\r\n5\r\n": 1}\r\n0\r\nx-trailer: t\r\n\r\n',
             b"HTTP/1.1 204 No Content\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n[]",
             b"HTTP/1.1 200 OK\r\n\r\nto the end",  # no length: the body runs until the connection ends
@@ -156,7 +157,7 @@ async def test_a_header_or_path_that_would_forge_another_is_refused_before_anyth
             ({}, "/x HTTP/1.1\r\nhost: y"),
             ({}, "x"),
         ]:
-            with pytest.raises(ValueError, match="cannot be sent|not a request path"):
+            with pytest.raises(ValueError, match=r"cannot be sent|not a request path"):
                 await client.post(path, "{}", headers)
         assert server.requests == []
     # A model's branch key with a line break names no branch: it goes without one (the stage's 422).
