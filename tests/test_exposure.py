@@ -138,12 +138,13 @@ def test_the_dashboard_listens_on_the_address_given_and_answers_for_it(consul_ag
         proc.wait_ready(lambda: processes.http_get(f"http://127.0.0.2:{port}/metrics")[0] == 200, timeout=30)
         with pytest.raises(OSError):  # not on 127.0.0.1
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        found = json.loads(
-            processes.http_get(f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/mllambda-control-plane")[
-                1
-            ]
-        )
-        assert any(e["ServiceAddress"] == "127.0.0.2" and e["ServicePort"] == port for e in found), found
+        catalog = f"http://127.0.0.1:{consul_agent.http_port}/v1/catalog/service/mllambda-control-plane"
+
+        def registered_at_the_address_given() -> bool:  # it registers once it serves: a moment after /metrics
+            found = json.loads(processes.http_get(catalog)[1])
+            return any(e["ServiceAddress"] == "127.0.0.2" and e["ServicePort"] == port for e in found)
+
+        proc.wait_ready(registered_at_the_address_given, timeout=30)
         forged = urllib.request.Request(f"http://127.0.0.2:{port}/metrics", headers={"Host": "evil.example"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(forged, timeout=5)
