@@ -125,12 +125,11 @@ def running_stack(
 def checkout(revision: str) -> Path:
     """A worktree of `revision` (its admin stubs generated) for `running_stack(root=...)`: `python -m` from
     its folder imports its code, so one run can set a change against what came before it."""
-    sha = subprocess.run(["git", "rev-parse", revision], cwd=PROJECT_ROOT, check=True, capture_output=True, text=True)
-    where = Path(tempfile.gettempdir()) / f"mll-checkout-{sha.stdout.strip()[:12]}"
+    found = subprocess.run(["git", "rev-parse", revision], cwd=PROJECT_ROOT, check=True, capture_output=True, text=True)
+    sha = found.stdout.strip()
+    where = Path(tempfile.gettempdir()) / f"mll-checkout-{sha[:12]}"
     if not where.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(where), sha.stdout.strip()], cwd=PROJECT_ROOT, check=True
-        )
+        subprocess.run(["git", "worktree", "add", "--detach", str(where), sha], cwd=PROJECT_ROOT, check=True)
     env = {**os.environ, "MLLAMBDA_TOOLS_DIR": str(tools_dir())}
     subprocess.run([*CLI, "setup"], cwd=where, env=env, check=True, stdout=subprocess.DEVNULL)
     return where

@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--next", help="URL of the next stage")
     parser.add_argument("--client", choices=["aiohttp", "hop"], default="aiohttp")
     args = parser.parse_args()
-    hop = HopClient(port=URL(args.next).port) if args.next and args.client == "hop" else None
-    next_path = URL(args.next).path if args.next else "/"
+    next_url = URL(args.next) if args.next else None
+    hop = HopClient(port=next_url.port) if next_url and args.client == "hop" else None
+    next_path = next_url.path if next_url else "/"
     module, _, name = args.predict.partition(":")
     predict = getattr(importlib.import_module(module), name)
     session: dict[str, aiohttp.ClientSession] = {}

@@ -264,7 +264,7 @@ def fan_out_of(request: web.Request) -> FanOut | None:
 async def ask_members(
     runtime: Runtime, request: web.Request, fan: FanOut, body: str, output: dict[str, Any]
 ) -> Answers:
-    """Every member of the ensemble, asked through the own sidecar at once."""
+    """Every member of the ensemble, asked through the egress at once."""
     return await ask(runtime.egress, request.headers.get(h.TRANSPORT, "http"), fan, body, request.headers, output)
 
 

@@ -15,15 +15,13 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from contract import headers as h
 from contract.fanout import FanOut, Member, merge
 from contract.oip import BadRequest, decode_response, encode_request
+from runtime_sdk.egress import Egress
 from runtime_sdk.hop import HopError, header_safe
-
-if TYPE_CHECKING:
-    from runtime_sdk.egress import Egress
 
 GRACE = 0.2  # seconds past a member's timeout before the runtime stops waiting for its sidecar
 REASON_CHARS = 300

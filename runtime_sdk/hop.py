@@ -2,9 +2,9 @@
 
 A runtime sends every output, ensemble question and OIP request to its sidecar's egress listener or to the
 host's shared one (runtime_sdk/egress.py), over a Unix socket or loopback TCP. aiohttp's client spends
-~95 us of CPU per request on that; this one ~28 us (docs/benchmarks.md, "What was tried for a cheaper hop"),
-because it does only what that peer needs: POST with a body, keep-alive, an answer delimited by
-Content-Length, chunked encoding or the connection's end.
+~98 us of CPU per request on that; this one ~18 us (bench.hop_client; docs/benchmarks.md, "What was
+tried for a cheaper hop"), because it does only what that peer needs: POST with a body, keep-alive, an
+answer delimited by Content-Length, chunked encoding or the connection's end.
 
 Bounds: MAX_CONNECTIONS open at once per peer (more requests wait for one), an answer's head MAX_HEAD bytes
 and its body `max_answer` bytes (more is a HopError and the connection is dropped).
@@ -172,9 +172,7 @@ class _Connection(asyncio.Protocol):
                 raise HopError(f"bad chunk size {size_text[:20]!r}")
             size = int(size_text, 16)
             if size == 0:  # the last chunk, then trailers (ignored) up to an empty line
-                trailers_end = self.buffer.find(b"\r\n\r\n", line_end)
-                if self.buffer[line_end : line_end + 4] == b"\r\n\r\n":
-                    trailers_end = line_end
+                trailers_end = self.buffer.find(b"\r\n\r\n", line_end)  # at line_end itself: no trailers
                 if trailers_end < 0:
                     return False
                 del self.buffer[: trailers_end + 4]
@@ -249,7 +247,7 @@ class HopClient:
     def _idle(self) -> _Connection | None:
         while self.idle:
             connection = self.idle.pop()
-            if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
+            if not connection.closed and connection.transport and not connection.transport.is_closing():
                 return connection
         return None
 
