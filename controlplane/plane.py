@@ -17,13 +17,11 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Sequence
 
 import consul.aio
 import grpc
 
 from contract.naming import BRIDGE_SERVICE, CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY, bridge_reply_topic
-from contract.service import RuntimeService
 from contract.watch import watch
 from controlplane.certs import CertKeeper, key_copies, renewed_context
 from controlplane.config import split_host_port
@@ -34,6 +32,7 @@ from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
 from controlplane.model import Pipeline, PipelineVersion
+from controlplane.peer_acks import SharedAcks
 from controlplane.reconcile import Reconciler
 from controlplane.rollout_driver import RolloutDriver
 from controlplane.scaler import autoscaler_from
@@ -43,7 +42,7 @@ from controlplane.switch import Switchboard
 from controlplane.traffic import TrafficBook, VariantTraffic, per_variant, stats_urls
 from controlplane.translate.pipelines import Options, gateway_clusters
 from controlplane.ui import LocalAdmin
-from controlplane.view import PlaneView
+from controlplane.view import PlaneView, envoy_admin_urls
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
@@ -96,6 +95,10 @@ class ControlPlane:
             require_tls=mtls,
         )
         self.reconciler = Reconciler(self.cache, self.acks, options)
+        # The other control planes' sidecars count too: each one's ACKs, through a record in Consul.
+        self.peers = SharedAcks(
+            self.watch_consul, settings.kv_prefix, self.reconciler.local_view, lambda: self._wake.set()
+        )
         self.switchboard = Switchboard()
         # The admin API needs the generated stubs; importing it here (not at module level) keeps
         # `mllambda setup`, which generates them, runnable on a fresh checkout.
@@ -108,6 +111,7 @@ class ControlPlane:
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
+        self.acks.on_ack(lambda *_: self.peers.changed())  # and this control plane's record may change
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
@@ -206,6 +210,7 @@ class ControlPlane:
             asyncio.create_task(self.discovery.run()),
             asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
             asyncio.create_task(self._reconcile_forever()),
+            asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
             *([asyncio.create_task(self.autoscaler.run())] if self.autoscaler else []),
@@ -270,13 +275,14 @@ class ControlPlane:
             deployments = self.switchboard.deployments()
             parked = self.autoscaler.activator.parked() if self.autoscaler else ()
             self.reconciler.reconcile(deployments, self.discovery.instances(), self.kafka_bridges(), parked)
+        self.peers.changed()  # streams may have come or gone since its last write
 
     def _missing(self, version: PipelineVersion) -> list[str]:
         """What a version waits for before it takes traffic (nothing: it is ready)."""
         name = version.pipeline.name
         gateway = self.reconciler.gateway_missing(gateway_clusters(version))
         if version.pipeline.transport != "kafka":
-            return self.reconciler.missing_acks((name, version.version)) + gateway
+            return self.reconciler.missing_acks((name, version.version), self.peers.reason) + gateway
         if self.kafka is None:
             return ["a Kafka broker (--kafka-bootstrap)"]
         if not self.kafka_bridges():
@@ -307,7 +313,7 @@ class ControlPlane:
             admin_calls=dict(self.admin.calls),
             consul=self.discovery.health(),
             consul_ui=f"{self.settings.consul.url}/ui/",
-            envoy_admin=self._envoy_admin_urls(runtimes),
+            envoy_admin=envoy_admin_urls(runtimes, self.settings.gateway_admin_port),
             kafka_bridges=self.kafka_bridges(),
             switch={name: self.switchboard.report(name) for name in self.switchboard.tracks},
             broken=dict(self.broken),
@@ -331,12 +337,6 @@ class ControlPlane:
         track = self.switchboard.tracks.get(name)
         return track.entered_at if track and track.entry else None
 
-    def _envoy_admin_urls(self, runtimes: Sequence[RuntimeService]) -> dict[str, str]:
-        urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}
-        if self.settings.gateway_admin_port:
-            urls["gateway"] = f"http://127.0.0.1:{self.settings.gateway_admin_port}/"
-        return urls
-
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -359,6 +359,7 @@ class ControlPlane:
         if self._admin_server is not None:
             await self._admin_server.stop(0.5)
         await self.xds.stop(0.5)
+        await self.peers.stop()
         await self.consul.close()
         await self.watch_consul.close()
 

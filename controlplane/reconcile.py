@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from prometheus_client.core import HistogramMetricFamily
@@ -54,6 +54,7 @@ class LatencyHistogram:
 
 
 Pair = tuple[str, int]  # (pipeline, version)
+Elsewhere = Callable[[str, Pair, float | None], str | None]
 
 
 class GroupLedger:
@@ -197,19 +198,44 @@ class Reconciler:
             if now - self.gateway_clusters.get(name, now) < GATEWAY_WARM
         ]
 
-    def missing_acks(self, pair: tuple[str, int]) -> list[str]:
-        """Connected sidecars that must route `pair` and have not acknowledged it yet."""
+    def missing_acks(self, pair: Pair, elsewhere: Elsewhere = lambda group, pair, gone: None) -> list[str]:
+        """Sidecars that must route `pair` and have not acknowledged it yet.
+
+        Those streaming here are judged by their ACKs; `elsewhere(group, pair,
+        when it left here)` says why one that does not is waited for (peer_acks.py).
+        """
         if pair not in self.translated:
             return ["its first translation"]
         missing = []
         for group, ledger in self.ledgers.items():
-            if group == self.options.gateway_group or pair not in ledger.carried or not self.acks.is_connected(group):
+            if group == self.options.gateway_group or pair not in ledger.carried:
+                continue
+            if not self.acks.is_connected(group):
+                why = elsewhere(group, pair, self.acks.gone_since(group))
+                missing += [f"{group} ({why})"] if why else []
                 continue
             acked = self._acked(group)
             if acked is None or not ledger.routes(acked, pair):
                 missing.append(group + self._nack_note(group))
         missing += [f"{g} (translation failed: {e})" for g, e in self.failed.items() if pair in self._failed_pairs[g]]
         return sorted(missing)
+
+    def local_view(self) -> tuple[frozenset[str], frozenset[Pair]]:
+        """(sidecar groups streaming here, versions every one of them that routes it has acknowledged): the record
+        other control planes read (peer_acks.py)."""
+        here = {g: ledger for g, ledger in self.ledgers.items() if g != self.options.gateway_group}
+        here = {g: ledger for g, ledger in here.items() if self.acks.is_connected(g)}
+        acked = {g: self._acked(g) for g in here}
+        failed = {pair for pairs in self._failed_pairs.values() for pair in pairs}
+
+        def ready(pair: Pair) -> bool:
+            return pair not in failed and all(
+                (a := acked[g]) is not None and ledger.routes(a, pair)
+                for g, ledger in here.items()
+                if pair in ledger.carried
+            )
+
+        return frozenset(here), frozenset(p for p in self.translated if ready(p))
 
     def rejected(self, pair: tuple[str, int]) -> list[str]:
         """Envoys that `pair` waits for and that refuse their config (a NACK no ACK has followed): "node rejected ..."

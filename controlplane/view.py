@@ -77,3 +77,11 @@ class PlaneReader(Protocol):
     async def traffic(self) -> list[VariantTraffic]: ...  # counts since each Envoy started (for /metrics)
 
     async def recent_traffic(self) -> list[VariantTraffic]: ...  # over a recent window of the version in traffic
+
+
+def envoy_admin_urls(runtimes: Sequence[RuntimeService], gateway_admin_port: int) -> dict[str, str]:
+    """Each Envoy's admin page, for the dashboard's links (on this host's loopback)."""
+    urls = {i.service_id: f"http://127.0.0.1:{i.envoy_admin_port}/" for i in runtimes}
+    if gateway_admin_port:
+        urls["gateway"] = f"http://127.0.0.1:{gateway_admin_port}/"
+    return urls

@@ -15,7 +15,7 @@ from controlplane.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
 from tests.envoy_helpers import envoy_stat, wait_for
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
-from tests.test_pipeline_e2e import apply, until_ok
+from tests.test_pipeline_e2e import apply, in_traffic, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -99,5 +99,48 @@ async def test_kafka_bridge_survives_losing_a_control_plane(
         status = second.cli("status", f"--dashboard=http://127.0.0.1:{second.metrics_port}")
         assert f"kafka bridges: 127.0.0.1:{second.bridge_port}\n" in status.stdout, status.stdout + status.stderr
         assert sum(load.outcomes.values()) - answered_before > 20, load.outcomes
+    finally:
+        second.stop()
+
+
+def echoes(stages: int) -> dict[str, Any]:
+    echo = {"variants": [{"model": "echo", "version": "v1"}]}
+    return {"name": "one", "stages": [{"name": f"echo{n}", **echo} for n in range(stages)]}
+
+
+async def test_a_new_version_waits_for_a_sidecar_that_streams_to_another_control_plane(
+    control_plane: Any, start_envoy: Any, start_runtime: Any, logs_dir: Path, tmp_path: Path
+) -> None:
+    """The gateway streams to one control plane, the runtime's sidecar to the other, which freezes (as a
+    host cut off would look: its streams open, nothing answered). A version applied through the first must
+    not take traffic while that sidecar lacks its hops (its ingress would refuse them: 403), and must once
+    it has them."""
+    second = second_control_plane(control_plane, logs_dir).start()
+    try:
+        start_envoy(
+            lambda admin: render_bootstrap("gateway", "gateway", second.xds_addr, admin),
+            admin_port=control_plane.gateway_admin_port,
+        )
+        start_runtime("examples.trivial.models:echo", "echo", "v1", xds=control_plane.xds_addr)
+        apply(second, tmp_path, echoes(1))
+        url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+        await until_ok(url, {"text": "a b"})
+        await in_traffic(second, "one", 1)
+        assert control_plane.proc is not None
+        control_plane.proc.signal(signal.SIGSTOP)
+        try:
+            async with SteadyLoad(url) as load:
+                apply(second, tmp_path, echoes(2))  # version 2: a hop out of that sidecar it has no route for yet
+                await asyncio.sleep(5)
+                described = second.cli("describe", "pipeline", "one")
+            assert set(load.outcomes) == {200}, load.outcomes
+            assert "version 2 is not in traffic yet" in described.stdout, described.stdout
+            assert "streams to control plane" in described.stdout and "version 1 serves" in described.stdout
+        finally:
+            control_plane.proc.signal(signal.SIGCONT)
+        async with SteadyLoad(url) as load:
+            await in_traffic(second, "one", 2, timeout=30)  # the first pushed it, the sidecar has it, it went in
+            await asyncio.sleep(1)
+        assert set(load.outcomes) == {200}, load.outcomes
     finally:
         second.stop()

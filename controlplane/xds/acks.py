@@ -105,6 +105,10 @@ class AckBook:
     def streams_by_mode(self) -> dict[str, int]:
         return dict(self._modes)
 
+    def gone_since(self, node_id: str) -> float | None:
+        """When (monotonic) the node's last stream here closed; None if it streams or never did (or long ago)."""
+        return self._gone_since.get(node_id)
+
     def is_connected(self, node_id: str) -> bool:
         return node_id in self._connected
 
