@@ -118,6 +118,7 @@ class Reconciler:
         self.ledgers: dict[str, GroupLedger] = {}
         self.gateway_clusters: dict[str, float] = {}  # cluster in the gateway's snapshot -> since when (monotonic)
         self.translated: Carried = frozenset()  # every pipeline version the last reconcile routed
+        self.passing: frozenset[str] = frozenset()  # runtimes that take requests (their sidecars' groups)
         self.snapshots_set: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # node group -> why its translation failed (it keeps its last snapshot)
         self._failed_pairs: dict[str, Carried] = {}
@@ -143,6 +144,7 @@ class Reconciler:
         for group, error in failed.items():  # it keeps its last snapshot; the other groups go on
             self._fail(group, error, pairs.get(group, frozenset()))
         self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.routed)
+        self.passing = frozenset(i.service_id for i in instances if i.passing)
         for group in set(self.ledgers) - set(snapshots) - set(failed):
             del self.ledgers[group]  # a runtime that is gone
         gateway = snapshots.get(self.options.gateway_group)
@@ -211,6 +213,8 @@ class Reconciler:
             if group == self.options.gateway_group or pair not in ledger.carried:
                 continue
             if not self.acks.is_connected(group):
+                if group not in self.passing:
+                    continue  # no request goes there: nothing to wait for
                 why = elsewhere(group, pair, self.acks.gone_since(group))
                 missing += [f"{group} ({why})"] if why else []
                 continue

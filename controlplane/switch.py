@@ -7,8 +7,9 @@ away from requests still on their way. Instead, per pipeline:
 1. A new current version is *pending*: the sidecars get its hops (paths carry
    the version, `/pipelines/P/vN/S`), added beside the ones in use; the gateway
    keeps entering the old version.
-2. Once every connected sidecar that has hops of it has acknowledged them (for
-   Kafka: every hop topic's consumer group has a member), it becomes the
+2. Once every sidecar that has hops of it has acknowledged them (the ones
+   streaming to another control plane as that one's record says: peer_acks.py;
+   for Kafka: every hop topic's consumer group has a member), it becomes the
    *entry*: the gateway (or the Kafka bridge) sends new requests into it.
 3. The previous entry *drains*: from the moment the gateway acknowledged the
    switch, its hops stay as long as a request may take (the pipeline's total
