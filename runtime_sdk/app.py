@@ -1,4 +1,4 @@
-"""An aiohttp application around one model's predict(): JSON in, JSON out, then on to the next hop."""
+"""The HTTP side of one model's predict() (served by wire.py): JSON in, JSON out, then on to the next hop."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from contract import headers as h
@@ -26,6 +26,7 @@ from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.hop import HopError
 from runtime_sdk.payload_log import PayloadLog, sampled
+from runtime_sdk.wire import HttpError, Request, Response, Server, json_response
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -111,6 +112,16 @@ class Runtime:
             predict_batch = cast(PredictBatch, self.predict)
             self.batcher = Batcher(predict_batch, self.batch, sizes.observe, self.latency.observe)
 
+    async def start(self) -> None:
+        await self.egress.start()
+
+    async def close(self) -> None:
+        await self.egress.close()
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.payload_log is not None:
+            await self.payload_log.close()
+
     @property
     def cluster(self) -> str:
         return model_cluster(self.model, self.version)
@@ -147,53 +158,37 @@ def _error(message: str, **extra: Any) -> str:
     return json.dumps({"error": message, **extra})
 
 
-async def read_payload(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 4xx that says what is wrong with it."""
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        limit = request.app[MAX_BODY]
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=limit,
-            actual_size=request.content_length or 0,
-            text=_error(f"body too large: the limit is {limit} bytes"),
-            content_type="application/json",
-        ) from err
+def read_payload(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it (wire.py refused one too large)."""
     if request.headers.get(h.PROTOCOL) == oip.PROTOCOL:  # the gateway's OIP route: tensors in
         try:
-            return oip_payload(request, body)
+            return oip_payload(request, request.body)
         except oip.BadRequest as err:
-            raise _bad(str(err)) from err
+            raise HttpError(400, str(err)) from err
     try:
-        return parse_object(body)
+        return parse_object(request.body)
     except NotAnObject as err:
-        raise _bad(str(err)) from err
+        raise HttpError(400, str(err)) from err
 
 
-def _bad(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=_error(message), content_type="application/json")
-
-
-async def handle_predict(request: web.Request) -> web.StreamResponse:
+async def handle_predict(runtime: Runtime, request: Request) -> Response:
     started = time.perf_counter()
-    response = as_oip(request, await predict_and_forward(request))
-    runtime: Runtime = request.app[RUNTIME]
+    response = as_oip(request, await predict_and_forward(runtime, request))
     if runtime.payload_log is not None and h.LOG in request.headers and sampled(request.headers[h.LOG]):
         await log_payload(runtime.payload_log, request, response, started)
     return response
 
 
-async def predict_and_forward(request: web.Request) -> web.Response:
-    runtime: Runtime = request.app[RUNTIME]
+async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
     served = f"{request.headers.get(h.STAGE, 'direct')}={runtime.model}:{runtime.version}"
     code = 200
     arrived = time.perf_counter()
     try:
-        payload = await read_payload(request)
+        payload = read_payload(request)
         fan = fan_out_of(request)
         ask_path = request.headers.get(h.ASK) if not request.headers.get(h.SHADOW) else None
         if ask_path is not None and not STAGE_PATH.fullmatch(ask_path):
-            raise _bad(f"{h.ASK} is not a stage path")
+            raise HttpError(400, f"{h.ASK} is not a stage path")
         try:
             model_started = time.perf_counter()
             output = await runtime.call_model(payload)
@@ -204,7 +199,7 @@ async def predict_and_forward(request: web.Request) -> web.Response:
         except Overloaded as err:  # this hop's own failure: another replica may take it (x-mll-retriable)
             code = 503
             refusal = {"error": f"model {runtime.model}:{runtime.version} is overloaded: {err}"}
-            return web.json_response(refusal, status=503, headers={h.SERVED: served, h.RETRIABLE: "1"})
+            return json_response(refusal, 503, {h.SERVED: served, h.RETRIABLE: "1"})
         except Exception as err:
             code = 500
             return _failed(runtime, served, err, "predict() raised")
@@ -233,8 +228,9 @@ async def predict_and_forward(request: web.Request) -> web.Response:
         label = request.headers.get(h.STAGE, "direct")
         if not next_path or request.headers.get(h.SHADOW):
             timing = hop_timing(label, model_ms, arrived, None)
-            headers = {h.SERVED: served, h.TIMING: timing}
-            return web.Response(text=body, status=200, content_type="application/json", headers=headers)
+            return Response(
+                200, body.encode(), {"content-type": "application/json", h.SERVED: served, h.TIMING: timing}
+            )
         if not STAGE_PATH.fullmatch(next_path):  # only ever a path on the own sidecar's egress
             code = 400
             return _json_response({"error": f"{h.NEXT} is not a stage path"}, 400, served)
@@ -243,14 +239,14 @@ async def predict_and_forward(request: web.Request) -> web.Response:
         response.headers[h.TIMING] = ", ".join(x for x in (own, response.headers.get(h.TIMING)) if x)
         code = response.status
         return response
-    except web.HTTPException as err:
-        code = err.status
+    except HttpError as err:
+        code = err.response.status
         raise
     finally:
         runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
 
 
-def fan_out_of(request: web.Request) -> FanOut | None:
+def fan_out_of(request: Request) -> FanOut | None:
     """The ensemble the steering headers say to ask after predict (None: none); a 400 for a forged one."""
     headers = request.headers
     if h.FANOUT not in headers or headers.get(h.SHADOW):
@@ -258,17 +254,15 @@ def fan_out_of(request: web.Request) -> FanOut | None:
     try:
         return FanOut.parse(headers.get(h.FANOUT_PATH, ""), headers[h.FANOUT], headers.get(h.FANOUT_BRANCH_FIELD, ""))
     except ValueError as err:
-        raise _bad(f"{h.FANOUT}: {err}") from err
+        raise HttpError(400, f"{h.FANOUT}: {err}") from err
 
 
-async def ask_members(
-    runtime: Runtime, request: web.Request, fan: FanOut, body: str, output: dict[str, Any]
-) -> Answers:
+async def ask_members(runtime: Runtime, request: Request, fan: FanOut, body: str, output: dict[str, Any]) -> Answers:
     """Every member of the ensemble, asked through the egress at once."""
     return await ask(runtime.egress, request.headers.get(h.TRANSPORT, "http"), fan, body, request.headers, output)
 
 
-def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> web.Response:
+def _failed(runtime: Runtime, served: str, err: BaseException, what: str) -> Response:
     """A stable answer for a model failure; the detail (exception text, traceback) only in the runtime's log."""
     error_id = uuid.uuid4().hex[:16]
     log.error("error_id=%s model=%s:%s %s", error_id, runtime.model, runtime.version, what, exc_info=err)
@@ -284,8 +278,8 @@ def hop_timing(label: str, model_ms: float, arrived: float, next_ms: float | Non
 
 
 async def forward(
-    runtime: Runtime, request: web.Request, body: str, output: dict[str, Any], next_path: str, served: str
-) -> tuple[web.Response, float | None]:
+    runtime: Runtime, request: Request, body: str, output: dict[str, Any], next_path: str, served: str
+) -> tuple[Response, float | None]:
     """Send the output to the next hop (Egress.post); relay its answer (and how long it took)."""
     outgoing = hop_headers(request.headers, output, request.headers.get(h.BRANCH_FIELD, ""))
     sent = time.perf_counter()
@@ -300,15 +294,11 @@ async def forward(
     next_ms = (time.perf_counter() - sent) * 1000
     chain = f"{served}, {downstream}" if downstream else served
     headers = {h.SERVED: chain, "content-type": content_type, h.TIMING: timing}
-    return web.Response(body=answer.body, status=status, headers=headers), next_ms
+    return Response(status, answer.body, headers), next_ms
 
 
-def _json_response(body: dict[str, Any], status: int, served: str) -> web.Response:
-    return web.json_response(body, status=status, headers={h.SERVED: served})
-
-
-async def handle_healthz(request: web.Request) -> web.Response:
-    return web.json_response({"live": True})
+def _json_response(body: dict[str, Any], status: int, served: str) -> Response:
+    return json_response(body, status, {h.SERVED: served})
 
 
 def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
@@ -319,39 +309,44 @@ def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
     return (200 if runtime.ready else 503), body
 
 
-async def handle_readyz(request: web.Request) -> web.Response:
-    status, body = readiness(request.app[RUNTIME])
-    return web.json_response(body, status=status)
+def answer_get(runtime: Runtime, path: str) -> Response | None:
+    """GET /healthz, /readyz, /metrics (None: no such page)."""
+    if path == "/healthz":
+        return json_response({"live": True})
+    if path == "/readyz":
+        status, body = readiness(runtime)
+        return json_response(body, status)
+    if path == "/metrics":
+        return Response(200, generate_latest(runtime.registry), {"content-type": CONTENT_TYPE_LATEST})
+    return None
 
 
-async def handle_metrics(request: web.Request) -> web.Response:
-    runtime: Runtime = request.app[RUNTIME]
-    return web.Response(body=generate_latest(runtime.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY, access_log: logging.Logger | None = None) -> Server:
+    """predict on POST /predict and /pipelines/..., health and metrics on GET; listen with its `listen_*`."""
+
+    async def route(request: Request) -> Response:
+        if request.path == "/predict" or request.path.startswith("/pipelines/"):
+            if request.method != "POST":
+                return json_response({"error": "use POST"}, 405, {"allow": "POST"})
+            return await handle_predict(runtime, request)
+        page = answer_get(runtime, request.path)
+        if page is None:
+            return json_response({"error": f"no page {request.path[:200]}"}, 404)
+        if request.method != "GET":
+            return json_response({"error": "use GET"}, 405, {"allow": "GET"})
+        return page
+
+    return Server(route, max_body, access_log)
 
 
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
-MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
-
-
-def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    """Factory: predict on POST / and /pipelines/..., health and metrics on GET."""
-    app = web.Application(client_max_size=max_body)
-    app[RUNTIME] = runtime
-    app[MAX_BODY] = max_body
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/metrics", handle_metrics)
-    app.router.add_post("/predict", handle_predict)
-    app.router.add_post("/pipelines/{tail:.*}", handle_predict)
-
-    async def egress_lifecycle(app: web.Application) -> Any:
-        await runtime.egress.start()
-        yield
-        await runtime.egress.close()
-        if runtime.batcher is not None:
-            await runtime.batcher.close()
-        if runtime.payload_log is not None:
-            await runtime.payload_log.close()
-
-    app.cleanup_ctx.append(egress_lifecycle)
-    return app
+@asynccontextmanager
+async def serving(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> AsyncIterator[str]:
+    """The runtime served on a free loopback port while the block runs (its URL): for a model's own tests."""
+    server = build_app(runtime, max_body)
+    await runtime.start()
+    try:
+        port = await server.listen_tcp("127.0.0.1", 0)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await server.stop(1.0)
+        await runtime.close()

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import consul.aio
-from aiohttp import web
 
 from contract.service import RuntimeService
 from runtime_sdk.app import DEFAULT_MAX_BODY, Placement, Runtime, build_app
@@ -103,14 +102,12 @@ async def serve(
         predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch,
         payload_log=payloads,
     )  # fmt: skip
-    access_log = logging.getLogger("aiohttp.access") if options.access_log else None  # a line per request: ~10% CPU
-    runner = web.AppRunner(
-        build_app(runtime, options.max_body), shutdown_timeout=options.drain_seconds + 10, access_log=access_log
-    )
-    await runner.setup()
+    access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
+    server = build_app(runtime, options.max_body, access_log)
+    await runtime.start()
     remove_socket(service.runtime_uds)
-    await web.TCPSite(runner, "127.0.0.1", service.runtime_port).start()  # only its own sidecar calls it
-    await web.UnixSite(runner, service.runtime_uds).start()
+    await server.listen_tcp("127.0.0.1", service.runtime_port)  # only its own sidecar calls it
+    await server.listen_unix(service.runtime_uds)
     health = HealthServer(runtime, "127.0.0.1", service.health_port).start() if service.health_port else None
     log.info(
         "serving model=%s version=%s port=%d uds=%s",
@@ -155,7 +152,8 @@ async def serve(
         runtime.ready = False
         if health is not None:
             health.stop()
-        await runner.cleanup()
+        await server.stop(options.drain_seconds + 10)
+        await runtime.close()
         remove_socket(service.runtime_uds)
 
 

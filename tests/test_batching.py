@@ -6,11 +6,11 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from runtime_sdk import Rejected
-from runtime_sdk.app import Runtime, build_app
+from runtime_sdk.app import Runtime
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded
+from tests.test_runtime_sdk import served
 
 calls: list[int] = []
 
@@ -90,7 +90,7 @@ async def test_through_the_runtime_batches_show_in_metrics_refusals_are_422_over
     runtime = Runtime(
         doubler, "doubler", "v1", ready=True, batch=BatchPolicy(max_batch=8, max_wait_ms=20, max_queued=40)
     )
-    async with TestClient(TestServer(build_app(runtime))) as client:
+    async with served(runtime) as client:
         responses = await asyncio.gather(*(client.post("/predict", json={"n": i}) for i in range(32)))
         assert [await r.json() for r in responses] == [{"doubled": 2 * i} for i in range(32)]
         refused = await client.post("/predict", json={"n": -1})

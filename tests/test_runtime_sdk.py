@@ -7,14 +7,14 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from runtime_sdk import Rejected
-from runtime_sdk.app import INLINE_AFTER, INLINE_BUDGET, Placement, Runtime, build_app
+from runtime_sdk.app import INLINE_AFTER, INLINE_BUDGET, Placement, Runtime, serving
 
 calls: list[dict[str, Any]] = []
 
@@ -32,11 +32,30 @@ def model(payload: dict[str, Any]) -> dict[str, Any]:
     return {"doubled": payload["n"] * 2}
 
 
+class Client:
+    """Requests to a runtime served on a loopback port, by path."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session, self.base = session, base
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.session.post(self.base + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.session.get(self.base + path, **kwargs)
+
+
+@asynccontextmanager
+async def served(runtime: Runtime, **options: Any) -> AsyncIterator[Client]:
+    async with serving(runtime, **options) as base, aiohttp.ClientSession() as session:
+        yield Client(session, base)
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def client() -> AsyncIterator[Client]:
     calls.clear()
     runtime = Runtime(model, "doubler", "v1", ready=True)
-    async with TestClient(TestServer(build_app(runtime, max_body=300_000))) as test_client:
+    async with served(runtime, max_body=300_000) as test_client:
         yield test_client
 
 
@@ -118,7 +137,7 @@ async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_
 
     loop_thread = threading.get_ident()
     runtime = Runtime(model, "where", "v1", ready=True)
-    async with TestClient(TestServer(build_app(runtime))) as client:
+    async with served(runtime) as client:
         for _ in range(INLINE_AFTER + 5):
             assert (await client.post("/predict", json={})).status == 200
         assert loop_thread not in threads[:INLINE_AFTER], "measured in worker threads first"
@@ -138,7 +157,7 @@ async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_
 async def test_placement_can_be_fixed(mode: str, on_loop: bool) -> None:
     threads: list[int] = []
     runtime = Runtime(lambda p: threads.append(threading.get_ident()) or {}, "m", "v1", placement=Placement(mode))
-    async with TestClient(TestServer(build_app(runtime))) as client:
+    async with served(runtime) as client:
         for _ in range(INLINE_AFTER + 5):
             await client.post("/predict", json={})
     assert {t == threading.get_ident() for t in threads} == {on_loop}

@@ -1,0 +1,339 @@
+"""The runtime's HTTP/1.1 server, for the few peers that call it: its sidecar or the host's shared Envoy,
+Consul's checks, Prometheus, a test.
+
+aiohttp's web server spent ~50 us of CPU per request on a stage (router, middlewares, its Request and
+Response objects), as much as the rest of the stage's own work; this one spends ~11 (bench.wire_server;
+docs/benchmarks.md, "What was tried for a cheaper hop"), the server-side counterpart of hop.py. It reads a
+request's body whole (by Content-Length or chunks), keeps connections alive, and answers the requests of
+one connection in order.
+
+Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body of `max_body` bytes (413,
+closed), MAX_QUEUED requests read ahead on one connection (then it stops reading). A request line, header
+line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed: after a framing error
+the next request's start is unknown. Both a length and chunks (a smuggling attempt) is a 400 too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from runtime_sdk.hop import header_safe
+
+MAX_HEAD = 64 * 1024
+MAX_QUEUED = 16
+_METHOD = re.compile(r"[A-Z]{1,16}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
+_LENGTH = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+log = logging.getLogger("mllambda.runtime")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    notes: dict[str, Any] = field(default_factory=dict)  # what one step of handling tells a later one
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(Exception):
+    """An answer a handler gives by raising: a 4xx with a JSON body saying what is wrong."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.response = json_response({"error": message, **extra}, status)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(obj).encode(), {"content-type": "application/json", **(headers or {})})
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Bad(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
+    """(method, path, query, HTTP/1.0?, headers) of a request head without its blank line; _Bad if malformed."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        raise _Bad(400, "not an HTTP request line")
+    if parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise _Bad(505 if parts[2].startswith("HTTP/") else 400, f"{parts[2][:20]!r} is not HTTP/1.1")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name) or "\x00" in value:
+            raise _Bad(400, "a header line that is not `name: value`")
+        headers.add(name, value.strip(" \t"))
+    path, _, query = parts[1].partition("?")
+    return parts[0], path, query, parts[2] == "HTTP/1.0", headers
+
+
+def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:
+    """The body's length (None: chunked); _Bad for a framing a peer must not send, 413 over `max_body`."""
+    coding = headers.getall("transfer-encoding", [])
+    lengths = set(headers.getall("content-length", []))
+    if coding:
+        if lengths:
+            raise _Bad(400, "both Content-Length and Transfer-Encoding")
+        if [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
+            raise _Bad(501, "only chunked transfer coding is accepted")
+        return None
+    if not lengths:
+        return 0
+    if len(lengths) > 1 or not _LENGTH.fullmatch(next(iter(lengths))):
+        raise _Bad(400, "a Content-Length that is not one number")
+    length = int(next(iter(lengths)))
+    if length > max_body:
+        raise _Bad(413, f"body too large: the limit is {max_body} bytes")
+    return length
+
+
+def read_chunks(buffer: bytearray, start: int, max_body: int) -> tuple[bytes, int] | None:
+    """A chunked body from `start`: (the body, where the next request starts), None if not all here yet."""
+    body, at = bytearray(), start
+    while True:
+        line_end = buffer.find(b"\r\n", at)
+        if line_end < 0:
+            if len(buffer) - at > 1024:
+                raise _Bad(400, "a chunk size line too long")
+            return None
+        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(size_text):
+            raise _Bad(400, "a chunk size that is not hexadecimal")
+        size = int(size_text, 16)
+        if size == 0:
+            end = buffer.find(b"\r\n\r\n", line_end)  # the trailer section (usually empty) ends here
+            if end < 0:
+                if len(buffer) - line_end > MAX_HEAD:
+                    raise _Bad(431, "trailers too large")
+                return None
+            return bytes(body), end + 4
+        if len(body) + size > max_body:
+            raise _Bad(413, f"body too large: the limit is {max_body} bytes")
+        data_end = line_end + 2 + size
+        if len(buffer) < data_end + 2:
+            return None
+        if buffer[data_end : data_end + 2] != b"\r\n":
+            raise _Bad(400, "a chunk that does not end where its size says")
+        body += buffer[line_end + 2 : data_end]
+        at = data_end + 2
+
+
+_dates: list[Any] = [0, ""]
+
+
+def _date() -> str:
+    now = int(time.time())
+    if _dates[0] != now:
+        _dates[0], _dates[1] = now, formatdate(now, usegmt=True)
+    return str(_dates[1])
+
+
+def response_bytes(response: Response, close: bool) -> bytes:
+    """The answer on the wire; a header value with a line break would forge headers, so it is a 500 instead."""
+    if not all(header_safe(v) and _TOKEN.fullmatch(k) for k, v in response.headers.items()):
+        log.error("an answer with a header that cannot be sent: %r", list(response.headers)[:10])
+        response = json_response({"error": "the runtime built an answer with a malformed header"}, 500)
+    try:
+        reason = HTTPStatus(response.status).phrase
+    except ValueError:
+        reason = "Unknown"
+    lines = [f"HTTP/1.1 {response.status} {reason}\r\n"]
+    for name, value in response.headers.items():
+        if name.lower() not in ("content-length", "transfer-encoding", "connection", "date"):
+            lines.append(f"{name}: {value}\r\n")
+    lines.append(f"content-length: {len(response.body)}\r\ndate: {_date()}\r\n")
+    lines.append("connection: close\r\n\r\n" if close else "\r\n")
+    return "".join(lines).encode("latin-1") + response.body
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.queue: deque[tuple[Request, bool]] = deque()  # (request, close after it)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False  # no more requests are read (an error, Connection: close, the server stops)
+        self.paused = False
+        self.searched = 0  # where the search for the head's end goes on from
+        self.continued = False  # "100 Continue" sent for the request being read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing, self.transport = True, None
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buffer += data
+        self._take()
+
+    def _take(self) -> None:
+        """Read the requests the buffer holds, up to MAX_QUEUED waiting; stop reading the socket while full."""
+        try:
+            self._parse()
+        except _Bad as bad:
+            self.closing = True
+            self.queue.append((Request("", "", "", CIMultiDictProxy(CIMultiDict()), b"", {"bad": bad}), True))
+        if self.queue and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._answer())
+        full = len(self.queue) >= MAX_QUEUED
+        if full != self.paused and self.transport is not None:
+            self.paused = full
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _parse(self) -> None:
+        while not self.closing and len(self.queue) < MAX_QUEUED:
+            end = self.buffer.find(b"\r\n\r\n", self.searched)
+            if end < 0:
+                if len(self.buffer) > MAX_HEAD:
+                    raise _Bad(431, f"request head over {MAX_HEAD} bytes")
+                self.searched = max(0, len(self.buffer) - 3)
+                return
+            if end > MAX_HEAD:
+                raise _Bad(431, f"request head over {MAX_HEAD} bytes")
+            method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
+            length = body_length(headers, self.server.max_body)
+            if length is None:
+                found = read_chunks(self.buffer, end + 4, self.server.max_body)
+            elif len(self.buffer) >= end + 4 + length:
+                found = bytes(self.buffer[end + 4 : end + 4 + length]), end + 4 + length
+            else:
+                found = None
+            if found is None:  # the head is here, the body not yet
+                if not self.continued and headers.get("expect", "").lower() == "100-continue" and self.transport:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
+                    self.continued = True
+                self.searched = end
+                return
+            body, next_start = found
+            del self.buffer[:next_start]
+            self.searched, self.continued = 0, False
+            connection = headers.get("connection", "").lower()
+            close = connection == "close" or (http10 and connection != "keep-alive") or self.server.stopping
+            self.queue.append((Request(method, path, query, CIMultiDictProxy(headers), body), close))
+            self.closing = close
+
+    async def _answer(self) -> None:
+        try:
+            while self.queue and self.transport is not None:
+                request, close = self.queue.popleft()
+                if self.paused:
+                    self._take()  # what waited in the buffer, and the socket again
+                response = await self._respond(request)
+                if self.transport is None:
+                    return
+                close = close or self.server.stopping
+                self.transport.write(response_bytes(response, close))
+                if close:
+                    self.transport.close()
+                    return
+        finally:
+            self.task = None
+
+    async def _respond(self, request: Request) -> Response:
+        bad = request.notes.get("bad")
+        if isinstance(bad, _Bad):
+            return json_response({"error": str(bad)}, bad.status)
+        self.server.in_flight += 1
+        started = time.perf_counter()
+        try:
+            response = await self.server.handler(request)
+        except HttpError as err:
+            response = err.response
+        except Exception:
+            log.exception("handling %s %s failed", request.method, request.path[:200])
+            response = json_response({"error": "the runtime failed to answer (see its log)"}, 500)
+        finally:
+            self.server.in_flight -= 1
+        if self.server.access_log is not None:
+            took = (time.perf_counter() - started) * 1000
+            self.server.access_log.info('"%s %s" %d %d %.2fms', request.method, request.path[:200],
+                                        response.status, len(response.body), took)  # fmt: skip
+        return response
+
+    def close_if_idle(self) -> None:
+        if self.task is None and not self.queue and self.transport is not None:
+            self.transport.close()
+
+
+class Server:
+    """One handler behind any number of listening sockets; `stop` lets what is in flight finish."""
+
+    def __init__(self, handler: Handler, max_body: int, access_log: logging.Logger | None = None) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.access_log = access_log
+        self.connections: set[_Connection] = set()
+        self.listeners: list[asyncio.Server] = []
+        self.in_flight = 0
+        self.stopping = False
+
+    def protocol(self) -> _Connection:
+        return _Connection(self)
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen at host:port (0: a free one); the port."""
+        listener = await asyncio.get_running_loop().create_server(self.protocol, host, port)
+        self.listeners.append(listener)
+        return int(listener.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, path: str) -> None:
+        self.listeners.append(await asyncio.get_running_loop().create_unix_server(self.protocol, path))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop listening, close idle connections, give requests in flight `timeout` seconds, close the rest."""
+        self.stopping = True
+        for listener in self.listeners:
+            listener.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            if not self.connections:
+                break
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        for listener in self.listeners:
+            await listener.wait_closed()

@@ -1,0 +1,186 @@
+"""The runtime's HTTP server (runtime_sdk/wire.py) against a client that writes exact bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, HttpError, Request, Response, Server, json_response
+
+MAX_BODY = 1000
+
+
+async def echo(request: Request) -> Response:
+    """Echoes what it was given; a few paths misbehave on purpose."""
+    if request.path == "/raise":
+        raise RuntimeError("a bug")
+    if request.path == "/refuse":
+        raise HttpError(422, "no thanks", field="x")
+    if request.path == "/forge":
+        return Response(200, b"{}", {"x-a": "1\r\nset-cookie: forged"})
+    if request.path == "/slow":
+        await asyncio.sleep(0.3)
+    seen = {"method": request.method, "path": request.path, "query": request.query, "body": request.body.decode()}
+    return json_response({**seen, "x-test": request.headers.getall("x-test", [])})
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    server = Server(echo, MAX_BODY)
+    found = await server.listen_tcp("127.0.0.1", 0)
+    yield found
+    await server.stop(1.0)
+
+
+async def exchange(port: int, raw: bytes, answers: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send `raw`, read `answers` answers (fewer if the server closes): (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    found = []
+    try:
+        for _ in range(answers):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+            body = await reader.readexactly(int(headers["content-length"]))
+            found.append((int(lines[0].split(" ")[1]), headers, body))
+    except asyncio.IncompleteReadError:
+        pass
+    finally:
+        writer.close()
+    return found
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def test_keep_alive_pipelined_requests_are_answered_in_order(port: int) -> None:
+    raw = post("/slow", b"1") + post("/a?q=1", b"2", "x-test: a\r\nX-Test: b\r\n") + post("/c", b"")
+    answers = await exchange(port, raw, 3)
+    assert [a[0] for a in answers] == [200, 200, 200]
+    bodies = [json.loads(a[2]) for a in answers]
+    assert [b["path"] for b in bodies] == ["/slow", "/a", "/c"]
+    assert bodies[1] == {"method": "POST", "path": "/a", "query": "q=1", "body": "2", "x-test": ["a", "b"]}
+    assert "connection" not in answers[0][1] and "date" in answers[0][1]
+
+
+async def test_a_chunked_body_arriving_a_byte_at_a_time(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    raw = b"POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n"
+    for byte in raw:
+        writer.write(bytes([byte]))
+        await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")).split(b":")[1])
+    assert json.loads(await reader.readexactly(length))["body"] == "abcde"
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1 extra\r\n\r\n", 400),
+        (b"POST a HTTP/1.1\r\n\r\n", 400),  # not a path
+        (b"POST /a\x01b HTTP/1.1\r\n\r\n", 400),
+        (b"POST /a HTTP/2.0\r\n\r\n", 505),
+        (b"POST /a HTTP/1.1\r\nno colon\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\nbad name: 1\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\n folded: 1\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab", 400),
+        (b"POST /a HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n", 400),  # smuggling
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n", 400),  # longer than its size
+        (b"POST /a HTTP/1.1\r\ncontent-length: 1001\r\n\r\n", 413),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3e9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n", 413),
+        (b"POST /a HTTP/1.1\r\nx: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431),
+    ],
+)
+async def test_a_request_that_is_not_http_gets_its_4xx_and_the_connection_closes(
+    port: int, raw: bytes, status: int
+) -> None:
+    answers = await exchange(port, raw + post("/after", b""), 2)  # what follows a framing error is not read
+    assert [a[0] for a in answers] == [status], answers
+    assert answers[0][1]["connection"] == "close" and "error" in json.loads(answers[0][2])
+
+
+async def test_a_head_without_end_over_the_limit_is_refused_before_it_ends(port: int) -> None:
+    answers = await exchange(port, b"POST /a HTTP/1.1\r\nx: " + b"a" * (MAX_HEAD + 10), 1)
+    assert [a[0] for a in answers] == [431]
+
+
+async def test_handler_failures_become_answers_and_the_connection_goes_on(port: int) -> None:
+    answers = await exchange(
+        port, post("/raise", b"") + post("/refuse", b"") + post("/forge", b"") + post("/ok", b""), 4
+    )
+    assert [a[0] for a in answers] == [500, 422, 500, 200]
+    assert json.loads(answers[1][2]) == {"error": "no thanks", "field": "x"}
+    assert "set-cookie" not in answers[2][1]  # a header value with a line break is never sent as it is
+    assert "a bug" not in answers[0][2].decode()  # the detail stays in the log
+
+
+async def test_connection_close_and_http_1_0_end_the_connection(port: int) -> None:
+    answers = await exchange(port, post("/a", b"", "connection: close\r\n") + post("/b", b""), 2)
+    assert [(a[0], a[1]["connection"]) for a in answers] == [(200, "close")]
+    answers = await exchange(port, b"POST /a HTTP/1.0\r\ncontent-length: 0\r\n\r\n" + post("/b", b""), 2)
+    assert [(a[0], a[1]["connection"]) for a in answers] == [(200, "close")]
+
+
+async def test_a_connection_that_sends_ahead_is_read_no_further_than_the_queue_allows() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def gated(request: Request) -> Response:
+        seen.append(request.path)
+        started.set()
+        await release.wait()
+        return json_response({})
+
+    server = Server(gated, MAX_BODY)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"".join(post(f"/{n}", b"x" * 100) for n in range(MAX_QUEUED * 20)))
+    await started.wait()
+    await asyncio.sleep(0.3)
+    connection = next(iter(server.connections))
+    assert connection.paused and len(connection.queue) <= MAX_QUEUED + 1
+    release.set()
+    for _ in range(MAX_QUEUED * 20):
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n{}"), 5)
+    assert seen == [f"/{n}" for n in range(MAX_QUEUED * 20)]  # every one, in order
+    writer.close()
+    await server.stop(1.0)
+
+
+async def test_stop_lets_a_request_in_flight_finish_and_closes_idle_connections() -> None:
+    server = Server(echo, MAX_BODY)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    in_flight = asyncio.create_task(exchange(port, post("/slow", b"1"), 1))
+    await asyncio.sleep(0.1)
+    await server.stop(5.0)
+    answers = await in_flight
+    assert [(a[0], a[1].get("connection")) for a in answers] == [(200, "close")]
+    assert await asyncio.wait_for(idle_reader.read(), 2) == b""  # closed by the server
+    idle_writer.close()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_client_that_expects_100_continue_is_told_to_go_on(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /e HTTP/1.1\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"ok")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    writer.close()
