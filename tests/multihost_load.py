@@ -28,7 +28,7 @@ async def main(url: str, seconds: float, out: str) -> None:
                     said = (
                         resp.headers.get("x-mll-served", "")
                         if resp.status == 200
-                        else body[:120].decode(errors="replace")
+                        else body[:300].decode(errors="replace")  # Envoy's error names the route
                     )
                     outcomes.append((round(now, 3), resp.status, said))
             except (aiohttp.ClientError, TimeoutError):
