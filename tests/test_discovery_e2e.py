@@ -105,6 +105,12 @@ async def test_sigkill_turns_critical_and_leaves_eds(
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2)
 
     doomed.proc.signal(signal.SIGKILL)
+    # Still in EDS (Consul has not noticed): every request that meets the dead one retries on the other,
+    # dozens at once (Envoy's default cap of 3 concurrent retries per cluster would fail the rest).
+    async with aiohttp.ClientSession() as session:
+        burst = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(64)))
+    assert len(gateway_hosts(gateway, "tokenize.v1")) == 2, "the burst must run while both are in EDS"
+    assert {status for status, _, _ in burst} == {200}, [b for b in burst if b[0] != 200][:3]
     await wait_for(lambda: consul_status(consul_agent.http_port, "tokenize", doomed.service_id) == "critical")
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 1)
     async with aiohttp.ClientSession() as session:

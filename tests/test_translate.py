@@ -84,6 +84,8 @@ def test_egress_of_stage_a_splits_mirrors_and_retries_into_stage_b() -> None:
     assert into_b.route.retry_policy.retry_on == "connect-failure,refused-stream,reset,retriable-headers"
     assert [m.name for m in into_b.route.retry_policy.retriable_headers] == ["x-mll-retriable"]
     assert not into_b.route.retry_policy.retriable_status_codes
+    # Bounded per request by num_retries; not cluster-wide (Envoy's default of 3 at once fails the 4th).
+    assert sidecar.of_type(CLUSTER).by_name["mb.v1"].circuit_breakers.thresholds[0].max_retries.value > 1000
 
 
 def test_a_split_leaves_out_a_variant_with_no_passing_instance_but_keeps_its_cluster_warm() -> None:

@@ -50,9 +50,9 @@ def _ads() -> config_source_pb2.ConfigSource:
 
 
 # Envoy lets a cluster run only 3 retries at once by default: when a host dies, every
-# request in flight to it retries together and the 4th fails. Where that is expected
-# (a control plane's Kafka bridge), the route bounds retries (num_retries) and the
-# cluster-wide cap is lifted, as Istio does.
+# request in flight to it retries together and the 4th fails (the multi-host test saw it
+# when a dead host came back from ejection before Consul had dropped it). The route bounds
+# each request's retries (num_retries), so the cluster-wide cap is lifted, as Istio does.
 RETRIES_UNCAPPED = circuit_breaker_pb2.CircuitBreakers(
     thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(max_retries=wrappers_pb2.UInt32Value(value=2**32 - 1))]
 )
@@ -66,6 +66,7 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
         type=cluster_pb2.Cluster.EDS,
         connect_timeout=millis(connect_timeout_ms),
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        circuit_breakers=RETRIES_UNCAPPED,
     )
     if outlier:
         # Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
