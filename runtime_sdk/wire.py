@@ -90,7 +90,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name) or "\x00" in value:
+        if not colon or not _TOKEN.fullmatch(name) or not header_safe(value):  # a bare CR or LF, a NUL
             raise _Bad(400, "a header line that is not `name: value`")
         headers.add(name, value.strip(" \t"))
     path, _, query = parts[1].partition("?")

@@ -93,6 +93,7 @@ async def test_a_chunked_body_arriving_a_byte_at_a_time(port: int) -> None:
         (b"POST /a HTTP/1.1\r\nbad name: 1\r\n\r\n", 400),
         (b"POST /a HTTP/1.1\r\n folded: 1\r\n\r\n", 400),
         (b"POST /a HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\nx: a\nset-cookie: b\r\n\r\n", 400),  # a bare LF: a header smuggled in
         (b"POST /a HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
         (b"POST /a HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab", 400),
         (b"POST /a HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n", 400),  # smuggling
