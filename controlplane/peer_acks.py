@@ -148,6 +148,7 @@ class SharedAcks:
         self._session = ""
         self._renewed = 0.0
         self._written: bytes | None = None
+        self._failing = False
 
     def changed(self) -> None:
         """Something this control plane's record is made of may have changed (an ACK, a stream, a reconcile)."""
@@ -171,11 +172,15 @@ class SharedAcks:
             self._dirty.clear()
             try:
                 await self._write()
+                if self._failing:
+                    log.info("this control plane's record is written again")
+                self._failing = False
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # Consul away: the next round writes it
-                log.warning("writing this control plane's record failed: %s", err)
-                self._session, self._written = "", None
+            except Exception as err:  # Consul away: the next round writes it (logged once, not every round)
+                if not self._failing:
+                    log.warning("writing this control plane's record failed: %s; trying again", err)
+                self._failing, self._session, self._written = True, "", None
             await asyncio.sleep(WRITE_SPACING)
 
     async def _write(self) -> None:
