@@ -78,6 +78,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
         "broken_records": dict(view.broken),
         "translate_failed": dict(view.translate_failed),
+        "control_planes": dict(view.control_planes),
         "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
         "scaling": [asdict(row) for row in view.scaling],
         "generated_at": time.time(),

@@ -160,6 +160,14 @@ class SharedAcks:
         seen = max((t for t in (gone_here, self.last_seen.get(group)) if t is not None), default=None)
         return wait_reason(group, pair, self.records, seen, self.clock())
 
+    def report(self) -> dict[str, Any]:
+        """What /api/status shows: this record's id, the others' (sidecar count, versions ready), skipped ones."""
+        others = {
+            name: {"holder": r.holder, "sidecars": len(r.groups), "ready": [list(p) for p in sorted(r.ready)]}
+            for name, r in sorted(self.records.items())
+        }
+        return {"this": self.id, "others": others, "skipped": dict(self.broken)}
+
     async def run(self) -> None:
         await asyncio.gather(self._write_forever(), watch(self._query, self._take, what="control plane records"))
 

@@ -322,6 +322,7 @@ class ControlPlane:
             rollouts_driving=self.rollouts.driving,
             rollout_moves=self.rollouts.moves,
             scaling=self.autoscaler.report() if self.autoscaler else (),
+            control_planes=self.peers.report(),
             readings=self.traffic_book.history.readings(),
             entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},
         )

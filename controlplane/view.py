@@ -69,6 +69,7 @@ class PlaneView:
     readings: Sequence[tuple[float, Mapping[str, Any]]] = ()  # every Envoy's counters over time (monotonic clock)
     entered_at: Mapping[str, float] = field(default_factory=dict)  # pipeline -> when its version took traffic
     scaling: Sequence[ScaleRow] = ()  # autoscaled model versions (`--autoscale`)
+    control_planes: Mapping[str, Any] = field(default_factory=dict)  # the records they share (peer_acks.py)
 
 
 class PlaneReader(Protocol):

@@ -13,7 +13,7 @@ import pytest
 from controlplane import processes
 from controlplane.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
-from tests.envoy_helpers import envoy_stat, wait_for
+from tests.envoy_helpers import envoy_stat, get_json, wait_for
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.test_pipeline_e2e import apply, in_traffic, until_ok
 
@@ -126,6 +126,9 @@ async def test_a_new_version_waits_for_a_sidecar_that_streams_to_another_control
         url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
         await until_ok(url, {"text": "a b"})
         await in_traffic(second, "one", 1)
+        _, status = await get_json(f"http://127.0.0.1:{second.metrics_port}/api/status")
+        (first_record,) = status["control_planes"]["others"].values()  # what the second knows of the first
+        assert first_record["sidecars"] == 1 and ["one", 1] in first_record["ready"], status["control_planes"]
         assert control_plane.proc is not None
         control_plane.proc.signal(signal.SIGSTOP)
         try:

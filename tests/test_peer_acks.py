@@ -149,6 +149,8 @@ async def test_records_through_consul_a_bad_one_skipped_a_stopped_one_gone(consu
         await clients[2].kv.put(prefix.rstrip("/") + "-controlplanes/junk", b"\x00{not json")
         await wait_for(lambda: "junk" in b.broken)
         assert a.id in b.records and b.reason("s1", ("p", 2), None) is not None
+        assert b.report()["others"][a.id] == {"holder": a.id, "sidecars": 1, "ready": [["p", 1]]}
+        assert "not JSON" in b.report()["skipped"]["junk"]
         # A stops: its session goes, and the record with it. Its sidecar is waited for while it may reconnect.
         tasks[0].cancel()
         await a.stop()
