@@ -41,12 +41,11 @@ from typing import Any
 import consul.aio
 
 from contract.watch import watch
+from controlplane.lock import RENEW_EVERY, Session
 
 log = logging.getLogger("mllambda.peers")
 Pair = tuple[str, int]
 HOLD = 20.0  # seconds a node group seen streaming is waited for after it streams to no control plane
-SESSION_TTL = 10  # seconds (Consul's minimum); a record is deleted within about twice this after its writer goes
-RENEW_EVERY = 3.0
 WRITE_SPACING = 0.05  # seconds between two writes of the record: a burst of ACKs is written once
 MAX_RECORD = 400_000  # bytes of one record (Consul refuses values over 512 KiB)
 MAX_NAME = 256  # characters of a node group or pipeline name in a record
@@ -145,8 +144,7 @@ class SharedAcks:
         self.read_once = False
         self.last_seen: dict[str, float] = {}  # node group -> when it last left a record
         self._dirty = asyncio.Event()
-        self._session = ""
-        self._renewed = 0.0
+        self.session = Session(client, "mllambda-controlplane-record", "delete")
         self._written: bytes | None = None
         self._failing = False
 
@@ -174,7 +172,7 @@ class SharedAcks:
     async def _write_forever(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=RENEW_EVERY / 2)
+                await asyncio.wait_for(self._dirty.wait(), timeout=RENEW_EVERY / 2)  # the session's renewals
             except TimeoutError:
                 pass
             self._dirty.clear()
@@ -188,24 +186,20 @@ class SharedAcks:
             except Exception as err:  # Consul away: the next round writes it (logged once, not every round)
                 if not self._failing:
                     log.warning("writing this control plane's record failed: %s; trying again", err)
-                self._failing, self._session, self._written = True, "", None
+                self._failing, self._written = True, None
+                self.session.forget()
             await asyncio.sleep(WRITE_SPACING)
 
     async def _write(self) -> None:
-        if self._session and self.clock() - self._renewed > RENEW_EVERY:
-            if await self.client.session.renew(self._session) is None:
-                log.warning("record session expired (Consul away or this process stalled); writing it again")
-                self._session, self._written = "", None
-            self._renewed = self.clock()
-        if not self._session:
-            self._session = await self.client.session.create(
-                name="mllambda-controlplane-record", ttl=SESSION_TTL, behavior="delete", lock_delay=0
-            )
-            self._renewed = self.clock()
+        session = await self.session.current()
+        if session is None:  # it expired, and the record with it
+            log.warning("record session expired (Consul away or this process stalled); writing it again")
+            self._written = None
+            session = await self.session.current()
         groups, ready = self.local()
         raw = encode(PeerRecord(self.id, groups, ready))
         if raw != self._written:
-            if not await self.client.kv.put(self.key, raw, acquire=self._session):
+            if not await self.client.kv.put(self.key, raw, acquire=session):
                 raise RuntimeError(f"Consul refused {self.key}")
             self._written = raw
 
@@ -231,11 +225,12 @@ class SharedAcks:
             if self.broken.get(name) != why:
                 log.warning("control plane record %r skipped: %s", name, why)
         now = self.clock()
-        self._forget(self._groups(self.records.values()) - self._groups(records.values()), now)
+        self._note_left(self._groups(self.records.values()) - self._groups(records.values()), now)
         self.records, self.broken, self.read_once = records, broken, True
         self.on_change()
 
-    def _forget(self, left: Iterable[str], now: float) -> None:
+    def _note_left(self, left: Iterable[str], now: float) -> None:
+        """Groups no record lists any more: when they left (what `reason` waits on)."""
         for group in left:
             self.last_seen.pop(group, None)
             self.last_seen[group] = now
@@ -247,8 +242,7 @@ class SharedAcks:
         return {g for r in records for g in r.groups}
 
     async def stop(self) -> None:
-        if self._session:
-            try:
-                await self.client.session.destroy(self._session)  # its record goes with it
-            except Exception as err:
-                log.warning("removing this control plane's record failed (its TTL will): %s", err)
+        try:
+            await self.session.destroy()  # its record goes with it
+        except Exception as err:
+            log.warning("removing this control plane's record failed (its TTL will): %s", err)

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 MAX_CONNECTIONS = 100
 MAX_HEAD = 64 * 1024
 MAX_ANSWER = 64 * 1024 * 1024
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 _UNSAFE = re.compile(r"[\r\n\x00]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -37,6 +37,44 @@ class HopError(Exception):
 
 class Unsent(HopError):
     """The request did not reach the peer: it may be sent elsewhere without being done twice."""
+
+
+class TooLarge(ValueError):
+    """A body over its limit."""
+
+
+def take_chunks(buffer: bytearray, body: bytearray, limit: int) -> bool:
+    """Move the whole chunks at the start of `buffer` into `body`; True once the last one and its trailers
+    (ignored) are taken. ValueError for a malformed chunk, TooLarge past `limit` bytes of body.
+
+    Both sides use it: the client for answers, wire.py for requests."""
+    while True:
+        line_end = buffer.find(b"\r\n")
+        if line_end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise ValueError("a chunk size line is too long")
+            return False
+        size_text = bytes(buffer[:line_end]).split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(size_text):
+            raise ValueError(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
+        if size == 0:  # the last chunk, then trailers up to an empty line
+            trailers_end = buffer.find(b"\r\n\r\n", line_end)  # at line_end itself: no trailers
+            if trailers_end < 0:
+                if len(buffer) > MAX_HEAD:
+                    raise ValueError(f"trailers over {MAX_HEAD} bytes")
+                return False
+            del buffer[: trailers_end + 4]
+            return True
+        if len(body) + size > limit:
+            raise TooLarge(f"over {limit} bytes")
+        start = line_end + 2
+        if len(buffer) < start + size + 2:
+            return False
+        if buffer[start + size : start + size + 2] != b"\r\n":
+            raise ValueError("a chunk does not end where its size says")
+        body += buffer[start : start + size]
+        del buffer[: start + size + 2]
 
 
 class Answer(NamedTuple):
@@ -56,7 +94,7 @@ def request_head(host: str, path: str, length: int, headers: Mapping[str, str]) 
         raise ValueError(f"not a request path: {path!r}")
     lines = [f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {length}\r\n"]
     for name, value in headers.items():
-        if not _TOKEN.fullmatch(name) or not header_safe(value):
+        if not TOKEN.fullmatch(name) or not header_safe(value):
             raise ValueError(f"header {name!r} cannot be sent: {value[:80]!r}")
         if name.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
             lines.append(f"{name}: {value}\r\n")
@@ -152,40 +190,18 @@ class _Connection(asyncio.Protocol):
             del self.buffer[: end + 4]
         reading = self.reading
         if reading.chunked:
-            return self._chunks(reading)
+            try:
+                return take_chunks(self.buffer, reading.body, self.max_answer)
+            except TooLarge:
+                raise HopError(f"the answer is over {self.max_answer} bytes") from None
+            except ValueError as err:
+                raise HopError(str(err)) from None
         take = len(self.buffer) if reading.length is None else min(len(self.buffer), reading.length - len(reading.body))
         reading.body += self.buffer[:take]
         del self.buffer[:take]
         if len(reading.body) > self.max_answer:
             raise HopError(f"the answer is over {self.max_answer} bytes")
         return reading.length is not None and len(reading.body) == reading.length
-
-    def _chunks(self, reading: _Reading) -> bool:
-        while True:
-            line_end = self.buffer.find(b"\r\n")
-            if line_end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    raise HopError("a chunk size line is too long")
-                return False
-            size_text = bytes(self.buffer[:line_end]).split(b";", 1)[0].strip()
-            if not _HEX.fullmatch(size_text):
-                raise HopError(f"bad chunk size {size_text[:20]!r}")
-            size = int(size_text, 16)
-            if size == 0:  # the last chunk, then trailers (ignored) up to an empty line
-                trailers_end = self.buffer.find(b"\r\n\r\n", line_end)  # at line_end itself: no trailers
-                if trailers_end < 0:
-                    return False
-                del self.buffer[: trailers_end + 4]
-                return True
-            if len(reading.body) + size > self.max_answer:
-                raise HopError(f"the answer is over {self.max_answer} bytes")
-            if len(self.buffer) < line_end + 2 + size + 2:
-                return False
-            start = line_end + 2
-            if self.buffer[start + size : start + size + 2] != b"\r\n":
-                raise HopError("a chunk does not end where its size says")
-            reading.body += self.buffer[start : start + size]
-            del self.buffer[: start + size + 2]
 
 
 def _head(head: bytes) -> _Reading:
@@ -197,7 +213,7 @@ def _head(head: bytes) -> _Reading:
     reading = _Reading(status=int(code), keep_alive=version == "HTTP/1.1")
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name):
+        if not colon or not TOKEN.fullmatch(name):
             raise HopError(f"bad header line in the answer: {line[:80]!r}")
         reading.headers.add(name, value.strip())
     connection = reading.headers.get("connection", "").lower()

@@ -29,15 +29,13 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runtime_sdk.hop import header_safe
+from runtime_sdk.hop import TOKEN, TooLarge, header_safe, take_chunks
 
 MAX_HEAD = 64 * 1024
 MAX_QUEUED = 16
 _METHOD = re.compile(r"[A-Z]{1,16}")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 log = logging.getLogger("mllambda.runtime")
 
 
@@ -90,7 +88,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name) or not header_safe(value):  # a bare CR or LF, a NUL
+        if not colon or not TOKEN.fullmatch(name) or not header_safe(value):  # a bare CR or LF, a NUL
             raise _Bad(400, "a header line that is not `name: value`")
         headers.add(name, value.strip(" \t"))
     path, _, query = parts[1].partition("?")
@@ -117,37 +115,6 @@ def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:
     return length
 
 
-def read_chunks(buffer: bytearray, start: int, max_body: int) -> tuple[bytes, int] | None:
-    """A chunked body from `start`: (the body, where the next request starts), None if not all here yet."""
-    body, at = bytearray(), start
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            if len(buffer) - at > 1024:
-                raise _Bad(400, "a chunk size line too long")
-            return None
-        size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_text):
-            raise _Bad(400, "a chunk size that is not hexadecimal")
-        size = int(size_text, 16)
-        if size == 0:
-            end = buffer.find(b"\r\n\r\n", line_end)  # the trailer section (usually empty) ends here
-            if end < 0:
-                if len(buffer) - line_end > MAX_HEAD:
-                    raise _Bad(431, "trailers too large")
-                return None
-            return bytes(body), end + 4
-        if len(body) + size > max_body:
-            raise _Bad(413, f"body too large: the limit is {max_body} bytes")
-        data_end = line_end + 2 + size
-        if len(buffer) < data_end + 2:
-            return None
-        if buffer[data_end : data_end + 2] != b"\r\n":
-            raise _Bad(400, "a chunk that does not end where its size says")
-        body += buffer[line_end + 2 : data_end]
-        at = data_end + 2
-
-
 _dates: list[Any] = [0, ""]
 
 
@@ -160,7 +127,7 @@ def _date() -> str:
 
 def response_bytes(response: Response, close: bool) -> bytes:
     """The answer on the wire; a header value with a line break would forge headers, so it is a 500 instead."""
-    if not all(header_safe(v) and _TOKEN.fullmatch(k) for k, v in response.headers.items()):
+    if not all(header_safe(v) and TOKEN.fullmatch(k) for k, v in response.headers.items()):
         log.error("an answer with a header that cannot be sent: %r", list(response.headers)[:10])
         response = json_response({"error": "the runtime built an answer with a malformed header"}, 500)
     try:
@@ -176,17 +143,31 @@ def response_bytes(response: Response, close: bool) -> bytes:
     return "".join(lines).encode("latin-1") + response.body
 
 
+@dataclass
+class _Reading:
+    """A request whose head is in and whose body is not yet."""
+
+    method: str
+    path: str
+    query: str
+    close: bool  # after its answer
+    headers: CIMultiDict[str]
+    length: int | None  # None: chunked
+    body: bytearray = field(default_factory=bytearray)
+    continued: bool = False  # "100 Continue" sent
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.buffer = bytearray()
-        self.queue: deque[tuple[Request, bool]] = deque()  # (request, close after it)
+        self.queue: deque[tuple[Request | _Bad, bool]] = deque()  # (request or what was wrong, close after it)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # no more requests are read (an error, Connection: close, the server stops)
         self.paused = False
         self.searched = 0  # where the search for the head's end goes on from
-        self.continued = False  # "100 Continue" sent for the request being read
+        self.reading: _Reading | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -210,7 +191,7 @@ class _Connection(asyncio.Protocol):
             self._parse()
         except _Bad as bad:
             self.closing = True
-            self.queue.append((Request("", "", "", CIMultiDictProxy(CIMultiDict()), b"", {"bad": bad}), True))
+            self.queue.append((bad, True))
         if self.queue and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._answer())
         full = len(self.queue) >= MAX_QUEUED
@@ -223,35 +204,52 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self) -> None:
         while not self.closing and len(self.queue) < MAX_QUEUED:
-            end = self.buffer.find(b"\r\n\r\n", self.searched)
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    raise _Bad(431, f"request head over {MAX_HEAD} bytes")
-                self.searched = max(0, len(self.buffer) - 3)
+            if self.reading is None:
+                self.reading = self._head()
+                if self.reading is None:
+                    return
+            reading = self.reading
+            if not self._body(reading):
+                if not reading.continued and reading.headers.get("expect", "").lower() == "100-continue":
+                    reading.continued = True
+                    if self.transport is not None:
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
                 return
-            if end > MAX_HEAD:
-                raise _Bad(431, f"request head over {MAX_HEAD} bytes")
-            method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
-            length = body_length(headers, self.server.max_body)
-            if length is None:
-                found = read_chunks(self.buffer, end + 4, self.server.max_body)
-            elif len(self.buffer) >= end + 4 + length:
-                found = bytes(self.buffer[end + 4 : end + 4 + length]), end + 4 + length
-            else:
-                found = None
-            if found is None:  # the head is here, the body not yet
-                if not self.continued and headers.get("expect", "").lower() == "100-continue" and self.transport:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
-                    self.continued = True
-                self.searched = end
-                return
-            body, next_start = found
-            del self.buffer[:next_start]
-            self.searched, self.continued = 0, False
-            connection = headers.get("connection", "").lower()
-            close = connection == "close" or (http10 and connection != "keep-alive") or self.server.stopping
-            self.queue.append((Request(method, path, query, CIMultiDictProxy(headers), body), close))
-            self.closing = close
+            self.reading = None
+            request = Request(reading.method, reading.path, reading.query, CIMultiDictProxy(reading.headers),
+                              bytes(reading.body))  # fmt: skip
+            self.queue.append((request, reading.close))
+            self.closing = reading.close
+
+    def _head(self) -> _Reading | None:
+        """The next request's head, taken out of the buffer (None: not all here yet)."""
+        end = self.buffer.find(b"\r\n\r\n", self.searched)
+        if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+            raise _Bad(431, f"request head over {MAX_HEAD} bytes")
+        if end < 0:
+            self.searched = max(0, len(self.buffer) - 3)
+            return None
+        method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
+        length = body_length(headers, self.server.max_body)
+        del self.buffer[: end + 4]
+        self.searched = 0
+        connection = headers.get("connection", "").lower()
+        close = connection == "close" or (http10 and connection != "keep-alive") or self.server.stopping
+        return _Reading(method, path, query, close, headers, length)
+
+    def _body(self, reading: _Reading) -> bool:
+        """Move what has come of the body out of the buffer; True once it is all in."""
+        if reading.length is None:
+            try:
+                return take_chunks(self.buffer, reading.body, self.server.max_body)
+            except TooLarge:
+                raise _Bad(413, f"body too large: the limit is {self.server.max_body} bytes") from None
+            except ValueError as err:
+                raise _Bad(400, str(err)) from None
+        take = min(len(self.buffer), reading.length - len(reading.body))
+        reading.body += self.buffer[:take]
+        del self.buffer[:take]
+        return len(reading.body) == reading.length
 
     async def _answer(self) -> None:
         try:
@@ -270,11 +268,9 @@ class _Connection(asyncio.Protocol):
         finally:
             self.task = None
 
-    async def _respond(self, request: Request) -> Response:
-        bad = request.notes.get("bad")
-        if isinstance(bad, _Bad):
-            return json_response({"error": str(bad)}, bad.status)
-        self.server.in_flight += 1
+    async def _respond(self, request: Request | _Bad) -> Response:
+        if isinstance(request, _Bad):
+            return json_response({"error": str(request)}, request.status)
         started = time.perf_counter()
         try:
             response = await self.server.handler(request)
@@ -283,8 +279,6 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling %s %s failed", request.method, request.path[:200])
             response = json_response({"error": "the runtime failed to answer (see its log)"}, 500)
-        finally:
-            self.server.in_flight -= 1
         if self.server.access_log is not None:
             took = (time.perf_counter() - started) * 1000
             self.server.access_log.info('"%s %s" %d %d %.2fms', request.method, request.path[:200],
@@ -305,7 +299,6 @@ class Server:
         self.access_log = access_log
         self.connections: set[_Connection] = set()
         self.listeners: list[asyncio.Server] = []
-        self.in_flight = 0
         self.stopping = False
 
     def protocol(self) -> _Connection:
