@@ -65,6 +65,8 @@ def process_role(argv: list[str]) -> str:
     text = " ".join(argv)
     if argv[0].startswith("ray::") or "/.tools/ray/" in text:
         return "ray"
+    if "/.tools/bento/" in text:
+        return "bentoml"
     if Path(argv[0]).name == "consul":
         return "consul"
     if Path(argv[0]).name == "envoy":

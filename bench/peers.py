@@ -1,10 +1,12 @@
 """The peer benchmark: one 3-stage pipeline (tokenize -> count -> score) on every system, same load.
 
-Systems: a plain aiohttp chain (no mesh: the limit), ML Lambda (http, uds, http with mTLS) and Ray
-Serve (DeploymentHandle composition, one replica per stage; default and RAY_SERVE_THROUGHPUT_OPTIMIZED).
-Ray is installed into .tools/ray on first use (not a project dependency). Each run starts one system
-alone, checks a sample of its answers against the predicts' own, warms it up, then loads it with wrk
-(32 connections, 8 s) while reading every process's CPU time from /proc by role, and its memory.
+Systems: a plain aiohttp chain (no mesh: the limit), ML Lambda (http, uds, http with mTLS), Ray Serve
+(DeploymentHandle composition, one replica per stage; default and RAY_SERVE_THROUGHPUT_OPTIMIZED) and
+BentoML (`bentoml.depends` composition, one worker per service; default and its access log off). Ray and
+BentoML are installed into .tools/ray and .tools/bento on first use (not project dependencies). Each run
+starts one system alone, checks a sample of its answers against the predicts' own, warms it up, then loads
+it with wrk (32 connections, 8 s) while reading every process's CPU time from /proc by role, and its
+memory.
 Systems take turns within each run; medians of the runs are reported.
 
 `--against REV` adds ML Lambda (http) as of git revision REV, run from a worktree in the same turns: a
@@ -32,8 +34,7 @@ from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 from controlplane import processes
 from controlplane.config import PROJECT_ROOT
 
-RAY_VENV = PROJECT_ROOT / ".tools" / "ray"
-RAY_WANT = "ray[serve]>=2.40,<3"
+PEER_WANT = {"ray": "ray[serve]>=2.40,<3", "bento": "bentoml>=1.4,<2"}  # each into .tools/<key>
 SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]
 PLAIN, MTLS = {"security": "plaintext"}, {"security": "mtls"}
 EACH_SIDECAR = {"colocated": "direct", "gateway_concurrency": 1}  # the gateway's one traversal: one worker is best
@@ -55,7 +56,10 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "Ray Serve": ("ray", {"optimized": False}),
     "Ray Serve, throughput-optimized": ("ray", {"optimized": True}),
+    "BentoML": ("bento", {"access_log": True}),
+    "BentoML, access log off": ("bento", {"access_log": False}),
 }
+PEERS = ("Ray Serve", "Ray Serve, throughput-optimized", "BentoML", "BentoML, access log off")
 
 
 def expected(text: str) -> dict[str, int]:
@@ -86,22 +90,23 @@ def mllambda(
         yield f"http://127.0.0.1:{ports['gateway']}/pipelines/bench"
 
 
-def ensure_ray() -> Path:
-    python = RAY_VENV / "bin" / "python"
-    stamp = RAY_VENV / ".installed"
-    if stamp.exists() and stamp.read_text() == RAY_WANT:
-        return python
-    print(f"==> installing {RAY_WANT} into {RAY_VENV} (once; a few minutes)", flush=True)
-    shutil.rmtree(RAY_VENV, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", RAY_WANT], check=True)
-    stamp.write_text(RAY_WANT)
-    return python
+def ensure_peer(name: str) -> Path:
+    """The bin folder of a peer's own virtual environment, .tools/<name>, installed on first use."""
+    venv, want = PROJECT_ROOT / ".tools" / name, PEER_WANT[name]
+    stamp = venv / ".installed"
+    if stamp.exists() and stamp.read_text() == want:
+        return venv / "bin"
+    print(f"==> installing {want} into {venv} (once; a few minutes)", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", want], check=True)
+    stamp.write_text(want)
+    return venv / "bin"
 
 
 @contextlib.contextmanager
 def ray(folder: Path, optimized: bool) -> Iterator[str]:
-    python, port = ensure_ray(), processes.free_port()
+    python, port = ensure_peer("ray") / "python", processes.free_port()
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if optimized else "0",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -114,7 +119,23 @@ def ray(folder: Path, optimized: bool) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         driver.stop()
-        subprocess.run([str(RAY_VENV / "bin" / "ray"), "stop", "--force"], capture_output=True)
+        subprocess.run([str(python.parent / "ray"), "stop", "--force"], capture_output=True)
+
+
+@contextlib.contextmanager
+def bento(folder: Path, access_log: bool) -> Iterator[str]:
+    """`bentoml serve` of bench/bento_app.py: the entry service and the three it depends on, a process each."""
+    bentoml, port = ensure_peer("bento") / "bentoml", processes.free_port()
+    argv = [str(bentoml), "serve", "bench.bento_app:Pipeline", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--working-dir", str(PROJECT_ROOT)]
+    env = {"BENTO_ACCESS_LOG": "1" if access_log else "0", "BENTOML_DO_NOT_TRACK": "True"}
+    log = folder / f"bento-{port}.log"
+    server = processes.ManagedProcess("bento", argv, log, env=env).start()
+    try:
+        server.wait_ready(lambda: log.read_text().count("initialized") >= 4, timeout=120)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.stop()
 
 
 def answers_right(url: str) -> None:
@@ -157,7 +178,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="also ML Lambda, http as of git revision REV")
     args = parser.parse_args()
     folder, script = wrk_folder("mll-bench-peers-")
-    starters: dict[str, Any] = {"plain": plain_chain, "mllambda": mllambda, "ray": ray}
+    starters: dict[str, Any] = {"plain": plain_chain, "mllambda": mllambda, "ray": ray, "bento": bento}
     chosen = {name: SYSTEMS[name] for name in args.only or SYSTEMS}
     if args.against:
         chosen[f"ML Lambda, http, at {args.against}"] = (
@@ -198,7 +219,7 @@ def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
             ratios = [a["rps"] / b["rps"] for a, b in zip(rows["ML Lambda, http"], rows[name], strict=True)]
             print(f"ML Lambda http / {name}, per run: {', '.join(f'{x:.2f}' for x in ratios)} "
                   f"(median {median(ratios):.2f}x)")  # fmt: skip
-    for name in ("plain aiohttp chain", "Ray Serve", "Ray Serve, throughput-optimized"):
+    for name in ("plain aiohttp chain", *PEERS):
         if ours and name in mid:
             print(f"ML Lambda http / {name}: req/s {ours['rps'] / mid[name]['rps']:.2f}x, "
                   f"p99 {ours['p99'] / mid[name]['p99']:.2f}x")  # fmt: skip
