@@ -36,6 +36,7 @@ from controlplane.sidecar import write_bootstrap
 from controlplane.tools import find_envoy
 from runtime_sdk.app import DEFAULT_MAX_BODY
 from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_socket, serve
+from runtime_sdk.wire import MAX_CONNECTIONS
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -89,7 +90,11 @@ def checked_service_id(args: argparse.Namespace) -> str:
     return service_id
 
 
-def check_batching(args: argparse.Namespace) -> None:
+def check_limits(args: argparse.Namespace) -> None:
+    if args.max_body < 1:
+        raise CliError(f"--max-body: at least 1 byte, got {args.max_body}")
+    if not 1 <= args.max_connections <= 65536:
+        raise CliError(f"--max-connections: between 1 and 65536, got {args.max_connections}")
     if not 0 <= args.max_batch <= MAX_BATCH:
         raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
     if not 0 < args.max_wait_ms <= 10_000:
@@ -156,6 +161,7 @@ async def launch(args: argparse.Namespace) -> None:
         loader=args.loader or "",
         inline=args.inline,
         max_body=args.max_body,
+        max_connections=args.max_connections,
         drain_seconds=args.drain_seconds,
         access_log=args.access_log,
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
@@ -212,7 +218,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
             "--no-sidecar with --security mtls needs --sidecar-tls-dir: the folder where the sidecar's launcher "
             "(`mllambda sidecar --security mtls --identity MODEL`) keeps its certificates, <config-dir>/<node-id>-tls"
         )
-    check_batching(args)
+    check_limits(args)
     # Model code runs in this process: it gets no admin token, and no Consul token through the
     # environment (the Consul client keeps its own copy; give runtimes a service-scoped token).
     os.environ.pop("MLLAMBDA_TOKEN", None)
@@ -241,6 +247,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--egress-port", type=int)
     parser.add_argument("--envoy-admin-port", type=int)
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit in bytes")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections to the runtime; one more closes an idle one, or is reset if all are busy",
+    )
     parser.add_argument(
         "--inline",
         choices=["auto", "always", "never"],

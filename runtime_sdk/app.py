@@ -26,7 +26,7 @@ from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.hop import HopError
 from runtime_sdk.payload_log import PayloadLog, sampled
-from runtime_sdk.wire import HttpError, Request, Response, Server, json_response
+from runtime_sdk.wire import MAX_CONNECTIONS, HttpError, Request, Response, Server, json_response
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -54,6 +54,11 @@ class Metrics:
             ["model", "version"],
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.connections_refused = Counter(
+            "mllambda_runtime_connections_refused",
+            "connections reset at --max-connections, every one busy",
+            registry=registry,
         )
         self.kafka_restarts = Counter(
             "mllambda_runtime_kafka_consumer_restarts",
@@ -321,8 +326,14 @@ def answer_get(runtime: Runtime, path: str) -> Response | None:
     return None
 
 
-def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY, access_log: logging.Logger | None = None) -> Server:
-    """predict on POST /predict and /pipelines/..., health and metrics on GET; listen with its `listen_*`."""
+def build_app(
+    runtime: Runtime,
+    max_body: int = DEFAULT_MAX_BODY,
+    access_log: logging.Logger | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+) -> Server:
+    """predict on POST /predict and /pipelines/..., health and metrics on GET; listen with its `listen_*`.
+    Requests the server refuses before predict (malformed, too large) count with their status."""
 
     async def route(request: Request) -> Response:
         if request.path == "/predict" or request.path.startswith("/pipelines/"):
@@ -336,7 +347,13 @@ def build_app(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY, access_log: lo
             return json_response({"error": "use GET"}, 405, {"allow": "GET"})
         return page
 
-    return Server(route, max_body, access_log)
+    def refused(what: str) -> None:
+        if what == "connections":
+            runtime.metrics.connections_refused.inc()
+        else:
+            runtime.metrics.requests.labels(runtime.model, runtime.version, what).inc()
+
+    return Server(route, max_body, access_log, max_connections, refused)
 
 
 @asynccontextmanager

@@ -30,6 +30,7 @@ from runtime_sdk.health import HealthServer
 from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.payload_log import DEFAULT_MAX_BYTES, PayloadLog
 from runtime_sdk.registration import deregister, register, stay_registered
+from runtime_sdk.wire import MAX_CONNECTIONS
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -52,6 +53,7 @@ class ServeOptions:
     loader: str = ""  # MODULE:CALLABLE run once before turning ready
     inline: str = "auto"
     max_body: int = DEFAULT_MAX_BODY
+    max_connections: int = MAX_CONNECTIONS
     drain_seconds: float = 2.0
     access_log: bool = False
     kafka_via: str = ""  # where this runtime's Kafka clients connect (its sidecar's Kafka listener); "": no Kafka
@@ -103,7 +105,7 @@ async def serve(
         payload_log=payloads,
     )  # fmt: skip
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
-    server = build_app(runtime, options.max_body, access_log)
+    server = build_app(runtime, options.max_body, access_log, options.max_connections)
     await runtime.start()
     remove_socket(service.runtime_uds)
     await server.listen_tcp("127.0.0.1", service.runtime_port)  # only its own sidecar calls it

@@ -8,7 +8,10 @@ request's body whole (by Content-Length or chunks), keeps connections alive, and
 one connection in order.
 
 Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body of `max_body` bytes (413,
-closed), MAX_QUEUED requests read ahead on one connection (then it stops reading). A request line, header
+closed), MAX_QUEUED requests read ahead on one connection (then it stops reading), `max_connections` open
+connections: one more closes the connection idle longest, or is reset if none is idle (its caller, an
+Envoy, retries a reset elsewhere). Each refusal is told to `refused` ("400", "413", "431", "connections")
+for the runtime's metrics. A request line, header
 line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed: after a framing error
 the next request's start is unknown. Both a length and chunks (a smuggling attempt) is a 400 too.
 """
@@ -33,6 +36,8 @@ from runtime_sdk.hop import TOKEN, TooLarge, header_safe, take_chunks
 
 MAX_HEAD = 64 * 1024
 MAX_QUEUED = 16
+MAX_CONNECTIONS = 1024  # as Envoy's default circuit breaker allows towards one host
+WARN_EVERY = 10.0  # seconds between warnings of refused connections
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -168,10 +173,15 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.searched = 0  # where the search for the head's end goes on from
         self.reading: _Reading | None = None
+        self.idle_since = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if not self.server.room():
+            self.closing = True
+            transport.abort()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -267,9 +277,11 @@ class _Connection(asyncio.Protocol):
                     return
         finally:
             self.task = None
+            self.idle_since = time.monotonic()
 
     async def _respond(self, request: Request | _Bad) -> Response:
         if isinstance(request, _Bad):
+            self.server.refused(str(request.status))
             return json_response({"error": str(request)}, request.status)
         started = time.perf_counter()
         try:
@@ -285,21 +297,52 @@ class _Connection(asyncio.Protocol):
                                         response.status, len(response.body), took)  # fmt: skip
         return response
 
+    def idle(self) -> bool:
+        """Open, with nothing being read or answered."""
+        reading = self.reading is not None or bool(self.buffer)
+        return self.transport is not None and self.task is None and not self.queue and not reading
+
     def close_if_idle(self) -> None:
-        if self.task is None and not self.queue and self.transport is not None:
+        if self.idle() and self.transport is not None:
             self.transport.close()
 
 
 class Server:
     """One handler behind any number of listening sockets; `stop` lets what is in flight finish."""
 
-    def __init__(self, handler: Handler, max_body: int, access_log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int,
+        access_log: logging.Logger | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        refused: Callable[[str], None] = lambda what: None,
+    ) -> None:
         self.handler = handler
         self.max_body = max_body
         self.access_log = access_log
+        self.max_connections = max_connections
+        self.refused = refused
         self.connections: set[_Connection] = set()
         self.listeners: list[asyncio.Server] = []
         self.stopping = False
+        self.warned = -WARN_EVERY
+
+    def room(self) -> bool:
+        """Whether a new connection may stay: below the limit, or once the one idle longest is closed."""
+        if len(self.connections) < self.max_connections:
+            return True
+        idle = [c for c in self.connections if c.idle()]
+        if idle:
+            oldest = min(idle, key=lambda c: c.idle_since)
+            oldest.close_if_idle()
+            self.connections.discard(oldest)
+            return True
+        self.refused("connections")
+        if time.monotonic() - self.warned >= WARN_EVERY:
+            self.warned = time.monotonic()
+            log.warning("%d connections, all busy: a new one was reset (--max-connections)", len(self.connections))
+        return False
 
     def protocol(self) -> _Connection:
         return _Connection(self)

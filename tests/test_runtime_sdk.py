@@ -122,9 +122,13 @@ async def test_readiness_and_metrics(client: Any) -> None:
     assert (await client.get("/readyz")).status == 200
     await client.post("/predict", json={"n": 1})
     await client.post("/predict", data=b"nope")
+    too_large = await client.post("/predict", data=b"x" * 300_001, expect100=True)  # refused before predict
+    assert too_large.status == 413 and "300000" in (await too_large.json())["error"]
     metrics = await (await client.get("/metrics")).text()
     assert 'mllambda_runtime_requests_total{code="200",model="doubler",version="v1"} 1.0' in metrics
     assert 'mllambda_runtime_requests_total{code="400",model="doubler",version="v1"} 1.0' in metrics
+    assert 'mllambda_runtime_requests_total{code="413",model="doubler",version="v1"} 1.0' in metrics
+    assert "mllambda_runtime_connections_refused_total 0.0" in metrics
 
 
 async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_off() -> None:

@@ -185,3 +185,60 @@ async def test_a_client_that_expects_100_continue_is_told_to_go_on(port: int) ->
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200 ")
     writer.close()
+
+
+async def test_connections_beyond_the_limit_close_the_idlest_or_are_reset_when_all_are_busy() -> None:
+    refused: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/wait":
+            await release.wait()
+        return json_response({"path": request.path})
+
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+        writer.write(post(path, b""))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")).split(b":")[1])
+        await reader.readexactly(length)
+        return int(head.split(b" ")[1])
+
+    server = Server(handler, MAX_BODY, max_connections=3, refused=refused.append)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    # Three kept-alive connections, the first idle longest; a fourth closes that one, not the others.
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    for reader, writer in opened:
+        assert await ask(reader, writer, "/a") == 200
+        await asyncio.sleep(0.01)
+    fourth = await asyncio.open_connection("127.0.0.1", port)
+    assert await ask(*fourth, "/b") == 200
+    assert await asyncio.wait_for(opened[0][0].read(), 2) == b""  # the idlest, closed by the server
+    assert [await ask(*c, "/c") for c in (opened[1], opened[2], fourth)] == [200, 200, 200]
+    assert len(server.connections) == 3 and refused == []
+    # All three busy: one more is reset without an answer, counted, and nothing in flight is lost.
+    busy = [asyncio.create_task(ask(*c, "/wait")) for c in (opened[1], opened[2], fourth)]
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/d", b""))
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert refused == ["connections"]
+    release.set()
+    assert await asyncio.gather(*busy) == [200, 200, 200]
+    # Room again once one of them is idle.
+    again = await asyncio.open_connection("127.0.0.1", port)
+    assert await ask(*again, "/e") == 200
+    for _, w in [*opened, fourth, again]:
+        w.close()
+    await server.stop(1.0)
+
+
+async def test_what_the_server_refuses_before_the_handler_is_told_by_status() -> None:
+    refused: list[str] = []
+    server = Server(echo, MAX_BODY, refused=refused.append)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    await exchange(port, b"POST /a HTTP/1.1\r\ncontent-length: 1001\r\n\r\n")
+    await exchange(port, b"GARBAGE\r\n\r\n")
+    await exchange(port, post("/ok", b""))
+    assert refused == ["413", "400"]
+    await server.stop(1.0)
