@@ -183,3 +183,22 @@ def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anythi
     )  # fmt: skip
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--max-connections", "0"], "--max-connections: between 1 and 65536, got 0"),
+        (["--max-connections", "70000"], "--max-connections: between 1 and 65536, got 70000"),
+        (["--max-body", "0"], "--max-body: at least 1 byte, got 0"),
+    ],
+)
+def test_runtime_limits_out_of_range_are_refused_with_the_flag_named(flags: list[str], problem: str) -> None:
+    from controlplane.cli import build_parser
+    from controlplane.errors import CliError
+    from controlplane.launch import check_limits
+
+    argv = ["runtime", "examples.trivial.models:count", "--model", "m", "--version", "v1", *flags]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(CliError, match=problem):
+        check_limits(args)
