@@ -9,11 +9,11 @@ one connection in order.
 
 Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body of `max_body` bytes (413,
 closed), MAX_QUEUED requests read ahead on one connection (then it stops reading), `max_connections` open
-connections: one more closes the connection idle longest, or is reset if none is idle (its caller, an
-Envoy, retries a reset elsewhere). Each refusal is told to `refused` ("400", "413", "431", "connections")
-for the runtime's metrics. A request line, header
-line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed: after a framing error
-the next request's start is unknown. Both a length and chunks (a smuggling attempt) is a 400 too.
+connections: one more closes the connection idle longest (or one whose request stopped arriving STALLED
+seconds ago, with a 408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere).
+Each refusal is told to `refused` ("400", "408", "413", "431", "connections") for the runtime's metrics.
+A request line, header line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed:
+after a framing error the next request's start is unknown. Both a length and chunks (smuggling) is a 400.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ MAX_HEAD = 64 * 1024
 MAX_QUEUED = 16
 MAX_CONNECTIONS = 1024  # as Envoy's default circuit breaker allows towards one host
 WARN_EVERY = 10.0  # seconds between warnings of refused connections
+STALLED = 10.0  # seconds without a byte of a request begun: its connection may be closed for a new one
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -173,7 +174,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.searched = 0  # where the search for the head's end goes on from
         self.reading: _Reading | None = None
-        self.idle_since = time.monotonic()
+        self.quiet_since = time.monotonic()  # the last byte in or answer out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -192,6 +193,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.quiet_since = time.monotonic()
         self.buffer += data
         self._take()
 
@@ -277,7 +279,7 @@ class _Connection(asyncio.Protocol):
                     return
         finally:
             self.task = None
-            self.idle_since = time.monotonic()
+            self.quiet_since = time.monotonic()
 
     async def _respond(self, request: Request | _Bad) -> Response:
         if isinstance(request, _Bad):
@@ -297,10 +299,28 @@ class _Connection(asyncio.Protocol):
                                         response.status, len(response.body), took)  # fmt: skip
         return response
 
+    def partial(self) -> bool:
+        return self.reading is not None or bool(self.buffer)
+
     def idle(self) -> bool:
         """Open, with nothing being read or answered."""
-        reading = self.reading is not None or bool(self.buffer)
-        return self.transport is not None and self.task is None and not self.queue and not reading
+        return self.transport is not None and self.task is None and not self.queue and not self.partial()
+
+    def sheddable(self, now: float) -> bool:
+        """Idle, or a request began and nothing came for STALLED seconds (nothing is being answered)."""
+        if self.transport is None or self.task is not None or self.queue:
+            return False
+        return not self.partial() or now - self.quiet_since >= STALLED
+
+    def shed(self) -> None:
+        """Close it for a new connection: a request it had begun gets a 408."""
+        if self.transport is not None:
+            if self.partial():
+                error = {"error": f"request incomplete after {STALLED:g} s without a byte, with no room to wait"}
+                self.transport.write(response_bytes(json_response(error, 408), close=True))
+                self.server.refused("408")
+            self.closing = True
+            self.transport.close()
 
     def close_if_idle(self) -> None:
         if self.idle() and self.transport is not None:
@@ -329,13 +349,14 @@ class Server:
         self.warned = -WARN_EVERY
 
     def room(self) -> bool:
-        """Whether a new connection may stay: below the limit, or once the one idle longest is closed."""
+        """Whether a new connection may stay: below the limit, or once the one quiet longest is closed."""
         if len(self.connections) < self.max_connections:
             return True
-        idle = [c for c in self.connections if c.idle()]
-        if idle:
-            oldest = min(idle, key=lambda c: c.idle_since)
-            oldest.close_if_idle()
+        now = time.monotonic()
+        quiet = [c for c in self.connections if c.sheddable(now)]
+        if quiet:
+            oldest = min(quiet, key=lambda c: c.quiet_since)
+            oldest.shed()
             self.connections.discard(oldest)
             return True
         self.refused("connections")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from runtime_sdk import wire
 from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, HttpError, Request, Response, Server, json_response
 
 MAX_BODY = 1000
@@ -47,7 +48,7 @@ async def exchange(port: int, raw: bytes, answers: int = 1) -> list[tuple[int, d
             headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
             body = await reader.readexactly(int(headers["content-length"]))
             found.append((int(lines[0].split(" ")[1]), headers, body))
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):  # closed, or reset
         pass
     finally:
         writer.close()
@@ -241,4 +242,24 @@ async def test_what_the_server_refuses_before_the_handler_is_told_by_status() ->
     await exchange(port, b"GARBAGE\r\n\r\n")
     await exchange(port, post("/ok", b""))
     assert refused == ["413", "400"]
+    await server.stop(1.0)
+
+
+async def test_a_request_that_stopped_arriving_gives_its_place_to_a_new_connection_with_a_408(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "STALLED", 0.3)
+    refused: list[str] = []
+    server = Server(echo, MAX_BODY, max_connections=1, refused=refused.append)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    stalled_reader, stalled_writer = await asyncio.open_connection("127.0.0.1", port)
+    stalled_writer.write(b"POST /a HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc")  # and nothing more
+    await asyncio.sleep(0.1)
+    assert await exchange(port, post("/b", b"")) == []  # not stalled long enough yet: the new one is reset
+    await asyncio.sleep(0.3)
+    assert [a[0] for a in await exchange(port, post("/c", b""))] == [200]
+    head = await asyncio.wait_for(stalled_reader.read(), 2)
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+    assert refused == ["connections", "408"]
+    stalled_writer.close()
     await server.stop(1.0)
