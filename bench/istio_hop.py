@@ -11,6 +11,9 @@ figure is the two sidecars' cost, not a Python stage's. Paths, in turns within e
   ..., Unix socket       plaintext, egress to ingress over a Unix socket, as two co-located sidecars could
   one sidecar, same host load -> egress Envoy -> backend at a Unix socket: a hop on one host, which skips the
                          receiver's sidecar (docs/architecture.md, "Same host")
+  two bare Envoys        plaintext, two Envoys with the least config that proxies (a listener with only the
+                         router filter, a static cluster, Envoy's defaults otherwise): the control that says
+                         how much of the hop is our configuration and how much the machine
 Each Envoy runs one worker thread, as our sidecars do.
 Run: .venv/bin/python -m bench.istio_hop [--runs 3]
 """
@@ -37,6 +40,7 @@ from controlplane.translate import resources as r
 
 BODY = json.dumps({"text": " ".join(["word"] * 200)})  # ~1 KB each way
 TLS = "envoy.extensions.transport_sockets.tls.v3"
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 PATHS = (
     "direct",
     "two sidecars",
@@ -44,8 +48,9 @@ PATHS = (
     "two sidecars, HTTP/2 between",
     "two sidecars, Unix socket between",
     "one sidecar, same host",
+    "two bare Envoys",
 )
-SAME_HOST = PATHS[-1]
+SAME_HOST, BARE = PATHS[-2], PATHS[-1]
 H2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -129,6 +134,31 @@ def envoy_config(
     return {"admin": admin, "static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
+def bare_config(listen: int, upstream: int) -> Any:
+    """The least config that proxies HTTP: not built by our builders (no buffer or request limits, retries,
+    timeouts, access log or header rules), so the hop it adds is Envoy's own on this machine."""
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": listen}}
+    router = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    hcm = {
+        "@type": f"type.googleapis.com/{HCM}",
+        "stat_prefix": "bare",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "next"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": router}],
+    }  # fmt: skip
+    chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+    upstream_address = {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}
+    cluster = {
+        "name": "next",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": "next", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": upstream_address}}]}]},
+    }  # fmt: skip
+    admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": processes.free_port()}}}
+    listener = {"name": "bare", "address": address, "filter_chains": [chain]}
+    return {"admin": admin, "static_resources": {"listeners": [listener], "clusters": [cluster]}}
+
+
 def load(url: str, body: str) -> dict[str, float]:
     """1,000 requests/s for 10 s over 16 connections, evenly spaced (bench/openloop.py)."""
     started = time.perf_counter()
@@ -188,6 +218,11 @@ def main() -> None:
                 sender = over_pipe(envoy_config("egress", egress, ingress, None, "egress"), at, "egress")
                 procs.append(start(folder, "egress-same-host", sender, egress))
                 sidecars[path] = [procs[-1].pid]
+                continue
+            if path == BARE:
+                procs.append(start(folder, "ingress-bare", bare_config(ingress, backend), ingress))
+                procs.append(start(folder, "egress-bare", bare_config(egress, ingress), egress))
+                sidecars[path] = [procs[-2].pid, procs[-1].pid]
                 continue
             tls, h2 = (certs if "mTLS" in path else None), "HTTP/2" in path
             socket = folder / "ingress.sock" if "Unix" in path else None
