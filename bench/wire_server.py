@@ -43,7 +43,8 @@ async def serve(kind: str, port: int) -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
     else:
-        from runtime_sdk.wire import Request, Response, Server
+        from runtime_sdk.http1 import Request, Response
+        from runtime_sdk.wire import Server
 
         async def answer(request: Request) -> Response:
             body = json.dumps(json.loads(request.body)).encode()

@@ -25,8 +25,9 @@ from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.hop import HopError
+from runtime_sdk.http1 import HttpError, Request, Response, json_response
 from runtime_sdk.payload_log import PayloadLog, sampled
-from runtime_sdk.wire import MAX_CONNECTIONS, HttpError, Request, Response, Server, json_response
+from runtime_sdk.wire import MAX_CONNECTIONS, Server
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 DEFAULT_MAX_BODY = 1024 * 1024

@@ -7,8 +7,8 @@ from typing import Any
 from contract import headers as h
 from contract import oip
 from contract.naming import STAGE_PATH
+from runtime_sdk.http1 import Request, Response
 from runtime_sdk.payload_log import PayloadLog, body_value, record
-from runtime_sdk.wire import Request, Response
 
 OIP_ID = "oip_id"  # request note: the OIP request's id, echoed in its response
 

@@ -19,134 +19,35 @@ after a framing error the next request's start is unknown. Both a length and chu
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runtime_sdk.hop import TOKEN, TooLarge, header_safe, take_chunks
+from runtime_sdk.hop import TooLarge, take_chunks
+from runtime_sdk.http1 import (
+    BadRequest,
+    HttpError,
+    Request,
+    Response,
+    body_length,
+    json_response,
+    parse_head,
+    response_bytes,
+)
 
 MAX_HEAD = 64 * 1024
 MAX_QUEUED = 16
 MAX_CONNECTIONS = 1024  # as Envoy's default circuit breaker allows towards one host
 WARN_EVERY = 10.0  # seconds between warnings of refused connections
 STALLED = 10.0  # seconds without a byte of a request begun: its connection may be closed for a new one
-_METHOD = re.compile(r"[A-Z]{1,16}")
-_TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
-_LENGTH = re.compile(r"[0-9]{1,18}")
 log = logging.getLogger("mllambda.runtime")
 
 
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: str
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    notes: dict[str, Any] = field(default_factory=dict)  # what one step of handling tells a later one
-
-
-@dataclass
-class Response:
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class HttpError(Exception):
-    """An answer a handler gives by raising: a 4xx with a JSON body saying what is wrong."""
-
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.response = json_response({"error": message, **extra}, status)
-
-
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(status, json.dumps(obj).encode(), {"content-type": "application/json", **(headers or {})})
-
-
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class _Bad(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
-    """(method, path, query, HTTP/1.0?, headers) of a request head without its blank line; _Bad if malformed."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
-        raise _Bad(400, "not an HTTP request line")
-    if parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-        raise _Bad(505 if parts[2].startswith("HTTP/") else 400, f"{parts[2][:20]!r} is not HTTP/1.1")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(name) or not header_safe(value):  # a bare CR or LF, a NUL
-            raise _Bad(400, "a header line that is not `name: value`")
-        headers.add(name, value.strip(" \t"))
-    path, _, query = parts[1].partition("?")
-    return parts[0], path, query, parts[2] == "HTTP/1.0", headers
-
-
-def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:
-    """The body's length (None: chunked); _Bad for a framing a peer must not send, 413 over `max_body`."""
-    coding = headers.getall("transfer-encoding", [])
-    lengths = set(headers.getall("content-length", []))
-    if coding:
-        if lengths:
-            raise _Bad(400, "both Content-Length and Transfer-Encoding")
-        if [c.strip().lower() for c in ",".join(coding).split(",")] != ["chunked"]:
-            raise _Bad(501, "only chunked transfer coding is accepted")
-        return None
-    if not lengths:
-        return 0
-    if len(lengths) > 1 or not _LENGTH.fullmatch(next(iter(lengths))):
-        raise _Bad(400, "a Content-Length that is not one number")
-    length = int(next(iter(lengths)))
-    if length > max_body:
-        raise _Bad(413, f"body too large: the limit is {max_body} bytes")
-    return length
-
-
-_dates: list[Any] = [0, ""]
-
-
-def _date() -> str:
-    now = int(time.time())
-    if _dates[0] != now:
-        _dates[0], _dates[1] = now, formatdate(now, usegmt=True)
-    return str(_dates[1])
-
-
-def response_bytes(response: Response, close: bool) -> bytes:
-    """The answer on the wire; a header value with a line break would forge headers, so it is a 500 instead."""
-    if not all(header_safe(v) and TOKEN.fullmatch(k) for k, v in response.headers.items()):
-        log.error("an answer with a header that cannot be sent: %r", list(response.headers)[:10])
-        response = json_response({"error": "the runtime built an answer with a malformed header"}, 500)
-    try:
-        reason = HTTPStatus(response.status).phrase
-    except ValueError:
-        reason = "Unknown"
-    lines = [f"HTTP/1.1 {response.status} {reason}\r\n"]
-    for name, value in response.headers.items():
-        if name.lower() not in ("content-length", "transfer-encoding", "connection", "date"):
-            lines.append(f"{name}: {value}\r\n")
-    lines.append(f"content-length: {len(response.body)}\r\ndate: {_date()}\r\n")
-    lines.append("connection: close\r\n\r\n" if close else "\r\n")
-    return "".join(lines).encode("latin-1") + response.body
 
 
 @dataclass
@@ -167,7 +68,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.buffer = bytearray()
-        self.queue: deque[tuple[Request | _Bad, bool]] = deque()  # (request or what was wrong, close after it)
+        self.queue: deque[tuple[Request | BadRequest, bool]] = deque()  # (request or what was wrong, close after it)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # no more requests are read (an error, Connection: close, the server stops)
@@ -201,7 +102,7 @@ class _Connection(asyncio.Protocol):
         """Read the requests the buffer holds, up to MAX_QUEUED waiting; stop reading the socket while full."""
         try:
             self._parse()
-        except _Bad as bad:
+        except BadRequest as bad:
             self.closing = True
             self.queue.append((bad, True))
         if self.queue and self.task is None:
@@ -237,7 +138,7 @@ class _Connection(asyncio.Protocol):
         """The next request's head, taken out of the buffer (None: not all here yet)."""
         end = self.buffer.find(b"\r\n\r\n", self.searched)
         if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
-            raise _Bad(431, f"request head over {MAX_HEAD} bytes")
+            raise BadRequest(431, f"request head over {MAX_HEAD} bytes")
         if end < 0:
             self.searched = max(0, len(self.buffer) - 3)
             return None
@@ -255,9 +156,9 @@ class _Connection(asyncio.Protocol):
             try:
                 return take_chunks(self.buffer, reading.body, self.server.max_body)
             except TooLarge:
-                raise _Bad(413, f"body too large: the limit is {self.server.max_body} bytes") from None
+                raise BadRequest(413, f"body too large: the limit is {self.server.max_body} bytes") from None
             except ValueError as err:
-                raise _Bad(400, str(err)) from None
+                raise BadRequest(400, str(err)) from None
         take = min(len(self.buffer), reading.length - len(reading.body))
         reading.body += self.buffer[:take]
         del self.buffer[:take]
@@ -281,8 +182,8 @@ class _Connection(asyncio.Protocol):
             self.task = None
             self.quiet_since = time.monotonic()
 
-    async def _respond(self, request: Request | _Bad) -> Response:
-        if isinstance(request, _Bad):
+    async def _respond(self, request: Request | BadRequest) -> Response:
+        if isinstance(request, BadRequest):
             self.server.refused(str(request.status))
             return json_response({"error": str(request)}, request.status)
         started = time.perf_counter()

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runtime_sdk import wire
-from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, HttpError, Request, Response, Server, json_response
+from runtime_sdk.http1 import HttpError, Request, Response, json_response
+from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, Server
 
 MAX_BODY = 1000
 
