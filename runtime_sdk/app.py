@@ -248,6 +248,9 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
     except HttpError as err:
         code = err.response.status
         raise
+    except asyncio.CancelledError:  # the caller hung up (wire.py): nothing more is done for it
+        code = 499
+        raise
     finally:
         runtime.metrics.requests.labels(runtime.model, runtime.version, str(code)).inc()
 

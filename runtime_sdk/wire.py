@@ -12,6 +12,8 @@ closed), MAX_QUEUED requests read ahead on one connection (then it stops reading
 connections: one more closes the connection idle longest (or one whose request stopped arriving STALLED
 seconds ago, with a 408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere).
 Each refusal is told to `refused` ("400", "408", "413", "431", "connections") for the runtime's metrics.
+A caller that closes its connection (FIN or reset: Envoy aborts an upstream request by closing, as a
+half-close looks the same) cancels what it asked: no more model time or next hop for an unread answer.
 A request line, header line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed:
 after a framing error the next request's start is unknown. Both a length and chunks (smuggling) is a 400.
 """
@@ -90,6 +92,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing, self.transport = True, None
         self.queue.clear()
+        if self.task is not None:  # its caller is gone: no more model time or next hop for an answer nobody reads
+            self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -194,11 +198,16 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("handling %s %s failed", request.method, request.path[:200])
             response = json_response({"error": "the runtime failed to answer (see its log)"}, 500)
+        except asyncio.CancelledError:
+            self._logged(request, 499, 0, started)  # nginx's "client closed request"
+            raise
+        self._logged(request, response.status, len(response.body), started)
+        return response
+
+    def _logged(self, request: Request, status: int, size: int, started: float) -> None:
         if self.server.access_log is not None:
             took = (time.perf_counter() - started) * 1000
-            self.server.access_log.info('"%s %s" %d %d %.2fms', request.method, request.path[:200],
-                                        response.status, len(response.body), took)  # fmt: skip
-        return response
+            self.server.access_log.info('"%s %s" %d %d %.2fms', request.method, request.path[:200], status, size, took)
 
     def partial(self) -> bool:
         return self.reading is not None or bool(self.buffer)

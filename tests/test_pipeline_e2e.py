@@ -390,3 +390,39 @@ async def test_payload_logging_samples_at_its_rate_and_stops_when_turned_off(
     await send(300)
     await asyncio.sleep(0.5)
     assert len(records()) == before
+
+
+async def test_a_request_its_client_gave_up_on_goes_no_further(
+    control_plane: Any, consul_agent: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """The client hangs up while the first stage works: that stage stops, and the next one never runs."""
+    slow = start_runtime(f"{M}:sleepy", "sleepy", "v1")  # 2 s per request
+    after = start_runtime(f"{M}:echo", "echo", "v1")
+    stages = [("slow", "sleepy"), ("after", "echo")]
+    spec = {"name": "giveup", "stages": [{"name": s, "variants": [{"model": m, "version": "v1"}]} for s, m in stages]}
+    apply(control_plane, tmp_path, spec)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/giveup"
+    _, body, served = await until_ok(url, {"n": 1}, timeout=30)
+    assert body == {"slept": True} and served == "slow=sleepy:v1, after=echo:v1"
+    assert runtime_requests(consul_agent.http_port, "echo", after.service_id) == 1
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        for _ in range(3):
+            with pytest.raises(asyncio.TimeoutError):
+                await post(session, url, {"n": 2})
+    await asyncio.sleep(2.5)  # past the 2 s: a stage that ran on would have sent its output on by now
+    assert runtime_requests(consul_agent.http_port, "echo", after.service_id) == 1
+    by_code = runtime_codes(consul_agent.http_port, "sleepy", slow.service_id)
+    assert by_code == {"200": 1, "499": 3}, by_code  # 499: the caller closed the request
+
+
+def runtime_codes(consul_port: int, model: str, service_id: str) -> dict[str, int]:
+    """A runtime's answered requests by status code, from its own /metrics."""
+    port = service_meta(consul_port, model, service_id)["runtime_port"]
+    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+    found = {}
+    for line in metrics.splitlines():
+        if line.startswith("mllambda_runtime_requests_total{"):
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            found[code] = int(float(line.rsplit(" ", 1)[1]))
+    return found

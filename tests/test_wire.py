@@ -264,3 +264,35 @@ async def test_a_request_that_stopped_arriving_gives_its_place_to_a_new_connecti
     assert refused == ["connections", "408"]
     stalled_writer.close()
     await server.stop(1.0)
+
+
+async def test_a_caller_that_hangs_up_cancels_its_request_whether_it_closes_or_resets() -> None:
+    started, outcome = asyncio.Event(), []
+
+    async def held(request: Request) -> Response:
+        started.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            outcome.append(f"cancelled {request.path}")
+            raise
+        outcome.append(f"finished {request.path}")
+        return json_response({"path": request.path})
+
+    server = Server(held, MAX_BODY)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    for path in ("/closed", "/reset", "/kept"):
+        started.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(path, b""))
+        await asyncio.wait_for(started.wait(), 5)
+        if path == "/closed":
+            writer.close()  # FIN, as Envoy closes an upstream connection to abort its request
+        elif path == "/reset":
+            writer.transport.abort()  # RST
+        else:
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        await asyncio.sleep(0.2)
+    assert outcome == ["cancelled /closed", "cancelled /reset", "finished /kept"]
+    await server.stop(1.0)
