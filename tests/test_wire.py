@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -295,4 +297,95 @@ async def test_a_caller_that_hangs_up_cancels_its_request_whether_it_closes_or_r
             writer.close()
         await asyncio.sleep(0.2)
     assert outcome == ["cancelled /closed", "cancelled /reset", "finished /kept"]
+    await server.stop(1.0)
+
+
+ANSWERABLE = {200, 400, 404, 405, 408, 413, 422, 431, 500, 501, 505}
+
+
+def mutated(rng: random.Random) -> tuple[bytes, bytes | None]:
+    """A request, mutated or not, and the body an echo must answer with (None: any answer, or none)."""
+    body = rng.randbytes(rng.randrange(0, 300)).hex().encode()
+    good = post("/m", body)
+    kind = rng.randrange(9)
+    if kind == 0:
+        return good, body
+    if kind == 1:  # bytes changed at random
+        raw = bytearray(good)
+        for _ in range(rng.randrange(1, 6)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        return bytes(raw), None
+    if kind == 2:  # bytes inserted
+        at = rng.randrange(len(good))
+        return good[:at] + rng.randbytes(rng.randrange(1, 40)) + good[at:], None
+    if kind == 3:  # cut short, or a range taken out
+        at = rng.randrange(len(good))
+        return (good[:at], None) if rng.random() < 0.5 else (good[:at] + good[at + rng.randrange(1, 30) :], None)
+    if kind == 4:  # lengths that disagree, or are not numbers
+        length = rng.choice(["-1", "1e3", "0x10", " 5", "99999999999999999999", str(len(body) + 3)])
+        return (
+            f"POST /m HTTP/1.1\r\ncontent-length: {len(body)}\r\ncontent-length: {length}\r\n\r\n".encode() + body,
+            None,
+        )
+    if kind == 5:  # chunks of random (often wrong) sizes
+        chunks = b"".join(f"{rng.randrange(0, 40):x}\r\n".encode() + rng.randbytes(rng.randrange(0, 40)) + b"\r\n"
+                          for _ in range(rng.randrange(1, 5)))  # fmt: skip
+        return b"POST /m HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", None
+    if kind == 6:  # control characters and non-ASCII in a header
+        value = bytes(rng.choice([0, 10, 13, 127, 200, 255, 65]) for _ in range(rng.randrange(1, 10)))
+        return b"POST /m HTTP/1.1\r\nx-h: " + value + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body, None
+    if kind == 7:  # two requests, the second one mutated
+        return good + mutated(rng)[0], None
+    return rng.randbytes(rng.randrange(1, 500)), None
+
+
+def answers_in(raw: bytes) -> list[tuple[int, bytes]]:
+    """The answers in what the server sent; AssertionError if it is not well-formed HTTP/1.1."""
+    found = []
+    while raw:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep, raw[:200]
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1.1 "), lines[0]
+        length = int(next(x.split(":", 1)[1] for x in lines[1:] if x.lower().startswith("content-length:")))
+        found.append((int(lines[0].split(" ")[1]), rest[:length]))
+        raw = rest[length:]
+    return found
+
+
+async def test_two_thousand_mutated_requests_get_well_formed_answers_and_the_server_stays_up() -> None:
+    rng = random.Random(1414)  # fixed: a failure can be replayed
+    seen: list[bytes] = []
+
+    async def checked_echo(request: Request) -> Response:
+        seen.append(request.body)
+        return Response(200, request.body)
+
+    server = Server(checked_echo, MAX_BODY)
+    port = await server.listen_tcp("127.0.0.1", 0)
+
+    async def one(raw: bytes, want: bytes | None) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        got = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):  # an incomplete request is waited for
+            while chunk := await asyncio.wait_for(reader.read(65536), 0.3):
+                got += chunk
+        writer.close()
+        answers = answers_in(got)
+        assert {status for status, _ in answers} <= ANSWERABLE, (raw[:200], answers)
+        if want is not None:
+            assert answers == [(200, want)], raw[:200]
+
+    cases = [mutated(rng) for _ in range(2000)]
+    for start in range(0, len(cases), 100):
+        await asyncio.gather(*(one(raw, want) for raw, want in cases[start : start + 100]))
+    assert sum(want is not None for _, want in cases) > 150  # the good ones were among them, and answered right
+    assert all(len(body) <= MAX_BODY for body in seen)
+    for _ in range(50):  # every connection gone once its client closed
+        if not server.connections:
+            break
+        await asyncio.sleep(0.05)
+    assert not server.connections
+    assert [a[0] for a in await exchange(port, post("/after", b"ok"))] == [200]
     await server.stop(1.0)
