@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -202,3 +205,41 @@ def test_runtime_limits_out_of_range_are_refused_with_the_flag_named(flags: list
     args = build_parser().parse_args(argv)
     with pytest.raises(CliError, match=problem):
         check_limits(args)
+
+
+async def test_requests_waiting_for_a_busy_model_are_dropped_when_their_callers_hang_up() -> None:
+    """A sync model whose threads are all busy: requests that wait for a thread and whose callers give up
+    (Envoy's timeout closes the connection) are never run; the model does not work through a dead backlog."""
+    gate, seen = threading.Event(), []
+
+    def blocking(payload: dict[str, Any]) -> dict[str, Any]:
+        seen.append(payload["n"])
+        gate.wait(10)
+        return {"n": payload["n"]}
+
+    workers = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default executor
+    runtime = Runtime(blocking, "blocking", "v1", ready=True, placement=Placement("never"))
+    async with serving(runtime) as base:
+        port = int(base.rsplit(":", 1)[1])
+
+        async def send(n: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = json.dumps({"n": n}).encode()
+            writer.write(b"POST /predict HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            return reader, writer
+
+        busy = [await send(n) for n in range(workers)]
+        waiting = [await send(100 + n) for n in range(10)]
+        await asyncio.sleep(0.3)
+        assert sorted(seen) == list(range(workers))  # every thread taken, ten requests waiting for one
+        for _, writer in waiting:
+            writer.close()  # their callers give up
+        await asyncio.sleep(0.2)
+        gate.set()
+        for reader, _ in busy:
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
+        async with aiohttp.ClientSession() as session, session.post(base + "/predict", json={"n": 999}) as resp:
+            assert resp.status == 200
+        assert sorted(seen) == [*range(workers), 999]  # none of the ten ran
+        for _, writer in busy:
+            writer.close()
