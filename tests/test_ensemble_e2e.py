@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import consul_passing
 from tests.envoy_helpers import get_json, near_share
-from tests.test_pipeline_e2e import M, apply, in_traffic, post, until_ok
+from tests.test_pipeline_e2e import M, apply, in_traffic, post, runtime_codes, until_ok
 
 pytestmark = pytest.mark.slow
 TEXT = {"text": "a quick brown fox"}
@@ -43,7 +43,8 @@ BROKEN = {"name": "bad", "variants": [{"model": "broken", "version": "v1"}]}
 
 
 @pytest.fixture
-def runtimes(start_runtime: Any, consul_agent: Any) -> None:
+def runtimes(start_runtime: Any, consul_agent: Any) -> dict[str, Any]:
+    """The members' runtimes, passing, by "model:version"."""
     started = [
         start_runtime(f"{M}:{target}", model, version, wait=False)
         for target, model, version in [
@@ -54,10 +55,11 @@ def runtimes(start_runtime: Any, consul_agent: Any) -> None:
     ]  # fmt: skip
     for r in started:
         r.proc.wait_ready(lambda r=r: consul_passing(consul_agent.http_port, r.model, r.service_id), timeout=60)
+    return {f"{r.model}:{r.version}": r for r in started}
 
 
 async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
-    control_plane: Any, gateway: Any, runtimes: None, tmp_path: Path
+    control_plane: Any, consul_agent: Any, gateway: Any, runtimes: dict[str, Any], tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/ens"
 
@@ -112,6 +114,7 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
     assert status == 200, body
     assert body["a"] == {"tokens": ["a", "quick", "brown", "fox"], "count": 4}
     assert set(body) == {"a", "_missing"} and "timed out after 300 ms" in body["_missing"]["slow"]
+    left_out_at = time.monotonic()
 
     # A required member that fails fails the request, with an error that names it.
     apply(control_plane, tmp_path, ensemble(COUNT, BROKEN))
@@ -122,3 +125,8 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
     assert "ensemble 'vote': required member 'bad' failed: answered 500" in body["error"], body
     assert body["member"] == "bad"
     assert "vote.bad=broken:v1" in served
+
+    # The member left out was stopped when its 300 ms were up, not run to its end (2 s) for nobody.
+    await asyncio.sleep(max(0.0, left_out_at + 2.3 - time.monotonic()))
+    sleepy = runtimes["sleepy:v1"]
+    assert runtime_codes(consul_agent.http_port, "sleepy", sleepy.service_id) == {"499": 2}
