@@ -95,6 +95,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--max-body: at least 1 byte, got {args.max_body}")
     if not 1 <= args.max_connections <= 65536:
         raise CliError(f"--max-connections: between 1 and 65536, got {args.max_connections}")
+    if not 0 <= args.max_in_flight <= 65536:
+        raise CliError(f"--max-in-flight: between 0 (no limit) and 65536, got {args.max_in_flight}")
     if not 0 <= args.max_batch <= MAX_BATCH:
         raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
     if not 0 < args.max_wait_ms <= 10_000:
@@ -162,6 +164,7 @@ async def launch(args: argparse.Namespace) -> None:
         inline=args.inline,
         max_body=args.max_body,
         max_connections=args.max_connections,
+        max_in_flight=args.max_in_flight,
         drain_seconds=args.drain_seconds,
         access_log=args.access_log,
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
@@ -252,6 +255,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MAX_CONNECTIONS,
         help="open connections to the runtime; one more closes an idle one, or is reset if all are busy",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=0,
+        help="HTTP requests in predict at once; one more gets a retriable 503 at once instead of waiting (0: no limit)",
     )
     parser.add_argument(
         "--inline",

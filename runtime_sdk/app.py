@@ -8,8 +8,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -107,6 +107,8 @@ class Runtime:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
     payload_log: PayloadLog | None = None  # where sampled requests go when this runtime is a pipeline's first stage
+    max_in_flight: int = 0  # > 0: HTTP requests in predict at once; one more is a retriable 503 at once
+    in_flight: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
@@ -149,6 +151,18 @@ class Runtime:
         if not isinstance(result, dict):
             raise TypeError(f"predict() returned {type(result).__name__}, expected a JSON object (dict)")
         return result
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """One HTTP request in predict; Overloaded at --max-in-flight, so that a backlog does not build up
+        here, where every request would wait behind it until its caller gives up (docs/architecture.md)."""
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"{self.in_flight} requests are in predict (--max-in-flight {self.max_in_flight})")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _timed_predict(self, payload: dict[str, Any]) -> Any:
         started = time.perf_counter()
@@ -197,7 +211,8 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             raise HttpError(400, f"{h.ASK} is not a stage path")
         try:
             model_started = time.perf_counter()
-            output = await runtime.call_model(payload)
+            with runtime.admitted():
+                output = await runtime.call_model(payload)
             model_ms = (time.perf_counter() - model_started) * 1000
         except Rejected as err:
             code = 422

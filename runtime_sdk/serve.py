@@ -54,6 +54,7 @@ class ServeOptions:
     inline: str = "auto"
     max_body: int = DEFAULT_MAX_BODY
     max_connections: int = MAX_CONNECTIONS
+    max_in_flight: int = 0  # HTTP requests in predict at once (0: no limit)
     drain_seconds: float = 2.0
     access_log: bool = False
     kafka_via: str = ""  # where this runtime's Kafka clients connect (its sidecar's Kafka listener); "": no Kafka
@@ -102,7 +103,7 @@ async def serve(
     )
     runtime = Runtime(
         predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch,
-        payload_log=payloads,
+        payload_log=payloads, max_in_flight=options.max_in_flight,
     )  # fmt: skip
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
     server = build_app(runtime, options.max_body, access_log, options.max_connections)

@@ -194,6 +194,7 @@ def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anythi
         (["--max-connections", "0"], "--max-connections: between 1 and 65536, got 0"),
         (["--max-connections", "70000"], "--max-connections: between 1 and 65536, got 70000"),
         (["--max-body", "0"], "--max-body: at least 1 byte, got 0"),
+        (["--max-in-flight", "-1"], r"--max-in-flight: between 0 \(no limit\) and 65536, got -1"),
     ],
 )
 def test_runtime_limits_out_of_range_are_refused_with_the_flag_named(flags: list[str], problem: str) -> None:
@@ -243,3 +244,26 @@ async def test_requests_waiting_for_a_busy_model_are_dropped_when_their_callers_
         assert sorted(seen) == [*range(workers), 999]  # none of the ten ran
         for _, writer in busy:
             writer.close()
+
+
+async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_wait() -> None:
+    gate = threading.Event()
+
+    def blocking(payload: dict[str, Any]) -> dict[str, Any]:
+        gate.wait(10)
+        return {"n": payload["n"]}
+
+    runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), max_in_flight=2)
+    async with served(runtime) as client:
+        held = [asyncio.create_task(client.post("/predict", json={"n": n})) for n in range(2)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        refused = await client.post("/predict", json={"n": 3})
+        assert refused.status == 503 and time.monotonic() - started < 1
+        assert refused.headers["x-mll-retriable"] == "1"  # the sending Envoy tries another replica
+        assert "--max-in-flight 2" in (await refused.json())["error"]
+        gate.set()
+        assert [(await t).status for t in held] == [200, 200]
+        again = await client.post("/predict", json={"n": 4})
+        assert (again.status, await again.json()) == (200, {"n": 4})
+        assert runtime.in_flight == 0

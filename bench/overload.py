@@ -1,0 +1,134 @@
+"""Overload with callers that give up: what a model spends on requests nobody waits for any more.
+
+A two-stage pipeline (a device-bound model -> echo) through the real stack. The model holds a simulated
+accelerator 25 ms per request, one at a time (40/s at most). The load is open loop at twice that, 80/s
+for 20 s, and every client gives up after 0.5 s (it closes its connection, as a caller's timeout does).
+Reported per system: the answers the clients got in time (goodput), the model's calls by outcome (run to
+its end, or stopped because the caller had gone), and the calls of the next stage. Systems: ML Lambda as
+it comes (no limit on requests in predict), and with `--max-in-flight 4` on the model's runtime (one more
+is a retriable 503 at once).
+
+`--against REV` runs the same against ML Lambda as of git revision REV (a worktree), in turns.
+Run: .venv/bin/python -m bench.overload [--runs 3] [--against REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import checkout, median, running_stack
+from controlplane import processes
+from controlplane.config import PROJECT_ROOT
+
+RATE, SECONDS, GIVE_UP = 80, 20, 0.5
+MODEL = """
+import threading, time
+_device = threading.Lock()
+
+def held(payload):
+    with _device:  # one request at a time holds the device, as a GPU-bound model does
+        time.sleep(0.025)
+    return payload
+"""
+
+
+async def load(url: str) -> Counter[str]:
+    """Open loop: request i leaves at start + i / RATE; each gives up after GIVE_UP seconds."""
+    seen: Counter[str] = Counter()
+    timeout = aiohttp.ClientTimeout(total=GIVE_UP)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(due: float) -> None:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                async with session.post(url, json={"n": 1}) as resp:
+                    await resp.read()
+                    seen[str(resp.status)] += 1
+            except TimeoutError:
+                seen["gave up"] += 1
+            except aiohttp.ClientError:
+                seen["failed"] += 1
+
+        start = time.monotonic() + 0.1
+        await asyncio.gather(*(one(start + i / RATE) for i in range(RATE * SECONDS)))
+    return seen
+
+
+def calls(consul_port: int, model: str) -> Counter[str]:
+    """A model's calls by status code, from its runtimes' own /metrics (their ports found in Consul)."""
+    _, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
+    found: Counter[str] = Counter()
+    for entry in json.loads(body):
+        _, metrics = processes.http_get(f"http://127.0.0.1:{entry['ServiceMeta']['runtime_port']}/metrics")
+        for line in metrics.splitlines():
+            if line.startswith("mllambda_runtime_requests_total{"):
+                found[line.split('code="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
+    return found
+
+
+def one_run(folder: Path, root: Path, args: list[str]) -> dict[str, float]:
+    (folder / "overload_model.py").write_text(MODEL)
+    stack = {
+        "name": "overload",
+        "runtimes": [
+            {"model": "device", "version": "v1", "target": "overload_model:held", "args": args},
+            {"model": "echo", "version": "v1", "target": "examples.trivial.models:echo"},
+        ],
+        "pipelines": [{"name": "busy", "stages": [
+            {"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("device", "echo")]}],
+    }  # fmt: skip
+    with running_stack(folder, stack, {"PYTHONPATH": str(folder)}, root) as (ports, _):
+        url = f"http://127.0.0.1:{ports['gateway']}/pipelines/busy"
+        seen = asyncio.run(load(url))
+        time.sleep(SECONDS)  # long enough for a backlog of dead requests to be worked through
+        device, echo = calls(ports["consul"], "device"), calls(ports["consul"], "echo")
+    return {
+        "in time": seen["200"] / SECONDS,
+        "gave up": seen["gave up"],
+        "model ran": device["200"],
+        "model stopped": device["499"],
+        "next stage ran": sum(echo.values()),
+        "refused": seen["503"],
+        "other": sum(n for k, n in seen.items() if k not in ("200", "503", "gave up")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--against", metavar="REV", help="also ML Lambda as of git revision REV")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="mll-bench-overload-"))
+    systems = {"ML Lambda": (PROJECT_ROOT, []), "ML Lambda, --max-in-flight 4": (PROJECT_ROOT, ["--max-in-flight=4"])}
+    if args.against:
+        systems[f"ML Lambda at {args.against}"] = (checkout(args.against), [])
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+    for run in range(args.runs):
+        for index, (name, (root, flags)) in enumerate(list(systems.items())[:: -1 if run % 2 else 1]):
+            where = folder / f"run{run}-{index}"
+            where.mkdir()
+            rows[name].append(one_run(where, root, flags))
+            print(f"   run {run + 1}/{args.runs} {name}: {rows[name][-1]}", flush=True)
+    print(f"\n{RATE}/s for {SECONDS} s against a model that serves 40/s; clients give up after {GIVE_UP} s;"
+          f" medians of {args.runs} runs")  # fmt: skip
+    keys = ("in time", "gave up", "refused", "model ran", "model stopped", "next stage ran", "other")
+    print("| system | answers in time per s | gave up | 503 at once | model ran to its end | model stopped "
+          "| next stage ran | other |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, found in rows.items():
+        m: dict[str, Any] = {k: median([r[k] for r in found]) for k in keys}
+        print(f"| {name} | {m['in time']:.1f} | {m['gave up']:.0f} | {m['refused']:.0f} | {m['model ran']:.0f} "
+              f"| {m['model stopped']:.0f} | {m['next stage ran']:.0f} | {m['other']:.0f} |")  # fmt: skip
+    print(f"(logs in {folder})")
+
+
+if __name__ == "__main__":
+    main()
