@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,21 @@ def process_cpu() -> dict[int, tuple[str, float]]:
         role = process_role(argv)
         if role:
             found[int(entry.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def runtime_codes(consul_port: int, model: str, service_id: str = "") -> Counter[str]:
+    """A model's answered requests by status code, from its runtimes' own /metrics (their ports found in
+    Consul); `service_id`: that instance's only."""
+    _, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
+    found: Counter[str] = Counter()
+    for entry in json.loads(body):
+        if service_id and entry["ServiceID"] != service_id:
+            continue
+        _, metrics = processes.http_get(f"http://127.0.0.1:{entry['ServiceMeta']['runtime_port']}/metrics")
+        for line in metrics.splitlines():
+            if line.startswith("mllambda_runtime_requests_total{"):
+                found[line.split('code="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
     return found
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from collections import Counter
@@ -25,8 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import checkout, median, running_stack
-from controlplane import processes
+from bench.common import checkout, median, running_stack, runtime_codes
 from controlplane.config import PROJECT_ROOT
 
 RATE, SECONDS, GIVE_UP = 80, 20, 0.5
@@ -63,18 +61,6 @@ async def load(url: str) -> Counter[str]:
     return seen
 
 
-def calls(consul_port: int, model: str) -> Counter[str]:
-    """A model's calls by status code, from its runtimes' own /metrics (their ports found in Consul)."""
-    _, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/catalog/service/{model}")
-    found: Counter[str] = Counter()
-    for entry in json.loads(body):
-        _, metrics = processes.http_get(f"http://127.0.0.1:{entry['ServiceMeta']['runtime_port']}/metrics")
-        for line in metrics.splitlines():
-            if line.startswith("mllambda_runtime_requests_total{"):
-                found[line.split('code="', 1)[1].split('"', 1)[0]] += int(float(line.rsplit(" ", 1)[1]))
-    return found
-
-
 def one_run(folder: Path, root: Path, args: list[str]) -> dict[str, float]:
     (folder / "overload_model.py").write_text(MODEL)
     stack = {
@@ -90,7 +76,7 @@ def one_run(folder: Path, root: Path, args: list[str]) -> dict[str, float]:
         url = f"http://127.0.0.1:{ports['gateway']}/pipelines/busy"
         seen = asyncio.run(load(url))
         time.sleep(SECONDS)  # long enough for a backlog of dead requests to be worked through
-        device, echo = calls(ports["consul"], "device"), calls(ports["consul"], "echo")
+        device, echo = runtime_codes(ports["consul"], "device"), runtime_codes(ports["consul"], "echo")
     return {
         "in time": seen["200"] / SECONDS,
         "gave up": seen["gave up"],

@@ -108,7 +108,7 @@ class Runtime:
     batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
     payload_log: PayloadLog | None = None  # where sampled requests go when this runtime is a pipeline's first stage
     max_in_flight: int = 0  # > 0: HTTP requests in predict at once; one more is a retriable 503 at once
-    in_flight: int = 0
+    in_flight: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)

@@ -61,7 +61,7 @@ class BadRequest(Exception):
 
 
 def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
-    """(method, path, query, HTTP/1.0?, headers) of a request head without its blank line; _Bad if malformed."""
+    """(method, path, query, HTTP/1.0?, headers) of a request head without its blank line; BadRequest if malformed."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
@@ -79,7 +79,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
 
 
 def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:
-    """The body's length (None: chunked); _Bad for a framing a peer must not send, 413 over `max_body`."""
+    """The body's length (None: chunked); BadRequest for a framing a peer must not send, 413 over `max_body`."""
     coding = headers.getall("transfer-encoding", [])
     lengths = set(headers.getall("content-length", []))
     if coding:

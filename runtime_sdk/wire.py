@@ -212,15 +212,17 @@ class _Connection(asyncio.Protocol):
     def partial(self) -> bool:
         return self.reading is not None or bool(self.buffer)
 
+    def _unanswered(self) -> bool:
+        """Open, with nothing being answered."""
+        return self.transport is not None and self.task is None and not self.queue
+
     def idle(self) -> bool:
         """Open, with nothing being read or answered."""
-        return self.transport is not None and self.task is None and not self.queue and not self.partial()
+        return self._unanswered() and not self.partial()
 
     def sheddable(self, now: float) -> bool:
         """Idle, or a request began and nothing came for STALLED seconds (nothing is being answered)."""
-        if self.transport is None or self.task is not None or self.queue:
-            return False
-        return not self.partial() or now - self.quiet_since >= STALLED
+        return self._unanswered() and (not self.partial() or now - self.quiet_since >= STALLED)
 
     def shed(self) -> None:
         """Close it for a new connection: a request it had begun gets a 408."""
@@ -270,8 +272,8 @@ class Server:
             self.connections.discard(oldest)
             return True
         self.refused("connections")
-        if time.monotonic() - self.warned >= WARN_EVERY:
-            self.warned = time.monotonic()
+        if now - self.warned >= WARN_EVERY:
+            self.warned = now
             log.warning("%d connections, all busy: a new one was reset (--max-connections)", len(self.connections))
         return False
 

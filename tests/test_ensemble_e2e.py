@@ -11,9 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bench.common import runtime_codes
 from tests.conftest import consul_passing
 from tests.envoy_helpers import get_json, near_share
-from tests.test_pipeline_e2e import M, apply, in_traffic, post, runtime_codes, until_ok
+from tests.test_pipeline_e2e import M, apply, in_traffic, post, until_ok
 
 pytestmark = pytest.mark.slow
 TEXT = {"text": "a quick brown fox"}

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
+from bench.common import runtime_codes
 from controlplane.processes import http_get
 from tests.envoy_helpers import envoy_stat, get_json, near_share, wait_for
 
@@ -415,15 +416,3 @@ async def test_a_request_its_client_gave_up_on_goes_no_further(
     assert runtime_requests(consul_agent.http_port, "echo", after.service_id) == 1
     by_code = runtime_codes(consul_agent.http_port, "sleepy", slow.service_id)
     assert by_code == {"200": 1, "499": 3}, by_code  # 499: the caller closed the request
-
-
-def runtime_codes(consul_port: int, model: str, service_id: str) -> dict[str, int]:
-    """A runtime's answered requests by status code, from its own /metrics."""
-    port = service_meta(consul_port, model, service_id)["runtime_port"]
-    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
-    found = {}
-    for line in metrics.splitlines():
-        if line.startswith("mllambda_runtime_requests_total{"):
-            code = line.split('code="', 1)[1].split('"', 1)[0]
-            found[code] = int(float(line.rsplit(" ", 1)[1]))
-    return found
