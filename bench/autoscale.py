@@ -29,8 +29,8 @@ import aiohttp
 import yaml
 
 from bench.common import median
-from controlplane import processes
 from controlplane.config import PROJECT_ROOT
+from controlplane.node import processes
 
 NLP = PROJECT_ROOT / "examples" / "nlp"
 LOW, HIGH = 10, 50  # requests a second: one replica serves 40

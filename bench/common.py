@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from controlplane import processes
 from controlplane.config import PROJECT_ROOT, tools_dir
-from controlplane.sidecar import render_bootstrap
-from controlplane.tools import find_envoy
+from controlplane.node import processes
+from controlplane.node.sidecar import render_bootstrap
+from controlplane.node.tools import find_envoy
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -26,7 +26,7 @@ import aiohttp
 from bench.common import percentile, running_stack
 from bench.pipeline_hops import MODELS
 from controlplane.admin.client import AdminClient
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.spec import parse_pipeline
 
 TEXT = {"text": "a b c"}
 TOKENIZE = {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]}

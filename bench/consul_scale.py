@@ -33,11 +33,11 @@ from typing import Any
 import aiohttp
 
 from bench.common import median, percentile
-from controlplane import processes
 from controlplane.admin.client import AdminClient
-from controlplane.sidecar import render_bootstrap
-from controlplane.spec import parse_pipeline
-from controlplane.tools import find_consul, find_envoy
+from controlplane.node import processes
+from controlplane.node.sidecar import render_bootstrap
+from controlplane.node.tools import find_consul, find_envoy
+from controlplane.pipeline.spec import parse_pipeline
 
 
 class Fleet:

@@ -22,7 +22,7 @@ import aiohttp
 
 from bench.common import median
 from bench.istio_hop import envoy_config, over_pipe, start
-from controlplane import processes
+from controlplane.node import processes
 from runtime_sdk.ensemble import hop_headers
 from runtime_sdk.hop import HopClient
 

@@ -34,8 +34,8 @@ from google.protobuf import json_format
 
 from bench.common import median
 from bench.openloop import open_loop, percentiles_ms
-from controlplane import processes
-from controlplane.tools import find_envoy
+from controlplane.node import processes
+from controlplane.node.tools import find_envoy
 from controlplane.translate import resources as r
 
 BODY = json.dumps({"text": " ".join(["word"] * 200)})  # ~1 KB each way

@@ -31,8 +31,8 @@ from typing import Any
 
 from bench.common import checkout, children_cpu, cpu_spent, median, process_cpu, running_stack
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
-from controlplane import processes
 from controlplane.config import PROJECT_ROOT
+from controlplane.node import processes
 
 PEER_WANT = {"ray": "ray[serve]>=2.40,<3", "bento": "bentoml>=1.4,<2"}  # each into .tools/<key>
 SAMPLES = ["the quick brown fox jumps", "one", " ".join(["word"] * 50)]

@@ -24,8 +24,8 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from bench.common import children_cpu, cpu_spent, median, process_cpu, running_stack
-from controlplane import processes
-from controlplane.tools import find_envoy
+from controlplane.node import processes
+from controlplane.node.tools import find_envoy
 from controlplane.translate import resources as r
 
 POST_LUA = (

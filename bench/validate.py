@@ -13,9 +13,9 @@ import time
 from dataclasses import replace
 
 from bench.common import median, percentile
-from controlplane.model import Pipeline
-from controlplane.spec import parse_pipeline
-from controlplane.validate import EnvoyValidator
+from controlplane.admin.envoy_check import EnvoyValidator
+from controlplane.pipeline.model import Pipeline
+from controlplane.pipeline.spec import parse_pipeline
 
 
 def pipeline(stages: int, n: int) -> Pipeline:

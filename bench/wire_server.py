@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import median
 from bench.pipeline_hops import wrk_folder
-from controlplane import processes
+from controlplane.node import processes
 
 SERVERS = ("aiohttp", "wire")
 

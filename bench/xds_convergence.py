@@ -12,7 +12,7 @@ import asyncio
 import time
 
 from bench.common import median, percentile, start_sidecar_envoy
-from controlplane import processes
+from controlplane.node import processes
 from controlplane.translate import resources as r
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache

@@ -21,7 +21,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from bench.common import median
-from controlplane import processes
+from controlplane.node import processes
 from controlplane.translate import resources as r
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache

@@ -13,7 +13,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from controlplane.tools import all_tools
+    from controlplane.node.tools import all_tools
 
     missing = 0
     for tool in all_tools():
@@ -26,7 +26,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from controlplane.tools import ToolError, generate_protos, install_consul
+    from controlplane.node.tools import ToolError, generate_protos, install_consul
 
     try:
         generate_protos()
@@ -54,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
-    from controlplane import invoke, kube, launch, plane, register, sidecar, stack
+    from controlplane import invoke, plane
     from controlplane.admin import cli as admin_cli
     from controlplane.admin import rollout_cli
+    from controlplane.node import launch, register, sidecar
+    from controlplane.stack import kubernetes as kube
+    from controlplane.stack import up as stack
 
     return [
         stack.add_command,

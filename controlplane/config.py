@@ -39,6 +39,7 @@ class ConsulAddress:
     host: str
     port: int
     token: str | None
+    ca_file: str | None = None  # https Consul: the CA that signed its certificate (CONSUL_CACERT)
 
     @classmethod
     def from_settings(cls, addr: str | None = None, token: str | None = None) -> ConsulAddress:
@@ -47,7 +48,8 @@ class ConsulAddress:
         if "://" in raw:
             scheme, raw = raw.split("://", 1)
         host, port = split_host_port(raw, default_port=8500)
-        return cls(scheme, host, port, token or os.environ.get("CONSUL_HTTP_TOKEN") or None)
+        token = token or os.environ.get("CONSUL_HTTP_TOKEN") or None
+        return cls(scheme, host, port, token, os.environ.get("CONSUL_CACERT") or None)
 
     @property
     def url(self) -> str:

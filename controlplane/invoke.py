@@ -188,7 +188,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """The dashboard's picture as tables (from the control plane's /api/status)."""
-    from controlplane.processes import http_get
+    from controlplane.node.processes import http_get
 
     base = (args.dashboard or os.environ.get("MLLAMBDA_DASHBOARD") or "http://127.0.0.1:18002").rstrip("/")
     try:

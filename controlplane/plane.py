@@ -18,31 +18,31 @@ import shutil
 import signal
 import socket
 
-import consul.aio
 import grpc
 
 from contract.naming import BRIDGE_SERVICE, CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY, bridge_reply_topic
 from contract.watch import watch
-from controlplane.certs import CertKeeper, key_copies, renewed_context
 from controlplane.config import split_host_port
-from controlplane.dashboard import DashboardServer, build_dashboard_app
-from controlplane.discovery import Discovery
+from controlplane.consul import client as consul_client
+from controlplane.consul.certs import CertKeeper, key_copies, renewed_context
+from controlplane.consul.discovery import Discovery
+from controlplane.delivery.peer_acks import SharedAcks
+from controlplane.delivery.reconcile import Reconciler
+from controlplane.delivery.rollout_driver import RolloutDriver
+from controlplane.delivery.switch import Switchboard
+from controlplane.delivery.traffic import TrafficBook, VariantTraffic, per_variant, stats_urls
 from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
-from controlplane.model import Pipeline, PipelineVersion
-from controlplane.peer_acks import SharedAcks
-from controlplane.reconcile import Reconciler
-from controlplane.rollout_driver import RolloutDriver
-from controlplane.scaler import autoscaler_from
+from controlplane.pipeline.model import Pipeline, PipelineVersion
+from controlplane.pipeline.store import PipelineStore, StoreView
+from controlplane.scaling.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
-from controlplane.store import PipelineStore, StoreView
-from controlplane.switch import Switchboard
-from controlplane.traffic import TrafficBook, VariantTraffic, per_variant, stats_urls
 from controlplane.translate.pipelines import Options, gateway_clusters
-from controlplane.ui import LocalAdmin
 from controlplane.view import PlaneView, envoy_admin_urls
+from controlplane.web.dashboard import DashboardServer, build_dashboard_app
+from controlplane.web.manage import LocalAdmin
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
@@ -58,7 +58,7 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         c = settings.consul
-        self.consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+        self.consul = consul_client.connect(c)
         self.cache = SnapshotCache(settings.group_by)
         self.acks = AckBook()
         self.store = PipelineStore(self.consul, settings.kv_prefix, settings.keep_versions)
@@ -86,7 +86,7 @@ class ControlPlane:
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None
         self.bridge_identity = CertKeeper(self.consul, BRIDGE_SERVICE) if mtls and self.kafka else None
         # Discovery's blocking queries get their own connections: admin calls never wait behind them.
-        self.watch_consul = consul.aio.Consul(host=c.host, port=c.port, scheme=c.scheme, token=c.token)
+        self.watch_consul = consul_client.connect(c)
         self.discovery = Discovery(
             self.watch_consul,
             self._mark_dirty,

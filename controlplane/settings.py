@@ -17,8 +17,8 @@ from controlplane.config import (
     resolve,
     run_folder,
 )
-from controlplane.discovery import EMPTY_GRACE
-from controlplane.store import KEEP_VERSIONS
+from controlplane.consul.discovery import EMPTY_GRACE
+from controlplane.pipeline.store import KEEP_VERSIONS
 from controlplane.xds.cache import GroupBy
 
 # how a sender reaches a runtime on its own host (docs/architecture.md, "Same host")

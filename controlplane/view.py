@@ -12,36 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from contract.service import RuntimeService
-from controlplane.model import PipelineVersion
-from controlplane.reconcile import LatencyHistogram
-from controlplane.traffic import VariantTraffic
+from controlplane.consul.discovery import ConsulHealth
+from controlplane.delivery.reconcile import LatencyHistogram
+from controlplane.delivery.traffic import VariantTraffic
+from controlplane.pipeline.model import PipelineVersion
+from controlplane.scaling.scaler import ScaleRow
 from controlplane.xds.acks import TypeAck
-
-
-@dataclass(frozen=True)
-class ConsulHealth:
-    reachable: bool
-    errors: int  # failed queries since start
-    staleness: float  # seconds since the last good answer (inf: never)
-    holding_since: float | None = None  # every passing runtime vanished at once; the last set is held
-    held_drops: int = 0  # how often that happened
-    refused: Mapping[str, str] = field(default_factory=dict)  # service id -> why its registration is ignored
-
-
-@dataclass(frozen=True)
-class ScaleRow:
-    """One autoscaled model version: its bounds, what is wanted, what passes, and the last decision."""
-
-    model: str
-    version: str
-    min_replicas: int
-    max_replicas: int
-    wanted: int | None  # None: no decision recorded yet
-    passing: int
-    reason: str = ""  # of the last decision ("": none recorded yet)
-    decided_at: float | None = None  # unix time
-    decided_by: str = ""
-    cold_start_s: float | None = None  # scaled to zero: how long the last first request waited for a replica
 
 
 @dataclass(frozen=True)

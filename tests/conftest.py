@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from controlplane import processes
-from controlplane.processes import ManagedProcess
-from controlplane.tools import find_consul, find_envoy, find_tansu
+from controlplane.node import processes
+from controlplane.node.processes import ManagedProcess
+from controlplane.node.tools import find_consul, find_envoy, find_tansu
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def consul_passing(consul_port: int, service: str, service_id: str) -> bool:
 @pytest.fixture
 def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> EnvoyProc:
     """The gateway Envoy; its listener is at control_plane.gateway_port once a pipeline exists."""
-    from controlplane.sidecar import render_bootstrap
+    from controlplane.node.sidecar import render_bootstrap
 
     return start_envoy(
         lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port),

@@ -14,13 +14,12 @@ import consul
 import grpc
 import pytest
 import yaml
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
@@ -214,7 +213,7 @@ def test_kafka_transport_without_a_broker_is_refused(control_plane: Any, tmp_pat
 
 
 def test_a_second_control_plane_sees_the_same_pipelines(control_plane: Any, logs_dir: Path) -> None:
-    from controlplane import processes
+    from controlplane.node import processes
     from tests.conftest import ControlPlaneProc
 
     assert control_plane.cli("apply", "-f", str(EXAMPLE)).returncode == 0

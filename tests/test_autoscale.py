@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.autoscale import (
+from controlplane.delivery.traffic import merge, parse_envoy_stats
+from controlplane.errors import CliError
+from controlplane.scaling.policy import (
     MAX_POLICIES,
     InvalidPolicy,
     Observation,
@@ -22,10 +24,8 @@ from controlplane.autoscale import (
     policies_document,
     recommend,
 )
-from controlplane.errors import CliError
-from controlplane.scaler import MAX_RECORD, parse_record
-from controlplane.stackfile import load_stack
-from controlplane.traffic import merge, parse_envoy_stats
+from controlplane.scaling.scaler import MAX_RECORD, parse_record
+from controlplane.stack.file import load_stack
 
 POLICY = Policy("classifier", "v1", min_replicas=1, max_replicas=4, target_in_flight=2, up_window=3, down_window=10)
 
@@ -179,8 +179,8 @@ async def test_one_control_plane_decides_and_the_next_continues_from_its_record(
     import consul.aio
 
     from contract.service import RuntimeService
-    from controlplane.scaler import Autoscaler, record_key
-    from controlplane.traffic import ClusterStats
+    from controlplane.delivery.traffic import ClusterStats
+    from controlplane.scaling.scaler import Autoscaler, record_key
 
     prefix = f"test-{uuid.uuid4().hex[:8]}/"
     policy = Policy("classifier", "v1", 1, 4, target_in_flight=1, up_window=0.5, down_window=2)
@@ -258,8 +258,8 @@ async def test_the_activator_holds_requests_until_a_replica_passes_and_refuses_b
     import aiohttp
 
     from contract import headers as h
-    from controlplane import activator as module
-    from controlplane.activator import Activator
+    from controlplane.scaling import activator as module
+    from controlplane.scaling.activator import Activator
 
     monkeypatch.setattr(module, "MAX_HELD", 2)
     monkeypatch.setattr(module, "SETTLE", 0.05)

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from bench.autoscale import LOW, launch, load, load_step, scaling, stop_stack, until_up
-from controlplane import processes
 from controlplane.config import PROJECT_ROOT
+from controlplane.node import processes
 from tests.test_observability import ARTIFACTS
 
 pytestmark = pytest.mark.slow

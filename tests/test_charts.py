@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from controlplane.charts import line_chart, pipeline_svg, rate_series
-from controlplane.spec import parse_pipeline
-from controlplane.traffic import ClusterStats, VariantTraffic
+from controlplane.delivery.traffic import ClusterStats, VariantTraffic
+from controlplane.pipeline.spec import parse_pipeline
+from controlplane.web.charts import line_chart, pipeline_svg, rate_series
 
 PIPELINE = parse_pipeline({
     "name": "p",

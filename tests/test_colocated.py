@@ -11,7 +11,7 @@ import pytest
 
 from contract import headers as h
 from contract.service import RuntimeService
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate import resources as r
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
@@ -117,7 +117,7 @@ def test_a_runtime_in_a_deep_folder_offers_no_egress_socket_and_one_whose_own_so
     """Other Envoys connect to the runtime's socket, so its registration must carry a path Envoy takes."""
     from controlplane.cli import build_parser
     from controlplane.errors import CliError
-    from controlplane.launch import plan_service
+    from controlplane.node.launch import plan_service
 
     def plan(folder: Path) -> RuntimeService:
         args = build_parser().parse_args(["runtime", "m:f", "--model=m", "--version=v1", "--service-id=m-1"])

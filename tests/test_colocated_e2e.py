@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.envoy_helpers import admin_stat, wait_for
+from tests.helpers.envoy import admin_stat, wait_for
 from tests.test_pipeline_e2e import apply, in_traffic, pipeline, post, service_meta, until_ok
 
 pytestmark = pytest.mark.slow

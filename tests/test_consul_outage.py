@@ -11,7 +11,7 @@ import consul
 import pytest
 
 from tests.conftest import ConsulAgent, start_consul
-from tests.envoy_helpers import wait_for
+from tests.helpers.envoy import wait_for
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.test_observability import metric, scrape
 from tests.test_pipeline_e2e import apply, until_ok

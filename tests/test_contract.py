@@ -12,7 +12,7 @@ import pytest
 from contract.routing import KEPT_VERSIONS, PipelineTables, RoutingTable
 from contract.service import BadRegistration, RuntimeService, bridge_address
 from contract.watch import next_index, watch
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate.topics import routing_table
 
 SERVICE = RuntimeService("tok-v1-1", "tok", "v1", "10.1.2.3", 7001, "/run/t.sock", 8001, 9001, "/run/e.sock", 19001)

@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.processes import http_get
-from tests.envoy_helpers import wait_for
+from controlplane.node.processes import http_get
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import M, apply, post, runtime_requests, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
@@ -104,12 +104,19 @@ async def test_sigkill_turns_critical_and_leaves_eds(
     await until_ok(url, {"text": "a b"})
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 2)
 
-    doomed.proc.signal(signal.SIGKILL)
-    # Still in EDS (Consul has not noticed): every request that meets the dead one retries on the other,
-    # dozens at once (Envoy's default cap of 3 concurrent retries per cluster would fail the rest).
-    async with aiohttp.ClientSession() as session:
-        burst = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(64)))
-    assert len(gateway_hosts(gateway, "tokenize.v1")) == 2, "the burst must run while both are in EDS"
+    # The burst must meet the dead replica while it is still in EDS. Consul's check runs every second, so
+    # instead of racing it, Consul is paused (SIGSTOP) from the kill until the burst is done: the control
+    # plane holds the set it has, as it would while Consul has not noticed yet.
+    consul_agent.proc.signal(signal.SIGSTOP)
+    try:
+        doomed.proc.signal(signal.SIGKILL)
+        # Every request that meets the dead one retries on the other, dozens at once (Envoy's default cap
+        # of 3 concurrent retries per cluster would fail the rest).
+        async with aiohttp.ClientSession() as session:
+            burst = await asyncio.gather(*(post(session, url, {"text": "a b"}) for _ in range(64)))
+        assert len(gateway_hosts(gateway, "tokenize.v1")) == 2, "the burst must run while both are in EDS"
+    finally:
+        consul_agent.proc.signal(signal.SIGCONT)
     assert {status for status, _, _ in burst} == {200}, [b for b in burst if b[0] != 200][:3]
     await wait_for(lambda: consul_status(consul_agent.http_port, "tokenize", doomed.service_id) == "critical")
     await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 1)

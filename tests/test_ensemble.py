@@ -9,8 +9,8 @@ import pytest
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 
 from contract.fanout import FanOut, Member, merge
-from controlplane.model import InvalidPipeline
-from controlplane.spec import parse_pipeline, pipeline_to_dict
+from controlplane.pipeline.model import InvalidPipeline
+from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.translate.pipelines import Options, translate
 from tests.test_translate import instance, routes, steady
 
@@ -180,7 +180,7 @@ def test_steering_headers_round_trip_and_answers_merge_by_name() -> None:
 
 
 def test_status_shows_a_row_per_member_with_its_share_and_errors() -> None:
-    from controlplane.traffic import ClusterStats, per_variant
+    from controlplane.delivery.traffic import ClusterStats, per_variant
 
     stats = {
         "mx.v1": ClusterStats(100, 3),

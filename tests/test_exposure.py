@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from controlplane import processes
 from controlplane.listen import is_loopback, refuse_exposed
+from controlplane.node import processes
 from tests.test_pipeline_e2e import apply, until_ok
 
 

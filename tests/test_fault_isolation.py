@@ -11,8 +11,8 @@ import consul
 import pytest
 
 from contract.service import RuntimeService
-from controlplane import processes
-from tests.envoy_helpers import http_backend, wait_for
+from controlplane.node import processes
+from tests.helpers.envoy import http_backend, wait_for
 from tests.test_observability import metric, scrape
 from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
 

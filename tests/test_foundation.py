@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from controlplane import processes
 from controlplane.config import ConsulAddress
+from controlplane.node import processes
 
 
 def test_doctor_lists_the_real_components() -> None:
@@ -60,7 +60,7 @@ def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> N
     import socket
     import time
 
-    from controlplane import processes
+    from controlplane.node import processes
 
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Consul (Go) and Envoy listen
@@ -88,7 +88,7 @@ def test_a_port_whose_last_connections_linger_in_time_wait_counts_as_free() -> N
 
 def test_control_planes_given_by_name_are_found_through_dns() -> None:
     """Envoy's STATIC clusters take IP addresses only: `--xds cp.example:18000` needs a DNS cluster."""
-    from controlplane.sidecar import render_bootstrap
+    from controlplane.node.sidecar import render_bootstrap
 
     def xds_cluster(addresses: str) -> dict[str, object]:
         config = yaml.safe_load(render_bootstrap("gateway", "gateway", addresses, 19000))

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import processes
-from controlplane.sidecar import render_bootstrap
+from controlplane.node import processes
+from controlplane.node.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
-from tests.envoy_helpers import envoy_stat, get_json, wait_for
+from tests.helpers.envoy import envoy_stat, get_json, wait_for
 from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.test_pipeline_e2e import apply, in_traffic, until_ok
 

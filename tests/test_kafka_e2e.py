@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from controlplane.processes import http_get
-from tests.envoy_helpers import near_share, wait_for
+from controlplane.node.processes import http_get
+from tests.helpers.envoy import near_share, wait_for
 from tests.test_pipeline_e2e import (
     M,
     apply,
@@ -199,8 +199,8 @@ async def test_killing_a_replica_mid_stream_loses_no_message(
 async def test_a_broker_that_is_away_delays_no_http_pipeline_and_kafka_catches_up_by_itself(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path, logs_dir: Path, request: Any
 ) -> None:
-    from controlplane import processes
-    from controlplane.tools import find_tansu
+    from controlplane.node import processes
+    from controlplane.node.tools import find_tansu
 
     port = processes.free_port()
     control_plane.stop()

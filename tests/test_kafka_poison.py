@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from controlplane.processes import http_get
-from tests.envoy_helpers import wait_for
+from controlplane.node.processes import http_get
+from tests.helpers.envoy import wait_for
 from tests.test_kafka_e2e import consume, served
 from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, runtime_metric, service_meta
 

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from aiohttp import web
 
-from controlplane import launch
-from controlplane.autoscale import Policy
 from controlplane.cli import build_parser
 from controlplane.config import PROJECT_ROOT
-from controlplane.kube import FILES, as_text, render
-from controlplane.scaler import KubernetesBackend
-from controlplane.stackfile import load_stack
+from controlplane.node import launch
+from controlplane.scaling.policy import Policy
+from controlplane.scaling.scaler import KubernetesBackend
+from controlplane.stack.file import load_stack
+from controlplane.stack.kubernetes import FILES, as_text, render
 
 DEPLOY = PROJECT_ROOT / "deploy" / "kubernetes"
 STACK = PROJECT_ROOT / "examples" / "nlp" / "stack.yaml"

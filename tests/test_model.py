@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.model import DEFAULT_TIMEOUT_MS, InvalidPipeline
-from controlplane.spec import check_name, parse_pipeline, pipeline_to_dict
+from controlplane.pipeline.model import DEFAULT_TIMEOUT_MS, InvalidPipeline
+from controlplane.pipeline.spec import check_name, parse_pipeline, pipeline_to_dict
 
 EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from controlplane.config import PROJECT_ROOT
-from controlplane.tools import find_consul
-from tests.netns import Hosts, unavailable
+from controlplane.node.tools import find_consul
+from tests.helpers.netns import Hosts, unavailable
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "controlplane.cli"]
@@ -81,7 +81,7 @@ def under_load(hosts: Hosts, folder: Path, name: str, seconds: float, event: Cal
     argv = [
         sys.executable,
         "-m",
-        "tests.multihost_load",
+        "tests.helpers.multihost_load",
         "http://127.0.0.1:18080/pipelines/far",
         str(seconds),
         str(out),

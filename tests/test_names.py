@@ -27,10 +27,10 @@ from contract.service import BadRegistration, RuntimeService
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.errors import CliError
-from controlplane.model import InvalidPipeline
-from controlplane.spec import check_name, parse_pipeline
-from controlplane.stackfile import load_stack
-from tests.envoy_helpers import wait_for
+from controlplane.pipeline.model import InvalidPipeline
+from controlplane.pipeline.spec import check_name, parse_pipeline
+from controlplane.stack.file import load_stack
+from tests.helpers.envoy import wait_for
 from tests.test_fault_isolation import status
 
 HOSTILE = [

@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import processes
 from controlplane.config import PROJECT_ROOT
-from tests.envoy_helpers import wait_for
+from controlplane.node import processes
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import apply, pipeline, post, until_ok
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ async def test_metrics_move_with_traffic(control_plane: Any, split_pipeline: str
 async def test_a_rejected_config_is_counted_and_shown(
     control_plane: Any, consul_agent: Any, start_envoy: Any, tmp_path: Path
 ) -> None:
-    from controlplane.sidecar import render_bootstrap
+    from controlplane.node.sidecar import render_bootstrap
 
     # Someone else holds the gateway port: Envoy must reject the gateway listener.
     squatter = socket.socket()

@@ -16,14 +16,14 @@ import aiohttp
 import pytest
 
 from controlplane.config import PROJECT_ROOT
-from controlplane.processes import ManagedProcess, free_port, http_get
+from controlplane.node.processes import ManagedProcess, free_port, http_get
 from tests.conftest import consul_passing
-from tests.envoy_helpers import wait_for
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import apply, post, until_ok
 
 pytestmark = pytest.mark.slow
 MLSERVER = PROJECT_ROOT / ".tools" / "mlserver" / "bin"
-MODELS = "tests.oip_models"
+MODELS = "tests.helpers.oip_models"
 CASES = {(0.3, 0.3, 0.3, 0.3): "small", (1.5, 1.5, 1.5, 1.5): "medium", (2.8, 2.8, 2.8, 2.8): "large"}
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.model import InvalidPipeline
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.model import InvalidPipeline
+from controlplane.pipeline.spec import parse_pipeline
 from runtime_sdk.payload_log import MAX_BODY_CHARS, MAX_QUEUED, PayloadLog, body_value, sampled
 
 

@@ -1,4 +1,4 @@
-"""Control planes count each other's sidecars before a version takes traffic (controlplane/peer_acks.py).
+"""Control planes count each other's sidecars before a version takes traffic (controlplane/delivery/peer_acks.py).
 
 The rule and the record format on plain data; the records through a real Consul agent: written under
 a session, read by the others, a malformed one skipped, a stopped control plane's record gone.
@@ -13,13 +13,13 @@ from typing import Any
 import consul.aio
 import pytest
 
-from controlplane.peer_acks import HOLD, MAX_RECORD, PeerRecord, SharedAcks, decode, encode, wait_reason
-from controlplane.reconcile import Reconciler
+from controlplane.delivery.peer_acks import HOLD, MAX_RECORD, PeerRecord, SharedAcks, decode, encode, wait_reason
+from controlplane.delivery.reconcile import Reconciler
 from controlplane.translate.pipelines import Options
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import ROUTE
-from tests.envoy_helpers import wait_for
+from tests.helpers.envoy import wait_for
 from tests.test_translate import PIPELINE, RUNTIMES, steady
 
 P1 = ("p", 1)

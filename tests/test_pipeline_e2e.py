@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bench.common import runtime_codes
-from controlplane.processes import http_get
-from tests.envoy_helpers import envoy_stat, get_json, near_share, wait_for
+from controlplane.node.processes import http_get
+from tests.helpers.envoy import envoy_stat, get_json, near_share, wait_for
 
 pytestmark = pytest.mark.slow
 M = "examples.trivial.models"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from controlplane.config import PROJECT_ROOT
-from controlplane.processes import ManagedProcess, free_port, http_get
-from controlplane.tools import install_prometheus
-from tests.envoy_helpers import wait_for
+from controlplane.node.processes import ManagedProcess, free_port, http_get
+from controlplane.node.tools import install_prometheus
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import apply, pipeline, until_ok
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.model import InvalidPipeline, Pipeline
-from controlplane.rollouts import Window, judge, spots, user_move
-from controlplane.spec import parse_pipeline, pipeline_to_dict
+from controlplane.delivery.rollouts import Window, judge, spots, user_move
+from controlplane.pipeline.model import InvalidPipeline, Pipeline
+from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 
 
 def pipeline(**rollout: object) -> Pipeline:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane import processes
-from controlplane.sidecar import render_bootstrap
-from tests.envoy_helpers import wait_for
+from controlplane.node import processes
+from controlplane.node.sidecar import render_bootstrap
+from tests.helpers.envoy import wait_for
 from tests.test_discovery_e2e import SteadyLoad
 from tests.test_ha import second_control_plane
 from tests.test_observability import metric, scrape

@@ -200,7 +200,7 @@ def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anythi
 def test_runtime_limits_out_of_range_are_refused_with_the_flag_named(flags: list[str], problem: str) -> None:
     from controlplane.cli import build_parser
     from controlplane.errors import CliError
-    from controlplane.launch import check_limits
+    from controlplane.node.launch import check_limits
 
     argv = ["runtime", "examples.trivial.models:count", "--model", "m", "--version", "v1", *flags]
     args = build_parser().parse_args(argv)

@@ -26,10 +26,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from controlplane import processes
-from controlplane.processes import ManagedProcess
+from controlplane.node import processes
+from controlplane.node.processes import ManagedProcess
 from tests.conftest import ConsulAgent, ControlPlaneProc, consul_passing, start_consul
-from tests.envoy_helpers import admin_stat
+from tests.helpers.envoy import admin_stat
 
 pytestmark = pytest.mark.slow
 LISTENERS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -219,8 +219,8 @@ async def test_the_control_plane_reads_a_sidecars_counters_through_its_ingress_a
 ) -> None:
     """How the control plane reads Envoys on other hosts (their admin stays on loopback): GET /stats on the
     mTLS ingress, for its own identity only. Read with the scraper the control plane uses."""
-    from controlplane.certs import Identity, client_context
-    from controlplane.traffic import STATS, TrafficScraper
+    from controlplane.consul.certs import Identity, client_context
+    from controlplane.delivery.traffic import STATS, TrafficScraper
 
     assert gateway_call(secure.plane, "a b c")[0] == 200  # count's Envoy has sent to score
     port = int(secure.meta("count")["ingress_port"])

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from controlplane import processes
+from controlplane.node import processes
 
 pytestmark = pytest.mark.smoke
 

@@ -11,8 +11,8 @@ import yaml
 
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
-from controlplane.spec import parse_pipeline
-from controlplane.stackfile import load_stack
+from controlplane.pipeline.spec import parse_pipeline
+from controlplane.stack.file import load_stack
 
 BAD = """
 kind: Stack

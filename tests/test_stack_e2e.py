@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane import processes
 from controlplane.admin.client import AdminClient
 from controlplane.config import PROJECT_ROOT
-from tests.envoy_helpers import admin_stat, near_share
+from controlplane.node import processes
+from tests.helpers.envoy import admin_stat, near_share
 
 pytestmark = pytest.mark.slow
 NLP = PROJECT_ROOT / "examples" / "nlp"

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane import processes
+from controlplane import files
 from controlplane.config import PROJECT_ROOT
+from controlplane.node import processes
 from runtime_sdk.serve import ServeError, remove_socket
 from tests.test_stack_e2e import mllambda
 
@@ -103,11 +104,11 @@ def test_down_leaves_a_process_alone_whose_pid_was_reused(tmp_path: Path) -> Non
 
 
 def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: Path) -> None:
-    mine = processes.private_dir(tmp_path / "run")
+    mine = files.private_dir(tmp_path / "run")
     assert mine.stat().st_mode & 0o777 == 0o700
     readable = tmp_path / "readable"
     readable.mkdir(mode=0o755)
-    assert processes.private_dir(readable).stat().st_mode & 0o777 == 0o700  # ours: closed, not refused
+    assert files.private_dir(readable).stat().st_mode & 0o777 == 0o700  # ours: closed, not refused
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
     open_to_all = tmp_path / "open"
@@ -115,7 +116,7 @@ def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: 
     open_to_all.chmod(0o777)
     for bad, why in ((tmp_path / "link", "symlink"), (open_to_all, "open to other users")):
         with pytest.raises(PermissionError, match=why):
-            processes.private_dir(bad)
+            files.private_dir(bad)
     done = mllambda("runtime", "examples.trivial.models:tokenize", "--model=t", "--version=v1",
                     env={"MLLAMBDA_RUN_DIR": str(open_to_all)}, timeout=60)  # fmt: skip
     assert done.returncode == 1 and "chmod 700" in done.stderr, done.stderr

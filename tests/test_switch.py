@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from controlplane.model import PipelineVersion
-from controlplane.reconcile import KEEP_VERSIONS, GroupLedger
-from controlplane.spec import parse_pipeline
-from controlplane.switch import DRAIN_MARGIN, SLOW_AFTER, Switchboard
+from controlplane.delivery.reconcile import KEEP_VERSIONS, GroupLedger
+from controlplane.delivery.switch import DRAIN_MARGIN, SLOW_AFTER, Switchboard
+from controlplane.pipeline.model import PipelineVersion
+from controlplane.pipeline.spec import parse_pipeline
 
 
 def version(n: int, timeout_ms: int = 2000, name: str = "p") -> PipelineVersion:

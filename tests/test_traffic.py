@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.spec import parse_pipeline
-from controlplane.traffic import ClusterStats, merge, parse_envoy_stats, per_variant
+from controlplane.delivery.traffic import ClusterStats, merge, parse_envoy_stats, per_variant
+from controlplane.pipeline.spec import parse_pipeline
 
 
 def envoy_stats(cluster: str, total: int, five_xx: int, retries: int, p50: float, p99: float) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def test_observed_share_is_per_split_group_and_the_shadow_is_measured_against_it
 
 def test_envoys_on_this_host_are_read_at_their_admin_port_and_others_through_their_mtls_ingress() -> None:
     from contract.service import RuntimeService
-    from controlplane.traffic import STATS, stats_urls
+    from controlplane.delivery.traffic import STATS, stats_urls
 
     def runtime(host: str, tls: str = "") -> RuntimeService:
         return RuntimeService(f"m-{host}", "m", "v1", host, 1, "", 15001, 15002, "", 19000, tls_dir=tls)

@@ -9,8 +9,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
-from controlplane.model import Pipeline, PipelineVersion
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.model import Pipeline, PipelineVersion
+from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate.pipelines import Deployment, Memo, Options, carried, gateway_clusters, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
@@ -222,7 +222,7 @@ def test_the_gateway_warms_a_pending_versions_first_clusters_before_it_routes_th
 
 
 def test_a_group_whose_translation_fails_keeps_its_last_snapshot_and_stops_no_other(monkeypatch: Any) -> None:
-    from controlplane.reconcile import Reconciler
+    from controlplane.delivery.reconcile import Reconciler
     from controlplane.translate import pipelines
     from controlplane.xds.acks import AckBook
     from controlplane.xds.cache import SnapshotCache

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 import yaml
 
-from controlplane.model import InvalidPipeline
-from controlplane.spec import parse_pipeline, pipeline_to_dict
-from controlplane.ui import _local
-from controlplane.ui_auth import FAILED_SIGN_INS, SESSION_SECONDS, SESSIONS_KEPT, Sessions
-from controlplane.ui_forms import edited, groups, problems_from_details
+from controlplane.pipeline.model import InvalidPipeline
+from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
+from controlplane.web.auth import FAILED_SIGN_INS, SESSION_SECONDS, SESSIONS_KEPT, Sessions
+from controlplane.web.forms import edited, groups, problems_from_details
+from controlplane.web.manage import _local
 
 EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
 CLASSIFY = "stages[1].variants"

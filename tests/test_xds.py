@@ -11,14 +11,14 @@ import aiohttp
 import pytest
 from envoy.type.matcher.v3 import regex_pb2
 
-from controlplane import processes
-from controlplane.sidecar import render_bootstrap
+from controlplane.node import processes
+from controlplane.node.sidecar import render_bootstrap
 from controlplane.translate import resources as r
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
-from tests.envoy_helpers import config_dump, dynamic_names, get_json, http_backend, wait_for
+from tests.helpers.envoy import config_dump, dynamic_names, get_json, http_backend, wait_for
 
 pytestmark = pytest.mark.slow
 NODE = "node-1"

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 import yaml
 
-from controlplane import processes
-from tests.envoy_helpers import wait_for
+from controlplane.node import processes
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import M, apply, in_traffic, until_ok
 
 pytestmark = pytest.mark.slow

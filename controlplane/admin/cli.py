@@ -14,8 +14,8 @@ import yaml
 from controlplane.admin.client import AdminClient
 from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
 from controlplane.errors import CliError
-from controlplane.model import InvalidPipeline
-from controlplane.spec import parse_pipeline
+from controlplane.pipeline.model import InvalidPipeline
+from controlplane.pipeline.spec import parse_pipeline
 
 RESOURCE = ("pipeline", "pipelines", "pl")
 
@@ -201,7 +201,7 @@ def variants_text(holder: Any) -> str:
 
 
 def rollout_text(r: Any, branch: str) -> str:
-    from controlplane.rollouts import state
+    from controlplane.delivery.rollouts import state
 
     where = f" in branch {branch}" if branch else ""
     return f"rollout{where} to {r.candidate.model}:{r.candidate.version}: {state(r)} (steps {list(r.steps)})"

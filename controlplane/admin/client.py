@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from controlplane.errors import CliError
-from controlplane.model import Pipeline
+from controlplane.pipeline.model import Pipeline
 
 _HINTS = {
     grpc.StatusCode.UNAVAILABLE: "is the control plane running (mllambda controlplane / ./dev up)?",

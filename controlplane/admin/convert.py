@@ -7,8 +7,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-from controlplane.model import Pipeline, PipelineVersion
-from controlplane.spec import parse_pipeline, pipeline_to_dict
+from controlplane.pipeline.model import Pipeline, PipelineVersion
+from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 
 
 def spec_from_proto(spec: Any) -> Pipeline:

@@ -12,9 +12,9 @@ import json
 from typing import Any
 
 from controlplane.admin.cli import admin_client
+from controlplane.delivery.rollouts import Spot, spots, state, user_move, where
 from controlplane.errors import CliError
-from controlplane.model import Pipeline
-from controlplane.rollouts import Spot, spots, state, user_move, where
+from controlplane.pipeline.model import Pipeline
 
 ROLLOUT_CAUSES = ("rollout", "auto-rollback")
 

@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
-from controlplane.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
-from controlplane.spec import check_name
-from controlplane.store import (
+from controlplane.admin.envoy_check import EnvoyRefuses, EnvoyValidator
+from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
+from controlplane.pipeline.spec import check_name
+from controlplane.pipeline.store import (
     BrokenRecord,
     NotCurrent,
     PipelineNotFound,
@@ -29,7 +30,6 @@ from controlplane.store import (
     StoreUnavailable,
     WriteConflict,
 )
-from controlplane.validate import EnvoyRefuses, EnvoyValidator
 from controlplane.xds.acks import AckBook
 from controlplane.xds.snapshot import ROUTE
 

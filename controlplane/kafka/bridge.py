@@ -22,9 +22,9 @@ from contract import oip
 from contract.naming import BRIDGE_SERVICE, GATEWAY_IDENTITY, bridge_service_id, identity_of
 from contract.payload import NotAnObject, parse_object
 from contract.service import bridge_meta
+from controlplane.consul.presence import Presence
 from controlplane.kafka.plane import KafkaPlane
-from controlplane.model import Pipeline
-from controlplane.presence import Presence
+from controlplane.pipeline.model import Pipeline
 
 log = logging.getLogger("mllambda.kafka")
 

@@ -31,7 +31,7 @@ from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
 from contract.watch import Backoff
-from controlplane.model import Pipeline
+from controlplane.pipeline.model import Pipeline
 from controlplane.translate.topics import routing_table
 
 log = logging.getLogger("mllambda.kafka")

@@ -25,7 +25,7 @@ from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
 from contract.service import RuntimeService, shared_egress_socket
-from controlplane.model import Pipeline, PipelineVersion
+from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters

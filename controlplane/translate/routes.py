@@ -19,7 +19,7 @@ from contract import headers as h
 from contract.fanout import FanOut
 from contract.naming import CONTROL_PLANE_IDENTITY, stage_path
 from contract.service import RuntimeService
-from controlplane.model import Member, Pipeline, PipelineVersion, Shadow, Stage, Variant
+from controlplane.pipeline.model import Member, Pipeline, PipelineVersion, Shadow, Stage, Variant
 from controlplane.translate import resources as r
 from controlplane.translate import security
 

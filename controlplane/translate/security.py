@@ -22,7 +22,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 
 from contract.naming import CA_FILE, CA_SECRET, CERT_FILE, CERT_SECRET, GATEWAY_IDENTITY, spiffe_regex
-from controlplane.model import Pipeline
+from controlplane.pipeline.model import Pipeline
 from controlplane.xds.snapshot import pack
 
 RBAC_FILTER = "envoy.filters.http.rbac"

@@ -15,7 +15,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 
 from contract import headers as h
 from contract.service import RuntimeService, shared_egress_socket
-from controlplane.model import PipelineVersion
+from controlplane.pipeline.model import PipelineVersion
 from controlplane.translate.endpoints import Endpoints, steered_only
 from controlplane.translate.resources import header
 from controlplane.translate.routes import dedupe, hops

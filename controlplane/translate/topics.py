@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contract import naming
 from contract.routing import RoutingTable, StageTopics, TopicGroup, TopicShadow, TopicVariant
-from controlplane.model import Pipeline, Stage, Variant
+from controlplane.pipeline.model import Pipeline, Stage, Variant
 
 
 def _variants(p: Pipeline, stage: Stage, variants: tuple[Variant, ...]) -> tuple[TopicVariant, ...]:

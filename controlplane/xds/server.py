@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from controlplane.certs import CertKeeper
+from controlplane.consul.certs import CertKeeper
 from controlplane.listen import GRPC_OPTIONS, bind_grpc
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache

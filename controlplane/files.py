@@ -1,0 +1,26 @@
+"""Folders and files only we can use, and files written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def private_dir(path: Path) -> Path:
+    """A folder only we can use: created 0700, or refused if it is a symlink, someone else's, or open to others.
+
+    Run folders live under the shared temp directory, where another user could
+    have made the path first to read our sockets or plant files.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a plain folder (a symlink?); remove it or choose another")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {info.st_uid}, not us; remove it or choose another")
+    if info.st_mode & 0o022:  # others could have put things in it
+        raise PermissionError(f"{path} is open to other users (mode {info.st_mode & 0o777:o}); `chmod 700` it")
+    if info.st_mode & 0o077:  # ours, readable by others (an older version made it so): close it
+        path.chmod(0o700)
+    return path

@@ -1,0 +1,274 @@
+"""Start, wait for, and stop the real components (Envoy, Consul, tansu, runtimes).
+
+Shared by the test fixtures and the local-stack supervisor, so both start
+things the same way and both stop exactly what they started, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.files import private_dir
+
+
+class StartError(RuntimeError):
+    """A component did not become ready; the message carries its last log lines."""
+
+
+PORT_HOLD_SECONDS = 120.0
+
+
+def free_port() -> int:
+    """A loopback port free for TCP and UDP that no process on this machine took lately.
+
+    The kernel may hand the same ephemeral port to two bind(0) calls in a row (or
+    to two processes before either binds it); Consul refuses to start when two of
+    its ports collide. So each port handed out is marked in a shared folder and
+    not handed out again, by any process, for PORT_HOLD_SECONDS.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port_is_free(port, kind=socket.SOCK_DGRAM) and _claim(port):
+            return port
+
+
+def _claim(port: int) -> bool:
+    folder = private_dir(Path(tempfile.gettempdir()) / f"mllambda-ports-{os.getuid()}")
+    mark = folder / str(port)
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - mark.stat().st_mtime < PORT_HOLD_SECONDS:
+                return False
+            mark.touch()
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def port_is_free(port: int, host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> bool:
+    """Nobody has `port` bound (TCP by default; socket.SOCK_DGRAM for UDP).
+
+    Connections of a process that just stopped linger in TIME_WAIT for a minute;
+    servers (Consul, Envoy, gRPC) bind with SO_REUSEADDR and ignore them, so the
+    check does too: `down` then `up` works at once.
+    """
+    with socket.socket(socket.AF_INET, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+SECRET_ENV = ("MLLAMBDA_TOKEN", "MLLAMBDA_UI_TOKEN", "CONSUL_HTTP_TOKEN")  # credentials no runtime or Envoy inherits
+
+
+def child_env(keep_secrets: bool = False) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if keep_secrets or k not in SECRET_ENV}
+
+
+@dataclass
+class ManagedProcess:
+    """One child process in its own session, with its output in a log file."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    die_with_parent: bool = False  # Linux: SIGKILL this child if its parent dies, even by SIGKILL
+    keep_secrets: bool = False  # pass on the admin and Consul tokens (only the control plane needs them)
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**child_env(keep_secrets=self.keep_secrets), **(self.env or {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was not started"
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise StartError(f"{self.name} exited during start-up:\n{self.tail()}")
+            try:
+                if check():
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise StartError(f"{self.name} not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
+        if self.popen is not None:
+            stop_group(self.pid, timeout, wait=self.popen.wait)
+
+
+def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] | None = None) -> None:
+    """Stop a process group by its leader's PID: SIGTERM, then SIGKILL after `timeout`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    if wait is not None:
+        try:
+            wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    else:  # not our child: poll until it is gone
+        while time.monotonic() < deadline and exists(pid):
+            time.sleep(0.05)
+    # Whatever is left in the group (a straggler, a grandchild) goes now.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22); None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def consul_ready(http_port: int) -> Callable[[], bool]:
+    """Consul answers and has elected a leader (KV writes work from then on)."""
+
+    def check() -> bool:
+        status, body = http_get(f"http://127.0.0.1:{http_port}/v1/status/leader")
+        return status == 200 and bool(json.loads(body))
+
+    return check
+
+
+def envoy_ready(admin_port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        status, body = http_get(f"http://127.0.0.1:{admin_port}/ready")
+        return status == 200 and body.strip() == "LIVE"
+
+    return check
+
+
+def tcp_ready(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    return check
+
+
+def consul_dev_argv(consul: Path, data_dir: Path, ports: dict[str, int]) -> list[str]:
+    """`consul agent -dev` on loopback, every port chosen by the caller."""
+    return [
+        str(consul),
+        "agent",
+        "-dev",
+        "-bind=127.0.0.1",
+        "-client=127.0.0.1",
+        f"-data-dir={data_dir}",
+        f"-http-port={ports['http']}",
+        f"-dns-port={ports['dns']}",
+        f"-serf-lan-port={ports['serf_lan']}",
+        f"-serf-wan-port={ports['serf_wan']}",
+        f"-server-port={ports['server']}",
+        f"-grpc-port={ports['grpc']}",
+        "-log-level=warn",
+    ]
+
+
+def tansu_argv(tansu: Path, port: int) -> list[str]:
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        str(tansu),
+        "broker",
+        f"--listener-url={url}",
+        f"--advertised-listener-url={url}",
+        "--storage-engine=memory://tansu/",
+    ]
+
+
+def envoy_argv(envoy: Path, config_path: Path, concurrency: int | None = None) -> list[str]:
+    """`concurrency`: worker threads (Envoy's default is one per core)."""
+    argv = [
+        str(envoy),
+        "-c",
+        str(config_path),
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+    ]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    return argv

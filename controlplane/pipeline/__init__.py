@@ -1,0 +1,1 @@
+"""Pipelines: the domain objects, their one validator and their store in Consul KV."""

@@ -1,0 +1,356 @@
+"""The control plane's page for people: /api/status as JSON and the dashboard rendered from it.
+
+Both are pure functions of a `PlaneView` and the observed traffic; the web app
+at the bottom wires them (and /metrics) to a `PlaneReader`.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+import consul
+from aiohttp import web
+
+from contract.naming import CONTROL_PLANE_IDENTITY
+from controlplane.consul.presence import Presence
+from controlplane.delivery.switch import switch_notes
+from controlplane.delivery.traffic import VariantTraffic
+from controlplane.pipeline.model import JOIN_GROUP
+from controlplane.pipeline.spec import pipeline_to_dict
+from controlplane.view import PlaneReader, PlaneView, ScaleRow
+from controlplane.web.charts import line_chart, pipeline_svg, rate_series
+from controlplane.web.manage import LocalAdmin, add_ui_routes
+from controlplane.web.metrics import metrics_handler
+from controlplane.xds.snapshot import short
+
+log = logging.getLogger("mllambda.dashboard")
+STYLE = "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}svg{display:block;margin:8px 0}"
+HISTORY_SHOWN = 5  # versions per pipeline on the page
+
+
+def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[str, Any]:
+    """What /api/status answers and `mllambda status` prints."""
+    return {
+        "history": {
+            name: [{"version": v.version, "cause": v.cause, "created_at": v.created_at} for v in versions]
+            for name, versions in view.history.items()
+        },
+        "traffic": [asdict(t) for t in traffic],
+        "links": {"consul_ui": view.consul_ui, "envoy_admin": dict(view.envoy_admin)},
+        "pipelines": [
+            {
+                "version": v.version,
+                "created_at": v.created_at,
+                "cause": v.cause,
+                **pipeline_to_dict(v.pipeline),
+                "serving": view.switch.get(v.pipeline.name, {}),
+            }
+            for v in view.pipelines
+        ],
+        "runtimes": [
+            {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
+            for i in view.runtimes
+        ],
+        "envoys": [
+            {
+                "node": s.node_id,
+                "type": short(s.type_url),
+                "acked": s.acked_version,
+                "nack_version": s.nack_version,
+                "nack_error": s.nack_error,
+                "connected": s.node_id in view.connected,
+            }
+            for s in view.acks
+        ],
+        "nodes": per_node(view),
+        "consul": {
+            "reachable": view.consul.reachable,
+            "errors": view.consul.errors,
+            "holding_since": view.consul.holding_since,
+            "refused": dict(view.consul.refused),
+        },
+        "kafka_bridges": [f"{host}:{port}" for host, port in view.kafka_bridges],
+        "broken_records": dict(view.broken),
+        "translate_failed": dict(view.translate_failed),
+        "control_planes": dict(view.control_planes),
+        "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
+        "scaling": [asdict(row) for row in view.scaling],
+        "generated_at": time.time(),
+    }
+
+
+NACK_SHOWN = 160  # characters of a node's last NACK in the node table (describe shows it whole)
+
+
+def per_node(view: PlaneView) -> list[dict[str, Any]]:
+    """One row per Envoy: the config version it acknowledged (per type when they differ), its last NACK, age."""
+    by_node: dict[str, list[Any]] = {}
+    for ack in view.acks:
+        by_node.setdefault(ack.node_id, []).append(ack)
+    rows = []
+    for node, acks in sorted(by_node.items()):
+        versions = {short(a.type_url): a.acked_version or "-" for a in acks}
+        same = set(versions.values())
+        acked = same.pop() if len(same) == 1 else ", ".join(f"{t} {v}" for t, v in sorted(versions.items()))
+        nacked = max((a for a in acks if a.nack_error), key=lambda a: a.updated_at, default=None)
+        nack = f"{short(nacked.type_url)} {nacked.nack_version}: {nacked.nack_error}"[:NACK_SHOWN] if nacked else ""
+        newest = max((a.updated_at for a in acks), default=0.0)
+        rows.append({
+            "node": node, "connected": node in view.connected, "acked": acked, "nack": nack,
+            "age_seconds": round(time.time() - newest, 1) if newest else None,
+        })  # fmt: skip
+    return rows
+
+
+def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<h2>Pipelines</h2>"]
+    for current in view.pipelines:
+        p = current.pipeline
+        about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}{_switch_note(view, p.name)}"
+        edit = f" <a href='/pipelines/{e(p.name)}/edit'>edit</a>"
+        parts.append(f"<h3><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{about}</small>{edit}</h3>")
+        versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
+        shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
+        parts.append(f"<p class='history'>history: {shown}</p><ol>")
+        for stage in p.stages:
+            cells = []
+            for key, variants in stage.groups():
+                total = sum(v.weight for v in variants) or 1
+                split = ", ".join(f"{e(v.model)}:{e(v.version)} {100 * v.weight / total:.0f}%" for v in variants)
+                label = "" if not key else f"{'member' if stage.members else 'branch'} {e(key)}: "
+                label = "join: " if key == JOIN_GROUP else label
+                cells.append(label + split)
+            for member, s in stage.shadows():
+                about = f" of member {e(member)}" if member else ""
+                cells.append(f"shadow{about} {e(s.model)}:{e(s.version)} {s.percent:g}%")
+            cells += [f"member {e(m.name)}: optional, {m.timeout_ms} ms" for m in stage.members if not m.required]
+            cells += ["asked over the Open Inference Protocol"] if stage.protocol == "oip" else []
+            for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
+                if ro is not None:
+                    state = (
+                        "paused" if ro.paused else "not begun" if ro.step == 0 else f"step {ro.step}/{len(ro.steps)}"
+                    )
+                    where = f" in branch {e(key)}" if key else ""
+                    cells.append(f"rollout{where} to {e(ro.candidate.model)}:{e(ro.candidate.version)}: {state}")
+            parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
+        parts.append("</ol>")
+    if view.broken:
+        parts.append("<h2>Skipped records</h2><ul class='broken'>")
+        parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
+        parts.append("</ul>")
+    if view.translate_failed:
+        parts.append("<h2>Config not updated</h2><ul class='failed'>")
+        parts += [f"<li>{e(g)}: {e(why)}</li>" for g, why in sorted(view.translate_failed.items())[:50]]
+        parts.append("</ul>")
+    if view.consul.holding_since is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(view.consul.holding_since))
+        parts.append(f"<p class='holding'>Every runtime vanished from Consul at {since}: the last ones are held.</p>")
+    parts.append("<h2>Runtimes</h2><ul>")
+    for r in view.runtimes:
+        state = "passing" if r.passing else "critical"
+        parts.append(f"<li>{e(r.service_id)} ({e(r.model)}:{e(r.version)}) — {state}</li>")
+    parts.append("</ul>")
+    if view.scaling:
+        parts.append("<h2>Autoscaling</h2><table class='scaling'><tr><th>version</th><th>replicas wanted / passing")
+        parts.append("</th><th>bounds</th><th>last decision</th></tr>")
+        for row in view.scaling:
+            when = time.strftime("%H:%M:%S", time.localtime(row.decided_at)) if row.decided_at else ""
+            wanted = "-" if row.wanted is None else row.wanted
+            parts.append(
+                f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
+                f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}{_cold(row)}</td></tr>"
+            )
+        parts.append("</table>")
+    if view.consul.refused:
+        parts.append("<h2>Ignored registrations</h2><ul class='refused'>")
+        parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
+        parts.append("</ul>")
+    parts.append("<h2>Traffic</h2>" + render_traffic(status["traffic"]))
+    nodes = status["nodes"]
+    failing = sum(1 for n in nodes if n["nack"])
+    summary = f"Envoys: {len(nodes)} nodes, {failing} rejecting config"
+    parts.append(f"<details{' open' if failing else ''}><summary><h2 style='display:inline'>{summary}</h2></summary>")
+    parts.append("<table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
+    for n in nodes:
+        age = f"{n['age_seconds']:.0f} s ago" if n["age_seconds"] is not None else ""
+        cells = [e(n["node"]) + ("" if n["connected"] else " (gone)"), e(n["acked"]), e(n["nack"]), age]
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table></details>")
+    consul = "reachable" if view.consul.reachable else "UNREACHABLE"
+    admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(view.envoy_admin.items()))
+    parts.append(f"<p>Envoy admin: {admin_links}</p>")
+    if status["kafka_bridges"]:
+        parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
+        f"<title>ML Lambda</title><style>{STYLE}</style></head><body><h1>ML Lambda</h1>"
+        f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
+        " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/yaml'>YAML editor</a>"
+        " · <a href='/login'>sign in</a></p>" + "".join(parts) + "</body></html>"
+    )
+
+
+def _cold(row: ScaleRow) -> str:
+    return "" if row.cold_start_s is None else f" (last cold start {row.cold_start_s:.1f} s)"
+
+
+def _switch_note(view: PlaneView, name: str) -> str:
+    return "".join(f" · {html.escape(note)}" for note in switch_notes(view.switch.get(name, {})))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _window(seconds: float | None) -> str:
+    return "" if seconds is None else f" <small>({seconds:.0f} s)</small>"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_traffic(rows: list[dict[str, Any]]) -> str:
+    e = html.escape
+    out = [
+        "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
+        "<th>observed (window)</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
+    ]
+    for t in rows:
+        errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
+        out.append(
+            f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
+            f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
+            f"<td class='observed'>{_pct(t['observed_share'])}{_window(t.get('window_seconds'))}</td>"
+            f"<td>{t['requests']}</td><td>{errors}</td>"
+            f"<td>{t['retries']}</td>"
+            f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
+        )
+    return "".join(out) + "</table>"
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _hosts_only(bound: str) -> Any:
+    """Answer only requests addressed to this machine by loopback name or address, or the address it listens on.
+
+    A page on another site can make a browser send requests to 127.0.0.1 under
+    its own host name (DNS rebinding); such a request carries that name in `Host`.
+    """
+    allowed = {*LOCAL_HOSTS, bound}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in allowed:
+            return web.json_response({"error": f"host {host[:100]!r} is not this dashboard's"}, status=421)
+        return await handler(request)
+
+    return check
+
+
+def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound: str = "127.0.0.1") -> web.Application:
+    """/ (the page), /api/status (JSON), /metrics (Prometheus); with `ui`, the pages that change pipelines
+    (controlplane/web/manage.py) for a signed-in browser."""
+
+    async def api_status(request: web.Request) -> web.Response:
+        return web.json_response(status_document(reader.view(), await reader.recent_traffic()))
+
+    async def dashboard(request: web.Request) -> web.Response:
+        view = reader.view()
+        page = render_dashboard(view, status_document(view, await reader.recent_traffic()))
+        return web.Response(text=page, content_type="text/html")
+
+    async def pipeline_page(request: web.Request) -> web.Response:
+        view, name = reader.view(), request.match_info["name"]
+        current = next((v for v in view.pipelines if v.pipeline.name == name), None)
+        if current is None:
+            return web.Response(status=404, text=f"no pipeline {html.escape(name)!r}", content_type="text/html")
+        rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
+        return web.Response(text=render_pipeline_page(view, current, rows), content_type="text/html")
+
+    app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
+    if ui is not None:
+        add_ui_routes(app, reader, ui.sessions, ui.admin)
+    app.router.add_get("/metrics", metrics_handler(reader))
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/pipelines/{name}", pipeline_page)
+    app.router.add_get("/", dashboard)
+    return app
+
+
+CHART_MINUTES = 15
+
+
+def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, str]]:
+    """When each recent version was written (a rollout step, a rollback: its cause), and when the current one
+    took traffic, on the charts' clock."""
+    marks = []
+    for v in view.history.get(name, [])[-6:]:
+        try:
+            written = datetime.fromisoformat(v.created_at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        marks.append((now - (time.time() - written), f"v{v.version} {v.cause[:28]}"))
+    entered = view.entered_at.get(name)
+    return marks + ([(entered, "in traffic")] if entered else [])
+
+
+def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic]) -> str:
+    """One pipeline: its graph (weights and windowed shares) and its variants' traffic over the last minutes."""
+    p, e = current.pipeline, html.escape
+    now = time.monotonic()
+    first = view.readings[0][0] if view.readings else now
+    start = max(now - CHART_MINUTES * 60, first - 5)  # a young control plane's chart starts with its readings
+    clusters = sorted({v.cluster for stage in p.stages for v in stage.all_variants()})
+    rps, errors, p99 = rate_series(view.readings, clusters, start)
+    marks = version_marks(view, p.name, now)
+    seen = next((r.window_seconds for r in rows if r.window_seconds), None)
+    window = f"observed over the last {seen:.0f} s of v{current.version}" if seen else "no traffic observed yet"
+    body = [
+        f"<h2>{e(p.name)} <small>v{current.version} · {e(p.transport)} · {e(current.cause)} · {window}</small></h2>",
+        pipeline_svg(p, rows),
+        "<h3>Over time</h3>",
+        line_chart("requests/s per model version", rps, start, now, marks),
+        line_chart("5xx ratio per model version", errors, start, now, marks),
+        line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
+        f"<p><a href='/'>all pipelines</a> · <a href='/pipelines/{e(p.name)}/edit'>edit</a></p>",
+    ]
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='5'>"
+        f"<title>{e(p.name)} · ML Lambda</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+class DashboardServer:
+    """The dashboard, /api/status and /metrics on `address`, registered in Consul as the control plane
+    (deploy/prometheus.yml finds every control plane, and its gateway's Envoy, there)."""
+
+    def __init__(self, app: web.Application, address: tuple[str, int], client: Any, gateway_admin_port: int) -> None:
+        self.app = app
+        self.host, self.port = address
+        check = consul.Check.tcp(self.host, self.port, interval="5s", timeout="1s", deregister="1m")
+        meta = {"gateway_admin_port": str(gateway_admin_port)} if gateway_admin_port else {}
+        service_id = f"{CONTROL_PLANE_IDENTITY}-{self.host}-{self.port}"
+        self.presence = Presence(client, CONTROL_PLANE_IDENTITY, service_id, self.host, self.port, check, meta)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> DashboardServer:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        log.info("dashboard and metrics at http://%s:%d/", self.host, self.port)
+        await self.presence.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.presence.stop()
+        await self._runner.cleanup()
