@@ -70,6 +70,16 @@ def tools_dir() -> Path:
     return Path(os.environ.get("MLLAMBDA_TOOLS_DIR") or PROJECT_ROOT / ".tools")
 
 
+def model_store_dir(flag: str | None = None) -> Path:
+    """Where model packages are kept by digest (`--model-store`, MLLAMBDA_MODEL_STORE)."""
+    return Path(resolve(flag, "MLLAMBDA_MODEL_STORE", str(PROJECT_ROOT / ".mllambda" / "models")))
+
+
+def cache_dir() -> Path:
+    """This host's unpacked packages and their environments (MLLAMBDA_CACHE_DIR): rebuilt when missing."""
+    return Path(os.environ.get("MLLAMBDA_CACHE_DIR") or PROJECT_ROOT / ".cache" / "mllambda")
+
+
 SECURITY_MODES = ("mtls", "plaintext")
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+from pathlib import Path
 
 import grpc
 
@@ -35,6 +36,7 @@ from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
+from controlplane.models.store import ModelStore
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
@@ -108,6 +110,10 @@ class ControlPlane:
             self.store, self.acks, self._known_models, self.reconciler.carried_version, self.switchboard.notes
         )
         self.admin.kafka_enabled = self.kafka is not None
+        from controlplane.admin.models import ModelAdmin
+
+        self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
+        self.models = ModelAdmin(self.model_store, self._models_in_traffic)
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
         self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
@@ -157,6 +163,9 @@ class ControlPlane:
     def _in_traffic(self) -> list[PipelineVersion]:
         return self.switchboard.in_traffic(self.acks.is_connected(self.options.gateway_group))
 
+    async def _models_in_traffic(self) -> dict[str, set[tuple[str, str]]]:
+        return {v.pipeline.name: v.pipeline.models() for v in self._in_traffic()}
+
     def _refused(self) -> list[tuple[PipelineVersion, PipelineVersion, str]]:
         """(pending, entry, why) for each new version an Envoy rejected while the last one still serves."""
         found = []
@@ -182,7 +191,7 @@ class ControlPlane:
         dashboard_at = metrics_address(settings.metrics_addr, settings.exposed) if settings.metrics_addr else None
         interceptors = [BearerAuth(settings.token)] if settings.token else []
         self._admin_server = grpc.aio.server(interceptors=interceptors)
-        health = add_admin_services(self._admin_server, self.admin)
+        health = add_admin_services(self._admin_server, self.admin, self.models)
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
         if dashboard_at is not None:
             self._ui = LocalAdmin(self._admin_server, settings.token, settings.ui_token)

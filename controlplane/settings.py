@@ -14,6 +14,7 @@ from controlplane.config import (
     DEFAULT_XDS_ADDR,
     ConsulAddress,
     add_security_flag,
+    model_store_dir,
     resolve,
     run_folder,
 )
@@ -51,6 +52,7 @@ class Settings:
     kubernetes_namespace: str = "default"  # with scaler kubernetes: where the runtime Deployments are
     colocated: str = "shared"  # a runtime on the sender's host (COLOCATED; docs/architecture.md, "Same host")
     run_folder: str = ""  # with shared: the folder whose runtimes' egress sockets the gateway takes
+    model_store: str = ""  # where model packages are kept by digest ("": config.model_store_dir())
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -80,6 +82,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kubernetes_namespace=args.kubernetes_namespace,
         colocated=_colocated(resolve(args.colocated, "MLLAMBDA_COLOCATED", "shared")),
         run_folder=str(run_folder()),
+        model_store=str(model_store_dir(args.model_store)),
     )
 
 
@@ -112,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--group-by", choices=["id", "cluster"], default="id", help="share snapshots by node id or cluster"
     )
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
+    parser.add_argument(
+        "--model-store", help="folder of model packages by digest (MLLAMBDA_MODEL_STORE; .mllambda/models)"
+    )
     parser.add_argument(
         "--gateway-host", default="127.0.0.1", type=gateway_ip, help="IP the gateway Envoys' listener binds (127.0.0.1)"
     )

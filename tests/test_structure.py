@@ -36,7 +36,8 @@ ROOMS: dict[str, set[str]] = {
     "controlplane.kafka": {"controlplane.pipeline", "controlplane.translate", "controlplane.consul"},
     "controlplane.scaling": {"controlplane.consul", "controlplane.delivery", "controlplane.settings"},
     "controlplane.node": {"runtime_sdk", "controlplane.consul", "controlplane.translate", "controlplane.models"},
-    "controlplane.models": {"controlplane.consul"},  # model packages, their store and environments
+    # model packages, their store and environments (which get a copy of the runtime SDK)
+    "controlplane.models": {"runtime_sdk"},
     "controlplane.admin": {
         "controlplane.pipeline",
         "controlplane.models",

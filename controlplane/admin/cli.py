@@ -11,17 +11,33 @@ from typing import Any
 
 import yaml
 
-from controlplane.admin.client import AdminClient
-from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
+from controlplane.admin import model_cli
+from controlplane.admin.client import AdminClient, admin_client
 from controlplane.errors import CliError
 from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import parse_pipeline
 
 RESOURCE = ("pipeline", "pipelines", "pl")
+BY_RESOURCE = {
+    "get": model_cli.get_models,
+    "describe": model_cli.describe_model,
+    "history": model_cli.history_model,
+    "delete": model_cli.delete_model,
+}
 
 
-def admin_client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(resolve(args.server, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR))
+def for_models(command: str) -> Any:
+    """Route `get|describe|history|delete model ...` to the model commands, pipelines to their own."""
+
+    def wrapped(handler: Any) -> Any:
+        def run(args: argparse.Namespace) -> int:
+            if args.resource in model_cli.MODEL_RESOURCE:
+                return int(BY_RESOURCE[command](args))
+            return int(handler(args))
+
+        return run
+
+    return wrapped
 
 
 def load_documents(path: str) -> list[dict[str, Any]]:
@@ -241,7 +257,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         parser = sub.add_parser(name, help=help_text)
         parser.add_argument("--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)")
         if resource:
-            parser.add_argument("resource", choices=RESOURCE, metavar="pipeline")
+            parser.add_argument("resource", choices=RESOURCE + model_cli.MODEL_RESOURCE, metavar="pipeline|model")
+            handler = for_models(name)(handler)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -255,7 +272,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="the control plane validates it all (Envoy's rules too), writes nothing"
     )
     get = add("get", "list pipelines or show one", cmd_get)
-    get.add_argument("name", nargs="?")
+    get.add_argument("name", nargs="?", help="a pipeline; for models: MODEL or MODEL:VERSION")
     get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     describe = add("describe", "show a pipeline, its stages and which Envoys have it", cmd_describe)
     describe.add_argument("name")
@@ -267,5 +284,5 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     rollback = add("rollback", "make an old version current again (as a new version)", cmd_rollback)
     rollback.add_argument("name")
     rollback.add_argument("--to-version", type=int, required=True)
-    delete = add("delete", "stop serving a pipeline (history is kept)", cmd_delete)
+    delete = add("delete", "stop serving a pipeline (history is kept), or delete a model version", cmd_delete)
     delete.add_argument("name")

@@ -51,6 +51,7 @@ class AdminClient:
         self.timeout = timeout
         self.channel = _channel(address)
         self.stub = pb_grpc.PipelineAdminStub(self.channel)
+        self.model_stub = pb_grpc.ModelAdminStub(self.channel)
 
     def __enter__(self) -> AdminClient:
         return self
@@ -59,20 +60,21 @@ class AdminClient:
         self.channel.close()
 
     def __getattr__(self, method: str) -> Any:
-        rpc = getattr(self.stub, method)
+        about = "pipeline" if hasattr(self.stub, method) else "model"
+        rpc = getattr(self.stub if about == "pipeline" else self.model_stub, method)
 
-        def call(request: Any) -> Any:
+        def call(request: Any, timeout: float | None = None) -> Any:
             try:
-                return rpc(request, metadata=self.metadata, timeout=self.timeout)
+                return rpc(request, metadata=self.metadata, timeout=timeout or self.timeout)
             except grpc.RpcError as err:
-                raise self._explain(err) from err
+                raise self._explain(err, about) from err
 
         return call
 
-    def _explain(self, err: grpc.RpcError) -> CliError:
+    def _explain(self, err: grpc.RpcError, about: str = "pipeline") -> CliError:
         code, details = err.code(), err.details() or ""
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            details = "invalid pipeline:\n  " + details.replace("; ", "\n  ")
+            details = f"invalid {about}:\n  " + details.replace("; ", "\n  ")
         if code == grpc.StatusCode.UNAVAILABLE:
             details = f"{details} ({self.address})"
         hint = _HINTS.get(code)
@@ -92,3 +94,10 @@ class AdminClient:
 
         nodes = self.Status(pb.StatusRequest(name=name)).nodes
         return any(n.node_id == node_id and n.pipeline_version >= version for n in nodes)
+
+
+def admin_client(args: Any) -> AdminClient:
+    """The client for a command's `--server` (else MLLAMBDA_ADMIN_ADDR, else the default address)."""
+    from controlplane.config import DEFAULT_ADMIN_ADDR, resolve
+
+    return AdminClient(resolve(args.server, "MLLAMBDA_ADMIN_ADDR", DEFAULT_ADMIN_ADDR))

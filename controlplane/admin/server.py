@@ -20,6 +20,7 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
 from controlplane.admin.envoy_check import EnvoyRefuses, EnvoyValidator
+from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import check_name
 from controlplane.pipeline.store import (
@@ -35,6 +36,7 @@ from controlplane.xds.snapshot import ROUTE
 
 log = logging.getLogger("mllambda.admin")
 SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
+MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelAdmin"].full_name
 CAUSE_LIMIT = 200
 
 # What the rest of the control plane tells the admin API (plain callables, so
@@ -59,10 +61,15 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotCurrent, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (BrokenRecord, grpc.StatusCode.FAILED_PRECONDITION),
+    (BadPackage, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (VersionTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (InUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelStoreUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
-def _guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def guard(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Map domain errors to status codes; anything else is INTERNAL and logged."""
 
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -123,7 +130,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
             for model, version in sorted(pipeline.models() - known)
         ]
 
-    @_guard
+    @guard
     async def Apply(self, request: Any, context: Any) -> Any:
         pipeline = spec_from_proto(request.spec)
         if pipeline.transport == "kafka" and not self.kafka_enabled:
@@ -142,23 +149,23 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         would = PipelineVersion(pipeline, 0, "", "")
         return pb.ApplyResponse(pipeline=version_to_proto(would), created=created, warnings=self.warnings(pipeline))
 
-    @_guard
+    @guard
     async def Get(self, request: Any, context: Any) -> Any:
         version = await self.store.get(_required_name(request.name))
         return pb.GetResponse(pipeline=version_to_proto(version))
 
-    @_guard
+    @guard
     async def List(self, request: Any, context: Any) -> Any:
         view = await self.store.view()
         return pb.ListResponse(pipelines=[version_to_proto(v) for v in view.live()])
 
-    @_guard
+    @guard
     async def Delete(self, request: Any, context: Any) -> Any:
         version = await self.store.delete(_required_name(request.name))
         log.info("delete pipeline=%s version=%d", version.pipeline.name, version.version)
         return pb.DeleteResponse(pipeline=version_to_proto(version))
 
-    @_guard
+    @guard
     async def Rollback(self, request: Any, context: Any) -> Any:
         cause = _cause(request.cause) if request.cause else ""
         version, created = await self.store.rollback(_required_name(request.name), request.to_version, cause)
@@ -169,12 +176,12 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
             warnings=self.warnings(version.pipeline),
         )
 
-    @_guard
+    @guard
     async def History(self, request: Any, context: Any) -> Any:
         versions, older = await self.store.history(_required_name(request.name), request.limit, request.before)
         return pb.HistoryResponse(versions=[version_to_proto(v) for v in versions], next_before=older)
 
-    @_guard
+    @guard
     async def Status(self, request: Any, context: Any) -> Any:
         version = await self.store.get(_required_name(request.name))
         nodes = self._nodes(request.name)
@@ -216,11 +223,15 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-def add_admin_services(server: grpc.aio.Server, admin: PipelineAdmin) -> health.aio.HealthServicer:
+def add_admin_services(
+    server: grpc.aio.Server, admin: PipelineAdmin, models: pb_grpc.ModelAdminServicer | None = None
+) -> health.aio.HealthServicer:
     pb_grpc.add_PipelineAdminServicer_to_server(admin, server)
+    if models is not None:
+        pb_grpc.add_ModelAdminServicer_to_server(models, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return health_servicer
 
 

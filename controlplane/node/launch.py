@@ -7,13 +7,15 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import consul.aio
@@ -28,11 +30,22 @@ from contract.naming import (
     name_problem,
 )
 from contract.service import EGRESS_SOCKET, SOCKET_PATH_BYTES, RuntimeService, socket_path_fits
-from controlplane.config import DEFAULT_XDS_ADDR, ConsulAddress, add_security_flag, resolve, run_folder
+from controlplane.config import (
+    DEFAULT_XDS_ADDR,
+    ConsulAddress,
+    add_security_flag,
+    cache_dir,
+    model_store_dir,
+    resolve,
+    run_folder,
+)
 from controlplane.consul import client as consul_client
 from controlplane.consul.certs import CertKeeper, write_sds
 from controlplane.errors import CliError
 from controlplane.files import private_dir
+from controlplane.models.envs import prepare
+from controlplane.models.package import PackageError
+from controlplane.models.store import BadPackage, ModelNotFound, ModelStore, ModelStoreUnavailable, read_blob
 from controlplane.node.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
@@ -154,15 +167,43 @@ def start_sidecar(service: RuntimeService, xds_addr: str, folder: Path, concurre
 
 
 async def launch(args: argparse.Namespace) -> None:
-    for target in (args.target, args.loader):
-        if target:
-            load_callable(target)  # a typo fails here, before an Envoy is started for it
+    c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
+    client = consul_client.connect(c)
+    try:
+        package = await prepared_package(args, client) if args.package else None
+        if package is None:
+            for target in (args.target, args.loader):
+                if target:
+                    load_callable(target)  # a typo fails here, before an Envoy is started for it
+        await _launch(args, client, c, package)
+    finally:
+        await client.close()
+
+
+async def prepared_package(args: argparse.Namespace, client: consul.aio.Consul) -> Prepared:
+    """The package of --package M:V from the store, checked against its digest, with its environment built."""
+    kv_prefix = resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX)
+    store = ModelStore(client, model_store_dir(args.model_store), kv_prefix)
+    try:
+        record = await store.get(args.model, args.version)
+        archive = read_blob(store.dir, record.digest)
+        log.info("package model=%s version=%s digest=%s: preparing its environment", args.model, args.version,
+                 record.digest[:12])  # fmt: skip
+        folder, env, meta = await asyncio.to_thread(prepare, archive, record.digest, cache_dir())
+    except (ModelNotFound, BadPackage, PackageError, ModelStoreUnavailable) as err:
+        raise CliError(f"--package {args.model}:{args.version}: {err}") from err
+    return Prepared(folder, env, meta.entry, meta.loader)
+
+
+async def _launch(
+    args: argparse.Namespace, client: consul.aio.Consul, c: ConsulAddress, package: Prepared | None
+) -> None:
     kafka = resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "")
     folder = run_dir()
     service = plan_service(args, folder, bool(kafka))
     options = ServeOptions(
-        predict=args.target,
-        loader=args.loader or "",
+        predict=package.entry if package else args.target,
+        loader=(package.loader if package else args.loader) or "",
         inline=args.inline,
         max_body=args.max_body,
         max_connections=args.max_connections,
@@ -176,13 +217,54 @@ async def launch(args: argparse.Namespace) -> None:
         payload_log_dir=str(args.payload_log_dir or folder / "payloads"),
         payload_log_max_bytes=args.payload_log_max_mb * 1024 * 1024,
     )
-    c = ConsulAddress.from_settings(args.consul, getattr(args, "consul_token", None))
-    client = consul_client.connect(c)
-    try:
-        async with identity_and_sidecar(args, service, folder, client, args.envoy_concurrency) as (service, sidecar):
+    async with identity_and_sidecar(args, service, folder, client, args.envoy_concurrency) as (service, sidecar):
+        if package is None:
             await serve(options, service, client, sidecar)
-    finally:
-        await client.close()
+        else:
+            await serve_in_env(package, options, service, c, sidecar)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    folder: Path  # the package's files
+    env: Path  # its environment
+    entry: str
+    loader: str
+
+
+async def serve_in_env(
+    package: Prepared, options: ServeOptions, service: RuntimeService, c: ConsulAddress, sidecar: ManagedProcess | None
+) -> None:
+    """The model in its own environment (`python -m runtime_sdk.child`), stopped on SIGTERM or if the sidecar dies."""
+    spec = {
+        "options": asdict(options),
+        "service": {f.name: getattr(service, f.name) for f in fields(service)},
+        "consul": {"host": c.host, "port": c.port, "scheme": c.scheme, "token": c.token, "ca_file": c.ca_file},
+        "through_sidecar": sidecar is not None,
+    }
+    child = await asyncio.create_subprocess_exec(
+        str(package.env / "bin" / "python"), "-m", "runtime_sdk.child", cwd=package.folder,
+        stdin=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package.folder)},
+    )  # fmt: skip
+    assert child.stdin is not None
+    child.stdin.write(json.dumps(spec).encode() + b"\n")
+    await child.stdin.drain()
+    child.stdin.close()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    exited = asyncio.create_task(child.wait())
+    while not exited.done():
+        if stop.is_set() or (sidecar is not None and not sidecar.alive()):
+            child.send_signal(signal.SIGTERM)  # it deregisters and drains, as a runtime in this process would
+            break
+        await asyncio.wait({exited}, timeout=0.5)
+    code = await exited
+    if sidecar is not None and not sidecar.alive():
+        raise ServeError(f"the Envoy sidecar exited:\n{sidecar.tail()}")
+    if code not in (0, -signal.SIGTERM) and not stop.is_set():
+        raise ServeError(f"the model's process exited with {code} (its output is above)")
 
 
 @contextlib.asynccontextmanager
@@ -217,6 +299,8 @@ async def identity_and_sidecar(
 def cmd_runtime(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     checked_service_id(args)  # before any model code is imported
+    if bool(args.target) == bool(args.package):
+        raise CliError("give either MODULE:CALLABLE or --package (the model package --model:--version)")
     advertised(args)
     if args.no_sidecar and args.security == "mtls" and not args.sidecar_tls_dir:
         raise CliError(
@@ -237,7 +321,15 @@ def cmd_runtime(args: argparse.Namespace) -> int:
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("runtime", help="serve a predict() callable as a discoverable runtime")
-    parser.add_argument("target", help="MODULE:CALLABLE, predict(payload: dict) -> dict (sync or async)")
+    parser.add_argument(
+        "target", nargs="?", help="MODULE:CALLABLE, predict(payload: dict) -> dict (sync or async); or --package"
+    )
+    parser.add_argument(
+        "--package",
+        action="store_true",
+        help="run the model package --model:--version from the model store, in its own environment",
+    )
+    parser.add_argument("--model-store", help="folder of model packages (MLLAMBDA_MODEL_STORE; .mllambda/models)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--loader", help="MODULE:CALLABLE run once before the runtime turns ready")

@@ -1,0 +1,200 @@
+"""Model packages from the command line: `build`, `deploy`, `undeploy`, and models for get/describe/history/delete.
+
+`mllambda build DIR --model M [--version V]` locks and packs DIR here (uv), checks
+that its entry imports in the package's own environment, then uploads it through the
+admin API in chunks. Without --version the version is `d-` and the first 12 hex
+digits of the digest, so building the same content again names the same version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.admin.client import admin_client
+from controlplane.config import cache_dir
+from controlplane.errors import CliError
+from controlplane.models.envs import check_entry, ensure_env, find_uv
+from controlplane.models.package import PackageError, build, chunks, unpack
+from controlplane.models.store import BadPackage, check_names
+
+MODEL_RESOURCE = ("model", "models", "mo")
+UPLOAD_TIMEOUT = 600.0
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    root = Path(args.path)
+    started = time.monotonic()
+    try:
+        say(f"==> locking {root} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")
+        built = build(root, find_uv())
+        version = args.version or f"d-{built.digest[:12]}"
+        check_names(args.model, version)
+        say(f"==> {len(built.meta.files)} files, {len(built.archive) / 2**20:.1f} MiB, sha256 {built.digest[:12]}")
+        if not args.no_check:
+            say(f"==> building its environment {built.lock_hash[:12]} (shared by packages with the same lock)")
+            env = ensure_env(cache_dir() / "envs", built.lock, built.lock_hash, built.meta.python)
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = unpack(built.archive, built.digest, Path(scratch))
+                check_entry(env, folder, [t for t in (built.meta.entry, built.meta.loader) if t])
+            say(f"==> entry {built.meta.entry} imports in it")
+    except (PackageError, BadPackage) as err:
+        raise CliError(str(err)) from err
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    def upload() -> Iterator[Any]:
+        yield pb.UploadChunk(model=args.model, version=version, digest=built.digest, size=len(built.archive))
+        for part in chunks(built.archive):
+            yield pb.UploadChunk(data=part)
+
+    with admin_client(args) as admin:
+        reply = admin.Upload(upload(), timeout=UPLOAD_TIMEOUT)
+    state = "built" if reply.created else "unchanged (this version already holds exactly this package)"
+    print(f"model/{args.model}:{version} {state} in {time.monotonic() - started:.1f}s (sha256 {built.digest[:12]})")
+    return 0
+
+
+def get_models(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    model, version = split_ref(args.name) if args.name else ("", "")
+    with admin_client(args) as admin:
+        if version:
+            found = [admin.GetModel(pb.ModelRef(model=model, version=version))]
+        else:
+            found = list(admin.ListModels(pb.ListModelsRequest(model=model)).models)
+    rows = [
+        [m.model, m.version, m.digest[:12], size_text(m.size), str(len(m.dependencies)),
+         str(m.replicas) if m.deployed else "-", when(m.created_at)]
+        for m in found
+    ]  # fmt: skip
+    emit(args.output, found, ["MODEL", "VERSION", "DIGEST", "SIZE", "DEPS", "DEPLOYED", "CREATED"], rows, bool(version))
+    return 0
+
+
+def describe_model(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    model, version = split_ref(args.name, required=True)
+    with admin_client(args) as admin:
+        m = admin.GetModel(pb.ModelRef(model=model, version=version))
+    lines = [
+        f"Model:        {m.model}:{m.version}",
+        f"Digest:       sha256:{m.digest}",
+        f"Size:         {size_text(m.size)} ({m.file_count} files)",
+        f"Entry:        {m.entry}" + (f" (loader {m.loader})" if m.loader else ""),
+        f"Python:       {m.python}",
+        f"Environment:  {m.lock_hash[:12]} (shared by versions with the same lock)",
+        f"Created:      {when(m.created_at)} by {m.created_by}",
+        f"Deployed:     {f'{m.replicas} replicas' if m.deployed else 'no'}",
+        "Requirements: " + (", ".join(m.requirements) or "(none)"),
+        "Dependencies (locked):",
+        *[f"  {d}" for d in m.dependencies],
+        "Files:",
+        *[f"  {f}" for f in m.files],
+    ]
+    if m.file_count > len(m.files):
+        lines.append(f"  ... and {m.file_count - len(m.files)} more")
+    print("\n".join(lines))
+    return 0
+
+
+def history_model(args: argparse.Namespace) -> int:
+    model, _ = split_ref(args.name)
+    args.name = model
+    return get_models(args)
+
+
+def delete_model(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    model, version = split_ref(args.name, required=True)
+    with admin_client(args) as admin:
+        admin.DeleteModel(pb.ModelRef(model=model, version=version))
+    print(f"model/{model}:{version} deleted")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    model, version = split_ref(args.ref, required=True)
+    if not 0 <= args.replicas <= 100:
+        raise CliError(f"--replicas: between 0 and 100, got {args.replicas}")
+    with admin_client(args) as admin:
+        reply = admin.Deploy(pb.DeployRequest(model=model, version=version, replicas=args.replicas))
+    state = "deployed" if reply.changed else "unchanged"
+    print(f"model/{model}:{version} {state}: {args.replicas} replicas (a running stack starts them)")
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+
+    model, version = split_ref(args.ref, required=True)
+    with admin_client(args) as admin:
+        admin.Undeploy(pb.UndeployRequest(model=model, version=version, force=args.force))
+    print(f"model/{model}:{version} undeployed (its replicas drain and stop)")
+    return 0
+
+
+def split_ref(ref: str, required: bool = False) -> tuple[str, str]:
+    model, _, version = ref.partition(":")
+    if required and not version:
+        raise CliError(f"{ref!r}: expected MODEL:VERSION (mllambda get models {model} lists its versions)")
+    return model, version
+
+
+def size_text(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
+
+
+def when(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def emit(output: str, found: list[Any], headers: list[str], rows: list[list[str]], one: bool) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    if output in ("json", "yaml"):
+        items = [MessageToDict(m, preserving_proto_field_name=True) for m in found]
+        data: Any = items[0] if one else {"items": items}
+        print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False).rstrip())
+        return
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        print("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    server_help = "admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)"
+    build_parser = sub.add_parser("build", help="pack a model directory with its locked requirements into the store")
+    build_parser.add_argument("path", help="directory with mllambda.yaml (kind: Model), the code, files, requirements")
+    build_parser.add_argument("--model", required=True)
+    build_parser.add_argument("--version", help="version name (default: d-<digest>, the same for the same content)")
+    build_parser.add_argument("--no-check", action="store_true", help="skip importing the entry in its environment")
+    build_parser.add_argument("--server", help=server_help)
+    build_parser.set_defaults(handler=cmd_build)
+    deploy = sub.add_parser("deploy", help="run a model version's replicas on the running stack")
+    deploy.add_argument("ref", metavar="MODEL:VERSION")
+    deploy.add_argument("--replicas", type=int, default=1)
+    deploy.add_argument("--server", help=server_help)
+    deploy.set_defaults(handler=cmd_deploy)
+    undeploy = sub.add_parser("undeploy", help="drain and stop a model version's replicas")
+    undeploy.add_argument("ref", metavar="MODEL:VERSION")
+    undeploy.add_argument("--force", action="store_true", help="even while a pipeline in traffic sends to it")
+    undeploy.add_argument("--server", help=server_help)
+    undeploy.set_defaults(handler=cmd_undeploy)

@@ -1,0 +1,148 @@
+"""ModelAdmin over gRPC: model packages in (a chunked upload), versions and deployments out.
+
+The same server, token, TLS and status codes as PipelineAdmin: INVALID_ARGUMENT for a
+bad name or package, NOT_FOUND, ALREADY_EXISTS for a version name that holds other
+content, FAILED_PRECONDITION for a version in use, UNAVAILABLE for Consul or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
+from controlplane.admin.server import guard
+from controlplane.models.package import MAX_PACKAGE
+from controlplane.models.store import (
+    BadPackage,
+    Deployment,
+    InUse,
+    ModelNotFound,
+    ModelStore,
+    ModelVersion,
+    check_names,
+)
+
+log = logging.getLogger("mllambda.admin")
+
+# pipeline in traffic -> the model versions it sends to (undeploy and delete refuse those)
+ModelsInTraffic = Callable[[], Awaitable[dict[str, set[tuple[str, str]]]]]
+
+
+def version_to_proto(version: ModelVersion, deployment: Deployment | None = None) -> Any:
+    return pb.ModelVersion(
+        model=version.model,
+        version=version.version,
+        digest=version.digest,
+        size=version.size,
+        python=version.python,
+        entry=version.entry,
+        loader=version.loader,
+        lock_hash=version.lock_hash,
+        dependencies=list(version.dependencies),
+        requirements=list(version.requirements),
+        files=list(version.files),
+        file_count=version.file_count,
+        description=version.description,
+        created_at=version.created_at,
+        created_by=version.created_by,
+        replicas=deployment.replicas if deployment else 0,
+        deployed=deployment is not None,
+    )
+
+
+class ModelAdmin(pb_grpc.ModelAdminServicer):
+    def __init__(self, store: ModelStore, in_traffic: ModelsInTraffic, limit: int = MAX_PACKAGE) -> None:
+        self.store = store
+        self.in_traffic = in_traffic  # async () -> set of (model, version) that pipelines in traffic use
+        self.limit = limit
+        self.calls: dict[tuple[str, str], int] = {}
+
+    @guard
+    async def Upload(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise BadPackage("an upload needs a first message naming model, version and digest")
+        check_names(first.model, first.version)
+        if first.size > self.limit:
+            raise BadPackage(f"the package is {first.size} bytes, over the store's limit of {self.limit // 2**20} MiB")
+
+        async def parts() -> AsyncIterator[bytes]:
+            if first.data:
+                yield first.data
+            async for chunk in requests:
+                yield chunk.data
+
+        await self.store.receive(parts(), first.digest, self.limit)
+        version, created = await self.store.record(first.model, first.version, first.digest, by=_caller(context))
+        log.info(
+            "upload model=%s version=%s digest=%s created=%s",
+            version.model,
+            version.version,
+            version.digest[:12],
+            created,
+        )
+        deployment = await self.store.deployment(version.model, version.version)
+        return pb.UploadResponse(model=version_to_proto(version, deployment), created=created)
+
+    @guard
+    async def GetModel(self, request: Any, context: Any) -> Any:
+        version = await self.store.get(request.model, request.version)
+        return version_to_proto(version, await self.store.deployment(request.model, request.version))
+
+    @guard
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        versions = await self.store.versions(request.model)
+        deployed = {(d.model, d.version): d for d in await self.store.deployments()}
+        return pb.ListModelsResponse(models=[version_to_proto(v, deployed.get((v.model, v.version))) for v in versions])
+
+    @guard
+    async def DeleteModel(self, request: Any, context: Any) -> Any:
+        await self._not_in_traffic(request.model, request.version, "delete")
+        version = await self.store.delete(request.model, request.version)
+        log.info("delete model=%s version=%s", version.model, version.version)
+        return version_to_proto(version)
+
+    @guard
+    async def Deploy(self, request: Any, context: Any) -> Any:
+        deployment, changed = await self.store.deploy(
+            request.model, request.version, request.replicas, _caller(context)
+        )
+        log.info(
+            "deploy model=%s version=%s replicas=%d changed=%s",
+            request.model,
+            request.version,
+            request.replicas,
+            changed,
+        )
+        version = await self.store.get(request.model, request.version)
+        return pb.DeployResponse(model=version_to_proto(version, deployment), changed=changed)
+
+    @guard
+    async def Undeploy(self, request: Any, context: Any) -> Any:
+        check_names(request.model, request.version)
+        if await self.store.deployment(request.model, request.version) is None:
+            raise ModelNotFound(f"{request.model}:{request.version} is not deployed")
+        if not request.force:
+            await self._not_in_traffic(request.model, request.version, "undeploy")
+        deployment = await self.store.undeploy(request.model, request.version)
+        log.info("undeploy model=%s version=%s", request.model, request.version)
+        return version_to_proto(await self.store.get(deployment.model, deployment.version))
+
+    async def _not_in_traffic(self, model: str, version: str, what: str) -> None:
+        users = sorted(name for name, models in (await self.in_traffic()).items() if (model, version) in models)
+        if users:
+            raise InUse(
+                f"{model}:{version} serves pipeline(s) {', '.join(users)} in traffic; move them off it first"
+                + (" (or --force)" if what == "undeploy" else "")
+            )
+
+
+def _caller(context: Any) -> str:
+    """Who made a change, for the record: the peer's address (the bearer token is not an identity)."""
+    try:
+        return str(context.peer())[:200]
+    except Exception:
+        return "unknown"

@@ -1,0 +1,144 @@
+"""One virtual environment per lock, built by uv and shared by every package version with the same lock.
+
+An environment holds the package's locked requirements, the runtime SDK's own
+dependencies pinned to the versions of this ML Lambda, and a copy of `runtime_sdk`
+and `contract` from this ML Lambda: what `python -m runtime_sdk.child` needs, and
+nothing of the control plane's. It is built in a folder of its own and renamed into
+place only when complete, so a crash or a failed install never leaves a half
+environment that looks ready; uv's output is kept beside it (`<hash>.log`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import contract
+import runtime_sdk
+from controlplane.models.package import (
+    PackageError,
+    PackageMeta,
+    lock_hash,
+    python_version,
+    read_lock,
+    read_meta,
+    unpack,
+)
+
+# What runtime_sdk and contract import, pinned to this environment's versions (so the SDK behaves the same).
+SDK_REQUIREMENTS = ("py-consul", "aiohttp", "aiokafka", "prometheus-client")
+BUILD_TIMEOUT = 900.0
+
+
+def find_uv() -> str:
+    beside = Path(sys.executable).with_name("uv")
+    found = str(beside) if beside.exists() else shutil.which("uv")
+    if not found:
+        raise PackageError("uv not found: run ./dev bootstrap (it installs the `uv` package)")
+    return found
+
+
+def sdk_pins() -> list[str]:
+    pins = []
+    for name in SDK_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def env_python(env: Path) -> Path:
+    return env / "bin" / "python"
+
+
+def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Path:
+    """The environment of a lock: reused when present, else built (seconds with uv's cache)."""
+    if python != python_version():
+        raise PackageError(
+            f"the package was locked for Python {python}; this host runs Python {python_version()}: build it again here"
+        )
+    target = envs_dir / lock_id
+    if env_python(target).exists():
+        return target
+    envs_dir.mkdir(parents=True, exist_ok=True)
+    partial = envs_dir / f".{lock_id}.{os.getpid()}.{int(time.time())}"
+    log_path = envs_dir / f"{lock_id}.log"
+    uv = find_uv()
+    lock_file = partial.with_suffix(".lock.txt")
+    lock_file.write_text(lock_text)
+    steps = [
+        [uv, "venv", "--quiet", "--python", sys.executable, str(partial)],
+        [uv, "pip", "install", "--quiet", "--python", str(env_python(partial)), *sdk_pins()],
+    ]
+    if lock_text.strip():
+        steps.append(
+            [uv, "pip", "install", "--quiet", "--require-hashes", "--python", str(env_python(partial)),
+             "-r", str(lock_file)]
+        )  # fmt: skip
+    try:
+        with log_path.open("w") as log:
+            for argv in steps:
+                log.write("$ " + " ".join(argv) + "\n")
+                log.flush()
+                done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT)
+                if done.returncode != 0:
+                    raise PackageError(f"building the environment failed:\n{_tail(log_path)}\n(full log: {log_path})")
+        site = _site_packages(partial)
+        for package in (runtime_sdk, contract):
+            source = Path(package.__file__ or "").parent
+            shutil.copytree(source, site / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            partial.rename(target)
+        except OSError:  # built by someone else meanwhile: theirs is as good
+            shutil.rmtree(partial, ignore_errors=True)
+    finally:
+        lock_file.unlink(missing_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _site_packages(env: Path) -> Path:
+    found = sorted((env / "lib").glob("python*/site-packages"))
+    if not found:
+        raise PackageError(f"{env}: no site-packages after uv venv")
+    return found[0]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def check_entry(env: Path, package_dir: Path, targets: list[str]) -> None:
+    """Import the entry (and loader) in the package's environment, as the runtime will: a typo fails the build."""
+    code = (
+        "import importlib, sys\n"
+        "for target in sys.argv[1:]:\n"
+        "    module, _, attr = target.partition(':')\n"
+        "    if not callable(getattr(importlib.import_module(module), attr, None)):\n"
+        "        sys.exit(f'{target}: {module} has no callable {attr}')\n"
+    )
+    done = subprocess.run(
+        [str(env_python(env)), "-c", code, *targets], cwd=package_dir, capture_output=True, text=True, timeout=300
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PackageError(f"entry: {' / '.join(targets)} does not import in the package's environment: {last}")
+
+
+def prepare(archive: bytes, digest: str, cache: Path) -> tuple[Path, Path, PackageMeta]:
+    """A stored package made runnable on this host: unpacked by digest, its environment built or reused."""
+    folder = unpack(archive, digest, cache / "packages")
+    meta = read_meta(archive)
+    lock_text = read_lock(archive)
+    env = ensure_env(cache / "envs", lock_text, lock_hash(lock_text, meta.python), meta.python)
+    return folder, env, meta

@@ -1,0 +1,302 @@
+"""The model store: package archives in a folder by digest, their records in Consul KV beside pipelines.
+
+Layout:
+  <store dir>/sha256/<digest>.tar                 the archive, written whole (temp file, fsync, rename) or not at all
+  KV <prefix>-models/<model>/<version>            {"digest": ..., "lock_hash": ..., "dependencies": [...], ...}
+  KV <prefix>-deploy/<model>.<version>            {"replicas": N, ...}: what a running stack should serve
+
+A version's record is created with check-and-set index 0 (only if absent), so two
+uploads of one version cannot both win, and a version name never changes content:
+the same digest again is "unchanged", another digest is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import consul
+import consul.aio
+
+from contract.naming import DEFAULT_KV_PREFIX, LABEL, VERSION, model_cluster, name_problem
+from controlplane.models.package import MAX_PACKAGE, PackageError, PackageMeta, describe_lock, lock_hash, read_lock
+from controlplane.models.package import read_meta as meta_of
+
+MAX_DEPLOY_REPLICAS = 100
+SHOWN_FILES = 200
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+class VersionTaken(Exception):
+    """The version name already holds other content (a different digest)."""
+
+
+class InUse(Exception):
+    """The version is deployed, or a pipeline in traffic sends to it."""
+
+
+class ModelStoreUnavailable(Exception):
+    pass
+
+
+class BadPackage(Exception):
+    """The upload is not a package, does not match its digest, or is too large; nothing was stored."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model: str
+    version: str
+    digest: str
+    size: int
+    python: str
+    entry: str
+    loader: str
+    lock_hash: str
+    dependencies: tuple[str, ...]  # name==version, from the lock
+    requirements: tuple[str, ...]  # as the author wrote them
+    files: tuple[str, ...]  # the first SHOWN_FILES of the model's own files
+    file_count: int
+    description: str
+    created_at: float
+    created_by: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @staticmethod
+    def from_json(raw: bytes) -> ModelVersion:
+        data = json.loads(raw)
+        for key in ("dependencies", "requirements", "files"):
+            data[key] = tuple(data[key])
+        return ModelVersion(**data)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model: str
+    version: str
+    digest: str
+    replicas: int
+    at: float
+    by: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def parse_deployment(raw: bytes | None) -> Deployment | None:
+    """A deployment record as written, or None for anything else (absent, not JSON, wrong shape)."""
+    if raw is None or len(raw) > 4096:
+        return None
+    try:
+        data = json.loads(raw)
+        found = Deployment(
+            str(data["model"]), str(data["version"]), str(data["digest"]), data["replicas"], float(data["at"]),
+            str(data["by"])[:200],
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return None
+    ok = type(found.replicas) is int and 0 <= found.replicas <= MAX_DEPLOY_REPLICAS
+    return found if ok and name_problem(found.model, LABEL) is None else None
+
+
+def check_names(model: str, version: str) -> None:
+    for what, value, rule in (("model", model, LABEL), ("version", version, VERSION)):
+        problem = name_problem(value, rule)
+        if problem is not None:
+            raise BadPackage(f"{what}: {problem}")
+
+
+def models_prefix(kv_prefix: str) -> str:
+    return kv_prefix.rstrip("/") + "-models/"
+
+
+def deploy_prefix(kv_prefix: str) -> str:
+    return kv_prefix.rstrip("/") + "-deploy/"
+
+
+def blob_path(store_dir: Path, digest: str) -> Path:
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise BadPackage(f"not a sha256 digest: {digest[:80]!r}")
+    return store_dir / "sha256" / f"{digest}.tar"
+
+
+def read_blob(store_dir: Path, digest: str) -> bytes:
+    """The archive of a digest, checked: a truncated or changed file is refused, never served."""
+    path = blob_path(store_dir, digest)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ModelNotFound(f"the store at {store_dir} has no package {digest[:12]} ({path})") from err
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise BadPackage(f"{path}: content does not match its digest (sha256 {actual[:12]}...): tampered or truncated")
+    return data
+
+
+class ModelStore:
+    def __init__(self, client: consul.aio.Consul, store_dir: Path, kv_prefix: str = DEFAULT_KV_PREFIX) -> None:
+        self.client = client
+        self.dir = store_dir
+        self.prefix = models_prefix(kv_prefix)
+        self.deploys = deploy_prefix(kv_prefix)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            raise ModelStoreUnavailable(f"Consul unreachable: {err}") from err
+        except consul.ConsulException as err:
+            raise ModelStoreUnavailable(f"Consul error: {err}") from err
+
+    def key(self, model: str, version: str) -> str:
+        return f"{self.prefix}{model}/{version}"
+
+    async def receive(self, parts: AsyncIterator[bytes], digest: str, limit: int = MAX_PACKAGE) -> Path:
+        """An upload into the store, checked against its digest; the blob appears only when complete and right."""
+        target = blob_path(self.dir, digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{digest}.{os.getpid()}.{time.monotonic_ns()}")
+        hasher, size = hashlib.sha256(), 0
+        try:
+            with partial.open("wb") as out:
+                async for part in parts:
+                    size += len(part)
+                    if size > limit:
+                        raise BadPackage(f"the package is over the store's limit of {limit // 2**20} MiB")
+                    hasher.update(part)
+                    out.write(part)
+                out.flush()
+                os.fsync(out.fileno())
+            if hasher.hexdigest() != digest:
+                raise BadPackage(f"the upload does not match its digest ({size} bytes received): truncated or changed")
+            os.replace(partial, target)
+        except OSError as err:  # the disk full, say: nothing half-written stays
+            raise ModelStoreUnavailable(f"cannot write the package into {self.dir}: {err.strerror or err}") from err
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+    async def record(self, model: str, version: str, digest: str, by: str) -> tuple[ModelVersion, bool]:
+        """Record a received archive as model:version. (The version, created?) Same digest again: unchanged."""
+        check_names(model, version)
+        archive = read_blob(self.dir, digest)
+        try:
+            meta, lock_text = meta_of(archive), read_lock(archive)
+        except (PackageError, ValueError, KeyError) as err:
+            raise BadPackage(f"not a model package: {err}") from err
+        found = await self._get(model, version)
+        if found is not None:
+            if found.digest != digest:
+                raise VersionTaken(
+                    f"{model}:{version} already holds package {found.digest[:12]}; this one is {digest[:12]}. "
+                    "A version never changes content: build it as a new version"
+                )
+            return found, False
+        new = _version_record(model, version, digest, len(archive), meta, lock_text, by)
+        if not await self._call(self.client.kv.put(self.key(model, version), new.to_json().decode(), cas=0)):
+            return await self.record(model, version, digest, by)  # someone recorded it meanwhile: judge theirs
+        return new, True
+
+    async def _get(self, model: str, version: str) -> ModelVersion | None:
+        _, item = await self._call(self.client.kv.get(self.key(model, version)))
+        if item is None or not item.get("Value"):
+            return None
+        try:
+            return ModelVersion.from_json(item["Value"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadPackage(f"{item['Key']}: not a model record ({err})") from err
+
+    async def get(self, model: str, version: str) -> ModelVersion:
+        check_names(model, version)
+        found = await self._get(model, version)
+        if found is None:
+            raise ModelNotFound(f"model {model}:{version} not found (mllambda get models)")
+        return found
+
+    async def versions(self, model: str = "") -> list[ModelVersion]:
+        if model:
+            check_names(model, "v1")
+        _, items = await self._call(self.client.kv.get(self.prefix + (f"{model}/" if model else ""), recurse=True))
+        found = []
+        for item in items or []:
+            try:
+                found.append(ModelVersion.from_json(item["Value"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a record that does not parse is not listed; `describe` names it
+        return sorted(found, key=lambda v: (v.model, v.created_at, v.version))
+
+    async def delete(self, model: str, version: str) -> ModelVersion:
+        found = await self.get(model, version)
+        deployed = await self.deployment(model, version)
+        if deployed is not None:
+            raise InUse(f"{model}:{version} is deployed ({deployed.replicas} replicas): `mllambda undeploy` it first")
+        await self._call(self.client.kv.delete(self.key(model, version)))
+        if not any(v.digest == found.digest for v in await self.versions()):
+            blob_path(self.dir, found.digest).unlink(missing_ok=True)
+        return found
+
+    async def deployment(self, model: str, version: str) -> Deployment | None:
+        _, item = await self._call(self.client.kv.get(self.deploys + model_cluster(model, version)))
+        return parse_deployment(item["Value"]) if item else None
+
+    async def deployments(self) -> list[Deployment]:
+        _, items = await self._call(self.client.kv.get(self.deploys, recurse=True))
+        return [d for item in items or [] if (d := parse_deployment(item.get("Value"))) is not None]
+
+    async def deploy(self, model: str, version: str, replicas: int, by: str) -> tuple[Deployment, bool]:
+        """Write what should run; a running stack follows. (The record, changed?)"""
+        if not 0 <= replicas <= MAX_DEPLOY_REPLICAS:
+            raise BadPackage(f"replicas: between 0 and {MAX_DEPLOY_REPLICAS}, got {replicas}")
+        found = await self.get(model, version)
+        key = self.deploys + model_cluster(model, version)
+        _, item = await self._call(self.client.kv.get(key))
+        before = parse_deployment(item["Value"]) if item else None
+        if before is not None and before.replicas == replicas:
+            return before, False
+        record = Deployment(model, version, found.digest, replicas, time.time(), by)
+        cas = int(item["ModifyIndex"]) if item else 0
+        if not await self._call(self.client.kv.put(key, record.to_json().decode(), cas=cas)):
+            raise InUse(f"{model}:{version} was deployed or changed by another client at the same time; try again")
+        return record, True
+
+    async def undeploy(self, model: str, version: str) -> Deployment:
+        check_names(model, version)
+        found = await self.deployment(model, version)
+        if found is None:
+            raise ModelNotFound(f"{model}:{version} is not deployed")
+        await self._call(self.client.kv.delete(self.deploys + model_cluster(model, version)))
+        return found
+
+
+def _version_record(
+    model: str, version: str, digest: str, size: int, meta: PackageMeta, lock_text: str, by: str
+) -> ModelVersion:
+    return ModelVersion(
+        model=model,
+        version=version,
+        digest=digest,
+        size=size,
+        python=meta.python,
+        entry=meta.entry,
+        loader=meta.loader,
+        lock_hash=lock_hash(lock_text, meta.python),
+        dependencies=tuple(describe_lock(lock_text)),
+        requirements=meta.requirements,
+        files=meta.files[:SHOWN_FILES],
+        file_count=len(meta.files),
+        description=meta.description,
+        created_at=time.time(),
+        created_by=by[:200],
+    )

@@ -1,0 +1,102 @@
+"""Model packages without a control plane: the manifest's problems, content addressing, the store's checks."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from controlplane.models.envs import find_uv
+from controlplane.models.package import PackageError, build, pack, read_manifest, requirement_lines, unpack
+from controlplane.models.store import BadPackage, read_blob
+
+BARE = Path(__file__).parent / "data" / "packages" / "bare"
+
+
+def copy(tmp_path: Path, source: Path = BARE) -> Path:
+    target = tmp_path / "pkg"
+    shutil.copytree(source, target)
+    return target
+
+
+def test_the_same_content_gives_the_same_digest_wherever_and_whenever_it_is_built(tmp_path: Path) -> None:
+    first = build(BARE, find_uv())
+    again = copy(tmp_path)
+    (again / "echo.py").touch()  # a new mtime, another folder: content is what counts
+    assert build(again, find_uv()).digest == first.digest
+    (again / "echo.py").write_text((again / "echo.py").read_text() + "\n# changed\n")
+    assert build(again, find_uv()).digest != first.digest
+
+
+def test_every_manifest_problem_is_named_at_once(tmp_path: Path) -> None:
+    root = copy(tmp_path)
+    manifest = "kind: Modle\nentry: 'echo predict'\nloader: 3\nweights: x\nexamples: nope.jsonl\n"
+    (root / "mllambda.yaml").write_text(manifest)
+    with pytest.raises(PackageError) as err:
+        read_manifest(root)
+    text = str(err.value)
+    for field in ("kind:", "entry:", "loader:", "weights: unknown field", "examples:"):
+        assert field in text, text
+
+
+def test_a_package_without_a_manifest_or_its_entry_module_is_refused(tmp_path: Path) -> None:
+    root = copy(tmp_path)
+    (root / "mllambda.yaml").unlink()
+    with pytest.raises(PackageError, match="missing"):
+        build(root, find_uv())
+    (root / "mllambda.yaml").write_text("kind: Model\nentry: predictor:predict\n")
+    with pytest.raises(PackageError, match=r"no predictor\.py"):
+        build(root, find_uv())
+
+
+def test_requirements_that_reach_outside_the_package_or_cannot_resolve_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(PackageError, match="only packages from an index"):
+        requirement_lines("numpy\n-e ../elsewhere\n")
+    root = copy(tmp_path)
+    (root / "requirements.txt").write_text("scikit-learn==0.0.1\n")
+    with pytest.raises(PackageError, match="cannot be resolved") as err:
+        build(root, find_uv())
+    assert "scikit-learn" in str(err.value)  # uv's own message names the dependency
+
+
+def test_a_symlink_is_refused(tmp_path: Path) -> None:
+    root = copy(tmp_path)
+    (root / "weights.bin").symlink_to("/etc/passwd")
+    with pytest.raises(PackageError, match="symlink"):
+        build(root, find_uv())
+
+
+def test_a_changed_or_truncated_archive_is_never_unpacked_or_served(tmp_path: Path) -> None:
+    built = build(BARE, find_uv())
+    with pytest.raises(PackageError, match="does not match its digest"):
+        unpack(built.archive[:-512], built.digest, tmp_path / "packages")
+    assert not (tmp_path / "packages" / built.digest).exists()
+    blob = tmp_path / "store" / "sha256" / f"{built.digest}.tar"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(built.archive.replace(b"return", b"retURN"))
+    with pytest.raises(BadPackage, match="tampered or truncated"):
+        read_blob(tmp_path / "store", built.digest)
+
+
+def test_an_archive_holds_only_the_models_files_and_its_lock(tmp_path: Path) -> None:
+    root = copy(tmp_path)
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "echo.cpython-311.pyc").write_bytes(b"x")
+    built = build(root, find_uv())
+    assert built.meta.files == ("echo.py", "mllambda.yaml")
+    folder = unpack(built.archive, built.digest, tmp_path / "packages")
+    assert sorted(p.name for p in folder.iterdir()) == [".mllambda", "echo.py", "mllambda.yaml"]
+    assert hashlib.sha256(built.archive).hexdigest() == built.digest
+
+
+def test_an_oversized_package_is_refused_while_packing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import controlplane.models.package as package
+
+    root = copy(tmp_path)
+    (root / "weights.bin").write_bytes(b"\0" * 70_000)
+    monkeypatch.setattr(package, "MAX_PACKAGE", 64 * 1024)
+    meta, _ = read_manifest(root)
+    with pytest.raises(PackageError, match="over the limit of 65,536 bytes"):
+        pack(root, meta, "", ["echo.py", "weights.bin"])

@@ -1,0 +1,113 @@
+"""Model packages through the real stack: built and uploaded over the admin API, run in their own environments.
+
+Two versions of one model pin different scikit-learn releases (1.5.2 and 1.9.0); they serve side by side in
+one pipeline, split 50/50 by the gateway Envoy, each answering with the scikit-learn it imports, from an
+environment that is not the control plane's.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ControlPlaneProc
+from tests.test_pipeline_e2e import apply, post, until_ok
+
+PACKAGES = Path(__file__).parent / "data" / "packages"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def model_plane(control_plane: ControlPlaneProc, store: Path) -> ControlPlaneProc:
+    """The control plane, restarted with a model store of the test's own."""
+    control_plane.stop()
+    control_plane.env = {**control_plane.env, "MLLAMBDA_MODEL_STORE": str(store)}
+    control_plane.start()
+    return control_plane
+
+
+def package_runtime(start_runtime: Any, store: Path, model: str, version: str, wait: bool = True) -> Any:
+    return start_runtime("", model, version, wait=wait, extra=("--package", f"--model-store={store}"))
+
+
+async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
+    model_plane: ControlPlaneProc, gateway: Any, start_runtime: Any, store: Path, tmp_path: Path
+) -> None:
+    for folder, version in (("sk15", "v15"), ("sk19", "v19")):
+        built = model_plane.cli("build", str(PACKAGES / folder), "--model=skl", f"--version={version}")
+        assert built.returncode == 0, built.stderr
+        assert f"model/skl:{version} built" in built.stdout
+    again = model_plane.cli("build", str(PACKAGES / "sk15"), "--model=skl", "--version=v15")
+    assert again.returncode == 0 and "unchanged" in again.stdout, again.stderr
+    taken = model_plane.cli("build", str(PACKAGES / "sk19"), "--model=skl", "--version=v15")
+    assert taken.returncode == 1 and "already holds package" in taken.stderr, taken.stderr
+
+    listed = model_plane.cli("get", "models", "skl")
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [["skl", "v15"], ["skl", "v19"]]
+    described = model_plane.cli("describe", "model", "skl:v19")
+    assert "scikit-learn==1.9.0" in described.stdout and "model.py" in described.stdout, described.stderr
+
+    package_runtime(start_runtime, store, "skl", "v15")
+    package_runtime(start_runtime, store, "skl", "v19")
+    split = [{"model": "skl", "version": "v15", "weight": 50}, {"model": "skl", "version": "v19", "weight": 50}]
+    apply(model_plane, tmp_path, {"name": "sk", "stages": [{"name": "classify", "variants": split}]})
+    url = f"http://127.0.0.1:{model_plane.gateway_port}/pipelines/sk"
+    await until_ok(url, {"x": 3})
+    seen: collections.Counter[str] = collections.Counter()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            status, body, served = await post(session, url, {"x": 3})
+            assert status == 200 and body["label"] == 1, body
+            version = served.split("skl:")[1]
+            assert body["sklearn"] == {"v15": "1.5.2", "v19": "1.9.0"}[version], (served, body)
+            assert body["prefix"] != sys.prefix and "/envs/" in body["prefix"], body["prefix"]
+            seen[version] += 1
+    assert 60 <= seen["v15"] <= 140 and seen["v15"] + seen["v19"] == 200, seen
+    import sklearn  # the control plane's own environment: neither release
+
+    assert sklearn.__version__ not in ("1.5.2", "1.9.0")
+
+    undeploy = model_plane.cli("undeploy", "skl:v15")
+    assert undeploy.returncode == 1 and "not deployed" in undeploy.stderr, undeploy.stderr
+    deployed = model_plane.cli("deploy", "skl:v15", "--replicas=1")
+    assert deployed.returncode == 0, deployed.stderr
+    refused = model_plane.cli("undeploy", "skl:v15")
+    assert refused.returncode == 1 and "serves pipeline(s) sk in traffic" in refused.stderr, refused.stderr
+    refused = model_plane.cli("delete", "model", "skl:v19")
+    assert refused.returncode == 1 and "in traffic" in refused.stderr, refused.stderr
+    forced = model_plane.cli("undeploy", "skl:v15", "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+async def test_a_tampered_package_never_runs_and_bad_uploads_store_nothing(
+    model_plane: ControlPlaneProc, start_runtime: Any, store: Path
+) -> None:
+    built = model_plane.cli("build", str(PACKAGES / "bare"), "--model=echo", "--version=v1")
+    assert built.returncode == 0, built.stderr
+    (blob,) = (store / "sha256").glob("*.tar")
+    blob.write_bytes(blob.read_bytes()[:-1024])  # truncated on disk
+    runtime = package_runtime(start_runtime, store, "echo", "v1", wait=False)
+    assert runtime.proc.popen is not None
+    runtime.proc.popen.wait(timeout=60)
+    assert "tampered or truncated" in runtime.proc.tail(), runtime.proc.tail()
+
+    for bad, expected in (("echo:v1\n", "version"), ("../x:v1", "model")):
+        model, _, version = bad.partition(":")
+        result = model_plane.cli("build", str(PACKAGES / "bare"), f"--model={model}", f"--version={version}")
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+    missing = model_plane.cli(
+        "runtime", "--package", "--model=echo", "--version=v9", f"--model-store={store}",
+        f"--consul=127.0.0.1:{model_plane.consul_port}", f"--kv-prefix={model_plane.kv_prefix}",
+    )  # fmt: skip
+    assert missing.returncode == 1 and "echo:v9 not found" in missing.stderr, missing.stderr
+    assert sorted(p.name for p in (store / "sha256").iterdir()) == [blob.name]  # nothing half-written
