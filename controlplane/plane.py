@@ -36,6 +36,7 @@ from controlplane.errors import CliError
 from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
+from controlplane.models.server import PackageServer, build_package_app
 from controlplane.models.store import ModelStore
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import PipelineStore, StoreView
@@ -87,6 +88,11 @@ class ControlPlane:
         self.options = options
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None
         self.bridge_identity = CertKeeper(self.consul, BRIDGE_SERVICE) if mtls and self.kafka else None
+        # Its own keeper: a keeper reloads one context, and the stats scraper's is the other.
+        self.packages_identity = (
+            CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls and settings.packages_addr else None
+        )
+        self.packages: PackageServer | None = None
         # Discovery's blocking queries get their own connections: admin calls never wait behind them.
         self.watch_consul = consul_client.connect(c)
         self.discovery = Discovery(
@@ -195,7 +201,7 @@ class ControlPlane:
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
         if dashboard_at is not None:
             self._ui = LocalAdmin(self._admin_server, settings.token, settings.ui_token)
-        for keeper in (self.identity, self.bridge_identity):
+        for keeper in (self.identity, self.bridge_identity, self.packages_identity):
             if keeper is not None:
                 await keeper.start()
         if self.identity is not None:  # reads counters of Envoys on other hosts through their ingress
@@ -214,6 +220,13 @@ class ControlPlane:
             if self.bridge_identity is not None:  # its key is copied where only we read it (ssl loads files)
                 tls = renewed_context(self.bridge_identity, key_copies("bridge"))
             self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix, tls).start()
+        if settings.packages_addr:
+            address = split_host_port(settings.packages_addr, 18004)
+            refuse_exposed("model packages", address[0], self.packages_identity is not None or settings.exposed,
+                           "--insecure-expose")  # fmt: skip
+            keeper = self.packages_identity
+            tls = renewed_context(keeper, key_copies("packages")) if keeper is not None else None
+            self.packages = await PackageServer(build_package_app(self.model_store), address, tls).start()
         self._mark_dirty()  # every known node group gets a snapshot once Consul has been read
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
@@ -351,10 +364,12 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for keeper in (self.identity, self.bridge_identity):
+        for keeper in (self.identity, self.bridge_identity, self.packages_identity):
             if keeper is not None:
                 await keeper.stop()
-        for kind in ("bridge", "stats"):  # the key copies go with us
+        if self.packages is not None:
+            await self.packages.stop()
+        for kind in ("bridge", "stats", "packages"):  # the key copies go with us
             shutil.rmtree(key_copies(kind), ignore_errors=True)
         if self.bridge is not None:
             await self.bridge.deregister()

@@ -53,6 +53,7 @@ class Settings:
     colocated: str = "shared"  # a runtime on the sender's host (COLOCATED; docs/architecture.md, "Same host")
     run_folder: str = ""  # with shared: the folder whose runtimes' egress sockets the gateway takes
     model_store: str = ""  # where model packages are kept by digest ("": config.model_store_dir())
+    packages_addr: str = ""  # serves packages to hosts that lack them (mTLS beyond loopback); "": not served
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -83,6 +84,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         colocated=_colocated(resolve(args.colocated, "MLLAMBDA_COLOCATED", "shared")),
         run_folder=str(run_folder()),
         model_store=str(model_store_dir(args.model_store)),
+        packages_addr=resolve(args.packages, "MLLAMBDA_PACKAGES_ADDR", ""),
     )
 
 
@@ -117,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-prefix", help=f"Consul KV prefix for pipelines (default {DEFAULT_KV_PREFIX})")
     parser.add_argument(
         "--model-store", help="folder of model packages by digest (MLLAMBDA_MODEL_STORE; .mllambda/models)"
+    )
+    parser.add_argument(
+        "--packages",
+        help="HOST:PORT where runtime hosts that lack a model package fetch it (MLLAMBDA_PACKAGES_ADDR; default: "
+        "not served, hosts share the store folder)",
     )
     parser.add_argument(
         "--gateway-host", default="127.0.0.1", type=gateway_ip, help="IP the gateway Envoys' listener binds (127.0.0.1)"

@@ -14,12 +14,13 @@ import consul
 import grpc
 import pytest
 import yaml
-from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
-from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"

@@ -100,3 +100,24 @@ def test_an_oversized_package_is_refused_while_packing(tmp_path: Path, monkeypat
     meta, _ = read_manifest(root)
     with pytest.raises(PackageError, match="over the limit of 65,536 bytes"):
         pack(root, meta, "", ["echo.py", "weights.bin"])
+
+
+def test_only_a_runtime_of_the_model_may_fetch_its_package() -> None:
+    from controlplane.models.server import may_fetch
+
+    own = ["spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/classifier"]
+    other = ["spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/features"]
+    assert may_fetch(own, "classifier")
+    assert not may_fetch(other, "classifier")
+    assert not may_fetch([], "classifier")  # a certificate of our CA without an identity
+    assert may_fetch(None, "classifier")  # plaintext: the listener is on loopback only
+
+
+def test_a_fetched_archive_that_is_not_what_the_record_says_is_not_kept(tmp_path: Path) -> None:
+    from controlplane.models.store import write_blob
+
+    built = build(BARE, find_uv())
+    with pytest.raises(BadPackage, match="does not match"):
+        write_blob(tmp_path, built.digest, built.archive + b"\0")
+    assert list(tmp_path.rglob("*.tar")) == [] and list(tmp_path.rglob(".*")) == []
+    assert write_blob(tmp_path, built.digest, built.archive).read_bytes() == built.archive

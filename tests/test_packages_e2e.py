@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane.node import processes
 from tests.conftest import ControlPlaneProc
 from tests.test_pipeline_e2e import apply, post, until_ok
 
@@ -32,6 +33,7 @@ def model_plane(control_plane: ControlPlaneProc, store: Path) -> ControlPlanePro
     """The control plane, restarted with a model store of the test's own."""
     control_plane.stop()
     control_plane.env = {**control_plane.env, "MLLAMBDA_MODEL_STORE": str(store)}
+    control_plane.extra_args = [*control_plane.extra_args, f"--packages=127.0.0.1:{processes.free_port()}"]
     control_plane.start()
     return control_plane
 
@@ -111,3 +113,27 @@ async def test_a_tampered_package_never_runs_and_bad_uploads_store_nothing(
     )  # fmt: skip
     assert missing.returncode == 1 and "echo:v9 not found" in missing.stderr, missing.stderr
     assert sorted(p.name for p in (store / "sha256").iterdir()) == [blob.name]  # nothing half-written
+
+
+async def test_a_host_that_never_had_the_package_fetches_it_checks_it_and_keeps_it(
+    model_plane: ControlPlaneProc, gateway: Any, start_runtime: Any, store: Path, tmp_path: Path
+) -> None:
+    built = model_plane.cli("build", str(PACKAGES / "bare"), "--model=echo", "--version=v1")
+    assert built.returncode == 0, built.stderr
+    elsewhere = tmp_path / "other-host-store"  # this "host" has never seen the package
+    packages = next(a for a in model_plane.extra_args if a.startswith("--packages=")).split("=", 1)[1]
+    lacking = start_runtime("", "echo", "v1", wait=False, extra=("--package", f"--model-store={elsewhere}"))
+    assert lacking.proc.popen is not None
+    lacking.proc.popen.wait(timeout=60)
+    assert "--packages-from" in lacking.proc.tail(), lacking.proc.tail()  # says how to get it
+
+    start_runtime("", "echo", "v1", extra=("--package", f"--model-store={elsewhere}", f"--packages-from={packages}"))
+    (kept,) = (elsewhere / "sha256").glob("*.tar")
+    assert kept.read_bytes() == next((store / "sha256").glob("*.tar")).read_bytes()
+    apply(
+        model_plane,
+        tmp_path,
+        {"name": "far", "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}]},
+    )
+    _, body, served = await until_ok(f"http://127.0.0.1:{model_plane.gateway_port}/pipelines/far", {"x": 1})
+    assert body["x"] == 1 and served == "echo=echo:v1" and "/envs/" in body["prefix"], (body, served)

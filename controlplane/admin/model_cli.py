@@ -20,11 +20,11 @@ from typing import Any
 
 import yaml
 
-from controlplane.admin.client import admin_client
+from controlplane.admin.client import AdminClient, admin_client
 from controlplane.config import cache_dir
 from controlplane.errors import CliError
 from controlplane.models.envs import check_entry, ensure_env, find_uv
-from controlplane.models.package import PackageError, build, chunks, unpack
+from controlplane.models.package import MANIFEST, Built, PackageError, build, chunks, unpack
 from controlplane.models.store import BadPackage, check_names
 
 MODEL_RESOURCE = ("model", "models", "mo")
@@ -35,34 +35,47 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    root = Path(args.path)
-    started = time.monotonic()
+def build_checked(root: Path, manifest: str, check: bool = True) -> Built:
+    """Lock and pack a model folder; with `check`, import its entry in its own environment (built if new)."""
     try:
-        say(f"==> locking {root} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")
-        built = build(root, find_uv())
-        version = args.version or f"d-{built.digest[:12]}"
-        check_names(args.model, version)
-        say(f"==> {len(built.meta.files)} files, {len(built.archive) / 2**20:.1f} MiB, sha256 {built.digest[:12]}")
-        if not args.no_check:
-            say(f"==> building its environment {built.lock_hash[:12]} (shared by packages with the same lock)")
+        say(f"==> locking {root / manifest} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")
+        built = build(root, find_uv(), manifest)
+        say(f"    {len(built.meta.files)} files, {len(built.archive) / 2**20:.1f} MiB, sha256 {built.digest[:12]}")
+        if check:
+            say(f"    environment {built.lock_hash[:12]} (shared by packages with the same lock)")
             env = ensure_env(cache_dir() / "envs", built.lock, built.lock_hash, built.meta.python)
             with tempfile.TemporaryDirectory() as scratch:
                 folder = unpack(built.archive, built.digest, Path(scratch))
                 check_entry(env, folder, [t for t in (built.meta.entry, built.meta.loader) if t])
-            say(f"==> entry {built.meta.entry} imports in it")
-    except (PackageError, BadPackage) as err:
+            say(f"    entry {built.meta.entry} imports in it")
+    except PackageError as err:
         raise CliError(str(err)) from err
+    return built
+
+
+def upload(admin: AdminClient, built: Built, model: str, version: str) -> bool:
+    """Send a built package to the store through the admin API, in chunks. Created (else: already there)?"""
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
-    def upload() -> Iterator[Any]:
-        yield pb.UploadChunk(model=args.model, version=version, digest=built.digest, size=len(built.archive))
+    def messages() -> Iterator[Any]:
+        yield pb.UploadChunk(model=model, version=version, digest=built.digest, size=len(built.archive))
         for part in chunks(built.archive):
             yield pb.UploadChunk(data=part)
 
+    return bool(admin.Upload(messages(), timeout=UPLOAD_TIMEOUT).created)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    built = build_checked(Path(args.path), args.manifest, check=not args.no_check)
+    version = args.version or f"d-{built.digest[:12]}"
+    try:
+        check_names(args.model, version)
+    except BadPackage as err:
+        raise CliError(str(err)) from err
     with admin_client(args) as admin:
-        reply = admin.Upload(upload(), timeout=UPLOAD_TIMEOUT)
-    state = "built" if reply.created else "unchanged (this version already holds exactly this package)"
+        created = upload(admin, built, args.model, version)
+    state = "built" if created else "unchanged (this version already holds exactly this package)"
     print(f"model/{args.model}:{version} {state} in {time.monotonic() - started:.1f}s (sha256 {built.digest[:12]})")
     return 0
 
@@ -185,6 +198,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     build_parser.add_argument("path", help="directory with mllambda.yaml (kind: Model), the code, files, requirements")
     build_parser.add_argument("--model", required=True)
     build_parser.add_argument("--version", help="version name (default: d-<digest>, the same for the same content)")
+    build_parser.add_argument("-f", "--manifest", default=MANIFEST, help="the manifest, a file in PATH (mllambda.yaml)")
     build_parser.add_argument("--no-check", action="store_true", help="skip importing the entry in its environment")
     build_parser.add_argument("--server", help=server_help)
     build_parser.set_defaults(handler=cmd_build)

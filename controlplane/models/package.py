@@ -92,9 +92,9 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def read_manifest(root: Path) -> tuple[PackageMeta, list[str]]:
+def read_manifest(root: Path, manifest: str = MANIFEST) -> tuple[PackageMeta, list[str]]:
     """The manifest checked, every problem at once (as `field: message`); the requirement lines it names."""
-    path = root / MANIFEST
+    path = root / manifest
     if not root.is_dir():
         raise PackageError(f"{root}: not a directory")
     try:
@@ -205,8 +205,9 @@ def pack(root: Path, meta: PackageMeta, lock_text: str, files: list[str]) -> byt
     return buffer.getvalue()
 
 
-def build(root: Path, uv: str) -> Built:
-    meta, requirements = read_manifest(root)
+def build(root: Path, uv: str, manifest: str = MANIFEST) -> Built:
+    """Lock and pack the folder `root` as its manifest (`mllambda.yaml`, or another file in it) describes."""
+    meta, requirements = read_manifest(root, manifest)
     files = package_files(root)
     module = meta.entry.split(":")[0].split(".")[0]
     if f"{module}.py" not in files and not any(f.startswith(f"{module}/") for f in files):

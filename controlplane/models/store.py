@@ -145,6 +145,26 @@ def read_blob(store_dir: Path, digest: str) -> bytes:
     return data
 
 
+def write_blob(store_dir: Path, digest: str, archive: bytes) -> Path:
+    """Keep a fetched archive in this host's store by its digest (checked), whole or not at all."""
+    if hashlib.sha256(archive).hexdigest() != digest:
+        raise BadPackage(f"the fetched package does not match its record's digest {digest[:12]}: refused")
+    target = blob_path(store_dir, digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{digest}.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        with partial.open("wb") as out:
+            out.write(archive)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except OSError as err:
+        raise ModelStoreUnavailable(f"cannot write the package into {store_dir}: {err.strerror or err}") from err
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 class ModelStore:
     def __init__(self, client: consul.aio.Consul, store_dir: Path, kv_prefix: str = DEFAULT_KV_PREFIX) -> None:
         self.client = client

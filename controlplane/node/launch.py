@@ -40,12 +40,20 @@ from controlplane.config import (
     run_folder,
 )
 from controlplane.consul import client as consul_client
-from controlplane.consul.certs import CertKeeper, write_sds
+from controlplane.consul.certs import CertKeeper, client_context, key_copies, write_sds
 from controlplane.errors import CliError
 from controlplane.files import private_dir
 from controlplane.models.envs import prepare
 from controlplane.models.package import PackageError
-from controlplane.models.store import BadPackage, ModelNotFound, ModelStore, ModelStoreUnavailable, read_blob
+from controlplane.models.server import fetch
+from controlplane.models.store import (
+    BadPackage,
+    ModelNotFound,
+    ModelStore,
+    ModelStoreUnavailable,
+    read_blob,
+    write_blob,
+)
 from controlplane.node.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
@@ -186,13 +194,37 @@ async def prepared_package(args: argparse.Namespace, client: consul.aio.Consul) 
     store = ModelStore(client, model_store_dir(args.model_store), kv_prefix)
     try:
         record = await store.get(args.model, args.version)
-        archive = read_blob(store.dir, record.digest)
+        try:
+            archive = read_blob(store.dir, record.digest)
+        except ModelNotFound:  # this host never had it: from the control plane, checked, kept by digest
+            archive = await fetch_package(args, client, record.digest)
+            write_blob(store.dir, record.digest, archive)
         log.info("package model=%s version=%s digest=%s: preparing its environment", args.model, args.version,
                  record.digest[:12])  # fmt: skip
         folder, env, meta = await asyncio.to_thread(prepare, archive, record.digest, cache_dir())
     except (ModelNotFound, BadPackage, PackageError, ModelStoreUnavailable) as err:
         raise CliError(f"--package {args.model}:{args.version}: {err}") from err
     return Prepared(folder, env, meta.entry, meta.loader)
+
+
+async def fetch_package(args: argparse.Namespace, client: consul.aio.Consul, digest: str) -> bytes:
+    """The archive from the control plane at --packages-from; under mTLS as this model's Connect identity."""
+    address = resolve(args.packages_from, "MLLAMBDA_PACKAGES_ADDR", "")
+    if not address:
+        raise ModelNotFound(
+            f"this host's store ({model_store_dir(args.model_store)}) lacks the package {digest[:12]}: share that "
+            "folder, or give --packages-from HOST:PORT of a control plane started with --packages"
+        )
+    log.info("package model=%s version=%s: fetching it from %s", args.model, args.version, address)
+    if args.security != "mtls":
+        return await fetch(address, args.model, args.version, None)
+    keeper, folder = CertKeeper(client, args.model), key_copies("fetch")
+    try:
+        identity = await keeper.start()
+        return await fetch(address, args.model, args.version, client_context(identity, folder))
+    finally:
+        await keeper.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _launch(
@@ -244,7 +276,8 @@ async def serve_in_env(
     }
     child = await asyncio.create_subprocess_exec(
         str(package.env / "bin" / "python"), "-m", "runtime_sdk.child", cwd=package.folder,
-        stdin=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(package.folder)},
+        stdin=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(package.folder), "MLLAMBDA_CACHE_DIR": str(cache_dir())},
     )  # fmt: skip
     assert child.stdin is not None
     child.stdin.write(json.dumps(spec).encode() + b"\n")
@@ -330,6 +363,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         help="run the model package --model:--version from the model store, in its own environment",
     )
     parser.add_argument("--model-store", help="folder of model packages (MLLAMBDA_MODEL_STORE; .mllambda/models)")
+    parser.add_argument(
+        "--packages-from",
+        help="a control plane's --packages HOST:PORT, for packages this host lacks (MLLAMBDA_PACKAGES_ADDR)",
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--loader", help="MODULE:CALLABLE run once before the runtime turns ready")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class RuntimeSpec:
     replicas: int = 1
     args: tuple[str, ...] = ()  # extra `mllambda runtime` flags, e.g. ["--inline"]
     autoscale: Policy | None = None  # replicas follow load between its bounds (`replicas` is where they start)
+    package: str = ""  # a model package's folder (absolute): built, stored and run in its own environment
+    manifest: str = "mllambda.yaml"  # the package's manifest, a file in that folder
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ def load_stack(path: Path) -> Stack:
             problems.append(f"{where}: expected a mapping with model, version, target")
             continue
         problems += unknown_keys(raw, RUNTIME_KEYS, f"{where}.")
-        missing = [k for k in ("model", "version", "target") if not isinstance(raw.get(k), str) or not raw[k]]
+        package, manifest = runtime_code(raw, where, path.parent, problems)
+        needed = ("model", "version") if "package" in raw else ("model", "version", "target")
+        missing = [k for k in needed if not isinstance(raw.get(k), str) or not raw[k]]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)} (strings)")
         for key, rule in (("model", LABEL), ("version", VERSION)):
@@ -102,7 +106,8 @@ def load_stack(path: Path) -> Stack:
         if not missing:
             loader = raw.get("loader")
             args_ = tuple(str(a) for a in args)
-            runtimes.append(RuntimeSpec(raw["model"], raw["version"], raw["target"], loader, replicas, args_, policy))
+            spec = RuntimeSpec(raw["model"], raw["version"], raw.get("target") or "", loader, replicas, args_, policy)
+            runtimes.append(replace(spec, package=package, manifest=manifest))
     pipelines = []
     for i, raw in enumerate(listed(data, "pipelines", problems)):
         try:
@@ -127,7 +132,28 @@ def load_stack(path: Path) -> Stack:
 
 
 STACK_KEYS = ("kind", "name", "ports", "runtimes", "pipelines", "kafka", "gateway_concurrency", "security")
-RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args", "autoscale")
+RUNTIME_KEYS = ("model", "version", "target", "loader", "replicas", "args", "autoscale", "package", "manifest")
+
+
+def runtime_code(raw: dict[str, Any], where: str, base: Path, problems: list[str]) -> tuple[str, str]:
+    """A runtime's code: `target` (MODULE:CALLABLE in this environment) or `package` (a folder, relative to the
+    stack file, with a manifest): (the package's absolute folder or "", the manifest's name)."""
+    package, manifest = raw.get("package"), raw.get("manifest", "mllambda.yaml")
+    if package is None:
+        if "manifest" in raw:
+            problems.append(f"{where}.manifest: only with package")
+        return "", "mllambda.yaml"
+    if "target" in raw or "loader" in raw:
+        problems.append(f"{where}: package or target (with loader), not both: a package's manifest names its entry")
+    if not isinstance(package, str) or not (base / package).is_dir():
+        problems.append(f"{where}.package: {str(package)[:80]!r} is not a folder (relative to the stack file)")
+        return "", "mllambda.yaml"
+    folder = (base / package).resolve()
+    inside = isinstance(manifest, str) and (folder / manifest).resolve().is_relative_to(folder)
+    if not isinstance(manifest, str) or not inside or not (folder / manifest).is_file():
+        problems.append(f"{where}.manifest: {str(manifest)[:80]!r} is not a file in {package}")
+        return "", "mllambda.yaml"
+    return str(folder), manifest
 
 
 def autoscale_policy(raw: dict[str, Any], where: str, problems: list[str]) -> Policy | None:

@@ -146,7 +146,8 @@ class Supervisor:
             processes.tcp_ready(p.admin),
             keep_secrets=True,
             # the runtimes' socket folder: the gateway takes their output there (docs/architecture.md, "Same host")
-            env={"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": str(self.run_dir())},
+            env={"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": str(self.run_dir()),
+                 "MLLAMBDA_MODEL_STORE": str(self.model_store)},
         )  # fmt: skip
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
         self.start(
@@ -156,6 +157,7 @@ class Supervisor:
              *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else [])],
             processes.envoy_ready(p.gateway_admin),
         )  # fmt: skip
+        self.build_packages()
         self.start_runtimes()
         self.apply_pipelines()
         self.summary()
@@ -166,11 +168,31 @@ class Supervisor:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    @property
+    def model_store(self) -> Path:
+        return self.state_dir / "models"
+
+    def build_packages(self) -> None:
+        """Every package the stack file names, built (or found unchanged) and stored before its replicas start."""
+        from controlplane.admin.client import AdminClient
+        from controlplane.admin.model_cli import build_checked, upload
+
+        specs = [s for s in self.stack.runtimes if s.package]
+        if not specs:
+            return
+        self.step(f"model packages: {len(specs)} (each locked with uv, run in its own environment)")
+        with AdminClient(f"127.0.0.1:{self.stack.ports.admin}") as admin:
+            for spec in specs:
+                built = build_checked(Path(spec.package), spec.manifest)
+                state = "stored" if upload(admin, built, spec.model, spec.version) else "unchanged"
+                say(f"    {spec.model}:{spec.version} {state} (sha256 {built.digest[:12]})")
+
     def start_replica(self, spec: RuntimeSpec, index: int) -> processes.ManagedProcess:
         """Replica `index` of a model version: `mllambda runtime` with its sidecar, registered when ready."""
         service_id = f"{spec.model}-{spec.version}-{index}"
         me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.run_dir()
-        argv = [*me, "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}",
+        code = ["--package", f"--model-store={self.model_store}"] if spec.package else [spec.target]
+        argv = [*me, "runtime", *code, f"--model={spec.model}", f"--version={spec.version}",
                 f"--service-id={service_id}", f"--consul=127.0.0.1:{self.stack.ports.consul}",
                 f"--security={self.stack.security}", f"--xds=127.0.0.1:{self.stack.ports.xds}",
                 *([f"--loader={spec.loader}"] if spec.loader else []), *spec.args, *self.kafka_flags]  # fmt: skip

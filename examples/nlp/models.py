@@ -21,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn import __version__ as sklearn_version
 
 from runtime_sdk import Rejected
 
 DATA = Path(__file__).parent / "data" / "reviews.tsv"
-CACHE = Path(os.environ.get("MLLAMBDA_CACHE_DIR") or Path(__file__).parents[2] / ".cache") / "nlp"
+# Trained models are pickles: kept per scikit-learn release, as a pickle of one may not load in another.
+CACHE = (
+    Path(os.environ.get("MLLAMBDA_CACHE_DIR") or Path(__file__).parents[2] / ".cache")
+    / "nlp"
+    / f"sklearn-{sklearn_version}"
+)
 CATEGORIES = ("sports", "tech", "food")
 _loaded: dict[str, Any] = {}
 Payload = dict[str, Any]
