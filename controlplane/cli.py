@@ -57,7 +57,7 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     from controlplane import invoke, plane
     from controlplane.admin import cli as admin_cli
     from controlplane.admin import model_cli, rollout_cli
-    from controlplane.node import launch, register, sidecar
+    from controlplane.node import launch, packaged, register, sidecar
     from controlplane.stack import kubernetes as kube
     from controlplane.stack import up as stack
 
@@ -70,6 +70,7 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
         plane.add_command,
         sidecar.add_command,
         launch.add_command,
+        packaged.add_command,
         register.add_command,
         kube.add_command,
     ]

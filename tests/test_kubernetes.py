@@ -38,7 +38,8 @@ def containers() -> list[dict[str, Any]]:
     for documents in committed().values():
         for d in documents:
             if d["kind"] == "Deployment":
-                found += d["spec"]["template"]["spec"]["containers"]
+                pod = d["spec"]["template"]["spec"]
+                found += pod.get("initContainers", []) + pod["containers"]
     return found
 
 
@@ -62,6 +63,7 @@ def test_every_manifest_validates_against_the_kubernetes_schema() -> None:
             kubernetes_validate.validate(document, KUBERNETES, strict=True)  # raises with the field's path
             kinds.append(document["kind"])
     assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= set(kinds)
+    assert "PersistentVolumeClaim" in kinds  # the control planes' shared model store
     with pytest.raises(kubernetes_validate.ValidationError):  # the check itself bites
         broken = committed()["gateway.yaml"][0]
         broken["spec"]["replicas"] = "one"
@@ -81,9 +83,14 @@ def test_every_command_line_in_the_pods_parses_with_our_own_cli() -> None:
             launch.checked_service_id(args)
             assert launch.advertised(args) == POD["POD_IP"]  # beyond loopback, allowed because of mtls
             assert args.no_sidecar and args.sidecar_tls_dir.endswith(f"{POD['POD_NAME']}-tls")
+        if argv[0] in ("runtime", "prepare") and getattr(args, "package", True):
+            # a package's runtime starts from what its init container put in the shared volume
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert any(args.model_store.startswith(m + "/") for m in mounts if m != "/var/run/mllambda"), container
+            assert args.packages_from == "controlplane:18004"
         if argv[0] == "sidecar" and args.node_id != "gateway":
             assert args.config_dir + f"/{args.node_id}-tls" == args_of_pair(container, "runtime").sidecar_tls_dir
-    assert seen == {"controlplane", "sidecar", "runtime"}
+    assert seen == {"controlplane", "sidecar", "runtime", "prepare"}
 
 
 def args_of_pair(sidecar: dict[str, Any], name: str) -> Any:

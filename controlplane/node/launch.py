@@ -7,15 +7,13 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import consul.aio
@@ -34,26 +32,14 @@ from controlplane.config import (
     DEFAULT_XDS_ADDR,
     ConsulAddress,
     add_security_flag,
-    cache_dir,
-    model_store_dir,
     resolve,
     run_folder,
 )
 from controlplane.consul import client as consul_client
-from controlplane.consul.certs import CertKeeper, client_context, key_copies, write_sds
+from controlplane.consul.certs import CertKeeper, write_sds
 from controlplane.errors import CliError
 from controlplane.files import private_dir
-from controlplane.models.envs import prepare
-from controlplane.models.package import PackageError
-from controlplane.models.server import fetch
-from controlplane.models.store import (
-    BadPackage,
-    ModelNotFound,
-    ModelStore,
-    ModelStoreUnavailable,
-    read_blob,
-    write_blob,
-)
+from controlplane.node.packaged import Prepared, add_package_flags, prepared_package, serve_in_env
 from controlplane.node.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
@@ -188,45 +174,6 @@ async def launch(args: argparse.Namespace) -> None:
         await client.close()
 
 
-async def prepared_package(args: argparse.Namespace, client: consul.aio.Consul) -> Prepared:
-    """The package of --package M:V from the store, checked against its digest, with its environment built."""
-    kv_prefix = resolve(args.kv_prefix, "MLLAMBDA_KV_PREFIX", DEFAULT_KV_PREFIX)
-    store = ModelStore(client, model_store_dir(args.model_store), kv_prefix)
-    try:
-        record = await store.get(args.model, args.version)
-        try:
-            archive = read_blob(store.dir, record.digest)
-        except ModelNotFound:  # this host never had it: from the control plane, checked, kept by digest
-            archive = await fetch_package(args, client, record.digest)
-            write_blob(store.dir, record.digest, archive)
-        log.info("package model=%s version=%s digest=%s: preparing its environment", args.model, args.version,
-                 record.digest[:12])  # fmt: skip
-        folder, env, meta = await asyncio.to_thread(prepare, archive, record.digest, cache_dir())
-    except (ModelNotFound, BadPackage, PackageError, ModelStoreUnavailable) as err:
-        raise CliError(f"--package {args.model}:{args.version}: {err}") from err
-    return Prepared(folder, env, meta.entry, meta.loader)
-
-
-async def fetch_package(args: argparse.Namespace, client: consul.aio.Consul, digest: str) -> bytes:
-    """The archive from the control plane at --packages-from; under mTLS as this model's Connect identity."""
-    address = resolve(args.packages_from, "MLLAMBDA_PACKAGES_ADDR", "")
-    if not address:
-        raise ModelNotFound(
-            f"this host's store ({model_store_dir(args.model_store)}) lacks the package {digest[:12]}: share that "
-            "folder, or give --packages-from HOST:PORT of a control plane started with --packages"
-        )
-    log.info("package model=%s version=%s: fetching it from %s", args.model, args.version, address)
-    if args.security != "mtls":
-        return await fetch(address, args.model, args.version, None)
-    keeper, folder = CertKeeper(client, args.model), key_copies("fetch")
-    try:
-        identity = await keeper.start()
-        return await fetch(address, args.model, args.version, client_context(identity, folder))
-    finally:
-        await keeper.stop()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 async def _launch(
     args: argparse.Namespace, client: consul.aio.Consul, c: ConsulAddress, package: Prepared | None
 ) -> None:
@@ -254,50 +201,6 @@ async def _launch(
             await serve(options, service, client, sidecar)
         else:
             await serve_in_env(package, options, service, c, sidecar)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    folder: Path  # the package's files
-    env: Path  # its environment
-    entry: str
-    loader: str
-
-
-async def serve_in_env(
-    package: Prepared, options: ServeOptions, service: RuntimeService, c: ConsulAddress, sidecar: ManagedProcess | None
-) -> None:
-    """The model in its own environment (`python -m runtime_sdk.child`), stopped on SIGTERM or if the sidecar dies."""
-    spec = {
-        "options": asdict(options),
-        "service": {f.name: getattr(service, f.name) for f in fields(service)},
-        "consul": {"host": c.host, "port": c.port, "scheme": c.scheme, "token": c.token, "ca_file": c.ca_file},
-        "through_sidecar": sidecar is not None,
-    }
-    child = await asyncio.create_subprocess_exec(
-        str(package.env / "bin" / "python"), "-m", "runtime_sdk.child", cwd=package.folder,
-        stdin=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(package.folder), "MLLAMBDA_CACHE_DIR": str(cache_dir())},
-    )  # fmt: skip
-    assert child.stdin is not None
-    child.stdin.write(json.dumps(spec).encode() + b"\n")
-    await child.stdin.drain()
-    child.stdin.close()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    exited = asyncio.create_task(child.wait())
-    while not exited.done():
-        if stop.is_set() or (sidecar is not None and not sidecar.alive()):
-            child.send_signal(signal.SIGTERM)  # it deregisters and drains, as a runtime in this process would
-            break
-        await asyncio.wait({exited}, timeout=0.5)
-    code = await exited
-    if sidecar is not None and not sidecar.alive():
-        raise ServeError(f"the Envoy sidecar exited:\n{sidecar.tail()}")
-    if code not in (0, -signal.SIGTERM) and not stop.is_set():
-        raise ServeError(f"the model's process exited with {code} (its output is above)")
 
 
 @contextlib.asynccontextmanager
@@ -362,11 +265,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run the model package --model:--version from the model store, in its own environment",
     )
-    parser.add_argument("--model-store", help="folder of model packages (MLLAMBDA_MODEL_STORE; .mllambda/models)")
-    parser.add_argument(
-        "--packages-from",
-        help="a control plane's --packages HOST:PORT, for packages this host lacks (MLLAMBDA_PACKAGES_ADDR)",
-    )
+    add_package_flags(parser)
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--loader", help="MODULE:CALLABLE run once before the runtime turns ready")

@@ -30,7 +30,9 @@ IMAGE = "mllambda"  # kustomize's `images:` sets the registry and tag
 RUN = "/var/run/mllambda"  # the folder a pod's containers share (sockets, Envoy bootstrap, certificates)
 XDS = "controlplane:18000"
 CONSUL = "$(HOST_IP):8500"  # the Consul client agent on the pod's node (Helm chart: client.enabled)
-PORTS = {"runtime": 8080, "ingress": 15001, "egress": 15002, "envoy_admin": 19000}
+PORTS = {"runtime": 8080, "ingress": 15001, "egress": 15002, "envoy_admin": 19000, "packages": 18004}
+MODELS = "/var/lib/mllambda"  # a runtime pod's packages and environments (its init container fills it)
+STORE = "/var/lib/mllambda/store"  # the control planes' model store: one volume they all mount (ReadWriteMany)
 FILES = ("kustomization.yaml", "controlplane.yaml", "gateway.yaml", "runtimes.yaml")
 HEADER = (
     "# Rendered by `mllambda render kubernetes -f examples/nlp/stack.yaml -o deploy/kubernetes`: edit the stack file\n"
@@ -75,7 +77,8 @@ def controlplane_args(autoscaled: bool) -> list[str]:
     return [
         "controlplane", "--xds=$(POD_IP):18000", "--admin=127.0.0.1:18001", f"--consul={CONSUL}",
         "--security=mtls", f"--gateway-tls-dir={RUN}/gateway-tls", "--gateway-host=0.0.0.0",
-        "--gateway-port=18080", "--metrics-port=18002",
+        "--gateway-port=18080", "--metrics-port=18002", f"--packages=$(POD_IP):{PORTS['packages']}",
+        f"--model-store={STORE}",
         *(["--autoscale=/etc/mllambda/autoscale.yaml", "--scaler=kubernetes",
            "--kubernetes-namespace=$(POD_NAMESPACE)"] if autoscaled else []),
     ]  # fmt: skip
@@ -88,9 +91,21 @@ def gateway_args() -> list[str]:
     ]  # fmt: skip
 
 
-def runtime_args(spec: RuntimeSpec) -> list[str]:
+def package_flags() -> list[str]:
+    """Where a runtime pod keeps its package: the volume its init container (`mllambda prepare`) filled."""
+    return [f"--model-store={MODELS}/store", f"--packages-from=controlplane:{PORTS['packages']}"]
+
+
+def prepare_args(spec: RuntimeSpec) -> list[str]:
     return [
-        "runtime", spec.target, f"--model={spec.model}", f"--version={spec.version}", "--service-id=$(POD_NAME)",
+        "prepare", f"{spec.model}:{spec.version}", f"--consul={CONSUL}", "--security=mtls", *package_flags(),
+    ]  # fmt: skip
+
+
+def runtime_args(spec: RuntimeSpec) -> list[str]:
+    code = ["--package", *package_flags()] if spec.package else [spec.target]
+    return [
+        "runtime", *code, f"--model={spec.model}", f"--version={spec.version}", "--service-id=$(POD_NAME)",
         f"--consul={CONSUL}", f"--xds={XDS}", "--security=mtls", "--no-sidecar",
         f"--sidecar-tls-dir={RUN}/$(POD_NAME)-tls", "--advertise-address=$(POD_IP)", f"--port={PORTS['runtime']}",
         f"--ingress-port={PORTS['ingress']}", f"--egress-port={PORTS['egress']}",
@@ -114,6 +129,14 @@ def runtime_deployment(spec: RuntimeSpec) -> dict[str, Any]:
     sidecar["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
     runtime = _container("runtime", runtime_args(spec), _env("POD_NAME", "POD_IP", "HOST_IP"), {})
     deployment = _deployment(deployment_name(spec.model, spec.version), spec.replicas, [runtime, sidecar])
+    if spec.package:  # the storage-initializer pattern: the package and its environment, before the runtime starts
+        prepare = _container("package", prepare_args(spec), _env("HOST_IP"), {})
+        pod = deployment["spec"]["template"]["spec"]
+        pod["initContainers"] = [prepare]
+        pod["volumes"].append({"name": "models", "emptyDir": {}})
+        for container in (prepare, runtime):
+            container["env"].append({"name": "MLLAMBDA_CACHE_DIR", "value": f"{MODELS}/cache"})
+            container["volumeMounts"].append({"name": "models", "mountPath": MODELS})
     if spec.autoscale:  # the scaler owns the count: a later `kubectl apply` must not reset it
         del deployment["spec"]["replicas"]
     return deployment
@@ -150,7 +173,7 @@ def render(stack: Stack) -> dict[str, list[dict[str, Any]]]:
     """File name -> its documents."""
     policies = stack.policies
     plane = _container("controlplane", controlplane_args(bool(policies)), _env("POD_IP", "POD_NAMESPACE", "HOST_IP"),
-                       {"xds": 18000})  # fmt: skip
+                       {"xds": 18000, "packages": PORTS["packages"]})  # fmt: skip
     control: list[dict[str, Any]] = scaler_rbac()
     deployment = _deployment("controlplane", 2, [plane], account="controlplane")
     if policies:
@@ -161,7 +184,16 @@ def render(stack: Stack) -> dict[str, list[dict[str, Any]]]:
         document = yaml.safe_dump(policies_document(policies), sort_keys=False)
         control.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "autoscale"},
                         "data": {"autoscale.yaml": document}})  # fmt: skip
-    control += [deployment, _service("controlplane", {"xds": 18000}, headless=True)]
+    if any(spec.package for spec in stack.runtimes):  # the store, shared by every control plane
+        plane["volumeMounts"].append({"name": "model-store", "mountPath": STORE})
+        deployment["spec"]["template"]["spec"]["volumes"].append(
+            {"name": "model-store", "persistentVolumeClaim": {"claimName": "model-store"}}
+        )
+        claim = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}
+        control.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "model-store"},
+                        "spec": claim})  # fmt: skip
+    ports = {"xds": 18000, "packages": PORTS["packages"]}
+    control += [deployment, _service("controlplane", ports, headless=True)]
     gateway = _container("envoy", gateway_args(), _env("HOST_IP"), {"http": 18080})
     edge = [_deployment("gateway", 1, [gateway]), _service("gateway", {"http": 18080})]
     kustomization = {
