@@ -21,6 +21,7 @@ from tests.helpers.netns import Hosts, unavailable
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "controlplane.cli"]
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+PACKAGE = Path(__file__).parent / "data" / "packages" / "bare"
 
 
 @pytest.fixture
@@ -58,9 +59,9 @@ def leader_elsewhere(hosts: Hosts, asked: int, gone: int) -> Callable[[], bool]:
     return check
 
 
-def served(hosts: Hosts) -> str:
+def served(hosts: Hosts, name: str = "far") -> str:
     """What answers one request through the gateway on host 2 (its x-mll-served; "" if none did)."""
-    url = "http://127.0.0.1:18080/pipelines/far"
+    url = f"http://127.0.0.1:18080/pipelines/{name}"
     done = hosts.run(2, ["curl", "-s", "-m", "2", "-D", "-", "-o", "/dev/null", "-XPOST", "-H",
                          "content-type: application/json", "-d", '{"x": 1}', url])  # fmt: skip
     return next((line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
@@ -117,7 +118,8 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     for i in range(2):
         hosts.start(i, f"controlplane{i}", [*CLI, "controlplane", f"--xds={hosts.ips[i]}:18000",
                     "--admin=127.0.0.1:18001", "--consul=127.0.0.1:8500", "--security=mtls", "--gateway-port=18080",
-                    "--gateway-admin-port=19000", "--metrics-port=18002", f"--gateway-tls-dir={tmp_path}/gateway-tls"],
+                    "--gateway-admin-port=19000", "--metrics-port=18002", f"--gateway-tls-dir={tmp_path}/gateway-tls",
+                    f"--packages={hosts.ips[i]}:18004", f"--model-store={tmp_path}/store{i}"],
                     tmp_path / f"controlplane{i}.log")  # fmt: skip
         run_dir = tmp_path / f"run{i}"
         run_dir.mkdir()
@@ -134,6 +136,26 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     assert "pipeline/far created (version 1)" in applied.stdout, applied.stderr
     until("the gateway answering", lambda: served(hosts) == "echo=echo:v1")
     report: dict[str, Any] = {}
+
+    # 0. A model package built against control plane 0 is deployed on host 2, which never had it: fetched from
+    # host 0 over mTLS as the model's identity, checked against its digest in Consul, kept, served.
+    built = hosts.run(0, [*CLI, "build", str(PACKAGE), "--model=parcel", "--version=v1", "--server=127.0.0.1:18001"])
+    assert "model/parcel:v1 built" in built.stdout, built.stderr
+    parcel_env = {"MLLAMBDA_RUN_DIR": str(tmp_path / "run2"), "MLLAMBDA_CACHE_DIR": str(tmp_path / "cache2")}
+    hosts.start(2, "parcel", [*CLI, "runtime", "--package", "--model=parcel", "--version=v1", f"--xds={xds}",
+                "--service-id=parcel-host2", "--consul=127.0.0.1:8500", "--security=mtls",
+                f"--advertise-address={hosts.ips[2]}", f"--model-store={tmp_path}/store2",
+                f"--packages-from={hosts.ips[0]}:18004"], tmp_path / "parcel.log", env=parcel_env)  # fmt: skip
+    parcel = tmp_path / "parcel.yaml"
+    stage = {"name": "echo", "variants": [{"model": "parcel", "version": "v1"}]}
+    parcel.write_text(json.dumps({"name": "parcel", "stages": [stage]}))
+    applied = hosts.run(0, [*CLI, "apply", "-f", str(parcel), "--server=127.0.0.1:18001"])
+    assert "pipeline/parcel created" in applied.stdout, applied.stderr
+    report["package_fetched_and_serving_s"] = until(
+        "the package served on host 2", lambda: served(hosts, "parcel") == "echo=parcel:v1", 120
+    )
+    (kept,) = (tmp_path / "store2" / "sha256").glob("*.tar")
+    assert kept.read_bytes() == (tmp_path / "store0" / "sha256" / kept.name).read_bytes()
 
     # 1. Host 0 (control plane 0, a runtime, a Consul server) loses its link; its processes live on.
     def cut() -> None:

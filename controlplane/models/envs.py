@@ -84,9 +84,14 @@ def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Pat
     try:
         with log_path.open("w") as log:
             for argv in steps:
-                log.write("$ " + " ".join(argv) + "\n")
-                log.flush()
-                done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT)
+                # uv's cache first (seconds, and no index needed: a host without one builds what it has seen),
+                # then the index for what the cache lacks.
+                for attempt in ([*argv, "--offline"], argv):
+                    log.write("$ " + " ".join(attempt) + "\n")
+                    log.flush()
+                    done = subprocess.run(attempt, stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT)
+                    if done.returncode == 0:
+                        break
                 if done.returncode != 0:
                     raise PackageError(f"building the environment failed:\n{_tail(log_path)}\n(full log: {log_path})")
         site = _site_packages(partial)
