@@ -8,6 +8,7 @@ environment that is not the control plane's.
 from __future__ import annotations
 
 import collections
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import aiohttp
 import pytest
 
 from controlplane.node import processes
+from controlplane.stack.replicas import LocalScaler
 from tests.conftest import ControlPlaneProc
+from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import apply, post, until_ok
 
 PACKAGES = Path(__file__).parent / "data" / "packages"
@@ -137,3 +140,66 @@ async def test_a_host_that_never_had_the_package_fetches_it_checks_it_and_keeps_
     )
     _, body, served = await until_ok(f"http://127.0.0.1:{model_plane.gateway_port}/pipelines/far", {"x": 1})
     assert body["x"] == 1 and served == "echo=echo:v1" and "/envs/" in body["prefix"], (body, served)
+
+
+def replica_starter(model_plane: ControlPlaneProc, store: Path, logs: Path) -> Any:
+    """What `mllambda up` does for replica i of a model version that has no target: its package from the store."""
+
+    def start(spec: Any, index: int) -> processes.ManagedProcess:
+        service_id = f"{spec.model}-{spec.version}-{index}"
+        argv = [
+            sys.executable, "-m", "controlplane.cli", "runtime", "--package", f"--model-store={store}",
+            f"--model={spec.model}", f"--version={spec.version}", f"--service-id={service_id}",
+            f"--consul=127.0.0.1:{model_plane.consul_port}", f"--xds={model_plane.xds_addr}", "--drain-seconds=0.5",
+        ]  # fmt: skip
+        env = {"MLLAMBDA_RUN_DIR": model_plane.run_dir, "MLLAMBDA_KV_PREFIX": model_plane.kv_prefix}
+        return processes.ManagedProcess(service_id, argv, logs / f"{service_id}.log", env=env).start()
+
+    return start
+
+
+def passing(consul_port: int, service: str) -> int:
+    status, body = processes.http_get(f"http://127.0.0.1:{consul_port}/v1/health/service/{service}?passing=true")
+    return len(json.loads(body)) if status == 200 else 0
+
+
+async def test_deploy_starts_replicas_of_a_package_undeploy_drains_them_and_a_failing_one_backs_off(
+    model_plane: ControlPlaneProc, store: Path, tmp_path: Path
+) -> None:
+    for folder, model in (("bare", "echo"), ("broken", "broken")):
+        built = model_plane.cli("build", str(PACKAGES / folder), f"--model={model}", "--version=v1")
+        assert built.returncode == 0, built.stderr
+    said: list[str] = []
+    starter = replica_starter(model_plane, store, tmp_path)
+    scaler = LocalScaler(model_plane.consul_port, model_plane.kv_prefix.rstrip("/"), starter, said.append)
+    try:
+        assert model_plane.cli("deploy", "echo:v1", "--replicas=2").returncode == 0
+
+        def follows(check: Any) -> Any:
+            def step() -> bool:
+                scaler.follow()
+                return bool(check())
+
+            return step
+
+        await wait_for(follows(lambda: passing(model_plane.consul_port, "echo") == 2), timeout=90)
+        assert any("deploy echo:v1: 0 -> 2 replicas" in line for line in said), said
+        assert model_plane.cli("deploy", "echo:v1", "--replicas=1").returncode == 0
+        await wait_for(follows(lambda: passing(model_plane.consul_port, "echo") == 1), timeout=60)
+        assert model_plane.cli("undeploy", "echo:v1").returncode == 0
+        await wait_for(follows(lambda: passing(model_plane.consul_port, "echo") == 0 and not scaler.leaving), 60)
+
+        assert model_plane.cli("deploy", "broken:v1").returncode == 0
+        await wait_for(follows(lambda: any("again in 2s" in line for line in said)), timeout=90)
+        failed = next(line for line in said if "again in 2s" in line)
+        assert "weights.bin: no such file" in failed, failed  # its own last lines, for the person who reads
+        scaler.follow()
+        assert scaler.versions["broken.v1"].running == {}  # not before the back-off has passed
+        await wait_for(follows(lambda: any("again in 4s" in line for line in said)), timeout=90)  # doubled
+        assert passing(model_plane.consul_port, "echo") == 0  # the rest is untouched
+    finally:
+        for have in scaler.versions.values():
+            for proc in have.running.values():
+                proc.stop()
+        for _, proc in scaler.leaving:
+            proc.stop()

@@ -1,9 +1,16 @@
 """The `local` scaler: `mllambda up` starts and stops runtime replicas as the control plane decided.
 
 The control plane writes one record per autoscaled model version to Consul KV
-(controlplane/scaling/scaler.py); this reads them every half second and makes the
-number of replica processes match. A new replica registers in Consul when it is
-ready and gets traffic through EDS like any other; one that leaves gets
+(controlplane/scaling/scaler.py), and one per deployed model package
+(`mllambda deploy`, controlplane/models/store.py); this reads them every half
+second and makes the number of replica processes match. A deployed version that
+the stack file does not name is started from its package in the store; its
+record gone (`mllambda undeploy`), its replicas drain and stop. A deployed
+replica that exits (its environment does not build, its model does not load) is
+reported with its last lines and started again after a back-off that doubles
+up to five minutes: never a tight loop, and the rest of the stack serves on.
+
+A new replica registers in Consul when it is ready and gets traffic through EDS like any other; one that leaves gets
 SIGTERM, which deregisters it and lets its requests finish (the runtime's
 drain), and is SIGKILLed only if it has not gone after `LEAVE_TIMEOUT`.
 
@@ -21,11 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from contract.naming import model_cluster
+from controlplane.models.store import Deployment, deploy_prefix, parse_deployment
 from controlplane.node import processes
 from controlplane.scaling.scaler import parse_record, records_prefix
 from controlplane.stack.file import RuntimeSpec
 
 LEAVE_TIMEOUT = 60.0  # seconds a leaving replica may drain before SIGKILL
+BACKOFF_FIRST, BACKOFF_MAX = 2.0, 300.0  # seconds before a failed deployed replica is started again
 
 
 @dataclass
@@ -33,6 +42,8 @@ class Replicas:
     spec: RuntimeSpec
     running: dict[int, processes.ManagedProcess] = field(default_factory=dict)  # by replica index
     next_index: int = 0  # a new replica never reuses the service id of one still leaving
+    failures: int = 0  # deployed replicas that exited in a row (reset once one has run for a minute)
+    retry_at: float = 0.0  # monotonic: no replica starts before this
 
 
 @dataclass
@@ -44,6 +55,8 @@ class LocalScaler:
     versions: dict[str, Replicas] = field(default_factory=dict)  # by cluster (model.version)
     leaving: list[tuple[float, processes.ManagedProcess]] = field(default_factory=list)
     broken: set[str] = field(default_factory=set)  # keys whose record did not parse (said once)
+    deployed: dict[str, int] = field(default_factory=dict)  # clusters with a deploy record -> replicas wanted
+    started_at: dict[int, float] = field(default_factory=dict)  # pid -> monotonic start (deployed replicas)
 
     def adopt(self, spec: RuntimeSpec, running: Sequence[processes.ManagedProcess]) -> None:
         self.versions[model_cluster(spec.model, spec.version)] = Replicas(spec, dict(enumerate(running)), len(running))
@@ -75,24 +88,89 @@ class LocalScaler:
             found[key] = record.replicas
         return found
 
+    def deployments(self) -> dict[str, Deployment] | None:
+        """Deploy records by cluster (None: Consul did not answer, so nothing changes)."""
+        prefix = deploy_prefix(self.kv_prefix)
+        url = f"http://127.0.0.1:{self.consul_port}/v1/kv/{prefix}?recurse=true"
+        try:
+            status, body = processes.http_get(url, timeout=2)
+            items = json.loads(body) if status == 200 else [] if status == 404 else None
+        except (OSError, ValueError):
+            return None
+        found = {}
+        for item in items if isinstance(items, list) else []:
+            raw = base64.b64decode(item["Value"]) if item.get("Value") else None
+            record = parse_deployment(raw)
+            key = str(item.get("Key", ""))[len(prefix) :]
+            if record is not None and model_cluster(record.model, record.version) == key:
+                found[key] = record
+        return found if isinstance(items, list) else None
+
+    def deploy_targets(self) -> dict[str, int]:
+        """Replicas per deployed cluster; a version the stack file does not name is taken on from its package."""
+        records = self.deployments()
+        if records is None:
+            return {}
+        for cluster, record in records.items():
+            if cluster not in self.versions:
+                self.versions[cluster] = Replicas(RuntimeSpec(record.model, record.version, "", replicas=0))
+            self.deployed[cluster] = record.replicas
+        for cluster in [c for c in self.deployed if c not in records]:
+            del self.deployed[cluster]
+            self.versions[cluster].failures = 0
+            self._apply({cluster: 0}, "undeploy")
+        return {c: n for c, n in self.deployed.items() if self.versions[c].spec.autoscale is None}
+
     def follow(self) -> tuple[bool, list[processes.ManagedProcess]]:
         """One pass: start or stop replicas to match the records. (Anything changed?, the replicas that left.)"""
-        gone = self._reap()
+        gone = self._reap() + self._failed()
+        changed = self._apply({**self.deploy_targets(), **self.wanted()})
+        return changed or bool(gone), gone
+
+    def _apply(self, targets: dict[str, int], why: str = "") -> bool:
         changed = False
-        for cluster, replicas in self.wanted().items():
+        now = time.monotonic()
+        for cluster, replicas in targets.items():
             have = self.versions[cluster]
             count = len(have.running)
+            if replicas > count and now < have.retry_at:
+                continue  # a deployed replica failed: not before its back-off ends
             for _ in range(count, replicas):
-                have.running[have.next_index] = self.start(have.spec, have.next_index)
+                proc = self.start(have.spec, have.next_index)
+                have.running[have.next_index] = proc
+                self.started_at[proc.pid] = now
                 have.next_index += 1
             for index in sorted(have.running)[replicas:]:  # the newest leave first
                 proc = have.running.pop(index)
                 proc.signal(signal.SIGTERM)
                 self.leaving.append((time.monotonic(), proc))
             if replicas != count:
-                self.say(f"==> autoscale {cluster.replace('.', ':', 1)}: {count} -> {replicas} replicas")
+                what = why or ("deploy" if cluster in self.deployed else "autoscale")
+                self.say(f"==> {what} {cluster.replace('.', ':', 1)}: {count} -> {replicas} replicas")
                 changed = True
-        return changed, gone
+        return changed
+
+    def _failed(self) -> list[processes.ManagedProcess]:
+        """Deployed replicas that exited by themselves: reported, and started again after a growing back-off."""
+        gone = []
+        now = time.monotonic()
+        for cluster, have in self.versions.items():
+            for index, proc in list(have.running.items()):
+                if cluster not in self.deployed or proc.alive():
+                    if proc.alive() and now - self.started_at.get(proc.pid, now) > 60:
+                        have.failures = 0  # it has run for a while: the next failure starts the back-off anew
+                    continue
+                del have.running[index]
+                gone.append(proc)
+                have.failures += 1
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (have.failures - 1))
+                have.retry_at = now + wait
+                self.say(f"    {proc.name} exited ({have.failures} in a row); again in {wait:.0f}s:\n{proc.tail(8)}")
+        return gone
+
+    def owns(self, proc: processes.ManagedProcess) -> bool:
+        """A replica of a deployed version: the scaler restarts it; its exit is not the stack's."""
+        return any(p is proc for c in self.deployed for p in self.versions[c].running.values())
 
     def _reap(self) -> list[processes.ManagedProcess]:
         for since, proc in self.leaving:

@@ -191,7 +191,8 @@ class Supervisor:
         """Replica `index` of a model version: `mllambda runtime` with its sidecar, registered when ready."""
         service_id = f"{spec.model}-{spec.version}-{index}"
         me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.run_dir()
-        code = ["--package", f"--model-store={self.model_store}"] if spec.package else [spec.target]
+        # No target: the model version's package from the store (named in the stack file, or deployed)
+        code = [spec.target] if spec.target else ["--package", f"--model-store={self.model_store}"]
         argv = [*me, "runtime", *code, f"--model={spec.model}", f"--version={spec.version}",
                 f"--service-id={service_id}", f"--consul=127.0.0.1:{self.stack.ports.consul}",
                 f"--security={self.stack.security}", f"--xds=127.0.0.1:{self.stack.ports.xds}",
@@ -207,8 +208,7 @@ class Supervisor:
         for spec in self.stack.runtimes:
             replicas = [self.start_replica(spec, i) for i in range(spec.replicas)]
             ids += [(spec.model, proc.name) for proc in replicas]
-            if spec.autoscale is not None:
-                self.scaler.adopt(spec, replicas)
+            self.scaler.adopt(spec, replicas)  # autoscale records or `mllambda deploy` may change the count
         self.step(f"runtimes: starting {len(ids)} (each with its own Envoy sidecar)")
         deadline, shown = time.monotonic() + 180, ""
         while True:
@@ -341,14 +341,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.detach:
             detached = True
             say("running in the background: `mllambda down` stops it")
-            if supervisor.scaler.versions:
+            if supervisor.stack.policies:
                 say("note: autoscaling is decided, but replicas start and stop only under a foreground `mllambda up`")
+            say("note: `mllambda deploy` takes effect under a foreground `mllambda up` (supervision: issue #43)")
             return 0
         say("Ctrl-C stops everything.")
         while True:
             time.sleep(0.5)
             supervisor.follow_scaling()
-            dead = [p for p in supervisor.started if not p.alive() and not supervisor.scaler.is_leaving(p)]
+            dead = [
+                p
+                for p in supervisor.started
+                if not p.alive() and not supervisor.scaler.is_leaving(p) and not supervisor.scaler.owns(p)
+            ]
             if dead:
                 raise CliError(f"{dead[0].name} exited:\n{dead[0].tail()}")
     except KeyboardInterrupt:
