@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from controlplane.stack.replicas import LocalScaler
 from tests.conftest import ControlPlaneProc
 from tests.helpers.envoy import wait_for
 from tests.test_pipeline_e2e import apply, post, until_ok
+from tests.test_ui import Forms
 
 PACKAGES = Path(__file__).parent / "data" / "packages"
 pytestmark = pytest.mark.slow
@@ -203,3 +205,46 @@ async def test_deploy_starts_replicas_of_a_package_undeploy_drains_them_and_a_fa
                 proc.stop()
         for _, proc in scaler.leaving:
             proc.stop()
+
+
+async def test_the_models_page_lists_packages_and_deploys_through_the_admin_api(
+    model_plane: ControlPlaneProc, tmp_path: Path
+) -> None:
+    hostile = tmp_path / "hostile"
+    shutil.copytree(PACKAGES / "bare", hostile)
+    (hostile / "mllambda.yaml").write_text(
+        "kind: Model\nentry: echo:predict\ndescription: '<script>alert(1)</script>'\n"
+    )
+    built = model_plane.cli("build", str(hostile), "--model=echo", "--version=v1", "--no-check")
+    assert built.returncode == 0, built.stderr
+    base = f"http://127.0.0.1:{model_plane.metrics_port}"
+    action = "/models/echo/v1/deploy"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.get(base + "/models") as r:
+            text = await r.text()
+        assert r.status == 200 and "echo:v1" in text and action not in text  # signed out: no forms
+        assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+        async with browser.post(base + action, data={"replicas": "2", "csrf": ""}) as r:
+            assert r.status == 403
+        async with browser.post(base + "/login", data={"token": model_plane.ui_token, "name": "ada"}) as r:
+            assert r.status == 200
+        async with browser.get(base + "/models") as r:
+            form = Forms(await r.text()).find(action)
+        async with browser.post(base + action, data={**form, "replicas": "500"}) as r:
+            assert r.status == 400 and "replicas: between 0 and 100" in await r.text()  # the admin API's answer
+        assert deployed(model_plane) is None
+        async with browser.post(base + action, data={**form, "replicas": "2"}) as r:
+            text = await r.text()
+        assert r.status == 200 and "echo:v1 deployed" in text and "0 passing of 2 deployed" in text
+        assert deployed(model_plane) == 2
+        undeploy = Forms(text).find("/models/echo/v1/undeploy")
+        async with browser.post(base + "/models/echo/v1/undeploy", data=undeploy) as r:
+            assert r.status == 200 and "echo:v1 undeployed" in await r.text()
+        assert deployed(model_plane) is None
+
+
+def deployed(plane: ControlPlaneProc) -> int | None:
+    """Replicas in the deploy record of echo:v1 (None: no record)."""
+    key = f"{plane.kv_prefix.rstrip('/')}-deploy/echo.v1"
+    status, body = processes.http_get(f"http://127.0.0.1:{plane.consul_port}/v1/kv/{key}?raw")
+    return int(json.loads(body)["replicas"]) if status == 200 else None

@@ -27,10 +27,11 @@ from controlplane.view import PlaneReader, PlaneView, ScaleRow
 from controlplane.web.charts import line_chart, pipeline_svg, rate_series
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
+from controlplane.web.render import STYLESHEET, shell
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
-STYLE = "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}svg{display:block;margin:8px 0}"
+STYLE_BYTES = STYLESHEET.read_bytes()
 HISTORY_SHOWN = 5  # versions per pipeline on the page
 
 
@@ -188,13 +189,12 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     parts.append(f"<p>Envoy admin: {admin_links}</p>")
     if status["kafka_bridges"]:
         parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='3'>"
-        f"<title>ML Lambda</title><style>{STYLE}</style></head><body><h1>ML Lambda</h1>"
-        f"<p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
-        " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/yaml'>YAML editor</a>"
-        " · <a href='/login'>sign in</a></p>" + "".join(parts) + "</body></html>"
+    head = (
+        f"<h1>ML Lambda</h1><p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
+        " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/models'>models</a>"
+        " · <a href='/yaml'>YAML editor</a> · <a href='/login'>sign in</a></p>"
     )
+    return shell("pipelines", head + "".join(parts), nav=False, refresh=3)
 
 
 def _cold(row: ScaleRow) -> str:
@@ -281,6 +281,11 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
     if ui is not None:
         add_ui_routes(app, reader, ui.sessions, ui.admin)
+
+    async def stylesheet(request: web.Request) -> web.Response:
+        return web.Response(body=STYLE_BYTES, content_type="text/css", headers={"cache-control": "max-age=300"})
+
+    app.router.add_get("/static/mllambda.css", stylesheet)
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
@@ -325,10 +330,7 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
         line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
         f"<p><a href='/'>all pipelines</a> · <a href='/pipelines/{e(p.name)}/edit'>edit</a></p>",
     ]
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='5'>"
-        f"<title>{e(p.name)} · ML Lambda</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
-    )
+    return shell(p.name, "".join(body), nav=False, refresh=5)
 
 
 class DashboardServer:

@@ -12,7 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +22,9 @@ import grpc
 import yaml
 from aiohttp import web
 
+from contract import naming
+from contract.service import RuntimeService
+from controlplane.config import cache_dir
 from controlplane.delivery.rollouts import spots, user_move
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
@@ -28,6 +32,7 @@ from controlplane.view import PlaneReader
 from controlplane.web.auth import COOKIE, Session, Sessions, changing, name_problem, same_origin, set_cookie
 from controlplane.web.forms import as_yaml, diff_lines, edited, problems_from_details
 from controlplane.web.pages import diff_page, edit_page, history_table, login_page, runtimes_page, yaml_page
+from controlplane.web.render import page
 
 log = logging.getLogger("mllambda.ui")
 YAML_LIMIT = 256 * 1024  # characters in the YAML editor
@@ -53,11 +58,13 @@ class AdminCalls:
 
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.PipelineAdminStub(self.channel)
+        self.model_stub = pb_grpc.ModelAdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def call(self, method: str, request: Any) -> Any:
+        stub = self.stub if hasattr(self.stub, method) else self.model_stub
         try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=30)
+            return await getattr(stub, method)(request, metadata=self.metadata, timeout=30)
         except grpc.aio.AioRpcError as err:
             raise AdminRefused(err.code(), err.details() or "") from err
 
@@ -256,6 +263,33 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         page = runtimes_page(view.runtimes, await reader.recent_traffic(), view.consul_ui, view.envoy_admin, signed_in)
         return html_page(page)
 
+    async def models(request: web.Request) -> web.StreamResponse:
+        session = session_of(request)
+        note, error, status = _done_note(request.query), "", 200
+        try:
+            listed = (await admin.call("ListModels", admin_pb2().ListModelsRequest())).models
+        except AdminRefused as err:
+            listed, error, status = [], f"the model store did not answer: {err.details}", 503
+        return html_page(models_page(listed, reader.view().runtimes, session, note, error), status)
+
+    async def deploy(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+        model, version = request.match_info["model"], request.match_info["version"]
+        replicas = _int(form.get("replicas"))
+        try:
+            if request.match_info["action"] == "deploy":
+                await admin.call("Deploy", admin_pb2().DeployRequest(model=model, version=version, replicas=replicas))
+            else:
+                await admin.call("Undeploy", admin_pb2().UndeployRequest(model=model, version=version))
+        except AdminRefused as err:
+            listed = (await admin.call("ListModels", admin_pb2().ListModelsRequest())).models
+            return html_page(models_page(listed, reader.view().runtimes, session, "", err.details), 400)
+        log.info("ui %s model=%s version=%s replicas=%d by=%s", request.match_info["action"], model, version,
+                 replicas, session.who)  # fmt: skip
+        query = {"done": request.match_info["action"], "model": model, "version": version}
+        raise web.HTTPSeeOther("/models?" + urlencode(query))
+
+    app.router.add_get("/models", models)
+    app.router.add_post("/models/{model}/{version}/{action:deploy|undeploy}", changing(sessions, deploy))
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", changing(sessions, logout))
@@ -267,6 +301,41 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
     app.router.add_get("/yaml", yaml_form)
     app.router.add_post("/yaml", changing(sessions, yaml_apply))
     app.router.add_get("/runtimes", runtimes)
+
+
+def _done_note(query: Mapping[str, str]) -> str:
+    """What the last change did, said from checked names (a URL cannot put its own words on the page)."""
+    model, version, done = query.get("model", ""), query.get("version", ""), query.get("done", "")
+    if (
+        done not in ("deploy", "undeploy")
+        or naming.name_problem(model, naming.LABEL)
+        or naming.name_problem(version, naming.VERSION)
+    ):
+        return ""
+    return f"{model}:{version} " + ("deployed: a running stack starts its replicas" if done == "deploy" else
+                                      "undeployed: its replicas drain and stop")  # fmt: skip
+
+
+def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Session | None, note: str, error: str) -> str:
+    passing: dict[tuple[str, str], int] = {}
+    for r in runtimes:
+        if r.passing:
+            passing[(r.model, r.version)] = passing.get((r.model, r.version), 0) + 1
+    envs = cache_dir() / "envs"
+    rows = [
+        {
+            "model": m.model, "version": m.version, "digest": m.digest, "description": m.description,
+            "dependencies": list(m.dependencies), "requirements": list(m.requirements),
+            "environment": ("built on this host" if (envs / m.lock_hash).is_dir() else "not built on this host")
+            + f" ({m.lock_hash[:12]})",
+            "passing": passing.get((m.model, m.version), 0), "deployed": m.deployed, "replicas": m.replicas,
+            "created": datetime.fromtimestamp(m.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "created_by": m.created_by,
+        }
+        for m in listed
+    ]  # fmt: skip
+    return page("models.html", title="models", nav=True, signed_in=session is not None,
+                csrf=session.csrf if session else "", rows=rows, note=note, error=error, refresh=0)  # fmt: skip
 
 
 def admin_pb2() -> Any:

@@ -16,13 +16,9 @@ from controlplane.delivery.rollouts import Spot, label, spots, state, where
 from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import PipelineVersion, Problem
 from controlplane.web.forms import TRANSPORTS, groups, shadow_slots
+from controlplane.web.render import shell
 
 e = html.escape
-STYLE = (
-    "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}fieldset{margin:8px 0}"
-    ".error{color:#b00020;margin-left:6px}.ok{color:#1b5e20}pre .add{color:#1b5e20}pre .del{color:#b00020}"
-    "input.weight{width:5em}textarea{width:100%;font-family:monospace}nav a{margin-right:12px}"
-)
 # Shares shown next to the weights follow as they are typed: weights are relative, the shares add up to 100%.
 SHARES_JS = (
     "document.querySelectorAll('.group').forEach(function(g){function f(){var ws=g.querySelectorAll('input.weight'),"
@@ -33,17 +29,7 @@ SHARES_JS = (
 
 
 def layout(title: str, body: str, signed_in: bool, csrf: str = "") -> str:
-    who = (
-        f"<form method='post' action='/logout' style='display:inline'>{hidden('csrf', csrf)}"
-        "<button id='sign-out'>sign out</button></form>"
-        if signed_in
-        else "<a href='/login'>sign in to change pipelines</a>"
-    )
-    nav = f"<nav><a href='/'>pipelines</a><a href='/runtimes'>runtimes</a><a href='/yaml'>YAML editor</a>{who}</nav>"
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)} · ML Lambda</title>"
-        f"<style>{STYLE}</style></head><body>{nav}{body}</body></html>"
-    )
+    return shell(title, body, signed_in=signed_in, csrf=csrf)
 
 
 def hidden(name: str, value: object) -> str:
