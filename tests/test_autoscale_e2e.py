@@ -26,7 +26,7 @@ import yaml
 from bench.autoscale import LOW, launch, load, load_step, scaling, stop_stack, until_up
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
-from tests.test_observability import ARTIFACTS
+from tests.helpers.observe import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 P99_TARGET_MS = 250  # under the high load, once scaled

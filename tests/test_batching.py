@@ -10,7 +10,7 @@ import pytest
 from runtime_sdk import Rejected
 from runtime_sdk.app import Runtime
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded
-from tests.test_runtime_sdk import served
+from tests.helpers.runtime import served
 
 calls: list[int] = []
 

@@ -15,7 +15,7 @@ from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate import resources as r
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
-from tests.test_translate import PIPELINE, RUNTIMES, instance, routes, steady
+from tests.helpers.translation import PIPELINE, RUNTIMES, instance, routes, steady
 
 PASSING = [dataclasses.replace(i, passing=True) for i in RUNTIMES] + [instance("mb", "v3", 4), instance("mx", "v1", 5)]
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.helpers.envoy import admin_stat, wait_for
-from tests.test_pipeline_e2e import apply, in_traffic, pipeline, post, service_meta, until_ok
+from tests.helpers.pipelines import apply, in_traffic, pipeline, post, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
 MODELS = ("count", "score")

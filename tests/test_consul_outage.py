@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import ConsulAgent, start_consul
 from tests.helpers.envoy import wait_for
-from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
-from tests.test_observability import metric, scrape
-from tests.test_pipeline_e2e import apply, until_ok
+from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
+from tests.helpers.observe import metric, scrape
+from tests.helpers.pipelines import apply, until_ok
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import signal
 import time
@@ -15,50 +14,16 @@ import pytest
 
 from controlplane.node.processes import http_get
 from tests.helpers.envoy import wait_for
-from tests.test_pipeline_e2e import M, apply, post, runtime_requests, service_meta, until_ok
+from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
+from tests.helpers.pipelines import M, apply, post, runtime_requests, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
-ONE_STAGE = {"name": "one", "stages": [{"name": "tok", "variants": [{"model": "tokenize", "version": "v1"}]}]}
-TOKENIZE = "examples.trivial.models:tokenize"
-
-
-def gateway_hosts(gateway: Any, cluster: str) -> set[str]:
-    """host:port of a cluster's endpoints as the gateway Envoy knows them."""
-    _, text = gateway.admin("/clusters")
-    return {
-        line.split("::")[1]
-        for line in text.splitlines()
-        if line.startswith(f"{cluster}::") and line.count("::") >= 3 and line.split("::")[2] == "cx_active"
-    }
 
 
 def consul_status(consul_port: int, service: str, service_id: str) -> str:
     _, body = http_get(f"http://127.0.0.1:{consul_port}/v1/health/checks/{service}")
     statuses = [c["Status"] for c in json.loads(body) if c["ServiceID"] == service_id]
     return statuses[0] if statuses else "gone"
-
-
-class SteadyLoad:
-    """A few clients sending requests back to back; counts every outcome."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.clients = url, clients
-        self.outcomes: collections.Counter[int] = collections.Counter()
-        self.stop = asyncio.Event()
-
-    async def _client(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            while not self.stop.is_set():
-                status, _, _ = await post(session, self.url, {"text": "a b"})
-                self.outcomes[status] += 1
-
-    async def __aenter__(self) -> SteadyLoad:
-        self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
 
 
 async def test_replicas_are_found_and_sigterm_drains_without_errors(

@@ -12,7 +12,7 @@ from contract.fanout import FanOut, Member, merge
 from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.translate.pipelines import Options, translate
-from tests.test_translate import instance, routes, steady
+from tests.helpers.translation import instance, routes, steady
 
 
 def one(model: str, version: str = "v1", **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from bench.common import runtime_codes
 from tests.conftest import consul_passing
 from tests.helpers.envoy import get_json, near_share
-from tests.test_pipeline_e2e import M, apply, in_traffic, post, until_ok
+from tests.helpers.pipelines import M, apply, in_traffic, post, until_ok
 
 pytestmark = pytest.mark.slow
 TEXT = {"text": "a quick brown fox"}

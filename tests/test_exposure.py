@@ -16,7 +16,7 @@ import pytest
 
 from controlplane.listen import is_loopback, refuse_exposed
 from controlplane.node import processes
-from tests.test_pipeline_e2e import apply, until_ok
+from tests.helpers.pipelines import apply, until_ok
 
 
 def test_loopback_is_told_apart_from_everything_else() -> None:

@@ -13,18 +13,14 @@ import pytest
 from contract.service import RuntimeService
 from controlplane.node import processes
 from tests.helpers.envoy import http_backend, wait_for
-from tests.test_observability import metric, scrape
-from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
+from tests.helpers.observe import metric, scrape, status
+from tests.helpers.pipelines import M, apply, in_traffic, pipeline, until_ok
 
 pytestmark = pytest.mark.slow
 
 
 def one_stage(name: str, model: str) -> dict[str, Any]:
     return {"name": name, "stages": [{"name": "s", "variants": [{"model": model, "version": "v1"}]}]}
-
-
-def status(control_plane: Any) -> dict[str, Any]:
-    return json.loads(scrape(control_plane, "/api/status"))  # type: ignore[no-any-return]
 
 
 async def test_bad_records_and_registrations_are_skipped_reported_and_stop_nothing(
@@ -169,7 +165,7 @@ async def test_hostile_requests_through_the_real_sidecars_steer_nothing_and_leak
 ) -> None:
     import aiohttp
 
-    from tests.test_pipeline_e2e import post, service_meta
+    from tests.helpers.pipelines import post, service_meta
 
     stolen: list[str] = []  # where a forged next hop would send the output
     async with http_backend("trap", seen=stolen) as port:

@@ -18,9 +18,8 @@ import aiohttp
 import pytest
 
 from contract.payload import NotAnObject, parse_object
-from tests.test_kafka_e2e import consume
-from tests.test_kafka_poison import send
-from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, until_ok
+from tests.helpers.kafka import consume, send
+from tests.helpers.pipelines import M, apply, in_traffic, pipeline, until_ok
 
 pytestmark = pytest.mark.slow
 HOSTILE = 10_000

@@ -14,19 +14,11 @@ from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
 from tests.conftest import ControlPlaneProc
 from tests.helpers.envoy import envoy_stat, get_json, wait_for
-from tests.test_discovery_e2e import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
-from tests.test_pipeline_e2e import apply, in_traffic, until_ok
+from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
+from tests.helpers.pipelines import apply, in_traffic, until_ok
+from tests.helpers.planes import second_control_plane
 
 pytestmark = pytest.mark.slow
-
-
-def second_control_plane(first: ControlPlaneProc, logs_dir: Path) -> ControlPlaneProc:
-    """Another control plane of the same deployment: same Consul, KV prefix, gateway and broker."""
-    return ControlPlaneProc(
-        processes.free_port(), processes.free_port(), first.consul_port, first.kv_prefix,
-        logs_dir / f"controlplane-second-{first.xds_port}.log", first.gateway_port, first.gateway_admin_port,
-        env=dict(first.env),
-    )  # fmt: skip
 
 
 async def test_envoys_fail_over_to_a_second_control_plane(

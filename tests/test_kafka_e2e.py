@@ -6,7 +6,6 @@ import asyncio
 import collections
 import json
 import signal
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from controlplane.node.processes import http_get
 from tests.helpers.envoy import near_share, wait_for
-from tests.test_pipeline_e2e import (
+from tests.helpers.kafka import consume, served
+from tests.helpers.pipelines import (
     M,
     apply,
     in_traffic,
@@ -41,33 +41,9 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-async def consume(bootstrap: str, topic: str, count: int, timeout: float = 60, missing_ok: bool = False) -> list[Any]:
-    """`count` records from the start of `topic`; with `missing_ok`, whatever arrived within `timeout`."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=f"test-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    found: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(found) < count:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    found += records
-    except TimeoutError:
-        if not missing_ok:
-            raise
-    finally:
-        await consumer.stop()
-    return found
-
-
 def predictions(consul_port: int, runtime: Any) -> int:
     """How many predicts a runtime has run, whatever the transport."""
     return runtime_metric(consul_port, runtime.model, runtime.service_id, "mllambda_runtime_predict_seconds_count")
-
-
-def served(record: Any) -> str:
-    return next((v.decode() for k, v in record.headers if k == "x-mll-served"), "")
 
 
 async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
@@ -240,7 +216,7 @@ async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_to
     sizes = [1 + i % 5 for i in range(600)]
     messages = [(json.dumps({"text": " ".join(["w"] * n)}).encode(), []) for n in sizes]
 
-    from tests.test_kafka_poison import send
+    from tests.helpers.kafka import send
 
     async def paced() -> None:  # over ~8 s, so that the switch happens while messages flow
         for start in range(0, len(messages), 15):
@@ -264,7 +240,7 @@ async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_to
 async def test_an_input_topic_that_changes_between_versions_is_followed_and_the_old_one_drained(
     kafka_plane: Any, kafka_bootstrap: str, start_runtime: Any, tmp_path: Path
 ) -> None:
-    from tests.test_kafka_poison import send
+    from tests.helpers.kafka import send
 
     for model in ("tokenize", "count", "score"):
         start_runtime(f"{M}:{model}", model, "v1")

@@ -13,25 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from controlplane.node.processes import http_get
 from tests.helpers.envoy import wait_for
-from tests.test_kafka_e2e import consume, served
-from tests.test_pipeline_e2e import M, apply, in_traffic, pipeline, runtime_metric, service_meta
+from tests.helpers.kafka import consume, send, served
+from tests.helpers.pipelines import M, apply, in_traffic, pipeline, runtime_metric, service_meta
 
 pytestmark = pytest.mark.slow
-
-
-async def send(bootstrap: str, topic: str, records: list[tuple[bytes | None, list[tuple[str, bytes]]]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2_000_000)
-    await producer.start()
-    try:
-        for value, headers in records:
-            key = b"tombstone" if value is None else None  # Kafka: a record needs a key or a value
-            await producer.send_and_wait(topic, value, key=key, headers=headers)
-    finally:
-        await producer.stop()
 
 
 async def test_poison_records_are_parked_with_their_reason_and_nothing_else_stops(

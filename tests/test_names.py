@@ -31,7 +31,7 @@ from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import check_name, parse_pipeline
 from controlplane.stack.file import load_stack
 from tests.helpers.envoy import wait_for
-from tests.test_fault_isolation import status
+from tests.helpers.observe import status
 
 HOSTILE = [
     "ok\n", "ok\r", "\nok", "../ok", "..", ".", "ok/../../x", "OK", "a" * 64, "x y", "é", "ok\x00", "-ok", "ok-",

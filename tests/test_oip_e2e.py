@@ -19,7 +19,7 @@ from controlplane.config import PROJECT_ROOT
 from controlplane.node.processes import ManagedProcess, free_port, http_get
 from tests.conftest import consul_passing
 from tests.helpers.envoy import wait_for
-from tests.test_pipeline_e2e import apply, post, until_ok
+from tests.helpers.pipelines import apply, post, until_ok
 
 pytestmark = pytest.mark.slow
 MLSERVER = PROJECT_ROOT / ".tools" / "mlserver" / "bin"

@@ -21,8 +21,8 @@ from controlplane.node import processes
 from controlplane.stack.replicas import LocalScaler
 from tests.conftest import ControlPlaneProc
 from tests.helpers.envoy import wait_for
-from tests.test_pipeline_e2e import apply, post, until_ok
-from tests.test_ui import Forms
+from tests.helpers.forms import Forms
+from tests.helpers.pipelines import apply, post, until_ok
 
 PACKAGES = Path(__file__).parent / "data" / "packages"
 pytestmark = pytest.mark.slow

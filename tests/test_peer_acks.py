@@ -20,7 +20,7 @@ from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import ROUTE
 from tests.helpers.envoy import wait_for
-from tests.test_translate import PIPELINE, RUNTIMES, steady
+from tests.helpers.translation import PIPELINE, RUNTIMES, steady
 
 P1 = ("p", 1)
 

@@ -18,7 +18,7 @@ from controlplane.config import PROJECT_ROOT
 from controlplane.node.processes import ManagedProcess, free_port, http_get
 from controlplane.node.tools import install_prometheus
 from tests.helpers.envoy import wait_for
-from tests.test_pipeline_e2e import apply, pipeline, until_ok
+from tests.helpers.pipelines import apply, pipeline, until_ok
 
 pytestmark = pytest.mark.slow
 DEPLOY = PROJECT_ROOT / "deploy" / "prometheus"

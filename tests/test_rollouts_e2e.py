@@ -19,10 +19,10 @@ import yaml
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
 from tests.helpers.envoy import wait_for
-from tests.test_discovery_e2e import SteadyLoad
-from tests.test_ha import second_control_plane
-from tests.test_observability import metric, scrape
-from tests.test_pipeline_e2e import until_ok
+from tests.helpers.load import SteadyLoad
+from tests.helpers.observe import metric, scrape
+from tests.helpers.pipelines import until_ok
+from tests.helpers.planes import second_control_plane
 
 pytestmark = pytest.mark.slow
 MODELS = "examples.trivial.models"

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -18,6 +17,7 @@ import pytest
 
 from runtime_sdk import Rejected
 from runtime_sdk.app import INLINE_AFTER, INLINE_BUDGET, Placement, Runtime, serving
+from tests.helpers.runtime import Client, served
 
 calls: list[dict[str, Any]] = []
 
@@ -33,25 +33,6 @@ def model(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("unserialisable"):
         return {"when": object()}
     return {"doubled": payload["n"] * 2}
-
-
-class Client:
-    """Requests to a runtime served on a loopback port, by path."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session, self.base = session, base
-
-    def post(self, path: str, **kwargs: Any) -> Any:
-        return self.session.post(self.base + path, **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> Any:
-        return self.session.get(self.base + path, **kwargs)
-
-
-@asynccontextmanager
-async def served(runtime: Runtime, **options: Any) -> AsyncIterator[Client]:
-    async with serving(runtime, **options) as base, aiohttp.ClientSession() as session:
-        yield Client(session, base)
 
 
 @pytest.fixture

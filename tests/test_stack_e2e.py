@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,16 +17,10 @@ from controlplane.admin.client import AdminClient
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
 from tests.helpers.envoy import admin_stat, near_share
+from tests.helpers.stack import mllambda
 
 pytestmark = pytest.mark.slow
 NLP = PROJECT_ROOT / "examples" / "nlp"
-
-
-def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout, cwd=PROJECT_ROOT,
-    )  # fmt: skip
 
 
 def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
@@ -56,7 +48,7 @@ def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
 def drawn(url: str, profile: Path, shot: str) -> dict[str, dict[tuple[str, str], tuple[float, float | None]]]:
     """The pipeline page as a real browser renders it: a screenshot kept in test-artifacts/, and per stage
     the drawn variants: (group, model:version) -> (configured weight, share seen)."""
-    from tests.test_observability import ARTIFACTS, browser
+    from tests.helpers.observe import ARTIFACTS, browser
 
     ARTIFACTS.mkdir(exist_ok=True)
     browser(f"--user-data-dir={profile}", f"--screenshot={ARTIFACTS / shot}", "--window-size=1100,900", url)
@@ -90,7 +82,7 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
     from selenium.webdriver.support import expected_conditions as shown
     from selenium.webdriver.support.wait import WebDriverWait
 
-    from tests.test_observability import ARTIFACTS, driven_browser
+    from tests.helpers.observe import ARTIFACTS, driven_browser
 
     def shoot(name: str) -> None:
         page.save_screenshot(str(ARTIFACTS / name))

@@ -19,7 +19,7 @@ from controlplane import files
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
 from runtime_sdk.serve import ServeError, remove_socket
-from tests.test_stack_e2e import mllambda
+from tests.helpers.stack import mllambda
 
 SMALL = {
     "kind": "Stack",

@@ -4,7 +4,6 @@ through a real control plane process (its admin API, Envoy's validation, Consul 
 from __future__ import annotations
 
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +17,7 @@ from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.web.auth import FAILED_SIGN_INS, SESSION_SECONDS, SESSIONS_KEPT, Sessions
 from controlplane.web.forms import edited, groups, problems_from_details
 from controlplane.web.manage import _local
+from tests.helpers.forms import Forms
 
 EXAMPLE = Path(__file__).parent / "data" / "three-stage.yaml"
 CLASSIFY = "stages[1].variants"
@@ -103,37 +103,6 @@ def test_redirects_stay_on_the_dashboard() -> None:
     )
     for hostile in hostile_ones:
         assert _local(hostile) == "/"
-
-
-class Forms(HTMLParser):
-    """Every form's fields as a browser would post them (text, hidden, select, ticked boxes)."""
-
-    def __init__(self, page: str) -> None:
-        super().__init__()
-        self.forms: list[tuple[dict[str, str], dict[str, str]]] = []
-        self.select: str | None = None
-        self.feed(page)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.forms.append((a, {}))
-        elif tag == "input" and self.forms and (a.get("type") != "checkbox" or "checked" in a):
-            self.forms[-1][1][a["name"]] = a.get("value", "")
-        elif tag == "select":
-            self.select = a["name"]
-        elif tag == "option" and self.select and "selected" in a:
-            self.forms[-1][1][self.select] = ""
-
-    def handle_data(self, data: str) -> None:
-        if self.select and self.forms and self.forms[-1][1].get(self.select) == "":
-            self.forms[-1][1][self.select] = data
-
-    def handle_endtag(self, tag: str) -> None:
-        self.select = None if tag == "select" else self.select
-
-    def find(self, action: str) -> dict[str, str]:
-        return next(dict(fields) for attrs, fields in self.forms if attrs.get("action") == action)
 
 
 def next_of(response: aiohttp.ClientResponse) -> str:

@@ -23,7 +23,7 @@ import yaml
 
 from controlplane.node import processes
 from tests.helpers.envoy import wait_for
-from tests.test_pipeline_e2e import M, apply, in_traffic, until_ok
+from tests.helpers.pipelines import M, apply, in_traffic, until_ok
 
 pytestmark = pytest.mark.slow
 NAME = "steady"

@@ -1,0 +1,49 @@
+"""Steady load through the gateway while something happens, and which hosts the gateway has for a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import aiohttp
+
+from tests.helpers.pipelines import post
+
+ONE_STAGE = {"name": "one", "stages": [{"name": "tok", "variants": [{"model": "tokenize", "version": "v1"}]}]}
+
+
+TOKENIZE = "examples.trivial.models:tokenize"
+
+
+def gateway_hosts(gateway: Any, cluster: str) -> set[str]:
+    """host:port of a cluster's endpoints as the gateway Envoy knows them."""
+    _, text = gateway.admin("/clusters")
+    return {
+        line.split("::")[1]
+        for line in text.splitlines()
+        if line.startswith(f"{cluster}::") and line.count("::") >= 3 and line.split("::")[2] == "cx_active"
+    }
+
+
+class SteadyLoad:
+    """A few clients sending requests back to back; counts every outcome."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url, self.clients = url, clients
+        self.outcomes: collections.Counter[int] = collections.Counter()
+        self.stop = asyncio.Event()
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self.stop.is_set():
+                status, _, _ = await post(session, self.url, {"text": "a b"})
+                self.outcomes[status] += 1
+
+    async def __aenter__(self) -> SteadyLoad:
+        self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
