@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +251,36 @@ def deployed(plane: ControlPlaneProc) -> int | None:
     key = f"{plane.kv_prefix.rstrip('/')}-deploy/echo.v1"
     status, body = processes.http_get(f"http://127.0.0.1:{plane.consul_port}/v1/kv/{key}?raw")
     return int(json.loads(body)["replicas"]) if status == 200 else None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB file system (tmpfs): the store's disk, full after one megabyte."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_or_an_unknown_version_is_refused_and_leaves_nothing_behind(
+    control_plane: ControlPlaneProc, small_disk: Path, tmp_path: Path
+) -> None:
+    control_plane.stop()
+    control_plane.env = {**control_plane.env, "MLLAMBDA_MODEL_STORE": str(small_disk)}
+    control_plane.start()
+    big = tmp_path / "big"
+    shutil.copytree(PACKAGES / "bare", big)
+    (big / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # the weights do not fit
+    full = control_plane.cli("build", str(big), "--model=echo", "--version=v1", "--no-check")
+    assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == []  # no partial file
+    assert "echo" not in control_plane.cli("get", "models").stdout
+    small = control_plane.cli("build", str(PACKAGES / "bare"), "--model=echo", "--version=v1", "--no-check")
+    assert small.returncode == 0, small.stderr  # what fits is stored: the store serves on
+    unknown = control_plane.cli("deploy", "echo:v9")
+    assert unknown.returncode == 1 and "echo:v9 not found" in unknown.stderr, unknown.stderr
