@@ -88,10 +88,7 @@ class ControlPlane:
         self.options = options
         self.identity = CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls else None
         self.bridge_identity = CertKeeper(self.consul, BRIDGE_SERVICE) if mtls and self.kafka else None
-        # Its own keeper: a keeper reloads one context, and the stats scraper's is the other.
-        self.packages_identity = (
-            CertKeeper(self.consul, CONTROL_PLANE_IDENTITY) if mtls and settings.packages_addr else None
-        )
+        self.packages_identity = self.identity if settings.packages_addr else None  # one identity, two contexts
         self.packages: PackageServer | None = None
         # Discovery's blocking queries get their own connections: admin calls never wait behind them.
         self.watch_consul = consul_client.connect(c)
@@ -121,9 +118,7 @@ class ControlPlane:
         self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
-        self.acks.on_join.append(lambda node_id: self._mark_dirty())  # its Envoy's extensions may matter
-        self.acks.on_ack(lambda *_: self._wake.set())  # a pending version may be ready now
-        self.acks.on_ack(lambda *_: self.peers.changed())  # and this control plane's record may change
+        self.acks.listen(self)
         self.pipelines: list[PipelineVersion] = []
         self.history: dict[str, list[PipelineVersion]] = {}  # from the same watch, for the dashboard
         self.broken: dict[str, str] = {}  # pipeline -> why its record in the store was skipped
@@ -148,6 +143,13 @@ class ControlPlane:
         self._read_once = False
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_server: grpc.aio.Server | None = None
+
+    def joined(self, node_id: str) -> None:
+        self._mark_dirty()  # its Envoy's extensions may matter to its snapshot
+
+    def acked(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        self._wake.set()  # a pending version may be ready now
+        self.peers.changed()  # and this control plane's record, which the others read, may change
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -201,7 +203,7 @@ class ControlPlane:
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
         if dashboard_at is not None:
             self._ui = LocalAdmin(self._admin_server, settings.token, settings.ui_token)
-        for keeper in (self.identity, self.bridge_identity, self.packages_identity):
+        for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.start()
         if self.identity is not None:  # reads counters of Envoys on other hosts through their ingress
@@ -364,7 +366,7 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for keeper in (self.identity, self.bridge_identity, self.packages_identity):
+        for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.stop()
         if self.packages is not None:

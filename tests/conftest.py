@@ -259,3 +259,9 @@ def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> Envoy
         lambda admin_port: render_bootstrap("gateway", "gateway", control_plane.xds_addr, admin_port),
         admin_port=control_plane.gateway_admin_port,
     )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/golden/*.json from what translation makes now"
+    )

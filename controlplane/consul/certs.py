@@ -48,15 +48,16 @@ class Identity:
     serial: str
 
 
-class CertKeeper:
-    """Keeps `service`'s leaf and the roots fresh; calls `on_change` with each new identity."""
+IdentityListener = Callable[[Identity], None]  # called with each new identity (the first, then every renewal)
 
-    def __init__(
-        self, client: consul.aio.Consul, service: str, on_change: Callable[[Identity], None] = lambda _: None
-    ) -> None:
+
+class CertKeeper:
+    """Keeps `service`'s leaf and the roots fresh; tells every listener about each new identity."""
+
+    def __init__(self, client: consul.aio.Consul, service: str, on_change: IdentityListener | None = None) -> None:
         self.client = client
         self.service = service
-        self.on_change = on_change
+        self._listeners: list[IdentityListener] = [on_change] if on_change else []
         self.identity: Identity | None = None
         self._ready = asyncio.Event()
         self._leaf: dict[str, Any] | None = None
@@ -119,8 +120,13 @@ class CertKeeper:
         if self.identity is not None:
             log.info("identity renewed service=%s serial=%s", self.service, fresh.serial)
         self.identity = fresh
-        self.on_change(fresh)
+        for listener in self._listeners:
+            listener(fresh)
         self._ready.set()
+
+    def subscribe(self, listener: IdentityListener) -> None:
+        """One more listener: several TLS contexts can follow one identity, each reloaded on renewal."""
+        self._listeners.append(listener)
 
 
 def write_sds(folder: Path, identity: Identity) -> None:
@@ -173,7 +179,7 @@ def renewed_context(keeper: CertKeeper, folder: Path, client: bool = False) -> s
     """A server (or client) context for `keeper`'s identity, reloaded in place whenever Consul renews it."""
     assert keeper.identity is not None
     context = (client_context if client else server_context)(keeper.identity, folder)
-    keeper.on_change = lambda fresh: load_identity(context, fresh, folder)
+    keeper.subscribe(lambda fresh: load_identity(context, fresh, folder))
     return context
 
 

@@ -126,7 +126,7 @@ class Reconciler:
         self._reported: dict[str, str] = {}  # failures already logged (each is logged once)
         self.push_latency = LatencyHistogram()
         self._set_at: dict[tuple[str, str], float] = {}
-        acks.on_ack(self._observe_push)
+        acks.listen(self)
 
     def reconcile(
         self,
@@ -286,7 +286,11 @@ class Reconciler:
     def snapshot_versions(self) -> dict[str, str]:
         return {group: s.version for group in self.cache.groups() if (s := self.cache.get(group)) is not None}
 
-    def _observe_push(self, node_id: str, group: str, type_url: str, version: str) -> None:
+    def joined(self, node_id: str) -> None:
+        pass
+
+    def acked(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        """An ACK: how long the version took from being set to being acknowledged (push latency)."""
         set_at = self._set_at.get((group, version))
         elapsed = time.monotonic() - set_at if set_at is not None else None
         if elapsed is not None and elapsed < 60:  # not a re-ACK after a reconnect

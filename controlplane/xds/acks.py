@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from contract.payload import flat
 from controlplane.xds.snapshot import short
@@ -28,6 +28,16 @@ class TypeAck:
     updated_at: float = 0.0
 
 
+class AckListener(Protocol):
+    """What the rest of the control plane hears from the ADS streams, as go-control-plane's `Callbacks`:
+    `joined` when an Envoy's first request names its node (its extensions are known from then),
+    `acked` on every ACK. Both run on the event loop, inside the stream: keep them short, never block."""
+
+    def joined(self, node_id: str) -> None: ...
+
+    def acked(self, node_id: str, group: str, type_url: str, version: str) -> None: ...
+
+
 class AckBook:
     """ACK/NACK per (node id, type url); a NACK stays visible until a later ACK."""
 
@@ -36,21 +46,19 @@ class AckBook:
         self._gone_since: dict[str, float] = {}  # node id -> when its last stream closed
         self._by_key: dict[tuple[str, str], TypeAck] = {}
         self._connected: dict[str, int] = {}
-        self._on_ack: list[Callable[[str, str, str, str], None]] = []
+        self._listeners: list[AckListener] = []
         self.extensions: dict[str, frozenset[str]] = {}  # node id -> extension names its Envoy reports
-        self.on_join: list[Callable[[str], None]] = []
         self._modes: dict[str, int] = {"sotw": 0, "delta": 0}
 
     def _current(self, node_id: str, group: str, type_url: str) -> TypeAck:
         return self._by_key.get((node_id, type_url)) or TypeAck(node_id, group, type_url)
 
-    def on_ack(self, listener: Callable[[str, str, str, str], None]) -> None:
-        """Call `listener(node_id, group, type_url, version)` on every ACK (metrics)."""
-        self._on_ack.append(listener)
+    def listen(self, listener: AckListener) -> None:
+        self._listeners.append(listener)
 
     def ack(self, node_id: str, group: str, type_url: str, version: str) -> None:
-        for listener in self._on_ack:
-            listener(node_id, group, type_url, version)
+        for listener in self._listeners:
+            listener.acked(node_id, group, type_url, version)
         status = self._current(node_id, group, type_url)
         self._by_key[(node_id, type_url)] = replace(
             status,
@@ -99,8 +107,8 @@ class AckBook:
 
     def joined(self, node_id: str, extensions: frozenset[str]) -> None:
         self.extensions[node_id] = extensions
-        for listener in self.on_join:
-            listener(node_id)
+        for listener in self._listeners:
+            listener.joined(node_id)
 
     def streams_by_mode(self) -> dict[str, int]:
         return dict(self._modes)
