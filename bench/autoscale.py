@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench.common import median
+from bench.common import median, nlp_stack
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
 
@@ -38,11 +38,13 @@ TEXTS = ["the striker scored a brilliant goal", "the new phone has a fast chip",
 
 
 def stack_file(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    stack = yaml.safe_load((NLP / "stack.yaml").read_text())
+    stack = nlp_stack()
     stack["runtimes"] = [r for r in stack["runtimes"] if r["version"] == "v1"]
     for runtime in stack["runtimes"]:
-        if runtime["model"] == "classifier":
+        if runtime["model"] == "classifier":  # on the simulated device: this environment's code, not a package
+            del runtime["package"], runtime["manifest"]
             runtime["target"] = "bench.device_model:classify_on_device"
+            runtime["loader"] = "examples.nlp.models:load_classifier"
             runtime["autoscale"] = {
                 "min_replicas": 1, "max_replicas": 4, "target_in_flight": 1, "up_window": 2, "down_window": 15,
             }  # fmt: skip

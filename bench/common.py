@@ -141,6 +141,16 @@ def running_stack(
         subprocess.run([*CLI, "down"], env=env, cwd=root, stdout=subprocess.DEVNULL)
 
 
+def nlp_stack() -> dict[str, Any]:
+    """The NLP example's stack file as data, its package folders absolute (the copy a bench writes lives elsewhere)."""
+    folder = PROJECT_ROOT / "examples" / "nlp"
+    stack: dict[str, Any] = yaml.safe_load((folder / "stack.yaml").read_text())
+    for runtime in stack["runtimes"]:
+        if "package" in runtime:
+            runtime["package"] = str((folder / runtime["package"]).resolve())
+    return stack
+
+
 def checkout(revision: str) -> Path:
     """A worktree of `revision` (its admin stubs generated) for `running_stack(root=...)`: `python -m` from
     its folder imports its code, so one run can set a change against what came before it."""

@@ -19,10 +19,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from bench.common import median, running_stack
-from controlplane.config import PROJECT_ROOT
+from bench.common import median, nlp_stack, running_stack
 from controlplane.invoke import hop_table, send
 
 TEXT = {"text": "the pasta was delicious"}
@@ -34,7 +31,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--compare", choices=["security", "colocated"], default="colocated")
     args = parser.parse_args()
-    stack = yaml.safe_load((PROJECT_ROOT / "examples" / "nlp" / "stack.yaml").read_text())
+    stack = nlp_stack()
     stack.pop("kafka", None)
     setups: dict[str, tuple[dict[str, str], dict[str, str]]] = {"mtls": ({}, {})}  # name: stack changes, env
     if args.compare == "colocated":

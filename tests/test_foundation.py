@@ -47,7 +47,7 @@ def test_free_ports_never_repeat_within_a_process() -> None:
 
 def test_free_ports_never_repeat_across_processes() -> None:
     """A runtime process picking its sidecar's ports never gets one the test process just took."""
-    code = "from controlplane import processes; print(*(processes.free_port() for _ in range(300)))"
+    code = "from controlplane.node import processes; print(*(processes.free_port() for _ in range(300)))"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     mine = {processes.free_port() for _ in range(300)}
     out, _ = child.communicate(timeout=60)

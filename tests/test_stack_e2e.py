@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.common import nlp_stack
 from controlplane.admin.client import AdminClient
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
@@ -128,7 +129,7 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
 
 
 def test_nlp_walkthrough(tmp_path: Path) -> None:
-    stack = yaml.safe_load((NLP / "stack.yaml").read_text())
+    stack = nlp_stack()  # written elsewhere below: its package folders made absolute
     ports = {
         k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka", "bridge")
     }
@@ -147,6 +148,9 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "8/8 passing" in up.stdout
         assert f"gateway        http://127.0.0.1:{ports['gateway']}" in up.stdout
+        # Each model version is a package in its own environment: the v1 models share one lock, the v2 another.
+        models = json.loads(mllambda("get", "models", "-o", "json", env=env).stdout)["items"]
+        assert len(models) == 8 and len({m["lock_hash"] for m in models}) == 2, models
 
         one = mllambda(
             "invoke", "nlp", "--data", '{"text": "the striker scored a brilliant goal"}', "-o", "json", env=env
