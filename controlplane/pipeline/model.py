@@ -1,4 +1,4 @@
-"""Pipelines: the domain objects, and the one place they are validated.
+"""Pipelines: the domain objects and the rules their names follow (spec.py validates a definition against them).
 
 A pipeline is a chain of stages. Each stage splits its traffic across model
 variants by integer weight, or picks a branch by the routing key the previous
@@ -27,9 +27,9 @@ LIMITS = {
     "retry_attempts": 5,
     "members": 8,  # contract.fanout.MAX_MEMBERS
 }
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+BRANCH_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_BRANCH_ON = "route_key"
 JOIN_GROUP = "(join)"  # an ensemble's join, among its split groups
 INTERNAL_TOPICS = "mll."  # hop, input/output default, dead-letter and bridge topics (contract.naming)

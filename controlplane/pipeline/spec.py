@@ -9,15 +9,15 @@ from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
 from controlplane.pipeline.model import (
-    _FIELD,
-    _KEY,
-    _TOPIC,
+    BRANCH_KEY,
     DEFAULT_BRANCH_ON,
     DEFAULT_RETRY_ATTEMPTS,
     DEFAULT_TIMEOUT_MS,
+    FIELD_NAME,
     INTERNAL_TOPICS,
     LIMITS,
     PROTOCOLS,
+    TOPIC,
     TRANSPORTS,
     Branch,
     InvalidPipeline,
@@ -164,7 +164,7 @@ class _Parser:
     def topic(self, value: Any, path: str) -> str:
         if not value:
             return ""
-        topic = self.text(value, path, _TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
+        topic = self.text(value, path, TOPIC, "a Kafka topic name: letters, digits, '.', '_', '-'")
         if topic in (".", ".."):
             self.bad(path, f"{topic!r} is not a usable Kafka topic name")
         elif topic.startswith(INTERNAL_TOPICS):
@@ -199,7 +199,7 @@ class _Parser:
         branch_on = DEFAULT_BRANCH_ON
         if data.get("branch_on"):
             rule = "a field name: letters, digits, '_', '.', '-', up to 64"
-            branch_on = self.text(data["branch_on"], f"{path}.branch_on", _FIELD, rule)
+            branch_on = self.text(data["branch_on"], f"{path}.branch_on", FIELD_NAME, rule)
         rollout = None
         if data.get("rollout") and not members:
             rollout = self.rollout(data["rollout"], f"{path}.rollout", variants)
@@ -295,7 +295,7 @@ class _Parser:
         data = self.mapping(raw, path, {"key", "variants", "rollout"})
         key = data.get("key")
         rule = "letters, digits, '_', '.', '-', up to 64"
-        key_text = self.text(str(key) if isinstance(key, int) else key, f"{path}.key", _KEY, rule)
+        key_text = self.text(str(key) if isinstance(key, int) else key, f"{path}.key", BRANCH_KEY, rule)
         variants = self.variants(data.get("variants"), f"{path}.variants")
         if not variants:
             self.bad(f"{path}.variants", "a branch needs at least one variant")

@@ -1,0 +1,132 @@
+"""A JSON Schema of pipeline definitions, for editors (completion and checks as you type).
+
+Built from the validator's own constants (name rules, limits, transports), so it cannot
+drift from them; docs/schemas/pipeline.schema.json is this, written out (tests/test_schemas.py
+checks that it is current). The schema says the shape; the validator (spec.py) stays the
+judge of what needs the whole document (unique names, weights that add up, who asks an
+ensemble) and of Envoy's own rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contract.naming import LABEL, RULES, VERSION
+from controlplane.pipeline.model import BRANCH_KEY, FIELD_NAME, LIMITS, PROTOCOLS, TOPIC, TRANSPORTS
+
+SCHEMA = "https://json-schema.org/draft/2020-12/schema"
+
+
+def anchored(pattern: str) -> str:
+    """JSON Schema patterns search; the validator's match whole strings. Not `$` at the end: in Python (which
+    checks these in the tests) it also matches before a final newline, so `(?![\\s\\S])`: nothing follows."""
+    return "^(?:" + pattern.strip("^$") + r")(?![\s\S])"
+
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = (), **more: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+        **more,
+    }
+
+
+def pipeline_schema() -> dict[str, Any]:
+    label = {"type": "string", "pattern": anchored(LABEL.pattern), "description": RULES[LABEL]}
+    version = {
+        "anyOf": [{"type": "string", "pattern": anchored(VERSION.pattern)}, {"type": "number"}],
+        "description": RULES[VERSION],
+    }
+    timeout = {"type": "integer", "minimum": 1, "maximum": LIMITS["timeout_ms"]}
+    weight = {"type": "integer", "minimum": 0, "maximum": LIMITS["weight"], "default": 1}
+    variant = _object({"model": label, "version": version, "weight": weight}, ("model", "version"))
+    variants = {"type": "array", "items": {"$ref": "#/$defs/variant"}, "maxItems": LIMITS["variants"]}
+    shadow = _object(
+        {"model": label, "version": version, "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}},
+        ("model", "version", "percent"),
+    )
+    rollout = _object(
+        {
+            "candidate": _object({"model": label, "version": version}, ("model", "version")),
+            "steps": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}, "maxItems": 10},
+            "step_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "min_requests": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+            "max_p99_ratio": {"type": "number", "minimum": 1, "maximum": 100},
+            "max_p99_ms": {"type": "integer", "minimum": 0, "maximum": LIMITS["timeout_ms"]},
+            "step": {"type": "integer", "minimum": 0},
+            "paused": {"type": "boolean"},
+            "baseline": variants,
+        },
+        ("candidate",),
+    )
+    branch = _object(
+        {
+            "key": {"type": ["string", "integer"], "pattern": anchored(BRANCH_KEY.pattern)},
+            "variants": variants,
+            "rollout": rollout,
+        },
+        ("key", "variants"),
+    )
+    branches = {"type": "array", "items": {"$ref": "#/$defs/branch"}, "maxItems": LIMITS["branches"]}
+    member = _object(
+        {
+            "name": label,
+            "variants": variants,
+            "branches": branches,
+            "shadow": shadow,
+            "required": {"type": "boolean"},
+            "timeout_ms": timeout,
+        },
+        ("name",),
+    )
+    retry = _object(
+        {
+            "attempts": {"type": "integer", "minimum": 0, "maximum": LIMITS["retry_attempts"]},
+            "per_try_timeout_ms": {"type": "integer", "minimum": 0, "maximum": LIMITS["timeout_ms"]},
+        },
+    )
+    stage = _object(
+        {
+            "name": label,
+            "variants": variants,
+            "branches": branches,
+            "branch_on": {"type": "string", "pattern": anchored(FIELD_NAME.pattern)},
+            "members": {"type": "array", "items": {"$ref": "#/$defs/member"}, "maxItems": LIMITS["members"]},
+            "join": _object({"model": label, "version": version}, ("model", "version")),
+            "shadow": shadow,
+            "timeout_ms": timeout,
+            "retry": retry,
+            "rollout": rollout,
+            "protocol": {"enum": list(PROTOCOLS)},
+        },
+        ("name",),
+        oneOf=[{"required": ["variants"]}, {"required": ["branches"]}, {"required": ["members"]}],
+    )
+    topic = {"type": "string", "pattern": anchored(TOPIC.pattern)}
+    return {
+        "$schema": SCHEMA,
+        "$id": "urn:mllambda:schema:pipeline",
+        "title": "ML Lambda pipeline definition (mllambda apply -f)",
+        **_object(
+            {
+                "kind": {"const": "Pipeline"},
+                "apiVersion": {"type": "string"},
+                "name": label,
+                "transport": {"enum": list(TRANSPORTS), "default": "http"},
+                "stages": {
+                    "type": "array",
+                    "items": {"$ref": "#/$defs/stage"},
+                    "minItems": 1,
+                    "maxItems": LIMITS["stages"],
+                },
+                "input_topic": topic,
+                "output_topic": topic,
+                "logging": _object({"percent": {"type": "number", "minimum": 0, "maximum": 100}}),
+            },
+            ("name", "stages"),
+        ),
+        "$defs": {"variant": variant, "branch": branch, "member": member, "stage": stage},
+    }
