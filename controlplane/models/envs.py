@@ -72,15 +72,12 @@ def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Pat
     uv = find_uv()
     lock_file = partial.with_suffix(".lock.txt")
     lock_file.write_text(lock_text)
-    steps = [
-        [uv, "venv", "--quiet", "--python", sys.executable, str(partial)],
-        [uv, "pip", "install", "--quiet", "--python", str(env_python(partial)), *sdk_pins()],
-    ]
+    # Bytecode compiled once here, for every replica that starts from this environment: without it each
+    # start compiles scikit-learn and friends again where writing __pycache__ is off (3.5 s -> 1.3 s here).
+    install = [uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", str(env_python(partial))]
+    steps = [[uv, "venv", "--quiet", "--python", sys.executable, str(partial)], [*install, *sdk_pins()]]
     if lock_text.strip():
-        steps.append(
-            [uv, "pip", "install", "--quiet", "--require-hashes", "--python", str(env_python(partial)),
-             "-r", str(lock_file)]
-        )  # fmt: skip
+        steps.append([*install, "--require-hashes", "-r", str(lock_file)])
     try:
         with log_path.open("w") as log:
             for argv in steps:
