@@ -30,10 +30,19 @@ HEADER_LENGTH = "inference-header-content-length"  # the binary extension: JSON 
 MAX_INPUTS = 64
 MAX_ELEMENTS = 10_000_000
 _NUMERIC = {  # datatype -> (struct code, python type)
-    "BOOL": ("?", bool), "UINT8": ("B", int), "UINT16": ("H", int), "UINT32": ("I", int), "UINT64": ("Q", int),
-    "INT8": ("b", int), "INT16": ("h", int), "INT32": ("i", int), "INT64": ("q", int),
-    "FP16": ("e", float), "FP32": ("f", float), "FP64": ("d", float),
-}  # fmt: skip
+    "BOOL": ("?", bool),
+    "UINT8": ("B", int),
+    "UINT16": ("H", int),
+    "UINT32": ("I", int),
+    "UINT64": ("Q", int),
+    "INT8": ("b", int),
+    "INT16": ("h", int),
+    "INT32": ("i", int),
+    "INT64": ("q", int),
+    "FP16": ("e", float),
+    "FP32": ("f", float),
+    "FP64": ("d", float),
+}
 DATATYPES = (*_NUMERIC, "BYTES")
 
 

@@ -137,14 +137,16 @@ def _stage(data: Mapping[str, Any]) -> StageTopics:
         name=str(data["name"]),
         branch_on=str(data["branch_on"]),
         groups=tuple(
-            TopicGroup(str(g["key"]), tuple(TopicVariant(str(v["cluster"]), int(v["weight"]), str(v["topic"]))
-                                            for v in g["variants"]))
+            TopicGroup(
+                str(g["key"]),
+                tuple(TopicVariant(str(v["cluster"]), int(v["weight"]), str(v["topic"])) for v in g["variants"]),
+            )
             for g in data["groups"]
         ),
         shadow=TopicShadow(str(shadow["cluster"]), float(shadow["percent"]), str(shadow["topic"])) if shadow else None,
         timeout_ms=int(data["timeout_ms"]),
         retries=int(data["retries"]),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

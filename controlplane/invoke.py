@@ -96,8 +96,10 @@ async def send(url: str, payload: Any, count: int, concurrency: int = 8) -> Sent
                     else:
                         sent.errors.append(f"HTTP {resp.status}: {json.dumps(body)}")
             except aiohttp.ClientConnectorError as err:
-                sent.errors.append(f"cannot reach the gateway: {err}\nhint: is the stack up (./dev up)? "
-                                   "The gateway is --gateway or MLLAMBDA_GATEWAY.")  # fmt: skip
+                sent.errors.append(
+                    f"cannot reach the gateway: {err}\nhint: is the stack up (./dev up)? "
+                    "The gateway is --gateway or MLLAMBDA_GATEWAY."
+                )
             except (aiohttp.ClientError, ValueError) as err:
                 sent.errors.append(f"{type(err).__name__}: {err}")
 
@@ -113,10 +115,15 @@ def hop_table(hops: list[list[HopCost]]) -> list[dict[str, Any]]:
         for cost in chain:
             by_stage[cost.stage].append(cost)
     return [
-        {"stage": stage, **{part: round(statistics.median(getattr(c, part) for c in costs), 2)
-                            for part in ("model_ms", "sdk_ms", "mesh_ms")}}
+        {
+            "stage": stage,
+            **{
+                part: round(statistics.median(getattr(c, part) for c in costs), 2)
+                for part in ("model_ms", "sdk_ms", "mesh_ms")
+            },
+        }
         for stage, costs in by_stage.items()
-    ]  # fmt: skip
+    ]
 
 
 def split_table(served: list[str]) -> dict[str, collections.Counter[str]]:

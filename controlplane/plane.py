@@ -224,8 +224,12 @@ class ControlPlane:
             self.bridge = await BridgeServer(app, address, self.consul, self.settings.kv_prefix, tls).start()
         if settings.packages_addr:
             address = split_host_port(settings.packages_addr, 18004)
-            refuse_exposed("model packages", address[0], self.packages_identity is not None or settings.exposed,
-                           "--insecure-expose")  # fmt: skip
+            refuse_exposed(
+                "model packages",
+                address[0],
+                self.packages_identity is not None or settings.exposed,
+                "--insecure-expose",
+            )
             keeper = self.packages_identity
             tls = renewed_context(keeper, key_copies("packages")) if keeper is not None else None
             self.packages = await PackageServer(build_package_app(self.model_store), address, tls).start()

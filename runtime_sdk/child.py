@@ -49,9 +49,12 @@ def read_spec(raw: str) -> tuple[ServeOptions, RuntimeService, dict[str, Any], b
 async def main() -> None:
     options, service, where, through_sidecar = read_spec(sys.stdin.readline())
     client = consul.aio.Consul(
-        host=where["host"], port=where["port"], scheme=where["scheme"], token=where.get("token"),
+        host=where["host"],
+        port=where["port"],
+        scheme=where["scheme"],
+        token=where.get("token"),
         verify=where.get("ca_file") or True,
-    )  # fmt: skip
+    )
     try:
         await serve(options, service, client, Launcher(os.getppid()) if through_sidecar else None)
     finally:

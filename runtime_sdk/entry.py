@@ -35,7 +35,13 @@ async def log_payload(payloads: PayloadLog, request: Request, response: Response
         return
     pipeline, version = parts.group(1), parts.group(2)
     entry = record(
-        pipeline, version, request.headers.get("x-request-id", ""), response.status, started,
-        response.headers.get(h.SERVED, ""), body_value(request.body), body_value(response.body),
-    )  # fmt: skip
+        pipeline,
+        version,
+        request.headers.get("x-request-id", ""),
+        response.status,
+        started,
+        response.headers.get(h.SERVED, ""),
+        body_value(request.body),
+        body_value(response.body),
+    )
     payloads.offer(pipeline, entry)

@@ -102,9 +102,15 @@ async def serve(
         PayloadLog(Path(options.payload_log_dir), options.payload_log_max_bytes) if options.payload_log_dir else None
     )
     runtime = Runtime(
-        predict, service.model, service.version, egress, placement=Placement(options.inline), batch=batch,
-        payload_log=payloads, max_in_flight=options.max_in_flight,
-    )  # fmt: skip
+        predict,
+        service.model,
+        service.version,
+        egress,
+        placement=Placement(options.inline),
+        batch=batch,
+        payload_log=payloads,
+        max_in_flight=options.max_in_flight,
+    )
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
     server = build_app(runtime, options.max_body, access_log, options.max_connections)
     await runtime.start()

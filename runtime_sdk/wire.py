@@ -133,8 +133,9 @@ class _Connection(asyncio.Protocol):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
                 return
             self.reading = None
-            request = Request(reading.method, reading.path, reading.query, CIMultiDictProxy(reading.headers),
-                              bytes(reading.body))  # fmt: skip
+            request = Request(
+                reading.method, reading.path, reading.query, CIMultiDictProxy(reading.headers), bytes(reading.body)
+            )
             self.queue.append((request, reading.close))
             self.closing = reading.close
 

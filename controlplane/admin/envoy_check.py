@@ -90,9 +90,16 @@ class EnvoyValidator:
             json.dump(bootstrap, config)
             config.flush()
             process = await asyncio.create_subprocess_exec(
-                str(self.envoy), "--mode", "validate", "-c", config.name, "--log-level", "error",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
+                str(self.envoy),
+                "--mode",
+                "validate",
+                "-c",
+                config.name,
+                "--log-level",
+                "error",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
             try:
                 output, _ = await asyncio.wait_for(process.communicate(), TIMEOUT)
             except TimeoutError:

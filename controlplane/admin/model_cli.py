@@ -90,10 +90,17 @@ def get_models(args: argparse.Namespace) -> int:
         else:
             found = list(admin.ListModels(pb.ListModelsRequest(model=model)).models)
     rows = [
-        [m.model, m.version, m.digest[:12], size_text(m.size), str(len(m.dependencies)),
-         str(m.replicas) if m.deployed else "-", when(m.created_at)]
+        [
+            m.model,
+            m.version,
+            m.digest[:12],
+            size_text(m.size),
+            str(len(m.dependencies)),
+            str(m.replicas) if m.deployed else "-",
+            when(m.created_at),
+        ]
         for m in found
-    ]  # fmt: skip
+    ]
     emit(args.output, found, ["MODEL", "VERSION", "DIGEST", "SIZE", "DEPS", "DEPLOYED", "CREATED"], rows, bool(version))
     return 0
 

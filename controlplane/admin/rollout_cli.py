@@ -83,8 +83,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 print(json.dumps(found, indent=2))
                 return 0
             for r in found["rollouts"]:
-                print(f"{args.name}/{r['stage']}: to {r['candidate']}, {r['state']}"
-                      f" ({r['candidate_share_percent']}% of traffic); steps {r['steps']}")  # fmt: skip
+                print(
+                    f"{args.name}/{r['stage']}: to {r['candidate']}, {r['state']}"
+                    f" ({r['candidate_share_percent']}% of traffic); steps {r['steps']}"
+                )
             if not found["rollouts"]:
                 print(f"{args.name}: no rollout in progress (version {version})")
             for move in found["recent_moves"]:

@@ -36,9 +36,14 @@ class Presence:
 
     async def _register(self) -> None:
         await self.client.agent.service.register(
-            self.name, service_id=self.service_id, address=self.host, port=self.port,
-            tags=[self.name], meta=self.meta, check=self.check,
-        )  # fmt: skip
+            self.name,
+            service_id=self.service_id,
+            address=self.host,
+            port=self.port,
+            tags=[self.name],
+            meta=self.meta,
+            check=self.check,
+        )
 
     async def _known(self) -> bool:
         return self.service_id in await self.client.agent.services()

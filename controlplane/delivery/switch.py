@@ -97,12 +97,21 @@ class Switchboard:
                         track.draining[track.entry.version] = track.entry
                     track.entry, track.pending, changed = track.pending, None, True
                     track.entered_at = now
-                    log.info("pipeline=%s version=%d in traffic after %.2fs", name, track.entry.version,
-                             now - track.pending_since)  # fmt: skip
+                    log.info(
+                        "pipeline=%s version=%d in traffic after %.2fs",
+                        name,
+                        track.entry.version,
+                        now - track.pending_since,
+                    )
                 elif now - track.pending_since > SLOW_AFTER and not track.reported_slow:
                     track.reported_slow = True
-                    log.warning("pipeline=%s version=%d still not in traffic after %.0fs: waiting for %s",
-                                name, track.pending.version, SLOW_AFTER, ", ".join(track.waiting_for))  # fmt: skip
+                    log.warning(
+                        "pipeline=%s version=%d still not in traffic after %.0fs: waiting for %s",
+                        name,
+                        track.pending.version,
+                        SLOW_AFTER,
+                        ", ".join(track.waiting_for),
+                    )
             for number, version in list(track.draining.items()):
                 if number not in track.drain_until and gateway_left((name, number)):
                     track.drain_until[number] = now + version.pipeline.timeout_ms() / 1000 + DRAIN_MARGIN

@@ -52,9 +52,12 @@ class VariantTraffic:
 
 
 COUNTED = (
-    "upstream_rq_total", "upstream_rq_5xx", "upstream_rq_retry",
-    "upstream_rq_active", "upstream_rq_pending_active",  # gauges: in flight now
-)  # fmt: skip
+    "upstream_rq_total",
+    "upstream_rq_5xx",
+    "upstream_rq_retry",
+    "upstream_rq_active",
+    "upstream_rq_pending_active",  # gauges: in flight now
+)
 
 
 def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
@@ -101,10 +104,14 @@ def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterS
             old = merged.get(cluster, ClusterStats())
             total = old.requests + s.requests
             merged[cluster] = ClusterStats(
-                total, old.errors + s.errors, _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
-                _blend(old.p99_ms, old.requests, s.p99_ms, s.requests), old.retries + s.retries,
-                _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests), old.in_flight + s.in_flight,
-            )  # fmt: skip
+                total,
+                old.errors + s.errors,
+                _blend(old.p50_ms, old.requests, s.p50_ms, s.requests),
+                _blend(old.p99_ms, old.requests, s.p99_ms, s.requests),
+                old.retries + s.retries,
+                _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests),
+                old.in_flight + s.in_flight,
+            )
     return merged
 
 
@@ -144,9 +151,14 @@ def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> 
     for cluster, s in now.items():
         old = then.get(cluster, ClusterStats())
         found[cluster] = ClusterStats(
-            max(0, s.requests - old.requests), max(0, s.errors - old.errors), s.p50_ms, s.p99_ms,
-            max(0, s.retries - old.retries), s.p99_recent_ms, s.in_flight,
-        )  # fmt: skip
+            max(0, s.requests - old.requests),
+            max(0, s.errors - old.errors),
+            s.p50_ms,
+            s.p99_ms,
+            max(0, s.retries - old.retries),
+            s.p99_recent_ms,
+            s.in_flight,
+        )
     return found
 
 

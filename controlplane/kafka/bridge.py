@@ -91,8 +91,9 @@ class BridgeServer:
         self.tls = tls
         self.host, self.port = address
         if tls is None:
-            check = consul.Check.http(f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s",
-                                      deregister="1m")  # fmt: skip
+            check = consul.Check.http(
+                f"http://{self.host}:{self.port}/healthz", interval="1s", timeout="1s", deregister="1m"
+            )
         else:  # Consul's agent has no client certificate: it can only see that the port answers
             check = consul.Check.tcp(self.host, self.port, interval="1s", timeout="1s", deregister="1m")
         service_id = bridge_service_id(self.host, self.port)

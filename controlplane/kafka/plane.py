@@ -236,9 +236,12 @@ class KafkaPlane:
         """An input topic -> stage 0 of the newest version (weights, shadow), committed after the produce is acked."""
         assert self.producer is not None
         consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=self.bootstrap, group_id=router_group(name, topic),
-            enable_auto_commit=False, auto_offset_reset="earliest",
-        )  # fmt: skip
+            topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=router_group(name, topic),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         # A producer's own headers go along; ours (reply topic, version, ...) cannot be set from outside.
         await consume_batches(

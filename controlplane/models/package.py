@@ -177,10 +177,23 @@ def lock(requirements: list[str], uv: str, python: str) -> str:
     if not requirements:
         return ""
     done = subprocess.run(
-        [uv, "pip", "compile", "-", "--python-version", python, "--generate-hashes", "--no-header",
-         "--no-annotate", "--quiet"],
-        input="\n".join(requirements) + "\n", capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            uv,
+            "pip",
+            "compile",
+            "-",
+            "--python-version",
+            python,
+            "--generate-hashes",
+            "--no-header",
+            "--no-annotate",
+            "--quiet",
+        ],
+        input="\n".join(requirements) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         raise PackageError(f"the requirements cannot be resolved for Python {python}:\n{done.stderr.strip()}")
     return done.stdout

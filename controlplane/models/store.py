@@ -102,9 +102,13 @@ def parse_deployment(raw: bytes | None) -> Deployment | None:
     try:
         data = json.loads(raw)
         found = Deployment(
-            str(data["model"]), str(data["version"]), str(data["digest"]), data["replicas"], float(data["at"]),
+            str(data["model"]),
+            str(data["version"]),
+            str(data["digest"]),
+            data["replicas"],
+            float(data["at"]),
             str(data["by"])[:200],
-        )  # fmt: skip
+        )
     except (ValueError, KeyError, TypeError):
         return None
     ok = type(found.replicas) is int and 0 <= found.replicas <= MAX_DEPLOY_REPLICAS

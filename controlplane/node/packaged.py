@@ -63,10 +63,13 @@ async def serve_in_env(
         "through_sidecar": sidecar is not None,
     }
     child = await asyncio.create_subprocess_exec(
-        str(package.env / "bin" / "python"), "-m", "runtime_sdk.child", cwd=package.folder,
+        str(package.env / "bin" / "python"),
+        "-m",
+        "runtime_sdk.child",
+        cwd=package.folder,
         stdin=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(package.folder), "MLLAMBDA_CACHE_DIR": str(cache_dir())},
-    )  # fmt: skip
+    )
     assert child.stdin is not None
     child.stdin.write(json.dumps(spec).encode() + b"\n")
     await child.stdin.drain()
@@ -99,8 +102,12 @@ async def prepared_package(args: argparse.Namespace, client: consul.aio.Consul) 
         except ModelNotFound:  # this host never had it: from the control plane, checked, kept by digest
             archive = await fetch_package(args, client, record.digest)
             write_blob(store.dir, record.digest, archive)
-        log.info("package model=%s version=%s digest=%s: preparing its environment", args.model, args.version,
-                 record.digest[:12])  # fmt: skip
+        log.info(
+            "package model=%s version=%s digest=%s: preparing its environment",
+            args.model,
+            args.version,
+            record.digest[:12],
+        )
         folder, env, meta = await asyncio.to_thread(prepare, archive, record.digest, cache_dir())
     except (ModelNotFound, BadPackage, PackageError, ModelStoreUnavailable) as err:
         raise CliError(f"--package {args.model}:{args.version}: {err}") from err

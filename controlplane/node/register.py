@@ -62,8 +62,12 @@ async def hold(args: argparse.Namespace, service: RuntimeService) -> None:
     try:
         async with identity_and_sidecar(args, service, run_dir(), client) as (service, sidecar):
             await register(client, service)
-            log.info("registered service_id=%s oip=127.0.0.1:%d model=%s", service.service_id,
-                     service.runtime_port, service.oip_model)  # fmt: skip
+            log.info(
+                "registered service_id=%s oip=127.0.0.1:%d model=%s",
+                service.service_id,
+                service.runtime_port,
+                service.oip_model,
+            )
             keep = asyncio.create_task(stay_registered(client, service, True))
             try:
                 await wait_for_stop(stop, sidecar)

@@ -31,8 +31,15 @@ MAX_WINDOW = 3600.0  # seconds; bounds the recommendations kept per version
 MAX_POLICIES = 256
 TICK = 1.0  # seconds between observations
 POLICY_KEYS = (
-    "model", "version", "min_replicas", "max_replicas", "target_in_flight", "target_p99_ms", "up_window", "down_window"
-)  # fmt: skip
+    "model",
+    "version",
+    "min_replicas",
+    "max_replicas",
+    "target_in_flight",
+    "target_p99_ms",
+    "up_window",
+    "down_window",
+)
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,13 @@ def parse_record(raw: bytes | None) -> ScaleRecord | None:
     try:
         data = json.loads(raw)
         record = ScaleRecord(
-            str(data["model"]), str(data["version"]), data["replicas"], str(data["reason"])[:300],
-            float(data["at"]), str(data["by"])[:200],
-        )  # fmt: skip
+            str(data["model"]),
+            str(data["version"]),
+            data["replicas"],
+            str(data["reason"])[:300],
+            float(data["at"]),
+            str(data["by"])[:200],
+        )
     except (ValueError, KeyError, TypeError):
         return None
     ok = type(record.replicas) is int and 0 <= record.replicas <= 100

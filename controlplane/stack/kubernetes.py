@@ -41,8 +41,12 @@ HEADER = (
 
 def _env(*names: str) -> list[dict[str, Any]]:
     """Downward API values the command lines use as $(NAME)."""
-    paths = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP",
-             "HOST_IP": "status.hostIP"}  # fmt: skip
+    paths = {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "POD_IP": "status.podIP",
+        "HOST_IP": "status.hostIP",
+    }
     return [{"name": n, "valueFrom": {"fieldRef": {"fieldPath": paths[n]}}} for n in names]
 
 
@@ -68,27 +72,51 @@ def _deployment(name: str, replicas: int, containers: list[dict[str, Any]], acco
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": spec}},
-    }  # fmt: skip
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": spec},
+        },
+    }
 
 
 def controlplane_args(autoscaled: bool) -> list[str]:
     return [
-        "controlplane", "--xds=$(POD_IP):18000", "--admin=127.0.0.1:18001", f"--consul={CONSUL}",
-        "--security=mtls", f"--gateway-tls-dir={RUN}/gateway-tls", "--gateway-host=0.0.0.0",
-        "--gateway-port=18080", "--metrics-port=18002", f"--packages=$(POD_IP):{PORTS['packages']}",
+        "controlplane",
+        "--xds=$(POD_IP):18000",
+        "--admin=127.0.0.1:18001",
+        f"--consul={CONSUL}",
+        "--security=mtls",
+        f"--gateway-tls-dir={RUN}/gateway-tls",
+        "--gateway-host=0.0.0.0",
+        "--gateway-port=18080",
+        "--metrics-port=18002",
+        f"--packages=$(POD_IP):{PORTS['packages']}",
         f"--model-store={STORE}",
-        *(["--autoscale=/etc/mllambda/autoscale.yaml", "--scaler=kubernetes",
-           "--kubernetes-namespace=$(POD_NAMESPACE)"] if autoscaled else []),
-    ]  # fmt: skip
+        *(
+            [
+                "--autoscale=/etc/mllambda/autoscale.yaml",
+                "--scaler=kubernetes",
+                "--kubernetes-namespace=$(POD_NAMESPACE)",
+            ]
+            if autoscaled
+            else []
+        ),
+    ]
 
 
 def gateway_args() -> list[str]:
     return [
-        "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds={XDS}", "--admin-port=19000",
-        f"--config-dir={RUN}", "--security=mtls", f"--identity={GATEWAY_IDENTITY}", f"--consul={CONSUL}",
-    ]  # fmt: skip
+        "sidecar",
+        "--node-id=gateway",
+        "--cluster=gateway",
+        f"--xds={XDS}",
+        "--admin-port=19000",
+        f"--config-dir={RUN}",
+        "--security=mtls",
+        f"--identity={GATEWAY_IDENTITY}",
+        f"--consul={CONSUL}",
+    ]
 
 
 def package_flags() -> list[str]:
@@ -98,28 +126,49 @@ def package_flags() -> list[str]:
 
 def prepare_args(spec: RuntimeSpec) -> list[str]:
     return [
-        "prepare", f"{spec.model}:{spec.version}", f"--consul={CONSUL}", "--security=mtls", *package_flags(),
-    ]  # fmt: skip
+        "prepare",
+        f"{spec.model}:{spec.version}",
+        f"--consul={CONSUL}",
+        "--security=mtls",
+        *package_flags(),
+    ]
 
 
 def runtime_args(spec: RuntimeSpec) -> list[str]:
     code = ["--package", *package_flags()] if spec.package else [spec.target]
     return [
-        "runtime", *code, f"--model={spec.model}", f"--version={spec.version}", "--service-id=$(POD_NAME)",
-        f"--consul={CONSUL}", f"--xds={XDS}", "--security=mtls", "--no-sidecar",
-        f"--sidecar-tls-dir={RUN}/$(POD_NAME)-tls", "--advertise-address=$(POD_IP)", f"--port={PORTS['runtime']}",
-        f"--ingress-port={PORTS['ingress']}", f"--egress-port={PORTS['egress']}",
-        f"--envoy-admin-port={PORTS['envoy_admin']}", *([f"--loader={spec.loader}"] if spec.loader else []),
+        "runtime",
+        *code,
+        f"--model={spec.model}",
+        f"--version={spec.version}",
+        "--service-id=$(POD_NAME)",
+        f"--consul={CONSUL}",
+        f"--xds={XDS}",
+        "--security=mtls",
+        "--no-sidecar",
+        f"--sidecar-tls-dir={RUN}/$(POD_NAME)-tls",
+        "--advertise-address=$(POD_IP)",
+        f"--port={PORTS['runtime']}",
+        f"--ingress-port={PORTS['ingress']}",
+        f"--egress-port={PORTS['egress']}",
+        f"--envoy-admin-port={PORTS['envoy_admin']}",
+        *([f"--loader={spec.loader}"] if spec.loader else []),
         *spec.args,
-    ]  # fmt: skip
+    ]
 
 
 def sidecar_args(spec: RuntimeSpec) -> list[str]:
     return [
-        "sidecar", "--node-id=$(POD_NAME)", f"--cluster={model_cluster(spec.model, spec.version)}", f"--xds={XDS}",
-        f"--admin-port={PORTS['envoy_admin']}", f"--config-dir={RUN}", "--security=mtls",
-        f"--identity={spec.model}", f"--consul={CONSUL}",
-    ]  # fmt: skip
+        "sidecar",
+        "--node-id=$(POD_NAME)",
+        f"--cluster={model_cluster(spec.model, spec.version)}",
+        f"--xds={XDS}",
+        f"--admin-port={PORTS['envoy_admin']}",
+        f"--config-dir={RUN}",
+        "--security=mtls",
+        f"--identity={spec.model}",
+        f"--consul={CONSUL}",
+    ]
 
 
 def runtime_deployment(spec: RuntimeSpec) -> dict[str, Any]:
@@ -161,19 +210,31 @@ def scaler_rbac() -> list[dict[str, Any]]:
     subject = {"kind": "ServiceAccount", "name": "controlplane"}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "controlplane"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "mllambda-scaler"},
-         "rules": rules},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "mllambda-scaler"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mllambda-scaler"},
-         "subjects": [subject]},
-    ]  # fmt: skip
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "mllambda-scaler"},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "mllambda-scaler"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mllambda-scaler"},
+            "subjects": [subject],
+        },
+    ]
 
 
 def render(stack: Stack) -> dict[str, list[dict[str, Any]]]:
     """File name -> its documents."""
     policies = stack.policies
-    plane = _container("controlplane", controlplane_args(bool(policies)), _env("POD_IP", "POD_NAMESPACE", "HOST_IP"),
-                       {"xds": 18000, "packages": PORTS["packages"]})  # fmt: skip
+    plane = _container(
+        "controlplane",
+        controlplane_args(bool(policies)),
+        _env("POD_IP", "POD_NAMESPACE", "HOST_IP"),
+        {"xds": 18000, "packages": PORTS["packages"]},
+    )
     control: list[dict[str, Any]] = scaler_rbac()
     deployment = _deployment("controlplane", 2, [plane], account="controlplane")
     if policies:
@@ -182,24 +243,34 @@ def render(stack: Stack) -> dict[str, list[dict[str, Any]]]:
             {"name": "autoscale", "configMap": {"name": "autoscale"}}
         )
         document = yaml.safe_dump(policies_document(policies), sort_keys=False)
-        control.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "autoscale"},
-                        "data": {"autoscale.yaml": document}})  # fmt: skip
+        control.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "autoscale"},
+                "data": {"autoscale.yaml": document},
+            }
+        )
     if any(spec.package for spec in stack.runtimes):  # the store, shared by every control plane
         plane["volumeMounts"].append({"name": "model-store", "mountPath": STORE})
         deployment["spec"]["template"]["spec"]["volumes"].append(
             {"name": "model-store", "persistentVolumeClaim": {"claimName": "model-store"}}
         )
         claim = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}
-        control.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "model-store"},
-                        "spec": claim})  # fmt: skip
+        control.append(
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "model-store"}, "spec": claim}
+        )
     ports = {"xds": 18000, "packages": PORTS["packages"]}
     control += [deployment, _service("controlplane", ports, headless=True)]
     gateway = _container("envoy", gateway_args(), _env("HOST_IP"), {"http": 18080})
     edge = [_deployment("gateway", 1, [gateway]), _service("gateway", {"http": 18080})]
     kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "mllambda",
-        "resources": list(FILES[1:]), "images": [{"name": IMAGE, "newName": IMAGE, "newTag": "0.1.0"}],
-    }  # fmt: skip
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "mllambda",
+        "resources": list(FILES[1:]),
+        "images": [{"name": IMAGE, "newName": IMAGE, "newTag": "0.1.0"}],
+    }
     runtimes = [runtime_deployment(spec) for spec in stack.runtimes]
     return {FILES[0]: [kustomization], FILES[1]: control, FILES[2]: edge, FILES[3]: runtimes}
 

@@ -139,24 +139,47 @@ class Supervisor:
         self.step(f"control plane: xDS 127.0.0.1:{p.xds}, admin 127.0.0.1:{p.admin}, security {self.stack.security}")
         self.start(
             "controlplane",
-            [*me, "controlplane", f"--xds=127.0.0.1:{p.xds}", f"--admin=127.0.0.1:{p.admin}", consul_flag,
-             f"--gateway-port={p.gateway}", f"--gateway-admin-port={p.gateway_admin}",
-             f"--metrics-port={p.controlplane_metrics}", *kafka_flags, *security, *mtls,
-             *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else []), *autoscale],
+            [
+                *me,
+                "controlplane",
+                f"--xds=127.0.0.1:{p.xds}",
+                f"--admin=127.0.0.1:{p.admin}",
+                consul_flag,
+                f"--gateway-port={p.gateway}",
+                f"--gateway-admin-port={p.gateway_admin}",
+                f"--metrics-port={p.controlplane_metrics}",
+                *kafka_flags,
+                *security,
+                *mtls,
+                *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else []),
+                *autoscale,
+            ],
             processes.tcp_ready(p.admin),
             keep_secrets=True,
             # the runtimes' socket folder: the gateway takes their output there (docs/architecture.md, "Same host")
-            env={"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": str(self.run_dir()),
-                 "MLLAMBDA_MODEL_STORE": str(self.model_store)},
-        )  # fmt: skip
+            env={
+                "MLLAMBDA_UI_TOKEN": self.ui_token,
+                "MLLAMBDA_RUN_DIR": str(self.run_dir()),
+                "MLLAMBDA_MODEL_STORE": str(self.model_store),
+            },
+        )
         self.step(f"gateway Envoy: 127.0.0.1:{p.gateway} (admin 127.0.0.1:{p.gateway_admin})")
         self.start(
             "gateway",
-            [*me, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds=127.0.0.1:{p.xds}",
-             f"--admin-port={p.gateway_admin}", f"--config-dir={envoys}", *security, consul_flag,
-             *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else [])],
+            [
+                *me,
+                "sidecar",
+                "--node-id=gateway",
+                "--cluster=gateway",
+                f"--xds=127.0.0.1:{p.xds}",
+                f"--admin-port={p.gateway_admin}",
+                f"--config-dir={envoys}",
+                *security,
+                consul_flag,
+                *([f"--concurrency={self.stack.gateway_concurrency}"] if self.stack.gateway_concurrency else []),
+            ],
             processes.envoy_ready(p.gateway_admin),
-        )  # fmt: skip
+        )
         self.build_packages()
         self.start_runtimes()
         self.apply_pipelines()
@@ -193,10 +216,20 @@ class Supervisor:
         me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.run_dir()
         # No target: the model version's package from the store (named in the stack file, or deployed)
         code = [spec.target] if spec.target else ["--package", f"--model-store={self.model_store}"]
-        argv = [*me, "runtime", *code, f"--model={spec.model}", f"--version={spec.version}",
-                f"--service-id={service_id}", f"--consul=127.0.0.1:{self.stack.ports.consul}",
-                f"--security={self.stack.security}", f"--xds=127.0.0.1:{self.stack.ports.xds}",
-                *([f"--loader={spec.loader}"] if spec.loader else []), *spec.args, *self.kafka_flags]  # fmt: skip
+        argv = [
+            *me,
+            "runtime",
+            *code,
+            f"--model={spec.model}",
+            f"--version={spec.version}",
+            f"--service-id={service_id}",
+            f"--consul=127.0.0.1:{self.stack.ports.consul}",
+            f"--security={self.stack.security}",
+            f"--xds=127.0.0.1:{self.stack.ports.xds}",
+            *([f"--loader={spec.loader}"] if spec.loader else []),
+            *spec.args,
+            *self.kafka_flags,
+        ]
         env = {"MLLAMBDA_RUN_DIR": str(run_dir)}
         proc = processes.ManagedProcess(service_id, argv, self.logs / f"{service_id}.log", env=env).start()
         self.started.append(proc)

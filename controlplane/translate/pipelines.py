@@ -119,8 +119,12 @@ def translate(
         shares_egress(instances, options.gateway_host, options.run_folder) if options.colocated == "shared" else []
     )
     carriers = [(i, serving.get(i.cluster, ())) for i in sharing]  # a listener for each, serving or not
-    _isolated(options.gateway_group, snapshots, failed,
-              lambda: _gateway(_entries(deployments, options), everything, endpoints, options, carriers))  # fmt: skip
+    _isolated(
+        options.gateway_group,
+        snapshots,
+        failed,
+        lambda: _gateway(_entries(deployments, options), everything, endpoints, options, carriers),
+    )
     kept: Memo = {}
     by_cluster: dict[str, list[RuntimeService]] = {}
     for i in instances:

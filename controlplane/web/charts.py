@@ -69,8 +69,10 @@ def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic]) -> str:
             mid = 4 + tallest // 2
             parts.append(f"<path d='M{x + STAGE_W} {mid} h{GAP - 6}' stroke='#333' marker-end='url(#arrow)'/>")
     width, height = 20 + len(columns) * (STAGE_W + GAP), tallest + 24
-    arrow = ("<defs><marker id='arrow' markerWidth='8' markerHeight='8' refX='6' refY='3' orient='auto'>"
-             "<path d='M0,0 L6,3 L0,6 z' fill='#333'/></marker></defs>")  # fmt: skip
+    arrow = (
+        "<defs><marker id='arrow' markerWidth='8' markerHeight='8' refX='6' refY='3' orient='auto'>"
+        "<path d='M0,0 L6,3 L0,6 z' fill='#333'/></marker></defs>"
+    )
     caption = f"<text x='10' y='{height - 4}' fill='#555'>transport: {e(p.transport)}</text>"
     return (
         f"<svg class='pipeline' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
@@ -124,9 +126,11 @@ def line_chart(title: str, series: Series, start: float, end: float, marks: Sequ
     ]
     for t, label in marks:
         if start <= t <= end:
-            parts.append(f"<line class='mark' x1='{x(t):.1f}' y1='12' x2='{x(t):.1f}' y2='{height - bottom}' "
-                         f"stroke='#999' stroke-dasharray='3 3'/><text x='{x(t) - 3:.1f}' y='22' fill='#555' "
-                         f"text-anchor='end'>{e(label)}</text>")  # fmt: skip
+            parts.append(
+                f"<line class='mark' x1='{x(t):.1f}' y1='12' x2='{x(t):.1f}' y2='{height - bottom}' "
+                f"stroke='#999' stroke-dasharray='3 3'/><text x='{x(t) - 3:.1f}' y='22' fill='#555' "
+                f"text-anchor='end'>{e(label)}</text>"
+            )
     for i, (label, points) in enumerate(sorted(series.items())):
         color = COLORS[i % len(COLORS)]
         if points:

@@ -102,10 +102,15 @@ def per_node(view: PlaneView) -> list[dict[str, Any]]:
         nacked = max((a for a in acks if a.nack_error), key=lambda a: a.updated_at, default=None)
         nack = f"{short(nacked.type_url)} {nacked.nack_version}: {nacked.nack_error}"[:NACK_SHOWN] if nacked else ""
         newest = max((a.updated_at for a in acks), default=0.0)
-        rows.append({
-            "node": node, "connected": node in view.connected, "acked": acked, "nack": nack,
-            "age_seconds": round(time.time() - newest, 1) if newest else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "node": node,
+                "connected": node in view.connected,
+                "acked": acked,
+                "nack": nack,
+                "age_seconds": round(time.time() - newest, 1) if newest else None,
+            }
+        )
     return rows
 
 

@@ -52,8 +52,10 @@ def groups(doc: Mapping[str, Any]) -> Iterator[Group]:
     """Every weighted list of variants: a stage's, a branch's, a member's (and a member's branches)."""
     for k, stage in enumerate(doc.get("stages") or []):
         holders = [(f"stages[{k}]", stage["name"], stage)]
-        holders += [(f"stages[{k}].members[{m}]", f"{stage['name']} · member {member['name']}", member)
-                    for m, member in enumerate(stage.get("members") or [])]  # fmt: skip
+        holders += [
+            (f"stages[{k}].members[{m}]", f"{stage['name']} · member {member['name']}", member)
+            for m, member in enumerate(stage.get("members") or [])
+        ]
         for path, label, holder in holders:
             if holder.get("variants"):
                 yield _group(f"{path}.variants", label, holder["variants"])

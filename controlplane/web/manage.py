@@ -283,8 +283,14 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         except AdminRefused as err:
             listed = (await admin.call("ListModels", admin_pb2().ListModelsRequest())).models
             return html_page(models_page(listed, reader.view().runtimes, session, "", err.details), 400)
-        log.info("ui %s model=%s version=%s replicas=%d by=%s", request.match_info["action"], model, version,
-                 replicas, session.who)  # fmt: skip
+        log.info(
+            "ui %s model=%s version=%s replicas=%d by=%s",
+            request.match_info["action"],
+            model,
+            version,
+            replicas,
+            session.who,
+        )
         query = {"done": request.match_info["action"], "model": model, "version": version}
         raise web.HTTPSeeOther("/models?" + urlencode(query))
 
@@ -312,8 +318,11 @@ def _done_note(query: Mapping[str, str]) -> str:
         or naming.name_problem(version, naming.VERSION)
     ):
         return ""
-    return f"{model}:{version} " + ("deployed: a running stack starts its replicas" if done == "deploy" else
-                                      "undeployed: its replicas drain and stop")  # fmt: skip
+    return f"{model}:{version} " + (
+        "deployed: a running stack starts its replicas"
+        if done == "deploy"
+        else "undeployed: its replicas drain and stop"
+    )
 
 
 def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Session | None, note: str, error: str) -> str:
@@ -324,18 +333,33 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
     envs = cache_dir() / "envs"
     rows = [
         {
-            "model": m.model, "version": m.version, "digest": m.digest, "description": m.description,
-            "dependencies": list(m.dependencies), "requirements": list(m.requirements),
+            "model": m.model,
+            "version": m.version,
+            "digest": m.digest,
+            "description": m.description,
+            "dependencies": list(m.dependencies),
+            "requirements": list(m.requirements),
             "environment": ("built on this host" if (envs / m.lock_hash).is_dir() else "not built on this host")
             + f" ({m.lock_hash[:12]})",
-            "passing": passing.get((m.model, m.version), 0), "deployed": m.deployed, "replicas": m.replicas,
+            "passing": passing.get((m.model, m.version), 0),
+            "deployed": m.deployed,
+            "replicas": m.replicas,
             "created": datetime.fromtimestamp(m.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "created_by": m.created_by,
         }
         for m in listed
-    ]  # fmt: skip
-    return page("models.html", title="models", nav=True, signed_in=session is not None,
-                csrf=session.csrf if session else "", rows=rows, note=note, error=error, refresh=0)  # fmt: skip
+    ]
+    return page(
+        "models.html",
+        title="models",
+        nav=True,
+        signed_in=session is not None,
+        csrf=session.csrf if session else "",
+        rows=rows,
+        note=note,
+        error=error,
+        refresh=0,
+    )
 
 
 def admin_pb2() -> Any:

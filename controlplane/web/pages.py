@@ -95,8 +95,10 @@ def edit_page(
     out.append("<button type='submit' id='apply'>apply as a new version</button></form>")
     out.append(f"<script>{SHARES_JS}</script>")
     out.append(rollout_forms(current, csrf))
-    out.append(f"<p><a href='/yaml?name={e(name)}'>edit the whole definition as YAML</a> · "
-               f"<a href='/pipelines/{e(name)}'>traffic</a></p>")  # fmt: skip
+    out.append(
+        f"<p><a href='/yaml?name={e(name)}'>edit the whole definition as YAML</a> · "
+        f"<a href='/pipelines/{e(name)}'>traffic</a></p>"
+    )
     return layout(f"edit {name}", "".join(out), signed_in=True, csrf=csrf)
 
 
@@ -183,8 +185,10 @@ def runtimes_page(
     for t in traffic:
         requests, errors, window = seen.get(model_cluster(t.model, t.version), (0, 0, None))
         seen[model_cluster(t.model, t.version)] = (requests + t.requests, errors + t.errors, t.window_seconds or window)
-    out = ["<h2>Runtimes</h2><table id='runtimes'><tr><th>model version</th><th>replicas passing</th>"
-           "<th>recent 5xx</th><th>instances</th></tr>"]  # fmt: skip
+    out = [
+        "<h2>Runtimes</h2><table id='runtimes'><tr><th>model version</th><th>replicas passing</th>"
+        "<th>recent 5xx</th><th>instances</th></tr>"
+    ]
     for (model, version), instances in sorted(by_version.items()):
         passing = sum(1 for i in instances if i.passing)
         requests, errors, window = seen.get(model_cluster(model, version), (0, 0, None))

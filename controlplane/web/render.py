@@ -27,5 +27,12 @@ def page(template: str, **context: Any) -> str:
 
 def shell(title: str, body: str, *, nav: bool = True, signed_in: bool = False, csrf: str = "", refresh: int = 0) -> str:
     """A page whose body was built elsewhere (already escaped HTML) in the one shell."""
-    return page("base.html", title=title, body=jinja2.utils.markupsafe.Markup(body), nav=nav,
-                signed_in=signed_in, csrf=csrf, refresh=refresh)  # fmt: skip
+    return page(
+        "base.html",
+        title=title,
+        body=jinja2.utils.markupsafe.Markup(body),
+        nav=nav,
+        signed_in=signed_in,
+        csrf=csrf,
+        refresh=refresh,
+    )
