@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,25 @@ async def test_every_runtime_vanishing_at_once_is_held_for_the_grace_then_believ
     assert metric(scrape(control_plane), "mllambda_discovery_holding") == 1
     await wait_for(lambda: not gateway_hosts(gateway, "tokenize.v1"), timeout=20)
     assert metric(scrape(control_plane), "mllambda_discovery_holding") == 0
+
+
+async def test_a_replacement_started_while_the_last_runtime_is_held_serves_without_waiting_out_the_grace(
+    control_plane: Any, consul_agent: ConsulAgent, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """A single-replica version replaced (a deploy, a restart): the hold must not keep the new one out."""
+    control_plane.stop()
+    control_plane.extra_args = ["--empty-grace=120"]
+    control_plane.start()
+    first = start_runtime(TOKENIZE, "tokenize", "v1")
+    apply(control_plane, tmp_path, ONE_STAGE)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
+    await until_ok(url, {"text": "a b"})
+    first.proc.stop()  # the only runtime leaves: held for 120 s
+    assert metric(scrape(control_plane), "mllambda_discovery_holding") == 1
+    started = time.monotonic()
+    second = start_runtime(TOKENIZE, "tokenize", "v1")  # waits (30 s at most) until Consul says passing
+    await until_ok(url, {"text": "a b"})
+    assert time.monotonic() - started < 30  # it was 120 s (the grace) before newcomers joined the held set
+    assert metric(scrape(control_plane), "mllambda_discovery_holding") == 0
+    await wait_for(lambda: len(gateway_hosts(gateway, "tokenize.v1")) == 1, timeout=10)  # the held one gone
+    assert second.proc.alive()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,7 @@ async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
     assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [["skl", "v15"], ["skl", "v19"]]
     described = model_plane.cli("describe", "model", "skl:v19")
     assert "scikit-learn==1.9.0" in described.stdout and "model.py" in described.stdout, described.stderr
+    assert re.search(r"Created: .* by \S+@\S+ from ipv4:127\.0\.0\.1:\d+", described.stdout), described.stdout
 
     package_runtime(start_runtime, store, "skl", "v15")
     package_runtime(start_runtime, store, "skl", "v19")

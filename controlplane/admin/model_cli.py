@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import getpass
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
@@ -58,11 +61,22 @@ def upload(admin: AdminClient, built: Built, model: str, version: str) -> bool:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
     def messages() -> Iterator[Any]:
-        yield pb.UploadChunk(model=model, version=version, digest=built.digest, size=len(built.archive))
+        yield pb.UploadChunk(
+            model=model, version=version, digest=built.digest, size=len(built.archive), built_by=builder()
+        )
         for part in chunks(built.archive):
             yield pb.UploadChunk(data=part)
 
     return bool(admin.Upload(messages(), timeout=UPLOAD_TIMEOUT).created)
+
+
+def builder() -> str:
+    """user@host of whoever runs `build`, for the record (not an identity: the admin token is the credential)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from contract.payload import flat
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.server import guard
@@ -76,7 +77,8 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
                 yield chunk.data
 
         await self.store.receive(parts(), first.digest, self.limit)
-        version, created = await self.store.record(first.model, first.version, first.digest, by=_caller(context))
+        by = f"{flat(first.built_by, 100)} from {_caller(context)}" if first.built_by else _caller(context)
+        version, created = await self.store.record(first.model, first.version, first.digest, by=by)
         log.info(
             "upload model=%s version=%s digest=%s created=%s",
             version.model,

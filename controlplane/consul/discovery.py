@@ -17,7 +17,9 @@ Failure behaviour:
   `complete` is False and the control plane pushes nothing.
 - Every passing instance gone at once (an agent restarted, a token that lost
   read rights) is suspect: the last passing set is held for `empty_grace`
-  seconds and reported (`holding`), then let through if it lasts.
+  seconds and reported (`holding`), then let through if it lasts. Instances
+  that register meanwhile are added to it (a replacement gets its sidecar's
+  config, passes, and ends the hold).
 """
 
 from __future__ import annotations
@@ -279,6 +281,13 @@ class Discovery:
                     self.empty_grace,
                 )
                 self._release = asyncio.get_running_loop().call_later(self.empty_grace, self._let_go)
+            # Newcomers join the held set: a replacement's sidecar needs its config before its check (which
+            # goes through that sidecar) can pass and end the hold; without this it waited out the grace.
+            held = {i.service_id for i in self._published}
+            newcomers = [i for i in fresh if i.service_id not in held]
+            if newcomers:
+                self._published = sorted([*self._published, *newcomers], key=lambda i: i.service_id)
+                self.on_change()
             return
         self._stop_holding()
         self._published = fresh
