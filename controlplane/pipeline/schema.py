@@ -23,7 +23,8 @@ def anchored(pattern: str) -> str:
     return "^(?:" + pattern.strip("^$") + r")(?![\s\S])"
 
 
-def _object(properties: dict[str, Any], required: tuple[str, ...] = (), **more: Any) -> dict[str, Any]:
+# A JSON object with exactly these fields: an editor flags a misspelt key, as the validators do.
+def closed_object(properties: dict[str, Any], required: tuple[str, ...] = (), **more: Any) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": properties,
@@ -41,15 +42,15 @@ def pipeline_schema() -> dict[str, Any]:
     }
     timeout = {"type": "integer", "minimum": 1, "maximum": LIMITS["timeout_ms"]}
     weight = {"type": "integer", "minimum": 0, "maximum": LIMITS["weight"], "default": 1}
-    variant = _object({"model": label, "version": version, "weight": weight}, ("model", "version"))
+    variant = closed_object({"model": label, "version": version, "weight": weight}, ("model", "version"))
     variants = {"type": "array", "items": {"$ref": "#/$defs/variant"}, "maxItems": LIMITS["variants"]}
-    shadow = _object(
+    shadow = closed_object(
         {"model": label, "version": version, "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}},
         ("model", "version", "percent"),
     )
-    rollout = _object(
+    rollout = closed_object(
         {
-            "candidate": _object({"model": label, "version": version}, ("model", "version")),
+            "candidate": closed_object({"model": label, "version": version}, ("model", "version")),
             "steps": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}, "maxItems": 10},
             "step_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
             "min_requests": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
@@ -62,7 +63,7 @@ def pipeline_schema() -> dict[str, Any]:
         },
         ("candidate",),
     )
-    branch = _object(
+    branch = closed_object(
         {
             "key": {"type": ["string", "integer"], "pattern": anchored(BRANCH_KEY.pattern)},
             "variants": variants,
@@ -71,7 +72,7 @@ def pipeline_schema() -> dict[str, Any]:
         ("key", "variants"),
     )
     branches = {"type": "array", "items": {"$ref": "#/$defs/branch"}, "maxItems": LIMITS["branches"]}
-    member = _object(
+    member = closed_object(
         {
             "name": label,
             "variants": variants,
@@ -82,20 +83,20 @@ def pipeline_schema() -> dict[str, Any]:
         },
         ("name",),
     )
-    retry = _object(
+    retry = closed_object(
         {
             "attempts": {"type": "integer", "minimum": 0, "maximum": LIMITS["retry_attempts"]},
             "per_try_timeout_ms": {"type": "integer", "minimum": 0, "maximum": LIMITS["timeout_ms"]},
         },
     )
-    stage = _object(
+    stage = closed_object(
         {
             "name": label,
             "variants": variants,
             "branches": branches,
             "branch_on": {"type": "string", "pattern": anchored(FIELD_NAME.pattern)},
             "members": {"type": "array", "items": {"$ref": "#/$defs/member"}, "maxItems": LIMITS["members"]},
-            "join": _object({"model": label, "version": version}, ("model", "version")),
+            "join": closed_object({"model": label, "version": version}, ("model", "version")),
             "shadow": shadow,
             "timeout_ms": timeout,
             "retry": retry,
@@ -110,7 +111,7 @@ def pipeline_schema() -> dict[str, Any]:
         "$schema": SCHEMA,
         "$id": "urn:mllambda:schema:pipeline",
         "title": "ML Lambda pipeline definition (mllambda apply -f)",
-        **_object(
+        **closed_object(
             {
                 "kind": {"const": "Pipeline"},
                 "apiVersion": {"type": "string"},
@@ -124,7 +125,7 @@ def pipeline_schema() -> dict[str, Any]:
                 },
                 "input_topic": topic,
                 "output_topic": topic,
-                "logging": _object({"percent": {"type": "number", "minimum": 0, "maximum": 100}}),
+                "logging": closed_object({"percent": {"type": "number", "minimum": 0, "maximum": 100}}),
             },
             ("name", "stages"),
         ),

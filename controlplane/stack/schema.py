@@ -10,26 +10,16 @@ from dataclasses import fields
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
-from controlplane.pipeline.schema import SCHEMA, anchored, pipeline_schema
+from controlplane.pipeline.schema import SCHEMA, anchored, closed_object, pipeline_schema
 from controlplane.scaling.policy import MAX_REPLICAS, MAX_WINDOW
 from controlplane.stack.file import Ports
-
-
-def _object(properties: dict[str, Any], required: tuple[str, ...] = (), **more: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(required),
-        "additionalProperties": False,
-        **more,
-    }
 
 
 def stack_schema() -> dict[str, Any]:
     label = {"type": "string", "pattern": anchored(LABEL.pattern), "description": RULES[LABEL]}
     version = {"type": "string", "pattern": anchored(VERSION.pattern), "description": RULES[VERSION]}
     port = {"type": "integer", "minimum": 1, "maximum": 65535}
-    autoscale = _object(
+    autoscale = closed_object(
         {
             "min_replicas": {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS},
             "max_replicas": {"type": "integer", "minimum": 1, "maximum": MAX_REPLICAS},
@@ -39,7 +29,7 @@ def stack_schema() -> dict[str, Any]:
             "down_window": {"type": "number", "minimum": 0, "maximum": MAX_WINDOW},
         }
     )
-    runtime = _object(
+    runtime = closed_object(
         {
             "model": label,
             "version": version,
@@ -59,11 +49,11 @@ def stack_schema() -> dict[str, Any]:
         "$schema": SCHEMA,
         "$id": "urn:mllambda:schema:stack",
         "title": "ML Lambda stack file (mllambda up -f)",
-        **_object(
+        **closed_object(
             {
                 "kind": {"const": "Stack"},
                 "name": label,
-                "ports": _object({f.name: port for f in fields(Ports)}),
+                "ports": closed_object({f.name: port for f in fields(Ports)}),
                 "runtimes": {"type": "array", "items": runtime},
                 "pipelines": {"type": "array", "items": {"$ref": "#/$defs/pipeline"}},
                 "kafka": {"type": "boolean"},
