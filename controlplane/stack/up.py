@@ -368,6 +368,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(load_stack(Path(args.filename)))
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the stack like Ctrl-C
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C stops the stack even when `up` was started by something that ignores SIGINT (a job started
+    # with `&` from a script inherits SIG_IGN, and Python then keeps it ignored): found by a CI run so started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     detached = False
     try:
         supervisor.up()
