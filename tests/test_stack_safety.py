@@ -61,15 +61,21 @@ def test_ctrl_c_with_the_output_pipe_closed_still_stops_everything(tmp_path: Pat
         if "Ctrl-C stops everything" in lines[-1]:
             break
     entries = recorded(tmp_path)
-    assert len(still_ours(entries)) >= 4, "".join(lines)
-    up.stdout.close()  # the reader is gone, like tee after Ctrl-C
-    os.killpg(up.pid, signal.SIGINT)
-    up.wait(timeout=60)
-    deadline = time.monotonic() + 20
-    while still_ours(entries) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert still_ours(entries) == []
-    assert not (tmp_path / "state" / "stack.json").exists()
+    try:
+        assert len(still_ours(entries)) >= 4, "".join(lines)
+        up.stdout.close()  # the reader is gone, like tee after Ctrl-C
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while still_ours(entries) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert still_ours(entries) == []
+        assert not (tmp_path / "state" / "stack.json").exists()
+    finally:  # a failure here must not leave a stack running on the machine
+        up.kill()
+        for entry in entries:
+            if processes.start_time(entry["pid"]) == entry["started"]:
+                processes.stop_group(int(entry["pid"]), timeout=5)
 
 
 @pytest.mark.slow
