@@ -109,7 +109,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
 
     @guard
     async def Deploy(self, request: Any, context: Any) -> Any:
-        deployment, changed = await self.store.deploy(
+        version, deployment, changed = await self.store.deploy(
             request.model, request.version, request.replicas, _caller(context)
         )
         log.info(
@@ -119,7 +119,6 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
             request.replicas,
             changed,
         )
-        version = await self.store.get(request.model, request.version)
         return pb.DeployResponse(model=version_to_proto(version, deployment), changed=changed)
 
     @guard

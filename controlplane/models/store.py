@@ -279,8 +279,8 @@ class ModelStore:
         _, items = await self._call(self.client.kv.get(self.deploys, recurse=True))
         return [d for item in items or [] if (d := parse_deployment(item.get("Value"))) is not None]
 
-    async def deploy(self, model: str, version: str, replicas: int, by: str) -> tuple[Deployment, bool]:
-        """Write what should run; a running stack follows. (The record, changed?)"""
+    async def deploy(self, model: str, version: str, replicas: int, by: str) -> tuple[ModelVersion, Deployment, bool]:
+        """Write what should run; a running stack follows. (The version, the record, changed?)"""
         if not 0 <= replicas <= MAX_DEPLOY_REPLICAS:
             raise BadPackage(f"replicas: between 0 and {MAX_DEPLOY_REPLICAS}, got {replicas}")
         found = await self.get(model, version)
@@ -288,12 +288,12 @@ class ModelStore:
         _, item = await self._call(self.client.kv.get(key))
         before = parse_deployment(item["Value"]) if item else None
         if before is not None and before.replicas == replicas:
-            return before, False
+            return found, before, False
         record = Deployment(model, version, found.digest, replicas, time.time(), by)
         cas = int(item["ModifyIndex"]) if item else 0
         if not await self._call(self.client.kv.put(key, record.to_json().decode(), cas=cas)):
             raise InUse(f"{model}:{version} was deployed or changed by another client at the same time; try again")
-        return record, True
+        return found, record, True
 
     async def undeploy(self, model: str, version: str) -> Deployment:
         check_names(model, version)

@@ -161,6 +161,7 @@ class LocalScaler:
                         have.failures = 0  # it has run for a while: the next failure starts the back-off anew
                     continue
                 del have.running[index]
+                self.started_at.pop(proc.pid, None)
                 gone.append(proc)
                 have.failures += 1
                 wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (have.failures - 1))
@@ -178,6 +179,8 @@ class LocalScaler:
                 proc.signal(signal.SIGKILL)
         gone = [proc for _, proc in self.leaving if not proc.alive()]
         self.leaving = [(since, proc) for since, proc in self.leaving if proc.alive()]
+        for proc in gone:
+            self.started_at.pop(proc.pid, None)  # one entry per live replica, not per replica ever started
         return gone
 
     def is_leaving(self, proc: processes.ManagedProcess) -> bool:
