@@ -35,7 +35,11 @@ log = logging.getLogger("mllambda.runtime")
 
 
 class Rejected(Exception):
-    """Raise from predict() to refuse a payload: the caller gets a 422 with this message."""
+    """Raise from predict() to refuse a payload: the caller gets a 422 (or `status`, a 4xx) with this message."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status if 400 <= status < 500 else 422
 
 
 class Metrics:
@@ -215,8 +219,8 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
                 output = await runtime.call_model(payload)
             model_ms = (time.perf_counter() - model_started) * 1000
         except Rejected as err:
-            code = 422
-            return _json_response({"error": str(err), "model": runtime.model}, 422, served)
+            code = err.status
+            return _json_response({"error": str(err), "model": runtime.model}, code, served)
         except Overloaded as err:  # this hop's own failure: another replica may take it (x-mll-retriable)
             code = 503
             refusal = {"error": f"model {runtime.model}:{runtime.version} is overloaded: {err}"}

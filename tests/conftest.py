@@ -251,6 +251,22 @@ def consul_passing(consul_port: int, service: str, service_id: str) -> bool:
 
 
 @pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A model store of the test's own."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def model_plane(control_plane: ControlPlaneProc, store: Path) -> ControlPlaneProc:
+    """The control plane, restarted with a model store of the test's own."""
+    control_plane.stop()
+    control_plane.env = {**control_plane.env, "MLLAMBDA_MODEL_STORE": str(store)}
+    control_plane.extra_args = [*control_plane.extra_args, f"--packages=127.0.0.1:{processes.free_port()}"]
+    control_plane.start()
+    return control_plane
+
+
+@pytest.fixture
 def gateway(control_plane: ControlPlaneProc, start_envoy: EnvoyFactory) -> EnvoyProc:
     """The gateway Envoy; its listener is at control_plane.gateway_port once a pipeline exists."""
     from controlplane.node.sidecar import render_bootstrap

@@ -32,21 +32,6 @@ PACKAGES = Path(__file__).parent / "data" / "packages"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def model_plane(control_plane: ControlPlaneProc, store: Path) -> ControlPlaneProc:
-    """The control plane, restarted with a model store of the test's own."""
-    control_plane.stop()
-    control_plane.env = {**control_plane.env, "MLLAMBDA_MODEL_STORE": str(store)}
-    control_plane.extra_args = [*control_plane.extra_args, f"--packages=127.0.0.1:{processes.free_port()}"]
-    control_plane.start()
-    return control_plane
-
-
 def package_runtime(start_runtime: Any, store: Path, model: str, version: str, wait: bool = True) -> Any:
     return start_runtime("", model, version, wait=wait, extra=("--package", f"--model-store={store}"))
 

@@ -1,7 +1,8 @@
 """Model packages from the command line: `build`, `deploy`, `undeploy`, and models for get/describe/history/delete.
 
 `mllambda build DIR --model M [--version V]` locks and packs DIR here (uv), checks
-that its entry imports in the package's own environment, then uploads it through the
+that its entry imports in the package's own environment (or, for a model saved by its
+library, that the library opens it there, and records its signature), then uploads it through the
 admin API in chunks. Without --version the version is `d-` and the first 12 hex
 digits of the digest, so building the same content again names the same version.
 """
@@ -15,9 +16,9 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import yaml
 from controlplane.admin.client import AdminClient, admin_client
 from controlplane.config import cache_dir
 from controlplane.errors import CliError
-from controlplane.models.envs import check_entry, ensure_env, find_uv
-from controlplane.models.package import MANIFEST, Built, PackageError, build, chunks, unpack
+from controlplane.models.envs import check_entry, ensure_env, find_uv, read_signature
+from controlplane.models.formats import FORMATS
+from controlplane.models.package import MANIFEST, Built, PackageError, PackageMeta, build, chunks, lock_hash
 from controlplane.models.store import BadPackage, check_names
 
 MODEL_RESOURCE = ("model", "models", "mo")
@@ -38,19 +40,29 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def build_checked(root: Path, manifest: str, check: bool = True) -> Built:
-    """Lock and pack a model folder; with `check`, import its entry in its own environment (built if new)."""
+def build_checked(root: Path, manifest: str, check: bool = True, wanted_format: str = "") -> Built:
+    """Lock and pack a model folder; with `check`, try it in its own environment (built if new) first:
+    its entry imported, or a saved model opened by its library (which gives its signature)."""
+
+    def tried(meta: PackageMeta, lock_text: str) -> PackageMeta:
+        lock_id = lock_hash(lock_text, meta.python)
+        say(f"    environment {lock_id[:12]} (shared by packages with the same lock)")
+        env = ensure_env(cache_dir() / "envs", lock_text, lock_id, meta.python)
+        if meta.format:
+            signature = read_signature(env, root, meta)
+            names = ", ".join(f["name"] for f in signature.get("inputs", []))
+            say(f"    {meta.format} model {meta.model_file} loads in it; inputs: {names[:200]}")
+            return replace(meta, signature=signature)
+        check_entry(env, root, [t for t in (meta.entry, meta.loader) if t])
+        say(f"    entry {meta.entry} imports in it")
+        return meta
+
     try:
-        say(f"==> locking {root / manifest} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")
-        built = build(root, find_uv(), manifest)
+        say(f"==> locking {root} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")
+        built = build(root, find_uv(), manifest, wanted_format, tried if check else None)
+        if built.meta.format:
+            say(f"    format {built.meta.format} ({built.meta.model_file})")
         say(f"    {len(built.meta.files)} files, {len(built.archive) / 2**20:.1f} MiB, sha256 {built.digest[:12]}")
-        if check:
-            say(f"    environment {built.lock_hash[:12]} (shared by packages with the same lock)")
-            env = ensure_env(cache_dir() / "envs", built.lock, built.lock_hash, built.meta.python)
-            with tempfile.TemporaryDirectory() as scratch:
-                folder = unpack(built.archive, built.digest, Path(scratch))
-                check_entry(env, folder, [t for t in (built.meta.entry, built.meta.loader) if t])
-            say(f"    entry {built.meta.entry} imports in it")
     except PackageError as err:
         raise CliError(str(err)) from err
     return built
@@ -81,7 +93,7 @@ def builder() -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    built = build_checked(Path(args.path), args.manifest, check=not args.no_check)
+    built = build_checked(Path(args.path), args.manifest, check=not args.no_check, wanted_format=args.format or "")
     version = args.version or f"d-{built.digest[:12]}"
     try:
         check_names(args.model, version)
@@ -129,11 +141,14 @@ def describe_model(args: argparse.Namespace) -> int:
         f"Model:        {m.model}:{m.version}",
         f"Digest:       sha256:{m.digest}",
         f"Size:         {size_text(m.size)} ({m.file_count} files)",
-        f"Entry:        {m.entry}" + (f" (loader {m.loader})" if m.loader else ""),
+        f"Format:       {m.format} (served by runtime_sdk.formats)"
+        if m.format
+        else f"Entry:        {m.entry}" + (f" (loader {m.loader})" if m.loader else ""),
         f"Python:       {m.python}",
         f"Environment:  {m.lock_hash[:12]} (shared by versions with the same lock)",
         f"Created:      {when(m.created_at)} by {m.created_by}",
         f"Deployed:     {f'{m.replicas} replicas' if m.deployed else 'no'}",
+        *signature_lines(m.signature_json, bool(m.format)),
         "Requirements: " + (", ".join(m.requirements) or "(none)"),
         "Dependencies (locked):",
         *[f"  {d}" for d in m.dependencies],
@@ -144,6 +159,18 @@ def describe_model(args: argparse.Namespace) -> int:
         lines.append(f"  ... and {m.file_count - len(m.files)} more")
     print("\n".join(lines))
     return 0
+
+
+def signature_lines(text: str, saved_model: bool) -> list[str]:
+    """A saved model's inputs and outputs, one line each: `name  DATATYPE [shape]`."""
+    if not text:
+        return ["Signature:    (not recorded: built with --no-check)"] if saved_model else []
+    signature = json.loads(text)
+    lines = [f"Signature:    {signature.get('kind', '')}"]
+    for side in ("inputs", "outputs"):
+        lines.append(f"  {side}:")
+        lines += [f"    {f['name']}  {f['datatype']} {f['shape']}" for f in signature.get(side, [])]
+    return lines
 
 
 def history_model(args: argparse.Namespace) -> int:
@@ -220,7 +247,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     build_parser.add_argument("--model", required=True)
     build_parser.add_argument("--version", help="version name (default: d-<digest>, the same for the same content)")
     build_parser.add_argument("-f", "--manifest", default=MANIFEST, help="the manifest, a file in PATH (mllambda.yaml)")
-    build_parser.add_argument("--no-check", action="store_true", help="skip importing the entry in its environment")
+    build_parser.add_argument(
+        "--format", choices=FORMATS, help="the saved model's library, when the files leave it open (found otherwise)"
+    )
+    build_parser.add_argument("--no-check", action="store_true", help="skip trying the package in its environment")
     build_parser.add_argument("--server", help=server_help)
     build_parser.set_defaults(handler=cmd_build)
     deploy = sub.add_parser("deploy", help="run a model version's replicas on the running stack")

@@ -51,6 +51,8 @@ def version_to_proto(version: ModelVersion, deployment: Deployment | None = None
         created_by=version.created_by,
         replicas=deployment.replicas if deployment else 0,
         deployed=deployment is not None,
+        format=version.format,
+        signature_json=version.signature,
     )
 
 

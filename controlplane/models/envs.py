@@ -2,7 +2,8 @@
 
 An environment holds the package's locked requirements, the runtime SDK's own
 dependencies pinned to the versions of this ML Lambda, and a copy of `runtime_sdk`
-and `contract` from this ML Lambda: what `python -m runtime_sdk.child` needs, and
+and `contract` from this ML Lambda (so its folder is named by the lock and by a hash
+of that SDK: `<lock hash>-<sdk id>`): what `python -m runtime_sdk.child` needs, and
 nothing of the control plane's. It is built in a folder of its own and renamed into
 place only when complete, so a crash or a failed install never leaves a half
 environment that looks ready; uv's output is kept beside it (`<hash>.log`).
@@ -10,13 +11,17 @@ environment that looks ready; uv's output is kept beside it (`<hash>.log`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import contract
 import runtime_sdk
@@ -53,6 +58,18 @@ def sdk_pins() -> list[str]:
     return pins
 
 
+@functools.cache
+def sdk_id() -> str:
+    """What this ML Lambda puts into every environment (its SDK's files and pins), hashed: an environment
+    is reused only by the same lock *and* the same SDK, so an upgraded ML Lambda never runs an old copy."""
+    digest = hashlib.sha256("\n".join(sdk_pins()).encode())
+    for package in (runtime_sdk, contract):
+        root = Path(package.__file__ or "").parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
@@ -63,12 +80,12 @@ def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Pat
         raise PackageError(
             f"the package was locked for Python {python}; this host runs Python {python_version()}: build it again here"
         )
-    target = envs_dir / lock_id
+    target = envs_dir / f"{lock_id}-{sdk_id()}"
     if env_python(target).exists():
         return target
     envs_dir.mkdir(parents=True, exist_ok=True)
     partial = envs_dir / f".{lock_id}.{os.getpid()}.{int(time.time())}"
-    log_path = envs_dir / f"{lock_id}.log"
+    log_path = envs_dir / f"{target.name}.log"
     uv = find_uv()
     lock_file = partial.with_suffix(".lock.txt")
     lock_file.write_text(lock_text)
@@ -135,6 +152,25 @@ def check_entry(env: Path, package_dir: Path, targets: list[str]) -> None:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PackageError(f"entry: {' / '.join(targets)} does not import in the package's environment: {last}")
+
+
+def read_signature(env: Path, package_dir: Path, meta: PackageMeta) -> dict[str, Any]:
+    """A saved model opened by its own library in its environment: its signature, or why it does not load."""
+    done = subprocess.run(
+        [str(env_python(env)), "-m", "runtime_sdk.formats", "describe", meta.format, meta.model_file],
+        cwd=package_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PackageError(f"{meta.model_file}: the {meta.format} model does not load in its environment: {last}")
+    try:
+        signature = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as err:
+        raise PackageError(f"{meta.model_file}: no signature from the {meta.format} runtime") from err
+    return dict(signature)
 
 
 def prepare(archive: bytes, digest: str, cache: Path) -> tuple[Path, Path, PackageMeta]:

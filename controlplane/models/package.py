@@ -20,18 +20,21 @@ import re
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from controlplane.models.formats import ENTRY, LOADER, Detected, FormatError, detect, mlflow_requirements
 
 MANIFEST = "mllambda.yaml"
 META = ".mllambda/package.json"
 LOCK = ".mllambda/lock.txt"
 MAX_PACKAGE = 512 * 1024 * 1024  # bytes of the archive: a large model's weights; bigger belongs in a model registry
 MAX_FILES = 10_000
-MANIFEST_KEYS = {"kind", "entry", "loader", "requirements", "examples", "description"}
+MANIFEST_KEYS = {"kind", "entry", "loader", "requirements", "examples", "description", "format"}
 SKIPPED = {"__pycache__", ".git", ".venv", ".mllambda", ".ipynb_checkpoints"}
 TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -51,6 +54,9 @@ class PackageMeta:
     examples: str = ""  # a JSON-lines file of example requests, if any
     description: str = ""
     files: tuple[str, ...] = field(default_factory=tuple)  # the model's own files (code, weights)
+    format: str = ""  # a saved model served by runtime_sdk.formats (mlflow, onnx, sklearn, xgboost, lightgbm)
+    model_file: str = ""  # that model's file ("." for an MLflow model: the folder)
+    signature: dict[str, Any] = field(default_factory=dict)  # its inputs and outputs, as the library describes them
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
@@ -66,6 +72,9 @@ class PackageMeta:
             examples=str(data.get("examples", "")),
             description=str(data.get("description", "")),
             files=tuple(str(f) for f in data.get("files", ())),
+            format=str(data.get("format", "")),
+            model_file=str(data.get("model_file", "")),
+            signature=dict(data.get("signature") or {}),
         )
 
 
@@ -92,30 +101,39 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def read_manifest(root: Path, manifest: str = MANIFEST) -> tuple[PackageMeta, list[str]]:
-    """The manifest checked, every problem at once (as `field: message`); the requirement lines it names."""
+def read_manifest(root: Path, manifest: str = MANIFEST, wanted_format: str = "") -> tuple[PackageMeta, list[str]]:
+    """The manifest checked, every problem at once (as `field: message`); the requirement lines it names.
+
+    A folder whose manifest names no entry (or that has no manifest) may hold a model saved by its
+    library: then the format's runtime is the entry (controlplane/models/formats.py).
+    """
     path = root / manifest
     if not root.is_dir():
         raise PackageError(f"{root}: not a directory")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as err:
-        raise PackageError(f"{path}: missing; a model package needs a manifest with `kind: Model` and `entry`") from err
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise PackageError(f"{path}: cannot be read: {err}") from err
-    if not isinstance(data, dict):
-        raise PackageError(f"{path}: expected a mapping with kind: Model and entry: MODULE:CALLABLE")
+    data = _manifest_data(path)
+    detected: Detected | None = None
+    if not data.get("entry"):
+        try:
+            detected = detect(root, package_files(root), wanted_format or str(data.get("format") or ""))
+        except FormatError as err:
+            raise PackageError(str(err)) from err
+        if detected is None and not path.exists():
+            raise PackageError(
+                f"{path}: missing; a model package needs a manifest with `kind: Model` and `entry`, "
+                "or a model file saved by its library (MLmodel, .onnx, .joblib/.pkl, XGBoost .json/.ubj, LightGBM .txt)"
+            )
     problems = [
         f"{key}: unknown field (known: {', '.join(sorted(MANIFEST_KEYS))})" for key in data if key not in MANIFEST_KEYS
     ]
-    if data.get("kind") != "Model":
+    if path.exists() and data.get("kind") != "Model":
         problems.append("kind: must be Model")
-    entry, loader = data.get("entry"), data.get("loader", "")
+    entry = data.get("entry") or (ENTRY if detected else None)
+    loader = data.get("loader") or (LOADER if detected else "")
     if not isinstance(entry, str) or not TARGET.match(entry):
         problems.append("entry: required, MODULE:CALLABLE (e.g. model:predict), importable from the package's root")
     if not isinstance(loader, str) or (loader and not TARGET.match(loader)):
         problems.append("loader: MODULE:CALLABLE")
-    requirements: list[str] = []
+    requirements: list[str] = list(detected.requirements) if detected else []
     req_name = data.get("requirements", "requirements.txt" if (root / "requirements.txt").exists() else "")
     if not isinstance(req_name, str):
         problems.append("requirements: a file name (requirements.txt)")
@@ -124,6 +142,10 @@ def read_manifest(root: Path, manifest: str = MANIFEST) -> tuple[PackageMeta, li
             requirements = requirement_lines((root / req_name).read_text())
         except (OSError, UnicodeDecodeError) as err:
             problems.append(f"requirements: cannot read {req_name}: {err}")
+    if detected and detected.format == "mlflow":
+        requirements = mlflow_requirements(requirements)
+        if not requirements:
+            problems.append("requirements: the MLflow model has no requirements.txt (save_model writes one)")
     examples = data.get("examples", "")
     if not isinstance(examples, str) or (examples and not (root / examples).is_file()):
         problems.append(f"examples: {examples!r} is not a file of the package")
@@ -139,8 +161,23 @@ def read_manifest(root: Path, manifest: str = MANIFEST) -> tuple[PackageMeta, li
         requirements=tuple(requirements),
         examples=str(examples),
         description=str(description),
+        format=detected.format if detected else "",
+        model_file=detected.model_file if detected else "",
     )
     return meta, requirements
+
+
+def _manifest_data(path: Path) -> dict[str, Any]:
+    """The manifest's mapping ({} when the folder has none)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise PackageError(f"{path}: cannot be read: {err}") from err
+    if not isinstance(data, dict):
+        raise PackageError(f"{path}: expected a mapping with kind: Model and entry: MODULE:CALLABLE")
+    return data
 
 
 def requirement_lines(text: str) -> list[str]:
@@ -218,14 +255,22 @@ def pack(root: Path, meta: PackageMeta, lock_text: str, files: list[str]) -> byt
     return buffer.getvalue()
 
 
-def build(root: Path, uv: str, manifest: str = MANIFEST) -> Built:
-    """Lock and pack the folder `root` as its manifest (`mllambda.yaml`, or another file in it) describes."""
-    meta, requirements = read_manifest(root, manifest)
+Check = Callable[[PackageMeta, str], PackageMeta]  # (meta, lock) -> meta, after trying it in its environment
+
+
+def build(root: Path, uv: str, manifest: str = MANIFEST, wanted_format: str = "", check: Check | None = None) -> Built:
+    """Lock and pack the folder `root` as its manifest (`mllambda.yaml`, or another file in it) describes.
+
+    `check`, when given, runs before packing: it may refuse the package (PackageError) or complete
+    its metadata (a saved model's signature, read by its own library in its own environment)."""
+    meta, requirements = read_manifest(root, manifest, wanted_format)
     files = package_files(root)
     module = meta.entry.split(":")[0].split(".")[0]
-    if f"{module}.py" not in files and not any(f.startswith(f"{module}/") for f in files):
+    if not meta.format and f"{module}.py" not in files and not any(f.startswith(f"{module}/") for f in files):
         raise PackageError(f"entry: {meta.entry}: no {module}.py or {module}/ in {root}")
     lock_text = lock(requirements, uv, meta.python)
+    if check is not None:
+        meta = check(meta, lock_text)
     archive = pack(root, meta, lock_text, files)
     return Built(archive, hashlib.sha256(archive).hexdigest(), read_meta(archive), lock_text)
 

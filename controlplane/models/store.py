@@ -31,6 +31,7 @@ from controlplane.models.package import read_meta as meta_of
 
 MAX_DEPLOY_REPLICAS = 100
 SHOWN_FILES = 200
+MAX_SIGNATURE = 64 * 1024  # bytes of a signature kept in the version's record (Consul KV values are small)
 
 
 class ModelNotFound(Exception):
@@ -70,6 +71,8 @@ class ModelVersion:
     description: str
     created_at: float
     created_by: str
+    format: str = ""  # a saved model's library ("": code with an entry of its own)
+    signature: str = ""  # its inputs and outputs as JSON (runtime_sdk/formats/signature.py), "" if unknown
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -323,4 +326,12 @@ def _version_record(
         description=meta.description,
         created_at=time.time(),
         created_by=by[:200],
+        format=meta.format,
+        signature=_signature_text(meta.signature),
     )
+
+
+def _signature_text(signature: dict[str, Any]) -> str:
+    """The signature for the record; one too large (thousands of columns) is left to the package itself."""
+    text = json.dumps(signature) if signature else ""
+    return text if len(text) <= MAX_SIGNATURE else ""

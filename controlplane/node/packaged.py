@@ -28,6 +28,7 @@ from controlplane.consul import client as consul_client
 from controlplane.consul.certs import CertKeeper, client_context, key_copies
 from controlplane.errors import CliError
 from controlplane.models.envs import prepare
+from controlplane.models.formats import BATCH_ENTRY
 from controlplane.models.package import PackageError
 from controlplane.models.server import fetch
 from controlplane.models.store import (
@@ -111,7 +112,8 @@ async def prepared_package(args: argparse.Namespace, client: consul.aio.Consul) 
         folder, env, meta = await asyncio.to_thread(prepare, archive, record.digest, cache_dir())
     except (ModelNotFound, BadPackage, PackageError, ModelStoreUnavailable) as err:
         raise CliError(f"--package {args.model}:{args.version}: {err}") from err
-    return Prepared(folder, env, meta.entry, meta.loader)
+    entry = BATCH_ENTRY if meta.format and args.max_batch else meta.entry  # a saved model batches by itself
+    return Prepared(folder, env, entry, meta.loader)
 
 
 async def fetch_package(args: argparse.Namespace, client: consul.aio.Consul, digest: str) -> bytes:

@@ -1,0 +1,198 @@
+"""Models as their libraries saved them, served with no code of ours around them, through the real stack.
+
+A training script (tests/data/formats/train.py) saves one model per format in an environment of its own
+(scikit-learn with joblib, ONNX from skl2onnx, XGBoost and LightGBM boosters, MLflow's save_model) and
+writes what each library predicts for a few rows. Each folder is built as it is (`mllambda build DIR`),
+deployed as a runtime in the package's own environment, and called through the gateway Envoy with plain
+JSON and with Triton's OIP client: the answers equal the library's own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from controlplane.config import cache_dir
+from controlplane.models.envs import ensure_env, env_python, find_uv
+from controlplane.models.package import lock, lock_hash, python_version, requirement_lines
+from tests.conftest import ControlPlaneProc, consul_passing
+from tests.helpers.pipelines import apply, post, until_ok
+
+DATA = Path(__file__).parent / "data" / "formats"
+FORMATS = ("sklearn", "onnx", "xgboost", "lightgbm", "mlflow")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each format's model, trained and saved by its own library in a training environment (not ours)."""
+    requirements = requirement_lines((DATA / "requirements-train.txt").read_text())
+    python = python_version()
+    locked = lock(requirements, find_uv(), python)
+    env = ensure_env(cache_dir() / "envs", locked, lock_hash(locked, python), python)
+    out = tmp_path_factory.mktemp("saved")
+    done = subprocess.run(
+        [str(env_python(env)), str(DATA / "train.py"), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def expected(saved: Path, fmt: str) -> dict[str, Any]:
+    return dict(json.loads((saved / f"{fmt}.expected.json").read_text()))
+
+
+def close(got: Any, want: Any) -> bool:
+    return bool(np.allclose(np.asarray(got, dtype=float), np.asarray(want, dtype=float), rtol=1e-5, atol=1e-6))
+
+
+def infer_with_triton(port: int, model: str, columns: dict[str, list[Any]], dtype: str) -> dict[str, np.ndarray]:
+    """One OIP request through the gateway with Triton's client (binary tensors, its default); outputs by name."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    inputs = []
+    for name, values in columns.items():
+        array = np.asarray(values, dtype=np.float32 if dtype == "FP32" else np.float64)
+        tensor = triton.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(model, inputs)
+    found = {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+    client.close()
+    return found
+
+
+def build_all(plane: ControlPlaneProc, saved: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(FORMATS)) as pool:
+        futures = {
+            f: pool.submit(plane.cli, "build", str(saved / f), f"--model=f-{f}", "--version=v1") for f in FORMATS
+        }
+        return {f: future.result() for f, future in futures.items()}
+
+
+async def test_each_format_answers_as_its_library_over_json_and_oip(
+    model_plane: ControlPlaneProc,
+    gateway: Any,
+    start_runtime: Any,
+    consul_agent: Any,
+    store: Path,
+    saved: Path,
+    tmp_path: Path,
+) -> None:
+    for fmt, built in build_all(model_plane, saved).items():
+        assert built.returncode == 0, (fmt, built.stderr)
+        assert f"format {fmt}" in built.stderr and f"model/f-{fmt}:v1 built" in built.stdout, built.stderr
+    described = model_plane.cli("describe", "model", "f-sklearn:v1").stdout
+    assert "Format:       sklearn" in described and "petal width (cm)  FP64 [-1]" in described, described
+    assert "predict_proba  FP64 [-1, 3]" in described and "scikit-learn==1.9.1" in described, described
+    onnx_about = model_plane.cli("describe", "model", "f-onnx:v1").stdout
+    assert "predict_proba  FP32 [-1, 3]" in onnx_about and "onnxruntime==" in onnx_about, onnx_about
+    mlflow_about = model_plane.cli("describe", "model", "f-mlflow:v1").stdout
+    assert "mlflow-skinny==3.18.0" in mlflow_about and "sepal length (cm)  FP64 [-1]" in mlflow_about, mlflow_about
+
+    runtimes = [
+        start_runtime("", f"f-{f}", "v1", wait=False, extra=("--package", f"--model-store={store}")) for f in FORMATS
+    ]
+    for runtime in runtimes:
+        runtime.proc.wait_ready(lambda r=runtime: consul_passing(consul_agent.http_port, r.model, r.service_id), 120)
+    for fmt in FORMATS:
+        apply(
+            model_plane,
+            tmp_path,
+            {"name": fmt, "stages": [{"name": "m", "variants": [{"model": f"f-{fmt}", "version": "v1"}]}]},
+        )
+    port = model_plane.gateway_port
+
+    async with aiohttp.ClientSession() as session:
+        for fmt in FORMATS:
+            want = expected(saved, fmt)
+            rows = want.pop("rows")
+            columns = rows if isinstance(rows, dict) else {"predict_proba" if fmt == "onnx" else "input": rows}
+            url = f"http://127.0.0.1:{port}/pipelines/{fmt}"
+            status, body, _ = await until_ok(url, columns, timeout=30)
+            for output, values in want.items():  # every row at once: lists, one value per row
+                assert close(body[output], values), (fmt, output, body, values)
+            one = {name: value[0] for name, value in columns.items()}
+            status, body, served = await post(session, url, one)  # one row: one value per output
+            assert status == 200 and f"m=f-{fmt}:v1" in served, (fmt, status, body)
+            for output, values in want.items():
+                assert close(body[output], values[0]), (fmt, output, body, values[0])
+            dtype = "FP32" if fmt == "onnx" else "FP64"
+            answered = infer_with_triton(port, fmt, columns, dtype)
+            for output, values in want.items():
+                assert close(answered[output], values), (fmt, output, answered, values)
+
+        # Requests that do not fit the signature: a 400 naming the field, and the model never sees them.
+        sk = f"http://127.0.0.1:{port}/pipelines/sklearn"
+        row = {name: values[0] for name, values in expected(saved, "sklearn")["rows"].items()}
+        missing = {k: v for k, v in row.items() if k != "petal width (cm)"}
+        for payload, words in (
+            (missing, ["'petal width (cm)'", "missing"]),
+            ({**row, "sepal length (cm)": "long"}, ["'sepal length (cm)'", "'long' is not a number"]),
+            ({**row, "sepal length (cm)": math.nan}, ["'sepal length (cm)'", "no missing values"]),
+            ({**row, "sepal width (cm)": [1.0, 2.0]}, ["mix single values and lists"]),
+        ):
+            status, body, _ = await post(session, sk, payload)
+            assert status == 400 and all(w in body["error"] for w in words), (payload, status, body)
+        onnx_url = f"http://127.0.0.1:{port}/pipelines/onnx"
+        for payload, words in (
+            ({"predict_proba": [[0.5, 0.5]]}, ["shape [1, 2] does not fit [-1, 3]"]),
+            ({"predict_proba": [[0.5, "a", 0.1]]}, ["'predict_proba'", "expected FP32"]),
+            ({"predict_proba": [[0.5], [0.1, 0.2, 0.3]]}, ["not a rectangular array"]),
+        ):
+            status, body, _ = await post(session, onnx_url, payload)
+            assert status == 400 and all(w in body["error"] for w in words), (payload, status, body)
+        # XGBoost takes missing values: NaN is a missing feature, not an error.
+        xrow = {name: values[0] for name, values in expected(saved, "xgboost")["rows"].items()}
+        status, body, _ = await post(
+            session, f"http://127.0.0.1:{port}/pipelines/xgboost", {**xrow, "sepal width (cm)": None}
+        )
+        assert status == 200 and len(body["predict"]) == 3, body
+        status, body, _ = await post(session, f"http://127.0.0.1:{port}/pipelines/mlflow", {"x": 1})
+        assert status == 400 and "'sepal length (cm)': missing" in body["error"], body
+    for runtime in runtimes:
+        assert runtime.proc.alive(), runtime.proc.tail()
+
+
+def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
+    model_plane: ControlPlaneProc, saved: Path, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model.joblib").write_bytes((saved / "sklearn" / "model.joblib").read_bytes()[:300])
+    (truncated / "requirements.txt").write_text("scikit-learn==1.9.1\nnumpy\njoblib\n")
+    not_a_graph = tmp_path / "not-a-graph"
+    not_a_graph.mkdir()
+    (not_a_graph / "model.onnx").write_text("this is not a graph\n")
+    two = tmp_path / "two"
+    shutil.copytree(saved / "sklearn", two)
+    shutil.copy(saved / "onnx" / "model.onnx", two / "model.onnx")
+    flavour = tmp_path / "flavour"
+    shutil.copytree(saved / "mlflow", flavour)
+    text = (flavour / "MLmodel").read_text().replace("loader_module: mlflow.sklearn", "loader_module: mlflow.nothing")
+    (flavour / "MLmodel").write_text(text)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no model here\n")
+    for folder, words in (
+        (truncated, ["model.joblib", "does not load", "scikit-learn"]),
+        (not_a_graph, ["model.onnx", "not an ONNX graph"]),
+        (two, ["several model files", "model.joblib (sklearn)", "model.onnx (onnx)"]),
+        (flavour, ["does not load as pyfunc", "mlflow.nothing"]),
+        (empty, ["mllambda.yaml: missing", "a model file saved by its library"]),
+    ):
+        result = model_plane.cli("build", str(folder), "--model=bad", "--version=v1")
+        assert result.returncode == 1 and all(w in result.stderr for w in words), (folder.name, result.stderr)
+    picked = model_plane.cli("build", str(two), "--model=two", "--version=v1", "--format=onnx")
+    assert picked.returncode == 0 and "format onnx (model.onnx)" in picked.stderr, picked.stderr
+    assert model_plane.cli("get", "models", "bad").stdout.count("bad") == 0
