@@ -247,9 +247,27 @@ def reencode(status: int, body: bytes, model: str, version: str, request_id: str
     return json.dumps(encode_response(model, version, output, request_id)).encode()
 
 
-def metadata(model: str, version: str) -> dict[str, Any]:
-    """GET /v2/models/<model>: a pipeline's inputs and outputs are whatever its models take and give."""
-    return {"name": model, "versions": [version], "platform": "mllambda", "inputs": [], "outputs": []}
+def metadata(
+    model: str, version: str, inputs: Sequence[dict[str, Any]] = (), outputs: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """GET /v2/models/<model>: a pipeline's inputs (its first stage's) and outputs (its last stage's), each
+    `{name, datatype, shape}`, where its models' signatures are known (saved models); else empty lists."""
+    return {
+        "name": model,
+        "versions": [version],
+        "platform": "mllambda",
+        "inputs": [_tensor_metadata(x) for x in inputs],
+        "outputs": [_tensor_metadata(x) for x in outputs],
+    }
+
+
+def _tensor_metadata(field: dict[str, Any]) -> dict[str, Any]:
+    datatype = str(field.get("datatype", "BYTES"))
+    return {
+        "name": str(field.get("name", "")),
+        "datatype": datatype if datatype in DATATYPES else "BYTES",  # ANY (whatever JSON holds) travels as BYTES
+        "shape": [int(d) for d in field.get("shape", [-1])],
+    }
 
 
 def infer_path(model: str) -> str:

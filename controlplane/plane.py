@@ -37,6 +37,7 @@ from controlplane.kafka.bridge import BridgeServer, build_bridge_app
 from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, metrics_address, refuse_exposed
 from controlplane.models.server import PackageServer, build_package_app
+from controlplane.models.signatures import SignatureBook
 from controlplane.models.store import ModelStore
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import PipelineStore, StoreView
@@ -117,6 +118,7 @@ class ControlPlane:
 
         self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
+        self.signatures = SignatureBook(self.model_store)
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.listen(self)
         self.pipelines: list[PipelineVersion] = []
@@ -298,11 +300,17 @@ class ControlPlane:
         if self.switchboard.advance(self._missing, self.reconciler.gateway_left):
             self._dirty = True
             self.traffic_book.entered.set()  # a reading of the counters where the new version's window starts
+        ends = {(v.model, v.version) for p in self.pipelines for s in (p.pipeline.stages[0], p.pipeline.stages[-1])
+                for v in s.all_variants()}  # fmt: skip
+        if await self.signatures.follow(ends):
+            self._dirty = True  # the gateway's OIP metadata names the models' inputs and outputs now
         if self._dirty:
             self._dirty = False
             deployments = self.switchboard.deployments()
             parked = self.autoscaler.activator.parked() if self.autoscaler else ()
-            self.reconciler.reconcile(deployments, self.discovery.instances(), self.kafka_bridges(), parked)
+            self.reconciler.reconcile(
+                deployments, self.discovery.instances(), self.kafka_bridges(), parked, self.signatures.table()
+            )
         self.peers.changed()  # streams may have come or gone since its last write
 
     def _missing(self, version: PipelineVersion) -> list[str]:

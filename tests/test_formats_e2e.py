@@ -25,6 +25,7 @@ from controlplane.config import cache_dir
 from controlplane.models.envs import ensure_env, env_python, find_uv
 from controlplane.models.package import lock, lock_hash, python_version, requirement_lines
 from tests.conftest import ControlPlaneProc, consul_passing
+from tests.helpers.envoy import get_json, wait_for
 from tests.helpers.pipelines import apply, post, until_ok
 
 DATA = Path(__file__).parent / "data" / "formats"
@@ -60,6 +61,8 @@ def infer_with_triton(port: int, model: str, columns: dict[str, list[Any]], dtyp
     import tritonclient.http as triton
 
     client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    about = client.get_model_metadata(model)  # the model's own names, types and shapes
+    assert [(i["name"], i["datatype"]) for i in about["inputs"]] == [(n, dtype) for n in columns], about
     inputs = []
     for name, values in columns.items():
         array = np.asarray(values, dtype=np.float32 if dtype == "FP32" else np.float64)
@@ -70,6 +73,12 @@ def infer_with_triton(port: int, model: str, columns: dict[str, list[Any]], dtyp
     found = {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
     client.close()
     return found
+
+
+async def _described(url: str) -> bool:
+    """The gateway's OIP metadata names the model's inputs (once the control plane read its signature)."""
+    _, about = await get_json(url)
+    return bool(about["inputs"])
 
 
 def build_all(plane: ControlPlaneProc, saved: Path) -> dict[str, subprocess.CompletedProcess[str]]:
@@ -120,6 +129,7 @@ async def test_each_format_answers_as_its_library_over_json_and_oip(
             columns = rows if isinstance(rows, dict) else {"predict_proba" if fmt == "onnx" else "input": rows}
             url = f"http://127.0.0.1:{port}/pipelines/{fmt}"
             status, body, _ = await until_ok(url, columns, timeout=30)
+            await wait_for(lambda u=f"http://127.0.0.1:{port}/v2/models/{fmt}": _described(u), timeout=40)
             for output, values in want.items():  # every row at once: lists, one value per row
                 assert close(body[output], values), (fmt, output, body, values)
             one = {name: value[0] for name, value in columns.items()}

@@ -291,3 +291,20 @@ def test_a_scaled_to_zero_version_is_reached_at_its_activator_in_plaintext_until
     far = translate(steady(PIPELINE), secured, dataclasses.replace(options, gateway_host="10.0.0.9"))
     assert endpoints(far["gateway"], "ma.v1") == [8001]
     assert snapshots["gateway"].of_type(CLUSTER).by_name["ma.v1"].HasField("transport_socket")
+
+
+def test_the_gateways_oip_metadata_names_the_first_stages_inputs_and_the_last_stages_outputs() -> None:
+    """Signatures of saved models (read from the store by the control plane) become the pipeline's metadata."""
+    import json
+
+    first = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}], "outputs": []})
+    last = json.dumps({"inputs": [], "outputs": [{"name": "label", "datatype": "ANY", "shape": [-1]}]})
+    options = Options(signatures=(("ma.v1", first), ("mx.v1", last)))  # the last stage: a branch
+    gateway = translate(steady(PIPELINE), RUNTIMES, options)["gateway"]
+    (about,) = [x for x in routes(gateway, "gateway") if x.match.path == "/v2/models/p"]
+    metadata = json.loads(about.direct_response.body.inline_string)
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert metadata["outputs"] == [{"name": "label", "datatype": "BYTES", "shape": [-1]}]  # any JSON: BYTES
+    plain = translate(steady(PIPELINE), RUNTIMES)["gateway"]
+    (unknown,) = [x for x in routes(plain, "gateway") if x.match.path == "/v2/models/p"]
+    assert json.loads(unknown.direct_response.body.inline_string)["inputs"] == []

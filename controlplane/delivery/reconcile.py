@@ -134,9 +134,12 @@ class Reconciler:
         instances: Sequence[RuntimeService],
         bridges: tuple[tuple[str, int], ...],
         parked: tuple[tuple[str, str, int], ...] = (),
+        signatures: tuple[tuple[str, str], ...] = (),
     ) -> None:
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
-        options = replace(self.options, kafka_filter_nodes=with_filter, bridges=bridges, parked=parked)
+        options = replace(
+            self.options, kafka_filter_nodes=with_filter, bridges=bridges, parked=parked, signatures=signatures
+        )
         failed: dict[str, str] = {}
         snapshots = translate(deployments, instances, options, failed, self._memo)
         pairs = carried(deployments, instances, options)

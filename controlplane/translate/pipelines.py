@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Hashable, Sequence
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
 from contract.service import RuntimeService, shared_egress_socket
-from controlplane.pipeline.model import Pipeline, PipelineVersion
+from controlplane.pipeline.model import Pipeline, PipelineVersion, Stage
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
@@ -68,6 +69,8 @@ class Options:
     # socket, or "ingress" (its sidecar) (docs/architecture.md, "Same host")
     colocated: str = "shared"
     run_folder: str = ""  # shared: the gateway takes the output of runtimes whose egress socket is in this folder
+    # (model cluster, its signature as JSON) for saved models: a pipeline's OIP metadata names its inputs and outputs
+    signatures: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,8 @@ def _gateway(
     gets the first-stage clusters of a version while it is still pending, and the
     switch (switch.py) lets it in only once the gateway has acknowledged them.
     """
-    routes = [route for v in entries for route in _gateway_routes(v)]
+    signatures = dict(options.signatures)
+    routes = [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
     routes += [*oip_server_routes(), not_found_route()]
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     # Not served: only their clusters. Kafka versions count too, so that switching
@@ -242,7 +246,9 @@ def _gateway(
     return _snapshot(listeners, configs, remote, local)
 
 
-def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]:
+def _gateway_routes(
+    v: PipelineVersion, as_http: bool = False, signatures: Mapping[str, str] | None = None
+) -> list[rc.Route]:
     """A pipeline's JSON API and its Open Inference Protocol model, both into its first stage."""
     p = v.pipeline
     if p.transport == "kafka" and not as_http:
@@ -261,7 +267,21 @@ def _gateway_routes(v: PipelineVersion, as_http: bool = False) -> list[rc.Route]
             [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
         )
         route.request_headers_to_add.extend(logged)
-    return json_api + infer + oip_model_routes(p.name, str(v.version))
+    inputs = _signature_side(p.stages[0], "inputs", signatures or {})
+    outputs = _signature_side(p.stages[-1], "outputs", signatures or {})
+    return json_api + infer + oip_model_routes(p.name, str(v.version), inputs, outputs)
+
+
+def _signature_side(stage: Stage, side: str, signatures: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The inputs or outputs of the first of the stage's variants whose signature is known ([]: none is)."""
+    for variant in stage.all_variants():
+        if variant.cluster in signatures:
+            try:
+                found = json.loads(signatures[variant.cluster]).get(side, [])
+            except (ValueError, AttributeError):
+                continue
+            return [f for f in found if isinstance(f, dict)]
+    return []
 
 
 def gateway_clusters(version: PipelineVersion) -> frozenset[str]:

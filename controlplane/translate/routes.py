@@ -320,10 +320,12 @@ def stats_route() -> rc.Route:
     return route
 
 
-def oip_model_routes(model: str, version: str) -> list[rc.Route]:
+def oip_model_routes(
+    model: str, version: str, inputs: Sequence[dict[str, Any]] = (), outputs: Sequence[dict[str, Any]] = ()
+) -> list[rc.Route]:
     """Open Inference Protocol: a pipeline's model metadata and readiness, answered by the gateway itself."""
     get = [rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))]
-    about = json.dumps(oip.metadata(model, version))
+    about = json.dumps(oip.metadata(model, version, inputs, outputs))
     return [
         _answer(f"{model}/oip-metadata", rc.RouteMatch(path=f"/v2/models/{model}", headers=get), 200, about),
         _answer(f"{model}/oip-ready", rc.RouteMatch(path=f"/v2/models/{model}/ready", headers=get), 200, ""),

@@ -1,0 +1,51 @@
+"""The signatures of the model versions pipelines route to, read from the store for the gateway's OIP metadata.
+
+A version's record never changes, so a signature once read is kept while a pipeline
+routes to that version; a version without one (code, or not built yet) is asked
+again after `RETRY` seconds, never on every reconcile. The map holds only versions
+that pipelines name (bounded by the pipelines' own limits).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from contract.naming import model_cluster
+from controlplane.models.store import ModelStore
+
+RETRY = 30.0
+PER_PASS = 50  # store reads per call: thousands of code-only versions never hold up a reconcile
+Pair = tuple[str, str]  # (model, version)
+
+
+class SignatureBook:
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.known: dict[Pair, str] = {}  # (model, version) -> its signature as JSON
+        self.asked: dict[Pair, float] = {}  # versions without one -> when last asked (monotonic)
+
+    async def follow(self, pairs: set[Pair]) -> bool:
+        """Read the signatures not known yet; True when one was learnt (the gateway's metadata changes)."""
+        for gone in set(self.known) - pairs:
+            del self.known[gone]
+        for gone in set(self.asked) - pairs:
+            del self.asked[gone]
+        now = time.monotonic()
+        learnt = False
+        due = [p for p in sorted(pairs - set(self.known)) if now - self.asked.get(p, -math.inf) >= RETRY]
+        for pair in due[:PER_PASS]:
+            self.asked[pair] = now
+            try:
+                record = await self.store.get(*pair)
+            except Exception:  # not a package, not built yet, a name the store refuses, the store away
+                continue
+            if record.signature:
+                self.known[pair] = record.signature
+                del self.asked[pair]
+                learnt = True
+        return learnt
+
+    def table(self) -> tuple[tuple[str, str], ...]:
+        """(model cluster, signature JSON) pairs, as the translation's options carry them."""
+        return tuple(sorted((model_cluster(m, v), text) for (m, v), text in self.known.items()))
