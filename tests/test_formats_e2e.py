@@ -9,6 +9,7 @@ JSON and with Triton's OIP client: the answers equal the library's own.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import math
@@ -206,3 +207,69 @@ def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
     picked = model_plane.cli("build", str(two), "--model=two", "--version=v1", "--format=onnx")
     assert picked.returncode == 0 and "format onnx (model.onnx)" in picked.stderr, picked.stderr
     assert model_plane.cli("get", "models", "bad").stdout.count("bad") == 0
+
+
+async def test_a_pipeline_of_saved_models_splits_90_10_and_rolls_its_second_stage_out(
+    model_plane: ControlPlaneProc,
+    gateway: Any,
+    start_runtime: Any,
+    consul_agent: Any,
+    store: Path,
+    saved: Path,
+    tmp_path: Path,
+) -> None:
+    """scikit-learn (joblib) answers predict_proba; an ONNX graph whose input is named predict_proba takes it on."""
+    folders = {
+        ("f-sk", "v1"): "sklearn",
+        ("f-sk", "v2"): "sklearn-b",
+        ("f-onnx", "v1"): "onnx",
+        ("f-onnx", "v2"): "onnx-b",
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        built = [
+            pool.submit(model_plane.cli, "build", str(saved / folder), f"--model={m}", f"--version={v}")
+            for (m, v), folder in folders.items()
+        ]
+        assert all(b.result().returncode == 0 for b in built), [b.result().stderr for b in built]
+    runtimes = [
+        start_runtime("", m, v, wait=False, extra=("--package", f"--model-store={store}", "--max-batch=16"))
+        for m, v in folders
+    ]
+    for runtime in runtimes:
+        runtime.proc.wait_ready(lambda r=runtime: consul_passing(consul_agent.http_port, r.model, r.service_id), 120)
+    split = [{"model": "f-sk", "version": "v1", "weight": 90}, {"model": "f-sk", "version": "v2", "weight": 10}]
+    rollout = {
+        "candidate": {"model": "f-onnx", "version": "v2"},
+        "steps": [50, 100],
+        "step_seconds": 3,
+        "min_requests": 10,
+        "max_error_rate": 0.02,
+        "max_p99_ratio": 10.0,  # the same small graph: only the host's noise could differ
+    }
+    stages = [
+        {"name": "classify", "variants": split},
+        {"name": "sure", "variants": [{"model": "f-onnx", "version": "v1"}], "rollout": rollout},
+    ]
+    want = json.loads((saved / "chains.expected.json").read_text())
+    url = f"http://127.0.0.1:{model_plane.gateway_port}/pipelines/mixed"
+    apply(model_plane, tmp_path, {"name": "mixed", "stages": stages})
+    await until_ok(url, want["row"], timeout=30)
+    seen: dict[str, int] = {}
+    causes: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        deadline = asyncio.get_running_loop().time() + 90
+        while asyncio.get_running_loop().time() < deadline and not any("promoted" in c for c in causes):
+            for _ in range(40):
+                status, body, served = await post(session, url, want["row"])
+                assert status == 200, (status, body, served)
+                chain = served.replace("classify=f-sk:", "").replace("sure=f-onnx:", "").replace(", ", ">")
+                assert body["label"] == want["chains"][chain]["label"], (chain, body)
+                assert close(body["probabilities"], want["chains"][chain]["probabilities"]), (chain, body)
+                seen[chain] = seen.get(chain, 0) + 1
+            history = json.loads(model_plane.cli("history", "pipeline", "mixed", "-o", "json").stdout)
+            causes = [v["cause"] for v in (history["items"] if isinstance(history, dict) else history)]
+    assert causes[-1] == "rollout mixed/sure f-onnx:v2 promoted", causes
+    total = sum(seen.values())
+    second = sum(n for chain, n in seen.items() if chain.startswith("v2>"))
+    assert 0.03 <= second / total <= 0.2, seen  # stage 1's 90/10 split, through the rollout of stage 2
+    assert seen.get("v1>v2", 0) + seen.get("v2>v2", 0) > 0, seen

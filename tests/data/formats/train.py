@@ -85,3 +85,21 @@ mlflow.sklearn.save_model(
     forest, out / "mlflow", signature=infer_signature(X, forest.predict(X)), serialization_format="cloudpickle"
 )
 expect("mlflow", rows.to_dict("list"), predictions=forest.predict(rows).tolist())
+
+# For a pipeline of two saved models: a second scikit-learn version for stage 1 and a second ONNX version
+# for stage 2; what each of the four chains answers for the first row.
+other = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=500)).fit(X, y)
+(out / "sklearn-b").mkdir()
+joblib.dump(other, out / "sklearn-b" / "model.joblib")
+shallow = DecisionTreeClassifier(max_depth=1, random_state=0).fit(proba, sure)
+graph_b = to_onnx(shallow, initial_types=[("predict_proba", FloatTensorType([None, 3]))], options={"zipmap": False})
+(out / "onnx-b").mkdir()
+(out / "onnx-b" / "model.onnx").write_bytes(graph_b.SerializeToString())
+session_b = onnxruntime.InferenceSession(str(out / "onnx-b" / "model.onnx"))
+chains = {}
+for first_name, first in (("v1", sk), ("v2", other)):
+    middle = first.predict_proba(rows.iloc[[0]]).astype(np.float32)
+    for second_name, second in (("v1", session), ("v2", session_b)):
+        label, probabilities = second.run(None, {"predict_proba": middle})
+        chains[f"{first_name}>{second_name}"] = {"label": label.tolist()[0], "probabilities": probabilities.tolist()[0]}
+(out / "chains.expected.json").write_text(json.dumps({"row": rows.iloc[0].to_dict(), "chains": chains}))
