@@ -1,6 +1,6 @@
 """Models as their libraries saved them, served with no code of ours around them, through the real stack.
 
-A training script (tests/data/formats/train.py) saves one model per format in an environment of its own
+A training script (examples/formats/train.py) saves one model per format in an environment of its own
 (scikit-learn with joblib, ONNX from skl2onnx, XGBoost and LightGBM boosters, MLflow's save_model) and
 writes what each library predicts for a few rows. Each folder is built as it is (`mllambda build DIR`),
 deployed as a runtime in the package's own environment, and called through the gateway Envoy with plain
@@ -21,15 +21,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+import yaml
 
-from controlplane.config import cache_dir
-from controlplane.models.envs import ensure_env, env_python, find_uv
-from controlplane.models.package import lock, lock_hash, python_version, requirement_lines
+from examples.formats.saved import train
 from tests.conftest import ControlPlaneProc, consul_passing
 from tests.helpers.envoy import get_json, wait_for
 from tests.helpers.pipelines import apply, post, until_ok
 
-DATA = Path(__file__).parent / "data" / "formats"
 FORMATS = ("sklearn", "onnx", "xgboost", "lightgbm", "mlflow")
 pytestmark = pytest.mark.slow
 
@@ -37,16 +35,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Each format's model, trained and saved by its own library in a training environment (not ours)."""
-    requirements = requirement_lines((DATA / "requirements-train.txt").read_text())
-    python = python_version()
-    locked = lock(requirements, find_uv(), python)
-    env = ensure_env(cache_dir() / "envs", locked, lock_hash(locked, python), python)
-    out = tmp_path_factory.mktemp("saved")
-    done = subprocess.run(
-        [str(env_python(env)), str(DATA / "train.py"), str(out)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return train(tmp_path_factory.mktemp("saved"))
 
 
 def expected(saved: Path, fmt: str) -> dict[str, Any]:
@@ -176,7 +165,7 @@ async def test_each_format_answers_as_its_library_over_json_and_oip(
 
 
 def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
-    model_plane: ControlPlaneProc, saved: Path, tmp_path: Path
+    model_plane: ControlPlaneProc, start_runtime: Any, store: Path, saved: Path, tmp_path: Path
 ) -> None:
     truncated = tmp_path / "truncated"
     truncated.mkdir()
@@ -192,6 +181,11 @@ def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
     shutil.copytree(saved / "mlflow", flavour)
     text = (flavour / "MLmodel").read_text().replace("loader_module: mlflow.sklearn", "loader_module: mlflow.nothing")
     (flavour / "MLmodel").write_text(text)
+    contradicts = tmp_path / "contradicts"  # a signature of three columns for a forest fitted on four
+    shutil.copytree(saved / "mlflow", contradicts)
+    mlmodel = yaml.safe_load((contradicts / "MLmodel").read_text())
+    mlmodel["signature"]["inputs"] = json.dumps(json.loads(mlmodel["signature"]["inputs"])[:3])
+    (contradicts / "MLmodel").write_text(yaml.safe_dump(mlmodel))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no model here\n")
@@ -200,6 +194,7 @@ def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
         (not_a_graph, ["model.onnx", "not an ONNX graph"]),
         (two, ["several model files", "model.joblib (sklearn)", "model.onnx (onnx)"]),
         (flavour, ["does not load as pyfunc", "mlflow.nothing"]),
+        (contradicts, ["does not answer a row that fits its own signature", "feature names should match"]),
         (empty, ["mllambda.yaml: missing", "a model file saved by its library"]),
     ):
         result = model_plane.cli("build", str(folder), "--model=bad", "--version=v1")
@@ -207,6 +202,15 @@ def test_files_that_do_not_load_are_refused_at_build_with_the_reason(
     picked = model_plane.cli("build", str(two), "--model=two", "--version=v1", "--format=onnx")
     assert picked.returncode == 0 and "format onnx (model.onnx)" in picked.stderr, picked.stderr
     assert model_plane.cli("get", "models", "bad").stdout.count("bad") == 0
+
+    # Built without the check, the runtime stops at start with the library's reason, not a traceback.
+    unchecked = model_plane.cli("build", str(truncated), "--model=broken", "--version=v1", "--no-check")
+    assert unchecked.returncode == 0, unchecked.stderr
+    runtime = start_runtime("", "broken", "v1", wait=False, extra=("--package", f"--model-store={store}"))
+    assert runtime.proc.popen is not None
+    runtime.proc.popen.wait(timeout=120)
+    tail = runtime.proc.tail(40)
+    assert "the sklearn model does not load: model.joblib" in tail and "Traceback" not in tail, tail
 
 
 async def test_a_pipeline_of_saved_models_splits_90_10_and_rolls_its_second_stage_out(

@@ -11,6 +11,7 @@ import yaml
 
 from contract.naming import LABEL, VERSION, name_problem
 from controlplane.errors import CliError
+from controlplane.models.formats import FormatError, detect
 from controlplane.pipeline.model import InvalidPipeline, Pipeline
 from controlplane.pipeline.spec import parse_pipeline
 from controlplane.scaling.policy import InvalidPolicy, Policy, parse_policy
@@ -150,10 +151,22 @@ def runtime_code(raw: dict[str, Any], where: str, base: Path, problems: list[str
         return "", "mllambda.yaml"
     folder = (base / package).resolve()
     inside = isinstance(manifest, str) and (folder / manifest).resolve().is_relative_to(folder)
+    if "manifest" not in raw and not (folder / manifest).exists() and saved_model(folder):
+        return str(folder), manifest  # a model saved by its library: no manifest needed
     if not isinstance(manifest, str) or not inside or not (folder / manifest).is_file():
         problems.append(f"{where}.manifest: {str(manifest)[:80]!r} is not a file in {package}")
         return "", "mllambda.yaml"
     return str(folder), manifest
+
+
+def saved_model(folder: Path) -> bool:
+    """Does the folder hold a model saved by its library (an MLflow model, an ONNX graph, a pickle...)?"""
+    try:
+        return detect(folder, sorted(p.name for p in folder.iterdir() if p.is_file())) is not None
+    except FormatError:
+        return True  # several model files: `build` names them
+    except OSError:
+        return False
 
 
 def autoscale_policy(raw: dict[str, Any], where: str, problems: list[str]) -> Policy | None:

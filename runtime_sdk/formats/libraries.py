@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ def sklearn(path: Path) -> Loaded:
         outputs.append(Field("predict_proba", "FP64", (-1, len(classes))))
     matrix = _matrix(names)
     frame = _frame(names)
+    if names and frame is None:  # the columns were checked by name already; a matrix is what it gets here
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
 
     def call(arrays: Arrays) -> dict[str, Any]:
         x = frame(arrays) if frame else matrix(arrays)
