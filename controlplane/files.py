@@ -24,3 +24,10 @@ def private_dir(path: Path) -> Path:
     if info.st_mode & 0o077:  # ours, readable by others (an older version made it so): close it
         path.chmod(0o700)
     return path
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part: written aside, then renamed over it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    partial.replace(path)

@@ -18,6 +18,7 @@ import aiohttp
 
 from contract.headers import SERVED, TIMING
 from controlplane.errors import CliError
+from controlplane.stack.up import stack_processes
 
 DEFAULT_GATEWAY = "http://127.0.0.1:18080"
 
@@ -193,11 +194,26 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=cmd_status)
 
 
+def print_processes(found: list[dict[str, Any]]) -> None:
+    """The local stack's processes, as its supervisor recorded them: restarts, and how a failing one ended."""
+    print(f"{'STACK PROCESS':<28}{'PID':>8}  {'STATE':<11}{'RESTARTS':>9}  LAST EXIT")
+    for p in found:
+        state = p.get("state", "running") if p["alive"] else p.get("state", "gone")
+        print(f"{p['name']:<28}{p['pid']:>8}  {state:<11}{p.get('restarts', 0):>9}  {p.get('last_exit', '')}")
+        if state == "failing":
+            for line in str(p.get("last_lines", "")).splitlines()[-4:]:
+                print(f"{'':<38}| {line[:100]}")
+    print()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """The dashboard's picture as tables (from the control plane's /api/status)."""
     from controlplane.node.processes import http_get
 
     base = (args.dashboard or os.environ.get("MLLAMBDA_DASHBOARD") or "http://127.0.0.1:18002").rstrip("/")
+    local = stack_processes()
+    if local and args.output != "json":
+        print_processes(local)
     try:
         code, body = http_get(f"{base}/api/status", timeout=10)
     except OSError as err:
@@ -206,7 +222,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(f"{base}/api/status answered HTTP {code}")
     status = json.loads(body)
     if args.output == "json":
-        print(json.dumps(status, indent=2))
+        print(json.dumps({**status, "stack_processes": local}, indent=2))
         return 0
     windows = {t["pipeline"]: t.get("window_seconds") for t in status["traffic"]}
     for p in status["pipelines"]:

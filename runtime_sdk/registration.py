@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import consul
@@ -9,6 +10,8 @@ import consul.aio
 
 from contract.service import RuntimeService
 from contract.watch import keep_registered
+
+PROCESS = uuid.uuid4().hex[:12]  # this process: in its check's notes, so a restart under the same ID is seen
 
 
 async def register(
@@ -28,6 +31,7 @@ async def register(
     else:
         url = f"http://{service.host}:{service.ingress_port}/readyz"
     check: dict[str, Any] = consul.Check.http(url, interval="1s", timeout="1s", deregister="1m")
+    check["Notes"] = f"process {PROCESS}"  # a restart under the same ID is a change discovery sees
     if passing:  # re-registering a runtime known to be healthy: no critical gap
         check["Status"] = "passing"
     await client.agent.service.register(

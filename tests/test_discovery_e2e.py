@@ -120,3 +120,14 @@ async def test_readiness_answers_in_time_while_predicts_hold_the_event_loop(
         await asyncio.gather(*busy)
     assert statuses == [200] * 20 and max(late) < 1.0, (statuses, late)
     assert consul_status(consul_agent.http_port, "hog", hog.service_id) == "passing"
+
+
+def test_a_runtime_registered_again_under_its_id_is_read_again() -> None:
+    """A restarted replica keeps its service ID and check ID but not its ports; its check keeps the state the old
+    one ended in (critical), and Consul syncs a new output lazily, so only the notes (naming the process) tell the
+    two apart (found by tests/test_supervision.py: without them the replacement waited for the resync, ~25 s)."""
+    from controlplane.consul.discovery import fingerprints
+
+    check = {"ServiceName": "m", "ServiceID": "m-v1-0", "CheckID": "service:m-v1-0", "Status": "critical"}
+    assert fingerprints([{**check, "Notes": "process a"}]) != fingerprints([{**check, "Notes": "process b"}])
+    assert fingerprints([{**check, "Notes": "process a"}]) == fingerprints([{**check, "Notes": "process a"}])

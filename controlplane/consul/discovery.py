@@ -43,7 +43,7 @@ SPACING = 0.1  # most seconds between two answers of the fleet-wide checks query
 RESYNC = 30.0  # seconds between full re-reads
 EMPTY_GRACE = 30.0  # seconds the last passing instances are held when all vanish at once
 MAX_REFUSED = 1_000  # refused registrations remembered (to log each once) and shown
-Fingerprint = frozenset[tuple[str, str, str]]  # (service id, check id, status) of one service's checks
+Fingerprint = frozenset[tuple[str, str, str, str]]  # (service id, check id, status, notes) of its checks
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,24 @@ class ConsulHealth:
 
 
 def fingerprints(checks: list[dict[str, Any]]) -> dict[str, Fingerprint]:
-    """Per service name, what its health checks say; a change means: read it again."""
-    found: dict[str, set[tuple[str, str, str]]] = {}
+    """Per service name, what its health checks say; a change means: read it again.
+
+    A check's notes are part of it: a runtime names its process in them (registration.py), so an
+    instance registered again under its ID (a restarted replica, on new ports) is read again. Its
+    check keeps the state the old one ended in (critical), and Consul's agent syncs a check's new
+    output only every few minutes: without the notes, its sidecar would get the old ports' config,
+    its check could not pass, and only RESYNC would find it (~25 s of 503s; test_supervision.py)."""
+    found: dict[str, set[tuple[str, str, str, str]]] = {}
     for check in checks:
         name = check.get("ServiceName")
         if name:
             found.setdefault(str(name), set()).add(
-                (str(check.get("ServiceID")), str(check.get("CheckID")), str(check.get("Status")))
+                (
+                    str(check.get("ServiceID")),
+                    str(check.get("CheckID")),
+                    str(check.get("Status")),
+                    str(check.get("Notes")),
+                )
             )
     return {name: frozenset(marks) for name, marks in found.items()}
 

@@ -2,7 +2,11 @@
 
 Order: Consul (reused if one answers) -> control plane -> gateway Envoy ->
 runtimes (each with its sidecar) -> pipelines applied -> wait until the gateway
-has acknowledged them. Stopping goes in reverse. Nothing runs in containers.
+has acknowledged them. Then the supervisor stays: a process that exits is started
+again with back-off (supervise.py), replicas follow autoscaling and deployments,
+and a restarted dev Consul gets its KV back. `--detach` runs that same supervisor
+in the background; `down` stops it, and it stops the rest. Stopping goes in
+reverse. Nothing runs in containers.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +28,7 @@ from typing import Any
 import yaml
 
 from contract.naming import DEFAULT_KV_PREFIX
+from controlplane import files
 from controlplane.config import PROJECT_ROOT
 from controlplane.errors import CliError
 from controlplane.node import processes
@@ -29,8 +36,13 @@ from controlplane.node.tools import find_consul, find_tansu
 from controlplane.scaling.policy import policies_document
 from controlplane.stack.file import RuntimeSpec, Stack, load_stack
 from controlplane.stack.replicas import LocalScaler
+from controlplane.stack.supervise import TAIL_LINES, Book
 
 STATE_DIR = Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
+DETACHED_ENV = "MLLAMBDA_UP_NOTICE"  # set for the background supervisor: where it says "ready" or "failed"
+DOWN_TIMEOUT = 90.0  # seconds `down` gives a detached supervisor to stop what it started
+KV_COPY_SECONDS = 5.0
+MAX_KV_COPY = 32 * 1024 * 1024  # bytes: a larger KV is not copied (and not given back after a restart)
 
 
 @dataclass
@@ -43,6 +55,11 @@ class Supervisor:
     recorded: bool = False  # this supervisor wrote the state file
     ui_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # signs a browser in to the dashboard
     scaler: LocalScaler = field(init=False)
+    books: dict[str, Book] = field(default_factory=dict)  # restarts, by process name
+    kv_copy: list[dict[str, Any]] | None = None  # our dev Consul's KV, to give back if the agent restarts
+    kv_copied_at: float = 0.0
+    restore_kv: bool = False  # our Consul was started again: its KV (in memory) is empty until given back
+    detached: bool = False  # running in the background for `up --detach` (`down` stops this process)
 
     def __post_init__(self) -> None:
         self.scaler = LocalScaler(self.stack.ports.consul, DEFAULT_KV_PREFIX, self.start_replica, say)
@@ -53,6 +70,59 @@ class Supervisor:
         if changed or gone:
             self.started = [p for p in self.started if all(p is not g for g in gone)]
             self._record()
+
+    def supervise(self) -> None:
+        """One pass: a process that exited starts again after its back-off (supervise.py); the rest serve on.
+        Replicas of `mllambda deploy` are the scaler's (the same policy, longer waits)."""
+        now = time.monotonic()
+        changed = False
+        for proc in self.started:
+            if self.scaler.is_leaving(proc) or self.scaler.owns(proc):
+                continue
+            book = self.books.setdefault(proc.name, Book(proc.name, started_at=now))
+            if proc.alive():
+                book.ran(now)
+            elif book.down_pid != proc.pid:
+                code = proc.popen.returncode if proc.popen is not None else None
+                wait = book.exited(proc.pid, code, proc.tail(TAIL_LINES), now)
+                failing = "; failing" if book.state == "failing" else ""
+                lines = "\n".join(f"      {line}" for line in book.last_lines.splitlines())
+                say(
+                    f"==> {proc.name}: {book.last_exit} ({book.exits} in a row{failing}); again in {wait:.0f}s\n{lines}"
+                )
+                changed = True
+            elif book.due(now):
+                proc.start()
+                book.restarted(now)
+                say(f"==> {proc.name}: started again (restart {book.restarts}; log {proc.log_path})")
+                self.restore_kv = self.restore_kv or proc.name == "consul"
+                changed = True
+        if changed:
+            self._record()
+        self._keep_consul_kv(now)
+
+    def _keep_consul_kv(self, now: float) -> None:
+        """A dev agent keeps its KV in memory: a copy every few seconds, given back when ours starts again."""
+        if not any(p.name == "consul" for p in self.started):
+            return  # an agent we did not start is not ours to restore
+        url = f"{self.consul_url}/v1/kv/?recurse=true"
+        if self.restore_kv:
+            if not _consul_answers(self.stack.ports.consul):
+                return
+            if self.kv_copy:
+                restored = _put_kv(self.consul_url, self.kv_copy)
+                say(f"==> consul: {restored} keys given back (pipelines, model records, deployments)")
+            self.restore_kv = False
+            return
+        if now - self.kv_copied_at < KV_COPY_SECONDS:
+            return
+        self.kv_copied_at = now
+        try:
+            status, body = processes.http_get(url, timeout=2)
+        except OSError:
+            return
+        if status == 200 and len(body) <= MAX_KV_COPY:
+            self.kv_copy = json.loads(body)
 
     @property
     def logs(self) -> Path:
@@ -73,6 +143,7 @@ class Supervisor:
         log = self.logs / f"{name}.log"
         proc = processes.ManagedProcess(name, argv, log, env=env, keep_secrets=keep_secrets).start()
         self.started.append(proc)
+        self.books[name] = Book(name, started_at=time.monotonic())
         self._record()
         try:
             proc.wait_ready(ready, timeout=timeout)
@@ -80,12 +151,20 @@ class Supervisor:
             raise CliError(f"{err}\n(full log: {proc.log_path})") from err
 
     def _record(self) -> None:
-        """What `down` needs: each process's PID and start time (a PID alone may be reused by then)."""
-        entries = [{"name": p.name, "pid": p.pid, "started": processes.start_time(p.pid)} for p in self.started]
-        (self.state_dir / "stack.json").write_text(
-            json.dumps({"stack": self.stack.name, "processes": entries}, indent=2)
-        )
+        """What `down` needs: each process's PID and start time (a PID alone may be reused by then); and what
+        `status` shows: each one's restarts and how it last ended. This supervisor too, when detached."""
+        entries = [
+            {"name": p.name, "pid": p.pid, "started": processes.start_time(p.pid), **self._book_of(p.name)}
+            for p in self.started
+        ]
+        me = {"name": "supervisor", "pid": os.getpid(), "started": processes.start_time(os.getpid())}
+        record = {"stack": self.stack.name, "processes": entries, **({"supervisor": me} if self.detached else {})}
+        files.write_whole(self.state_dir / "stack.json", json.dumps(record, indent=2).encode())
         self.recorded = True
+
+    def _book_of(self, name: str) -> dict[str, object]:
+        book = self.books.get(name)
+        return book.to_json() if book is not None else {}
 
     def check_ports(self, reuse_consul: bool) -> None:
         p = self.stack.ports
@@ -306,6 +385,23 @@ ML Lambda stack '{self.stack.name}' is up.
             (self.state_dir / "stack.json").unlink(missing_ok=True)
 
 
+def _put_kv(consul_url: str, items: list[dict[str, Any]]) -> int:
+    """Keys and values (as Consul's recurse listing gives them) written back in transactions of 64."""
+    done = 0
+    for start in range(0, len(items), 64):
+        ops = [
+            {"KV": {"Verb": "set", "Key": i["Key"], "Value": i.get("Value") or "", "Flags": i.get("Flags", 0)}}
+            for i in items[start : start + 64]
+        ]
+        request = urllib.request.Request(f"{consul_url}/v1/txn", data=json.dumps(ops).encode(), method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                done += len(ops)
+        except OSError as err:
+            say(f"    consul: giving keys back failed: {err}", err=True)
+    return done
+
+
 def _consul_answers(port: int) -> bool:
     try:
         return processes.consul_ready(port)()
@@ -353,6 +449,11 @@ def down(state_dir: Path = STATE_DIR) -> int:
     if state is None:
         say("no stack is running here")
         return 0
+    supervisor = state.get("supervisor")
+    if isinstance(supervisor, dict) and _ours(supervisor):  # detached: it stops what it started, in order
+        say(f"stopping the stack's supervisor (pid {supervisor['pid']}) and what it started")
+        processes.stop_group(int(supervisor["pid"]), timeout=DOWN_TIMEOUT)
+        state = _recorded(state_dir) or {"stack": state.get("stack"), "processes": []}
     for item in reversed(state.get("processes", [])):
         if _ours(item):
             say(f"stopping {item['name']} (pid {item['pid']})")
@@ -364,43 +465,89 @@ def down(state_dir: Path = STATE_DIR) -> int:
     return 0
 
 
+def stack_processes(state_dir: Path = STATE_DIR) -> list[dict[str, Any]]:
+    """The local stack's processes as its supervisor last recorded them (alive: still the one started)."""
+    state = _recorded(state_dir)
+    if state is None:
+        return []
+    return [{**item, "alive": _ours(item)} for item in state.get("processes", []) if isinstance(item, dict)]
+
+
+def detach(args: argparse.Namespace, state_dir: Path = STATE_DIR) -> int:
+    """`up --detach`: the same supervisor, in the background (its own session); its progress shown here
+    until the stack is up (or fails), then this command returns and the supervisor goes on."""
+    if ours_still_running(state_dir):
+        raise CliError("a stack is already running here: `mllambda down` stops it")
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    notice = state_dir / "up.status"
+    notice.unlink(missing_ok=True)
+    log_path = logs / "stack.log"
+    argv = [sys.executable, "-m", "controlplane.cli", "up", "-f", str(Path(args.filename).resolve())]
+    with log_path.open("wb") as log:
+        child = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, DETACHED_ENV: str(notice)},
+        )
+    shown = 0
+    try:
+        while True:
+            text = log_path.read_text(errors="replace")
+            if len(text) > shown:
+                say(text[shown:].rstrip("\n"))
+                shown = len(text)
+            state = notice.read_text().strip() if notice.exists() else ""
+            if state == "ready":
+                say(f"running in the background, supervised (log {log_path}): `mllambda down` stops it")
+                return 0
+            if state == "failed" or child.poll() is not None:
+                child.wait(timeout=60)
+                rest = log_path.read_text(errors="replace")[shown:].rstrip("\n")
+                if rest:
+                    say(rest)
+                raise CliError(f"the stack did not come up (log {log_path})")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGTERM)  # it stops what it started
+        child.wait(timeout=DOWN_TIMEOUT)
+        return 130
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    supervisor = Supervisor(load_stack(Path(args.filename)))
+    stack = load_stack(Path(args.filename))
+    notice = os.environ.pop(DETACHED_ENV, "")  # set: this is the background supervisor of `up --detach`
+    if args.detach and not notice:
+        return detach(args)
+    supervisor = Supervisor(stack, detached=bool(notice))
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops the stack like Ctrl-C
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # Ctrl-C stops the stack even when `up` was started by something that ignores SIGINT (a job started
     # with `&` from a script inherits SIG_IGN, and Python then keeps it ignored): found by a CI run so started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    detached = False
     try:
         supervisor.up()
-        if args.detach:
-            detached = True
-            say("running in the background: `mllambda down` stops it")
-            if supervisor.stack.policies:
-                say("note: autoscaling is decided, but replicas start and stop only under a foreground `mllambda up`")
-            say("note: `mllambda deploy` takes effect under a foreground `mllambda up` (supervision: issue #43)")
-            return 0
-        say("Ctrl-C stops everything.")
+        if notice:
+            files.write_whole(Path(notice), b"ready\n")
+        else:
+            say("Ctrl-C stops everything.")
         while True:
             time.sleep(0.5)
             supervisor.follow_scaling()
-            dead = [
-                p
-                for p in supervisor.started
-                if not p.alive() and not supervisor.scaler.is_leaving(p) and not supervisor.scaler.owns(p)
-            ]
-            if dead:
-                raise CliError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+            supervisor.supervise()
     except KeyboardInterrupt:
         say("\n==> stopping")
         return 0
     except BaseException:
         say("==> start failed; stopping what was started", err=True)
+        if notice:
+            files.write_whole(Path(notice), b"failed\n")
         raise
     finally:
-        if not detached:
-            supervisor.stop_all()
+        supervisor.stop_all()
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -410,7 +557,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 def add_command(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="run the local stack: Consul, control plane, gateway, runtimes, pipelines")
     up.add_argument("-f", "--filename", required=True, help="stack file (kind: Stack)")
-    up.add_argument("-d", "--detach", action="store_true", help="return once ready; stop with `mllambda down`")
+    up.add_argument(
+        "-d", "--detach", action="store_true", help="supervise in the background once ready; `mllambda down` stops it"
+    )
     up.set_defaults(handler=cmd_up)
     down_parser = sub.add_parser("down", help="stop the stack started with `mllambda up --detach`")
     down_parser.set_defaults(handler=cmd_down)

@@ -1,0 +1,229 @@
+"""The local stack supervises what it starts, in the foreground and detached: a killed process comes back,
+one that keeps failing is reported and backed off, and the other pipelines serve on throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.config import PROJECT_ROOT
+from controlplane.node import processes
+from tests.helpers.stack import mllambda
+
+pytestmark = pytest.mark.slow
+FLAKY = "tests.helpers.flaky"
+STACK = {
+    "kind": "Stack",
+    "name": "supervised",
+    "security": "plaintext",
+    "runtimes": [
+        {"model": "tokenize", "version": "v1", "target": "examples.trivial.models:tokenize"},
+        {
+            "model": "flaky",
+            "version": "v1",
+            "target": "tests.helpers.flaky:predict",
+            "loader": "tests.helpers.flaky:load",
+        },
+    ],
+    "pipelines": [
+        {"name": "one", "stages": [{"name": "t", "variants": [{"model": "tokenize", "version": "v1"}]}]},
+        {"name": "two", "stages": [{"name": "f", "variants": [{"model": "flaky", "version": "v1"}]}]},
+    ],
+}
+
+
+class Stack:
+    def __init__(self, tmp_path: Path) -> None:
+        names = ("consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics")
+        self.ports = {k: processes.free_port() for k in names}
+        self.path = tmp_path / "stack.yaml"
+        self.path.write_text(yaml.safe_dump({**STACK, "ports": self.ports}))
+        self.state = tmp_path / "state"
+        self.crash = tmp_path / "crash"
+        self.env = {
+            "MLLAMBDA_STATE_DIR": str(self.state),
+            "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{self.ports['admin']}",
+            "MLLAMBDA_DASHBOARD": f"http://127.0.0.1:{self.ports['controlplane_metrics']}",
+            "MLLAMBDA_TEST_CRASH_FILE": str(self.crash),
+        }
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        try:
+            found = json.loads((self.state / "stack.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {p["name"]: p for p in found["processes"]}
+
+    def kill(self, name: str) -> int:
+        pid = int(self.processes()[name]["pid"])
+        os.killpg(pid, signal.SIGKILL)
+        return pid
+
+    def until(self, check: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, json.dumps(self.processes(), indent=1)
+            time.sleep(0.2)
+
+    def back(self, name: str, pid: int, restarts: int = 1) -> bool:
+        entry = self.processes().get(name, {})
+        return entry.get("pid") != pid and entry.get("restarts") == restarts and entry.get("state") == "running"
+
+    def call(self, pipeline: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports['gateway']}/pipelines/{pipeline}",
+            data=b'{"text": "a b c"}',
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+        except OSError:
+            return 0
+
+    def left_over(self, entries: dict[str, dict[str, Any]]) -> list[str]:
+        return [n for n, e in entries.items() if processes.start_time(int(e["pid"])) == e["started"]]
+
+
+class Load:
+    """Requests to each pipeline, one after another, with their outcome and when."""
+
+    def __init__(self, stack: Stack, pipelines: tuple[str, ...]) -> None:
+        self.results: dict[str, list[tuple[float, int]]] = {p: [] for p in pipelines}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(stack, p)) for p in pipelines]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, stack: Stack, pipeline: str) -> None:
+        while not self.stop.is_set():
+            self.results[pipeline].append((time.monotonic(), stack.call(pipeline)))
+            time.sleep(0.02)
+
+    def failed(self, pipeline: str, since: float = 0.0) -> list[int]:
+        return [code for t, code in self.results[pipeline] if t >= since and code != 200]
+
+    def ok_since(self, pipeline: str, since: float) -> bool:
+        return any(t >= since and code == 200 for t, code in self.results[pipeline])
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    made = Stack(tmp_path)
+    yield made
+    mllambda("down", env=made.env)  # whatever a failure left, detached or not
+
+
+def test_the_foreground_stack_restarts_a_killed_runtime_and_backs_off_one_that_keeps_failing(stack: Stack) -> None:
+    up = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "up", "-f", str(stack.path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **stack.env}, cwd=PROJECT_ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(raw.decode(errors="replace") for raw in up.stdout or []))
+    reader.start()
+    load: Load | None = None
+    try:
+        stack.until(lambda: any("Ctrl-C stops everything" in line for line in lines), timeout=180)
+        load = Load(stack, ("one", "two"))
+        time.sleep(1)
+
+        pid = stack.kill("tokenize-v1-0")
+        killed = time.monotonic()
+        stack.until(lambda: stack.back("tokenize-v1-0", pid))
+        stack.until(lambda: load is not None and load.ok_since("one", time.monotonic() - 0.5))
+        assert load.failed("two", killed) == [], "the other pipeline failed while tokenize was down"
+        assert up.poll() is None, "".join(lines)
+
+        stack.crash.write_text("set")  # every start of flaky now fails, as with a broken native library
+        stack.kill("flaky-v1-0")
+        broke = time.monotonic()
+        stack.until(lambda: stack.processes()["flaky-v1-0"].get("state") == "failing", timeout=90)
+        status = mllambda("status", env=stack.env)
+        assert "flaky-v1-0" in status.stdout and "failing" in status.stdout, status.stdout + status.stderr
+        assert "libbroken.so" in status.stdout and "exit 3" in status.stdout, status.stdout
+        assert any("flaky-v1-0: exit" in line and "in a row; failing" in line for line in lines), "".join(lines)
+        assert load.failed("one", broke) == [] and up.poll() is None
+
+        stack.crash.unlink()  # fixed: the next try (after its back-off) serves again
+        healed = time.monotonic()
+        stack.until(lambda: stack.processes()["flaky-v1-0"].get("state") == "running", timeout=90)
+        stack.until(lambda: load is not None and load.ok_since("two", time.monotonic() - 0.5), timeout=60)
+        assert load.failed("one", broke) == []
+        down_for = [t for t, code in load.results["one"] if t >= killed and code != 200]
+        outage = max(down_for, default=killed) - killed
+        print(f"tokenize's pipeline failed for {outage:.1f} s after SIGKILL")
+        # 1 s back-off, the runtime's start, its check through the new sidecar (was ~25 s: discovery missed
+        # the re-registration under the same ID; docs/architecture.md, "Supervision")
+        assert outage < 10, outage
+        print(f"flaky back {time.monotonic() - healed:.1f} s after its fix; restarts recorded: "
+              f"{stack.processes()['flaky-v1-0']['restarts']}")  # fmt: skip
+    finally:
+        if load is not None:
+            load.close()
+        entries = stack.processes()
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(timeout=90)
+        reader.join(timeout=10)
+    stack.until(lambda: stack.left_over(entries) == [], timeout=30)
+
+
+def test_the_detached_stack_runs_the_same_supervisor_and_gives_consul_its_keys_back(stack: Stack) -> None:
+    up = mllambda("up", "-f", str(stack.path), "--detach", env=stack.env)
+    assert up.returncode == 0 and "running in the background, supervised" in up.stdout, up.stdout + up.stderr
+    assert "pipeline/two created" in up.stdout, up.stdout  # its progress was shown while it came up
+    recorded = json.loads((stack.state / "stack.json").read_text())
+    assert processes.start_time(recorded["supervisor"]["pid"]) == recorded["supervisor"]["started"]
+    load = Load(stack, ("one", "two"))
+    try:
+        time.sleep(1)
+        pid = stack.kill("tokenize-v1-0")
+        killed = time.monotonic()
+        stack.until(lambda: stack.back("tokenize-v1-0", pid))
+        stack.until(lambda: load.ok_since("one", time.monotonic() - 0.5))
+        assert load.failed("two", killed) == []
+
+        pid = stack.kill("controlplane")  # the Envoys keep their config meanwhile
+        killed = time.monotonic()
+        stack.until(lambda: stack.back("controlplane", pid))
+        assert load.failed("one", killed) == [] and load.failed("two", killed) == []
+
+        pid = stack.kill("consul")  # a dev agent keeps its KV in memory: the supervisor gives it back
+        stack.until(lambda: stack.back("consul", pid))
+        listed = mllambda("get", "pipelines", env=stack.env)
+        stack.until(lambda: "two" in mllambda("get", "pipelines", env=stack.env).stdout, timeout=30)
+        recovered = time.monotonic()
+        stack.until(lambda: load.ok_since("one", recovered) and load.ok_since("two", recovered), timeout=90)
+        status = mllambda("status", env=stack.env)
+        assert status.returncode == 0, status.stderr
+        for name in ("consul", "controlplane", "tokenize-v1-0"):
+            row = next(line for line in status.stdout.splitlines() if line.startswith(name))
+            assert "running" in row and row.split()[3] == "1", (row, listed.stdout)
+    finally:
+        load.close()
+    entries = stack.processes()
+    down = mllambda("down", env=stack.env)
+    assert down.returncode == 0 and "supervisor" in down.stdout, down.stdout + down.stderr
+    assert stack.left_over(entries) == []
+    assert processes.start_time(recorded["supervisor"]["pid"]) != recorded["supervisor"]["started"]
