@@ -1,0 +1,290 @@
+"""A soak: the NLP stack under steady open-loop load while faults drawn from a seed hit it; every request counted.
+
+Three pipelines at once over the NLP example's models: `soak-http`, `soak-uds` and `soak-kafka` (HTTP over
+TCP, over Unix sockets, and Kafka topics behind the gateway's bridge). Each gets `--rate` requests per second
+(open loop: sent on schedule whether or not earlier ones answered) of three texts whose category is known, so
+every answer is checked (the category, and the chain that served it names that category's network).
+
+Every `--every` seconds (jittered by the seed) one fault, drawn by the seed:
+  kill-runtime     SIGKILL a runtime replica (its launcher; its sidecar and model process go with it)
+  stop-sidecar     SIGSTOP a runtime's sidecar Envoy for 5 s, then SIGCONT
+  kill-plane       SIGKILL the control plane
+  kill-consul      SIGKILL the dev Consul agent (the supervisor starts it and gives its KV back)
+  change           apply soak-http with the sports branch's split moved (90/10 <-> 100/0)
+  rotate-ca        a new root in Consul's Connect CA (every leaf certificate is replaced)
+Each failed request is charged to the last fault before it if it came within `--window` seconds; others are
+"unexplained". Every process of the stack (and each runtime's sidecar) is sampled every 10 s: RSS, open file
+descriptors, threads; the report gives each one's slope per hour (a least-squares line).
+
+Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench.common import nlp_stack, running_stack
+from controlplane.config import PROJECT_ROOT
+
+TEXTS = {
+    "the striker scored a brilliant goal": "sports",
+    "my laptop keeps crashing after the update": "tech",
+    "the pasta was delicious and fresh": "food",
+}
+FAULTS = ("kill-runtime", "stop-sidecar", "kill-plane", "kill-consul", "change", "rotate-ca")
+NLP = PROJECT_ROOT / "examples" / "nlp"
+
+
+def pipelines() -> list[dict[str, Any]]:
+    found = []
+    for name, source in (
+        ("soak-http", "stack"),
+        ("soak-uds", "pipeline-uds.yaml"),
+        ("soak-kafka", "pipeline-kafka.yaml"),
+    ):
+        if source == "stack":
+            spec = dict(yaml.safe_load((NLP / "stack.yaml").read_text())["pipelines"][0])
+        else:
+            spec = dict(yaml.safe_load((NLP / source).read_text()))
+        spec["name"] = name
+        spec.pop("kind", None)
+        found.append(spec)
+    return found
+
+
+@dataclass
+class Book:
+    started: float = field(default_factory=time.monotonic)
+    outcomes: list[tuple[float, str, int, bool]] = field(default_factory=list)  # (t, pipeline, status, right)
+    faults: list[tuple[float, str, str]] = field(default_factory=list)  # (t, kind, target)
+    samples: dict[str, list[tuple[float, int, int, int]]] = field(default_factory=dict)  # name -> (t, rss, fds, thr)
+
+
+async def one(session: aiohttp.ClientSession, url: str, pipeline: str, text: str, book: Book) -> None:
+    sent = time.monotonic()
+    try:
+        async with session.post(url, json={"text": text}, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            body = await resp.json(content_type=None)
+            served = resp.headers.get("x-mll-served", "")
+            right = resp.status == 200 and body.get("category") == TEXTS[text]
+            right = right and (resp.status != 200 or f"net-{TEXTS[text]}:" in served or "kafka" in pipeline)
+            book.outcomes.append((sent, pipeline, resp.status, right))
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        book.outcomes.append((sent, pipeline, 0, False))
+
+
+async def load(port: int, pipeline: str, rate: float, until: float, book: Book) -> None:
+    url = f"http://127.0.0.1:{port}/pipelines/{pipeline}"
+    texts = list(TEXTS)
+    pending: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+        n = 0
+        start = time.monotonic()
+        while time.monotonic() < until:
+            task = asyncio.create_task(one(session, url, pipeline, texts[n % len(texts)], book))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        await asyncio.gather(*pending)
+
+
+def stack_processes(state: Path) -> dict[str, int]:
+    found = json.loads((state / "stack.json").read_text())
+    return {p["name"]: int(p["pid"]) for p in found["processes"]}
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def sidecar_of(launcher: int) -> int | None:
+    for child in children(launcher):
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == "envoy":
+                return child
+        except OSError:
+            continue
+    return None
+
+
+def sample(state: Path, book: Book) -> None:
+    now = time.monotonic() - book.started
+    watched = dict(stack_processes(state))
+    for name, pid in list(watched.items()):
+        envoy = sidecar_of(pid)
+        if envoy is not None:
+            watched[f"{name} (sidecar)"] = envoy
+    for name, pid in watched.items():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        rss = int(fields["VmRSS"].split()[0]) * 1024
+        threads = int(fields["Threads"])
+        book.samples.setdefault(name, []).append((now, rss, fds, threads))
+
+
+def rotate_ca(consul_port: int, folder: Path) -> None:
+    key = folder / f"ca-{time.monotonic_ns()}.key"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)], check=True)
+    config = {"Provider": "consul", "Config": {"PrivateKey": key.read_text(), "LeafCertTTL": "72h"}}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{consul_port}/v1/connect/ca/configuration", data=json.dumps(config).encode(), method="PUT"
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+async def faults(
+    rng: random.Random, ports: dict[str, int], env: dict[str, str], folder: Path, every: float, until: float, book: Book
+) -> None:
+    state = Path(env["MLLAMBDA_STATE_DIR"])
+    split = [True]
+    while time.monotonic() + every < until:
+        await asyncio.sleep(every * rng.uniform(0.7, 1.3))
+        kind = rng.choice(FAULTS)
+        procs = stack_processes(state)
+        runtimes = sorted(n for n in procs if n not in ("consul", "controlplane", "gateway", "kafka"))
+        target = ""
+        if kind == "kill-runtime":
+            target = rng.choice(runtimes)
+            os.killpg(procs[target], signal.SIGKILL)
+        elif kind == "stop-sidecar":
+            target = rng.choice(runtimes)
+            envoy = sidecar_of(procs[target])
+            if envoy is None:
+                continue
+            os.kill(envoy, signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(5, os.kill, envoy, signal.SIGCONT)
+            target += " (sidecar, 5 s)"
+        elif kind in ("kill-plane", "kill-consul"):
+            target = {"kill-plane": "controlplane", "kill-consul": "consul"}[kind]
+            os.killpg(procs[target], signal.SIGKILL)
+        elif kind == "change":
+            spec = pipelines()[0]
+            branch = spec["stages"][2]["branches"][0]
+            split[0] = not split[0]
+            branch["variants"] = (
+                [
+                    {"model": "net-sports", "version": "v1", "weight": 90},
+                    {"model": "net-sports", "version": "v2", "weight": 10},
+                ]
+                if split[0]
+                else [{"model": "net-sports", "version": "v1"}]
+            )
+            path = folder / "change.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            cli = [str(PROJECT_ROOT / ".venv" / "bin" / "mllambda"), "apply", "-f", str(path)]
+            await asyncio.to_thread(subprocess.run, cli, env=env, capture_output=True, timeout=60)
+            target = "soak-http sports " + ("90/10" if split[0] else "100/0")
+        elif kind == "rotate-ca":
+            await asyncio.to_thread(rotate_ca, ports["consul"], folder)
+        book.faults.append((time.monotonic(), kind, target))
+        print(f"{time.monotonic() - book.started:7.1f}s  fault {kind} {target}", flush=True)
+
+
+async def sampler(state: Path, until: float, book: Book) -> None:
+    while time.monotonic() < until:
+        await asyncio.to_thread(sample, state, book)
+        await asyncio.sleep(10)
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in points) / var * 3600
+
+
+def report(book: Book, window: float, minutes: float, seed: int) -> None:
+    print(f"\nsoak: {minutes:g} min, seed {seed}, {len(book.faults)} faults")
+    charged: collections.Counter[str] = collections.Counter()
+    wrong = 0
+    by_pipeline: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for t, pipeline, status, right in book.outcomes:
+        by_pipeline[pipeline]["requests"] += 1
+        if status == 200 and not right:
+            wrong += 1
+            by_pipeline[pipeline]["wrong answers"] += 1
+            continue
+        if status == 200:
+            continue
+        before = [f for f in book.faults if f[0] <= t <= f[0] + window]
+        cause = before[-1][1] if before else "unexplained"
+        charged[cause] += 1
+        by_pipeline[pipeline][f"failed ({cause})"] += 1
+    for pipeline, counts in sorted(by_pipeline.items()):
+        print(f"  {pipeline:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"  failed, by the fault before them (within {window:g} s): {dict(charged) or 'none'}")
+    print(f"  wrong answers: {wrong}")
+    print(f"  faults: {collections.Counter(kind for _, kind, _ in book.faults)}")
+    print(f"\n  {'process':<34}{'RSS MB':>8}{'MB/h':>8}{'fds':>6}{'fds/h':>8}{'thr':>5}{'thr/h':>7}  samples")
+    for name, points in sorted(book.samples.items()):
+        last = points[-1]
+        rss = slope_per_hour([(t, r / 2**20) for t, r, _, _ in points])
+        fds = slope_per_hour([(t, float(f)) for t, _, f, _ in points])
+        thr = slope_per_hour([(t, float(h)) for t, _, _, h in points])
+        row = f"  {name:<34}{last[1] / 2**20:>8.0f}{rss:>8.1f}{last[2]:>6}{fds:>8.1f}{last[3]:>5}{thr:>7.1f}"
+        print(f"{row}  {len(points)}")
+
+
+async def soak(args: argparse.Namespace, ports: dict[str, int], env: dict[str, str], folder: Path) -> Book:
+    book = Book()
+    for spec in pipelines():
+        path = folder / f"{spec['name']}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        cli = [str(PROJECT_ROOT / ".venv" / "bin" / "mllambda"), "apply", "-f", str(path), "--wait"]
+        await asyncio.to_thread(subprocess.run, cli, env=env, check=True, capture_output=True, timeout=180)
+    await asyncio.sleep(5)
+    until = time.monotonic() + args.minutes * 60
+    rng = random.Random(args.seed)
+    state = Path(env["MLLAMBDA_STATE_DIR"])
+    await asyncio.gather(
+        *(load(ports["gateway"], p["name"], args.rate, until, book) for p in pipelines()),
+        faults(rng, ports, env, folder, args.every, until, book),
+        sampler(state, until, book),
+    )
+    return book
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rate", type=float, default=10.0, help="requests per second per pipeline")
+    parser.add_argument("--every", type=float, default=20.0, help="seconds between faults (jittered)")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds a fault is charged with failures")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="mll-bench-soak-"))
+    stack = nlp_stack()
+    stack["name"] = "soak"
+    with running_stack(folder, stack) as (ports, env):
+        book = asyncio.run(soak(args, ports, env, folder))
+    report(book, args.window, args.minutes, args.seed)
+
+
+if __name__ == "__main__":
+    main()
