@@ -141,6 +141,8 @@ def sample(state: Path, book: Book) -> None:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if "VmRSS" not in fields:  # exiting (a zombie): nothing to sample
+            continue
         rss = int(fields["VmRSS"].split()[0]) * 1024
         threads = int(fields["Threads"])
         book.samples.setdefault(name, []).append((now, rss, fds, threads))
