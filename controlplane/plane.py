@@ -119,6 +119,7 @@ class ControlPlane:
         self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
         self.signatures = SignatureBook(self.model_store)
+        self.admin.contracts = self.signatures.contracts
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.listen(self)
         self.pipelines: list[PipelineVersion] = []

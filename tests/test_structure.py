@@ -36,8 +36,9 @@ ROOMS: dict[str, set[str]] = {
     "controlplane.kafka": {"controlplane.pipeline", "controlplane.translate", "controlplane.consul"},
     "controlplane.scaling": {"controlplane.consul", "controlplane.delivery", "controlplane.settings"},
     "controlplane.node": {"runtime_sdk", "controlplane.consul", "controlplane.translate", "controlplane.models"},
-    # model packages, their store and environments (which get a copy of the runtime SDK)
-    "controlplane.models": {"runtime_sdk"},
+    # model packages, their store and environments (which get a copy of the runtime SDK); the contracts
+    # of the versions a pipeline names
+    "controlplane.models": {"runtime_sdk", "controlplane.pipeline"},
     "controlplane.admin": {
         "controlplane.pipeline",
         "controlplane.models",

@@ -21,6 +21,8 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
 from controlplane.admin.envoy_check import EnvoyRefuses, EnvoyValidator
 from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
+from controlplane.pipeline.contracts import Contracts
+from controlplane.pipeline.contracts import problems as contract_problems
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import check_name
 from controlplane.pipeline.store import (
@@ -46,6 +48,8 @@ KnownModels = Callable[[], set[tuple[str, str]] | None]
 CarriedVersion = Callable[[str, str, str], int]
 # pipeline name -> what its staged switch is waiting for or draining, as sentences
 SwitchNotes = Callable[[str], list[str]]
+# the contracts of the model versions a pipeline names (those without one left out)
+ContractLookup = Callable[[Pipeline], Awaitable[Contracts]]
 
 
 class NotServedYet(Exception):
@@ -111,12 +115,14 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         known_models: KnownModels = lambda: None,
         carried_version: CarriedVersion = lambda group, version, name: 0,
         switch_notes: SwitchNotes = lambda name: [],
+        contracts: ContractLookup | None = None,
     ) -> None:
         self.store = store
         self.acks = acks or AckBook()
         self.known_models = known_models
         self.carried_version = carried_version
         self.switch_notes = switch_notes
+        self.contracts = contracts  # the contracts of model versions (from the model store), for Apply
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
         self.kafka_enabled = False
         self.validator = EnvoyValidator()
@@ -137,6 +143,10 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
             raise NotServedYet("transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap")
         cause = _cause(request.cause or "apply")
         await self.validator.check(pipeline)  # Envoy's own rules, before anything is written
+        if self.contracts is not None:  # do the stages fit each other? (pipeline/contracts.py)
+            wrong = contract_problems(pipeline, await self.contracts(pipeline))
+            if wrong:
+                raise InvalidPipeline(wrong)
         if request.dry_run:
             return await self._dry_run(pipeline, request.expect_version)
         version, created = await self.store.apply(pipeline, cause, expect=request.expect_version)

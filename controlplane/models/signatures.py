@@ -8,14 +8,19 @@ that pipelines name (bounded by the pipelines' own limits).
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from typing import Any
 
 from contract.naming import model_cluster
-from controlplane.models.store import ModelStore
+from controlplane.models.store import BadPackage, ModelNotFound, ModelStore
+from controlplane.pipeline.contracts import contract_variants
+from controlplane.pipeline.model import Pipeline
 
 RETRY = 30.0
 PER_PASS = 50  # store reads per call: thousands of code-only versions never hold up a reconcile
+MAX_LOOKUP = 500  # model versions read for one Apply (a pipeline names far fewer)
 Pair = tuple[str, str]  # (model, version)
 
 
@@ -45,6 +50,23 @@ class SignatureBook:
                 del self.asked[pair]
                 learnt = True
         return learnt
+
+    async def contracts(self, pipeline: Pipeline) -> dict[Pair, dict[str, Any]]:
+        """The contracts of every model version a pipeline names, read now (those without one left out)."""
+        named = {(v.model, v.version) for s in pipeline.stages for v in contract_variants(s)}
+        found: dict[Pair, Any] = {}
+        for pair in sorted(named)[:MAX_LOOKUP]:
+            text = self.known.get(pair)
+            if text is None:
+                try:
+                    text = (await self.store.get(*pair)).signature
+                except (ModelNotFound, BadPackage):
+                    continue  # code without a contract, or not built: unchecked
+            try:
+                found[pair] = json.loads(text) if text else None
+            except ValueError:
+                continue
+        return {pair: c for pair, c in found.items() if isinstance(c, dict)}
 
     def table(self) -> tuple[tuple[str, str], ...]:
         """(model cluster, signature JSON) pairs, as the translation's options carry them."""

@@ -1,0 +1,121 @@
+"""Stages that do not fit each other are refused at apply, from the contracts of the model versions they name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.pipeline.contracts import problems, unchecked
+from controlplane.pipeline.spec import parse_pipeline
+from tests.conftest import ControlPlaneProc
+
+
+def contract(reads: list[str], answers: list[str]) -> dict[str, Any]:
+    field = lambda n: {"name": n, "datatype": "ANY", "shape": [-1]}  # noqa: E731
+    return {"inputs": [field(n) for n in reads], "outputs": [field(n) for n in answers]}
+
+
+CONTRACTS = {
+    ("features", "v1"): contract(["text"], ["tfidf"]),
+    ("classifier", "v1"): contract(["tfidf"], ["category", "confidence", "tfidf"]),  # passes the features on
+    ("classifier", "v2"): contract(["tfidf"], ["label"]),  # answers another name
+    ("net", "v1"): contract(["tfidf"], ["sentiment"]),
+    ("net", "v2"): contract(["embedding"], ["sentiment"]),
+}
+
+
+def pipeline(classify: list[dict[str, Any]], network: list[dict[str, Any]]) -> Any:
+    return parse_pipeline({
+        "name": "p",
+        "stages": [
+            {"name": "features", "variants": [{"model": "features", "version": "v1"}]},
+            {"name": "classify", "variants": classify},
+            {"name": "network", "branch_on": "category", "branches": [{"key": "sports", "variants": network}]},
+        ],
+    })  # fmt: skip
+
+
+def test_stages_that_fit_pass_and_each_misfit_is_named_with_its_path() -> None:
+    good = pipeline([{"model": "classifier", "version": "v1"}], [{"model": "net", "version": "v1"}])
+    assert problems(good, CONTRACTS) == []
+    # net:v1 reads tfidf, which the classifier does not pass on; net:v2 reads what nobody answers
+    bad = pipeline([{"model": "classifier", "version": "v1"}], [{"model": "net", "version": "v2"}])
+    assert [str(p) for p in problems(bad, CONTRACTS)] == [
+        "stages[2].branches[0].variants[0]: net:v2 reads 'embedding', which stage 'classify' never answers "
+        "(it answers: category, confidence, tfidf)",
+    ]
+    # a split whose second variant does not answer `category`: the branch cannot be picked for its answers
+    split = [
+        {"model": "classifier", "version": "v1", "weight": 90},
+        {"model": "classifier", "version": "v2", "weight": 10},
+    ]
+    found = [str(p) for p in problems(pipeline(split, [{"model": "net", "version": "v1"}]), CONTRACTS)]
+    assert found[0] == "stages[2].branch_on: 'category' is not answered by stage 'classify' (it answers: nothing)"
+    assert len(found) == 2 and "reads 'tfidf'" in found[1]
+
+
+def test_versions_without_contracts_are_unchecked_and_said_so() -> None:
+    p = pipeline([{"model": "classifier", "version": "v9"}], [{"model": "net", "version": "v2"}])
+    assert problems(p, CONTRACTS) == []  # classifier:v9 has none: nothing is claimed about its answer
+    assert unchecked(p, CONTRACTS) == [
+        "classify: no contract for classifier:v9",
+        "network: no contract for classifier:v9",
+    ]
+
+
+@pytest.mark.slow
+def test_apply_refuses_stages_that_do_not_fit_with_every_path(model_plane: ControlPlaneProc, tmp_path: Path) -> None:
+    """Code packages declare their contract in the manifest; apply reads them from the store."""
+    for name, reads, answers in (
+        ("tok", {"text": "BYTES"}, {"tokens": "ANY"}),
+        ("cls", {"words": "ANY"}, {"label": "BYTES"}),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.py").write_text("def predict(payload):\n    return payload\n")
+        manifest = {"kind": "Model", "entry": "model:predict", "contract": {"reads": reads, "answers": answers}}
+        (folder / "mllambda.yaml").write_text(yaml.safe_dump(manifest))
+        built = model_plane.cli("build", str(folder), f"--model={name}", "--version=v1", "--no-check")
+        assert built.returncode == 0, built.stderr
+    spec = {
+        "name": "fits",
+        "stages": [
+            {"name": "tokenize", "variants": [{"model": "tok", "version": "v1"}]},
+            {"name": "classify", "variants": [{"model": "cls", "version": "v1"}]},
+            {
+                "name": "route",
+                "branch_on": "category",
+                "branches": [{"key": "a", "variants": [{"model": "tok", "version": "v1"}]}],
+            },
+        ],
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    refused = model_plane.cli("apply", "-f", str(path))
+    assert refused.returncode == 1, refused.stdout
+    assert "stages[1].variants[0]: cls:v1 reads 'words', which stage 'tokenize' never answers" in refused.stderr
+    assert "stages[2].branch_on: 'category' is not answered by stage 'classify' (it answers: label)" in refused.stderr
+    assert "stages[2].branches[0].variants[0]: tok:v1 reads 'text'" in refused.stderr
+    assert model_plane.cli("get", "pipelines").stdout.count("fits") == 0  # nothing written
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.py").write_text("def predict(payload):\n    return payload\n")
+    (bad / "mllambda.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "Model",
+                "entry": "model:predict",
+                "contract": {"reads": {"x\n": "FP64"}, "answers": {"y": "FLOAT"}},
+            }
+        )
+    )
+    refused = model_plane.cli("build", str(bad), "--model=bad", "--version=v1", "--no-check")
+    assert (
+        refused.returncode == 1
+        and "a printable field name" in refused.stderr
+        and "'FLOAT' is not one of" in refused.stderr
+    )
