@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,35 @@ def test_apply_refuses_stages_that_do_not_fit_with_every_path(model_plane: Contr
         and "a printable field name" in refused.stderr
         and "'FLOAT' is not one of" in refused.stderr
     )
+
+
+@pytest.mark.slow
+def test_mllambda_test_runs_a_versions_examples_in_its_own_environment(
+    model_plane: ControlPlaneProc, store: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "double"
+    folder.mkdir()
+    (folder / "model.py").write_text("def predict(payload):\n    return {'y': payload['x'] * 2, 'p': [0.25, 0.75]}\n")
+    lines = [
+        {"request": {"x": 2}, "expected": {"y": 4, "p": [0.25, 0.75]}},
+        {"request": {"x": 3}, "expected": {"y": 6, "p": [0.2500001, 0.75]}, "tolerance": 1e-3},
+        {"x": 5},  # no expected answer: it only has to run
+    ]
+    (folder / "examples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = {"kind": "Model", "entry": "model:predict", "examples": "examples.jsonl"}
+    (folder / "mllambda.yaml").write_text(yaml.safe_dump(manifest))
+    assert model_plane.cli("build", str(folder), "--model=double", "--version=v1").returncode == 0
+    flags = [f"--consul=127.0.0.1:{model_plane.consul_port}", f"--kv-prefix={model_plane.kv_prefix}"]
+    flags += [f"--model-store={store}", "--security=plaintext"]
+    passed = model_plane.cli("test", "double:v1", *flags)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "model/double:v1: 3 examples: 2 passed, 1 ran" in passed.stdout, passed.stdout
+
+    lines[1]["expected"] = {"y": 7, "p": [0.3, 0.75]}  # wrong on purpose, and a line that is not JSON
+    (folder / "examples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "{not json\n")
+    assert model_plane.cli("build", str(folder), "--model=double", "--version=v2").returncode == 0
+    failed = model_plane.cli("test", "double:v2", *flags)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "example 2: failed: y: 6 != 7; p[0]: 0.25 != 0.3" in failed.stdout, failed.stdout
+    assert "example 4: error: JSONDecodeError" in failed.stdout, failed.stdout
+    assert "4 examples: 1 passed, 1 failed, 1 error, 1 ran" in failed.stdout, failed.stdout

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -155,6 +157,49 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    """`mllambda test M:V`: the package's examples through its predict, in its own environment; exit 1 on a failure."""
+    args.model, _, args.version = args.ref.partition(":")
+    if not args.version:
+        raise CliError(f"{args.ref!r}: expected MODEL:VERSION")
+
+    async def run() -> Prepared:
+        client = consul_client.connect(ConsulAddress.from_settings(args.consul))
+        try:
+            return await prepared_package(args, client)
+        finally:
+            await client.close()
+
+    ready = asyncio.run(run())
+    examples = json.loads((ready.folder / ".mllambda" / "package.json").read_text()).get("examples", "")
+    if not examples:
+        raise CliError(f"model/{args.ref} has no examples: name a JSON-lines file as `examples:` in its manifest")
+    done = subprocess.run(
+        [str(ready.env / "bin" / "python"), "-m", "runtime_sdk.examples", examples],
+        cwd=ready.folder,
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+        env={**os.environ, "PYTHONPATH": str(ready.folder)},
+    )
+    results = []
+    for line in done.stdout.splitlines():
+        try:
+            results.append(json.loads(line))
+        except ValueError:
+            continue
+    counts = collections.Counter(r.get("status") for r in results)
+    for result in results:
+        if result.get("status") in ("failed", "error"):
+            why = result.get("error") or "; ".join(result.get("differences", []))
+            print(f"example {result['n']}: {result['status']}: {why}")
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "error", "ran") if counts[k])
+    print(f"model/{args.ref}: {len(results)} examples: {summary or 'none'}")
+    if done.returncode not in (0, 1) or not results:
+        raise CliError(f"the examples did not run: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+    return 1 if counts["failed"] or counts["error"] else 0
+
+
 def add_package_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", help="folder of model packages (MLLAMBDA_MODEL_STORE; .mllambda/models)")
     parser.add_argument(
@@ -171,3 +216,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     add_security_flag(parser, "fetch the package as the model's Connect identity")
     add_package_flags(parser)
     parser.set_defaults(handler=cmd_prepare)
+    test = sub.add_parser("test", help="run a model version's examples in its own environment (exit 1 on a failure)")
+    test.add_argument("ref", metavar="MODEL:VERSION")
+    test.add_argument("--consul", help="Consul HTTP address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+    test.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
+    test.add_argument("--timeout", type=float, default=600.0, help="seconds for all examples")
+    add_security_flag(test, "fetch the package as the model's Connect identity")
+    add_package_flags(test)
+    test.set_defaults(handler=cmd_test)
