@@ -8,8 +8,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import yaml
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
 from tests.helpers.envoy import wait_for
-from tests.helpers.load import SteadyLoad
+from tests.helpers.load import SteadyLoad, post_status
 from tests.helpers.observe import metric, scrape
 from tests.helpers.pipelines import until_ok
 from tests.helpers.planes import second_control_plane
@@ -43,18 +41,7 @@ def spec(name: str, candidate: str, steps: list[int], step_seconds: int, ratio: 
 
 
 def call(port: int, name: str) -> int:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/pipelines/{name}",
-        data=b'{"text": "hello"}',
-        headers={"content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as err:
-        return int(err.code)
-    except OSError:
-        return 0
+    return post_status(port, name)
 
 
 def history(control_plane: Any, name: str) -> list[dict[str, Any]]:

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import yaml
 
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
+from tests.helpers.load import post_status
 from tests.helpers.stack import mllambda
 
 pytestmark = pytest.mark.slow
@@ -83,18 +82,7 @@ class Stack:
         return entry.get("pid") != pid and entry.get("restarts") == restarts and entry.get("state") == "running"
 
     def call(self, pipeline: str) -> int:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports['gateway']}/pipelines/{pipeline}",
-            data=b'{"text": "a b c"}',
-            headers={"content-type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return int(answer.status)
-        except urllib.error.HTTPError as err:
-            return int(err.code)
-        except OSError:
-            return 0
+        return post_status(self.ports["gateway"], pipeline, b'{"text": "a b c"}')
 
     def left_over(self, entries: dict[str, dict[str, Any]]) -> list[str]:
         return [n for n, e in entries.items() if processes.start_time(int(e["pid"])) == e["started"]]

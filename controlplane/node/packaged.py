@@ -138,9 +138,8 @@ async def fetch_package(args: argparse.Namespace, client: consul.aio.Consul, dig
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    """`mllambda prepare M:V`: the package in this host's store and its environment built, nothing served."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def prepare_ref(args: argparse.Namespace) -> Prepared:
+    """The package of `args.ref` (MODEL:VERSION) on this host, its environment built."""
     args.model, _, args.version = args.ref.partition(":")
     if not args.version:
         raise CliError(f"{args.ref!r}: expected MODEL:VERSION")
@@ -152,25 +151,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         finally:
             await client.close()
 
-    ready = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """`mllambda prepare M:V`: the package in this host's store and its environment built, nothing served."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ready = prepare_ref(args)
     print(f"model/{args.ref} ready: {ready.folder} in environment {ready.env}")
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     """`mllambda test M:V`: the package's examples through its predict, in its own environment; exit 1 on a failure."""
-    args.model, _, args.version = args.ref.partition(":")
-    if not args.version:
-        raise CliError(f"{args.ref!r}: expected MODEL:VERSION")
-
-    async def run() -> Prepared:
-        client = consul_client.connect(ConsulAddress.from_settings(args.consul))
-        try:
-            return await prepared_package(args, client)
-        finally:
-            await client.close()
-
-    ready = asyncio.run(run())
+    ready = prepare_ref(args)
     examples = json.loads((ready.folder / ".mllambda" / "package.json").read_text()).get("examples", "")
     if not examples:
         raise CliError(f"model/{args.ref} has no examples: name a JSON-lines file as `examples:` in its manifest")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import urllib.error
+import urllib.request
 from typing import Any
 
 import aiohttp
@@ -47,3 +49,17 @@ class SteadyLoad:
     async def __aexit__(self, *exc: object) -> None:
         self.stop.set()
         await asyncio.gather(*self.tasks)
+
+
+def post_status(port: int, pipeline: str, body: bytes = b'{"text": "hello"}') -> int:
+    """One request through the gateway: its HTTP status (0: no answer at all)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/pipelines/{pipeline}", data=body, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except OSError:
+        return 0
