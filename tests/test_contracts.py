@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.pipeline.contracts import problems, unchecked
+from controlplane.pipeline.contracts import coverage, problems
 from controlplane.pipeline.spec import parse_pipeline
 from tests.conftest import ControlPlaneProc
 
@@ -61,10 +61,12 @@ def test_stages_that_fit_pass_and_each_misfit_is_named_with_its_path() -> None:
 def test_versions_without_contracts_are_unchecked_and_said_so() -> None:
     p = pipeline([{"model": "classifier", "version": "v9"}], [{"model": "net", "version": "v2"}])
     assert problems(p, CONTRACTS) == []  # classifier:v9 has none: nothing is claimed about its answer
-    assert unchecked(p, CONTRACTS) == [
-        "classify: no contract for classifier:v9",
-        "network: no contract for classifier:v9",
+    assert coverage(p, CONTRACTS) == [
+        "classify: unchecked (no contract for classifier:v9)",
+        "network: unchecked (no contract for classifier:v9)",
     ]
+    fits = pipeline([{"model": "classifier", "version": "v1"}], [{"model": "net", "version": "v1"}])
+    assert coverage(fits, CONTRACTS) == ["classify: checked against features", "network: checked against classify"]
 
 
 @pytest.mark.slow
@@ -101,6 +103,13 @@ def test_apply_refuses_stages_that_do_not_fit_with_every_path(model_plane: Contr
     assert "stages[2].branch_on: 'category' is not answered by stage 'classify' (it answers: label)" in refused.stderr
     assert "stages[2].branches[0].variants[0]: tok:v1 reads 'text'" in refused.stderr
     assert model_plane.cli("get", "pipelines").stdout.count("fits") == 0  # nothing written
+
+    # a model without a contract after tok: accepted, and `describe` says that pair went unchecked
+    spec["stages"] = [spec["stages"][0], {"name": "plain", "variants": [{"model": "nocontract", "version": "v1"}]}]
+    path.write_text(yaml.safe_dump(spec))
+    assert model_plane.cli("apply", "-f", str(path)).returncode == 0
+    described = model_plane.cli("describe", "pipeline", "fits").stdout
+    assert "Contracts:\n  plain: unchecked (no contract for nocontract:v1)" in described, described
 
     bad = tmp_path / "bad"
     bad.mkdir()

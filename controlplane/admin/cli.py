@@ -186,6 +186,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
         for key, holder in [("", stage), *((b.key, b) for b in stage.branches)]:
             if holder.HasField("rollout"):
                 lines.append("       " + rollout_text(holder.rollout, key))
+    if status.contracts:
+        lines += ["Contracts:", *[f"  {note}" for note in status.contracts]]
     lines.append("Envoy nodes:" if status.nodes else "Envoy nodes: none connected")
     for node in status.nodes:
         state = f"NACK {node.nack_version}: {node.nack_error}" if node.nack_error else "ok"

@@ -22,6 +22,7 @@ from controlplane.admin.convert import spec_from_proto, version_to_proto
 from controlplane.admin.envoy_check import EnvoyRefuses, EnvoyValidator
 from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
 from controlplane.pipeline.contracts import Contracts
+from controlplane.pipeline.contracts import coverage as contract_coverage
 from controlplane.pipeline.contracts import problems as contract_problems
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import check_name
@@ -196,7 +197,13 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         version = await self.store.get(_required_name(request.name))
         nodes = self._nodes(request.name)
         warnings = self.warnings(version.pipeline) + self.switch_notes(version.pipeline.name)
-        return pb.StatusResponse(pipeline=version_to_proto(version), nodes=nodes, warnings=warnings)
+        found = await self.contracts(version.pipeline) if self.contracts is not None else {}
+        return pb.StatusResponse(
+            pipeline=version_to_proto(version),
+            nodes=nodes,
+            warnings=warnings,
+            contracts=contract_coverage(version.pipeline, found),
+        )
 
     def _nodes(self, name: str) -> list[Any]:
         """Route configs carry pipelines: one row per Envoy, from its route config ACK/NACK."""

@@ -90,17 +90,22 @@ def _variants(stage: Stage, k: int) -> list[tuple[str, Variant | Shadow]]:
     return found
 
 
-def unchecked(pipeline: Pipeline, contracts: Contracts) -> list[str]:
-    """The stages whose input no contract vouches for, and why (for `describe`)."""
+def coverage(pipeline: Pipeline, contracts: Contracts) -> list[str]:
+    """For each stage after the first: checked against the one before it, or why not (for `describe`)."""
     notes = []
     for k in range(1, len(pipeline.stages)):
         before, stage = pipeline.stages[k - 1], pipeline.stages[k]
         if not (_plain(before) and _plain(stage)):
-            notes.append(f"{stage.name}: an ensemble or OIP stage")
+            notes.append(f"{stage.name}: unchecked (an ensemble or OIP stage)")
             continue
         missing = sorted(
-            f"{v.model}:{v.version}" for v in (*_all(before), *_all(stage)) if (v.model, v.version) not in contracts
+            f"{v.model}:{v.version}"
+            for v in (*_all(before), *contract_variants(stage))
+            if (v.model, v.version) not in contracts
         )
         if missing:
-            notes.append(f"{stage.name}: no contract for {', '.join(missing[:4])}")
+            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+            notes.append(f"{stage.name}: unchecked (no contract for {', '.join(missing[:4])}{more})")
+        else:
+            notes.append(f"{stage.name}: checked against {before.name}")
     return notes
