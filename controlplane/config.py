@@ -91,3 +91,6 @@ def add_security_flag(parser: argparse.ArgumentParser, what: str) -> None:
         default=os.environ.get("MLLAMBDA_SECURITY", "plaintext"),
         help=f"mtls: {what} (MLLAMBDA_SECURITY; default plaintext)",
     )
+
+
+STACK_STATE = "MLLAMBDA_STACK_STATE"  # set by `mllambda up` for the control plane it starts: its stack.json

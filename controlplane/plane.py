@@ -23,7 +23,7 @@ import grpc
 
 from contract.naming import BRIDGE_SERVICE, CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY, bridge_reply_topic
 from contract.watch import watch
-from controlplane.config import split_host_port
+from controlplane.config import STACK_STATE, split_host_port
 from controlplane.consul import client as consul_client
 from controlplane.consul.certs import CertKeeper, key_copies, renewed_context
 from controlplane.consul.discovery import Discovery
@@ -44,7 +44,7 @@ from controlplane.pipeline.store import PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.translate.pipelines import Options, gateway_clusters
-from controlplane.view import PlaneView, envoy_admin_urls
+from controlplane.view import PlaneView, envoy_admin_urls, stack_processes
 from controlplane.web.dashboard import DashboardServer, build_dashboard_app
 from controlplane.web.manage import LocalAdmin
 from controlplane.xds.acks import AckBook
@@ -362,6 +362,7 @@ class ControlPlane:
             control_planes=self.peers.report(),
             readings=self.traffic_book.history.readings(),
             entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},
+            stack=stack_processes(os.environ.get(STACK_STATE, "")),
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -7,6 +7,7 @@ through an interface in the same way).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,7 @@ class PlaneView:
     entered_at: Mapping[str, float] = field(default_factory=dict)  # pipeline -> when its version took traffic
     scaling: Sequence[ScaleRow] = ()  # autoscaled model versions (`--autoscale`)
     control_planes: Mapping[str, Any] = field(default_factory=dict)  # the records they share (peer_acks.py)
+    stack: Sequence[Mapping[str, Any]] = ()  # the local stack's processes, as its supervisor records them
 
 
 class PlaneReader(Protocol):
@@ -62,3 +64,24 @@ def envoy_admin_urls(runtimes: Sequence[RuntimeService], gateway_admin_port: int
     if gateway_admin_port:
         urls["gateway"] = f"http://127.0.0.1:{gateway_admin_port}/"
     return urls
+
+
+MAX_STACK_FILE = 1024 * 1024
+STACK_FIELDS = ("name", "pid", "state", "restarts", "exits_in_a_row", "last_exit", "last_lines")
+
+
+def stack_processes(path: str) -> list[dict[str, Any]]:
+    """The local stack's processes from its supervisor's record (none when not run by `mllambda up`)."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            record = json.loads(handle.read(MAX_STACK_FILE))
+    except (OSError, ValueError):
+        return []
+    found = record.get("processes") if isinstance(record, dict) else None
+    return [
+        {k: p[k] for k in STACK_FIELDS if k in p}
+        for p in (found if isinstance(found, list) else [])[:1000]
+        if isinstance(p, dict)
+    ]

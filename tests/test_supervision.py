@@ -152,6 +152,8 @@ def test_the_foreground_stack_restarts_a_killed_runtime_and_backs_off_one_that_k
         assert "flaky-v1-0" in status.stdout and "failing" in status.stdout, status.stdout + status.stderr
         assert "libbroken.so" in status.stdout and "exit 3" in status.stdout, status.stdout
         assert any("flaky-v1-0: exit" in line and "in a row; failing" in line for line in lines), "".join(lines)
+        _, page = processes.http_get(f"{stack.env['MLLAMBDA_DASHBOARD']}/", timeout=10)  # and on the dashboard
+        assert "Stack processes" in page and "libbroken.so" in page, page[:2000]
         assert load.failed("one", broke) == [] and up.poll() is None
 
         stack.crash.unlink()  # fixed: the next try (after its back-off) serves again
@@ -205,6 +207,9 @@ def test_the_detached_stack_runs_the_same_supervisor_and_gives_consul_its_keys_b
         stack.until(lambda: load.ok_since("one", recovered) and load.ok_since("two", recovered), timeout=90)
         status = mllambda("status", env=stack.env)
         assert status.returncode == 0, status.stderr
+        _, body = processes.http_get(f"{stack.env['MLLAMBDA_DASHBOARD']}/api/status", timeout=10)
+        shown = {p["name"]: p for p in json.loads(body)["stack_processes"]}
+        assert shown["consul"]["restarts"] == 1 and shown["controlplane"]["state"] == "running", shown
         for name in ("consul", "controlplane", "tokenize-v1-0"):
             row = next(line for line in status.stdout.splitlines() if line.startswith(name))
             assert "running" in row and row.split()[3] == "1", (row, listed.stdout)

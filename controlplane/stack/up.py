@@ -29,7 +29,7 @@ import yaml
 
 from contract.naming import DEFAULT_KV_PREFIX
 from controlplane import files
-from controlplane.config import PROJECT_ROOT
+from controlplane.config import PROJECT_ROOT, STACK_STATE
 from controlplane.errors import CliError
 from controlplane.node import processes
 from controlplane.node.tools import find_consul, find_tansu
@@ -238,6 +238,7 @@ class Supervisor:
             # the runtimes' socket folder: the gateway takes their output there (docs/architecture.md, "Same host")
             env={
                 "MLLAMBDA_UI_TOKEN": self.ui_token,
+                STACK_STATE: str(self.state_dir / "stack.json"),  # the dashboard shows the stack's processes
                 "MLLAMBDA_RUN_DIR": str(self.run_dir()),
                 "MLLAMBDA_MODEL_STORE": str(self.model_store),
             },

@@ -82,6 +82,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "control_planes": dict(view.control_planes),
         "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
         "scaling": [asdict(row) for row in view.scaling],
+        "stack_processes": [dict(p) for p in view.stack],
         "generated_at": time.time(),
     }
 
@@ -172,6 +173,18 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             parts.append(
                 f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
                 f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}{_cold(row)}</td></tr>"
+            )
+        parts.append("</table>")
+    if view.stack:
+        parts.append("<h2>Stack processes</h2><table class='stack'><tr><th>process</th><th>state</th>")
+        parts.append("<th>restarts</th><th>last exit</th></tr>")
+        for proc in view.stack:
+            lines = str(proc.get("last_lines", "")) if proc.get("state") == "failing" else ""
+            tail = f"<pre>{e(lines[-800:])}</pre>" if lines else ""
+            parts.append(
+                f"<tr class='{e(str(proc.get('state', '')))}'><td>{e(str(proc.get('name', '')))}</td>"
+                f"<td>{e(str(proc.get('state', 'running')))}</td><td>{e(str(proc.get('restarts', 0)))}</td>"
+                f"<td>{e(str(proc.get('last_exit', '')))}{tail}</td></tr>"
             )
         parts.append("</table>")
     if view.consul.refused:
