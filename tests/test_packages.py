@@ -121,3 +121,31 @@ def test_a_fetched_archive_that_is_not_what_the_record_says_is_not_kept(tmp_path
         write_blob(tmp_path, built.digest, built.archive + b"\0")
     assert list(tmp_path.rglob("*.tar")) == [] and list(tmp_path.rglob(".*")) == []
     assert write_blob(tmp_path, built.digest, built.archive).read_bytes() == built.archive
+
+
+def test_environments_for_older_sdks_are_pruned_unless_in_use(tmp_path: Path) -> None:
+    """Each SDK change builds new environments; the older ones of a lock go, beyond one, unless a process uses one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from controlplane.models.envs import prune
+
+    lock_id = "ab" * 32
+    made = []
+    for n, sdk in enumerate(("sdk1", "sdk2", "sdk3", "sdk4")):
+        env = tmp_path / f"{lock_id}-{sdk}"
+        (env / "bin").mkdir(parents=True)
+        os.utime(env, (time.time() + n, time.time() + n))
+        made.append(env)
+    other = tmp_path / f"{'cd' * 32}-sdk1"  # another lock's: never touched
+    other.mkdir()
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(made[0] / "bin" / "python")])
+    try:
+        removed = prune(tmp_path, lock_id, made[3])
+    finally:
+        busy.kill()
+        busy.wait()
+    assert removed == [made[1]]  # sdk3 kept (the newest older one), sdk1 in use, sdk2 gone
+    assert made[0].exists() and made[2].exists() and made[3].exists() and other.exists()

@@ -116,11 +116,45 @@ def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Pat
             partial.rename(target)
         except OSError:  # built by someone else meanwhile: theirs is as good
             shutil.rmtree(partial, ignore_errors=True)
+        prune(envs_dir, lock_id, target)
     finally:
         lock_file.unlink(missing_ok=True)
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+KEEP_OLDER = 1  # environments of the same lock for an older SDK kept beside the new one (a rollback's)
+
+
+def prune(envs_dir: Path, lock_id: str, current: Path) -> list[Path]:
+    """The environments of `lock_id` built for older SDKs, beyond the newest KEEP_OLDER, removed unless a running
+    process uses them: each ML Lambda upgrade builds new ones, and the old ones would pile up (~300 MB each)."""
+    older = sorted(
+        (p for p in envs_dir.glob(f"{lock_id}-*") if p.is_dir() and p != current),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    removed = []
+    for env in older[KEEP_OLDER:]:
+        if not in_use(env):
+            shutil.rmtree(env, ignore_errors=True)
+            (envs_dir / f"{env.name}.log").unlink(missing_ok=True)
+            removed.append(env)
+    return removed
+
+
+def in_use(env: Path) -> bool:
+    """Does a running process run from `env` (its executable or a word of its command line inside it)?"""
+    prefix = str(env) + os.sep
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(word.decode(errors="replace").startswith(prefix) for word in words):
+            return True
+    return False
 
 
 def _site_packages(env: Path) -> Path:
