@@ -134,10 +134,10 @@ def test_environments_for_older_sdks_are_pruned_unless_in_use(tmp_path: Path) ->
 
     lock_id = "ab" * 32
     made = []
-    for n, sdk in enumerate(("sdk1", "sdk2", "sdk3", "sdk4")):
-        env = tmp_path / f"{lock_id}-{sdk}"
+    for n, sdk in enumerate(("sdk1", "sdk2", "sdk3", "sdk4", "")):  # "": named before SDK hashes were
+        env = tmp_path / (f"{lock_id}-{sdk}" if sdk else lock_id)
         (env / "bin").mkdir(parents=True)
-        os.utime(env, (time.time() + n, time.time() + n))
+        os.utime(env, (time.time() + n if sdk else 0, time.time() + n if sdk else 0))
         made.append(env)
     other = tmp_path / f"{'cd' * 32}-sdk1"  # another lock's: never touched
     other.mkdir()
@@ -147,5 +147,5 @@ def test_environments_for_older_sdks_are_pruned_unless_in_use(tmp_path: Path) ->
     finally:
         busy.kill()
         busy.wait()
-    assert removed == [made[1]]  # sdk3 kept (the newest older one), sdk1 in use, sdk2 gone
+    assert removed == [made[1], made[4]]  # sdk3 kept (the newest older one), sdk1 in use; sdk2 and the oldest go
     assert made[0].exists() and made[2].exists() and made[3].exists() and other.exists()

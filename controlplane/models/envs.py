@@ -129,9 +129,10 @@ KEEP_OLDER = 1  # environments of the same lock for an older SDK kept beside the
 
 def prune(envs_dir: Path, lock_id: str, current: Path) -> list[Path]:
     """The environments of `lock_id` built for older SDKs, beyond the newest KEEP_OLDER, removed unless a running
-    process uses them: each ML Lambda upgrade builds new ones, and the old ones would pile up (~300 MB each)."""
+    process uses them: each ML Lambda upgrade builds new ones, and the old ones would pile up (~300 MB each).
+    (`<lock hash>` alone is how environments were named before the SDK's hash was part of it.)"""
     older = sorted(
-        (p for p in envs_dir.glob(f"{lock_id}-*") if p.is_dir() and p != current),
+        (p for p in [*envs_dir.glob(f"{lock_id}-*"), envs_dir / lock_id] if p.is_dir() and p != current),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
