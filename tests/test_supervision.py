@@ -135,7 +135,7 @@ def test_the_foreground_stack_restarts_a_killed_runtime_and_backs_off_one_that_k
     try:
         stack.until(lambda: any("Ctrl-C stops everything" in line for line in lines), timeout=180)
         load = Load(stack, ("one", "two"))
-        time.sleep(1)
+        stack.until(lambda: load is not None and load.ok_since("one", 0) and load.ok_since("two", 0))
 
         pid = stack.kill("tokenize-v1-0")
         killed = time.monotonic()
@@ -187,7 +187,7 @@ def test_the_detached_stack_runs_the_same_supervisor_and_gives_consul_its_keys_b
     assert processes.start_time(recorded["supervisor"]["pid"]) == recorded["supervisor"]["started"]
     load = Load(stack, ("one", "two"))
     try:
-        time.sleep(1)
+        stack.until(lambda: load is not None and load.ok_since("one", 0) and load.ok_since("two", 0))
         pid = stack.kill("tokenize-v1-0")
         killed = time.monotonic()
         stack.until(lambda: stack.back("tokenize-v1-0", pid))

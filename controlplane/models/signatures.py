@@ -42,11 +42,11 @@ class SignatureBook:
         for pair in due[:PER_PASS]:
             self.asked[pair] = now
             try:
-                record = await self.store.get(*pair)
-            except Exception:  # not a package, not built yet, a name the store refuses, the store away
+                text = await self._stored(pair)
+            except Exception:  # the store away, a record that does not parse: asked again later
                 continue
-            if record.signature:
-                self.known[pair] = record.signature
+            if text:
+                self.known[pair] = text
                 del self.asked[pair]
                 learnt = True
         return learnt
@@ -56,17 +56,19 @@ class SignatureBook:
         named = {(v.model, v.version) for s in pipeline.stages for v in contract_variants(s)}
         found: dict[Pair, Any] = {}
         for pair in sorted(named)[:MAX_LOOKUP]:
-            text = self.known.get(pair)
-            if text is None:
-                try:
-                    text = (await self.store.get(*pair)).signature
-                except (ModelNotFound, BadPackage):
-                    continue  # code without a contract, or not built: unchecked
+            text = self.known.get(pair) or await self._stored(pair)
             try:
                 found[pair] = json.loads(text) if text else None
             except ValueError:
                 continue
         return {pair: c for pair, c in found.items() if isinstance(c, dict)}
+
+    async def _stored(self, pair: Pair) -> str:
+        """A version's signature from the store ("": none, not built, or a name the store refuses)."""
+        try:
+            return (await self.store.get(*pair)).signature
+        except (ModelNotFound, BadPackage):
+            return ""
 
     def table(self) -> tuple[tuple[str, str], ...]:
         """(model cluster, signature JSON) pairs, as the translation's options carry them."""

@@ -494,24 +494,25 @@ def detach(args: argparse.Namespace, state_dir: Path = STATE_DIR) -> int:
             start_new_session=True,
             env={**os.environ, DETACHED_ENV: str(notice)},
         )
-    shown = 0
     try:
-        while True:
-            text = log_path.read_text(errors="replace")
-            if len(text) > shown:
-                say(text[shown:].rstrip("\n"))
-                shown = len(text)
-            state = notice.read_text().strip() if notice.exists() else ""
-            if state == "ready":
-                say(f"running in the background, supervised (log {log_path}): `mllambda down` stops it")
-                return 0
-            if state == "failed" or child.poll() is not None:
-                child.wait(timeout=60)
-                rest = log_path.read_text(errors="replace")[shown:].rstrip("\n")
-                if rest:
-                    say(rest)
-                raise CliError(f"the stack did not come up (log {log_path})")
-            time.sleep(0.2)
+        with log_path.open("rb") as progress:  # read on as it grows: each line shown once
+
+            def show() -> None:
+                text = progress.read().decode(errors="replace").rstrip("\n")
+                if text:
+                    say(text)
+
+            while True:
+                show()
+                state = notice.read_text().strip() if notice.exists() else ""
+                if state == "ready":
+                    say(f"running in the background, supervised (log {log_path}): `mllambda down` stops it")
+                    return 0
+                if state == "failed" or child.poll() is not None:
+                    child.wait(timeout=60)
+                    show()
+                    raise CliError(f"the stack did not come up (log {log_path})")
+                time.sleep(0.2)
     except KeyboardInterrupt:
         child.send_signal(signal.SIGTERM)  # it stops what it started
         child.wait(timeout=DOWN_TIMEOUT)
