@@ -26,6 +26,16 @@ def run_folder() -> Path:
     return Path(os.environ.get("MLLAMBDA_RUN_DIR") or Path(tempfile.gettempdir()) / f"mllambda-{os.getuid()}")
 
 
+def stack_state_dir() -> Path:
+    """Where the local stack (`mllambda up`) keeps its state (`MLLAMBDA_STATE_DIR`)."""
+    return Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
+
+
+def payload_folders() -> list[Path]:
+    """Where this host's runtimes write payload logs by default: the local stack's run folder, then the user's."""
+    return [stack_state_dir() / "run" / "payloads", run_folder() / "payloads"]
+
+
 def resolve(flag: str | None, env_var: str, default: str) -> str:
     """Flags override the environment, the environment overrides defaults."""
     if flag:

@@ -17,6 +17,8 @@ import os
 import shutil
 import signal
 import socket
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,6 +31,7 @@ from controlplane.consul.certs import CertKeeper, key_copies, renewed_context
 from controlplane.consul.discovery import Discovery
 from controlplane.delivery.peer_acks import SharedAcks
 from controlplane.delivery.reconcile import Reconciler
+from controlplane.delivery.replays import ReplayBook, ReplayView, Trial
 from controlplane.delivery.rollout_driver import RolloutDriver
 from controlplane.delivery.switch import Switchboard
 from controlplane.delivery.traffic import TrafficBook, VariantTraffic, per_variant, stats_urls
@@ -43,7 +46,7 @@ from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
-from controlplane.translate.pipelines import Options, gateway_clusters
+from controlplane.translate.pipelines import Deployment, Options, gateway_clusters
 from controlplane.view import PlaneView, envoy_admin_urls, stack_processes
 from controlplane.web.dashboard import DashboardServer, build_dashboard_app
 from controlplane.web.manage import LocalAdmin
@@ -106,6 +109,9 @@ class ControlPlane:
             self.watch_consul, settings.kv_prefix, self.reconciler.local_view, lambda: self._wake.set()
         )
         self.switchboard = Switchboard()
+        self.replay_book = ReplayBook(self.consul, settings.kv_prefix)
+        self.replays = ReplayView(0)  # the trials and reports in Consul (watched)
+        self._trials: frozenset[tuple[str, str]] = frozenset()  # (pipeline, replay id) pushed by the last reconcile
         # The admin API needs the generated stubs; importing it here (not at module level) keeps
         # `mllambda setup`, which generates them, runnable on a fresh checkout.
         from controlplane.admin.server import PipelineAdmin
@@ -120,6 +126,8 @@ class ControlPlane:
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
         self.signatures = SignatureBook(self.model_store)
         self.admin.contracts = self.signatures.contracts
+        self.admin.replays = self.replay_book
+        self.admin.trial_missing = self._trial_missing
         self.xds = XdsServer(self.cache, self.acks, settings.xds_addr, self.identity, self._authorize)
         self.acks.listen(self)
         self.pipelines: list[PipelineVersion] = []
@@ -240,6 +248,7 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self.discovery.run()),
             asyncio.create_task(watch(self._query_store, self._take_pipelines, what="pipelines")),
+            asyncio.create_task(watch(self._query_replays, self._take_replays, what="replays")),
             asyncio.create_task(self._reconcile_forever()),
             asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rollouts.run()),
@@ -277,6 +286,43 @@ class ControlPlane:
             self._read_once = True
             self._mark_dirty()
 
+    async def _query_replays(self, index: int | None) -> tuple[int, ReplayView]:
+        view = await self.replay_book.view(index)
+        return view.index, view
+
+    def _take_replays(self, view: ReplayView) -> None:
+        for key, reason in view.skipped.items():
+            if key not in self.replays.skipped:
+                log.warning("replay record %s skipped: %s", key, reason)
+        self.replays = view
+        self._mark_dirty()
+
+    def live_trials(self) -> dict[str, Trial]:
+        """The running replays whose pipeline is live here (a trial of an unknown or deleted pipeline waits)."""
+        now, names = time.time(), {v.pipeline.name for v in self.pipelines}
+        return {name: t for name, t in self.replays.trials.items() if t.live(now) and name in names}
+
+    def _deployments(self) -> list[Deployment]:
+        trials = self.live_trials()
+        return [
+            replace(d, trials=((t.version, t.secret),)) if d.entry and (t := trials.get(d.entry.pipeline.name)) else d
+            for d in self.switchboard.deployments()
+        ]
+
+    def _trial_missing(self, name: str, rid: str) -> list[str]:
+        """What replay `rid` of pipeline `name` waits for before its requests may go in (nothing: ready)."""
+        trial = self.live_trials().get(name)
+        if trial is None or trial.id != rid:
+            return [f"the control plane to read replay {rid} (pipeline {name!r} live, the replay not lapsed)"]
+        pair = (name, trial.version.version)
+        if (name, rid) not in self._trials:
+            return ["its first translation"]
+        missing = self.reconciler.missing_acks(pair, self.peers.reason)
+        missing += self.reconciler.gateway_missing(gateway_clusters(trial.version))
+        if not self.reconciler.gateway_routes(pair):
+            missing.append(f"{self.options.gateway_group} (its route into the candidate)")
+        return missing
+
     async def _reconcile_forever(self) -> None:
         while True:
             try:
@@ -305,9 +351,13 @@ class ControlPlane:
                 for v in s.all_variants()}  # fmt: skip
         if await self.signatures.follow(ends):
             self._dirty = True  # the gateway's OIP metadata names the models' inputs and outputs now
+        trials = frozenset((name, t.id) for name, t in self.live_trials().items())
+        if trials != self._trials:
+            self._dirty = True  # one began, or lapsed
         if self._dirty:
             self._dirty = False
-            deployments = self.switchboard.deployments()
+            self._trials = trials
+            deployments = self._deployments()
             parked = self.autoscaler.activator.parked() if self.autoscaler else ()
             self.reconciler.reconcile(
                 deployments, self.discovery.instances(), self.kafka_bridges(), parked, self.signatures.table()

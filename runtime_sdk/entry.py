@@ -44,4 +44,6 @@ async def log_payload(payloads: PayloadLog, request: Request, response: Response
         body_value(request.body),
         body_value(response.body),
     )
+    if request.headers.get(h.PROTOCOL) == oip.PROTOCOL:
+        entry["protocol"] = oip.PROTOCOL  # a replay sends it to the OIP path again
     payloads.offer(pipeline, entry)

@@ -7,7 +7,9 @@ UNAUTHENTICATED (bearer token required and missing or wrong).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +22,15 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_from_proto, version_to_proto
 from controlplane.admin.envoy_check import EnvoyRefuses, EnvoyValidator
+from controlplane.delivery.replays import (
+    DEFAULT_TTL,
+    MAX_TTL,
+    BadReport,
+    ReplayBook,
+    ReplayBusy,
+    ReplayNotFound,
+    ReplayUnavailable,
+)
 from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
 from controlplane.pipeline.contracts import Contracts
 from controlplane.pipeline.contracts import coverage as contract_coverage
@@ -51,6 +62,8 @@ CarriedVersion = Callable[[str, str, str], int]
 SwitchNotes = Callable[[str], list[str]]
 # the contracts of the model versions a pipeline names (those without one left out)
 ContractLookup = Callable[[Pipeline], Awaitable[Contracts]]
+# (pipeline, replay id) -> what its trial waits for before requests may enter it ([]: ready)
+TrialMissing = Callable[[str, str], list[str]]
 
 
 class NotServedYet(Exception):
@@ -71,6 +84,10 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (VersionTaken, grpc.StatusCode.ALREADY_EXISTS),
     (InUse, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelStoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ReplayBusy, grpc.StatusCode.FAILED_PRECONDITION),
+    (ReplayNotFound, grpc.StatusCode.NOT_FOUND),
+    (ReplayUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (BadReport, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
 
@@ -127,6 +144,8 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         self.calls: dict[tuple[str, str], int] = {}  # (method, status code) -> count
         self.kafka_enabled = False
         self.validator = EnvoyValidator()
+        self.replays: ReplayBook | None = None  # where trials and their reports live (None: no replays here)
+        self.trial_missing: TrialMissing = lambda name, rid: ["a control plane that pushes replays"]
 
     def warnings(self, pipeline: Pipeline) -> list[str]:
         known = self.known_models()
@@ -204,6 +223,73 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
             warnings=warnings,
             contracts=contract_coverage(version.pipeline, found),
         )
+
+    def _replays(self) -> ReplayBook:
+        if self.replays is None:
+            raise NotServedYet("this control plane runs no replays")
+        return self.replays
+
+    @guard
+    async def StartReplay(self, request: Any, context: Any) -> Any:
+        """A trial of the candidate beside the live version (delivery/replays.py); validated as Apply validates."""
+        book = self._replays()
+        candidate = spec_from_proto(request.candidate)
+        if request.ttl_seconds > MAX_TTL:
+            raise InvalidPipeline([Problem("ttl_seconds", f"at most {MAX_TTL:.0f}, got {request.ttl_seconds}")])
+        await self.store.get(candidate.name)  # NOT_FOUND: a replay compares with what a live pipeline answered
+        notes = []
+        if candidate.transport == "kafka":  # nothing a replay does may reach an output topic
+            candidate = dataclasses.replace(candidate, transport="http")
+            notes.append("a kafka candidate is tried over http: the same models, no topic written")
+        candidate = dataclasses.replace(candidate, log_percent=0)
+        await self.validator.check(candidate)
+        if self.contracts is not None:
+            wrong = contract_problems(candidate, await self.contracts(candidate))
+            if wrong:
+                raise InvalidPipeline(wrong)
+        known = self.known_models()
+        absent = sorted(candidate.models() - known) if known is not None else []
+        if absent:
+            named = ", ".join(f"{m}:{v}" for m, v in absent)
+            raise NotServedYet(f"the candidate names model versions with no runtime: {named} (deploy them first)")
+        trial = await book.start(candidate, float(request.ttl_seconds or DEFAULT_TTL))
+        return pb.Replay(
+            pipeline=trial.name,
+            id=trial.id,
+            secret=trial.secret,
+            version=trial.version.version,
+            expires_at=trial.expires_at,
+            notes=notes,
+        )
+
+    @guard
+    async def GetReplayState(self, request: Any, context: Any) -> Any:
+        name = _required_name(request.pipeline)
+        await self._replays().get(name, request.id)
+        waiting = self.trial_missing(name, request.id)
+        return pb.ReplayState(ready=not waiting, waiting_for=waiting[:20])
+
+    @guard
+    async def EndReplay(self, request: Any, context: Any) -> Any:
+        name = _required_name(request.pipeline)
+        report = None
+        if request.report_json:
+            try:
+                report = json.loads(request.report_json)
+            except ValueError as err:
+                raise BadReport(f"report_json: not JSON ({err})") from err
+            if not isinstance(report, dict):
+                raise BadReport("report_json: a JSON object")
+        await self._replays().end(name, request.id, report)
+        return pb.ReplayRef(pipeline=name, id=request.id)
+
+    @guard
+    async def ListReplays(self, request: Any, context: Any) -> Any:
+        name = _required_name(request.pipeline)
+        view = await self._replays().view()
+        running = [t for n, t in view.trials.items() if n == name]
+        shown = [pb.Replay(pipeline=name, id=t.id, version=t.version.version, expires_at=t.expires_at) for t in running]
+        return pb.ListReplaysResponse(reports_json=[json.dumps(r) for r in view.reports.get(name, [])], running=shown)
 
     def _nodes(self, name: str) -> list[Any]:
         """Route configs carry pipelines: one row per Envoy, from its route config ACK/NACK."""

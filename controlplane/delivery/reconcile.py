@@ -17,6 +17,7 @@ from dataclasses import replace
 from prometheus_client.core import HistogramMetricFamily
 
 from contract.service import RuntimeService
+from controlplane.delivery.replays import REPLAY_BASE
 from controlplane.translate.pipelines import Carried, Deployment, Memo, Options, carried, translate
 from controlplane.translate.resources import KAFKA_BROKER_FILTER
 from controlplane.xds.acks import AckBook
@@ -107,7 +108,8 @@ class GroupLedger:
 
     def newest(self, acked_version: str, name: str) -> int:
         """The newest version of pipeline `name` an Envoy that acknowledged `acked_version` routes (0: none)."""
-        return max((v for p, v in self.since if p == name and self.routes(acked_version, (p, v))), default=0)
+        routed = (v for p, v in self.since if p == name and v < REPLAY_BASE and self.routes(acked_version, (p, v)))
+        return max(routed, default=0)  # a replay's candidate is not the pipeline's version
 
 
 class Reconciler:
@@ -146,7 +148,7 @@ class Reconciler:
         self._reported, self.failed, self._failed_pairs = self.failed, {}, {}
         for group, error in failed.items():  # it keeps its last snapshot; the other groups go on
             self._fail(group, error, pairs.get(group, frozenset()))
-        self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.routed)
+        self.translated = frozenset((v.pipeline.name, v.version) for d in deployments for v in d.hops())
         self.passing = frozenset(i.service_id for i in instances if i.passing)
         for group in set(self.ledgers) - set(snapshots) - set(failed):
             del self.ledgers[group]  # a runtime that is gone
@@ -271,6 +273,12 @@ class Reconciler:
         error = " ".join(rejected[0].nack_error.split())  # one line, whatever Envoy sent
         shown = error[:NACK_SHOWN] + ("..." if len(error) > NACK_SHOWN else "")
         return f" (rejected {short(rejected[0].type_url)}: {shown})"
+
+    def gateway_routes(self, pair: Pair) -> bool:
+        """The gateway has acknowledged a config that enters `pair` (a replay's candidate)."""
+        ledger = self.ledgers.get(self.options.gateway_group)
+        acked = self._acked(self.options.gateway_group)
+        return ledger is not None and acked is not None and ledger.routes(acked, pair)
 
     def gateway_left(self, pair: tuple[str, int]) -> bool:
         """The gateway no longer sends new requests into `pair` (or no gateway is connected here)."""

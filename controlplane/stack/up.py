@@ -29,7 +29,7 @@ import yaml
 
 from contract.naming import DEFAULT_KV_PREFIX
 from controlplane import files
-from controlplane.config import PROJECT_ROOT, STACK_STATE
+from controlplane.config import STACK_STATE, stack_state_dir
 from controlplane.errors import CliError
 from controlplane.node import processes
 from controlplane.node.tools import find_consul, find_tansu
@@ -38,7 +38,7 @@ from controlplane.stack.file import RuntimeSpec, Stack, load_stack
 from controlplane.stack.replicas import LocalScaler
 from controlplane.stack.supervise import TAIL_LINES, Book
 
-STATE_DIR = Path(os.environ.get("MLLAMBDA_STATE_DIR") or PROJECT_ROOT / ".mllambda")
+STATE_DIR = stack_state_dir()
 DETACHED_ENV = "MLLAMBDA_UP_NOTICE"  # set for the background supervisor: where it says "ready" or "failed"
 DOWN_TIMEOUT = 90.0  # seconds `down` gives a detached supervisor to stop what it started
 KV_COPY_SECONDS = 5.0

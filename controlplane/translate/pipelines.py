@@ -13,6 +13,7 @@ host, their runtimes' sockets instead, its route saying what the ingress would
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.type.matcher.v3 import string_pb2
 
 from contract import headers as h
 from contract import oip
@@ -52,6 +54,7 @@ BRIDGE = "mll-kafka-bridge"
 BRIDGE_RETRIES = 2
 KAFKA = "kafka-broker"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
+REPLAY = "x-mll-replay"  # a replay's secret: only requests that carry it enter its candidate (never live traffic)
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,17 @@ class Deployment:
 
     entry: PipelineVersion | None
     routed: tuple[PipelineVersion, ...]
+    # (candidate, secret): a replay's version, entered at the gateway only by requests carrying the secret
+    # in `x-mll-replay`; its hops are in `routed` like a pending version's (controlplane/delivery/replays.py)
+    trials: tuple[tuple[PipelineVersion, str], ...] = ()
 
     @classmethod
     def steady(cls, version: PipelineVersion) -> Deployment:
         return cls(version, (version,))
+
+    def hops(self) -> tuple[PipelineVersion, ...]:
+        """Every version whose hops the sidecars get: the routed ones and the trials."""
+        return (*self.routed, *(v for v, _ in self.trials))
 
 
 Carried = frozenset[tuple[str, int]]  # (pipeline, version) pairs whose routes a snapshot holds
@@ -114,7 +124,7 @@ def translate(
     route to its model version. The inputs are compared once per model version.
     """
     endpoints = endpoints_of(instances, options.parked)
-    everything = [v for d in deployments for v in d.routed]
+    everything = [v for d in deployments for v in d.hops()]
     routed = [v for v in everything if v.pipeline.transport in SERVED_TRANSPORTS]
     snapshots: dict[str, Snapshot] = {}
     serving = _served_by(routed)
@@ -126,7 +136,9 @@ def translate(
         options.gateway_group,
         snapshots,
         failed,
-        lambda: _gateway(_entries(deployments, options), everything, endpoints, options, carriers),
+        lambda: _gateway(
+            _entries(deployments, options), everything, endpoints, options, carriers, _trials(deployments)
+        ),
     )
     kept: Memo = {}
     by_cluster: dict[str, list[RuntimeService]] = {}
@@ -179,8 +191,9 @@ def carried(
     deployments: Sequence[Deployment], instances: Sequence[RuntimeService], options: Options = Options()
 ) -> dict[str, Carried]:
     """Which pipeline versions each group's snapshot routes: the gateway its entries, a sidecar its hops."""
-    found = {options.gateway_group: frozenset((v.pipeline.name, v.version) for v in _entries(deployments, options))}
-    routed = [v for d in deployments for v in d.routed if v.pipeline.transport in SERVED_TRANSPORTS]
+    entered = [*_entries(deployments, options), *(v for v, _ in _trials(deployments))]
+    found = {options.gateway_group: frozenset((v.pipeline.name, v.version) for v in entered)}
+    routed = [v for d in deployments for v in d.hops() if v.pipeline.transport in SERVED_TRANSPORTS]
     serving = {
         cluster: frozenset((v.pipeline.name, v.version) for v in vs) for cluster, vs in _served_by(routed).items()
     }
@@ -207,12 +220,17 @@ def _entries(deployments: Sequence[Deployment], options: Options) -> list[Pipeli
     ]
 
 
+def _trials(deployments: Sequence[Deployment]) -> list[tuple[PipelineVersion, str]]:
+    return [t for d in deployments for t in d.trials if t[0].pipeline.transport in SERVED_TRANSPORTS]
+
+
 def _gateway(
     entries: Sequence[PipelineVersion],
     routed: Sequence[PipelineVersion],
     endpoints: Endpoints,
     options: Options,
     carriers: Sequence[Carrier] = (),
+    trials: Sequence[tuple[PipelineVersion, str]] = (),
 ) -> Snapshot:
     """Routes into each entry version; clusters for every routed version's first stage.
 
@@ -222,7 +240,8 @@ def _gateway(
     switch (switch.py) lets it in only once the gateway has acknowledged them.
     """
     signatures = dict(options.signatures)
-    routes = [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
+    routes = [route for v, secret in trials for route in _trial_routes(v, secret)]  # before live ones: they match more
+    routes += [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
     routes += [*oip_server_routes(), not_found_route()]
     listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
     # Not served: only their clusters. Kafka versions count too, so that switching
@@ -259,10 +278,10 @@ def _gateway_routes(
         infer = stage_routes(p, v.version, 0, match_path=oip.infer_path(p.name), rewrite=first)
     logged = [r.header(h.LOG, f"{p.log_percent:g}")] if p.log_percent else []
     for route in json_api:
-        route.request_headers_to_remove.extend(h.ENTRY)  # only the gateway says a request is OIP, or logged
+        route.request_headers_to_remove.extend([*h.ENTRY, REPLAY])  # only the gateway says a request is OIP, or logged
         route.request_headers_to_add.extend(logged)
     for route in infer:
-        route.request_headers_to_remove.extend(h.ENTRY)
+        route.request_headers_to_remove.extend([*h.ENTRY, REPLAY])
         route.request_headers_to_add.extend(
             [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
         )
@@ -270,6 +289,24 @@ def _gateway_routes(
     inputs = _signature_side(p.stages[0], "inputs", signatures or {})
     outputs = _signature_side(p.stages[-1], "outputs", signatures or {})
     return json_api + infer + oip_model_routes(p.name, str(v.version), inputs, outputs)
+
+
+def _trial_routes(v: PipelineVersion, secret: str) -> list[rc.Route]:
+    """A replay's way in: the pipeline's JSON and OIP paths into the candidate, for requests carrying `secret`.
+
+    Never logged (a replay must not feed the log it reads), named `<pipeline>/replay/<stage>` so that
+    Envoy's stats and errors tell replay requests from live ones.
+    """
+    quiet = dataclasses.replace(v, pipeline=dataclasses.replace(v.pipeline, log_percent=0))
+    paths = {pipeline_path(v.pipeline.name), oip.infer_path(v.pipeline.name)}
+    found = []
+    for route in _gateway_routes(quiet, as_http=True):
+        if route.match.path not in paths:
+            continue  # the OIP metadata the gateway answers itself: the live version's
+        route.match.headers.append(rc.HeaderMatcher(name=REPLAY, string_match=string_pb2.StringMatcher(exact=secret)))
+        route.name = route.name.replace(f"{v.pipeline.name}/", f"{v.pipeline.name}/replay/", 1)
+        found.append(route)
+    return found
 
 
 def _signature_side(stage: Stage, side: str, signatures: Mapping[str, str]) -> list[dict[str, Any]]:
