@@ -413,6 +413,8 @@ class ControlPlane:
             readings=self.traffic_book.history.readings(),
             entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},
             stack=stack_processes(os.environ.get(STACK_STATE, "")),
+            replay_reports=self.replays.reports,
+            replays_running={name: t.id for name, t in self.live_trials().items()},
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -48,6 +48,8 @@ class PlaneView:
     scaling: Sequence[ScaleRow] = ()  # autoscaled model versions (`--autoscale`)
     control_planes: Mapping[str, Any] = field(default_factory=dict)  # the records they share (peer_acks.py)
     stack: Sequence[Mapping[str, Any]] = ()  # the local stack's processes, as its supervisor records them
+    replay_reports: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # newest first
+    replays_running: Mapping[str, str] = field(default_factory=dict)  # pipeline -> the id of its running replay
 
 
 class PlaneReader(Protocol):

@@ -138,8 +138,8 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     assert refused.returncode != 0 and "no runtime: score:v9" in refused.stderr, refused.stderr
     # A pipeline without a log: the hint says how to get one.
     (tmp_path / "empty").mkdir()
-    nolog = replay(control_plane, "rp", "--candidate", str(tmp_path / "candidate.yaml"),
-                   env={"MLLAMBDA_RUN_DIR": str(tmp_path / "empty"), "MLLAMBDA_STATE_DIR": str(tmp_path / "empty")})  # fmt: skip
+    empty = {"MLLAMBDA_RUN_DIR": str(tmp_path / "empty"), "MLLAMBDA_STATE_DIR": str(tmp_path / "empty")}
+    nolog = replay(control_plane, "rp", "--candidate", str(tmp_path / "candidate.yaml"), env=empty)
     assert nolog.returncode != 0 and "no payload log of pipeline 'rp'" in nolog.stderr, nolog.stderr
     assert history(control_plane, "rp") == [1]
 
@@ -157,11 +157,12 @@ async def test_one_replay_at_a_time_per_pipeline_and_a_lapsed_one_is_replaced(
         with pytest.raises(grpc.aio.AioRpcError) as busy:
             await stub.StartReplay(pb.StartReplayRequest(candidate=candidate))
         assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and first.id in str(busy.value.details())
+        nope = spec_to_proto(parse_pipeline(pipeline("nope")))
         for bad, code in [
             (pb.StartReplayRequest(candidate=candidate, ttl_seconds=99_999), grpc.StatusCode.INVALID_ARGUMENT),
-            (pb.StartReplayRequest(candidate=spec_to_proto(parse_pipeline(pipeline("nope")))), grpc.StatusCode.NOT_FOUND),
+            (pb.StartReplayRequest(candidate=nope), grpc.StatusCode.NOT_FOUND),
             (pb.StartReplayRequest(), grpc.StatusCode.INVALID_ARGUMENT),
-        ]:  # fmt: skip
+        ]:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.StartReplay(bad)
             assert refused.value.code() == code, refused.value.details()

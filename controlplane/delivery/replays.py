@@ -88,16 +88,18 @@ def trial_from(record: dict[str, Any]) -> Trial:
     number = int(record["number"])
     if not REPLAY_BASE <= number < REPLAY_BASE + 10**9:
         raise ValueError(f"trial number {number} out of range")
-    started = float(record["started_at"])
-    created = datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds")
-    version = PipelineVersion(parse_pipeline(record["spec"]), number, created, f"replay {record['id']}")
-    return Trial(str(record["id"]), str(record["secret"]), version, started, float(record["expires_at"]))
+    started, rid = float(record["started_at"]), str(record["id"])
+    version = _trial_version(parse_pipeline(record["spec"]), number, started, rid)
+    return Trial(rid, str(record["secret"]), version, started, float(record["expires_at"]))
+
+
+def _trial_version(candidate: Pipeline, number: int, started: float, rid: str) -> PipelineVersion:
+    return PipelineVersion(candidate, number, datetime.fromtimestamp(started, UTC).isoformat(), f"replay {rid}")
 
 
 def new_trial(candidate: Pipeline, ttl: float, now: float) -> Trial:
-    number = REPLAY_BASE + secrets.randbelow(10**9)
-    version = PipelineVersion(candidate, number, datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"), "")
     rid = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    version = _trial_version(candidate, REPLAY_BASE + secrets.randbelow(10**9), now, rid)
     return Trial(rid, secrets.token_hex(16), version, now, now + min(max(ttl, 10.0), MAX_TTL))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -83,8 +83,59 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
         "rollouts": {"driving": view.rollouts_driving, "moves": view.rollout_moves},
         "scaling": [asdict(row) for row in view.scaling],
         "stack_processes": [dict(p) for p in view.stack],
+        "replays": {
+            name: {"running": view.replays_running.get(name), "reports": [_replay_summary(r) for r in reports]}
+            for name, reports in view.replay_reports.items()
+        },
         "generated_at": time.time(),
     }
+
+
+REPLAY_KEYS = ("id", "requests", "equal_share", "changed_share", "failed_share", "by_chain", "failed_by",
+               "latency_ms", "candidate_models", "finished_at")  # fmt: skip
+REPLAYS_SHOWN = 3  # on a pipeline's page
+
+
+def _replay_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A kept replay report without its examples (they hold user data: `mllambda replay P -o json` shows them)."""
+    return {k: report.get(k) for k in REPLAY_KEYS}
+
+
+def render_replays(reports: Sequence[Mapping[str, Any]], running: str | None) -> str:
+    """The newest replay reports of a pipeline: shares overall and per change of the served chain.
+
+    A report is what a replaying client sent: every value is escaped and every share checked."""
+    e = html.escape
+    out = ["<h3>Replays</h3>"] + ([f"<p>replay {e(running)} is running</p>"] if running else [])
+    if not reports:
+        return "".join(out) + "<p>none yet: <code>mllambda replay PIPELINE --candidate FILE</code></p>"
+    for r in reports[:REPLAYS_SHOWN]:
+        lat = _mapping(r.get("latency_ms"))
+        p99s = [e(str(_mapping(lat.get(k)).get("p99"))) for k in ("candidate", "recorded")]
+        shares = [_share(r.get(f"{k}_share")) for k in ("equal", "changed", "failed")]
+        out.append(
+            f"<p><b>{e(str(r.get('id')))}</b>: {e(str(r.get('requests')))} requests, {shares[0]} equal, "
+            f"{shares[1]} changed, {shares[2]} failed; p99 {p99s[0]} ms (recorded {p99s[1]} ms)</p>"
+        )
+        listed = r.get("by_chain")
+        chains = [_mapping(c) for c in (listed[:10] if isinstance(listed, list) else [])]
+        rows = "".join(
+            f"<tr><td>{e(str(c.get('chain')))}</td><td>{e(str(c.get('requests')))}</td>"
+            + "".join(f"<td>{_share(c.get(f'{k}_share'))}</td>" for k in ("equal", "changed", "failed"))
+            + "</tr>"
+            for c in chains
+        )
+        heads = "".join(f"<th>{h}</th>" for h in ("served by the candidate", "requests", "equal", "changed", "failed"))
+        out.append(f"<table><tr>{heads}</tr>{rows}</table>")
+    return "".join(out)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _share(value: Any) -> str:
+    return _pct(value) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
 
 
 NACK_SHOWN = 160  # characters of a node's last NACK in the node table (describe shows it whole)
@@ -346,6 +397,7 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
         line_chart("requests/s per model version", rps, start, now, marks),
         line_chart("5xx ratio per model version", errors, start, now, marks),
         line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
+        render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name)),
         f"<p><a href='/'>all pipelines</a> · <a href='/pipelines/{e(p.name)}/edit'>edit</a></p>",
     ]
     return shell(p.name, "".join(body), nav=False, refresh=5)
