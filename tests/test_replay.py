@@ -57,7 +57,7 @@ def test_the_log_keeps_the_newest_records_and_counts_every_line_it_skips(tmp_pat
     cut = line(i=20, request={"truncated": True, "bytes": 70_000, "head": "x"})
     new.write_text(
         line(i=10) + "garbage\n" + line("other", i=11) + cut + '{"status": "x", "pipeline": "p"}\n' + "[]\n"
-        + line(i=12) + '{"pipeline": "p", "request": {"cut'
+        + line(i=12) + line(i=13, protocol="oip", request="\u0000binary tensors") + '{"pipeline": "p", "request": {"cut'
     )  # fmt: skip
     read = read_log([old, new], "p", last=3)
     assert [r.request_id for r in read.records] == ["r4", "r10", "r12"]  # oldest file first, newest kept
@@ -67,8 +67,9 @@ def test_the_log_keeps_the_newest_records_and_counts_every_line_it_skips(tmp_pat
         "another pipeline": 1,
         "request cut when logged (over 64 KiB)": 1,
         "not a record": 2,
+        "binary OIP request (the log keeps it as text)": 1,
     }
-    assert read.lines == 5 + 8  # blank lines are not lines
+    assert read.lines == 5 + 9  # blank lines are not lines
     since = read_log([old, new], "p", since="2026-12-06T10:00:03Z")
     assert [r.request_id for r in since.records] == ["r3", "r4", "r10", "r12"]
 
@@ -99,7 +100,7 @@ def test_answers_are_equal_changed_or_failed_and_tallied_per_chain() -> None:
     assert report["changed_fields"] == {"y": 1, "(status)": 1}
     chains = {c["chain"]: c for c in report["by_chain"]}
     assert chains["b: n:v1 -> n:v2"]["changed_share"] == 1.0
-    assert chains["(no answer)"]["failed"] == 1
+    assert chains["(no answer)"]["failed"] == 2  # no answer, or one that names no chain
     assert report["latency_ms"]["candidate"]["p99"] == 1.0 and report["latency_ms"]["recorded"]["p50"] == 2.0
     assert passes(report, 1.0, 0.5) and not passes(report, 0.2, 1.0) and not passes(Tally(0).report(), 1, 1)
 

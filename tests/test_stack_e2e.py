@@ -128,8 +128,46 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
     assert refused.value.code == 403 and history(env)[-1][0] == 3
 
 
+def replayed_v2_first(gateway_port: int, tmp_path: Path, env: dict[str, str]) -> None:
+    """500 recorded requests replayed through pipeline-v2.yaml before it takes any traffic: the branches whose
+    network changed answer differently, every other request exactly as recorded, and nothing is written."""
+    import csv
+    from concurrent.futures import ThreadPoolExecutor
+
+    with (NLP / "data" / "reviews.tsv").open() as f:
+        texts = [row["text"] for row in csv.DictReader(f, delimiter="\t")]
+
+    def ask(i: int) -> int:
+        body = json.dumps({"text": texts[i % len(texts)]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{gateway_port}/pipelines/nlp", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return int(answer.status)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(ask, range(500))) == {200}
+    log = tmp_path / "state" / "run" / "payloads" / "nlp.jsonl"  # where the stack's runtimes write it
+    deadline = time.monotonic() + 10
+    while len(log.read_text().splitlines()) < 500:  # the writer is behind the answers
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    report_file = tmp_path / "replay.json"
+    candidate = str(NLP / "pipeline-v2.yaml")
+    done = mllambda("replay", "nlp", "--candidate", candidate, "--rate", "200", "--report", str(report_file), env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_file.read_text())
+    assert report["requests"] >= 500 and report["failed"] == 0, report
+    chains = {c["chain"]: c for c in report["by_chain"]}
+    assert chains["same models"]["equal_share"] == 1.0 and chains["same models"]["requests"] > 350, chains
+    changed = {c for c in chains if c != "same models"}
+    assert changed and changed <= {f"network: net-{c}:v1 -> net-{c}:v2" for c in ("sports", "tech", "food")}, chains
+    assert all(chains[c]["changed_share"] > 0.5 for c in changed), chains  # another network, other confidences
+    assert "network: net-" in done.stdout  # the table names them
+    assert history(env) == [(1, "apply")]  # nothing written to the pipeline
+
+
 def test_nlp_walkthrough(tmp_path: Path) -> None:
     stack = nlp_stack()  # written elsewhere below: its package folders made absolute
+    stack["pipelines"][0]["logging"] = {"percent": 100}  # every request recorded, for the replay below
     ports = {
         k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka", "bridge")
     }
@@ -179,6 +217,8 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
             ("sports", "net-sports:v1"): 1.0, ("tech", "net-tech:v1"): 1.0, ("food", "net-food:v1"): 1.0
         }  # fmt: skip
         assert before["network"][("sports", "net-sports:v1")][1] == 1.0  # the requests so far: sports
+
+        replayed_v2_first(ports["gateway"], tmp_path, env)
 
         applied = mllambda("apply", "-f", str(NLP / "pipeline-v2.yaml"), "--wait", env=env)
         assert "pipeline/nlp created (version 2)" in applied.stdout, applied.stderr

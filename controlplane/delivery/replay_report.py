@@ -65,6 +65,8 @@ def _record(raw: Any, pipeline: str) -> Recorded | str:
     if isinstance(request, dict) and request.get("truncated") is True:
         return "request cut when logged (over 64 KiB)"
     protocol = "oip" if raw.get("protocol") == "oip" else "json"
+    if protocol == "oip" and not isinstance(request, dict):
+        return "binary OIP request (the log keeps it as text)"
     return Recorded(str(raw.get("request_id", "")), str(raw.get("at", "")), request, response, status, latency,
                     tuple(served), protocol)  # fmt: skip
 
@@ -194,7 +196,7 @@ class Tally:
 
     def judge(self, record: Recorded, answer: Answer) -> str:
         """Count one answer; returns its outcome: equal, changed or failed."""
-        chain = chain_change(record.served, answer.served) if answer.status is not None else "(no answer)"
+        chain = chain_change(record.served, answer.served) if answer.served else "(no answer)"
         if chain not in self.chains and len(self.chains) >= MAX_CHAINS:
             chain = "(other chains)"
         if answer.status is None or (answer.status >= 500 and record.status < 500):
