@@ -145,6 +145,7 @@ class ControlPlane:
             self.traffic_book.stats,
             holder,
             self._refused,
+            lambda name: self.replays.reports.get(name, ()),
         )
         self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
         self._dashboard: DashboardServer | None = None

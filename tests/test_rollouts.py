@@ -139,3 +139,34 @@ def test_a_rollout_inside_a_branch_moves_only_that_branch() -> None:
     assert branches["sports"] == parse_pipeline(pipeline_to_dict(p)).stages[1].branches[1]
     back = judge(move.pipeline, (1, "food"), Window(50, 10, 1))
     assert back is not None and back.cause.startswith("auto-rollback nlp/network[food] net-food:v2: 5xx 20.0%")
+
+
+def test_a_rollout_that_requires_a_replay_waits_for_one_naming_its_candidate() -> None:
+    p = pipeline(require_replay={"max_changed": 0.1})
+    assert p.stages[1].rollout is not None and p.stages[1].rollout.require_replay is not None
+    assert judge(p, (1, ""), GOOD) is None  # no replay yet: it waits
+    other = {"id": "r0", "requests": 100, "changed_share": 0.0, "failed_share": 0.0, "candidate_models": ["x:v9"]}
+    assert judge(p, (1, ""), GOOD, [other]) is None  # a replay of another candidate does not count
+    good = {**other, "id": "r1", "changed_share": 0.08, "candidate_models": ["net:v2", "tok:v1"]}
+    move = judge(p, (1, ""), GOOD, [good, other])
+    assert move is not None and move.cause.endswith("step 1/3 (10%) after replay r1: 8.0% changed, 0.0% failed")
+    bad = {**good, "id": "r2", "changed_share": 0.3}
+    back = judge(p, (1, ""), GOOD, [bad, good])  # the newest one judges
+    assert back is not None and back.pipeline.stages[1].rollout is None
+    assert "replay r2: 30.0% changed" in back.cause and back.cause.startswith("auto-rollback")
+    failing = {**good, "id": "r3", "failed_share": 0.01}
+    assert "rollback" in (judge(p, (1, ""), GOOD, [failing]) or back).cause  # max_failed defaults to 0
+    empty = {**good, "id": "r4", "requests": 0}
+    assert "rollback" in (judge(p, (1, ""), GOOD, [empty]) or back).cause  # an empty replay never passes
+
+
+def test_the_replay_gate_is_validated_and_kept_through_the_admin_api() -> None:
+    from controlplane.admin.convert import spec_from_proto, spec_to_proto
+
+    p = pipeline(require_replay={"max_changed": 0, "max_failed": 0.02})
+    again = spec_from_proto(spec_to_proto(p))
+    assert again == p and again.stages[1].rollout.require_replay.max_changed == 0  # type: ignore[union-attr]
+    assert parse_pipeline(pipeline_to_dict(p)) == p
+    wrong = r"require_replay.ttl: unknown field.*; .*require_replay.max_changed: must be between 0 and 1"
+    with pytest.raises(InvalidPipeline, match=wrong):
+        pipeline(require_replay={"max_changed": 2, "ttl": 5})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -249,7 +249,7 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.50), "p99": at(0.99)}
 
 
-def passes(report: dict[str, Any], max_changed: float, max_failed: float) -> bool:
+def passes(report: Mapping[str, Any], max_changed: float, max_failed: float) -> bool:
     """Whether a report is within the limits (shares of its requests); an empty replay never passes."""
     return bool(report.get("requests")) and (
         float(report.get("changed_share", 1)) <= max_changed and float(report.get("failed_share", 1)) <= max_failed

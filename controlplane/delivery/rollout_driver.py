@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import consul.aio
 
@@ -50,12 +51,14 @@ class RolloutDriver:
         stats: Callable[[], Awaitable[Mapping[str, ClusterStats]]],
         holder: str,
         refused: Callable[[], Sequence[tuple[PipelineVersion, PipelineVersion, str]]] = lambda: [],
+        replays: Callable[[str], Sequence[Mapping[str, Any]]] = lambda name: (),
     ) -> None:
         self.store = store
         self.lock = SessionLock(client, lock_key(kv_prefix), holder, "rollout driver")
         self.entries = entries  # the versions clients are sent into now
         self.stats = stats
         self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
+        self.replays = replays  # a pipeline's replay reports, newest first (a rollout's gate reads them)
         self.moves = 0
         self._windows: dict[tuple[str, int, Spot], Watched] = {}
         self._since = 0.0  # when the lock was taken: the windows belong to that holding
@@ -92,7 +95,8 @@ class RolloutDriver:
         for version, spot in live:
             if version.pipeline.name in moved:
                 continue  # one move per version: the next head is judged afresh
-            move = judge(version.pipeline, spot, self._window(version, spot, stats))
+            window = self._window(version, spot, stats)
+            move = judge(version.pipeline, spot, window, self.replays(version.pipeline.name))
             if move is not None:
                 moved.add(version.pipeline.name)
                 await self._write(move.pipeline, move.cause, version.version)

@@ -13,12 +13,20 @@ candidate's requests since the step went live and decides:
 - otherwise, once the step has lasted `step_seconds` with at least
   `min_requests`, take the next step, or promote after the last one;
 - else hold.
+
+A rollout with `require_replay` takes its first step only after a replay
+(`mllambda replay`, replays.py) whose candidate names the rollout's candidate:
+the newest such report within the gate's shares lets it begin (the step's cause
+names the report), one outside them rolls it back; without one it waits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
+from controlplane.delivery.replay_report import passes
 from controlplane.pipeline.model import Pipeline, Rollout, Variant
 
 LATENCY_SLACK_MS = 10.0  # Envoy's histogram buckets are 5-15 ms wide around there; a shared host adds as much
@@ -76,7 +84,11 @@ def put(p: Pipeline, spot: Spot, variants: Variants, rollout: Rollout | None) ->
 
 def state(r: Rollout) -> str:
     """Where a rollout is, in words (for the dashboard and `describe`)."""
-    return "paused" if r.paused else "not begun" if r.step == 0 else f"step {r.step}/{len(r.steps)}"
+    if r.paused:
+        return "paused"
+    if r.step == 0:
+        return "waiting for a passing replay" if r.require_replay else "not begun"
+    return f"step {r.step}/{len(r.steps)}"
 
 
 def label(p: Pipeline, spot: Spot) -> str:
@@ -137,13 +149,36 @@ def problem(r: Rollout, window: Window) -> str | None:
     return None
 
 
-def judge(p: Pipeline, spot: Spot, window: Window) -> Move | None:
-    """The next move for the rollout at `spot`, or None to hold."""
+def replay_of(r: Rollout, reports: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The newest replay report (reports: newest first) whose candidate served the rollout's candidate."""
+    wanted = f"{r.candidate.model}:{r.candidate.version}"
+    return next((x for x in reports if wanted in (x.get("candidate_models") or ())), None)
+
+
+def _gate(p: Pipeline, spot: Spot, r: Rollout, reports: Sequence[Mapping[str, Any]]) -> Move | None:
+    """Step 1 once a replay passed the gate; a failed one rolls back; none yet: hold."""
+    gate = r.require_replay
+    if gate is None:
+        return step_to(p, spot, 1)
+    report = replay_of(r, reports)
+    if report is None:
+        return None
+    changed, failed = float(report.get("changed_share", 1)), float(report.get("failed_share", 1))
+    about = f"replay {report.get('id')}: {changed:.1%} changed, {failed:.1%} failed"
+    if not passes(report, gate.max_changed, gate.max_failed):
+        limits = f"(at most {gate.max_changed:.1%} and {gate.max_failed:.1%})"
+        return rollback(p, spot, f"{about} {limits}")
+    move = step_to(p, spot, 1)
+    return replace(move, cause=f"{move.cause} after {about}")
+
+
+def judge(p: Pipeline, spot: Spot, window: Window, replays: Sequence[Mapping[str, Any]] = ()) -> Move | None:
+    """The next move for the rollout at `spot`, or None to hold (`replays`: the pipeline's reports, newest first)."""
     _, r = where(p, spot)
     if r is None or r.paused:
         return None
     if r.step == 0:
-        return step_to(p, spot, 1)
+        return _gate(p, spot, r, replays)
     why = problem(r, window)
     if why is not None:
         return rollback(p, spot, why)

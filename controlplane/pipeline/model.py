@@ -59,6 +59,14 @@ class Shadow:
 
 
 @dataclass(frozen=True)
+class ReplayGate:
+    """A rollout's first step waits for a replay of its candidate within these shares (controlplane/delivery)."""
+
+    max_changed: float = 0.05  # of the replayed requests whose answers changed
+    max_failed: float = 0.0
+
+
+@dataclass(frozen=True)
 class Rollout:
     """A stage's traffic moved to a candidate in steps, each judged from Envoy stats (rollouts.py).
 
@@ -77,6 +85,7 @@ class Rollout:
     step: int = 0
     paused: bool = False
     baseline: tuple[Variant, ...] = ()
+    require_replay: ReplayGate | None = None  # before step 1: a passing replay that names the candidate
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def pipeline_schema() -> dict[str, Any]:
         {"model": label, "version": version, "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}},
         ("model", "version", "percent"),
     )
+    share = {"type": "number", "minimum": 0, "maximum": 1}
     rollout = closed_object(
         {
             "candidate": closed_object({"model": label, "version": version}, ("model", "version")),
@@ -60,6 +61,7 @@ def pipeline_schema() -> dict[str, Any]:
             "step": {"type": "integer", "minimum": 0},
             "paused": {"type": "boolean"},
             "baseline": variants,
+            "require_replay": closed_object({"max_changed": share, "max_failed": share}),
         },
         ("candidate",),
     )

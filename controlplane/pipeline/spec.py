@@ -24,6 +24,7 @@ from controlplane.pipeline.model import (
     Member,
     Pipeline,
     Problem,
+    ReplayGate,
     Retry,
     Rollout,
     Shadow,
@@ -240,7 +241,7 @@ class _Parser:
 
     def rollout(self, raw: Any, path: str, variants: tuple[Variant, ...]) -> Rollout | None:
         fields = {"candidate", "steps", "step_seconds", "min_requests", "max_error_rate", "max_p99_ratio"}
-        fields |= {"max_p99_ms", "step", "paused", "baseline"}
+        fields |= {"max_p99_ms", "step", "paused", "baseline", "require_replay"}
         data = self.mapping(raw, path, fields)
         if not data:
             return None
@@ -268,6 +269,16 @@ class _Parser:
             self.integer(data.get("step"), f"{path}.step", 0, len(steps), 0),
             bool(data.get("paused", False)),
             baseline,
+            self.gate(data.get("require_replay"), f"{path}.require_replay"),
+        )
+
+    def gate(self, raw: Any, path: str) -> ReplayGate | None:
+        if raw is None:
+            return None
+        data = self.mapping(raw, path, {"max_changed", "max_failed"})
+        return ReplayGate(
+            self.number(data.get("max_changed"), f"{path}.max_changed", 0, 1, 0.05),
+            self.number(data.get("max_failed"), f"{path}.max_failed", 0, 1, 0.0),
         )
 
     def variants(self, raw: Any, path: str) -> tuple[Variant, ...]:
@@ -395,4 +406,6 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
     }
     if r.baseline:
         out["baseline"] = [asdict(v) for v in r.baseline]
+    if r.require_replay:
+        out["require_replay"] = asdict(r.require_replay)
     return out
