@@ -143,6 +143,19 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     assert nolog.returncode != 0 and "no payload log of pipeline 'rp'" in nolog.stderr, nolog.stderr
     assert history(control_plane, "rp") == [1]
 
+    # A rollout of score:v2 that requires a replay within 5% changed: the newest replay naming score:v2
+    # changed half of its answers, so the rollout rolls back before its first step, naming that replay.
+    gate = {"candidate": {"model": "score", "version": "v2"}, "require_replay": {"max_changed": 0.05}}
+    gated = pipeline("rp", variants=[{"model": "score", "version": "v1"}], rollout=gate)
+    apply(control_plane, tmp_path, {**gated, "logging": {"percent": 100}})
+    for _ in range(100):
+        causes = json.loads(control_plane.cli("history", "pipeline", "rp", "-o", "json").stdout)["items"]
+        if len(causes) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert [int(c["version"]) for c in causes] == [1, 2, 3], causes
+    assert causes[-1]["cause"].startswith(f"auto-rollback rp/score score:v2: replay {report['id']}: "), causes
+
 
 async def test_one_replay_at_a_time_per_pipeline_and_a_lapsed_one_is_replaced(
     control_plane: Any, gateway: Any, three_stages: Any, tmp_path: Path
