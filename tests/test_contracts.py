@@ -58,6 +58,71 @@ def test_stages_that_fit_pass_and_each_misfit_is_named_with_its_path() -> None:
     assert len(found) == 2 and "reads 'tfidf'" in found[1]
 
 
+def test_branch_keys_outside_the_answered_values_and_input_misfits_are_refused() -> None:
+    from controlplane.models.contract import read_contract
+
+    said: list[str] = []
+    category = {"type": "BYTES", "enum": ["sports", "tech"]}
+    enum = read_contract({"reads": {"tfidf": "ANY"}, "answers": {"category": category, "tfidf": "ANY"}}, said)
+    assert said == [] and enum["outputs"][0]["enum"] == ["sports", "tech"]
+    contracts = {**CONTRACTS, ("classifier", "v3"): enum}
+    spec = {
+        "name": "p",
+        "input": {"text": "BYTES"},
+        "stages": [
+            {"name": "features", "variants": [{"model": "features", "version": "v1"}]},
+            {"name": "classify", "variants": [{"model": "classifier", "version": "v3"}]},
+            {"name": "network", "branch_on": "category", "branches": [
+                {"key": k, "variants": [{"model": "net", "version": "v1"}]} for k in ("sports", "food")]},
+        ],
+    }  # fmt: skip
+    assert [str(p) for p in problems(parse_pipeline(spec), contracts)] == [
+        "stages[2].branches[1].key: 'food' is never answered by stage 'classify' (category is one of: sports, tech)"
+    ]
+    assert coverage(parse_pipeline(spec), contracts)[0] == "features: checked against the pipeline's input"
+    wrong = parse_pipeline({**spec, "input": {"words": "ANY", "lang": "BYTES"}})
+    assert next(str(p) for p in problems(wrong, contracts)) == (
+        "stages[0].variants[0]: features:v1 reads 'text', which the pipeline's input does not hold (input: lang, words)"
+    )
+    # a version that declares no values (v1) answers any key: the branch can be taken
+    both = [{"model": "classifier", "version": "v3"}, {"model": "classifier", "version": "v1"}]
+    either = parse_pipeline({**spec, "stages": [spec["stages"][0], {"name": "classify", "variants": both},
+                                                spec["stages"][2]]})  # fmt: skip
+    assert not [p for p in problems(either, contracts) if p.path.endswith(".key")]
+    with pytest.raises(Exception, match=r"input.text: 'TEXT' is not one of"):
+        parse_pipeline({**spec, "input": {"text": "TEXT"}})
+    bad: list[str] = []
+    read_contract({"answers": {"c": {"type": "BYTES", "enum": []}, "d": {"type": "BYTES", "values": [1]}}}, bad)
+    assert bad == ["contract.answers.c.enum: a list of 1 to 256 strings or integers",
+                   "contract.answers.d: a type, or {type: TYPE, enum: [values]}"]  # fmt: skip
+
+
+def test_a_contract_its_own_examples_contradict_is_refused_at_build(tmp_path: Path) -> None:
+    from controlplane.models.package import PackageError, read_manifest
+
+    (tmp_path / "model.py").write_text("def predict(payload):\n    return payload\n")
+    lines = [
+        {"text": "fine"},
+        {"request": {"txt": "typo"}, "expected": {"category": "sports"}},
+        {"request": {"text": "x"}, "expected": {"category": "weather", "extra": 1}},
+        "not an object",
+    ]
+    (tmp_path / "examples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
+    answers = {"category": {"type": "BYTES", "enum": ["sports"]}}
+    manifest = {"kind": "Model", "entry": "model:predict", "examples": "examples.jsonl",
+                "contract": {"reads": {"text": "BYTES"}, "answers": answers}}  # fmt: skip
+    (tmp_path / "mllambda.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(PackageError) as refused:
+        read_manifest(tmp_path, "mllambda.yaml", "")
+    assert str(refused.value).splitlines()[1:] == [
+        "  examples line 2: the request has no 'text', which the contract reads",
+        "  examples line 3: category 'weather' is not one of ['sports']",
+        "  examples line 3: the expected answer has 'extra', which the contract does not answer",
+    ]
+    (tmp_path / "examples.jsonl").write_text(json.dumps({"request": {"text": "a"}, "expected": {"category": "sports"}}))
+    assert read_manifest(tmp_path, "mllambda.yaml", "")[0].signature["outputs"][0]["enum"] == ["sports"]
+
+
 def test_versions_without_contracts_are_unchecked_and_said_so() -> None:
     p = pipeline([{"model": "classifier", "version": "v9"}], [{"model": "net", "version": "v2"}])
     assert problems(p, CONTRACTS) == []  # classifier:v9 has none: nothing is claimed about its answer

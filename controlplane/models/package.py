@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from controlplane.models.contract import example_problems, read_contract
 from controlplane.models.formats import ENTRY, LOADER, Detected, FormatError, detect, mlflow_requirements
 
 MANIFEST = "mllambda.yaml"
@@ -35,11 +36,6 @@ LOCK = ".mllambda/lock.txt"
 MAX_PACKAGE = 512 * 1024 * 1024  # bytes of the archive: a large model's weights; bigger belongs in a model registry
 MAX_FILES = 10_000
 MANIFEST_KEYS = {"kind", "entry", "loader", "requirements", "examples", "description", "format", "contract"}
-CONTRACT_TYPES = (
-    *("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"),
-    *("FP16", "FP32", "FP64", "BYTES", "ANY"),
-)
-MAX_CONTRACT_FIELDS = 256
 SKIPPED = {"__pycache__", ".git", ".venv", ".mllambda", ".ipynb_checkpoints"}
 TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -158,6 +154,8 @@ def read_manifest(root: Path, manifest: str = MANIFEST, wanted_format: str = "")
     if not isinstance(description, str) or len(description) > 500:
         problems.append("description: text of up to 500 characters")
     declared = read_contract(data.get("contract"), problems)
+    if declared and examples and not problems:
+        problems += example_problems(root / examples, declared)
     if problems:
         raise PackageError(f"{path}:\n  " + "\n  ".join(problems))
     meta = PackageMeta(
@@ -172,28 +170,6 @@ def read_manifest(root: Path, manifest: str = MANIFEST, wanted_format: str = "")
         signature=declared,
     )
     return meta, requirements
-
-
-def read_contract(raw: Any, problems: list[str]) -> dict[str, Any]:
-    """`contract: {reads: {field: TYPE}, answers: {field: TYPE}}` as a signature ({} when none is declared)."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or set(raw) - {"reads", "answers"}:
-        problems.append("contract: a mapping with reads and answers, each {field: TYPE} (TYPE: FP64, BYTES, ANY ...)")
-        return {}
-    sides: dict[str, list[dict[str, Any]]] = {}
-    for key, side in (("reads", "inputs"), ("answers", "outputs")):
-        fields = raw.get(key) or {}
-        if not isinstance(fields, dict) or len(fields) > MAX_CONTRACT_FIELDS:
-            problems.append(f"contract.{key}: a mapping of up to {MAX_CONTRACT_FIELDS} fields to types")
-            continue
-        for name, kind in fields.items():
-            if not isinstance(name, str) or not 0 < len(name) <= 256 or not name.isprintable():
-                problems.append(f"contract.{key}: {str(name)[:40]!r}: a printable field name of 1 to 256 characters")
-            elif kind not in CONTRACT_TYPES:
-                problems.append(f"contract.{key}.{name}: {str(kind)[:20]!r} is not one of {', '.join(CONTRACT_TYPES)}")
-        sides[side] = [{"name": str(n), "datatype": str(t), "shape": [-1]} for n, t in fields.items()]
-    return {**sides, "kind": "declared"} if sides else {}
 
 
 def _manifest_data(path: Path) -> dict[str, Any]:

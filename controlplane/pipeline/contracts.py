@@ -8,7 +8,10 @@ variant of the stage before it answers; so must the field a branching stage pick
 branch by (`branch_on`). Checked only where every variant involved has a contract:
 a version without one, an ensemble (its merged answer) or an OIP stage (its answer
 goes on from the stage before) leaves that pair of stages unchecked, and `describe`
-says so. The first stage's input is the caller's: unchecked.
+says so. The first stage reads the caller's request: checked against the
+pipeline's declared `input` when it has one. A branching stage's keys are checked
+against the values the stage before can answer in its `branch_on` field, when
+every version there declares them (an `enum`).
 """
 
 from __future__ import annotations
@@ -29,9 +32,48 @@ def _plain(stage: Stage) -> bool:
     return not stage.members and stage.protocol != "oip"
 
 
+def _enum(contract: Mapping[str, Any], name: str) -> set[str] | None:
+    """The values a contract answers in field `name` (None: any)."""
+    for f in contract.get("outputs") or ():
+        if isinstance(f, dict) and f.get("name") == name and isinstance(f.get("enum"), list):
+            return {str(v) for v in f["enum"]}
+    return None
+
+
+def _input_problems(pipeline: Pipeline, contracts: Contracts) -> list[Problem]:
+    """Fields the first stage's models read that the pipeline's declared input does not hold."""
+    first = pipeline.stages[0] if pipeline.stages else None
+    if not pipeline.input or first is None or not _plain(first):
+        return []
+    given = {name for name, _ in pipeline.input}
+    shown = ", ".join(sorted(given))
+    found = []
+    for path, variant in _variants(first, 0):
+        contract = contracts.get((variant.model, variant.version))
+        for name in sorted(_names(contract, "inputs") - given) if contract is not None else ():
+            found.append(Problem(path, f"{variant.model}:{variant.version} reads {name!r}, which the pipeline's "
+                                       f"input does not hold (input: {shown})"))  # fmt: skip
+    return found
+
+
+def _key_problems(stage: Stage, k: int, before: Stage, answers: list[Mapping[str, Any]]) -> list[Problem]:
+    """Branch keys the stage before can never answer, when every version there declares its values."""
+    enums = [_enum(a, stage.branch_on) for a in answers]
+    if not enums or any(e is None for e in enums):
+        return []
+    possible = set().union(*(e for e in enums if e is not None))
+    shown = ", ".join(sorted(possible)[:20])
+    why = f"is never answered by stage {before.name!r} ({stage.branch_on} is one of: {shown})"
+    return [
+        Problem(f"stages[{k}].branches[{i}].key", f"{b.key!r} {why}")
+        for i, b in enumerate(stage.branches)
+        if str(b.key) not in possible
+    ]
+
+
 def problems(pipeline: Pipeline, contracts: Contracts) -> list[Problem]:
-    """Every field a stage needs that the stage before never answers, with its path."""
-    found: list[Problem] = []
+    """Every field a stage needs that the stage before (or the caller) never gives, every impossible branch key."""
+    found: list[Problem] = _input_problems(pipeline, contracts)
     for k in range(1, len(pipeline.stages)):
         before, stage = pipeline.stages[k - 1], pipeline.stages[k]
         if not (_plain(before) and _plain(stage)):
@@ -48,6 +90,8 @@ def problems(pipeline: Pipeline, contracts: Contracts) -> list[Problem]:
                     f"{stage.branch_on!r} is not answered by stage {before.name!r} (it answers: {shown})",
                 )
             )
+        elif stage.branches:
+            found += _key_problems(stage, k, before, [a for a in answers if a is not None])
         for path, variant in _variants(stage, k):
             contract = contracts.get((variant.model, variant.version))
             if contract is None:
@@ -91,8 +135,16 @@ def _variants(stage: Stage, k: int) -> list[tuple[str, Variant | Shadow]]:
 
 
 def coverage(pipeline: Pipeline, contracts: Contracts) -> list[str]:
-    """For each stage after the first: checked against the one before it, or why not (for `describe`)."""
+    """For each stage after the first: checked against the one before it, or why not (for `describe`); the
+    first stage too when the pipeline declares its input."""
     notes = []
+    first = pipeline.stages[0] if pipeline.stages else None
+    if pipeline.input and first is not None:
+        variants = contract_variants(first)
+        unknown = sorted(f"{v.model}:{v.version}" for v in variants if (v.model, v.version) not in contracts)
+        why = f"no contract for {', '.join(unknown[:4])}" if unknown else "an ensemble or OIP stage"
+        checked = _plain(first) and not unknown
+        notes.append(f"{first.name}: " + ("checked against the pipeline's input" if checked else f"unchecked ({why})"))
     for k in range(1, len(pipeline.stages)):
         before, stage = pipeline.stages[k - 1], pipeline.stages[k]
         if not (_plain(before) and _plain(stage)):

@@ -16,6 +16,12 @@ from contract.naming import model_cluster
 
 TRANSPORTS = ("http", "uds", "kafka")
 PROTOCOLS = ("json", "oip")  # how a stage's models are called: our JSON hop, or the Open Inference Protocol
+# A field's type in a contract (a model version's, or a pipeline's declared input): OIP's datatypes, or ANY.
+CONTRACT_TYPES = (
+    *("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"),
+    *("FP16", "FP32", "FP64", "BYTES", "ANY"),
+)
+MAX_INPUT_FIELDS = 256
 DEFAULT_TIMEOUT_MS = 10_000
 DEFAULT_RETRY_ATTEMPTS = 2
 LIMITS = {
@@ -173,6 +179,7 @@ class Pipeline:
     input_topic: str = ""  # kafka: where requests come in (default mll.<name>.in)
     output_topic: str = ""  # kafka: where results go (default mll.<name>.out)
     log_percent: float = 0  # payload logging: this share of requests recorded by the first stage (0: off)
+    input: tuple[tuple[str, str], ...] = ()  # (field, type) a caller's request holds; the first stage is checked
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
-from controlplane.pipeline.model import BRANCH_KEY, FIELD_NAME, LIMITS, PROTOCOLS, TOPIC, TRANSPORTS
+from controlplane.pipeline.model import (
+    BRANCH_KEY,
+    CONTRACT_TYPES,
+    FIELD_NAME,
+    LIMITS,
+    MAX_INPUT_FIELDS,
+    PROTOCOLS,
+    TOPIC,
+    TRANSPORTS,
+)
 
 SCHEMA = "https://json-schema.org/draft/2020-12/schema"
 
@@ -128,6 +137,11 @@ def pipeline_schema() -> dict[str, Any]:
                 "input_topic": topic,
                 "output_topic": topic,
                 "logging": closed_object({"percent": {"type": "number", "minimum": 0, "maximum": 100}}),
+                "input": {
+                    "type": "object",
+                    "additionalProperties": {"enum": list(CONTRACT_TYPES)},
+                    "maxProperties": MAX_INPUT_FIELDS,
+                },
             },
             ("name", "stages"),
         ),

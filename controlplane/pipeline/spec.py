@@ -10,12 +10,14 @@ from typing import Any
 from contract.naming import LABEL, RULES, VERSION
 from controlplane.pipeline.model import (
     BRANCH_KEY,
+    CONTRACT_TYPES,
     DEFAULT_BRANCH_ON,
     DEFAULT_RETRY_ATTEMPTS,
     DEFAULT_TIMEOUT_MS,
     FIELD_NAME,
     INTERNAL_TOPICS,
     LIMITS,
+    MAX_INPUT_FIELDS,
     PROTOCOLS,
     TOPIC,
     TRANSPORTS,
@@ -112,6 +114,7 @@ class _Parser:
 
     def pipeline(self, spec: Any) -> Pipeline | None:
         allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic", "logging"}
+        allowed |= {"input"}
         data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
@@ -133,7 +136,23 @@ class _Parser:
         if topics[0] and topics[0] == topics[1]:
             self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
         log_percent = self.logging(data.get("logging"), str(transport))
-        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent)
+        given = self.input(data.get("input"))
+        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent, given)
+
+    def input(self, raw: Any) -> tuple[tuple[str, str], ...]:
+        """`input: {field: TYPE}`: what a caller's request holds (the first stage's contracts are checked)."""
+        if raw is None:
+            return ()
+        data = self.mapping(raw, "input", set(map(str, raw)) if isinstance(raw, dict) else set())
+        if len(data) > MAX_INPUT_FIELDS:
+            self.bad("input", f"at most {MAX_INPUT_FIELDS} fields")
+            return ()
+        for name, kind in data.items():
+            if not isinstance(name, str) or not 0 < len(name) <= 256 or not name.isprintable():
+                self.bad("input", f"{str(name)[:40]!r}: a printable field name of 1 to 256 characters")
+            elif kind not in CONTRACT_TYPES:
+                self.bad(f"input.{name}", f"{str(kind)[:20]!r} is not one of {', '.join(CONTRACT_TYPES)}")
+        return tuple(sorted((str(n), str(t)) for n, t in data.items()))  # canonical: a map has no order
 
     def logging(self, raw: Any, transport: str) -> float:
         """Payload logging: `logging: {percent: P}` (the records hold user data; README, Payload logging)."""
@@ -373,6 +392,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
             result[field_name] = getattr(pipeline, field_name)
     if pipeline.log_percent:
         result["logging"] = {"percent": pipeline.log_percent}
+    if pipeline.input:
+        result["input"] = dict(pipeline.input)
     return result
 
 
