@@ -1,4 +1,4 @@
-"""Folders and files only we can use, and files written whole or not at all."""
+"""Folders and files only we can use, files written whole or not at all, and logs kept to a size."""
 
 from __future__ import annotations
 
@@ -31,3 +31,21 @@ def write_whole(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_bytes(data)
     partial.replace(path)
+
+
+def cap_log(path: Path, max_bytes: int) -> bool:
+    """Keep a log its writer holds open (O_APPEND) within `max_bytes`: past it, the file is copied to
+    `<name>.1` (replacing the older copy) and cut to nothing in place; the writer goes on at its start.
+    Lines written between the copy and the cut are lost (logrotate's copytruncate). True if it was cut."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+        older = path.with_name(path.name + ".1")
+        with open(path, "rb") as source, open(older.with_name(f".{older.name}.part"), "wb") as copy:
+            while chunk := source.read(1024 * 1024):
+                copy.write(chunk)
+        older.with_name(f".{older.name}.part").replace(older)
+        os.truncate(path, 0)
+        return True
+    except FileNotFoundError:
+        return False

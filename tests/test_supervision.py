@@ -220,3 +220,29 @@ def test_the_detached_stack_runs_the_same_supervisor_and_gives_consul_its_keys_b
     assert down.returncode == 0 and "supervisor" in down.stdout, down.stdout + down.stderr
     assert stack.left_over(entries) == []
     assert processes.start_time(recorded["supervisor"]["pid"]) != recorded["supervisor"]["started"]
+
+
+def test_a_log_its_writer_holds_open_is_kept_within_its_size(tmp_path: Path) -> None:
+    """The stack's processes write their logs for as long as they run: the supervisor cuts them in place."""
+    from controlplane.files import cap_log
+
+    log = tmp_path / "talker.log"
+    writer = "import sys, time\nfor i in range(100000):\n    print(f'line {i:06d}', flush=True); time.sleep(0.0005)\n"
+    with log.open("ab") as out:
+        talker = subprocess.Popen([sys.executable, "-c", writer], stdout=out)
+    try:
+        cuts = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and cuts < 3:
+            cuts += cap_log(log, 4096)
+            time.sleep(0.05)
+        assert cuts == 3
+        time.sleep(0.2)
+        size = log.stat().st_size
+        assert size < 200_000 and log.read_bytes()[:1] == b"l"  # written on from its start, no hole of zeros
+        assert (tmp_path / "talker.log.1").read_bytes().startswith(b"line ")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["talker.log", "talker.log.1"]
+    finally:
+        talker.kill()
+        talker.wait()
+    assert not cap_log(tmp_path / "gone.log", 10)

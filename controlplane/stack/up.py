@@ -42,6 +42,7 @@ STATE_DIR = stack_state_dir()
 DETACHED_ENV = "MLLAMBDA_UP_NOTICE"  # set for the background supervisor: where it says "ready" or "failed"
 DOWN_TIMEOUT = 90.0  # seconds `down` gives a detached supervisor to stop what it started
 KV_COPY_SECONDS = 5.0
+MAX_LOG_BYTES = 32 * 1024 * 1024  # per process log (and the supervisor's): older lines move to <name>.log.1
 MAX_KV_COPY = 32 * 1024 * 1024  # bytes: a larger KV is not copied (and not given back after a restart)
 
 
@@ -58,6 +59,7 @@ class Supervisor:
     books: dict[str, Book] = field(default_factory=dict)  # restarts, by process name
     kv_copy: list[dict[str, Any]] | None = None  # our dev Consul's KV, to give back if the agent restarts
     kv_copied_at: float = 0.0
+    logs_capped_at: float = 0.0
     restore_kv: bool = False  # our Consul was started again: its KV (in memory) is empty until given back
     detached: bool = False  # running in the background for `up --detach` (`down` stops this process)
 
@@ -100,6 +102,10 @@ class Supervisor:
         if changed:
             self._record()
         self._keep_consul_kv(now)
+        if now - self.logs_capped_at >= KV_COPY_SECONDS:
+            self.logs_capped_at = now
+            for log in self.logs.glob("*.log"):  # every process's, the supervisor's own (stack.log) too
+                files.cap_log(log, MAX_LOG_BYTES)
 
     def _keep_consul_kv(self, now: float) -> None:
         """A dev agent keeps its KV in memory: a copy every few seconds, given back when ours starts again."""
@@ -485,7 +491,8 @@ def detach(args: argparse.Namespace, state_dir: Path = STATE_DIR) -> int:
     notice.unlink(missing_ok=True)
     log_path = logs / "stack.log"
     argv = [sys.executable, "-m", "controlplane.cli", "up", "-f", str(Path(args.filename).resolve())]
-    with log_path.open("wb") as log:
+    log_path.unlink(missing_ok=True)  # a fresh log per stack; appended to, so the supervisor can cap it in place
+    with log_path.open("ab") as log:
         child = subprocess.Popen(
             argv,
             stdout=log,
