@@ -56,7 +56,7 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands that live beside the concept they drive."""
     from controlplane import invoke, plane
     from controlplane.admin import cli as admin_cli
-    from controlplane.admin import model_cli, replay_cli, rollout_cli
+    from controlplane.admin import model_cli, monitor_cli, replay_cli, rollout_cli
     from controlplane.node import launch, packaged, register, sidecar
     from controlplane.stack import kubernetes as kube
     from controlplane.stack import up as stack
@@ -67,6 +67,7 @@ def _command_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
         admin_cli.add_command,
         rollout_cli.add_command,
         replay_cli.add_command,
+        monitor_cli.add_command,
         model_cli.add_command,
         plane.add_command,
         sidecar.add_command,

@@ -42,6 +42,7 @@ from controlplane.listen import admin_credentials, bind_grpc, metrics_address, r
 from controlplane.models.server import PackageServer, build_package_app
 from controlplane.models.signatures import SignatureBook
 from controlplane.models.store import ModelStore
+from controlplane.monitoring.monitor import Monitor
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
@@ -124,6 +125,8 @@ class ControlPlane:
 
         self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
+        self.monitor = Monitor(self.consul, settings.kv_prefix, self.discovery.instances)
+        self.models.monitor = self.monitor
         self.signatures = SignatureBook(self.model_store)
         self.admin.contracts = self.signatures.contracts
         self.admin.replays = self.replay_book
@@ -254,6 +257,7 @@ class ControlPlane:
             asyncio.create_task(self.peers.run()),
             asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
+            asyncio.create_task(self.monitor.run()),
             *([asyncio.create_task(self.autoscaler.run())] if self.autoscaler else []),
         ]
         if self.kafka is not None:
@@ -416,6 +420,7 @@ class ControlPlane:
             stack=stack_processes(os.environ.get(STACK_STATE, "")),
             replay_reports=self.replays.reports,
             replays_running={name: t.id for name, t in self.live_trials().items()},
+            monitoring=self.monitor.status,
         )
 
     async def traffic(self) -> list[VariantTraffic]:

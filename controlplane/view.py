@@ -8,7 +8,7 @@ through an interface in the same way).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ class PlaneView:
     stack: Sequence[Mapping[str, Any]] = ()  # the local stack's processes, as its supervisor records them
     replay_reports: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # newest first
     replays_running: Mapping[str, str] = field(default_factory=dict)  # pipeline -> the id of its running replay
+    monitoring: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # per model version: fields, drift (asked)
 
 
 class PlaneReader(Protocol):

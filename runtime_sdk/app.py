@@ -27,6 +27,7 @@ from runtime_sdk.entry import as_oip, log_payload, oip_payload
 from runtime_sdk.hop import HopError
 from runtime_sdk.http1 import HttpError, Request, Response, json_response
 from runtime_sdk.payload_log import PayloadLog, sampled
+from runtime_sdk.profiles import Profiler
 from runtime_sdk.wire import MAX_CONNECTIONS, Server
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
@@ -112,6 +113,7 @@ class Runtime:
     batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
     payload_log: PayloadLog | None = None  # where sampled requests go when this runtime is a pipeline's first stage
     max_in_flight: int = 0  # > 0: HTTP requests in predict at once; one more is a retriable 503 at once
+    profiler: Profiler | None = None  # sampled profiles of the fields it sees and answers (GET /profiles)
     in_flight: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +156,8 @@ class Runtime:
             result = await asyncio.to_thread(self._timed_predict, payload)
         if not isinstance(result, dict):
             raise TypeError(f"predict() returned {type(result).__name__}, expected a JSON object (dict)")
+        if self.profiler is not None:
+            self.profiler.offer(payload, result)
         return result
 
     @contextmanager
@@ -337,8 +341,16 @@ def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
     return (200 if runtime.ready else 503), body
 
 
-def answer_get(runtime: Runtime, path: str) -> Response | None:
-    """GET /healthz, /readyz, /metrics (None: no such page)."""
+def answer_get(runtime: Runtime, path: str, query: str = "") -> Response | None:
+    """GET /healthz, /readyz, /metrics, /profiles?after=<window id> (None: no such page)."""
+    if path == "/profiles":
+        if runtime.profiler is None:
+            return json_response({"error": "profiling is off (--profile-percent 0)"}, 404)
+        after = query.removeprefix("after=")
+        if query and not (query.startswith("after=") and after.isdigit() and len(after) < 16):
+            return json_response({"error": "the query is after=<window id>"}, 400)
+        exported = runtime.profiler.export(int(after or 0))
+        return json_response({"model": runtime.model, "version": runtime.version, **exported})
     if path == "/healthz":
         return json_response({"live": True})
     if path == "/readyz":
@@ -363,7 +375,7 @@ def build_app(
             if request.method != "POST":
                 return json_response({"error": "use POST"}, 405, {"allow": "POST"})
             return await handle_predict(runtime, request)
-        page = answer_get(runtime, request.path)
+        page = answer_get(runtime, request.path, request.query)
         if page is None:
             return json_response({"error": f"no page {request.path[:200]}"}, 404)
         if request.method != "GET":

@@ -29,6 +29,7 @@ from runtime_sdk.egress import Egress
 from runtime_sdk.health import HealthServer
 from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.payload_log import DEFAULT_MAX_BYTES, PayloadLog
+from runtime_sdk.profiles import Profiler
 from runtime_sdk.registration import deregister, register, stay_registered
 from runtime_sdk.wire import MAX_CONNECTIONS
 
@@ -62,6 +63,7 @@ class ServeOptions:
     max_batch: int = 0  # > 0: the target is predict_batch(list[dict]) -> list[dict], fed by adaptive batching
     max_wait_ms: float = 5.0
     payload_log_dir: str = ""  # where sampled payload records go ("": not kept)
+    profile_percent: float = 5.0  # of requests whose fields are profiled (runtime_sdk/profiles.py; 0: off)
     payload_log_max_bytes: int = DEFAULT_MAX_BYTES
 
 
@@ -110,6 +112,7 @@ async def serve(
         batch=batch,
         payload_log=payloads,
         max_in_flight=options.max_in_flight,
+        profiler=Profiler(options.profile_percent) if options.profile_percent > 0 else None,
     )
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
     server = build_app(runtime, options.max_body, access_log, options.max_connections)

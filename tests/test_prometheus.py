@@ -88,3 +88,70 @@ async def test_recording_rules_give_per_variant_rate_errors_and_p99(
     finally:
         stop.set()
         await traffic
+
+
+SHORT = ["a b", "good day", "hi there", "the cat sat", "one two three", "yes"]
+FOREIGN = [
+    "der schnelle braune Fuchs springt ueber den faulen Hund und laeuft dann weit weg in den Wald hinein",
+    "le renard brun rapide saute par-dessus le chien paresseux puis court loin dans la grande foret sombre",
+]
+
+
+def monitor_status(plane: Any, ref: str) -> dict[str, Any]:
+    found = plane.cli("monitor", "status", ref, "-o", "json")
+    assert found.returncode == 0, found.stderr
+    items = json.loads(found.stdout)["items"]
+    return items[0] if items else {}
+
+
+def text_drift(row: dict[str, Any]) -> float:
+    return max((d["psi"] for d in row.get("drift", []) if d["side"] == "inputs" and d["field"] == "text"), default=0)
+
+
+async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheus_fires_the_alert(
+    control_plane: Any, gateway: Any, start_runtime: Any, prometheus: int, tmp_path: Path
+) -> None:
+    """Model monitoring end to end: profiles in the runtime, a baseline, drift in /metrics, the project's alert."""
+    for model in ("tokenize", "count", "score"):
+        start_runtime(f"examples.trivial.models:{model}", model, "v1", extra=("--profile-percent=100",))
+    apply(control_plane, tmp_path, pipeline("drifty"))
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/drifty"
+    await until_ok(url, {"text": "a b"})
+    texts = list(SHORT)
+
+    async def load(stop: asyncio.Event) -> None:
+        async with aiohttp.ClientSession() as session:
+            i = 0
+            while not stop.is_set():
+                async with session.post(url, json={"text": texts[i % len(texts)]}) as resp:
+                    assert resp.status == 200
+                i += 1
+                await asyncio.sleep(0.01)
+
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(load(stop))
+    try:
+
+        async def baseline_set() -> bool:
+            done = control_plane.cli("monitor", "baseline", "tokenize:v1", "--window", "30")
+            assert done.returncode == 0 or "no profiled requests" in done.stderr, done.stderr
+            return done.returncode == 0
+
+        await wait_for(baseline_set, timeout=40)  # the first windows close and are read within ~20 s
+        await asyncio.sleep(12)
+        steady = monitor_status(control_plane, "tokenize:v1")
+        assert steady["baseline"]["threshold"] == 0.2 and 0 <= text_drift(steady) < 0.2, steady["drift"]
+        assert steady["fields"]["inputs.text"]["kinds"] == {"string": steady["fields"]["inputs.text"]["count"]}
+        texts[:] = FOREIGN  # the callers change: long texts in other languages
+        switched = asyncio.get_running_loop().time()
+        await wait_for(lambda: text_drift(monitor_status(control_plane, "tokenize:v1")) > 0.2, timeout=60)
+        assert asyncio.get_running_loop().time() - switched < 60
+        table = control_plane.cli("monitor", "status", "tokenize:v1").stdout
+        assert "inputs.text (length): PSI" in table and "DRIFTED" in table, table
+        alert = 'ALERTS{alertname="MLLambdaModelDrift",alertstate="firing",model="tokenize",field="text"}'
+        await wait_for(lambda: query(prometheus, alert), timeout=90)
+        untouched = 'ALERTS{alertname="MLLambdaModelDrift",model="score"}'
+        assert query(prometheus, untouched) == []  # score has no baseline: nothing is guessed
+    finally:
+        stop.set()
+        await traffic

@@ -39,7 +39,9 @@ ROOMS: dict[str, set[str]] = {
     # model packages, their store and environments (which get a copy of the runtime SDK); the contracts
     # of the versions a pipeline names
     "controlplane.models": {"runtime_sdk", "controlplane.pipeline"},
+    "controlplane.monitoring": set(),  # the runtimes' profiles merged per model version; baselines, drift
     "controlplane.admin": {
+        "controlplane.monitoring",
         "controlplane.pipeline",
         "controlplane.models",
         "controlplane.translate",

@@ -7,6 +7,7 @@ content, FAILED_PRECONDITION for a version in use, UNAVAILABLE for Consul or the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from contract.payload import flat
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
-from controlplane.admin.server import guard
+from controlplane.admin.server import NotServedYet, guard
 from controlplane.models.package import MAX_PACKAGE
 from controlplane.models.store import (
     BadPackage,
@@ -25,6 +26,7 @@ from controlplane.models.store import (
     ModelVersion,
     check_names,
 )
+from controlplane.monitoring.monitor import DEFAULT_THRESHOLD, KEEP_WINDOWS, POLL_SECONDS, Monitor
 
 log = logging.getLogger("mllambda.admin")
 
@@ -56,12 +58,40 @@ def version_to_proto(version: ModelVersion, deployment: Deployment | None = None
     )
 
 
+WINDOW_LIMIT = int(KEEP_WINDOWS * POLL_SECONDS)  # a baseline window: at most the history kept
+
+
 class ModelAdmin(pb_grpc.ModelAdminServicer):
     def __init__(self, store: ModelStore, in_traffic: ModelsInTraffic, limit: int = MAX_PACKAGE) -> None:
         self.store = store
         self.in_traffic = in_traffic  # async () -> set of (model, version) that pipelines in traffic use
         self.limit = limit
         self.calls: dict[tuple[str, str], int] = {}
+        self.monitor: Monitor | None = None  # model monitoring (None: not on this control plane)
+
+    def _monitor(self) -> Monitor:
+        if self.monitor is None:
+            raise NotServedYet("this control plane does not monitor models")
+        return self.monitor
+
+    @guard
+    async def SetBaseline(self, request: Any, context: Any) -> Any:
+        check_names(request.model, request.version)
+        seconds = request.window_seconds or 300
+        threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
+        if not 10 <= seconds <= WINDOW_LIMIT or not 0 < threshold < 100 or threshold != threshold:
+            raise BadPackage(f"window_seconds: 10 to {WINDOW_LIMIT}; threshold: above 0 and below 100")
+        await self._monitor().set_baseline(request.model, request.version, seconds, threshold)
+        rows = self._monitor().status((request.model, request.version))
+        return pb.MonitorStatusResponse(status_json=json.dumps(rows))
+
+    @guard
+    async def GetMonitorStatus(self, request: Any, context: Any) -> Any:
+        wanted = None
+        if request.model:
+            check_names(request.model, request.version)
+            wanted = (request.model, request.version)
+        return pb.MonitorStatusResponse(status_json=json.dumps(self._monitor().status(wanted)))
 
     @guard
     async def Upload(self, requests: AsyncIterator[Any], context: Any) -> Any:

@@ -32,6 +32,7 @@ from controlplane.delivery.replays import (
     ReplayUnavailable,
 )
 from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
+from controlplane.monitoring.monitor import MonitorError
 from controlplane.pipeline.contracts import Contracts
 from controlplane.pipeline.contracts import coverage as contract_coverage
 from controlplane.pipeline.contracts import problems as contract_problems
@@ -88,6 +89,7 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ReplayNotFound, grpc.StatusCode.NOT_FOUND),
     (ReplayUnavailable, grpc.StatusCode.UNAVAILABLE),
     (BadReport, grpc.StatusCode.INVALID_ARGUMENT),
+    (MonitorError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

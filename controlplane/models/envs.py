@@ -70,6 +70,19 @@ def sdk_id() -> str:
     return digest.hexdigest()[:12]
 
 
+OPTIONAL_NOTE = "(optional: without it the runtime serves unprofiled, /profiles says why)"
+
+
+def _optional(install: list[str], requirement: str, log: Any) -> None:
+    """Install `requirement` unpinned beside the lock (it resolves against the model's own pins); a failure
+    is logged, not fatal."""
+    for attempt in ([*install, requirement, "--offline"], [*install, requirement]):
+        log.write("$ " + " ".join(attempt) + f"  {OPTIONAL_NOTE}\n")
+        log.flush()
+        if subprocess.run(attempt, stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT).returncode == 0:
+            return
+
+
 def env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
@@ -108,6 +121,7 @@ def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Pat
                         break
                 if done.returncode != 0:
                     raise PackageError(f"building the environment failed:\n{_tail(log_path)}\n(full log: {log_path})")
+            _optional(install, "datasketches", log)  # the runtime's profiles; the model's numpy decides
         site = _site_packages(partial)
         for package in (runtime_sdk, contract):
             source = Path(package.__file__ or "").parent

@@ -104,6 +104,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--max-body: at least 1 byte, got {args.max_body}")
     if not 1 <= args.max_connections <= 65536:
         raise CliError(f"--max-connections: between 1 and 65536, got {args.max_connections}")
+    if not 0 <= args.profile_percent <= 100:
+        raise CliError(f"--profile-percent: between 0 (off) and 100, got {args.profile_percent:g}")
     if not 0 <= args.max_in_flight <= 65536:
         raise CliError(f"--max-in-flight: between 0 (no limit) and 65536, got {args.max_in_flight}")
     if not 0 <= args.max_batch <= MAX_BATCH:
@@ -194,6 +196,7 @@ async def _launch(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         payload_log_dir=str(args.payload_log_dir or folder / "payloads"),
+        profile_percent=args.profile_percent,
         payload_log_max_bytes=args.payload_log_max_mb * 1024 * 1024,
     )
     async with identity_and_sidecar(args, service, folder, client, args.envoy_concurrency) as (service, sidecar):
@@ -321,6 +324,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "(user data; default: payloads/ in its private run folder)",
     )
     parser.add_argument("--payload-log-max-mb", type=int, default=64, help="per pipeline file, before rotating (64)")
+    parser.add_argument(
+        "--profile-percent",
+        type=float,
+        default=5.0,
+        help="share of requests whose fields are profiled for model monitoring (default 5; 0: off)",
+    )
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for Kafka-mode pipelines (MLLAMBDA_KAFKA_BOOTSTRAP)")
     parser.add_argument("--kv-prefix", help="pipeline KV prefix of the control plane (MLLAMBDA_KV_PREFIX)")
     parser.add_argument("--drain-seconds", type=float, default=2.0, help="wait after deregistering")

@@ -28,6 +28,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         view = self.view()
         yield from _xds(view)
+        yield from _monitoring(view)
         admin = CounterMetricFamily("mllambda_admin_requests", "admin API calls", labels=["method", "code"])
         for (method, code), count in view.admin_calls.items():
             admin.add_metric([method, code], count)
@@ -151,3 +152,30 @@ def metrics_handler(reader: PlaneReader) -> Callable[[web.Request], Any]:
         return web.Response(body=generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
     return metrics
+
+
+def _monitoring(view: PlaneView) -> Iterator[Any]:
+    """Model monitoring: per model version and field, drift against its baseline (bounded: the fields a
+    runtime profiles, MAX_FIELDS a side)."""
+    where = ["model", "version", "side", "field", "of"]
+    psi = GaugeMetricFamily("mllambda_model_drift_psi", "population stability index against the baseline", labels=where)
+    distance = GaugeMetricFamily(
+        "mllambda_model_drift_distance",
+        "Kolmogorov-Smirnov (numbers, lengths) or total variation (categories) against the baseline",
+        labels=[*where, "measure"],
+    )
+    threshold = GaugeMetricFamily(
+        "mllambda_model_drift_threshold", "PSI above which a field has drifted", labels=["model", "version"]
+    )
+    profiled = GaugeMetricFamily(
+        "mllambda_model_profiled_requests", "profiled requests in the last minute", labels=["model", "version"]
+    )
+    for row in view.monitoring():
+        m, v = row["model"], row["version"]
+        profiled.add_metric([m, v], row["requests"])
+        if row["baseline"]:
+            threshold.add_metric([m, v], row["baseline"]["threshold"])
+        for d in row["drift"]:
+            psi.add_metric([m, v, d["side"], d["field"], d["of"]], d["psi"])
+            distance.add_metric([m, v, d["side"], d["field"], d["of"], d["measure"]], d["distance"])
+    yield from (psi, distance, threshold, profiled)

@@ -1,0 +1,1 @@
+"""Model monitoring: the runtimes' field profiles merged per model version, baselines and drift."""

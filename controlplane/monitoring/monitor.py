@@ -1,0 +1,217 @@
+"""The control plane's side of model monitoring: read the runtimes' profiles, merge them per model version and
+window, keep baselines in Consul KV, and compute drift (sketches.py) for /metrics and `mllambda monitor`.
+
+Every POLL_SECONDS the monitor reads each runtime on this host (GET /profiles?after=<the last window read
+from it>) and merges the windows per (model version, window id): replicas' windows of the same ten
+seconds become one. The last KEEP_WINDOWS windows per version are kept (ten minutes); *current* is the
+merge of the last CURRENT_WINDOWS (one minute). A baseline is a window of that history merged and written
+to `<prefix>-baselines/<model>.<version>` (at most MAX_BASELINE bytes) with its drift threshold; every
+control plane reads them. Bounded: versions are those discovered; a runtime's answer over MAX_ANSWER
+bytes, or one that does not parse, is skipped and counted per runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import consul
+import consul.aio
+
+from contract.naming import model_cluster
+from contract.service import RuntimeService
+from controlplane.monitoring.sketches import Drift, Profile, drift, merged, read_profile, summary
+
+log = logging.getLogger("mllambda.monitor")
+POLL_SECONDS = 10.0
+KEEP_WINDOWS = 60
+CURRENT_WINDOWS = 6
+MAX_ANSWER = 8 * 1024 * 1024
+MAX_BASELINE = 400 * 1024  # Consul's KV values stop at 512 KiB
+DEFAULT_THRESHOLD = 0.2  # PSI
+Version = tuple[str, str]
+
+
+class MonitorError(Exception):
+    """A baseline that cannot be made or read (the message says why)."""
+
+
+@dataclass
+class Baseline:
+    profile: Profile
+    threshold: float
+    created_at: str
+    window_seconds: int
+    requests: int
+
+
+@dataclass
+class VersionState:
+    windows: deque[tuple[int, Profile]] = field(default_factory=lambda: deque(maxlen=KEEP_WINDOWS))
+    drift: list[Drift] = field(default_factory=list)
+    too_few: list[str] = field(default_factory=list)
+
+    def add(self, wid: int, profile: Profile) -> None:
+        for known, p in self.windows:
+            if known == wid:  # another replica's ten seconds
+                p.merge(profile)
+                return
+        self.windows.append((wid, profile))
+        self.windows = deque(sorted(self.windows, key=lambda w: w[0]), maxlen=KEEP_WINDOWS)
+
+    def since(self, first: int) -> Profile:
+        return merged(p for wid, p in self.windows if wid >= first)
+
+
+def baselines_prefix(kv_prefix: str) -> str:
+    return kv_prefix.rstrip("/") + "-baselines/"
+
+
+class Monitor:
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        kv_prefix: str,
+        instances: Callable[[], Sequence[RuntimeService]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.prefix = baselines_prefix(kv_prefix)
+        self.instances = instances
+        self.clock = clock
+        self.versions: dict[Version, VersionState] = {}
+        self.baselines: dict[Version, Baseline] = {}
+        self.broken_baselines: dict[Version, str] = {}
+        self.read_after: dict[str, int] = {}  # service id -> last window id read
+        self.skipped: dict[str, str] = {}  # service id -> why its last answer was not used
+        self.window_seconds = 10
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                try:
+                    await self.poll(session)
+                except Exception:
+                    log.exception("monitoring poll failed; the next one tries again")
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def poll(self, session: aiohttp.ClientSession) -> None:
+        local = [i for i in self.instances() if i.host == "127.0.0.1" and i.runtime_port]
+        await asyncio.gather(*(self._read(session, i) for i in local))
+        known = {(i.model, i.version) for i in self.instances()}
+        for gone in set(self.versions) - known:
+            if not self.versions[gone].windows or self.versions[gone].windows[-1][0] < self._window() - KEEP_WINDOWS:
+                del self.versions[gone]  # no replica for longer than the history: forgotten
+        await self._read_baselines()
+        self._judge()
+
+    def _window(self) -> int:
+        return int(self.clock() // self.window_seconds)
+
+    async def _read(self, session: aiohttp.ClientSession, i: RuntimeService) -> None:
+        after = self.read_after.get(i.service_id, 0)
+        url = f"http://127.0.0.1:{i.runtime_port}/profiles?after={after}"
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 404:
+                    return  # profiling off there
+                raw = await resp.content.read(MAX_ANSWER + 1)
+            if len(raw) > MAX_ANSWER:
+                raise ValueError(f"answer over {MAX_ANSWER} bytes")
+            answer = json.loads(raw)
+            self.window_seconds = int(answer.get("window_seconds", self.window_seconds))
+            state = self.versions.setdefault((i.model, i.version), VersionState())
+            for window in answer.get("windows") or []:
+                state.add(int(window["id"]), read_profile(window))
+                self.read_after[i.service_id] = max(self.read_after.get(i.service_id, 0), int(window["id"]))
+            self.skipped.pop(i.service_id, None)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return  # a runtime that is going or gone: its replicas and the next poll have the rest
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            self.skipped[i.service_id] = f"{type(err).__name__}: {err}"[:200]
+
+    def current(self, version: Version) -> Profile:
+        state = self.versions.get(version)
+        return state.since(self._window() - CURRENT_WINDOWS) if state else Profile()
+
+    def _judge(self) -> None:
+        for version, state in self.versions.items():
+            base = self.baselines.get(version)
+            if base is None:
+                state.drift, state.too_few = [], []
+                continue
+            state.drift, state.too_few = drift(base.profile, self.current(version))
+
+    async def _read_baselines(self) -> None:
+        try:
+            _, items = await self.client.kv.get(self.prefix, recurse=True)
+        except (aiohttp.ClientError, OSError, TimeoutError, consul.ConsulException):
+            return  # kept as last read
+        found, broken = {}, {}
+        for item in items or []:
+            key = str(item.get("Key", ""))[len(self.prefix) :]
+            model, _, version = key.partition(".")
+            try:
+                record = json.loads(item.get("Value") or b"")
+                found[(model, version)] = Baseline(
+                    read_profile(record["profile"]),
+                    float(record["threshold"]),
+                    str(record["created_at"]),
+                    int(record["window_seconds"]),
+                    int(record["requests"]),
+                )
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                broken[(model, version)] = f"{type(err).__name__}: {err}"[:200]
+        self.baselines, self.broken_baselines = found, broken
+
+    async def set_baseline(self, model: str, version: str, seconds: int, threshold: float) -> Baseline:
+        """The last `seconds` of the version's traffic as its baseline (MonitorError if there is none)."""
+        state = self.versions.get((model, version))
+        profile = state.since(self._window() - max(1, seconds // self.window_seconds)) if state else Profile()
+        if not profile.requests:
+            raise MonitorError(
+                f"no profiled requests of {model}:{version} in the last {seconds}s (is it serving, and profiled:"
+                " --profile-percent above 0, datasketches in its environment?)"
+            )
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
+        record = {"profile": profile.write(), "threshold": threshold, "created_at": created,
+                  "window_seconds": seconds, "requests": profile.requests}  # fmt: skip
+        text = json.dumps(record)
+        if len(text) > MAX_BASELINE:
+            raise MonitorError(f"the baseline is {len(text)} bytes, over {MAX_BASELINE}: too many fields to keep")
+        try:
+            await self.client.kv.put(self.prefix + model_cluster(model, version), text)
+        except (aiohttp.ClientError, OSError, TimeoutError, consul.ConsulException) as err:
+            raise MonitorError(f"Consul: {err}") from err
+        baseline = Baseline(profile, threshold, created, seconds, profile.requests)
+        self.baselines[(model, version)] = baseline
+        self._judge()
+        return baseline
+
+    def status(self, wanted: Version | None = None) -> list[dict[str, Any]]:
+        """Per model version: its current profile's fields, its baseline, each field's drift."""
+        rows = []
+        for version in sorted(set(self.versions) | set(self.baselines)):
+            if wanted is not None and version != wanted:
+                continue
+            state = self.versions.get(version, VersionState())
+            base = self.baselines.get(version)
+            now = self.current(version)
+            rows.append({
+                "model": version[0], "version": version[1], "requests": now.requests,
+                "fields": {f"{side}.{n}": summary(p) for side, fields in now.sides.items() for n, p in fields.items()},
+                "baseline": None if base is None else {"created_at": base.created_at, "requests": base.requests,
+                                                       "window_seconds": base.window_seconds,
+                                                       "threshold": base.threshold},
+                "broken_baseline": self.broken_baselines.get(version),
+                "drift": [d.__dict__ for d in state.drift],
+                "too_few": state.too_few,
+            })  # fmt: skip
+        return rows

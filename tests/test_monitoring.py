@@ -1,0 +1,105 @@
+"""Model monitoring without the network: the runtime's profiles and their bounds, merging, drift."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from controlplane.monitoring.sketches import MIN_COUNT, drift, merged, read_profile, summary
+from runtime_sdk import profiles
+from runtime_sdk.profiles import KEEP_WINDOWS, MAX_FIELDS, MAX_ITEM_CHARS, WINDOW_SECONDS, Profiler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def profiled(make: Any, n: int = 1000, seed: int = 1) -> Any:
+    """n requests through a profiler at 100%, every one in one window; that window as the control plane reads it."""
+    rng = random.Random(seed)
+    clock = Clock()
+    profiler = Profiler(100, clock=clock)
+    for i in range(n):
+        profiler.offer(*make(rng, i))
+    clock.now += WINDOW_SECONDS
+    (window,) = profiler.export(0)["windows"]
+    return read_profile(json.loads(json.dumps(window)))
+
+
+def english(rng: random.Random, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    text = rng.choice(["hi there", "good day", "the cat sat"])
+    return {"text": text, "x": rng.gauss(0, 1)}, {"category": rng.choice(["a", "b"]), "score": rng.random()}
+
+
+def test_the_same_mix_is_stable_and_a_new_one_drifts_on_the_fields_it_moves() -> None:
+    base, same = profiled(english, seed=1), profiled(english, seed=2)
+    found, too_few = drift(base, same)
+    assert too_few == [] and all(d.psi < 0.1 for d in found), found
+
+    def foreign(rng: random.Random, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        request, answer = english(rng, i)
+        return {**request, "text": "der schnelle braune Fuchs springt", "x": rng.gauss(2, 1)}, answer
+
+    moved = {(d.side, d.field, d.of): d for d in drift(base, profiled(foreign))[0]}
+    assert moved[("inputs", "text", "value")].psi > 1 and moved[("inputs", "text", "value")].measure == "tvd"
+    assert moved[("inputs", "text", "length")].psi > 1 and moved[("inputs", "text", "length")].distance > 0.9
+    assert moved[("inputs", "x", "value")].psi > 1 and 0.6 < moved[("inputs", "x", "value")].distance < 0.8  # KS
+    assert moved[("outputs", "category", "value")].psi < 0.1  # the answers did not move
+
+
+def test_replicas_and_windows_merge_as_one_stream() -> None:
+    one, two = profiled(english, 500, seed=3), profiled(english, 500, seed=4)
+    both = merged([one, two])
+    assert both.requests == 1000 and both.sides["inputs"]["x"].count == 1000
+    assert one.sides["inputs"]["x"].count == 500  # merging never changes its parts
+    assert summary(both.sides["inputs"]["text"])["top"].keys() == {"hi there", "good day", "the cat sat"}
+
+
+def test_too_few_values_are_said_not_guessed() -> None:
+    base = profiled(english, MIN_COUNT * 2)
+    thin = profiled(english, MIN_COUNT // 2)
+    found, too_few = drift(base, thin)
+    assert found == [] and set(too_few) == {"inputs.text", "inputs.x", "outputs.category", "outputs.score"}
+
+
+def test_profiles_stay_bounded_whatever_the_payloads_hold() -> None:
+    clock = Clock()
+    profiler = Profiler(100, clock=clock)
+    for i in range(2000):
+        odd = {f"f{i % 500}": i, "n": [float("nan"), float("inf"), 1.5, True, None, "x" * 10_000, {"a": 1}][i % 7]}
+        profiler.offer(odd, {"out": i})
+    window = profiler.current
+    assert window is not None and len(window.sides["inputs"]) == MAX_FIELDS and window.extra_fields > 0
+    n = window.sides["inputs"]["n"]
+    assert n.odd == 2 * 2000 // 7 + 1 and n.nulls > 0 and set(n.kinds) == {"number", "bool", "null", "string", "object"}
+    assert (
+        max(
+            len(item[0])
+            for item in n.items.get_frequent_items(profiles.ds.frequent_items_error_type.NO_FALSE_NEGATIVES)
+        )
+        == MAX_ITEM_CHARS
+    )
+    for _ in range(KEEP_WINDOWS + 10):  # one request a window, for longer than the windows kept
+        clock.now += WINDOW_SECONDS
+        profiler.offer({"a": 1}, {"b": 2})
+    assert len(profiler.closed) == KEEP_WINDOWS
+    clock.now += WINDOW_SECONDS
+    exported = profiler.export(0)
+    assert len(exported["windows"]) == KEEP_WINDOWS and len(json.dumps(exported)) < 2_000_000
+    assert profiler.export(exported["windows"][-1]["id"])["windows"] == []  # read once
+
+
+def test_sampling_follows_the_percentage_and_zero_is_off() -> None:
+    rng = random.Random(7)
+    profiler = Profiler(5, rng=rng.random)
+    for _ in range(20_000):
+        profiler.offer({"a": 1}, {"b": 1})
+    assert profiler.current is not None and 800 < profiler.current.requests < 1200
+    off = Profiler(0)
+    off.offer({"a": 1}, {"b": 1})
+    assert off.current is None
