@@ -132,21 +132,27 @@ async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheu
     traffic = asyncio.create_task(load(stop))
     try:
 
-        async def baseline_set() -> bool:
-            done = control_plane.cli("monitor", "baseline", "tokenize:v1", "--window", "30")
+        async def baseline_set() -> bool:  # the CLI in a thread: the load goes on meanwhile
+            done = await asyncio.to_thread(control_plane.cli, "monitor", "baseline", "tokenize:v1", "--window", "30")
             assert done.returncode == 0 or "no profiled requests" in done.stderr, done.stderr
+            await asyncio.sleep(1)
             return done.returncode == 0
+
+        async def drifted() -> bool:
+            found = text_drift(await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")) > 0.2
+            await asyncio.sleep(1)
+            return found
 
         await wait_for(baseline_set, timeout=40)  # the first windows close and are read within ~20 s
         await asyncio.sleep(12)
-        steady = monitor_status(control_plane, "tokenize:v1")
+        steady = await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")
         assert steady["baseline"]["threshold"] == 0.2 and 0 <= text_drift(steady) < 0.2, steady["drift"]
         assert steady["fields"]["inputs.text"]["kinds"] == {"string": steady["fields"]["inputs.text"]["count"]}
         texts[:] = FOREIGN  # the callers change: long texts in other languages
         switched = asyncio.get_running_loop().time()
-        await wait_for(lambda: text_drift(monitor_status(control_plane, "tokenize:v1")) > 0.2, timeout=60)
+        await wait_for(drifted, timeout=60)
         assert asyncio.get_running_loop().time() - switched < 60
-        table = control_plane.cli("monitor", "status", "tokenize:v1").stdout
+        table = (await asyncio.to_thread(control_plane.cli, "monitor", "status", "tokenize:v1")).stdout
         assert "inputs.text (length): PSI" in table and "DRIFTED" in table, table
         alert = 'ALERTS{alertname="MLLambdaModelDrift",alertstate="firing",model="tokenize",field="text"}'
         await wait_for(lambda: query(prometheus, alert), timeout=90)
