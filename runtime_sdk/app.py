@@ -222,6 +222,8 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             with runtime.admitted():
                 output = await runtime.call_model(payload)
             model_ms = (time.perf_counter() - model_started) * 1000
+            if runtime.profiler is not None and h.AGREE in request.headers:
+                runtime.profiler.answer(request.headers.get("x-request-id", ""), output)
         except Rejected as err:
             code = err.status
             return _json_response({"error": str(err), "model": runtime.model}, code, served)

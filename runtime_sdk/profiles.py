@@ -40,6 +40,9 @@ MAX_ITEM_CHARS = 64
 KLL_K = 200
 ITEMS_LG_MAX = 6  # 2^6 = 64 items tracked per field
 OTHER = "(other fields)"
+MAX_ANSWERS = 2000  # answers kept per window for agreement (requests of a stage with a shadow)
+MAX_ANSWER_FIELDS = 16
+MAX_ID_CHARS = 64
 
 
 def _b64(sketch: Any) -> str:
@@ -110,6 +113,8 @@ class Window:
         self.requests = 0
         self.sides: dict[str, dict[str, FieldProfile]] = {"inputs": {}, "outputs": {}}
         self.extra_fields = 0  # fields beyond MAX_FIELDS, counted
+        self.answers: dict[str, dict[str, Any]] = {}  # request id -> the answer's scalar fields
+        self.answers_dropped = 0
 
     def add(self, side: str, record: dict[str, Any]) -> None:
         fields = self.sides[side]
@@ -127,6 +132,8 @@ class Window:
             "id": self.id,
             "requests": self.requests,
             "extra_fields": self.extra_fields,
+            "answers": self.answers,
+            "answers_dropped": self.answers_dropped,
             **{side: {n: p.export() for n, p in fields.items()} for side, fields in self.sides.items()},
         }
 
@@ -159,6 +166,25 @@ class Profiler:
             window.add("outputs", answer)
         except Exception:  # a sketch's own failure never fails a request
             self.failed += 1
+
+    def answer(self, request_id: str, answer: dict[str, Any]) -> None:
+        """Keep this answer's scalar fields by request id: the stage has a shadow, whose answer to the same
+        request the control plane compares with it (agreement). Not sampled: every mirrored copy pairs."""
+        if self.percent <= 0 or not 0 < len(request_id) <= MAX_ID_CHARS:
+            return
+        window = self._window()
+        if len(window.answers) >= MAX_ANSWERS:
+            window.answers_dropped += 1
+            return
+        kept: dict[str, Any] = {}
+        for name, value in answer.items():
+            if len(kept) >= MAX_ANSWER_FIELDS:
+                break
+            if isinstance(value, str):
+                kept[name] = value[:MAX_ITEM_CHARS]
+            elif isinstance(value, bool) or (isinstance(value, int | float) and math.isfinite(value)):
+                kept[name] = value
+        window.answers[request_id] = kept
 
     def _window(self) -> Window:
         wid = int(self.clock() // WINDOW_SECONDS)

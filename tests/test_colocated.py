@@ -59,6 +59,7 @@ def test_the_sender_says_what_the_ingress_would_and_drops_what_a_caller_forged()
     (ingress_b,) = [x for x in routes(snapshots["mb-v1-2"], "ingress") if x.match.path == "/pipelines/p/v1/b"]
     assert added(into_b) == added(ingress_b) == {
         h.STAGE: "b", h.TRANSPORT: "http", h.NEXT: "/pipelines/p/v1/c", h.BRANCH_FIELD: "category",
+        h.AGREE: "1",  # b has a shadow: its answers are kept for their agreement
     }  # fmt: skip
     assert set(h.STEERING) <= set(into_b.request_headers_to_remove)
     entry = routes(snapshots["gateway"], "gateway")[0]

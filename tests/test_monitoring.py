@@ -103,3 +103,31 @@ def test_sampling_follows_the_percentage_and_zero_is_off() -> None:
     off = Profiler(0)
     off.offer({"a": 1}, {"b": 1})
     assert off.current is None
+
+
+def test_agreement_pairs_answers_by_request_id_per_field() -> None:
+    from controlplane.monitoring.monitor import agreement
+
+    primary = {f"r{i}": {"category": "a", "p": 0.5, "ok": True} for i in range(100)}
+    shadow = {f"r{i}": {"category": "b" if i % 4 == 0 else "a", "p": 0.504 if i % 2 else 0.6, "ok": 1}
+              for i in range(50, 150)}  # fmt: skip
+    found = {a["field"]: a for a in agreement(shadow, [primary], ["m.v1"])}
+    assert found["category"] == {"against": "m:v1", "field": "category", "pairs": 50, "agreement": 0.76}
+    assert found["p"]["agreement"] == 0.5  # within 1%, or not
+    assert found["ok"]["agreement"] == 0.0  # 1 is not True
+    assert agreement(shadow, [{}], ["m.v1"]) == []
+
+
+def test_a_stage_with_a_shadow_tells_both_to_keep_their_answers() -> None:
+    from controlplane.translate.pipelines import translate
+    from tests.helpers.translation import PIPELINE, RUNTIMES, routes, steady
+
+    passing = [r.__class__(**{**r.__dict__, "passing": True}) for r in RUNTIMES]
+    snapshots = translate(steady(PIPELINE), passing)
+    into_b = [r for r in routes(snapshots["ma-v1-1"], "egress") if r.match.path == "/pipelines/p/v1/b"]
+    ingress_b = [r for r in routes(snapshots["mb-v1-2"], "ingress") if r.match.path == "/pipelines/p/v1/b"]
+    added = [{a.header.key for a in r.request_headers_to_add} for r in ingress_b]
+    assert added and all("x-mll-agree" in keys for keys in added)  # stage b has a shadow
+    assert all("x-mll-agree" in r.request_headers_to_remove for r in into_b + ingress_b)  # never from a client
+    ingress_a = [r for r in routes(snapshots["ma-v1-1"], "ingress") if r.match.path == "/pipelines/p/v1/a"]
+    assert all("x-mll-agree" not in {a.header.key for a in r.request_headers_to_add} for r in ingress_a)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,11 @@ CURRENT_WINDOWS = 6
 MAX_ANSWER = 8 * 1024 * 1024
 MAX_BASELINE = 400 * 1024  # Consul's KV values stop at 512 KiB
 DEFAULT_THRESHOLD = 0.2  # PSI
+MAX_IDS = 20_000  # answers kept per version for agreement (the newest)
+NUMBER_TOLERANCE = 0.01  # numbers within 1% (relative) agree
 Version = tuple[str, str]
+# (shadow's model-version cluster, the clusters of the stage it shadows): whose answers pair by request id
+Relations = Callable[[], Sequence[tuple[str, frozenset[str]]]]
 
 
 class MonitorError(Exception):
@@ -81,6 +86,7 @@ class Monitor:
         kv_prefix: str,
         instances: Callable[[], Sequence[RuntimeService]],
         clock: Callable[[], float] = time.time,
+        relations: Relations = lambda: (),
     ) -> None:
         self.client = client
         self.prefix = baselines_prefix(kv_prefix)
@@ -92,6 +98,9 @@ class Monitor:
         self.read_after: dict[str, int] = {}  # service id -> last window id read
         self.skipped: dict[str, str] = {}  # service id -> why its last answer was not used
         self.window_seconds = 10
+        self.relations = relations
+        self.answers: dict[str, OrderedDict[str, dict[str, Any]]] = {}  # cluster -> request id -> answer
+        self.agreement: dict[str, list[dict[str, Any]]] = {}  # shadow cluster -> per primary and field
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
@@ -128,8 +137,17 @@ class Monitor:
             answer = json.loads(raw)
             self.window_seconds = int(answer.get("window_seconds", self.window_seconds))
             state = self.versions.setdefault((i.model, i.version), VersionState())
+            kept = self.answers.setdefault(model_cluster(i.model, i.version), OrderedDict())
             for window in answer.get("windows") or []:
                 state.add(int(window["id"]), read_profile(window))
+                answers = window.get("answers") or {}
+                if not isinstance(answers, dict):
+                    raise ValueError("answers: not a mapping")
+                for rid, given in answers.items():
+                    if isinstance(given, dict):
+                        kept[str(rid)[:64]] = given
+                while len(kept) > MAX_IDS:
+                    kept.popitem(last=False)
                 self.read_after[i.service_id] = max(self.read_after.get(i.service_id, 0), int(window["id"]))
             self.skipped.pop(i.service_id, None)
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -142,6 +160,9 @@ class Monitor:
         return state.since(self._window() - CURRENT_WINDOWS) if state else Profile()
 
     def _judge(self) -> None:
+        self.agreement = {shadow: agreement(self.answers.get(shadow, {}), [self.answers.get(p, {}) for p in
+                                            sorted(primaries)], sorted(primaries))
+                          for shadow, primaries in self.relations()}  # fmt: skip
         for version, state in self.versions.items():
             base = self.baselines.get(version)
             if base is None:
@@ -213,5 +234,33 @@ class Monitor:
                 "broken_baseline": self.broken_baselines.get(version),
                 "drift": [d.__dict__ for d in state.drift],
                 "too_few": state.too_few,
+                "agreement": self.agreement.get(model_cluster(*version), []),
             })  # fmt: skip
         return rows
+
+
+def agreement(
+    shadow: Mapping[str, dict[str, Any]], primaries: Sequence[Mapping[str, dict[str, Any]]], names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per primary version and field: on how many of the requests both answered, and the share where the
+    shadow answered the same (strings and booleans equal, numbers within NUMBER_TOLERANCE)."""
+    tally: dict[tuple[str, str], list[int]] = {}
+    for rid, mine in shadow.items():
+        for name, answers in zip(names, primaries, strict=True):
+            theirs = answers.get(rid)
+            if theirs is None:
+                continue
+            for field_name, value in theirs.items():
+                counts = tally.setdefault((name, field_name), [0, 0])
+                counts[0] += 1
+                counts[1] += _same(value, mine.get(field_name))
+    return [
+        {"against": name.replace(".", ":", 1), "field": f, "pairs": n, "agreement": round(same / n, 4)}
+        for (name, f), (n, same) in sorted(tally.items())
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, int | float) or not isinstance(b, int | float):
+        return a == b and type(a) is type(b)
+    return math.isclose(a, b, rel_tol=NUMBER_TOLERANCE, abs_tol=1e-9)

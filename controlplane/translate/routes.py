@@ -73,6 +73,7 @@ def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
     stage = p.stages[k]
     if shadow:
         add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport), r.header(h.SHADOW, "1")]
+        add.append(r.header(h.AGREE, "1"))
     else:
         add = steering(p, version, k)
     match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
@@ -133,7 +134,9 @@ def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], t
 def steering(p: Pipeline, version: int, k: int) -> list[Any]:
     """What a runtime answering stage k (a variant, or an ensemble's join) is told: the stage, the transport,
     where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
-    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *onward(p, version, k + 1)]
+    agree = [r.header(h.AGREE, "1")] if p.stages[k].shadow else []  # its answers are compared with the shadow's
+    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *agree,
+            *onward(p, version, k + 1)]  # fmt: skip
 
 
 def member_path(p: Pipeline, version: int, k: int, member: Member) -> str:

@@ -170,7 +170,18 @@ def _monitoring(view: PlaneView) -> Iterator[Any]:
     profiled = GaugeMetricFamily(
         "mllambda_model_profiled_requests", "profiled requests in the last minute", labels=["model", "version"]
     )
+    agree = GaugeMetricFamily(
+        "mllambda_model_agreement",
+        "share of requests a shadow answered as the version it shadows, per field",
+        labels=["model", "version", "against", "field"],
+    )
+    pairs = GaugeMetricFamily(
+        "mllambda_model_agreement_pairs", "requests both answered", labels=["model", "version", "against", "field"]
+    )
     for row in view.monitoring():
+        for a in row.get("agreement", []):
+            agree.add_metric([row["model"], row["version"], a["against"], a["field"]], a["agreement"])
+            pairs.add_metric([row["model"], row["version"], a["against"], a["field"]], a["pairs"])
         m, v = row["model"], row["version"]
         profiled.add_metric([m, v], row["requests"])
         if row["baseline"]:
@@ -178,4 +189,4 @@ def _monitoring(view: PlaneView) -> Iterator[Any]:
         for d in row["drift"]:
             psi.add_metric([m, v, d["side"], d["field"], d["of"]], d["psi"])
             distance.add_metric([m, v, d["side"], d["field"], d["of"], d["measure"]], d["distance"])
-    yield from (psi, distance, threshold, profiled)
+    yield from (psi, distance, threshold, profiled, agree, pairs)

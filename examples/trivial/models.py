@@ -113,3 +113,15 @@ def join_answers(payload: dict[str, Any]) -> dict[str, Any]:
         "longest": payload["b"]["longest"],
         "left_out": sorted(payload.get("_missing", {})),
     }
+
+
+_flips = {"n": 0}
+
+
+def length_class_flips(payload: dict[str, Any]) -> dict[str, Any]:
+    """A candidate classifier that answers the other category for one request in five (for agreement tests)."""
+    answer = length_class(payload)
+    _flips["n"] += 1
+    if _flips["n"] % 5 == 0:
+        answer["category"] = "short" if answer["category"] == "long" else "long"
+    return answer
