@@ -149,6 +149,7 @@ class ControlPlane:
             holder,
             self._refused,
             lambda name: self.replays.reports.get(name, ()),
+            lambda candidate, baseline, field: self.monitor.agreement_of(candidate, baseline, field),
         )
         self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
         self._dashboard: DashboardServer | None = None

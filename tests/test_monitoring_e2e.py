@@ -56,3 +56,73 @@ async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agree
     )
     assert 'model="classify"' in line and 'version="v2"' in line and 'against="classify:v1"' in line
     assert abs(float(line.rsplit(" ", 1)[1]) - 0.8) <= 0.03
+
+
+async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_and_promotes_an_agreeing_one(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """The candidate first shadows the stage; its agreement with the baseline decides whether it takes traffic."""
+    runtimes = [("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
+                ("length_class_flips", "classify", "v2"), ("length_class", "classify", "v3")]  # fmt: skip
+    for target, model, version in runtimes:
+        start_runtime(f"{M}:{target}", model, version)  # the default profiling keeps shadowed answers
+
+    def spec(candidate: str) -> dict[str, Any]:
+        rollout = {"candidate": {"model": "classify", "version": candidate}, "steps": [50, 100], "step_seconds": 2,
+                   "min_requests": 100, "min_agreement": 0.95, "agreement_on": "category"}  # fmt: skip
+        return {
+            "name": "gated",
+            "stages": [
+                {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
+                {"name": "count", "variants": [{"model": "count", "version": "v1"}]},
+                {"name": "classify", "variants": [{"model": "classify", "version": "v1"}], "rollout": rollout},
+            ],
+        }
+
+    def causes() -> list[str]:
+        found = json.loads(control_plane.cli("history", "pipeline", "gated", "-o", "json").stdout)["items"]
+        return [str(v["cause"]) for v in found]
+
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/gated"
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        await until_ok(url, {"text": "a b"}, timeout=30)
+        async with aiohttp.ClientSession() as session:
+            i = 0
+            while not stop.is_set():
+                texts = ["a", "a b c d e", "one two", "the quick brown fox jumps"]
+                answers = await asyncio.gather(*(post(session, url, {"text": texts[(i + n) % 4]}) for n in range(8)))
+                assert {status for status, _, _ in answers} == {200}
+                i += 8
+                await asyncio.sleep(0.05)
+
+    apply(control_plane, tmp_path, spec("v2"))
+    traffic = asyncio.create_task(load())
+    try:
+
+        async def rolled_back() -> list[str]:
+            found = await asyncio.to_thread(causes)
+            await asyncio.sleep(1)
+            return found if any(c.startswith("auto-rollback") for c in found) else []
+
+        history = await wait_for(rolled_back, timeout=90)
+        assert "measuring agreement on category" in history[1], history
+        assert history[2].startswith("auto-rollback gated/classify classify:v2: agreement on category "), history
+        share = float(history[2].split("agreement on category ")[1].split("%")[0]) / 100
+        assert abs(share - 0.8) <= 0.05 and history[2].endswith("< 95.0%"), history
+
+        apply(control_plane, tmp_path, spec("v3"))  # the same classifier: it agrees
+
+        async def promoted() -> list[str]:
+            found = await asyncio.to_thread(causes)
+            await asyncio.sleep(1)
+            return found if any(c.endswith("promoted") for c in found) else []
+
+        history = await wait_for(promoted, timeout=120)
+        begun = next(c for c in history if "step 1/2" in c)
+        assert "after agreement on category 100.0% over" in begun, history
+        assert not any(c.startswith("auto-rollback gated/classify classify:v3") for c in history), history
+    finally:
+        stop.set()
+        await traffic

@@ -170,3 +170,35 @@ def test_the_replay_gate_is_validated_and_kept_through_the_admin_api() -> None:
     wrong = r"require_replay.ttl: unknown field.*; .*require_replay.max_changed: must be between 0 and 1"
     with pytest.raises(InvalidPipeline, match=wrong):
         pipeline(require_replay={"max_changed": 2, "ttl": 5})
+
+
+def test_a_rollout_that_requires_agreement_shadows_first_then_begins_or_rolls_back() -> None:
+    p = pipeline(min_agreement=0.95, agreement_on="category")
+    first = judge(p, (1, ""), GOOD)
+    assert first is not None and "measuring agreement on category" in first.cause
+    shadowed = first.pipeline
+    assert shadowed.stages[1].shadow is not None and shadowed.stages[1].shadow.cluster == "net.v2"
+    assert shadowed.stages[1].rollout == p.stages[1].rollout  # still not begun
+    assert judge(shadowed, (1, ""), GOOD) is None  # nothing measured yet
+    assert judge(shadowed, (1, ""), GOOD, agreement=(40, 1.0)) is None  # fewer than min_requests (100)
+    back = judge(shadowed, (1, ""), GOOD, agreement=(400, 0.8))
+    assert back is not None and back.cause.endswith("agreement on category 80.0% over 400 requests < 95.0%")
+    assert back.pipeline.stages[1].shadow is None and back.pipeline.stages[1].rollout is None
+    begun = judge(shadowed, (1, ""), GOOD, agreement=(400, 0.99))
+    assert begun is not None and begun.cause.endswith(
+        "step 1/3 (10%) after agreement on category 99.0% over 400 requests"
+    )
+    assert begun.pipeline.stages[1].shadow is None and shares(begun.pipeline)["net.v2"] == 10
+    aborted = user_move(shadowed, (1, ""), "abort")
+    assert aborted.pipeline.stages[1].shadow is None  # the measuring shadow goes with the rollout
+
+
+def test_min_agreement_is_validated() -> None:
+    with pytest.raises(InvalidPipeline, match="agreement_on: the answer field"):
+        pipeline(min_agreement=0.9)
+    with pytest.raises(InvalidPipeline, match="agreement_on needs min_agreement"):
+        pipeline(agreement_on="category")
+    other = pipeline_to_dict(pipeline(min_agreement=0.9, agreement_on="c"))
+    other["stages"][1]["shadow"] = {"model": "net", "version": "v9", "percent": 5}
+    with pytest.raises(InvalidPipeline, match="shadows the stage with its candidate: no other"):
+        parse_pipeline(other)

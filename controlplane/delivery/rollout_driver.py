@@ -19,7 +19,7 @@ from typing import Any
 import consul.aio
 
 from controlplane.consul.lock import SessionLock, lead
-from controlplane.delivery.rollouts import Spot, Window, judge, spots, where
+from controlplane.delivery.rollouts import Agreement, Spot, Window, judge, spots, where
 from controlplane.delivery.traffic import ClusterStats
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import NotCurrent, PipelineStore, WriteConflict
@@ -52,6 +52,7 @@ class RolloutDriver:
         holder: str,
         refused: Callable[[], Sequence[tuple[PipelineVersion, PipelineVersion, str]]] = lambda: [],
         replays: Callable[[str], Sequence[Mapping[str, Any]]] = lambda name: (),
+        agreement: Callable[[str, frozenset[str], str], Agreement | None] = lambda c, b, f: None,
     ) -> None:
         self.store = store
         self.lock = SessionLock(client, lock_key(kv_prefix), holder, "rollout driver")
@@ -59,6 +60,7 @@ class RolloutDriver:
         self.stats = stats
         self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
         self.replays = replays  # a pipeline's replay reports, newest first (a rollout's gate reads them)
+        self.agreement = agreement  # (candidate, baseline clusters, field) -> (pairs, share) as its shadow
         self.moves = 0
         self._windows: dict[tuple[str, int, Spot], Watched] = {}
         self._since = 0.0  # when the lock was taken: the windows belong to that holding
@@ -96,7 +98,13 @@ class RolloutDriver:
             if version.pipeline.name in moved:
                 continue  # one move per version: the next head is judged afresh
             window = self._window(version, spot, stats)
-            move = judge(version.pipeline, spot, window, self.replays(version.pipeline.name))
+            variants, rollout = where(version.pipeline, spot)
+            assert rollout is not None
+            agreed = None
+            if rollout.min_agreement and rollout.step == 0:
+                baseline = frozenset(v.cluster for v in rollout.baseline or variants)
+                agreed = self.agreement(rollout.candidate.cluster, baseline, rollout.agreement_on)
+            move = judge(version.pipeline, spot, window, self.replays(version.pipeline.name), agreed)
             if move is not None:
                 moved.add(version.pipeline.name)
                 await self._write(move.pipeline, move.cause, version.version)

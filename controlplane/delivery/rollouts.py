@@ -14,6 +14,11 @@ candidate's requests since the step went live and decides:
   `min_requests`, take the next step, or promote after the last one;
 - else hold.
 
+A rollout with `min_agreement` first has its candidate shadow the stage
+(AGREEMENT_PERCENT of requests, written as a version): once `min_requests` of
+them have been answered by both, it begins if the candidate answered
+`agreement_on` as the baseline did on at least that share, else rolls back.
+
 A rollout with `require_replay` takes its first step only after a replay
 (`mllambda replay`, replays.py) whose candidate names the rollout's candidate:
 the newest such report within the gate's shares lets it begin (the step's cause
@@ -27,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from controlplane.delivery.replay_report import passes
-from controlplane.pipeline.model import Pipeline, Rollout, Variant
+from controlplane.pipeline.model import AGREEMENT_PERCENT, Pipeline, Rollout, Shadow, Variant
 
 LATENCY_SLACK_MS = 10.0  # Envoy's histogram buckets are 5-15 ms wide around there; a shared host adds as much
 SCALE = 100  # weight units per percent: shares are exact in integer weights
@@ -87,7 +92,9 @@ def state(r: Rollout) -> str:
     if r.paused:
         return "paused"
     if r.step == 0:
-        return "waiting for a passing replay" if r.require_replay else "not begun"
+        waits = ["a passing replay"] if r.require_replay else []
+        waits += [f"agreement on {r.agreement_on}"] if r.min_agreement else []
+        return f"waiting for {' and '.join(waits)}" if waits else "not begun"
     return f"step {r.step}/{len(r.steps)}"
 
 
@@ -123,7 +130,25 @@ def step_to(p: Pipeline, spot: Spot, step: int) -> Move:
 
 def rollback(p: Pipeline, spot: Spot, why: str, who: str = "auto-rollback") -> Move:
     variants, r = _rollout(p, spot)
-    return Move(put(p, spot, r.baseline or variants, None), f"{who} {label(p, spot)}: {why}")
+    return Move(_unshadowed(put(p, spot, r.baseline or variants, None), spot, r), f"{who} {label(p, spot)}: {why}")
+
+
+def _shadowed(p: Pipeline, spot: Spot, r: Rollout) -> Pipeline:
+    """The stage with the candidate as its shadow, to measure their agreement."""
+    shadow = Shadow(r.candidate.model, r.candidate.version, AGREEMENT_PERCENT)
+    stages = list(p.stages)
+    stages[spot[0]] = replace(stages[spot[0]], shadow=shadow)
+    return replace(p, stages=tuple(stages))
+
+
+def _unshadowed(p: Pipeline, spot: Spot, r: Rollout) -> Pipeline:
+    """Without the shadow a rollout put there (its candidate's) to measure agreement."""
+    stage = p.stages[spot[0]]
+    if stage.shadow is None or stage.shadow.cluster != r.candidate.cluster:
+        return p
+    stages = list(p.stages)
+    stages[spot[0]] = replace(stage, shadow=None)
+    return replace(p, stages=tuple(stages))
 
 
 def promote(p: Pipeline, spot: Spot, who: str = "rollout") -> Move:
@@ -155,30 +180,55 @@ def replay_of(r: Rollout, reports: Sequence[Mapping[str, Any]]) -> Mapping[str, 
     return next((x for x in reports if wanted in (x.get("candidate_models") or ())), None)
 
 
-def _gate(p: Pipeline, spot: Spot, r: Rollout, reports: Sequence[Mapping[str, Any]]) -> Move | None:
-    """Step 1 once a replay passed the gate; a failed one rolls back; none yet: hold."""
+Agreement = tuple[int, float]  # (requests both answered, the share the candidate answered as the baseline)
+
+
+def _gate(
+    p: Pipeline, spot: Spot, r: Rollout, reports: Sequence[Mapping[str, Any]], agreement: Agreement | None
+) -> Move | None:
+    """Step 1 once every gate passed (a replay, agreement); a failed one rolls back; one still open: hold."""
+    passed = []
     gate = r.require_replay
-    if gate is None:
-        return step_to(p, spot, 1)
-    report = replay_of(r, reports)
-    if report is None:
-        return None
-    changed, failed = float(report.get("changed_share", 1)), float(report.get("failed_share", 1))
-    about = f"replay {report.get('id')}: {changed:.1%} changed, {failed:.1%} failed"
-    if not passes(report, gate.max_changed, gate.max_failed):
-        limits = f"(at most {gate.max_changed:.1%} and {gate.max_failed:.1%})"
-        return rollback(p, spot, f"{about} {limits}")
-    move = step_to(p, spot, 1)
-    return replace(move, cause=f"{move.cause} after {about}")
+    if gate is not None:
+        report = replay_of(r, reports)
+        if report is None:
+            return None
+        changed, failed = float(report.get("changed_share", 1)), float(report.get("failed_share", 1))
+        about = f"replay {report.get('id')}: {changed:.1%} changed, {failed:.1%} failed"
+        if not passes(report, gate.max_changed, gate.max_failed):
+            limits = f"(at most {gate.max_changed:.1%} and {gate.max_failed:.1%})"
+            return rollback(p, spot, f"{about} {limits}")
+        passed.append(about)
+    if r.min_agreement:
+        shadow = p.stages[spot[0]].shadow
+        if shadow is None or shadow.cluster != r.candidate.cluster:
+            why = f"measuring agreement on {r.agreement_on} (the candidate shadows {AGREEMENT_PERCENT:g}% of requests)"
+            return Move(_shadowed(p, spot, r), f"rollout {label(p, spot)}: {why}")
+        if agreement is None or agreement[0] < r.min_requests:
+            return None
+        pairs, share = agreement
+        about = f"agreement on {r.agreement_on} {share:.1%} over {pairs} requests"
+        if share < r.min_agreement:
+            return rollback(p, spot, f"{about} < {r.min_agreement:.1%}")
+        passed.append(about)
+    move = step_to(_unshadowed(p, spot, r), spot, 1)
+    return replace(move, cause=f"{move.cause} after {'; '.join(passed)}") if passed else move
 
 
-def judge(p: Pipeline, spot: Spot, window: Window, replays: Sequence[Mapping[str, Any]] = ()) -> Move | None:
-    """The next move for the rollout at `spot`, or None to hold (`replays`: the pipeline's reports, newest first)."""
+def judge(
+    p: Pipeline,
+    spot: Spot,
+    window: Window,
+    replays: Sequence[Mapping[str, Any]] = (),
+    agreement: Agreement | None = None,
+) -> Move | None:
+    """The next move for the rollout at `spot`, or None to hold (`replays`: the pipeline's reports, newest first;
+    `agreement`: the candidate's with the baseline as its shadow, on the rollout's field)."""
     _, r = where(p, spot)
     if r is None or r.paused:
         return None
     if r.step == 0:
-        return _gate(p, spot, r, replays)
+        return _gate(p, spot, r, replays, agreement)
     why = problem(r, window)
     if why is not None:
         return rollback(p, spot, why)

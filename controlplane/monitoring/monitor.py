@@ -155,6 +155,13 @@ class Monitor:
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             self.skipped[i.service_id] = f"{type(err).__name__}: {err}"[:200]
 
+    def agreement_of(self, shadow: str, primaries: frozenset[str], field_name: str) -> tuple[int, float] | None:
+        """(requests both answered, share the same) of `shadow` against `primaries` on one field (None: none)."""
+        against = {p.replace(".", ":", 1) for p in primaries}
+        rows = [a for a in self.agreement.get(shadow, []) if a["field"] == field_name and a["against"] in against]
+        pairs = sum(a["pairs"] for a in rows)
+        return (pairs, sum(a["agreement"] * a["pairs"] for a in rows) / pairs) if pairs else None
+
     def current(self, version: Version) -> Profile:
         state = self.versions.get(version)
         return state.since(self._window() - CURRENT_WINDOWS) if state else Profile()

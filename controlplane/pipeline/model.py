@@ -64,6 +64,9 @@ class Shadow:
         return model_cluster(self.model, self.version)
 
 
+AGREEMENT_PERCENT = 20.0  # of a stage's requests mirrored to a rollout's candidate while agreement is measured
+
+
 @dataclass(frozen=True)
 class ReplayGate:
     """A rollout's first step waits for a replay of its candidate within these shares (controlplane/delivery)."""
@@ -92,6 +95,10 @@ class Rollout:
     paused: bool = False
     baseline: tuple[Variant, ...] = ()
     require_replay: ReplayGate | None = None  # before step 1: a passing replay that names the candidate
+    # before step 1: the candidate shadows the stage (AGREEMENT_PERCENT of requests) until min_requests of them
+    # are paired; it goes on if it answered `agreement_on` as the baseline did on at least this share (0: no check)
+    min_agreement: float = 0.0
+    agreement_on: str = ""
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def pipeline_schema() -> dict[str, Any]:
             "paused": {"type": "boolean"},
             "baseline": variants,
             "require_replay": closed_object({"max_changed": share, "max_failed": share}),
+            "min_agreement": share,
+            "agreement_on": {"type": "string", "pattern": anchored(FIELD_NAME.pattern)},
         },
         ("candidate",),
     )

@@ -223,6 +223,8 @@ class _Parser:
         rollout = None
         if data.get("rollout") and not members:
             rollout = self.rollout(data["rollout"], f"{path}.rollout", variants)
+        if rollout and rollout.min_agreement and shadow and shadow.cluster != rollout.candidate.cluster:
+            self.bad(f"{path}.shadow", "a rollout with min_agreement shadows the stage with its candidate: no other")
         protocol = str(data.get("protocol") or "json")
         if protocol not in PROTOCOLS:
             self.bad(f"{path}.protocol", f"{protocol[:20]!r} is not one of {', '.join(PROTOCOLS)}")
@@ -260,7 +262,7 @@ class _Parser:
 
     def rollout(self, raw: Any, path: str, variants: tuple[Variant, ...]) -> Rollout | None:
         fields = {"candidate", "steps", "step_seconds", "min_requests", "max_error_rate", "max_p99_ratio"}
-        fields |= {"max_p99_ms", "step", "paused", "baseline", "require_replay"}
+        fields |= {"max_p99_ms", "step", "paused", "baseline", "require_replay", "min_agreement", "agreement_on"}
         data = self.mapping(raw, path, fields)
         if not data:
             return None
@@ -289,7 +291,18 @@ class _Parser:
             bool(data.get("paused", False)),
             baseline,
             self.gate(data.get("require_replay"), f"{path}.require_replay"),
+            *self.agreement(data, path),
         )
+
+    def agreement(self, data: dict[str, Any], path: str) -> tuple[float, str]:
+        """`min_agreement` with the answer field it is judged on (`agreement_on`), or neither."""
+        share = self.number(data.get("min_agreement"), f"{path}.min_agreement", 0, 1, 0)
+        on = data.get("agreement_on", "")
+        if share and not (isinstance(on, str) and FIELD_NAME.match(on)):
+            self.bad(f"{path}.agreement_on", "the answer field agreement is judged on (e.g. category)")
+        elif on and not share:
+            self.bad(f"{path}.min_agreement", "agreement_on needs min_agreement (a share, e.g. 0.95)")
+        return float(share), str(on) if share else ""
 
     def gate(self, raw: Any, path: str) -> ReplayGate | None:
         if raw is None:
@@ -330,6 +343,8 @@ class _Parser:
         if not variants:
             self.bad(f"{path}.variants", "a branch needs at least one variant")
         rollout = self.rollout(data["rollout"], f"{path}.rollout", variants) if data.get("rollout") else None
+        if rollout and rollout.min_agreement:
+            self.bad(f"{path}.rollout.min_agreement", "agreement is measured by a stage's shadow: a stage's rollout")
         return Branch(key_text, variants, rollout)
 
     def shadow(self, raw: Any, path: str) -> Shadow:
@@ -429,4 +444,6 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
         out["baseline"] = [asdict(v) for v in r.baseline]
     if r.require_replay:
         out["require_replay"] = asdict(r.require_replay)
+    if r.min_agreement:
+        out["min_agreement"], out["agreement_on"] = r.min_agreement, r.agreement_on
     return out
