@@ -131,3 +131,18 @@ def test_a_stage_with_a_shadow_tells_both_to_keep_their_answers() -> None:
     assert all("x-mll-agree" in r.request_headers_to_remove for r in into_b + ingress_b)  # never from a client
     ingress_a = [r for r in routes(snapshots["ma-v1-1"], "ingress") if r.match.path == "/pipelines/p/v1/a"]
     assert all("x-mll-agree" not in {a.header.key for a in r.request_headers_to_add} for r in ingress_a)
+
+
+def test_the_runtime_answers_profiles_only_to_a_well_formed_query() -> None:
+    from runtime_sdk.app import Runtime, answer_get
+
+    def predict(payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    on = Runtime(predict, "m", "v1", profiler=Profiler(100))
+    for query, status in [("", 200), ("after=12", 200), ("after=-1", 400), ("after=x", 400), ("a=1", 400),
+                          ("after=" + "9" * 40, 400)]:  # fmt: skip
+        page = answer_get(on, "/profiles", query)
+        assert page is not None and page.status == status, (query, page)
+    off = answer_get(Runtime(predict, "m", "v1"), "/profiles", "")
+    assert off is not None and off.status == 404 and b"--profile-percent 0" in off.body

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,28 @@ async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agree
     )
     assert 'model="classify"' in line and 'version="v2"' in line and 'against="classify:v1"' in line
     assert abs(float(line.rsplit(" ", 1)[1]) - 0.8) <= 0.03
+
+    # What a baseline cannot be made of, or read from, is said, never guessed.
+    for args, said in [
+        (("nosuch:v1",), "no profiled requests of nosuch:v1"),
+        (("classify:v1", "--window", "5"), "window_seconds: 10 to 600"),
+        (("classify:v1", "--threshold", "nan"), "threshold: above 0"),
+        (("classify",), "expected MODEL:VERSION"),
+    ]:
+        refused = await asyncio.to_thread(control_plane.cli, "monitor", "baseline", *args)
+        assert refused.returncode != 0 and said in refused.stderr, (args, refused.stderr)
+    key = f"{control_plane.kv_prefix.rstrip('/')}-baselines/classify.v1"
+    put = urllib.request.Request(
+        f"http://127.0.0.1:{control_plane.consul_port}/v1/kv/{key}", b"{not json", method="PUT"
+    )
+    await asyncio.to_thread(lambda: urllib.request.urlopen(put, timeout=5).close())
+
+    async def reported() -> str:
+        done = await asyncio.to_thread(control_plane.cli, "monitor", "status", "classify:v1")
+        await asyncio.sleep(1)
+        return done.stdout if "baseline unreadable" in done.stdout else ""
+
+    assert "classify:v1" in await wait_for(reported, timeout=30)
 
 
 async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_and_promotes_an_agreeing_one(
