@@ -429,6 +429,7 @@ class ControlPlane:
             replay_reports=self.replays.reports,
             replays_running={name: t.id for name, t in self.live_trials().items()},
             monitoring=self.monitor.status,
+            monitoring_page=self.monitor.page,
         )
 
     async def traffic(self) -> list[VariantTraffic]:

@@ -51,6 +51,7 @@ class PlaneView:
     replay_reports: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # newest first
     replays_running: Mapping[str, str] = field(default_factory=dict)  # pipeline -> the id of its running replay
     monitoring: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # per model version: fields, drift (asked)
+    monitoring_page: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # ... with bins and history to draw
 
 
 class PlaneReader(Protocol):

@@ -146,3 +146,24 @@ def test_the_runtime_answers_profiles_only_to_a_well_formed_query() -> None:
         assert page is not None and page.status == status, (query, page)
     off = answer_get(Runtime(predict, "m", "v1"), "/profiles", "")
     assert off is not None and off.status == 404 and b"--profile-percent 0" in off.body
+
+
+def test_the_monitoring_page_draws_now_against_the_baseline_and_escapes_field_names() -> None:
+    from controlplane.monitoring.monitor import Baseline, Monitor, VersionState
+    from controlplane.web.monitoring import monitoring_page
+
+    def hostile(rng: random.Random, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        request, answer = english(rng, i)
+        return {**request, "<script>x</script>": rng.random()}, answer
+
+    clock = Clock()
+    monitor = Monitor(None, "p/", lambda: [], clock=clock)  # type: ignore[arg-type]
+    wid = int(clock.now // WINDOW_SECONDS)
+    monitor.versions[("m", "v1")] = state = VersionState()
+    state.add(wid, profiled(hostile, seed=5))
+    monitor.baselines[("m", "v1")] = Baseline(profiled(hostile, seed=6), 0.2, "2026-12-06T10:00:00Z", 300, 1000)
+    monitor._judge()
+    html = monitoring_page(monitor.page())
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("class='distribution'") >= 4 and "data-series='baseline'" in html and "m:v1" in html
+    assert "drift (PSI) per field" in html and html.count('class="field stable"') >= 4

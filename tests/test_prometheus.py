@@ -158,6 +158,22 @@ async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheu
         await wait_for(lambda: query(prometheus, alert), timeout=90)
         untouched = 'ALERTS{alertname="MLLambdaModelDrift",model="score"}'
         assert query(prometheus, untouched) == []  # score has no baseline: nothing is guessed
+        # The monitoring page in a real browser: the drifted field, its lengths now drawn over the baseline's.
+        from tests.helpers.observe import ARTIFACTS, browser
+
+        page = f"http://127.0.0.1:{control_plane.metrics_port}/monitoring"
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "monitoring.png"
+        await asyncio.to_thread(browser, f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}",
+                                "--window-size=1100,1600", page)  # fmt: skip
+        assert shot.stat().st_size > 10_000
+        dom = (
+            await asyncio.to_thread(browser, f"--user-data-dir={tmp_path / 'chrome-dom'}", "--dump-dom", page)
+        ).stdout
+        section = dom.split('data-model="tokenize" data-version="v1"', 1)[1].split("</section>", 1)[0]
+        assert 'class="field drifted" data-field="inputs.text"' in section, section[:2000]
+        assert "inputs.text (length)" in section and 'data-series="now"' in section
+        assert "drift (PSI) per field" in section
     finally:
         stop.set()
         await traffic

@@ -28,7 +28,7 @@ import consul.aio
 
 from contract.naming import model_cluster
 from contract.service import RuntimeService
-from controlplane.monitoring.sketches import Drift, Profile, drift, merged, read_profile, summary
+from controlplane.monitoring.sketches import Drift, Profile, bins, drift, merged, read_profile, summary
 
 log = logging.getLogger("mllambda.monitor")
 POLL_SECONDS = 10.0
@@ -101,6 +101,9 @@ class Monitor:
         self.relations = relations
         self.answers: dict[str, OrderedDict[str, dict[str, Any]]] = {}  # cluster -> request id -> answer
         self.agreement: dict[str, list[dict[str, Any]]] = {}  # shadow cluster -> per primary and field
+        # over time, for the monitoring page: each judgement's drift (PSI per field) and agreement (per field)
+        self.drift_history: dict[Version, deque[tuple[float, dict[str, float]]]] = {}
+        self.agreement_history: dict[str, deque[tuple[float, dict[str, float]]]] = {}
 
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
@@ -170,12 +173,22 @@ class Monitor:
         self.agreement = {shadow: agreement(self.answers.get(shadow, {}), [self.answers.get(p, {}) for p in
                                             sorted(primaries)], sorted(primaries))
                           for shadow, primaries in self.relations()}  # fmt: skip
+        now = self.clock()
+        for shadow, rows in self.agreement.items():
+            seen = {f"{a['field']} vs {a['against']}": a["agreement"] for a in rows}
+            self.agreement_history.setdefault(shadow, deque(maxlen=KEEP_WINDOWS)).append((now, seen))
         for version, state in self.versions.items():
             base = self.baselines.get(version)
             if base is None:
                 state.drift, state.too_few = [], []
                 continue
             state.drift, state.too_few = drift(base.profile, self.current(version))
+            psi = {f"{d.side}.{d.field} ({d.of})": d.psi for d in state.drift}
+            self.drift_history.setdefault(version, deque(maxlen=KEEP_WINDOWS)).append((now, psi))
+        for gone in set(self.drift_history) - set(self.versions):
+            del self.drift_history[gone]
+        for shadow in set(self.agreement_history) - set(self.agreement):
+            del self.agreement_history[shadow]
 
     async def _read_baselines(self) -> None:
         try:
@@ -243,6 +256,22 @@ class Monitor:
                 "too_few": state.too_few,
                 "agreement": self.agreement.get(model_cluster(*version), []),
             })  # fmt: skip
+        return rows
+
+    def page(self) -> list[dict[str, Any]]:
+        """status(), with what the monitoring page draws: each field's baseline and current shares in its
+        drift's bins, drift and agreement over the last ten minutes."""
+        rows = self.status()
+        for row in rows:
+            version = (row["model"], row["version"])
+            base, now = self.baselines.get(version), self.current(version)
+            row["bins"] = {
+                f"{side}.{name}": bins(field_base, now.sides[side][name])
+                for side in now.sides if base is not None
+                for name, field_base in base.profile.sides[side].items() if name in now.sides[side]
+            }  # fmt: skip
+            row["drift_over_time"] = list(self.drift_history.get(version, ()))
+            row["agreement_over_time"] = list(self.agreement_history.get(model_cluster(*version), ()))
         return rows
 
 

@@ -215,3 +215,22 @@ def summary(p: FieldProfile) -> dict[str, Any]:
         top = p.items.get_frequent_items(ds.frequent_items_error_type.NO_FALSE_NEGATIVES)[:5]
         out["top"] = {row[0]: round(row[1] / total, 4) for row in top}
     return out
+
+
+def bins(base: FieldProfile, now: FieldProfile) -> list[dict[str, Any]]:
+    """The baseline's and the current shares in the bins drift is measured over, to draw them over each other."""
+    found = []
+    for of, b, n in (("value", base.numbers, now.numbers), ("length", base.lengths, now.lengths)):
+        if b is not None and n is not None and b.n and n.n:
+            edges = sorted(set(b.get_quantiles(DECILES)))
+            labels = [f"<= {edges[0]:.3g}", *(f"<= {e:.3g}" for e in edges[1:]), f"> {edges[-1]:.3g}"]
+            found.append({"of": of, "labels": labels, "baseline": _masses(b, edges), "current": _masses(n, edges)})
+    if base.numbers is None and base.items is not None and now.items is not None and base.items.total_weight:
+        top = base.items.get_frequent_items(ds.frequent_items_error_type.NO_FALSE_NEGATIVES)[:TOP_ITEMS]
+        names = [row[0] for row in top]
+        b_total, n_total = base.items.total_weight, max(now.items.total_weight, 1)
+        b = [base.items.get_estimate(x) / b_total for x in names]
+        n = [now.items.get_estimate(x) / n_total for x in names]
+        found.insert(0, {"of": "value", "labels": [*names, "(the rest)"], "baseline": [*b, max(0.0, 1 - sum(b))],
+                         "current": [*n, max(0.0, 1 - sum(n))]})  # fmt: skip
+    return found

@@ -142,3 +142,29 @@ def line_chart(title: str, series: Series, start: float, end: float, marks: Sequ
         f"<svg class='chart' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
         f"font-family='sans-serif' font-size='11'>{''.join(parts)}</svg>"
     )
+
+
+def distribution_svg(title: str, labels: Sequence[str], baseline: Sequence[float], current: Sequence[float]) -> str:
+    """Two distributions over the same bins, side by side per bin: the baseline (grey) and now (blue)."""
+    width, height, left, bottom = 520, 150, 36, 40
+    n = max(len(labels), 1)
+    slot = (width - left) / n
+    top = max([*baseline, *current, 0.01]) * 1.1
+
+    def bar(i: int, value: float, offset: float, color: str, series: str) -> str:
+        h = (height - bottom - 14) * value / top
+        return (f"<rect data-series='{series}' x='{left + i * slot + offset:.1f}' y='{height - bottom - h:.1f}' "
+                f"width='{slot * 0.4:.1f}' height='{h:.1f}' fill='{color}'><title>{series} "
+                f"{html.escape(labels[i])}: {value:.1%}</title></rect>")  # fmt: skip
+
+    parts = [f"<text x='{left}' y='10' font-weight='bold'>{html.escape(title)}</text>",
+             f"<text x='2' y='24'>{top:.0%}</text><text x='2' y='{height - bottom}'>0</text>",
+             f"<text x='{width - 150}' y='10' fill='#888'>baseline</text>",
+             f"<text x='{width - 90}' y='10' fill='{COLORS[0]}'>now</text>"]  # fmt: skip
+    for i, label in enumerate(labels):
+        parts.append(bar(i, baseline[i], slot * 0.1, "#aaa", "baseline"))
+        parts.append(bar(i, current[i], slot * 0.5, COLORS[0], "now"))
+        parts.append(f"<text x='{left + i * slot + slot / 2:.1f}' y='{height - bottom + 12}' text-anchor='middle' "
+                     f"font-size='9'>{html.escape(label[:12])}</text>")  # fmt: skip
+    return (f"<svg class='distribution' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+            f"font-family='sans-serif' font-size='11'>{''.join(parts)}</svg>")  # fmt: skip

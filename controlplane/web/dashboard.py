@@ -27,6 +27,7 @@ from controlplane.view import PlaneReader, PlaneView, ScaleRow
 from controlplane.web.charts import line_chart, pipeline_svg, rate_series
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
+from controlplane.web.monitoring import add_routes as add_monitoring_routes
 from controlplane.web.render import STYLESHEET, shell
 from controlplane.xds.snapshot import short
 
@@ -358,6 +359,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
+    add_monitoring_routes(app, reader)
     app.router.add_get("/", dashboard)
     return app
 

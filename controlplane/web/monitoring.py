@@ -1,0 +1,57 @@
+"""The monitoring page: per model version, each field now against its baseline, drift and agreement over time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from controlplane.view import PlaneReader
+from controlplane.web.charts import distribution_svg, line_chart
+from controlplane.web.render import page
+
+
+def _series(history: Sequence[tuple[float, Mapping[str, float]]], now_wall: float, now: float) -> dict[str, Any]:
+    """(wall time, {label: value}) -> {label: [(monotonic time, value)]}, on the charts' clock."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for at, values in history:
+        for label, value in values.items():
+            found.setdefault(label, []).append((now - (now_wall - at), value))
+    return found
+
+
+def monitoring_page(rows: Sequence[Mapping[str, Any]]) -> str:
+    now_wall, now = time.time(), time.monotonic()
+    shown = []
+    for row in rows:
+        base = row.get("baseline")
+        drifted = {f"{d['side']}.{d['field']}": d for d in row["drift"] if base and d["psi"] > base["threshold"]}
+        fields = []
+        for name, summary in sorted(row["fields"].items()):
+            drifts = [d for d in row["drift"] if f"{d['side']}.{d['field']}" == name]
+            state = "drifted" if name in drifted else "too few" if name in row["too_few"] else (
+                "stable" if drifts else "no baseline")  # fmt: skip
+            pictures = [jinja2.utils.markupsafe.Markup(distribution_svg(f"{name} ({b['of']})", b["labels"],
+                                                                        b["baseline"], b["current"]))
+                        for b in row.get("bins", {}).get(name, [])]  # fmt: skip
+            fields.append({"name": name, "summary": summary, "drifts": drifts, "state": state, "pictures": pictures})
+        charts = []
+        start = now - 600
+        if row.get("drift_over_time"):
+            drift = _series(row["drift_over_time"], now_wall, now)
+            charts.append(jinja2.utils.markupsafe.Markup(line_chart("drift (PSI) per field", drift, start, now)))
+        if row.get("agreement_over_time"):
+            agree = _series(row["agreement_over_time"], now_wall, now)
+            charts.append(jinja2.utils.markupsafe.Markup(line_chart("agreement with the primary", agree, start, now)))
+        shown.append({**row, "field_rows": fields, "charts": charts})
+    return page("monitoring.html", title="monitoring", rows=shown, nav=True, signed_in=False, csrf="", refresh=10)
+
+
+def add_routes(app: web.Application, reader: PlaneReader) -> None:
+    async def monitoring(request: web.Request) -> web.Response:
+        return web.Response(text=monitoring_page(reader.view().monitoring_page()), content_type="text/html")
+
+    app.router.add_get("/monitoring", monitoring)
