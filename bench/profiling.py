@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import median
-from bench.wire_server import cpu_seconds
+from bench.wire_server import served_cpu
 from controlplane.node import processes
 
 SETTINGS = (0.0, 5.0, 100.0)
@@ -55,29 +51,8 @@ async def serve(percent: float, port: int) -> None:
 
 def one(percent: float, seconds: int, script: str) -> dict[str, float]:
     port = processes.free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.profiling", "--serve", str(percent), str(port)])
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the runtime did not start"
-                time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/predict"
-        subprocess.run(["wrk", "-t1", "-c32", "-d1s", "-s", script, url], capture_output=True, check=True)  # warm
-        before = cpu_seconds(server.pid)
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script, url],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-        used = cpu_seconds(server.pid) - before
-        found = re.search(r"(\d+) requests in", out)
-        assert found and "Non-2xx" not in out, out
-        requests = int(found.group(1))
-        return {"req/s": requests / seconds, "cpu_us": used / requests * 1e6}
-    finally:
-        server.kill()
-        server.wait()
+    argv = [sys.executable, "-m", "bench.profiling", "--serve", str(percent), str(port)]
+    return served_cpu(argv, port, f"http://127.0.0.1:{port}/predict", seconds, script)
 
 
 def profile_size(requests: int = 10_000) -> int:

@@ -61,7 +61,13 @@ def cpu_seconds(pid: int) -> float:
 
 def one(kind: str, seconds: int, script: str) -> dict[str, float]:
     port = processes.free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.wire_server", "--serve", kind, str(port)])
+    argv = [sys.executable, "-m", "bench.wire_server", "--serve", kind, str(port)]
+    return served_cpu(argv, port, f"http://127.0.0.1:{port}/pipelines/bench/v1/count", seconds, script)
+
+
+def served_cpu(argv: list[str], port: int, url: str, seconds: int, script: str) -> dict[str, float]:
+    """Start the server `argv` (listening on `port`), load it with wrk for `seconds`: its CPU per request."""
+    server = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -69,9 +75,8 @@ def one(kind: str, seconds: int, script: str) -> dict[str, float]:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, f"{kind} did not start"
+                assert time.monotonic() < deadline and server.poll() is None, f"{argv} did not start"
                 time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/pipelines/bench/v1/count"
         subprocess.run(["wrk", "-t1", "-c32", "-d1s", "-s", script, url], capture_output=True, check=True)  # warm
         before = cpu_seconds(server.pid)
         out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script, url],
