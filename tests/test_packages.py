@@ -149,3 +149,30 @@ def test_environments_for_older_sdks_are_pruned_unless_in_use(tmp_path: Path) ->
         busy.wait()
     assert removed == [made[1], made[4]]  # sdk3 kept (the newest older one), sdk1 in use; sdk2 and the oldest go
     assert made[0].exists() and made[2].exists() and made[3].exists() and other.exists()
+
+
+def test_a_host_keeps_only_the_packages_and_environments_of_stored_versions(tmp_path: Path) -> None:
+    """Deleting versions leaves nothing behind, except what a running process still uses."""
+    import subprocess
+    import sys
+
+    from controlplane.models.envs import prune_host
+
+    for folder in ("packages/aaa", "packages/bbb", "packages/ccc", "packages/.partial", "envs/lock1-sdk",
+                   "envs/lock2-sdk", "envs/lock3-sdk", "envs/lock4"):  # fmt: skip
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "envs" / "lock2-sdk.log").write_text("built")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    runs_in_ccc = subprocess.Popen(sleeper, cwd=tmp_path / "packages" / "ccc")  # a runtime in its package folder
+    runs_from_lock3 = subprocess.Popen([*sleeper, str(tmp_path / "envs" / "lock3-sdk" / "bin")])
+    try:
+        removed = prune_host(tmp_path, digests={"aaa"}, locks={"lock1"})
+    finally:
+        for proc in (runs_in_ccc, runs_from_lock3):
+            proc.kill()
+            proc.wait()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
+        "envs/lock2-sdk", "envs/lock4", "packages/bbb"
+    ]  # fmt: skip
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*"))
+    assert left == ["envs/lock1-sdk", "envs/lock3-sdk", "packages/.partial", "packages/aaa", "packages/ccc"]

@@ -7,6 +7,7 @@ content, FAILED_PRECONDITION for a version in use, UNAVAILABLE for Consul or the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,8 @@ from contract.payload import flat
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.server import NotServedYet, guard
+from controlplane.config import cache_dir
+from controlplane.models.envs import prune_host
 from controlplane.models.package import MAX_PACKAGE
 from controlplane.models.store import (
     BadPackage,
@@ -68,6 +71,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         self.limit = limit
         self.calls: dict[tuple[str, str], int] = {}
         self.monitor: Monitor | None = None  # model monitoring (None: not on this control plane)
+        self.cache = cache_dir()  # this host's unpacked packages and environments, pruned as versions go
 
     def _monitor(self) -> Monitor:
         if self.monitor is None:
@@ -137,6 +141,10 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         await self._not_in_traffic(request.model, request.version, "delete")
         version = await self.store.delete(request.model, request.version)
         log.info("delete model=%s version=%s", version.model, version.version)
+        left = await self.store.versions()
+        digests, locks = {v.digest for v in left}, {v.lock_hash for v in left}
+        for path in await asyncio.to_thread(prune_host, self.cache, digests, locks):
+            log.info("pruned %s (no stored version uses it)", path)
         return version_to_proto(version)
 
     @guard

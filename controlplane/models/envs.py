@@ -159,17 +159,36 @@ def prune(envs_dir: Path, lock_id: str, current: Path) -> list[Path]:
     return removed
 
 
-def in_use(env: Path) -> bool:
-    """Does a running process run from `env` (its executable or a word of its command line inside it)?"""
-    prefix = str(env) + os.sep
+def in_use(folder: Path) -> bool:
+    """Does a running process run from `folder`: a word of its command line inside it (its executable), or its
+    working folder (a package's runtime runs in the package's folder)?"""
+    prefix = str(folder) + os.sep
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             words = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd") + os.sep
         except OSError:
             continue
-        if any(word.decode(errors="replace").startswith(prefix) for word in words):
+        if cwd.startswith(prefix) or any(word.decode(errors="replace").startswith(prefix) for word in words):
             return True
     return False
+
+
+def prune_host(cache: Path, digests: set[str], locks: set[str]) -> list[Path]:
+    """This host's unpacked packages whose digest no stored version has, and environments of locks no stored
+    version uses, removed unless a running process uses them: deleted versions leave nothing behind (an
+    environment is ~300 MB). Folders being made (their names start with a dot) are left alone."""
+    removed = []
+    for kind, keep in (("packages", digests), ("envs", locks)):
+        folder = cache / kind
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            name = path.name.split("-", 1)[0] if kind == "envs" else path.name
+            if path.name.startswith(".") or not path.is_dir() or name in keep or in_use(path):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            (folder / f"{path.name}.log").unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _site_packages(env: Path) -> Path:
