@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -122,7 +123,7 @@ def test_a_stage_with_a_shadow_tells_both_to_keep_their_answers() -> None:
     from controlplane.translate.pipelines import translate
     from tests.helpers.translation import PIPELINE, RUNTIMES, routes, steady
 
-    passing = [r.__class__(**{**r.__dict__, "passing": True}) for r in RUNTIMES]
+    passing = [dataclasses.replace(r, passing=True) for r in RUNTIMES]
     snapshots = translate(steady(PIPELINE), passing)
     into_b = [r for r in routes(snapshots["ma-v1-1"], "egress") if r.match.path == "/pipelines/p/v1/b"]
     ingress_b = [r for r in routes(snapshots["mb-v1-2"], "ingress") if r.match.path == "/pipelines/p/v1/b"]
