@@ -150,6 +150,7 @@ class ControlPlane:
             self._refused,
             lambda name: self.replays.reports.get(name, ()),
             lambda candidate, baseline, field: self.monitor.agreement_of(candidate, baseline, field),
+            lambda candidate, baseline: self.monitor.output_drift(candidate, baseline),
         )
         self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
         self._dashboard: DashboardServer | None = None

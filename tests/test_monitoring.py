@@ -168,3 +168,23 @@ def test_the_monitoring_page_draws_now_against_the_baseline_and_escapes_field_na
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("class='distribution'") >= 4 and "data-series='baseline'" in html and "m:v1" in html
     assert "drift (PSI) per field" in html and html.count('class="field stable"') >= 4
+
+
+def test_a_candidates_answers_are_compared_with_its_baselines_field_by_field() -> None:
+    from controlplane.monitoring.monitor import Monitor, VersionState
+
+    def flips(rng: random.Random, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        request, answer = english(rng, i)
+        return request, {**answer, "category": "c" if i % 2 else answer["category"]}
+
+    clock = Clock()
+    monitor = Monitor(None, "p/", lambda: [], clock=clock)  # type: ignore[arg-type]
+    wid = int(clock.now // WINDOW_SECONDS)
+    for version, make, seed in ((("m", "v1"), english, 1), (("m", "v2"), english, 2), (("m", "v3"), flips, 3)):
+        monitor.versions[version] = state = VersionState()
+        state.add(wid, profiled(make, seed=seed))
+    same = monitor.output_drift("m.v2", frozenset({"m.v1"}))
+    moved = monitor.output_drift("m.v3", frozenset({"m.v1"}))
+    assert same is not None and same[1] < 0.1
+    assert moved is not None and moved[0] == "category" and moved[1] > 1
+    assert monitor.output_drift("m.v9", frozenset({"m.v1"})) is None  # nothing profiled: not judged

@@ -202,3 +202,19 @@ def test_min_agreement_is_validated() -> None:
     other["stages"][1]["shadow"] = {"model": "net", "version": "v9", "percent": 5}
     with pytest.raises(InvalidPipeline, match="shadows the stage with its candidate: no other"):
         parse_pipeline(other)
+
+
+def test_a_candidate_whose_answers_drift_from_the_baselines_is_rolled_back() -> None:
+    p = pipeline(max_drift=0.25)
+    begun = judge(p, (1, ""), GOOD)
+    assert begun is not None
+    drifting = Window(500, 0, 6, 12, 10, output_drift=("category", 0.9))
+    back = judge(begun.pipeline, (1, ""), drifting)
+    assert back is not None and back.cause.endswith("its answers' category drift from the baseline's: PSI 0.90 > 0.25")
+    steady = Window(500, 0, 6, 12, 10, output_drift=("category", 0.1))
+    moved = judge(begun.pipeline, (1, ""), steady)
+    assert moved is not None and "step 2/3" in moved.cause
+    unprofiled = Window(500, 0, 6, None, None, output_drift=None)  # too few answers profiled: not judged on it
+    assert "step 2/3" in (judge(begun.pipeline, (1, ""), unprofiled) or back).cause
+    with pytest.raises(InvalidPipeline, match="max_drift: must be between 0 and 100"):
+        pipeline(max_drift=-1)

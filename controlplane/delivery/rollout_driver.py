@@ -53,6 +53,7 @@ class RolloutDriver:
         refused: Callable[[], Sequence[tuple[PipelineVersion, PipelineVersion, str]]] = lambda: [],
         replays: Callable[[str], Sequence[Mapping[str, Any]]] = lambda name: (),
         agreement: Callable[[str, frozenset[str], str], Agreement | None] = lambda c, b, f: None,
+        output_drift: Callable[[str, frozenset[str]], tuple[str, float] | None] = lambda c, b: None,
     ) -> None:
         self.store = store
         self.lock = SessionLock(client, lock_key(kv_prefix), holder, "rollout driver")
@@ -61,6 +62,7 @@ class RolloutDriver:
         self.refused = refused  # (pending, entry, why): versions an Envoy rejected while the entry serves
         self.replays = replays  # a pipeline's replay reports, newest first (a rollout's gate reads them)
         self.agreement = agreement  # (candidate, baseline clusters, field) -> (pairs, share) as its shadow
+        self.output_drift = output_drift  # (candidate, baseline clusters) -> (field, PSI) of their answers
         self.moves = 0
         self._windows: dict[tuple[str, int, Spot], Watched] = {}
         self._since = 0.0  # when the lock was taken: the windows belong to that holding
@@ -128,7 +130,13 @@ class RolloutDriver:
         weighted = [(s.p99_ms, s.requests) for s in baseline if s is not None and s.p99_ms is not None]
         total = sum(n for _, n in weighted)
         baseline_p99 = sum(q * n for q, n in weighted) / total if total else None
+        drifted = None
+        if rollout.max_drift and rollout.step:
+            drifted = self.output_drift(
+                rollout.candidate.cluster, frozenset(v.cluster for v in rollout.baseline or variants)
+            )
         return Window(
+            output_drift=drifted,
             requests=max(0, candidate.requests - seen.requests),
             errors=max(0, candidate.errors - seen.errors),
             seconds=time.monotonic() - seen.since,

@@ -47,6 +47,7 @@ class Window:
     seconds: float
     candidate_p99_ms: float | None = None
     baseline_p99_ms: float | None = None
+    output_drift: tuple[str, float] | None = None  # the candidate's answers against the baseline's: (field, PSI)
 
 
 Spot = tuple[int, str]  # (stage index, branch key); "" for the stage's own split
@@ -165,12 +166,15 @@ def problem(r: Rollout, window: Window) -> str | None:
     if rate > r.max_error_rate:
         return f"5xx {rate:.1%} > {r.max_error_rate:.1%} over {window.requests} requests"
     candidate, baseline = window.candidate_p99_ms, window.baseline_p99_ms
-    if candidate is None:
-        return None
-    if r.max_p99_ms and candidate > r.max_p99_ms:
+    if candidate is not None and r.max_p99_ms and candidate > r.max_p99_ms:
         return f"p99 {candidate:.0f} ms > {r.max_p99_ms} ms"
-    if baseline and candidate - baseline > LATENCY_SLACK_MS and candidate / baseline > r.max_p99_ratio:
-        return f"p99 {candidate / baseline:.1f}x baseline ({candidate:.0f} vs {baseline:.0f} ms) > {r.max_p99_ratio:g}x"
+    if candidate is not None and baseline and candidate - baseline > LATENCY_SLACK_MS:
+        if candidate / baseline > r.max_p99_ratio:
+            ratio = f"{candidate / baseline:.1f}x baseline ({candidate:.0f} vs {baseline:.0f} ms)"
+            return f"p99 {ratio} > {r.max_p99_ratio:g}x"
+    if r.max_drift and window.output_drift is not None and window.output_drift[1] > r.max_drift:
+        field, psi = window.output_drift
+        return f"its answers' {field} drift from the baseline's: PSI {psi:.2f} > {r.max_drift:g}"
     return None
 
 

@@ -165,6 +165,19 @@ class Monitor:
         pairs = sum(a["pairs"] for a in rows)
         return (pairs, sum(a["agreement"] * a["pairs"] for a in rows) / pairs) if pairs else None
 
+    def output_drift(self, candidate: str, baselines: frozenset[str]) -> tuple[str, float] | None:
+        """The largest PSI between a candidate's answers and its baseline versions' over the last minute, field by
+        field on their values (None: too few answers profiled on either side)."""
+
+        def version(cluster: str) -> Version:
+            model, _, number = cluster.partition(".")
+            return model, number
+
+        base = merged(self.current(version(c)) for c in sorted(baselines))
+        found, _ = drift(base, self.current(version(candidate)))
+        answers = [(d.field, d.psi) for d in found if d.side == "outputs" and d.of == "value"]
+        return max(answers, key=lambda a: a[1]) if answers else None
+
     def current(self, version: Version) -> Profile:
         state = self.versions.get(version)
         return state.since(self._window() - CURRENT_WINDOWS) if state else Profile()

@@ -99,6 +99,9 @@ class Rollout:
     # are paired; it goes on if it answered `agreement_on` as the baseline did on at least this share (0: no check)
     min_agreement: float = 0.0
     agreement_on: str = ""
+    # in every step: the candidate's answers against the baseline's over the last minute, field by field (PSI of
+    # their profiles); above this, it is rolled back (0: no check)
+    max_drift: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ def pipeline_schema() -> dict[str, Any]:
             "baseline": variants,
             "require_replay": closed_object({"max_changed": share, "max_failed": share}),
             "min_agreement": share,
+            "max_drift": {"type": "number", "minimum": 0, "maximum": 100},
             "agreement_on": {"type": "string", "pattern": anchored(FIELD_NAME.pattern)},
         },
         ("candidate",),

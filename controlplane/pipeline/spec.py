@@ -263,6 +263,7 @@ class _Parser:
     def rollout(self, raw: Any, path: str, variants: tuple[Variant, ...]) -> Rollout | None:
         fields = {"candidate", "steps", "step_seconds", "min_requests", "max_error_rate", "max_p99_ratio"}
         fields |= {"max_p99_ms", "step", "paused", "baseline", "require_replay", "min_agreement", "agreement_on"}
+        fields |= {"max_drift"}
         data = self.mapping(raw, path, fields)
         if not data:
             return None
@@ -292,6 +293,7 @@ class _Parser:
             baseline,
             self.gate(data.get("require_replay"), f"{path}.require_replay"),
             *self.agreement(data, path),
+            float(self.number(data.get("max_drift"), f"{path}.max_drift", 0, 100, 0)),
         )
 
     def agreement(self, data: dict[str, Any], path: str) -> tuple[float, str]:
@@ -446,4 +448,6 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
         out["require_replay"] = asdict(r.require_replay)
     if r.min_agreement:
         out["min_agreement"], out["agreement_on"] = r.min_agreement, r.agreement_on
+    if r.max_drift:
+        out["max_drift"] = r.max_drift
     return out
