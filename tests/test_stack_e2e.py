@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -163,11 +164,33 @@ def replayed_v2_first(gateway_port: int, tmp_path: Path, env: dict[str, str]) ->
     assert all(chains[c]["changed_share"] > 0.5 for c in changed), chains  # another network, other confidences
     assert "network: net-" in done.stdout  # the table names them
     assert history(env) == [(1, "apply")]  # nothing written to the pipeline
+    # What features:v1 saw so far (reviews of every kind) becomes its baseline, once its windows are read.
+    deadline = time.monotonic() + 45
+    while True:
+        base = mllambda("monitor", "baseline", "features:v1", "--window", "120", env=env)
+        assert base.returncode == 0 or "no profiled requests" in base.stderr, base.stderr
+        counted = re.search(r"baseline set: (\d+) profiled requests", base.stdout)
+        if counted and int(counted.group(1)) >= 500:  # the recorded requests' windows have all been read
+            break
+        assert time.monotonic() < deadline, base.stdout + base.stderr
+        time.sleep(2)
+
+
+def text_drifted(env: dict[str, str]) -> tuple[float, Any]:
+    """How far the text features:v1 sees has drifted from its baseline (the larger PSI of values and lengths)."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = json.loads(mllambda("monitor", "status", "features:v1", "-o", "json", env=env).stdout)["items"]
+        psi = max((d["psi"] for d in rows[0]["drift"] if d["field"] == "text"), default=0.0) if rows else 0.0
+        if psi > 0.2 or time.monotonic() > deadline:
+            return float(psi), rows
+        time.sleep(2)
 
 
 def test_nlp_walkthrough(tmp_path: Path) -> None:
     stack = nlp_stack()  # written elsewhere below: its package folders made absolute
     stack["pipelines"][0]["logging"] = {"percent": 100}  # every request recorded, for the replay below
+    stack["runtimes"][0]["args"] = ["--profile-percent=100"]  # features profiles every request: its drift below
     ports = {
         k: processes.free_port() for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "kafka", "bridge")
     }
@@ -229,6 +252,9 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert (split["ok"], split["errors"]) == (1000, 0)
         v2_share = split["split"]["network"].get("net-food:v2", 0) / 1000
         assert near_share(v2_share * 1000, 1000, 0.10), split
+        # A thousand times the same review, after a mix of every kind: the input text has drifted.
+        psi, rows = text_drifted(env)
+        assert psi > 0.2, rows
         # On one host the runtimes' output goes through the gateway Envoy, mTLS or not (architecture, "Same host").
         assert admin_stat(ports["gateway_admin"], "cluster.classifier_v1.upstream_rq_total") >= 1000
         # The page draws every variant with its weight, and the share seen since v2 matches what invoke counted.
