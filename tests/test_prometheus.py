@@ -144,8 +144,13 @@ async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheu
             return found
 
         await wait_for(baseline_set, timeout=40)  # the first windows close and are read within ~20 s
-        await asyncio.sleep(12)
-        steady = await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")
+
+        async def judged() -> dict[str, Any]:  # windows after the baseline read, and the text judged on them
+            row = await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")
+            await asyncio.sleep(1)
+            return row if any(d["field"] == "text" for d in row.get("drift", [])) else {}
+
+        steady = await wait_for(judged, timeout=40)
         assert steady["baseline"]["threshold"] == 0.2 and 0 <= text_drift(steady) < 0.2, steady["drift"]
         assert steady["fields"]["inputs.text"]["kinds"] == {"string": steady["fields"]["inputs.text"]["count"]}
         texts[:] = FOREIGN  # the callers change: long texts in other languages

@@ -19,6 +19,7 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_to_proto
 from controlplane.pipeline.spec import parse_pipeline
+from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import M, apply, pipeline, post, until_ok
 
 TEXTS = ["one", "one two", "a b c", "the quick brown fox", "w x y z q"]
@@ -113,7 +114,7 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     assert {served for _, _, served in live} == {"tokenize=tokenize:v1, count=count:v1, score=score:v1"}
     assert history(control_plane, "rp") == [1]
     # The replay was not logged: the log grew by the live requests only.
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: len(log.read_text().splitlines()) >= recorded + 150, timeout=10)  # the writer catches up
     assert len(log.read_text().splitlines()) == recorded + 150
     # The control plane keeps the report; the trial is gone (its secret enters the live version now).
     listed = replay(control_plane, "rp", "-o", "json")
@@ -194,8 +195,16 @@ async def test_one_replay_at_a_time_per_pipeline_and_a_lapsed_one_is_replaced(
         async with aiohttp.ClientSession(headers={"x-mll-replay": first.secret}) as session:
             status, _, served = await post(session, url, {"text": "a"})
         assert status == 200 and served == "tokenize=tokenize:v1, count=count:v1, score=score:v1"
-        await asyncio.sleep(10)  # the trial lapses: another may start, and the first one's secret is live traffic
-        second = await stub.StartReplay(pb.StartReplayRequest(candidate=candidate, ttl_seconds=30))
+
+        async def started_again() -> Any:  # refused while the first runs; once it lapses (10 s), another may start
+            try:
+                return await stub.StartReplay(pb.StartReplayRequest(candidate=candidate, ttl_seconds=30))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+                await asyncio.sleep(0.5)
+                return None
+
+        second = await wait_for(started_again, timeout=30)
         assert second.id != first.id and second.version != first.version
         await stub.EndReplay(pb.EndReplayRequest(pipeline="once", id=second.id))
         listed = await stub.ListReplays(pb.ListReplaysRequest(pipeline="once"))

@@ -62,8 +62,11 @@ class VersionState:
     windows: deque[tuple[int, Profile]] = field(default_factory=lambda: deque(maxlen=KEEP_WINDOWS))
     drift: list[Drift] = field(default_factory=list)
     too_few: list[str] = field(default_factory=list)
+    changes: int = 0  # windows added or merged into: a merge made before one is stale
+    _merged: tuple[tuple[int, int], Profile] | None = None
 
     def add(self, wid: int, profile: Profile) -> None:
+        self.changes += 1
         for known, p in self.windows:
             if known == wid:  # another replica's ten seconds
                 p.merge(profile)
@@ -72,7 +75,11 @@ class VersionState:
         self.windows = deque(sorted(self.windows, key=lambda w: w[0]), maxlen=KEEP_WINDOWS)
 
     def since(self, first: int) -> Profile:
-        return merged(p for wid, p in self.windows if wid >= first)
+        """The windows from `first` on, merged once per change (a scrape of /metrics asks every second)."""
+        key = (first, self.changes)
+        if self._merged is None or self._merged[0] != key:
+            self._merged = (key, merged(p for wid, p in self.windows if wid >= first))
+        return self._merged[1]
 
 
 def baselines_prefix(kv_prefix: str) -> str:
@@ -98,6 +105,7 @@ class Monitor:
         self.read_after: dict[str, int] = {}  # service id -> last window id read
         self.skipped: dict[str, str] = {}  # service id -> why its last answer was not used
         self.window_seconds = 10
+        self.baselines_index: Any = None  # Consul's index of the baselines last parsed
         self.relations = relations
         self.answers: dict[str, OrderedDict[str, dict[str, Any]]] = {}  # cluster -> request id -> answer
         self.agreement: dict[str, list[dict[str, Any]]] = {}  # shadow cluster -> per primary and field
@@ -121,6 +129,11 @@ class Monitor:
         for gone in set(self.versions) - known:
             if not self.versions[gone].windows or self.versions[gone].windows[-1][0] < self._window() - KEEP_WINDOWS:
                 del self.versions[gone]  # no replica for longer than the history: forgotten
+                self.answers.pop(model_cluster(*gone), None)
+        running = {i.service_id for i in local}
+        for table in (self.read_after, self.skipped):  # runtimes that are gone: nothing more to read from them
+            for service_id in set(table) - running:
+                del table[service_id]
         await self._read_baselines()
         self._judge()
 
@@ -205,9 +218,12 @@ class Monitor:
 
     async def _read_baselines(self) -> None:
         try:
-            _, items = await self.client.kv.get(self.prefix, recurse=True)
+            index, items = await self.client.kv.get(self.prefix, recurse=True)
         except (aiohttp.ClientError, OSError, TimeoutError, consul.ConsulException):
             return  # kept as last read
+        if index is not None and index == self.baselines_index:
+            return  # nothing changed since the last read: their sketches are not parsed again
+        self.baselines_index = index
         found, broken = {}, {}
         for item in items or []:
             key = str(item.get("Key", ""))[len(self.prefix) :]
