@@ -8,10 +8,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import consul.aio
 import pytest
+from aiohttp import test_utils
 
+from contract import headers as h
+from controlplane.kafka.bridge import build_bridge_app
+from controlplane.kafka.plane import KafkaPlane
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
+from controlplane.pipeline.spec import parse_pipeline
 from tests.conftest import ControlPlaneProc
 from tests.helpers.envoy import envoy_stat, get_json, wait_for
 from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
@@ -86,7 +92,7 @@ async def test_kafka_bridge_survives_losing_a_control_plane(
             await wait_for(lambda: len(gateway_hosts(gateway, "mll-kafka-bridge")) == 1, timeout=30)
             await asyncio.sleep(2)
         _, stats = gateway.admin("/stats?filter=mll-kafka-bridge.upstream_(rq_retry|cx_connect_fail)")
-        assert set(load.outcomes) == {200}, (load.outcomes, stats)
+        assert set(load.outcomes) == {200}, (load.outcomes, load.failures, stats)
         assert bridges_of(second) == [f"127.0.0.1:{second.bridge_port}"]
         status = second.cli("status", f"--dashboard=http://127.0.0.1:{second.metrics_port}")
         assert f"kafka bridges: 127.0.0.1:{second.bridge_port}\n" in status.stdout, status.stdout + status.stderr
@@ -139,3 +145,16 @@ async def test_a_new_version_waits_for_a_sidecar_that_streams_to_another_control
         assert set(load.outcomes) == {200}, load.outcomes
     finally:
         second.stop()
+
+
+async def test_a_bridge_that_cannot_produce_yet_says_503_retriable_so_the_gateway_tries_another() -> None:
+    """The bridge before its broker connection: a 503 with the header the gateway retries on, nothing produced."""
+    pipeline = parse_pipeline({**ONE_STAGE, "transport": "kafka"})
+    kafka = KafkaPlane(f"127.0.0.1:{processes.free_port()}", consul.aio.Consul(), "mll", "mll-replies-test")
+    app = build_bridge_app(kafka, lambda name: pipeline if name == "one" else None)
+    async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+        answer = await client.post("/bridge/one", data=b'{"text": "a b"}')
+        assert answer.status == 503 and answer.headers.get(h.RETRIABLE) == "true"
+        assert "Kafka broker not reachable" in (await answer.json())["error"]
+        unknown = await client.post("/bridge/two", data=b'{"text": "a b"}')
+        assert unknown.status == 404 and h.RETRIABLE not in unknown.headers

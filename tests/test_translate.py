@@ -124,6 +124,9 @@ def test_kafka_pipelines_reach_every_bridge_and_retry_another_one() -> None:
     hosts = [e.endpoint.address.socket_address.address for e in bridge.load_assignment.endpoints[0].lb_endpoints]
     assert hosts == ["10.0.0.1", "10.0.0.2"]
     assert bridge.circuit_breakers.thresholds[0].max_retries.value > 1000  # every in-flight request may retry
+    # A bridge that fails to connect is set aside at once, before Consul's check notices its control plane died.
+    assert bridge.outlier_detection.split_external_local_origin_errors
+    assert bridge.outlier_detection.enforcing_consecutive_5xx.value == 0  # a pipeline's 504 is not the bridge's fault
 
 
 def test_listeners_use_rds_routes_that_exist() -> None:

@@ -50,6 +50,8 @@ def build_bridge_app(kafka: KafkaPlane, live_pipeline: Callable[[str], Pipeline 
             model, version = request.headers.get(h.OIP_MODEL, name), request.headers.get(h.OIP_VERSION, "")
             result = oip.reencode(status, result, model, version, request_id)
         headers = {h.SERVED: served} if served else {}
+        if status == 503:  # refused before anything was produced: another bridge may take it
+            headers[h.RETRIABLE] = "true"
         return web.Response(body=result, status=status, content_type="application/json", headers=headers)
 
     async def healthz(request: web.Request) -> web.Response:

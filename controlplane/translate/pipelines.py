@@ -51,7 +51,7 @@ from controlplane.translate.shared import Carrier, not_carried_here, shared_egre
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
 BRIDGE = "mll-kafka-bridge"
-BRIDGE_RETRIES = 2
+BRIDGE_RETRIES = 3
 KAFKA = "kafka-broker"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
 REPLAY = "x-mll-replay"  # a replay's secret: only requests that carry it enter its candidate (never live traffic)
@@ -329,6 +329,7 @@ def gateway_clusters(version: PipelineVersion) -> frozenset[str]:
 def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
     cluster = r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in bridges))
     cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)  # a dying control plane: all its requests retry
+    cluster.outlier_detection.CopyFrom(r.EJECT_ON_OWN_FAILURES)  # not picked again before Consul notices
     if tls_dir:
         cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, BRIDGE_SERVICE))
     return cluster

@@ -58,6 +58,22 @@ RETRIES_UNCAPPED = circuit_breaker_pb2.CircuitBreakers(
 )
 
 
+# Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
+# from a stage further down, or caused by the input, and says nothing about this host.
+_OFF = wrappers_pb2.UInt32Value(value=0)
+EJECT_ON_OWN_FAILURES = outlier_detection_pb2.OutlierDetection(
+    split_external_local_origin_errors=True,
+    consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=5),
+    enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+    enforcing_consecutive_5xx=_OFF,
+    enforcing_consecutive_gateway_failure=_OFF,
+    enforcing_success_rate=_OFF,
+    interval=millis(2000),
+    base_ejection_time=millis(10000),
+    max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+)
+
+
 def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True) -> Resource:
     """A cluster whose endpoints come over EDS (from Consul via the control plane)."""
     cluster = cluster_pb2.Cluster(
@@ -69,22 +85,7 @@ def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True)
         circuit_breakers=RETRIES_UNCAPPED,
     )
     if outlier:
-        # Eject a host for its own failures (connect, reset, timeout) only: a 5xx may be relayed
-        # from a stage further down, or caused by the input, and says nothing about this host.
-        off = wrappers_pb2.UInt32Value(value=0)
-        cluster.outlier_detection.CopyFrom(
-            outlier_detection_pb2.OutlierDetection(
-                split_external_local_origin_errors=True,
-                consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=5),
-                enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
-                enforcing_consecutive_5xx=off,
-                enforcing_consecutive_gateway_failure=off,
-                enforcing_success_rate=off,
-                interval=millis(2000),
-                base_ejection_time=millis(10000),
-                max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
-            )
-        )
+        cluster.outlier_detection.CopyFrom(EJECT_ON_OWN_FAILURES)
     return cluster
 
 

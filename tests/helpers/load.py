@@ -34,13 +34,16 @@ class SteadyLoad:
     def __init__(self, url: str, clients: int = 4) -> None:
         self.url, self.clients = url, clients
         self.outcomes: collections.Counter[int] = collections.Counter()
+        self.failures: list[str] = []  # the first few answers that were not 200, to say why
         self.stop = asyncio.Event()
 
     async def _client(self) -> None:
         async with aiohttp.ClientSession() as session:
             while not self.stop.is_set():
-                status, _, _ = await post(session, self.url, {"text": "a b"})
+                status, body, _ = await post(session, self.url, {"text": "a b"})
                 self.outcomes[status] += 1
+                if status != 200 and len(self.failures) < 5:
+                    self.failures.append(f"{status} {str(body)[:300]}")
 
     async def __aenter__(self) -> SteadyLoad:
         self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
