@@ -45,3 +45,27 @@ def test_a_chart_draws_a_line_per_series_and_marks_when_a_version_entered() -> N
     assert svg.count("<polyline") == 1 and "data-series='ma.v1'" in svg
     assert "class='mark'" in svg and ">v2<" in svg and "last 60 s" in svg
     assert "class='mark'" not in line_chart("x", {}, 0.0, 60.0, [(90.0, "later")])  # outside the span: not drawn
+
+
+def test_marks_close_in_time_print_their_labels_on_rows_of_their_own() -> None:
+    marks = [(30.0 + i, f"v{i} rollout step {i}") for i in range(3)] + [(55.0, "v9 apply")]
+    svg = line_chart("x", {}, 0.0, 60.0, marks)
+    rows = [int(y) for y in re.findall(r"<text x='[\d.]+' y='(\d+)' fill='#555' text-anchor='end'", svg)]
+    assert rows[:3] == [22, 34, 46]  # a second apart: one below the other
+    assert rows[3] == 22  # far enough to the right: back on the first row
+
+
+def test_a_model_versions_charts_mark_each_pipeline_version_that_sent_to_it_or_stopped() -> None:
+    from controlplane.pipeline.model import PipelineVersion
+    from controlplane.web.monitoring import version_changes
+
+    def version(n: int, models: list[str], at: str) -> PipelineVersion:
+        stages = [{"name": "s", "variants": [{"model": "ma", "version": v} for v in models]}]
+        return PipelineVersion(parse_pipeline({"name": "p", "stages": stages}), n, at, f"cause {n}")
+
+    history = {"p": [version(1, ["v1"], "2026-12-06T10:00:00Z"), version(2, ["v1", "v2"], "2026-12-06T10:05:00Z"),
+                     version(3, ["v2"], "2026-12-06T10:06:00Z"), version(4, ["v2"], "not a time")]}  # fmt: skip
+    changes = version_changes(history)
+    assert [label for _, label in changes["ma.v1"]] == ["p v1 cause 1", "p v2 cause 2", "p v3 cause 3"]
+    assert [label for _, label in changes["ma.v2"]] == ["p v2 cause 2", "p v3 cause 3"]
+    assert changes["ma.v2"][0][0] - changes["ma.v1"][0][0] == 300

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from typing import Any
 
+import pytest
+
+from controlplane.models.reference import SHOWN, BadReference, profile_window, read_records
 from controlplane.monitoring.sketches import MIN_COUNT, drift, merged, read_profile, summary
 from runtime_sdk import profiles
 from runtime_sdk.profiles import KEEP_WINDOWS, MAX_FIELDS, MAX_ITEM_CHARS, WINDOW_SECONDS, Profiler
@@ -168,6 +172,8 @@ def test_the_monitoring_page_draws_now_against_the_baseline_and_escapes_field_na
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("class='distribution'") >= 4 and "data-series='baseline'" in html and "m:v1" in html
     assert "drift (PSI) per field" in html and html.count('class="field stable"') >= 4
+    marked = monitoring_page(monitor.page(), {"m.v1": [(time.time() - 30, "p v2 <b>apply</b>")]})
+    assert "class='mark'" in marked and "p v2 &lt;b&gt;apply&lt;/b&gt;" in marked  # when its pipeline changed
 
 
 def test_a_candidates_answers_are_compared_with_its_baselines_field_by_field() -> None:
@@ -188,3 +194,25 @@ def test_a_candidates_answers_are_compared_with_its_baselines_field_by_field() -
     assert same is not None and same[1] < 0.1
     assert moved is not None and moved[0] == "category" and moved[1] > 1
     assert monitor.output_drift("m.v9", frozenset({"m.v1"})) is None  # nothing profiled: not judged
+
+
+def test_reference_data_profiles_as_the_runtime_would_and_a_bad_line_is_named() -> None:
+    rng = random.Random(5)
+    lines = []
+    for i in range(1000):
+        request, answer = english(rng, i)
+        lines.append(json.dumps({"request": request, "answer": answer} if i % 2 else request))
+    base = read_profile(profile_window("\n".join(lines) + "\n\n"))
+    assert base.requests == 1000 and base.sides["inputs"]["x"].count == 1000
+    assert base.sides["outputs"]["category"].count == 500  # answers where the sample has them
+    found, too_few = drift(base, profiled(english, seed=6))
+    assert too_few == [] and all(d.psi < 0.1 for d in found), found
+
+    records, problems = read_records('{"x": 1}\n[1, 2]\nnot json\n{"request": 3}\n' + "{}" * 40_000 + "\n")
+    assert len(records) == 1
+    assert [p.split(":")[0] for p in problems] == [f"reference line {n}" for n in (2, 3, 4, 5)], problems
+    assert "over 65,536" in problems[3]
+    assert read_records("\n \n") == ([], ["reference: no records"])
+    assert len(read_records("x\n" * 50)[1]) == SHOWN + 1  # the first ten named, the rest counted
+    with pytest.raises(BadReference, match="reference line 1: not JSON"):
+        profile_window("{\n")

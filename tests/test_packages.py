@@ -41,6 +41,22 @@ def test_every_manifest_problem_is_named_at_once(tmp_path: Path) -> None:
         assert field in text, text
 
 
+def test_reference_data_that_does_not_read_is_refused_at_build_line_by_line(tmp_path: Path) -> None:
+    root = copy(tmp_path)
+    manifest = (root / "mllambda.yaml").read_text()
+    (root / "mllambda.yaml").write_text(manifest + "reference: train.jsonl\n")
+    (root / "train.jsonl").write_text('{"x": 1}\n{"x": \n{"request": [1]}\n')
+    with pytest.raises(PackageError) as err:
+        read_manifest(root)
+    assert "reference line 2: not JSON" in str(err.value) and "reference line 3: request and answer" in str(err.value)
+    (root / "train.jsonl").write_text('{"x": 1}\n{"request": {"x": 2}, "answer": {"y": 0}}\n')
+    assert read_manifest(root)[0].reference == "train.jsonl"
+    (tmp_path / "outside.jsonl").write_text('{"x": 1}\n')
+    (root / "mllambda.yaml").write_text(manifest + "reference: ../outside.jsonl\n")
+    with pytest.raises(PackageError, match=r"reference: '\.\./outside\.jsonl' is not a file of the package"):
+        read_manifest(root)
+
+
 def test_a_package_without_a_manifest_or_its_entry_module_is_refused(tmp_path: Path) -> None:
     root = copy(tmp_path)
     (root / "mllambda.yaml").unlink()

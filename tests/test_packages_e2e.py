@@ -7,6 +7,7 @@ environment that is not the control plane's.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -32,8 +33,10 @@ PACKAGES = Path(__file__).parent / "data" / "packages"
 pytestmark = pytest.mark.slow
 
 
-def package_runtime(start_runtime: Any, store: Path, model: str, version: str, wait: bool = True) -> Any:
-    return start_runtime("", model, version, wait=wait, extra=("--package", f"--model-store={store}"))
+def package_runtime(
+    start_runtime: Any, store: Path, model: str, version: str, wait: bool = True, extra: tuple[str, ...] = ()
+) -> Any:
+    return start_runtime("", model, version, wait=wait, extra=("--package", f"--model-store={store}", *extra))
 
 
 async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
@@ -55,7 +58,7 @@ async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
     assert re.search(r"Created: .* by \S+@\S+ from ipv4:127\.0\.0\.1:\d+", described.stdout), described.stdout
 
     package_runtime(start_runtime, store, "skl", "v15")
-    package_runtime(start_runtime, store, "skl", "v19")
+    package_runtime(start_runtime, store, "skl", "v19", extra=("--profile-percent=100",))
     split = [{"model": "skl", "version": "v15", "weight": 50}, {"model": "skl", "version": "v19", "weight": 50}]
     apply(model_plane, tmp_path, {"name": "sk", "stages": [{"name": "classify", "variants": split}]})
     url = f"http://127.0.0.1:{model_plane.gateway_port}/pipelines/sk"
@@ -73,6 +76,21 @@ async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
     import sklearn  # the control plane's own environment: neither release
 
     assert sklearn.__version__ not in ("1.5.2", "1.9.0")
+
+    # v19's package carries its training sample: that is its drift baseline. Traffic of x=3 only drifts from it.
+    based = model_plane.cli("monitor", "baseline", "skl:v19", "--reference")
+    assert based.returncode == 0 and "200 records of its reference reference.jsonl" in based.stdout, based.stderr
+    lacking = model_plane.cli("monitor", "baseline", "skl:v15", "--reference")
+    assert lacking.returncode == 1 and "skl:v15 has no reference data" in lacking.stderr, lacking.stderr
+
+    async def drifted() -> dict[str, Any]:
+        done = await asyncio.to_thread(model_plane.cli, "monitor", "status", "skl:v19", "-o", "json")
+        (row,) = json.loads(done.stdout)["items"]
+        await asyncio.sleep(1)
+        return {f"{d['side']}.{d['field']} ({d['of']})": d["psi"] for d in row["drift"]}
+
+    psi = await wait_for(drifted, timeout=40)  # v19's windows close and are read
+    assert psi["inputs.x (value)"] > 1 and psi["outputs.label (value)"] > 1, psi
 
     undeploy = model_plane.cli("undeploy", "skl:v15")
     assert undeploy.returncode == 1 and "not deployed" in undeploy.stderr, undeploy.stderr

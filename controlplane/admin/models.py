@@ -19,7 +19,8 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.server import NotServedYet, guard
 from controlplane.config import cache_dir
 from controlplane.models.envs import prune_host
-from controlplane.models.package import MAX_PACKAGE
+from controlplane.models.package import MAX_PACKAGE, read_member, read_meta
+from controlplane.models.reference import BadReference, profile_window
 from controlplane.models.store import (
     BadPackage,
     Deployment,
@@ -28,8 +29,9 @@ from controlplane.models.store import (
     ModelStore,
     ModelVersion,
     check_names,
+    read_blob,
 )
-from controlplane.monitoring.monitor import DEFAULT_THRESHOLD, KEEP_WINDOWS, POLL_SECONDS, Monitor
+from controlplane.monitoring.monitor import DEFAULT_THRESHOLD, KEEP_WINDOWS, POLL_SECONDS, Monitor, MonitorError
 
 log = logging.getLogger("mllambda.admin")
 
@@ -85,9 +87,29 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
         if not 10 <= seconds <= WINDOW_LIMIT or not 0 < threshold < 100 or threshold != threshold:
             raise BadPackage(f"window_seconds: 10 to {WINDOW_LIMIT}; threshold: above 0 and below 100")
-        await self._monitor().set_baseline(request.model, request.version, seconds, threshold)
+        if request.reference:
+            window, source = await self._reference(request.model, request.version)
+            await self._monitor().set_reference_baseline(request.model, request.version, window, threshold, source)
+        else:
+            await self._monitor().set_baseline(request.model, request.version, seconds, threshold)
         rows = self._monitor().status((request.model, request.version))
         return pb.MonitorStatusResponse(status_json=json.dumps(rows))
+
+    async def _reference(self, model: str, version: str) -> tuple[dict[str, Any], str]:
+        """The package's reference data profiled as one window, and where it came from."""
+        record = await self.store.get(model, version)
+        archive = await asyncio.to_thread(read_blob, self.store.dir, record.digest)
+        name = read_meta(archive).reference
+        if not name:
+            raise MonitorError(
+                f"model/{model}:{version} has no reference data: name a JSON-lines sample as `reference:` in its"
+                " manifest and build it again, or take a window of traffic (--window)"
+            )
+        text = read_member(archive, name).decode("utf-8", errors="replace")
+        try:
+            return await asyncio.to_thread(profile_window, text), f"reference {name}"
+        except BadReference as err:
+            raise BadPackage(f"{name}: {err}") from err
 
     @guard
     async def GetMonitorStatus(self, request: Any, context: Any) -> Any:

@@ -1,4 +1,4 @@
-"""`mllambda monitor baseline M:V [--window S] [--threshold T]` and `mllambda monitor status [M:V] [-o json]`."""
+"""`mllambda monitor baseline M:V [--window S | --reference] [--threshold T]`; `mllambda monitor status [M:V]`."""
 
 from __future__ import annotations
 
@@ -23,16 +23,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
         if args.action == "baseline":
             if not args.ref:
-                raise CliError("mllambda monitor baseline MODEL:VERSION [--window SECONDS] [--threshold PSI]")
+                raise CliError("mllambda monitor baseline MODEL:VERSION [--window S | --reference] [--threshold T]")
             model, version = _ref(args.ref)
-            request = pb.SetBaselineRequest(model=model, version=version, window_seconds=args.window)
+            request = pb.SetBaselineRequest(
+                model=model, version=version, window_seconds=args.window, reference=args.reference
+            )
             if args.threshold is not None:
                 request.threshold = args.threshold
             rows = json.loads(admin.SetBaseline(request).status_json)
             base = rows[0]["baseline"] if rows else None
             if base:
-                print(f"model/{model}:{version} baseline set: {base['requests']} profiled requests over the last "
-                      f"{base['window_seconds']}s; drift threshold {base['threshold']:g} (PSI)")  # fmt: skip
+                print(f"model/{model}:{version} baseline set: {base['requests']} {_source(base)}; "
+                      f"drift threshold {base['threshold']:g} (PSI)")  # fmt: skip
             return 0
         model, version = _ref(args.ref) if args.ref else ("", "")
         rows = json.loads(admin.GetMonitorStatus(pb.MonitorStatusRequest(model=model, version=version)).status_json)
@@ -43,6 +45,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(base: dict[str, Any]) -> str:
+    if base.get("source", "traffic") == "traffic":
+        return f"profiled requests over {base['window_seconds']}s of traffic"
+    return f"records of its {base['source']}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no profiled model versions yet (runtimes profile --profile-percent of requests, 5 by default)"
@@ -50,7 +58,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         base = row["baseline"]
         about = (
-            f"baseline {base['created_at']} ({base['requests']} requests), threshold {base['threshold']:g}"
+            f"baseline {base['created_at']} ({base['requests']} {_source(base)}), threshold {base['threshold']:g}"
             if base else "no baseline: `mllambda monitor baseline M:V`"
         )  # fmt: skip
         if row.get("broken_baseline"):
@@ -70,6 +78,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["baseline", "status"])
     p.add_argument("ref", nargs="?", help="MODEL:VERSION")
     p.add_argument("--window", type=int, default=300, help="baseline: the last SECONDS of traffic (10 to 600)")
+    p.add_argument("--reference", action="store_true", help="baseline: the package's reference data, not traffic")
     p.add_argument("--threshold", type=float, help="baseline: PSI above which a field has drifted (0.2)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.add_argument("--server", help="admin API address (default: MLLAMBDA_ADMIN_ADDR or 127.0.0.1:18001)")

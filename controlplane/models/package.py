@@ -29,13 +29,16 @@ import yaml
 
 from controlplane.models.contract import example_problems, read_contract
 from controlplane.models.formats import ENTRY, LOADER, Detected, FormatError, detect, mlflow_requirements
+from controlplane.models.reference import MAX_BYTES, read_records
 
 MANIFEST = "mllambda.yaml"
 META = ".mllambda/package.json"
 LOCK = ".mllambda/lock.txt"
 MAX_PACKAGE = 512 * 1024 * 1024  # bytes of the archive: a large model's weights; bigger belongs in a model registry
 MAX_FILES = 10_000
-MANIFEST_KEYS = {"kind", "entry", "loader", "requirements", "examples", "description", "format", "contract"}
+MANIFEST_KEYS = {
+    *("kind", "entry", "loader", "requirements", "examples", "reference", "description", "format", "contract")
+}
 SKIPPED = {"__pycache__", ".git", ".venv", ".mllambda", ".ipynb_checkpoints"}
 TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -53,6 +56,7 @@ class PackageMeta:
     python: str = ""  # MAJOR.MINOR the lock was made for
     requirements: tuple[str, ...] = ()  # what the author asked for, as written
     examples: str = ""  # a JSON-lines file of example requests, if any
+    reference: str = ""  # a JSON-lines sample of what the model was trained on: a drift baseline (reference.py)
     description: str = ""
     files: tuple[str, ...] = field(default_factory=tuple)  # the model's own files (code, weights)
     format: str = ""  # a saved model served by runtime_sdk.formats (mlflow, onnx, sklearn, xgboost, lightgbm)
@@ -71,6 +75,7 @@ class PackageMeta:
             python=str(data.get("python", "")),
             requirements=tuple(str(r) for r in data.get("requirements", ())),
             examples=str(data.get("examples", "")),
+            reference=str(data.get("reference", "")),
             description=str(data.get("description", "")),
             files=tuple(str(f) for f in data.get("files", ())),
             format=str(data.get("format", "")),
@@ -148,8 +153,13 @@ def read_manifest(root: Path, manifest: str = MANIFEST, wanted_format: str = "")
         if not requirements:
             problems.append("requirements: the MLflow model has no requirements.txt (save_model writes one)")
     examples = data.get("examples", "")
-    if not isinstance(examples, str) or (examples and not (root / examples).is_file()):
+    if not isinstance(examples, str) or (examples and not _inside(root, examples)):
         problems.append(f"examples: {examples!r} is not a file of the package")
+    reference = data.get("reference", "")
+    if not isinstance(reference, str) or (reference and not _inside(root, reference)):
+        problems.append(f"reference: {reference!r} is not a file of the package")
+    elif reference:
+        problems += reference_problems(root / reference)
     description = data.get("description", "")
     if not isinstance(description, str) or len(description) > 500:
         problems.append("description: text of up to 500 characters")
@@ -164,12 +174,25 @@ def read_manifest(root: Path, manifest: str = MANIFEST, wanted_format: str = "")
         python=python_version(),
         requirements=tuple(requirements),
         examples=str(examples),
+        reference=str(reference),
         description=str(description),
         format=detected.format if detected else "",
         model_file=detected.model_file if detected else "",
         signature=declared,
     )
     return meta, requirements
+
+
+def _inside(root: Path, name: str) -> bool:
+    """`name` is a file of the package (not outside it, so it is packed)."""
+    path = Path(name)
+    return not path.is_absolute() and ".." not in path.parts and (root / path).is_file()
+
+
+def reference_problems(path: Path) -> list[str]:
+    if path.stat().st_size > MAX_BYTES:
+        return [f"reference: {path.stat().st_size:,} bytes, over {MAX_BYTES:,}: sample it"]
+    return read_records(path.read_text(encoding="utf-8", errors="replace"))[1]
 
 
 def _manifest_data(path: Path) -> dict[str, Any]:
@@ -283,6 +306,12 @@ def build(root: Path, uv: str, manifest: str = MANIFEST, wanted_format: str = ""
 def read_meta(archive: bytes) -> PackageMeta:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         return PackageMeta.from_json(_member(tar, META))
+
+
+def read_member(archive: bytes, name: str) -> bytes:
+    """One file of the package (PackageError if it has none by that name)."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return _member(tar, name)
 
 
 def read_lock(archive: bytes) -> str:

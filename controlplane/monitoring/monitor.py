@@ -53,8 +53,9 @@ class Baseline:
     profile: Profile
     threshold: float
     created_at: str
-    window_seconds: int
+    window_seconds: int  # 0: not a window of traffic (reference data)
     requests: int
+    source: str = "traffic"  # or "reference <file>": the package's reference data
 
 
 @dataclass
@@ -236,6 +237,7 @@ class Monitor:
                     str(record["created_at"]),
                     int(record["window_seconds"]),
                     int(record["requests"]),
+                    str(record.get("source", "traffic"))[:200],
                 )
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 broken[(model, version)] = f"{type(err).__name__}: {err}"[:200]
@@ -250,9 +252,24 @@ class Monitor:
                 f"no profiled requests of {model}:{version} in the last {seconds}s (is it serving, and profiled:"
                 " --profile-percent above 0, datasketches in its environment?)"
             )
+        return await self._keep(model, version, profile, threshold, seconds, "traffic")
+
+    async def set_reference_baseline(
+        self, model: str, version: str, window: Mapping[str, Any], threshold: float, source: str
+    ) -> Baseline:
+        """A profile window made from the package's reference data (models/reference.py) as the baseline."""
+        try:
+            profile = read_profile(window)
+        except (ValueError, RuntimeError) as err:
+            raise MonitorError(f"the reference data does not profile: {err}") from err
+        return await self._keep(model, version, profile, threshold, 0, source)
+
+    async def _keep(
+        self, model: str, version: str, profile: Profile, threshold: float, seconds: int, source: str
+    ) -> Baseline:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
         record = {"profile": profile.write(), "threshold": threshold, "created_at": created,
-                  "window_seconds": seconds, "requests": profile.requests}  # fmt: skip
+                  "window_seconds": seconds, "requests": profile.requests, "source": source}  # fmt: skip
         text = json.dumps(record)
         if len(text) > MAX_BASELINE:
             raise MonitorError(f"the baseline is {len(text)} bytes, over {MAX_BASELINE}: too many fields to keep")
@@ -260,7 +277,7 @@ class Monitor:
             await self.client.kv.put(self.prefix + model_cluster(model, version), text)
         except (aiohttp.ClientError, OSError, TimeoutError, consul.ConsulException) as err:
             raise MonitorError(f"Consul: {err}") from err
-        baseline = Baseline(profile, threshold, created, seconds, profile.requests)
+        baseline = Baseline(profile, threshold, created, seconds, profile.requests, source)
         self.baselines[(model, version)] = baseline
         self._judge()
         return baseline
@@ -279,7 +296,7 @@ class Monitor:
                 "fields": {f"{side}.{n}": summary(p) for side, fields in now.sides.items() for n, p in fields.items()},
                 "baseline": None if base is None else {"created_at": base.created_at, "requests": base.requests,
                                                        "window_seconds": base.window_seconds,
-                                                       "threshold": base.threshold},
+                                                       "threshold": base.threshold, "source": base.source},
                 "broken_baseline": self.broken_baselines.get(version),
                 "drift": [d.__dict__ for d in state.drift],
                 "too_few": state.too_few,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import itertools
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 
 from controlplane.delivery.traffic import ClusterStats, VariantTraffic, delta
 from controlplane.pipeline.model import Pipeline
@@ -101,8 +102,19 @@ def rate_series(readings: Readings, clusters: Sequence[str], since: float) -> tu
     return rps, errors, p99
 
 
+def wall_time(iso: str) -> float | None:
+    """A record's `created_at` (ISO 8601, Z) as a Unix time; None if it does not parse."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+MARK_ROWS = 4  # rows of mark labels, so that marks close in time do not print over each other
 
 
 def line_chart(title: str, series: Series, start: float, end: float, marks: Sequence[tuple[float, str]] = ()) -> str:
@@ -124,13 +136,16 @@ def line_chart(title: str, series: Series, start: float, end: float, marks: Sequ
         f"<text x='2' y='{y(top) + 4:.0f}'>{top:.3g}</text><text x='2' y='{height - bottom}'>0</text>",
         f"<text x='{left}' y='{height - 6}' fill='#555'>last {_duration(span)}</text>",
     ]
-    for t, label in marks:
-        if start <= t <= end:
-            parts.append(
-                f"<line class='mark' x1='{x(t):.1f}' y1='12' x2='{x(t):.1f}' y2='{height - bottom}' "
-                f"stroke='#999' stroke-dasharray='3 3'/><text x='{x(t) - 3:.1f}' y='22' fill='#555' "
-                f"text-anchor='end'>{e(label)}</text>"
-            )
+    rows = [float("-inf")] * MARK_ROWS  # where each row of mark labels ends, left to right
+    for t, label in sorted(m for m in marks if start <= m[0] <= end):
+        right = x(t) - 3  # a label ends at its line; about 6 px a character
+        row = next((i for i, used in enumerate(rows) if used < right - 6 * len(label) - 4), rows.index(min(rows)))
+        rows[row] = right
+        parts.append(
+            f"<line class='mark' x1='{x(t):.1f}' y1='12' x2='{x(t):.1f}' y2='{height - bottom}' "
+            f"stroke='#999' stroke-dasharray='3 3'/><text x='{right:.1f}' y='{22 + 12 * row}' fill='#555' "
+            f"text-anchor='end'>{e(label)}</text>"
+        )
     for i, (label, points) in enumerate(sorted(series.items())):
         color = COLORS[i % len(COLORS)]
         if points:

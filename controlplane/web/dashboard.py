@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime
 from typing import Any
 
 import consul
@@ -24,7 +23,7 @@ from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
-from controlplane.web.charts import line_chart, pipeline_svg, rate_series
+from controlplane.web.charts import line_chart, pipeline_svg, rate_series, wall_time
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
 from controlplane.web.monitoring import add_routes as add_monitoring_routes
@@ -372,9 +371,8 @@ def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, s
     took traffic, on the charts' clock."""
     marks = []
     for v in view.history.get(name, [])[-6:]:
-        try:
-            written = datetime.fromisoformat(v.created_at.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+        written = wall_time(v.created_at)
+        if written is None:
             continue
         marks.append((now - (time.time() - written), f"v{v.version} {v.cause[:28]}"))
     entered = view.entered_at.get(name)
