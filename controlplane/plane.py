@@ -125,7 +125,7 @@ class ControlPlane:
 
         self.model_store = ModelStore(self.consul, Path(settings.model_store), settings.kv_prefix)
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
-        self.monitor = Monitor(self.consul, settings.kv_prefix, self.discovery.instances, relations=self._shadowed)
+        self.monitor = Monitor(self.consul, settings.kv_prefix, self.discovery.instances, relations=self._compared)
         self.models.monitor = self.monitor
         self.signatures = SignatureBook(self.model_store)
         self.admin.contracts = self.signatures.contracts
@@ -268,12 +268,10 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(self.discovery.watch_bridges(self.settings.kv_prefix)))
         return self
 
-    def _shadowed(self) -> list[tuple[str, frozenset[str]]]:
-        """(shadow, the clusters it shadows) of every stage in traffic with a shadow: their answers pair up."""
-        return sorted({
-            (stage.shadow.cluster, frozenset(v.cluster for v in stage.all_variants()))
-            for v in self.pipelines for stage in v.pipeline.stages if stage.shadow is not None and not stage.members
-        }, key=lambda pair: (pair[0], sorted(pair[1])))  # fmt: skip
+    def _compared(self) -> list[tuple[str, frozenset[str], bool]]:
+        """Whose answers pair with whose in the stages in traffic (Stage.compared)."""
+        return sorted({c for v in self.pipelines for stage in v.pipeline.stages for c in stage.compared()},
+                      key=lambda c: (c[0], sorted(c[1]), c[2]))  # fmt: skip
 
     def _live_pipeline(self, name: str) -> Pipeline | None:
         return next((v.pipeline for v in self.pipelines if v.pipeline.name == name), None)

@@ -118,12 +118,16 @@ def test_members_answer_without_forwarding_and_the_join_sends_on() -> None:
     snapshots = translate(steady(PIPELINE), RUNTIMES)
     (member,) = [r for r in routes(snapshots["mx-v1-1"], "ingress") if r.name == "p/e/x"]
     assert member.match.path == "/pipelines/p/v1/e/x"
-    assert headers(member) == {"x-mll-stage": "e.x", "x-mll-transport": "http"}
+    # Members, their shadows and the join keep their answers by request id: monitoring compares them.
+    assert headers(member) == {"x-mll-stage": "e.x", "x-mll-transport": "http", "x-mll-agree": "1"}
     assert member.route.timeout.ToMilliseconds() == 2000
     (shadow,) = [r for r in routes(snapshots["mx-v2-2"], "ingress") if r.name == "p/e/x"]
-    assert headers(shadow)["x-mll-shadow"] == "1"
+    assert headers(shadow)["x-mll-shadow"] == "1" and headers(shadow)["x-mll-agree"] == "1"
     (join,) = [r for r in routes(snapshots["mj-v1-4"], "ingress") if r.name == "p/e"]
-    assert headers(join)["x-mll-next"] == "/pipelines/p/v1/z"
+    assert headers(join)["x-mll-next"] == "/pipelines/p/v1/z" and headers(join)["x-mll-agree"] == "1"
+    compared = {(c, tuple(sorted(against)), shared) for c, against, shared in PIPELINE.stages[1].compared()}
+    assert ("mx.v1", ("mj.v1",), True) in compared and ("my.v1", ("mj.v1",), True) in compared  # vs the join
+    assert ("mx.v2", ("mx.v1",), False) in compared  # a member's shadow against that member
     assert [r.match.path for r in routes(snapshots["mj-v1-4"], "egress") if r.match.path] == [
         "/readyz",
         "/pipelines/p/v1/z",

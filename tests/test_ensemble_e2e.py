@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from bench.common import runtime_codes
 from tests.conftest import consul_passing
-from tests.helpers.envoy import get_json, near_share
+from tests.helpers.envoy import get_json, near_share, wait_for
 from tests.helpers.pipelines import M, apply, in_traffic, post, until_ok
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,18 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
             await asyncio.gather(*(one() for _ in range(50)))
     assert set(seen) == {"longest:v1", "longest:v2"}, seen
     assert near_share(seen["longest:v2"], 2000, 0.10), seen
+
+    # Each member's answers are paired with the join's on the same requests (the fields both answer).
+    async def agreement() -> dict[str, dict[str, Any]]:
+        done = await asyncio.to_thread(control_plane.cli, "monitor", "status", "-o", "json")
+        rows = {f"{r['model']}:{r['version']}": r["agreement"] for r in json.loads(done.stdout)["items"]}
+        await asyncio.sleep(1)
+        found = {name: {a["field"]: a for a in found} for name, found in rows.items() if found}
+        return found if sum(a["pairs"] for a in found.get("count:v1", {}).values()) >= 1000 else {}
+
+    found = await wait_for(agreement, timeout=45)  # windows close, then are read
+    assert set(found["count:v1"]) == {"count"} and found["count:v1"]["count"]["against"] == "joiner:v1"
+    assert found["count:v1"]["count"]["agreement"] == 1.0 and found["longest:v1"]["longest"]["agreement"] == 1.0
 
     # Over Unix sockets, with an optional member that answers too late: left out and marked,
     # and the answer arrives once its 300 ms are up, well within the stage's 3 s.

@@ -121,6 +121,11 @@ def test_agreement_pairs_answers_by_request_id_per_field() -> None:
     assert found["p"]["agreement"] == 0.5  # within 1%, or not
     assert found["ok"]["agreement"] == 0.0  # 1 is not True
     assert agreement(shadow, [{}], ["m.v1"]) == []
+    # An ensemble member answers part of what its join does: only the fields both answered count.
+    member = {f"r{i}": {"category": "b" if i % 5 == 0 else "a"} for i in range(100)}
+    assert {a["field"] for a in agreement(member, [primary], ["j.v1"])} == {"category", "p", "ok"}
+    (only,) = agreement(member, [primary], ["j.v1"], shared=True)
+    assert (only["field"], only["pairs"], only["agreement"]) == ("category", 100, 0.8)
 
 
 def test_a_stage_with_a_shadow_tells_both_to_keep_their_answers() -> None:

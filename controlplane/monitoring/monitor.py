@@ -40,8 +40,9 @@ DEFAULT_THRESHOLD = 0.2  # PSI
 MAX_IDS = 20_000  # answers kept per version for agreement (the newest)
 NUMBER_TOLERANCE = 0.01  # numbers within 1% (relative) agree
 Version = tuple[str, str]
-# (shadow's model-version cluster, the clusters of the stage it shadows): whose answers pair by request id
-Relations = Callable[[], Sequence[tuple[str, frozenset[str]]]]
+# (a model version's cluster, the clusters it is compared with, only the fields both answer): whose answers pair
+# by request id (Stage.compared)
+Relations = Callable[[], Sequence[tuple[str, frozenset[str], bool]]]
 
 
 class MonitorError(Exception):
@@ -198,8 +199,8 @@ class Monitor:
 
     def _judge(self) -> None:
         self.agreement = {shadow: agreement(self.answers.get(shadow, {}), [self.answers.get(p, {}) for p in
-                                            sorted(primaries)], sorted(primaries))
-                          for shadow, primaries in self.relations()}  # fmt: skip
+                                            sorted(primaries)], sorted(primaries), shared)
+                          for shadow, primaries, shared in self.relations()}  # fmt: skip
         now = self.clock()
         for shadow, rows in self.agreement.items():
             seen = {f"{a['field']} vs {a['against']}": a["agreement"] for a in rows}
@@ -322,10 +323,14 @@ class Monitor:
 
 
 def agreement(
-    shadow: Mapping[str, dict[str, Any]], primaries: Sequence[Mapping[str, dict[str, Any]]], names: Sequence[str]
+    shadow: Mapping[str, dict[str, Any]],
+    primaries: Sequence[Mapping[str, dict[str, Any]]],
+    names: Sequence[str],
+    shared: bool = False,
 ) -> list[dict[str, Any]]:
     """Per primary version and field: on how many of the requests both answered, and the share where the
-    shadow answered the same (strings and booleans equal, numbers within NUMBER_TOLERANCE)."""
+    shadow answered the same (strings and booleans equal, numbers within NUMBER_TOLERANCE). `shared`: only the
+    fields both answered count (an ensemble member answers part of what its join does)."""
     tally: dict[tuple[str, str], list[int]] = {}
     for rid, mine in shadow.items():
         for name, answers in zip(names, primaries, strict=True):
@@ -333,6 +338,8 @@ def agreement(
             if theirs is None:
                 continue
             for field_name, value in theirs.items():
+                if shared and field_name not in mine:
+                    continue
                 counts = tally.setdefault((name, field_name), [0, 0])
                 counts[0] += 1
                 counts[1] += _same(value, mine.get(field_name))

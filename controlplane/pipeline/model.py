@@ -173,6 +173,21 @@ class Stage:
         """Every model version this stage sends requests to (variants, members, join, shadows)."""
         return {v.cluster for v in self.all_variants()} | {s.cluster for _, s in self.shadows()}
 
+    def compared(self) -> list[tuple[str, frozenset[str], bool]]:
+        """Whose answers model monitoring pairs with whose, by request id (agreement): (a model version's
+        cluster, the clusters it is compared with, whether only the fields both answer count). A shadow against
+        the variants it shadows (every field of theirs: one it leaves out disagrees); an ensemble member against
+        the join (the fields both answer: members answer parts) and a member's shadow against that member."""
+        found = [(self.shadow.cluster, frozenset(v.cluster for v in self.all_variants()), False)] if (
+            self.shadow and not self.members) else []  # fmt: skip
+        for m in self.members:
+            mine = frozenset(v.cluster for _, variants in m.groups() for v in variants)
+            if self.join is not None:
+                found += [(c, frozenset({self.join.cluster}), True) for c in sorted(mine)]
+            if m.shadow is not None:
+                found.append((m.shadow.cluster, mine, False))
+        return found
+
     def models(self) -> set[tuple[str, str]]:
         found = {(v.model, v.version) for v in self.all_variants()}
         for rollout in [self.rollout, *(b.rollout for b in self.branches)]:

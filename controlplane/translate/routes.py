@@ -89,6 +89,8 @@ def member_route(p: Pipeline, version: int, k: int, member: Member, shadow: bool
     """Sidecar -> its own runtime, for one member of an ensemble: it answers and never forwards."""
     stage = p.stages[k]
     add = [r.header(h.STAGE, f"{stage.name}.{member.name}"), r.header(h.TRANSPORT, p.transport)]
+    if stage.join is not None or member.shadow is not None:  # compared with the join or with its shadow
+        add.append(r.header(h.AGREE, "1"))
     match = rc.RouteMatch(path=member_path(p, version, k, member))
     if shadow:
         add.append(r.header(h.SHADOW, "1"))
@@ -134,7 +136,8 @@ def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], t
 def steering(p: Pipeline, version: int, k: int) -> list[Any]:
     """What a runtime answering stage k (a variant, or an ensemble's join) is told: the stage, the transport,
     where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
-    agree = [r.header(h.AGREE, "1")] if p.stages[k].shadow else []  # its answers are compared with the shadow's
+    stage = p.stages[k]  # its answers are compared with the shadow's, or (a join) with the members'
+    agree = [r.header(h.AGREE, "1")] if stage.shadow or (stage.members and stage.join) else []
     return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *agree,
             *onward(p, version, k + 1)]  # fmt: skip
 
