@@ -225,6 +225,7 @@ class ControlPlane:
                 await keeper.start()
         if self.identity is not None:  # reads counters of Envoys on other hosts through their ingress
             self.traffic_book.scraper.tls = renewed_context(self.identity, key_copies("stats"), client=True)
+            self.monitor.tls = self.traffic_book.scraper.tls  # and runtimes' profiles, through the same ingress
         await self.xds.start()
         await self._admin_server.start()
         await mark_serving(health, True)

@@ -221,3 +221,16 @@ def test_reference_data_profiles_as_the_runtime_would_and_a_bad_line_is_named() 
     assert len(read_records("x\n" * 50)[1]) == SHOWN + 1  # the first ten named, the rest counted
     with pytest.raises(BadReference, match="reference line 1: not JSON"):
         profile_window("{\n")
+
+
+def test_runtimes_on_other_hosts_are_read_through_their_ingress_under_mtls_only() -> None:
+    from contract.service import RuntimeService
+    from controlplane.monitoring.monitor import profiles_url
+
+    here = RuntimeService("m-1", "m", "v1", "127.0.0.1", 9002, "", 9001, 9003, "")
+    there = dataclasses.replace(here, host="10.0.0.2", tls_dir="/run/m-1/tls")
+    assert profiles_url(here, secure=False) == "http://127.0.0.1:9002/profiles"
+    assert profiles_url(there, secure=True) == "https://10.0.0.2:9001/profiles"
+    assert profiles_url(there, secure=False) == ""  # nothing beyond loopback without authentication
+    v6 = dataclasses.replace(there, host="fd00::2")
+    assert profiles_url(v6, secure=True) == "https://[fd00::2]:9001/profiles"

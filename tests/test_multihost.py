@@ -145,7 +145,8 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     hosts.start(2, "parcel", [*CLI, "runtime", "--package", "--model=parcel", "--version=v1", f"--xds={xds}",
                 "--service-id=parcel-host2", "--consul=127.0.0.1:8500", "--security=mtls",
                 f"--advertise-address={hosts.ips[2]}", f"--model-store={tmp_path}/store2",
-                f"--packages-from={hosts.ips[0]}:18004"], tmp_path / "parcel.log", env=parcel_env)  # fmt: skip
+                f"--packages-from={hosts.ips[0]}:18004", "--profile-percent=100"], tmp_path / "parcel.log",
+                env=parcel_env)  # fmt: skip
     parcel = tmp_path / "parcel.yaml"
     stage = {"name": "echo", "variants": [{"model": "parcel", "version": "v1"}]}
     parcel.write_text(json.dumps({"name": "parcel", "stages": [stage]}))
@@ -156,6 +157,16 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     )
     (kept,) = (tmp_path / "store2" / "sha256").glob("*.tar")
     assert kept.read_bytes() == (tmp_path / "store0" / "sha256" / kept.name).read_bytes()
+
+    # Model monitoring on control plane 0 reads the parcel runtime's profiles on host 2 through that sidecar's
+    # ingress (mTLS, admitted for the control plane's identity only): the requests it answered are profiled there.
+    def profiled() -> bool:
+        served(hosts, "parcel")
+        done = hosts.run(0, [*CLI, "monitor", "status", "parcel:v1", "-o", "json", "--server=127.0.0.1:18001"])
+        rows = json.loads(done.stdout or '{"items": []}')["items"]
+        return bool(rows) and rows[0]["requests"] > 0
+
+    report["profiles_read_from_host_2_s"] = until("parcel:v1 profiled, read by control plane 0", profiled, 60)
 
     # 1. Host 0 (control plane 0, a runtime, a Consul server) loses its link; its processes live on.
     def cut() -> None:

@@ -235,6 +235,12 @@ async def test_the_control_plane_reads_a_sidecars_counters_through_its_ingress_a
     scraper.tls = client_context(identity, tmp_path / "keys")
     stats = await scraper.read([f"https://127.0.0.1:{port}{STATS}"])
     assert stats["score.v1"].requests >= 1, stats  # what count's own Envoy sent on to the next stage
+    # The runtime's profiles, for model monitoring, the same way and to the same identity only.
+    status, body = _call_tls(port, "GET", "/profiles?after=0", cert, key, roots)
+    assert status == 200 and json.loads(body)["window_seconds"] == 10, body
+    for caller in ("intruder", "tokenize"):
+        other_cert, other_key, _ = secure.leaf(caller, tmp_path)
+        assert _call_tls(port, "GET", "/profiles?after=0", other_cert, other_key, roots)[0] == 403, caller
     assert gateway_call(secure.plane, "still up")[0] == 200  # nothing above stopped or changed an Envoy
 
 

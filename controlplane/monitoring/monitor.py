@@ -1,8 +1,9 @@
 """The control plane's side of model monitoring: read the runtimes' profiles, merge them per model version and
 window, keep baselines in Consul KV, and compute drift (sketches.py) for /metrics and `mllambda monitor`.
 
-Every POLL_SECONDS the monitor reads each runtime on this host (GET /profiles?after=<the last window read
-from it>) and merges the windows per (model version, window id): replicas' windows of the same ten
+Every POLL_SECONDS the monitor reads each runtime (GET /profiles?after=<the last window read from it>: on
+this host at its own port, on other hosts under mTLS through its sidecar's ingress, which admits the control
+plane's identity only) and merges the windows per (model version, window id): replicas' windows of the same ten
 seconds become one. The last KEEP_WINDOWS windows per version are kept (ten minutes); *current* is the
 merge of the last CURRENT_WINDOWS (one minute). A baseline is a window of that history merged and written
 to `<prefix>-baselines/<model>.<version>` (at most MAX_BASELINE bytes) with its drift threshold; every
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -109,6 +111,7 @@ class Monitor:
         self.window_seconds = 10
         self.baselines_index: Any = None  # Consul's index of the baselines last parsed
         self.relations = relations
+        self.tls: ssl.SSLContext | None = None  # under mTLS: our client certificate, to read runtimes on other hosts
         self.answers: dict[str, OrderedDict[str, dict[str, Any]]] = {}  # cluster -> request id -> answer
         self.agreement: dict[str, list[dict[str, Any]]] = {}  # shadow cluster -> per primary and field
         # over time, for the monitoring page: each judgement's drift (PSI per field) and agreement (per field)
@@ -125,14 +128,14 @@ class Monitor:
                 await asyncio.sleep(POLL_SECONDS)
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
-        local = [i for i in self.instances() if i.host == "127.0.0.1" and i.runtime_port]
-        await asyncio.gather(*(self._read(session, i) for i in local))
+        readable = {i.service_id: (i, url) for i in self.instances() if (url := profiles_url(i, self.tls is not None))}
+        await asyncio.gather(*(self._read(session, i, url) for i, url in readable.values()))
         known = {(i.model, i.version) for i in self.instances()}
         for gone in set(self.versions) - known:
             if not self.versions[gone].windows or self.versions[gone].windows[-1][0] < self._window() - KEEP_WINDOWS:
                 del self.versions[gone]  # no replica for longer than the history: forgotten
                 self.answers.pop(model_cluster(*gone), None)
-        running = {i.service_id for i in local}
+        running = set(readable)
         for table in (self.read_after, self.skipped):  # runtimes that are gone: nothing more to read from them
             for service_id in set(table) - running:
                 del table[service_id]
@@ -142,11 +145,11 @@ class Monitor:
     def _window(self) -> int:
         return int(self.clock() // self.window_seconds)
 
-    async def _read(self, session: aiohttp.ClientSession, i: RuntimeService) -> None:
+    async def _read(self, session: aiohttp.ClientSession, i: RuntimeService, url: str) -> None:
         after = self.read_after.get(i.service_id, 0)
-        url = f"http://127.0.0.1:{i.runtime_port}/profiles?after={after}"
+        context: ssl.SSLContext | bool = self.tls if self.tls is not None and url.startswith("https:") else True
         try:
-            async with session.get(url) as resp:
+            async with session.get(f"{url}?after={after}", ssl=context) as resp:
                 if resp.status == 404:
                     return  # profiling off there
                 raw = await resp.content.read(MAX_ANSWER + 1)
@@ -320,6 +323,17 @@ class Monitor:
             row["drift_over_time"] = list(self.drift_history.get(version, ()))
             row["agreement_over_time"] = list(self.agreement_history.get(model_cluster(*version), ()))
         return rows
+
+
+def profiles_url(i: RuntimeService, secure: bool) -> str:
+    """Where to read a runtime's profiles: its own port when it is on this host (127.0.0.1); elsewhere, under
+    mTLS, its sidecar's ingress route, which admits the control plane's identity only; else nowhere ("")."""
+    if i.host == "127.0.0.1" and i.runtime_port:
+        return f"http://127.0.0.1:{i.runtime_port}/profiles"
+    if secure and i.tls_dir and i.ingress_port:
+        host = f"[{i.host}]" if ":" in i.host else i.host
+        return f"https://{host}:{i.ingress_port}/profiles"
+    return ""
 
 
 def agreement(

@@ -42,6 +42,7 @@ from controlplane.translate.routes import (
     not_found_route,
     oip_model_routes,
     oip_server_routes,
+    profiles_route,
     readiness_route,
     retry_policy,
     stage_routes,
@@ -356,7 +357,8 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         raise ValueError("this deployment is mTLS and the runtime has no certificate folder (--security mtls)")
     tls = me.tls_dir if options.mtls else ""
     ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP, me.oip_model)
-    ingress, egress = [ready, *([stats_route()] if tls and me.envoy_admin_port else [])], []
+    remote = [*([stats_route()] if me.envoy_admin_port else []), profiles_route()] if tls else []  # for control planes
+    ingress, egress = [ready, *remote], []
     for v in routed:
         more_in, more_out = hops(v, me, tls)
         ingress += more_in

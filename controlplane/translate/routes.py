@@ -319,9 +319,19 @@ def readiness_route(cluster: str = LOCAL_HTTP, oip_model: str = "") -> rc.Route:
 def stats_route() -> rc.Route:
     """GET /stats on an mTLS ingress, for the control plane's identity only: how it reads an Envoy's counters
     on another host (Envoy's admin stays on loopback: it can also change and stop the Envoy)."""
+    return _control_planes_only("envoy-stats", "/stats", ENVOY_ADMIN)
+
+
+def profiles_route() -> rc.Route:
+    """GET /profiles on an mTLS ingress, for the control plane's identity only: how its model monitoring reads
+    the runtime's profiles on another host (the runtime's own port stays on loopback)."""
+    return _control_planes_only("runtime-profiles", "/profiles", LOCAL_HTTP)
+
+
+def _control_planes_only(name: str, path: str, cluster: str) -> rc.Route:
     get = [rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))]
-    action = rc.RouteAction(cluster=ENVOY_ADMIN, timeout=r.millis(2000))
-    route = rc.Route(name="envoy-stats", match=rc.RouteMatch(path="/stats", headers=get), route=action)
+    action = rc.RouteAction(cluster=cluster, timeout=r.millis(2000))
+    route = rc.Route(name=name, match=rc.RouteMatch(path=path, headers=get), route=action)  # path: query aside
     route.typed_per_filter_config[security.RBAC_FILTER].CopyFrom(security.route_rbac([CONTROL_PLANE_IDENTITY]))
     return route
 
