@@ -47,6 +47,8 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
         "mllambda",
         {"transport": "http", **PLAIN, "colocated": "ingress", "gateway_concurrency": 1},
     ),
+    "ML Lambda, http, model profiling off": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 0}),
+    "ML Lambda, http, model profiling at 5%": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 5}),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", **PLAIN}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", **MTLS}),
     "ML Lambda, http + mTLS, output through each sidecar": ("mllambda", {"transport": "http", **MTLS, **EACH_SIDECAR}),
@@ -75,15 +77,18 @@ def mllambda(
     colocated: str = "shared",
     gateway_concurrency: int | None = None,
     root: Path = PROJECT_ROOT,
+    profile_percent: float | None = None,
 ) -> Iterator[str]:
     """The stack as `mllambda up` runs it (the gateway Envoy carries the runtimes' output too, one worker per
-    core), or with `colocated` / `gateway_concurrency` set otherwise; `root`: another revision's checkout."""
+    core), or with `colocated` / `gateway_concurrency` set otherwise; `root`: another revision's checkout;
+    `profile_percent`: the runtimes' model profiling (default: theirs, 5%)."""
     models = ("tokenize", "count", "score")
+    args = {"args": [f"--profile-percent={profile_percent:g}"]} if profile_percent is not None else {}
     stack = {
         "name": "peers",
         "security": security,
         **({"gateway_concurrency": gateway_concurrency} if gateway_concurrency else {}),
-        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}", **args} for m in models],
         "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
     }
     with running_stack(folder, stack, {"MLLAMBDA_COLOCATED": colocated}, root) as (ports, _):
