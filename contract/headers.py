@@ -7,6 +7,7 @@ BRANCH_FIELD = "x-mll-branch-field"  # output field whose value picks the next s
 BRANCH = "x-mll-branch"  # set by the SDK from that field; the egress route matches on it
 STAGE = "x-mll-stage"  # the stage this request is for
 SHADOW = "x-mll-shadow"  # a mirrored copy: answer, but never forward
+MAX_BODY = "x-mll-max-body"  # the pipeline's max_body: a runtime refuses a bigger request body with 413
 AGREE = "x-mll-agree"  # this stage has a shadow: keep the answer by request id (their agreement is measured)
 TIMING = "x-mll-timing"  # response: "stage=model/runtime/next" ms per hop, first hop first (docs: the pipeline tax)
 SERVED = "x-mll-served"  # response (and Kafka record): "stage=model:version" per hop, first hop first
@@ -22,7 +23,9 @@ OIP_VERSION = "x-mll-oip-version"
 RETRIABLE = "x-mll-retriable"
 
 # Headers the control plane sets on a sidecar's ingress route; a request never carries them in.
-STEERING = (NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, AGREE, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD, ASK)
+STEERING = (
+    *(NEXT, TRANSPORT, BRANCH_FIELD, SHADOW, AGREE, MAX_BODY, STAGE, FANOUT, FANOUT_PATH, FANOUT_BRANCH_FIELD, ASK),
+)
 
 LOG = "x-mll-log"  # set by the gateway: the percentage of this pipeline's requests the first stage logs
 ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION, LOG)  # the gateway's, for the first stage (or bridge) only

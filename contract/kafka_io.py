@@ -32,11 +32,15 @@ from aiokafka.errors import (
 
 from contract import headers as h
 from contract.naming import BRIDGE_REPLY_PREFIX
-from contract.payload import flat
+from contract.payload import KAFKA_MESSAGE_MAX, flat
 from contract.routing import RoutingTable
 from contract.watch import Backoff
 
 log = logging.getLogger("mllambda.kafka")
+# Sized for the largest body a pipeline may allow (contract/payload.py): a producer sends, and a consumer
+# fetches, one record of up to KAFKA_MESSAGE_MAX (aiokafka's defaults, 1 MiB, would refuse or stall on it).
+PRODUCER_SIZES: dict[str, Any] = {"max_request_size": KAFKA_MESSAGE_MAX}
+CONSUMER_SIZES: dict[str, Any] = {"max_partition_fetch_bytes": KAFKA_MESSAGE_MAX, "fetch_max_bytes": KAFKA_MESSAGE_MAX}
 Headers = list[tuple[str, bytes]]
 PAYLOAD_KEPT = 256 * 1024  # bytes of the original payload copied into a dead-letter record
 # Broker answers that concern the record itself: handling it again fails again.

@@ -5,6 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# Body sizes (docs/architecture.md, "Payload sizes"). A pipeline's `max_body` (default DEFAULT_MAX_BODY, a large
+# image) is enforced at the gateway (413 before any stage runs) and told to every stage's runtime with each
+# request (x-mll-max-body); MAX_BODY_CEILING is the most any pipeline may set and what a runtime accepts from a
+# caller that does not say (its --max-body default). Kafka clients are sized for the ceiling.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+MAX_BODY_CEILING = 64 * 1024 * 1024
+MIN_MAX_BODY = 1024
+KAFKA_MESSAGE_MAX = MAX_BODY_CEILING + 64 * 1024  # a record's value plus its headers
+
 
 class NotAnObject(ValueError):
     """A body that is not a JSON object; the message says what it is instead."""

@@ -19,7 +19,7 @@ from contract import headers as h
 from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
-from contract.payload import NotAnObject, parse_object
+from contract.payload import MAX_BODY_CEILING, NotAnObject, parse_object
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
@@ -31,7 +31,6 @@ from runtime_sdk.profiles import Profiler
 from runtime_sdk.wire import MAX_CONNECTIONS, Server
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
-DEFAULT_MAX_BODY = 1024 * 1024
 log = logging.getLogger("mllambda.runtime")
 
 
@@ -365,7 +364,7 @@ def answer_get(runtime: Runtime, path: str, query: str = "") -> Response | None:
 
 def build_app(
     runtime: Runtime,
-    max_body: int = DEFAULT_MAX_BODY,
+    max_body: int = MAX_BODY_CEILING,
     access_log: logging.Logger | None = None,
     max_connections: int = MAX_CONNECTIONS,
 ) -> Server:
@@ -394,7 +393,7 @@ def build_app(
 
 
 @asynccontextmanager
-async def serving(runtime: Runtime, max_body: int = DEFAULT_MAX_BODY) -> AsyncIterator[str]:
+async def serving(runtime: Runtime, max_body: int = MAX_BODY_CEILING) -> AsyncIterator[str]:
     """The runtime served on a free loopback port while the block runs (its URL): for a model's own tests."""
     server = build_app(runtime, max_body)
     await runtime.start()

@@ -15,6 +15,7 @@ from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from contract import headers as h
 from runtime_sdk.hop import TOKEN, header_safe
 
 _METHOD = re.compile(r"[A-Z]{1,16}")
@@ -76,6 +77,12 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
         headers.add(name, value.strip(" \t"))
     path, _, query = parts[1].partition("?")
     return parts[0], path, query, parts[2] == "HTTP/1.0", headers
+
+
+def body_limit(headers: CIMultiDict[str], max_body: int) -> int:
+    """The pipeline's limit (x-mll-max-body, set by the sidecar), where it is below the server's own."""
+    said = headers.get(h.MAX_BODY, "")
+    return min(int(said), max_body) if said.isdigit() and len(said) < 16 else max_body
 
 
 def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:

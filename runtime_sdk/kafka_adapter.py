@@ -23,7 +23,18 @@ import consul.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contract import headers as h
-from contract.kafka_io import Headers, consume_batches, dead_letter, header, reply, started, supervise, with_header
+from contract.kafka_io import (
+    CONSUMER_SIZES,
+    PRODUCER_SIZES,
+    Headers,
+    consume_batches,
+    dead_letter,
+    header,
+    reply,
+    started,
+    supervise,
+    with_header,
+)
 from contract.naming import hop_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
@@ -53,7 +64,7 @@ class KafkaAdapter:
 
     async def run(self) -> None:
         self.producer = await started(
-            lambda: AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+            lambda: AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2, **PRODUCER_SIZES)
         )
         try:
             await watch(self._query_tables, self._take_tables, what="routing tables")
@@ -98,6 +109,7 @@ class KafkaAdapter:
                 group_id=hop_group(topic),
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                **CONSUMER_SIZES,
             )
         )
         self.failing.pop(topic, None)

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 import consul.aio
 
+from contract.payload import MAX_BODY_CEILING
 from contract.service import RuntimeService
-from runtime_sdk.app import DEFAULT_MAX_BODY, Placement, Runtime, build_app
+from runtime_sdk.app import Placement, Runtime, build_app
 from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.egress import Egress
 from runtime_sdk.health import HealthServer
@@ -53,7 +54,7 @@ class ServeOptions:
     predict: str  # MODULE:CALLABLE
     loader: str = ""  # MODULE:CALLABLE run once before turning ready
     inline: str = "auto"
-    max_body: int = DEFAULT_MAX_BODY
+    max_body: int = MAX_BODY_CEILING
     max_connections: int = MAX_CONNECTIONS
     max_in_flight: int = 0  # HTTP requests in predict at once (0: no limit)
     drain_seconds: float = 2.0

@@ -7,10 +7,11 @@ docs/benchmarks.md, "What was tried for a cheaper hop"), the server-side counter
 request's body whole (by Content-Length or chunks), keeps connections alive, and answers the requests of
 one connection in order.
 
-Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body of `max_body` bytes (413,
-closed), MAX_QUEUED requests read ahead on one connection (then it stops reading), `max_connections` open
-connections: one more closes the connection idle longest (or one whose request stopped arriving STALLED
-seconds ago, with a 408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere).
+Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body of `max_body` bytes, or
+fewer when its pipeline's limit comes with it (x-mll-max-body, set by the sidecar; 413, closed),
+MAX_QUEUED requests read ahead on one connection (then it stops reading), `max_connections` open connections:
+one more closes the connection idle longest (or one whose request stopped arriving STALLED seconds ago, with a
+408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere).
 Each refusal is told to `refused` ("400", "408", "413", "431", "connections") for the runtime's metrics.
 A caller that closes its connection (FIN or reset: Envoy aborts an upstream request by closing, as a
 half-close looks the same) cancels what it asked: no more model time or next hop for an unread answer.
@@ -36,6 +37,7 @@ from runtime_sdk.http1 import (
     Request,
     Response,
     body_length,
+    body_limit,
     json_response,
     parse_head,
     response_bytes,
@@ -62,6 +64,7 @@ class _Reading:
     close: bool  # after its answer
     headers: CIMultiDict[str]
     length: int | None  # None: chunked
+    limit: int  # bytes its body may have: the server's max_body, or less if its pipeline says so
     body: bytearray = field(default_factory=bytearray)
     continued: bool = False  # "100 Continue" sent
 
@@ -148,20 +151,21 @@ class _Connection(asyncio.Protocol):
             self.searched = max(0, len(self.buffer) - 3)
             return None
         method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
-        length = body_length(headers, self.server.max_body)
+        limit = body_limit(headers, self.server.max_body)
+        length = body_length(headers, limit)
         del self.buffer[: end + 4]
         self.searched = 0
         connection = headers.get("connection", "").lower()
         close = connection == "close" or (http10 and connection != "keep-alive") or self.server.stopping
-        return _Reading(method, path, query, close, headers, length)
+        return _Reading(method, path, query, close, headers, length, limit)
 
     def _body(self, reading: _Reading) -> bool:
         """Move what has come of the body out of the buffer; True once it is all in."""
         if reading.length is None:
             try:
-                return take_chunks(self.buffer, reading.body, self.server.max_body)
+                return take_chunks(self.buffer, reading.body, reading.limit)
             except TooLarge:
-                raise BadRequest(413, f"body too large: the limit is {self.server.max_body} bytes") from None
+                raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes") from None
             except ValueError as err:
                 raise BadRequest(400, str(err)) from None
         take = min(len(self.buffer), reading.length - len(reading.body))

@@ -15,7 +15,7 @@ from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate import resources as r
 from controlplane.translate.pipelines import Options, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
-from tests.helpers.translation import PIPELINE, RUNTIMES, instance, routes, steady
+from tests.helpers.translation import PIPELINE, RUNTIMES, entries, instance, routes, steady
 
 PASSING = [dataclasses.replace(i, passing=True) for i in RUNTIMES] + [instance("mb", "v3", 4), instance("mx", "v1", 5)]
 
@@ -60,9 +60,10 @@ def test_the_sender_says_what_the_ingress_would_and_drops_what_a_caller_forged()
     assert added(into_b) == added(ingress_b) == {
         h.STAGE: "b", h.TRANSPORT: "http", h.NEXT: "/pipelines/p/v1/c", h.BRANCH_FIELD: "category",
         h.AGREE: "1",  # b has a shadow: its answers are kept for their agreement
+        h.MAX_BODY: str(PIPELINE.max_body),  # the pipeline's body limit, which the runtime enforces too
     }  # fmt: skip
     assert set(h.STEERING) <= set(into_b.request_headers_to_remove)
-    entry = routes(snapshots["gateway"], "gateway")[0]
+    entry = entries(snapshots["gateway"])[0]
     assert added(entry)[h.NEXT] == "/pipelines/p/v1/b" and set(h.STEERING) <= set(entry.request_headers_to_remove)
     # The last stage's senders (one route per branch key) tell it that nothing follows.
     (into_c, _unknown) = [x for x in routes(snapshots["mb-v1-2"], "egress") if x.match.path == "/pipelines/p/v1/c"]

@@ -99,6 +99,7 @@ def test_the_sender_is_told_whom_to_ask_and_routes_to_every_member_and_the_join(
         "x-mll-fanout": "x=2000,y=300?",
         "x-mll-fanout-branch-field": "kind",
         "x-mll-next": "/pipelines/p/v1/e",  # the merged answers go to the join
+        "x-mll-max-body": str(16 * 1024 * 1024),  # the pipeline's: the sender refuses a bigger body with 413
     }
     egress: dict[str, Any] = {}
     for route in routes(sender, "egress"):
@@ -119,7 +120,8 @@ def test_members_answer_without_forwarding_and_the_join_sends_on() -> None:
     (member,) = [r for r in routes(snapshots["mx-v1-1"], "ingress") if r.name == "p/e/x"]
     assert member.match.path == "/pipelines/p/v1/e/x"
     # Members, their shadows and the join keep their answers by request id: monitoring compares them.
-    assert headers(member) == {"x-mll-stage": "e.x", "x-mll-transport": "http", "x-mll-agree": "1"}
+    assert headers(member) == {"x-mll-stage": "e.x", "x-mll-transport": "http", "x-mll-agree": "1",
+                               "x-mll-max-body": str(16 * 1024 * 1024)}  # fmt: skip
     assert member.route.timeout.ToMilliseconds() == 2000
     (shadow,) = [r for r in routes(snapshots["mx-v2-2"], "ingress") if r.name == "p/e/x"]
     assert headers(shadow)["x-mll-shadow"] == "1" and headers(shadow)["x-mll-agree"] == "1"

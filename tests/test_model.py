@@ -42,6 +42,9 @@ def test_wire_form_round_trips() -> None:
 
     pipeline = parse_pipeline(yaml.safe_load(EXAMPLE.read_text()))
     assert spec_from_proto(spec_to_proto(pipeline)) == pipeline
+    sized = parse_pipeline({**yaml.safe_load(EXAMPLE.read_text()), "max_body": "512Ki"})
+    assert sized.max_body == 512 * 1024 and pipeline.max_body == 16 * 1024 * 1024  # the default fits a large image
+    assert spec_from_proto(spec_to_proto(sized)) == sized == parse_pipeline(pipeline_to_dict(sized))
 
 
 def test_every_problem_is_reported_with_its_path() -> None:
@@ -89,6 +92,11 @@ def test_every_problem_is_reported_with_its_path() -> None:
         ),
         ({"name": "p", "stages": [{"name": "s", "varients": []}]}, "stages[0].varients: unknown field"),
         ("just a string", "spec: must be a mapping, got str"),
+        ({"name": "p", "max_body": "16MB", "stages": []}, "max_body: a size in bytes, or with Ki or Mi"),
+        ({"name": "p", "max_body": True, "stages": []}, "max_body: a size in bytes"),
+        ({"name": "p", "max_body": 10, "stages": []}, "max_body: between 1024 bytes and 64Mi, got 10 bytes"),
+        ({"name": "p", "max_body": "65Mi", "stages": []}, "max_body: between 1024 bytes and 64Mi"),
+        ({"name": "p", "max_body": "1\n2", "stages": []}, "max_body: a size in bytes"),
     ],
 )
 def test_hostile_or_malformed_input_names_the_field(spec: object, expected: str) -> None:

@@ -24,7 +24,7 @@ from controlplane.delivery.replay_report import (
 from controlplane.delivery.replays import REPLAY_BASE, new_trial, trial_from
 from controlplane.translate.pipelines import REPLAY, Deployment, carried, translate
 from controlplane.web.dashboard import render_replays
-from tests.helpers.translation import PIPELINE, RUNTIMES, at, routes
+from tests.helpers.translation import PIPELINE, RUNTIMES, at, entries, routes
 
 
 def line(pipeline: str = "p", i: int = 0, **more: Any) -> str:
@@ -122,8 +122,7 @@ def test_a_trial_is_entered_only_with_its_secret_and_never_logged() -> None:
     assert trial.version.version >= REPLAY_BASE and trial_from(json.loads(json.dumps(trial.record()))) == trial
     deployments = [Deployment(at(logged), (at(logged),), ((trial.version, trial.secret),))]
     snapshots = translate(deployments, RUNTIMES)
-    gateway = routes(snapshots["gateway"], "gateway")
-    entry = [r for r in gateway if r.match.path == "/pipelines/p"]
+    entry = [r for r in entries(snapshots["gateway"]) if r.match.path == "/pipelines/p"]
     first, live = entry[0], entry[-1]
     assert [(m.name, m.string_match.exact) for m in first.match.headers] == [(REPLAY, trial.secret)]
     assert first.route.prefix_rewrite == f"/pipelines/p/v{trial.version.version}/a" and first.name == "p/replay/a"

@@ -12,12 +12,12 @@ from contract.service import RuntimeService
 from controlplane.pipeline.spec import parse_pipeline
 from controlplane.translate.pipelines import Deployment, Memo, Options, carried, gateway_clusters, translate
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
-from tests.helpers.translation import PIPELINE, RUNTIMES, at, instance, routes, steady
+from tests.helpers.translation import PIPELINE, RUNTIMES, at, entries, instance, routes, steady
 
 
 def test_gateway_enters_stage_zero_with_the_whole_chain_timeout() -> None:
     gateway = translate(steady(PIPELINE), RUNTIMES)["gateway"]
-    entry = routes(gateway, "gateway")[0]
+    entry = entries(gateway)[0]
     assert entry.match.path == "/pipelines/p"
     assert entry.route.prefix_rewrite == "/pipelines/p/v1/a"
     assert entry.route.cluster == "ma.v1"
@@ -114,7 +114,7 @@ def test_kafka_pipelines_reach_every_bridge_and_retry_another_one() -> None:
     )
     options = Options(bridges=(("10.0.0.1", 18002), ("10.0.0.2", 18002)))
     gateway = translate(steady(kafka), RUNTIMES, options)["gateway"]
-    entry = routes(gateway, "gateway")[0]
+    entry = entries(gateway)[0]
     assert (entry.match.path, entry.route.prefix_rewrite) == ("/pipelines/p", "/bridge/p")
     assert entry.route.cluster == "mll-kafka-bridge"
     assert {"connect-failure", "reset"} <= set(entry.route.retry_policy.retry_on.split(","))
@@ -140,7 +140,7 @@ def test_a_pending_version_gets_its_hops_beside_the_entry_which_the_gateway_keep
     v1, v2 = at(PIPELINE, 1), at(dataclasses.replace(PIPELINE, stages=PIPELINE.stages[:2]), 2)
     deployment = [Deployment(v1, (v1, v2))]
     snapshots = translate(deployment, RUNTIMES)
-    entry = routes(snapshots["gateway"], "gateway")[0]
+    entry = entries(snapshots["gateway"])[0]
     assert entry.route.prefix_rewrite == "/pipelines/p/v1/a"
     sidecar = snapshots["mb-v1-2"]
     paths = {r.match.path for r in routes(sidecar, "ingress")}
@@ -172,7 +172,7 @@ def test_the_gateway_warms_a_pending_versions_first_clusters_before_it_routes_th
     starts_at_b = dataclasses.replace(PIPELINE, stages=PIPELINE.stages[1:2])
     v2 = at(starts_at_b, 2)
     gateway = translate([Deployment(v1, (v1, v2))], RUNTIMES)["gateway"]
-    entry = routes(gateway, "gateway")[0]
+    entry = entries(gateway)[0]
     assert entry.route.cluster == "ma.v1"  # still entering v1
     assert {"ma.v1", "mb.v1", "mb.v2", "mb.v3"} <= set(gateway.of_type(CLUSTER).by_name)  # v2's, warm ahead
     assert gateway_clusters(v2) == {"mb.v1", "mb.v2", "mb.v3"}  # its split and its shadow

@@ -389,3 +389,16 @@ async def test_two_thousand_mutated_requests_get_well_formed_answers_and_the_ser
     assert not server.connections
     assert [a[0] for a in await exchange(port, post("/after", b"ok"))] == [200]
     await server.stop(1.0)
+
+
+def test_a_pipelines_limit_told_with_the_request_only_ever_lowers_the_servers() -> None:
+    from multidict import CIMultiDict
+
+    from runtime_sdk.http1 import body_limit
+
+    def told(value: str) -> int:
+        return body_limit(CIMultiDict({"x-mll-max-body": value}), 1000)
+
+    assert told("10") == 10 and told("5000") == 1000  # a caller cannot raise it
+    assert told("abc") == told("-5") == told("1e3") == told("9" * 40) == 1000  # not a plain number: ignored
+    assert body_limit(CIMultiDict(), 1000) == 1000

@@ -20,7 +20,7 @@ from aiohttp import web
 from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, GATEWAY_IDENTITY, bridge_service_id, identity_of
-from contract.payload import NotAnObject, parse_object
+from contract.payload import MAX_BODY_CEILING, NotAnObject, parse_object
 from contract.service import bridge_meta
 from controlplane.consul.presence import Presence
 from controlplane.kafka.plane import KafkaPlane
@@ -57,7 +57,7 @@ def build_bridge_app(kafka: KafkaPlane, live_pipeline: Callable[[str], Pipeline 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")  # Consul's check on this bridge
 
-    app = web.Application(middlewares=[_gateway_only])
+    app = web.Application(middlewares=[_gateway_only], client_max_size=MAX_BODY_CEILING)  # the gateway says less
     app.router.add_post("/bridge/{pipeline}", bridge)
     app.router.add_get("/healthz", healthz)
     return app

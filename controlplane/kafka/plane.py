@@ -26,7 +26,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contract import headers as h
-from contract.kafka_io import Headers, consume_batches, dead_letter, external, header, supervise, with_header
+from contract.kafka_io import (
+    CONSUMER_SIZES,
+    PRODUCER_SIZES,
+    Headers,
+    consume_batches,
+    dead_letter,
+    external,
+    header,
+    supervise,
+    with_header,
+)
 from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
 from contract.routing import PipelineTables
@@ -116,12 +126,14 @@ class KafkaPlane:
 
     async def start(self) -> None:
         await self.stop()  # what a failed earlier attempt left
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2, **PRODUCER_SIZES)
         await self.producer.start()
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await self.admin.start()
         await self._create_topics([self.reply_topic], partitions=1)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, **CONSUMER_SIZES
+        )
         await consumer.start()
         consumer.assign([TopicPartition(self.reply_topic, 0)])
         await consumer.seek_to_end()
@@ -241,6 +253,7 @@ class KafkaPlane:
             group_id=router_group(name, topic),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            **CONSUMER_SIZES,
         )
         await consumer.start()
         # A producer's own headers go along; ours (reply topic, version, ...) cannot be set from outside.

@@ -27,6 +27,7 @@ from contract.naming import (
     model_cluster,
     name_problem,
 )
+from contract.payload import MAX_BODY_CEILING
 from contract.service import EGRESS_SOCKET, SOCKET_PATH_BYTES, RuntimeService, socket_path_fits
 from controlplane.config import (
     DEFAULT_XDS_ADDR,
@@ -43,7 +44,6 @@ from controlplane.node.packaged import Prepared, add_package_flags, prepared_pac
 from controlplane.node.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
-from runtime_sdk.app import DEFAULT_MAX_BODY
 from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_socket, serve
 from runtime_sdk.wire import MAX_CONNECTIONS
 
@@ -282,7 +282,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ingress-port", type=int)
     parser.add_argument("--egress-port", type=int)
     parser.add_argument("--envoy-admin-port", type=int)
-    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit in bytes")
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        default=MAX_BODY_CEILING,
+        help="request size limit in bytes (64 MiB; a pipeline's max_body, told with each request, lowers it)",
+    )
     parser.add_argument(
         "--max-connections",
         type=int,

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from contract.naming import model_cluster
+from contract.payload import DEFAULT_MAX_BODY
 
 TRANSPORTS = ("http", "uds", "kafka")
 PROTOCOLS = ("json", "oip")  # how a stage's models are called: our JSON hop, or the Open Inference Protocol
@@ -205,6 +206,7 @@ class Pipeline:
     output_topic: str = ""  # kafka: where results go (default mll.<name>.out)
     log_percent: float = 0  # payload logging: this share of requests recorded by the first stage (0: off)
     input: tuple[tuple[str, str], ...] = ()  # (field, type) a caller's request holds; the first stage is checked
+    max_body: int = DEFAULT_MAX_BODY  # bytes of a request (and of each stage's answer): 413 at the gateway over it
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
+from contract.payload import MAX_BODY_CEILING, MIN_MAX_BODY
 from controlplane.pipeline.model import (
     BRANCH_KEY,
     CONTRACT_TYPES,
@@ -144,6 +145,13 @@ def pipeline_schema() -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": {"enum": list(CONTRACT_TYPES)},
                     "maxProperties": MAX_INPUT_FIELDS,
+                },
+                "max_body": {
+                    "description": "bytes of a request body (and of each stage's answer), or with Ki or Mi: 16Mi",
+                    "oneOf": [
+                        {"type": "integer", "minimum": MIN_MAX_BODY, "maximum": MAX_BODY_CEILING},
+                        {"type": "string", "pattern": "^[0-9]{1,12}(Ki|Mi)?$"},
+                    ],
                 },
             },
             ("name", "stages"),

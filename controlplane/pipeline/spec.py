@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from contract.naming import LABEL, RULES, VERSION
+from contract.payload import DEFAULT_MAX_BODY, MAX_BODY_CEILING, MIN_MAX_BODY
 from controlplane.pipeline.model import (
     BRANCH_KEY,
     CONTRACT_TYPES,
@@ -33,6 +34,9 @@ from controlplane.pipeline.model import (
     Stage,
     Variant,
 )
+
+SIZE = re.compile(r"([0-9]{1,12})(Ki|Mi)?")
+UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2}
 
 
 def check_name(name: Any, path: str = "name") -> str:
@@ -114,7 +118,7 @@ class _Parser:
 
     def pipeline(self, spec: Any) -> Pipeline | None:
         allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic", "logging"}
-        allowed |= {"input"}
+        allowed |= {"input", "max_body"}
         data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
@@ -137,7 +141,22 @@ class _Parser:
             self.bad("output_topic", "must differ from input_topic (results would be read back as input)")
         log_percent = self.logging(data.get("logging"), str(transport))
         given = self.input(data.get("input"))
-        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent, given)
+        max_body = self.size(data.get("max_body"), "max_body")
+        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent, given, max_body)
+
+    def size(self, raw: Any, path: str) -> int:
+        """A byte size: a whole number, or one with a binary unit (`512Ki`, `16Mi`), as Kubernetes writes them."""
+        if raw is None:
+            return DEFAULT_MAX_BODY
+        found = SIZE.fullmatch(raw) if isinstance(raw, str) else None
+        if isinstance(raw, bool) or not (isinstance(raw, int) or found):
+            self.bad(path, f"a size in bytes, or with Ki or Mi (e.g. 16Mi), got {str(raw)[:40]!r}")
+            return DEFAULT_MAX_BODY
+        value = raw if isinstance(raw, int) else int(found[1]) * UNITS[found[2] or ""]  # type: ignore[index]
+        if not MIN_MAX_BODY <= value <= MAX_BODY_CEILING:
+            self.bad(path, f"between {MIN_MAX_BODY} bytes and {MAX_BODY_CEILING // 1024**2}Mi, got {value} bytes")
+            return DEFAULT_MAX_BODY
+        return value
 
     def input(self, raw: Any) -> tuple[tuple[str, str], ...]:
         """`input: {field: TYPE}`: what a caller's request holds (the first stage's contracts are checked)."""
@@ -411,6 +430,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         result["logging"] = {"percent": pipeline.log_percent}
     if pipeline.input:
         result["input"] = dict(pipeline.input)
+    if pipeline.max_body != DEFAULT_MAX_BODY:
+        result["max_body"] = pipeline.max_body
     return result
 
 

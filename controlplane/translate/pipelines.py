@@ -22,21 +22,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import wrappers_pb2
 
 from contract import headers as h
 from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
+from contract.payload import MAX_BODY_CEILING
 from contract.service import RuntimeService, shared_egress_socket
 from controlplane.pipeline.model import Pipeline, PipelineVersion, Stage
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
 from controlplane.translate.routes import (
+    BUFFER_FILTER,
     ENVOY_ADMIN,
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
+    body_limited,
     dedupe,
     hops,
     not_found_route,
@@ -55,6 +60,8 @@ BRIDGE = "mll-kafka-bridge"
 BRIDGE_RETRIES = 3
 KAFKA = "kafka-broker"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
+# The buffer filter, off unless a route turns it on (a pipeline's chunked requests: routes.body_limited)
+BUFFERING = (BUFFER_FILTER, buffer_pb2.Buffer(max_request_bytes=wrappers_pb2.UInt32Value(value=MAX_BODY_CEILING)))
 REPLAY = "x-mll-replay"  # a replay's secret: only requests that carry it enter its candidate (never live traffic)
 
 
@@ -244,7 +251,9 @@ def _gateway(
     routes = [route for v, secret in trials for route in _trial_routes(v, secret)]  # before live ones: they match more
     routes += [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
     routes += [*oip_server_routes(), not_found_route()]
-    listener = r.http_listener("gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway")
+    listener = r.http_listener(
+        "gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway", optional=[BUFFERING]
+    )
     # Not served: only their clusters. Kafka versions count too, so that switching
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
@@ -289,7 +298,7 @@ def _gateway_routes(
         route.request_headers_to_add.extend(logged)
     inputs = _signature_side(p.stages[0], "inputs", signatures or {})
     outputs = _signature_side(p.stages[-1], "outputs", signatures or {})
-    return json_api + infer + oip_model_routes(p.name, str(v.version), inputs, outputs)
+    return body_limited(p, json_api + infer) + oip_model_routes(p.name, str(v.version), inputs, outputs)
 
 
 def _trial_routes(v: PipelineVersion, secret: str) -> list[rc.Route]:

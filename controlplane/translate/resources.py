@@ -121,13 +121,17 @@ def http_listener(
     route_config_name: str,
     transport_socket: Resource = None,
     filters: Sequence[tuple[str, Resource]] = (),
+    optional: Sequence[tuple[str, Resource]] = (),
 ) -> Resource:
-    """An HTTP listener whose routes come over RDS; `filters` go before the router."""
-    chain = [*filters, ("envoy.filters.http.router", router_pb2.Router())]
+    """An HTTP listener whose routes come over RDS; `filters` go before the router, then `optional` ones,
+    which are off unless a route's per-filter config turns them on."""
+    chain = [hcm_pb2.HttpFilter(name=n, typed_config=pack(config)) for n, config in filters]
+    chain += [hcm_pb2.HttpFilter(name=n, typed_config=pack(config), disabled=True) for n, config in optional]
+    chain.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=_ads()),
-        http_filters=[hcm_pb2.HttpFilter(name=n, typed_config=pack(config)) for n, config in chain],
+        http_filters=chain,
         generate_request_id=wrappers_pb2.BoolValue(value=True),
         local_reply_config=hcm_pb2.LocalReplyConfig(mappers=_local_replies()),
     )

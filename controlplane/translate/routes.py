@@ -9,9 +9,10 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
-from envoy.type.v3 import percent_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import wrappers_pb2
 
 from contract import fanout, oip
@@ -73,7 +74,7 @@ def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
     stage = p.stages[k]
     if shadow:
         add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport), r.header(h.SHADOW, "1")]
-        add.append(r.header(h.AGREE, "1"))
+        add += [r.header(h.AGREE, "1"), max_body(p)]
     else:
         add = steering(p, version, k)
     match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
@@ -88,7 +89,7 @@ def ingress_route(p: Pipeline, version: int, k: int, shadow: bool) -> rc.Route:
 def member_route(p: Pipeline, version: int, k: int, member: Member, shadow: bool) -> rc.Route:
     """Sidecar -> its own runtime, for one member of an ensemble: it answers and never forwards."""
     stage = p.stages[k]
-    add = [r.header(h.STAGE, f"{stage.name}.{member.name}"), r.header(h.TRANSPORT, p.transport)]
+    add = [r.header(h.STAGE, f"{stage.name}.{member.name}"), r.header(h.TRANSPORT, p.transport), max_body(p)]
     if stage.join is not None or member.shadow is not None:  # compared with the join or with its shadow
         add.append(r.header(h.AGREE, "1"))
     match = rc.RouteMatch(path=member_path(p, version, k, member))
@@ -108,7 +109,7 @@ def oip_stage_route(p: Pipeline, version: int, k: int, me: RuntimeService, shado
     """
     stage = p.stages[k]
     add = [r.header(h.STAGE, stage.name), r.header(h.TRANSPORT, p.transport), r.header(h.PROTOCOL, oip.PROTOCOL)]
-    add += [r.header(h.OIP_MODEL, me.model), r.header(h.OIP_VERSION, me.version)]
+    add += [r.header(h.OIP_MODEL, me.model), r.header(h.OIP_VERSION, me.version), max_body(p)]
     match = rc.RouteMatch(path=stage_path(p.name, version, stage.name))
     if shadow:
         add.append(r.header(h.SHADOW, "1"))
@@ -138,8 +139,13 @@ def steering(p: Pipeline, version: int, k: int) -> list[Any]:
     where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
     stage = p.stages[k]  # its answers are compared with the shadow's, or (a join) with the members'
     agree = [r.header(h.AGREE, "1")] if stage.shadow or (stage.members and stage.join) else []
-    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *agree,
+    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *agree, max_body(p),
             *onward(p, version, k + 1)]  # fmt: skip
+
+
+def max_body(p: Pipeline) -> Any:
+    """The pipeline's body limit, told to the runtime with each request (it refuses a bigger body with 413)."""
+    return r.header(h.MAX_BODY, str(p.max_body))
 
 
 def member_path(p: Pipeline, version: int, k: int, member: Member) -> str:
@@ -353,6 +359,33 @@ def oip_server_routes() -> list[rc.Route]:
     about = json.dumps({"name": "mllambda", "version": "1", "extensions": []})
     found = [_answer("oip-server", rc.RouteMatch(path="/v2"), 200, about)]
     return found + [_answer("oip-health", rc.RouteMatch(path=f"/v2/health/{x}"), 200, "") for x in ("live", "ready")]
+
+
+BUFFER_FILTER = "envoy.filters.http.buffer"  # on the gateway, off but where a route turns it on
+_LENGTH = "content-length"
+
+
+def body_limited(p: Pipeline, entries: Sequence[rc.Route]) -> list[rc.Route]:
+    """A pipeline's way in, guarded by its max_body before any stage sees a byte: a request whose Content-Length
+    is over it is a 413 at once; one without (chunked) is read whole at the gateway (Envoy's buffer filter, up to
+    max_body, then a 413) and then sent on; the rest stream through as before."""
+    why = json.dumps({"error": f"the request body is over the max_body of pipeline {p.name} ({p.max_body} bytes)",
+                      "code": 413, "max_body": p.max_body})  # fmt: skip
+    over = rc.HeaderMatcher(name=_LENGTH, range_match=range_pb2.Int64Range(start=p.max_body + 1, end=2**62))
+    paths = list(dict.fromkeys(route.match.path for route in entries))
+    guarded = [_answer(f"{p.name}/too-large", rc.RouteMatch(path=path, headers=[over]), 413, why) for path in paths]
+    read_whole = r.pack(buffer_pb2.BufferPerRoute(buffer=buffer_pb2.Buffer(max_request_bytes=_u32(p.max_body))))
+    for route in entries:
+        chunked = rc.Route()
+        chunked.CopyFrom(route)
+        chunked.match.headers.append(rc.HeaderMatcher(name=_LENGTH, present_match=False))
+        chunked.typed_per_filter_config[BUFFER_FILTER].CopyFrom(read_whole)
+        guarded.append(chunked)
+    return guarded + list(entries)
+
+
+def _u32(value: int) -> wrappers_pb2.UInt32Value:
+    return wrappers_pb2.UInt32Value(value=value)
 
 
 def _answer(name: str, match: rc.RouteMatch, status: int, body: str) -> rc.Route:

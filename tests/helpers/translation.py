@@ -57,3 +57,13 @@ def steady(*pipelines: Pipeline) -> list[Deployment]:
 
 def routes(snapshot: Snapshot, name: str) -> list[Any]:
     return list(snapshot.of_type(ROUTE).by_name[name].virtual_hosts[0].routes)
+
+
+def entries(snapshot: Snapshot) -> list[Any]:
+    """The gateway's routes that stream a request into a stage (not a 413 for a body over max_body, nor the
+    copy that reads a chunked body whole first)."""
+    return [
+        route
+        for route in routes(snapshot, "gateway")
+        if route.HasField("route") and not any(m.name == "content-length" for m in route.match.headers)
+    ]
