@@ -28,7 +28,13 @@ MAX_HEAD = 64 * 1024
 MAX_ANSWER = 64 * 1024 * 1024
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 _UNSAFE = re.compile(r"[\r\n\x00]")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_STATUS = re.compile(r"[1-5][0-9][0-9]( .*)?")  # the status line's code, then a space (or nothing)
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A chunk's size line: hex digits, then extensions `;name` or `;name=value` (a token or a quoted string), nothing
+# else: a bare LF, spaces or text after the size would let two parsers read different bodies (smuggling).
+_QUOTED = rb'"[^"\\\x00-\x1f\x7f]*"'
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:;" + _TCHAR + rb"(?:=(?:" + _TCHAR + rb"|" + _QUOTED + rb"))?)*)")
 
 
 class HopError(Exception):
@@ -54,16 +60,17 @@ def take_chunks(buffer: bytearray, body: bytearray, limit: int) -> bool:
             if len(buffer) > MAX_HEAD:
                 raise ValueError("a chunk size line is too long")
             return False
-        size_text = bytes(buffer[:line_end]).split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_text):
-            raise ValueError(f"bad chunk size {size_text[:20]!r}")
-        size = int(size_text, 16)
+        line = _CHUNK_LINE.fullmatch(bytes(buffer[:line_end]))  # a size, then only well-formed extensions
+        if line is None:
+            raise ValueError(f"bad chunk size line {bytes(buffer[:line_end])[:20]!r}")
+        size = int(line[1], 16)
         if size == 0:  # the last chunk, then trailers up to an empty line
             trailers_end = buffer.find(b"\r\n\r\n", line_end)  # at line_end itself: no trailers
             if trailers_end < 0:
                 if len(buffer) > MAX_HEAD:
                     raise ValueError(f"trailers over {MAX_HEAD} bytes")
                 return False
+            _check_trailers(bytes(buffer[line_end + 2 : trailers_end + 2]))
             del buffer[: trailers_end + 4]
             return True
         if len(body) + size > limit:
@@ -75,6 +82,14 @@ def take_chunks(buffer: bytearray, body: bytearray, limit: int) -> bool:
             raise ValueError("a chunk does not end where its size says")
         body += buffer[start : start + size]
         del buffer[: start + size + 2]
+
+
+def _check_trailers(block: bytes) -> None:
+    """Trailers (ignored) must still be header lines: `name: value`, nothing that could end a line early."""
+    for line in block.decode("latin-1").split("\r\n")[:-1]:
+        name, colon, value = line.partition(":")
+        if not colon or not TOKEN.fullmatch(name) or not header_safe(value):
+            raise ValueError(f"a trailer that is not `name: value`: {line[:40]!r}")
 
 
 class Answer(NamedTuple):
@@ -208,7 +223,7 @@ def _head(head: bytes) -> _Reading:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or not code.isdigit() or len(code) != 3:
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not _STATUS.fullmatch(rest[:4]):  # "2000" is not 200
         raise HopError(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
     reading = _Reading(status=int(code), keep_alive=version == "HTTP/1.1")
     for line in lines[1:]:
@@ -218,12 +233,15 @@ def _head(head: bytes) -> _Reading:
         reading.headers.add(name, value.strip())
     connection = reading.headers.get("connection", "").lower()
     reading.keep_alive = (reading.keep_alive or "keep-alive" in connection) and "close" not in connection
-    if "chunked" in reading.headers.get("transfer-encoding", "").lower():
+    codings = [c.strip().lower() for c in ",".join(reading.headers.getall("transfer-encoding", [])).split(",")]
+    if codings == ["chunked"]:
         reading.chunked = True
+    elif codings != [""]:  # gzip, chunked: a body we would hand on still encoded
+        raise HopError(f"an answer in a transfer coding other than chunked: {codings[:4]}")
     elif "content-length" in reading.headers:
         lengths = set(reading.headers.getall("content-length"))
         text = lengths.pop()
-        if lengths or not text.isdigit():
+        if lengths or not _DIGITS.fullmatch(text):
             raise HopError(f"bad content-length in the answer: {text[:20]!r}")
         reading.length = int(text)
     elif reading.status in (204, 304) or reading.status < 200:

@@ -21,6 +21,7 @@ from runtime_sdk.hop import TOKEN, header_safe
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
+MAX_HEADERS = 100  # header lines of a request (its head is bounded in bytes too: wire.MAX_HEAD)
 log = logging.getLogger("mllambda.runtime")
 
 
@@ -69,6 +70,8 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
         raise BadRequest(400, "not an HTTP request line")
     if parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequest(505 if parts[2].startswith("HTTP/") else 400, f"{parts[2][:20]!r} is not HTTP/1.1")
+    if len(lines) > MAX_HEADERS + 1:
+        raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
@@ -82,7 +85,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
 def body_limit(headers: CIMultiDict[str], max_body: int) -> int:
     """The pipeline's limit (x-mll-max-body, set by the sidecar), where it is below the server's own."""
     said = headers.get(h.MAX_BODY, "")
-    return min(int(said), max_body) if said.isdigit() and len(said) < 16 else max_body
+    return min(int(said), max_body) if len(said) < 16 and _LENGTH.fullmatch(said) else max_body
 
 
 def body_length(headers: CIMultiDict[str], max_body: int) -> int | None:
@@ -115,7 +118,7 @@ def _date() -> str:
     return str(_dates[1])
 
 
-def response_bytes(response: Response, close: bool) -> bytes:
+def response_bytes(response: Response, close: bool, head: bool = False) -> bytes:
     """The answer on the wire; a header value with a line break would forge headers, so it is a 500 instead."""
     if not all(header_safe(v) and TOKEN.fullmatch(k) for k, v in response.headers.items()):
         log.error("an answer with a header that cannot be sent: %r", list(response.headers)[:10])
@@ -130,4 +133,5 @@ def response_bytes(response: Response, close: bool) -> bytes:
             lines.append(f"{name}: {value}\r\n")
     lines.append(f"content-length: {len(response.body)}\r\ndate: {_date()}\r\n")
     lines.append("connection: close\r\n\r\n" if close else "\r\n")
-    return "".join(lines).encode("latin-1") + response.body
+    # HEAD: the length it would have, and no body (one would be read as the start of the next answer)
+    return "".join(lines).encode("latin-1") + (b"" if head else response.body)

@@ -151,6 +151,8 @@ class _Connection(asyncio.Protocol):
             self.searched = max(0, len(self.buffer) - 3)
             return None
         method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
+        if http10 and "transfer-encoding" in headers:  # framing HTTP/1.0 does not have: a smuggling pattern
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         limit = body_limit(headers, self.server.max_body)
         length = body_length(headers, limit)
         del self.buffer[: end + 4]
@@ -183,7 +185,8 @@ class _Connection(asyncio.Protocol):
                 if self.transport is None:
                     return
                 close = close or self.server.stopping
-                self.transport.write(response_bytes(response, close))
+                head = not isinstance(request, BadRequest) and request.method == "HEAD"
+                self.transport.write(response_bytes(response, close, head))
                 if close:
                     self.transport.close()
                     return

@@ -127,6 +127,12 @@ async def test_an_answer_in_single_bytes_is_read_whole() -> None:
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3e9\r\n" + b"x" * 1001 + b"\r\n", "over 1000 bytes"),
         (b"HTTP/1.1 200 OK\r\nx: " + b"y" * MAX_HEAD + b"\r\n\r\n", f"over {MAX_HEAD} bytes"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}", "in the middle of its answer"),
+        # From the review (issue 41): a four-digit status, a coding that is not only chunked, a length in
+        # digits int() reads but HTTP does not, a chunk line with a bare LF after its size.
+        (b"HTTP/1.1 2000 OK\r\ncontent-length: 2\r\n\r\n{}", "not an HTTP/1.1 answer"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "other than chunked"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: \xb2\r\n\r\n", "bad content-length"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;\n{}\r\n0\r\n\r\n", "bad chunk size"),
     ],
 )
 async def test_what_is_not_an_answer_is_an_error_and_the_connection_is_not_used_again(answer: bytes, says: str) -> None:

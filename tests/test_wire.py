@@ -107,6 +107,16 @@ async def test_a_chunked_body_arriving_a_byte_at_a_time(port: int) -> None:
         (b"POST /a HTTP/1.1\r\ncontent-length: 1001\r\n\r\n", 413),
         (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3e9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n", 413),
         (b"POST /a HTTP/1.1\r\nx: " + b"a" * MAX_HEAD + b"\r\n\r\n", 431),
+        # Smuggling patterns from the review (issue 41): a bare LF in a chunk's size line would make the next
+        # line the data; spaces, a bare `;`, a trailer that is not a header; chunks in an HTTP/1.0 request.
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;\nabcde\r\n12345\r\n0\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5 \r\nabcde\r\n0\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n 5\r\nabcde\r\n0\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;\r\nabcde\r\n0\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx: a\x00\r\n\r\n", 400),
+        (b"POST /a HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 400),
+        (b"POST /a HTTP/1.1\r\n" + b"x: 1\r\n" * 101 + b"\r\n", 431),  # more header lines than allowed
     ],
 )
 async def test_a_request_that_is_not_http_gets_its_4xx_and_the_connection_closes(
@@ -115,6 +125,20 @@ async def test_a_request_that_is_not_http_gets_its_4xx_and_the_connection_closes
     answers = await exchange(port, raw + post("/after", b""), 2)  # what follows a framing error is not read
     assert [a[0] for a in answers] == [status], answers
     assert answers[0][1]["connection"] == "close" and "error" in json.loads(answers[0][2])
+
+
+async def test_well_formed_chunk_extensions_and_trailers_are_read_and_a_head_answer_has_no_body(port: int) -> None:
+    raw = b'POST /p HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3;a;b=c;d="x y"\r\nabc\r\n0\r\nx-t: 1\r\n\r\n'
+    (answer,) = await exchange(port, raw)
+    assert answer[0] == 200 and json.loads(answer[2])["body"] == "abc"
+    # HEAD: the answer's head (its length as it would be), no body, and the connection goes on in step.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HEAD /p HTTP/1.1\r\nhost: x\r\n\r\n" + post("/after", b"z"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: " in head
+    after = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert after.startswith(b"HTTP/1.1 200 "), after  # not the HEAD answer's body read as the next answer
+    writer.close()
 
 
 async def test_a_head_without_end_over_the_limit_is_refused_before_it_ends(port: int) -> None:
@@ -401,4 +425,5 @@ def test_a_pipelines_limit_told_with_the_request_only_ever_lowers_the_servers() 
 
     assert told("10") == 10 and told("5000") == 1000  # a caller cannot raise it
     assert told("abc") == told("-5") == told("1e3") == told("9" * 40) == 1000  # not a plain number: ignored
+    assert told("\xb2") == told("\u0661") == told("") == 1000  # digits to str.isdigit, not to int()
     assert body_limit(CIMultiDict(), 1000) == 1000
