@@ -69,6 +69,10 @@ class _Reading:
     continued: bool = False  # "100 Continue" sent
 
 
+LINGER = 2.0  # seconds a refused request's rest is read and dropped before the connection closes
+LINGER_BYTES = 128 * 1024 * 1024
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -81,6 +85,7 @@ class _Connection(asyncio.Protocol):
         self.searched = 0  # where the search for the head's end goes on from
         self.reading: _Reading | None = None
         self.quiet_since = time.monotonic()  # the last byte in or answer out
+        self.dropped = 0  # bytes read and dropped after a refusal (_linger)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -100,6 +105,9 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
             return
         self.quiet_since = time.monotonic()
         self.buffer += data
@@ -188,7 +196,10 @@ class _Connection(asyncio.Protocol):
                 head = not isinstance(request, BadRequest) and request.method == "HEAD"
                 self.transport.write(response_bytes(response, close, head))
                 if close:
-                    self.transport.close()
+                    if isinstance(request, BadRequest):
+                        self._linger(self.transport)
+                    else:
+                        self.transport.close()
                     return
         finally:
             self.task = None
@@ -216,6 +227,20 @@ class _Connection(asyncio.Protocol):
         if self.server.access_log is not None:
             took = (time.perf_counter() - started) * 1000
             self.server.access_log.info('"%s %s" %d %d %.2fms', request.method, request.path[:200], status, size, took)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """After a refusal, close as well-behaved servers do: our answer is sent, then a FIN; what the peer
+        still sends of the refused request is read and dropped (LINGER seconds, LINGER_BYTES at most), then the
+        connection closes. Closed with those bytes unread, the kernel would reset it, and the peer (an Envoy)
+        would drop our answer for a 503 of its own (issue 41)."""
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        self.buffer.clear()
+        self.reading = None
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def partial(self) -> bool:
         return self.reading is not None or bool(self.buffer)

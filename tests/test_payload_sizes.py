@@ -78,3 +78,27 @@ async def test_a_body_over_the_pipelines_max_body_is_a_413_at_the_gateway_and_on
     path.write_text(json.dumps({**spec, "max_body": "100Mi"}))
     refused = kafka_plane.cli("apply", "-f", str(path))
     assert refused.returncode != 0 and "between 1024 bytes and 64Mi" in refused.stderr, refused.stderr
+
+
+async def test_a_runtime_that_refuses_a_body_before_reading_it_is_heard_through_envoy(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """A runtime's own limit below the pipeline's: its 413 and reason reach the caller, not a 503 reset."""
+    start_runtime(f"{M}:echo", "echo", "v1", extra=("--max-body=1048576",))
+    spec = {
+        "name": "tight",
+        "max_body": "4Mi",
+        "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}],
+    }
+    apply(control_plane, tmp_path, spec)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/tight"
+    await until_ok(url, {"text": "warm"})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):  # the same connections again: each refusal leaves the next request unharmed
+            async with session.post(
+                url, data=body_of(3 * 1024 * 1024), headers={"content-type": "application/json"}
+            ) as resp:
+                said = await resp.read()
+                assert resp.status == 413 and b"the limit is 1048576 bytes" in said, (resp.status, said[:300])
+            async with session.post(url, json={"text": "small"}) as resp:
+                assert resp.status == 200
