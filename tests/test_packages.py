@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,29 @@ def test_a_host_keeps_only_the_packages_and_environments_of_stored_versions(tmp_
     ]  # fmt: skip
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*"))
     assert left == ["envs/lock1-sdk", "envs/lock3-sdk", "packages/.partial", "packages/aaa", "packages/ccc"]
+
+
+async def test_the_store_holds_a_bounded_number_of_versions_and_models(consul_agent: Any, tmp_path: Path) -> None:
+    """Against a real Consul: one version more than a model may keep is refused, with what to do, until one goes."""
+    import consul.aio
+
+    from controlplane.models.store import ModelStore, StoreFull, write_blob
+
+    built = build(BARE, find_uv())
+    write_blob(tmp_path, built.digest, built.archive)
+    client = consul.aio.Consul(port=consul_agent.http_port)
+    store = ModelStore(client, tmp_path, kv_prefix=f"bounds-{tmp_path.name}", limits=(2, 2))
+    try:
+        for version in ("v1", "v2"):
+            await store.check_room("echo", version)
+            await store.record("echo", version, built.digest, by="test")
+        with pytest.raises(StoreFull, match=r"model echo has 2 versions.*mllambda delete model echo:VERSION"):
+            await store.check_room("echo", "v3")
+        await store.check_room("echo", "v2")  # one it holds: an upload of the same again is fine
+        await store.record("other", "v1", built.digest, by="test")
+        with pytest.raises(StoreFull, match="the store holds 2 models"):
+            await store.check_room("third", "v1")
+        await store.delete("echo", "v1")
+        await store.check_room("echo", "v3")
+    finally:
+        await client.close()

@@ -125,6 +125,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         if first is None:
             raise BadPackage("an upload needs a first message naming model, version and digest")
         check_names(first.model, first.version)
+        await self.store.check_room(first.model, first.version)
         if first.size > self.limit:
             raise BadPackage(f"the package is {first.size} bytes, over the store's limit of {self.limit // 2**20} MiB")
 

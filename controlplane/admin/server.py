@@ -31,7 +31,14 @@ from controlplane.delivery.replays import (
     ReplayNotFound,
     ReplayUnavailable,
 )
-from controlplane.models.store import BadPackage, InUse, ModelNotFound, ModelStoreUnavailable, VersionTaken
+from controlplane.models.store import (
+    BadPackage,
+    InUse,
+    ModelNotFound,
+    ModelStoreUnavailable,
+    StoreFull,
+    VersionTaken,
+)
 from controlplane.monitoring.monitor import MonitorError
 from controlplane.pipeline.contracts import Contracts
 from controlplane.pipeline.contracts import coverage as contract_coverage
@@ -84,6 +91,7 @@ _ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionTaken, grpc.StatusCode.ALREADY_EXISTS),
     (InUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (StoreFull, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelStoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ReplayBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (ReplayNotFound, grpc.StatusCode.NOT_FOUND),

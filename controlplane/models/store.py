@@ -30,6 +30,8 @@ from controlplane.models.package import MAX_PACKAGE, PackageError, PackageMeta, 
 from controlplane.models.package import read_meta as meta_of
 
 MAX_DEPLOY_REPLICAS = 100
+MAX_VERSIONS = 100  # versions one model may hold in the store; one more is refused until old ones are deleted
+MAX_MODELS = 1_000  # models the store may hold
 SHOWN_FILES = 200
 MAX_SIGNATURE = 64 * 1024  # bytes of a signature kept in the version's record (Consul KV values are small)
 
@@ -48,6 +50,10 @@ class InUse(Exception):
 
 class ModelStoreUnavailable(Exception):
     pass
+
+
+class StoreFull(Exception):
+    """The store holds as many models, or versions of this model, as it may; nothing was stored."""
 
 
 class BadPackage(Exception):
@@ -173,11 +179,34 @@ def write_blob(store_dir: Path, digest: str, archive: bytes) -> Path:
 
 
 class ModelStore:
-    def __init__(self, client: consul.aio.Consul, store_dir: Path, kv_prefix: str = DEFAULT_KV_PREFIX) -> None:
+    def __init__(
+        self,
+        client: consul.aio.Consul,
+        store_dir: Path,
+        kv_prefix: str = DEFAULT_KV_PREFIX,
+        limits: tuple[int, int] = (MAX_MODELS, MAX_VERSIONS),
+    ) -> None:
         self.client = client
         self.dir = store_dir
         self.prefix = models_prefix(kv_prefix)
         self.deploys = deploy_prefix(kv_prefix)
+        self.max_models, self.max_versions = limits
+
+    async def check_room(self, model: str, version: str) -> None:
+        """StoreFull if recording model:version would pass the store's bounds (a version it holds always fits).
+        Checked before an upload is received; two uploads at once may pass a bound by one."""
+        check_names(model, version)
+        existing = await self.versions()
+        mine = {v.version for v in existing if v.model == model}
+        if version in mine:
+            return
+        if len(mine) >= self.max_versions:
+            raise StoreFull(
+                f"model {model} has {len(mine)} versions, as many as the store keeps; delete ones no longer needed"
+                f" (mllambda delete model {model}:VERSION) and upload again"
+            )
+        if not mine and len({v.model for v in existing}) >= self.max_models:
+            raise StoreFull(f"the store holds {self.max_models} models, as many as it keeps; delete one first")
 
     async def _call(self, coro: Any) -> Any:
         try:
