@@ -11,7 +11,8 @@ Bounds: a request head of MAX_HEAD bytes (431 and the connection closed), a body
 fewer when its pipeline's limit comes with it (x-mll-max-body, set by the sidecar; 413, closed),
 MAX_QUEUED requests read ahead on one connection (then it stops reading), `max_connections` open connections:
 one more closes the connection idle longest (or one whose request stopped arriving STALLED seconds ago, with a
-408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere).
+408), or is reset if there is none (its caller, an Envoy, retries a reset elsewhere). A connection idle for
+IDLE_SECONDS is closed (its sidecar closes its own after 60 s, before this can race a request).
 Each refusal is told to `refused` ("400", "408", "413", "431", "connections") for the runtime's metrics.
 A caller that closes its connection (FIN or reset: Envoy aborts an upstream request by closing, as a
 half-close looks the same) cancels what it asked: no more model time or next hop for an unread answer.
@@ -69,6 +70,7 @@ class _Reading:
     continued: bool = False  # "100 Continue" sent
 
 
+IDLE_SECONDS = 300.0  # a keep-alive connection with nothing read or answered that long is closed (sidecars: 60)
 LINGER = 2.0  # seconds a refused request's rest is read and dropped before the connection closes
 LINGER_BYTES = 128 * 1024 * 1024
 
@@ -282,8 +284,11 @@ class Server:
         access_log: logging.Logger | None = None,
         max_connections: int = MAX_CONNECTIONS,
         refused: Callable[[str], None] = lambda what: None,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.handler = handler
+        self.idle_seconds = idle_seconds
+        self.sweeper: asyncio.Task[None] | None = None
         self.max_body = max_body
         self.access_log = access_log
         self.max_connections = max_connections
@@ -311,7 +316,19 @@ class Server:
         return False
 
     def protocol(self) -> _Connection:
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return _Connection(self)
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle for idle_seconds (nothing read, nothing answered): a peer that
+        never closes its own does not hold them for ever."""
+        while not self.stopping:
+            await asyncio.sleep(self.idle_seconds / 4)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                if connection.idle() and now - connection.quiet_since >= self.idle_seconds:
+                    connection.close_if_idle()
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listen at host:port (0: a free one); the port."""
@@ -325,6 +342,8 @@ class Server:
     async def stop(self, timeout: float) -> None:
         """Stop listening, close idle connections, give requests in flight `timeout` seconds, close the rest."""
         self.stopping = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         for listener in self.listeners:
             listener.close()
         deadline = time.monotonic() + timeout

@@ -427,3 +427,25 @@ def test_a_pipelines_limit_told_with_the_request_only_ever_lowers_the_servers() 
     assert told("abc") == told("-5") == told("1e3") == told("9" * 40) == 1000  # not a plain number: ignored
     assert told("\xb2") == told("\u0661") == told("") == 1000  # digits to str.isdigit, not to int()
     assert body_limit(CIMultiDict(), 1000) == 1000
+
+
+async def test_a_keep_alive_connection_left_idle_is_closed_and_a_busy_one_is_not() -> None:
+    server = Server(echo, MAX_BODY, idle_seconds=0.4)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_writer.write(post("/a", b"1"))
+        await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(8):  # a request every 0.1 s: never idle for 0.4
+            busy_writer.write(post("/b", b""))
+            head = await asyncio.wait_for(busy_reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(next(x for x in head.split(b"\r\n") if x.startswith(b"content-length")).split(b":")[1])
+            await busy_reader.readexactly(length)
+            await asyncio.sleep(0.1)
+        assert (await asyncio.wait_for(idle_reader.read(), 5)).endswith(b"}")  # the rest of its answer, then EOF
+        assert idle_reader.at_eof() and not busy_reader.at_eof()
+        idle_writer.close()
+        busy_writer.close()
+    finally:
+        await server.stop(1.0)

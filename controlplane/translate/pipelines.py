@@ -385,11 +385,11 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
     ]
     if me.egress_uds:
         listeners.append(r.http_listener("egress-uds", r.pipe_address(me.egress_uds), "egress"))
-    clusters = [r.static_cluster(LOCAL_HTTP, r.tcp_address("127.0.0.1", me.runtime_port))]
+    clusters = [r.static_cluster(LOCAL_HTTP, r.tcp_address("127.0.0.1", me.runtime_port), idle_ms=r.LOCAL_IDLE_MS)]
     if me.health_port:
         clusters.append(r.static_cluster(LOCAL_HEALTH, r.tcp_address("127.0.0.1", me.health_port)))
     if me.runtime_uds:
-        clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds)))
+        clusters.append(r.static_cluster(LOCAL_UDS, r.pipe_address(me.runtime_uds), idle_ms=r.LOCAL_IDLE_MS))
     if tls and me.envoy_admin_port:
         clusters.append(r.static_cluster(ENVOY_ADMIN, r.tcp_address("127.0.0.1", me.envoy_admin_port)))
     if options.kafka_broker and me.kafka_port:

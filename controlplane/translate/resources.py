@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -17,6 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from xds.type.v3 import typed_struct_pb2
 
@@ -174,14 +175,30 @@ def _local_replies() -> list[Resource]:
     ]
 
 
-def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 1000) -> Resource:
-    """A cluster with fixed endpoints (a sidecar's own runtime, the control planes' Kafka bridges)."""
-    return cluster_pb2.Cluster(
+def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 1000, idle_ms: int = 0) -> Resource:
+    """A cluster with fixed endpoints (a sidecar's own runtime, the control planes' Kafka bridges); `idle_ms`:
+    close a connection idle that long (Envoy's default is an hour)."""
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=millis(connect_timeout_ms),
         load_assignment=load_assignment(name, addresses),
     )
+    if idle_ms:
+        options = http_protocol_options_pb2.HttpProtocolOptions(
+            common_http_protocol_options=protocol_pb2.HttpProtocolOptions(idle_timeout=millis(idle_ms)),
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+            ),
+        )
+        cluster.typed_extension_protocol_options[UPSTREAM_HTTP_OPTIONS].CopyFrom(pack(options))
+    return cluster
+
+
+UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# A sidecar closes its idle connections to its runtime before the runtime would (runtime_sdk/wire.py, IDLE_SECONDS
+# is 300): the one that closes first must be the one that picks connections, or a request meets a closing one.
+LOCAL_IDLE_MS = 60_000
 
 
 def header(key: str, value: str) -> Resource:
