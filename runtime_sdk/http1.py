@@ -18,7 +18,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from contract import headers as h
 from runtime_sdk.hop import TOKEN, header_safe
 
-_METHOD = re.compile(r"[A-Z]{1,16}")
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # a token: an unknown method is the handler's 405
+_VERSION = re.compile(r"HTTP/1\.[0-9]")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
 MAX_HEADERS = 100  # header lines of a request (its head is bounded in bytes too: wire.MAX_HEAD)
@@ -68,7 +69,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
     parts = lines[0].split(" ")
     if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
         raise BadRequest(400, "not an HTTP request line")
-    if parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+    if not _VERSION.fullmatch(parts[2]):  # HTTP/1.2 is read as 1.1 (RFC 9110, 2.5)
         raise BadRequest(505 if parts[2].startswith("HTTP/") else 400, f"{parts[2][:20]!r} is not HTTP/1.1")
     if len(lines) > MAX_HEADERS + 1:
         raise BadRequest(431, f"more than {MAX_HEADERS} header lines")

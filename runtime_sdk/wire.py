@@ -165,6 +165,8 @@ class _Connection(asyncio.Protocol):
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         limit = body_limit(headers, self.server.max_body)
         length = body_length(headers, limit)
+        if not http10 and len(headers.getall("host", [])) != 1:  # RFC 9112, 3.2: a 400, as h11 and Envoy do
+            raise BadRequest(400, "an HTTP/1.1 request needs one Host header")
         del self.buffer[: end + 4]
         self.searched = 0
         connection = headers.get("connection", "").lower()

@@ -207,7 +207,7 @@ async def test_requests_waiting_for_a_busy_model_are_dropped_when_their_callers_
         async def send(n: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             body = json.dumps({"n": n}).encode()
-            writer.write(b"POST /predict HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             return reader, writer
 
         busy = [await send(n) for n in range(workers)]
