@@ -116,13 +116,15 @@ def hop_latency(folder: Path, runs: int, script: Path) -> None:
 
 
 @contextlib.contextmanager
-def plain_chain(folder: Path, client: str = "aiohttp") -> Iterator[str]:
-    """The baseline: tokenize -> count -> score as three aiohttp servers calling each other (with aiohttp's
-    client, or `client="hop"`: the runtime SDK's); yields its URL."""
+def plain_chain(
+    folder: Path, client: str = "aiohttp", models: tuple[str, ...] = ("tokenize", "count", "score")
+) -> Iterator[str]:
+    """The baseline: tokenize -> count -> score (or `models`) as three aiohttp servers calling each other (with
+    aiohttp's client, or `client="hop"`: the runtime SDK's); yields its URL."""
     ports = [processes.free_port() for _ in range(3)]
     chain = []
     try:
-        for i, model in enumerate(("tokenize", "count", "score")):
+        for i, model in enumerate(models):
             args = [
                 "-m",
                 "bench.plain_chain",
@@ -131,7 +133,7 @@ def plain_chain(folder: Path, client: str = "aiohttp") -> Iterator[str]:
                 f"--client={client}",
             ]
             args += [f"--next=http://127.0.0.1:{ports[i + 1]}/"] if i < 2 else []
-            chain.append(start_python(folder, f"plain-{model}", args, ports[i]))
+            chain.append(start_python(folder, f"plain-{i}-{model}", args, ports[i]))
         yield f"http://127.0.0.1:{ports[0]}/"
     finally:
         for proc in chain:

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--predict", required=True, help="MODULE:CALLABLE")
     parser.add_argument("--next", help="URL of the next stage")
     parser.add_argument("--client", choices=["aiohttp", "hop"], default="aiohttp")
+    parser.add_argument("--max-body", type=int, default=64 * 1024 * 1024, help="bytes a request may have")
     args = parser.parse_args()
     next_url = URL(args.next) if args.next else None
     hop = HopClient(port=next_url.port) if next_url and args.client == "hop" else None
@@ -49,7 +50,7 @@ def main() -> None:
         yield
         await session["next"].close()
 
-    app = web.Application()
+    app = web.Application(client_max_size=args.max_body)
     app.router.add_post("/{tail:.*}", handle)
     app.cleanup_ctx.append(client)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)

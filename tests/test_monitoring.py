@@ -234,3 +234,24 @@ def test_runtimes_on_other_hosts_are_read_through_their_ingress_under_mtls_only(
     assert profiles_url(there, secure=False) == ""  # nothing beyond loopback without authentication
     v6 = dataclasses.replace(there, host="fd00::2")
     assert profiles_url(v6, secure=True) == "https://[fd00::2]:9001/profiles"
+
+
+async def test_a_runtimes_answer_is_read_whole_however_many_packets_it_takes() -> None:
+    """The windows of a busy runtime run to hundreds of KB: read to their end (bounded), not to the first packet."""
+    from aiohttp import test_utils, web
+
+    from controlplane.monitoring.monitor import read_at_most
+
+    big = b"x" * 3_000_000
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=big)
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+        async with client.get("/") as resp:
+            assert await read_at_most(resp, 4_000_000) == big
+        async with client.get("/") as resp:
+            with pytest.raises(ValueError, match="over 1000000 bytes"):
+                await read_at_most(resp, 1_000_000)

@@ -152,9 +152,7 @@ class Monitor:
             async with session.get(f"{url}?after={after}", ssl=context) as resp:
                 if resp.status == 404:
                     return  # profiling off there
-                raw = await resp.content.read(MAX_ANSWER + 1)
-            if len(raw) > MAX_ANSWER:
-                raise ValueError(f"answer over {MAX_ANSWER} bytes")
+                raw = await read_at_most(resp, MAX_ANSWER)
             answer = json.loads(raw)
             self.window_seconds = int(answer.get("window_seconds", self.window_seconds))
             state = self.versions.setdefault((i.model, i.version), VersionState())
@@ -323,6 +321,17 @@ class Monitor:
             row["drift_over_time"] = list(self.drift_history.get(version, ()))
             row["agreement_over_time"] = list(self.agreement_history.get(model_cluster(*version), ()))
         return rows
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ValueError past `limit` bytes (`content.read(n)` returns what has arrived so far,
+    which for a body of more than a few packets is only its start)."""
+    raw = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        raw += chunk
+        if len(raw) > limit:
+            raise ValueError(f"answer over {limit} bytes")
+    return bytes(raw)
 
 
 def profiles_url(i: RuntimeService, secure: bool) -> str:

@@ -1,0 +1,113 @@
+"""Payloads of the size ML sends through a 3-stage pipeline: bodies of 1 KB, 64 KB, 1 MB and 8 MB (issue 42).
+
+Three stages that pass their input on (examples.trivial.models:echo: the transport's cost, not a model's): the
+plain aiohttp chain (no mesh: the limit) against ML Lambda over http and over Unix sockets, each system started
+once per run and loaded with wrk at every size (fewer connections for bigger bodies), systems taking turns
+(reversed every other run). Per size and system: requests/s, MB/s of request bodies, p50/p99, CPU per MB of
+request body (every process of the system, from /proc) and the system's peak RSS (VmHWM summed). Medians of
+the runs, and ML Lambda against the chain within each run.
+
+Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.common import cpu_spent, median, process_cpu, running_stack
+from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
+
+SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "1 MB": 1024 * 1024, "8 MB": 8 * 1024 * 1024}
+CONNECTIONS = {"1 KB": 32, "64 KB": 16, "1 MB": 8, "8 MB": 4}
+STAGES = ("e1", "e2", "e3")  # three model versions, each its own process, all answering with their input
+SYSTEMS = {"plain aiohttp chain": ("plain", ""), "ML Lambda, http": ("mllambda", "http"),
+           "ML Lambda, uds": ("mllambda", "uds")}  # fmt: skip
+
+
+def body(size: int) -> str:
+    return json.dumps({"text": "x" * (size - len(json.dumps({"text": ""})))})
+
+
+@contextlib.contextmanager
+def system(folder: Path, kind: str, transport: str) -> Iterator[str]:
+    if kind == "plain":
+        with plain_chain(folder, models=("echo", "echo", "echo")) as url:
+            yield url
+        return
+    stack = {
+        "name": "payloads",
+        "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:echo"} for m in STAGES],
+        "pipelines": [{"name": "big", "transport": transport, "stages": [stage(m) for m in STAGES]}],
+    }
+    with running_stack(folder, stack) as (ports, _):
+        yield f"http://127.0.0.1:{ports['gateway']}/pipelines/big"
+
+
+def peak_rss_mib(roles: set[str]) -> float:
+    total = 0
+    for pid, (role, _) in process_cpu().items():
+        if role in roles:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return total / 1024
+
+
+def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, float]:
+    size, script = SIZES[size_name], folder / f"post-{size_name.replace(' ', '')}.lua"
+    text = body(size)
+    script.write_text(f'wrk.method = "POST"\nwrk.body = \'{text}\'\nwrk.headers["Content-Type"] = "application/json"\n')
+    request = urllib.request.Request(url, data=text.encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        if resp.read() != text.encode():
+            raise SystemExit(f"{url} did not answer a {size_name} body with itself")
+    wrk(url, CONNECTIONS[size_name], 1, script)  # warm-up
+    before = process_cpu()
+    result = wrk(url, CONNECTIONS[size_name], seconds, script)
+    spent = cpu_spent(before, process_cpu())
+    megabytes = result["requests"] * size / 1e6
+    result["mb_s"] = result["rps"] * size / 1e6
+    result["cpu_us_per_mb"] = sum(spent.values()) / megabytes * 1e6 if megabytes else 0.0
+    result["rss"] = peak_rss_mib({role for role, s in spent.items() if s > 0})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=6)
+    args = parser.parse_args()
+    folder, _ = wrk_folder("mll-bench-payloads-")
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {(n, s): [] for n in SYSTEMS for s in SIZES}
+    started = time.time()
+    for run in range(args.runs):
+        for index, (name, (kind, transport)) in list(enumerate(SYSTEMS.items()))[:: -1 if run % 2 else 1]:
+            where = folder / f"run{run}-system{index}"
+            where.mkdir()
+            with system(where, kind, transport) as url:
+                for size_name in SIZES:
+                    rows[(name, size_name)].append(measure(url, where, size_name, args.seconds))
+                    print(f"   run {run + 1}/{args.runs} {name} {size_name}: "
+                          f"{rows[(name, size_name)][-1]['rps']:,.0f} req/s", flush=True)  # fmt: skip
+    print(f"\n3 stages passing the body on; wrk {args.seconds} s per size; medians of {args.runs} runs")
+    print("| body | system | req/s | MB/s | p50 ms | p99 ms | CPU us per MB | peak RSS MiB | req/s against the chain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size_name in SIZES:
+        chain = rows[("plain aiohttp chain", size_name)]
+        for name in SYSTEMS:
+            runs = rows[(name, size_name)]
+            mid = {k: median([r[k] for r in runs]) for k in runs[0]}
+            ratio = median([a["rps"] / b["rps"] for a, b in zip(runs, chain, strict=True)])
+            print(f"| {size_name} | {name} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
+                  f"{mid['p99']:.1f} | {mid['cpu_us_per_mb']:,.0f} | {mid['rss']:,.0f} | {ratio:.2f}x |")  # fmt: skip
+    print(f"\n({time.time() - started:.0f} s; logs in {folder})")
+
+
+if __name__ == "__main__":
+    main()
