@@ -75,6 +75,7 @@ def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, f
     result["mb_s"] = result["rps"] * size / 1e6
     result["cpu_us_per_mb"] = sum(spent.values()) / megabytes * 1e6 if megabytes else 0.0
     result["rss"] = peak_rss_mib({role for role, s in spent.items() if s > 0})
+    result.update({f"cpu {role}": seconds / megabytes * 1e6 for role, seconds in spent.items() if megabytes})
     return result
 
 
@@ -106,6 +107,11 @@ def main() -> None:
             ratio = median([a["rps"] / b["rps"] for a, b in zip(runs, chain, strict=True)])
             print(f"| {size_name} | {name} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
                   f"{mid['p99']:.1f} | {mid['cpu_us_per_mb']:,.0f} | {mid['rss']:,.0f} | {ratio:.2f}x |")  # fmt: skip
+    print("\nCPU us per MB by process role (medians)")
+    for (name, size_name), runs in rows.items():
+        roles = sorted({k for r in runs for k in r if k.startswith("cpu ")})
+        parts = ", ".join(f"{k[4:]} {median([r.get(k, 0.0) for r in runs]):,.0f}" for k in roles)
+        print(f"- {size_name}, {name}: {parts}")
     print(f"\n({time.time() - started:.0f} s; logs in {folder})")
 
 
