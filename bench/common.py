@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -61,6 +62,17 @@ def process_cpu() -> dict[int, tuple[str, float]]:
         if role:
             found[int(entry.name)] = (role, (int(fields[11]) + int(fields[12])) / tick)
     return found
+
+
+def memory_mib(roles: set[str], field: str = "VmRSS") -> float:
+    """The memory of every process of these roles, summed (`VmHWM`: each one's peak)."""
+    total = 0
+    for pid, (role, _) in process_cpu().items():
+        if role in roles:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
+    return total / 1024
 
 
 def runtime_codes(consul_port: int, model: str, service_id: str = "") -> Counter[str]:

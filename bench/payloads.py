@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import cpu_spent, median, process_cpu, running_stack
+from bench.common import cpu_spent, median, memory_mib, process_cpu, running_stack
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "1 MB": 1024 * 1024, "8 MB": 8 * 1024 * 1024}
@@ -49,16 +49,6 @@ def system(folder: Path, kind: str, transport: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{ports['gateway']}/pipelines/big"
 
 
-def peak_rss_mib(roles: set[str]) -> float:
-    total = 0
-    for pid, (role, _) in process_cpu().items():
-        if role in roles:
-            with contextlib.suppress(OSError):
-                status = Path(f"/proc/{pid}/status").read_text()
-                total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return total / 1024
-
-
 def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, float]:
     size, script = SIZES[size_name], folder / f"post-{size_name.replace(' ', '')}.lua"
     text = body(size)
@@ -74,7 +64,7 @@ def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, f
     megabytes = result["requests"] * size / 1e6
     result["mb_s"] = result["rps"] * size / 1e6
     result["cpu_us_per_mb"] = sum(spent.values()) / megabytes * 1e6 if megabytes else 0.0
-    result["rss"] = peak_rss_mib({role for role, s in spent.items() if s > 0})
+    result["rss"] = memory_mib({role for role, s in spent.items() if s > 0}, "VmHWM")
     result.update({f"cpu {role}": seconds / megabytes * 1e6 for role, seconds in spent.items() if megabytes})
     return result
 

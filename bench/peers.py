@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import checkout, children_cpu, cpu_spent, median, process_cpu, running_stack
+from bench.common import checkout, children_cpu, cpu_spent, median, memory_mib, process_cpu, running_stack
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
@@ -151,16 +151,6 @@ def answers_right(url: str) -> None:
             got = json.loads(resp.read())
         if got != expected(text):
             raise SystemExit(f"{url} answered {got!r} for {text!r}, not {expected(text)!r}")
-
-
-def memory_mib(roles: set[str]) -> float:
-    total = 0
-    for pid, (role, _) in process_cpu().items():
-        if role in roles:
-            with contextlib.suppress(OSError):
-                status = Path(f"/proc/{pid}/status").read_text()
-                total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return total / 1024
 
 
 def measure(url: str, script: Path) -> dict[str, float]:
