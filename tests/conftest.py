@@ -167,12 +167,15 @@ class ControlPlaneProc:
         if self.proc is not None:
             self.proc.stop()
 
-    def cli(self, *args: str, stdin: str | None = None, token: str = "") -> subprocess.CompletedProcess[str]:
-        """Run `mllambda ARGS` against this control plane, as a user would."""
+    def cli(
+        self, *args: str, stdin: str | None = None, token: str = "", timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `mllambda ARGS` against this control plane, as a user would (`timeout`: a build that makes an
+        environment for the first time, several at once on a loaded machine, takes longer)."""
         env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr, "MLLAMBDA_TOKEN": token}
         return subprocess.run(
             [sys.executable, "-m", "controlplane.cli", *args],
-            capture_output=True, text=True, env=env, input=stdin, timeout=60,
+            capture_output=True, text=True, env=env, input=stdin, timeout=timeout,
         )  # fmt: skip
 
 

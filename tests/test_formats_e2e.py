@@ -74,7 +74,8 @@ async def _described(url: str) -> bool:
 def build_all(plane: ControlPlaneProc, saved: Path) -> dict[str, subprocess.CompletedProcess[str]]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(FORMATS)) as pool:
         futures = {
-            f: pool.submit(plane.cli, "build", str(saved / f), f"--model=f-{f}", "--version=v1") for f in FORMATS
+            f: pool.submit(plane.cli, "build", str(saved / f), f"--model=f-{f}", "--version=v1", timeout=300)
+            for f in FORMATS
         }
         return {f: future.result() for f, future in futures.items()}
 
@@ -231,7 +232,7 @@ async def test_a_pipeline_of_saved_models_splits_90_10_and_rolls_its_second_stag
     }
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         built = [
-            pool.submit(model_plane.cli, "build", str(saved / folder), f"--model={m}", f"--version={v}")
+            pool.submit(model_plane.cli, "build", str(saved / folder), f"--model={m}", f"--version={v}", timeout=300)
             for (m, v), folder in folders.items()
         ]
         assert all(b.result().returncode == 0 for b in built), [b.result().stderr for b in built]
