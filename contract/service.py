@@ -44,6 +44,11 @@ class RuntimeService:
     def cluster(self) -> str:
         return model_cluster(self.model, self.version)
 
+    def ingress_url(self, path: str) -> str:
+        """`path` on its sidecar's mTLS ingress: how a control plane on another host reads it (/stats, /profiles)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.ingress_port}{path}"
+
     def tags(self) -> list[str]:
         return [SERVICE_TAG, f"version-{self.version}"]
 

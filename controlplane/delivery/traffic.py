@@ -205,8 +205,7 @@ def stats_urls(instances: Iterable[RuntimeService], gateway_admin_port: int, sec
         if i.envoy_admin_port and i.host == "127.0.0.1":
             urls.append(f"http://127.0.0.1:{i.envoy_admin_port}{STATS}")
         elif i.envoy_admin_port and secure and i.tls_dir:
-            host = f"[{i.host}]" if ":" in i.host else i.host
-            urls.append(f"https://{host}:{i.ingress_port}{STATS}")
+            urls.append(i.ingress_url(STATS))
     return urls
 
 

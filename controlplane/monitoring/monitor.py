@@ -340,8 +340,7 @@ def profiles_url(i: RuntimeService, secure: bool) -> str:
     if i.host == "127.0.0.1" and i.runtime_port:
         return f"http://127.0.0.1:{i.runtime_port}/profiles"
     if secure and i.tls_dir and i.ingress_port:
-        host = f"[{i.host}]" if ":" in i.host else i.host
-        return f"https://{host}:{i.ingress_port}/profiles"
+        return i.ingress_url("/profiles")
     return ""
 
 
