@@ -173,10 +173,14 @@ class ControlPlaneProc:
         """Run `mllambda ARGS` against this control plane, as a user would (`timeout`: a build that makes an
         environment for the first time, several at once on a loaded machine, takes longer)."""
         env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr, "MLLAMBDA_TOKEN": token}
-        return subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "controlplane.cli", *args],
             capture_output=True, text=True, env=env, input=stdin, timeout=timeout,
         )  # fmt: skip
+        if "Connection refused" in done.stderr and self.proc is not None:  # say what the control plane was doing
+            state = "alive" if self.proc.alive() else f"exited ({self.proc.popen and self.proc.popen.poll()})"
+            done.stderr += f"\n[control plane {state}; its log ends:]\n{self.proc.tail(40)}"
+        return done
 
 
 @pytest.fixture
