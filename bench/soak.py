@@ -10,13 +10,19 @@ Every `--every` seconds (jittered by the seed) one fault, drawn by the seed:
   stop-sidecar     SIGSTOP a runtime's sidecar Envoy for 5 s, then SIGCONT
   kill-plane       SIGKILL the control plane
   kill-consul      SIGKILL the dev Consul agent (the supervisor starts it and gives its KV back)
-  change           apply soak-http with the sports branch's split moved (90/10 <-> 100/0)
+  kill-kafka       SIGKILL the Kafka broker (the supervisor starts it again; tansu keeps topics in memory)
+  change           apply soak-http changed, in turn: the sports split 90/10, Unix sockets, the network stage
+                   removed, back to the start
+  scale            `mllambda deploy` a category network with 2 replicas, the next time back to 1
   rotate-ca        a new root in Consul's Connect CA (every leaf certificate is replaced)
 Each failed request is charged to the last fault before it if it came within `--window` seconds; others are
-"unexplained". Every process of the stack (and each runtime's sidecar) is sampled every 10 s: RSS, open file
-descriptors, threads; the report gives each one's slope per hour (a least-squares line).
+"unexplained". Besides the HTTP callers, `--kafka-rate` messages per second, each with an id in a header, go
+straight to soak-kafka's input topic; every id is looked for in its output and dead-letter topics: lost,
+delivered more than once (at least once: counted and explained), dead-lettered. Every process of the stack
+(and each runtime's sidecar) is sampled every 10 s: RSS, open file descriptors, threads; the report gives each
+one's slope per hour (a least-squares line).
 
-Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10]
+Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10] [--kafka-rate 5]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import aiohttp
 import yaml
 
 from bench.common import nlp_stack, running_stack
+from contract.naming import dead_letter_topic, input_topic, output_topic
 from controlplane.config import PROJECT_ROOT
 
 TEXTS = {
@@ -47,7 +54,9 @@ TEXTS = {
     "my laptop keeps crashing after the update": "tech",
     "the pasta was delicious and fresh": "food",
 }
-FAULTS = ("kill-runtime", "stop-sidecar", "kill-plane", "kill-consul", "change", "rotate-ca")
+FAULTS = ("kill-runtime", "stop-sidecar", "kill-plane", "kill-consul", "kill-kafka", "change", "scale", "rotate-ca")
+CHANGES = ("sports 90/10", "uds", "network stage removed", "as at the start")
+ID = "soak-id"  # the Kafka header that carries a message's id through every stage
 NLP = PROJECT_ROOT / "examples" / "nlp"
 
 
@@ -74,6 +83,19 @@ class Book:
     outcomes: list[tuple[float, str, int, bool]] = field(default_factory=list)  # (t, pipeline, status, right)
     faults: list[tuple[float, str, str]] = field(default_factory=list)  # (t, kind, target)
     samples: dict[str, list[tuple[float, int, int, int]]] = field(default_factory=dict)  # name -> (t, rss, fds, thr)
+    produced: dict[str, float] = field(default_factory=dict)  # Kafka id -> when the broker acknowledged it
+    refused: int = 0  # messages the broker did not acknowledge (not accepted: not counted as lost)
+    seen: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the output topic
+    dead: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the dead-letter topic
+
+
+def right_answer(status: int, body: Any, served: str, text: str, pipeline: str) -> bool:
+    """The category the text is known to have, and a chain that names no other category's network (the network
+    stage may be removed by a change; over Kafka the bridge's answer names no chain)."""
+    if status != 200 or not isinstance(body, dict) or body.get("category") != TEXTS[text]:
+        return False
+    networks = {part.split(":")[0].split("=")[-1] for part in served.split(", ") if "net-" in part}
+    return "kafka" in pipeline or networks <= {f"net-{TEXTS[text]}"}
 
 
 async def one(session: aiohttp.ClientSession, url: str, pipeline: str, text: str, book: Book) -> None:
@@ -81,9 +103,7 @@ async def one(session: aiohttp.ClientSession, url: str, pipeline: str, text: str
     try:
         async with session.post(url, json={"text": text}, timeout=aiohttp.ClientTimeout(total=10)) as resp:
             body = await resp.json(content_type=None)
-            served = resp.headers.get("x-mll-served", "")
-            right = resp.status == 200 and body.get("category") == TEXTS[text]
-            right = right and (resp.status != 200 or f"net-{TEXTS[text]}:" in served or "kafka" in pipeline)
+            right = right_answer(resp.status, body, resp.headers.get("x-mll-served", ""), text, pipeline)
             book.outcomes.append((sent, pipeline, resp.status, right))
     except (aiohttp.ClientError, TimeoutError, ValueError):
         book.outcomes.append((sent, pipeline, 0, False))
@@ -103,6 +123,52 @@ async def load(port: int, pipeline: str, rate: float, until: float, book: Book) 
             n += 1
             await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
         await asyncio.gather(*pending)
+
+
+async def kafka_load(bootstrap: str, pipeline: str, rate: float, until: float, book: Book) -> None:
+    """Messages with ids straight to the pipeline's input topic; one is accepted once the broker acknowledged it."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    texts = list(TEXTS)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", request_timeout_ms=5000)
+    await producer.start()
+    try:
+        n = 0
+        start = time.monotonic()
+        while time.monotonic() < until:
+            key = f"{n:08d}"
+            body = json.dumps({"text": texts[n % len(texts)]}).encode()
+            try:
+                await asyncio.wait_for(
+                    producer.send_and_wait(input_topic(pipeline), body, headers=[(ID, key.encode())]), 10
+                )
+                book.produced[key] = time.monotonic()
+            except (KafkaError, TimeoutError):
+                book.refused += 1
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+    finally:
+        await producer.stop()
+
+
+async def kafka_watch(bootstrap: str, pipeline: str, stop: asyncio.Event, book: Book) -> None:
+    """Every id that reaches the output or dead-letter topic (read from the start, no group: nothing is missed)."""
+    from aiokafka import AIOKafkaConsumer
+
+    out, dlq = output_topic(pipeline), dead_letter_topic(pipeline)
+    consumer = AIOKafkaConsumer(out, dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500)
+            for part, records in batches.items():
+                for record in records:
+                    key = dict(record.headers or []).get(ID)
+                    if key is not None:
+                        (book.seen if part.topic == out else book.dead)[key.decode()] += 1
+    finally:
+        await consumer.stop()
 
 
 def stack_processes(state: Path) -> dict[str, int]:
@@ -162,12 +228,13 @@ async def faults(
     rng: random.Random, ports: dict[str, int], env: dict[str, str], folder: Path, every: float, until: float, book: Book
 ) -> None:
     state = Path(env["MLLAMBDA_STATE_DIR"])
-    split = [True]
+    changes = 0
+    scaled: set[str] = set()
     while time.monotonic() + every < until:
         await asyncio.sleep(every * rng.uniform(0.7, 1.3))
         kind = rng.choice(FAULTS)
         procs = stack_processes(state)
-        runtimes = sorted(n for n in procs if n not in ("consul", "controlplane", "gateway", "kafka"))
+        runtimes = sorted(n for n in procs if n not in ("consul", "controlplane", "gateway", "kafka", "supervisor"))
         target = ""
         if kind == "kill-runtime":
             target = rng.choice(runtimes)
@@ -180,30 +247,47 @@ async def faults(
             os.kill(envoy, signal.SIGSTOP)
             asyncio.get_running_loop().call_later(5, os.kill, envoy, signal.SIGCONT)
             target += " (sidecar, 5 s)"
-        elif kind in ("kill-plane", "kill-consul"):
-            target = {"kill-plane": "controlplane", "kill-consul": "consul"}[kind]
+        elif kind in ("kill-plane", "kill-consul", "kill-kafka"):
+            target = {"kill-plane": "controlplane", "kill-consul": "consul", "kill-kafka": "kafka"}[kind]
             os.killpg(procs[target], signal.SIGKILL)
         elif kind == "change":
-            spec = pipelines()[0]
-            branch = spec["stages"][2]["branches"][0]
-            split[0] = not split[0]
-            branch["variants"] = (
-                [
-                    {"model": "net-sports", "version": "v1", "weight": 90},
-                    {"model": "net-sports", "version": "v2", "weight": 10},
-                ]
-                if split[0]
-                else [{"model": "net-sports", "version": "v1"}]
-            )
+            target = f"soak-http: {CHANGES[changes % len(CHANGES)]}"
             path = folder / "change.yaml"
-            path.write_text(yaml.safe_dump(spec))
-            cli = [str(PROJECT_ROOT / ".venv" / "bin" / "mllambda"), "apply", "-f", str(path)]
-            await asyncio.to_thread(subprocess.run, cli, env=env, capture_output=True, timeout=60)
-            target = "soak-http sports " + ("90/10" if split[0] else "100/0")
+            path.write_text(yaml.safe_dump(changed(changes)))
+            changes += 1
+            await mllambda(env, "apply", "-f", str(path))
+        elif kind == "scale":
+            model = rng.choice(["net-sports", "net-tech", "net-food"])
+            replicas = 1 if model in scaled else 2
+            scaled ^= {model}
+            target = f"{model}:v1 to {replicas} replicas"
+            await mllambda(env, "deploy", f"{model}:v1", f"--replicas={replicas}")
         elif kind == "rotate-ca":
             await asyncio.to_thread(rotate_ca, ports["consul"], folder)
         book.faults.append((time.monotonic(), kind, target))
         print(f"{time.monotonic() - book.started:7.1f}s  fault {kind} {target}", flush=True)
+
+
+def changed(n: int) -> dict[str, Any]:
+    """soak-http after its n-th change (CHANGES, in turn)."""
+    spec = pipelines()[0]
+    step = CHANGES[n % len(CHANGES)]
+    if step == "sports 90/10":
+        v1, v2 = ({"model": "net-sports", "version": v, "weight": w} for v, w in (("v1", 90), ("v2", 10)))
+        spec["stages"][2]["branches"][0]["variants"] = [v1, v2]
+    elif step == "uds":
+        spec["transport"] = "uds"
+    elif step == "network stage removed":
+        spec["stages"] = spec["stages"][:2]
+    return spec
+
+
+async def mllambda(env: dict[str, str], *args: str) -> None:
+    """Run the CLI; a refusal is printed (the soak goes on: a change refused is a finding, not a crash)."""
+    cli = [str(PROJECT_ROOT / ".venv" / "bin" / "mllambda"), *args]
+    done = await asyncio.to_thread(subprocess.run, cli, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        print(f"  mllambda {' '.join(args)} failed: {done.stderr.strip()[-300:]}", flush=True)
 
 
 async def sampler(state: Path, until: float, book: Book) -> None:
@@ -219,6 +303,27 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
     var = sum((x - mx) ** 2 for x, _ in points)
     return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in points) / var * 3600
+
+
+def kafka_report(book: Book, window: float) -> None:
+    if not book.produced and not book.refused:
+        return
+    lost = [k for k in book.produced if not book.seen[k] and not book.dead[k]]
+    broker = [
+        k
+        for k in lost
+        if any(kind == "kill-kafka" and t - window <= book.produced[k] <= t for t, kind, _ in book.faults)
+    ]
+    twice = sum(1 for k in book.produced if book.seen[k] > 1)
+    print(
+        f"  kafka ids: {len(book.produced)} acknowledged by the broker ({book.refused} not), "
+        f"{sum(1 for k in book.produced if book.seen[k])} on the output topic, {twice} of them more than once "
+        f"({sum(book.seen.values()) - len(book.seen)} extra copies), "
+        f"{sum(1 for k in book.produced if book.dead[k] and not book.seen[k])} dead-lettered, "
+        f"lost {len(lost)} ({len(broker)} acknowledged in the {window:g} s before a broker kill: its memory)"
+    )
+    for key in [k for k in lost if k not in broker][:10]:
+        print(f"    lost {key}, acknowledged at {book.produced[key] - book.started:.1f} s")
 
 
 def report(book: Book, window: float, minutes: float, seed: int) -> None:
@@ -242,6 +347,7 @@ def report(book: Book, window: float, minutes: float, seed: int) -> None:
         print(f"  {pipeline:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"  failed, by the fault before them (within {window:g} s): {dict(charged) or 'none'}")
     print(f"  wrong answers: {wrong}")
+    kafka_report(book, window)
     print(f"  faults: {collections.Counter(kind for _, kind, _ in book.faults)}")
     print(f"\n  {'process':<34}{'RSS MB':>8}{'MB/h':>8}{'fds':>6}{'fds/h':>8}{'thr':>5}{'thr/h':>7}  samples")
     for name, points in sorted(book.samples.items()):
@@ -264,11 +370,21 @@ async def soak(args: argparse.Namespace, ports: dict[str, int], env: dict[str, s
     until = time.monotonic() + args.minutes * 60
     rng = random.Random(args.seed)
     state = Path(env["MLLAMBDA_STATE_DIR"])
+    bootstrap = f"127.0.0.1:{ports['kafka']}"
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(kafka_watch(bootstrap, "soak-kafka", stop, book))
     await asyncio.gather(
         *(load(ports["gateway"], p["name"], args.rate, until, book) for p in pipelines()),
+        kafka_load(bootstrap, "soak-kafka", args.kafka_rate, until, book),
         faults(rng, ports, env, folder, args.every, until, book),
         sampler(state, until, book),
     )
+    for _ in range(60):  # seconds for the last messages' way through (a redelivery after a fault takes longer)
+        if all(book.seen[k] or book.dead[k] for k in book.produced):
+            break
+        await asyncio.sleep(1)
+    stop.set()
+    await watcher
     return book
 
 
@@ -277,6 +393,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second per pipeline")
+    parser.add_argument("--kafka-rate", type=float, default=5.0, help="messages per second straight to Kafka")
     parser.add_argument("--every", type=float, default=20.0, help="seconds between faults (jittered)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds a fault is charged with failures")
     args = parser.parse_args()

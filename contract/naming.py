@@ -40,6 +40,7 @@ def bridge_reply_topic(host: str, port: int) -> str:
 
 
 BRIDGE_SERVICE = "mllambda-bridge"  # Consul service of the control planes' Kafka HTTP bridges
+FRONT_SERVICE = "mllambda-oip-grpc"  # Consul service of the control planes' OIP gRPC fronts
 
 # Identities (Consul Connect service names, in SPIFFE certificates). A runtime's is its model's name;
 # ours start with a prefix no model may take.

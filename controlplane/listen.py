@@ -41,6 +41,11 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve anywhere
 
 
+def loopback_if_any(host: str) -> str:
+    """Where this host reaches its own listener bound to `host`: loopback for a wildcard address."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+
+
 def refuse_exposed(what: str, host: str, guarded: bool, flag: str) -> None:
     """Nothing beyond loopback without authentication: a ValueError says what to configure."""
     if not guarded and not is_loopback(host):

@@ -41,6 +41,7 @@ class Settings:
     metrics_addr: str | None = None  # host:port for /metrics, /api/status and the dashboard
     kafka_bootstrap: str | None = None  # enables transport: kafka
     bridge_addr: str = DEFAULT_BRIDGE_ADDR  # the Kafka HTTP bridge (only with kafka_bootstrap)
+    oip_grpc_addr: str = ""  # the OIP gRPC front (controlplane/edge); "": none, gateways answer gRPC with 404
     empty_grace: float = EMPTY_GRACE  # seconds every runtime may vanish at once before it is believed
     security: str = "plaintext"  # "mtls": every hop, xDS and the bridge mutually authenticated (Connect CA)
     gateway_tls_dir: str = ""  # with mtls: the gateway Envoy's certificate folder (its launcher keeps it)
@@ -72,6 +73,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else None),
         kafka_bootstrap=resolve(args.kafka_bootstrap, "MLLAMBDA_KAFKA_BOOTSTRAP", "") or None,
         bridge_addr=resolve(args.bridge, "MLLAMBDA_BRIDGE_ADDR", DEFAULT_BRIDGE_ADDR),
+        oip_grpc_addr=resolve(args.oip_grpc, "MLLAMBDA_OIP_GRPC_ADDR", ""),
         empty_grace=args.empty_grace,
         security=args.security,
         gateway_tls_dir=args.gateway_tls_dir or "",
@@ -131,6 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway-port", type=int, default=18080, help="port of the gateway Envoy's listener")
     parser.add_argument("--gateway-admin-port", type=int, default=0, help="gateway Envoy admin port (for its stats)")
     parser.add_argument("--kafka-bootstrap", help="Kafka broker for transport: kafka (MLLAMBDA_KAFKA_BOOTSTRAP)")
+    parser.add_argument(
+        "--oip-grpc",
+        help="listen address of the Open Inference Protocol over gRPC, which gateways route to on their own "
+        "listener (MLLAMBDA_OIP_GRPC_ADDR; loopback unless --insecure-expose; none by default)",
+    )
     parser.add_argument(
         "--bridge",
         help=f"Kafka HTTP bridge listen address, with a broker (MLLAMBDA_BRIDGE_ADDR, {DEFAULT_BRIDGE_ADDR})",

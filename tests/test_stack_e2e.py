@@ -20,31 +20,10 @@ from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
 from tests.helpers.envoy import admin_stat, near_share
 from tests.helpers.stack import mllambda
+from tests.helpers.triton import infer_with_triton, infer_with_triton_grpc
 
 pytestmark = pytest.mark.slow
 NLP = PROJECT_ROOT / "examples" / "nlp"
-
-
-def infer_with_triton(port: int, model: str, text: str) -> dict[str, object]:
-    """One inference through the gateway with tritonclient, as a KServe/Triton user would; outputs by name."""
-    import numpy as np
-    import tritonclient.http as triton
-
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
-    about = client.get_model_metadata(model)
-    assert about["name"] == model, about
-    tensor = triton.InferInput("text", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([text], dtype=object))  # binary tensor extension, Triton's default
-    result = client.infer(model, [tensor])
-    found = {}
-    for output in result.get_response()["outputs"]:
-        value = result.as_numpy(output["name"]).reshape(-1)[0]
-        if isinstance(value, bytes):
-            value = value.decode()
-        found[output["name"]] = value.item() if hasattr(value, "item") else value
-    client.close()
-    return found
 
 
 def drawn(url: str, profile: Path, shot: str) -> dict[str, dict[tuple[str, str], tuple[float, float | None]]]:
@@ -233,6 +212,8 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         oip_answer = infer_with_triton(ports["gateway"], "nlp", "the striker scored a brilliant goal")
         assert oip_answer["category"] == "sports" and oip_answer["sentiment"] == answer["result"]["sentiment"]
         assert oip_answer["sentiment_confidence"] == answer["result"]["sentiment_confidence"]
+        over_grpc = infer_with_triton_grpc(ports["gateway"], "nlp", "the striker scored a brilliant goal")
+        assert over_grpc == oip_answer  # OIP over gRPC, on the gateway's port: the same answer
 
         page = f"http://127.0.0.1:{ports['controlplane_metrics']}/pipelines/nlp"
         before = drawn(page, tmp_path / "chrome-v1", "nlp-v1.png")
@@ -305,6 +286,8 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         assert json.loads(over_kafka.stdout)["result"]["category"] == "sports"
         assert json.loads(over_kafka.stdout)["served_by"]["network"] in ("net-sports:v1", "net-sports:v2")
         assert infer_with_triton(ports["gateway"], "nlp", "the striker scored a brilliant goal")["category"] == "sports"
+        grpc_answer = infer_with_triton_grpc(ports["gateway"], "nlp", "the striker scored a brilliant goal")
+        assert grpc_answer["category"] == "sports"
     finally:
         down = mllambda("down", env=env)
     assert down.returncode == 0, down.stderr

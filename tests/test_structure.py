@@ -34,6 +34,7 @@ ROOMS: dict[str, set[str]] = {
         "controlplane.consul",
     },
     "controlplane.kafka": {"controlplane.pipeline", "controlplane.translate", "controlplane.consul"},
+    "controlplane.edge": {"controlplane.consul"},  # the OIP gRPC front: gRPC in, the gateway's OIP over HTTP out
     "controlplane.scaling": {"controlplane.consul", "controlplane.delivery", "controlplane.settings"},
     "controlplane.node": {"runtime_sdk", "controlplane.consul", "controlplane.translate", "controlplane.models"},
     # model packages, their store and environments (which get a copy of the runtime SDK); the contracts

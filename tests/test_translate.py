@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from xds.type.v3 import typed_struct_pb2
 
 from contract.service import RuntimeService
@@ -311,3 +312,24 @@ def test_the_gateways_oip_metadata_names_the_first_stages_inputs_and_the_last_st
     plain = translate(steady(PIPELINE), RUNTIMES)["gateway"]
     (unknown,) = [x for x in routes(plain, "gateway") if x.match.path == "/v2/models/p"]
     assert json.loads(unknown.direct_response.body.inline_string)["inputs"] == []
+
+
+def test_grpc_calls_reach_every_oip_front_over_http2_and_only_when_one_is_there() -> None:
+    alone = translate(steady(PIPELINE), RUNTIMES)["gateway"]
+    assert "mll-oip-grpc" not in alone.of_type(CLUSTER).by_name
+    assert not [r for r in routes(alone, "gateway") if r.name == "oip-grpc"]
+    gateway = translate(steady(PIPELINE), RUNTIMES, Options(fronts=(("127.0.0.1", 5001), ("127.0.0.1", 5002))))
+    front = gateway["gateway"].of_type(CLUSTER).by_name["mll-oip-grpc"]
+    hosts = [e.endpoint.address.socket_address.port_value for e in front.load_assignment.endpoints[0].lb_endpoints]
+    assert hosts == [5001, 5002]
+    options = front.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    explicit = http_protocol_options_pb2.HttpProtocolOptions.FromString(options.value).explicit_http_config
+    assert explicit.HasField("http2_protocol_options")  # the fronts are gRPC servers
+    route = next(r for r in routes(gateway["gateway"], "gateway") if r.name == "oip-grpc")
+    assert route.match.prefix == "/inference.GRPCInferenceService/" and route.match.HasField("grpc")
+    assert [r.name for r in routes(gateway["gateway"], "gateway")][
+        -1
+    ] == "not-found"  # after every pipeline's own routes
+    assert all(
+        s.of_type(CLUSTER).by_name.keys().isdisjoint({"mll-oip-grpc"}) for n, s in gateway.items() if n != "gateway"
+    )

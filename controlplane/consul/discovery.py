@@ -96,7 +96,7 @@ class Discovery:
         self.wait = wait
         self.empty_grace = empty_grace
         self.by_service: dict[str, dict[str, RuntimeService]] = {}
-        self.bridges: tuple[tuple[str, int], ...] = ()  # passing bridges of this deployment, sorted
+        self.edges: dict[str, tuple[tuple[str, int], ...]] = {}  # service -> its passing instances here, sorted
         self._refused: dict[str, dict[str, str]] = {}  # service name -> service id -> why it is ignored
         self.errors = 0
         self.last_success = 0.0
@@ -325,19 +325,24 @@ class Discovery:
         self._published = self._fresh()
         self.on_change()
 
-    # The Kafka bridges of this deployment.
+    # The control planes' edges of this deployment: Kafka bridges, OIP gRPC fronts.
 
-    async def watch_bridges(self, kv_prefix: str) -> None:
-        """Passing Kafka bridges of the control planes that share this KV prefix (one blocking query)."""
+    @property
+    def bridges(self) -> tuple[tuple[str, int], ...]:
+        return self.edges.get(BRIDGE_SERVICE, ())
+
+    async def watch_edges(self, service: str, kv_prefix: str) -> None:
+        """Passing instances of `service` (a bridge, a front) of the control planes that share this KV prefix
+        (one blocking query)."""
 
         async def health(index: int | None) -> tuple[Any, list[dict[str, Any]]]:
-            return await self.client.health.service(BRIDGE_SERVICE, index=index, wait=self.wait, passing=True)
+            return await self.client.health.service(service, index=index, wait=self.wait, passing=True)
 
         def take(entries: list[dict[str, Any]]) -> None:
             found = tuple(sorted({a for e in entries if (a := bridge_address(e, kv_prefix))}))
-            if found != self.bridges:
-                self.bridges = found
-                log.info("kafka bridges=%s", ", ".join(f"{host}:{port}" for host, port in found) or "none")
+            if found != self.edges.get(service, ()):
+                self.edges[service] = found
+                log.info("%s=%s", service, ", ".join(f"{host}:{port}" for host, port in found) or "none")
                 self.on_change()
 
-        await watch(health, take, what=f"service {BRIDGE_SERVICE}", on_error=self._failed, on_success=self._ok)
+        await watch(health, take, what=f"service {service}", on_error=self._failed, on_success=self._ok)

@@ -137,10 +137,16 @@ class Reconciler:
         bridges: tuple[tuple[str, int], ...],
         parked: tuple[tuple[str, str, int], ...] = (),
         signatures: tuple[tuple[str, str], ...] = (),
+        fronts: tuple[tuple[str, int], ...] = (),
     ) -> None:
         with_filter = frozenset(n for n, ext in self.acks.extensions.items() if KAFKA_BROKER_FILTER in ext)
         options = replace(
-            self.options, kafka_filter_nodes=with_filter, bridges=bridges, parked=parked, signatures=signatures
+            self.options,
+            kafka_filter_nodes=with_filter,
+            bridges=bridges,
+            parked=parked,
+            signatures=signatures,
+            fronts=fronts,
         )
         failed: dict[str, str] = {}
         snapshots = translate(deployments, instances, options, failed, self._memo)

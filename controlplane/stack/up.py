@@ -237,6 +237,8 @@ class Supervisor:
                 *security,
                 *mtls,
                 *([f"--bridge=127.0.0.1:{p.bridge}"] if kafka_flags else []),
+                # OIP over gRPC: clients dial the gateway's port; the front behind it takes any free port
+                f"--oip-grpc=127.0.0.1:{processes.free_port()}",
                 *autoscale,
             ],
             processes.tcp_ready(p.admin),

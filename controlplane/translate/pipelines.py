@@ -57,6 +57,9 @@ from controlplane.translate.shared import Carrier, not_carried_here, shared_egre
 from controlplane.xds.snapshot import Snapshot, route_clusters
 
 BRIDGE = "mll-kafka-bridge"
+FRONT = "mll-oip-grpc"  # the control planes' OIP gRPC fronts (controlplane/edge/front.py)
+OIP_GRPC_PREFIX = "/inference.GRPCInferenceService/"
+FRONT_TIMEOUT_MS = 300_000  # a gRPC call's own deadline (grpc-timeout) is kept when it is shorter
 BRIDGE_RETRIES = 3
 KAFKA = "kafka-broker"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
@@ -71,6 +74,7 @@ class Options:
     gateway_port: int = 18080
     gateway_group: str = "gateway"
     bridges: tuple[tuple[str, int], ...] = ()  # every control plane's Kafka bridge; none: no route for Kafka pipelines
+    fronts: tuple[tuple[str, int], ...] = ()  # every control plane's OIP gRPC front; none: no gRPC route
     kafka_broker: tuple[str, int] | None = None  # sidecars proxy runtimes' broker traffic here
     kafka_filter_nodes: frozenset[str] = frozenset()  # Envoys that report the contrib kafka_broker filter
     mtls: bool = False  # every hop mutually authenticated; a stage admits only its callers (security.py)
@@ -250,7 +254,7 @@ def _gateway(
     signatures = dict(options.signatures)
     routes = [route for v, secret in trials for route in _trial_routes(v, secret)]  # before live ones: they match more
     routes += [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
-    routes += [*oip_server_routes(), not_found_route()]
+    routes += [*oip_server_routes(), *([_front_route()] if options.fronts else []), not_found_route()]
     listener = r.http_listener(
         "gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway", optional=[BUFFERING]
     )
@@ -258,13 +262,14 @@ def _gateway(
     # back to HTTP finds the first stage's clusters warm.
     ahead = [route for v in routed for route in _gateway_routes(v, as_http=True)]
     tls = options.gateway_tls_dir if options.mtls else ""
-    own = [route for route in [*routes, *ahead] if route.route.cluster != BRIDGE]
+    own = [route for route in [*routes, *ahead] if route.route.cluster not in (BRIDGE, FRONT)]
     shared = shared_egress(carriers, own, endpoints, options.gateway_host if options.mtls else "")
     remote = remote_clusters(
         [*own, *(route for _, out in shared for route in out)], endpoints, tls, _near(options, options.gateway_host)
     )
     bridged = options.bridges and any(v.pipeline.transport == "kafka" for v in [*entries, *routed])
     local = [_bridge_cluster(options.bridges, tls)] if bridged else []
+    local += [_front_cluster(options.fronts)] if options.fronts else []
     # after the clusters: an empty one stays warm
     configs = [r.route_config("gateway", only_serving(routes, endpoints.reach))]
     listeners = [listener]
@@ -343,6 +348,28 @@ def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
     if tls_dir:
         cluster.transport_socket.CopyFrom(security.upstream_tls(tls_dir, BRIDGE_SERVICE))
     return cluster
+
+
+def _front_cluster(fronts: Sequence[tuple[str, int]]) -> Any:
+    """The OIP gRPC fronts, over HTTP/2 (they are gRPC servers); plaintext: they listen on loopback only."""
+    cluster = r.static_cluster(FRONT, *(r.tcp_address(*f) for f in fronts))
+    cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)
+    cluster.outlier_detection.CopyFrom(r.EJECT_ON_OWN_FAILURES)
+    cluster.typed_extension_protocol_options[r.UPSTREAM_HTTP_OPTIONS].CopyFrom(r.pack(r.HTTP2_UPSTREAM))
+    return cluster
+
+
+def _front_route() -> rc.Route:
+    """The Open Inference Protocol over gRPC, on the gateway's own listener: to a front, which sends each call
+    back here as OIP over HTTP (so a pipeline's splits, limits and transport apply as for HTTP callers)."""
+    grpc_only = rc.RouteMatch(prefix=OIP_GRPC_PREFIX, grpc=rc.RouteMatch.GrpcRouteMatchOptions())
+    action = rc.RouteAction(
+        cluster=FRONT, timeout=r.millis(FRONT_TIMEOUT_MS), retry_policy=retry_policy(BRIDGE_RETRIES)
+    )
+    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(r.millis(FRONT_TIMEOUT_MS))
+    route = rc.Route(name="oip-grpc", match=grpc_only, route=action)
+    route.request_headers_to_remove.extend([*h.ENTRY, REPLAY])
+    return route
 
 
 def _bridge_route(p: Pipeline, path: str) -> rc.Route:

@@ -196,6 +196,11 @@ def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 100
 
 
 UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP2_UPSTREAM = http_protocol_options_pb2.HttpProtocolOptions(  # to a gRPC server
+    explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+        http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+    )
+)
 # A sidecar closes its idle connections to its runtime before the runtime would (runtime_sdk/wire.py, IDLE_SECONDS
 # is 300): the one that closes first must be the one that picks connections, or a request meets a closing one.
 LOCAL_IDLE_MS = 60_000
