@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import collections
 import json
+import logging
 import os
 import random
 import signal
@@ -225,14 +226,21 @@ def rotate_ca(consul_port: int, folder: Path) -> None:
 
 
 async def faults(
-    rng: random.Random, ports: dict[str, int], env: dict[str, str], folder: Path, every: float, until: float, book: Book
+    rng: random.Random,
+    ports: dict[str, int],
+    env: dict[str, str],
+    folder: Path,
+    every: float,
+    until: float,
+    book: Book,
+    kinds: tuple[str, ...] = FAULTS,
 ) -> None:
     state = Path(env["MLLAMBDA_STATE_DIR"])
     changes = 0
     scaled: set[str] = set()
     while time.monotonic() + every < until:
         await asyncio.sleep(every * rng.uniform(0.7, 1.3))
-        kind = rng.choice(FAULTS)
+        kind = rng.choice(kinds)
         procs = stack_processes(state)
         runtimes = sorted(n for n in procs if n not in ("consul", "controlplane", "gateway", "kafka", "supervisor"))
         target = ""
@@ -376,7 +384,7 @@ async def soak(args: argparse.Namespace, ports: dict[str, int], env: dict[str, s
     await asyncio.gather(
         *(load(ports["gateway"], p["name"], args.rate, until, book) for p in pipelines()),
         kafka_load(bootstrap, "soak-kafka", args.kafka_rate, until, book),
-        faults(rng, ports, env, folder, args.every, until, book),
+        faults(rng, ports, env, folder, args.every, until, book, tuple(args.faults.split(","))),
         sampler(state, until, book),
     )
     for _ in range(60):  # seconds for the last messages' way through (a redelivery after a fault takes longer)
@@ -393,10 +401,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second per pipeline")
+    parser.add_argument("--faults", default=",".join(FAULTS), help="the kinds to draw from, comma-separated")
     parser.add_argument("--kafka-rate", type=float, default=5.0, help="messages per second straight to Kafka")
     parser.add_argument("--every", type=float, default=20.0, help="seconds between faults (jittered)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds a fault is charged with failures")
     args = parser.parse_args()
+    if unknown := set(args.faults.split(",")) - set(FAULTS):
+        parser.error(f"--faults: {', '.join(sorted(unknown))} not among {', '.join(FAULTS)}")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # a broker kill is a planned fault: no log per retry
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-soak-"))
     stack = nlp_stack()
     stack["name"] = "soak"

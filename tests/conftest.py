@@ -117,8 +117,7 @@ def start_envoy(logs_dir: Path, tmp_path: Path) -> Iterator[EnvoyFactory]:
         return started[-1]
 
     yield start
-    for item in started:
-        item.proc.stop()
+    processes.stop_all([item.proc for item in started])
 
 
 @dataclass
@@ -242,14 +241,18 @@ def start_runtime(
         return runtime
 
     yield start
-    for runtime in started:
-        runtime.proc.stop()
+    processes.stop_all([runtime.proc for runtime in started])  # their drains overlap
 
 
 @pytest.fixture
-def three_stages(start_runtime: Callable[..., RuntimeProc]) -> list[RuntimeProc]:
+def three_stages(start_runtime: Callable[..., RuntimeProc], consul_agent: ConsulAgent) -> list[RuntimeProc]:
     """tokenize -> count -> score (examples.trivial.models), each with its sidecar, passing."""
-    return [start_runtime(f"examples.trivial.models:{m}", m, "v1") for m in ("tokenize", "count", "score")]
+    runtimes = [
+        start_runtime(f"examples.trivial.models:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")
+    ]
+    for runtime in runtimes:  # started together: their start-ups overlap
+        runtime.proc.wait_ready(lambda r=runtime: consul_passing(consul_agent.http_port, r.model, r.service_id), 30)
+    return runtimes
 
 
 def consul_passing(consul_port: int, service: str, service_id: str) -> bool:

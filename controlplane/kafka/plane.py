@@ -51,6 +51,7 @@ MAX_WAITING = 1_000  # bridge calls waiting for a result at once; more are refus
 MAX_WAIT = 300.0  # seconds a bridge call waits at most, whatever the pipeline's timeouts add up to
 ROUTER_LINGER = 60.0  # seconds an inactive pipeline's entry router keeps draining its input topic
 BROKER_TIMEOUT = 5.0  # seconds one round of broker calls may take
+TOPIC_CHECK = 2.0  # seconds between checks that the broker still has the topics we made
 Reply = tuple[int, bytes, str]  # HTTP status, body, served chain
 
 
@@ -66,6 +67,8 @@ class KafkaPlane:
         self.producer: AIOKafkaProducer | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
+        self._topics_checked = 0.0
+        self.topics_remade = 0  # topics the broker lost and we made again (a restart without storage)
         self.rng = random.Random()
         self.admin: AIOKafkaAdminClient | None = None
         self._missing: dict[tuple[str, int], list[str]] = {}  # (pipeline, version) -> hops without a consumer
@@ -107,6 +110,7 @@ class KafkaPlane:
                     except BaseException:
                         self._unsynced = True
                         raise
+                await asyncio.wait_for(self.keep_topics(), BROKER_TIMEOUT)
                 self.retire_routers()
                 versions = pending()
                 if versions:
@@ -163,6 +167,27 @@ class KafkaPlane:
         if new:
             await self.admin.create_topics(new)
         self._topics.update(missing)
+
+    async def keep_topics(self) -> None:
+        """Topics we made that the broker no longer has are made again (a broker that restarted without its
+        storage, as tansu's memory engine does; or one deleted by hand), so that what is produced from then on
+        has somewhere to go. What the broker held when it lost them is gone with them: Kafka's durability is
+        the broker's (docs/architecture.md, Kafka transport)."""
+        if not self._topics or time.monotonic() < self._topics_checked + TOPIC_CHECK:
+            return
+        assert self.admin is not None
+        self._topics_checked = time.monotonic()
+        gone = self._topics - set(await self.admin.list_topics())
+        if not gone:
+            return
+        log.warning(
+            "kafka: the broker lost %d of our topics (restarted without its storage?): making them again", len(gone)
+        )
+        self._topics -= gone
+        self.topics_remade += len(gone)
+        await self._create_topics(sorted(gone - {self.reply_topic}))
+        if self.reply_topic in gone:
+            await self._create_topics([self.reply_topic], partitions=1)
 
     async def check_consumers(self, versions: list[tuple[str, int]]) -> None:
         """For each (pipeline, version): which of its hops have no consumer yet (kept for `missing_consumers`).
