@@ -211,6 +211,11 @@ class RuntimeProc:
     model: str
     version: str
     proc: ManagedProcess
+    consul_port: int = 0
+
+    def wait_passing(self, timeout: float = 30) -> RuntimeProc:
+        self.proc.wait_ready(lambda: consul_passing(self.consul_port, self.model, self.service_id), timeout=timeout)
+        return self
 
 
 @pytest.fixture
@@ -234,25 +239,26 @@ def start_runtime(
         env = {"MLLAMBDA_RUN_DIR": run_dir, "MLLAMBDA_KV_PREFIX": control_plane.kv_prefix}
         env["MLLAMBDA_KAFKA_BOOTSTRAP"] = control_plane.env.get("MLLAMBDA_KAFKA_BOOTSTRAP", "")
         proc = ManagedProcess(f"runtime {service_id}", argv, logs_dir / f"{service_id}.log", env=env).start()
-        runtime = RuntimeProc(service_id, model, version, proc)
+        runtime = RuntimeProc(service_id, model, version, proc, consul_agent.http_port)
         started.append(runtime)
-        if wait:
-            proc.wait_ready(lambda: consul_passing(consul_agent.http_port, model, service_id), timeout=30)
-        return runtime
+        return runtime.wait_passing() if wait else runtime
 
     yield start
     processes.stop_all([runtime.proc for runtime in started])  # their drains overlap
 
 
 @pytest.fixture
-def three_stages(start_runtime: Callable[..., RuntimeProc], consul_agent: ConsulAgent) -> list[RuntimeProc]:
+def three_stages(start_runtime: Callable[..., RuntimeProc]) -> list[RuntimeProc]:
     """tokenize -> count -> score (examples.trivial.models), each with its sidecar, passing."""
     runtimes = [
         start_runtime(f"examples.trivial.models:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")
     ]
-    for runtime in runtimes:  # started together: their start-ups overlap
-        runtime.proc.wait_ready(lambda r=runtime: consul_passing(consul_agent.http_port, r.model, r.service_id), 30)
-    return runtimes
+    return passing(*runtimes)
+
+
+def passing(*runtimes: RuntimeProc) -> list[RuntimeProc]:
+    """Runtimes started with wait=False, waited for together: their start-ups overlap."""
+    return [runtime.wait_passing() for runtime in runtimes]
 
 
 def consul_passing(consul_port: int, service: str, service_id: str) -> bool:

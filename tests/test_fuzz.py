@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from contract.payload import NotAnObject, parse_object
+from tests.conftest import passing
 from tests.helpers.kafka import consume, send
 from tests.helpers.pipelines import M, apply, in_traffic, pipeline, until_ok
 
@@ -66,7 +67,7 @@ def score_of(value: bytes | None) -> int | None:
 async def test_ten_thousand_hostile_payloads_crash_nothing_and_lose_no_good_message(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    runtimes = [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
+    runtimes = passing(*(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")))
     apply(kafka_plane, tmp_path, pipeline("fz"))
     apply(kafka_plane, tmp_path, {**pipeline("fk", transport="kafka"), "output_topic": "fk-out"})
     url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/fz"

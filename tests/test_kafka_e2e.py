@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from controlplane.node.processes import http_get
+from tests.conftest import passing
 from tests.helpers.envoy import near_share, wait_for
 from tests.helpers.kafka import consume, served
 from tests.helpers.pipelines import (
@@ -49,7 +50,7 @@ def predictions(consul_port: int, runtime: Any) -> int:
 async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    runtimes = [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
+    runtimes = passing(*(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")))
     url = f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/words"
     apply(kafka_plane, tmp_path, pipeline("words"))
     _, over_http, _ = await until_ok(url, {"text": "one two three"})
@@ -80,9 +81,10 @@ async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
 async def test_kafka_split_and_dead_letters(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
-    start_runtime(f"{M}:score_v2", "score", "v2")
+    passing(
+        *(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")),
+        start_runtime(f"{M}:score_v2", "score", "v2", wait=False),
+    )
     split = [{"model": "score", "version": "v1", "weight": 90}, {"model": "score", "version": "v2", "weight": 10}]
     apply(kafka_plane, tmp_path, pipeline("kx", transport="kafka", variants=split))
     await until_ok(f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kx", {"text": "warm up"}, timeout=60)
@@ -128,8 +130,7 @@ async def test_kafka_split_and_dead_letters(
 async def test_switching_http_kafka_http_loses_no_request(
     kafka_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
+    passing(*(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")))
     outcomes = await switch_under_load(kafka_plane, tmp_path, "flip", ["kafka", "http", "kafka", "http"], 2.0)
     assert set(outcomes) == {200}, outcomes
 
@@ -137,10 +138,9 @@ async def test_switching_http_kafka_http_loses_no_request(
 async def test_killing_a_replica_mid_stream_loses_no_message(
     kafka_plane: Any, kafka_bootstrap: str, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    start_runtime(f"{M}:tokenize", "tokenize", "v1")
-    doomed = start_runtime(f"{M}:count", "count", "v1")
-    start_runtime(f"{M}:count", "count", "v1")
-    start_runtime(f"{M}:score", "score", "v1")
+    _, doomed, _, _ = passing(
+        *(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "count", "score"))
+    )
     apply(kafka_plane, tmp_path, pipeline("kk", transport="kafka"))
     await until_ok(f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kk", {"text": "warm"}, timeout=60)
     await asyncio.sleep(3)  # both replicas have joined the consumer group
@@ -182,8 +182,7 @@ async def test_a_broker_that_is_away_delays_no_http_pipeline_and_kafka_catches_u
     control_plane.stop()
     control_plane.env = {"MLLAMBDA_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}  # nothing listens there yet
     control_plane.start()
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
+    passing(*(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")))
     base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
     apply(control_plane, tmp_path, pipeline("late", transport="kafka"))
     described = control_plane.cli("describe", "pipeline", "late")
@@ -208,8 +207,7 @@ async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_to
     kafka_plane: Any, kafka_bootstrap: str, start_runtime: Any, tmp_path: Path
 ) -> None:
     """v1 [tokenize, count, score] -> v2 [echo, tokenize, count, score] while input keeps arriving on a user topic."""
-    for model in ("tokenize", "count", "score", "echo"):
-        start_runtime(f"{M}:{model}", model, "v1")
+    passing(*(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score", "echo")))
     v1 = {**pipeline("ins", transport="kafka"), "input_topic": "ins-in", "output_topic": "ins-out"}
     apply(kafka_plane, tmp_path, v1)
     await in_traffic(kafka_plane, "ins", 1)
@@ -242,8 +240,7 @@ async def test_an_input_topic_that_changes_between_versions_is_followed_and_the_
 ) -> None:
     from tests.helpers.kafka import send
 
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
+    passing(*(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")))
     v1 = {**pipeline("mv", transport="kafka"), "input_topic": "mv-a", "output_topic": "mv-out"}
     apply(kafka_plane, tmp_path, v1)
     await in_traffic(kafka_plane, "mv", 1)

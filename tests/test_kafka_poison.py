@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane.node.processes import http_get
+from tests.conftest import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.kafka import consume, send, served
 from tests.helpers.pipelines import M, apply, in_traffic, pipeline, runtime_metric, service_meta
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 async def test_poison_records_are_parked_with_their_reason_and_nothing_else_stops(
     kafka_plane: Any, kafka_bootstrap: str, start_runtime: Any, tmp_path: Path
 ) -> None:
-    runtimes = [start_runtime(f"{M}:{model}", model, "v1") for model in ("tokenize", "count", "score")]
+    runtimes = passing(*(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")))
     apply(
         kafka_plane, tmp_path, {**pipeline("px", transport="kafka"), "input_topic": "px-in", "output_topic": "px-out"}
     )

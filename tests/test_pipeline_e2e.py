@@ -14,6 +14,7 @@ import pytest
 
 from bench.common import runtime_codes
 from controlplane.node.processes import http_get
+from tests.conftest import passing
 from tests.helpers.envoy import envoy_stat, near_share, wait_for
 from tests.helpers.pipelines import (
     M,
@@ -147,10 +148,9 @@ async def test_shadow_gets_copies_and_never_affects_the_answer(
 async def test_branch_follows_the_key_the_previous_stage_produced(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    for target, model in [("tokenize", "tokenize"), ("count", "count"), ("length_class", "classify")]:
-        start_runtime(f"{M}:{target}", model, "v1")
-    start_runtime(f"{M}:short_model", "short", "v1")
-    start_runtime(f"{M}:long_model", "long", "v1")
+    targets = [("tokenize", "tokenize"), ("count", "count"), ("length_class", "classify")]
+    targets += [("short_model", "short"), ("long_model", "long")]
+    passing(*(start_runtime(f"{M}:{target}", model, "v1", wait=False) for target, model in targets))
     spec = {
         "name": "branchy",
         "stages": [
@@ -188,9 +188,7 @@ async def test_switching_transport_live_fails_no_request(
 async def test_a_stage_whose_model_is_down_answers_503_naming_the_stage(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    start_runtime(f"{M}:tokenize", "tokenize", "v1")
-    start_runtime(f"{M}:count", "count", "v1")
-    scorer = start_runtime(f"{M}:score", "score", "v1")
+    *_, scorer = passing(*(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("tokenize", "count", "score")))
     apply(control_plane, tmp_path, pipeline("fragile"))
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/fragile"
     await until_ok(url, {"text": "a b"})
@@ -267,9 +265,10 @@ async def test_payload_logging_samples_at_its_rate_and_stops_when_turned_off(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     logs = tmp_path / "payloads"
-    start_runtime(f"{M}:tokenize", "tokenize", "v1", extra=(f"--payload-log-dir={logs}",))
-    start_runtime(f"{M}:count", "count", "v1")
-    start_runtime(f"{M}:score", "score", "v1")
+    passing(
+        start_runtime(f"{M}:tokenize", "tokenize", "v1", wait=False, extra=(f"--payload-log-dir={logs}",)),
+        *(start_runtime(f"{M}:{m}", m, "v1", wait=False) for m in ("count", "score")),
+    )
     apply(control_plane, tmp_path, {**pipeline("logged"), "logging": {"percent": 10}})
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/logged"
     await until_ok(url, {"text": "warm up"})
