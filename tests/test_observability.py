@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.observe import ARTIFACTS, browser, metric, scrape
 from tests.helpers.pipelines import apply, pipeline, post, until_ok
@@ -27,9 +28,10 @@ SPLIT = {
 
 @pytest.fixture
 def split_pipeline(control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path) -> str:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
-    start_runtime(f"{M}:score_v2", "score", "v2")
+    passing(
+        *(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")),
+        start_runtime(f"{M}:score_v2", "score", "v2", wait=False),
+    )
     apply(control_plane, tmp_path, pipeline("watched", **SPLIT))
     return f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/watched"
 
@@ -147,9 +149,10 @@ async def test_observed_shares_count_only_the_current_version(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     """A new user's report: after 90/10 replaced 100/0, shares since Envoy start read 95.4/4.6."""
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
-    start_runtime(f"{M}:score_v2", "score", "v2")
+    passing(
+        *(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")),
+        start_runtime(f"{M}:score_v2", "score", "v2", wait=False),
+    )
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/shifted"
     for spec, requests in ((pipeline("shifted"), 300), (pipeline("shifted", **SPLIT), 500)):
         (tmp_path / "p.yaml").write_text(json.dumps(spec))

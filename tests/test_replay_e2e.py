@@ -19,6 +19,7 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_to_proto
 from controlplane.pipeline.spec import parse_pipeline
+from tests.conftest import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import M, apply, pipeline, post, until_ok
 
@@ -48,11 +49,12 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     logs = tmp_path / "payloads"
-    start_runtime(f"{M}:tokenize", "tokenize", "v1", extra=(f"--payload-log-dir={logs}",))
-    start_runtime(f"{M}:count", "count", "v1")
-    start_runtime(f"{M}:score", "score", "v1")
-    start_runtime(f"{M}:score_v2", "score", "v2")
-    start_runtime(f"{M}:broken", "broken", "v1")
+    passing(
+        start_runtime(f"{M}:tokenize", "tokenize", "v1", wait=False, extra=(f"--payload-log-dir={logs}",)),
+        *(start_runtime(f"{M}:{t}", m, v, wait=False) for t, m, v in
+          (("count", "count", "v1"), ("score", "score", "v1"), ("score_v2", "score", "v2"),
+           ("broken", "broken", "v1"))),
+    )  # fmt: skip
     apply(control_plane, tmp_path, {**pipeline("rp"), "logging": {"percent": 100}})
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/rp"
     await until_ok(url, {"text": "warm up"})

@@ -16,6 +16,7 @@ import yaml
 
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
+from tests.conftest import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.load import SteadyLoad, post_status
 from tests.helpers.observe import metric, scrape
@@ -54,9 +55,10 @@ def history(control_plane: Any, name: str) -> list[dict[str, Any]]:
 def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_their_own(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    start_runtime(f"{MODELS}:echo", "echo", "v1")
-    for version, target in CANDIDATES.values():
-        start_runtime(f"{MODELS}:{target}", "echo", version)
+    passing(
+        start_runtime(f"{MODELS}:echo", "echo", "v1", wait=False),
+        *(start_runtime(f"{MODELS}:{target}", "echo", version, wait=False) for version, target in CANDIDATES.values()),
+    )
     # Warm the baseline (its p99 is what the slow candidate is compared with).
     warm = [{"kind": "Pipeline", "name": n, "stages": [{"name": "s", "variants": [{"model": "echo", "version": "v1"}]}]}
             for n in CANDIDATES]  # fmt: skip

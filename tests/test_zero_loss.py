@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from controlplane.node import processes
+from tests.conftest import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import M, apply, in_traffic, until_ok
 
@@ -172,9 +173,10 @@ def sidecar_pid(service_id: str) -> int:
 async def test_a_sidecar_that_does_not_acknowledge_holds_the_change_back_and_is_named(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    for model in ("tokenize", "count", "score"):
-        start_runtime(f"{M}:{model}", model, "v1")
-    frozen = start_runtime(f"{M}:length_class", "classify", "v1")
+    *_, frozen = passing(
+        *(start_runtime(f"{M}:{model}", model, "v1", wait=False) for model in ("tokenize", "count", "score")),
+        start_runtime(f"{M}:length_class", "classify", "v1", wait=False),
+    )
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/{NAME}"
     apply(control_plane, tmp_path, spec("http", TOKENIZE, COUNT, score()))
     await until_ok(url, TEXT)
