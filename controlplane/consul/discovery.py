@@ -19,7 +19,10 @@ Failure behaviour:
   read rights) is suspect: the last passing set is held for `empty_grace`
   seconds and reported (`holding`), then let through if it lasts. Instances
   that register meanwhile are added to it (a replacement gets its sidecar's
-  config, passes, and ends the hold).
+  config, passes, and ends the hold). The hold is per model version: after an
+  agent restart runtimes register again one by one, so a version keeps its held
+  instances until one of its own passes again (found by bench.soak: ending the
+  hold at the first runtime back emptied the others' clusters for seconds).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class Discovery:
         self.last_success = 0.0
         self.reachable = False
         self.holding_since: float | None = None  # every passing instance vanished; the last set is held
+        self._held: list[RuntimeService] = []  # that set: each kept until its model version passes again
         self.held_drops = 0  # how many times that happened
         self._names: set[str] | None = None  # tagged services, once the catalog answered
         self._checks: dict[str, Fingerprint] | None = None
@@ -280,33 +284,37 @@ class Discovery:
 
     def _publish(self) -> None:
         fresh = self._fresh()
+        had_passing = any(i.passing for i in self._published)
+        if self.holding_since is None and had_passing and not any(i.passing for i in fresh) and self.empty_grace > 0:
+            self.holding_since, self.held_drops = time.time(), self.held_drops + 1
+            self._held = [i for i in self._published if i.passing]
+            log.warning(
+                "every passing runtime vanished at once (%d were passing); holding them for %.0f s",
+                len(self._held),
+                self.empty_grace,
+            )
+            self._release = asyncio.get_running_loop().call_later(self.empty_grace, self._let_go)
+        if self.holding_since is not None:
+            # Held per model version until that version has a passing instance again: after a Consul agent
+            # restart runtimes register again one by one, and the first back must not end the hold for all.
+            # Newcomers join at once: a replacement's sidecar needs its config before its check (which goes
+            # through that sidecar) can pass.
+            back = {i.cluster for i in fresh if i.passing}
+            waiting = [i for i in self._held if i.cluster not in back]
+            if not waiting:
+                self._stop_holding()
+            else:
+                kept = {i.service_id for i in waiting}
+                fresh = sorted([*(i for i in fresh if i.service_id not in kept), *waiting], key=lambda i: i.service_id)
         if fresh == self._published:
             return
-        had_passing = any(i.passing for i in self._published)
-        if had_passing and not any(i.passing for i in fresh) and self.empty_grace > 0:
-            if self.holding_since is None:
-                self.holding_since, self.held_drops = time.time(), self.held_drops + 1
-                log.warning(
-                    "every passing runtime vanished at once (%d were passing); holding them for %.0f s",
-                    sum(i.passing for i in self._published),
-                    self.empty_grace,
-                )
-                self._release = asyncio.get_running_loop().call_later(self.empty_grace, self._let_go)
-            # Newcomers join the held set: a replacement's sidecar needs its config before its check (which
-            # goes through that sidecar) can pass and end the hold; without this it waited out the grace.
-            held = {i.service_id for i in self._published}
-            newcomers = [i for i in fresh if i.service_id not in held]
-            if newcomers:
-                self._published = sorted([*self._published, *newcomers], key=lambda i: i.service_id)
-                self.on_change()
-            return
-        self._stop_holding()
         self._published = fresh
         log.info(
-            "runtimes services=%d instances=%d passing=%d",
+            "runtimes services=%d instances=%d passing=%d%s",
             len(self.by_service),
             len(fresh),
             sum(i.passing for i in fresh),
+            " (some held)" if self.holding_since is not None else "",
         )
         self.on_change()
 
@@ -317,11 +325,12 @@ class Discovery:
         if self.holding_since is not None:
             log.info("runtimes are back after %.1f s of holding", time.time() - self.holding_since)
             self.holding_since = None
+        self._held = []
 
     def _let_go(self) -> None:
         self._release = None
         log.warning("no passing runtime for %.0f s: letting the drop through", self.empty_grace)
-        self.holding_since = None
+        self.holding_since, self._held = None, []
         self._published = self._fresh()
         self.on_change()
 
