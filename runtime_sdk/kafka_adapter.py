@@ -27,6 +27,7 @@ from contract.kafka_io import (
     CONSUMER_SIZES,
     PRODUCER_SIZES,
     Headers,
+    NoRoutingTable,
     consume_batches,
     dead_letter,
     header,
@@ -127,15 +128,16 @@ class KafkaAdapter:
         """A record whose handling failed in a way that would fail again: parked with the reason."""
         assert self.producer is not None
         tables = self.tables.get(pipeline)
-        if tables is not None:
-            headers = [(k, v or b"") for k, v in record.headers or []]
-            await dead_letter(self.producer, tables.newest, record.value, headers, f"poison: {reason}", topic)
+        if tables is None:  # nowhere to park it now: read again later
+            raise NoRoutingTable(f"no routing table of pipeline {pipeline!r} here now")
+        headers = [(k, v or b"") for k, v in record.headers or []]
+        await dead_letter(self.producer, tables.newest, record.value, headers, f"poison: {reason}", topic)
 
     async def _handle(self, pipeline: str, topic: str, record: Any) -> None:
         assert self.producer is not None
         tables = self.tables.get(pipeline)
-        if tables is None:
-            return  # its consumer is being cancelled
+        if tables is None:  # gone for now (its consumer is being cancelled): read again later, never skipped
+            raise NoRoutingTable(f"no routing table of pipeline {pipeline!r} here now")
         headers: Headers = [(k, v or b"") for k, v in record.headers or []]
         entered = header(headers, h.TABLE_VERSION)
         table = tables.get(int(entered) if entered.isdigit() else None)

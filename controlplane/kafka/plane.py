@@ -30,6 +30,7 @@ from contract.kafka_io import (
     CONSUMER_SIZES,
     PRODUCER_SIZES,
     Headers,
+    NoRoutingTable,
     consume_batches,
     dead_letter,
     external,
@@ -39,7 +40,7 @@ from contract.kafka_io import (
 )
 from contract.naming import hop_group, router_group, routing_table_prefix
 from contract.payload import NotAnObject, parse_object
-from contract.routing import PipelineTables
+from contract.routing import PipelineTables, RoutingTable
 from contract.watch import Backoff
 from controlplane.pipeline.model import Pipeline
 from controlplane.translate.topics import routing_table
@@ -301,9 +302,15 @@ class KafkaPlane:
     def _router_died(self, name: str, reason: str) -> None:
         self.router_restarts[name] = self.router_restarts.get(name, 0) + 1
 
+    def _newest(self, name: str) -> RoutingTable:
+        tables = self.tables.get(name)
+        if tables is None:  # the record waits uncommitted for them (contract.kafka_io.NoRoutingTable)
+            raise NoRoutingTable(f"no routing table of pipeline {name!r} here now")
+        return tables.newest
+
     async def _poisoned(self, name: str, record: Any, reason: str) -> None:
         assert self.producer is not None
-        table = self.tables[name].newest
+        table = self._newest(name)
         await dead_letter(self.producer, table, record.value, external(record.headers or []), reason, "input")
 
     async def _enter(self, name: str, value: bytes, headers: Headers) -> None:
@@ -312,7 +319,7 @@ class KafkaPlane:
         Input that cannot enter is dead-lettered.
         """
         assert self.producer is not None
-        table = self.tables[name].newest
+        table = self._newest(name)
         headers = with_header(headers, h.TABLE_VERSION, str(table.version))
         try:
             topics = table.next_topics(0, parse_object(value), self.rng)
