@@ -26,7 +26,7 @@ from controlplane.edge.oip_grpc import Refused, pb
 log = logging.getLogger("mllambda.edge")
 
 FORWARDED = ("x-request-id", "traceparent", "authorization")  # caller metadata the gateway sees
-MAX_CALLS = 1024  # calls in progress at once; more wait in gRPC's queue
+MAX_CALLS = 1024  # calls in progress at once; one more is refused at once with RESOURCE_EXHAUSTED (gRPC's own limit)
 
 
 class OipFront:
