@@ -255,3 +255,18 @@ async def test_a_runtimes_answer_is_read_whole_however_many_packets_it_takes() -
         async with client.get("/") as resp:
             with pytest.raises(ValueError, match="over 1000000 bytes"):
                 await read_at_most(resp, 1_000_000)
+
+
+async def test_a_baseline_too_thin_to_judge_drift_on_is_refused_with_what_to_do() -> None:
+    from controlplane.monitoring.monitor import Monitor, MonitorError, VersionState
+
+    clock = Clock()
+    monitor = Monitor(None, "p/", lambda: [], clock=clock)  # type: ignore[arg-type]
+    monitor.versions[("m", "v1")] = state = VersionState()
+    state.add(int(clock.now // WINDOW_SECONDS), profiled(english, MIN_COUNT - 1))
+    clock.now += WINDOW_SECONDS
+    with pytest.raises(
+        MonitorError, match=f"only {MIN_COUNT - 1} profiled requests of m:v1 .* at least 50 \\(a longer --window"
+    ):
+        await monitor.set_baseline("m", "v1", 60, 0.2)
+    assert monitor.baselines == {}  # nothing kept

@@ -30,7 +30,7 @@ import consul.aio
 
 from contract.naming import model_cluster
 from contract.service import RuntimeService
-from controlplane.monitoring.sketches import Drift, Profile, bins, drift, merged, read_profile, summary
+from controlplane.monitoring.sketches import MIN_COUNT, Drift, Profile, bins, drift, merged, read_profile, summary
 
 log = logging.getLogger("mllambda.monitor")
 POLL_SECONDS = 10.0
@@ -253,6 +253,11 @@ class Monitor:
             raise MonitorError(
                 f"no profiled requests of {model}:{version} in the last {seconds}s (is it serving, and profiled:"
                 " --profile-percent above 0, datasketches in its environment?)"
+            )
+        if profile.requests < MIN_COUNT:  # a baseline that could never judge drift: every field "too few"
+            raise MonitorError(
+                f"only {profile.requests} profiled requests of {model}:{version} in the last {seconds}s; drift is"
+                f" judged on at least {MIN_COUNT} (a longer --window, or more traffic first)"
             )
         return await self._keep(model, version, profile, threshold, seconds, "traffic")
 
