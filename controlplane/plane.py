@@ -45,7 +45,7 @@ from controlplane.models.signatures import SignatureBook
 from controlplane.models.store import ModelStore
 from controlplane.monitoring.monitor import Monitor
 from controlplane.pipeline.model import Pipeline, PipelineVersion
-from controlplane.pipeline.store import PipelineStore, StoreView
+from controlplane.pipeline.store import EmptyHold, PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
 from controlplane.translate.pipelines import Deployment, Options, gateway_clusters
@@ -163,6 +163,10 @@ class ControlPlane:
         self._wake = asyncio.Event()
         self._dirty = True
         self._read_once = False
+        self.empty_hold = EmptyHold(settings.empty_grace)  # the store's prefix read empty after it held pipelines
+        self.empty_hold_since: float | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._newest_view = StoreView(0, {}, {})
         self._tasks: list[asyncio.Task[None]] = []
         self._admin_server: grpc.aio.Server | None = None
 
@@ -296,6 +300,17 @@ class ControlPlane:
         return view.index, view
 
     async def _take_pipelines(self, view: StoreView) -> None:
+        self._newest_view, loop = view, asyncio.get_running_loop()
+        if self.empty_hold.held(view, bool(self.history), loop.time()):
+            if self._hold_timer is None:
+                log.warning("every pipeline vanished from Consul KV at once: serving them on for %.0f s unless"
+                            " they come back", self.empty_hold.grace)  # fmt: skip
+                self.empty_hold_since = time.time()
+                self._hold_timer = loop.call_later(self.empty_hold.grace + 0.1, self._end_empty_hold)
+            return
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._hold_timer, self.empty_hold_since = None, None
         self.history = view.history
         for name, reason in view.broken.items():
             if self.broken.get(name) != reason:
@@ -312,6 +327,11 @@ class ControlPlane:
             self.switchboard.update(live, in_traffic=not self._read_once)
             self._read_once = True
             self._mark_dirty()
+
+    def _end_empty_hold(self) -> None:
+        """The grace is over: the newest view is taken, empty or not."""
+        self._hold_timer = None
+        self._tasks.append(asyncio.create_task(self._take_pipelines(self._newest_view)))
 
     async def _query_replays(self, index: int | None) -> tuple[int, ReplayView]:
         view = await self.replay_book.view(index)
@@ -436,6 +456,7 @@ class ControlPlane:
             push_latency=self.reconciler.push_latency,
             admin_calls=dict(self.admin.calls),
             consul=self.discovery.health(),
+            pipelines_held_since=self.empty_hold_since,
             consul_ui=f"{self.settings.consul.url}/ui/",
             envoy_admin=envoy_admin_urls(runtimes, self.settings.gateway_admin_port),
             kafka_bridges=self.kafka_bridges(),

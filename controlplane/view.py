@@ -39,6 +39,7 @@ class PlaneView:
     kafka_bridges: Sequence[tuple[str, int]]
     switch: Mapping[str, Mapping[str, Any]]  # pipeline -> its entry, pending and draining versions (switch.py)
     broken: Mapping[str, str]  # pipeline -> why its record in the store was skipped
+    pipelines_held_since: float | None = None  # every pipeline vanished from KV at once: held
     translate_failed: Mapping[str, str] = field(default_factory=dict)  # node group -> why (it keeps its config)
     kafka_router_restarts: Mapping[str, int] = field(default_factory=dict)  # pipeline -> entry router restarts
     rollouts_driving: bool = False  # this control plane holds the rollout lock

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import consul
 import pytest
 
@@ -35,6 +36,11 @@ async def serving_one(control_plane: Any, start_runtime: Any, tmp_path: Path) ->
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
     await until_ok(url, {"text": "a b"})
     return url
+
+
+async def status_of(url: str, wanted: int) -> bool:
+    async with aiohttp.ClientSession() as http, http.post(url, json={"text": "a b"}) as resp:
+        return resp.status == wanted
 
 
 async def test_consul_outage_fails_nothing_and_discovery_resumes(
@@ -117,6 +123,28 @@ async def test_every_runtime_vanishing_at_once_is_held_for_the_grace_then_believ
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_discovery_holding") == 0, timeout=10)
         await asyncio.sleep(0.5)
     assert set(load.outcomes) == {200}, load.outcomes
+
+    # Every pipeline vanishing from KV at once (a dev agent restarted empty, a wiped KV) is held the same way: no
+    # request fails while the keys are away, and when they are written back (the stack's supervisor does) it ends.
+    kv = consul.Consul(port=consul_agent.http_port).kv
+    _, saved = kv.get(control_plane.kv_prefix, recurse=True)
+    async with SteadyLoad(url) as load:
+        kv.delete(control_plane.kv_prefix, recurse=True)
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 1, timeout=10)
+        await asyncio.sleep(1)
+        for item in saved:
+            kv.put(item["Key"], item["Value"])
+        await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 0, timeout=10)
+        await asyncio.sleep(0.5)
+    assert set(load.outcomes) == {200}, load.outcomes
+    kv.delete(control_plane.kv_prefix, recurse=True)  # and a wipe that lasts is believed after the grace
+    await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 1, timeout=10)
+    assert await status_of(url, 200)
+    await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 0, timeout=20)
+    await wait_for(lambda: status_of(url, 404), timeout=20)  # the gateway routes it no more
+    for item in saved:
+        kv.put(item["Key"], item["Value"])
+    await until_ok(url, {"text": "a b"})
 
     # A drop that lasts is believed after the grace: the endpoint leaves the gateway.
     before = gateway_hosts(gateway, "tokenize.v1")

@@ -66,3 +66,16 @@ async def test_a_version_that_never_comes_back_is_let_go_after_the_grace() -> No
         await asyncio.sleep(0.05)
     assert [i.service_id for i in discovery.instances()] == ["tokenize-v1-1"]
     assert discovery.holding_since is None
+
+
+def test_a_store_read_empty_after_pipelines_is_held_for_the_grace_and_anything_in_it_ends_the_hold() -> None:
+    from controlplane.pipeline.store import EmptyHold, StoreView
+
+    hold, empty, one = EmptyHold(8), StoreView(5, {}, {}), StoreView(6, {}, {}, {"p": "broken"})
+    assert not hold.held(empty, had_pipelines=False, now=0)  # a fresh store: nothing to hold
+    assert hold.held(empty, had_pipelines=True, now=10) and hold.held(empty, True, now=17.9)
+    assert not hold.held(empty, True, now=18)  # the grace is over: believed
+    assert not hold.held(empty, True, now=30)  # and stays believed while it lasts
+    assert not hold.held(one, True, now=31) and hold.since is None  # anything under the prefix ends it
+    assert hold.held(empty, True, now=40)  # the next wipe is held again, from its own start
+    assert not EmptyHold(0).held(empty, True, now=0)  # --empty-grace 0: believed at once

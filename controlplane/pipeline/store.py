@@ -91,6 +91,25 @@ class StoreView:
         return [v for _, v in sorted(self.current.items()) if not v.deleted]
 
 
+class EmptyHold:
+    """Nothing at all under the prefix, after a read that had pipelines, is suspect: no admin call does that (a
+    deleted pipeline keeps its head and history), a Consul agent restarted empty (a dev agent) or a wiped KV does.
+    Such a view is held, and what is served kept, for `grace` seconds; a view with anything in it ends the hold."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.since: float | None = None  # when the held empty view was first read (loop time)
+
+    def held(self, view: StoreView, had_pipelines: bool, now: float) -> bool:
+        """True: keep serving what was read before; False: take `view`."""
+        if view.current or view.history or view.broken or not had_pipelines or self.grace <= 0:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+        return now - self.since < self.grace
+
+
 class PipelineStore:
     def __init__(self, client: consul.aio.Consul, prefix: str = DEFAULT_KV_PREFIX, keep: int = KEEP_VERSIONS) -> None:
         self.client = client

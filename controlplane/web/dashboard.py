@@ -210,6 +210,9 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     if view.consul.holding_since is not None:
         since = time.strftime("%H:%M:%S", time.localtime(view.consul.holding_since))
         parts.append(f"<p class='holding'>Every runtime vanished from Consul at {since}: the last ones are held.</p>")
+    if view.pipelines_held_since is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(view.pipelines_held_since))
+        parts.append(f"<p class='holding'>Every pipeline vanished from Consul KV at {since}: they are served on.</p>")
     parts.append("<h2>Runtimes</h2><ul>")
     for r in view.runtimes:
         state = "passing" if r.passing else "critical"

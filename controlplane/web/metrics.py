@@ -89,6 +89,11 @@ class StateCollector(Collector):
             "1 while the last runtimes are held because every one vanished at once",
             value=int(view.consul.holding_since is not None),
         )
+        yield GaugeMetricFamily(
+            "mllambda_pipelines_holding",
+            "1 while the pipelines served are held because every one vanished from Consul KV at once",
+            value=int(view.pipelines_held_since is not None),
+        )
         yield CounterMetricFamily(
             "mllambda_discovery_held_drops", "times every runtime vanished at once", value=view.consul.held_drops
         )
