@@ -30,8 +30,14 @@ STEERING = (
 LOG = "x-mll-log"  # set by the gateway: the percentage of this pipeline's requests the first stage logs
 ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION, LOG)  # the gateway's, for the first stage (or bridge) only
 
-# Propagated unchanged to the next hop, so one request can be followed end to end.
+PRIORITY = "x-mll-priority"  # set by the gateway: the pipeline's priority (runtime_sdk/admission.py)
+CALLER = "x-mll-caller"  # set by the gateway: the caller's key for fair shares (the named header, or its address)
+FLOW = (PRIORITY, CALLER)
+
+# Propagated unchanged to the next hop, so one request can be followed end to end (and admitted by the same
+# priority and caller at every stage).
 PROPAGATED = (
+    *FLOW,
     "x-request-id",
     "traceparent",
     "tracestate",

@@ -8,8 +8,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -20,6 +20,7 @@ from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import MAX_BODY_CEILING, NotAnObject, parse_object
+from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, priority_of
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
@@ -59,6 +60,13 @@ class Metrics:
             ["model", "version"],
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.admission = Counter(
+            "mllambda_runtime_admission",
+            "HTTP requests into predict by priority band and outcome (admitted, shed, over share, saturated, waited"
+            " too long)",
+            ["model", "version", "priority", "outcome"],
+            registry=registry,
         )
         self.connections_refused = Counter(
             "mllambda_runtime_connections_refused",
@@ -111,9 +119,8 @@ class Runtime:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     batch: BatchPolicy | None = None  # set: `predict` is predict_batch(list[dict]) -> list[dict], fed by a Batcher
     payload_log: PayloadLog | None = None  # where sampled requests go when this runtime is a pipeline's first stage
-    max_in_flight: int = 0  # > 0: HTTP requests in predict at once; one more is a retriable 503 at once
+    admission: Admission | None = None  # HTTP requests into predict: places, priorities, fair shares (None: all)
     profiler: Profiler | None = None  # sampled profiles of the fields it sees and answers (GET /profiles)
-    in_flight: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
@@ -159,17 +166,24 @@ class Runtime:
             self.profiler.offer(payload, result)
         return result
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """One HTTP request in predict; Overloaded at --max-in-flight, so that a backlog does not build up
-        here, where every request would wait behind it until its caller gives up (docs/architecture.md)."""
-        if self.max_in_flight and self.in_flight >= self.max_in_flight:
-            raise Overloaded(f"{self.in_flight} requests are in predict (--max-in-flight {self.max_in_flight})")
-        self.in_flight += 1
+    @asynccontextmanager
+    async def admitted(self, headers: Mapping[str, str]) -> AsyncIterator[None]:
+        """One HTTP request in predict, admitted by its priority and caller (admission.py; Refused otherwise),
+        so that no backlog builds up where every request would wait until its caller gives up."""
+        if self.admission is None:
+            yield
+            return
+        key, priority = headers.get(h.CALLER, ""), priority_of(headers.get(h.PRIORITY))
+        try:
+            await self.admission.enter(key, priority)
+        except Refused as refused:
+            self.metrics.admission.labels(self.model, self.version, _band(priority), refused.shed).inc()
+            raise
+        self.metrics.admission.labels(self.model, self.version, _band(priority), "admitted").inc()
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.admission.leave(key)
 
     def _timed_predict(self, payload: dict[str, Any]) -> Any:
         started = time.perf_counter()
@@ -179,6 +193,10 @@ class Runtime:
             took = time.perf_counter() - started
             self.placement.observe(took)
             self.latency.observe(took)
+
+
+def _band(priority: int) -> str:
+    return "critical" if priority > 0 else "sheddable" if priority < 0 else "standard"
 
 
 def _error(message: str, **extra: Any) -> str:
@@ -218,7 +236,7 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             raise HttpError(400, f"{h.ASK} is not a stage path")
         try:
             model_started = time.perf_counter()
-            with runtime.admitted():
+            async with runtime.admitted(request.headers):
                 output = await runtime.call_model(payload)
             model_ms = (time.perf_counter() - model_started) * 1000
             if runtime.profiler is not None and h.AGREE in request.headers:
@@ -230,6 +248,11 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             code = 503
             refusal = {"error": f"model {runtime.model}:{runtime.version} is overloaded: {err}"}
             return json_response(refusal, 503, {h.SERVED: served, h.RETRIABLE: "1"})
+        except Refused as err:  # admission: shed, over its share, or saturated (only that one is retriable)
+            code = err.status
+            refusal = {"error": f"model {runtime.model}:{runtime.version}: {err}", "refused": err.shed}
+            said = {h.SERVED: served, "retry-after": str(RETRY_AFTER), **({h.RETRIABLE: "1"} if err.retriable else {})}
+            return json_response(refusal, code, said)
         except Exception as err:
             code = 500
             return _failed(runtime, served, err, "predict() raised")
@@ -327,6 +350,8 @@ async def forward(
     next_ms = (time.perf_counter() - sent) * 1000
     chain = f"{served}, {downstream}" if downstream else served
     headers = {h.SERVED: chain, "content-type": content_type, h.TIMING: timing}
+    if "retry-after" in answered:  # a stage further on refused it (admission): the caller learns when to come back
+        headers["retry-after"] = answered["retry-after"]
     return Response(status, answer.body, headers), next_ms
 
 

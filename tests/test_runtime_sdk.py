@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from runtime_sdk import Rejected
+from runtime_sdk.admission import Admission
 from runtime_sdk.app import INLINE_AFTER, INLINE_BUDGET, Placement, Runtime, serving
 from tests.helpers.runtime import Client, served
 
@@ -234,7 +235,7 @@ async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_w
         gate.wait(10)
         return {"n": payload["n"]}
 
-    runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), max_in_flight=2)
+    runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), admission=Admission(2))
     async with served(runtime) as client:
         held = [asyncio.create_task(client.post("/predict", json={"n": n})) for n in range(2)]
         await asyncio.sleep(0.2)
@@ -242,9 +243,9 @@ async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_w
         refused = await client.post("/predict", json={"n": 3})
         assert refused.status == 503 and time.monotonic() - started < 1
         assert refused.headers["x-mll-retriable"] == "1"  # the sending Envoy tries another replica
-        assert "--max-in-flight 2" in (await refused.json())["error"]
+        assert "2 requests in predict (of 2)" in (await refused.json())["error"] and refused.headers["retry-after"]
         gate.set()
         assert [(await t).status for t in held] == [200, 200]
         again = await client.post("/predict", json={"n": 4})
         assert (again.status, await again.json()) == (200, {"n": 4})
-        assert runtime.in_flight == 0
+        assert runtime.admission is not None and runtime.admission.in_flight == 0

@@ -108,6 +108,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--profile-percent: between 0 (off) and 100, got {args.profile_percent:g}")
     if not 0 <= args.max_in_flight <= 65536:
         raise CliError(f"--max-in-flight: between 0 (no limit) and 65536, got {args.max_in_flight}")
+    if not 0 <= args.queue <= 65536 or (args.queue and not args.max_in_flight):
+        raise CliError(f"--queue: between 0 and 65536, and only with --max-in-flight, got {args.queue}")
     if not 0 <= args.max_batch <= MAX_BATCH:
         raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
     if not 0 < args.max_wait_ms <= 10_000:
@@ -189,6 +191,7 @@ async def _launch(
         max_body=args.max_body,
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
+        queue=args.queue,
         drain_seconds=args.drain_seconds,
         access_log=args.access_log,
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
@@ -298,7 +301,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--max-in-flight",
         type=int,
         default=0,
-        help="HTTP requests in predict at once; one more gets a retriable 503 at once instead of waiting (0: no limit)",
+        help="HTTP requests in predict at once; one more waits for a place (--queue) or is refused at once, by"
+        " priority and fair share per caller (0: no limit)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=0,
+        help="requests that may wait for a place in predict (at most 0.5 s) beyond --max-in-flight (0: none wait)",
     )
     parser.add_argument(
         "--inline",

@@ -1,0 +1,166 @@
+"""Admission at a runtime: at most `slots` requests in predict, priorities between pipelines, fair shares
+between callers (docs/architecture.md, "Flow control").
+
+The gateway tells each request its pipeline's priority (a number: above 0 more important than standard, 0
+standard, below 0 sheddable) and its caller's key (a header the pipeline names, or the client's address);
+both travel with the request through every stage. While a place in predict is free and nobody waits, a
+request goes in at once. Otherwise:
+- a sheddable request is refused at once: 503 with `retry-after`, never retried on another replica;
+- a caller that holds its share of the places (in predict or waiting: slots + queue, split equally
+  between the callers present) or more, while others are here, is refused at once: 429 with `retry-after`;
+- anyone else waits, for at most `max_wait` seconds (then a retriable 503), in one of `queue` places; when
+  they are all taken, the newest waiter of a lower priority, or of a caller over its share, gives its place
+  up (it is refused as above); without such a waiter the newcomer is a retriable 503 at once.
+A freed place goes to the highest priority waiting, round robin between callers, oldest first per caller.
+With `queue` 0 nothing waits: beyond `slots` a request is refused at once (sheddable, over share, or the
+retriable 503 that lets the hop before try another replica). Bounded: the callers tracked are those with a
+request here (at most slots + queue), a key is cut to KEY_CHARS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+
+KEY_CHARS = 64
+MAX_WAIT = 0.5  # seconds a request may wait for a place
+RETRY_AFTER = 1  # seconds, in a refusal's retry-after
+PRIORITIES = {"critical": 100, "standard": 0, "sheddable": -100}
+
+
+@dataclass
+class Refused(Exception):
+    """Not admitted: the answer to give (status, the reason, and whether another replica may take it)."""
+
+    status: int
+    reason: str
+    retriable: bool = False
+    shed: str = "saturated"  # the outcome counted: "shed", "over share", "saturated", "waited too long"
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def priority_of(value: str | None) -> int:
+    """A priority header's value as a number (a name or an integer); standard when absent or unreadable."""
+    if not value:
+        return 0
+    if value in PRIORITIES:
+        return PRIORITIES[value]
+    try:
+        return max(-1000, min(1000, int(value)))
+    except ValueError:
+        return 0
+
+
+class Admission:
+    def __init__(self, slots: int, queue: int = 0, max_wait: float = MAX_WAIT) -> None:
+        self.slots, self.queue, self.max_wait = slots, queue, max_wait
+        self.in_flight = 0
+        self.places: Counter[str] = Counter()  # caller -> its requests here, in predict or waiting
+        self.waiting: dict[int, OrderedDict[str, deque[asyncio.Future[None]]]] = {}  # priority -> caller -> FIFO
+        self.n_waiting = 0
+
+    def share(self, key: str) -> int:
+        """The places a caller may hold: all of them split equally between the callers here (it included)."""
+        callers = len(self.places) + (key not in self.places)
+        return max(1, (self.slots + self.queue) // callers)
+
+    async def enter(self, key: str, priority: int) -> None:
+        """Return once admitted into predict (then call leave(key)); Refused otherwise."""
+        key = key[:KEY_CHARS]
+        if self.in_flight < self.slots and not self.n_waiting:
+            self.in_flight += 1
+            self.places[key] += 1
+            return
+        busy = f"{self.in_flight} requests in predict (of {self.slots}), {self.n_waiting} waiting (of {self.queue})"
+        if priority < 0:
+            raise Refused(503, f"saturated: {busy}; sheddable requests are refused first", shed="shed")
+        held, share = self.places[key], self.share(key)
+        if held >= share and len(self.places) > 1:  # alone, a caller is over nobody's share: saturated (below)
+            raise Refused(
+                429, f"caller {key!r} holds {held} of the {self.slots + self.queue} places, its fair share is {share}"
+                f" ({busy})", shed="over share",
+            )  # fmt: skip
+        if self.n_waiting >= self.queue and not self._give_up_a_place(priority, share):
+            raise Refused(503, f"saturated: {busy}", retriable=True)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(priority, OrderedDict()).setdefault(key, deque()).append(future)
+        self.n_waiting += 1
+        self.places[key] += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.max_wait)
+        except TimeoutError:
+            if future.done() and not future.exception():
+                return  # given a place as the wait ran out: admitted
+            self._forget(key, priority, future)
+            raise Refused(503, f"waited {self.max_wait:g} s for a place: {busy}", True, "waited too long") from None
+        except asyncio.CancelledError:  # the caller hung up while it waited
+            if future.done() and not future.exception():
+                self.leave(key)  # admitted at the moment it went: the place goes on
+            else:
+                self._forget(key, priority, future)
+            raise
+
+    def leave(self, key: str) -> None:
+        """A request admitted with `key` is done with predict: its place goes to the next waiting."""
+        key = key[:KEY_CHARS]
+        self.in_flight -= 1
+        self._release(key)
+        while self.in_flight < self.slots and self.n_waiting:
+            top = max(self.waiting)
+            callers = self.waiting[top]
+            caller, queue = next(iter(callers.items()))
+            future = queue.popleft()
+            callers.move_to_end(caller)  # round robin between callers
+            self._tidy(top, caller)
+            self.n_waiting -= 1
+            self.in_flight += 1
+            future.set_result(None)
+
+    def _give_up_a_place(self, priority: int, share: int) -> bool:
+        """Every waiting place is taken: the newest waiter of a lower priority, else of the caller most over
+        `share` (the share with the newcomer counted, at its priority), is refused to make room. False: nobody
+        should give way."""
+        lower = [p for p in self.waiting if p < priority]
+        if lower:
+            p = min(lower)
+            caller = max(self.waiting[p], key=lambda c: self.places[c])
+            why = "saturated: a request of a higher priority took the place"
+            self._refuse_newest(p, caller, Refused(503, why, retriable=True, shed="shed"))
+            return True
+        over = [c for c in self.waiting.get(priority, ()) if self.places[c] > share]
+        if not over:
+            return False
+        caller = max(over, key=lambda c: self.places[c])
+        why = f"caller {caller!r} is over its fair share ({self.places[caller]} places, a share is {share})"
+        self._refuse_newest(priority, caller, Refused(429, why, shed="over share"))
+        return True
+
+    def _refuse_newest(self, priority: int, caller: str, why: Refused) -> None:
+        future = self.waiting[priority][caller].pop()
+        self._tidy(priority, caller)
+        self.n_waiting -= 1
+        self._release(caller)
+        future.set_exception(why)
+
+    def _forget(self, key: str, priority: int, future: asyncio.Future[None]) -> None:
+        """A waiter that went (timed out, hung up) before it got a place; refused ones are gone already."""
+        queue = self.waiting[priority].get(key) if priority in self.waiting else None
+        if queue is not None and future in queue:
+            queue.remove(future)
+            self._tidy(priority, key)
+            self.n_waiting -= 1
+            self._release(key)
+
+    def _tidy(self, priority: int, caller: str) -> None:
+        if not self.waiting[priority][caller]:
+            del self.waiting[priority][caller]
+            if not self.waiting[priority]:
+                del self.waiting[priority]
+
+    def _release(self, key: str) -> None:
+        self.places[key] -= 1
+        if self.places[key] <= 0:
+            del self.places[key]
