@@ -23,10 +23,11 @@ import asyncio
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
+from contract.headers import PRIORITIES
+
 KEY_CHARS = 64
 MAX_WAIT = 0.5  # seconds a request may wait for a place
 RETRY_AFTER = 1  # seconds, in a refusal's retry-after
-PRIORITIES = {"critical": 100, "standard": 0, "sheddable": -100}
 
 
 @dataclass

@@ -157,3 +157,31 @@ def test_kafka_topic_names_that_would_break_the_broker_or_the_hops_are_refused(
     with pytest.raises(InvalidPipeline) as caught:
         parse_pipeline({**spec, **topics})
     assert problem in str(caught.value)
+
+
+def test_a_priority_and_a_fairness_header_round_trip_and_hostile_ones_are_named() -> None:
+    from controlplane.admin.convert import spec_from_proto, spec_to_proto
+
+    base = yaml.safe_load(EXAMPLE.read_text())
+    for wanted, number in (("sheddable", -100), ("critical", 100), (-50, -50), ("250", 250)):
+        pipeline = parse_pipeline({**base, "priority": wanted, "fairness": {"header": "x-tenant"}})
+        assert (pipeline.priority, pipeline.fairness_header) == (number, "x-tenant")
+        assert spec_from_proto(spec_to_proto(pipeline)) == pipeline == parse_pipeline(pipeline_to_dict(pipeline))
+    assert parse_pipeline(base).priority == 0 and "priority" not in pipeline_to_dict(parse_pipeline(base))
+    for spec, said in [
+        ({"priority": "urgent"}, "priority: 'urgent' is not one of critical, standard, sheddable"),
+        ({"priority": 5000}, "priority: must be between -1000 and 1000"),
+        ({"priority": 1.5}, "priority: must be a whole number"),
+        ({"priority": True}, "priority: must be a number"),
+        ({"fairness": {"header": "X-Tenant"}}, "fairness.header: a lower-case header name"),
+        ({"fairness": {"header": "x-tenant\nx-mll-priority: critical"}}, "fairness.header: a lower-case header name"),
+        ({"fairness": {"header": "x-mll-priority"}}, "not x-mll-* or x-envoy-*"),
+        ({"fairness": {"header": "x-envoy-original-path"}}, "not x-mll-* or x-envoy-*"),
+        ({"fairness": {"header": "a" * 65}}, "fairness.header: a lower-case header name"),
+        ({"fairness": {"header": 3}}, "fairness.header: a lower-case header name"),
+        ({"fairness": {"header": "x-t", "weights": {}}}, "fairness.weights: unknown field"),
+        ({"fairness": "x-tenant"}, "fairness: "),
+        ({"transport": "kafka", "priority": "critical"}, "priority: admission is at the runtimes' HTTP"),
+    ]:
+        found = problems({**base, **spec})
+        assert any(said in p for p in found), (spec, found)

@@ -207,6 +207,8 @@ class Pipeline:
     log_percent: float = 0  # payload logging: this share of requests recorded by the first stage (0: off)
     input: tuple[tuple[str, str], ...] = ()  # (field, type) a caller's request holds; the first stage is checked
     max_body: int = DEFAULT_MAX_BODY  # bytes of a request (and of each stage's answer): 413 at the gateway over it
+    priority: int = 0  # when its models are saturated: above 0 served first, below 0 refused first (admission.py)
+    fairness_header: str = ""  # the request header whose value is the caller's key ("": the client's address)
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

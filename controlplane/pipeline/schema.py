@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from contract.headers import PRIORITIES
 from contract.naming import LABEL, RULES, VERSION
 from contract.payload import MAX_BODY_CEILING, MIN_MAX_BODY
 from controlplane.pipeline.model import (
@@ -146,6 +147,19 @@ def pipeline_schema() -> dict[str, Any]:
                     "additionalProperties": {"enum": list(CONTRACT_TYPES)},
                     "maxProperties": MAX_INPUT_FIELDS,
                 },
+                "priority": {
+                    "description": "when its models are saturated: critical first, sheddable refused first",
+                    "oneOf": [{"enum": list(PRIORITIES)}, {"type": "integer", "minimum": -1000, "maximum": 1000}],
+                },
+                "fairness": closed_object(
+                    {
+                        "header": {
+                            "type": "string",
+                            "pattern": "^[a-z0-9][a-z0-9-]{0,63}$",
+                            "not": {"pattern": "^x-(mll|envoy)-"},
+                        }
+                    }
+                ),
                 "max_body": {
                     "description": "bytes of a request body (and of each stage's answer), or with Ki or Mi: 16Mi",
                     "oneOf": [

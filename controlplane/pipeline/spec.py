@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, replace
 from typing import Any
 
+from contract.headers import PRIORITIES
 from contract.naming import LABEL, RULES, VERSION
 from contract.payload import DEFAULT_MAX_BODY, MAX_BODY_CEILING, MIN_MAX_BODY
 from controlplane.pipeline.model import (
@@ -36,6 +37,9 @@ from controlplane.pipeline.model import (
 )
 
 SIZE = re.compile(r"([0-9]{1,12})(Ki|Mi)?")
+NUMBER = re.compile(r"-?[0-9]{1,4}")
+HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+RESERVED_HEADERS = ("x-mll-", "x-envoy-")
 UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2}
 
 
@@ -118,7 +122,7 @@ class _Parser:
 
     def pipeline(self, spec: Any) -> Pipeline | None:
         allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic", "logging"}
-        allowed |= {"input", "max_body"}
+        allowed |= {"input", "max_body", "priority", "fairness"}
         data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
@@ -142,7 +146,39 @@ class _Parser:
         log_percent = self.logging(data.get("logging"), str(transport))
         given = self.input(data.get("input"))
         max_body = self.size(data.get("max_body"), "max_body")
-        return Pipeline(name, str(transport), stages, topics[0], topics[1], log_percent, given, max_body)
+        priority, fairness = self.priority(data.get("priority")), self.fairness(data.get("fairness"))
+        if (priority or fairness) and transport == "kafka":
+            self.bad(
+                "priority" if priority else "fairness", "admission is at the runtimes' HTTP: use transport http or uds"
+            )
+        return Pipeline(
+            name, str(transport), stages, topics[0], topics[1], log_percent, given, max_body, priority, fairness
+        )
+
+    def priority(self, raw: Any) -> int:
+        """`priority: critical | standard | sheddable`, or a whole number from -1000 to 1000 (below 0: sheddable)."""
+        if raw is None:
+            return 0
+        if isinstance(raw, str) and NUMBER.fullmatch(raw):
+            raw = int(raw)  # the admin API's text form
+        if isinstance(raw, str):
+            if raw not in PRIORITIES:
+                self.bad(
+                    "priority", f"{raw[:40]!r} is not one of {', '.join(PRIORITIES)}, or a number from -1000 to 1000"
+                )
+            return PRIORITIES.get(raw, 0)
+        return self.integer(raw, "priority", -1000, 1000, 0)
+
+    def fairness(self, raw: Any) -> str:
+        """`fairness: {header: NAME}`: the caller's key for fair shares (default: the client's address)."""
+        if raw is None:
+            return ""
+        header = self.mapping(raw, "fairness", {"header"}).get("header")
+        if not isinstance(header, str) or not HEADER_NAME.fullmatch(header) or header.startswith(RESERVED_HEADERS):
+            self.bad("fairness.header", f"a lower-case header name (a-z, 0-9, -; up to 64), not x-mll-* or x-envoy-*"
+                     f", got {str(header)[:40]!r}")  # fmt: skip
+            return ""
+        return header
 
     def size(self, raw: Any, path: str) -> int:
         """A byte size: a whole number, or one with a binary unit (`512Ki`, `16Mi`), as Kubernetes writes them."""
@@ -432,6 +468,11 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         result["input"] = dict(pipeline.input)
     if pipeline.max_body != DEFAULT_MAX_BODY:
         result["max_body"] = pipeline.max_body
+    if pipeline.priority:
+        names = {number: name for name, number in PRIORITIES.items()}
+        result["priority"] = names.get(pipeline.priority, str(pipeline.priority))
+    if pipeline.fairness_header:
+        result["fairness"] = {"header": pipeline.fairness_header}
     return result
 
 

@@ -292,11 +292,13 @@ def _gateway_routes(
         json_api = stage_routes(p, v.version, 0, match_path=pipeline_path(p.name), rewrite=first)
         infer = stage_routes(p, v.version, 0, match_path=oip.infer_path(p.name), rewrite=first)
     logged = [r.header(h.LOG, f"{p.log_percent:g}")] if p.log_percent else []
+    logged += flow_headers(p)
     for route in json_api:
-        route.request_headers_to_remove.extend([*h.ENTRY, REPLAY])  # only the gateway says a request is OIP, or logged
+        # only the gateway says a request is OIP, logged, of which priority and caller
+        route.request_headers_to_remove.extend([*h.ENTRY, *h.FLOW, REPLAY])
         route.request_headers_to_add.extend(logged)
     for route in infer:
-        route.request_headers_to_remove.extend([*h.ENTRY, REPLAY])
+        route.request_headers_to_remove.extend([*h.ENTRY, *h.FLOW, REPLAY])
         route.request_headers_to_add.extend(
             [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
         )
@@ -306,13 +308,24 @@ def _gateway_routes(
     return body_limited(p, json_api + infer) + oip_model_routes(p.name, str(v.version), inputs, outputs)
 
 
+def flow_headers(p: Pipeline) -> list[Any]:
+    """What admission at each stage goes by (runtime_sdk/admission.py): the pipeline's priority, and the caller's
+    key: the client's address, replaced by the named header's value when the request has it (Envoy adds no
+    header whose value comes out empty)."""
+    found = [r.header(h.CALLER, "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%")]
+    if p.fairness_header:
+        found.append(r.header(h.CALLER, f"%REQ({p.fairness_header})%"))
+    return found + ([r.header(h.PRIORITY, str(p.priority))] if p.priority else [])
+
+
 def _trial_routes(v: PipelineVersion, secret: str) -> list[rc.Route]:
     """A replay's way in: the pipeline's JSON and OIP paths into the candidate, for requests carrying `secret`.
 
     Never logged (a replay must not feed the log it reads), named `<pipeline>/replay/<stage>` so that
     Envoy's stats and errors tell replay requests from live ones.
     """
-    quiet = dataclasses.replace(v, pipeline=dataclasses.replace(v.pipeline, log_percent=0))
+    # and sheddable: a replay never takes a place in predict from live traffic
+    quiet = dataclasses.replace(v, pipeline=dataclasses.replace(v.pipeline, log_percent=0, priority=-1000))
     paths = {pipeline_path(v.pipeline.name), oip.infer_path(v.pipeline.name)}
     found = []
     for route in _gateway_routes(quiet, as_http=True):
