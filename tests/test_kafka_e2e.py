@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import consul
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from contract.naming import routing_table_prefix
 from controlplane.node.processes import http_get
 from tests.conftest import passing
 from tests.helpers.envoy import near_share, wait_for
@@ -71,6 +73,13 @@ async def test_kafka_returns_what_http_returns_via_bridge_and_user_topics(
         return sorted(c for r in records if (c := json.loads(r.value)["count"]) >= 10)
 
     assert await user_results() == list(range(10, 30))
+
+    # Routing tables that vanish from Consul (an agent restarted empty) are written again within seconds.
+    agent = consul.Consul(port=kafka_plane.consul_port)
+    key = f"{routing_table_prefix(kafka_plane.kv_prefix)}words"
+    agent.kv.delete(key)
+    await wait_for(lambda: agent.kv.get(key)[1] is not None, timeout=10)
+    assert (await until_ok(url, {"text": "one two three"}, timeout=30))[1] == over_http
 
     # The runtimes reached the broker through their sidecars' Kafka listeners.
     admin = service_meta(kafka_plane.consul_port, "count", runtimes[1].service_id)["envoy_admin_port"]

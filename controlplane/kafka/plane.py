@@ -52,7 +52,7 @@ MAX_WAITING = 1_000  # bridge calls waiting for a result at once; more are refus
 MAX_WAIT = 300.0  # seconds a bridge call waits at most, whatever the pipeline's timeouts add up to
 ROUTER_LINGER = 60.0  # seconds an inactive pipeline's entry router keeps draining its input topic
 BROKER_TIMEOUT = 5.0  # seconds one round of broker calls may take
-TOPIC_CHECK = 2.0  # seconds between checks that the broker still has the topics we made
+TOPIC_CHECK = 2.0  # seconds between checks that the broker still has our topics, and Consul our routing tables
 Reply = tuple[int, bytes, str]  # HTTP status, body, served chain
 
 
@@ -69,6 +69,7 @@ class KafkaPlane:
         self._reply_task: asyncio.Task[None] | None = None
         self._topics: set[str] = set()
         self._topics_checked = 0.0
+        self._tables_checked = 0.0
         self.topics_remade = 0  # topics the broker lost and we made again (a restart without storage)
         self.rng = random.Random()
         self.admin: AIOKafkaAdminClient | None = None
@@ -104,8 +105,11 @@ class KafkaPlane:
                 if not self.started:
                     await asyncio.wait_for(self.start(), BROKER_TIMEOUT)
                     self._unsynced = True  # entry routers start with the tables
+                if self._wanted and time.monotonic() > self._tables_checked + TOPIC_CHECK:
+                    self._unsynced = True  # read back, and written again if Consul lost them (restarted empty)
                 if self._unsynced:
                     self._unsynced = False
+                    self._tables_checked = time.monotonic()
                     try:
                         await asyncio.wait_for(self.sync(self._wanted), BROKER_TIMEOUT)
                     except BaseException:

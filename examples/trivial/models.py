@@ -125,3 +125,9 @@ def length_class_flips(payload: dict[str, Any]) -> dict[str, Any]:
     if _flips["n"] % 5 == 0:
         answer["category"] = "short" if answer["category"] == "long" else "long"
     return answer
+
+
+async def paced(payload: dict[str, Any]) -> dict[str, Any]:
+    """Takes `ms` milliseconds of the request (at most 2 s), as a model of that cost would."""
+    await asyncio.sleep(min(2000, max(0, float(payload.get("ms", 0)))) / 1000)
+    return payload
