@@ -88,6 +88,7 @@ class Book:
     refused: int = 0  # messages the broker did not acknowledge (not accepted: not counted as lost)
     seen: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the output topic
     dead: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the dead-letter topic
+    reasons: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (pipeline, status) -> first bodies
 
 
 def right_answer(status: int, body: Any, served: str, text: str, pipeline: str) -> bool:
@@ -106,6 +107,10 @@ async def one(session: aiohttp.ClientSession, url: str, pipeline: str, text: str
             body = await resp.json(content_type=None)
             right = right_answer(resp.status, body, resp.headers.get("x-mll-served", ""), text, pipeline)
             book.outcomes.append((sent, pipeline, resp.status, right))
+            if resp.status != 200:
+                kept = book.reasons.setdefault((pipeline, resp.status), [])
+                if len(kept) < 3:  # the first few of each kind, for the report
+                    kept.append(f"{time.monotonic() - book.started:.1f}s {str(body)[:200]}")
     except (aiohttp.ClientError, TimeoutError, ValueError):
         book.outcomes.append((sent, pipeline, 0, False))
 
@@ -353,6 +358,10 @@ def report(book: Book, window: float, minutes: float, seed: int) -> None:
         by_pipeline[pipeline][f"failed ({cause})"] += 1
     for pipeline, counts in sorted(by_pipeline.items()):
         print(f"  {pipeline:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        statuses = collections.Counter(str(status) for _, p, status, _ in book.outcomes if p == pipeline)
+        print(f"  {'':<12} by status: {dict(sorted(statuses.items()))}")
+    for (pipeline, status), bodies in sorted(book.reasons.items()):
+        print(f"    {pipeline} {status}: " + " | ".join(bodies))
     print(f"  failed, by the fault before them (within {window:g} s): {dict(charged) or 'none'}")
     print(f"  wrong answers: {wrong}")
     kafka_report(book, window)
@@ -414,7 +423,13 @@ def main() -> None:
     stack["name"] = "soak"
     with running_stack(folder, stack) as (ports, env):
         book = asyncio.run(soak(args, ports, env, folder))
+    raw = folder / "outcomes.jsonl"  # every request and fault, for a later look at what the summary folds
+    raw.write_text("".join(json.dumps({"t": round(t - book.started, 3), "pipeline": p, "status": s, "right": r})
+                           + "\n" for t, p, s, r in book.outcomes)
+                   + "".join(json.dumps({"t": round(t - book.started, 3), "fault": k, "target": x}) + "\n"
+                             for t, k, x in book.faults))  # fmt: skip
     report(book, args.window, args.minutes, args.seed)
+    print(f"  (raw outcomes: {raw}; logs in {folder})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -24,7 +25,7 @@ from controlplane.scaling.policy import (
     policies_document,
     recommend,
 )
-from controlplane.scaling.scaler import MAX_RECORD, parse_record
+from controlplane.scaling.scaler import MAX_RECORD, demand_factor, parse_record
 from controlplane.stack.file import load_stack
 
 POLICY = Policy("classifier", "v1", min_replicas=1, max_replicas=4, target_in_flight=2, up_window=3, down_window=10)
@@ -130,6 +131,11 @@ def test_the_stack_file_takes_a_policy_per_runtime_and_starts_at_min(tmp_path: P
     path.write_text(json.dumps({"kind": "Stack", "runtimes": [runtime]}))
     spec = load_stack(path).runtimes[0]
     assert spec.replicas == 2 and spec.autoscale == Policy("m", "v1", min_replicas=2, max_replicas=3)
+    # admission follows the policy's target in flight (4 by default), unless the runtime's own flags set it
+    assert spec.runtime_args() == ("--max-in-flight=8", "--queue=4")
+    own = dataclasses.replace(spec, args=("--max-in-flight=1", "--inline=never"))
+    assert own.runtime_args() == ("--max-in-flight=1", "--inline=never")
+    assert dataclasses.replace(spec, autoscale=None).runtime_args() == ()
     runtime["replicas"] = 5
     runtime["autoscale"] = {"model": "other", "max_replicas": 0}
     path.write_text(json.dumps({"kind": "Stack", "runtimes": [runtime]}))
@@ -161,6 +167,24 @@ def test_in_flight_is_read_from_envoy_gauges_and_summed_over_envoys() -> None:
 
     merged = merge([parse_envoy_stats(stats(3, 1)), parse_envoy_stats(stats(2, 0))])
     assert merged["classifier.v1"].in_flight == 6 and merged["classifier.v1"].requests == 20
+
+
+def test_refused_requests_count_as_demand_so_shedding_and_scaling_work_together() -> None:
+    def stats(total: int, refused_429: int, refused_503: int) -> dict[str, object]:
+        return {"stats": [
+            {"name": "cluster.classifier_v1.upstream_rq_total", "value": total},
+            {"name": "cluster.classifier_v1.upstream_rq_active", "value": 4},
+            {"name": "cluster.classifier_v1.upstream_rq_429", "value": refused_429},
+            {"name": "cluster.classifier_v1.upstream_rq_503", "value": refused_503},
+        ]}  # fmt: skip
+
+    merged = merge([parse_envoy_stats(stats(100, 30, 10)), parse_envoy_stats(stats(100, 0, 20))])
+    assert merged["classifier.v1"].refused == 60 and merged["classifier.v1"].in_flight == 8
+    assert demand_factor(asked=200, refused=100) == 2.0  # half refused: twice what is in flight is wanted
+    assert demand_factor(asked=200, refused=0) == demand_factor(0, 0) == 1.0
+    assert demand_factor(asked=100, refused=100) == 10.0  # all refused: bounded
+    wanted, reason = recommend(POLICY, Observation(4 * demand_factor(200, 100), 2, refusing=True))
+    assert wanted == 4 and "8 in flight and refused, target 2 per replica" in reason  # 4 in flight alone: 2
 
 
 class Recorded:

@@ -32,6 +32,7 @@ class ClusterStats:
     retries: int = 0  # of those requests, retries (the hop before found this variant unreachable)
     p99_recent_ms: float | None = None  # over Envoy's last stats interval (5 s), not since it started
     in_flight: int = 0  # a gauge: requests sent and not yet answered, plus those waiting for a connection
+    refused: int = 0  # answered 429 or 503 (a runtime's admission refuses with those: demand it did not take)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ COUNTED = (
     "upstream_rq_retry",
     "upstream_rq_active",
     "upstream_rq_pending_active",  # gauges: in flight now
+    "upstream_rq_429",
+    "upstream_rq_503",
 )
 
 
@@ -91,6 +94,7 @@ def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
             c.get("upstream_rq_retry", 0),
             quantiles.get(cluster, {}).get("99-recent"),
             c.get("upstream_rq_active", 0) + c.get("upstream_rq_pending_active", 0),
+            c.get("upstream_rq_429", 0) + c.get("upstream_rq_503", 0),
         )
         for cluster, c in counts.items()
     }
@@ -111,6 +115,7 @@ def merge(per_envoy: Iterable[Mapping[str, ClusterStats]]) -> dict[str, ClusterS
                 old.retries + s.retries,
                 _blend(old.p99_recent_ms, old.requests, s.p99_recent_ms, s.requests),
                 old.in_flight + s.in_flight,
+                old.refused + s.refused,
             )
     return merged
 

@@ -145,12 +145,14 @@ class Observation:
     passing: int  # replicas passing their checks
     p99_ms: float | None = None  # over Envoy's last stats interval
     active: bool = False  # requests arrived since the last observation (short ones never show in flight)
+    refusing: bool = False  # some were refused (429/503): in_flight counts them as demand (scaler.demand_factor)
 
 
 def recommend(policy: Policy, seen: Observation) -> tuple[int, str]:
     """How many replicas this observation asks for, and why (in words a person reads in `status`)."""
     wanted = math.ceil(seen.in_flight / policy.target_in_flight - 1e-9)
-    reason = f"{seen.in_flight:g} in flight, target {policy.target_in_flight:g} per replica"
+    demand = "in flight and refused" if seen.refusing else "in flight"
+    reason = f"{seen.in_flight:.3g} {demand}, target {policy.target_in_flight:g} per replica"
     if wanted == 0 and seen.active:
         wanted, reason = 1, "requests arriving"
     target_p99 = policy.target_p99_ms

@@ -68,6 +68,14 @@ class ScaleRecord:
     by: str  # the control plane that decided
 
 
+def demand_factor(asked: int, refused: int) -> float:
+    """What the requests in flight stand for once the refused ones count as demand: in flight = admitted rate x
+    latency (Little's law), so all of them would have kept asked / admitted times as many in flight (at most 10)."""
+    if asked <= 0 or refused <= 0:
+        return 1.0
+    return min(10.0, asked / max(1, asked - refused))
+
+
 def records_prefix(kv_prefix: str) -> str:
     return kv_prefix.rstrip("/") + "-autoscale/"
 
@@ -167,6 +175,7 @@ class Autoscaler:
         self.unapplied: set[str] = set()  # clusters whose last decision the backend refused (tried again each tick)
         self._stabilizers: dict[str, Stabilizer] = {}
         self._requests: dict[str, int] = {}  # cluster -> requests counted at the last tick
+        self._refused: dict[str, int] = {}  # ... and of them refused (429, 503)
         self.activator = Activator(self.policies, self.passing)
         self._since = 0.0
 
@@ -219,9 +228,11 @@ class Autoscaler:
             if p.cluster in self.unapplied:
                 await self._apply(p, self.wanted[p.cluster])
             s = stats.get(p.cluster, ClusterStats())
-            active = s.requests != self._requests.get(p.cluster, s.requests)
-            self._requests[p.cluster] = s.requests
-            seen = Observation(float(s.in_flight), passing.get(p.cluster, 0), s.p99_recent_ms, active)
+            asked = s.requests - self._requests.get(p.cluster, s.requests)
+            refused = s.refused - self._refused.get(p.cluster, s.refused)
+            self._requests[p.cluster], self._refused[p.cluster] = s.requests, s.refused
+            demand = float(s.in_flight) * demand_factor(asked, refused)
+            seen = Observation(demand, passing.get(p.cluster, 0), s.p99_recent_ms, asked > 0, refused > 0)
             decision = self._stabilizers[p.cluster].decide(now, self.wanted[p.cluster], seen)
             if decision is not None:
                 await self._decide(p, decision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +41,15 @@ class RuntimeSpec:
     autoscale: Policy | None = None  # replicas follow load between its bounds (`replicas` is where they start)
     package: str = ""  # a model package's folder (absolute): built, stored and run in its own environment
     manifest: str = "mllambda.yaml"  # the package's manifest, a file in that folder
+
+    def runtime_args(self) -> tuple[str, ...]:
+        """Its flags, with admission derived from its autoscale policy unless they set it: places in predict for
+        twice the target in flight (the scaler adds replicas at the target; refusals begin at twice) and as many
+        again waiting as the target (runtime_sdk/admission.py)."""
+        if self.autoscale is None or any(a.startswith("--max-in-flight") for a in self.args):
+            return self.args
+        target = math.ceil(self.autoscale.target_in_flight)
+        return (f"--max-in-flight={2 * target}", f"--queue={target}", *self.args)
 
 
 @dataclass(frozen=True)

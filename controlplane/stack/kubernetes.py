@@ -153,7 +153,7 @@ def runtime_args(spec: RuntimeSpec) -> list[str]:
         f"--egress-port={PORTS['egress']}",
         f"--envoy-admin-port={PORTS['envoy_admin']}",
         *([f"--loader={spec.loader}"] if spec.loader else []),
-        *spec.args,
+        *spec.runtime_args(),
     ]
 
 

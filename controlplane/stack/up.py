@@ -315,7 +315,7 @@ class Supervisor:
             f"--security={self.stack.security}",
             f"--xds=127.0.0.1:{self.stack.ports.xds}",
             *([f"--loader={spec.loader}"] if spec.loader else []),
-            *spec.args,
+            *spec.runtime_args(),
             *self.kafka_flags,
         ]
         env = {"MLLAMBDA_RUN_DIR": str(run_dir)}
