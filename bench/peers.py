@@ -49,6 +49,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "ML Lambda, http, model profiling off": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 0}),
     "ML Lambda, http, model profiling at 5%": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 5}),
+    "ML Lambda, http, flow control on": ("mllambda", {"transport": "http", **PLAIN, "flow": True}),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", **PLAIN}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", **MTLS}),
     "ML Lambda, http + mTLS, output through each sidecar": ("mllambda", {"transport": "http", **MTLS, **EACH_SIDECAR}),
@@ -78,18 +79,23 @@ def mllambda(
     gateway_concurrency: int | None = None,
     root: Path = PROJECT_ROOT,
     profile_percent: float | None = None,
+    flow: bool = False,
 ) -> Iterator[str]:
     """The stack as `mllambda up` runs it (the gateway Envoy carries the runtimes' output too, one worker per
     core), or with `colocated` / `gateway_concurrency` set otherwise; `root`: another revision's checkout;
-    `profile_percent`: the runtimes' model profiling (default: theirs, 5%)."""
+    `profile_percent`: the runtimes' model profiling (default: theirs, 5%); `flow`: admission at every runtime
+    (places for twice wrk's connections, a queue as many) and a critical pipeline with fair shares by a header."""
     models = ("tokenize", "count", "score")
-    args = {"args": [f"--profile-percent={profile_percent:g}"]} if profile_percent is not None else {}
+    flags = [f"--profile-percent={profile_percent:g}"] if profile_percent is not None else []
+    flags += ["--max-in-flight=64", "--queue=64"] if flow else []
+    args = {"args": flags} if flags else {}
+    admission = {"priority": "critical", "fairness": {"header": "x-tenant"}} if flow else {}
     stack = {
         "name": "peers",
         "security": security,
         **({"gateway_concurrency": gateway_concurrency} if gateway_concurrency else {}),
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}", **args} for m in models],
-        "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models]}],
+        "pipelines": [{"name": "bench", "transport": transport, "stages": [stage(m) for m in models], **admission}],
     }
     with running_stack(folder, stack, {"MLLAMBDA_COLOCATED": colocated}, root) as (ports, _):
         yield f"http://127.0.0.1:{ports['gateway']}/pipelines/bench"

@@ -11,8 +11,8 @@ request goes in at once. Otherwise:
 - anyone else waits, for at most `max_wait` seconds (then a retriable 503), in one of `queue` places; when
   they are all taken, the newest waiter of a lower priority, or of a caller over its share, gives its place
   up (it is refused as above); without such a waiter the newcomer is a retriable 503 at once.
-A freed place goes to the highest priority waiting, to the caller with the fewest requests in predict (round
-robin between equals), oldest first per caller.
+A freed place goes to the highest priority waiting, to the caller with the fewest requests in predict, then
+the fewest here at all (round robin between equals), oldest first per caller.
 With `queue` 0 nothing waits: beyond `slots` a request is refused at once (sheddable, over share, or the
 retriable 503 that lets the hop before try another replica). Bounded: the callers tracked are those with a
 request here (at most slots + queue), a key is cut to KEY_CHARS.
@@ -113,8 +113,8 @@ class Admission:
         while self.in_flight < self.slots and self.n_waiting:
             top = max(self.waiting)
             callers = self.waiting[top]
-            # the caller with the fewest in predict; between equals, round robin
-            caller = min(callers, key=lambda c: self.places[c] - len(callers[c]))
+            # the caller with the fewest in predict, then the fewest here at all; between equals, round robin
+            caller = min(callers, key=lambda c: (self.places[c] - len(callers[c]), self.places[c]))
             future = callers[caller].popleft()
             callers.move_to_end(caller)  # round robin between callers
             self._tidy(top, caller)

@@ -174,3 +174,19 @@ async def test_two_thousand_random_arrivals_departures_and_hang_ups_keep_every_b
     for key in inside:
         admission.leave(key)
     assert (admission.in_flight, admission.n_waiting, admission.places) == (0, 0, {})
+
+
+async def test_a_freed_place_goes_to_the_caller_holding_the_fewest_even_when_neither_has_one_in_predict() -> None:
+    admission = Admission(slots=1, queue=4)
+    await admission.enter("heavy", 0)
+    heavy = [await started(admission, "heavy") for _ in range(2)]
+    light = await started(admission, "light")
+    admission.leave("heavy")  # now neither has a request in predict; heavy still holds two waiting places
+    await settle()
+    assert light.done() and not any(t.done() for t in heavy)
+    admission.leave("light")
+    await asyncio.wait_for(heavy[0], 1)
+    admission.leave("heavy")
+    await asyncio.wait_for(heavy[1], 1)
+    admission.leave("heavy")
+    assert admission.places == {}
