@@ -12,7 +12,8 @@ request goes in at once. Otherwise:
   they are all taken, the newest waiter of a lower priority, or of a caller over its share, gives its place
   up (it is refused as above); without such a waiter the newcomer is a retriable 503 at once.
 A freed place goes to the highest priority waiting, to the caller with the fewest requests in predict, then
-the fewest here at all (round robin between equals), oldest first per caller.
+the one served least lately (round robin between callers always here; one that comes and goes counts as never
+served), oldest first per caller.
 With `queue` 0 nothing waits: beyond `slots` a request is refused at once (sheddable, over share, or the
 retriable 503 that lets the hop before try another replica). Bounded: the callers tracked are those with a
 request here (at most slots + queue), a key is cut to KEY_CHARS.
@@ -63,6 +64,8 @@ class Admission:
         self.places: Counter[str] = Counter()  # caller -> its requests here, in predict or waiting
         self.waiting: dict[int, OrderedDict[str, deque[asyncio.Future[None]]]] = {}  # priority -> caller -> FIFO
         self.n_waiting = 0
+        self.served: dict[str, int] = {}  # caller -> the turn its last waiter was given a place (callers here)
+        self._turn = 0
 
     def share(self, key: str) -> int:
         """The places a caller may hold: all of them split equally between the callers here (it included)."""
@@ -75,6 +78,8 @@ class Admission:
         if self.in_flight < self.slots and not self.n_waiting:
             self.in_flight += 1
             self.places[key] += 1
+            self._turn += 1
+            self.served[key] = self._turn
             return
         busy = f"{self.in_flight} requests in predict (of {self.slots}), {self.n_waiting} waiting (of {self.queue})"
         if priority < 0:
@@ -113,10 +118,12 @@ class Admission:
         while self.in_flight < self.slots and self.n_waiting:
             top = max(self.waiting)
             callers = self.waiting[top]
-            # the caller with the fewest in predict, then the fewest here at all; between equals, round robin
-            caller = min(callers, key=lambda c: (self.places[c] - len(callers[c]), self.places[c]))
+            # the caller with the fewest in predict, then the one served least lately (a caller that comes and
+            # goes, as a light one does, counts as never served)
+            caller = min(callers, key=lambda c: (self.places[c] - len(callers[c]), self.served.get(c, -1)))
             future = callers[caller].popleft()
-            callers.move_to_end(caller)  # round robin between callers
+            self._turn += 1
+            self.served[caller] = self._turn
             self._tidy(top, caller)
             self.n_waiting -= 1
             self.in_flight += 1
@@ -167,3 +174,4 @@ class Admission:
         self.places[key] -= 1
         if self.places[key] <= 0:
             del self.places[key]
+            self.served.pop(key, None)
