@@ -12,8 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane.node.processes import http_get
 from tests.conftest import passing
-from tests.helpers.pipelines import apply, until_ok
+from tests.helpers.observe import metric, scrape
+from tests.helpers.pipelines import apply, service_meta, until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,7 @@ async def loaded(*workers: tuple[Tally, str, int, dict[str, str] | None], second
 async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddable_and_keeps_callers_to_their_share(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    passing(
+    _, paced = passing(
         start_runtime("examples.trivial.models:echo", "echo", "v1", wait=False),
         start_runtime(
             "examples.trivial.models:paced", "paced", "v1", wait=False, extra=("--max-in-flight=2", "--queue=4")
@@ -93,3 +95,14 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
                  *[(forged, f"{base}/bulk", 100, {"x-mll-priority": "critical", "x-mll-caller": "light"})] * 2,
                  seconds=1.5)  # fmt: skip
     assert forged.codes[503] > 0 and all(r[2]["refused"] == "shed" for r in forged.refusals), forged.codes
+
+    # What was refused is counted: per pipeline and variant on the control plane, per priority at the runtime.
+    plane = scrape(control_plane)
+    assert metric(plane, "mllambda_variant_refused", pipeline="bulk", model="paced") >= bulk.codes[503], plane
+    assert metric(plane, "mllambda_variant_refused", pipeline="gold", model="paced") == 0
+    port = service_meta(control_plane.consul_port, "paced", paced.service_id)["runtime_port"]
+    runtime = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+    admission = "mllambda_runtime_admission_total"
+    assert metric(runtime, admission, priority="sheddable", outcome="shed") >= bulk.codes[503] + forged.codes[503]
+    assert metric(runtime, admission, priority="standard", outcome="over share") >= heavy.codes[429]
+    assert metric(runtime, admission, priority="critical", outcome="admitted") >= gold.codes[200]

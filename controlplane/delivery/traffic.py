@@ -50,6 +50,7 @@ class VariantTraffic:
     p99_ms: float | None
     retries: int
     window_seconds: float | None = None  # what the counts cover (None: since the Envoys started)
+    refused: int = 0  # answered 429 or 503: refused by the variant's runtimes (flow control) or unavailable
 
 
 COUNTED = (
@@ -163,6 +164,7 @@ def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> 
             max(0, s.retries - old.retries),
             s.p99_recent_ms,
             s.in_flight,
+            max(0, s.refused - old.refused),
         )
     return found
 
@@ -195,7 +197,17 @@ def _row(
     s = stats.get(model_cluster(model, version)) or ClusterStats()
     observed = s.requests / total if total else None
     return VariantTraffic(
-        *where, model, version, configured, observed, s.requests, s.errors, s.p50_ms, s.p99_ms, s.retries
+        *where,
+        model,
+        version,
+        configured,
+        observed,
+        s.requests,
+        s.errors,
+        s.p50_ms,
+        s.p99_ms,
+        s.retries,
+        refused=s.refused,
     )
 
 

@@ -293,7 +293,8 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
     e = html.escape
     out = [
         "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
-        "<th>observed (window)</th><th>requests</th><th>5xx</th><th>retries</th><th>p50 ms</th><th>p99 ms</th></tr>"
+        "<th>observed (window)</th><th>requests</th><th>5xx</th><th>refused (429, 503)</th><th>retries</th>"
+        "<th>p50 ms</th><th>p99 ms</th></tr>"
     ]
     for t in rows:
         errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
@@ -301,7 +302,7 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
             f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
             f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
             f"<td class='observed'>{_pct(t['observed_share'])}{_window(t.get('window_seconds'))}</td>"
-            f"<td>{t['requests']}</td><td>{errors}</td>"
+            f"<td>{t['requests']}</td><td>{errors}</td><td>{t.get('refused', 0)}</td>"
             f"<td>{t['retries']}</td>"
             f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
         )

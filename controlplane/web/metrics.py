@@ -134,6 +134,9 @@ def _traffic(rows: list[VariantTraffic]) -> Iterator[Any]:
     requests = CounterMetricFamily("mllambda_variant_requests", "requests a variant received", labels=labels)
     errors = CounterMetricFamily("mllambda_variant_errors", "5xx answers from a variant", labels=labels)
     retries = CounterMetricFamily("mllambda_variant_retries", "retried requests to a variant", labels=labels)
+    refused = CounterMetricFamily(
+        "mllambda_variant_refused", "429 and 503 answers from a variant (its admission refused them)", labels=labels
+    )
     observed = GaugeMetricFamily("mllambda_variant_observed_share", "share of its split group", labels=labels)
     configured = GaugeMetricFamily("mllambda_variant_configured_share", "weight share", labels=labels)
     for t in rows:
@@ -141,10 +144,11 @@ def _traffic(rows: list[VariantTraffic]) -> Iterator[Any]:
         requests.add_metric(key, t.requests)
         errors.add_metric(key, t.errors)
         retries.add_metric(key, t.retries)
+        refused.add_metric(key, t.refused)
         configured.add_metric(key, t.configured_share)
         if t.observed_share is not None:
             observed.add_metric(key, t.observed_share)
-    yield from (requests, errors, retries, observed, configured)
+    yield from (requests, errors, retries, refused, observed, configured)
 
 
 def metrics_handler(reader: PlaneReader) -> Callable[[web.Request], Any]:
