@@ -24,7 +24,7 @@ import consul.aio
 
 from contract.payload import MAX_BODY_CEILING
 from contract.service import RuntimeService
-from runtime_sdk.admission import Admission
+from runtime_sdk.admission import MAX_WAIT, Admission
 from runtime_sdk.app import Placement, Runtime, build_app
 from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.egress import Egress
@@ -59,6 +59,7 @@ class ServeOptions:
     max_connections: int = MAX_CONNECTIONS
     max_in_flight: int = 0  # HTTP requests in predict at once (0: no limit)
     queue: int = 0  # requests that may wait for a place beyond max_in_flight (runtime_sdk/admission.py)
+    max_wait: float = MAX_WAIT  # seconds one may wait
     drain_seconds: float = 2.0
     access_log: bool = False
     kafka_via: str = ""  # where this runtime's Kafka clients connect (its sidecar's Kafka listener); "": no Kafka
@@ -114,7 +115,7 @@ async def serve(
         placement=Placement(options.inline),
         batch=batch,
         payload_log=payloads,
-        admission=Admission(options.max_in_flight, options.queue) if options.max_in_flight else None,
+        admission=Admission(options.max_in_flight, options.queue, options.max_wait) if options.max_in_flight else None,
         profiler=Profiler(options.profile_percent) if options.profile_percent > 0 else None,
     )
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request

@@ -132,7 +132,7 @@ def test_the_stack_file_takes_a_policy_per_runtime_and_starts_at_min(tmp_path: P
     spec = load_stack(path).runtimes[0]
     assert spec.replicas == 2 and spec.autoscale == Policy("m", "v1", min_replicas=2, max_replicas=3)
     # admission follows the policy's target in flight (4 by default), unless the runtime's own flags set it
-    assert spec.runtime_args() == ("--max-in-flight=8", "--queue=4")
+    assert spec.runtime_args() == ("--max-in-flight=8", "--queue=1024", "--queue-wait=30")
     own = dataclasses.replace(spec, args=("--max-in-flight=1", "--inline=never"))
     assert own.runtime_args() == ("--max-in-flight=1", "--inline=never")
     assert dataclasses.replace(spec, autoscale=None).runtime_args() == ()

@@ -84,7 +84,11 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     assert heavy.codes[429] > 0 and heavy.codes[200] > 0, heavy.codes
     for status, took, body, retry_after in heavy.refusals:
         assert status == 429 and took < 0.3 and retry_after == "1", (status, took, body)
-        assert re.search(r"caller 'heavy' holds [3-6] of the 6 places, its fair share is 3", body["error"]), body
+        # refused at the door, or (holding more while light was away) giving a waiting place up to light
+        over = (
+            r"caller 'heavy' (holds [3-6] of the 6 places, its fair share is 3|is over its fair share \([4-6] places)"
+        )
+        assert re.search(over, body["error"]), body
     # light is never refused, and its one worker gets more answers than each of heavy's six: it never waits
     # behind heavy's backlog (a freed place goes to the caller with the fewest in predict)
     assert set(light.codes) == {200} and light.codes[200] > heavy.codes[200] / 6, (light.codes, heavy.codes)
@@ -96,10 +100,11 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
                  seconds=1.5)  # fmt: skip
     assert forged.codes[503] > 0 and all(r[2]["refused"] == "shed" for r in forged.refusals), forged.codes
 
-    # What was refused is counted: per pipeline and variant on the control plane, per priority at the runtime.
+    # What was refused is counted: per variant on the control plane (a model version's cluster, so each pipeline
+    # that shares it shows its total), per priority and outcome at the runtime.
     plane = scrape(control_plane)
-    assert metric(plane, "mllambda_variant_refused", pipeline="bulk", model="paced") >= bulk.codes[503], plane
-    assert metric(plane, "mllambda_variant_refused", pipeline="gold", model="paced") == 0
+    refused = bulk.codes[503] + heavy.codes[429] + forged.codes[503]
+    assert metric(plane, "mllambda_variant_refused_total", pipeline="bulk", model="paced") >= refused, plane
     port = service_meta(control_plane.consul_port, "paced", paced.service_id)["runtime_port"]
     runtime = http_get(f"http://127.0.0.1:{port}/metrics")[1]
     admission = "mllambda_runtime_admission_total"

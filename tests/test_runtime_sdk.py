@@ -177,6 +177,10 @@ def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anythi
         (["--max-connections", "70000"], "--max-connections: between 1 and 65536, got 70000"),
         (["--max-body", "0"], "--max-body: at least 1 byte, got 0"),
         (["--max-in-flight", "-1"], r"--max-in-flight: between 0 \(no limit\) and 65536, got -1"),
+        (["--queue", "4"], "--queue: between 0 and 65536, and only with --max-in-flight, got 4"),
+        (["--max-in-flight", "2", "--queue", "-1"], "--queue: between 0 and 65536"),
+        (["--max-in-flight", "2", "--queue-wait", "0"], "--queue-wait: from 0.01 to 600 seconds, got 0"),
+        (["--max-in-flight", "2", "--queue-wait", "nan"], "--queue-wait: from 0.01 to 600 seconds, got nan"),
     ],
 )
 def test_runtime_limits_out_of_range_are_refused_with_the_flag_named(flags: list[str], problem: str) -> None:

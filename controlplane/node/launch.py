@@ -44,6 +44,7 @@ from controlplane.node.packaged import Prepared, add_package_flags, prepared_pac
 from controlplane.node.processes import ManagedProcess, envoy_argv, free_port
 from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
+from runtime_sdk.admission import MAX_WAIT
 from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_socket, serve
 from runtime_sdk.wire import MAX_CONNECTIONS
 
@@ -110,6 +111,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--max-in-flight: between 0 (no limit) and 65536, got {args.max_in_flight}")
     if not 0 <= args.queue <= 65536 or (args.queue and not args.max_in_flight):
         raise CliError(f"--queue: between 0 and 65536, and only with --max-in-flight, got {args.queue}")
+    if not 0.01 <= args.queue_wait <= 600:
+        raise CliError(f"--queue-wait: from 0.01 to 600 seconds, got {args.queue_wait:g}")
     if not 0 <= args.max_batch <= MAX_BATCH:
         raise CliError(f"--max-batch: between 0 (no batching) and {MAX_BATCH}, got {args.max_batch}")
     if not 0 < args.max_wait_ms <= 10_000:
@@ -192,6 +195,7 @@ async def _launch(
         max_connections=args.max_connections,
         max_in_flight=args.max_in_flight,
         queue=args.queue,
+        max_wait=args.queue_wait,
         drain_seconds=args.drain_seconds,
         access_log=args.access_log,
         kafka_via=f"127.0.0.1:{service.kafka_port}" if service.kafka_port else kafka,
@@ -308,7 +312,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         "--queue",
         type=int,
         default=0,
-        help="requests that may wait for a place in predict (at most 0.5 s) beyond --max-in-flight (0: none wait)",
+        help="requests that may wait for a place in predict beyond --max-in-flight (0: none wait)",
+    )
+    parser.add_argument(
+        "--queue-wait",
+        type=float,
+        default=MAX_WAIT,
+        help="seconds a request may wait for a place in predict, then a retriable 503 (its route timeout ends it too)",
     )
     parser.add_argument(
         "--inline",

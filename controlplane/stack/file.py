@@ -44,12 +44,13 @@ class RuntimeSpec:
 
     def runtime_args(self) -> tuple[str, ...]:
         """Its flags, with admission derived from its autoscale policy unless they set it: places in predict for
-        twice the target in flight (the scaler adds replicas at the target; refusals begin at twice) and as many
-        again waiting as the target (runtime_sdk/admission.py)."""
+        twice the target in flight (the scaler adds replicas at the target), and a long queue (1,024 places, 30 s,
+        less where the route's timeout ends a wait first) in which priorities and fair shares order who goes
+        next, so a load step is served late rather than refused while replicas start (runtime_sdk/admission.py)."""
         if self.autoscale is None or any(a.startswith("--max-in-flight") for a in self.args):
             return self.args
         target = math.ceil(self.autoscale.target_in_flight)
-        return (f"--max-in-flight={2 * target}", f"--queue={target}", *self.args)
+        return (f"--max-in-flight={2 * target}", "--queue=1024", "--queue-wait=30", *self.args)
 
 
 @dataclass(frozen=True)
