@@ -199,8 +199,19 @@ def test_the_detached_stack_runs_the_same_supervisor_and_gives_consul_its_keys_b
         stack.until(lambda: stack.back("controlplane", pid))
         assert load.failed("one", killed) == [] and load.failed("two", killed) == []
 
+        roots = f"http://127.0.0.1:{stack.ports['consul']}/v1/connect/ca/roots"
+        ca = json.loads(processes.http_get(roots)[1])["ActiveRootID"]
         pid = stack.kill("consul")  # a dev agent keeps its KV in memory: the supervisor gives it back
         stack.until(lambda: stack.back("consul", pid))
+
+        def root_now() -> str:
+            try:
+                return str(json.loads(processes.http_get(roots)[1])["ActiveRootID"])
+            except (OSError, ValueError, KeyError):
+                return ""
+
+        stack.until(lambda: bool(root_now()))
+        assert root_now() == ca  # the same CA after the restart: no certificate in the mesh changes
         listed = mllambda("get", "pipelines", env=stack.env)
         stack.until(lambda: "two" in mllambda("get", "pipelines", env=stack.env).stdout, timeout=30)
         recovered = time.monotonic()

@@ -255,8 +255,8 @@ def tcp_ready(port: int) -> Callable[[], bool]:
     return check
 
 
-def consul_dev_argv(consul: Path, data_dir: Path, ports: dict[str, int]) -> list[str]:
-    """`consul agent -dev` on loopback, every port chosen by the caller."""
+def consul_dev_argv(consul: Path, data_dir: Path, ports: dict[str, int], config: Path | None = None) -> list[str]:
+    """`consul agent -dev` on loopback, every port chosen by the caller; `config`: a file of more settings."""
     return [
         str(consul),
         "agent",
@@ -271,7 +271,29 @@ def consul_dev_argv(consul: Path, data_dir: Path, ports: dict[str, int]) -> list
         f"-server-port={ports['server']}",
         f"-grpc-port={ports['grpc']}",
         "-log-level=warn",
+        *([f"-config-file={config}"] if config else []),
     ]
+
+
+def connect_ca_config(consul: Path, folder: Path) -> Path:
+    """A Consul config file that gives Connect's built-in CA a key and root made once in `folder` (kept there):
+    a dev agent keeps nothing across a restart, and would otherwise make a new CA each time, so every
+    certificate in the mesh would change under the traffic. Its trust domain still changes (the cluster's id
+    does); identities are matched in any trust domain (contract.naming.spiffe_regex)."""
+    config = folder / "connect-ca.json"
+    if config.exists():
+        return config
+    private_dir(folder)
+    made = subprocess.run([str(consul), "tls", "ca", "create", "-domain", "mllambda", "-days", "3650"],
+                          cwd=folder, capture_output=True, text=True, timeout=60)  # fmt: skip
+    if made.returncode != 0:
+        raise RuntimeError(f"consul tls ca create failed: {made.stderr.strip()[-300:]}")
+    key, root = folder / "mllambda-agent-ca-key.pem", folder / "mllambda-agent-ca.pem"
+    ca = {"private_key": key.read_text(), "root_cert": root.read_text()}
+    config.write_text(json.dumps({"connect": {"enabled": True, "ca_provider": "consul", "ca_config": ca}}))
+    config.chmod(0o600)
+    key.unlink()  # the config holds it
+    return config
 
 
 def tansu_argv(tansu: Path, port: int) -> list[str]:

@@ -202,7 +202,8 @@ class Supervisor:
                 raise CliError("consul not found: run ./dev bootstrap (or `mllambda setup`)")
             self.step(f"consul: starting a dev agent on 127.0.0.1:{p.consul}")
             extra = {k: processes.free_port() for k in ("dns", "serf_lan", "serf_wan", "server", "grpc")}
-            argv = processes.consul_dev_argv(consul, self.state_dir / "consul", {"http": p.consul, **extra})
+            ca = processes.connect_ca_config(consul, self.state_dir / "consul-ca")  # the same CA across restarts
+            argv = processes.consul_dev_argv(consul, self.state_dir / "consul", {"http": p.consul, **extra}, ca)
             self.start("consul", argv, processes.consul_ready(p.consul))
         consul_flag = f"--consul=127.0.0.1:{p.consul}"
         kafka_flags: list[str] = []
