@@ -224,7 +224,9 @@ class ControlPlane:
         refuse_exposed("xDS", host, self.identity is not None or settings.exposed, "--insecure-expose")
         dashboard_at = metrics_address(settings.metrics_addr, settings.exposed) if settings.metrics_addr else None
         interceptors = [BearerAuth(settings.token)] if settings.token else []
-        self._admin_server = grpc.aio.server(interceptors=interceptors)
+        # no SO_REUSEPORT (gRPC's default): a second control plane on the same port fails to start instead of
+        # sharing the port's connections with the first (found by a CI run: an admin call reset mid-connect)
+        self._admin_server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         health = add_admin_services(self._admin_server, self.admin, self.models)
         bind_grpc(self._admin_server, settings.admin_addr, "the admin API", admin_tls)
         if dashboard_at is not None:

@@ -151,3 +151,13 @@ def test_the_dashboard_listens_on_the_address_given_and_answers_for_it(consul_ag
         assert refused.value.code == 421
     finally:
         proc.stop()
+
+
+def test_a_second_control_plane_on_an_admin_port_in_use_refuses_to_start(control_plane: Any) -> None:
+    """Not a silent share of the port (gRPC's SO_REUSEPORT), which split admin calls between the two."""
+    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--xds=127.0.0.1:{processes.free_port()}",
+            f"--admin={control_plane.admin_addr}", f"--consul=127.0.0.1:{control_plane.consul_port}",
+            f"--metrics-addr=127.0.0.1:{processes.free_port()}", "--kv-prefix=second-on-a-taken-port/"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "cannot listen for the admin API" in done.stderr, done.stderr[-800:]
+    assert control_plane.cli("get", "pipelines").returncode == 0  # the first one serves on
