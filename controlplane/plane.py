@@ -164,7 +164,6 @@ class ControlPlane:
         self._dirty = True
         self._read_once = False
         self.empty_hold = EmptyHold(settings.empty_grace)  # the store's prefix read empty after it held pipelines
-        self.empty_hold_since: float | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
         self._newest_view = StoreView(0, {}, {})
         self._tasks: list[asyncio.Task[None]] = []
@@ -302,17 +301,17 @@ class ControlPlane:
         return view.index, view
 
     async def _take_pipelines(self, view: StoreView) -> None:
-        self._newest_view, loop = view, asyncio.get_running_loop()
-        if self.empty_hold.held(view, bool(self.history), loop.time()):
+        self._newest_view = view
+        if self.empty_hold.held(view, bool(self.history), time.time()):
             if self._hold_timer is None:
                 log.warning("every pipeline vanished from Consul KV at once: serving them on for %.0f s unless"
                             " they come back", self.empty_hold.grace)  # fmt: skip
-                self.empty_hold_since = time.time()
-                self._hold_timer = loop.call_later(self.empty_hold.grace + 0.1, self._end_empty_hold)
+                self._hold_timer = asyncio.get_running_loop().call_later(self.empty_hold.grace + 0.1,
+                                                                         self._end_empty_hold)  # fmt: skip
             return
         if self._hold_timer is not None:
             self._hold_timer.cancel()
-        self._hold_timer, self.empty_hold_since = None, None
+            self._hold_timer = None
         self.history = view.history
         for name, reason in view.broken.items():
             if self.broken.get(name) != reason:
@@ -458,7 +457,7 @@ class ControlPlane:
             push_latency=self.reconciler.push_latency,
             admin_calls=dict(self.admin.calls),
             consul=self.discovery.health(),
-            pipelines_held_since=self.empty_hold_since,
+            pipelines_held_since=self.empty_hold.since if self._hold_timer is not None else None,
             consul_ui=f"{self.settings.consul.url}/ui/",
             envoy_admin=envoy_admin_urls(runtimes, self.settings.gateway_admin_port),
             kafka_bridges=self.kafka_bridges(),

@@ -57,6 +57,11 @@ def priority_of(value: str | None) -> int:
         return 0
 
 
+def band(priority: int) -> str:
+    """A priority's name in metrics: three values, whatever number a pipeline chose."""
+    return "critical" if priority > 0 else "sheddable" if priority < 0 else "standard"
+
+
 class Admission:
     def __init__(self, slots: int, queue: int = 0, max_wait: float = MAX_WAIT) -> None:
         self.slots, self.queue, self.max_wait = slots, queue, max_wait

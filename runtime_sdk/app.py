@@ -20,7 +20,7 @@ from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import MAX_BODY_CEILING, NotAnObject, parse_object
-from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, priority_of
+from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, band, priority_of
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
@@ -177,9 +177,9 @@ class Runtime:
         try:
             await self.admission.enter(key, priority)
         except Refused as refused:
-            self.metrics.admission.labels(self.model, self.version, _band(priority), refused.shed).inc()
+            self.metrics.admission.labels(self.model, self.version, band(priority), refused.shed).inc()
             raise
-        self.metrics.admission.labels(self.model, self.version, _band(priority), "admitted").inc()
+        self.metrics.admission.labels(self.model, self.version, band(priority), "admitted").inc()
         try:
             yield
         finally:
@@ -193,10 +193,6 @@ class Runtime:
             took = time.perf_counter() - started
             self.placement.observe(took)
             self.latency.observe(took)
-
-
-def _band(priority: int) -> str:
-    return "critical" if priority > 0 else "sheddable" if priority < 0 else "standard"
 
 
 def _error(message: str, **extra: Any) -> str:

@@ -98,7 +98,7 @@ class EmptyHold:
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
-        self.since: float | None = None  # when the held empty view was first read (loop time)
+        self.since: float | None = None  # when the held empty view was first read (time.time())
 
     def held(self, view: StoreView, had_pipelines: bool, now: float) -> bool:
         """True: keep serving what was read before; False: take `view`."""

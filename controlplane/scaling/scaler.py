@@ -232,7 +232,7 @@ class Autoscaler:
             refused = s.refused - self._refused.get(p.cluster, s.refused)
             self._requests[p.cluster], self._refused[p.cluster] = s.requests, s.refused
             demand = float(s.in_flight) * demand_factor(asked, refused)
-            seen = Observation(demand, passing.get(p.cluster, 0), s.p99_recent_ms, asked > 0, refused > 0)
+            seen = Observation(demand, passing.get(p.cluster, 0), s.p99_recent_ms, asked != 0, refused > 0)
             decision = self._stabilizers[p.cluster].decide(now, self.wanted[p.cluster], seen)
             if decision is not None:
                 await self._decide(p, decision)
