@@ -55,7 +55,7 @@ def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, f
     script.write_text(f'wrk.method = "POST"\nwrk.body = \'{text}\'\nwrk.headers["Content-Type"] = "application/json"\n')
     request = urllib.request.Request(url, data=text.encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as resp:
-        if resp.read() != text.encode():
+        if json.loads(resp.read()) != json.loads(text):
             raise SystemExit(f"{url} did not answer a {size_name} body with itself")
     wrk(url, CONNECTIONS[size_name], 1, script)  # warm-up
     before = process_cpu()

@@ -25,6 +25,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from contract.payload import encode, loads
+
 PROTOCOL = "oip"
 HEADER_LENGTH = "inference-header-content-length"  # the binary extension: JSON header length in bytes
 MAX_INPUTS = 64
@@ -58,7 +60,7 @@ def decode_request(body: bytes, header_length: str | None = None) -> tuple[dict[
             raise BadRequest(f"{HEADER_LENGTH} {header_length[:20]!r} does not fit a body of {len(body)} bytes")
         body, binary = body[: int(header_length)], body[int(header_length) :]
     try:
-        request = json.loads(body)
+        request = loads(body)
     except (ValueError, RecursionError) as err:
         raise BadRequest(f"the request is not JSON: {err}") from err
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
@@ -105,7 +107,7 @@ def encode_request(payload: dict[str, Any]) -> dict[str, Any]:
 def decode_response(body: bytes) -> dict[str, Any]:
     """An OIP server's inference response -> the JSON object of its outputs (the request's mapping)."""
     try:
-        response = json.loads(body)
+        response = loads(body)
     except (ValueError, RecursionError) as err:
         raise BadRequest(f"the answer is not JSON: {err}") from err
     if not isinstance(response, dict) or not isinstance(response.get("outputs"), list):
@@ -239,12 +241,12 @@ def reencode(status: int, body: bytes, model: str, version: str, request_id: str
     if status != 200:
         return body
     try:
-        output = json.loads(body)
-    except ValueError:
+        output = loads(body)
+    except (ValueError, RecursionError):
         return body
     if not isinstance(output, dict):
         return body
-    return json.dumps(encode_response(model, version, output, request_id)).encode()
+    return encode(encode_response(model, version, output, request_id))
 
 
 def metadata(

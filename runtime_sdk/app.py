@@ -19,7 +19,7 @@ from contract import headers as h
 from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
-from contract.payload import MAX_BODY_CEILING, NotAnObject, parse_object
+from contract.payload import MAX_BODY_CEILING, NotAnObject, encode, parse_object
 from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, band, priority_of
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
@@ -253,7 +253,7 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             code = 500
             return _failed(runtime, served, err, "predict() raised")
         try:
-            body = json.dumps(output)
+            body = encode(output)
         except (TypeError, ValueError, RecursionError) as err:
             code = 500
             return _failed(runtime, served, err, "predict() returned what JSON cannot hold")
@@ -263,7 +263,7 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
             if asked.output is None:
                 code = asked.status
                 return _json_response({"error": asked.reason}, code, served)
-            output, body = asked.output, json.dumps(asked.output)
+            output, body = asked.output, encode(asked.output)
         if fan is not None:
             answers = await ask_members(runtime, request, fan, body, output)
             served = ", ".join([served, *answers.served])
@@ -272,14 +272,12 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
                 stage = request.headers.get(h.FANOUT_PATH, "").rsplit("/", 1)[-1]
                 message = f"ensemble {stage!r}: required member {answers.failed!r} failed: {answers.reason}"
                 return _json_response({"error": message, "member": answers.failed}, code, served)
-            output, body = answers.merged, json.dumps(answers.merged)
+            output, body = answers.merged, encode(answers.merged)
         next_path = request.headers.get(h.NEXT)
         label = request.headers.get(h.STAGE, "direct")
         if not next_path or request.headers.get(h.SHADOW):
             timing = hop_timing(label, model_ms, arrived, None)
-            return Response(
-                200, body.encode(), {"content-type": "application/json", h.SERVED: served, h.TIMING: timing}
-            )
+            return Response(200, body, {"content-type": "application/json", h.SERVED: served, h.TIMING: timing})
         if not STAGE_PATH.fullmatch(next_path):  # only ever a path on the own sidecar's egress
             code = 400
             return _json_response({"error": f"{h.NEXT} is not a stage path"}, 400, served)
@@ -309,7 +307,7 @@ def fan_out_of(request: Request) -> FanOut | None:
         raise HttpError(400, f"{h.FANOUT}: {err}") from err
 
 
-async def ask_members(runtime: Runtime, request: Request, fan: FanOut, body: str, output: dict[str, Any]) -> Answers:
+async def ask_members(runtime: Runtime, request: Request, fan: FanOut, body: bytes, output: dict[str, Any]) -> Answers:
     """Every member of the ensemble, asked through the egress at once."""
     return await ask(runtime.egress, request.headers.get(h.TRANSPORT, "http"), fan, body, request.headers, output)
 
@@ -330,7 +328,7 @@ def hop_timing(label: str, model_ms: float, arrived: float, next_ms: float | Non
 
 
 async def forward(
-    runtime: Runtime, request: Request, body: str, output: dict[str, Any], next_path: str, served: str
+    runtime: Runtime, request: Request, body: bytes, output: dict[str, Any], next_path: str, served: str
 ) -> tuple[Response, float | None]:
     """Send the output to the next hop (Egress.post); relay its answer (and how long it took)."""
     outgoing = hop_headers(request.headers, output, request.headers.get(h.BRANCH_FIELD, ""))

@@ -67,7 +67,7 @@ def _detail(text: bytes) -> str:
 
 
 async def ask(
-    egress: Egress, transport: str, fan: FanOut, body: str, headers: Mapping[str, str], output: Any
+    egress: Egress, transport: str, fan: FanOut, body: bytes, headers: Mapping[str, str], output: Any
 ) -> Answers:
     """Send `body` to every member at its path; merge the answers by member name."""
     outgoing = hop_headers(headers, output, fan.branch_field)
@@ -122,7 +122,9 @@ def _failure_status(status: int) -> int:
     return status if 400 <= status < 500 else 502
 
 
-async def _one(egress: Egress, transport: str, path: str, member: Member, body: str, headers: dict[str, str]) -> _Said:
+async def _one(
+    egress: Egress, transport: str, path: str, member: Member, body: bytes, headers: dict[str, str]
+) -> _Said:
     seconds = member.timeout_ms / 1000
     try:
         async with asyncio.timeout(seconds + GRACE):

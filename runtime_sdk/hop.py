@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 MAX_CONNECTIONS = 100
 MAX_HEAD = 64 * 1024
 MAX_ANSWER = 64 * 1024 * 1024
+JOINED = 64 * 1024  # a body up to this size goes in one write with its head; a larger one after it
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters (a tab is allowed): CR and LF end a header
 _STATUS = re.compile(r"[1-5][0-9][0-9]( .*)?")  # the status line's code, then a space (or nothing)
@@ -125,8 +126,13 @@ class _Reading:
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     length: int | None = None  # None: chunked or until the end
     chunked: bool = False
-    body: bytearray = field(default_factory=bytearray)
+    body: bytearray = field(default_factory=bytearray)  # chunked or until the end: what came so far
+    parts: list[bytes] = field(default_factory=list)  # by length: the body's pieces as they came, joined once
+    received: int = 0  # bytes of the body in `parts`
     keep_alive: bool = True
+
+    def body_bytes(self) -> bytes:
+        return bytes(self.body) if self.length is None else b"".join(self.parts)
 
 
 class _Connection(asyncio.Protocol):
@@ -141,18 +147,33 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, data: bytes) -> asyncio.Future[Answer]:
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[Answer]:
         assert self.transport is not None
         self.answer = asyncio.get_running_loop().create_future()
         self.reading, self.buffer = None, bytearray()
-        self.transport.write(data)
+        if len(body) <= JOINED:
+            self.transport.write(head + body)
+        else:  # a large body is not copied once more to follow its head in one buffer
+            self.transport.write(head)
+            self.transport.write(body)
         return self.answer
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
         if self.answer is None or self.answer.done():
             self.close()  # bytes nobody asked for: the connection cannot be trusted any more
             return
+        reading = self.reading
+        if reading is not None and reading.status >= 200 and reading.length is not None and not self.buffer:
+            # a body by length arriving, nothing before it unread: its bytes are kept as they came, not
+            # copied into the buffer and out again
+            need = reading.length - reading.received
+            piece = data if len(data) <= need else data[:need]
+            reading.parts.append(piece)
+            reading.received += len(piece)
+            if reading.received < reading.length:
+                return
+            data = data[len(piece) :]
+        self.buffer += data
         try:
             done = self._parse()
         except HopError as err:
@@ -188,7 +209,7 @@ class _Connection(asyncio.Protocol):
         reading = self.reading
         assert reading is not None and self.answer is not None
         if not self.answer.done():
-            self.answer.set_result(Answer(reading.status, bytes(reading.body), reading.headers))
+            self.answer.set_result(Answer(reading.status, reading.body_bytes(), reading.headers))
         self.reading = None
         if self.buffer or not reading.keep_alive:
             self.close()
@@ -204,6 +225,8 @@ class _Connection(asyncio.Protocol):
             self.reading = _head(bytes(self.buffer[:end]))
             del self.buffer[: end + 4]
         reading = self.reading
+        if reading.length is not None and reading.length > self.max_answer:
+            raise HopError(f"the answer is over {self.max_answer} bytes")
         if reading.chunked:
             try:
                 return take_chunks(self.buffer, reading.body, self.max_answer)
@@ -211,12 +234,18 @@ class _Connection(asyncio.Protocol):
                 raise HopError(f"the answer is over {self.max_answer} bytes") from None
             except ValueError as err:
                 raise HopError(str(err)) from None
-        take = len(self.buffer) if reading.length is None else min(len(self.buffer), reading.length - len(reading.body))
-        reading.body += self.buffer[:take]
-        del self.buffer[:take]
-        if len(reading.body) > self.max_answer:
-            raise HopError(f"the answer is over {self.max_answer} bytes")
-        return reading.length is not None and len(reading.body) == reading.length
+        if reading.length is None:  # until the connection ends (connection_lost finishes it)
+            reading.body += self.buffer
+            self.buffer.clear()
+            if len(reading.body) > self.max_answer:
+                raise HopError(f"the answer is over {self.max_answer} bytes")
+            return False
+        take = min(len(self.buffer), reading.length - reading.received)
+        if take:
+            reading.parts.append(bytes(self.buffer[:take]))
+            reading.received += take
+            del self.buffer[:take]
+        return reading.received == reading.length
 
 
 def _head(head: bytes) -> _Reading:
@@ -264,13 +293,13 @@ class HopClient:
 
     async def post(self, path: str, body: bytes | str, headers: Mapping[str, str]) -> Answer:
         data = body.encode() if isinstance(body, str) else body
-        message = request_head(self.host, path, len(data), headers) + data
+        head = request_head(self.host, path, len(data), headers)
         async with self.slots:
-            return await self._exchange(self._idle() or await self._connect(), message)
+            return await self._exchange(self._idle() or await self._connect(), head, data)
 
-    async def _exchange(self, connection: _Connection, message: bytes) -> Answer:
+    async def _exchange(self, connection: _Connection, head: bytes, body: bytes) -> Answer:
         try:
-            answer = await connection.send(message)
+            answer = await connection.send(head, body)
         except BaseException:
             connection.close()  # failed or cancelled mid-answer: what is left of it must not reach the next caller
             raise

@@ -16,7 +16,7 @@ from typing import Any
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from contract import headers as h
-from runtime_sdk.hop import TOKEN, header_safe
+from runtime_sdk.hop import JOINED, TOKEN, header_safe
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # a token: an unknown method is the handler's 405
 _VERSION = re.compile(r"HTTP/1\.[0-9]")
@@ -119,8 +119,9 @@ def _date() -> str:
     return str(_dates[1])
 
 
-def response_bytes(response: Response, close: bool, head: bool = False) -> bytes:
-    """The answer on the wire; a header value with a line break would forge headers, so it is a 500 instead."""
+def response_bytes(response: Response, close: bool, head: bool = False) -> list[bytes]:
+    """The answer on the wire, as the writes to make: head and body in one, or a large body after its head
+    (not copied into one more buffer). A header value with a line break would forge headers: a 500 instead."""
     if not all(header_safe(v) and TOKEN.fullmatch(k) for k, v in response.headers.items()):
         log.error("an answer with a header that cannot be sent: %r", list(response.headers)[:10])
         response = json_response({"error": "the runtime built an answer with a malformed header"}, 500)
@@ -134,5 +135,7 @@ def response_bytes(response: Response, close: bool, head: bool = False) -> bytes
             lines.append(f"{name}: {value}\r\n")
     lines.append(f"content-length: {len(response.body)}\r\ndate: {_date()}\r\n")
     lines.append("connection: close\r\n\r\n" if close else "\r\n")
-    # HEAD: the length it would have, and no body (one would be read as the start of the next answer)
-    return "".join(lines).encode("latin-1") + (b"" if head else response.body)
+    start = "".join(lines).encode("latin-1")
+    if head or not response.body:  # HEAD: the length it would have, and no body (it would start the next answer)
+        return [start]
+    return [start + response.body] if len(response.body) <= JOINED else [start, response.body]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import random
 from typing import Any
@@ -37,7 +36,7 @@ from contract.kafka_io import (
     with_header,
 )
 from contract.naming import hop_group, routing_table_prefix
-from contract.payload import NotAnObject, parse_object
+from contract.payload import NotAnObject, encode, parse_object
 from contract.routing import PipelineTables
 from contract.watch import WAIT, watch
 from runtime_sdk.app import Rejected, Runtime
@@ -174,7 +173,7 @@ class KafkaAdapter:
         except LookupError as err:
             await dead_letter(self.producer, table, record.value, headers, str(err), where)
             return
-        body = json.dumps(output).encode()
+        body = encode(output)
         await asyncio.gather(*(self.producer.send_and_wait(t, body, headers=headers) for t in topics))
         if index + 1 == len(table.stages):
             await reply(self.producer, headers, body, headers)

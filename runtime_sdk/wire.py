@@ -66,8 +66,14 @@ class _Reading:
     headers: CIMultiDict[str]
     length: int | None  # None: chunked
     limit: int  # bytes its body may have: the server's max_body, or less if its pipeline says so
-    body: bytearray = field(default_factory=bytearray)
+    body: bytearray = field(default_factory=bytearray)  # chunked: what the chunks held so far
+    parts: list[bytes] = field(default_factory=list)  # by length: the body's pieces as they came, joined once
+    received: int = 0  # bytes of the body in `parts`
     continued: bool = False  # "100 Continue" sent
+
+    def request(self) -> Request:
+        body = bytes(self.body) if self.length is None else b"".join(self.parts)
+        return Request(self.method, self.path, self.query, CIMultiDictProxy(self.headers), body)
 
 
 IDLE_SECONDS = 300.0  # a keep-alive connection with nothing read or answered that long is closed (sidecars: 60)
@@ -112,6 +118,17 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         self.quiet_since = time.monotonic()
+        reading = self.reading
+        if reading is not None and reading.length is not None and not self.buffer:
+            # a body by length arriving, nothing before it unread: its bytes are kept as they came, not
+            # copied into the buffer and out again (an 8 MB body comes in ~100 reads)
+            need = reading.length - reading.received
+            piece = data if len(data) <= need else data[:need]
+            reading.parts.append(piece)
+            reading.received += len(piece)
+            if reading.received < reading.length:
+                return
+            data = data[len(piece) :]
         self.buffer += data
         self._take()
 
@@ -146,10 +163,7 @@ class _Connection(asyncio.Protocol):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
                 return
             self.reading = None
-            request = Request(
-                reading.method, reading.path, reading.query, CIMultiDictProxy(reading.headers), bytes(reading.body)
-            )
-            self.queue.append((request, reading.close))
+            self.queue.append((reading.request(), reading.close))
             self.closing = reading.close
 
     def _head(self) -> _Reading | None:
@@ -182,10 +196,12 @@ class _Connection(asyncio.Protocol):
                 raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes") from None
             except ValueError as err:
                 raise BadRequest(400, str(err)) from None
-        take = min(len(self.buffer), reading.length - len(reading.body))
-        reading.body += self.buffer[:take]
-        del self.buffer[:take]
-        return len(reading.body) == reading.length
+        take = min(len(self.buffer), reading.length - reading.received)
+        if take:
+            reading.parts.append(bytes(self.buffer[:take]))
+            reading.received += take
+            del self.buffer[:take]
+        return reading.received == reading.length
 
     async def _answer(self) -> None:
         try:
@@ -198,7 +214,8 @@ class _Connection(asyncio.Protocol):
                     return
                 close = close or self.server.stopping
                 head = not isinstance(request, BadRequest) and request.method == "HEAD"
-                self.transport.write(response_bytes(response, close, head))
+                for part in response_bytes(response, close, head):  # (3.11's writelines would join them)
+                    self.transport.write(part)
                 if close:
                     if isinstance(request, BadRequest):
                         self._linger(self.transport)
@@ -266,7 +283,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             if self.partial():
                 error = {"error": f"request incomplete after {STALLED:g} s without a byte, with no room to wait"}
-                self.transport.write(response_bytes(json_response(error, 408), close=True))
+                self.transport.write(b"".join(response_bytes(json_response(error, 408), close=True)))
                 self.server.refused("408")
             self.closing = True
             self.transport.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import random
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from contract.payload import NotAnObject, encode, parse_object
 from contract.routing import KEPT_VERSIONS, PipelineTables, RoutingTable
 from contract.service import BadRegistration, RuntimeService, bridge_address
 from contract.watch import next_index, watch
@@ -189,3 +192,47 @@ async def test_a_record_of_a_pipeline_without_tables_here_waits_uncommitted_and_
             assert not is_poison(err)  # consume_batches stops uncommitted on it: the record is read again
         else:
             raise AssertionError("a record without tables went through")
+
+
+@pytest.mark.parametrize(
+    ("body", "read"),
+    [
+        (b'\xef\xbb\xbf{"a": 1}', {"a": 1}),  # a byte order mark: orjson refuses it, the standard library reads it
+        (b'{"a": NaN, "b": -Infinity}', {"a": "nan", "b": "-inf"}),  # not JSON, read as before (numbers)
+        (b'{"a": "\\ud800"}', {"a": "\ud800"}),  # a lone surrogate in an escape
+        (b'{"a": 123456789012345678901234567890}', {"a": 1.2345678901234568e29}),  # beyond 64 bits: a float
+        (bytearray(b'{"a": [1, 2.5, "x"]}'), {"a": [1, 2.5, "x"]}),
+        (memoryview(b'{"a": null}'), {"a": None}),
+    ],
+)
+def test_a_body_is_read_as_the_standard_library_reads_it_by_orjson_where_it_can(body: Any, read: Any) -> None:
+    got = parse_object(body)
+    shown = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in got.items()}
+    assert shown == read
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b'{"a": 1', "not valid JSON"),
+        (b'{"a": "\xff"}', "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_what_is_no_json_object_is_refused_with_the_reason(body: bytes, says: str) -> None:
+    with pytest.raises(NotAnObject, match=says):
+        parse_object(body)
+
+
+def test_an_answer_is_written_by_orjson_and_what_it_cannot_write_by_the_standard_library() -> None:
+    deep: Any = []
+    for _ in range(300):  # beyond orjson's 254 levels
+        deep = [deep]
+    for value in ({"n": 2**70}, {"s": "\ud800"}, {"d": deep}, {1: "int key"}, {"t": (1, 2)}):
+        assert json.loads(encode(value)) == json.loads(json.dumps(value)), value
+    assert json.loads(encode({"a": math.nan, "b": math.inf})) == {"a": None, "b": None}  # JSON has no NaN
+    for value in ({"s": {1, 2}}, {"o": object()}):
+        with pytest.raises(TypeError):
+            encode(value)

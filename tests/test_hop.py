@@ -15,6 +15,7 @@ import pytest
 
 from runtime_sdk.ensemble import hop_headers
 from runtime_sdk.hop import MAX_CONNECTIONS, MAX_HEAD, HopClient, HopError, Unsent
+from tests.helpers.envoy import wait_for
 
 Reply = Callable[[bytes, asyncio.StreamWriter], "asyncio.Future[None] | None"]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -92,6 +93,41 @@ async def test_answers_by_length_by_chunks_and_to_the_end_and_keep_alive_reuses_
         assert server.connections == 2  # `connection: close` was honoured
     sent = server.requests[0]
     assert sent.startswith(b"POST /pipelines/p/v1/b HTTP/1.1\r\n") and b"\r\ncontent-length: 2\r\n" in sent
+
+
+async def test_an_answer_by_length_in_pieces_is_read_whole_and_bytes_after_it_end_the_connection() -> None:
+    """hop.py keeps a body by length as its pieces arrive: cut anywhere, it is read whole; bytes after the
+    answer that nobody asked for (a peer out of step) close the connection rather than start the next answer."""
+    body = bytes(range(256)) * 400  # 100 KB: more than one read
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    cuts = [20, len(answer) - len(body) + 1, 50_000, len(answer) - 1]  # in the head, 1 byte of body, mid, last
+
+    connections = []
+
+    async def pieces(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while True:
+            try:
+                await reader.readuntil(b"{}")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            for start, end in zip([0, *cuts], [*cuts, len(answer)], strict=True):
+                writer.write(answer[start:end])
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]")  # nobody asked for this
+
+    path = Path(tempfile.mkdtemp(prefix="mll-")) / "pieces.sock"
+    listening = await asyncio.start_unix_server(pieces, str(path))
+    client = HopClient(path=str(path))
+    try:
+        for _ in range(2):
+            assert (await client.post("/x", "{}", {})).body == body
+            await wait_for(lambda: all(c.closed for c in client.idle), 5)  # the stray answer closes it
+        assert len(connections) == 2
+    finally:
+        await client.close()
+        listening.close()
 
 
 async def test_an_answer_in_single_bytes_is_read_whole() -> None:
