@@ -7,18 +7,26 @@ once per run and loaded with wrk at every size (fewer connections for bigger bod
 request body (every process of the system, from /proc) and the system's peak RSS (VmHWM summed). Medians of
 the runs, and ML Lambda against the chain within each run.
 
-Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6]
+`--burst N`: instead, N requests of 8 MB at once into each system (one run): how each request ended (status, or
+the client's error), how long the burst took, and each process role's peak RSS (the runtimes' against their
+--body-budget, docs/architecture.md "Payload sizes").
+
+Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6] [--burst 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import contextlib
 import json
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import aiohttp
 
 from bench.common import cpu_spent, median, memory_mib, process_cpu, running_stack
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
@@ -69,12 +77,60 @@ def measure(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, f
     return result
 
 
+async def burst(url: str, count: int, size: int) -> tuple[collections.Counter[str], float]:
+    """`count` requests of `size` bytes at once: how each ended, and the seconds until the last did."""
+    text, ended = body(size).encode(), collections.Counter[str]()
+    headers = {"content-type": "application/json"}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        try:
+            async with session.post(url, data=text, headers=headers) as resp:
+                answer = await resp.read()
+                right = resp.status != 200 or len(answer) >= size - 2  # the body came back (compact JSON)
+                ended[f"{resp.status}" if right else f"{resp.status}, body cut short"] += 1
+        except (aiohttp.ClientError, TimeoutError) as err:
+            ended[type(err).__name__] += 1
+
+    started = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=count)) as session:
+        await asyncio.gather(*(one(session) for _ in range(count)))
+    return ended, time.perf_counter() - started
+
+
+def peak_mib(pid: int) -> float:
+    with contextlib.suppress(OSError, StopIteration):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
+    return 0.0
+
+
+def bursts(folder: Path, count: int) -> None:
+    print(f"| system | {count} x 8 MB at once: how they ended | seconds | peak RSS MiB (summed by process role) |")
+    print("|---|---|---|---|")
+    for index, (name, (kind, transport)) in enumerate(SYSTEMS.items()):
+        where = folder / f"burst-system{index}"
+        where.mkdir()
+        with system(where, kind, transport) as url:
+            roles = {role for role, _ in process_cpu().values()}
+            ended, seconds = asyncio.run(burst(url, count, SIZES["8 MB"]))
+            peaks = ", ".join(f"{role} {memory_mib({role}, 'VmHWM'):,.0f}" for role in sorted(roles))
+            largest = max((peak_mib(pid) for pid, (role, _) in process_cpu().items() if "runtime" in role), default=0)
+            peaks += f"; the largest runtime {largest:,.0f}" if largest else ""
+            told = ", ".join(f"{n} {status}" for status, n in sorted(ended.items()))
+            print(f"| {name} | {told} | {seconds:.1f} | {peaks} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--burst", type=int, default=0, help="N requests of 8 MB at once instead (one run)")
     args = parser.parse_args()
     folder, _ = wrk_folder("mll-bench-payloads-")
+    if args.burst:
+        bursts(folder, args.burst)
+        return
     rows: dict[tuple[str, str], list[dict[str, float]]] = {(n, s): [] for n in SYSTEMS for s in SIZES}
     started = time.time()
     for run in range(args.runs):

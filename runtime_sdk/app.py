@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from contract import headers as h
 from contract import oip
@@ -29,7 +29,7 @@ from runtime_sdk.hop import HopError
 from runtime_sdk.http1 import HttpError, Request, Response, json_response
 from runtime_sdk.payload_log import PayloadLog, sampled
 from runtime_sdk.profiles import Profiler
-from runtime_sdk.wire import MAX_CONNECTIONS, Server
+from runtime_sdk.wire import BODY_BUDGET, MAX_CONNECTIONS, Server
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 log = logging.getLogger("mllambda.runtime")
@@ -66,6 +66,16 @@ class Metrics:
             "HTTP requests into predict by priority band and outcome (admitted, shed, over share, saturated, waited"
             " too long)",
             ["model", "version", "priority", "outcome"],
+            registry=registry,
+        )
+        self.body_bytes = Gauge(
+            "mllambda_runtime_body_bytes_held",
+            "bytes of request bodies held (being read, queued or answered): at most --body-budget, or one larger body",
+            registry=registry,
+        )
+        self.body_waiting = Gauge(
+            "mllambda_runtime_bodies_waiting",
+            "requests whose body waits unread for room in --body-budget",
             registry=registry,
         )
         self.connections_refused = Counter(
@@ -386,6 +396,7 @@ def build_app(
     max_body: int = MAX_BODY_CEILING,
     access_log: logging.Logger | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    body_budget: int = BODY_BUDGET,
 ) -> Server:
     """predict on POST /predict and /pipelines/..., health and metrics on GET; listen with its `listen_*`.
     Requests the server refuses before predict (malformed, too large) count with their status."""
@@ -408,7 +419,10 @@ def build_app(
         else:
             runtime.metrics.requests.labels(runtime.model, runtime.version, what).inc()
 
-    return Server(route, max_body, access_log, max_connections, refused)
+    server = Server(route, max_body, access_log, max_connections, refused, body_budget=body_budget)
+    runtime.metrics.body_bytes.set_function(lambda: server.held)
+    runtime.metrics.body_waiting.set_function(lambda: len(server.waiting))
+    return server
 
 
 @asynccontextmanager

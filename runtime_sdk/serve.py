@@ -33,7 +33,7 @@ from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.payload_log import DEFAULT_MAX_BYTES, PayloadLog
 from runtime_sdk.profiles import Profiler
 from runtime_sdk.registration import deregister, register, stay_registered
-from runtime_sdk.wire import MAX_CONNECTIONS
+from runtime_sdk.wire import BODY_BUDGET, MAX_CONNECTIONS
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -57,6 +57,7 @@ class ServeOptions:
     inline: str = "auto"
     max_body: int = MAX_BODY_CEILING
     max_connections: int = MAX_CONNECTIONS
+    body_budget: int = BODY_BUDGET  # bytes of request bodies held at once (runtime_sdk/wire.py)
     max_in_flight: int = 0  # HTTP requests in predict at once (0: no limit)
     queue: int = 0  # requests that may wait for a place beyond max_in_flight (runtime_sdk/admission.py)
     max_wait: float = MAX_WAIT  # seconds one may wait
@@ -119,7 +120,7 @@ async def serve(
         profiler=Profiler(options.profile_percent) if options.profile_percent > 0 else None,
     )
     access_log = logging.getLogger("mllambda.access") if options.access_log else None  # a line per request
-    server = build_app(runtime, options.max_body, access_log, options.max_connections)
+    server = build_app(runtime, options.max_body, access_log, options.max_connections, options.body_budget)
     await runtime.start()
     remove_socket(service.runtime_uds)
     await server.listen_tcp("127.0.0.1", service.runtime_port)  # only its own sidecar calls it

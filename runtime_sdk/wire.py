@@ -47,6 +47,7 @@ from runtime_sdk.http1 import (
 MAX_HEAD = 64 * 1024
 MAX_QUEUED = 16
 MAX_CONNECTIONS = 1024  # as Envoy's default circuit breaker allows towards one host
+BODY_BUDGET = 128 * 1024 * 1024  # bytes of request bodies held at once (read, waiting or being answered)
 WARN_EVERY = 10.0  # seconds between warnings of refused connections
 STALLED = 10.0  # seconds without a byte of a request begun: its connection may be closed for a new one
 log = logging.getLogger("mllambda.runtime")
@@ -85,13 +86,16 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.buffer = bytearray()
-        self.queue: deque[tuple[Request | BadRequest, bool]] = deque()  # (request or what was wrong, close after it)
+        # (request or what was wrong, close after it, bytes of the body budget it holds)
+        self.queue: deque[tuple[Request | BadRequest, bool, int]] = deque()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # no more requests are read (an error, Connection: close, the server stops)
         self.paused = False
         self.searched = 0  # where the search for the head's end goes on from
         self.reading: _Reading | None = None
+        self.held = 0  # bytes of the server's body budget this connection holds (its requests by length)
+        self.wants = 0  # bytes it waits for (its next body's length; blocked until the budget has them)
         self.quiet_since = time.monotonic()  # the last byte in or answer out
         self.dropped = 0  # bytes read and dropped after a refusal (_linger)
 
@@ -108,6 +112,7 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing, self.transport = True, None
         self.queue.clear()
+        self._let_go()
         if self.task is not None:  # its caller is gone: no more model time or next hop for an answer nobody reads
             self.task.cancel()
 
@@ -119,7 +124,7 @@ class _Connection(asyncio.Protocol):
             return
         self.quiet_since = time.monotonic()
         reading = self.reading
-        if reading is not None and reading.length is not None and not self.buffer:
+        if reading is not None and reading.length is not None and not self.buffer and not self.wants:
             # a body by length arriving, nothing before it unread: its bytes are kept as they came, not
             # copied into the buffer and out again (an 8 MB body comes in ~100 reads)
             need = reading.length - reading.received
@@ -138,10 +143,10 @@ class _Connection(asyncio.Protocol):
             self._parse()
         except BadRequest as bad:
             self.closing = True
-            self.queue.append((bad, True))
+            self.queue.append((bad, True, 0))
         if self.queue and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._answer())
-        full = len(self.queue) >= MAX_QUEUED
+        full = len(self.queue) >= MAX_QUEUED or self.wants > 0
         if full != self.paused and self.transport is not None:
             self.paused = full
             if full:
@@ -150,11 +155,15 @@ class _Connection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _parse(self) -> None:
-        while not self.closing and len(self.queue) < MAX_QUEUED:
+        while not self.closing and len(self.queue) < MAX_QUEUED and not self.wants:
             if self.reading is None:
                 self.reading = self._head()
                 if self.reading is None:
                     return
+                if self.reading.length and not self.server.reserve(self, self.reading.length):
+                    self.wants = self.reading.length  # its body stays unread (with the sender) until there is room
+                    return
+                self.held += self.reading.length or 0
             reading = self.reading
             if not self._body(reading):
                 if not reading.continued and reading.headers.get("expect", "").lower() == "100-continue":
@@ -163,7 +172,7 @@ class _Connection(asyncio.Protocol):
                         self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it
                 return
             self.reading = None
-            self.queue.append((reading.request(), reading.close))
+            self.queue.append((reading.request(), reading.close, reading.length or 0))
             self.closing = reading.close
 
     def _head(self) -> _Reading | None:
@@ -206,7 +215,7 @@ class _Connection(asyncio.Protocol):
     async def _answer(self) -> None:
         try:
             while self.queue and self.transport is not None:
-                request, close = self.queue.popleft()
+                request, close, size = self.queue.popleft()
                 if self.paused:
                     self._take()  # what waited in the buffer, and the socket again
                 response = await self._respond(request)
@@ -216,6 +225,8 @@ class _Connection(asyncio.Protocol):
                 head = not isinstance(request, BadRequest) and request.method == "HEAD"
                 for part in response_bytes(response, close, head):  # (3.11's writelines would join them)
                     self.transport.write(part)
+                self.held -= size  # answered: its body is done with
+                self.server.release(size)
                 if close:
                     if isinstance(request, BadRequest):
                         self._linger(self.transport)
@@ -256,12 +267,27 @@ class _Connection(asyncio.Protocol):
         would drop our answer for a 503 of its own (issue 41)."""
         if transport.can_write_eof():
             transport.write_eof()
+        self._let_go()
         if self.paused:
             self.paused = False
             transport.resume_reading()
         self.buffer.clear()
         self.reading = None
         asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def unblock(self) -> None:
+        """The body budget has room for the body this connection waits to read: read on."""
+        self.held, self.wants = self.held + self.wants, 0
+        if self.transport is not None:
+            self._take()
+
+    def _let_go(self) -> None:
+        """Give back what this connection holds of the body budget, and its place among those waiting."""
+        if self.wants:
+            self.server.waiting.remove(self)
+            self.wants = 0
+        held, self.held = self.held, 0
+        self.server.release(held)
 
     def partial(self) -> bool:
         return self.reading is not None or bool(self.buffer)
@@ -304,8 +330,12 @@ class Server:
         max_connections: int = MAX_CONNECTIONS,
         refused: Callable[[str], None] = lambda what: None,
         idle_seconds: float = IDLE_SECONDS,
+        body_budget: int = BODY_BUDGET,
     ) -> None:
         self.handler = handler
+        self.body_budget = body_budget
+        self.held = 0  # bytes of request bodies held, by all connections
+        self.waiting: deque[_Connection] = deque()  # connections with a head read, waiting to read its body
         self.idle_seconds = idle_seconds
         self.sweeper: asyncio.Task[None] | None = None
         self.max_body = max_body
@@ -333,6 +363,23 @@ class Server:
             self.warned = now
             log.warning("%d connections, all busy: a new one was reset (--max-connections)", len(self.connections))
         return False
+
+    def reserve(self, connection: _Connection, size: int) -> bool:
+        """Whether a body of `size` bytes may be read now: within the budget, behind nobody waiting (or alone:
+        one larger than the budget goes when nothing else is held). False: it waits its turn in `waiting`."""
+        if not self.waiting and (self.held + size <= self.body_budget or self.held == 0):
+            self.held += size
+            return True
+        self.waiting.append(connection)
+        return False
+
+    def release(self, size: int) -> None:
+        """`size` bytes are no longer held: the connections waiting first read on, as far as the budget goes."""
+        self.held -= size
+        while self.waiting and (self.held + self.waiting[0].wants <= self.body_budget or self.held == 0):
+            connection = self.waiting.popleft()
+            self.held += connection.wants
+            connection.unblock()
 
     def protocol(self) -> _Connection:
         if self.sweeper is None:

@@ -175,6 +175,7 @@ def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anythi
     [
         (["--max-connections", "0"], "--max-connections: between 1 and 65536, got 0"),
         (["--max-connections", "70000"], "--max-connections: between 1 and 65536, got 70000"),
+        (["--body-budget", "100"], "--body-budget: from 1024 bytes to 1 TiB, got 100"),
         (["--max-body", "0"], "--max-body: at least 1 byte, got 0"),
         (["--max-in-flight", "-1"], r"--max-in-flight: between 0 \(no limit\) and 65536, got -1"),
         (["--queue", "4"], "--queue: between 0 and 65536, and only with --max-in-flight, got 4"),

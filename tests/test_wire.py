@@ -15,6 +15,7 @@ import pytest
 from runtime_sdk import wire
 from runtime_sdk.http1 import BadRequest, HttpError, Request, Response, json_response
 from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, Server
+from tests.helpers.envoy import wait_for
 
 MAX_BODY = 1000
 
@@ -115,6 +116,50 @@ async def test_bodies_in_pieces_cut_anywhere_are_read_whole_and_in_order() -> No
                 answer = json.loads(await reader.readexactly(length))
                 assert (head[:12], answer["body"]) == (b"HTTP/1.1 200", want), (seed, i)
             writer.close()
+    finally:
+        await server.stop(1.0)
+
+
+async def test_bodies_beyond_the_budget_wait_unread_and_are_answered_in_turn() -> None:
+    """The server's body budget (memory under bursts of large requests): a request whose body would take the
+    held bytes past it waits with its body unread, in order of arrival; one larger than the budget goes alone;
+    a request without a body never waits; a caller that hangs up while waiting leaves no trace."""
+    inside, most = [0], [0]
+    release = asyncio.Event()
+
+    async def hold(request: Request) -> Response:
+        inside[0] += len(request.body)
+        most[0] = max(most[0], inside[0])
+        try:
+            if request.path == "/hold":
+                await release.wait()
+            await asyncio.sleep(0.05)  # simulated work: requests overlap if the budget lets them
+        finally:  # (a caller that hung up cancels it)
+            inside[0] -= len(request.body)
+        return json_response({"n": len(request.body)})
+
+    server = Server(hold, 1000, body_budget=1000)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        holder = asyncio.create_task(exchange(port, post("/hold", b"h" * 700)))
+        await wait_for(lambda: server.held == 700)
+        # Held: 700 of 1000. A 400-byte body waits unread; a request without one is answered meanwhile.
+        waiter = asyncio.create_task(exchange(port, post("/a", b"w" * 400)))
+        await wait_for(lambda: len(server.waiting) == 1)
+        assert [a[0] for a in await exchange(port, b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")] == [200]
+        # One that waits and hangs up (its connection is not read while it waits) is let go at its turn.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/gone", b"g" * 400))
+        await wait_for(lambda: len(server.waiting) == 2)
+        writer.close()
+        release.set()
+        assert [a[0] for a in await holder] == [200] and [a[0] for a in await waiter] == [200]
+        await wait_for(lambda: (server.held, len(server.waiting)) == (0, 0), 5)
+        # A burst: eight 600-byte bodies and one of 1,000 (as large as the budget: it goes alone).
+        sizes = [600] * 4 + [1000] + [600] * 4
+        answers = await asyncio.gather(*(exchange(port, post("/b", b"x" * n)) for n in sizes))
+        assert [json.loads(a[0][2])["n"] for a in answers] == sizes
+        assert most[0] <= 1000 and (server.held, len(server.waiting)) == (0, 0), (most, server.held)
     finally:
         await server.stop(1.0)
 

@@ -46,7 +46,7 @@ from controlplane.node.sidecar import write_bootstrap
 from controlplane.node.tools import find_envoy
 from runtime_sdk.admission import MAX_WAIT
 from runtime_sdk.serve import ServeError, ServeOptions, load_callable, remove_socket, serve
-from runtime_sdk.wire import MAX_CONNECTIONS
+from runtime_sdk.wire import BODY_BUDGET, MAX_CONNECTIONS
 
 log = logging.getLogger("mllambda.runtime")
 
@@ -105,6 +105,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise CliError(f"--max-body: at least 1 byte, got {args.max_body}")
     if not 1 <= args.max_connections <= 65536:
         raise CliError(f"--max-connections: between 1 and 65536, got {args.max_connections}")
+    if not 1024 <= args.body_budget <= 2**40:
+        raise CliError(f"--body-budget: from 1024 bytes to 1 TiB, got {args.body_budget}")
     if not 0 <= args.profile_percent <= 100:
         raise CliError(f"--profile-percent: between 0 (off) and 100, got {args.profile_percent:g}")
     if not 0 <= args.max_in_flight <= 65536:
@@ -193,6 +195,7 @@ async def _launch(
         inline=args.inline,
         max_body=args.max_body,
         max_connections=args.max_connections,
+        body_budget=args.body_budget,
         max_in_flight=args.max_in_flight,
         queue=args.queue,
         max_wait=args.queue_wait,
@@ -294,6 +297,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MAX_BODY_CEILING,
         help="request size limit in bytes (64 MiB; a pipeline's max_body, told with each request, lowers it)",
+    )
+    parser.add_argument(
+        "--body-budget",
+        type=int,
+        default=BODY_BUDGET,
+        help="bytes of request bodies the runtime holds at once (128 MiB): a request whose body would go past it"
+        " waits unread, its sender holding it; one larger than the budget is read alone",
     )
     parser.add_argument(
         "--max-connections",
