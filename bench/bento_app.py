@@ -3,7 +3,8 @@ composed with `bentoml.depends` as BentoML's docs show (each service its own pro
 HTTP). Served by bench/peers.py with `.tools/bento/bin/bentoml serve bench.bento_app:Pipeline` (BentoML is
 not a project dependency); the predicts are the ones in examples/trivial/models.py, written out here
 because that module imports our SDK. BENTO_ACCESS_LOG=0 turns off BentoML's line per request (on by
-default; ours is off by default).
+default; ours is off by default). `EchoPipeline`: three stages that pass their input on instead
+(bench/payloads.py: the transport's cost, not a model's).
 """
 
 from __future__ import annotations
@@ -55,3 +56,37 @@ class Pipeline:
         tokens = await self.tokenize.to_async.predict(text=text)
         counted = await self.count.to_async.predict(**tokens)
         return await self.score.to_async.predict(**counted)
+
+
+@bentoml.service(**SERVICE)
+class Echo1:
+    @bentoml.api
+    def predict(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+
+@bentoml.service(**SERVICE)
+class Echo2:  # (a service class each: BentoML runs one process per service, as the other pipeline has)
+    @bentoml.api
+    def predict(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+
+@bentoml.service(**SERVICE)
+class Echo3:
+    @bentoml.api
+    def predict(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+
+@bentoml.service(**SERVICE)
+class EchoPipeline:
+    first = bentoml.depends(Echo1)
+    second = bentoml.depends(Echo2)
+    third = bentoml.depends(Echo3)
+
+    @bentoml.api(route="/")
+    async def run(self, text: str) -> dict[str, Any]:
+        for stage in (self.first, self.second, self.third):
+            text = (await stage.to_async.predict(text=text))["text"]
+        return {"text": text}

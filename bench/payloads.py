@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import cpu_spent, median, memory_mib, process_cpu, running_stack
+from bench.peers import bento, ray
 from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "1 MB": 1024 * 1024, "8 MB": 8 * 1024 * 1024}
@@ -36,6 +37,7 @@ CONNECTIONS = {"1 KB": 32, "64 KB": 16, "1 MB": 8, "8 MB": 4}
 STAGES = ("e1", "e2", "e3")  # three model versions, each its own process, all answering with their input
 SYSTEMS = {"plain aiohttp chain": ("plain", ""), "ML Lambda, http": ("mllambda", "http"),
            "ML Lambda, uds": ("mllambda", "uds")}  # fmt: skip
+PEERS = {"Ray Serve": ("ray", ""), "BentoML": ("bento", "")}  # --peers: installed into .tools/ on first use
 
 
 def body(size: int) -> str:
@@ -46,6 +48,14 @@ def body(size: int) -> str:
 def system(folder: Path, kind: str, transport: str) -> Iterator[str]:
     if kind == "plain":
         with plain_chain(folder, models=("echo", "echo", "echo")) as url:
+            yield url
+        return
+    if kind == "ray":
+        with ray(folder, optimized=False, app="echo") as url:
+            yield url
+        return
+    if kind == "bento":
+        with bento(folder, access_log=False, service="EchoPipeline") as url:
             yield url
         return
     stack = {
@@ -126,7 +136,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--burst", type=int, default=0, help="N requests of 8 MB at once instead (one run)")
+    parser.add_argument("--peers", action="store_true", help="Ray Serve and BentoML too")
     args = parser.parse_args()
+    if args.peers:
+        SYSTEMS.update(PEERS)
     folder, _ = wrk_folder("mll-bench-payloads-")
     if args.burst:
         bursts(folder, args.burst)

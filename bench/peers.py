@@ -116,14 +116,15 @@ def ensure_peer(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def ray(folder: Path, optimized: bool) -> Iterator[str]:
+def ray(folder: Path, optimized: bool, app: str = "") -> Iterator[str]:
+    """bench/ray_app.py on Ray Serve (`app`: "echo" for three stages passing their input on)."""
     python, port = ensure_peer("ray") / "python", processes.free_port()
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if optimized else "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",  # a loopback-only benchmark cluster
     }
-    argv = [str(python), str(PROJECT_ROOT / "bench" / "ray_app.py"), str(port)]
+    argv = [str(python), str(PROJECT_ROOT / "bench" / "ray_app.py"), str(port), *([app] if app else [])]
     driver = processes.ManagedProcess("ray", argv, folder / f"ray-{port}.log", env=env).start()
     try:
         driver.wait_ready(lambda: "ready" in (folder / f"ray-{port}.log").read_text(), timeout=180)
@@ -134,10 +135,10 @@ def ray(folder: Path, optimized: bool) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def bento(folder: Path, access_log: bool) -> Iterator[str]:
+def bento(folder: Path, access_log: bool, service: str = "Pipeline") -> Iterator[str]:
     """`bentoml serve` of bench/bento_app.py: the entry service and the three it depends on, a process each."""
     bentoml, port = ensure_peer("bento") / "bentoml", processes.free_port()
-    argv = [str(bentoml), "serve", "bench.bento_app:Pipeline", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [str(bentoml), "serve", f"bench.bento_app:{service}", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--working-dir", str(PROJECT_ROOT)]
     env = {"BENTO_ACCESS_LOG": "1" if access_log else "0", "BENTOML_DO_NOT_TRACK": "True"}
     log = folder / f"bento-{port}.log"

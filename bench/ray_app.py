@@ -3,7 +3,9 @@ each, composed with DeploymentHandles as Ray's docs show. Run by bench/peers.py 
 .tools/ray (Ray is not a project dependency); the predicts are the ones in examples/trivial/models.py,
 written out here because that module imports our SDK.
 
-Usage: .tools/ray/bin/python bench/ray_app.py PORT
+`echo`: three stages that pass their input on instead (bench/payloads.py: the transport's cost, not a model's).
+
+Usage: .tools/ray/bin/python bench/ray_app.py PORT [echo]
 """
 
 from __future__ import annotations
@@ -53,11 +55,32 @@ class Pipeline:
         return await self.score.remote(counted)
 
 
+@serve.deployment(ray_actor_options=SHARE, max_ongoing_requests=ONGOING)
+class Echo:
+    def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+
+@serve.deployment(ray_actor_options=SHARE, max_ongoing_requests=ONGOING)
+class Chain:
+    def __init__(self, first: Any, second: Any, third: Any) -> None:
+        self.stages = (first, second, third)
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        payload = await request.json()
+        for stage in self.stages:
+            payload = await stage.remote(payload)
+        return payload
+
+
 def main() -> None:
     port = int(sys.argv[1])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = Pipeline.bind(Tokenize.bind(), Count.bind(), Score.bind())  # type: ignore[attr-defined]
+    if sys.argv[2:] == ["echo"]:
+        app = Chain.bind(Echo.bind(), Echo.bind(), Echo.bind())  # type: ignore[attr-defined]
+    else:
+        app = Pipeline.bind(Tokenize.bind(), Count.bind(), Score.bind())  # type: ignore[attr-defined]
     serve.run(app, route_prefix="/")
     print("ready", flush=True)
     while True:
