@@ -3,6 +3,14 @@
 Measures the time from setting a snapshot to every stream having received it,
 the server's RSS with N streams, and after they disconnect.
 Run: .venv/bin/python -m bench.xds_scale --streams 1000 2000 5000
+
+`--per-node`: every stream its own node with its own snapshot, shaped like a sidecar's (an ingress and an
+egress listener on its own ports, their two route configurations, six clusters and their endpoints, built with
+the control plane's resource builders), subscribing to all four types as Envoy does and ACKing each response.
+A change (new weights, new cluster names: every type changes) is built for every node, set, and timed from
+the first snapshot set to each node's ACK of all four types (p50, p99, last), at the server's ACK book, and
+the server's CPU per stream per push (what bounds a push when the Envoys are elsewhere: here the simulated
+clients share the 2 cores with it).
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from controlplane.translate import resources as r
 from controlplane.xds.acks import AckBook
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.server import XdsServer
-from controlplane.xds.snapshot import CLUSTER, Snapshot
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
 
 STREAMS_PER_CHANNEL = 100
+NEXT = 5  # clusters of the next stages a sidecar of the per-node mode routes to
 
 
 def rss_mib() -> float:
@@ -47,7 +56,109 @@ def snapshot(version: int) -> Snapshot:
     )
 
 
+def sidecar(node: int, version: int) -> Snapshot:
+    """Node `node`'s snapshot, shaped like a sidecar's; `version` changes every type."""
+    nexts = [f"model-{k}.v{version % 2}" for k in range(NEXT)]
+    local = f"local-{node}"
+    port = 10_000 + node % 50_000
+    weights = [(name, 1 + (version + k) % 3) for k, name in enumerate(nexts)]
+    return Snapshot.build(
+        f"v{version}",
+        clusters=[r.eds_cluster(local), *(r.eds_cluster(n) for n in nexts)],
+        endpoints=[
+            r.load_assignment(n, [r.tcp_address("127.0.0.1", port + 1 + k)]) for k, n in enumerate([local, *nexts])
+        ],
+        listeners=[
+            r.http_listener("ingress", r.tcp_address("127.0.0.1", port), "ingress"),
+            r.http_listener("egress", r.tcp_address("127.0.0.1", port + 10 + version % 2), "egress"),
+        ],
+        routes=[
+            r.route_config("ingress", [r.weighted_route("/", [(local, 1)])]),
+            r.route_config("egress", [r.weighted_route(f"/{n}", weights) for n in ("a", "b")]),
+        ],
+    )
+
+
+class Acked:
+    """The ACK book's listener: when each node has ACKed all four types of one version."""
+
+    def __init__(self) -> None:
+        self.version, self.nodes, self.done = "", 0, asyncio.Event()
+        self.types: dict[str, set[str]] = {}
+        self.at: dict[str, float] = {}
+
+    def expect(self, version: str, nodes: int) -> None:
+        self.version, self.nodes, self.types, self.at = version, nodes, {}, {}
+        self.done.clear()
+
+    def joined(self, node_id: str) -> None:
+        pass
+
+    def acked(self, node_id: str, group: str, type_url: str, version: str) -> None:
+        if version != self.version or node_id in self.at:
+            return
+        types = self.types.setdefault(node_id, set())
+        types.add(type_url)
+        if len(types) == 4:
+            self.at[node_id] = time.monotonic()
+            if len(self.at) == self.nodes:
+                self.done.set()
+
+
 # --- client process -------------------------------------------------------------------------
+
+
+async def per_node_client(address: str, streams: int) -> None:
+    """Like Envoy: CDS and LDS wildcard, EDS and RDS by name, every response ACKed; reconnects with backoff."""
+    failures = [0]
+
+    def first(node: Any, index: int) -> list[Any]:
+        names = {ENDPOINT: [f"local-{index}", *(f"model-{k}.v{v}" for k in range(NEXT) for v in (0, 1))],
+                 ROUTE: ["ingress", "egress"]}  # fmt: skip
+        return [
+            discovery_pb2.DiscoveryRequest(node=node, type_url=t, resource_names=names.get(t, []))
+            for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+        ]
+
+    async def stream(stub: Any, index: int) -> None:
+        node = base_pb2.Node(id=f"sim-{index}", cluster="bench")
+        while True:
+            outgoing: asyncio.Queue[Any] = asyncio.Queue()
+            for request in first(node, index):
+                outgoing.put_nowait(request)
+            names = {r.type_url: list(r.resource_names) for r in first(node, index)}
+
+            async def requests(queue: asyncio.Queue[Any] = outgoing) -> Any:
+                while True:
+                    yield await queue.get()
+
+            try:
+                async for response in stub.StreamAggregatedResources(requests()):
+                    outgoing.put_nowait(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=response.type_url,
+                            version_info=response.version_info,
+                            response_nonce=response.nonce,
+                            resource_names=names[response.type_url],
+                        )
+                    )
+            except grpc.aio.AioRpcError:
+                failures[0] += 1
+                await asyncio.sleep(random.uniform(0.05, 0.5))
+
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(0, streams, STREAMS_PER_CHANNEL)]
+    tasks = [
+        asyncio.create_task(stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[i // STREAMS_PER_CHANNEL]), i))
+        for i in range(streams)
+    ]
+    await asyncio.to_thread(sys.stdin.readline)  # the parent says when
+    print(f"failures {failures[0]}", flush=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
 
 
 async def client_main(address: str, streams: int) -> None:
@@ -157,6 +268,64 @@ async def measure(streams: int) -> dict[str, float]:
     }
 
 
+async def measure_per_node(streams: int) -> dict[str, float]:
+    acked = Acked()
+    cache, book, port = SnapshotCache(group_by="id"), AckBook(), processes.free_port()
+    book.listen(acked)
+    server = await XdsServer(cache, book, f"127.0.0.1:{port}").start()
+    base_rss = rss_mib()
+    for node in range(streams):
+        cache.set_snapshot(f"sim-{node}", sidecar(node, 0))
+    acked.expect("v0", streams)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.xds_scale", "--per-node-client", f"127.0.0.1:{port}", str(streams),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+    started = time.monotonic()
+    await asyncio.wait_for(acked.done.wait(), 600)
+    connect_s = time.monotonic() - started
+    builds, p50s, p99s, lasts, cpus = [], [], [], [], []
+    for version in range(1, 4):
+        await asyncio.sleep(1)
+        built = time.monotonic()
+        fresh = {f"sim-{node}": sidecar(node, version) for node in range(streams)}
+        builds.append(time.monotonic() - built)
+        acked.expect(f"v{version}", streams)
+        started, cpu = time.monotonic(), time.process_time()
+        for group, snap in fresh.items():
+            cache.set_snapshot(group, snap)
+        await asyncio.wait_for(acked.done.wait(), 600)
+        cpus.append((time.process_time() - cpu) / streams)
+        took = sorted(at - started for at in acked.at.values())
+        p50s.append(took[len(took) // 2])
+        p99s.append(took[max(0, -(-len(took) * 99 // 100) - 1)])
+        lasts.append(took[-1])
+        del fresh
+    with_streams = rss_mib()
+    proc.stdin.write(b"stop\n")
+    await proc.stdin.drain()
+    failures = (await proc.stdout.readline()).decode().split()[-1]
+    await proc.wait()
+    await server.stop(0)
+    return {"streams": streams, "connect_s": connect_s, "build_s": median(builds), "p50": median(p50s),
+            "p99": median(p99s), "last": median(lasts), "rss_base": base_rss, "rss": with_streams,
+            "cpu_us": median(cpus) * 1e6,
+            "failures": float(failures)}  # fmt: skip
+
+
+async def per_node(counts: list[int]) -> None:
+    print("| streams | all connected and ACKed | build every node's change | set -> ACK of all 4 types, p50 | p99 "
+          "| last | server CPU per stream per push | control plane RSS | stream failures |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in counts:
+        m = await measure_per_node(n)
+        print(f"| {n:,} | {m['connect_s']:.1f} s | {m['build_s']:.2f} s | {m['p50'] * 1000:,.0f} ms | "
+              f"{m['p99'] * 1000:,.0f} ms | {m['last'] * 1000:,.0f} ms | {m['cpu_us']:,.0f} us | {m['rss']:,.0f} MiB | "
+              f"{m['failures']:.0f} |",
+              flush=True)  # fmt: skip
+
+
 async def main(counts: list[int]) -> None:
     header = f"{'streams':>8} {'all connected':>14} {'push to all (median of 3)':>26}"
     print(f"{header} {'RSS base':>9} {'RSS':>8} {'after':>8}")
@@ -172,7 +341,11 @@ async def main(counts: list[int]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         asyncio.run(client_main(sys.argv[2], int(sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--per-node-client":
+        asyncio.run(per_node_client(sys.argv[2], int(sys.argv[3])))
     else:
         parser = argparse.ArgumentParser()
         parser.add_argument("--streams", type=int, nargs="+", default=[500, 1000, 2000, 5000])
-        asyncio.run(main(parser.parse_args().streams))
+        parser.add_argument("--per-node", action="store_true", help="a snapshot per node, shaped like a sidecar's")
+        args = parser.parse_args()
+        asyncio.run(per_node(args.streams) if args.per_node else main(args.streams))

@@ -215,6 +215,27 @@ def test_the_ack_book_forgets_nodes_gone_longer_than_its_limit_and_keeps_the_oth
     assert set(book.extensions) == {"back", "here"}
 
 
+def test_the_ack_book_forgets_in_order_of_leaving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes are forgotten oldest first (not by scanning every node gone at each close): one that left, came back
+    and left again later is kept while one that left in between is forgotten."""
+    now = [1000.0]
+    monkeypatch.setattr("controlplane.xds.acks.time.monotonic", lambda: now[0])
+    book = AckBook(forget_after=10)
+    for node in ("back", "here"):
+        book.connected(node, 1)
+        book.ack(node, node, CLUSTER, "v1")
+    book.connected("back", -1)  # t=1000
+    now[0] = 1003
+    book.connected("here", -1)  # t=1003
+    now[0] = 1005
+    book.connected("back", 1)
+    book.connected("back", -1)  # t=1005: now the last to have left
+    now[0] = 1014  # "here" left 11 s ago, "back" 9 s ago
+    assert {s.node_id for s in book.all()} == {"back"}
+    now[0] = 1016
+    assert book.all() == [] and book.gone_since("back") is None
+
+
 async def test_a_stream_cannot_change_its_node(xds: Xds) -> None:
     """ACKs and NACKs count only for the node a stream opened as."""
     import grpc
@@ -236,6 +257,29 @@ async def test_a_stream_cannot_change_its_node(xds: Xds) -> None:
     assert "asked as 'gateway'" in (refused.value.details() or "")
     assert xds.acks.for_node("gateway") == []  # nothing recorded for the node it claimed
 
+    await channel.close()
+
+
+async def test_a_stream_that_asks_for_type_after_type_is_ended(xds: Xds) -> None:
+    """What a stream remembers grows with the types it asks for: past MAX_TYPES (or a type url of any length)
+    it is ended with the reason, before anything of the extra type is kept."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from controlplane.xds.streams import MAX_TYPES
+
+    xds.cache.set_snapshot(NODE, snapshot("v1", processes.free_port(), {}))
+    channel = grpc.aio.insecure_channel(xds.addr)
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+    for urls in ([f"type.example/t{i}" for i in range(MAX_TYPES + 1)], ["type.example/" + "x" * 300]):
+        asks = [discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=NODE), type_url=url) for url in urls]
+        answered = 0
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.StreamAggregatedResources(iter(asks)):
+                answered += 1
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "resource types" in (refused.value.details() or "") and answered <= MAX_TYPES
     await channel.close()
 
 

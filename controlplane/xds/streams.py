@@ -40,6 +40,8 @@ from controlplane.xds.snapshot import (
 log = logging.getLogger("mllambda.xds")
 _END = object()
 MAX_PENDING = 64  # requests read ahead per stream; beyond, reading pauses and gRPC flow control holds the client
+MAX_TYPES = 16  # resource types one stream may ask for (Envoy asks for at most ~8); more ends the stream
+TYPE_URL_CHARS = 200
 
 
 class Refused(Exception):
@@ -106,6 +108,13 @@ class _Stream:
 
     def next_nonce(self) -> str:
         return str(next(self._nonces))
+
+    def new_type(self, type_url: str, state: TypeState) -> TypeState:
+        """Remember what this stream asked for of a type it had not asked for yet (Refused past the bounds)."""
+        if len(self.types) >= MAX_TYPES or len(type_url) > TYPE_URL_CHARS:
+            raise Refused(f"more than {MAX_TYPES} resource types, or a type url over {TYPE_URL_CHARS} characters")
+        self.types[type_url] = state
+        return state
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         queue, room = Inbox(), asyncio.Semaphore(MAX_PENDING)
@@ -263,7 +272,7 @@ class SotwStream(_Stream):
             state.wildcard, state.names = wildcard, names
             return responses + self._maybe(type_url, state)
         # A fresh subscription (first request, or Envoy re-requesting): always answer.
-        self.types[type_url] = state = TypeState(wildcard, names)
+        state = self.new_type(type_url, TypeState(wildcard, names))
         return self._maybe(type_url, state)
 
     def _maybe(self, type_url: str, state: TypeState) -> list[Any]:
@@ -307,8 +316,9 @@ class DeltaStream(_Stream):
         if state is None:
             subscribe = set(request.resource_names_subscribe)
             wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
-            state = TypeState(wildcard, subscribe - {"*"}, dict(request.initial_resource_versions))
-            self.types[type_url] = state
+            state = self.new_type(
+                type_url, TypeState(wildcard, subscribe - {"*"}, dict(request.initial_resource_versions))
+            )
             fresh = True
         else:
             fresh = False
