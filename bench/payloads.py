@@ -11,7 +11,7 @@ the runs, and ML Lambda against the chain within each run.
 the client's error), how long the burst took, and each process role's peak RSS (the runtimes' against their
 --body-budget, docs/architecture.md "Payload sizes").
 
-Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6] [--burst 64]
+Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6] [--peers] [--transports] [--burst 64]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ STAGES = ("e1", "e2", "e3")  # three model versions, each its own process, all a
 SYSTEMS = {"plain aiohttp chain": ("plain", ""), "ML Lambda, http": ("mllambda", "http"),
            "ML Lambda, uds": ("mllambda", "uds")}  # fmt: skip
 PEERS = {"Ray Serve": ("ray", ""), "BentoML": ("bento", "")}  # --peers: installed into .tools/ on first use
+# --transports: the pipeline over Kafka (HTTP in at the gateway, through the bridge and topics), and mTLS on every hop
+TRANSPORTS = {"ML Lambda, http + mTLS": ("mllambda", "http+mtls"), "ML Lambda, kafka": ("mllambda", "kafka")}
 
 
 def body(size: int) -> str:
@@ -58,8 +60,11 @@ def system(folder: Path, kind: str, transport: str) -> Iterator[str]:
         with bento(folder, access_log=False, service="EchoPipeline") as url:
             yield url
         return
+    transport, _, security = transport.partition("+")
     stack = {
         "name": "payloads",
+        **({"security": security} if security else {}),
+        **({"kafka": True} if transport == "kafka" else {}),
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:echo"} for m in STAGES],
         "pipelines": [{"name": "big", "transport": transport, "stages": [stage(m) for m in STAGES]}],
     }
@@ -137,9 +142,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--burst", type=int, default=0, help="N requests of 8 MB at once instead (one run)")
     parser.add_argument("--peers", action="store_true", help="Ray Serve and BentoML too")
+    parser.add_argument("--transports", action="store_true", help="ML Lambda over Kafka and with mTLS too")
     args = parser.parse_args()
     if args.peers:
         SYSTEMS.update(PEERS)
+    if args.transports:
+        SYSTEMS.update(TRANSPORTS)
     folder, _ = wrk_folder("mll-bench-payloads-")
     if args.burst:
         bursts(folder, args.burst)

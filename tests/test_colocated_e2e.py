@@ -44,7 +44,7 @@ async def test_a_hop_on_one_host_skips_the_next_sidecar_and_answers_the_same(
             return found
 
     served = "tokenize=tokenize:v1, count=count:v1, score=score:v1"
-    answer = (200, '{"count": 3, "score": 30}', served)
+    answer = (200, '{"count":3,"score":30}', served)  # (compact: the runtimes write JSON with orjson)
     before = [ingress_requests(consul_agent.http_port, r) for r in three_stages]
     assert await burst(30) == {answer}
     # Steering headers a client forges are dropped at the gateway (no ingress is left to drop them).

@@ -46,7 +46,8 @@ def broken(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class _BreaksTheHop(dict):  # type: ignore[type-arg]
-    """An output whose serialisation raises what a lost broker connection raises (a fault, not the record's)."""
+    """An output whose serialisation raises what a lost broker connection raises (a fault, not the record's).
+    Made with a key orjson does not write (a tuple), it goes to the standard library, which calls `items`."""
 
     def items(self) -> Any:
         from aiokafka.errors import KafkaConnectionError
@@ -61,7 +62,10 @@ def flaky_once(payload: dict[str, Any]) -> dict[str, Any]:
     """Counts like `count`, but its first answer breaks the Kafka hop it travels on (tests restart the consumer)."""
     _calls["flaky"] += 1
     result = {"tokens": payload["tokens"], "count": len(payload["tokens"])}
-    return _BreaksTheHop(result) if _calls["flaky"] == 1 else result
+    if _calls["flaky"] == 1:
+        broken: dict[Any, Any] = {**result, (0,): 0}
+        return _BreaksTheHop(broken)
+    return result
 
 
 async def cpu_hog(payload: dict[str, Any]) -> dict[str, Any]:
