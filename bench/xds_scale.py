@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import random
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -146,19 +148,29 @@ async def per_node_client(address: str, streams: int) -> None:
                 failures[0] += 1
                 await asyncio.sleep(random.uniform(0.05, 0.5))
 
+    async with opened(address, streams, stream):
+        await asyncio.to_thread(sys.stdin.readline)  # the parent says when
+        print(f"failures {failures[0]}", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    address: str, streams: int, stream: Callable[[Any, int], Coroutine[Any, Any, None]]
+) -> AsyncIterator[None]:
+    """`streams` streams run by `stream(stub, index)`, STREAMS_PER_CHANNEL to a connection (as separate Envoys
+    would have: channels otherwise share one), until the block ends."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(0, streams, STREAMS_PER_CHANNEL)]
-    tasks = [
-        asyncio.create_task(stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[i // STREAMS_PER_CHANNEL]), i))
-        for i in range(streams)
-    ]
-    await asyncio.to_thread(sys.stdin.readline)  # the parent says when
-    print(f"failures {failures[0]}", flush=True)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
+    stubs = [ads_pb2_grpc.AggregatedDiscoveryServiceStub(c) for c in channels]
+    tasks = [asyncio.create_task(stream(stubs[i // STREAMS_PER_CHANNEL], i)) for i in range(streams)]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
 
 
 async def client_main(address: str, streams: int) -> None:
@@ -196,29 +208,18 @@ async def client_main(address: str, streams: int) -> None:
             last_seen[response.version_info] = time.time()
             changed.set()
 
-    # Separate connections, as separate Envoys would have (channels otherwise share one).
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(0, streams, STREAMS_PER_CHANNEL)]
-    tasks = [
-        asyncio.create_task(stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[i // STREAMS_PER_CHANNEL]), i))
-        for i in range(streams)
-    ]
     reported: set[str] = set()
-    stop = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline))  # the parent says when
-    while not stop.done():
-        waiter = asyncio.ensure_future(changed.wait())
-        await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        changed.clear()
-        for version, holders in seen.items():
-            if len(holders) >= streams and version not in reported:
-                reported.add(version)
-                print(f"reached {version} {last_seen[version]:.6f} {sum(failures.values())}", flush=True)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
+    async with opened(address, streams, stream):
+        stop = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline))  # the parent says when
+        while not stop.done():
+            waiter = asyncio.ensure_future(changed.wait())
+            await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            changed.clear()
+            for version, holders in seen.items():
+                if len(holders) >= streams and version not in reported:
+                    reported.add(version)
+                    print(f"reached {version} {last_seen[version]:.6f} {sum(failures.values())}", flush=True)
 
 
 # --- server side (this process) -------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runtime_sdk.hop import TooLarge, take_chunks
+from runtime_sdk.hop import Pieces, TooLarge, take_buffered, take_chunks
 from runtime_sdk.http1 import (
     BadRequest,
     HttpError,
@@ -68,12 +68,15 @@ class _Reading:
     length: int | None  # None: chunked
     limit: int  # bytes its body may have: the server's max_body, or less if its pipeline says so
     body: bytearray = field(default_factory=bytearray)  # chunked: what the chunks held so far
-    parts: list[bytes] = field(default_factory=list)  # by length: the body's pieces as they came, joined once
-    received: int = 0  # bytes of the body in `parts`
+    pieces: Pieces | None = None  # by length
     continued: bool = False  # "100 Continue" sent
 
+    def __post_init__(self) -> None:
+        if self.length is not None:
+            self.pieces = Pieces(self.length)
+
     def request(self) -> Request:
-        body = bytes(self.body) if self.length is None else b"".join(self.parts)
+        body = bytes(self.body) if self.pieces is None else self.pieces.join()
         return Request(self.method, self.path, self.query, CIMultiDictProxy(self.headers), body)
 
 
@@ -124,16 +127,10 @@ class _Connection(asyncio.Protocol):
             return
         self.quiet_since = time.monotonic()
         reading = self.reading
-        if reading is not None and reading.length is not None and not self.buffer and not self.wants:
-            # a body by length arriving, nothing before it unread: its bytes are kept as they came, not
-            # copied into the buffer and out again (an 8 MB body comes in ~100 reads)
-            need = reading.length - reading.received
-            piece = data if len(data) <= need else data[:need]
-            reading.parts.append(piece)
-            reading.received += len(piece)
-            if reading.received < reading.length:
+        if reading is not None and reading.pieces is not None and not self.buffer and not self.wants:
+            data = reading.pieces.take(data)  # a body by length arriving, nothing before it unread
+            if not reading.pieces.complete:
                 return
-            data = data[len(piece) :]
         self.buffer += data
         self._take()
 
@@ -205,12 +202,8 @@ class _Connection(asyncio.Protocol):
                 raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes") from None
             except ValueError as err:
                 raise BadRequest(400, str(err)) from None
-        take = min(len(self.buffer), reading.length - reading.received)
-        if take:
-            reading.parts.append(bytes(self.buffer[:take]))
-            reading.received += take
-            del self.buffer[:take]
-        return reading.received == reading.length
+        assert reading.pieces is not None
+        return take_buffered(self.buffer, reading.pieces)
 
     async def _answer(self) -> None:
         try:

@@ -114,7 +114,7 @@ async def test_an_answer_by_length_in_pieces_is_read_whole_and_bytes_after_it_en
             for start, end in zip([0, *cuts], [*cuts, len(answer)], strict=True):
                 writer.write(answer[start:end])
                 await writer.drain()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # pacing: each piece its own read
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]")  # nobody asked for this
 
     path = Path(tempfile.mkdtemp(prefix="mll-")) / "pieces.sock"
