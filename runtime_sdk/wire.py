@@ -294,8 +294,10 @@ class _Connection(asyncio.Protocol):
         return self._unanswered() and not self.partial()
 
     def sheddable(self, now: float) -> bool:
-        """Idle, or a request began and nothing came for STALLED seconds (nothing is being answered)."""
-        return self._unanswered() and (not self.partial() or now - self.quiet_since >= STALLED)
+        """Idle, or a request began and nothing came for STALLED seconds (nothing is being answered). One whose
+        body waits for the body budget is not: it is this server, not its sender, that does not read on."""
+        stalled = now - self.quiet_since >= STALLED and not self.wants
+        return self._unanswered() and (not self.partial() or stalled)
 
     def shed(self) -> None:
         """Close it for a new connection: a request it had begun gets a 408."""

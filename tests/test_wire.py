@@ -164,6 +164,31 @@ async def test_bodies_beyond_the_budget_wait_unread_and_are_answered_in_turn() -
         await server.stop(1.0)
 
 
+async def test_a_request_waiting_for_the_body_budget_is_never_shed_as_stalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every connection in use, a quiet one may be closed for a new one with a 408 ("stopped arriving"): not one
+    whose body the server itself is not reading while it waits for the budget. The newcomer is reset instead."""
+    monkeypatch.setattr(wire, "STALLED", 0.0)  # every begun request counts as stalled at once
+    release = asyncio.Event()
+
+    async def hold(request: Request) -> Response:
+        if request.path == "/hold":
+            await release.wait()
+        return json_response({"n": len(request.body)})
+
+    server = Server(hold, 1000, max_connections=2, body_budget=1000)
+    port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        holder = asyncio.create_task(exchange(port, post("/hold", b"h" * 700)))
+        await wait_for(lambda: server.held == 700)
+        waiter = asyncio.create_task(exchange(port, post("/w", b"w" * 400)))
+        await wait_for(lambda: len(server.waiting) == 1)
+        assert await exchange(port, post("/new", b"n")) == []  # reset: no room, nobody to shed
+        release.set()
+        assert [a[0] for a in await holder] == [200] and [a[0] for a in await waiter] == [200]
+    finally:
+        await server.stop(1.0)
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
