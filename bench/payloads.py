@@ -11,12 +11,16 @@ the runs, and ML Lambda against the chain within each run.
 the client's error), how long the burst took, and each process role's peak RSS (the runtimes' against their
 --body-budget, docs/architecture.md "Payload sizes").
 
-Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6] [--peers] [--transports] [--burst 64]
+`--oip`: instead, ML Lambda (http) loaded with the same sizes as JSON text and as an Open Inference Protocol request
+whose tensor (FP32, the body's size) travels in the binary extension, side by side in each run.
+
+Run: .venv/bin/python -m bench.payloads [--runs 3] [--seconds 6] [--peers] [--transports] [--burst 64] [--oip]
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import collections
 import contextlib
@@ -136,6 +140,63 @@ def bursts(folder: Path, count: int) -> None:
             print(f"| {name} | {told} | {seconds:.1f} | {peaks} |", flush=True)
 
 
+def oip_request(size: int) -> tuple[bytes, int]:
+    """An inference request whose one FP32 tensor of `size` bytes follows its JSON header (the binary extension)."""
+    count = size // 4
+    raw = array.array("f", (float(i % 1000) for i in range(count))).tobytes()
+    tensor = {"name": "text", "shape": [count], "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    return header + raw, len(header)
+
+
+def measure_oip(url: str, folder: Path, size_name: str, seconds: int) -> dict[str, float]:
+    """`measure` for an OIP request in the binary extension at `url` (/v2/models/P/infer)."""
+    body, header_length = oip_request(SIZES[size_name])
+    data = folder / f"oip-{size_name.replace(' ', '')}.bin"
+    data.write_bytes(body)
+    script = folder / f"oip-{size_name.replace(' ', '')}.lua"
+    script.write_text(
+        f'local f = io.open("{data}", "rb")\nwrk.body = f:read("*a")\nf:close()\nwrk.method = "POST"\n'
+        f'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+        f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n'
+    )
+    request = urllib.request.Request(url, data=body, headers={"inference-header-content-length": str(header_length)})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        outputs = json.loads(resp.read())["outputs"]
+        if outputs[0]["shape"] != [SIZES[size_name] // 4]:
+            raise SystemExit(f"{url} did not answer the {size_name} tensor with itself: {outputs[0]['shape']}")
+    wrk(url, CONNECTIONS[size_name], 1, script)  # warm-up
+    result = wrk(url, CONNECTIONS[size_name], seconds, script)
+    result["mb_s"] = result["rps"] * SIZES[size_name] / 1e6
+    return result
+
+
+def oip_runs(folder: Path, runs: int, seconds: int) -> None:
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for run in range(runs):
+        where = folder / f"oip-run{run}"
+        where.mkdir()
+        with system(where, "mllambda", "http") as url:
+            oip_url = url.replace("/pipelines/big", "/v2/models/big/infer")
+            for size_name in SIZES:
+                for kind in ("JSON text", "OIP binary tensor")[:: -1 if run % 2 else 1]:
+                    how = measure if kind == "JSON text" else measure_oip
+                    found = how(url if kind == "JSON text" else oip_url, where, size_name, seconds)
+                    rows.setdefault((size_name, kind), []).append(found)
+                    print(f"   run {run + 1}/{runs} {size_name} {kind}: {found['rps']:,.0f} req/s", flush=True)
+    print(f"\nML Lambda, http, 3 stages passing the body on; medians of {runs} runs")
+    print("| body | as | req/s | MB/s | p50 ms | p99 ms | against JSON text |")
+    print("|---|---|---|---|---|---|---|")
+    for size_name in SIZES:
+        text = rows[(size_name, "JSON text")]
+        for kind in ("JSON text", "OIP binary tensor"):
+            runs_of = rows[(size_name, kind)]
+            mid = {k: median([r[k] for r in runs_of]) for k in ("rps", "mb_s", "p50", "p99")}
+            ratio = median([a["rps"] / b["rps"] for a, b in zip(runs_of, text, strict=True)])
+            print(f"| {size_name} | {kind} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
+                  f"{mid['p99']:.1f} | {ratio:.2f}x |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -143,6 +204,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=0, help="N requests of 8 MB at once instead (one run)")
     parser.add_argument("--peers", action="store_true", help="Ray Serve and BentoML too")
     parser.add_argument("--transports", action="store_true", help="ML Lambda over Kafka and with mTLS too")
+    parser.add_argument("--oip", action="store_true", help="ML Lambda, JSON text against OIP binary tensors")
     args = parser.parse_args()
     if args.peers:
         SYSTEMS.update(PEERS)
@@ -151,6 +213,9 @@ def main() -> None:
     folder, _ = wrk_folder("mll-bench-payloads-")
     if args.burst:
         bursts(folder, args.burst)
+        return
+    if args.oip:
+        oip_runs(folder, args.runs, args.seconds)
         return
     rows: dict[tuple[str, str], list[dict[str, float]]] = {(n, s): [] for n in SYSTEMS for s in SIZES}
     started = time.time()

@@ -120,3 +120,30 @@ def test_what_we_send_an_oip_stage_decodes_back_to_the_same_object() -> None:
     assert oip.decode_response(answer) == {"predict": 2, "proba": [[0.1, 0.2, 0.7]]}
     with pytest.raises(oip.BadRequest, match="no 'outputs' list"):
         oip.decode_response(b'{"error": "x"}')
+
+
+def test_a_large_tensor_answer_is_typed_as_each_element_says_without_a_call_per_element() -> None:
+    """The per-type shortcut of encode_response (one sum over a million floats) types every list as reading each
+    element would: a NaN or infinity anywhere, a sum that overflows, an int past 64 bits, bools with ints, a
+    float subclass (numpy's float64 is one) all come out as before."""
+
+    class Real(float):
+        pass
+
+    million = [float(i % 7) for i in range(1_000_000)]
+    cases = {
+        "floats": (million, ("FP64", [1_000_000])),
+        "a NaN at the end": ([*million[:-1], float("nan")], ("BYTES", [1])),
+        "an infinity first": ([float("-inf"), *million[1:]], ("BYTES", [1])),
+        "a sum that overflows": ([1e308] * 4, ("FP64", [4])),
+        "an int past 64 bits": ([1, 2**64], ("BYTES", [1])),
+        "ints": (list(range(1000)), ("INT64", [1000])),
+        "bools with ints": ([True, 1], ("BYTES", [1])),
+        "a float subclass": ([Real(1.5), Real(2.5)], ("FP64", [2])),
+        "rows": ([[1.0, 2.0], [3.0, 4.0]], ("FP64", [2, 2])),
+        "ragged rows": ([[1.0, 2.0], [3.0]], ("BYTES", [1])),
+        "texts": (["a", "b"], ("BYTES", [2])),
+    }
+    for name, (value, want) in cases.items():
+        tensor = oip.encode_response("m", "1", {"x": value})["outputs"][0]
+        assert (tensor["datatype"], tensor["shape"]) == want, name
