@@ -42,7 +42,10 @@ async def port() -> AsyncIterator[int]:
     await server.stop(1.0)
 
 
-async def exchange(port: int, raw: bytes, answers: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+Answers = list[tuple[int, dict[str, str], bytes]]
+
+
+async def exchange(port: int, raw: bytes, answers: int = 1) -> Answers:
     """Send `raw`, read `answers` answers (fewer if the server closes): (status, headers, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
@@ -120,10 +123,19 @@ async def test_bodies_in_pieces_cut_anywhere_are_read_whole_and_in_order() -> No
         await server.stop(1.0)
 
 
+async def held_and_waiting(server: Server, port: int) -> tuple[asyncio.Task[Answers], asyncio.Task[Answers]]:
+    """A 1,000-byte budget's server: a request of 700 bytes held at /hold, then one of 400 waiting unread."""
+    holder = asyncio.create_task(exchange(port, post("/hold", b"h" * 700)))
+    await wait_for(lambda: server.held == 700)
+    waiter = asyncio.create_task(exchange(port, post("/w", b"w" * 400)))
+    await wait_for(lambda: len(server.waiting) == 1)
+    return holder, waiter
+
+
 async def test_bodies_beyond_the_budget_wait_unread_and_are_answered_in_turn() -> None:
     """The server's body budget (memory under bursts of large requests): a request whose body would take the
     held bytes past it waits with its body unread, in order of arrival; one larger than the budget goes alone;
-    a request without a body never waits; a caller that hangs up while waiting leaves no trace."""
+    a request without a body never waits; a caller that hangs up while waiting is let go at its turn."""
     inside, most = [0], [0]
     release = asyncio.Event()
 
@@ -141,11 +153,8 @@ async def test_bodies_beyond_the_budget_wait_unread_and_are_answered_in_turn() -
     server = Server(hold, 1000, body_budget=1000)
     port = await server.listen_tcp("127.0.0.1", 0)
     try:
-        holder = asyncio.create_task(exchange(port, post("/hold", b"h" * 700)))
-        await wait_for(lambda: server.held == 700)
-        # Held: 700 of 1000. A 400-byte body waits unread; a request without one is answered meanwhile.
-        waiter = asyncio.create_task(exchange(port, post("/a", b"w" * 400)))
-        await wait_for(lambda: len(server.waiting) == 1)
+        holder, waiter = await held_and_waiting(server, port)
+        # Held: 700 of 1000, a 400-byte body waits unread; a request without one is answered meanwhile.
         assert [a[0] for a in await exchange(port, b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")] == [200]
         # One that waits and hangs up (its connection is not read while it waits) is let go at its turn.
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -178,10 +187,7 @@ async def test_a_request_waiting_for_the_body_budget_is_never_shed_as_stalled(mo
     server = Server(hold, 1000, max_connections=2, body_budget=1000)
     port = await server.listen_tcp("127.0.0.1", 0)
     try:
-        holder = asyncio.create_task(exchange(port, post("/hold", b"h" * 700)))
-        await wait_for(lambda: server.held == 700)
-        waiter = asyncio.create_task(exchange(port, post("/w", b"w" * 400)))
-        await wait_for(lambda: len(server.waiting) == 1)
+        holder, waiter = await held_and_waiting(server, port)
         assert await exchange(port, post("/new", b"n")) == []  # reset: no room, nobody to shed
         release.set()
         assert [a[0] for a in await holder] == [200] and [a[0] for a in await waiter] == [200]
