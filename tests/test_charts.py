@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from controlplane.delivery.traffic import ClusterStats, VariantTraffic
 from controlplane.pipeline.spec import parse_pipeline
-from controlplane.web.charts import line_chart, pipeline_svg, rate_series
+from controlplane.web.charts import line_chart, mark_groups, pipeline_svg, rate_series
 
 PIPELINE = parse_pipeline({
     "name": "p",
@@ -18,14 +19,23 @@ PIPELINE = parse_pipeline({
 })  # fmt: skip
 
 
-def test_the_graph_draws_every_variant_with_its_weight_its_share_and_the_shadow() -> None:
+def test_the_graph_draws_every_variant_with_its_weight_its_share_its_health_and_the_shadow() -> None:
     row = VariantTraffic("p", "a", "", "ma", "v2", 0.25, 0.3, 30, 0, None, None, 0, 60.0)
-    svg = pipeline_svg(PIPELINE, [row])
-    drawn = re.findall(r"data-group='([^']*)' data-variant='([^']+)' data-weight='([\d.]+)' data-seen='([\d.]*)'", svg)
-    assert drawn == [("", "ma:v1", "0.7500", ""), ("", "ma:v2", "0.2500", "0.3000"), ("x", "mx:v1", "1.0000", "")]
-    assert "ma:v2 25% (seen 30.0%)" in svg
-    assert "shadow: ma:v3 5%" in svg and "stroke-dasharray" in svg
+    svg = pipeline_svg(PIPELINE, [row], {"ma.v1": (2, 2), "ma.v2": (0, 1)})
+    drawn = re.findall(
+        r"<g class='variant (\w+)' data-group='([^']*)' data-variant='([^']+)' data-weight='([\d.]+)' "
+        r"data-seen='([\d.]*)'",
+        svg,
+    )
+    assert drawn == [
+        ("passing", "", "ma:v1", "0.7500", ""),
+        ("failing", "", "ma:v2", "0.2500", "0.3000"),  # registered, none passing
+        ("pending", "x", "mx:v1", "1.0000", ""),  # no runtime registered at all
+    ]
+    assert "25% set · seen 30.0% · 0/1 passing" in svg  # the colour is said in words too
+    assert "shadow: ma:v3 5%" in svg and "class='shadow'" in svg
     assert svg.count("marker-end") == 1  # one arrow between the two stages
+    assert "role='img' aria-label=" in svg
 
 
 def test_rates_come_from_consecutive_readings_and_a_restarted_envoy_counts_from_zero() -> None:
@@ -40,19 +50,31 @@ def test_rates_come_from_consecutive_readings_and_a_restarted_envoy_counts_from_
     assert rate_series(readings, ["ma.v1"], since=104)[0]["ma.v1"] == [(110.0, 0.0)]
 
 
-def test_a_chart_draws_a_line_per_series_and_marks_when_a_version_entered() -> None:
-    svg = line_chart("requests/s", {"ma.v1": [(10.0, 1.0), (20.0, 3.0)], "ma.v2": []}, 0.0, 60.0, [(30.0, "v2")])
+def test_a_chart_draws_a_line_per_series_with_units_and_values_on_hover_and_marks_changes() -> None:
+    svg = line_chart("requests", {"ma.v1": [(10.0, 1.0), (20.0, 3.0)], "ma.v2": []}, 0.0, 60.0, [(30.0, "v2")], "req/s")
     assert svg.count("<polyline") == 1 and "data-series='ma.v1'" in svg
-    assert "class='mark'" in svg and ">v2<" in svg and "last 60 s" in svg
+    assert "<title>ma.v1: 3 req/s, 40 s ago</title>" in svg  # each point's value, unit and age on hover
+    assert ">3.45 req/s</text>" in svg and ">now</text>" in svg and ">-60 s</text>" in svg  # axes with units
+    assert "<li>1: v2 <span class='muted'>(30 s ago)</span></li>" in svg  # the mark's label under the chart
     assert "class='mark'" not in line_chart("x", {}, 0.0, 60.0, [(90.0, "later")])  # outside the span: not drawn
+    ratio = line_chart("5xx", {"a": [(10.0, 0.25)]}, 0.0, 60.0, unit="%")
+    assert "a: 25%, 50 s ago" in ratio
 
 
-def test_marks_close_in_time_print_their_labels_on_rows_of_their_own() -> None:
-    marks = [(30.0 + i, f"v{i} rollout step {i}") for i in range(3)] + [(55.0, "v9 apply")]
+def test_marks_never_overlap_however_close_in_time() -> None:
+    """Eight versions written within a second, then one a while later: one badge "1-8", then "9"; no two
+    badges share a pixel, and every label is listed under the chart."""
+    marks = [(30.0 + i / 10, f"v{i + 2} rollout step {i}") for i in range(8)] + [(55.0, "v10 apply")]
     svg = line_chart("x", {}, 0.0, 60.0, marks)
-    rows = [int(y) for y in re.findall(r"<text x='[\d.]+' y='(\d+)' fill='#555' text-anchor='end'", svg)]
-    assert rows[:3] == [22, 34, 46]  # a second apart: one below the other
-    assert rows[3] == 22  # far enough to the right: back on the first row
+    badges = re.findall(r"<rect x='([\d.]+)' y='14' width='(\d+)' height='14' rx='3'/><text [^>]+>([\d-]+)</text>", svg)
+    assert [b[2] for b in badges] == ["1-8", "9"]
+    spans = sorted((float(x), float(x) + int(w)) for x, w, _ in badges)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))
+    assert svg.count("<li>") == 9 and "9: v10 apply" in svg
+    # The grouping itself: every mark under the badge before it joins it, the next badge starts past it.
+    xs = [0.0, 5.0, 40.0, 41.0, 100.0]
+    assert mark_groups(xs, lambda a, b: 20) == [(0, 1), (2, 3), (4, 4)]
+    assert mark_groups([float(i) for i in range(100)], lambda a, b: 30) == [(0, 32), (33, 65), (66, 98), (99, 99)]
 
 
 def test_a_model_versions_charts_mark_each_pipeline_version_that_sent_to_it_or_stopped() -> None:

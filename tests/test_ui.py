@@ -15,7 +15,7 @@ import yaml
 from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.web.auth import FAILED_SIGN_INS, SESSION_SECONDS, SESSIONS_KEPT, Sessions
-from controlplane.web.forms import edited, groups, problems_from_details
+from controlplane.web.forms import edited, form_problems, groups, problems_from_details
 from controlplane.web.manage import _local
 from tests.helpers.forms import Forms
 
@@ -72,6 +72,40 @@ def test_what_is_not_a_number_is_reported_at_its_field() -> None:
     assert [p.path for p in err.value.problems] == ["stages[1].shadow.percent"]
     back = problems_from_details(str(InvalidPipeline(err.value.problems)))
     assert [(p.path, p.message) for p in back] == [(p.path, p.message) for p in err.value.problems]
+
+
+def test_a_form_adds_a_variant_at_its_share_removes_one_and_starts_a_rollout() -> None:
+    """The seed's second scenario as a form: politics gets mlp-politics:v2 at 10%, the rest keeps its proportions."""
+    doc = example()
+    politics = "stages[2].branches[1].variants"
+    new = parse_pipeline(edited(doc, {f"{politics}.add": "mlp-politics:v2", f"{politics}.add_share": "10"}))
+    assert [(v.version, v.weight) for v in new.stages[2].branches[1].variants] == [("v1", 90), ("v2", 10)]
+    three = parse_pipeline(edited(doc, {f"{CLASSIFY}.add": "classifier:v3", f"{CLASSIFY}.add_share": "50"}))
+    assert [v.weight for v in three.stages[1].variants] == [45, 5, 50]  # 90:10 kept in the other half
+    both = {f"{CLASSIFY}[0].remove": "on", f"{CLASSIFY}.add": "classifier:v3", f"{CLASSIFY}.add_share": "20"}
+    swapped = parse_pipeline(edited(doc, both))  # removed first (indexes are the page's), then added
+    assert [(v.version, v.weight) for v in swapped.stages[1].variants] == [("v2", 80), ("v3", 20)]
+    started = parse_pipeline(
+        edited(doc, {"stages[1].rollout.start": "classifier:v3", "stages[1].rollout.steps": "10, 100"})
+    )
+    assert started.stages[1].rollout is not None and started.stages[1].rollout.steps == (10, 100)
+    assert started.stages[1].rollout.candidate.version == "v3"
+    # What cannot be done is reported at its field and changes nothing.
+    hostile = {
+        f"{CLASSIFY}.add": "classifier:v1",  # in the group already
+        f"{politics}.add": "mlp-politics:v2", f"{politics}.add_share": "100",  # the whole group: not a share
+        "stages[2].branches[0].variants.add": "no-colon\nhere",
+        "stages[1].rollout.start": "classifier:v3", "stages[1].rollout.steps": "10, lots",
+        "stages[0].variants[0].remove": "on",  # its only variant
+    }  # fmt: skip
+    assert sorted((p.path, p.message.split(",")[0]) for p in form_problems(doc, hostile)) == [
+        ("stages[0].variants[0].remove", "a group keeps at least one variant"),
+        ("stages[1].rollout.steps", "percents from 1 to 100 separated by commas"),
+        ("stages[1].variants.add", "classifier:v1 is in this group already: change its weight"),
+        ("stages[2].branches[0].variants.add", "pick a model version as MODEL:VERSION"),
+        ("stages[2].branches[1].variants.add_share", "a share in percent from 1 to 99"),
+    ]
+    assert parse_pipeline(edited(doc, hostile)) == parse_pipeline(doc)
 
 
 def test_sessions_are_bounded_expire_and_wrong_tokens_are_throttled() -> None:
@@ -160,16 +194,27 @@ async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(contro
             assert r.status == 400 and "needs a Kafka broker" in await r.text()  # the admin API's own answer
         assert history(control_plane) == [(1, "apply")]
 
-        # A real edit: a new version with the cause `ui by ada`, the weights as typed.
+        # A real edit, reviewed first: the diff and Envoy's check, nothing written; then applied from the review
+        # as a new version with the cause `ui by ada`, the weights as typed.
         weights = {f"{CLASSIFY}[0].weight": "60", f"{CLASSIFY}[1].weight": "40", "stages[1].shadow.percent": "20"}
         async with browser.post(base + edit, data={**form, **weights}) as r:
+            review = await r.text()
+        assert r.status == 200 and "Envoy accepts it: applying makes version 2" in review
+        assert (
+            "<span class='del'>-    weight: 90</span>" in review
+            and "<span class='add'>+    weight: 60</span>" in review
+        )
+        assert history(control_plane) == [(1, "apply")]
+        confirm = Forms(review).find(edit)
+        assert confirm[f"{CLASSIFY}[0].weight"] == "60" and confirm["expect_version"] == "1"  # carried on
+        async with browser.post(base + edit, data={**confirm, "action": "apply"}) as r:
             assert r.status == 200 and "version 2 created" in await r.text()
         assert history(control_plane) == [(1, "apply"), (2, "ui by ada")]
         got = yaml.safe_load(control_plane.cli("get", "pipeline", "nlp", "-o", "yaml").stdout)
         assert [v["weight"] for v in got["spec"]["stages"][1]["variants"]] == [60, 40]
         assert got["spec"]["stages"][1]["shadow"]["percent"] == 20
         # The form posted again, judged on version 1: refused, not overwritten.
-        async with browser.post(base + edit, data={**form, f"{CLASSIFY}[0].weight": "1"}) as r:
+        async with browser.post(base + edit, data={**form, f"{CLASSIFY}[0].weight": "1", "action": "apply"}) as r:
             assert r.status == 400 and "not at version 1" in await r.text()
 
         async with browser.get(f"{base}/pipelines/nlp/diff?from=1&to=2") as r:

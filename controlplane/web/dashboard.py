@@ -16,22 +16,23 @@ from typing import Any
 import consul
 from aiohttp import web
 
-from contract.naming import CONTROL_PLANE_IDENTITY
+from contract.naming import CONTROL_PLANE_IDENTITY, model_cluster
 from controlplane.consul.presence import Presence
+from controlplane.delivery.rollouts import state as rollout_state
 from controlplane.delivery.switch import switch_notes
 from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
-from controlplane.web.charts import line_chart, pipeline_svg, rate_series, wall_time
+from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_series, wall_time
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
 from controlplane.web.monitoring import add_routes as add_monitoring_routes
-from controlplane.web.render import STYLESHEET, shell
+from controlplane.web.render import SCRIPT, STYLESHEET, shell
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
-STYLE_BYTES = STYLESHEET.read_bytes()
+STYLE_BYTES, SCRIPT_BYTES = STYLESHEET.read_bytes(), SCRIPT.read_bytes()
 HISTORY_SHOWN = 5  # versions per pipeline on the page
 
 
@@ -166,22 +167,70 @@ def per_node(view: PlaneView) -> list[dict[str, Any]]:
     return rows
 
 
+def health_of(view: PlaneView) -> dict[str, tuple[int, int]]:
+    """Model version cluster -> (replicas passing, registered), from Consul as the control plane sees it."""
+    found: dict[str, tuple[int, int]] = {}
+    for r in view.runtimes:
+        passing, registered = found.get(model_cluster(r.model, r.version), (0, 0))
+        found[model_cluster(r.model, r.version)] = (passing + r.passing, registered + 1)
+    return found
+
+
+def badge(word: str, kind: str = "") -> str:
+    """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...)."""
+    return f"<span class='badge {kind}'>{html.escape(word)}</span>"
+
+
+def version_badges(view: PlaneView, current: Any) -> str:
+    """The version in traffic, a pending one, the ones draining; `rolled back` when the current one is a rollback."""
+    report = view.switch.get(current.pipeline.name, {})
+    entry = report.get("entry") or current.version
+    out = [badge(f"v{entry} in traffic", "passing")]
+    if report.get("pending"):
+        out.append(badge(f"v{report['pending']} pending", "pending"))
+    out += [badge(f"v{n} draining", "draining") for n in report.get("draining") or ()]
+    if "rollback" in current.cause or "rolled back" in current.cause:
+        out.append(badge("rolled back", "rolledback"))
+    return " ".join(out)
+
+
 def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     e = html.escape
-    parts = ["<h2>Pipelines</h2>"]
+    health = health_of(view)
+    nodes = status["nodes"]
+    failing_nodes = sum(1 for n in nodes if n["nack"])
+    up = sum(1 for r in view.runtimes if r.passing)
+    consul = badge("Consul reachable", "passing") if view.consul.reachable else badge("Consul UNREACHABLE", "failing")
+    envoys = badge(f"{len(nodes)} Envoys, {failing_nodes} rejecting config", "failing" if failing_nodes else "passing")
+    runtimes = badge(
+        f"{up}/{len(view.runtimes)} runtimes passing", "passing" if up == len(view.runtimes) else "failing"
+    )
+    parts = [
+        f"<h1>Pipelines</h1><p class='row'>{consul} {runtimes} {envoys} <a href='{e(view.consul_ui)}'>Consul UI</a>"
+        " <a href='/api/status'>status as JSON</a> <a href='/metrics'>metrics</a></p>",
+        "<div class='cards'>",
+    ]
     for current in view.pipelines:
         p = current.pipeline
-        about = f"v{current.version} · {e(p.transport)} · {e(current.cause)}{_switch_note(view, p.name)}"
-        edit = f" <a href='/pipelines/{e(p.name)}/edit'>edit</a>"
-        parts.append(f"<h3><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{about}</small>{edit}</h3>")
+        parts.append(
+            f"<section class='card pipeline' data-name='{e(p.name)}'>"
+            f"<h2><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{e(p.transport)}</small></h2>"
+            f"<p class='row'>{version_badges(view, current)}"
+            f" <a href='/pipelines/{e(p.name)}/edit'>change</a></p>"
+            f"<p class='muted'>v{current.version} · {e(current.cause)}{_switch_note(view, p.name)}</p>"
+        )
         versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
         shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
-        parts.append(f"<p class='history'>history: {shown}</p><ol>")
+        parts.append(f"<details><summary>history</summary><p class='history'>{shown}</p></details><ol>")
         for stage in p.stages:
             cells = []
             for key, variants in stage.groups():
                 total = sum(v.weight for v in variants) or 1
-                split = ", ".join(f"{e(v.model)}:{e(v.version)} {100 * v.weight / total:.0f}%" for v in variants)
+                split = ", ".join(
+                    f"<span class='{health_word(*health.get(v.cluster, (0, 0)))}'>{e(v.model)}:{e(v.version)}</span>"
+                    f" {100 * v.weight / total:.0f}%"
+                    for v in variants
+                )
                 label = "" if not key else f"{'member' if stage.members else 'branch'} {e(key)}: "
                 label = "join: " if key == JOIN_GROUP else label
                 cells.append(label + split)
@@ -192,13 +241,12 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
             cells += ["asked over the Open Inference Protocol"] if stage.protocol == "oip" else []
             for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
                 if ro is not None:
-                    state = (
-                        "paused" if ro.paused else "not begun" if ro.step == 0 else f"step {ro.step}/{len(ro.steps)}"
-                    )
                     where = f" in branch {e(key)}" if key else ""
-                    cells.append(f"rollout{where} to {e(ro.candidate.model)}:{e(ro.candidate.version)}: {state}")
+                    cand = f"{e(ro.candidate.model)}:{e(ro.candidate.version)}"
+                    cells.append(f"rollout{where} to {cand}: {badge(rollout_state(ro), 'pending')}")
             parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
-        parts.append("</ol>")
+        parts.append("</ol></section>")
+    parts.append("</div>" + ("" if view.pipelines else "<p>No pipelines yet: <code>mllambda apply -f FILE</code>.</p>"))
     if view.broken:
         parts.append("<h2>Skipped records</h2><ul class='broken'>")
         parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
@@ -213,14 +261,14 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     if view.pipelines_held_since is not None:
         since = time.strftime("%H:%M:%S", time.localtime(view.pipelines_held_since))
         parts.append(f"<p class='holding'>Every pipeline vanished from Consul KV at {since}: they are served on.</p>")
-    parts.append("<h2>Runtimes</h2><ul>")
-    for r in view.runtimes:
-        state = "passing" if r.passing else "critical"
-        parts.append(f"<li>{e(r.service_id)} ({e(r.model)}:{e(r.version)}) — {state}</li>")
-    parts.append("</ul>")
+    parts.append("<h2>Runtimes</h2><p class='row runtimes'>")
+    for cluster, (passing, registered) in sorted(health.items()):
+        word = health_word(passing, registered)
+        parts.append(badge(f"{cluster} {passing}/{registered} {word}", word))
+    parts.append(" <a href='/runtimes'>every instance</a></p>")
     if view.scaling:
-        parts.append("<h2>Autoscaling</h2><table class='scaling'><tr><th>version</th><th>replicas wanted / passing")
-        parts.append("</th><th>bounds</th><th>last decision</th></tr>")
+        parts.append("<h2>Autoscaling</h2><div class='scroll'><table class='scaling'><tr><th>version</th>")
+        parts.append("<th>replicas wanted / passing</th><th>bounds</th><th>last decision</th></tr>")
         for row in view.scaling:
             when = time.strftime("%H:%M:%S", time.localtime(row.decided_at)) if row.decided_at else ""
             wanted = "-" if row.wanted is None else row.wanted
@@ -228,45 +276,38 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
                 f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
                 f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}{_cold(row)}</td></tr>"
             )
-        parts.append("</table>")
+        parts.append("</table></div>")
     if view.stack:
-        parts.append("<h2>Stack processes</h2><table class='stack'><tr><th>process</th><th>state</th>")
-        parts.append("<th>restarts</th><th>last exit</th></tr>")
+        parts.append("<h2>Stack processes</h2><div class='scroll'><table class='stack'><tr><th>process</th>")
+        parts.append("<th>state</th><th>restarts</th><th>last exit</th></tr>")
         for proc in view.stack:
-            lines = str(proc.get("last_lines", "")) if proc.get("state") == "failing" else ""
+            kind = str(proc.get("state", "running"))
+            lines = str(proc.get("last_lines", "")) if kind == "failing" else ""
             tail = f"<pre>{e(lines[-800:])}</pre>" if lines else ""
+            word = {"running": "passing", "restarting": "draining"}.get(kind, "failing")
             parts.append(
-                f"<tr class='{e(str(proc.get('state', '')))}'><td>{e(str(proc.get('name', '')))}</td>"
-                f"<td>{e(str(proc.get('state', 'running')))}</td><td>{e(str(proc.get('restarts', 0)))}</td>"
-                f"<td>{e(str(proc.get('last_exit', '')))}{tail}</td></tr>"
+                f"<tr class='{e(kind)}'><td>{e(str(proc.get('name', '')))}</td><td>{badge(kind, word)}</td>"
+                f"<td>{e(str(proc.get('restarts', 0)))}</td><td>{e(str(proc.get('last_exit', '')))}{tail}</td></tr>"
             )
-        parts.append("</table>")
+        parts.append("</table></div>")
     if view.consul.refused:
         parts.append("<h2>Ignored registrations</h2><ul class='refused'>")
         parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
         parts.append("</ul>")
-    parts.append("<h2>Traffic</h2>" + render_traffic(status["traffic"]))
-    nodes = status["nodes"]
-    failing = sum(1 for n in nodes if n["nack"])
-    summary = f"Envoys: {len(nodes)} nodes, {failing} rejecting config"
-    parts.append(f"<details{' open' if failing else ''}><summary><h2 style='display:inline'>{summary}</h2></summary>")
-    parts.append("<table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
+    parts.append("<h2>Traffic</h2><div class='scroll'>" + render_traffic(status["traffic"]) + "</div>")
+    summary = f"Envoys: {len(nodes)} nodes, {failing_nodes} rejecting config"
+    parts.append(f"<details{' open' if failing_nodes else ''}><summary><h2>{summary}</h2></summary>")
+    parts.append("<div class='scroll'><table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
     for n in nodes:
         age = f"{n['age_seconds']:.0f} s ago" if n["age_seconds"] is not None else ""
         cells = [e(n["node"]) + ("" if n["connected"] else " (gone)"), e(n["acked"]), e(n["nack"]), age]
         parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    parts.append("</table></details>")
-    consul = "reachable" if view.consul.reachable else "UNREACHABLE"
+    parts.append("</table></div></details>")
     admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(view.envoy_admin.items()))
     parts.append(f"<p>Envoy admin: {admin_links}</p>")
     if status["kafka_bridges"]:
         parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
-    head = (
-        f"<h1>ML Lambda</h1><p>Consul: {consul} (<a href='{e(view.consul_ui)}'>UI</a>) · <a href='/api/status'>JSON</a>"
-        " · <a href='/metrics'>metrics</a> · <a href='/runtimes'>runtimes</a> · <a href='/models'>models</a>"
-        " · <a href='/yaml'>YAML editor</a> · <a href='/login'>sign in</a></p>"
-    )
-    return shell("pipelines", head + "".join(parts), nav=False, refresh=3)
+    return shell("pipelines", "".join(parts), section="/", live=3)
 
 
 def _cold(row: ScaleRow) -> str:
@@ -349,7 +390,9 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
         if current is None:
             return web.Response(status=404, text=f"no pipeline {html.escape(name)!r}", content_type="text/html")
         rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
-        return web.Response(text=render_pipeline_page(view, current, rows), content_type="text/html")
+        asked = request.query.get("minutes", "")
+        minutes = int(asked) if asked in {str(m) for m in CHART_MINUTES} else 15
+        return web.Response(text=render_pipeline_page(view, current, rows, minutes), content_type="text/html")
 
     app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
     if ui is not None:
@@ -358,7 +401,11 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     async def stylesheet(request: web.Request) -> web.Response:
         return web.Response(body=STYLE_BYTES, content_type="text/css", headers={"cache-control": "max-age=300"})
 
+    async def script(request: web.Request) -> web.Response:
+        return web.Response(body=SCRIPT_BYTES, content_type="text/javascript", headers={"cache-control": "max-age=300"})
+
     app.router.add_get("/static/mllambda.css", stylesheet)
+    app.router.add_get("/static/mllambda.js", script)
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
@@ -367,44 +414,57 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     return app
 
 
-CHART_MINUTES = 15
+CHART_MINUTES = (5, 15, 60)  # the time ranges a pipeline's page offers (readings are kept an hour)
 
 
 def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, str]]:
     """When each recent version was written (a rollout step, a rollback: its cause), and when the current one
     took traffic, on the charts' clock."""
     marks = []
-    for v in view.history.get(name, [])[-6:]:
+    for v in view.history.get(name, [])[-12:]:
         written = wall_time(v.created_at)
         if written is None:
             continue
-        marks.append((now - (time.time() - written), f"v{v.version} {v.cause[:28]}"))
+        marks.append((now - (time.time() - written), f"v{v.version} {v.cause[:40]}"))
     entered = view.entered_at.get(name)
     return marks + ([(entered, "in traffic")] if entered else [])
 
 
-def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic]) -> str:
-    """One pipeline: its graph (weights and windowed shares) and its variants' traffic over the last minutes."""
+def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic], minutes: int = 15) -> str:
+    """One pipeline's home: its versions' state, its graph (weights, windowed shares, health, rollouts), its
+    variants' traffic over the chosen minutes, its replays, and a way to change it."""
     p, e = current.pipeline, html.escape
     now = time.monotonic()
     first = view.readings[0][0] if view.readings else now
-    start = max(now - CHART_MINUTES * 60, first - 5)  # a young control plane's chart starts with its readings
+    start = max(now - minutes * 60, first - 5)  # a young control plane's chart starts with its readings
     clusters = sorted({v.cluster for stage in p.stages for v in stage.all_variants()})
     rps, errors, p99 = rate_series(view.readings, clusters, start)
     marks = version_marks(view, p.name, now)
     seen = next((r.window_seconds for r in rows if r.window_seconds), None)
-    window = f"observed over the last {seen:.0f} s of v{current.version}" if seen else "no traffic observed yet"
+    window = f"shares seen over the last {seen:.0f} s of v{current.version}" if seen else "no traffic seen yet"
+    ranges = " ".join(
+        f"<span aria-current='true'>{m} min</span>" if m == minutes else f"<a href='?minutes={m}'>{m} min</a>"
+        for m in CHART_MINUTES
+    )
     body = [
-        f"<h2>{e(p.name)} <small>v{current.version} · {e(p.transport)} · {e(current.cause)} · {window}</small></h2>",
-        pipeline_svg(p, rows),
-        "<h3>Over time</h3>",
-        line_chart("requests/s per model version", rps, start, now, marks),
-        line_chart("5xx ratio per model version", errors, start, now, marks),
-        line_chart("p99 ms per model version (Envoy's last 5 s)", p99, start, now, marks),
+        f"<h1>{e(p.name)} <small>{e(p.transport)}</small></h1>",
+        f"<p class='row'>{version_badges(view, current)} <span class='muted'>v{current.version}: {e(current.cause)}"
+        f"{_switch_note(view, p.name)}</span> <a href='/pipelines/{e(p.name)}/edit'>change this pipeline</a></p>",
+        f"<section class='card'><h2>Graph <small>{e(window)}</small></h2><div class='scroll'>",
+        pipeline_svg(p, rows, health_of(view)),
+        "</div></section>",
+        f"<section class='card'><h2>Over time</h2><p class='range'>range: {ranges}</p>",
+        line_chart("requests per second, per model version", rps, start, now, marks, unit="req/s"),
+        line_chart("5xx share of requests, per model version", errors, start, now, marks, unit="%"),
+        line_chart("p99 latency, per model version (Envoy's last 5 s)", p99, start, now, marks, unit="ms"),
+        "</section>",
+        "<section class='card'><h2>Traffic now</h2><div class='scroll'>",
+        render_traffic([asdict(r) for r in rows]),
+        "</div></section><section class='card'>",
         render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name)),
-        f"<p><a href='/'>all pipelines</a> · <a href='/pipelines/{e(p.name)}/edit'>edit</a></p>",
+        "</section>",
     ]
-    return shell(p.name, "".join(body), nav=False, refresh=5)
+    return shell(p.name, "".join(body), section="/", live=5)
 
 
 class DashboardServer:

@@ -2,8 +2,9 @@
 
 Every field is named by its path in the definition (`stages[2].branches[0].variants[1].weight`), the same
 path `spec.py` names in its problems, so each problem the server reports lands next to its field. The
-posted form only edits the leaves listed in EDITABLE; the result is validated by `parse_pipeline` and
-then by the admin API like any other definition.
+posted form only edits the leaves listed in EDITABLE, and adds, removes or starts what `changes` reads
+(a variant added at a share, a variant removed, a rollout started); the result is validated by
+`parse_pipeline` and then by the admin API like any other definition.
 """
 
 from __future__ import annotations
@@ -86,8 +87,21 @@ def edited(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, Any]:
     """The definition with the form's values put in; fields outside EDITABLE are ignored.
 
     A value that is not a number stays text, so the parser reports it at its path like any other problem.
-    A shadow whose three fields are emptied, or whose "remove" box is ticked, is removed.
+    A shadow whose three fields are emptied, or whose "remove" box is ticked, is removed. Then each group's
+    variants ticked "remove" go, a variant picked in "add" joins at its share (the others keep their
+    proportions in the rest), and a rollout is started where a candidate is picked (see `changes`).
     """
+    out = _values_put(doc, form)
+    done = [c for c in changes(out, form) if not c.problem]
+    for change in done:
+        change.apply(out)
+    for change in done:
+        holder = _walk(out, change.group.rpartition(".")[0])
+        holder["variants"] = [v for v in holder["variants"] if v is not None]
+    return out
+
+
+def _values_put(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, Any]:
     out = copy.deepcopy(dict(doc))
     for slot in shadow_slots(out):
         parts = {f: str(form.get(f"{slot.path}.shadow.{f}", "")).strip() for f in ("model", "version", "percent")}
@@ -104,6 +118,101 @@ def edited(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, Any]:
             if target is not None:
                 target[leaf] = _number(str(value).strip()) if leaf == "weight" else str(value)
     return out
+
+
+ADD, SHARE, REMOVE, START, STEPS = ".add", ".add_share", ".remove", ".rollout.start", ".rollout.steps"
+DEFAULT_STEPS = "5, 25, 50, 100"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One addition, removal or rollout start read from the form: where, what, and why not (its problem)."""
+
+    path: str  # the form field the problem is reported at
+    group: str  # ...variants
+    kind: str  # add | remove | start
+    variant: tuple[str, str] = ("", "")
+    share: int = 0
+    index: int = -1
+    steps: tuple[int, ...] = ()
+    problem: str = ""
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        """Put this change in; a removed variant becomes None (indexes stay the page's until `edited` drops them)."""
+        holder = _walk(doc, self.group.rpartition(".")[0])
+        variants = holder["variants"]
+        if self.kind == "remove":
+            variants[self.index] = None
+        elif self.kind == "add":
+            total = sum(v.get("weight", 1) for v in variants if v) or 1
+            for v in variants:
+                if v:
+                    v["weight"] = round(v.get("weight", 1) * (100 - self.share) / total)
+            variants.append({"model": self.variant[0], "version": self.variant[1], "weight": self.share})
+        else:
+            candidate = {"model": self.variant[0], "version": self.variant[1]}
+            holder["rollout"] = {"candidate": candidate, "steps": list(self.steps)}
+
+
+def changes(doc: Mapping[str, Any], form: Mapping[str, str]) -> list[Change]:
+    """What the form asks to add, remove or start, per group, each with its problem ("" when fine). Removals
+    come first (a group's indexes are the page's), then additions, then rollouts."""
+    found: list[Change] = []
+    for group in groups(doc):
+        for i, f in enumerate(group.fields):
+            name = f.path.removesuffix(".weight") + REMOVE
+            if form.get(name):
+                left = len(group.fields) - sum(
+                    1 for g in group.fields if form.get(g.path.removesuffix(".weight") + REMOVE)
+                )
+                found.append(Change(name, group.path, "remove", index=i,
+                                    problem="" if left else "a group keeps at least one variant"))  # fmt: skip
+    for group in groups(doc):
+        picked = str(form.get(group.path + ADD, "")).strip()
+        if picked:
+            found.append(_addition(group, picked, str(form.get(group.path + SHARE, "")).strip()))
+        holder = group.path.removesuffix(".variants")
+        start = str(form.get(holder + START, "")).strip()
+        if start and ".members[" not in holder:
+            found.append(_start(group, holder, start, str(form.get(holder + STEPS, "")).strip() or DEFAULT_STEPS))
+    return found
+
+
+def form_problems(doc: Mapping[str, Any], form: Mapping[str, str]) -> list[Problem]:
+    """What the form's additions, removals and rollout starts cannot do, each at its field."""
+    return [Problem(c.path, c.problem) for c in changes(_values_put(doc, form), form) if c.problem]
+
+
+def _model_version(picked: str) -> tuple[str, str] | None:
+    model, sep, version = picked.partition(":")
+    return (model, version) if sep and model and version and len(picked) <= 200 else None
+
+
+def _addition(group: Group, picked: str, share_text: str) -> Change:
+    where, problem = group.path + ADD, ""
+    variant = _model_version(picked)
+    share = _number(share_text)
+    if variant is None:
+        problem = f"pick a model version as MODEL:VERSION, got {picked[:60]!r}"
+    elif any(f.variant == picked for f in group.fields):
+        problem = f"{picked} is in this group already: change its weight"
+    elif not isinstance(share, int) or not 0 < share < 100:
+        where, problem = group.path + SHARE, f"a share in percent from 1 to 99, got {share_text[:20]!r}"
+    return Change(
+        where, group.path, "add", variant or ("", ""), share if isinstance(share, int) else 0, problem=problem
+    )
+
+
+def _start(group: Group, holder: str, picked: str, steps_text: str) -> Change:
+    where, problem = holder + START, ""
+    variant = _model_version(picked)
+    steps = tuple(_number(s.strip()) for s in steps_text.split(",") if s.strip())
+    if variant is None:
+        problem = f"pick a candidate as MODEL:VERSION, got {picked[:60]!r}"
+    elif not steps or len(steps) > 20 or not all(isinstance(s, int) and 0 < s <= 100 for s in steps):
+        where, problem = holder + STEPS, f"percents from 1 to 100 separated by commas, got {steps_text[:40]!r}"
+    ok_steps = tuple(s for s in steps if isinstance(s, int))
+    return Change(where, group.path, "start", variant or ("", ""), steps=ok_steps, problem=problem)
 
 
 def _walk(doc: Any, path: str) -> Any:

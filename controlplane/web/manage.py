@@ -30,13 +30,22 @@ from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersi
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.view import PlaneReader
 from controlplane.web.auth import COOKIE, Session, Sessions, changing, name_problem, same_origin, set_cookie
-from controlplane.web.forms import as_yaml, diff_lines, edited, problems_from_details
-from controlplane.web.pages import diff_page, edit_page, history_table, login_page, runtimes_page, yaml_page
+from controlplane.web.forms import as_yaml, diff_lines, edited, form_problems, problems_from_details
+from controlplane.web.pages import (
+    diff_page,
+    edit_page,
+    history_table,
+    login_page,
+    review_page,
+    runtimes_page,
+    yaml_page,
+)
 from controlplane.web.render import page
 
 log = logging.getLogger("mllambda.ui")
 YAML_LIMIT = 256 * 1024  # characters in the YAML editor
 ROLLOUT_ACTIONS = ("pause", "resume", "promote", "abort")
+MAX_CHOICES = 200  # model versions offered to add to a split (the passing ones, by name)
 
 
 class AdminRefused(Exception):
@@ -169,8 +178,10 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         return html_page(_edit(current, pipeline_to_dict(current.pipeline), [], session, note))
 
     def _edit(current: PipelineVersion, doc: Mapping[str, Any], problems: list[Problem], s: Session, note: str) -> str:
-        history = reader.view().history.get(current.pipeline.name, [])[-20:]
-        page = edit_page(current, doc, problems, s.csrf, note)
+        view = reader.view()
+        history = view.history.get(current.pipeline.name, [])[-20:]
+        passing = sorted({f"{r.model}:{r.version}" for r in view.runtimes if r.passing})[:MAX_CHOICES]
+        page = edit_page(current, doc, problems, s.csrf, note, passing)
         table = history_table(current.pipeline.name, history, current.version, s.csrf)
         return page.replace("</body>", table + "</body>")
 
@@ -183,12 +194,25 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             raise
 
     async def edit(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
-        name = request.match_info["name"]
+        """`review` (the form's button): the diff and Envoy's check by a dry run, nothing written; `apply` (the
+        review's button): the same values applied on the version they were reviewed against; `edit`: back."""
+        name, action = request.match_info["name"], str(form.get("action", "review"))
         current = await _current_or_404(name)
         doc = edited(pipeline_to_dict(current.pipeline), form)
+        if action == "edit":
+            return html_page(_edit(current, doc, [], session, ""))
         try:
+            if problems := form_problems(pipeline_to_dict(current.pipeline), form):
+                raise InvalidPipeline(problems)
             pipeline = parse_pipeline(doc)
-            reply = await admin.apply(pipeline, cause_of(session), expect=_int(form.get("expect_version")))
+            expect = _int(form.get("expect_version"))
+            if action != "apply":
+                reply = await admin.apply(pipeline, cause_of(session), expect=expect, dry_run=True)
+                lines = diff_lines(
+                    pipeline_to_dict(current.pipeline), doc, f"v{current.version}", f"v{current.version + 1}"
+                )
+                return html_page(review_page(current, dict(form), lines, session.csrf, bool(reply.created)))
+            reply = await admin.apply(pipeline, cause_of(session), expect=expect)
         except InvalidPipeline as err:
             return html_page(_edit(current, doc, err.problems, session, ""), 400)
         except AdminRefused as err:
@@ -352,13 +376,13 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
     return page(
         "models.html",
         title="models",
-        nav=True,
+        section="/models",
         signed_in=session is not None,
         csrf=session.csrf if session else "",
         rows=rows,
         note=note,
         error=error,
-        refresh=0,
+        live=0,
     )
 
 

@@ -73,7 +73,9 @@ def monitoring_page(
             chart = line_chart("agreement with the primary", agree, start, now, marks)
             charts.append(jinja2.utils.markupsafe.Markup(chart))
         shown.append({**row, "field_rows": fields, "charts": charts})
-    return page("monitoring.html", title="monitoring", rows=shown, nav=True, signed_in=False, csrf="", refresh=10)
+    return page(
+        "monitoring.html", title="monitoring", rows=shown, section="/monitoring", signed_in=False, csrf="", live=10
+    )
 
 
 def add_routes(app: web.Application, reader: PlaneReader) -> None:

@@ -15,7 +15,7 @@ from contract.service import RuntimeService
 from controlplane.delivery.rollouts import Spot, label, spots, state, where
 from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import PipelineVersion, Problem
-from controlplane.web.forms import TRANSPORTS, groups, shadow_slots
+from controlplane.web.forms import ADD, DEFAULT_STEPS, REMOVE, SHARE, START, STEPS, TRANSPORTS, groups, shadow_slots
 from controlplane.web.render import shell
 
 e = html.escape
@@ -28,8 +28,8 @@ SHARES_JS = (
 )
 
 
-def layout(title: str, body: str, signed_in: bool, csrf: str = "") -> str:
-    return shell(title, body, signed_in=signed_in, csrf=csrf)
+def layout(title: str, body: str, signed_in: bool, csrf: str = "", section: str = "/") -> str:
+    return shell(title, body, section=section, signed_in=signed_in, csrf=csrf)
 
 
 def hidden(name: str, value: object) -> str:
@@ -43,44 +43,62 @@ def errors_at(problems: Sequence[Problem], path: str) -> str:
 
 def login_page(error: str = "", next_url: str = "/") -> str:
     body = (
-        "<h2>Sign in</h2><p>With the control plane's token (MLLAMBDA_TOKEN, or the link `mllambda up` printed).</p>"
+        "<h1>Sign in</h1><p>With the control plane's token (MLLAMBDA_TOKEN, or the link `mllambda up` printed).</p>"
         f"<form method='post' action='/login'>{hidden('next', next_url)}"
         "<p><label>token <input type='password' name='token' id='token' autocomplete='off'></label></p>"
         "<p><label>your name, recorded with every change (optional) <input name='name' id='name'></label></p>"
         f"<button type='submit' id='sign-in'>sign in</button>{f'<span class=error>{e(error)}</span>' if error else ''}"
         "</form>"
     )
-    return layout("sign in", body, signed_in=False)
+    return layout("sign in", f"<section class='card'>{body}</section>", signed_in=False, section="")
 
 
 def edit_page(
-    current: PipelineVersion, doc: Mapping[str, Any], problems: Sequence[Problem], csrf: str, note: str = ""
+    current: PipelineVersion,
+    doc: Mapping[str, Any],
+    problems: Sequence[Problem],
+    csrf: str,
+    note: str = "",
+    candidates: Sequence[str] = (),
 ) -> str:
-    """The form: weights per group with their shares, a shadow per stage or member, the transport;
+    """The form: the transport; per group its variants' weights with their shares, a box to remove each, a
+    variant to add at a share (from `candidates`: the model versions passing in Consul) and a rollout to start;
+    a shadow per stage or member. It asks for a review (the diff, Envoy's check) before anything is applied;
     then the rollouts' buttons and the history with rollback and diff."""
     name = current.pipeline.name
     fields = {"transport", *(f.path for g in groups(doc) for f in g.fields), *(g.path for g in groups(doc))}
+    for g in groups(doc):
+        holder = g.path.removesuffix(".variants")
+        fields |= {g.path + ADD, g.path + SHARE, holder + START, holder + STEPS}
+        fields |= {f.path.removesuffix(".weight") + REMOVE for f in g.fields}
     for slot in shadow_slots(doc):
         shadow = f"{slot.path}.shadow"
         fields |= {slot.path, shadow, *(f"{shadow}.{f}" for f in ("model", "version", "percent"))}
     elsewhere = [p for p in problems if p.path not in fields]
-    out = [f"<h2>{e(name)} <small>v{current.version} · {e(current.cause)}</small></h2>"]
-    out += [f"<p class='ok' id='note'>{e(note)}</p>"] if note else []
+    out = [f"<h1>Change {e(name)} <small>v{current.version} · {e(current.cause)}</small></h1>"]
+    out += [f"<p class='note' id='note' role='status'>{e(note)}</p>"] if note else []
     if elsewhere:
         out.append("<ul class='error' id='problems'>" + "".join(f"<li>{e(str(p))}</li>" for p in elsewhere) + "</ul>")
     out.append(f"<form method='post' action='/pipelines/{e(name)}/edit' id='edit'>")
     out.append(hidden("csrf", csrf) + hidden("expect_version", current.version))
     options = "".join(f"<option{' selected' if t == doc.get('transport') else ''}>{t}</option>" for t in TRANSPORTS)
+    out.append("<section class='card'><h2>Transport between stages</h2>")
     out.append(f"<p><label>transport <select name='transport'>{options}</select></label>")
-    out.append(errors_at(problems, "transport") + "</p>")
+    out.append(errors_at(problems, "transport") + "</p></section><section class='card'><h2>Splits</h2>")
     for group in groups(doc):
         out.append(f"<fieldset class='group' data-path='{e(group.path)}'><legend>{e(group.label)}</legend>")
         for f in group.fields:
+            gone = f.path.removesuffix(".weight") + REMOVE
             out.append(
-                f"<label>{e(f.variant)} <input class='weight' type='text' inputmode='numeric' name='{e(f.path)}'"
-                f" value='{e(str(f.weight))}'> <output></output>{errors_at(problems, f.path)}</label> "
+                f"<div class='variant-edit'><label>{e(f.variant)} weight <input class='weight' type='text' "
+                f"inputmode='numeric' name='{e(f.path)}' value='{e(str(f.weight))}'> <output></output>"
+                f"{errors_at(problems, f.path)}</label><label><input type='checkbox' name='{e(gone)}'> remove"
+                f"</label>{errors_at(problems, gone)}</div>"
             )
+        out.append(_add_row(group.path, _choices(candidates, [f.variant for f in group.fields]), problems))
+        out.append(_start_row(group.path.removesuffix(".variants"), candidates, doc, problems))
         out.append(errors_at(problems, group.path) + "</fieldset>")
+    out.append("</section><section class='card'><h2>Shadows</h2>")
     for slot in shadow_slots(doc):
         s = slot.shadow or {}
         p = f"{slot.path}.shadow"
@@ -92,14 +110,80 @@ def edit_page(
             )
         out.append(f"<label><input type='checkbox' name='{e(p)}.remove'> remove</label>" if s else "")
         out.append(errors_at(problems, p) + errors_at(problems, slot.path) + "</fieldset>")
-    out.append("<button type='submit' id='apply'>apply as a new version</button></form>")
+    out.append(
+        "</section><p><button class='primary' name='action' value='review' id='review'>review the change</button>"
+        " <span class='muted'>shows what would change and runs Envoy's check; nothing is applied yet</span></p></form>"
+    )
     out.append(f"<script>{SHARES_JS}</script>")
     out.append(rollout_forms(current, csrf))
     out.append(
         f"<p><a href='/yaml?name={e(name)}'>edit the whole definition as YAML</a> · "
-        f"<a href='/pipelines/{e(name)}'>traffic</a></p>"
+        f"<a href='/pipelines/{e(name)}'>back to {e(name)}</a></p>"
     )
-    return layout(f"edit {name}", "".join(out), signed_in=True, csrf=csrf)
+    return layout(f"change {name}", "".join(out), signed_in=True, csrf=csrf)
+
+
+def _choices(candidates: Sequence[str], present: Sequence[str]) -> list[str]:
+    """The model versions to offer a group: not in it yet, other versions of its own models first."""
+    models = {v.partition(":")[0] for v in present}
+    return sorted((c for c in candidates if c not in present), key=lambda c: (c.partition(":")[0] not in models, c))
+
+
+def _add_row(group: str, choices: Sequence[str], problems: Sequence[Problem]) -> str:
+    """A variant to add to a group at a share, picked from the model versions that are passing."""
+    if not choices:
+        return "<p class='muted add'>no other model version is passing in Consul to add here</p>"
+    options = "<option value=''>(none)</option>" + "".join(f"<option>{e(c)}</option>" for c in choices)
+    return (
+        f"<div class='variant-edit add'><label>add <select name='{e(group + ADD)}'>{options}</select></label>"
+        f"{errors_at(problems, group + ADD)}<label>at <input class='share' type='text' inputmode='numeric' "
+        f"name='{e(group + SHARE)}' placeholder='10'> % of this group</label>{errors_at(problems, group + SHARE)}</div>"
+    )
+
+
+def _start_row(holder: str, choices: Sequence[str], doc: Mapping[str, Any], problems: Sequence[Problem]) -> str:
+    """A rollout to start in a stage's or a branch's split (not in an ensemble's members, not where one runs)."""
+    node: Any = doc
+    for step in holder.split("."):
+        name, _, index = step.partition("[")
+        node = node.get(name) if isinstance(node, dict) else None
+        node = node[int(index[:-1])] if index and isinstance(node, list) else node
+    if ".members[" in holder or not choices or not isinstance(node, dict) or node.get("rollout"):
+        return ""
+    options = "<option value=''>(none)</option>" + "".join(f"<option>{e(c)}</option>" for c in choices)
+    return (
+        f"<div class='variant-edit start'><label>start a rollout to <select name='{e(holder + START)}'>{options}"
+        f"</select></label>{errors_at(problems, holder + START)}<label>in steps of <input name='{e(holder + STEPS)}' "
+        f"size='14' placeholder='{DEFAULT_STEPS}'> %</label>{errors_at(problems, holder + STEPS)}</div>"
+    )
+
+
+def review_page(
+    current: PipelineVersion, form: Mapping[str, str], lines: Sequence[str], csrf: str, would_create: bool
+) -> str:
+    """What the form would change, as a diff against the current version (Envoy's check has passed), with the
+    form's values carried on: apply them, or go back to the form with them."""
+    name = current.pipeline.name
+    carried = "".join(hidden(k, v) for k, v in form.items() if k == "transport" or k.startswith("stages["))
+    shown = "\n".join(_diff_line(t) for t in lines) or "(the same definition)"
+    verdict = (
+        f"<p class='note' role='status'>valid, and Envoy accepts it: applying makes version {current.version + 1}</p>"
+        if would_create
+        else "<p class='note' role='status'>nothing would change: this is version " + f"{current.version}</p>"
+    )
+    apply = "<button class='primary' name='action' value='apply' id='apply'>apply</button> " if would_create else ""
+    body = (
+        f"<h1>Review the change to {e(name)}</h1>{verdict}<pre id='diff'>{shown}</pre>"
+        f"<form method='post' action='/pipelines/{e(name)}/edit' id='confirm'>{hidden('csrf', csrf)}"
+        f"{hidden('expect_version', current.version)}{carried}{apply}"
+        "<button name='action' value='edit' id='back'>back to the form</button></form>"
+    )
+    return layout(f"review {name}", body, signed_in=True, csrf=csrf)
+
+
+def _diff_line(text: str) -> str:
+    kind = "add" if text.startswith("+") else "del" if text.startswith("-") else ""
+    return f"<span class='{kind}'>{e(text)}</span>" if kind else e(text)
 
 
 def rollout_forms(current: PipelineVersion, csrf: str) -> str:
@@ -115,7 +199,7 @@ def rollout_forms(current: PipelineVersion, csrf: str) -> str:
             f"{hidden('csrf', csrf)}{hidden('expect_version', current.version)}{_spot_fields(spot)}"
             f"rollout {e(label(p, spot))}: {e(state(r))} {buttons}</form>"
         )
-    return "<h3>Rollouts</h3>" + "".join(out) if out else ""
+    return "<section class='card'><h2>Rollouts</h2>" + "".join(out) + "</section>" if out else ""
 
 
 def _spot_fields(spot: Spot) -> str:
@@ -124,7 +208,8 @@ def _spot_fields(spot: Spot) -> str:
 
 def history_table(name: str, versions: Sequence[PipelineVersion], current: int, csrf: str | None) -> str:
     """Newest first; each version's changes from the one before it, and a button to roll back to it."""
-    rows = ["<table id='history'><tr><th>version</th><th>cause</th><th>written</th><th></th><th></th></tr>"]
+    heads = "<th>version</th><th>cause</th><th>written</th><th>changes</th><th>roll back</th>"
+    rows = [f"<div class='scroll'><table id='history'><tr>{heads}</tr>"]
     for i in range(len(versions) - 1, -1, -1):
         v, older = versions[i], versions[i - 1] if i else None
         diff = (
@@ -142,32 +227,29 @@ def history_table(name: str, versions: Sequence[PipelineVersion], current: int, 
         )
         cells = [f"v{v.version}", e(v.cause), e(v.created_at), diff, back]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return "<h3>History</h3>" + "".join(rows) + "</table>"
+    return "<section class='card'><h2>History</h2>" + "".join(rows) + "</table></div></section>"
 
 
 def diff_page(name: str, old: int, new: int, lines: Sequence[str], signed_in: bool) -> str:
-    def line(text: str) -> str:
-        kind = "add" if text.startswith("+") else "del" if text.startswith("-") else ""
-        return f"<span class='{kind}'>{e(text)}</span>" if kind else e(text)
-
-    shown = "\n".join(line(t) for t in lines) or "(the same definition)"
+    shown = "\n".join(_diff_line(t) for t in lines) or "(the same definition)"
     back = f"<p><a href='/pipelines/{e(name)}/edit'>back</a></p>"
-    body = f"<h2>{e(name)}: v{old} → v{new}</h2><pre id='diff'>{shown}</pre>{back}"
+    body = f"<h1>{e(name)}: v{old} → v{new}</h1><pre id='diff'>{shown}</pre>{back}"
     return layout(f"{name} v{old}..v{new}", body, signed_in)
 
 
 def yaml_page(text: str, problems: Sequence[Problem], csrf: str, note: str = "") -> str:
-    out = ["<h2>YAML editor</h2><p>Validate asks the control plane (Envoy's rules included) and writes nothing.</p>"]
-    out += [f"<p class='ok' id='note'>{e(note)}</p>"] if note else []
+    out = ["<h1>YAML editor</h1><p>Validate asks the control plane (Envoy's rules included) and writes nothing.</p>"]
+    out += [f"<p class='note' id='note' role='status'>{e(note)}</p>"] if note else []
     if problems:
         out.append("<ul class='error' id='problems'>" + "".join(f"<li>{e(str(p))}</li>" for p in problems) + "</ul>")
     out.append(
         f"<form method='post' action='/yaml'>{hidden('csrf', csrf)}"
+        "<p><label for='text'>a pipeline's whole definition, in YAML</label></p>"
         f"<textarea name='text' id='text' rows='30' spellcheck='false'>{e(text)}</textarea>"
-        "<button name='action' value='validate' id='validate'>validate</button> "
-        "<button name='action' value='apply' id='apply'>apply</button></form>"
+        "<p><button name='action' value='validate' id='validate'>validate</button> "
+        "<button class='primary' name='action' value='apply' id='apply'>apply</button></p></form>"
     )
-    return layout("YAML editor", "".join(out), signed_in=True, csrf=csrf)
+    return layout("YAML editor", "".join(out), signed_in=True, csrf=csrf, section="/yaml")
 
 
 def runtimes_page(
@@ -186,8 +268,10 @@ def runtimes_page(
         requests, errors, window = seen.get(model_cluster(t.model, t.version), (0, 0, None))
         seen[model_cluster(t.model, t.version)] = (requests + t.requests, errors + t.errors, t.window_seconds or window)
     out = [
-        "<h2>Runtimes</h2><table id='runtimes'><tr><th>model version</th><th>replicas passing</th>"
-        "<th>recent 5xx</th><th>instances</th></tr>"
+        "<h1>Runtimes</h1><p class='muted'>Each model version registered in Consul: its replicas, its recent 5xx "
+        "through Envoy, and each instance with links to Consul and its sidecar's admin.</p><div class='scroll'>"
+        "<table id='runtimes'><tr><th>model version</th><th>replicas passing</th><th>recent 5xx</th>"
+        "<th>instances</th></tr>"
     ]
     for (model, version), instances in sorted(by_version.items()):
         passing = sum(1 for i in instances if i.passing)
@@ -199,10 +283,16 @@ def runtimes_page(
             links = f"<a href='{e(consul_ui)}dc1/services/{e(model)}/instances'>Consul</a>"
             links += f" · <a href='{e(admin)}'>sidecar admin</a>" if admin else ""
             kind = f" (OIP server {e(i.oip_model)})" if i.oip_model else ""
-            health = "passing" if i.passing else "<b class='error'>critical</b>"
-            rows.append(f"{e(i.service_id)}{kind} {e(i.host)}:{i.ingress_port} {health} — {links}")
+            health = (
+                "<span class='badge passing'>passing</span>"
+                if i.passing
+                else "<span class='badge critical'>critical</span>"
+            )
+            rows.append(f"{health} {e(i.service_id)}{kind} <code>{e(i.host)}:{i.ingress_port}</code> — {links}")
+        word = "passing" if passing == len(instances) else "failing" if not passing else "draining"
         out.append(
-            f"<tr><td>{e(model)}:{e(version)}</td><td>{passing}/{len(instances)}</td><td>{e(recent)}</td>"
+            f"<tr class='{'failing' if not passing else ''}'><td>{e(model)}:{e(version)}</td>"
+            f"<td><span class='badge {word}'>{passing}/{len(instances)}</span></td><td>{e(recent)}</td>"
             f"<td>{'<br>'.join(rows)}</td></tr>"
         )
-    return layout("runtimes", "".join(out) + "</table>", signed_in)
+    return layout("runtimes", "".join(out) + "</table></div>", signed_in, section="/runtimes")

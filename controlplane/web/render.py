@@ -1,6 +1,7 @@
 """HTML from Jinja2 templates with autoescape: a value put into a page is escaped unless a template says not.
 
-One page shell (templates/base.html) and one stylesheet (static/mllambda.css) for every page.
+One page shell (templates/base.html: the section bar, sign-in, the live button) and one stylesheet
+(static/mllambda.css, light and dark) for every page; static/mllambda.js keeps live pages current.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import jinja2
 
 HERE = Path(__file__).parent
 STYLESHEET = HERE / "static" / "mllambda.css"
+SCRIPT = HERE / "static" / "mllambda.js"
+SECTIONS = (("/", "Pipelines"), ("/runtimes", "Runtimes"), ("/models", "Models"), ("/monitoring", "Monitoring"),
+            ("/yaml", "YAML editor"))  # fmt: skip
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
     autoescape=True,  # every template, whatever its name
@@ -19,20 +23,15 @@ _env = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+_env.globals["sections"] = SECTIONS
 
 
 def page(template: str, **context: Any) -> str:
     return _env.get_template(template).render(**context)
 
 
-def shell(title: str, body: str, *, nav: bool = True, signed_in: bool = False, csrf: str = "", refresh: int = 0) -> str:
-    """A page whose body was built elsewhere (already escaped HTML) in the one shell."""
-    return page(
-        "base.html",
-        title=title,
-        body=jinja2.utils.markupsafe.Markup(body),
-        nav=nav,
-        signed_in=signed_in,
-        csrf=csrf,
-        refresh=refresh,
-    )
+def shell(title: str, body: str, *, section: str = "", signed_in: bool = False, csrf: str = "", live: int = 0) -> str:
+    """A page whose body was built elsewhere (already escaped HTML) in the one shell. `section` is the bar's
+    entry shown as current; `live` (seconds) makes the page fetch itself again (never for a page with a form)."""
+    body_html = jinja2.utils.markupsafe.Markup(body)
+    return page("base.html", title=title, body=body_html, section=section, signed_in=signed_in, csrf=csrf, live=live)
