@@ -168,6 +168,10 @@ async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(contro
             assert r.status == 401 and "wrong token" in await r.text()
         async with browser.post(base + "/login", data={"token": control_plane.ui_token, "name": "ada"}) as r:
             assert r.status == 200 and str(r.url) == base + "/"  # followed the redirect, signed in
+        for path in ("/", "/pipelines/nlp", "/runtimes", "/monitoring", "/models", "/yaml"):
+            async with browser.get(base + path) as r:  # every page's bar: signed in, a sign-out that works
+                assert r.status == 200 and "/logout" in Forms(text := await r.text()).actions(), (path, text[:300])
+                assert Forms(text).find("/logout")["csrf"], path
         async with browser.get(base + edit) as r:
             page = Forms(await r.text())
         form = page.find(edit)

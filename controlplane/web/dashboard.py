@@ -24,6 +24,7 @@ from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
+from controlplane.web.auth import COOKIE
 from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_series, wall_time
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
@@ -194,7 +195,7 @@ def version_badges(view: PlaneView, current: Any) -> str:
     return " ".join(out)
 
 
-def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
+def render_dashboard(view: PlaneView, status: dict[str, Any], signed_in: bool = False, csrf: str = "") -> str:
     e = html.escape
     health = health_of(view)
     nodes = status["nodes"]
@@ -307,7 +308,7 @@ def render_dashboard(view: PlaneView, status: dict[str, Any]) -> str:
     parts.append(f"<p>Envoy admin: {admin_links}</p>")
     if status["kafka_bridges"]:
         parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
-    return shell("pipelines", "".join(parts), section="/", live=3)
+    return shell("pipelines", "".join(parts), section="/", live=3, signed_in=signed_in, csrf=csrf)
 
 
 def _cold(row: ScaleRow) -> str:
@@ -381,7 +382,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
 
     async def dashboard(request: web.Request) -> web.Response:
         view = reader.view()
-        page = render_dashboard(view, status_document(view, await reader.recent_traffic()))
+        page = render_dashboard(view, status_document(view, await reader.recent_traffic()), **viewer(request))
         return web.Response(text=page, content_type="text/html")
 
     async def pipeline_page(request: web.Request) -> web.Response:
@@ -392,7 +393,13 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
         rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
         asked = request.query.get("minutes", "")
         minutes = int(asked) if asked in {str(m) for m in CHART_MINUTES} else 15
-        return web.Response(text=render_pipeline_page(view, current, rows, minutes), content_type="text/html")
+        page = render_pipeline_page(view, current, rows, minutes, **viewer(request))
+        return web.Response(text=page, content_type="text/html")
+
+    def viewer(request: web.Request) -> dict[str, Any]:
+        """Who looks, for the page's bar: signed in (with the CSRF value its sign-out button posts) or not."""
+        session = ui.sessions.find(request.cookies.get(COOKIE)) if ui is not None and ui.sessions else None
+        return {"signed_in": session is not None, "csrf": session.csrf if session else ""}
 
     app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
     if ui is not None:
@@ -409,7 +416,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
-    add_monitoring_routes(app, reader)
+    add_monitoring_routes(app, reader, viewer)
     app.router.add_get("/", dashboard)
     return app
 
@@ -430,7 +437,14 @@ def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, s
     return marks + ([(entered, "in traffic")] if entered else [])
 
 
-def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffic], minutes: int = 15) -> str:
+def render_pipeline_page(
+    view: PlaneView,
+    current: Any,
+    rows: list[VariantTraffic],
+    minutes: int = 15,
+    signed_in: bool = False,
+    csrf: str = "",
+) -> str:
     """One pipeline's home: its versions' state, its graph (weights, windowed shares, health, rollouts), its
     variants' traffic over the chosen minutes, its replays, and a way to change it."""
     p, e = current.pipeline, html.escape
@@ -464,7 +478,7 @@ def render_pipeline_page(view: PlaneView, current: Any, rows: list[VariantTraffi
         render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name)),
         "</section>",
     ]
-    return shell(p.name, "".join(body), section="/", live=5)
+    return shell(p.name, "".join(body), section="/", live=5, signed_in=signed_in, csrf=csrf)
 
 
 class DashboardServer:

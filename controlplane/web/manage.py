@@ -254,7 +254,8 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             raise web.HTTPNotFound(text=f"versions kept: {min(versions)} to {max(versions)}\n")
         a, b = (pipeline_to_dict(versions[v].pipeline) for v in (old, new))
         lines = diff_lines(a, b, f"v{old}", f"v{new}")
-        return html_page(diff_page(name, old, new, lines, session_of(request) is not None))
+        session = session_of(request)
+        return html_page(diff_page(name, old, new, lines, session.csrf if session else None))
 
     async def yaml_form(request: web.Request) -> web.StreamResponse:
         session = session_of(request)
@@ -283,8 +284,9 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
 
     async def runtimes(request: web.Request) -> web.StreamResponse:
         view = reader.view()
-        signed_in = session_of(request) is not None
-        page = runtimes_page(view.runtimes, await reader.recent_traffic(), view.consul_ui, view.envoy_admin, signed_in)
+        session = session_of(request)
+        csrf = session.csrf if session else None
+        page = runtimes_page(view.runtimes, await reader.recent_traffic(), view.consul_ui, view.envoy_admin, csrf)
         return html_page(page)
 
     async def models(request: web.Request) -> web.StreamResponse:

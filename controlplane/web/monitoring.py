@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -45,7 +45,10 @@ def version_changes(history: Mapping[str, Sequence[PipelineVersion]]) -> dict[st
 
 
 def monitoring_page(
-    rows: Sequence[Mapping[str, Any]], changes: Mapping[str, Sequence[tuple[float, str]]] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    changes: Mapping[str, Sequence[tuple[float, str]]] | None = None,
+    signed_in: bool = False,
+    csrf: str = "",
 ) -> str:
     now_wall, now = time.time(), time.monotonic()
     shown = []
@@ -67,21 +70,28 @@ def monitoring_page(
         start = now - 600
         if row.get("drift_over_time"):
             drift = _series(row["drift_over_time"], now_wall, now)
-            charts.append(jinja2.utils.markupsafe.Markup(line_chart("drift (PSI) per field", drift, start, now, marks)))
+            chart = line_chart("drift (PSI) per field", drift, start, now, marks, unit="PSI")
+            charts.append(jinja2.utils.markupsafe.Markup(chart))
         if row.get("agreement_over_time"):
             agree = _series(row["agreement_over_time"], now_wall, now)
-            chart = line_chart("agreement with the primary", agree, start, now, marks)
+            chart = line_chart("agreement with the primary", agree, start, now, marks, unit="%")
             charts.append(jinja2.utils.markupsafe.Markup(chart))
         shown.append({**row, "field_rows": fields, "charts": charts})
     return page(
-        "monitoring.html", title="monitoring", rows=shown, section="/monitoring", signed_in=False, csrf="", live=10
+        "monitoring.html",
+        title="monitoring",
+        rows=shown,
+        section="/monitoring",
+        signed_in=signed_in,
+        csrf=csrf,
+        live=10,
     )
 
 
-def add_routes(app: web.Application, reader: PlaneReader) -> None:
+def add_routes(app: web.Application, reader: PlaneReader, viewer: Callable[[web.Request], dict[str, Any]]) -> None:
     async def monitoring(request: web.Request) -> web.Response:
         view = reader.view()
-        text = monitoring_page(view.monitoring_page(), version_changes(view.history))
+        text = monitoring_page(view.monitoring_page(), version_changes(view.history), **viewer(request))
         return web.Response(text=text, content_type="text/html")
 
     app.router.add_get("/monitoring", monitoring)

@@ -230,11 +230,12 @@ def history_table(name: str, versions: Sequence[PipelineVersion], current: int, 
     return "<section class='card'><h2>History</h2>" + "".join(rows) + "</table></div></section>"
 
 
-def diff_page(name: str, old: int, new: int, lines: Sequence[str], signed_in: bool) -> str:
+def diff_page(name: str, old: int, new: int, lines: Sequence[str], csrf: str | None) -> str:
+    """`csrf`: the viewer's session's (None: signed out), for the bar's sign-out button."""
     shown = "\n".join(_diff_line(t) for t in lines) or "(the same definition)"
     back = f"<p><a href='/pipelines/{e(name)}/edit'>back</a></p>"
     body = f"<h1>{e(name)}: v{old} → v{new}</h1><pre id='diff'>{shown}</pre>{back}"
-    return layout(f"{name} v{old}..v{new}", body, signed_in)
+    return layout(f"{name} v{old}..v{new}", body, csrf is not None, csrf or "")
 
 
 def yaml_page(text: str, problems: Sequence[Problem], csrf: str, note: str = "") -> str:
@@ -257,7 +258,7 @@ def runtimes_page(
     traffic: Sequence[VariantTraffic],
     consul_ui: str,
     envoy_admin: Mapping[str, str],
-    signed_in: bool,
+    csrf: str | None,
 ) -> str:
     """Each model version: replicas passing of registered, its recent 5xx, and each instance with its links."""
     by_version: dict[tuple[str, str], list[RuntimeService]] = {}
@@ -295,4 +296,4 @@ def runtimes_page(
             f"<td><span class='badge {word}'>{passing}/{len(instances)}</span></td><td>{e(recent)}</td>"
             f"<td>{'<br>'.join(rows)}</td></tr>"
         )
-    return layout("runtimes", "".join(out) + "</table></div>", signed_in, section="/runtimes")
+    return layout("runtimes", "".join(out) + "</table></div>", csrf is not None, csrf or "", section="/runtimes")

@@ -32,5 +32,8 @@ class Forms(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         self.select = None if tag == "select" else self.select
 
+    def actions(self) -> list[str]:
+        return [attrs.get("action", "") for attrs, _ in self.forms]
+
     def find(self, action: str) -> dict[str, str]:
         return next(dict(fields) for attrs, fields in self.forms if attrs.get("action") == action)
