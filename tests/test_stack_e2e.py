@@ -146,6 +146,9 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
         ):
             page.get(dashboard + path)
             looked_at(page, shot)
+        page.get(dashboard + "/models")  # every version runs here, in its own environment built on this host
+        assert page.page_source.count(">built on this host") == 8 and "not built" not in page.page_source
+        page.get(dashboard + "/runtimes")
         rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
                 for r in page.find_elements(By.CSS_SELECTOR, "#runtimes tr")[1:]}  # fmt: skip
         assert rows["net-food:v2"] == "1/1" and len(rows) == 8, rows

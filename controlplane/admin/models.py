@@ -18,7 +18,7 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.server import NotServedYet, guard
 from controlplane.config import cache_dir
-from controlplane.models.envs import prune_host
+from controlplane.models.envs import env_folder, env_python, prune_host
 from controlplane.models.package import MAX_PACKAGE, read_member, read_meta
 from controlplane.models.reference import BadReference, profile_window
 from controlplane.models.store import (
@@ -60,6 +60,7 @@ def version_to_proto(version: ModelVersion, deployment: Deployment | None = None
         deployed=deployment is not None,
         format=version.format,
         signature_json=version.signature,
+        environment_built=env_python(env_folder(cache_dir() / "envs", version.lock_hash)).exists(),
     )
 
 

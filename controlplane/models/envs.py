@@ -87,13 +87,18 @@ def env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
+def env_folder(envs_dir: Path, lock_id: str) -> Path:
+    """Where the environment of a lock lives on this host, for this SDK (built or not)."""
+    return envs_dir / f"{lock_id}-{sdk_id()}"
+
+
 def ensure_env(envs_dir: Path, lock_text: str, lock_id: str, python: str) -> Path:
     """The environment of a lock: reused when present, else built (seconds with uv's cache)."""
     if python != python_version():
         raise PackageError(
             f"the package was locked for Python {python}; this host runs Python {python_version()}: build it again here"
         )
-    target = envs_dir / f"{lock_id}-{sdk_id()}"
+    target = env_folder(envs_dir, lock_id)
     if env_python(target).exists():
         return target
     envs_dir.mkdir(parents=True, exist_ok=True)

@@ -245,21 +245,26 @@ def line_chart(
 
 
 def distribution_svg(title: str, labels: Sequence[str], baseline: Sequence[float], current: Sequence[float]) -> str:
-    """Two distributions over the same bins, side by side per bin: the baseline (grey) and now (blue)."""
-    width, height, left, bottom = 520, 150, 40, 40
+    """Two distributions over the same bins, side by side per bin: the baseline (grey) and now (blue). Bin labels
+    are slanted so that many bins never print over each other; each bar says its bin and share on hover."""
+    width, height, left, bottom = 520, 180, 40, 70
     n = max(len(labels), 1)
     slot = (width - left) / n
-    top = max([*baseline, *current, 0.01]) * 1.1
+    most = max([*baseline, *current, 0.01])
+    top = most * 1.1
     e = html.escape
 
+    def y(value: float) -> float:
+        return height - bottom - (height - bottom - 14) * value / top
+
     def bar(i: int, value: float, offset: float, series: str) -> str:
-        h = (height - bottom - 14) * value / top
         return (f"<rect class='{series}' data-series='{series}' x='{left + i * slot + offset:.1f}' "
-                f"y='{height - bottom - h:.1f}' width='{slot * 0.4:.1f}' height='{h:.1f}'><title>{series} "
-                f"{e(labels[i])}: {value:.1%}</title></rect>")  # fmt: skip
+                f"y='{y(value):.1f}' width='{slot * 0.4:.1f}' height='{height - bottom - y(value):.1f}'><title>"
+                f"{series} {e(labels[i])}: {value:.1%}</title></rect>")  # fmt: skip
 
     parts = [f"<text x='{left}' y='10' font-weight='bold'>{e(title)}</text>",
-             f"<text x='{left - 4}' y='24' text-anchor='end' class='dim'>{top:.0%}</text>",
+             f"<line class='grid' x1='{left}' y1='{y(most):.1f}' x2='{width}' y2='{y(most):.1f}'/>",
+             f"<text x='{left - 4}' y='{y(most) + 4:.1f}' text-anchor='end' class='dim'>{most:.0%}</text>",
              f"<text x='{left - 4}' y='{height - bottom}' text-anchor='end' class='dim'>0%</text>",
              f"<rect class='baseline' x='{width - 170}' y='2' width='10' height='10'/>",
              f"<text x='{width - 156}' y='11'>baseline</text>",
@@ -268,8 +273,9 @@ def distribution_svg(title: str, labels: Sequence[str], baseline: Sequence[float
     for i, label in enumerate(labels):
         parts.append(bar(i, baseline[i], slot * 0.1, "baseline"))
         parts.append(bar(i, current[i], slot * 0.5, "now"))
-        parts.append(f"<text x='{left + i * slot + slot / 2:.1f}' y='{height - bottom + 12}' text-anchor='middle' "
-                     f"font-size='9'>{e(label[:12])}</text>")  # fmt: skip
+        lx, ly = left + i * slot + slot / 2, height - bottom + 10
+        parts.append(f"<text x='{lx:.1f}' y='{ly}' text-anchor='end' font-size='9' transform='rotate(-40 {lx:.1f} "
+                     f"{ly})'>{e(label[:14])}</text>")  # fmt: skip
     return (f"<svg class='distribution' role='img' aria-label='{e(title)}: share of values per bin, baseline and now' "
             f"xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
             f"font-family='sans-serif' font-size='11'>{''.join(parts)}</svg>")  # fmt: skip

@@ -24,7 +24,6 @@ from aiohttp import web
 
 from contract import naming
 from contract.service import RuntimeService
-from controlplane.config import cache_dir
 from controlplane.delivery.rollouts import spots, user_move
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
@@ -356,7 +355,6 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
     for r in runtimes:
         if r.passing:
             passing[(r.model, r.version)] = passing.get((r.model, r.version), 0) + 1
-    envs = cache_dir() / "envs"
     rows = [
         {
             "model": m.model,
@@ -365,7 +363,7 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
             "description": m.description,
             "dependencies": list(m.dependencies),
             "requirements": list(m.requirements),
-            "environment": ("built on this host" if (envs / m.lock_hash).is_dir() else "not built on this host")
+            "environment": ("built on this host" if m.environment_built else "not built on this host")
             + f" ({m.lock_hash[:12]})",
             "passing": passing.get((m.model, m.version), 0),
             "deployed": m.deployed,
