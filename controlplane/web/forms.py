@@ -96,7 +96,7 @@ def edited(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, Any]:
     for change in done:
         change.apply(out)
     for change in done:
-        holder = _walk(out, change.group.rpartition(".")[0])
+        holder = at_path(out, change.group.rpartition(".")[0])
         holder["variants"] = [v for v in holder["variants"] if v is not None]
     return out
 
@@ -105,7 +105,7 @@ def _values_put(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, An
     out = copy.deepcopy(dict(doc))
     for slot in shadow_slots(out):
         parts = {f: str(form.get(f"{slot.path}.shadow.{f}", "")).strip() for f in ("model", "version", "percent")}
-        holder = _walk(out, slot.path)
+        holder = at_path(out, slot.path)
         if form.get(f"{slot.path}.shadow.remove") or not any(parts.values()):
             if f"{slot.path}.shadow.model" in form or form.get(f"{slot.path}.shadow.remove"):
                 holder.pop("shadow", None)
@@ -114,7 +114,7 @@ def _values_put(doc: Mapping[str, Any], form: Mapping[str, str]) -> dict[str, An
     for path, value in form.items():
         if EDITABLE.match(path) and ".shadow." not in path:
             parent, _, leaf = path.rpartition(".")
-            target = _walk(out, parent) if parent else out
+            target = at_path(out, parent) if parent else out
             if target is not None:
                 target[leaf] = _number(str(value).strip()) if leaf == "weight" else str(value)
     return out
@@ -139,7 +139,7 @@ class Change:
 
     def apply(self, doc: dict[str, Any]) -> None:
         """Put this change in; a removed variant becomes None (indexes stay the page's until `edited` drops them)."""
-        holder = _walk(doc, self.group.rpartition(".")[0])
+        holder = at_path(doc, self.group.rpartition(".")[0])
         variants = holder["variants"]
         if self.kind == "remove":
             variants[self.index] = None
@@ -162,11 +162,9 @@ def changes(doc: Mapping[str, Any], form: Mapping[str, str]) -> list[Change]:
         for i, f in enumerate(group.fields):
             name = f.path.removesuffix(".weight") + REMOVE
             if form.get(name):
-                left = len(group.fields) - sum(
-                    1 for g in group.fields if form.get(g.path.removesuffix(".weight") + REMOVE)
-                )
-                found.append(Change(name, group.path, "remove", index=i,
-                                    problem="" if left else "a group keeps at least one variant"))  # fmt: skip
+                gone = sum(1 for g in group.fields if form.get(g.path.removesuffix(".weight") + REMOVE))
+                problem = "" if gone < len(group.fields) else "a group keeps at least one variant"
+                found.append(Change(name, group.path, "remove", index=i, problem=problem))
     for group in groups(doc):
         picked = str(form.get(group.path + ADD, "")).strip()
         if picked:
@@ -215,7 +213,7 @@ def _start(group: Group, holder: str, picked: str, steps_text: str) -> Change:
     return Change(where, group.path, "start", variant or ("", ""), steps=ok_steps, problem=problem)
 
 
-def _walk(doc: Any, path: str) -> Any:
+def at_path(doc: Any, path: str) -> Any:
     """The mapping at `path`, or None when the form names something this definition does not have."""
     node = doc
     for step in path.split("."):

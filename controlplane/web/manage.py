@@ -182,7 +182,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         passing = sorted({f"{r.model}:{r.version}" for r in view.runtimes if r.passing})[:MAX_CHOICES]
         page = edit_page(current, doc, problems, s.csrf, note, passing)
         table = history_table(current.pipeline.name, history, current.version, s.csrf)
-        return page.replace("</body>", table + "</body>")
+        return page.replace("</main>", table + "</main>")  # inside the page's main landmark
 
     async def _current_or_404(name: str) -> PipelineVersion:
         try:

@@ -15,7 +15,18 @@ from contract.service import RuntimeService
 from controlplane.delivery.rollouts import Spot, label, spots, state, where
 from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import PipelineVersion, Problem
-from controlplane.web.forms import ADD, DEFAULT_STEPS, REMOVE, SHARE, START, STEPS, TRANSPORTS, groups, shadow_slots
+from controlplane.web.forms import (
+    ADD,
+    DEFAULT_STEPS,
+    REMOVE,
+    SHARE,
+    START,
+    STEPS,
+    TRANSPORTS,
+    at_path,
+    groups,
+    shadow_slots,
+)
 from controlplane.web.render import shell
 
 e = html.escape
@@ -143,11 +154,7 @@ def _add_row(group: str, choices: Sequence[str], problems: Sequence[Problem]) ->
 
 def _start_row(holder: str, choices: Sequence[str], doc: Mapping[str, Any], problems: Sequence[Problem]) -> str:
     """A rollout to start in a stage's or a branch's split (not in an ensemble's members, not where one runs)."""
-    node: Any = doc
-    for step in holder.split("."):
-        name, _, index = step.partition("[")
-        node = node.get(name) if isinstance(node, dict) else None
-        node = node[int(index[:-1])] if index and isinstance(node, list) else node
+    node = at_path(doc, holder)
     if ".members[" in holder or not choices or not isinstance(node, dict) or node.get("rollout"):
         return ""
     options = "<option value=''>(none)</option>" + "".join(f"<option>{e(c)}</option>" for c in choices)
@@ -169,7 +176,7 @@ def review_page(
     verdict = (
         f"<p class='note' role='status'>valid, and Envoy accepts it: applying makes version {current.version + 1}</p>"
         if would_create
-        else "<p class='note' role='status'>nothing would change: this is version " + f"{current.version}</p>"
+        else f"<p class='note' role='status'>nothing would change: this is version {current.version}</p>"
     )
     apply = "<button class='primary' name='action' value='apply' id='apply'>apply</button> " if would_create else ""
     body = (
@@ -290,7 +297,7 @@ def runtimes_page(
                 else "<span class='badge critical'>critical</span>"
             )
             rows.append(f"{health} {e(i.service_id)}{kind} <code>{e(i.host)}:{i.ingress_port}</code> — {links}")
-        word = "passing" if passing == len(instances) else "failing" if not passing else "draining"
+        word = "passing" if passing == len(instances) else "failing" if not passing else "degraded"
         out.append(
             f"<tr class='{'failing' if not passing else ''}'><td>{e(model)}:{e(version)}</td>"
             f"<td><span class='badge {word}'>{passing}/{len(instances)}</span></td><td>{e(recent)}</td>"
