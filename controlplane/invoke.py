@@ -229,15 +229,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         seen = windows.get(p["name"])
         over = f"  (observed over the last {seen:.0f} s of this version)" if seen is not None else ""
         print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}{over}")
-    columns = f"{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
-    print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'RETRIES':>9}{'P99 MS':>8}")
-    for t in status["traffic"]:
+    columns = f"{'PIPELINE':<14}{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
+    print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'REFUSED':>9}{'RETRIES':>9}{'P99 MS':>8}")
+    for t in status["traffic"]:  # REFUSED: answered 429 or 503 by the variant's runtimes (flow control)
         observed = "-" if t["observed_share"] is None else f"{100 * t['observed_share']:.1f}%"
         p99 = "-" if t["p99_ms"] is None else f"{t['p99_ms']:.1f}"
         variant = f"{t['model']}:{t['version']}"
         weight = f"{100 * t['configured_share']:.1f}%"
-        left = f"{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
-        print(f"{left}{t['requests']:>10}{t['errors']:>6}{t['retries']:>9}{p99:>8}")
+        left = f"{t['pipeline']:<14}{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
+        print(f"{left}{t['requests']:>10}{t['errors']:>6}{t.get('refused', 0):>9}{t['retries']:>9}{p99:>8}")
     print(f"\n{'ENVOY NODE':<36}{'ACKED':<16}{'UPDATED':>9}  LAST NACK")
     for n in status["nodes"]:
         age = "-" if n["age_seconds"] is None else f"{n['age_seconds']:.0f}s ago"

@@ -105,6 +105,9 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     plane = scrape(control_plane)
     refused = bulk.codes[503] + heavy.codes[429] + forged.codes[503]
     assert metric(plane, "mllambda_variant_refused_total", pipeline="bulk", model="paced") >= refused, plane
+    shown = control_plane.cli("status", f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}").stdout
+    row = re.search(r"^bulk\s+\S+\s+paced:v1\s+[\d.]+%\s+\S+\s+(\d+)\s+(\d+)\s+(\d+)", shown, re.MULTILINE)
+    assert row and int(row.group(3)) > 0, shown  # `mllambda status`: the pipeline's refusals, in a column
     port = service_meta(control_plane.consul_port, "paced", paced.service_id)["runtime_port"]
     runtime = http_get(f"http://127.0.0.1:{port}/metrics")[1]
     admission = "mllambda_runtime_admission_total"

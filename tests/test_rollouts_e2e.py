@@ -159,9 +159,11 @@ async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_
         url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/handover"
         await until_ok(url, {"text": "a b"})
         async with SteadyLoad(url) as load:
-            await wait_for(lambda: "step 2/5" in history(other, "handover")[-1]["cause"], timeout=30)
+            # Step 2 written (and seen by the other through Consul): the kill comes mid-rollout. A history
+            # polled by the CLI may show a later step already, and a busy machine may take a while.
+            await wait_for(lambda: any("step 2/5" in v["cause"] for v in history(other, "handover")), timeout=60)
             shown = metric(scrape(other), "mllambda_rollout_candidate_percent", pipeline="handover", stage="s")
-            assert shown in (30, 50), shown  # the step /metrics shows (it may have moved on once)
+            assert shown in (30, 50, 70), shown  # the step /metrics shows: not promoted yet
             assert driver.proc is not None
             driver.proc.signal(signal.SIGKILL)  # no goodbye: its Consul session must time out
             killed = time.monotonic()

@@ -11,6 +11,7 @@ from controlplane.config import PROJECT_ROOT
 AXE = Path(__file__).parent.parent / "vendor" / "axe-core" / "axe.min.js"  # axe-core from npm, vendored (MPL-2.0)
 SHOTS = PROJECT_ROOT / "docs" / "screenshots"
 BLOCKING = ("serious", "critical")  # axe's impacts that fail a page
+AXE_SOURCE = AXE.read_text()
 RUN_AXE = """
 const done = arguments[arguments.length - 1];
 axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations.map(v => (
@@ -29,7 +30,8 @@ def scheme(driver: Any, dark: bool) -> None:
 def violations(driver: Any) -> list[str]:
     """axe-core's serious and critical violations on the page as shown now."""
     driver.set_script_timeout(60)
-    driver.execute_script(AXE.read_text())
+    if not driver.execute_script("return typeof axe !== 'undefined'"):  # once per page load (650 KB to parse)
+        driver.execute_script(AXE_SOURCE)
     found = driver.execute_async_script(RUN_AXE)
     return [f"{v['id']} ({v['impact']}): {v['help']} at {v['at']}" for v in found if v["impact"] in BLOCKING]
 
