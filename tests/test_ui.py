@@ -108,6 +108,22 @@ def test_a_form_adds_a_variant_at_its_share_removes_one_and_starts_a_rollout() -
     assert parse_pipeline(edited(doc, hostile)) == parse_pipeline(doc)
 
 
+def test_the_change_page_offers_passing_versions_not_in_the_group_own_model_first() -> None:
+    from controlplane.pipeline.model import PipelineVersion
+    from controlplane.web.pages import edit_page
+
+    doc = example()
+    current = PipelineVersion(parse_pipeline(doc), 1, "2026-01-01T00:00:00Z", "apply")
+    passing = ["aaa:v1", "classifier:v1", "classifier:v3", "mlp-politics:v2"]
+    html = edit_page(current, doc, [], "csrf", candidates=passing)
+    offered = re.findall(r"<select name='stages\[1\]\.variants\.add'>(.*?)</select>", html)[0]
+    assert re.findall(r"<option>([^<]+)</option>", offered) == ["classifier:v3", "aaa:v1", "mlp-politics:v2"]
+    assert "name='stages[1].variants.add_share'" in html and "name='stages[1].variants[0].remove'" in html
+    assert "name='stages[1].rollout.start'" in html and "name='stages[2].branches[0].rollout.start'" in html
+    assert "<button class='primary' name='action' value='review' id='review'>" in html  # review first, never apply
+    assert "no other model version" in edit_page(current, doc, [], "csrf", candidates=[])
+
+
 def test_sessions_are_bounded_expire_and_wrong_tokens_are_throttled() -> None:
     now = [0.0]
     sessions = Sessions("s3cret", clock=lambda: now[0])

@@ -144,12 +144,8 @@ def _add_row(group: str, choices: Sequence[str], problems: Sequence[Problem]) ->
     """A variant to add to a group at a share, picked from the model versions that are passing."""
     if not choices:
         return "<p class='muted add'>no other model version is passing in Consul to add here</p>"
-    options = "<option value=''>(none)</option>" + "".join(f"<option>{e(c)}</option>" for c in choices)
-    return (
-        f"<div class='variant-edit add'><label>add <select name='{e(group + ADD)}'>{options}</select></label>"
-        f"{errors_at(problems, group + ADD)}<label>at <input class='share' type='text' inputmode='numeric' "
-        f"name='{e(group + SHARE)}' placeholder='10'> % of this group</label>{errors_at(problems, group + SHARE)}</div>"
-    )
+    number = "class='share' type='text' inputmode='numeric' placeholder='10'"
+    return _pick_row("add", ("add", group + ADD), choices, ("at", group + SHARE, number, "% of this group"), problems)
 
 
 def _start_row(holder: str, choices: Sequence[str], doc: Mapping[str, Any], problems: Sequence[Problem]) -> str:
@@ -157,11 +153,25 @@ def _start_row(holder: str, choices: Sequence[str], doc: Mapping[str, Any], prob
     node = at_path(doc, holder)
     if ".members[" in holder or not choices or not isinstance(node, dict) or node.get("rollout"):
         return ""
+    steps = ("in steps of", holder + STEPS, f"size='14' placeholder='{DEFAULT_STEPS}'", "%")
+    return _pick_row("start", ("start a rollout to", holder + START), choices, steps, problems)
+
+
+def _pick_row(
+    kind: str,
+    pick: tuple[str, str],
+    choices: Sequence[str],
+    then: tuple[str, str, str, str],
+    problems: Sequence[Problem],
+) -> str:
+    """A model version picked from `choices` (words, field) and a number after it (words, field, attributes, unit),
+    each with its problems next to it."""
+    (words, field), (before, number, attributes, unit) = pick, then
     options = "<option value=''>(none)</option>" + "".join(f"<option>{e(c)}</option>" for c in choices)
     return (
-        f"<div class='variant-edit start'><label>start a rollout to <select name='{e(holder + START)}'>{options}"
-        f"</select></label>{errors_at(problems, holder + START)}<label>in steps of <input name='{e(holder + STEPS)}' "
-        f"size='14' placeholder='{DEFAULT_STEPS}'> %</label>{errors_at(problems, holder + STEPS)}</div>"
+        f"<div class='variant-edit {kind}'><label>{words} <select name='{e(field)}'>{options}</select></label>"
+        f"{errors_at(problems, field)}<label>{before} <input name='{e(number)}' {attributes}> {unit}</label>"
+        f"{errors_at(problems, number)}</div>"
     )
 
 
