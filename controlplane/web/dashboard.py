@@ -29,7 +29,7 @@ from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
 from controlplane.web.monitoring import add_routes as add_monitoring_routes
-from controlplane.web.render import SCRIPT, STYLESHEET, shell
+from controlplane.web.render import SCRIPT, STYLESHEET, badge, shell
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
@@ -177,11 +177,6 @@ def health_of(view: PlaneView) -> dict[str, tuple[int, int]]:
     return found
 
 
-def badge(word: str, kind: str = "") -> str:
-    """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...)."""
-    return f"<span class='badge {kind}'>{html.escape(word)}</span>"
-
-
 def version_badges(view: PlaneView, current: Any) -> str:
     """The version in traffic, a pending one, the ones draining; `rolled back` when the current one is a rollback."""
     report = view.switch.get(current.pipeline.name, {})
@@ -263,9 +258,10 @@ def render_dashboard(view: PlaneView, status: dict[str, Any], signed_in: bool = 
         since = time.strftime("%H:%M:%S", time.localtime(view.pipelines_held_since))
         parts.append(f"<p class='holding'>Every pipeline vanished from Consul KV at {since}: they are served on.</p>")
     parts.append("<h2>Runtimes</h2><p class='row runtimes'>")
-    for cluster, (passing, registered) in sorted(health.items()):
+    for model, version in sorted({(r.model, r.version) for r in view.runtimes}):
+        passing, registered = health[model_cluster(model, version)]
         word = health_word(passing, registered)
-        parts.append(badge(f"{cluster} {passing}/{registered} {word}", word))
+        parts.append(badge(f"{model}:{version} {passing}/{registered} {word}", word))
     parts.append(" <a href='/runtimes'>every instance</a></p>")
     if view.scaling:
         parts.append("<h2>Autoscaling</h2><div class='scroll'><table class='scaling'><tr><th>version</th>")

@@ -27,7 +27,7 @@ from controlplane.web.forms import (
     groups,
     shadow_slots,
 )
-from controlplane.web.render import shell
+from controlplane.web.render import badge, shell
 
 e = html.escape
 # Shares shown next to the weights follow as they are typed: weights are relative, the shares add up to 100%.
@@ -301,16 +301,12 @@ def runtimes_page(
             links = f"<a href='{e(consul_ui)}dc1/services/{e(model)}/instances'>Consul</a>"
             links += f" · <a href='{e(admin)}'>sidecar admin</a>" if admin else ""
             kind = f" (OIP server {e(i.oip_model)})" if i.oip_model else ""
-            health = (
-                "<span class='badge passing'>passing</span>"
-                if i.passing
-                else "<span class='badge critical'>critical</span>"
-            )
+            health = badge("passing", "passing") if i.passing else badge("critical", "critical")
             rows.append(f"{health} {e(i.service_id)}{kind} <code>{e(i.host)}:{i.ingress_port}</code> — {links}")
         word = "passing" if passing == len(instances) else "failing" if not passing else "degraded"
         out.append(
             f"<tr class='{'failing' if not passing else ''}'><td>{e(model)}:{e(version)}</td>"
-            f"<td><span class='badge {word}'>{passing}/{len(instances)}</span></td><td>{e(recent)}</td>"
+            f"<td>{badge(f'{passing}/{len(instances)}', word)}</td><td>{e(recent)}</td>"
             f"<td>{'<br>'.join(rows)}</td></tr>"
         )
     return layout("runtimes", "".join(out) + "</table></div>", csrf is not None, csrf or "", section="/runtimes")

@@ -6,6 +6,7 @@ One page shell (templates/base.html: the section bar, sign-in, the live button) 
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +36,8 @@ def shell(title: str, body: str, *, section: str = "", signed_in: bool = False, 
     entry shown as current; `live` (seconds) makes the page fetch itself again (never for a page with a form)."""
     body_html = jinja2.utils.markupsafe.Markup(body)
     return page("base.html", title=title, body=body_html, section=section, signed_in=signed_in, csrf=csrf, live=live)
+
+
+def badge(word: str, kind: str = "") -> str:
+    """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...)."""
+    return f"<span class='badge {html.escape(kind)}'>{html.escape(word)}</span>"
