@@ -212,7 +212,6 @@ def line_chart(
     def badge(first: int, last: int) -> str:
         return str(first + 1) if first == last else f"{first + 1}-{last + 1}"
 
-    listed = []
     for first, last in mark_groups(xs, lambda a, b: 7 * len(badge(a, b)) + 8):
         text, w = badge(first, last), 7 * len(badge(first, last)) + 8
         about = "; ".join(f"{i + 1}: {shown[i][1]}" for i in range(first, last + 1))
