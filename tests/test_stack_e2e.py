@@ -153,7 +153,8 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
                 for r in page.find_elements(By.CSS_SELECTOR, "#runtimes tr")[1:]}  # fmt: skip
         assert rows["net-food:v2"] == "1/1" and len(rows) == 8, rows
         page.find_element(By.ID, "sign-out").click()  # from any page: its bar carries the session's CSRF value
-        assert page.current_url == dashboard + "/" and page.find_elements(By.CSS_SELECTOR, "header a[href='/login']")
+        WebDriverWait(page, 15).until(shown.url_to_be(dashboard + "/"), page.current_url)  # the click returns first
+        assert page.find_elements(By.CSS_SELECTOR, "header a[href='/login']")  # signed out: the bar says so
         page.get(dashboard + "/login")
         looked_at(page, "sign-in")
     forged = urllib.request.Request(
