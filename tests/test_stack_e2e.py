@@ -63,8 +63,6 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
     changes nothing, the shares follow the weights as they are typed, the form is reachable by keyboard, and
     every page passes axe-core in light and dark, its screenshots kept in docs/screenshots.
     A post without the session changes nothing."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as shown
     from selenium.webdriver.support.select import Select
@@ -122,9 +120,8 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
             time.sleep(0.2)
         page.get(dashboard + "/pipelines/nlp")
         pasta = '{"text": "the pasta was delicious"}'
-        with ThreadPoolExecutor(1) as pool:
-            load = pool.submit(mllambda, "invoke", "nlp", "--data", pasta, "--count", "2000", "-o", "json", env=env)
-            split = json.loads(load.result().stdout)
+        load = mllambda("invoke", "nlp", "--data", pasta, "--count", "2000", "-o", "json", env=env)
+        split = json.loads(load.stdout)
         assert (split["ok"], split["errors"]) == (2000, 0)
         assert near_share(split["split"]["network"].get("net-food:v2", 0), 2000, 0.10), split["split"]
         v2 = "g.variant[data-group='food'][data-variant='net-food:v2']"

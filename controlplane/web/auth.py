@@ -95,7 +95,7 @@ def changing(sessions: Sessions | None, handler: Changing) -> Callable[[web.Requ
     async def guarded(request: web.Request) -> web.StreamResponse:
         if sessions is None:
             return forbidden("changes from the dashboard are off: start the control plane with MLLAMBDA_UI_TOKEN")
-        session = sessions.find(request.cookies.get(COOKIE))
+        session = session_of(sessions, request)
         if session is None:
             return forbidden("sign in first (/login)")
         if not same_origin(request):
@@ -106,6 +106,17 @@ def changing(sessions: Sessions | None, handler: Changing) -> Callable[[web.Requ
         return await handler(request, session, form)
 
     return guarded
+
+
+def session_of(sessions: Sessions | None, request: web.Request) -> Session | None:
+    """The request's signed-in session (by its cookie), or None: signed out, or sign-in is off."""
+    return sessions.find(request.cookies.get(COOKIE)) if sessions else None
+
+
+def viewer(sessions: Sessions | None, request: web.Request) -> dict[str, Any]:
+    """Who looks, for a page's bar: signed in (with the CSRF value its sign-out button posts) or not."""
+    session = session_of(sessions, request)
+    return {"signed_in": session is not None, "csrf": session.csrf if session else ""}
 
 
 def forbidden(why: str) -> web.Response:

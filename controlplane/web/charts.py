@@ -40,7 +40,7 @@ def health_word(passing: int, registered: int) -> str:
     return "passing" if passing else "failing" if registered else "pending"
 
 
-def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic], health: Health | None = None) -> str:
+def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic], health: Health) -> str:
     """Stages left to right; in each, its groups and variants: configured weight, observed share (the bar),
     replicas passing (the colour and the words), shadows dashed, a rollout's step."""
     observed = {(r.stage, r.branch, r.model, r.version): r.observed_share for r in rows}
@@ -57,13 +57,12 @@ def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic], health: Health | N
             total = sum(v.weight for v in variants) or 1
             for v in variants:
                 seen = observed.get((stage.name, key, v.model, v.version))
-                passing, registered = (health or {}).get(v.cluster, (0, 0))
-                word = health_word(passing, registered) if health is not None else ""
+                passing, registered = health.get(v.cluster, (0, 0))
+                word = health_word(passing, registered)
                 share = v.weight / total
                 data = f"data-variant='{e(v.model)}:{e(v.version)}' data-weight='{share:.4f}'"
                 data += f" data-seen='{'' if seen is None else f'{seen:.4f}'}' data-health='{word}'"
-                replicas = f" · {passing}/{registered} passing" if health is not None else ""
-                about = f"{100 * share:.0f}% set · seen {_pct(seen)}{replicas}"
+                about = f"{100 * share:.0f}% set · seen {_pct(seen)} · {passing}/{registered} passing"
                 bar = (STAGE_W - 28) * min(max(seen or 0.0, 0.0), 1.0)
                 lines.append(
                     f"<g class='variant {word}' data-group='{e(key)}' {data}>"

@@ -24,7 +24,7 @@ from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
-from controlplane.web.auth import COOKIE
+from controlplane.web.auth import viewer
 from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_series, wall_time
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
@@ -378,7 +378,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
 
     async def dashboard(request: web.Request) -> web.Response:
         view = reader.view()
-        page = render_dashboard(view, status_document(view, await reader.recent_traffic()), **viewer(request))
+        page = render_dashboard(view, status_document(view, await reader.recent_traffic()), **who(request))
         return web.Response(text=page, content_type="text/html")
 
     async def pipeline_page(request: web.Request) -> web.Response:
@@ -389,13 +389,11 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
         rows = [r for r in await reader.recent_traffic() if r.pipeline == name]
         asked = request.query.get("minutes", "")
         minutes = int(asked) if asked in {str(m) for m in CHART_MINUTES} else 15
-        page = render_pipeline_page(view, current, rows, minutes, **viewer(request))
+        page = render_pipeline_page(view, current, rows, minutes, **who(request))
         return web.Response(text=page, content_type="text/html")
 
-    def viewer(request: web.Request) -> dict[str, Any]:
-        """Who looks, for the page's bar: signed in (with the CSRF value its sign-out button posts) or not."""
-        session = ui.sessions.find(request.cookies.get(COOKIE)) if ui is not None and ui.sessions else None
-        return {"signed_in": session is not None, "csrf": session.csrf if session else ""}
+    def who(request: web.Request) -> dict[str, Any]:
+        return viewer(ui.sessions if ui is not None else None, request)
 
     app = web.Application(middlewares=[_hosts_only(bound)], client_max_size=512 * 1024)
     if ui is not None:
@@ -412,7 +410,7 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     app.router.add_get("/metrics", metrics_handler(reader))
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/pipelines/{name}", pipeline_page)
-    add_monitoring_routes(app, reader, viewer)
+    add_monitoring_routes(app, reader, who)
     app.router.add_get("/", dashboard)
     return app
 

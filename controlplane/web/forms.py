@@ -159,12 +159,10 @@ def changes(doc: Mapping[str, Any], form: Mapping[str, str]) -> list[Change]:
     come first (a group's indexes are the page's), then additions, then rollouts."""
     found: list[Change] = []
     for group in groups(doc):
-        for i, f in enumerate(group.fields):
-            name = f.path.removesuffix(".weight") + REMOVE
-            if form.get(name):
-                gone = sum(1 for g in group.fields if form.get(g.path.removesuffix(".weight") + REMOVE))
-                problem = "" if gone < len(group.fields) else "a group keeps at least one variant"
-                found.append(Change(name, group.path, "remove", index=i, problem=problem))
+        ticked = [(i, f.path.removesuffix(".weight") + REMOVE) for i, f in enumerate(group.fields)]
+        ticked = [(i, name) for i, name in ticked if form.get(name)]
+        problem = "" if len(ticked) < len(group.fields) else "a group keeps at least one variant"
+        found += [Change(name, group.path, "remove", index=i, problem=problem) for i, name in ticked]
     for group in groups(doc):
         picked = str(form.get(group.path + ADD, "")).strip()
         if picked:

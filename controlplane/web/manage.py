@@ -28,12 +28,11 @@ from controlplane.delivery.rollouts import spots, user_move
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.view import PlaneReader
-from controlplane.web.auth import COOKIE, Session, Sessions, changing, name_problem, same_origin, set_cookie
+from controlplane.web.auth import COOKIE, Session, Sessions, changing, name_problem, same_origin, session_of, set_cookie
 from controlplane.web.forms import as_yaml, diff_lines, edited, form_problems, problems_from_details
 from controlplane.web.pages import (
     diff_page,
     edit_page,
-    history_table,
     login_page,
     review_page,
     runtimes_page,
@@ -116,9 +115,6 @@ def cause_of(session: Session, what: str = "") -> str:
 
 
 def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions | None, admin: AdminCalls) -> None:
-    def session_of(request: web.Request) -> Session | None:
-        return sessions.find(request.cookies.get(COOKIE)) if sessions else None
-
     def html_page(text: str, status: int = 200) -> web.Response:
         return web.Response(text=text, status=status, content_type="text/html")
 
@@ -166,7 +162,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         return response
 
     async def edit_form(request: web.Request) -> web.StreamResponse:
-        name, session = request.match_info["name"], session_of(request)
+        name, session = request.match_info["name"], session_of(sessions, request)
         if session is None:
             raise web.HTTPSeeOther("/login?" + urlencode({"next": f"/pipelines/{name}/edit"}))  # any name, quoted
         current = await _current_or_404(name)
@@ -180,9 +176,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         view = reader.view()
         history = view.history.get(current.pipeline.name, [])[-20:]
         passing = sorted({f"{r.model}:{r.version}" for r in view.runtimes if r.passing})[:MAX_CHOICES]
-        page = edit_page(current, doc, problems, s.csrf, note, passing)
-        table = history_table(current.pipeline.name, history, current.version, s.csrf)
-        return page.replace("</main>", table + "</main>")  # inside the page's main landmark
+        return edit_page(current, doc, problems, s.csrf, note, passing, history)
 
     async def _current_or_404(name: str) -> PipelineVersion:
         try:
@@ -197,19 +191,18 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         review's button): the same values applied on the version they were reviewed against; `edit`: back."""
         name, action = request.match_info["name"], str(form.get("action", "review"))
         current = await _current_or_404(name)
-        doc = edited(pipeline_to_dict(current.pipeline), form)
+        before = pipeline_to_dict(current.pipeline)
+        doc = edited(before, form)
         if action == "edit":
             return html_page(_edit(current, doc, [], session, ""))
         try:
-            if problems := form_problems(pipeline_to_dict(current.pipeline), form):
+            if problems := form_problems(before, form):
                 raise InvalidPipeline(problems)
             pipeline = parse_pipeline(doc)
             expect = _int(form.get("expect_version"))
             if action != "apply":
                 reply = await admin.apply(pipeline, cause_of(session), expect=expect, dry_run=True)
-                lines = diff_lines(
-                    pipeline_to_dict(current.pipeline), doc, f"v{current.version}", f"v{current.version + 1}"
-                )
+                lines = diff_lines(before, doc, f"v{current.version}", f"v{current.version + 1}")
                 return html_page(review_page(current, dict(form), lines, session.csrf, bool(reply.created)))
             reply = await admin.apply(pipeline, cause_of(session), expect=expect)
         except InvalidPipeline as err:
@@ -253,11 +246,11 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             raise web.HTTPNotFound(text=f"versions kept: {min(versions)} to {max(versions)}\n")
         a, b = (pipeline_to_dict(versions[v].pipeline) for v in (old, new))
         lines = diff_lines(a, b, f"v{old}", f"v{new}")
-        session = session_of(request)
+        session = session_of(sessions, request)
         return html_page(diff_page(name, old, new, lines, session.csrf if session else None))
 
     async def yaml_form(request: web.Request) -> web.StreamResponse:
-        session = session_of(request)
+        session = session_of(sessions, request)
         if session is None:
             raise web.HTTPSeeOther("/login?" + urlencode({"next": "/yaml"}))
         name = request.query.get("name", "")
@@ -283,13 +276,13 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
 
     async def runtimes(request: web.Request) -> web.StreamResponse:
         view = reader.view()
-        session = session_of(request)
+        session = session_of(sessions, request)
         csrf = session.csrf if session else None
         page = runtimes_page(view.runtimes, await reader.recent_traffic(), view.consul_ui, view.envoy_admin, csrf)
         return html_page(page)
 
     async def models(request: web.Request) -> web.StreamResponse:
-        session = session_of(request)
+        session = session_of(sessions, request)
         note, error, status = _done_note(request.query), "", 200
         try:
             listed = (await admin.call("ListModels", admin_pb2().ListModelsRequest())).models

@@ -71,11 +71,12 @@ def edit_page(
     csrf: str,
     note: str = "",
     candidates: Sequence[str] = (),
+    history: Sequence[PipelineVersion] = (),
 ) -> str:
     """The form: the transport; per group its variants' weights with their shares, a box to remove each, a
     variant to add at a share (from `candidates`: the model versions passing in Consul) and a rollout to start;
     a shadow per stage or member. It asks for a review (the diff, Envoy's check) before anything is applied;
-    then the rollouts' buttons and the history with rollback and diff."""
+    then the rollouts' buttons and `history` (newest last) with rollback and diff."""
     name = current.pipeline.name
     fields = {"transport", *(f.path for g in groups(doc) for f in g.fields), *(g.path for g in groups(doc))}
     for g in groups(doc):
@@ -131,6 +132,7 @@ def edit_page(
         f"<p><a href='/yaml?name={e(name)}'>edit the whole definition as YAML</a> · "
         f"<a href='/pipelines/{e(name)}'>back to {e(name)}</a></p>"
     )
+    out.append(history_table(name, history, current.version, csrf))
     return layout(f"change {name}", "".join(out), signed_in=True, csrf=csrf)
 
 
