@@ -4,7 +4,8 @@
 control plane). The classifier runs on a simulated accelerator
 (bench/device_model.py: one request at a time, 25 ms each), so one replica
 serves at most 40 requests a second. The load is open loop: 10/s for 10 s,
-50/s (5x) for 45 s, 10/s for 40 s. Reported per run and as medians: when the
+50/s (5x) for 45 s, 10/s until the version is back at min_replicas and 5 s more (at most
+40 s). Reported per run and as medians: when the
 autoscaler decided and when the second replica passed, the peak, p99 before,
 during and after, when the version was back at min_replicas, and failures.
 tests/test_autoscale_e2e.py runs the same scenario once and asserts on it.
@@ -57,12 +58,17 @@ def stack_file(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     return path, ports
 
 
-async def load(url: str, rate: float, seconds: float, out: list[tuple[float, float, int]]) -> None:
-    """Open loop: request i leaves at start + i/rate whatever the others do; (sent, latency, status) each."""
+async def load(
+    url: str, rate: float, seconds: float, out: list[tuple[float, float, int]], done: Callable[[], bool] | None = None
+) -> None:
+    """Open loop: request i leaves at start + i/rate whatever the others do; (sent, latency, status) each.
+    Once `done()` is true no further request leaves."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
 
         async def one(i: int, due: float) -> None:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if done is not None and done():
+                return
             sent = time.monotonic()
             try:
                 async with session.post(url, json={"text": TEXTS[i % len(TEXTS)]}) as resp:
@@ -147,7 +153,12 @@ async def load_step(
         await load(url, HIGH, 45, high)
         after = time.monotonic()
         settle: list[tuple[float, float, int]] = []
-        await load(url, LOW, 40, settle)
+
+        def settled() -> bool:  # back at min_replicas for 5 s: a replica that left has had its chance to fail one
+            back = first(seen, after, lambda wanted, passing: wanted == 1 and passing == 1)
+            return back is not None and time.monotonic() > after + back + 5
+
+        await load(url, LOW, 40, settle, settled)
         stop.set()
         await watcher
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pytest
 from controlplane.node import processes
 from controlplane.node.processes import ManagedProcess
 from controlplane.node.tools import find_consul, find_envoy, find_tansu
+from tests.helpers.paths import short_dir
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class ControlPlaneProc:
     metrics_port: int = field(default_factory=processes.free_port)
     bridge_port: int = field(default_factory=processes.free_port)  # the Kafka HTTP bridge (with a broker)
     env: dict[str, str] = field(default_factory=dict)
-    run_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mll-"))  # its runtimes' sockets
+    run_dir: str = field(default_factory=lambda: str(short_dir()))  # its runtimes' sockets
     extra_args: list[str] = field(default_factory=list)
     proc: ManagedProcess | None = None
     ui_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # signs a browser in to the dashboard
@@ -297,3 +297,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite tests/golden/*.json from what translation makes now"
     )
+
+
+# The longest files first (seconds on 2 cores, measured with --durations=0), so that the two workers, which take
+# a file each time they are free (`--dist loadfile --no-loadscope-reorder`), end together instead of one running a
+# long scenario alone at the end. A file not named keeps its place after these; a stale list costs time, not
+# correctness.
+LONGEST_FIRST = (
+    "test_formats_e2e.py",
+    "test_kafka_e2e.py",
+    "test_autoscale_e2e.py",
+    "test_packages_e2e.py",
+    "test_pipeline_e2e.py",
+    "test_rollouts_e2e.py",
+    "test_stack_e2e.py",
+    "test_multihost.py",
+    "test_consul_outage.py",
+    "test_zero_loss.py",
+    "test_admin.py",
+    "test_prometheus.py",
+    "test_kafka_poison.py",
+    "test_supervision.py",
+    "test_monitoring_e2e.py",
+    "test_fuzz.py",
+    "test_observability.py",
+    "test_colocated_e2e.py",
+    "test_ha.py",
+    "test_replay_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

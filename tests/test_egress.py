@@ -5,7 +5,6 @@ fallback against real Envoys while the control plane takes the shared listeners 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ from aiohttp import web
 
 from contract import headers as h
 from runtime_sdk.egress import SHARED_RETRY_S, Egress
+from tests.helpers.paths import short_dir
 
 Reply = Callable[[web.Request], web.StreamResponse]
 
@@ -36,7 +36,7 @@ async def serving(path: Path, reply: Reply, seen: list[str]) -> AsyncIterator[No
 
 
 async def test_what_the_shared_envoy_cannot_do_goes_to_the_own_sidecar_and_what_it_answers_stands() -> None:
-    folder = Path(tempfile.mkdtemp(prefix="mll-"))
+    folder = short_dir()
     shared_path, own_path = folder / "r@host.sock", folder / "r-egress.sock"
     shared_seen: list[str] = []
     own_seen: list[str] = []

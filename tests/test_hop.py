@@ -6,16 +6,15 @@ end-to-end test (each runtime's output goes through it)."""
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 
 from runtime_sdk.ensemble import hop_headers
 from runtime_sdk.hop import MAX_CONNECTIONS, MAX_HEAD, HopClient, HopError, Unsent
 from tests.helpers.envoy import wait_for
+from tests.helpers.paths import short_dir
 
 Reply = Callable[[bytes, asyncio.StreamWriter], "asyncio.Future[None] | None"]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -59,7 +58,7 @@ class Peer:
 
 @asynccontextmanager
 async def peer(reply: Callable[[bytes], bytes | None], hang_up: bool = False) -> AsyncIterator[tuple[Peer, HopClient]]:
-    path = Path(tempfile.mkdtemp(prefix="mll-")) / "peer.sock"
+    path = short_dir() / "peer.sock"
     server = Peer(reply, hang_up)
     listening = await asyncio.start_unix_server(server.serve, str(path))
     client = HopClient(path=str(path), max_answer=1000)
@@ -117,7 +116,7 @@ async def test_an_answer_by_length_in_pieces_is_read_whole_and_bytes_after_it_en
                 await asyncio.sleep(0.01)  # pacing: each piece its own read
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]")  # nobody asked for this
 
-    path = Path(tempfile.mkdtemp(prefix="mll-")) / "pieces.sock"
+    path = short_dir() / "pieces.sock"
     listening = await asyncio.start_unix_server(pieces, str(path))
     client = HopClient(path=str(path))
     try:
@@ -139,7 +138,7 @@ async def test_an_answer_in_single_bytes_is_read_whole() -> None:
             await asyncio.sleep(0)
         await reader.read()
 
-    path = Path(tempfile.mkdtemp(prefix="mll-")) / "trickle.sock"
+    path = short_dir() / "trickle.sock"
     listening = await asyncio.start_unix_server(trickle, str(path))
     client = HopClient(path=str(path))
     try:
@@ -187,7 +186,7 @@ async def test_no_answer_at_all_is_unsent() -> None:
         with pytest.raises(Unsent, match="closed the connection before answering"):
             await client.post("/x", "{}", {})
     with pytest.raises(Unsent, match="cannot connect"):
-        await HopClient(path=str(Path(tempfile.mkdtemp(prefix="mll-")) / "nobody.sock")).post("/x", "{}", {})
+        await HopClient(path=str(short_dir() / "nobody.sock")).post("/x", "{}", {})
 
 
 async def test_a_header_or_path_that_would_forge_another_is_refused_before_anything_is_sent() -> None:
@@ -225,7 +224,7 @@ async def test_a_caller_that_gives_up_mid_answer_leaves_nothing_for_the_next() -
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")
             await writer.drain()
 
-    path = Path(tempfile.mkdtemp(prefix="mll-")) / "slow.sock"
+    path = short_dir() / "slow.sock"
     listening = await asyncio.start_unix_server(slow, str(path))
     client = HopClient(path=str(path))
     try:

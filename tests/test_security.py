@@ -10,7 +10,6 @@ import json
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from controlplane.node import processes
 from controlplane.node.processes import ManagedProcess
 from tests.conftest import ConsulAgent, ControlPlaneProc, consul_passing, start_consul
 from tests.helpers.envoy import admin_stat
+from tests.helpers.paths import short_dir
 
 pytestmark = pytest.mark.slow
 LISTENERS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -106,7 +106,7 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         extra_args=["--security=mtls", f"--gateway-tls-dir={state / 'gateway-tls'}"],
     )
     started: list[ManagedProcess] = []
-    run_dir = tempfile.mkdtemp(prefix="mll-sec-")
+    run_dir = str(short_dir("sec-"))
     try:
         plane.start()
         me = [sys.executable, "-m", "controlplane.cli"]
