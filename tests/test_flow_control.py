@@ -14,6 +14,7 @@ import pytest
 
 from controlplane.node.processes import http_get
 from tests.conftest import passing
+from tests.helpers.envoy import admin_stat, wait_for
 from tests.helpers.observe import metric, scrape
 from tests.helpers.pipelines import apply, service_meta, until_ok
 
@@ -114,3 +115,64 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     assert metric(runtime, admission, priority="sheddable", outcome="shed") >= bulk.codes[503] + forged.codes[503]
     assert metric(runtime, admission, priority="standard", outcome="over share") >= heavy.codes[429]
     assert metric(runtime, admission, priority="critical", outcome="admitted") >= gold.codes[200]
+
+
+async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_no_stage_sees_those_requests(
+    control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
+) -> None:
+    """`rate_limit: {per_second: 1, burst: 3, keys: 2}` with `fairness: {header: x-tenant}`: each tenant gets three
+    at once and one a second after, the client's address stands for a request without the header, at most two
+    callers are tracked, the refused get 429 at once with the reason, and the runtime never sees them."""
+    (echo,) = passing(start_runtime("examples.trivial.models:echo", "echo", "v1", wait=False))
+    quota = {"per_second": 1, "burst": 3, "keys": 2}
+    spec = {"name": "quota", "fairness": {"header": "x-tenant"}, "rate_limit": quota,
+            "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}]}  # fmt: skip
+    apply(control_plane, tmp_path, spec)
+    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/quota"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+        async def burst(count: int, tenant: str | None) -> list[tuple[int, float, dict[str, Any], Any]]:
+            """`count` requests one after another, as fast as the answers come."""
+            found = []
+            for _ in range(count):
+                started = time.monotonic()
+                headers = {"x-tenant": tenant} if tenant else {}
+                async with http.post(url, json={"n": 1}, headers=headers) as resp:
+                    body = await resp.json(content_type=None)
+                    found.append((resp.status, time.monotonic() - started, body, resp.headers))
+            return found
+
+        async def answered() -> bool:  # the route is there (a caller of its own: the others' buckets stay full)
+            return (await burst(1, "warm-up"))[0][0] == 200
+
+        await wait_for(answered, timeout=20)
+        a = await burst(5, "a")
+        assert [status for status, *_ in a] == [200, 200, 200, 429, 429], a
+        for _, took, body, headers in a[3:]:
+            assert took < 0.3 and headers["retry-after"] == "1", (took, headers)
+            assert headers["x-mll-rate-limit"] == "1/s, burst 3, per x-tenant", headers
+            assert body["refused"] == "rate limited" and "over the pipeline's rate limit" in body["error"], body
+        # Two callers are tracked at most: b and c push a out, and a comes back with a full bucket at once
+        # (which, kept, would have been empty for another second).
+        b, c, a_again = await burst(1, "b"), await burst(1, "c"), await burst(1, "a")
+        assert [r[0] for r in (*b, *c, *a_again)] == [200, 200, 200], (b, c, a_again)
+        # Without the header, the client's address is the caller.
+        anonymous = await burst(5, None)
+        assert [status for status, *_ in anonymous] == [200, 200, 200, 429, 429], anonymous
+
+        refused = sum(status == 429 for status, *_ in [*a, *anonymous])
+        served = sum(status == 200 for status, *_ in [*a, *b, *c, *a_again, *anonymous])
+        stat = "rate_limit.quota.http_local_rate_limit.rate_limited"
+        assert admin_stat(control_plane.gateway_admin_port, stat) == refused  # the gateway counts them per pipeline
+        port = service_meta(control_plane.consul_port, "echo", echo.service_id)["runtime_port"]
+        runtime = http_get(f"http://127.0.0.1:{port}/metrics")[1]
+        seen = metric(runtime, "mllambda_runtime_requests_total", model="echo", code="200")
+        assert seen == served + 1, (seen, served)  # the refused never reached the stage (+1: the warm-up)
+
+        # The quota is configuration: a new version without it lets the same burst through.
+        apply(control_plane, tmp_path, {k: v for k, v in spec.items() if k != "rate_limit"})
+
+        async def unlimited() -> bool:
+            return all(status == 200 for status, *_ in await burst(6, "a"))
+
+        await wait_for(unlimited, timeout=20)

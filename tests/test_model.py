@@ -159,6 +159,32 @@ def test_kafka_topic_names_that_would_break_the_broker_or_the_hops_are_refused(
     assert problem in str(caught.value)
 
 
+def test_a_rate_limit_round_trips_with_its_defaults_and_hostile_ones_are_named() -> None:
+    from controlplane.admin.convert import spec_from_proto, spec_to_proto
+    from controlplane.pipeline.model import RateLimit
+
+    base = yaml.safe_load(EXAMPLE.read_text())
+    pipeline = parse_pipeline({**base, "rate_limit": {"per_second": 20}})
+    assert pipeline.rate_limit == RateLimit(per_second=20, burst=20, keys=10_000)  # burst: one second's worth
+    assert spec_from_proto(spec_to_proto(pipeline)) == pipeline == parse_pipeline(pipeline_to_dict(pipeline))
+    assert parse_pipeline(base).rate_limit is None and "rate_limit" not in pipeline_to_dict(parse_pipeline(base))
+    for quota, said in [
+        ({"per_second": 0}, "rate_limit.per_second: must be between 1 and 1000000, got 0"),
+        ({"per_second": 10**9}, "rate_limit.per_second: must be between 1 and 1000000, got 1000000000"),
+        ({"per_second": 2.5}, "rate_limit.per_second: must be a whole number"),
+        ({"per_second": "lots"}, "rate_limit.per_second: must be a number, got str"),
+        ({"per_second": True}, "rate_limit.per_second: must be a number, got bool"),
+        ({"burst": 3}, "rate_limit.per_second: required"),
+        ({"per_second": 5, "burst": 2}, "rate_limit.burst: must be at least per_second (5), got 2"),
+        ({"per_second": 5, "keys": 0}, "rate_limit.keys: must be between 1 and 100000, got 0"),
+        ({"per_second": 5, "keys": 10**6}, "rate_limit.keys: must be between 1 and 100000"),
+        ({"per_second": 5, "window": 1}, "rate_limit.window: unknown field"),
+        ("5/s", "rate_limit: must be a mapping, got str"),
+    ]:
+        found = problems({**base, "rate_limit": quota})
+        assert any(said in p for p in found), (quota, found)
+
+
 def test_a_priority_and_a_fairness_header_round_trip_and_hostile_ones_are_named() -> None:
     from controlplane.admin.convert import spec_from_proto, spec_to_proto
 

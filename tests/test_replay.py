@@ -22,7 +22,8 @@ from controlplane.delivery.replay_report import (
     read_log,
 )
 from controlplane.delivery.replays import REPLAY_BASE, new_trial, trial_from
-from controlplane.translate.pipelines import REPLAY, Deployment, carried, translate
+from controlplane.pipeline.model import RateLimit
+from controlplane.translate.pipelines import RATE_FILTER, REPLAY, Deployment, carried, translate
 from controlplane.web.dashboard import render_replays
 from tests.helpers.translation import PIPELINE, RUNTIMES, at, entries, routes
 
@@ -116,8 +117,8 @@ def test_chains_fields_and_examples_are_bounded() -> None:
     assert len(report["examples"]) == replay_report.MAX_EXAMPLES
 
 
-def test_a_trial_is_entered_only_with_its_secret_and_never_logged() -> None:
-    logged = dataclasses.replace(PIPELINE, log_percent=50)
+def test_a_trial_is_entered_only_with_its_secret_never_logged_and_not_held_to_the_callers_rate_limit() -> None:
+    logged = dataclasses.replace(PIPELINE, log_percent=50, rate_limit=RateLimit(per_second=5, burst=5))
     trial = new_trial(dataclasses.replace(PIPELINE, log_percent=0), ttl=60, now=1000.0)
     assert trial.version.version >= REPLAY_BASE and trial_from(json.loads(json.dumps(trial.record()))) == trial
     deployments = [Deployment(at(logged), (at(logged),), ((trial.version, trial.secret),))]
@@ -129,6 +130,7 @@ def test_a_trial_is_entered_only_with_its_secret_and_never_logged() -> None:
     assert "x-mll-log" not in [a.header.key for a in first.request_headers_to_add]  # a replay feeds no log
     assert REPLAY in first.request_headers_to_remove and REPLAY in live.request_headers_to_remove
     assert not live.match.headers and "x-mll-log" in [a.header.key for a in live.request_headers_to_add]
+    assert RATE_FILTER in live.typed_per_filter_config and RATE_FILTER not in first.typed_per_filter_config
     # The sidecars get the trial's hops beside the live ones; the gateway counts as routing it.
     assert any(f"/v{trial.version.version}/b" in r.match.path for r in routes(snapshots["ma-v1-1"], "egress"))
     assert ("p", trial.version.version) in carried(deployments, RUNTIMES)["gateway"]

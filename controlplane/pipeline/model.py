@@ -198,6 +198,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A quota per caller at each gateway Envoy (Envoy's local rate limit, a token bucket per caller key):
+    `per_second` requests a second, `burst` at once; at most `keys` callers tracked at a time (the least
+    recently seen is forgotten first, and comes back with a full bucket)."""
+
+    per_second: int
+    burst: int
+    keys: int = 10_000
+
+
+RATE_LIMIT_MAX = 1_000_000  # per_second and burst
+RATE_KEYS_MAX = 100_000  # callers an Envoy tracks per pipeline
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     transport: str
@@ -209,6 +224,7 @@ class Pipeline:
     max_body: int = DEFAULT_MAX_BODY  # bytes of a request (and of each stage's answer): 413 at the gateway over it
     priority: int = 0  # when its models are saturated: above 0 served first, below 0 refused first (admission.py)
     fairness_header: str = ""  # the request header whose value is the caller's key ("": the client's address)
+    rate_limit: RateLimit | None = None  # a quota per caller key, at the gateway (None: none)
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

@@ -21,6 +21,8 @@ from controlplane.pipeline.model import (
     LIMITS,
     MAX_INPUT_FIELDS,
     PROTOCOLS,
+    RATE_KEYS_MAX,
+    RATE_LIMIT_MAX,
     TOPIC,
     TRANSPORTS,
 )
@@ -159,6 +161,14 @@ def pipeline_schema() -> dict[str, Any]:
                             "not": {"pattern": "^x-(mll|envoy)-"},
                         }
                     }
+                ),
+                "rate_limit": closed_object(
+                    {
+                        "per_second": {"type": "integer", "minimum": 1, "maximum": RATE_LIMIT_MAX},
+                        "burst": {"type": "integer", "minimum": 1, "maximum": RATE_LIMIT_MAX},
+                        "keys": {"type": "integer", "minimum": 1, "maximum": RATE_KEYS_MAX},
+                    },
+                    ("per_second",),
                 ),
                 "max_body": {
                     "description": "bytes of a request body (and of each stage's answer), or with Ki or Mi: 16Mi",

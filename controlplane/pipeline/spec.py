@@ -21,6 +21,8 @@ from controlplane.pipeline.model import (
     LIMITS,
     MAX_INPUT_FIELDS,
     PROTOCOLS,
+    RATE_KEYS_MAX,
+    RATE_LIMIT_MAX,
     TOPIC,
     TRANSPORTS,
     Branch,
@@ -28,6 +30,7 @@ from controlplane.pipeline.model import (
     Member,
     Pipeline,
     Problem,
+    RateLimit,
     ReplayGate,
     Retry,
     Rollout,
@@ -108,7 +111,7 @@ class _Parser:
             self.bad(path, f"must be a number, got {type(value).__name__}")
             return default
         if not low <= value <= high:
-            self.bad(path, f"must be between {low:g} and {high:g}, got {value:g}")
+            self.bad(path, f"must be between {_shown(low)} and {_shown(high)}, got {_shown(value)}")
         return value
 
     def integer(self, value: Any, path: str, low: int, high: int, default: int) -> int:
@@ -122,7 +125,7 @@ class _Parser:
 
     def pipeline(self, spec: Any) -> Pipeline | None:
         allowed = {"name", "transport", "stages", "kind", "apiVersion", "input_topic", "output_topic", "logging"}
-        allowed |= {"input", "max_body", "priority", "fairness"}
+        allowed |= {"input", "max_body", "priority", "fairness", "rate_limit"}
         data = self.mapping(spec, "spec", allowed)
         if not data:
             return None
@@ -151,9 +154,36 @@ class _Parser:
             self.bad(
                 "priority" if priority else "fairness", "admission is at the runtimes' HTTP: use transport http or uds"
             )
+        rate_limit = self.rate_limit(data.get("rate_limit"))
         return Pipeline(
-            name, str(transport), stages, topics[0], topics[1], log_percent, given, max_body, priority, fairness
+            name,
+            str(transport),
+            stages,
+            topics[0],
+            topics[1],
+            log_percent,
+            given,
+            max_body,
+            priority,
+            fairness,
+            rate_limit,
         )
+
+    def rate_limit(self, raw: Any) -> RateLimit | None:
+        """`rate_limit: {per_second: N, burst: M, keys: K}`: a quota per caller key at the gateway."""
+        if raw is None:
+            return None
+        data = self.mapping(raw, "rate_limit", {"per_second", "burst", "keys"})
+        if not data:
+            return None
+        if "per_second" not in data:
+            self.bad("rate_limit.per_second", "required: requests a second each caller may send")
+        per_second = self.integer(data.get("per_second"), "rate_limit.per_second", 1, RATE_LIMIT_MAX, 1)
+        burst = self.integer(data.get("burst"), "rate_limit.burst", 1, RATE_LIMIT_MAX, per_second)
+        if burst < per_second:
+            self.bad("rate_limit.burst", f"must be at least per_second ({per_second}), got {burst}")
+        keys = self.integer(data.get("keys"), "rate_limit.keys", 1, RATE_KEYS_MAX, RateLimit.keys)
+        return RateLimit(per_second, burst, keys)
 
     def priority(self, raw: Any) -> int:
         """`priority: critical | standard | sheddable`, or a whole number from -1000 to 1000 (below 0: sheddable)."""
@@ -473,6 +503,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         result["priority"] = names.get(pipeline.priority, str(pipeline.priority))
     if pipeline.fairness_header:
         result["fairness"] = {"header": pipeline.fairness_header}
+    if pipeline.rate_limit:
+        result["rate_limit"] = asdict(pipeline.rate_limit)
     return result
 
 
@@ -513,3 +545,8 @@ def _rollout_dict(r: Rollout) -> dict[str, Any]:
     if r.max_drift:
         out["max_drift"] = r.max_drift
     return out
+
+
+def _shown(number: float) -> str:
+    """1000000, not 1e+06; 0.5 as it is."""
+    return str(int(number)) if float(number).is_integer() and abs(number) < 1e15 else f"{number:g}"

@@ -21,9 +21,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as rate_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
 
 from contract import headers as h
@@ -65,6 +69,9 @@ KAFKA = "kafka-broker"
 SERVED_TRANSPORTS = ("http", "uds")  # kafka pipelines are carried by topics, not routes
 # The buffer filter, off unless a route turns it on (a pipeline's chunked requests: routes.body_limited)
 BUFFERING = (BUFFER_FILTER, buffer_pb2.Buffer(max_request_bytes=wrappers_pb2.UInt32Value(value=MAX_BODY_CEILING)))
+# Envoy's local rate limit, off but where a pipeline with a rate_limit turns it on (`rate_limited`)
+RATE_FILTER = "envoy.filters.http.local_ratelimit"
+RATE_LIMITING = (RATE_FILTER, rate_pb2.LocalRateLimit(stat_prefix="rate_limit"))
 REPLAY = "x-mll-replay"  # a replay's secret: only requests that carry it enter its candidate (never live traffic)
 
 
@@ -256,7 +263,10 @@ def _gateway(
     routes += [route for v in entries for route in _gateway_routes(v, signatures=signatures)]
     routes += [*oip_server_routes(), *([_front_route()] if options.fronts else []), not_found_route()]
     listener = r.http_listener(
-        "gateway", r.tcp_address(options.gateway_host, options.gateway_port), "gateway", optional=[BUFFERING]
+        "gateway",
+        r.tcp_address(options.gateway_host, options.gateway_port),
+        "gateway",
+        optional=[RATE_LIMITING, BUFFERING],  # a request over its caller's quota is refused before it is read
     )
     # Not served: only their clusters. Kafka versions count too, so that switching
     # back to HTTP finds the first stage's clusters warm.
@@ -303,9 +313,74 @@ def _gateway_routes(
             [r.header(h.PROTOCOL, oip.PROTOCOL), r.header(h.OIP_MODEL, p.name), r.header(h.OIP_VERSION, str(v.version))]
         )
         route.request_headers_to_add.extend(logged)
+    rate_limited(p, json_api + infer)
     inputs = _signature_side(p.stages[0], "inputs", signatures or {})
     outputs = _signature_side(p.stages[-1], "outputs", signatures or {})
     return body_limited(p, json_api + infer) + oip_model_routes(p.name, str(v.version), inputs, outputs)
+
+
+def rate_limited(p: Pipeline, routes: Sequence[rc.Route]) -> None:
+    """A pipeline's rate_limit on its ways in: a token bucket per caller key (the fairness header's value; the
+    client's address for a request without it, or when the pipeline names none), refilled every second. Over it:
+    429 at once with `retry-after: 1`, before the gateway reads the body or any stage sees the request. Envoy
+    keeps at most `keys` buckets per route, forgetting the least recently used (a forgotten caller comes back
+    with a full bucket)."""
+    if p.rate_limit is None:
+        return
+    limit = p.rate_limit
+    bucket = token_bucket_pb2.TokenBucket(
+        max_tokens=limit.burst,
+        tokens_per_fill=wrappers_pb2.UInt32Value(value=limit.per_second),
+        fill_interval=r.millis(1000),
+    )
+    everyone = token_bucket_pb2.TokenBucket(
+        max_tokens=2**31, tokens_per_fill=wrappers_pb2.UInt32Value(value=2**31), fill_interval=r.millis(1000)
+    )  # what no descriptor matched: never limited (each caller has a descriptor)
+    by_address = rc.RateLimit(actions=[rc.RateLimit.Action(remote_address=rc.RateLimit.Action.RemoteAddress())])
+    descriptors = [_descriptor(bucket, ("remote_address", ""))]
+    if p.fairness_header:
+        header = p.fairness_header
+        named = rc.RateLimit.Action.RequestHeaders(header_name=header, descriptor_key="caller", skip_if_absent=True)
+        absent = rc.RateLimit.Action.HeaderValueMatch(
+            descriptor_key="anonymous",
+            descriptor_value="yes",
+            expect_match=wrappers_pb2.BoolValue(value=False),
+            headers=[rc.HeaderMatcher(name=header, present_match=True)],
+        )
+        by_header = rc.RateLimit(actions=[rc.RateLimit.Action(request_headers=named)])
+        by_address = rc.RateLimit(actions=[rc.RateLimit.Action(header_value_match=absent), *by_address.actions])
+        descriptors = [
+            _descriptor(bucket, ("caller", "")),
+            _descriptor(bucket, ("anonymous", "yes"), ("remote_address", "")),
+        ]
+    keyed = f"per {p.fairness_header or 'client address'}"
+    config = rate_pb2.LocalRateLimit(
+        stat_prefix=f"rate_limit.{p.name}",
+        token_bucket=everyone,
+        always_consume_default_token_bucket=wrappers_pb2.BoolValue(value=False),
+        filter_enabled=ALWAYS,
+        filter_enforced=ALWAYS,
+        rate_limits=[*([by_header] if p.fairness_header else []), by_address],
+        descriptors=descriptors,
+        max_dynamic_descriptors=wrappers_pb2.UInt32Value(value=limit.keys),
+        response_headers_to_add=[
+            r.header("retry-after", "1"),
+            r.header(h.RATE_LIMIT, f"{limit.per_second}/s, burst {limit.burst}, {keyed}"),
+        ],
+    )
+    for route in routes:
+        route.typed_per_filter_config[RATE_FILTER].CopyFrom(r.pack(config))
+
+
+ALWAYS = base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(numerator=100))
+
+
+def _descriptor(bucket: Any, *entries: tuple[str, str]) -> Any:
+    """A descriptor whose empty values match any value, each value its own bucket (Envoy's dynamic descriptors)."""
+    found = ratelimit_pb2.LocalRateLimitDescriptor(token_bucket=bucket)
+    for key, value in entries:
+        found.entries.add(key=key, value=value)
+    return found
 
 
 def flow_headers(p: Pipeline) -> list[Any]:
@@ -325,7 +400,10 @@ def _trial_routes(v: PipelineVersion, secret: str) -> list[rc.Route]:
     Envoy's stats and errors tell replay requests from live ones.
     """
     # and sheddable: a replay never takes a place in predict from live traffic
-    quiet = dataclasses.replace(v, pipeline=dataclasses.replace(v.pipeline, log_percent=0, priority=-1000))
+    # and not held to the callers' rate limit: the replay sets its own rate
+    quiet = dataclasses.replace(
+        v, pipeline=dataclasses.replace(v.pipeline, log_percent=0, priority=-1000, rate_limit=None)
+    )
     paths = {pipeline_path(v.pipeline.name), oip.infer_path(v.pipeline.name)}
     found = []
     for route in _gateway_routes(quiet, as_http=True):

@@ -165,7 +165,21 @@ def _local_replies() -> list[Resource]:
             accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=only_503)),
         ]
     )
+    only_429 = accesslog_pb2.ComparisonFilter(
+        op=accesslog_pb2.ComparisonFilter.EQ,
+        value=base_pb2.RuntimeUInt32(default_value=429, runtime_key="mllambda.rate_limited_status"),
+    )
+    limited = struct_pb2.Struct()
+    limited.update({"error": "this caller is over the pipeline's rate limit (x-mll-rate-limit); retry after a second",
+                    "refused": "rate limited", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})  # fmt: skip
     return [
+        hcm_pb2.ResponseMapper(  # Envoy's own 429s: its local rate limit (a pipeline's rate_limit), which sets
+            # its response flag only after the reply is made; a runtime's 429 is not a local reply and keeps its body
+            filter=accesslog_pb2.AccessLogFilter(
+                status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=only_429)
+            ),
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(json_format=limited),
+        ),
         hcm_pb2.ResponseMapper(
             filter=accesslog_pb2.AccessLogFilter(and_filter=both),
             headers_to_add=[header(h.RETRIABLE, "true")],
