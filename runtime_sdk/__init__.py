@@ -1,5 +1,5 @@
 """ML Lambda runtime SDK: wrap a predict() callable into a discoverable runtime."""
 
-from runtime_sdk.app import Rejected
+from runtime_sdk.errors import Rejected
 
 __all__ = ["Rejected"]

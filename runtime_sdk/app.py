@@ -25,6 +25,7 @@ from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
 from runtime_sdk.entry import as_oip, log_payload, oip_payload
+from runtime_sdk.errors import Rejected
 from runtime_sdk.hop import HopError
 from runtime_sdk.http1 import HttpError, Request, Response, json_response
 from runtime_sdk.payload_log import PayloadLog, sampled
@@ -33,14 +34,6 @@ from runtime_sdk.wire import BODY_BUDGET, MAX_CONNECTIONS, Server
 
 Predict = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 log = logging.getLogger("mllambda.runtime")
-
-
-class Rejected(Exception):
-    """Raise from predict() to refuse a payload: the caller gets a 422 (or `status`, a 4xx) with this message."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status if 400 <= status < 500 else 422
 
 
 class Metrics:

@@ -39,7 +39,8 @@ from contract.naming import hop_group, routing_table_prefix
 from contract.payload import NotAnObject, encode, parse_object
 from contract.routing import PipelineTables
 from contract.watch import WAIT, watch
-from runtime_sdk.app import Rejected, Runtime
+from runtime_sdk.app import Runtime
+from runtime_sdk.errors import Rejected
 
 log = logging.getLogger("mllambda.kafka")
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime_sdk.app import Rejected
+from runtime_sdk.errors import Rejected
 from runtime_sdk.formats.libraries import LOADERS, Loaded, LoadError
 from runtime_sdk.formats.signature import read_columns, read_tensors, split
 from runtime_sdk.serve import ServeError

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime_sdk.app import Rejected
+from runtime_sdk.errors import Rejected
 
 # OIP datatypes <-> numpy; ANY: whatever JSON holds (an output the library describes no further)
 NUMPY = {
