@@ -228,7 +228,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for p in status["pipelines"]:
         seen = windows.get(p["name"])
         over = f"  (observed over the last {seen:.0f} s of this version)" if seen is not None else ""
-        print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}{over}")
+        quota = p.get("rate_limit")
+        limited = status.get("rate_limited", {}).get(p["name"], 0)
+        quota_text = f"  rate limit {quota['per_second']}/s: {limited} refused at the gateway" if quota else ""
+        print(f"pipeline {p['name']}  version {p['version']}  transport {p['transport']}{quota_text}{over}")
     columns = f"{'PIPELINE':<14}{'STAGE':<12}{'BRANCH':<10}{'VARIANT':<22}{'WEIGHT':>8}{'OBSERVED':>10}"
     print(f"\n{columns}{'REQUESTS':>10}{'5XX':>6}{'REFUSED':>9}{'RETRIES':>9}{'P99 MS':>8}")
     for t in status["traffic"]:  # REFUSED: answered 429 or 503 by the variant's runtimes (flow control)

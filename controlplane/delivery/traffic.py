@@ -64,12 +64,22 @@ COUNTED = (
 )
 
 
+# A pipeline's requests its rate limit refused at the gateway (Envoy's `rate_limit.<pipeline>.<RATE_LIMITED_STAT>`)
+# are kept among the clusters' counts as the `refused` of the key RATE_LIMITED + pipeline (no cluster is named so),
+# so that readings, sums and windows need nothing of their own.
+RATE_LIMITED = "(rate limited) "
+RATE_LIMITED_STAT = "http_local_rate_limit.rate_limited"
+
+
 def parse_envoy_stats(body: Mapping[str, Any]) -> dict[str, ClusterStats]:
-    """Envoy `/stats?format=json` -> ClusterStats per cluster."""
+    """Envoy `/stats?format=json` -> ClusterStats per cluster (and per rate-limited pipeline, RATE_LIMITED)."""
     counts: dict[str, dict[str, int]] = {}
     quantiles: dict[str, dict[str, float]] = {}
     for item in body.get("stats", []):
         name = item.get("name", "")
+        if name.startswith("rate_limit.") and name.endswith("." + RATE_LIMITED_STAT) and "value" in item:
+            pipeline = name[len("rate_limit.") : -len(RATE_LIMITED_STAT) - 1]
+            counts.setdefault(RATE_LIMITED + pipeline, {})["upstream_rq_429"] = int(item["value"])
         if name.startswith("cluster.") and "value" in item:
             for suffix in COUNTED:
                 if name.endswith("." + suffix):
@@ -148,6 +158,11 @@ def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]
     return rows
 
 
+def rate_limited(pipelines: Iterable[str], stats: Mapping[str, ClusterStats]) -> dict[str, int]:
+    """Requests each pipeline's rate limit refused at the gateway (since the gateway started), for those named."""
+    return {p: stats[RATE_LIMITED + p].refused for p in pipelines if RATE_LIMITED + p in stats}
+
+
 def delta(now: Mapping[str, ClusterStats], then: Mapping[str, ClusterStats]) -> dict[str, ClusterStats]:
     """Counts between two readings (latency quantiles and in-flight are the newer reading's).
 
@@ -211,7 +226,7 @@ def _row(
     )
 
 
-STATS = "/stats?format=json&usedonly&filter=^cluster%5C."
+STATS = "/stats?format=json&usedonly&filter=^%28cluster%7Crate_limit%29%5C."  # ^(cluster|rate_limit)\.
 
 
 def stats_urls(instances: Iterable[RuntimeService], gateway_admin_port: int, secure: bool) -> list[str]:

@@ -20,7 +20,7 @@ from contract.naming import CONTROL_PLANE_IDENTITY, model_cluster
 from controlplane.consul.presence import Presence
 from controlplane.delivery.rollouts import state as rollout_state
 from controlplane.delivery.switch import switch_notes
-from controlplane.delivery.traffic import VariantTraffic
+from controlplane.delivery.traffic import VariantTraffic, rate_limited
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
@@ -56,6 +56,10 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
             }
             for v in view.pipelines
         ],
+        # requests each pipeline's rate_limit refused at the gateway, as of the last reading (every 5 s)
+        "rate_limited": rate_limited(
+            [v.pipeline.name for v in view.pipelines], view.readings[-1][1] if view.readings else {}
+        ),
         "runtimes": [
             {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
             for i in view.runtimes
