@@ -50,6 +50,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "ML Lambda, http, model profiling off": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 0}),
     "ML Lambda, http, model profiling at 5%": ("mllambda", {"transport": "http", **PLAIN, "profile_percent": 5}),
     "ML Lambda, http, flow control on": ("mllambda", {"transport": "http", **PLAIN, "flow": True}),
+    "ML Lambda, http, rate limit on": ("mllambda", {"transport": "http", **PLAIN, "rate_limit": True}),
     "ML Lambda, uds": ("mllambda", {"transport": "uds", **PLAIN}),
     "ML Lambda, http + mTLS": ("mllambda", {"transport": "http", **MTLS}),
     "ML Lambda, http + mTLS, output through each sidecar": ("mllambda", {"transport": "http", **MTLS, **EACH_SIDECAR}),
@@ -80,16 +81,19 @@ def mllambda(
     root: Path = PROJECT_ROOT,
     profile_percent: float | None = None,
     flow: bool = False,
+    rate_limit: bool = False,
 ) -> Iterator[str]:
     """The stack as `mllambda up` runs it (the gateway Envoy carries the runtimes' output too, one worker per
     core), or with `colocated` / `gateway_concurrency` set otherwise; `root`: another revision's checkout;
     `profile_percent`: the runtimes' model profiling (default: theirs, 5%); `flow`: admission at every runtime
-    (places for twice wrk's connections, a queue as many) and a critical pipeline with fair shares by a header."""
+    (places for twice wrk's connections, a queue as many) and a critical pipeline with fair shares by a header;
+    `rate_limit`: a quota per caller at the gateway far above the load (every request checked, none refused)."""
     models = ("tokenize", "count", "score")
     flags = [f"--profile-percent={profile_percent:g}"] if profile_percent is not None else []
     flags += ["--max-in-flight=64", "--queue=64"] if flow else []
     args = {"args": flags} if flags else {}
     admission = {"priority": "critical", "fairness": {"header": "x-tenant"}} if flow else {}
+    admission |= {"rate_limit": {"per_second": 1_000_000}} if rate_limit else {}
     stack = {
         "name": "peers",
         "security": security,

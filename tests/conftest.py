@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,27 @@ def _require(path: Path | None, name: str) -> Path:
     if path is None:
         pytest.fail(f"{name} not found: run ./dev bootstrap (mllambda doctor says what is missing)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """A process a test started and no fixture stopped (one that failed half way through its set-up) is stopped
+    when the session ends, and named in a warning: it must not outlive the run (a Consul agent once did)."""
+    started: list[ManagedProcess] = []
+    original = ManagedProcess.start
+
+    def start(self: ManagedProcess) -> ManagedProcess:
+        started.append(self)
+        return original(self)
+
+    ManagedProcess.start = start  # type: ignore[method-assign]
+    yield
+    ManagedProcess.start = original  # type: ignore[method-assign]
+    left = [proc for proc in started if proc.alive()]
+    for proc in left:
+        proc.stop(timeout=5)
+    if left:
+        warnings.warn(f"left running by the tests, stopped now: {', '.join(p.name for p in left)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

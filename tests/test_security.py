@@ -94,8 +94,9 @@ def gateway_call(plane: ControlPlaneProc, text: str) -> tuple[int, dict[str, Any
 
 @pytest.fixture(scope="module")
 def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    state, run_dir = tmp_path_factory.mktemp("sec"), str(short_dir("sec-"))
+    started: list[ManagedProcess] = []
     consul = start_consul(logs_dir, tmp_path_factory.mktemp("consul-sec"))
-    state = tmp_path_factory.mktemp("sec")
     plane = ControlPlaneProc(
         processes.free_port(),
         processes.free_port(),
@@ -104,9 +105,7 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         logs_dir / "controlplane-sec.log",
         processes.free_port(),
         extra_args=["--security=mtls", f"--gateway-tls-dir={state / 'gateway-tls'}"],
-    )
-    started: list[ManagedProcess] = []
-    run_dir = str(short_dir("sec-"))
+    )  # a process only once started: from here on, whatever fails stops what was started
     try:
         plane.start()
         me = [sys.executable, "-m", "controlplane.cli"]
