@@ -169,11 +169,13 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
         seen = metric(runtime, "mllambda_runtime_requests_total", model="echo", code="200")
         assert seen == served + 1, (seen, served)  # the refused never reached the stage (+1: the warm-up)
 
-        def shown() -> bool:  # `mllambda status` and the control plane's metrics, from its next reading (5 s)
+        def shown() -> bool:  # `mllambda status`, the metrics and the page, from the next reading (5 s)
             dashboard = f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}"
             line = f"rate limit 1/s: {refused} refused at the gateway"
             counted = metric(scrape(control_plane), "mllambda_pipeline_rate_limited_total", pipeline="quota")
-            return line in control_plane.cli("status", dashboard).stdout and counted == refused
+            page = scrape(control_plane, "/pipelines/quota")  # and the pipeline's page
+            shown_there = f"rate limit 1/s, burst 3, per x-tenant: {refused} refused at the gateway" in page
+            return line in control_plane.cli("status", dashboard).stdout and counted == refused and shown_there
 
         await wait_for(lambda: asyncio.to_thread(shown), timeout=20)
 

@@ -462,6 +462,7 @@ def render_pipeline_page(
         f"<h1>{e(p.name)} <small>{e(p.transport)}</small></h1>",
         f"<p class='row'>{version_badges(view, current)} <span class='muted'>v{current.version}: {e(current.cause)}"
         f"{_switch_note(view, p.name)}</span> <a href='/pipelines/{e(p.name)}/edit'>change this pipeline</a></p>",
+        _quota_note(view, p),
         f"<section class='card'><h2>Graph <small>{e(window)}</small></h2><div class='scroll'>",
         pipeline_svg(p, rows, health_of(view)),
         "</div></section>",
@@ -477,6 +478,19 @@ def render_pipeline_page(
         "</section>",
     ]
     return shell(p.name, "".join(body), section="/", live=5, signed_in=signed_in, csrf=csrf)
+
+
+def _quota_note(view: PlaneView, p: Any) -> str:
+    """The pipeline's quota per caller and what it refused at the gateway ("" without one)."""
+    if p.rate_limit is None:
+        return ""
+    limit, latest = p.rate_limit, view.readings[-1][1] if view.readings else {}
+    refused = rate_limited([p.name], latest).get(p.name, 0)
+    per = html.escape(p.fairness_header or "client address")
+    return (
+        f"<p class='muted' id='rate-limit'>rate limit {limit.per_second}/s, burst {limit.burst}, per {per}: "
+        f"{refused} refused at the gateway</p>"
+    )
 
 
 class DashboardServer:
