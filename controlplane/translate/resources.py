@@ -170,8 +170,8 @@ def _local_replies() -> list[Resource]:
         value=base_pb2.RuntimeUInt32(default_value=429, runtime_key="mllambda.rate_limited_status"),
     )
     limited = struct_pb2.Struct()
-    limited.update({"error": "this caller is over the pipeline's rate limit (x-mll-rate-limit); retry after a second",
-                    "refused": "rate limited", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})  # fmt: skip
+    over = "this caller is over the pipeline's rate limit (x-mll-rate-limit); retry after a second"
+    limited.update({"error": over, "refused": "rate limited", "code": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%"})
     return [
         hcm_pb2.ResponseMapper(  # Envoy's own 429s: its local rate limit (a pipeline's rate_limit), which sets
             # its response flag only after the reply is made; a runtime's 429 is not a local reply and keeps its body
