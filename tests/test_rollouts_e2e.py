@@ -154,7 +154,10 @@ async def test_when_the_driving_control_plane_dies_the_other_continues_from_the_
         planes = [control_plane, second]
         await wait_for(lambda: sum(driving(p) for p in planes) == 1, timeout=30)
         driver, other = planes if driving(control_plane) else planes[::-1]
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec("handover", "v2", [10, 30, 50, 70, 100], 3)))
+        # v1 and v2 are the same code: what is judged here is the handover, not latency. With the default 1.5x
+        # a busy machine once rolled it back (p99 20 vs 4 ms, the other test file loading both cores).
+        handover = spec("handover", "v2", [10, 30, 50, 70, 100], 3, ratio=50.0)
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(handover))
         assert control_plane.cli("apply", "-f", str(tmp_path / "r.yaml")).returncode == 0
         url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/handover"
         await until_ok(url, {"text": "a b"})
