@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from contract.service import RuntimeService
 from controlplane.consul.discovery import ConsulHealth
 from controlplane.delivery.reconcile import LatencyHistogram
-from controlplane.delivery.traffic import VariantTraffic
+from controlplane.delivery.traffic import VariantTraffic, rate_limited
 from controlplane.pipeline.model import PipelineVersion
 from controlplane.scaling.scaler import ScaleRow
 from controlplane.xds.acks import TypeAck
@@ -53,6 +53,10 @@ class PlaneView:
     replays_running: Mapping[str, str] = field(default_factory=dict)  # pipeline -> the id of its running replay
     monitoring: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # per model version: fields, drift (asked)
     monitoring_page: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # ... with bins and history to draw
+
+    def rate_limited(self) -> dict[str, int]:
+        """Requests each pipeline's rate_limit refused at the gateway, as of the last reading (every 5 s)."""
+        return rate_limited([v.pipeline.name for v in self.pipelines], self.readings[-1][1] if self.readings else {})
 
 
 class PlaneReader(Protocol):

@@ -20,7 +20,7 @@ from contract.naming import CONTROL_PLANE_IDENTITY, model_cluster
 from controlplane.consul.presence import Presence
 from controlplane.delivery.rollouts import state as rollout_state
 from controlplane.delivery.switch import switch_notes
-from controlplane.delivery.traffic import VariantTraffic, rate_limited
+from controlplane.delivery.traffic import VariantTraffic
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
@@ -56,10 +56,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
             }
             for v in view.pipelines
         ],
-        # requests each pipeline's rate_limit refused at the gateway, as of the last reading (every 5 s)
-        "rate_limited": rate_limited(
-            [v.pipeline.name for v in view.pipelines], view.readings[-1][1] if view.readings else {}
-        ),
+        "rate_limited": view.rate_limited(),
         "runtimes": [
             {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
             for i in view.runtimes
@@ -484,8 +481,7 @@ def _quota_note(view: PlaneView, p: Any) -> str:
     """The pipeline's quota per caller and what it refused at the gateway ("" without one)."""
     if p.rate_limit is None:
         return ""
-    limit, latest = p.rate_limit, view.readings[-1][1] if view.readings else {}
-    refused = rate_limited([p.name], latest).get(p.name, 0)
+    limit, refused = p.rate_limit, view.rate_limited().get(p.name, 0)
     per = html.escape(p.fairness_header or "client address")
     return (
         f"<p class='muted' id='rate-limit'>rate limit {limit.per_second}/s, burst {limit.burst}, per {per}: "

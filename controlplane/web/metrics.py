@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane.delivery.rollouts import spots, where
-from controlplane.delivery.traffic import VariantTraffic, rate_limited
+from controlplane.delivery.traffic import VariantTraffic
 from controlplane.view import PlaneReader, PlaneView
 from controlplane.xds.snapshot import short
 
@@ -32,8 +32,7 @@ class StateCollector(Collector):
         limited = CounterMetricFamily(
             "mllambda_pipeline_rate_limited", "requests its rate_limit refused at the gateway", labels=["pipeline"]
         )
-        latest = view.readings[-1][1] if view.readings else {}
-        for pipeline, count in rate_limited([v.pipeline.name for v in view.pipelines], latest).items():
+        for pipeline, count in view.rate_limited().items():
             limited.add_metric([pipeline], count)
         yield limited
         admin = CounterMetricFamily("mllambda_admin_requests", "admin API calls", labels=["method", "code"])
