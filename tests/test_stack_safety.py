@@ -109,6 +109,47 @@ def test_down_leaves_a_process_alone_whose_pid_was_reused(tmp_path: Path) -> Non
         bystander.kill()
 
 
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_stopping_a_process_that_already_exited_never_signals_whoever_has_its_pid_now(tmp_path: Path) -> None:
+    # PIDs wrap (32,768 here, threads included): a runtime that exited minutes ago may have handed its number to
+    # another test's control plane, which a stop by that number would SIGTERM.
+    exited = processes.ManagedProcess("exited", ["true"], tmp_path / "exited.log").start()
+    assert exited.popen is not None
+    exited.popen.wait(timeout=10)
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        exited.popen.pid = bystander.pid  # what PID reuse does: the reaped number now names another process
+        exited.stop(timeout=1)
+        processes.stop_all([exited], timeout=1)
+        time.sleep(0.3)  # a signal, had one been sent, has arrived
+        assert bystander.poll() is None, "a stop by a stale PID reached another process"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_stopping_a_leader_that_exited_still_kills_what_it_left_in_its_group(tmp_path: Path) -> None:
+    child_file = tmp_path / "child"
+    argv = ["sh", "-c", f"sleep 60 & echo $! > {child_file}"]
+    for stop in (lambda proc: proc.stop(timeout=1), lambda proc: processes.stop_all([proc], timeout=1)):
+        leader = processes.ManagedProcess("leader", argv, tmp_path / "leader.log").start()
+        assert leader.popen is not None
+        leader.popen.wait(timeout=10)
+        child = int(child_file.read_text())
+        assert not gone(child) and processes.group_has_members(leader.pid)
+        stop(leader)
+        deadline = time.monotonic() + 10
+        while not gone(child):
+            assert time.monotonic() < deadline, "the grandchild outlived its group's stop"
+            time.sleep(0.05)
+
+
 def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: Path) -> None:
     mine = files.private_dir(tmp_path / "run")
     assert mine.stat().st_mode & 0o777 == 0o700

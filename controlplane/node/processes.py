@@ -143,9 +143,15 @@ class ManagedProcess:
             os.killpg(self.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
-        if self.popen is not None:
-            stop_group(self.pid, timeout, wait=self.popen.wait)
+        """SIGTERM the process group, then SIGKILL what is left after `timeout`. A process that has exited and
+        been reaped is not signalled by its PID (the number may be another process's by now): only what is left
+        of its group is killed."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is not None:
+            kill_leftovers(self.pid)
+            return
+        stop_group(self.pid, timeout, wait=self.popen.wait)
 
 
 def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] | None = None) -> None:
@@ -163,11 +169,43 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
     else:  # not our child: poll until it is gone
         while time.monotonic() < deadline and exists(pid):
             time.sleep(0.05)
-    # Whatever is left in the group (a straggler, a grandchild) goes now.
+    if exists(pid):  # the leader outlived `timeout`: its whole group goes now
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    else:  # the leader is gone: a straggler, a grandchild
+        kill_leftovers(pid)
+
+
+def kill_leftovers(pgid: int) -> None:
+    """SIGKILL what is left of process group `pgid`, whose leader has exited and been reaped.
+
+    PIDs wrap (32,768 by default, threads included) and a reaped leader's number may be handed to a new process.
+    Linux never hands out the number of a group that still has members; so if a process with that number exists,
+    the group is gone and the number is someone else's now: nothing is signalled. (A CI run's control plane once
+    stopped answering in the middle of a test, alive: very likely SIGTERMed by such a stale PID.)
+    """
+    if exists(pgid) or not group_has_members(pgid):
+        return
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def group_has_members(pgid: int) -> bool:
+    """Does any process belong to process group `pgid` (/proc/PID/stat field 5)?"""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            return True
+    return False
 
 
 def stop_all(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
@@ -189,11 +227,15 @@ def stop_all(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     for proc in procs:  # stragglers and grandchildren go now
-        if proc.popen is not None:
+        if proc.popen is None:
+            continue
+        if proc.popen.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        else:
+            kill_leftovers(proc.pid)
 
 
 def start_time(pid: int) -> int | None:
