@@ -256,3 +256,33 @@ def test_the_cli_starts_before_the_admin_stubs_are_generated() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_cli_command_table_names_each_command_where_it_is_defined() -> None:
+    import argparse
+    import importlib
+
+    from controlplane import cli
+
+    for module in dict.fromkeys(cli.COMMANDS.values()):
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).add_command(sub)
+        assert {name: module for name in sub.choices} == {n: m for n, m in cli.COMMANDS.items() if m == module}
+    every = cli.build_parser(["--help"]).format_help()
+    assert all(name in every for name in cli.COMMANDS), every
+
+
+def test_a_cli_command_loads_only_its_own_module() -> None:
+    """`mllambda get` pays for the admin client, not for the control plane, numpy or Kafka (1 s of CPU a call)."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "aiokafka", "aiohttp", "consul", "controlplane.plane", "controlplane.stack.up")
+    probe = (
+        "import sys\n"
+        "from controlplane.cli import build_parser\n"
+        "build_parser(['--debug', 'get', 'pipelines']).parse_args(['--debug', 'get', 'pipelines'])\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

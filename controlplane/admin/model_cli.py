@@ -30,7 +30,6 @@ from controlplane.errors import CliError
 from controlplane.models.envs import check_entry, ensure_env, find_uv, read_signature
 from controlplane.models.formats import FORMATS
 from controlplane.models.package import MANIFEST, Built, PackageError, PackageMeta, build, chunks, lock_hash
-from controlplane.models.store import BadPackage, check_names
 
 MODEL_RESOURCE = ("model", "models", "mo")
 UPLOAD_TIMEOUT = 600.0
@@ -95,6 +94,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     built = build_checked(Path(args.path), args.manifest, check=not args.no_check, wanted_format=args.format or "")
     version = args.version or f"d-{built.digest[:12]}"
+    from controlplane.models.store import BadPackage, check_names  # Consul's and aiohttp's clients: only here
+
     try:
         check_names(args.model, version)
     except BadPackage as err:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runtime_sdk.profiles import Window
-
 MAX_LINES = 100_000
 MAX_LINE = 64 * 1024
 MAX_BYTES = 64 * 1024 * 1024
@@ -72,6 +70,8 @@ def _record(record: Any, into: list[Record]) -> str:
 
 def profile_window(text: str) -> dict[str, Any]:
     """The reference data as one profile window, as a runtime exports it (BadReference if it does not read)."""
+    from runtime_sdk.profiles import Window  # datasketches and numpy: only for this, not for every `mllambda build`
+
     records, problems = read_records(text)
     if problems:
         raise BadReference("; ".join(problems))
