@@ -32,7 +32,8 @@ ENTRY = (PROTOCOL, OIP_MODEL, OIP_VERSION, LOG)  # the gateway's, for the first 
 
 PRIORITY = "x-mll-priority"  # set by the gateway: the pipeline's priority (runtime_sdk/admission.py)
 CALLER = "x-mll-caller"  # set by the gateway: the caller's key for fair shares (the named header, or its address)
-FLOW = (PRIORITY, CALLER)
+SHARE = "x-mll-share"  # set by the gateway for a key the pipeline weighs: its weight in fair shares (absent: 1)
+FLOW = (PRIORITY, CALLER, SHARE)
 RATE_LIMIT = "x-mll-rate-limit"  # on a 429 from the gateway: the pipeline's quota per caller ("5/s, burst 10, per x-t")
 PRIORITIES = {"critical": 100, "standard": 0, "sheddable": -100}  # by name; a number is -1000..1000, < 0 sheddable
 

@@ -20,7 +20,7 @@ from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import MAX_BODY_CEILING, NotAnObject, encode, parse_object
-from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, band, priority_of
+from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, band, priority_of, weight_of
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
@@ -178,7 +178,7 @@ class Runtime:
             return
         key, priority = headers.get(h.CALLER, ""), priority_of(headers.get(h.PRIORITY))
         try:
-            await self.admission.enter(key, priority)
+            await self.admission.enter(key, priority, weight_of(headers.get(h.SHARE)))
         except Refused as refused:
             self.metrics.admission.labels(self.model, self.version, band(priority), refused.shed).inc()
             raise

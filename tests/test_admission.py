@@ -9,8 +9,8 @@ import pytest
 from runtime_sdk.admission import KEY_CHARS, Admission, Refused, priority_of
 
 
-async def started(admission: Admission, key: str, priority: int = 0) -> asyncio.Task[None]:
-    task = asyncio.create_task(admission.enter(key, priority))
+async def started(admission: Admission, key: str, priority: int = 0, weight: int = 1) -> asyncio.Task[None]:
+    task = asyncio.create_task(admission.enter(key, priority, weight))
     await settle()
     return task
 
@@ -84,7 +84,7 @@ async def test_a_caller_over_its_share_gives_its_waiting_place_up_to_a_newcomer(
     newcomer = await started(admission, "new")  # two callers: a share of 1 each; heavy holds 3
     with pytest.raises(Refused) as over:
         await heavy[1]
-    assert over.value.status == 429 and "'heavy' is over its fair share (3 places, a share is 1)" in over.value.reason
+    assert over.value.status == 429 and "'heavy' is over its fair share (3 places, its share is 1)" in over.value.reason
     admission.leave("heavy")
     await asyncio.wait_for(newcomer, 1)  # never served yet: before heavy's oldest
     admission.leave("new")
@@ -144,7 +144,8 @@ async def test_two_thousand_random_arrivals_departures_and_hang_ups_keep_every_b
         roll = rng.random()
         if roll < 0.5:
             key = rng.choice(["a", "b", "c", "d", "e"])
-            pending.append((key, asyncio.create_task(admission.enter(key, rng.choice([-100, 0, 0, 100])))))
+            weight = {"a": 3, "b": 2}.get(key, 1)  # a caller's weight comes with each of its requests
+            pending.append((key, asyncio.create_task(admission.enter(key, rng.choice([-100, 0, 0, 100]), weight))))
         elif roll < 0.8 and inside:
             admission.leave(inside.pop(rng.randrange(len(inside))))
         elif roll < 0.9 and pending:
@@ -162,6 +163,8 @@ async def test_two_thousand_random_arrivals_departures_and_hang_ups_keep_every_b
         assert admission.in_flight <= 3 and admission.n_waiting <= 4
         assert sum(admission.places.values()) == admission.in_flight + admission.n_waiting
         assert len(admission.places) <= 7
+        assert admission.weights.keys() == admission.places.keys()
+        assert admission.total_weight == sum(admission.weights.values())
     assert outcomes.keys() == {429, 503} and len(inside) == admission.in_flight
     for task in [t for _, t in pending]:
         task.cancel()
@@ -170,6 +173,7 @@ async def test_two_thousand_random_arrivals_departures_and_hang_ups_keep_every_b
     for key in inside:
         admission.leave(key)
     assert (admission.in_flight, admission.n_waiting, admission.places) == (0, 0, {})
+    assert (admission.weights, admission.total_weight) == ({}, 0)
 
 
 async def test_a_freed_place_goes_to_the_caller_holding_the_fewest_even_when_neither_has_one_in_predict() -> None:
@@ -186,3 +190,26 @@ async def test_a_freed_place_goes_to_the_caller_holding_the_fewest_even_when_nei
     await asyncio.wait_for(heavy[1], 1)
     admission.leave("heavy")
     assert admission.places == {}
+
+
+async def test_a_weighted_caller_holds_places_by_its_weight_and_goes_first_for_its_weight() -> None:
+    admission = Admission(slots=3, queue=9)  # twelve places
+    for key, weight in (("gold", 2), ("plain", 1), ("other", 1)):
+        await admission.enter(key, 0, weight)
+    assert (admission.share("gold"), admission.share("plain"), admission.share("new", 4)) == (6, 3, 6)
+    gold, plain = await started(admission, "gold", weight=2), await started(admission, "plain")
+    admission.leave("other")  # a free place: gold has 1 in predict for weight 2, plain 1 for weight 1
+    await settle()
+    assert gold.done() and not plain.done()
+    # without other, twelve places split 2:1; gold holds 2 and may hold 8
+    waiting = [await started(admission, "gold", weight=2) for _ in range(6)]
+    assert not any(t.done() for t in waiting) and admission.places["gold"] == 8
+    with pytest.raises(Refused) as over:
+        await admission.enter("gold", 0, 2)
+    assert over.value.status == 429 and "holds 8 of the 12 places, its fair share is 8, weight 2" in over.value.reason
+    for task in [plain, *waiting]:
+        task.cancel()
+    await asyncio.gather(plain, *waiting, return_exceptions=True)
+    for key in ("gold", "gold", "plain"):
+        admission.leave(key)
+    assert (admission.places, admission.weights, admission.total_weight, admission.in_flight) == ({}, {}, 0, 0)

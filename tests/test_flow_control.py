@@ -64,7 +64,7 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     )
     apply(control_plane, tmp_path, two_stages("gold", priority="critical"))
     apply(control_plane, tmp_path, two_stages("bulk", priority="sheddable"))
-    apply(control_plane, tmp_path, two_stages("shared", fairness={"header": "x-tenant"}))
+    apply(control_plane, tmp_path, two_stages("shared", fairness={"header": "x-tenant", "shares": {"heavy": 2}}))
     base = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines"
     for name in ("gold", "bulk", "shared"):
         await until_ok(f"{base}/{name}", {"ms": 0})
@@ -78,7 +78,8 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
         assert status == 503 and took < 0.3 and retry_after == "1", (status, took, retry_after)
         assert body["refused"] == "shed" and "sheddable requests are refused first" in body["error"], body
 
-    # One tenant sends six at a time, another one: six places (2 + 4 waiting), a share of three each.
+    # One tenant sends six at a time, another one: six places (2 + 4 waiting); heavy weighs 2 (the gateway
+    # says so to every stage for that key alone), so four are its share and two light's.
     heavy, light = Tally(), Tally()
     await loaded(*[(heavy, f"{base}/shared", 100, {"x-tenant": "heavy"})] * 6, (light, f"{base}/shared", 100,
                                                                                  {"x-tenant": "light"}))  # fmt: skip
@@ -87,18 +88,18 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
         assert status == 429 and took < 0.3 and retry_after == "1", (status, took, body)
         # refused at the door, or (holding more while light was away) giving a waiting place up to light
         over = (
-            r"caller 'heavy' (holds [3-6] of the 6 places, its fair share is 3|is over its fair share \([4-6] places)"
+            r"caller 'heavy' (holds [4-6] of the 6 places, its fair share is 4, weight 2"
+            r"|is over its fair share \([5-6] places, its share is 4\))"
         )
         assert re.search(over, body["error"]), body
     # light is never refused, and its one worker gets more answers than each of heavy's six: it never waits
     # behind heavy's backlog (a freed place goes to the caller with the fewest in predict)
     assert set(light.codes) == {200} and light.codes[200] > heavy.codes[200] / 6, (light.codes, heavy.codes)
 
-    # A client cannot name its own priority or caller: the gateway sets both.
+    # A client cannot name its own priority, caller or weight: the gateway sets them.
     forged = Tally()
-    await loaded(*[(gold, f"{base}/gold", 100, None)] * 3,
-                 *[(forged, f"{base}/bulk", 100, {"x-mll-priority": "critical", "x-mll-caller": "light"})] * 2,
-                 seconds=1.5)  # fmt: skip
+    claims = {"x-mll-priority": "critical", "x-mll-caller": "light", "x-mll-share": "100"}
+    await loaded(*[(gold, f"{base}/gold", 100, None)] * 3, *[(forged, f"{base}/bulk", 100, claims)] * 2, seconds=1.5)
     assert forged.codes[503] > 0 and all(r[2]["refused"] == "shed" for r in forged.refusals), forged.codes
 
     # What was refused is counted: per variant on the control plane (a model version's cluster, so each pipeline
@@ -125,7 +126,7 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
     callers are tracked, the refused get 429 at once with the reason, and the runtime never sees them."""
     (echo,) = passing(start_runtime("examples.trivial.models:echo", "echo", "v1", wait=False))
     quota = {"per_second": 1, "burst": 3, "keys": 2}
-    spec = {"name": "quota", "fairness": {"header": "x-tenant"}, "rate_limit": quota,
+    spec = {"name": "quota", "fairness": {"header": "x-tenant", "shares": {"gold": 2}}, "rate_limit": quota,
             "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}]}  # fmt: skip
     apply(control_plane, tmp_path, spec)
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/quota"
@@ -152,6 +153,10 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
             assert took < 0.3 and headers["retry-after"] == "1", (took, headers)
             assert headers["x-mll-rate-limit"] == "1/s, burst 3, per x-tenant", headers
             assert body["refused"] == "rate limited" and "over the pipeline's rate limit" in body["error"], body
+        # A weighed key has its weight times the quota (its own route at the gateway): gold weighs 2.
+        gold = await burst(8, "gold")
+        assert [status for status, *_ in gold] == [200] * 6 + [429] * 2, gold
+        assert gold[-1][3]["x-mll-rate-limit"] == "2/s, burst 6, per x-tenant", gold[-1][3]
         # Two callers are tracked at most: b and c push a out, and a comes back with a full bucket at once
         # (which, kept, would have been empty for another second).
         b, c, a_again = await burst(1, "b"), await burst(1, "c"), await burst(1, "a")
@@ -160,8 +165,8 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
         anonymous = await burst(5, None)
         assert [status for status, *_ in anonymous] == [200, 200, 200, 429, 429], anonymous
 
-        refused = sum(status == 429 for status, *_ in [*a, *anonymous])
-        served = sum(status == 200 for status, *_ in [*a, *b, *c, *a_again, *anonymous])
+        refused = sum(status == 429 for status, *_ in [*a, *gold, *anonymous])
+        served = sum(status == 200 for status, *_ in [*a, *gold, *b, *c, *a_again, *anonymous])
         stat = "rate_limit.quota.http_local_rate_limit.rate_limited"
         assert admin_stat(control_plane.gateway_admin_port, stat) == refused  # the gateway counts them per pipeline
         port = service_meta(control_plane.consul_port, "echo", echo.service_id)["runtime_port"]
@@ -174,7 +179,8 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
             line = f"rate limit 1/s: {refused} refused at the gateway"
             counted = metric(scrape(control_plane), "mllambda_pipeline_rate_limited_total", pipeline="quota")
             page = scrape(control_plane, "/pipelines/quota")  # and the pipeline's page
-            shown_there = f"rate limit 1/s, burst 3, per x-tenant: {refused} refused at the gateway" in page
+            said = f"rate limit 1/s, burst 3, per x-tenant: {refused} refused at the gateway; weighed: gold \u00d72"
+            shown_there = said in page
             return line in control_plane.cli("status", dashboard).stdout and counted == refused and shown_there
 
         await wait_for(lambda: asyncio.to_thread(shown), timeout=20)

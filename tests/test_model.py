@@ -194,6 +194,9 @@ def test_a_priority_and_a_fairness_header_round_trip_and_hostile_ones_are_named(
         assert (pipeline.priority, pipeline.fairness_header) == (number, "x-tenant")
         assert spec_from_proto(spec_to_proto(pipeline)) == pipeline == parse_pipeline(pipeline_to_dict(pipeline))
     assert parse_pipeline(base).priority == 0 and "priority" not in pipeline_to_dict(parse_pipeline(base))
+    weighed = parse_pipeline({**base, "fairness": {"header": "x-tenant", "shares": {"gold": 3, "bronze": 1}}})
+    assert weighed.fairness_shares == (("bronze", 1), ("gold", 3))  # sorted: the same definition, the same routes
+    assert spec_from_proto(spec_to_proto(weighed)) == weighed == parse_pipeline(pipeline_to_dict(weighed))
     for spec, said in [
         ({"priority": "urgent"}, "priority: 'urgent' is not one of critical, standard, sheddable"),
         ({"priority": 5000}, "priority: must be between -1000 and 1000"),
@@ -206,6 +209,17 @@ def test_a_priority_and_a_fairness_header_round_trip_and_hostile_ones_are_named(
         ({"fairness": {"header": "a" * 65}}, "fairness.header: a lower-case header name"),
         ({"fairness": {"header": 3}}, "fairness.header: a lower-case header name"),
         ({"fairness": {"header": "x-t", "weights": {}}}, "fairness.weights: unknown field"),
+        ({"fairness": {"header": "x-t", "shares": {"gold": 0}}}, "fairness.shares['gold']: must be between 1 and 100"),
+        ({"fairness": {"header": "x-t", "shares": {"gold": 101}}}, "fairness.shares['gold']: must be between 1 and"),
+        ({"fairness": {"header": "x-t", "shares": {"gold": 1.5}}}, "fairness.shares['gold']: must be a whole number"),
+        ({"fairness": {"header": "x-t", "shares": {"gold": "3"}}}, "fairness.shares['gold']: must be a number"),
+        ({"fairness": {"header": "x-t", "shares": {"go ld": 2}}}, "fairness.shares['go ld']: a caller key is 1 to 64"),
+        ({"fairness": {"header": "x-t", "shares": {"a\nx-mll-share: 9": 2}}}, "visible ASCII characters"),
+        ({"fairness": {"header": "x-t", "shares": {"": 2}}}, "fairness.shares['']: a caller key is 1 to 64"),
+        ({"fairness": {"header": "x-t", "shares": {"k" * 65: 2}}}, "a caller key is 1 to 64"),
+        ({"fairness": {"header": "x-t", "shares": {f"k{i}": 2 for i in range(33)}}}, "shares: at most 32 keys"),
+        ({"fairness": {"header": "x-t", "shares": ["gold"]}}, "fairness.shares: must be a mapping of caller key"),
+        ({"fairness": {"shares": {"gold": 2}}}, "fairness.shares: weighs values of fairness.header: name the header"),
         ({"fairness": "x-tenant"}, "fairness: "),
         ({"transport": "kafka", "priority": "critical"}, "priority: admission is at the runtimes' HTTP"),
     ]:

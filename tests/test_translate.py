@@ -333,3 +333,35 @@ def test_grpc_calls_reach_every_oip_front_over_http2_and_only_when_one_is_there(
     assert all(
         s.of_type(CLUSTER).by_name.keys().isdisjoint({"mll-oip-grpc"}) for n, s in gateway.items() if n != "gateway"
     )
+
+
+def test_a_weighed_caller_key_gets_its_own_ways_in_first_with_its_weight_and_its_weight_times_the_quota() -> None:
+    from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+
+    from controlplane.pipeline.model import RateLimit
+    from controlplane.translate.pipelines import RATE_FILTER
+
+    weighed = dataclasses.replace(
+        PIPELINE,
+        fairness_header="x-tenant",
+        fairness_shares=(("gold", 3),),
+        rate_limit=RateLimit(per_second=2, burst=4),
+    )
+    found = entries(translate(steady(weighed), RUNTIMES)["gateway"])
+    ways_in = [r for r in found if r.match.path in ("/pipelines/p", "/v2/models/p/infer")]
+    assert len(ways_in) == 4, [r.match.path for r in found]
+    gold, plain = ways_in[:2], ways_in[2:]  # Envoy takes the first match: gold's own come first
+    for route in gold:
+        assert [(m.name, m.string_match.exact) for m in route.match.headers] == [("x-tenant", "gold")]
+        added = {a.header.key: a.header.value for a in route.request_headers_to_add}
+        assert added["x-mll-share"] == "3" and added["x-mll-caller"] == "%REQ(x-tenant)%"
+    for route in plain:
+        assert not route.match.headers and "x-mll-share" not in [a.header.key for a in route.request_headers_to_add]
+        assert "x-mll-share" in route.request_headers_to_remove  # a client cannot weigh itself
+    quotas = []
+    for route in (gold[0], plain[0]):
+        config = local_rate_limit_pb2.LocalRateLimit()
+        route.typed_per_filter_config[RATE_FILTER].Unpack(config)
+        bucket = config.descriptors[0].token_bucket
+        quotas.append((bucket.tokens_per_fill.value, bucket.max_tokens))
+    assert quotas == [(6, 12), (2, 4)]

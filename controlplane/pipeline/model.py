@@ -208,6 +208,8 @@ class RateLimit:
     keys: int = 10_000
 
 
+SHARES_MAX = 32  # caller keys a pipeline weighs (each one its own routes at the gateway)
+SHARE_WEIGHT_MAX = 100  # a key's weight (runtime_sdk.admission.MAX_WEIGHT)
 RATE_LIMIT_MAX = 1_000_000  # per_second and burst
 RATE_KEYS_MAX = 100_000  # callers an Envoy tracks per pipeline
 
@@ -225,6 +227,7 @@ class Pipeline:
     priority: int = 0  # when its models are saturated: above 0 served first, below 0 refused first (admission.py)
     fairness_header: str = ""  # the request header whose value is the caller's key ("": the client's address)
     rate_limit: RateLimit | None = None  # a quota per caller key, at the gateway (None: none)
+    fairness_shares: tuple[tuple[str, int], ...] = ()  # (key, weight): callers weighed other than 1, sorted by key
 
     def models(self) -> set[tuple[str, str]]:
         return {m for stage in self.stages for m in stage.models()}

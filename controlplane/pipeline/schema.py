@@ -23,6 +23,8 @@ from controlplane.pipeline.model import (
     PROTOCOLS,
     RATE_KEYS_MAX,
     RATE_LIMIT_MAX,
+    SHARE_WEIGHT_MAX,
+    SHARES_MAX,
     TOPIC,
     TRANSPORTS,
 )
@@ -159,7 +161,14 @@ def pipeline_schema() -> dict[str, Any]:
                             "type": "string",
                             "pattern": "^[a-z0-9][a-z0-9-]{0,63}$",
                             "not": {"pattern": "^x-(mll|envoy)-"},
-                        }
+                        },
+                        "shares": {
+                            "description": "a caller key's weight in fair shares and quotas (others: 1)",
+                            "type": "object",
+                            "maxProperties": SHARES_MAX,
+                            "propertyNames": {"pattern": "^[!-~]{1,64}$"},
+                            "additionalProperties": {"type": "integer", "minimum": 1, "maximum": SHARE_WEIGHT_MAX},
+                        },
                     }
                 ),
                 "rate_limit": closed_object(

@@ -23,6 +23,8 @@ from controlplane.pipeline.model import (
     PROTOCOLS,
     RATE_KEYS_MAX,
     RATE_LIMIT_MAX,
+    SHARE_WEIGHT_MAX,
+    SHARES_MAX,
     TOPIC,
     TRANSPORTS,
     Branch,
@@ -43,6 +45,7 @@ SIZE = re.compile(r"([0-9]{1,12})(Ki|Mi)?")
 NUMBER = re.compile(r"-?[0-9]{1,4}")
 HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 RESERVED_HEADERS = ("x-mll-", "x-envoy-")
+SHARE_KEY = re.compile(r"[!-~]{1,64}")  # a weighed caller key: what a header value can hold, matched exactly
 UNITS = {"": 1, "Ki": 1024, "Mi": 1024**2}
 
 
@@ -149,7 +152,7 @@ class _Parser:
         log_percent = self.logging(data.get("logging"), str(transport))
         given = self.input(data.get("input"))
         max_body = self.size(data.get("max_body"), "max_body")
-        priority, fairness = self.priority(data.get("priority")), self.fairness(data.get("fairness"))
+        priority, (fairness, shares) = self.priority(data.get("priority")), self.fairness(data.get("fairness"))
         if (priority or fairness) and transport == "kafka":
             self.bad(
                 "priority" if priority else "fairness", "admission is at the runtimes' HTTP: use transport http or uds"
@@ -167,6 +170,7 @@ class _Parser:
             priority,
             fairness,
             rate_limit,
+            shares,
         )
 
     def rate_limit(self, raw: Any) -> RateLimit | None:
@@ -199,16 +203,35 @@ class _Parser:
             return PRIORITIES.get(raw, 0)
         return self.integer(raw, "priority", -1000, 1000, 0)
 
-    def fairness(self, raw: Any) -> str:
-        """`fairness: {header: NAME}`: the caller's key for fair shares (default: the client's address)."""
+    def fairness(self, raw: Any) -> tuple[str, tuple[tuple[str, int], ...]]:
+        """`fairness: {header: NAME, shares: {KEY: WEIGHT}}`: the caller's key for fair shares (default: the
+        client's address), and keys weighed other than 1 (a key's share of a saturated model is its weight's)."""
         if raw is None:
-            return ""
-        header = self.mapping(raw, "fairness", {"header"}).get("header")
+            return "", ()
+        data = self.mapping(raw, "fairness", {"header", "shares"})
+        header = data.get("header")
         if not isinstance(header, str) or not HEADER_NAME.fullmatch(header) or header.startswith(RESERVED_HEADERS):
             self.bad("fairness.header", f"a lower-case header name (a-z, 0-9, -; up to 64), not x-mll-* or x-envoy-*"
                      f", got {str(header)[:40]!r}")  # fmt: skip
-            return ""
-        return header
+            header = ""
+        raw_shares = data.get("shares")
+        if raw_shares is None:
+            return header, ()
+        if not isinstance(raw_shares, dict):
+            self.bad("fairness.shares", f"must be a mapping of caller key to weight, got {type(raw_shares).__name__}")
+            return header, ()
+        if len(raw_shares) > SHARES_MAX:
+            self.bad("fairness.shares", f"at most {SHARES_MAX} keys, got {len(raw_shares)}")
+        shares = []
+        for key, weight in sorted(raw_shares.items(), key=lambda item: str(item[0]))[:SHARES_MAX]:
+            path = f"fairness.shares[{str(key)[:70]!r}]"
+            if not isinstance(key, str) or not SHARE_KEY.fullmatch(key):
+                self.bad(path, "a caller key is 1 to 64 visible ASCII characters (no space, no line break)")
+                continue
+            shares.append((key, self.integer(weight, path, 1, SHARE_WEIGHT_MAX, 1)))
+        if shares and not header:
+            self.bad("fairness.shares", "weighs values of fairness.header: name the header")
+        return header, tuple(shares)
 
     def size(self, raw: Any, path: str) -> int:
         """A byte size: a whole number, or one with a binary unit (`512Ki`, `16Mi`), as Kubernetes writes them."""
@@ -503,6 +526,8 @@ def pipeline_to_dict(pipeline: Pipeline) -> dict[str, Any]:
         result["priority"] = names.get(pipeline.priority, str(pipeline.priority))
     if pipeline.fairness_header:
         result["fairness"] = {"header": pipeline.fairness_header}
+        if pipeline.fairness_shares:
+            result["fairness"]["shares"] = dict(pipeline.fairness_shares)
     if pipeline.rate_limit:
         result["rate_limit"] = asdict(pipeline.rate_limit)
     return result

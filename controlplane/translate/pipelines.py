@@ -35,7 +35,7 @@ from contract import oip
 from contract.naming import BRIDGE_SERVICE, bridge_path, pipeline_path, stage_path
 from contract.payload import MAX_BODY_CEILING
 from contract.service import RuntimeService, shared_egress_socket
-from controlplane.pipeline.model import Pipeline, PipelineVersion, Stage
+from controlplane.pipeline.model import Pipeline, PipelineVersion, RateLimit, Stage
 from controlplane.translate import resources as r
 from controlplane.translate import security
 from controlplane.translate.endpoints import Endpoints, Reach, endpoints_of, only_serving, remote_clusters
@@ -314,9 +314,29 @@ def _gateway_routes(
         )
         route.request_headers_to_add.extend(logged)
     rate_limited(p, json_api + infer)
+    ways_in = weighed(p, json_api + infer) + json_api + infer
     inputs = _signature_side(p.stages[0], "inputs", signatures or {})
     outputs = _signature_side(p.stages[-1], "outputs", signatures or {})
-    return body_limited(p, json_api + infer) + oip_model_routes(p.name, str(v.version), inputs, outputs)
+    return body_limited(p, ways_in) + oip_model_routes(p.name, str(v.version), inputs, outputs)
+
+
+def weighed(p: Pipeline, routes: Sequence[rc.Route]) -> list[rc.Route]:
+    """For each caller key the pipeline weighs (`fairness.shares`), its own copy of each way in, matched first:
+    the key in the fairness header, exactly. It tells every stage the key's weight (`x-mll-share`, for
+    admission's shares) and holds the key to its weight times the quota."""
+    found = []
+    for key, weight in p.fairness_shares:
+        limit = p.rate_limit
+        scaled = RateLimit(limit.per_second * weight, limit.burst * weight, limit.keys) if limit else None
+        for route in routes:
+            copy = rc.Route()
+            copy.CopyFrom(route)
+            exact = string_pb2.StringMatcher(exact=key)
+            copy.match.headers.append(rc.HeaderMatcher(name=p.fairness_header, string_match=exact))
+            copy.request_headers_to_add.append(r.header(h.SHARE, str(weight)))
+            rate_limited(dataclasses.replace(p, rate_limit=scaled), [copy])
+            found.append(copy)
+    return found
 
 
 def rate_limited(p: Pipeline, routes: Sequence[rc.Route]) -> None:

@@ -483,9 +483,10 @@ def _quota_note(view: PlaneView, p: Any) -> str:
         return ""
     limit, refused = p.rate_limit, view.rate_limited().get(p.name, 0)
     per = html.escape(p.fairness_header or "client address")
+    weighed = ", ".join(f"{html.escape(key)} \u00d7{weight}" for key, weight in p.fairness_shares)
     return (
         f"<p class='muted' id='rate-limit'>rate limit {limit.per_second}/s, burst {limit.burst}, per {per}: "
-        f"{refused} refused at the gateway</p>"
+        f"{refused} refused at the gateway{'; weighed: ' + weighed if weighed else ''}</p>"
     )
 
 
