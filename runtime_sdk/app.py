@@ -228,6 +228,10 @@ async def predict_and_forward(runtime: Runtime, request: Request) -> Response:
     code = 200
     arrived = time.perf_counter()
     try:
+        if not runtime.ready:  # started again under its identity and reachable before its loader ran, or stopping
+            code = 503
+            refusal = {"error": f"model {runtime.model}:{runtime.version} is not ready (loading, or stopping)"}
+            return json_response(refusal, 503, {h.SERVED: served, h.RETRIABLE: "1", "retry-after": str(RETRY_AFTER)})
         payload = read_payload(request)
         fan = fan_out_of(request)
         ask_path = request.headers.get(h.ASK) if not request.headers.get(h.SHADOW) else None
@@ -423,6 +427,7 @@ async def serving(runtime: Runtime, max_body: int = MAX_BODY_CEILING) -> AsyncIt
     """The runtime served on a free loopback port while the block runs (its URL): for a model's own tests."""
     server = build_app(runtime, max_body)
     await runtime.start()
+    runtime.ready = True
     try:
         port = await server.listen_tcp("127.0.0.1", 0)
         yield f"http://127.0.0.1:{port}"

@@ -254,3 +254,20 @@ async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_w
         again = await client.post("/predict", json={"n": 4})
         assert (again.status, await again.json()) == (200, {"n": 4})
         assert runtime.admission is not None and runtime.admission.in_flight == 0
+
+
+async def test_a_runtime_not_ready_refuses_predict_with_a_retriable_503_and_never_calls_the_model() -> None:
+    # Started again under its identity (the supervisor's restart), a runtime is reachable before its loader has
+    # run; stopping, it is reachable after it left the catalog. Either way its model is not there: the soak once
+    # saw predict raise KeyError (500) a few seconds after a runtime was killed.
+    calls.clear()
+    runtime = Runtime(model, "doubler", "v1")
+    async with served(runtime) as client:
+        runtime.ready = False
+        refused = await client.post("/predict", json={"n": 1})
+        body = await refused.json()
+        assert refused.status == 503 and refused.headers["x-mll-retriable"] == "1", body
+        assert refused.headers["retry-after"] == "1" and "doubler:v1 is not ready" in body["error"], body
+        assert calls == []
+        runtime.ready = True
+        assert (await client.post("/predict", json={"n": 1})).status == 200 and len(calls) == 1
