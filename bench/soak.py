@@ -22,7 +22,8 @@ delivered more than once (at least once: counted and explained), dead-lettered. 
 (and each runtime's sidecar) is sampled every 10 s: RSS, open file descriptors, threads; the report gives each
 one's slope per hour (a least-squares line).
 
-Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10] [--kafka-rate 5]
+Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10] [--kafka-rate 5] [--rounds] [--calm S]
+(tests/test_soak.py runs it for a few minutes with every kind but the broker kill, each once, and a calm end.)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import yaml
 from bench.common import nlp_stack, running_stack
 from contract.naming import dead_letter_topic, input_topic, output_topic
 from controlplane.config import PROJECT_ROOT
+from controlplane.stack.up import stack_processes as recorded_processes
 
 TEXTS = {
     "the striker scored a brilliant goal": "sports",
@@ -56,6 +58,7 @@ TEXTS = {
     "the pasta was delicious and fresh": "food",
 }
 FAULTS = ("kill-runtime", "stop-sidecar", "kill-plane", "kill-consul", "kill-kafka", "change", "scale", "rotate-ca")
+KILLED = {"kill-plane": "controlplane", "kill-consul": "consul", "kill-kafka": "kafka"}  # fault -> process
 CHANGES = ("sports 90/10", "uds", "network stage removed", "as at the start")
 ID = "soak-id"  # the Kafka header that carries a message's id through every stage
 NLP = PROJECT_ROOT / "examples" / "nlp"
@@ -89,6 +92,7 @@ class Book:
     seen: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the output topic
     dead: collections.Counter[str] = field(default_factory=collections.Counter)  # ids on the dead-letter topic
     reasons: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (pipeline, status) -> first bodies
+    cli_failures: list[str] = field(default_factory=list)  # a change or a scaling the CLI refused
 
 
 def right_answer(status: int, body: Any, served: str, text: str, pipeline: str) -> bool:
@@ -178,8 +182,8 @@ async def kafka_watch(bootstrap: str, pipeline: str, stop: asyncio.Event, book: 
 
 
 def stack_processes(state: Path) -> dict[str, int]:
-    found = json.loads((state / "stack.json").read_text())
-    return {p["name"]: int(p["pid"]) for p in found["processes"]}
+    """The stack's processes that are still the ones recorded (a PID of one that exited may be another's now)."""
+    return {p["name"]: int(p["pid"]) for p in recorded_processes(state) if p["alive"]}
 
 
 def children(pid: int) -> list[int]:
@@ -239,42 +243,54 @@ async def faults(
     until: float,
     book: Book,
     kinds: tuple[str, ...] = FAULTS,
+    rounds: bool = False,
 ) -> None:
+    """A fault every ~`every` s until `until`: drawn one by one, or with `rounds` each kind once per round in an
+    order drawn by the seed (a short run then meets every kind)."""
     state = Path(env["MLLAMBDA_STATE_DIR"])
     changes = 0
     scaled: set[str] = set()
+    queue: list[str] = []
     while time.monotonic() + every < until:
         await asyncio.sleep(every * rng.uniform(0.7, 1.3))
-        kind = rng.choice(kinds)
+        if rounds:
+            queue = queue or rng.sample(kinds, len(kinds))
+            kind = queue.pop(0)
+        else:
+            kind = rng.choice(kinds)
         procs = stack_processes(state)
         runtimes = sorted(n for n in procs if n not in ("consul", "controlplane", "gateway", "kafka", "supervisor"))
         target = ""
+        sidecars = {name: envoy for name in runtimes if (envoy := sidecar_of(procs[name]))}  # runtimes serving
+        if (kind in KILLED and KILLED[kind] not in procs) or (
+            kind in ("kill-runtime", "stop-sidecar") and not sidecars
+        ):
+            queue.insert(0, kind)  # between a restart and its record: this kind again at the next turn
+            continue
         if kind == "kill-runtime":
-            target = rng.choice(runtimes)
+            target = rng.choice(sorted(sidecars))
             os.killpg(procs[target], signal.SIGKILL)
         elif kind == "stop-sidecar":
-            target = rng.choice(runtimes)
-            envoy = sidecar_of(procs[target])
-            if envoy is None:
-                continue
+            target = rng.choice(sorted(sidecars))
+            envoy = sidecars[target]
             os.kill(envoy, signal.SIGSTOP)
             asyncio.get_running_loop().call_later(5, os.kill, envoy, signal.SIGCONT)
             target += " (sidecar, 5 s)"
-        elif kind in ("kill-plane", "kill-consul", "kill-kafka"):
-            target = {"kill-plane": "controlplane", "kill-consul": "consul", "kill-kafka": "kafka"}[kind]
+        elif kind in KILLED:
+            target = KILLED[kind]
             os.killpg(procs[target], signal.SIGKILL)
         elif kind == "change":
             target = f"soak-http: {CHANGES[changes % len(CHANGES)]}"
             path = folder / "change.yaml"
             path.write_text(yaml.safe_dump(changed(changes)))
             changes += 1
-            await mllambda(env, "apply", "-f", str(path))
+            await mllambda(env, book, "apply", "-f", str(path))
         elif kind == "scale":
             model = rng.choice(["net-sports", "net-tech", "net-food"])
             replicas = 1 if model in scaled else 2
             scaled ^= {model}
             target = f"{model}:v1 to {replicas} replicas"
-            await mllambda(env, "deploy", f"{model}:v1", f"--replicas={replicas}")
+            await mllambda(env, book, "deploy", f"{model}:v1", f"--replicas={replicas}")
         elif kind == "rotate-ca":
             await asyncio.to_thread(rotate_ca, ports["consul"], folder)
         book.faults.append((time.monotonic(), kind, target))
@@ -295,12 +311,13 @@ def changed(n: int) -> dict[str, Any]:
     return spec
 
 
-async def mllambda(env: dict[str, str], *args: str) -> None:
-    """Run the CLI; a refusal is printed (the soak goes on: a change refused is a finding, not a crash)."""
+async def mllambda(env: dict[str, str], book: Book, *args: str) -> None:
+    """Run the CLI; a refusal is recorded and printed (the soak goes on: a change refused is a finding)."""
     cli = [str(PROJECT_ROOT / ".venv" / "bin" / "mllambda"), *args]
     done = await asyncio.to_thread(subprocess.run, cli, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
-        print(f"  mllambda {' '.join(args)} failed: {done.stderr.strip()[-300:]}", flush=True)
+        book.cli_failures.append(f"mllambda {' '.join(args)}: {done.stderr.strip()[-300:]}")
+        print(f"  {book.cli_failures[-1]}", flush=True)
 
 
 async def sampler(state: Path, until: float, book: Book) -> None:
@@ -318,53 +335,78 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in points) / var * 3600
 
 
-def kafka_report(book: Book, window: float) -> None:
-    if not book.produced and not book.refused:
-        return
+@dataclass
+class Verdict:
+    """What a run shows: each request's outcome charged to the fault before it, and each Kafka id's fate."""
+
+    outcomes: dict[str, collections.Counter[str]]  # pipeline -> "requests", "wrong answers", "failed (<cause>)"
+    charged: collections.Counter[str]  # failures by the fault before them ("unexplained": none within the window)
+    wrong: int
+    lost: list[str]  # Kafka ids acknowledged by the broker and found on neither topic
+    lost_to_broker: list[str]  # of those, acknowledged in the window before a broker kill (its memory)
+    twice: int  # ids on the output topic more than once (at least once: counted, not lost)
+    dead: int  # ids dead-lettered (and not delivered)
+
+
+def judge(book: Book, window: float) -> Verdict:
+    charged: collections.Counter[str] = collections.Counter()
+    outcomes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    wrong = 0
+    for t, pipeline, status, right in book.outcomes:
+        outcomes[pipeline]["requests"] += 1
+        if status == 200 and not right:
+            wrong += 1
+            outcomes[pipeline]["wrong answers"] += 1
+        elif status != 200:
+            before = [f for f in book.faults if f[0] <= t <= f[0] + window]
+            cause = before[-1][1] if before else "unexplained"
+            charged[cause] += 1
+            outcomes[pipeline][f"failed ({cause})"] += 1
     lost = [k for k in book.produced if not book.seen[k] and not book.dead[k]]
     broker = [
         k
         for k in lost
         if any(kind == "kill-kafka" and t - window <= book.produced[k] <= t for t, kind, _ in book.faults)
     ]
-    twice = sum(1 for k in book.produced if book.seen[k] > 1)
+    return Verdict(
+        outcomes=dict(outcomes),
+        charged=charged,
+        wrong=wrong,
+        lost=lost,
+        lost_to_broker=broker,
+        twice=sum(1 for k in book.produced if book.seen[k] > 1),
+        dead=sum(1 for k in book.produced if book.dead[k] and not book.seen[k]),
+    )
+
+
+def kafka_report(book: Book, verdict: Verdict, window: float) -> None:
+    if not book.produced and not book.refused:
+        return
     print(
         f"  kafka ids: {len(book.produced)} acknowledged by the broker ({book.refused} not), "
-        f"{sum(1 for k in book.produced if book.seen[k])} on the output topic, {twice} of them more than once "
-        f"({sum(book.seen.values()) - len(book.seen)} extra copies), "
-        f"{sum(1 for k in book.produced if book.dead[k] and not book.seen[k])} dead-lettered, "
-        f"lost {len(lost)} ({len(broker)} acknowledged in the {window:g} s before a broker kill: its memory)"
+        f"{sum(1 for k in book.produced if book.seen[k])} on the output topic, {verdict.twice} of them more than "
+        f"once ({sum(book.seen.values()) - len(book.seen)} extra copies), {verdict.dead} dead-lettered, "
+        f"lost {len(verdict.lost)} ({len(verdict.lost_to_broker)} acknowledged in the {window:g} s before a broker "
+        "kill: its memory)"
     )
-    for key in [k for k in lost if k not in broker][:10]:
+    for key in [k for k in verdict.lost if k not in verdict.lost_to_broker][:10]:
         print(f"    lost {key}, acknowledged at {book.produced[key] - book.started:.1f} s")
 
 
 def report(book: Book, window: float, minutes: float, seed: int) -> None:
+    verdict = judge(book, window)
     print(f"\nsoak: {minutes:g} min, seed {seed}, {len(book.faults)} faults")
-    charged: collections.Counter[str] = collections.Counter()
-    wrong = 0
-    by_pipeline: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for t, pipeline, status, right in book.outcomes:
-        by_pipeline[pipeline]["requests"] += 1
-        if status == 200 and not right:
-            wrong += 1
-            by_pipeline[pipeline]["wrong answers"] += 1
-            continue
-        if status == 200:
-            continue
-        before = [f for f in book.faults if f[0] <= t <= f[0] + window]
-        cause = before[-1][1] if before else "unexplained"
-        charged[cause] += 1
-        by_pipeline[pipeline][f"failed ({cause})"] += 1
-    for pipeline, counts in sorted(by_pipeline.items()):
+    for pipeline, counts in sorted(verdict.outcomes.items()):
         print(f"  {pipeline:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         statuses = collections.Counter(str(status) for _, p, status, _ in book.outcomes if p == pipeline)
         print(f"  {'':<12} by status: {dict(sorted(statuses.items()))}")
     for (pipeline, status), bodies in sorted(book.reasons.items()):
         print(f"    {pipeline} {status}: " + " | ".join(bodies))
-    print(f"  failed, by the fault before them (within {window:g} s): {dict(charged) or 'none'}")
-    print(f"  wrong answers: {wrong}")
-    kafka_report(book, window)
+    print(f"  failed, by the fault before them (within {window:g} s): {dict(verdict.charged) or 'none'}")
+    print(f"  wrong answers: {verdict.wrong}")
+    for failure in book.cli_failures:
+        print(f"  a fault's command failed: {failure}")
+    kafka_report(book, verdict, window)
     print(f"  faults: {collections.Counter(kind for _, kind, _ in book.faults)}")
     print(f"\n  {'process':<34}{'RSS MB':>8}{'MB/h':>8}{'fds':>6}{'fds/h':>8}{'thr':>5}{'thr/h':>7}  samples")
     for name, points in sorted(book.samples.items()):
@@ -385,6 +427,7 @@ async def soak(args: argparse.Namespace, ports: dict[str, int], env: dict[str, s
         await asyncio.to_thread(subprocess.run, cli, env=env, check=True, capture_output=True, timeout=180)
     await asyncio.sleep(5)
     until = time.monotonic() + args.minutes * 60
+    calm_from = until - args.calm  # no fault after this
     rng = random.Random(args.seed)
     state = Path(env["MLLAMBDA_STATE_DIR"])
     bootstrap = f"127.0.0.1:{ports['kafka']}"
@@ -393,7 +436,7 @@ async def soak(args: argparse.Namespace, ports: dict[str, int], env: dict[str, s
     await asyncio.gather(
         *(load(ports["gateway"], p["name"], args.rate, until, book) for p in pipelines()),
         kafka_load(bootstrap, "soak-kafka", args.kafka_rate, until, book),
-        faults(rng, ports, env, folder, args.every, until, book, tuple(args.faults.split(","))),
+        faults(rng, ports, env, folder, args.every, calm_from, book, tuple(args.faults.split(",")), args.rounds),
         sampler(state, until, book),
     )
     for _ in range(60):  # seconds for the last messages' way through (a redelivery after a fault takes longer)
@@ -414,6 +457,10 @@ def main() -> None:
     parser.add_argument("--kafka-rate", type=float, default=5.0, help="messages per second straight to Kafka")
     parser.add_argument("--every", type=float, default=20.0, help="seconds between faults (jittered)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds a fault is charged with failures")
+    parser.add_argument("--rounds", action="store_true", help="each kind once per round (seeded order)")
+    parser.add_argument(
+        "--calm", type=float, default=0.0, help="seconds at the end with no fault (the stack recovered)"
+    )
     args = parser.parse_args()
     if unknown := set(args.faults.split(",")) - set(FAULTS):
         parser.error(f"--faults: {', '.join(sorted(unknown))} not among {', '.join(FAULTS)}")

@@ -326,6 +326,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # long scenario alone at the end. A file not named keeps its place after these; a stale list costs time, not
 # correctness.
 LONGEST_FIRST = (
+    "test_soak.py",
     "test_formats_e2e.py",
     "test_kafka_e2e.py",
     "test_autoscale_e2e.py",
