@@ -20,7 +20,7 @@ from contract import oip
 from contract.fanout import FanOut
 from contract.naming import STAGE_PATH, model_cluster
 from contract.payload import MAX_BODY_CEILING, NotAnObject, encode, parse_object
-from runtime_sdk.admission import RETRY_AFTER, Admission, Refused, band, priority_of, weight_of
+from runtime_sdk.admission import KEY_CHARS, RETRY_AFTER, Admission, Refused, band, priority_of, weight_of
 from runtime_sdk.batching import Batcher, BatchPolicy, Overloaded, PredictBatch
 from runtime_sdk.egress import Egress
 from runtime_sdk.ensemble import Answers, ask, ask_oip_stage, hop_headers
@@ -61,6 +61,14 @@ class Metrics:
             ["model", "version", "priority", "outcome"],
             registry=registry,
         )
+        self.by_caller = Counter(
+            "mllambda_runtime_admission_by_caller",
+            f"HTTP requests into predict by caller key and outcome: the first {MAX_CALLERS} callers seen by name, the"
+            " rest as (other)",
+            ["model", "version", "caller", "outcome"],
+            registry=registry,
+        )
+        self._callers: set[str] = set()
         self.body_bytes = Gauge(
             "mllambda_runtime_body_bytes_held",
             "bytes of request bodies held (being read, queued or answered): at most --body-budget, or one larger body",
@@ -83,7 +91,16 @@ class Metrics:
             registry=registry,
         )
 
+    def caller(self, key: str) -> str:
+        """A caller key as a label: bounded (the first MAX_CALLERS keys keep theirs; the rest share "(other)")."""
+        key = key[:KEY_CHARS] or "(none)"
+        if key not in self._callers and len(self._callers) >= MAX_CALLERS:
+            return "(other)"
+        self._callers.add(key)
+        return key
 
+
+MAX_CALLERS = 32  # caller keys named in the runtime's metrics
 INLINE_BUDGET = 0.001  # seconds: a sync predict this fast runs on the event loop in `auto` mode
 INLINE_AFTER = 50  # consecutive fast predicts (measured in threads) before `auto` goes inline
 
@@ -181,8 +198,10 @@ class Runtime:
             await self.admission.enter(key, priority, weight_of(headers.get(h.SHARE)))
         except Refused as refused:
             self.metrics.admission.labels(self.model, self.version, band(priority), refused.shed).inc()
+            self.metrics.by_caller.labels(self.model, self.version, self.metrics.caller(key), refused.shed).inc()
             raise
         self.metrics.admission.labels(self.model, self.version, band(priority), "admitted").inc()
+        self.metrics.by_caller.labels(self.model, self.version, self.metrics.caller(key), "admitted").inc()
         try:
             yield
         finally:

@@ -271,3 +271,35 @@ async def test_a_runtime_not_ready_refuses_predict_with_a_retriable_503_and_neve
         assert calls == []
         runtime.ready = True
         assert (await client.post("/predict", json={"n": 1})).status == 200 and len(calls) == 1
+
+
+async def test_admission_counts_per_caller_name_the_first_callers_and_fold_the_rest_into_other() -> None:
+    gate = threading.Event()
+
+    def blocking(payload: dict[str, Any]) -> dict[str, Any]:
+        gate.wait(10)
+        return {}
+
+    runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), admission=Admission(1))
+    async with served(runtime) as client:
+        held = asyncio.create_task(client.post("/predict", json={}, headers={"x-mll-caller": "heavy"}))
+        await asyncio.sleep(0.2)
+        hostile = 'a"b\\c} x="y'  # a key is what the header held: escaped in the exposition, never breaking it
+        for key in ["heavy", hostile, *(f"c{i}" for i in range(40))]:
+            assert (await client.post("/predict", json={}, headers={"x-mll-caller": key})).status in (429, 503)
+        gate.set()
+        assert (await held).status == 200
+        text = await (await client.get("/metrics")).text()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {
+        (sample.labels["caller"], sample.labels["outcome"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "mllambda_runtime_admission_by_caller"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    callers = {caller for caller, _ in found}
+    assert len(callers) == 33 and "(other)" in callers, sorted(callers)  # 32 by name, then the rest folded
+    assert found[("heavy", "admitted")] == 1 and found[("heavy", "saturated")] == 1
+    assert (hostile, "saturated") in found and found[("(other)", "saturated")] == 42 - 32
