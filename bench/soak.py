@@ -23,7 +23,7 @@ delivered more than once (at least once: counted and explained), dead-lettered. 
 one's slope per hour (a least-squares line).
 
 Run: .venv/bin/python -m bench.soak [--minutes 3] [--seed 7] [--rate 10] [--kafka-rate 5] [--rounds] [--calm S]
-(tests/test_soak.py runs it for a few minutes with every kind but the broker kill, each once, and a calm end.)
+(tests/test_soak.py runs it for a few minutes: every kind but the broker kill, in rounds, and a calm end.)
 """
 
 from __future__ import annotations
