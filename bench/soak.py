@@ -265,7 +265,8 @@ async def faults(
         if (kind in KILLED and KILLED[kind] not in procs) or (
             kind in ("kill-runtime", "stop-sidecar") and not sidecars
         ):
-            queue.insert(0, kind)  # between a restart and its record: this kind again at the next turn
+            if rounds:
+                queue.insert(0, kind)  # between a restart and its record: this kind again at the next turn
             continue
         if kind == "kill-runtime":
             target = rng.choice(sorted(sidecars))
