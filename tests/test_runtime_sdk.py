@@ -233,6 +233,14 @@ async def test_requests_waiting_for_a_busy_model_are_dropped_when_their_callers_
             writer.close()
 
 
+async def in_predict(runtime: Runtime, count: int) -> None:
+    """Until `count` requests are inside predict (admitted), within 10 s."""
+    deadline = time.monotonic() + 10
+    while runtime.admission is None or runtime.admission.in_flight < count:
+        assert time.monotonic() < deadline, "the held requests never entered predict"
+        await asyncio.sleep(0.01)
+
+
 async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_wait() -> None:
     gate = threading.Event()
 
@@ -243,7 +251,7 @@ async def test_beyond_max_in_flight_a_request_is_a_retriable_503_at_once_not_a_w
     runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), admission=Admission(2))
     async with served(runtime) as client:
         held = [asyncio.create_task(client.post("/predict", json={"n": n})) for n in range(2)]
-        await asyncio.sleep(0.2)
+        await in_predict(runtime, 2)
         started = time.monotonic()
         refused = await client.post("/predict", json={"n": 3})
         assert refused.status == 503 and time.monotonic() - started < 1
@@ -283,7 +291,7 @@ async def test_admission_counts_per_caller_name_the_first_callers_and_fold_the_r
     runtime = Runtime(blocking, "busy", "v1", ready=True, placement=Placement("never"), admission=Admission(1))
     async with served(runtime) as client:
         held = asyncio.create_task(client.post("/predict", json={}, headers={"x-mll-caller": "heavy"}))
-        await asyncio.sleep(0.2)
+        await in_predict(runtime, 1)
         hostile = 'a"b\\c} x="y'  # a key is what the header held: escaped in the exposition, never breaking it
         for key in ["heavy", hostile, *(f"c{i}" for i in range(40))]:
             assert (await client.post("/predict", json={}, headers={"x-mll-caller": key})).status in (429, 503)
