@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mllambda")
 TICK = 0.2  # seconds between checks while a version waits or drains
 GC_YOUNG = 50_000  # allocations between young-generation collections (Python's default: 700)
+STOP_TASKS_TIMEOUT = 5.0  # seconds the background tasks have to finish once cancelled (a lock given back)
 COALESCE = 0.03  # seconds after a reconcile before the next: a burst of changes is translated once
 
 
@@ -492,7 +493,10 @@ class ControlPlane:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A task's last word (a lock given back to Consul) is bounded: a stop must never hang on a slow Consul.
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_TIMEOUT) if self._tasks else (set(), set())
+        if stuck:
+            log.warning("stopping: %d task(s) still busy after %.0f s, left behind", len(stuck), STOP_TASKS_TIMEOUT)
         for keeper in (self.identity, self.bridge_identity):
             if keeper is not None:
                 await keeper.stop()
@@ -531,10 +535,15 @@ async def serve(settings: Settings) -> None:
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    told: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda name=sig.name: (told.append(name), stop.set()))
+    log.info("ready pid=%d (SIGTERM or SIGINT stops it)", os.getpid())
     await stop.wait()
+    began = time.monotonic()
+    log.info("stopping (%s)", told[0] if told else "asked")
     await plane.stop()
+    log.info("stopped after %.1f s", time.monotonic() - began)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:

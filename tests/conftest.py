@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -160,6 +161,7 @@ class ControlPlaneProc:
     extra_args: list[str] = field(default_factory=list)
     proc: ManagedProcess | None = None
     ui_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # signs a browser in to the dashboard
+    last_stop: str = "none"  # how the last stop went (said when a call is refused after a restart)
 
     @property
     def admin_addr(self) -> str:
@@ -186,7 +188,9 @@ class ControlPlaneProc:
 
     def stop(self) -> None:
         if self.proc is not None:
+            began = time.monotonic()
             self.proc.stop()
+            self.last_stop = f"pid {self.proc.pid} took {time.monotonic() - began:.1f} s, exit {self.proc.popen.poll()}"  # type: ignore[union-attr]
 
     def cli(
         self, *args: str, stdin: str | None = None, token: str = "", timeout: float = 60
@@ -199,8 +203,13 @@ class ControlPlaneProc:
             capture_output=True, text=True, env=env, input=stdin, timeout=timeout,
         )  # fmt: skip
         if "Connection refused" in done.stderr and self.proc is not None:  # say what the control plane was doing
+            from tests.helpers.sockets import listeners
+
             state = "alive" if self.proc.alive() else f"exited ({self.proc.popen and self.proc.popen.poll()})"
-            done.stderr += f"\n[control plane {state}; its log ends:]\n{self.proc.tail(40)}"
+            done.stderr += (
+                f"\n[control plane pid {self.proc.pid} {state}; listening on its admin port now: "
+                f"{listeners(self.admin_port)}; its last stop: {self.last_stop}; its log ends:]\n{self.proc.tail(40)}"
+            )
         return done
 
 

@@ -161,3 +161,16 @@ async def test_a_bridge_that_cannot_produce_yet_says_503_retriable_so_the_gatewa
         assert "Kafka broker not reachable" in (await answer.json())["error"]
         unknown = await client.post("/bridge/two", data=b'{"text": "a b"}')
         assert unknown.status == 404 and h.RETRIABLE not in unknown.headers
+
+
+async def test_a_stopped_control_plane_says_what_stopped_it_and_how_long_its_stop_took(
+    control_plane: ControlPlaneProc,
+) -> None:
+    """A control plane that stops without being asked must be tellable from one that was stopped (the CI once
+    saw an alive one refuse its admin port): the log names the signal and the stop's length."""
+    assert control_plane.proc is not None
+    await wait_for(lambda: "ready pid=" in control_plane.proc.tail(10), timeout=30)  # type: ignore[union-attr]
+    control_plane.stop()
+    tail = control_plane.proc.tail(5)
+    assert "stopping (SIGTERM)" in tail and "stopped after" in tail, tail
+    assert control_plane.last_stop.endswith("exit 0"), control_plane.last_stop

@@ -178,3 +178,15 @@ def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: 
         sock.bind(str(stale))
     remove_socket(str(stale))
     assert not stale.exists()
+
+
+def test_the_refusal_diagnostic_names_who_listens_on_a_port_and_nobody_once_it_closes() -> None:
+    from tests.helpers.sockets import listeners
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    assert f"pid {os.getpid()} " in listeners(port)
+    held.close()
+    assert listeners(port) == "nobody"
