@@ -536,8 +536,13 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     told: list[str] = []
+
+    def on_signal(name: str) -> None:
+        told.append(name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda name=sig.name: (told.append(name), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig.name)
     log.info("ready pid=%d (SIGTERM or SIGINT stops it)", os.getpid())
     await stop.wait()
     began = time.monotonic()
