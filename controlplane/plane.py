@@ -535,10 +535,10 @@ async def serve(settings: Settings) -> None:
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    told: list[str] = []
+    told: list[str] = []  # the first signal's name (later ones change nothing)
 
     def on_signal(name: str) -> None:
-        told.append(name)
+        told[:] = told or [name]
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
