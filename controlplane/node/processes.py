@@ -155,7 +155,9 @@ class ManagedProcess:
 
 
 def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] | None = None) -> None:
-    """Stop a process group by its leader's PID: SIGTERM, then SIGKILL after `timeout`."""
+    """Stop a process group by its leader's PID: SIGTERM, then SIGKILL after `timeout`. `wait` (a child's
+    Popen.wait) reaps the leader; without it the leader is not ours and is polled until it is gone."""
+    born = start_time(pid)  # a leader not ours is the same process while its start time is the same
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -164,18 +166,27 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
     if wait is not None:
         try:
             wait(timeout)
+            alive = False
         except subprocess.TimeoutExpired:
-            pass
-    else:  # not our child: poll until it is gone
-        while time.monotonic() < deadline and exists(pid):
+            alive = True
+    else:
+        while time.monotonic() < deadline and start_time(pid) == born:
             time.sleep(0.05)
-    if exists(pid):  # the leader outlived `timeout`: its whole group goes now
+        alive = start_time(pid) == born
+    finish_group(pid, leader_alive=alive)
+
+
+def finish_group(pgid: int, leader_alive: bool) -> None:
+    """After a stop's grace: SIGKILL the whole group if its leader outlived it, else only what is left of it
+    (a straggler, a grandchild). `leader_alive` must come from an exact test (a child's poll()), not from
+    the PID, which may name another process once the leader is reaped."""
+    if leader_alive:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    else:  # the leader is gone: a straggler, a grandchild
-        kill_leftovers(pid)
+    else:
+        kill_leftovers(pgid)
 
 
 def kill_leftovers(pgid: int) -> None:
@@ -227,15 +238,8 @@ def stop_all(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     for proc in procs:  # stragglers and grandchildren go now
-        if proc.popen is None:
-            continue
-        if proc.popen.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        else:
-            kill_leftovers(proc.pid)
+        if proc.popen is not None:
+            finish_group(proc.pid, leader_alive=proc.popen.poll() is None)
 
 
 def start_time(pid: int) -> int | None:
