@@ -43,6 +43,7 @@ from controlplane.listen import admin_credentials, bind_grpc, loopback_if_any, m
 from controlplane.models.server import PackageServer, build_package_app
 from controlplane.models.signatures import SignatureBook
 from controlplane.models.store import ModelStore
+from controlplane.monitoring.callers import CallerBook
 from controlplane.monitoring.monitor import Monitor
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import EmptyHold, PipelineStore, StoreView
@@ -133,6 +134,7 @@ class ControlPlane:
         self.models = ModelAdmin(self.model_store, self._models_in_traffic)
         self.monitor = Monitor(self.consul, settings.kv_prefix, self.discovery.instances, relations=self._compared)
         self.models.monitor = self.monitor
+        self.callers = CallerBook(self.discovery.instances)
         self.signatures = SignatureBook(self.model_store)
         self.admin.contracts = self.signatures.contracts
         self.admin.replays = self.replay_book
@@ -237,6 +239,7 @@ class ControlPlane:
         if self.identity is not None:  # reads counters of Envoys on other hosts through their ingress
             self.traffic_book.scraper.tls = renewed_context(self.identity, key_copies("stats"), client=True)
             self.monitor.tls = self.traffic_book.scraper.tls  # and runtimes' profiles, through the same ingress
+            self.callers.tls = self.traffic_book.scraper.tls  # and their admission per caller
         await self.xds.start()
         await self._admin_server.start()
         await mark_serving(health, True)
@@ -279,6 +282,7 @@ class ControlPlane:
             asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
             asyncio.create_task(self.monitor.run()),
+            asyncio.create_task(self.callers.run()),
             *([asyncio.create_task(self.autoscaler.run())] if self.autoscaler else []),
         ]
         if self.kafka is not None:
@@ -476,6 +480,7 @@ class ControlPlane:
             replay_reports=self.replays.reports,
             replays_running={name: t.id for name, t in self.live_trials().items()},
             monitoring=self.monitor.status,
+            callers=self.callers.rows(),
             monitoring_page=self.monitor.page,
         )
 

@@ -16,6 +16,7 @@ from contract.service import RuntimeService
 from controlplane.consul.discovery import ConsulHealth
 from controlplane.delivery.reconcile import LatencyHistogram
 from controlplane.delivery.traffic import VariantTraffic, rate_limited
+from controlplane.monitoring.callers import CallerCounts
 from controlplane.pipeline.model import PipelineVersion
 from controlplane.scaling.scaler import ScaleRow
 from controlplane.xds.acks import TypeAck
@@ -51,6 +52,7 @@ class PlaneView:
     stack: Sequence[Mapping[str, Any]] = ()  # the local stack's processes, as its supervisor records them
     replay_reports: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # newest first
     replays_running: Mapping[str, str] = field(default_factory=dict)  # pipeline -> the id of its running replay
+    callers: Sequence[CallerCounts] = ()  # admission per caller key and model version, read from the runtimes
     monitoring: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # per model version: fields, drift (asked)
     monitoring_page: Callable[[], Sequence[Mapping[str, Any]]] = lambda: ()  # ... with bins and history to draw
 

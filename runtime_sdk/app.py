@@ -68,7 +68,7 @@ class Metrics:
             ["model", "version", "caller", "outcome"],
             registry=registry,
         )
-        self._callers: set[str] = set()
+        self.callers: dict[str, dict[str, int]] = {}  # caller label -> outcome -> count (GET /admission)
         self.body_bytes = Gauge(
             "mllambda_runtime_body_bytes_held",
             "bytes of request bodies held (being read, queued or answered): at most --body-budget, or one larger body",
@@ -91,13 +91,15 @@ class Metrics:
             registry=registry,
         )
 
-    def caller(self, key: str) -> str:
-        """A caller key as a label: bounded (the first MAX_CALLERS keys keep theirs; the rest share "(other)")."""
-        key = key[:KEY_CHARS] or "(none)"
-        if key not in self._callers and len(self._callers) >= MAX_CALLERS:
-            return "(other)"
-        self._callers.add(key)
-        return key
+    def count_caller(self, model: str, version: str, key: str, outcome: str) -> None:
+        """One admission decision for a caller key, in /metrics and /admission. Bounded: the first MAX_CALLERS
+        keys keep their name; the rest share "(other)"."""
+        label = key[:KEY_CHARS] or "(none)"
+        if label not in self.callers and len(self.callers) >= MAX_CALLERS:
+            label = "(other)"
+        outcomes = self.callers.setdefault(label, {})
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self.by_caller.labels(model, version, label, outcome).inc()
 
 
 MAX_CALLERS = 32  # caller keys named in the runtime's metrics
@@ -198,10 +200,10 @@ class Runtime:
             await self.admission.enter(key, priority, weight_of(headers.get(h.SHARE)))
         except Refused as refused:
             self.metrics.admission.labels(self.model, self.version, band(priority), refused.shed).inc()
-            self.metrics.by_caller.labels(self.model, self.version, self.metrics.caller(key), refused.shed).inc()
+            self.metrics.count_caller(self.model, self.version, key, refused.shed)
             raise
         self.metrics.admission.labels(self.model, self.version, band(priority), "admitted").inc()
-        self.metrics.by_caller.labels(self.model, self.version, self.metrics.caller(key), "admitted").inc()
+        self.metrics.count_caller(self.model, self.version, key, "admitted")
         try:
             yield
         finally:
@@ -388,7 +390,10 @@ def readiness(runtime: Runtime) -> tuple[int, dict[str, Any]]:
 
 
 def answer_get(runtime: Runtime, path: str, query: str = "") -> Response | None:
-    """GET /healthz, /readyz, /metrics, /profiles?after=<window id> (None: no such page)."""
+    """GET /healthz, /readyz, /metrics, /profiles?after=<window id>, /admission (None: no such page)."""
+    if path == "/admission":  # what admission decided per caller key since this runtime started
+        callers = runtime.metrics.callers if runtime.admission is not None else {}
+        return json_response({"model": runtime.model, "version": runtime.version, "callers": callers})
     if path == "/profiles":
         if runtime.profiler is None:
             return json_response({"error": "profiling is off (--profile-percent 0)"}, 404)

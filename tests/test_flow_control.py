@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections import Counter
@@ -116,6 +117,24 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     assert metric(runtime, admission, priority="sheddable", outcome="shed") >= bulk.codes[503] + forged.codes[503]
     assert metric(runtime, admission, priority="standard", outcome="over share") >= heavy.codes[429]
     assert metric(runtime, admission, priority="critical", outcome="admitted") >= gold.codes[200]
+
+    # ... and per caller key, read from the runtimes by the control plane: `mllambda status` and the dashboard
+    # show heavy's refusals (over share) beside light's none, for the model version they share
+    dashboard = f"--dashboard=http://127.0.0.1:{control_plane.metrics_port}"
+
+    def callers() -> dict[str, dict[str, Any]]:
+        done = control_plane.cli("status", dashboard, "-o", "json")
+        rows = json.loads(done.stdout)["admission_by_caller"] if done.returncode == 0 else []
+        return {r["caller"]: r for r in rows if r["model"] == "paced"}
+
+    await wait_for(lambda: callers().get("heavy", {}).get("refused", {}).get("over share", 0) >= heavy.codes[429])
+    seen = callers()
+    assert seen["light"]["refused"] == {} and seen["light"]["admitted"] >= light.codes[200], seen
+    assert seen["heavy"]["admitted"] >= heavy.codes[200], seen
+    table = control_plane.cli("status", dashboard).stdout
+    assert re.search(r"^paced:v1\s+heavy\s+\d+\s+\d+ over share", table, re.MULTILINE), table
+    page = http_get(f"http://127.0.0.1:{control_plane.metrics_port}/")[1]
+    assert "Admission by caller" in page and "<td class='caller'>heavy</td>" in page, page[-3000:]
 
 
 async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_no_stage_sees_those_requests(

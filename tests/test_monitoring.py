@@ -225,22 +225,22 @@ def test_reference_data_profiles_as_the_runtime_would_and_a_bad_line_is_named() 
 
 def test_runtimes_on_other_hosts_are_read_through_their_ingress_under_mtls_only() -> None:
     from contract.service import RuntimeService
-    from controlplane.monitoring.monitor import profiles_url
+    from controlplane.monitoring.runtimes import runtime_url
 
     here = RuntimeService("m-1", "m", "v1", "127.0.0.1", 9002, "", 9001, 9003, "")
     there = dataclasses.replace(here, host="10.0.0.2", tls_dir="/run/m-1/tls")
-    assert profiles_url(here, secure=False) == "http://127.0.0.1:9002/profiles"
-    assert profiles_url(there, secure=True) == "https://10.0.0.2:9001/profiles"
-    assert profiles_url(there, secure=False) == ""  # nothing beyond loopback without authentication
+    assert runtime_url(here, secure=False) == "http://127.0.0.1:9002/profiles"
+    assert runtime_url(there, secure=True) == "https://10.0.0.2:9001/profiles"
+    assert runtime_url(there, secure=False) == ""  # nothing beyond loopback without authentication
     v6 = dataclasses.replace(there, host="fd00::2")
-    assert profiles_url(v6, secure=True) == "https://[fd00::2]:9001/profiles"
+    assert runtime_url(v6, secure=True) == "https://[fd00::2]:9001/profiles"
 
 
 async def test_a_runtimes_answer_is_read_whole_however_many_packets_it_takes() -> None:
     """The windows of a busy runtime run to hundreds of KB: read to their end (bounded), not to the first packet."""
     from aiohttp import test_utils, web
 
-    from controlplane.monitoring.monitor import read_at_most
+    from controlplane.monitoring.runtimes import read_at_most
 
     big = b"x" * 3_000_000
 

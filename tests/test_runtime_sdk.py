@@ -298,6 +298,9 @@ async def test_admission_counts_per_caller_name_the_first_callers_and_fold_the_r
         gate.set()
         assert (await held).status == 200
         text = await (await client.get("/metrics")).text()
+        counts = (await (await client.get("/admission")).json())["callers"]  # what the control plane reads
+    assert len(counts) == 33 and counts["heavy"] == {"admitted": 1, "saturated": 1}, counts
+    assert counts[hostile] == {"saturated": 1} and counts["(other)"] == {"saturated": 42 - 32}, counts
     from prometheus_client.parser import text_string_to_metric_families
 
     found = {

@@ -53,6 +53,7 @@ ROOMS: dict[str, set[str]] = {
     "controlplane.web": {
         "controlplane.view",
         "controlplane.admin",
+        "controlplane.monitoring",  # what the runtimes report (admission per caller), shown as it is read
         "controlplane.pipeline",
         "controlplane.delivery",
         "controlplane.consul",

@@ -30,6 +30,7 @@ import consul.aio
 
 from contract.naming import model_cluster
 from contract.service import RuntimeService
+from controlplane.monitoring.runtimes import read_at_most, runtime_url
 from controlplane.monitoring.sketches import MIN_COUNT, Drift, Profile, bins, drift, merged, read_profile, summary
 
 log = logging.getLogger("mllambda.monitor")
@@ -128,7 +129,7 @@ class Monitor:
                 await asyncio.sleep(POLL_SECONDS)
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
-        readable = {i.service_id: (i, url) for i in self.instances() if (url := profiles_url(i, self.tls is not None))}
+        readable = {i.service_id: (i, url) for i in self.instances() if (url := runtime_url(i, self.tls is not None))}
         await asyncio.gather(*(self._read(session, i, url) for i, url in readable.values()))
         known = {(i.model, i.version) for i in self.instances()}
         for gone in set(self.versions) - known:
@@ -326,27 +327,6 @@ class Monitor:
             row["drift_over_time"] = list(self.drift_history.get(version, ()))
             row["agreement_over_time"] = list(self.agreement_history.get(model_cluster(*version), ()))
         return rows
-
-
-async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or ValueError past `limit` bytes (`content.read(n)` returns what has arrived so far,
-    which for a body of more than a few packets is only its start)."""
-    raw = bytearray()
-    async for chunk in resp.content.iter_chunked(1 << 16):
-        raw += chunk
-        if len(raw) > limit:
-            raise ValueError(f"answer over {limit} bytes")
-    return bytes(raw)
-
-
-def profiles_url(i: RuntimeService, secure: bool) -> str:
-    """Where to read a runtime's profiles: its own port when it is on this host (127.0.0.1); elsewhere, under
-    mTLS, its sidecar's ingress route, which admits the control plane's identity only; else nowhere ("")."""
-    if i.host == "127.0.0.1" and i.runtime_port:
-        return f"http://127.0.0.1:{i.runtime_port}/profiles"
-    if secure and i.tls_dir and i.ingress_port:
-        return i.ingress_url("/profiles")
-    return ""
 
 
 def agreement(

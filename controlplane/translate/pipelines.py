@@ -45,6 +45,7 @@ from controlplane.translate.routes import (
     LOCAL_HEALTH,
     LOCAL_HTTP,
     LOCAL_UDS,
+    admission_route,
     body_limited,
     dedupe,
     hops,
@@ -504,7 +505,8 @@ def _sidecar(routed: Sequence[PipelineVersion], me: RuntimeService, endpoints: E
         raise ValueError("this deployment is mTLS and the runtime has no certificate folder (--security mtls)")
     tls = me.tls_dir if options.mtls else ""
     ready = readiness_route(LOCAL_HEALTH if me.health_port else LOCAL_HTTP, me.oip_model)
-    remote = [*([stats_route()] if me.envoy_admin_port else []), profiles_route()] if tls else []  # for control planes
+    # for control planes on other hosts: the Envoy's counters, the runtime's profiles and admission per caller
+    remote = [*([stats_route()] if me.envoy_admin_port else []), profiles_route(), admission_route()] if tls else []
     ingress, egress = [ready, *remote], []
     for v in routed:
         more_in, more_out = hops(v, me, tls)

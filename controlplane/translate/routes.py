@@ -334,6 +334,12 @@ def profiles_route() -> rc.Route:
     return _control_planes_only("runtime-profiles", "/profiles", LOCAL_HTTP)
 
 
+def admission_route() -> rc.Route:
+    """GET /admission on an mTLS ingress, for the control plane's identity only: the runtime's admission counts
+    per caller key, read by the control plane on another host (`mllambda status`)."""
+    return _control_planes_only("runtime-admission", "/admission", LOCAL_HTTP)
+
+
 def _control_planes_only(name: str, path: str, cluster: str) -> rc.Route:
     get = [rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))]
     action = rc.RouteAction(cluster=cluster, timeout=r.millis(2000))

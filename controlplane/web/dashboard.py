@@ -21,6 +21,7 @@ from controlplane.consul.presence import Presence
 from controlplane.delivery.rollouts import state as rollout_state
 from controlplane.delivery.switch import switch_notes
 from controlplane.delivery.traffic import VariantTraffic
+from controlplane.monitoring.callers import CallerCounts, as_dicts, refused_text
 from controlplane.pipeline.model import JOIN_GROUP
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
@@ -57,6 +58,7 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
             for v in view.pipelines
         ],
         "rate_limited": view.rate_limited(),
+        "admission_by_caller": as_dicts(view.callers),
         "runtimes": [
             {"service_id": i.service_id, "model": i.model, "version": i.version, "passing": i.passing}
             for i in view.runtimes
@@ -293,6 +295,8 @@ def render_dashboard(view: PlaneView, status: dict[str, Any], signed_in: bool = 
         parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
         parts.append("</ul>")
     parts.append("<h2>Traffic</h2><div class='scroll'>" + render_traffic(status["traffic"]) + "</div>")
+    if view.callers:
+        parts.append("<h2>Admission by caller</h2><div class='scroll'>" + render_callers(view.callers) + "</div>")
     summary = f"Envoys: {len(nodes)} nodes, {failing_nodes} rejecting config"
     parts.append(f"<details{' open' if failing_nodes else ''}><summary><h2>{summary}</h2></summary>")
     parts.append("<div class='scroll'><table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
@@ -344,6 +348,18 @@ def render_traffic(rows: list[dict[str, Any]]) -> str:
             f"<td>{t['requests']}</td><td>{errors}</td><td>{t.get('refused', 0)}</td>"
             f"<td>{t['retries']}</td>"
             f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
+        )
+    return "".join(out) + "</table>"
+
+
+def render_callers(rows: Sequence[CallerCounts]) -> str:
+    """Admitted and refused per caller key and model version, as the runtimes counted them (fairness)."""
+    e = html.escape
+    out = ["<table id='callers'><tr><th>version</th><th>caller</th><th>admitted</th><th>refused</th></tr>"]
+    for r in rows:
+        out.append(
+            f"<tr><td>{e(r.model)}:{e(r.version)}</td><td class='caller'>{e(r.caller)}</td><td>{r.admitted}</td>"
+            f"<td>{e(refused_text(r.refused))}</td></tr>"
         )
     return "".join(out) + "</table>"
 
