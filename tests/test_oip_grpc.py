@@ -89,6 +89,20 @@ def test_a_model_name_that_is_no_pipeline_name_never_reaches_a_path(name: str) -
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_caller_metadata_reaches_the_gateway_as_headers_but_never_what_is_the_gateways_or_grpcs_own() -> None:
+    from controlplane.edge.front import MAX_FORWARDED, forwarded
+
+    metadata = [
+        ("x-tenant", "gold"), ("x-request-id", "r1"), ("authorization", "Bearer t"), ("trace-bin", b"\x00\x01"),
+        ("x-mll-caller", "light"), ("x-mll-priority", "critical"), ("x-mll-share", "100"), ("grpc-timeout", "1S"),
+        ("x-envoy-upstream-rq-timeout-ms", "1"), ("x-forwarded-for", "10.0.0.1"), ("user-agent", "grpc-python"),
+        ("te", "trailers"), ("content-type", "application/grpc"), (":authority", "x"), ("host", "elsewhere"),
+    ]  # fmt: skip
+    assert forwarded(metadata) == {"x-tenant": "gold", "x-request-id": "r1", "authorization": "Bearer t"}
+    many = [(f"k{i}", "v") for i in range(MAX_FORWARDED + 10)]
+    assert len(forwarded(many)) == MAX_FORWARDED  # bounded
+
+
 @pytest.fixture
 def oip_plane(control_plane: Any) -> Any:
     """The control plane, restarted with its OIP gRPC front."""
@@ -158,3 +172,26 @@ async def test_tritonclient_grpc_through_the_gateway_and_every_refusal_a_status_
     assert "expected {'text': '<a string>'}" in refused.details(), refused.details()
     unknown = await call(port, b"", method="RepositoryIndex")  # a method of the protocol we do not serve
     assert isinstance(unknown, grpc.aio.AioRpcError) and unknown.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    # A pipeline's fairness header travels as gRPC metadata: each tenant has its own quota at the gateway (they
+    # used to share the front's), and a forged x-mll-share is not carried.
+    quota = {"per_second": 1, "burst": 2}
+    tenants = {**pipeline("tenants"), "fairness": {"header": "x-tenant"}, "rate_limit": quota}
+    apply(oip_plane, tmp_path, tenants)
+    await until_ok(f"http://127.0.0.1:{port}/pipelines/tenants", {"text": "a"})  # in traffic (its own key: no header)
+
+    async def as_tenant(tenant: str, forged: str = "") -> str:
+        extra = (("x-mll-share", forged),) if forged else ()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            rpc = channel.unary_unary(f"/{t.SERVICE}/ModelInfer")
+            try:
+                await rpc(infer("a b", model="tenants"), timeout=10, metadata=(("x-tenant", tenant), *extra))
+                return "OK"
+            except grpc.aio.AioRpcError as err:
+                return f"{err.code().name}: {err.details()}"
+
+    heavy = [await as_tenant("heavy", forged="100") for _ in range(4)]  # at most one more token in between
+    refused = [answer for answer in heavy[2:] if answer.startswith("RESOURCE_EXHAUSTED")]
+    assert heavy[:2] == ["OK", "OK"] and refused, heavy  # its burst of 2, not 200 (x-mll-share was not carried)
+    assert "x-tenant" in refused[0], refused  # the gateway's reason names the key it counted
+    assert await as_tenant("light") == "OK"  # another tenant's quota is its own

@@ -8,7 +8,7 @@ deployment, found in Consul like the Kafka bridges), so a client dials the gatew
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -25,8 +25,26 @@ from controlplane.edge.oip_grpc import Refused, pb
 
 log = logging.getLogger("mllambda.edge")
 
-FORWARDED = ("x-request-id", "traceparent", "authorization")  # caller metadata the gateway sees
+# Caller metadata becomes headers the gateway sees (a request id, a trace, a token, a pipeline's fairness header
+# such as x-tenant), but never what is the gateway's or gRPC's own: the gateway sets (and strips) x-mll-*.
+NOT_FORWARDED = ("grpc-", "x-mll-", "x-envoy-", "x-forwarded-", ":")
+NOT_FORWARDED_NAMES = frozenset(
+    {"user-agent", "te", "content-type", "content-length", "host", "connection", "transfer-encoding", "upgrade"}
+)
+MAX_FORWARDED = 32  # metadata entries forwarded per call; the rest are dropped
 MAX_CALLS = 1024  # calls in progress at once; one more is refused at once with RESOURCE_EXHAUSTED (gRPC's own limit)
+
+
+def forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """The caller's metadata as headers for the gateway: text values only (binary `-bin` entries stay), nothing
+    reserved, at most MAX_FORWARDED. gRPC allows only printable ASCII in text values: no line break gets in."""
+    found: dict[str, str] = {}
+    for key, value in metadata:
+        if len(found) >= MAX_FORWARDED:
+            break
+        if isinstance(value, str) and key not in NOT_FORWARDED_NAMES and not key.startswith(NOT_FORWARDED):
+            found[key] = value
+    return found
 
 
 class OipFront:
@@ -89,7 +107,7 @@ class OipFront:
         self, method: str, path: str, context: grpc.aio.ServicerContext, body: bytes = b"", length: int = 0
     ) -> tuple[int, bytes]:
         assert self._session is not None
-        headers = {k: v for k, v in context.invocation_metadata() or () if k in FORWARDED and isinstance(v, str)}
+        headers = forwarded(context.invocation_metadata() or ())
         if method == "POST":
             headers |= {"content-type": "application/octet-stream", oip.HEADER_LENGTH: str(length)}
         remaining = context.time_remaining()
