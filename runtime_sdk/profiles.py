@@ -21,17 +21,30 @@ kept. NaN and infinities are counted as `odd`, never sketched. Without
 from __future__ import annotations
 
 import base64
+import importlib.util
 import math
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-try:
-    import datasketches as ds
-except ImportError:  # pragma: no cover - a model environment where it does not resolve
-    ds = None
+# Apache DataSketches (and numpy with it, ~0.3 s of CPU) is imported aside, in a thread the Profiler starts, not
+# on the runtime's way to serving; a model environment where it does not resolve has profiling off.
+AVAILABLE = importlib.util.find_spec("datasketches") is not None
+_ds: Any = None
+
+
+def sketches() -> Any:
+    """The datasketches module, imported on first use."""
+    global _ds
+    if _ds is None:
+        import datasketches
+
+        _ds = datasketches
+    return _ds
+
 
 WINDOW_SECONDS = 10
 KEEP_WINDOWS = 60  # ten minutes
@@ -76,7 +89,7 @@ class FieldProfile:
                 self.odd += 1
                 return
             if self.numbers is None:
-                self.numbers = ds.kll_floats_sketch(KLL_K)
+                self.numbers = sketches().kll_floats_sketch(KLL_K)
             self.numbers.update(number)
         elif isinstance(value, str):
             self.kinds["string"] += 1
@@ -90,12 +103,12 @@ class FieldProfile:
 
     def _item(self, text: str) -> None:
         if self.items is None:
-            self.items = ds.frequent_strings_sketch(ITEMS_LG_MAX)
+            self.items = sketches().frequent_strings_sketch(ITEMS_LG_MAX)
         self.items.update(text)
 
     def _length(self, n: int) -> None:
         if self.lengths is None:
-            self.lengths = ds.kll_floats_sketch(KLL_K)
+            self.lengths = sketches().kll_floats_sketch(KLL_K)
         self.lengths.update(float(n))
 
     def export(self) -> dict[str, Any]:
@@ -144,16 +157,26 @@ class Profiler:
     def __init__(
         self, percent: float, clock: Callable[[], float] = time.time, rng: Callable[[], float] = random.random
     ) -> None:
-        self.percent = percent if ds is not None else 0.0
+        self.percent = percent if AVAILABLE else 0.0
         self.clock = clock
         self.rng = rng
         self.current: Window | None = None
         self.closed: deque[Window] = deque(maxlen=KEEP_WINDOWS)
         self.failed = 0  # values a sketch refused (counted; the request is never affected)
+        self._loading: threading.Thread | None = None
+        if self.percent > 0 and _ds is None:  # loaded aside while the runtime starts (its sidecar, its listeners
+            # and the model's loader run meanwhile): the start waits for it less, first requests not at all
+            self._loading = threading.Thread(target=sketches, name="load-datasketches", daemon=True)
+            self._loading.start()
+
+    def loaded(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for the sketches' import started with this profiler."""
+        if self._loading is not None:
+            self._loading.join(timeout)
 
     @property
     def off_because(self) -> str:
-        return "datasketches is not importable in this environment" if ds is None else ""
+        return "" if AVAILABLE else "datasketches is not importable in this environment"
 
     def offer(self, payload: dict[str, Any], answer: dict[str, Any]) -> None:
         """Profile this request's fields if it is sampled; cheap when it is not."""

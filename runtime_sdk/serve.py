@@ -29,7 +29,6 @@ from runtime_sdk.app import Placement, Runtime, build_app
 from runtime_sdk.batching import BatchPolicy
 from runtime_sdk.egress import Egress
 from runtime_sdk.health import HealthServer
-from runtime_sdk.kafka_adapter import KafkaAdapter
 from runtime_sdk.payload_log import DEFAULT_MAX_BYTES, PayloadLog
 from runtime_sdk.profiles import Profiler
 from runtime_sdk.registration import deregister, register, stay_registered
@@ -142,6 +141,8 @@ async def serve(
         if loader is not None:
             log.info("loading model=%s", service.model)
             await asyncio.to_thread(loader)
+        if runtime.profiler is not None:  # its import ran beside the start; it is frozen with the rest below
+            await asyncio.to_thread(runtime.profiler.loaded, 10.0)
         # What startup built (modules, the model) lives as long as the process: out of the collector's full
         # passes, which otherwise walk all of it again every few thousand requests (docs/benchmarks.md).
         gc.collect()
@@ -150,7 +151,9 @@ async def serve(
         await register(client, service, through_sidecar)
         log.info("registered service_id=%s ingress_port=%d", service.service_id, service.ingress_port)
         tasks = [asyncio.create_task(stay_registered(client, service, through_sidecar))]
-        if options.kafka_via:
+        if options.kafka_via:  # the Kafka client is imported only by a runtime that has a broker
+            from runtime_sdk.kafka_adapter import KafkaAdapter
+
             tasks.append(asyncio.create_task(KafkaAdapter(runtime, options.kafka_via, client, options.kv_prefix).run()))
         try:
             await wait_for_stop(stop, sidecar)

@@ -85,7 +85,7 @@ def test_profiles_stay_bounded_whatever_the_payloads_hold() -> None:
     assert (
         max(
             len(item[0])
-            for item in n.items.get_frequent_items(profiles.ds.frequent_items_error_type.NO_FALSE_NEGATIVES)
+            for item in n.items.get_frequent_items(profiles.sketches().frequent_items_error_type.NO_FALSE_NEGATIVES)
         )
         == MAX_ITEM_CHARS
     )

@@ -32,7 +32,6 @@ from controlplane.errors import CliError
 from controlplane.models.envs import prepare
 from controlplane.models.formats import BATCH_ENTRY
 from controlplane.models.package import PackageError
-from controlplane.models.server import fetch
 from controlplane.models.store import (
     BadPackage,
     ModelNotFound,
@@ -127,6 +126,8 @@ async def fetch_package(args: argparse.Namespace, client: consul.aio.Consul, dig
             "folder, or give --packages-from HOST:PORT of a control plane started with --packages"
         )
     log.info("package model=%s version=%s: fetching it from %s", args.model, args.version, address)
+    from controlplane.models.server import fetch  # aiohttp's server side: only for a host that fetches
+
     if args.security != "mtls":
         return await fetch(address, args.model, args.version, None)
     keeper, folder = CertKeeper(client, args.model), key_copies("fetch")

@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from string import Template
 
-from google.protobuf import json_format
-
 from contract.naming import CONTROL_PLANE_IDENTITY, GATEWAY_IDENTITY
 from controlplane.config import DEFAULT_XDS_ADDR, PROJECT_ROOT, ConsulAddress, add_security_flag, split_host_port
 from controlplane.consul import client as consul_client
@@ -22,7 +20,6 @@ from controlplane.consul.certs import CertKeeper, write_sds
 from controlplane.errors import CliError
 from controlplane.node.processes import ManagedProcess, envoy_argv
 from controlplane.node.tools import find_envoy
-from controlplane.translate.security import upstream_tls
 
 TEMPLATE = PROJECT_ROOT / "envoy" / "sidecar.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -63,6 +60,10 @@ def _is_ip(host: str) -> bool:
 def _xds_tls(tls_dir: str) -> str:
     if not tls_dir:
         return "null"
+    from google.protobuf import json_format  # the protos only for mTLS (a plain runtime starts without them)
+
+    from controlplane.translate.security import upstream_tls
+
     socket = upstream_tls(tls_dir, CONTROL_PLANE_IDENTITY, alpn=["h2"])  # gRPC wants h2 by ALPN
     return json.dumps(json_format.MessageToDict(socket))
 
