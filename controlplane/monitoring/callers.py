@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from contract.service import RuntimeService
-from controlplane.monitoring.runtimes import read_at_most, runtime_url
+from controlplane.monitoring.runtimes import poll_forever, read_at_most, runtime_url
 
 log = logging.getLogger("mllambda.callers")
 
@@ -107,13 +107,7 @@ class CallerBook:
         self.tls: ssl.SSLContext | None = None  # under mTLS: our client certificate, for runtimes on other hosts
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            while True:
-                try:
-                    await self.poll(session)
-                except Exception:
-                    log.exception("reading admission per caller failed; the next round tries again")
-                await asyncio.sleep(READ_EVERY)
+        await poll_forever(self.poll, READ_EVERY, "reading admission per caller")
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
         secure = self.tls is not None

@@ -30,7 +30,7 @@ import consul.aio
 
 from contract.naming import model_cluster
 from contract.service import RuntimeService
-from controlplane.monitoring.runtimes import read_at_most, runtime_url
+from controlplane.monitoring.runtimes import poll_forever, read_at_most, runtime_url
 from controlplane.monitoring.sketches import MIN_COUNT, Drift, Profile, bins, drift, merged, read_profile, summary
 
 log = logging.getLogger("mllambda.monitor")
@@ -120,13 +120,7 @@ class Monitor:
         self.agreement_history: dict[str, deque[tuple[float, dict[str, float]]]] = {}
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            while True:
-                try:
-                    await self.poll(session)
-                except Exception:
-                    log.exception("monitoring poll failed; the next one tries again")
-                await asyncio.sleep(POLL_SECONDS)
+        await poll_forever(self.poll, POLL_SECONDS, "a monitoring poll")
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
         readable = {i.service_id: (i, url) for i in self.instances() if (url := runtime_url(i, self.tls is not None))}

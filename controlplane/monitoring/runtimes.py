@@ -1,10 +1,28 @@
-"""How the control plane reads a runtime's own pages (/profiles, /admission): where, and at most how much."""
+"""How the control plane reads a runtime's own pages (/profiles, /admission): where, how often, and at most how much."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
 from contract.service import RuntimeService
+
+log = logging.getLogger("mllambda.monitor")
+
+
+async def poll_forever(poll: Callable[[aiohttp.ClientSession], Awaitable[None]], every: float, what: str) -> None:
+    """Every `every` s, one round of reading the runtimes (2 s per answer at most); a round that fails is logged
+    and the next one tries again."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while True:
+            try:
+                await poll(session)
+            except Exception:
+                log.exception("%s failed; the next round tries again", what)
+            await asyncio.sleep(every)
 
 
 async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
