@@ -499,7 +499,10 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         # A task's last word (a lock given back to Consul) is bounded: a stop must never hang on a slow Consul.
-        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_TIMEOUT) if self._tasks else (set(), set())
+        done, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_TIMEOUT) if self._tasks else (set(), set())
+        for task in done:  # what a task ended with was logged by it; retrieved here so asyncio does not warn
+            if not task.cancelled():
+                task.exception()
         if stuck:
             log.warning("stopping: %d task(s) still busy after %.0f s, left behind", len(stuck), STOP_TASKS_TIMEOUT)
         for keeper in (self.identity, self.bridge_identity):
