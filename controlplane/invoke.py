@@ -242,13 +242,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = f"{t['pipeline']:<14}{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
         print(f"{left}{t['requests']:>10}{t['errors']:>6}{t.get('refused', 0):>9}{t['retries']:>9}{p99:>8}")
     if status.get("admission_by_caller"):
-        from controlplane.monitoring.callers import refused_text
+        from controlplane.monitoring.callers import refused_text, shown_key
 
         # per caller key at the runtimes (fairness), as of their last read
         print(f"\n{'ADMISSION BY CALLER':<24}{'CALLER':<26}{'ADMITTED':>9}  REFUSED")
         for row in status["admission_by_caller"]:
             name = f"{row['model']}:{row['version']}"
-            print(f"{name:<24}{row['caller'][:25]:<26}{row['admitted']:>9}  {refused_text(row['refused'])}")
+            caller = shown_key(row["caller"])[:25]
+            print(f"{name:<24}{caller:<26}{row['admitted']:>9}  {refused_text(row['refused'])}")
     print(f"\n{'ENVOY NODE':<36}{'ACKED':<16}{'UPDATED':>9}  LAST NACK")
     for n in status["nodes"]:
         age = "-" if n["age_seconds"] is None else f"{n['age_seconds']:.0f}s ago"
