@@ -33,9 +33,7 @@ def test_an_answer_that_is_not_what_a_runtime_sends_is_refused_whole(answer: byt
         parse_answer(answer)
 
 
-def test_a_key_with_a_quote_or_a_line_break_is_kept_for_the_page_to_escape_and_the_terminal_to_quote() -> (
-    None
-):
+def test_a_key_with_a_quote_or_a_line_break_is_kept_for_the_page_to_escape_and_the_terminal_to_quote() -> None:
     hostile = 'a"b\nc<script>\x1b[31m'
     assert parse_answer(json.dumps({"callers": {hostile: {"admitted": 2}}}).encode()) == {hostile: {"admitted": 2}}
     assert shown_key(hostile) == "'a\"b\\nc<script>\\x1b[31m'" and shown_key("gold tier") == "gold tier"
