@@ -137,13 +137,21 @@ def test_stopping_a_process_that_already_exited_never_signals_whoever_has_its_pi
 def test_stopping_a_leader_that_exited_still_kills_what_it_left_in_its_group(tmp_path: Path) -> None:
     child_file = tmp_path / "child"
     argv = ["sh", "-c", f"sleep 60 & echo $! > {child_file}"]
-    for stop in (lambda proc: proc.stop(timeout=1), lambda proc: processes.stop_all([proc], timeout=1)):
+    stops = (
+        lambda proc: proc.stop(timeout=1),
+        lambda proc: processes.stop_all([proc], timeout=1),
+        # as `mllambda down` stops a group it did not start: a leader already gone is not waited for (30 s here)
+        lambda proc: processes.stop_group(proc.pid, timeout=30),
+    )
+    for stop in stops:
         leader = processes.ManagedProcess("leader", argv, tmp_path / "leader.log").start()
         assert leader.popen is not None
         leader.popen.wait(timeout=10)
         child = int(child_file.read_text())
         assert not gone(child) and processes.group_has_members(leader.pid)
+        began = time.monotonic()
         stop(leader)
+        assert time.monotonic() - began < 5, "a stop waited out its grace for a leader already gone"
         deadline = time.monotonic() + 10
         while not gone(child):
             assert time.monotonic() < deadline, "the grandchild outlived its group's stop"

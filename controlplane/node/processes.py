@@ -170,9 +170,13 @@ def stop_group(pid: int, timeout: float = 10.0, wait: Callable[[float], object] 
         except subprocess.TimeoutExpired:
             alive = True
     else:
-        while time.monotonic() < deadline and start_time(pid) == born:
+
+        def leader_lives() -> bool:  # a leader already gone (born None) is not waited for; its group is finished
+            return born is not None and start_time(pid) == born
+
+        while time.monotonic() < deadline and leader_lives():
             time.sleep(0.05)
-        alive = start_time(pid) == born
+        alive = leader_lives()
     finish_group(pid, leader_alive=alive)
 
 
