@@ -242,13 +242,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = f"{t['pipeline']:<14}{t['stage']:<12}{t['branch']:<10}{variant:<22}{weight:>8}{observed:>10}"
         print(f"{left}{t['requests']:>10}{t['errors']:>6}{t.get('refused', 0):>9}{t['retries']:>9}{p99:>8}")
     if status.get("admission_by_caller"):
-        from controlplane.monitoring.callers import refused_text, shown_key
+        from controlplane.admin.output import shown
+        from controlplane.monitoring.callers import refused_text
 
         # per caller key at the runtimes (fairness), as of their last read
         print(f"\n{'ADMISSION BY CALLER':<24}{'CALLER':<26}{'ADMITTED':>9}  REFUSED")
         for row in status["admission_by_caller"]:
             name = f"{row['model']}:{row['version']}"
-            caller = shown_key(row["caller"])[:25]
+            caller = shown(row["caller"])[:25]
             print(f"{name:<24}{caller:<26}{row['admitted']:>9}  {refused_text(row['refused'])}")
     print(f"\n{'ENVOY NODE':<36}{'ACKED':<16}{'UPDATED':>9}  LAST NACK")
     for n in status["nodes"]:
@@ -264,6 +265,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             name = f"{row['model']}:{row['version']}"
             cold = f" (last cold start {row['cold_start_s']:.1f} s)" if row.get("cold_start_s") is not None else ""
             print(f"{name:<24}{wanted:>7}{row['passing']:>8}{bounds:>8}  {when} {row['reason']}{cold}")
+    if status.get("failing"):  # deployed versions whose replicas keep exiting, as their stack reported
+        from controlplane.admin.output import shown
+
+        print(f"\n{'DEPLOYED, FAILING':<24}{'EXITS':>6}  {'AGAIN AT':<10}LAST LINES")
+        for row in status["failing"]:
+            again = time.strftime("%H:%M:%S", time.localtime(row["retry_at"]))
+            lines = [shown(line)[:100] for line in str(row["tail"]).splitlines()[-4:]] or [""]
+            print(f"{row['model'] + ':' + row['version']:<24}{row['failures']:>6}  {again:<10}| {lines[0]}")
+            for line in lines[1:]:
+                print(f"{'':<40}| {line}")
     if status.get("kafka_bridges"):
         print(f"\nkafka bridges: {', '.join(status['kafka_bridges'])}")
     return 0

@@ -42,7 +42,7 @@ from controlplane.kafka.plane import KafkaPlane
 from controlplane.listen import admin_credentials, bind_grpc, loopback_if_any, metrics_address, refuse_exposed
 from controlplane.models.server import PackageServer, build_package_app
 from controlplane.models.signatures import SignatureBook
-from controlplane.models.store import ModelStore
+from controlplane.models.store import ModelStore, ModelStoreUnavailable, Trouble
 from controlplane.monitoring.callers import CallerBook
 from controlplane.monitoring.monitor import Monitor
 from controlplane.pipeline.model import Pipeline, PipelineVersion
@@ -490,6 +490,15 @@ class ControlPlane:
 
     async def recent_traffic(self) -> list[VariantTraffic]:
         return await self.traffic_book.recent([v.pipeline for v in self.pipelines], self._entered_at)
+
+    async def failing_deployments(self) -> list[Trouble]:
+        """Deployed model versions whose replicas do not stay up, as their stack reported (none: Consul away)."""
+        try:
+            deployed = {(d.model, d.version) for d in await self.model_store.deployments()}
+            return [t for key, t in sorted((await self.model_store.troubles()).items()) if key in deployed]
+        except ModelStoreUnavailable as err:
+            log.warning("deployments' troubles not read: %s", err)
+            return []
 
     def _entered_at(self, name: str) -> float | None:
         track = self.switchboard.tracks.get(name)

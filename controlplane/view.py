@@ -68,6 +68,8 @@ class PlaneReader(Protocol):
 
     async def recent_traffic(self) -> list[VariantTraffic]: ...  # over a recent window of the version in traffic
 
+    async def failing_deployments(self) -> Sequence[Any]: ...  # models.store.Trouble of deployed versions
+
 
 def envoy_admin_urls(runtimes: Sequence[RuntimeService], gateway_admin_port: int) -> dict[str, str]:
     """Each Envoy's admin page, for the dashboard's links (on this host's loopback)."""

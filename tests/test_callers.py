@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from controlplane.monitoring.callers import MAX_KEYS, OTHER, merged, parse_answer, refused_text, shown_key
+from controlplane.admin.output import shown
+from controlplane.monitoring.callers import MAX_KEYS, OTHER, merged, parse_answer, refused_text
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_an_answer_that_is_not_what_a_runtime_sends_is_refused_whole(answer: byt
 def test_a_key_with_a_quote_or_a_line_break_is_kept_for_the_page_to_escape_and_the_terminal_to_quote() -> None:
     hostile = 'a"b\nc<script>\x1b[31m'
     assert parse_answer(json.dumps({"callers": {hostile: {"admitted": 2}}}).encode()) == {hostile: {"admitted": 2}}
-    assert shown_key(hostile) == "'a\"b\\nc<script>\\x1b[31m'" and shown_key("gold tier") == "gold tier"
+    assert shown(hostile) == "'a\"b\\nc<script>\\x1b[31m'" and shown("gold tier") == "gold tier"
 
 
 def test_replicas_add_up_per_version_and_a_version_shows_its_busiest_keys_by_name_and_folds_the_rest() -> None:

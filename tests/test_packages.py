@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from controlplane.models.envs import find_uv
 from controlplane.models.package import PackageError, build, pack, read_manifest, requirement_lines, unpack
-from controlplane.models.store import BadPackage, read_blob
+from controlplane.models.store import BadPackage, Trouble, parse_trouble, read_blob
 
 BARE = Path(__file__).parent / "data" / "packages" / "bare"
 
@@ -219,3 +220,43 @@ async def test_the_store_holds_a_bounded_number_of_versions_and_models(consul_ag
         await store.check_room("echo", "v3")
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[]",
+        b'{"model": "m", "version": "v1", "failures": 0, "tail": "x", "at": 1, "retry_at": 2}',  # no failure
+        b'{"model": "m", "version": "v1", "failures": true, "tail": "x", "at": 1, "retry_at": 2}',
+        b'{"model": "m", "version": "v1", "failures": 1.5, "tail": "x", "at": 1, "retry_at": 2}',
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": ["x"], "at": 1, "retry_at": 2}',
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": "soon", "retry_at": 2}',
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": 1}',
+        json.dumps({"model": "m", "version": "v1", "failures": 1, "tail": "x" * 2001, "at": 1, "retry_at": 2}).encode(),
+        b"{" + b" " * 9000 + b"}",
+    ],
+)
+def test_a_replica_trouble_record_that_is_not_what_a_stack_writes_is_not_shown(raw: bytes) -> None:
+    assert parse_trouble(raw) is None
+
+
+def test_a_failing_replicas_own_words_are_escaped_on_the_models_page_and_quoted_in_the_terminal() -> None:
+    """What a replica printed (its model's error) is whatever its code wrote: markup, escape sequences."""
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    from controlplane.admin.model_cli import trouble_lines
+    from controlplane.web.manage import models_page
+
+    tail = "Traceback\n<script>alert(1)</script>\n\x1b[31mred\x1b[0m"
+    trouble = Trouble("m", "v1", 3, tail, 1_700_000_000.0, 1_700_000_008.0)
+    assert parse_trouble(trouble.to_json()) == trouble
+    told = pb.ReplicaTrouble(failures=3, tail=tail, at=trouble.at, retry_at=trouble.retry_at)
+    version = pb.ModelVersion(model="m", version="v1", digest="0" * 64, deployed=True, replicas=2, trouble=told)
+    page = models_page([version], [], None, "", "")
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page, page
+    assert "3 exits in a row; again at 22:13:28 UTC" in page and "\x1b[31m" in page  # HTML shows ESC harmlessly
+    lines = trouble_lines(version)
+    assert lines[0].startswith("Failing:      3 replica exits in a row, the last at 2023-11-14T22:13:20Z"), lines
+    assert "    <script>alert(1)</script>" in lines and all("\x1b" not in line for line in lines), lines
+    assert "    '\\x1b[31mred\\x1b[0m'" in lines, lines
+    assert trouble_lines(pb.ModelVersion(model="m", version="v1")) == []

@@ -205,8 +205,29 @@ async def test_deploy_starts_replicas_of_a_package_undeploy_drains_them_and_a_fa
         assert "weights.bin: no such file" in failed, failed  # its own last lines, for the person who reads
         scaler.follow()
         assert scaler.versions["broken.v1"].running == {}  # not before the back-off has passed
+        # ... and where someone who deployed it looks: `describe`, `get models`, the models page
+        described = model_plane.cli("describe", "model", "broken:v1").stdout
+        assert "Failing:      1 replica exit in a row" in described and "weights.bin: no such file" in described
         await wait_for(follows(lambda: any("again in 4s" in line for line in said)), timeout=90)  # doubled
+        listed = json.loads(model_plane.cli("get", "models", "broken", "-o", "json").stdout)["items"]
+        assert listed[0]["trouble"]["failures"] == 2 and "weights.bin" in listed[0]["trouble"]["tail"], listed
+        assert re.search(r"^broken\s+v1\s+.*\s1 \(failing\)\s", model_plane.cli("get", "models").stdout, re.M)
+        shown = model_plane.cli("status", f"--dashboard=http://127.0.0.1:{model_plane.metrics_port}").stdout
+        assert re.search(r"^broken:v1\s+2\s+[\d:]+\s+\| ", shown, re.M) and "| RuntimeError: weights.bin" in shown, (
+            shown
+        )
+        page = processes.http_get(f"http://127.0.0.1:{model_plane.metrics_port}/models")[1]
+        assert "2 exits in a row; again at" in page and "weights.bin: no such file" in page, page
         assert passing(model_plane.consul_port, "echo") == 0  # the rest is untouched
+        assert model_plane.cli("undeploy", "broken:v1").returncode == 0  # with it goes what its stack said
+        scaler.follow()
+        assert "Failing" not in model_plane.cli("describe", "model", "broken:v1").stdout
+        assert (
+            "DEPLOYED, FAILING"
+            not in model_plane.cli("status", f"--dashboard=http://127.0.0.1:{model_plane.metrics_port}").stdout
+        )
+        key = f"{model_plane.kv_prefix.rstrip('/')}-deploy-trouble/broken.v1"
+        assert processes.http_get(f"http://127.0.0.1:{model_plane.consul_port}/v1/kv/{key}")[0] == 404
     finally:
         for have in scaler.versions.values():
             for proc in have.running.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from controlplane.admin import model_cli
 from controlplane.admin.client import AdminClient, admin_client
+from controlplane.admin.output import emit
 from controlplane.errors import CliError
 from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import parse_pipeline
@@ -114,6 +114,7 @@ def _switch_notes(admin: AdminClient, name: str) -> list[str]:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    from controlplane.admin.convert import version_to_dict
 
     with admin_client(args) as admin:
         if args.name:
@@ -125,18 +126,19 @@ def cmd_get(args: argparse.Namespace) -> int:
         for v in versions
     ]
     headers = ["NAME", "VERSION", "TRANSPORT", "STAGES", "CREATED", "CAUSE"]
-    emit(args.output, versions, headers, rows, one=bool(args.name))
+    emit(args.output, [version_to_dict(v) for v in versions], headers, rows, one=bool(args.name))
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
+    from controlplane.admin.convert import version_to_dict
 
     with admin_client(args) as admin:
         reply = admin.History(pb.HistoryRequest(name=args.name, limit=args.limit, before=args.before))
     versions = list(reply.versions)
     rows = [[str(v.version), v.created_at, v.cause, summary(v.spec)] for v in versions]
-    emit(args.output, versions, ["VERSION", "CREATED", "CAUSE", "STAGES"], rows)
+    emit(args.output, [version_to_dict(v) for v in versions], ["VERSION", "CREATED", "CAUSE", "STAGES"], rows, False)
     if reply.next_before:
         print(f"older versions: mllambda history {args.name} --before {reply.next_before}", file=sys.stderr)
     return 0
@@ -236,22 +238,6 @@ def summary(spec: Any) -> str:
         names = [f"ensemble of {', '.join(m.name for m in stage.members)}"] if stage.members else names
         parts.append(f"{stage.name}[{','.join(names)}]")
     return " -> ".join(parts)
-
-
-def emit(output: str, messages: list[Any], headers: list[str], rows: list[list[str]], one: bool = False) -> None:
-    """A table, or JSON/YAML: the object when one was asked for by name, else `{"items": [...]}` (kubectl's way)."""
-    from controlplane.admin.convert import version_to_dict
-
-    if output in ("json", "yaml"):
-        items = [version_to_dict(m) for m in messages]
-        data: Any = items[0] if one else {"items": items}
-        print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
-        if output == "json":
-            print()
-        return
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        print("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:

@@ -22,9 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from controlplane.admin.client import AdminClient, admin_client
+from controlplane.admin.output import emit, shown
 from controlplane.config import cache_dir
 from controlplane.errors import CliError
 from controlplane.models.envs import check_entry, ensure_env, find_uv, read_signature
@@ -123,12 +122,15 @@ def get_models(args: argparse.Namespace) -> int:
             m.digest[:12],
             size_text(m.size),
             str(len(m.dependencies)),
-            str(m.replicas) if m.deployed else "-",
+            (f"{m.replicas} (failing)" if m.HasField("trouble") else str(m.replicas)) if m.deployed else "-",
             when(m.created_at),
         ]
         for m in found
     ]
-    emit(args.output, found, ["MODEL", "VERSION", "DIGEST", "SIZE", "DEPS", "DEPLOYED", "CREATED"], rows, bool(version))
+    from google.protobuf.json_format import MessageToDict
+
+    items = [MessageToDict(m, preserving_proto_field_name=True) for m in found]
+    emit(args.output, items, ["MODEL", "VERSION", "DIGEST", "SIZE", "DEPS", "DEPLOYED", "CREATED"], rows, bool(version))
     return 0
 
 
@@ -149,6 +151,7 @@ def describe_model(args: argparse.Namespace) -> int:
         f"Environment:  {m.lock_hash[:12]} (shared by versions with the same lock)",
         f"Created:      {when(m.created_at)} by {m.created_by}",
         f"Deployed:     {f'{m.replicas} replicas' if m.deployed else 'no'}",
+        *trouble_lines(m),
         *signature_lines(m.signature_json, bool(m.format)),
         "Requirements: " + (", ".join(m.requirements) or "(none)"),
         "Dependencies (locked):",
@@ -160,6 +163,20 @@ def describe_model(args: argparse.Namespace) -> int:
         lines.append(f"  ... and {m.file_count - len(m.files)} more")
     print("\n".join(lines))
     return 0
+
+
+def trouble_lines(m: Any) -> list[str]:
+    """Why a deployed version's replicas do not stay up, as its stack reported: the count, when, and their words."""
+    if not m.HasField("trouble"):
+        return []
+    t = m.trouble
+    again = "now" if t.retry_at <= time.time() else f"at {when(t.retry_at)}"
+    return [
+        f"Failing:      {t.failures} replica exit{'s' if t.failures > 1 else ''} in a row, the last at {when(t.at)};"
+        f" the stack starts one again {again}",
+        "  its last lines:",
+        *[f"    {shown(line)}" for line in t.tail.splitlines()],
+    ]
 
 
 def signature_lines(text: str, saved_model: bool) -> list[str]:
@@ -226,19 +243,6 @@ def size_text(size: int) -> str:
 
 def when(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def emit(output: str, found: list[Any], headers: list[str], rows: list[list[str]], one: bool) -> None:
-    from google.protobuf.json_format import MessageToDict
-
-    if output in ("json", "yaml"):
-        items = [MessageToDict(m, preserving_proto_field_name=True) for m in found]
-        data: Any = items[0] if one else {"items": items}
-        print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False).rstrip())
-        return
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        print("   ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:

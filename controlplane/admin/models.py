@@ -28,6 +28,7 @@ from controlplane.models.store import (
     ModelNotFound,
     ModelStore,
     ModelVersion,
+    Trouble,
     check_names,
     read_blob,
 )
@@ -39,8 +40,16 @@ log = logging.getLogger("mllambda.admin")
 ModelsInTraffic = Callable[[], Awaitable[dict[str, set[tuple[str, str]]]]]
 
 
-def version_to_proto(version: ModelVersion, deployment: Deployment | None = None) -> Any:
+def version_to_proto(
+    version: ModelVersion, deployment: Deployment | None = None, trouble: Trouble | None = None
+) -> Any:
+    """As the admin API answers it; what a stack reported of its replicas only while it is deployed."""
+    if deployment is not None and trouble is not None:
+        told = pb.ReplicaTrouble(failures=trouble.failures, tail=trouble.tail, at=trouble.at, retry_at=trouble.retry_at)
+    else:
+        told = None
     return pb.ModelVersion(
+        trouble=told,
         model=version.model,
         version=version.version,
         digest=version.digest,
@@ -152,13 +161,17 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
     @guard
     async def GetModel(self, request: Any, context: Any) -> Any:
         version = await self.store.get(request.model, request.version)
-        return version_to_proto(version, await self.store.deployment(request.model, request.version))
+        deployment = await self.store.deployment(request.model, request.version)
+        return version_to_proto(version, deployment, await self.store.trouble(request.model, request.version))
 
     @guard
     async def ListModels(self, request: Any, context: Any) -> Any:
         versions = await self.store.versions(request.model)
         deployed = {(d.model, d.version): d for d in await self.store.deployments()}
-        return pb.ListModelsResponse(models=[version_to_proto(v, deployed.get((v.model, v.version))) for v in versions])
+        troubles = await self.store.troubles()
+        return pb.ListModelsResponse(
+            models=[version_to_proto(v, deployed.get(key := (v.model, v.version)), troubles.get(key)) for v in versions]
+        )
 
     @guard
     async def DeleteModel(self, request: Any, context: Any) -> Any:

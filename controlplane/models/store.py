@@ -124,6 +124,49 @@ def parse_deployment(raw: bytes | None) -> Deployment | None:
     return found if ok and name_problem(found.model, LABEL) is None else None
 
 
+MAX_TROUBLE_TEXT = 2000  # characters of a failed replica's last lines kept in its trouble record
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """Why a deployed version's replicas do not stay up, as the stack that starts them saw it: written by the
+    stack's scaler (stack/replicas.py) at each exit, deleted once a replica has run a minute or on undeploy."""
+
+    model: str
+    version: str
+    failures: int  # exits in a row
+    tail: str  # the last one's last lines (its environment's build error, or its model's load error)
+    at: float  # unix time of the last exit
+    retry_at: float  # unix time of the next start (the back-off)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def trouble_prefix(kv_prefix: str) -> str:
+    return kv_prefix.rstrip("/") + "-deploy-trouble/"
+
+
+def parse_trouble(raw: bytes | None) -> Trouble | None:
+    """A trouble record as the stack writes it, or None for anything else (absent, not JSON, wrong shape)."""
+    if raw is None or len(raw) > 4 * MAX_TROUBLE_TEXT:
+        return None
+    try:
+        data = json.loads(raw)
+        found = Trouble(
+            str(data["model"]),
+            str(data["version"]),
+            data["failures"],
+            data["tail"],
+            float(data["at"]),
+            float(data["retry_at"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    ok = type(found.failures) is int and found.failures > 0 and isinstance(found.tail, str)
+    return found if ok and len(found.tail) <= MAX_TROUBLE_TEXT else None
+
+
 def check_names(model: str, version: str) -> None:
     for what, value, rule in (("model", model, LABEL), ("version", version, VERSION)):
         problem = name_problem(value, rule)
@@ -190,6 +233,7 @@ class ModelStore:
         self.dir = store_dir
         self.prefix = models_prefix(kv_prefix)
         self.deploys = deploy_prefix(kv_prefix)
+        self.trouble_keys = trouble_prefix(kv_prefix)
         self.max_models, self.max_versions = limits
 
     async def check_room(self, model: str, version: str) -> None:
@@ -307,6 +351,21 @@ class ModelStore:
         _, item = await self._call(self.client.kv.get(self.deploys + model_cluster(model, version)))
         return parse_deployment(item["Value"]) if item else None
 
+    async def trouble(self, model: str, version: str) -> Trouble | None:
+        """Why its deployed replicas do not stay up (None: nothing reported, or a record that does not parse)."""
+        _, item = await self._call(self.client.kv.get(self.trouble_keys + model_cluster(model, version)))
+        found = parse_trouble(item["Value"]) if item else None
+        return found if found is not None and (found.model, found.version) == (model, version) else None
+
+    async def troubles(self) -> dict[tuple[str, str], Trouble]:
+        _, items = await self._call(self.client.kv.get(self.trouble_keys, recurse=True))
+        found = {}
+        for item in items or []:
+            record = parse_trouble(item.get("Value"))
+            if record is not None and item["Key"] == self.trouble_keys + model_cluster(record.model, record.version):
+                found[(record.model, record.version)] = record
+        return found
+
     async def deployments(self) -> list[Deployment]:
         _, items = await self._call(self.client.kv.get(self.deploys, recurse=True))
         return [d for item in items or [] if (d := parse_deployment(item.get("Value"))) is not None]
@@ -333,6 +392,7 @@ class ModelStore:
         if found is None:
             raise ModelNotFound(f"{model}:{version} is not deployed")
         await self._call(self.client.kv.delete(self.deploys + model_cluster(model, version)))
+        await self._call(self.client.kv.delete(self.trouble_keys + model_cluster(model, version)))  # its stack's too
         return found
 
 

@@ -143,9 +143,3 @@ def as_dicts(rows: Sequence[CallerCounts]) -> list[dict[str, Any]]:
 def refused_text(refused: Mapping[str, int]) -> str:
     """'3 over share, 1 shed' (or '-')."""
     return ", ".join(f"{n} {why}" for why, n in sorted(refused.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
-
-
-def shown_key(key: str) -> str:
-    """A caller key as a terminal may print it: as it came when printable, else quoted with its escapes (a key
-    is whatever a caller's header held; a line break or an escape sequence must not reach the terminal raw)."""
-    return key if key.isprintable() else ascii(key)

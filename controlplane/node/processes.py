@@ -279,6 +279,18 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return err.code, err.read().decode(errors="replace")
 
 
+def http_send(url: str, method: str, data: bytes = b"", timeout: float = 2.0) -> int:
+    """PUT or DELETE `data` at `url`: the status (0: nobody answered)."""
+    request = urllib.request.Request(url, data=data if method != "DELETE" else None, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
 def consul_ready(http_port: int) -> Callable[[], bool]:
     """Consul answers and has elected a leader (KV writes work from then on)."""
 

@@ -9,6 +9,9 @@ record gone (`mllambda undeploy`), its replicas drain and stop. A deployed
 replica that exits (its environment does not build, its model does not load) is
 reported with its last lines and started again after a back-off that doubles
 up to five minutes: never a tight loop, and the rest of the stack serves on.
+What it reports is also written to Consul KV (`models.store.Trouble`), where
+`describe model`, `get models` and the dashboard's models page read it; the
+record goes once a replica has run a minute, or with the deployment.
 
 A new replica registers in Consul when it is ready and gets traffic through EDS like any other; one that leaves gets
 SIGTERM, which deregisters it and lets its requests finish (the runtime's
@@ -24,11 +27,19 @@ import base64
 import json
 import signal
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from contract.naming import model_cluster
-from controlplane.models.store import Deployment, deploy_prefix, parse_deployment
+from controlplane.models.store import (
+    MAX_TROUBLE_TEXT,
+    Deployment,
+    Trouble,
+    deploy_prefix,
+    parse_deployment,
+    trouble_prefix,
+)
 from controlplane.node import processes
 from controlplane.scaling.scaler import parse_record, records_prefix
 from controlplane.stack.file import RuntimeSpec
@@ -117,7 +128,7 @@ class LocalScaler:
             self.deployed[cluster] = record.replicas
         for cluster in [c for c in self.deployed if c not in records]:
             del self.deployed[cluster]
-            self.versions[cluster].failures = 0
+            self._no_trouble(cluster)
             self._apply({cluster: 0}, "undeploy")
         return {c: n for c, n in self.deployed.items() if self.versions[c].spec.autoscale is None}
 
@@ -157,8 +168,8 @@ class LocalScaler:
         for cluster, have in self.versions.items():
             for index, proc in list(have.running.items()):
                 if cluster not in self.deployed or proc.alive():
-                    if proc.alive() and now - self.started_at.get(proc.pid, now) > 60:
-                        have.failures = 0  # it has run for a while: the next failure starts the back-off anew
+                    if proc.alive() and have.failures and now - self.started_at.get(proc.pid, now) > 60:
+                        self._no_trouble(cluster)  # it has run for a while: the next failure starts the back-off anew
                     continue
                 del have.running[index]
                 self.started_at.pop(proc.pid, None)
@@ -166,8 +177,26 @@ class LocalScaler:
                 have.failures += 1
                 wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (have.failures - 1))
                 have.retry_at = now + wait
-                self.say(f"    {proc.name} exited ({have.failures} in a row); again in {wait:.0f}s:\n{proc.tail(8)}")
+                tail = proc.tail(8)
+                self.say(f"    {proc.name} exited ({have.failures} in a row); again in {wait:.0f}s:\n{tail}")
+                spec = have.spec
+                told = Trouble(
+                    spec.model, spec.version, have.failures, tail[-MAX_TROUBLE_TEXT:], time.time(), time.time() + wait
+                )
+                self._kv("PUT", cluster, told.to_json())
         return gone
+
+    def _no_trouble(self, cluster: str) -> None:
+        if self.versions[cluster].failures:
+            self.versions[cluster].failures = 0
+            self._kv("DELETE", cluster)
+
+    def _kv(self, method: str, cluster: str, data: bytes = b"") -> None:
+        """Write or delete a trouble record; a Consul away is said and changes nothing else."""
+        key = urllib.parse.quote(trouble_prefix(self.kv_prefix) + cluster)
+        status = processes.http_send(f"http://127.0.0.1:{self.consul_port}/v1/kv/{key}", method, data)
+        if status != 200:
+            self.say(f"    could not record {cluster}'s replica trouble in Consul (HTTP {status or 'no answer'})")
 
     def owns(self, proc: processes.ManagedProcess) -> bool:
         """A replica of a deployed version: the scaler restarts it; its exit is not the stack's."""

@@ -391,7 +391,8 @@ def build_dashboard_app(reader: PlaneReader, ui: LocalAdmin | None = None, bound
     (controlplane/web/manage.py) for a signed-in browser."""
 
     async def api_status(request: web.Request) -> web.Response:
-        return web.json_response(status_document(reader.view(), await reader.recent_traffic()))
+        failing = [asdict(t) for t in await reader.failing_deployments()]
+        return web.json_response({**status_document(reader.view(), await reader.recent_traffic()), "failing": failing})
 
     async def dashboard(request: web.Request) -> web.Response:
         view = reader.view()

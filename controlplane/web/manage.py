@@ -343,6 +343,12 @@ def _done_note(query: Mapping[str, str]) -> str:
     )
 
 
+def trouble_row(trouble: Any) -> dict[str, Any]:
+    """A deployed version's failing replicas as the models page shows them (its stack's report)."""
+    at = datetime.fromtimestamp(trouble.retry_at, UTC).strftime("%H:%M:%S UTC")
+    return {"failures": trouble.failures, "tail": trouble.tail, "again": at}
+
+
 def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Session | None, note: str, error: str) -> str:
     passing: dict[tuple[str, str], int] = {}
     for r in runtimes:
@@ -363,6 +369,7 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
             "replicas": m.replicas,
             "created": datetime.fromtimestamp(m.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "created_by": m.created_by,
+            "trouble": trouble_row(m.trouble) if m.HasField("trouble") else None,
         }
         for m in listed
     ]
