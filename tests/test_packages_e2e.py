@@ -271,6 +271,33 @@ async def test_the_models_page_lists_packages_and_deploys_through_the_admin_api(
             assert r.status == 200 and "echo:v1 undeployed" in await r.text()
         assert deployed(model_plane) is None
 
+    # deployed with a policy: refused as a policy file's problems are, every one named, and nothing written
+    for flags, said in (
+        (["--autoscale", "--min=3", "--max=2", "--target-in-flight=0"], "autoscale.max_replicas: 2 is below"),
+        (["--autoscale", "--min=3", "--max=2", "--target-in-flight=0"], "autoscale.target_in_flight: expected"),
+        (["--autoscale", "--min=0"], "at least 1 for a deploy (scale to zero is a policy of the --autoscale file"),
+        (["--autoscale", "--replicas=2"], "--replicas or --autoscale, not both"),
+        (["--max=3"], "--max: only with --autoscale"),
+        (["--autoscale", "--min=-1"], "--min: between 0 and 100, got -1"),
+    ):
+        refused = model_plane.cli("deploy", "echo:v1", *flags)
+        assert refused.returncode != 0 and said in refused.stderr, (flags, refused.stderr)
+    assert deployed(model_plane) is None
+    done = model_plane.cli("deploy", "echo:v1", "--autoscale", "--max=3", "--target-in-flight=2")
+    assert done.returncode == 0 and "autoscaled, 1 to 3 replicas at 2 in flight each" in done.stdout, done.stderr
+    assert deployed(model_plane) == 1  # where a running stack starts it; the plane's autoscaler decides from there
+    described = model_plane.cli("describe", "model", "echo:v1").stdout
+    assert "Deployed:     autoscaled, 1 to 3 replicas at 2 in flight each" in described, described
+    assert re.search(r"^echo\s+v1\s+.*\s1\.\.3\s", model_plane.cli("get", "models").stdout, re.M)
+    dashboard = f"--dashboard=http://127.0.0.1:{model_plane.metrics_port}"
+
+    def autoscaled() -> str:
+        return model_plane.cli("status", dashboard).stdout
+
+    await wait_for(lambda: re.search(r"^echo:v1\s+1\s+0\s+1\.\.3\s+[\d:]+ policy start", autoscaled(), re.M))
+    assert "1..3 deployed (autoscaled)" in processes.http_get(f"{base}/models")[1]
+    assert model_plane.cli("undeploy", "echo:v1").returncode == 0
+
 
 def deployed(plane: ControlPlaneProc) -> int | None:
     """Replicas in the deploy record of echo:v1 (None: no record)."""

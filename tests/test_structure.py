@@ -35,7 +35,13 @@ ROOMS: dict[str, set[str]] = {
     },
     "controlplane.kafka": {"controlplane.pipeline", "controlplane.translate", "controlplane.consul"},
     "controlplane.edge": {"controlplane.consul"},  # the OIP gRPC front: gRPC in, the gateway's OIP over HTTP out
-    "controlplane.scaling": {"controlplane.consul", "controlplane.delivery", "controlplane.settings"},
+    # the autoscaler, its backends and the activator; it scales deployed packages (`deploy --autoscale`) too
+    "controlplane.scaling": {
+        "controlplane.consul",
+        "controlplane.delivery",
+        "controlplane.settings",
+        "controlplane.models",
+    },
     "controlplane.node": {"runtime_sdk", "controlplane.consul", "controlplane.translate", "controlplane.models"},
     # model packages, their store and environments (which get a copy of the runtime SDK); the contracts
     # of the versions a pipeline names
@@ -43,6 +49,7 @@ ROOMS: dict[str, set[str]] = {
     "controlplane.monitoring": set(),  # the runtimes' profiles merged per model version; baselines, drift
     "controlplane.admin": {
         "controlplane.monitoring",
+        "controlplane.scaling",  # `deploy --autoscale`: its policy checked as the --autoscale file's
         "controlplane.pipeline",
         "controlplane.models",
         "controlplane.translate",

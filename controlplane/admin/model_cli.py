@@ -122,7 +122,7 @@ def get_models(args: argparse.Namespace) -> int:
             m.digest[:12],
             size_text(m.size),
             str(len(m.dependencies)),
-            (f"{m.replicas} (failing)" if m.HasField("trouble") else str(m.replicas)) if m.deployed else "-",
+            deployed_column(m),
             when(m.created_at),
         ]
         for m in found
@@ -132,6 +132,14 @@ def get_models(args: argparse.Namespace) -> int:
     items = [MessageToDict(m, preserving_proto_field_name=True) for m in found]
     emit(args.output, items, ["MODEL", "VERSION", "DIGEST", "SIZE", "DEPS", "DEPLOYED", "CREATED"], rows, bool(version))
     return 0
+
+
+def deployed_column(m: Any) -> str:
+    """`2`, `1..4` (autoscaled), with ` (failing)` while its replicas keep exiting; `-`: not deployed."""
+    if not m.deployed:
+        return "-"
+    count = f"{m.autoscale.min_replicas}..{m.autoscale.max_replicas}" if m.HasField("autoscale") else str(m.replicas)
+    return count + (" (failing)" if m.HasField("trouble") else "")
 
 
 def describe_model(args: argparse.Namespace) -> int:
@@ -150,7 +158,7 @@ def describe_model(args: argparse.Namespace) -> int:
         f"Python:       {m.python}",
         f"Environment:  {m.lock_hash[:12]} (shared by versions with the same lock)",
         f"Created:      {when(m.created_at)} by {m.created_by}",
-        f"Deployed:     {f'{m.replicas} replicas' if m.deployed else 'no'}",
+        f"Deployed:     {deployed_text(m)}",
         *trouble_lines(m),
         *signature_lines(m.signature_json, bool(m.format)),
         "Requirements: " + (", ".join(m.requirements) or "(none)"),
@@ -163,6 +171,16 @@ def describe_model(args: argparse.Namespace) -> int:
         lines.append(f"  ... and {m.file_count - len(m.files)} more")
     print("\n".join(lines))
     return 0
+
+
+def deployed_text(m: Any) -> str:
+    if not m.deployed:
+        return "no"
+    if not m.HasField("autoscale"):
+        return f"{m.replicas} replicas"
+    a = m.autoscale
+    p99 = f", or while p99 > {a.target_p99_ms:g} ms" if a.HasField("target_p99_ms") else ""
+    return f"autoscaled, {a.min_replicas} to {a.max_replicas} replicas at {a.target_in_flight:g} in flight each{p99}"
 
 
 def trouble_lines(m: Any) -> list[str]:
@@ -211,13 +229,39 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
     model, version = split_ref(args.ref, required=True)
-    if not 0 <= args.replicas <= 100:
-        raise CliError(f"--replicas: between 0 and 100, got {args.replicas}")
+    policy = {k: getattr(args, k) for k in AUTOSCALE_FLAGS if getattr(args, k) is not None}
+    if args.autoscale and args.replicas is not None:
+        raise CliError("--replicas or --autoscale, not both: an autoscaled version starts at --min")
+    if policy and not args.autoscale:
+        raise CliError(f"{', '.join(AUTOSCALE_FLAGS[k] for k in policy)}: only with --autoscale")
+    for flag, value in (("--min", args.min_replicas), ("--max", args.max_replicas)):
+        if value is not None and not 0 <= value <= 100:
+            raise CliError(f"{flag}: between 0 and 100, got {value}")
+    replicas = 1 if args.replicas is None else args.replicas
+    if not 0 <= replicas <= 100:
+        raise CliError(f"--replicas: between 0 and 100, got {replicas}")
+    autoscale = pb.DeployAutoscale(**{"min_replicas": 1, "max_replicas": 4, **policy}) if args.autoscale else None
     with admin_client(args) as admin:
-        reply = admin.Deploy(pb.DeployRequest(model=model, version=version, replicas=args.replicas))
+        request = pb.DeployRequest(model=model, version=version, replicas=replicas, autoscale=autoscale)
+        reply = admin.Deploy(request)
     state = "deployed" if reply.changed else "unchanged"
-    print(f"model/{model}:{version} {state}: {args.replicas} replicas (a running stack starts them)")
+    if autoscale is not None:
+        a = reply.model.autoscale
+        print(
+            f"model/{model}:{version} {state}: autoscaled, {a.min_replicas} to {a.max_replicas} replicas at "
+            f"{a.target_in_flight:g} in flight each (a running stack starts {a.min_replicas})"
+        )
+    else:
+        print(f"model/{model}:{version} {state}: {replicas} replicas (a running stack starts them)")
     return 0
+
+
+AUTOSCALE_FLAGS = {  # a policy's field -> its flag
+    "min_replicas": "--min",
+    "max_replicas": "--max",
+    "target_in_flight": "--target-in-flight",
+    "target_p99_ms": "--target-p99-ms",
+}
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
@@ -260,7 +304,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     build_parser.set_defaults(handler=cmd_build)
     deploy = sub.add_parser("deploy", help="run a model version's replicas on the running stack")
     deploy.add_argument("ref", metavar="MODEL:VERSION")
-    deploy.add_argument("--replicas", type=int, default=1)
+    deploy.add_argument("--replicas", type=int, help="replicas to run (default 1)")
+    deploy.add_argument("--autoscale", action="store_true", help="replicas follow load between --min and --max")
+    deploy.add_argument("--min", dest="min_replicas", type=int, help="with --autoscale: at least (default 1)")
+    deploy.add_argument("--max", dest="max_replicas", type=int, help="with --autoscale: at most (default 4)")
+    deploy.add_argument("--target-in-flight", type=float, help="with --autoscale: requests in flight per replica (4)")
+    deploy.add_argument("--target-p99-ms", type=float, help="with --autoscale: also scale up while p99 is above")
     deploy.add_argument("--server", help=server_help)
     deploy.set_defaults(handler=cmd_deploy)
     undeploy = sub.add_parser("undeploy", help="drain and stop a model version's replicas")

@@ -33,6 +33,7 @@ from controlplane.models.store import (
     read_blob,
 )
 from controlplane.monitoring.monitor import DEFAULT_THRESHOLD, KEEP_WINDOWS, POLL_SECONDS, Monitor, MonitorError
+from controlplane.scaling.policy import InvalidPolicy, deployed_policy, policy_fields
 
 log = logging.getLogger("mllambda.admin")
 
@@ -48,8 +49,10 @@ def version_to_proto(
         told = pb.ReplicaTrouble(failures=trouble.failures, tail=trouble.tail, at=trouble.at, retry_at=trouble.retry_at)
     else:
         told = None
+    autoscale = deployment.autoscale if deployment is not None else None
     return pb.ModelVersion(
         trouble=told,
+        autoscale=pb.DeployAutoscale(**autoscale) if autoscale else None,
         model=version.model,
         version=version.version,
         digest=version.digest,
@@ -71,6 +74,13 @@ def version_to_proto(
         signature_json=version.signature,
         environment_built=env_python(env_folder(cache_dir() / "envs", version.lock_hash)).exists(),
     )
+
+
+def autoscale_fields(message: Any) -> dict[str, Any]:
+    """A DeployAutoscale as a policy's fields: what it sets (the bounds always; the rest when given)."""
+    fields = {"min_replicas": message.min_replicas, "max_replicas": message.max_replicas}
+    optional = ("target_in_flight", "target_p99_ms", "up_window", "down_window")
+    return fields | {k: getattr(message, k) for k in optional if message.HasField(k)}
 
 
 WINDOW_LIMIT = int(KEEP_WINDOWS * POLL_SECONDS)  # a baseline window: at most the history kept
@@ -186,14 +196,23 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
 
     @guard
     async def Deploy(self, request: Any, context: Any) -> Any:
+        replicas, autoscale = request.replicas, None
+        if request.HasField("autoscale"):
+            check_names(request.model, request.version)
+            try:
+                policy = deployed_policy(request.model, request.version, autoscale_fields(request.autoscale))
+            except InvalidPolicy as err:
+                raise BadPackage(str(err)) from None
+            replicas, autoscale = policy.min_replicas, policy_fields(policy)
         version, deployment, changed = await self.store.deploy(
-            request.model, request.version, request.replicas, _caller(context)
+            request.model, request.version, replicas, _caller(context), autoscale
         )
         log.info(
-            "deploy model=%s version=%s replicas=%d changed=%s",
+            "deploy model=%s version=%s replicas=%d autoscale=%s changed=%s",
             request.model,
             request.version,
-            request.replicas,
+            replicas,
+            json.dumps(autoscale, sort_keys=True),
             changed,
         )
         return pb.DeployResponse(model=version_to_proto(version, deployment), changed=changed)

@@ -96,9 +96,10 @@ class Deployment:
     model: str
     version: str
     digest: str
-    replicas: int
+    replicas: int  # autoscaled: where it starts (its min_replicas)
     at: float
     by: str
+    autoscale: dict[str, Any] | None = None  # a policy's fields but model and version (scaling/policy.py reads it)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -117,10 +118,15 @@ def parse_deployment(raw: bytes | None) -> Deployment | None:
             data["replicas"],
             float(data["at"]),
             str(data["by"])[:200],
+            data.get("autoscale"),
         )
     except (ValueError, KeyError, TypeError):
         return None
-    ok = type(found.replicas) is int and 0 <= found.replicas <= MAX_DEPLOY_REPLICAS
+    policy = found.autoscale
+    shaped = policy is None or (
+        isinstance(policy, dict) and len(policy) <= 8 and all(type(v) in (int, float) for v in policy.values())
+    )
+    ok = shaped and type(found.replicas) is int and 0 <= found.replicas <= MAX_DEPLOY_REPLICAS
     return found if ok and name_problem(found.model, LABEL) is None else None
 
 
@@ -370,17 +376,20 @@ class ModelStore:
         _, items = await self._call(self.client.kv.get(self.deploys, recurse=True))
         return [d for item in items or [] if (d := parse_deployment(item.get("Value"))) is not None]
 
-    async def deploy(self, model: str, version: str, replicas: int, by: str) -> tuple[ModelVersion, Deployment, bool]:
-        """Write what should run; a running stack follows. (The version, the record, changed?)"""
+    async def deploy(
+        self, model: str, version: str, replicas: int, by: str, autoscale: dict[str, Any] | None = None
+    ) -> tuple[ModelVersion, Deployment, bool]:
+        """Write what should run (a number of replicas, or a checked autoscaling policy's fields); a running stack
+        follows. (The version, the record, changed?)"""
         if not 0 <= replicas <= MAX_DEPLOY_REPLICAS:
             raise BadPackage(f"replicas: between 0 and {MAX_DEPLOY_REPLICAS}, got {replicas}")
         found = await self.get(model, version)
         key = self.deploys + model_cluster(model, version)
         _, item = await self._call(self.client.kv.get(key))
         before = parse_deployment(item["Value"]) if item else None
-        if before is not None and before.replicas == replicas:
+        if before is not None and (before.replicas, before.autoscale) == (replicas, autoscale):
             return found, before, False
-        record = Deployment(model, version, found.digest, replicas, time.time(), by)
+        record = Deployment(model, version, found.digest, replicas, time.time(), by, autoscale)
         cas = int(item["ModifyIndex"]) if item else 0
         if not await self._call(self.client.kv.put(key, record.to_json().decode(), cas=cas)):
             raise InUse(f"{model}:{version} was deployed or changed by another client at the same time; try again")

@@ -133,6 +133,20 @@ def load_policies(path: Path) -> tuple[Policy, ...]:
     return tuple(policies)
 
 
+def deployed_policy(model: str, version: str, fields: dict[str, Any]) -> Policy:
+    """The policy of `mllambda deploy --autoscale` (a deploy record's fields); every problem named, as a file's."""
+    policy = parse_policy({**fields, "model": model, "version": version}, "autoscale.")
+    if policy.min_replicas == 0:
+        zero = "scale to zero is a policy of the --autoscale file: its activator listens from the plane's start"
+        raise InvalidPolicy([f"autoscale.min_replicas: at least 1 for a deploy ({zero})"])
+    return policy
+
+
+def policy_fields(policy: Policy) -> dict[str, Any]:
+    """What a deploy record keeps of a policy: its fields but the model version it is recorded under."""
+    return {k: getattr(policy, k) for k in POLICY_KEYS[2:] if getattr(policy, k) is not None}
+
+
 def policies_document(policies: tuple[Policy, ...]) -> dict[str, Any]:
     """What `load_policies` reads (the stack writes this for its control plane)."""
     rows = [{k: getattr(p, k) for k in POLICY_KEYS if getattr(p, k) is not None} for p in policies]

@@ -14,6 +14,13 @@ Failure behaviour:
   from the records (what was wanted) and watches a whole down window afresh.
 - The Kubernetes API refusing: logged and retried on the next decision; the
   record still says what is wanted.
+
+Policies come from the control plane's `--autoscale FILE` and from deploy
+records (`mllambda deploy M:V --autoscale`, read every round: a new one starts
+from what passes within its bounds; a changed one is held to its new bounds; one
+undeployed or deployed at a fixed count takes its record with it, so the stack
+stops following it). A version the file names keeps the file's policy. Without a
+file, nothing takes the lock until a deploy asks for autoscaling.
 """
 
 from __future__ import annotations
@@ -29,11 +36,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import consul.aio
 
+from contract.naming import model_cluster
 from contract.service import RuntimeService
 from controlplane.consul.lock import SessionLock, lead
 from controlplane.delivery.traffic import ClusterStats, TrafficBook
+from controlplane.models.store import deploy_prefix, parse_deployment
 from controlplane.scaling.activator import Activator
-from controlplane.scaling.policy import TICK, Decision, Observation, Policy, Stabilizer, load_policies
+from controlplane.scaling.policy import (
+    MAX_POLICIES,
+    TICK,
+    Decision,
+    InvalidPolicy,
+    Observation,
+    Policy,
+    Stabilizer,
+    deployed_policy,
+    load_policies,
+)
 
 if TYPE_CHECKING:
     from controlplane.settings import Settings
@@ -164,7 +183,10 @@ class Autoscaler:
     ) -> None:
         self.client = client
         self.kv_prefix = kv_prefix
-        self.policies = tuple(policies)
+        self.static = tuple(policies)  # the --autoscale file's
+        self.deployed: dict[str, Policy] = {}  # by cluster: the deploy records' (`deploy --autoscale`)
+        self.policies = self.static
+        self.unreadable: set[str] = set()  # deploy records whose policy does not parse (said once)
         self.instances = instances
         self.stats = stats
         self.holder = holder
@@ -189,11 +211,56 @@ class Autoscaler:
     async def run(self) -> None:
         await self.activator.start()
         try:
+            while not self.policies:  # nothing to decide (no file): the lock waits for a deploy that autoscales
+                try:
+                    await self._read_deployed(holding=False)
+                except Exception as err:  # Consul away: as the lock's loop does, tried again
+                    log.debug("deploy records not read: %s", err)
+                await asyncio.sleep(0 if self.policies else 2 * TICK)
             await lead(self.lock, self._round)
         finally:
             await self.activator.stop()
 
+    async def _read_deployed(self, holding: bool) -> None:
+        """The policies of deploy records; the holder begins new and changed ones and deletes the records of
+        those gone (undeployed, or deployed at a fixed count), which the stack then stops following."""
+        prefix = deploy_prefix(self.kv_prefix)
+        _, items = await self.client.kv.get(prefix, recurse=True)
+        static, found = {p.cluster for p in self.static}, dict[str, Policy]()
+        for item in items or []:
+            record = parse_deployment(item.get("Value"))
+            if record is None or record.autoscale is None or len(found) >= MAX_POLICIES:
+                continue
+            cluster = model_cluster(record.model, record.version)
+            if cluster in static or item["Key"] != prefix + cluster:
+                continue
+            try:
+                found[cluster] = deployed_policy(record.model, record.version, record.autoscale)
+            except InvalidPolicy as err:
+                if cluster not in self.unreadable:
+                    log.warning("deploy record of %s: its autoscale policy does not read: %s", cluster, err)
+                self.unreadable.add(cluster)
+        changed = [p for c, p in found.items() if self.deployed.get(c) != p]
+        gone = [c for c in self.deployed if c not in found]
+        self.deployed = found
+        self.policies = self.static + tuple(found[c] for c in sorted(found))
+        if not holding:
+            return
+        for cluster in gone:
+            self.wanted.pop(cluster, None)
+            self.records.pop(cluster, None)
+            self._stabilizers.pop(cluster, None)
+            self.unapplied.discard(cluster)
+            await self.client.kv.delete(records_prefix(self.kv_prefix) + cluster)
+            log.info("cluster=%s no longer autoscaled (undeployed, or deployed at a fixed count)", cluster)
+        if changed and self._since == self.lock.taken:  # (a take-over begins every policy)
+            await self._read_records()
+            passing, now = self.passing(), time.monotonic()
+            for policy in changed:
+                await self._begin(policy, passing, now)
+
     async def _round(self, holding: bool) -> float:
+        await self._read_deployed(holding)
         if not holding:
             self._since = 0.0
             await self._read_records()  # for status on a control plane that does not decide
@@ -215,12 +282,18 @@ class Autoscaler:
         await self._read_records()
         passing, now = self.passing(), time.monotonic()
         for p in self.policies:
-            record = self.records.get(p.cluster)
-            self.wanted[p.cluster] = record.replicas if record else p.clamp(passing.get(p.cluster, 0))
-            self._stabilizers[p.cluster] = Stabilizer(p, now)
-            if record is None:
-                await self._decide(p, Decision(self.wanted[p.cluster], "policy start: what passes now, within bounds"))
+            await self._begin(p, passing, now)
         self._since = self.lock.taken
+
+    async def _begin(self, p: Policy, passing: Mapping[str, int], now: float) -> None:
+        """Decide a policy from here: from its record (what was wanted, within its bounds), else what passes."""
+        record = self.records.get(p.cluster)
+        self.wanted[p.cluster] = p.clamp(record.replicas) if record else p.clamp(passing.get(p.cluster, 0))
+        self._stabilizers[p.cluster] = Stabilizer(p, now)
+        if record is None:
+            await self._decide(p, Decision(self.wanted[p.cluster], "policy start: what passes now, within bounds"))
+        elif record.replicas != self.wanted[p.cluster]:
+            await self._decide(p, Decision(self.wanted[p.cluster], "policy changed: held to its new bounds"))
 
     async def _tick(self, now: float) -> None:
         stats, passing = await self.stats(), self.passing()
@@ -285,11 +358,12 @@ def autoscaler_from(
     book: TrafficBook,
     holder: str,
 ) -> Autoscaler | None:
-    """The autoscaler `--autoscale FILE` asks for (None without one); a bad file stops the start, named."""
-    if not settings.autoscale_file:
-        return None
-    policies = load_policies(Path(settings.autoscale_file))
+    """The autoscaler: `--autoscale FILE`'s policies and deployed ones (on Kubernetes only with a file: a deployed
+    package has no Deployment there to scale); a bad file stops the start, named."""
     kubernetes = settings.scaler == "kubernetes"
+    if not settings.autoscale_file and kubernetes:
+        return None
+    policies = load_policies(Path(settings.autoscale_file)) if settings.autoscale_file else ()
     if kubernetes and any(p.min_replicas == 0 for p in policies):
         raise ValueError(
             "min_replicas 0 works with --scaler local only: the activator that holds requests listens on the "

@@ -3,7 +3,9 @@
 The control plane writes one record per autoscaled model version to Consul KV
 (controlplane/scaling/scaler.py), and one per deployed model package
 (`mllambda deploy`, controlplane/models/store.py); this reads them every half
-second and makes the number of replica processes match. A deployed version that
+second and makes the number of replica processes match (a version deployed with
+`--autoscale` follows the autoscaler's record, as a stack file's autoscaled
+runtime does, until its deploy says otherwise). A deployed version that
 the stack file does not name is started from its package in the store; its
 record gone (`mllambda undeploy`), its replicas drain and stop. A deployed
 replica that exits (its environment does not build, its model does not load) is
@@ -29,7 +31,7 @@ import signal
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from contract.naming import model_cluster
 from controlplane.models.store import (
@@ -41,6 +43,7 @@ from controlplane.models.store import (
     trouble_prefix,
 )
 from controlplane.node import processes
+from controlplane.scaling.policy import InvalidPolicy, deployed_policy
 from controlplane.scaling.scaler import parse_record, records_prefix
 from controlplane.stack.file import RuntimeSpec
 
@@ -67,6 +70,7 @@ class LocalScaler:
     leaving: list[tuple[float, processes.ManagedProcess]] = field(default_factory=list)
     broken: set[str] = field(default_factory=set)  # keys whose record did not parse (said once)
     deployed: dict[str, int] = field(default_factory=dict)  # clusters with a deploy record -> replicas wanted
+    autoscaled: set[str] = field(default_factory=set)  # ... of them, those deployed with a policy (`--autoscale`)
     started_at: dict[int, float] = field(default_factory=dict)  # pid -> monotonic start (deployed replicas)
 
     def adopt(self, spec: RuntimeSpec, running: Sequence[processes.ManagedProcess]) -> None:
@@ -86,8 +90,8 @@ class LocalScaler:
         found = {}
         for item in items if isinstance(items, list) else []:
             key = str(item.get("Key", ""))[len(prefix) :]
-            if key not in self.versions:
-                continue
+            if key not in self.versions or self.versions[key].spec.autoscale is None:
+                continue  # not autoscaled (any more): a record left behind is not followed
             raw = base64.b64decode(item["Value"]) if item.get("Value") else None
             record = parse_record(raw)
             if record is None or model_cluster(record.model, record.version) != key:
@@ -126,11 +130,32 @@ class LocalScaler:
             if cluster not in self.versions:
                 self.versions[cluster] = Replicas(RuntimeSpec(record.model, record.version, "", replicas=0))
             self.deployed[cluster] = record.replicas
+            self._policy(cluster, record)
         for cluster in [c for c in self.deployed if c not in records]:
             del self.deployed[cluster]
+            if cluster in self.autoscaled:  # its policy went with it: a scale record left behind is not followed
+                self.autoscaled.discard(cluster)
+                self.versions[cluster].spec = replace(self.versions[cluster].spec, autoscale=None)
             self._no_trouble(cluster)
             self._apply({cluster: 0}, "undeploy")
         return {c: n for c, n in self.deployed.items() if self.versions[c].spec.autoscale is None}
+
+    def _policy(self, cluster: str, record: Deployment) -> None:
+        """A deployed version autoscaled or not, as its record says (its replicas' admission follows the policy's
+        target, as a stack file's runtime's does); a version the stack file autoscales keeps the file's policy."""
+        have = self.versions[cluster]
+        if cluster not in self.autoscaled and have.spec.autoscale is not None:
+            return
+        try:
+            policy = deployed_policy(record.model, record.version, record.autoscale) if record.autoscale else None
+        except InvalidPolicy:
+            policy = None  # the control plane says so; its replicas stay as they are
+        if policy is None:
+            self.autoscaled.discard(cluster)
+        else:
+            self.autoscaled.add(cluster)
+        if policy != have.spec.autoscale:
+            have.spec = replace(have.spec, autoscale=policy)
 
     def follow(self) -> tuple[bool, list[processes.ManagedProcess]]:
         """One pass: start or stop replicas to match the records. (Anything changed?, the replicas that left.)"""

@@ -367,6 +367,7 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
             "passing": passing.get((m.model, m.version), 0),
             "deployed": m.deployed,
             "replicas": m.replicas,
+            "scaled": f"{m.autoscale.min_replicas}..{m.autoscale.max_replicas}" if m.HasField("autoscale") else "",
             "created": datetime.fromtimestamp(m.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "created_by": m.created_by,
             "trouble": trouble_row(m.trouble) if m.HasField("trouble") else None,
