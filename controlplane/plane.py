@@ -49,6 +49,7 @@ from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import EmptyHold, PipelineStore, StoreView
 from controlplane.scaling.scaler import autoscaler_from
 from controlplane.settings import Settings, add_arguments, settings_from
+from controlplane.stack.kubernetes import deployed_runtime
 from controlplane.translate.pipelines import Deployment, Options, gateway_clusters
 from controlplane.view import PlaneView, envoy_admin_urls, stack_processes
 from controlplane.web.dashboard import DashboardServer, build_dashboard_app
@@ -160,7 +161,9 @@ class ControlPlane:
             lambda candidate, baseline, field: self.monitor.agreement_of(candidate, baseline, field),
             lambda candidate, baseline: self.monitor.output_drift(candidate, baseline),
         )
-        self.autoscaler = autoscaler_from(settings, self.consul, self.discovery.instances, self.traffic_book, holder)
+        self.autoscaler = autoscaler_from(
+            settings, self.consul, self.discovery.instances, self.traffic_book, holder, deployed_runtime
+        )
         self._dashboard: DashboardServer | None = None
         self._ui: LocalAdmin | None = None
         self._wake = asyncio.Event()

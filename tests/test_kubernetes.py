@@ -173,3 +173,128 @@ def test_render_writes_the_files_and_a_bad_stack_file_writes_nothing(tmp_path: P
     )  # fmt: skip
     assert refused.returncode == 1 and "autoscale.max_replicas" in refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+class ApiServer:
+    """What an API server receives for apps/v1 Deployments in one namespace, answering as one does: create (409
+    if the name exists), strategic-merge patch, list by label selector, delete; `refuse` names ones it answers
+    403 (RBAC)."""
+
+    def __init__(self) -> None:
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse: set[str] = set()
+        app = web.Application()
+        base = "/apis/apps/v1/namespaces/{namespace}/deployments"
+        app.router.add_post(base, self.create)
+        app.router.add_get(base, self.list)
+        app.router.add_patch(base + "/{name}", self.patch)
+        app.router.add_delete(base + "/{name}", self.delete)
+        self.runner = web.AppRunner(app)
+
+    async def start(self) -> Any:
+        from kubernetes import client
+
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return client.AppsV1Api(client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}")))
+
+    def answer(self, body: dict[str, Any], status: int = 200) -> web.Response:
+        return web.json_response(body, status=status)
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        kubernetes_validate.validate(body, KUBERNETES, strict=True)
+        name = body["metadata"]["name"]
+        self.calls.append(("create", name))
+        if name in self.refuse:
+            return self.answer({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403}, 403)
+        if name in self.deployments:
+            return self.answer({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409}, 409)
+        self.deployments[name] = body
+        return self.answer(body, 201)
+
+    async def patch(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        assert request.content_type == "application/strategic-merge-patch+json", request.content_type
+        body = await request.json()
+        self.calls.append(("patch", name))
+        merged = {**self.deployments[name], **body, "spec": {**self.deployments[name]["spec"], **body["spec"]}}
+        kubernetes_validate.validate(merged, KUBERNETES, strict=True)
+        self.deployments[name] = merged
+        return self.answer(merged)
+
+    async def list(self, request: web.Request) -> web.Response:
+        key, _, value = request.query["labelSelector"].partition("=")
+        self.calls.append(("list", request.query["labelSelector"]))
+        items = [d for d in self.deployments.values() if d["metadata"].get("labels", {}).get(key) == value]
+        return self.answer({"apiVersion": "apps/v1", "kind": "DeploymentList", "metadata": {}, "items": items})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.calls.append(("delete", name))
+        del self.deployments[name]
+        return self.answer({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+
+async def test_deployed_versions_get_their_deployment_and_lose_it_when_undeployed_and_no_other_is_touched(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`mllambda deploy` on Kubernetes: the control plane makes each deployed version's Deployment (package fetched
+    and its environment built by an init container), patches it when the deploy changes, and deletes only its own
+    when undeployed; requests as the official client sends them, each manifest valid for the API."""
+    from controlplane.models.store import Deployment
+    from controlplane.scaling.deployer import LABEL, SYNC_EVERY, KubernetesDeployer
+    from controlplane.stack.kubernetes import deployed_runtime
+
+    server = ApiServer()
+    api = await server.start()
+    applied_by_hand = next(d for d in committed()["runtimes.yaml"] if d["metadata"]["name"] == "runtime-net-sports-v1")
+    server.deployments["runtime-net-sports-v1"] = applied_by_hand  # from rendered manifests, a person's to remove
+    deployer = KubernetesDeployer("mllambda", deployed_runtime, api)
+    fixed = Deployment("classifier", "v2", "0" * 64, 2, 1.0, "ada")
+    scaled = Deployment("features", "v1", "1" * 64, 1, 1.0, "ada", {"min_replicas": 1, "max_replicas": 3})
+    try:
+        await deployer.sync([fixed, scaled], now=100.0)
+        made = server.deployments["runtime-classifier-v2"]
+        assert made["spec"]["replicas"] == 2 and made["metadata"]["labels"][LABEL] == "deploy"
+        pod = made["spec"]["template"]["spec"]
+        assert pod["initContainers"][0]["args"][:2] == ["prepare", "classifier:v2"]  # the storage initializer
+        runtime = next(c for c in pod["containers"] if c["name"] == "runtime")
+        assert runtime["args"][:2] == ["runtime", "--package"] and "--model=classifier" in runtime["args"]
+        autoscaled = server.deployments["runtime-features-v1"]
+        assert "replicas" not in autoscaled["spec"]  # the scaler's count stands
+        assert "--max-in-flight=8" in next(c for c in autoscaled["spec"]["template"]["spec"]["containers"])["args"]
+
+        server.calls.clear()
+        await deployer.sync([fixed, scaled], now=101.0)
+        assert server.calls == []  # nothing changed, not due: no call
+
+        bigger = Deployment("classifier", "v2", "0" * 64, 3, 2.0, "ada")
+        await deployer.sync([bigger, scaled], now=102.0)
+        assert server.calls == [("create", "runtime-classifier-v2"), ("patch", "runtime-classifier-v2")]
+        assert server.deployments["runtime-classifier-v2"]["spec"]["replicas"] == 3
+
+        server.calls.clear()
+        await deployer.sync([bigger], now=103.0)  # features undeployed
+        assert server.calls == [("list", f"{LABEL}=deploy"), ("delete", "runtime-features-v1")]
+        assert set(server.deployments) == {"runtime-classifier-v2", "runtime-net-sports-v1"}  # a person's stays
+
+        server.refuse.add("runtime-score-v1")  # RBAC says no: said once, tried again when due
+        refused = Deployment("score", "v1", "2" * 64, 1, 3.0, "ada")
+        await deployer.sync([bigger, refused], now=104.0)
+        await deployer.sync([bigger, refused], now=105.0)
+        assert [c for c in server.calls if c[1] == "runtime-score-v1"] == [("create", "runtime-score-v1")]
+        assert caplog.text.count("deployment=runtime-score-v1 not applied") == 1, caplog.text
+        server.refuse.clear()
+        await deployer.sync([bigger, refused], now=104.0 + SYNC_EVERY)
+        assert "runtime-score-v1" in server.deployments and not deployer.failed
+
+        del server.deployments["runtime-classifier-v2"]  # deleted by hand: back at the next due sync
+        await deployer.sync([bigger, refused], now=104.0 + 2 * SYNC_EVERY)
+        assert server.deployments["runtime-classifier-v2"]["spec"]["replicas"] == 3
+    finally:
+        api.api_client.close()
+        await server.runner.cleanup()

@@ -40,8 +40,9 @@ from contract.naming import model_cluster
 from contract.service import RuntimeService
 from controlplane.consul.lock import SessionLock, lead
 from controlplane.delivery.traffic import ClusterStats, TrafficBook
-from controlplane.models.store import deploy_prefix, parse_deployment
+from controlplane.models.store import Deployment, deploy_prefix, parse_deployment
 from controlplane.scaling.activator import Activator
+from controlplane.scaling.deployer import KubernetesDeployer, Render, apps_api
 from controlplane.scaling.policy import (
     MAX_POLICIES,
     TICK,
@@ -148,13 +149,7 @@ class KubernetesBackend:
 
     def api(self) -> Any:
         if self._api is None:
-            from kubernetes import client, config  # optional: `pip install mllambda[kubernetes]`
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            self._api = client.AppsV1Api()
+            self._api = apps_api()
         return self._api
 
     def request(self, policy: Policy, replicas: int) -> dict[str, Any]:
@@ -180,8 +175,11 @@ class Autoscaler:
         stats: Callable[[], Awaitable[Mapping[str, ClusterStats]]],
         holder: str,
         backend: Backend,
+        deployer: KubernetesDeployer | None = None,
     ) -> None:
         self.client = client
+        self.deployer = deployer  # --scaler kubernetes: a Deployment per deployed version (scaling/deployer.py)
+        self.deploy_records: list[Deployment] = []  # every deploy record that reads, as of the last round
         self.kv_prefix = kv_prefix
         self.static = tuple(policies)  # the --autoscale file's
         self.deployed: dict[str, Policy] = {}  # by cluster: the deploy records' (`deploy --autoscale`)
@@ -211,28 +209,33 @@ class Autoscaler:
     async def run(self) -> None:
         await self.activator.start()
         try:
-            while not self.policies:  # nothing to decide (no file): the lock waits for a deploy that autoscales
+            while not self._work():  # nothing to do (no file): the lock waits for a deploy that asks for something
                 try:
                     await self._read_deployed(holding=False)
                 except Exception as err:  # Consul away: as the lock's loop does, tried again
                     log.debug("deploy records not read: %s", err)
-                await asyncio.sleep(0 if self.policies else 2 * TICK)
+                await asyncio.sleep(0 if self._work() else 2 * TICK)
             await lead(self.lock, self._round)
         finally:
             await self.activator.stop()
+
+    def _work(self) -> bool:
+        """Something to decide (a policy), or Deployments to keep (deployed versions, on Kubernetes)."""
+        return bool(self.policies or (self.deployer and self.deploy_records))
 
     async def _read_deployed(self, holding: bool) -> None:
         """The policies of deploy records; the holder begins new and changed ones and deletes the records of
         those gone (undeployed, or deployed at a fixed count), which the stack then stops following."""
         prefix = deploy_prefix(self.kv_prefix)
         _, items = await self.client.kv.get(prefix, recurse=True)
-        static, found = {p.cluster for p in self.static}, dict[str, Policy]()
+        static, found, records = {p.cluster for p in self.static}, dict[str, Policy](), []
         for item in items or []:
             record = parse_deployment(item.get("Value"))
-            if record is None or record.autoscale is None or len(found) >= MAX_POLICIES:
+            if record is None or item["Key"] != prefix + model_cluster(record.model, record.version):
                 continue
+            records.append(record)
             cluster = model_cluster(record.model, record.version)
-            if cluster in static or item["Key"] != prefix + cluster:
+            if record.autoscale is None or cluster in static or len(found) >= MAX_POLICIES:
                 continue
             try:
                 found[cluster] = deployed_policy(record.model, record.version, record.autoscale)
@@ -242,10 +245,12 @@ class Autoscaler:
                 self.unreadable.add(cluster)
         changed = [p for c, p in found.items() if self.deployed.get(c) != p]
         gone = [c for c in self.deployed if c not in found]
-        self.deployed = found
+        self.deployed, self.deploy_records = found, records
         self.policies = self.static + tuple(found[c] for c in sorted(found))
         if not holding:
             return
+        if self.deployer is not None:
+            await self.deployer.sync(records)
         for cluster in gone:
             self.wanted.pop(cluster, None)
             self.records.pop(cluster, None)
@@ -357,12 +362,11 @@ def autoscaler_from(
     instances: Callable[[], Sequence[RuntimeService]],
     book: TrafficBook,
     holder: str,
-) -> Autoscaler | None:
-    """The autoscaler: `--autoscale FILE`'s policies and deployed ones (on Kubernetes only with a file: a deployed
-    package has no Deployment there to scale); a bad file stops the start, named."""
+    render: Render,
+) -> Autoscaler:
+    """The autoscaler: `--autoscale FILE`'s policies and deployed ones; on Kubernetes it also keeps a Deployment
+    per deployed version (rendered by `render`). A bad file stops the start, named."""
     kubernetes = settings.scaler == "kubernetes"
-    if not settings.autoscale_file and kubernetes:
-        return None
     policies = load_policies(Path(settings.autoscale_file)) if settings.autoscale_file else ()
     if kubernetes and any(p.min_replicas == 0 for p in policies):
         raise ValueError(
@@ -370,4 +374,5 @@ def autoscaler_from(
             "control plane's loopback, which Envoys on other hosts cannot reach"
         )
     backend: Backend = KubernetesBackend(settings.kubernetes_namespace) if kubernetes else LocalBackend()
-    return Autoscaler(client, settings.kv_prefix, policies, instances, book.stats, holder, backend)
+    deployer = KubernetesDeployer(settings.kubernetes_namespace, render) if kubernetes else None
+    return Autoscaler(client, settings.kv_prefix, policies, instances, book.stats, holder, backend, deployer)

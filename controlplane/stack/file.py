@@ -42,6 +42,11 @@ class RuntimeSpec:
     package: str = ""  # a model package's folder (absolute): built, stored and run in its own environment
     manifest: str = "mllambda.yaml"  # the package's manifest, a file in that folder
 
+    @property
+    def from_store(self) -> bool:
+        """Run from its package in the model store (named by a package folder, or deployed), not an import path."""
+        return bool(self.package) or not self.target
+
     def runtime_args(self) -> tuple[str, ...]:
         """Its flags, with admission derived from its autoscale policy unless they set it: places in predict for
         twice the target in flight (the scaler adds replicas at the target), and a long queue (1,024 places, 30 s,

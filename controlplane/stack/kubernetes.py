@@ -22,7 +22,8 @@ import yaml
 
 from contract.naming import GATEWAY_IDENTITY, model_cluster
 from controlplane.errors import CliError
-from controlplane.scaling.policy import policies_document
+from controlplane.models.store import Deployment
+from controlplane.scaling.policy import InvalidPolicy, deployed_policy, policies_document
 from controlplane.scaling.scaler import deployment_name
 from controlplane.stack.file import RuntimeSpec, Stack, load_stack
 
@@ -93,15 +94,9 @@ def controlplane_args(autoscaled: bool) -> list[str]:
         "--metrics-port=18002",
         f"--packages=$(POD_IP):{PORTS['packages']}",
         f"--model-store={STORE}",
-        *(
-            [
-                "--autoscale=/etc/mllambda/autoscale.yaml",
-                "--scaler=kubernetes",
-                "--kubernetes-namespace=$(POD_NAMESPACE)",
-            ]
-            if autoscaled
-            else []
-        ),
+        "--scaler=kubernetes",  # scaling, and a Deployment per `mllambda deploy` (scaling/deployer.py)
+        "--kubernetes-namespace=$(POD_NAMESPACE)",
+        *(["--autoscale=/etc/mllambda/autoscale.yaml"] if autoscaled else []),
     ]
 
 
@@ -135,7 +130,7 @@ def prepare_args(spec: RuntimeSpec) -> list[str]:
 
 
 def runtime_args(spec: RuntimeSpec) -> list[str]:
-    code = ["--package", *package_flags()] if spec.package else [spec.target]
+    code = ["--package", *package_flags()] if spec.from_store else [spec.target]
     return [
         "runtime",
         *code,
@@ -178,7 +173,7 @@ def runtime_deployment(spec: RuntimeSpec) -> dict[str, Any]:
     sidecar["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
     runtime = _container("runtime", runtime_args(spec), _env("POD_NAME", "POD_IP", "HOST_IP"), {})
     deployment = _deployment(deployment_name(spec.model, spec.version), spec.replicas, [runtime, sidecar])
-    if spec.package:  # the storage-initializer pattern: the package and its environment, before the runtime starts
+    if spec.from_store:  # the storage-initializer pattern: the package and its environment, before the runtime starts
         prepare = _container("package", prepare_args(spec), _env("HOST_IP"), {})
         pod = deployment["spec"]["template"]["spec"]
         pod["initContainers"] = [prepare]
@@ -189,6 +184,17 @@ def runtime_deployment(spec: RuntimeSpec) -> dict[str, Any]:
     if spec.autoscale:  # the scaler owns the count: a later `kubectl apply` must not reset it
         del deployment["spec"]["replicas"]
     return deployment
+
+
+def deployed_runtime(record: Deployment) -> dict[str, Any]:
+    """The Deployment of a version deployed with `mllambda deploy`, run from its package as a stack file's packaged
+    runtime is (the control plane applies it with `--scaler kubernetes`: scaling/deployer.py). A policy that does
+    not read leaves its count fixed, as on the local stack."""
+    try:
+        policy = deployed_policy(record.model, record.version, record.autoscale) if record.autoscale else None
+    except InvalidPolicy:
+        policy = None
+    return runtime_deployment(RuntimeSpec(record.model, record.version, "", replicas=record.replicas, autoscale=policy))
 
 
 def _service(name: str, ports: dict[str, int], headless: bool = False) -> dict[str, Any]:
@@ -202,9 +208,10 @@ def _service(name: str, ports: dict[str, int], headless: bool = False) -> dict[s
 
 
 def scaler_rbac() -> list[dict[str, Any]]:
-    """What the kubernetes scaler needs, no more: read Deployments, patch their scale subresource."""
+    """What the kubernetes scaler needs, no more: Deployments of deployed versions, the scale subresource."""
     rules = [
-        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
+        # `mllambda deploy`: the Deployments of deployed versions are made, patched and removed (scaling/deployer.py)
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"]},
         {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch", "update"]},
     ]
     subject = {"kind": "ServiceAccount", "name": "controlplane"}

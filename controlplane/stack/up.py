@@ -304,7 +304,7 @@ class Supervisor:
         service_id = f"{spec.model}-{spec.version}-{index}"
         me, run_dir = [sys.executable, "-m", "controlplane.cli"], self.run_dir()
         # No target: the model version's package from the store (named in the stack file, or deployed)
-        code = [spec.target] if spec.target else ["--package", f"--model-store={self.model_store}"]
+        code = ["--package", f"--model-store={self.model_store}"] if spec.from_store else [spec.target]
         argv = [
             *me,
             "runtime",
