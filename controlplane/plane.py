@@ -214,7 +214,7 @@ class ControlPlane:
         return found
 
     def _known_models(self) -> set[tuple[str, str]] | None:
-        idle = {(p.model, p.version) for p in self.autoscaler.activator.policies} if self.autoscaler else set()
+        idle = {(p.model, p.version) for p in self.autoscaler.activator.policies}
         return self.discovery.known_models() | idle if self.discovery.reachable else None
 
     async def start(self) -> ControlPlane:
@@ -286,7 +286,7 @@ class ControlPlane:
             asyncio.create_task(self.traffic_book.run(lambda: bool(self.pipelines))),
             asyncio.create_task(self.monitor.run()),
             asyncio.create_task(self.callers.run()),
-            *([asyncio.create_task(self.autoscaler.run())] if self.autoscaler else []),
+            asyncio.create_task(self.autoscaler.run()),
         ]
         if self.kafka is not None:
             self._tasks.append(asyncio.create_task(self.kafka.run(self._pending_kafka, self._wake.set)))
@@ -414,7 +414,7 @@ class ControlPlane:
             self._dirty = False
             self._trials = trials
             deployments = self._deployments()
-            parked = self.autoscaler.activator.parked() if self.autoscaler else ()
+            parked = self.autoscaler.activator.parked()
             self.reconciler.reconcile(
                 deployments,
                 self.discovery.instances(),
@@ -475,7 +475,7 @@ class ControlPlane:
             kafka_router_restarts=dict(self.kafka.router_restarts) if self.kafka else {},
             rollouts_driving=self.rollouts.driving,
             rollout_moves=self.rollouts.moves,
-            scaling=self.autoscaler.report() if self.autoscaler else (),
+            scaling=self.autoscaler.report(),
             control_planes=self.peers.report(),
             readings=self.traffic_book.history.readings(),
             entered_at={v.pipeline.name: at for v in self.pipelines if (at := self._entered_at(v.pipeline.name))},

@@ -5,6 +5,13 @@ object, or `{"request": {...}, "expected": {...}, "tolerance": 1e-6}`. Each answ
 compared with its expected one (numbers within the relative tolerance, everything
 else equal) and one JSON line per example is printed: `{"n", "status": "passed" |
 "failed" | "ran" | "error", "differences" or "error"}`. Exit 1 if any failed.
+
+`--infer FILE --entry M:F [--loader M:F]`: run by `mllambda build` for a package with
+examples and no contract, as MLflow infers a signature from an input example. It
+prints one JSON line, a contract (`{"inputs", "outputs", "kind"}`) or `{}` when an
+example fails or none is an object: reads are the fields without which the first
+request's predict raises (a field read with a default is not one: it need not be
+provided); answers are the fields every example's answer has.
 """
 
 from __future__ import annotations
@@ -94,7 +101,70 @@ async def run(meta: dict[str, Any], lines: list[str]) -> int:
     return 1 if failed else 0
 
 
+MAX_INFERRED = 64  # fields a side; examples run to infer a contract
+MAX_PROBED = 64  # fields of the first request each left out once
+
+
+async def _answer(predict: Any, request: Any) -> Any:
+    answer = predict(request)
+    return await answer if inspect.isawaitable(answer) else answer
+
+
+def _datatype(values: list[Any]) -> str:
+    """The contract type the examples' values have in common (ANY when they differ or are not scalars)."""
+    if all(isinstance(v, bool) for v in values):
+        return "BOOL"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "INT64"
+    if all(_number(v) for v in values):
+        return "FP64"
+    return "BYTES" if all(isinstance(v, str) for v in values) else "ANY"
+
+
+async def infer(meta: dict[str, Any], lines: list[str]) -> dict[str, Any]:
+    """A contract from the examples through predict (see the module's note); {} when it cannot be told."""
+    predict = load_callable(meta["entry"])
+    if meta.get("loader"):
+        load_callable(meta["loader"])()
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for line in [line for line in lines if line.strip()][:MAX_INFERRED]:
+        try:
+            example = json.loads(line[:MAX_LINE])
+            request = example["request"] if isinstance(example, dict) and "request" in example else example
+            answer = await _answer(predict, request)
+        except Exception:
+            return {}  # `mllambda test` says why; a contract is not guessed from examples that fail
+        if not isinstance(request, dict) or not isinstance(answer, dict):
+            return {}
+        pairs.append((request, answer))
+    if not pairs:
+        return {}
+    first = pairs[0][0]
+    reads = []
+    for name in list(first)[:MAX_PROBED]:
+        try:
+            await _answer(predict, {k: v for k, v in first.items() if k != name})
+        except Exception:
+            reads.append(name)  # without it, predict fails: it is read
+    answers = [k for k in pairs[0][1] if all(k in a for _, a in pairs)][:MAX_INFERRED]
+
+    def fields(names: list[str], side: int) -> list[dict[str, Any]]:
+        found = []
+        for name in names:
+            values = [pair[side][name] for pair in pairs if name in pair[side]]
+            found.append({"name": name, "datatype": _datatype(values), "shape": [-1]})
+        return found
+
+    return {"inputs": fields(reads, 0), "outputs": fields(answers, 1), "kind": f"inferred from {len(pairs)} examples"}
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--infer"]:  # --infer FILE --entry M:F [--loader M:F]
+        flags = dict(zip(argv[2::2], argv[3::2], strict=False))
+        meta = {"entry": flags["--entry"], "loader": flags.get("--loader", "")}
+        lines = Path(argv[1]).read_text(errors="replace").splitlines()
+        print(json.dumps(asyncio.run(infer(meta, lines))))
+        return 0
     meta = json.loads(Path(".mllambda/package.json").read_text())
     lines = Path(argv[0]).read_text(errors="replace").splitlines()
     return asyncio.run(run(meta, lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,19 @@ def test_mllambda_test_runs_a_versions_examples_in_its_own_environment(
     (folder / "examples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     manifest = {"kind": "Model", "entry": "model:predict", "examples": "examples.jsonl"}
     (folder / "mllambda.yaml").write_text(yaml.safe_dump(manifest))
-    assert model_plane.cli("build", str(folder), "--model=double", "--version=v1").returncode == 0
+    built = model_plane.cli("build", str(folder), "--model=double", "--version=v1")
+    assert built.returncode == 0 and "contract inferred from 3 examples: reads x; answers y, p" in built.stderr
+    # no contract declared: the one its examples tell (through its own predict) is checked like a declared one
+    described = model_plane.cli("describe", "model", "double:v1").stdout
+    assert "Signature:    inferred from 3 examples\n  inputs:\n    x  INT64 [-1]\n  outputs:\n    y  INT64" in described
+    spec = {
+        "name": "doubled",
+        "input": {"text": "BYTES"},
+        "stages": [{"name": "d", "variants": [{"model": "double", "version": "v1"}]}],
+    }
+    (tmp_path / "doubled.yaml").write_text(yaml.safe_dump(spec))
+    refused = model_plane.cli("apply", "-f", str(tmp_path / "doubled.yaml"))
+    assert refused.returncode == 1 and "double:v1 reads 'x', which the pipeline's input does not hold" in refused.stderr
     flags = [f"--consul=127.0.0.1:{model_plane.consul_port}", f"--kv-prefix={model_plane.kv_prefix}"]
     flags += [f"--model-store={store}", "--security=plaintext"]
     passed = model_plane.cli("test", "double:v1", *flags)
@@ -226,3 +239,31 @@ def test_mllambda_test_runs_a_versions_examples_in_its_own_environment(
     assert "example 2: failed: y: 6 != 7; p[0]: 0.25 != 0.3" in failed.stdout, failed.stdout
     assert "example 4: error: JSONDecodeError" in failed.stdout, failed.stdout
     assert "4 examples: 1 passed, 1 failed, 1 error, 1 ran" in failed.stdout, failed.stdout
+
+
+def test_a_contract_is_inferred_from_examples_through_predict_and_not_guessed_when_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reads: the fields without which predict fails (one read with a default is not required); answers: the
+    fields every answer has; nothing when an example fails or is no object."""
+    from runtime_sdk.examples import MAX_PROBED, infer
+
+    (tmp_path / "inferring.py").write_text(
+        "def predict(p):\n"
+        "    if p.get('fail'):\n"
+        "        raise ValueError('no')\n"
+        "    out = {'y': p['x'] * p.get('scale', 1), 'label': str(p['name'])}\n"
+        "    return {**out, 'extra': 1} if p['x'] > 1 else out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    meta = {"entry": "inferring:predict"}
+    lines = [json.dumps({"request": {"x": 1, "name": "a", "scale": 2}}), json.dumps({"x": 2.5, "name": "b"}), ""]
+    found = asyncio.run(infer(meta, lines))
+    assert found["kind"] == "inferred from 2 examples"
+    assert [(f["name"], f["datatype"]) for f in found["inputs"]] == [("x", "FP64"), ("name", "BYTES")]
+    assert [f["name"] for f in found["outputs"]] == ["y", "label"]  # 'extra' is not in every answer
+    assert asyncio.run(infer(meta, [*lines, json.dumps({"x": 1, "name": "c", "fail": True})])) == {}
+    assert asyncio.run(infer(meta, [json.dumps([1, 2])])) == {}
+    assert asyncio.run(infer(meta, ["{not json"])) == {}
+    wide = {**{f"f{i}": i for i in range(100)}, "x": 1, "name": "n"}  # the fields it needs come after the bound
+    assert asyncio.run(infer(meta, [json.dumps(wide)]))["inputs"] == [] and MAX_PROBED < 100  # probed: the first 64

@@ -26,7 +26,7 @@ from controlplane.admin.client import AdminClient, admin_client
 from controlplane.admin.output import emit, shown
 from controlplane.config import cache_dir
 from controlplane.errors import CliError
-from controlplane.models.envs import check_entry, ensure_env, find_uv, read_signature
+from controlplane.models.envs import check_entry, ensure_env, find_uv, infer_contract, read_signature
 from controlplane.models.formats import FORMATS
 from controlplane.models.package import MANIFEST, Built, PackageError, PackageMeta, build, chunks, lock_hash
 
@@ -53,7 +53,15 @@ def build_checked(root: Path, manifest: str, check: bool = True, wanted_format: 
             return replace(meta, signature=signature)
         check_entry(env, root, [t for t in (meta.entry, meta.loader) if t])
         say(f"    entry {meta.entry} imports in it")
-        return meta
+        if meta.signature or not meta.examples:
+            return meta
+        inferred = infer_contract(env, root, meta)  # no contract declared: told by its examples, if they can
+        if not inferred:
+            say("    no contract inferred from its examples (one fails or is no object: `mllambda test` says which)")
+            return meta
+        reads, answers = (", ".join(f["name"] for f in inferred[side]) or "-" for side in ("inputs", "outputs"))
+        say(f"    contract {inferred['kind']}: reads {reads[:200]}; answers {answers[:200]}")
+        return replace(meta, signature=inferred)
 
     try:
         say(f"==> locking {root} for Python {sys.version_info.major}.{sys.version_info.minor} (uv)")

@@ -246,6 +246,24 @@ def read_signature(env: Path, package_dir: Path, meta: PackageMeta) -> dict[str,
     return dict(signature)
 
 
+def infer_contract(env: Path, package_dir: Path, meta: PackageMeta) -> dict[str, Any]:
+    """A contract inferred from the package's examples through its predict, in its environment ({}: not told:
+    an example failed or is no object; `mllambda test` says why). runtime_sdk/examples.py says how."""
+    loader = ["--loader", meta.loader] if meta.loader else []
+    done = subprocess.run(
+        [str(env_python(env)), "-m", "runtime_sdk.examples", "--infer", meta.examples, "--entry", meta.entry, *loader],
+        cwd=package_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        found = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    except (ValueError, IndexError):
+        found = {}
+    return dict(found) if isinstance(found, dict) else {}
+
+
 def prepare(archive: bytes, digest: str, cache: Path) -> tuple[Path, Path, PackageMeta]:
     """A stored package made runnable on this host: unpacked by digest, its environment built or reused."""
     folder = unpack(archive, digest, cache / "packages")

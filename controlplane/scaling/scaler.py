@@ -239,6 +239,7 @@ class Autoscaler:
                 continue
             try:
                 found[cluster] = deployed_policy(record.model, record.version, record.autoscale)
+                self.unreadable.discard(cluster)
             except InvalidPolicy as err:
                 if cluster not in self.unreadable:
                     log.warning("deploy record of %s: its autoscale policy does not read: %s", cluster, err)
