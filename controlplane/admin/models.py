@@ -49,7 +49,13 @@ def version_to_proto(
         told = pb.ReplicaTrouble(failures=trouble.failures, tail=trouble.tail, at=trouble.at, retry_at=trouble.retry_at)
     else:
         told = None
-    autoscale = deployment.autoscale if deployment is not None else None
+    autoscale = None
+    if deployment is not None and deployment.autoscale:
+        try:  # a record is read as the autoscaler reads it: one whose policy does not read shows none
+            policy = deployed_policy(version.model, version.version, deployment.autoscale)
+            autoscale = policy_fields(policy)
+        except InvalidPolicy:
+            pass
     return pb.ModelVersion(
         trouble=told,
         autoscale=pb.DeployAutoscale(**autoscale) if autoscale else None,
