@@ -164,7 +164,9 @@ class Discovery:
 
     async def run(self) -> None:
         async def services(index: int | None) -> tuple[Any, dict[str, list[str]]]:
-            return await self.client.catalog.services(index=index, wait=self.wait)
+            # a first read is consistent: a server just restarted may not have replayed its log yet (store.view)
+            consistency = "consistent" if index is None else None
+            return await self.client.catalog.services(index=index, wait=self.wait, consistency=consistency)
 
         async def checks(index: int | None) -> tuple[Any, list[dict[str, Any]]]:
             return await self.client.health.state(
