@@ -266,6 +266,13 @@ async def test_the_models_page_lists_packages_and_deploys_through_the_admin_api(
             text = await r.text()
         assert r.status == 200 and "echo:v1 deployed" in text and "0 passing of 2 deployed" in text
         assert deployed(model_plane) == 2
+        # autoscaled from the page: the same admin call and checks as `deploy --autoscale`
+        async with browser.post(base + action, data={**form, "autoscale": "1", "min": "0", "max": "3"}) as r:
+            assert r.status == 400 and "at least 1 for a deploy" in await r.text()
+        async with browser.post(base + action, data={**form, "autoscale": "1", "min": "1", "max": "3"}) as r:
+            text = await r.text()
+        assert r.status == 200 and "of 1..3 deployed (autoscaled)" in text, text[-2000:]
+        assert Forms(text).find(action)["autoscale"] == "1"  # ticked as deployed
         undeploy = Forms(text).find("/models/echo/v1/undeploy")
         async with browser.post(base + "/models/echo/v1/undeploy", data=undeploy) as r:
             assert r.status == 200 and "echo:v1 undeployed" in await r.text()

@@ -293,20 +293,25 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
     async def deploy(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
         model, version = request.match_info["model"], request.match_info["version"]
         replicas = _int(form.get("replicas"))
+        pb = admin_pb2()
+        bounds = {"min_replicas": _int(form.get("min")), "max_replicas": _int(form.get("max"))}
+        autoscale = pb.DeployAutoscale(**bounds) if form.get("autoscale") else None  # checked by the admin API
         try:
             if request.match_info["action"] == "deploy":
-                await admin.call("Deploy", admin_pb2().DeployRequest(model=model, version=version, replicas=replicas))
+                call = pb.DeployRequest(model=model, version=version, replicas=replicas, autoscale=autoscale)
+                await admin.call("Deploy", call)
             else:
                 await admin.call("Undeploy", admin_pb2().UndeployRequest(model=model, version=version))
         except AdminRefused as err:
             listed = (await admin.call("ListModels", admin_pb2().ListModelsRequest())).models
             return html_page(models_page(listed, reader.view().runtimes, session, "", err.details), 400)
         log.info(
-            "ui %s model=%s version=%s replicas=%d by=%s",
+            "ui %s model=%s version=%s replicas=%d autoscale=%s by=%s",
             request.match_info["action"],
             model,
             version,
             replicas,
+            bounds if autoscale else None,
             session.who,
         )
         query = {"done": request.match_info["action"], "model": model, "version": version}
@@ -368,6 +373,8 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
             "deployed": m.deployed,
             "replicas": m.replicas,
             "scaled": f"{m.autoscale.min_replicas}..{m.autoscale.max_replicas}" if m.HasField("autoscale") else "",
+            "min_replicas": m.autoscale.min_replicas if m.HasField("autoscale") else 1,
+            "max_replicas": m.autoscale.max_replicas if m.HasField("autoscale") else 4,
             "created": datetime.fromtimestamp(m.created_at, UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "created_by": m.created_by,
             "trouble": trouble_row(m.trouble) if m.HasField("trouble") else None,
