@@ -303,6 +303,8 @@ async def test_the_models_page_lists_packages_and_deploys_through_the_admin_api(
 
     await wait_for(lambda: re.search(r"^echo:v1\s+1\s+0\s+1\.\.3\s+[\d:]+ policy start", autoscaled(), re.M))
     assert "1..3 deployed (autoscaled)" in processes.http_get(f"{base}/models")[1]
+    raised = model_plane.cli("deploy", "echo:v1", "--autoscale", "--min=6")  # --max defaults to at least --min
+    assert raised.returncode == 0 and "autoscaled, 6 to 6 replicas" in raised.stdout, raised.stderr
     # a record written by hand whose policy does not read: shown (and run) as its fixed count, never an error
     key = f"{model_plane.kv_prefix.rstrip('/')}-deploy/echo.v1"
     record = json.loads(processes.http_get(f"http://127.0.0.1:{model_plane.consul_port}/v1/kv/{key}?raw")[1])
@@ -310,8 +312,8 @@ async def test_the_models_page_lists_packages_and_deploys_through_the_admin_api(
     url = f"http://127.0.0.1:{model_plane.consul_port}/v1/kv/{key}"
     assert processes.http_send(url, "PUT", json.dumps(record).encode()) == 200
     listed = model_plane.cli("get", "models")
-    assert listed.returncode == 0 and re.search(r"^echo\s+v1\s+.*\s1\s", listed.stdout, re.M), listed
-    assert "Deployed:     1 replicas" in model_plane.cli("describe", "model", "echo:v1").stdout
+    assert listed.returncode == 0 and re.search(r"^echo\s+v1\s+.*\s6\s", listed.stdout, re.M), listed
+    assert "Deployed:     6 replicas" in model_plane.cli("describe", "model", "echo:v1").stdout
     assert model_plane.cli("undeploy", "echo:v1").returncode == 0
 
 

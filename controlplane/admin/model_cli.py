@@ -248,7 +248,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     replicas = 1 if args.replicas is None else args.replicas
     if not 0 <= replicas <= 100:
         raise CliError(f"--replicas: between 0 and 100, got {replicas}")
-    autoscale = pb.DeployAutoscale(**{"min_replicas": 1, "max_replicas": 4, **policy}) if args.autoscale else None
+    bounds = {"min_replicas": 1, "max_replicas": max(4, policy.get("min_replicas", 1))}  # the file's defaults
+    autoscale = pb.DeployAutoscale(**{**bounds, **policy}) if args.autoscale else None
     with admin_client(args) as admin:
         request = pb.DeployRequest(model=model, version=version, replicas=replicas, autoscale=autoscale)
         reply = admin.Deploy(request)
