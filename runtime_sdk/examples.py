@@ -17,6 +17,7 @@ provided); answers are the fields every example's answer has.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import json
 import math
@@ -131,7 +132,7 @@ async def infer(meta: dict[str, Any], lines: list[str]) -> dict[str, Any]:
         try:
             example = json.loads(line[:MAX_LINE])
             request = example["request"] if isinstance(example, dict) and "request" in example else example
-            answer = await _answer(predict, request)
+            answer = await _answer(predict, copy.deepcopy(request))  # a predict that changes its payload
         except Exception:
             return {}  # `mllambda test` says why; a contract is not guessed from examples that fail
         if not isinstance(request, dict) or not isinstance(answer, dict):
@@ -143,7 +144,7 @@ async def infer(meta: dict[str, Any], lines: list[str]) -> dict[str, Any]:
     reads = []
     for name in list(first)[:MAX_PROBED]:
         try:
-            await _answer(predict, {k: v for k, v in first.items() if k != name})
+            await _answer(predict, copy.deepcopy({k: v for k, v in first.items() if k != name}))
         except Exception:
             reads.append(name)  # without it, predict fails: it is read
     answers = [k for k in pairs[0][1] if all(k in a for _, a in pairs)][:MAX_INFERRED]
