@@ -152,7 +152,7 @@ def test_a_scale_record_that_is_not_ours_is_ignored() -> None:
         None, b"", b"not json", b"[]", b"{}", json.dumps({**good, "replicas": -1}).encode(),
         json.dumps({**good, "replicas": 10**9}).encode(), json.dumps({**good, "replicas": "3"}).encode(),
         json.dumps({**good, "at": "yesterday"}).encode(), json.dumps({**good, "reason": "x" * MAX_RECORD}).encode(),
-        b"\xff\xfe",
+        b"\xff\xfe", json.dumps({**good, "at": 1e300}).encode(), json.dumps({**good, "at": float("nan")}).encode(),
     ]  # fmt: skip
     assert [parse_record(raw) for raw in hostile] == [None] * len(hostile)
 

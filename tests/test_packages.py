@@ -233,6 +233,9 @@ async def test_the_store_holds_a_bounded_number_of_versions_and_models(consul_ag
         b'{"model": "m", "version": "v1", "failures": 1, "tail": ["x"], "at": 1, "retry_at": 2}',
         b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": "soon", "retry_at": 2}',
         b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": 1}',
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": 1, "retry_at": 1e300}',  # no date
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": NaN, "retry_at": 2}',
+        b'{"model": "m", "version": "v1", "failures": 1, "tail": "x", "at": -1, "retry_at": 2}',
         json.dumps({"model": "m", "version": "v1", "failures": 1, "tail": "x" * 2001, "at": 1, "retry_at": 2}).encode(),
         b"{" + b" " * 9000 + b"}",
     ],

@@ -170,7 +170,8 @@ def parse_trouble(raw: bytes | None) -> Trouble | None:
     except (ValueError, KeyError, TypeError):
         return None
     ok = type(found.failures) is int and found.failures > 0 and isinstance(found.tail, str)
-    return found if ok and len(found.tail) <= MAX_TROUBLE_TEXT else None
+    times = all(0 <= t < 1e10 for t in (found.at, found.retry_at))  # a clock's reading (NaN and 1e300 are not)
+    return found if ok and times and len(found.tail) <= MAX_TROUBLE_TEXT else None
 
 
 def check_names(model: str, version: str) -> None:

@@ -120,7 +120,7 @@ def parse_record(raw: bytes | None) -> ScaleRecord | None:
         )
     except (ValueError, KeyError, TypeError):
         return None
-    ok = type(record.replicas) is int and 0 <= record.replicas <= 100
+    ok = type(record.replicas) is int and 0 <= record.replicas <= 100 and 0 <= record.at < 1e10  # `status` dates it
     return record if ok else None
 
 
