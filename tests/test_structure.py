@@ -312,7 +312,7 @@ def test_a_runtime_starts_without_numpy_kafka_or_a_web_server_and_profiles_load_
         "import controlplane.node.launch, runtime_sdk.serve\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
         "from runtime_sdk.profiles import Profiler\n"
-        "p = Profiler(100.0)\n"
+        "p = Profiler(100.0, clock=lambda: 5.0)\n"  # one window (a real clock may cross into the next meanwhile)
         "p.offer({'x': 1.5, 's': 'a'}, {'y': 2})\n"
         "w = p._window()\n"
         "print(w.requests, 'numpy' in sys.modules)\n"
