@@ -5,7 +5,10 @@ headers), and wrk sends it the same POST with 32 connections over loopback TCP; 
 turns, in reverse order every other run. What is counted is the server process's CPU per request,
 read from /proc. Medians of the runs, and the ratio within each run.
 
-Run: .venv/bin/python -m bench.wire_server [--runs 5] [--seconds 5]
+`--against REV` adds the SDK's server as of git revision REV (run from a worktree) to the same turns: a change
+to the server measured against what came before it.
+
+Run: .venv/bin/python -m bench.wire_server [--runs 5] [--seconds 5] [--against REV]
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from bench.common import median
+from bench.common import checkout, median
 from bench.pipeline_hops import wrk_folder
 from controlplane.node import processes
 
@@ -59,15 +63,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one(kind: str, seconds: int, script: str) -> dict[str, float]:
+def one(kind: str, seconds: int, script: str, roots: dict[str, Path]) -> dict[str, float]:
     port = processes.free_port()
-    argv = [sys.executable, "-m", "bench.wire_server", "--serve", kind, str(port)]
-    return served_cpu(argv, port, f"http://127.0.0.1:{port}/pipelines/bench/v1/count", seconds, script)
+    argv = [sys.executable, "-m", "bench.wire_server", "--serve", kind.partition("@")[0], str(port)]
+    url = f"http://127.0.0.1:{port}/pipelines/bench/v1/count"
+    return served_cpu(argv, port, url, seconds, script, cwd=roots.get(kind))
 
 
-def served_cpu(argv: list[str], port: int, url: str, seconds: int, script: str) -> dict[str, float]:
-    """Start the server `argv` (listening on `port`), load it with wrk for `seconds`: its CPU per request."""
-    server = subprocess.Popen(argv)
+def served_cpu(
+    argv: list[str], port: int, url: str, seconds: int, script: str, cwd: Path | None = None
+) -> dict[str, float]:
+    """Start the server `argv` (listening on `port`; from `cwd`, whose code `python -m` imports), load it with wrk
+    for `seconds`: its CPU per request."""
+    server = subprocess.Popen(argv, cwd=cwd)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -96,25 +104,32 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--against", metavar="REV", help="also the SDK's server as of git revision REV")
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve(args.serve[0], int(args.serve[1])))
         return
     _, script = wrk_folder("mll-bench-wire-")
+    roots = {f"wire@{args.against}": checkout(args.against)} if args.against else {}
+    kinds = [*SERVERS, *roots]
     runs: list[dict[str, dict[str, float]]] = []
     for n in range(args.runs):
         run: dict[str, Any] = {}
-        for kind in SERVERS[:: -1 if n % 2 else 1]:
-            run[kind] = one(kind, args.seconds, str(script))
+        for kind in kinds[:: -1 if n % 2 else 1]:
+            run[kind] = one(kind, args.seconds, str(script), roots)
         ratio = run["wire"]["cpu_us"] / run["aiohttp"]["cpu_us"]
         print(f"run {n + 1}: " + ", ".join(f"{k} {v['cpu_us']:.1f} us {v['req/s']:,.0f} req/s" for k, v in run.items())
               + f"; wire/aiohttp CPU {ratio:.2f}", flush=True)  # fmt: skip
         runs.append(run)
-    for kind in SERVERS:
+    for kind in kinds:
         print(f"{kind}: median {median([r[kind]['cpu_us'] for r in runs]):.1f} us of CPU per request, "
               f"{median([r[kind]['req/s'] for r in runs]):,.0f} req/s")  # fmt: skip
-    ratios = [r["wire"]["cpu_us"] / r["aiohttp"]["cpu_us"] for r in runs]
-    print(f"wire/aiohttp CPU per request: median {median(ratios):.2f}")
+    for kind in kinds[1:]:
+        ratios = [r[kind]["cpu_us"] / r["aiohttp"]["cpu_us"] for r in runs]
+        print(f"{kind}/aiohttp CPU per request: median {median(ratios):.2f}")
+    for kind in roots:
+        ratios = [r["wire"]["cpu_us"] / r[kind]["cpu_us"] for r in runs]
+        print(f"wire/{kind} CPU per request: median {median(ratios):.2f}")
 
 
 if __name__ == "__main__":

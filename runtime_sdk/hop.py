@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import httptools
 from multidict import CIMultiDict
 
 MAX_CONNECTIONS = 100
@@ -29,13 +30,9 @@ MAX_ANSWER = 64 * 1024 * 1024
 JOINED = 64 * 1024  # a body up to this size goes in one write with its head; a larger one after it
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters (a tab is allowed): CR and LF end a header
-_STATUS = re.compile(r"[1-5][0-9][0-9]( .*)?")  # the status line's code, then a space (or nothing)
 _DIGITS = re.compile(r"[0-9]{1,18}")
-_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-# A chunk's size line: hex digits, then extensions `;name` or `;name=value` (a token or a quoted string), nothing
-# else: a bare LF, spaces or text after the size would let two parsers read different bodies (smuggling).
-_QUOTED = rb'"[^"\\\x00-\x1f\x7f]*"'
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:;" + _TCHAR + rb"(?:=(?:" + _TCHAR + rb"|" + _QUOTED + rb"))?)*)")
+MAX_FIELDS = 100  # header lines of a message (its head is bounded in bytes too: MAX_HEAD)
+_END = b"\r\n\r\n"
 
 
 class HopError(Exception):
@@ -50,47 +47,84 @@ class TooLarge(ValueError):
     """A body over its limit."""
 
 
-def take_chunks(buffer: bytearray, body: bytearray, limit: int) -> bool:
-    """Move the whole chunks at the start of `buffer` into `body`; True once the last one and its trailers
-    (ignored) are taken. ValueError for a malformed chunk, TooLarge past `limit` bytes of body.
-
-    Both sides use it: the client for answers, wire.py for requests."""
-    while True:
-        line_end = buffer.find(b"\r\n")
-        if line_end < 0:
-            if len(buffer) > MAX_HEAD:
-                raise ValueError("a chunk size line is too long")
-            return False
-        line = _CHUNK_LINE.fullmatch(bytes(buffer[:line_end]))  # a size, then only well-formed extensions
-        if line is None:
-            raise ValueError(f"bad chunk size line {bytes(buffer[:line_end])[:20]!r}")
-        size = int(line[1], 16)
-        if size == 0:  # the last chunk, then trailers up to an empty line
-            trailers_end = buffer.find(b"\r\n\r\n", line_end)  # at line_end itself: no trailers
-            if trailers_end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise ValueError(f"trailers over {MAX_HEAD} bytes")
-                return False
-            _check_trailers(bytes(buffer[line_end + 2 : trailers_end + 2]))
-            del buffer[: trailers_end + 4]
-            return True
-        if len(body) + size > limit:
-            raise TooLarge(f"over {limit} bytes")
-        start = line_end + 2
-        if len(buffer) < start + size + 2:
-            return False
-        if buffer[start + size : start + size + 2] != b"\r\n":
-            raise ValueError("a chunk does not end where its size says")
-        body += buffer[start : start + size]
-        del buffer[: start + size + 2]
+class TooManyFields(ValueError):
+    """More than MAX_FIELDS header lines."""
 
 
-def _check_trailers(block: bytes) -> None:
-    """Trailers (ignored) must still be header lines: `name: value`, nothing that could end a line early."""
-    for line in block.decode("latin-1").split("\r\n")[:-1]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(name) or not header_safe(value):
-            raise ValueError(f"a trailer that is not `name: value`: {line[:40]!r}")
+class Message:
+    """One HTTP/1.1 message as llhttp reads it (httptools calls these back): its target, its header fields and,
+    when chunked, what its chunks held. Both sides use it: wire.py for requests, the client here for answers.
+    A parser reads one message and is dropped: a head is fed up to its blank line and not a byte beyond, a
+    body by length is taken without it (Pieces), a chunked one through it (take_chunked)."""
+
+    __slots__ = ("body", "complete", "fields", "headers", "limit", "tail", "url")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.url = b""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.fields = 0
+        self.body = bytearray()
+        self.limit = limit  # bytes a chunked body may have
+        self.complete = False
+        self.tail = b""  # the last bytes fed, where the CRLF CRLF that ends a chunked message may begin
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            raise TooManyFields(f"more than {MAX_FIELDS} header lines")
+        self.headers.add(name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+
+    def on_body(self, data: bytes) -> None:
+        if len(self.body) + len(data) > self.limit:
+            raise TooLarge(f"over {self.limit} bytes")
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
+
+
+def feed(parser: Parser, data: bytes | memoryview) -> None:
+    """Give `data` to the parser: ValueError with llhttp's reason for what is not HTTP/1.1, or what a callback
+    raised (TooLarge, TooManyFields)."""
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserCallbackError as err:
+        cause = err.__context__
+        raise cause if isinstance(cause, ValueError) else ValueError(str(err)) from None
+    except httptools.HttpParserUpgrade:
+        raise ValueError("a protocol upgrade (Connection: upgrade, or CONNECT), which is not served") from None
+    except httptools.HttpParserError as err:
+        raise ValueError(str(err) or type(err).__name__) from None
+
+
+def _end_of(tail: bytes, buffer: bytearray) -> int:
+    """How much of `buffer` to feed next: up to the end of its first CRLF CRLF (one may begin in `tail`, the
+    bytes fed before), or all of it."""
+    for cut in range(min(3, len(tail)), 0, -1):
+        if tail[-cut:] + bytes(buffer[: 4 - cut]) == _END:
+            return 4 - cut
+    found = buffer.find(_END)
+    return len(buffer) if found < 0 else found + 4
+
+
+def take_chunked(parser: Parser, message: Message, buffer: bytearray) -> bool:
+    """Feed a chunked body from `buffer` to its message's parser, up to the message's end and not a byte beyond
+    (what follows is the next message's); True once it has ended. A chunked message ends right after a CRLF
+    CRLF (its last chunk's line or last trailer, then the blank line), so the buffer goes in pieces that end at
+    each CRLF CRLF and the message's completion is checked after each. ValueError etc. as `feed`."""
+    while buffer and not message.complete:
+        end = _end_of(message.tail, buffer)
+        with memoryview(buffer) as view, view[:end] as piece:
+            feed(parser, piece)
+        message.tail = (message.tail + bytes(buffer[max(0, end - 3) : end]))[-3:]
+        del buffer[:end]
+    return message.complete
 
 
 @dataclass
@@ -152,16 +186,15 @@ def request_head(host: str, path: str, length: int, headers: Mapping[str, str]) 
 class _Reading:
     """One answer being read: its head, then its body (by length, chunks, or until the connection ends)."""
 
-    status: int = 0
-    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    status: int
+    message: Message  # its headers; chunked or until the end, what came of the body so far
     length: int | None = None  # None: chunked or until the end
-    chunked: bool = False
-    body: bytearray = field(default_factory=bytearray)  # chunked or until the end: what came so far
+    parser: Parser | None = None  # chunked: the parser its chunks go through
     pieces: Pieces | None = None  # by length
     keep_alive: bool = True
 
     def body_bytes(self) -> bytes:
-        return bytes(self.body) if self.pieces is None else self.pieces.join()
+        return bytes(self.message.body) if self.pieces is None else self.pieces.join()
 
 
 class _Connection(asyncio.Protocol):
@@ -211,7 +244,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         reading = self.reading
-        if reading is not None and reading.length is None and not reading.chunked and reading.status:
+        if reading is not None and reading.length is None and reading.parser is None and reading.status:
             self._finish()  # an answer delimited by the connection's end
         elif reading is None and not self.buffer:
             self._fail(Unsent(f"the peer closed the connection before answering: {exc or 'closed'}"))
@@ -232,7 +265,7 @@ class _Connection(asyncio.Protocol):
         reading = self.reading
         assert reading is not None and self.answer is not None
         if not self.answer.done():
-            self.answer.set_result(Answer(reading.status, reading.body_bytes(), reading.headers))
+            self.answer.set_result(Answer(reading.status, reading.body_bytes(), reading.message.headers))
         self.reading = None
         if self.buffer or not reading.keep_alive:
             self.close()
@@ -245,22 +278,22 @@ class _Connection(asyncio.Protocol):
                 raise HopError(f"the answer's head is over {MAX_HEAD} bytes")
             if end < 0:
                 return False
-            self.reading = _head(bytes(self.buffer[:end]))
+            self.reading = _head(bytes(self.buffer[: end + 4]), self.max_answer)
             del self.buffer[: end + 4]
         reading = self.reading
         if reading.length is not None and reading.length > self.max_answer:
             raise HopError(f"the answer is over {self.max_answer} bytes")
-        if reading.chunked:
+        if reading.parser is not None:  # chunked
             try:
-                return take_chunks(self.buffer, reading.body, self.max_answer)
+                return take_chunked(reading.parser, reading.message, self.buffer)
             except TooLarge:
                 raise HopError(f"the answer is over {self.max_answer} bytes") from None
             except ValueError as err:
-                raise HopError(str(err)) from None
+                raise HopError(f"a malformed chunked answer: {err}") from None
         if reading.pieces is None:  # until the connection ends (connection_lost finishes it)
-            reading.body += self.buffer
+            reading.message.body += self.buffer
             self.buffer.clear()
-            if len(reading.body) > self.max_answer:
+            if len(reading.message.body) > self.max_answer:
                 raise HopError(f"the answer is over {self.max_answer} bytes")
             return False
         return take_buffered(self.buffer, reading.pieces)
@@ -275,27 +308,28 @@ def take_buffered(buffer: bytearray, pieces: Pieces) -> bool:
     return pieces.complete
 
 
-def _head(head: bytes) -> _Reading:
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or not _STATUS.fullmatch(rest[:4]):  # "2000" is not 200
-        raise HopError(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
-    reading = _Reading(status=int(code), keep_alive=version == "HTTP/1.1")
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(name):
-            raise HopError(f"bad header line in the answer: {line[:80]!r}")
-        reading.headers.add(name, value.strip())
-    connection = reading.headers.get("connection", "").lower()
+def _head(head: bytes, max_answer: int) -> _Reading:
+    """An answer's head, through its blank line, read by llhttp; HopError if it is not HTTP/1.1."""
+    message = Message(max_answer)
+    parser = httptools.HttpResponseParser(message)
+    try:
+        feed(parser, head)
+    except ValueError as err:
+        raise HopError(f"not an HTTP/1.1 answer ({err}): {head[:80]!r}") from None
+    version = parser.get_http_version()
+    if version not in ("1.1", "1.0") or not 100 <= parser.get_status_code() <= 599:
+        raise HopError(f"not an HTTP/1.1 answer: {head[:80]!r}")
+    reading = _Reading(status=parser.get_status_code(), message=message, keep_alive=version == "1.1")
+    headers = message.headers
+    connection = headers.get("connection", "").lower()
     reading.keep_alive = (reading.keep_alive or "keep-alive" in connection) and "close" not in connection
-    codings = [c.strip().lower() for c in ",".join(reading.headers.getall("transfer-encoding", [])).split(",")]
+    codings = [c.strip().lower() for c in ",".join(headers.getall("transfer-encoding", [])).split(",")]
     if codings == ["chunked"]:
-        reading.chunked = True
+        reading.parser = parser  # its chunks go through the parser that read the head
     elif codings != [""]:  # gzip, chunked: a body we would hand on still encoded
         raise HopError(f"an answer in a transfer coding other than chunked: {codings[:4]}")
-    elif "content-length" in reading.headers:
-        lengths = set(reading.headers.getall("content-length"))
+    elif "content-length" in headers:
+        lengths = set(headers.getall("content-length"))
         text = lengths.pop()
         if lengths or not _DIGITS.fullmatch(text):
             raise HopError(f"bad content-length in the answer: {text[:20]!r}")

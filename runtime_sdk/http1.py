@@ -11,18 +11,16 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from contract import headers as h
-from runtime_sdk.hop import JOINED, TOKEN, header_safe
+from runtime_sdk.hop import JOINED, TOKEN, Message, TooManyFields, feed, header_safe
 
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")  # a token: an unknown method is the handler's 405
-_VERSION = re.compile(r"HTTP/1\.[0-9]")
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
-MAX_HEADERS = 100  # header lines of a request (its head is bounded in bytes too: wire.MAX_HEAD)
 log = logging.getLogger("mllambda.runtime")
 
 
@@ -63,24 +61,35 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_head(head: bytes) -> tuple[str, str, str, bool, CIMultiDict[str]]:
-    """(method, path, query, HTTP/1.0?, headers) of a request head without its blank line; BadRequest if malformed."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
-        raise BadRequest(400, "not an HTTP request line")
-    if not _VERSION.fullmatch(parts[2]):  # HTTP/1.2 is read as 1.1 (RFC 9110, 2.5)
-        raise BadRequest(505 if parts[2].startswith("HTTP/") else 400, f"{parts[2][:20]!r} is not HTTP/1.1")
-    if len(lines) > MAX_HEADERS + 1:
-        raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(name) or not header_safe(value):  # a bare CR or LF, a NUL
-            raise BadRequest(400, "a header line that is not `name: value`")
-        headers.add(name, value.strip(" \t"))
-    path, _, query = parts[1].partition("?")
-    return parts[0], path, query, parts[2] == "HTTP/1.0", headers
+class Head(NamedTuple):
+    method: str
+    path: str
+    query: str
+    http10: bool
+    message: Message  # its headers; a chunked body goes on through it
+    parser: httptools.HttpRequestParser
+
+
+def parse_head(head: bytes, limit: int) -> Head:
+    """A request's head through its blank line, read by llhttp (httptools); BadRequest if it is not HTTP/1.1.
+    `limit`: the bytes a chunked body may have (body_limit may lower it once the headers are known)."""
+    message = Message(limit)
+    parser = httptools.HttpRequestParser(message)
+    parser.set_dangerous_leniencies(lenient_version=True)  # HTTP/1.2 is read as 1.1 (RFC 9110, 2.5); 2.0 is a 505
+    try:
+        feed(parser, head)
+    except TooManyFields as err:
+        raise BadRequest(431, str(err)) from None
+    except ValueError as err:
+        raise BadRequest(400, f"not an HTTP/1.1 request: {err}") from None
+    version = parser.get_http_version()
+    if not version.startswith("1."):
+        raise BadRequest(505, f"HTTP/{version[:8]} is not HTTP/1.1")
+    target = message.url.decode("latin-1")
+    if not _TARGET.fullmatch(target):
+        raise BadRequest(400, "a request target that is not a path")
+    path, _, query = target.partition("?")
+    return Head(parser.get_method().decode("latin-1"), path, query, version == "1.0", message, parser)
 
 
 def body_limit(headers: CIMultiDict[str], max_body: int) -> int:

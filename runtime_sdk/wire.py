@@ -27,13 +27,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runtime_sdk.hop import Pieces, TooLarge, take_buffered, take_chunks
+from runtime_sdk.hop import Pieces, TooLarge, take_buffered, take_chunked
 from runtime_sdk.http1 import (
     BadRequest,
+    Head,
     HttpError,
     Request,
     Response,
@@ -60,14 +61,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 class _Reading:
     """A request whose head is in and whose body is not yet."""
 
-    method: str
-    path: str
-    query: str
+    head: Head  # its headers in head.message; chunked, its body goes through head.parser into head.message
     close: bool  # after its answer
-    headers: CIMultiDict[str]
     length: int | None  # None: chunked
     limit: int  # bytes its body may have: the server's max_body, or less if its pipeline says so
-    body: bytearray = field(default_factory=bytearray)  # chunked: what the chunks held so far
     pieces: Pieces | None = None  # by length
     continued: bool = False  # "100 Continue" sent
 
@@ -75,9 +72,14 @@ class _Reading:
         if self.length is not None:
             self.pieces = Pieces(self.length)
 
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return self.head.message.headers
+
     def request(self) -> Request:
-        body = bytes(self.body) if self.pieces is None else self.pieces.join()
-        return Request(self.method, self.path, self.query, CIMultiDictProxy(self.headers), body)
+        head = self.head
+        body = bytes(head.message.body) if self.pieces is None else self.pieces.join()
+        return Request(head.method, head.path, head.query, CIMultiDictProxy(head.message.headers), body)
 
 
 IDLE_SECONDS = 300.0  # a keep-alive connection with nothing read or answered that long is closed (sidecars: 60)
@@ -180,10 +182,11 @@ class _Connection(asyncio.Protocol):
         if end < 0:
             self.searched = max(0, len(self.buffer) - 3)
             return None
-        method, path, query, http10, headers = parse_head(bytes(self.buffer[:end]))
+        head = parse_head(bytes(self.buffer[: end + 4]), self.server.max_body)
+        headers, http10 = head.message.headers, head.http10
         if http10 and "transfer-encoding" in headers:  # framing HTTP/1.0 does not have: a smuggling pattern
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-        limit = body_limit(headers, self.server.max_body)
+        limit = head.message.limit = body_limit(headers, self.server.max_body)
         length = body_length(headers, limit)
         if not http10 and len(headers.getall("host", [])) != 1:  # RFC 9112, 3.2: a 400, as h11 and Envoy do
             raise BadRequest(400, "an HTTP/1.1 request needs one Host header")
@@ -191,17 +194,17 @@ class _Connection(asyncio.Protocol):
         self.searched = 0
         connection = headers.get("connection", "").lower()
         close = connection == "close" or (http10 and connection != "keep-alive") or self.server.stopping
-        return _Reading(method, path, query, close, headers, length, limit)
+        return _Reading(head, close, length, limit)
 
     def _body(self, reading: _Reading) -> bool:
         """Move what has come of the body out of the buffer; True once it is all in."""
         if reading.length is None:
             try:
-                return take_chunks(self.buffer, reading.body, reading.limit)
+                return take_chunked(reading.head.parser, reading.head.message, self.buffer)
             except TooLarge:
                 raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes") from None
             except ValueError as err:
-                raise BadRequest(400, str(err)) from None
+                raise BadRequest(400, f"a malformed chunked body: {err}") from None
         assert reading.pieces is not None
         return take_buffered(self.buffer, reading.pieces)
 

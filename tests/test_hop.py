@@ -153,11 +153,11 @@ async def test_an_answer_in_single_bytes_is_read_whole() -> None:
     [
         (b"SMTP 220 hello\r\n\r\n", "not an HTTP/1.1 answer"),
         (b"HTTP/1.1 2x0 OK\r\n\r\n", "not an HTTP/1.1 answer"),
-        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad header line"),
-        (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "bad content-length"),
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}", "bad content-length"),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n", "does not end where"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "Invalid header token"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "Invalid character in Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}", "Duplicate Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "Invalid character in chunk size"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n", "Expected LF after chunk data"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 1001\r\n\r\n" + b"x" * 1001, "over 1000 bytes"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3e9\r\n" + b"x" * 1001 + b"\r\n", "over 1000 bytes"),
         (b"HTTP/1.1 200 OK\r\nx: " + b"y" * MAX_HEAD + b"\r\n\r\n", f"over {MAX_HEAD} bytes"),
@@ -166,8 +166,11 @@ async def test_an_answer_in_single_bytes_is_read_whole() -> None:
         # digits int() reads but HTTP does not, a chunk line with a bare LF after its size.
         (b"HTTP/1.1 2000 OK\r\ncontent-length: 2\r\n\r\n{}", "not an HTTP/1.1 answer"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "other than chunked"),
-        (b"HTTP/1.1 200 OK\r\ncontent-length: \xb2\r\n\r\n", "bad content-length"),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;\n{}\r\n0\r\n\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: \xb2\r\n\r\n", "Invalid character in Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;\n{}\r\n0\r\n\r\n",
+            "Missing expected CR after chunk extension",
+        ),
     ],
 )
 async def test_what_is_not_an_answer_is_an_error_and_the_connection_is_not_used_again(answer: bytes, says: str) -> None:

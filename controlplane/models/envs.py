@@ -36,7 +36,7 @@ from controlplane.models.package import (
 )
 
 # What runtime_sdk and contract import, pinned to this environment's versions (so the SDK behaves the same).
-SDK_REQUIREMENTS = ("py-consul", "aiohttp", "aiokafka", "prometheus-client", "orjson")
+SDK_REQUIREMENTS = ("py-consul", "aiohttp", "aiokafka", "prometheus-client", "orjson", "httptools")
 BUILD_TIMEOUT = 900.0
 
 
