@@ -17,7 +17,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from contract import headers as h
-from runtime_sdk.hop import JOINED, TOKEN, Message, TooManyFields, feed, header_safe
+from runtime_sdk.hop import JOINED, TOKEN, Message, TooManyFields, header_safe, read_head
 
 _TARGET = re.compile(r"/[!-~]*")  # visible ASCII only: no space, control character or byte beyond
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -77,7 +77,7 @@ def parse_head(head: bytes, limit: int) -> Head:
     parser = httptools.HttpRequestParser(message)
     parser.set_dangerous_leniencies(lenient_version=True)  # HTTP/1.2 is read as 1.1 (RFC 9110, 2.5); 2.0 is a 505
     try:
-        feed(parser, head)
+        read_head(parser, message, head)
     except TooManyFields as err:
         raise BadRequest(431, str(err)) from None
     except ValueError as err:

@@ -16,7 +16,8 @@ IDLE_SECONDS is closed (its sidecar closes its own after 60 s, before this can r
 Each refusal is told to `refused` ("400", "408", "413", "431", "connections") for the runtime's metrics.
 A caller that closes its connection (FIN or reset: Envoy aborts an upstream request by closing, as a
 half-close looks the same) cancels what it asked: no more model time or next hop for an unread answer.
-A request line, header line, length or chunk that is not HTTP/1.1 is a 400 and the connection is closed:
+A request line, header line, length or chunk that llhttp (hop.read_head, take_chunked) does not read as
+HTTP/1.1 is a 400 with its reason and the connection is closed:
 after a framing error the next request's start is unknown. Both a length and chunks (smuggling) is a 400.
 """
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from runtime_sdk.hop import Pieces, TooLarge, take_buffered, take_chunked
+from runtime_sdk.hop import Pieces, TooLarge, TooManyFields, take_buffered, take_chunked
 from runtime_sdk.http1 import (
     BadRequest,
     Head,
@@ -201,8 +202,10 @@ class _Connection(asyncio.Protocol):
         if reading.length is None:
             try:
                 return take_chunked(reading.head.parser, reading.head.message, self.buffer)
-            except TooLarge:
-                raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes") from None
+            except TooLarge as err:
+                raise BadRequest(413, f"body too large: the limit is {reading.limit} bytes ({err})") from None
+            except TooManyFields as err:
+                raise BadRequest(431, f"trailers: {err}") from None
             except ValueError as err:
                 raise BadRequest(400, f"a malformed chunked body: {err}") from None
         assert reading.pieces is not None
