@@ -4,6 +4,7 @@ sees it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,38 @@ async def test_a_body_over_the_pipelines_max_body_is_a_413_at_the_gateway_and_on
     assert refused.returncode != 0 and "between 1024 bytes and 64Mi" in refused.stderr, refused.stderr
 
 
-async def test_a_runtime_that_refuses_a_body_before_reading_it_is_heard_through_envoy(
+REFUSALS = [  # (how it is sent, the status the caller gets, what its answer says, whose refusal it is)
+    ("length", 413, b"the limit is 1048576 bytes", "runtime"),  # a body over the runtime's --max-body
+    ("chunked", 413, b"the limit is 1048576 bytes", "runtime"),  # the same, chunked (the gateway buffers it)
+    ("fields-94", 200, b"small", "-"),  # the gateway takes them and adds its own: the runtime takes all
+    ("fields-101", 431, b"", "gateway"),  # over Envoy's 100
+    ("head", 431, b"", "gateway"),  # a head over Envoy's 60 KiB
+    ("bad-chunk", 400, b"", "gateway"),  # a chunk size line that is not hex
+    ("smuggle", 400, b"", "gateway"),  # both a Content-Length and chunks
+]
+
+
+async def raw_exchange(port: int, raw: bytes) -> tuple[int, bytes]:
+    """Send `raw` bytes to the gateway; the status and body of its answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+        body = await asyncio.wait_for(reader.readexactly(int(fields.get("content-length", "0"))), 20)
+        return int(lines[0].split(" ")[1]), body
+    finally:
+        writer.close()
+
+
+async def test_each_refusal_reaches_the_caller_as_itself_through_the_gateway(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    """A runtime's own limit below the pipeline's: its 413 and reason reach the caller, not a 503 reset."""
+    """Every class of refusal a caller can meet on the way to a runtime (issue 41), through the real gateway Envoy
+    and runtime: the status and reason of whoever refuses (the runtime's own JSON reason where it is the runtime),
+    never a 503 reset; and what the gateway takes, the runtime takes too. Each three times, and a request after
+    each is served on the same connections."""
     start_runtime(f"{M}:echo", "echo", "v1", extra=("--max-body=1048576",))
     spec = {
         "name": "tight",
@@ -91,14 +120,31 @@ async def test_a_runtime_that_refuses_a_body_before_reading_it_is_heard_through_
         "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}],
     }
     apply(control_plane, tmp_path, spec)
-    url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/tight"
+    port = control_plane.gateway_port
+    url = f"http://127.0.0.1:{port}/pipelines/tight"
     await until_ok(url, {"text": "warm"})
+    big = body_of(3 * 1024 * 1024)
+    start = "POST /pipelines/tight HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    small = json.dumps({"text": "small"}).encode()
+    fields = lambda n: "".join(f"x-f{i}: {i}\r\n" for i in range(n))  # noqa: E731
+    raws = {
+        "fields-94": f"{start}{fields(94 - 2)}content-length: {len(small)}\r\n\r\n".encode() + small,
+        "fields-101": f"{start}{fields(101 - 2)}content-length: {len(small)}\r\n\r\n".encode() + small,
+        "head": f"{start}x-big: {'a' * 61 * 1024}\r\ncontent-length: 2\r\n\r\n{{}}".encode(),
+        "bad-chunk": f"{start}transfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n".encode(),
+        "smuggle": f"{start}content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".encode(),
+    }
     async with aiohttp.ClientSession() as session:
-        for _ in range(5):  # the same connections again: each refusal leaves the next request unharmed
-            async with session.post(
-                url, data=body_of(3 * 1024 * 1024), headers={"content-type": "application/json"}
-            ) as resp:
-                said = await resp.read()
-                assert resp.status == 413 and b"the limit is 1048576 bytes" in said, (resp.status, said[:300])
-            async with session.post(url, json={"text": "small"}) as resp:
-                assert resp.status == 200
+        for how, status, says, whose in REFUSALS:
+            for _ in range(3):  # the same connections again: a refusal leaves the next request unharmed
+                if how in raws:
+                    got, said = await raw_exchange(port, raws[how])
+                else:
+                    data = big if how == "length" else chunks(big)
+                    async with session.post(url, data=data, headers={"content-type": "application/json"}) as resp:
+                        got, said = resp.status, await resp.read()
+                assert (got, says in said) == (status, True), (how, got, said[:300])
+                if whose == "runtime":
+                    assert "error" in json.loads(said), (how, said[:300])  # the runtime's JSON reason, as it sent it
+                async with session.post(url, json={"text": "small"}) as resp:
+                    assert resp.status == 200, (how, resp.status)

@@ -13,6 +13,7 @@ import h11
 import pytest
 
 from runtime_sdk import wire
+from runtime_sdk.hop import MAX_FIELDS
 from runtime_sdk.http1 import BadRequest, HttpError, Request, Response, json_response
 from runtime_sdk.wire import MAX_HEAD, MAX_QUEUED, Server
 from tests.helpers.envoy import wait_for
@@ -226,8 +227,8 @@ async def test_a_request_waiting_for_the_body_budget_is_never_shed_as_stalled(mo
         (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n", 400),
         (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx: a\x00\r\n\r\n", 400),
         (b"POST /a HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 400),
-        (b"POST /a HTTP/1.1\r\n" + b"x: 1\r\n" * 101 + b"\r\n", 431),  # more header lines than allowed
-        (CHUNKED + b"0\r\n" + b"x: 1\r\n" * 99 + b"\r\n", 431),  # trailers count with the head's 2 lines
+        (b"POST /a HTTP/1.1\r\n" + b"x: 1\r\n" * (MAX_FIELDS + 1) + b"\r\n", 431),  # more header lines than allowed
+        (CHUNKED + b"0\r\n" + b"x: 1\r\n" * (MAX_FIELDS - 1) + b"\r\n", 431),  # trailers count with the head's 2
         (CHUNKED + b"1;" + b"e" * 70_000 + b"\r\nx\r\n0\r\n\r\n", 413),  # framing over 4 x 1000 + 64 KiB
         (b"POST /a HTTP/1.1\r\ncontent-length: 0\r\n\r\n", 400),  # HTTP/1.1 without a Host (RFC 9112, 3.2)
         (b"POST /a HTTP/1.1\r\nhost: a\r\nhost: b\r\ncontent-length: 0\r\n\r\n", 400),  # or with two
