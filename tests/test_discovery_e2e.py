@@ -34,7 +34,9 @@ async def test_replicas_are_found_and_sigterm_drains_without_errors(
     await wait_for(lambda: consul_status(consul_agent.http_port, "tokenize", first.service_id) != "gone")
     registered_after = time.monotonic() - started
     print(f"runtime process start -> registered in Consul: {registered_after:.2f}s")
-    assert registered_after < 3.0
+    # A runtime registers as it starts, not after some later event: ~1-2 s here. The bound is for that, not for the
+    # machine's speed: 3 s failed a clean-clone CI at 3.32 s with the other worker busy (session 27).
+    assert registered_after < 10.0
 
     apply(control_plane, tmp_path, ONE_STAGE)
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/one"
