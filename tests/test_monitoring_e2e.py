@@ -92,7 +92,11 @@ async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_a
 
     def spec(candidate: str) -> dict[str, Any]:
         rollout = {"candidate": {"model": "classify", "version": candidate}, "steps": [50, 100], "step_seconds": 2,
-                   "min_requests": 100, "min_agreement": 0.95, "agreement_on": "category"}  # fmt: skip
+                   "min_requests": 100, "min_agreement": 0.95, "agreement_on": "category",
+                   # agreement is what is tested here (the p99 guard is test_rollouts_e2e's): the same classifier in
+                   # a fresh process once measured 3.0x its baseline's p99 (21 vs 7 ms) on this noisy host, and the
+                   # guard rolled it back
+                   "max_p99_ratio": 10.0}  # fmt: skip
         return {
             "name": "gated",
             "stages": [
