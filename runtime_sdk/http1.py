@@ -70,10 +70,10 @@ class Head(NamedTuple):
     parser: httptools.HttpRequestParser
 
 
-def parse_head(head: bytes, limit: int) -> Head:
+def parse_head(head: bytes) -> Head:
     """A request's head through its blank line, read by llhttp (httptools); BadRequest if it is not HTTP/1.1.
-    `limit`: the bytes a chunked body may have (body_limit may lower it once the headers are known)."""
-    message = Message(limit)
+    What a chunked body may hold (`message.limit`) is set once the headers are known (wire.py, body_limit)."""
+    message = Message()
     parser = httptools.HttpRequestParser(message)
     parser.set_dangerous_leniencies(lenient_version=True)  # HTTP/1.2 is read as 1.1 (RFC 9110, 2.5); 2.0 is a 505
     try:

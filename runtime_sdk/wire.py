@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
         if end < 0:
             self.searched = max(0, len(self.buffer) - 3)
             return None
-        head = parse_head(bytes(self.buffer[: end + 4]), self.server.max_body)
+        head = parse_head(bytes(self.buffer[: end + 4]))
         headers, http10 = head.message.headers, head.http10
         if http10 and "transfer-encoding" in headers:  # framing HTTP/1.0 does not have: a smuggling pattern
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
