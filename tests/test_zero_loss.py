@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,22 +126,31 @@ async def test_twenty_two_changes_under_load_fail_no_request(
 
     outcomes: collections.Counter[str] = collections.Counter()
     stop = asyncio.Event()
+    started = time.monotonic()
+    changing = "1 (http)"  # what the failure report says was going on
+    bad: list[str] = []  # the first few answers that were not ok: when, how long, during which change
 
     async def client() -> None:
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not stop.is_set():
+                sent = time.monotonic()
                 try:
                     async with session.post(url, json=TEXT) as resp:
                         body = await resp.json(content_type=None)
-                        outcomes[verdict(resp.status, body, resp.headers.get("x-mll-served", ""))] += 1
+                        said = verdict(resp.status, body, resp.headers.get("x-mll-served", ""))
                 except (aiohttp.ClientError, TimeoutError) as err:
-                    outcomes[f"client error {type(err).__name__}"] += 1
+                    said = f"client error {type(err).__name__}"
+                outcomes[said] += 1
+                if said != "ok" and len(bad) < 10:
+                    took = time.monotonic() - sent
+                    bad.append(f"{said} sent at {sent - started:.1f}s, took {took:.1f}s, during {changing}")
 
     load = [asyncio.create_task(client()) for _ in range(8)]
     try:
         for version, change in enumerate(CHANGES, start=2):
             await asyncio.sleep(0.5)
+            changing = f"{version - 1} -> {version} ({change['transport']}) at {time.monotonic() - started:.1f}s"
             apply(kafka_plane, tmp_path, change)
             # In traffic: the gateway enters the new version.
             await in_traffic(kafka_plane, NAME, version)
@@ -148,7 +158,7 @@ async def test_twenty_two_changes_under_load_fail_no_request(
     finally:
         stop.set()
         await asyncio.gather(*load)
-    assert set(outcomes) == {"ok"}, outcomes
+    assert set(outcomes) == {"ok"}, (outcomes, bad)
     assert outcomes["ok"] > 500, outcomes
 
 
