@@ -27,6 +27,7 @@ from controlplane.scaling.policy import (
 )
 from controlplane.scaling.scaler import MAX_RECORD, demand_factor, parse_record
 from controlplane.stack.file import load_stack
+from tests.helpers.envoy import wait_for
 
 POLICY = Policy("classifier", "v1", min_replicas=1, max_replicas=4, target_in_flight=2, up_window=3, down_window=10)
 
@@ -243,7 +244,7 @@ async def test_one_control_plane_decides_and_the_next_continues_from_its_record(
         tasks[holder].cancel()  # the deciding control plane goes away (its session is destroyed)
         await asyncio.gather(tasks[holder], return_exceptions=True)
         await until(lambda: scalers[other].lock.holding)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # an observation window: a reset to 1 passing would show within it
         assert scalers[other].wanted[policy.cluster] == 4  # continued from the record, not reset to 1 passing
         assert (await record())["by"] == f"cp-{holder}"  # nothing to decide while the load stays
         load["in_flight"] = 0
@@ -301,7 +302,8 @@ async def test_the_activator_holds_requests_until_a_replica_passes_and_refuses_b
                     return resp.status, resp.headers.get(h.RETRIABLE)
 
             waiting = [asyncio.create_task(call()) for _ in range(2)]
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: held.held.get("idle.v1") == 2, 5)  # both arrived (late on a busy machine)
+            await asyncio.sleep(0.3)  # simulated cold start: no replica passes for 0.3 s after they arrived
             assert held.held["idle.v1"] == 2 and not any(t.done() for t in waiting)  # held, not failed
             assert await call() == (503, None)  # a third is refused at once: the bound
             passing["idle.v1"] = 1

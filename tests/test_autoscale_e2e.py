@@ -26,6 +26,7 @@ import yaml
 from bench.autoscale import LOW, launch, load, load_step, scaling, stop_stack, until_up
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
+from tests.helpers.envoy import wait_for
 from tests.helpers.observe import ARTIFACTS
 
 pytestmark = pytest.mark.slow
@@ -39,8 +40,8 @@ async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_
         key = f"http://127.0.0.1:{ports['consul']}/v1/kv/mllambda/pipelines-autoscale/classifier.v1"
         async with aiohttp.ClientSession() as session, session.put(key, data=b'{"replicas": "lots"\n') as resp:
             assert (await resp.read()).strip() == b"true"
-        await asyncio.sleep(3)
-        assert "autoscale record for classifier.v1 is not readable" in (tmp_path / "up.log").read_text()
+        said = "autoscale record for classifier.v1 is not readable"
+        await wait_for(lambda: said in (tmp_path / "up.log").read_text(), 15)
         assert up.poll() is None and scaling(ports)["passing"] == 1
         served: list[tuple[float, float, int]] = []
         await load(f"http://127.0.0.1:{ports['gateway']}/pipelines/nlp", LOW, 3, served)

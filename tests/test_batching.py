@@ -70,15 +70,18 @@ async def test_a_wrong_number_of_answers_is_an_error_not_a_mix_up() -> None:
 async def test_the_queue_is_bounded_and_refuses_at_once_when_full() -> None:
     release = asyncio.Event()
 
+    entered = asyncio.Event()
+
     async def stuck(payloads: list[dict[str, Any]]) -> list[Any]:
+        entered.set()
         await release.wait()
         return [{} for _ in payloads]
 
     batcher = Batcher(stuck, BatchPolicy(max_batch=2, max_wait_ms=1, max_queued=4))
     running = [asyncio.create_task(batcher.submit({})) for _ in range(2)]
-    await asyncio.sleep(0.05)  # the first batch runs and holds
+    await asyncio.wait_for(entered.wait(), 5)  # the first batch runs and holds
     waiting = [asyncio.create_task(batcher.submit({})) for _ in range(4)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the four are queued
     with pytest.raises(Overloaded):
         await batcher.submit({})
     release.set()

@@ -56,7 +56,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
     before = gateway_hosts(gateway, "tokenize.v1")
 
     async with SteadyLoad(url) as load:
-        await asyncio.sleep(0.3)
+        await load.more()
         consul_agent.proc.stop()
         await asyncio.sleep(3.0)  # control plane cannot reach Consul meanwhile
         assert gateway_hosts(gateway, "tokenize.v1") == before
@@ -65,7 +65,7 @@ async def test_consul_outage_fails_nothing_and_discovery_resumes(
         # Same ports, same data dir: the operator starts Consul again.
         again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
         request.addfinalizer(again.proc.stop)
-        await asyncio.sleep(1.0)
+        await load.more(50)
     assert set(load.outcomes) == {200}, load.outcomes
 
     # Discovery picked up by itself: a new replica shows up in the gateway's endpoints.
@@ -95,7 +95,7 @@ async def test_a_control_plane_started_while_consul_is_down_empties_no_envoy(
         again = await asyncio.to_thread(start_consul, logs_dir, tmp_path / "consul-data", consul_agent.ports, True)
         request.addfinalizer(again.proc.stop)
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_consul_reachable") == 1, timeout=30)
-        await asyncio.sleep(1.0)
+        await load.more(50)
     assert set(load.outcomes) == {200}, load.outcomes
     assert sum(load.outcomes.values()) > 50
 
@@ -121,7 +121,7 @@ async def test_every_runtime_vanishing_at_once_is_held_for_the_grace_then_believ
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_discovery_held_drops_total") == 1, timeout=10)
         # the runtime registers itself again within 2 s (anti-entropy); the hold ends
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_discovery_holding") == 0, timeout=10)
-        await asyncio.sleep(0.5)
+        await load.more()
     assert set(load.outcomes) == {200}, load.outcomes
 
     # Every pipeline vanishing from KV at once (a dev agent restarted empty, a wiped KV) is held the same way: no
@@ -131,11 +131,11 @@ async def test_every_runtime_vanishing_at_once_is_held_for_the_grace_then_believ
     async with SteadyLoad(url) as load:
         kv.delete(control_plane.kv_prefix, recurse=True)
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 1, timeout=10)
-        await asyncio.sleep(1)
+        await load.more(50)  # served while the keys are away
         for item in saved:
             kv.put(item["Key"], item["Value"])
         await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 0, timeout=10)
-        await asyncio.sleep(0.5)
+        await load.more()
     assert set(load.outcomes) == {200}, load.outcomes
     kv.delete(control_plane.kv_prefix, recurse=True)  # and a wipe that lasts is believed after the grace
     await wait_for(lambda: metric(scrape(control_plane), "mllambda_pipelines_holding") == 1, timeout=10)

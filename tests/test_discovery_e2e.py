@@ -51,10 +51,10 @@ async def test_replicas_are_found_and_sigterm_drains_without_errors(
         assert runtime_requests(consul_agent.http_port, "tokenize", replica.service_id) > 30
 
     async with SteadyLoad(url) as load:
-        await asyncio.sleep(0.5)
+        await load.more(50)
         first.proc.signal(signal.SIGTERM)
         await asyncio.to_thread(first.proc.popen.wait, 20)
-        await asyncio.sleep(0.5)
+        await load.more(60)  # served by the one left
     assert set(load.outcomes) == {200}, load.outcomes
     assert load.outcomes[200] > 100
     assert first.proc.popen.returncode == 0
@@ -110,7 +110,7 @@ async def test_readiness_answers_in_time_while_predicts_hold_the_event_loop(
     late: list[float] = []
     async with aiohttp.ClientSession() as session:
         busy = [asyncio.create_task(keep_busy(session)) for _ in range(3)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # load duration: the predicts hold the loop before readiness is measured
         statuses = []
         for _ in range(20):
             started = time.perf_counter()

@@ -93,12 +93,11 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
         done = await asyncio.to_thread(control_plane.cli, "monitor", "status", "-o", "json")
         rows = {f"{r['model']}:{r['version']}": r["agreement"] for r in json.loads(done.stdout)["items"]}
         last.update(rows)
-        await asyncio.sleep(1)
         found = {name: {a["field"]: a for a in found} for name, found in rows.items() if found}
         return found if sum(a["pairs"] for a in found.get("count:v1", {}).values()) >= 500 else {}
 
     try:
-        found = await wait_for(agreement, timeout=60)  # windows close (10 s), then are read (every 10 s)
+        found = await wait_for(agreement, timeout=60, every=1)  # windows close (10 s), then are read (every 10 s)
     except AssertionError as err:
         kept = {}
         for model in ("count", "joiner"):
@@ -154,6 +153,6 @@ async def test_ensemble_joins_members_keeps_their_weights_and_reports_failures(
     assert "vote.bad=broken:v1" in served
 
     # The member left out was stopped when its 300 ms were up, not run to its end (2 s) for nobody.
-    await asyncio.sleep(max(0.0, left_out_at + 2.3 - time.monotonic()))
+    await asyncio.sleep(max(0.0, left_out_at + 2.3 - time.monotonic()))  # time passing is what is tested
     sleepy = runtimes["sleepy:v1"]
     assert runtime_codes(consul_agent.http_port, "sleepy", sleepy.service_id) == {"499": 2}

@@ -49,7 +49,7 @@ class Tally:
 async def loaded(*workers: tuple[Tally, str, int, dict[str, str] | None], seconds: float = 3) -> None:
     stop = asyncio.Event()
     tasks = [asyncio.create_task(t.run(url, stop, ms, headers)) for t, url, ms, headers in workers]
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # load duration
     stop.set()
     await asyncio.gather(*tasks)
 

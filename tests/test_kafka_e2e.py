@@ -14,11 +14,11 @@ import consul
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from contract.naming import routing_table_prefix
+from contract.naming import hop_group, hop_topic, routing_table_prefix
 from controlplane.node.processes import http_get
 from tests.conftest import passing
 from tests.helpers.envoy import near_share, wait_for
-from tests.helpers.kafka import consume, served
+from tests.helpers.kafka import consume, group_members, served
 from tests.helpers.pipelines import (
     M,
     apply,
@@ -120,13 +120,12 @@ async def test_kafka_split_and_dead_letters(
         "stages": [{"name": "b", "variants": [{"model": "broken", "version": "v1"}]}],
     }
     apply(kafka_plane, tmp_path, broken)
-    await asyncio.sleep(1)
+    await in_traffic(kafka_plane, "kb", 1)  # its topics and consumers are there
     await produce(kafka_bootstrap, "mll.kb.in", [b'{"x": 1}'])
     parked = [json.loads(r.value) for r in await consume(kafka_bootstrap, "mll.kb.dlq", 1)]
     assert parked[0]["error"] == "predict failed: RuntimeError: this model always fails"
 
     # Through the bridge, the caller learns that the model failed, and the id to look up, never its exception text.
-    await in_traffic(kafka_plane, "kb", 1)
     async with aiohttp.ClientSession() as session:
         status, told, _ = await post(session, f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kb", {"x": 2})
     assert status == 422 and told["error"] == "model broken:v1 failed (RuntimeError); see mll.kb.dlq", told
@@ -152,7 +151,12 @@ async def test_killing_a_replica_mid_stream_loses_no_message(
     )
     apply(kafka_plane, tmp_path, pipeline("kk", transport="kafka"))
     await until_ok(f"http://127.0.0.1:{kafka_plane.gateway_port}/pipelines/kk", {"text": "warm"}, timeout=60)
-    await asyncio.sleep(3)  # both replicas have joined the consumer group
+    group = hop_group(hop_topic("kk", "count", "count.v1"))
+
+    async def both_joined() -> bool:
+        return await group_members(kafka_bootstrap, group) == 2
+
+    await wait_for(both_joined, 30)  # the group is stable with both replicas
 
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
@@ -231,7 +235,7 @@ async def test_a_stage_inserted_in_front_moves_every_message_once_from_a_user_to
             await asyncio.sleep(0.2)
 
     sending = asyncio.create_task(paced())
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # load duration: messages flow before the change
     echo = {"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}
     apply(kafka_plane, tmp_path, {**v1, "stages": [echo, *v1["stages"]]})
     await sending

@@ -45,10 +45,9 @@ async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agree
         done = await asyncio.to_thread(control_plane.cli, "monitor", "status", "classify:v2", "-o", "json")
         rows = json.loads(done.stdout)["items"]
         found = rows[0]["agreement"] if rows else []
-        await asyncio.sleep(1)
         return found if sum(a["pairs"] for a in found if a["field"] == "category") >= 500 else []
 
-    found = {a["field"]: a for a in await wait_for(measured, timeout=45)}  # windows close, then are read
+    found = {a["field"]: a for a in await wait_for(measured, timeout=45, every=1)}  # windows close, then are read
     assert found["category"]["against"] == "classify:v1" and abs(found["category"]["agreement"] - 0.8) <= 0.03, found
     assert found["count"]["agreement"] == 1.0  # what the shadow passes on unchanged agrees
     metrics = http_get(f"http://127.0.0.1:{control_plane.metrics_port}/metrics")[1]
@@ -75,10 +74,9 @@ async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agree
 
     async def reported() -> str:
         done = await asyncio.to_thread(control_plane.cli, "monitor", "status", "classify:v1")
-        await asyncio.sleep(1)
         return done.stdout if "baseline unreadable" in done.stdout else ""
 
-    assert "classify:v1" in await wait_for(reported, timeout=30)
+    assert "classify:v1" in await wait_for(reported, timeout=30, every=1)
 
 
 async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_and_promotes_an_agreeing_one(
@@ -130,10 +128,9 @@ async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_a
 
         async def rolled_back() -> list[str]:
             found = await asyncio.to_thread(causes)
-            await asyncio.sleep(1)
             return found if any(c.startswith("auto-rollback") for c in found) else []
 
-        history = await wait_for(rolled_back, timeout=90)
+        history = await wait_for(rolled_back, timeout=90, every=1)
         assert "measuring agreement on category" in history[1], history
         assert history[2].startswith("auto-rollback gated/classify classify:v2: agreement on category "), history
         share = float(history[2].split("agreement on category ")[1].split("%")[0]) / 100
@@ -143,10 +140,9 @@ async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_a
 
         async def promoted() -> list[str]:
             found = await asyncio.to_thread(causes)
-            await asyncio.sleep(1)
             return found if any(c.endswith("promoted") for c in found) else []
 
-        history = await wait_for(promoted, timeout=120)
+        history = await wait_for(promoted, timeout=120, every=1)
         begun = next(c for c in history if "step 1/2" in c)
         assert "after agreement on category 100.0% over" in begun, history
         assert not any(c.startswith("auto-rollback gated/classify classify:v3") for c in history), history

@@ -88,7 +88,7 @@ def under_load(hosts: Hosts, folder: Path, name: str, seconds: float, event: Cal
         str(out),
     ]
     load = hosts.start(2, f"load-{name}", argv, folder / f"load-{name}.log", env={"PYTHONPATH": str(PROJECT_ROOT)})
-    time.sleep(5)
+    time.sleep(5)  # load duration before the event
     event()
     assert load.popen is not None
     load.popen.wait(timeout=seconds + 30)

@@ -86,10 +86,9 @@ async def test_two_scikit_learn_releases_serve_side_by_side_split_50_50(
     async def drifted() -> dict[str, Any]:
         done = await asyncio.to_thread(model_plane.cli, "monitor", "status", "skl:v19", "-o", "json")
         (row,) = json.loads(done.stdout)["items"]
-        await asyncio.sleep(1)
         return {f"{d['side']}.{d['field']} ({d['of']})": d["psi"] for d in row["drift"]}
 
-    psi = await wait_for(drifted, timeout=40)  # v19's windows close and are read
+    psi = await wait_for(drifted, timeout=40, every=1)  # v19's windows close and are read
     assert psi["inputs.x (value)"] > 1 and psi["outputs.label (value)"] > 1, psi
 
     undeploy = model_plane.cli("undeploy", "skl:v15")

@@ -135,27 +135,23 @@ async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheu
         async def baseline_set() -> bool:  # the CLI in a thread: the load goes on meanwhile
             done = await asyncio.to_thread(control_plane.cli, "monitor", "baseline", "tokenize:v1", "--window", "30")
             assert done.returncode == 0 or "profiled requests of" in done.stderr, done.stderr
-            await asyncio.sleep(1)
             return done.returncode == 0
 
         async def drifted() -> bool:
-            found = text_drift(await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")) > 0.2
-            await asyncio.sleep(1)
-            return found
+            return text_drift(await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")) > 0.2
 
-        await wait_for(baseline_set, timeout=40)  # the first windows close and are read within ~20 s
+        await wait_for(baseline_set, timeout=40, every=1)  # the first windows close and are read within ~20 s
 
         async def judged() -> dict[str, Any]:  # windows after the baseline read, and the text judged on them
             row = await asyncio.to_thread(monitor_status, control_plane, "tokenize:v1")
-            await asyncio.sleep(1)
             return row if any(d["field"] == "text" for d in row.get("drift", [])) else {}
 
-        steady = await wait_for(judged, timeout=40)
+        steady = await wait_for(judged, timeout=40, every=1)
         assert steady["baseline"]["threshold"] == 0.2 and 0 <= text_drift(steady) < 0.2, steady["drift"]
         assert steady["fields"]["inputs.text"]["kinds"] == {"string": steady["fields"]["inputs.text"]["count"]}
         texts[:] = FOREIGN  # the callers change: long texts in other languages
         switched = asyncio.get_running_loop().time()
-        await wait_for(drifted, timeout=60)
+        await wait_for(drifted, timeout=60, every=1)
         assert asyncio.get_running_loop().time() - switched < 60
         table = (await asyncio.to_thread(control_plane.cli, "monitor", "status", "tokenize:v1")).stdout
         assert "inputs.text (length): PSI" in table and "DRIFTED" in table, table

@@ -81,7 +81,7 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     (tmp_path / "candidate.yaml").write_text(yaml.safe_dump(candidate))
 
     async def live_during() -> list[tuple[int, Any, str]]:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the replay's CLI starts meanwhile: live traffic beside a replay under way
         answers = await send(url, 100)
         forged = await send(url, 50, headers={"x-mll-replay": "0" * 32})  # a forged secret: live traffic
         return answers + forged
@@ -203,10 +203,9 @@ async def test_one_replay_at_a_time_per_pipeline_and_a_lapsed_one_is_replaced(
                 return await stub.StartReplay(pb.StartReplayRequest(candidate=candidate, ttl_seconds=30))
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
-                await asyncio.sleep(0.5)
                 return None
 
-        second = await wait_for(started_again, timeout=30)
+        second = await wait_for(started_again, timeout=30, every=0.5)
         assert second.id != first.id and second.version != first.version
         await stub.EndReplay(pb.EndReplayRequest(pipeline="once", id=second.id))
         listed = await stub.ListReplays(pb.ListReplaysRequest(pipeline="once"))

@@ -97,9 +97,9 @@ def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_thei
                 if name not in ended and ("promoted" in last or "auto-rollback" in last):
                     ended[name] = time.monotonic()
             time.sleep(0.5)
-        time.sleep(2)  # the final version in traffic
+        time.sleep(2)  # load duration: the final version in traffic
         after = time.monotonic()
-        time.sleep(2)
+        time.sleep(2)  # load duration: answers after the end
     finally:
         stop.set()
         for thread in threads:

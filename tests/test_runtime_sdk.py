@@ -122,7 +122,7 @@ async def test_quick_models_move_onto_the_event_loop_and_a_slow_call_moves_them_
     def model(payload: dict[str, Any]) -> dict[str, Any]:
         threads.append(threading.get_ident())
         if payload.get("sleep"):  # not sleep(0): giving up the GIL can cost a busy machine's loop ms to get back
-            time.sleep(payload["sleep"])
+            time.sleep(payload["sleep"])  # simulated work
         return {}
 
     loop_thread = threading.get_ident()
@@ -218,11 +218,11 @@ async def test_requests_waiting_for_a_busy_model_are_dropped_when_their_callers_
 
         busy = [await send(n) for n in range(workers)]
         waiting = [await send(100 + n) for n in range(10)]
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # an observation window: the ten reach the runtime (none may take a thread)
         assert sorted(seen) == list(range(workers))  # every thread taken, ten requests waiting for one
         for _, writer in waiting:
             writer.close()  # their callers give up
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # an observation window: the runtime sees them go (nothing outside tells when)
         gate.set()
         for reader, _ in busy:
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")

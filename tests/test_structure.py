@@ -319,3 +319,51 @@ def test_a_runtime_starts_without_numpy_kafka_or_a_web_server_and_profiles_load_
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["[]", "1 True"], done.stdout + done.stderr
+
+
+def unexplained_sleeps(source: str) -> list[int]:
+    """Lines of `sleep(...)` calls outside a loop with no comment on them: a test waits on a predicate or an event;
+    a sleep that stays is load duration, simulated work, an observation window or time passing, and says which.
+    A sleep inside a loop is the loop's poll interval."""
+    import io
+    import tokenize
+
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    commented = {t.start[0] for t in tokens if t.type == tokenize.COMMENT}
+    found: list[int] = []
+
+    def visit(node: ast.AST, in_loop: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            looping = in_loop or isinstance(node, ast.While | ast.For | ast.AsyncFor)
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                looping = False
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and child.func.attr == "sleep":
+                lines = range(child.lineno, (child.end_lineno or child.lineno) + 1)
+                if not looping and not commented.intersection(lines):
+                    found.append(child.lineno)
+            visit(child, looping)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_every_sleep_in_the_tests_says_why_it_is_not_a_predicate() -> None:
+    bare = {
+        str(path.relative_to(ROOT)): lines
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if (lines := unexplained_sleeps(path.read_text()))
+    }
+    assert bare == {}
+
+
+def test_a_bare_sleep_is_found() -> None:
+    source = (
+        "async def t():\n"
+        "    await asyncio.sleep(1)\n"  # found
+        "    await asyncio.sleep(2)  # load duration\n"
+        "    while x:\n"
+        "        await asyncio.sleep(0.1)\n"  # a poll interval
+        "        async def inner():\n"
+        "            time.sleep(3)\n"  # found: a function in a loop is not the loop
+    )
+    assert unexplained_sleeps(source) == [2, 7]

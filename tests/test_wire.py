@@ -30,7 +30,7 @@ async def echo(request: Request) -> Response:
     if request.path == "/forge":
         return Response(200, b"{}", {"x-a": "1\r\nset-cookie: forged"})
     if request.path == "/slow":
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # simulated work
     seen = {"method": request.method, "path": request.path, "query": request.query, "body": request.body.decode()}
     return json_response({**seen, "x-test": request.headers.getall("x-test", [])})
 
@@ -316,7 +316,7 @@ async def test_a_connection_that_sends_ahead_is_read_no_further_than_the_queue_a
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"".join(post(f"/{n}", b"x" * 100) for n in range(MAX_QUEUED * 20)))
     await started.wait()
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: any(c.paused for c in server.connections), 5)  # it stopped reading
     connection = next(iter(server.connections))
     assert connection.paused and len(connection.queue) <= MAX_QUEUED + 1
     release.set()
@@ -332,7 +332,7 @@ async def test_stop_lets_a_request_in_flight_finish_and_closes_idle_connections(
     port = await server.listen_tcp("127.0.0.1", 0)
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
     in_flight = asyncio.create_task(exchange(port, post("/slow", b"1"), 1))
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: any(c.task for c in server.connections), 5)  # the handler runs
     await server.stop(5.0)
     answers = await in_flight
     assert [(a[0], a[1].get("connection")) for a in answers] == [(200, "close")]
@@ -374,7 +374,7 @@ async def test_connections_beyond_the_limit_close_the_idlest_or_are_reset_when_a
     opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
     for reader, writer in opened:
         assert await ask(reader, writer, "/a") == 200
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # time passing: each connection's last answer at its own time
     fourth = await asyncio.open_connection("127.0.0.1", port)
     assert await ask(*fourth, "/b") == 200
     assert await asyncio.wait_for(opened[0][0].read(), 2) == b""  # the idlest, closed by the server
@@ -382,7 +382,7 @@ async def test_connections_beyond_the_limit_close_the_idlest_or_are_reset_when_a
     assert len(server.connections) == 3 and refused == []
     # All three busy: one more is reset without an answer, counted, and nothing in flight is lost.
     busy = [asyncio.create_task(ask(*c, "/wait")) for c in (opened[1], opened[2], fourth)]
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: sum(c.task is not None for c in server.connections) == 3, 5)  # all three in a handler
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(post("/d", b""))
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
@@ -418,9 +418,9 @@ async def test_a_request_that_stopped_arriving_gives_its_place_to_a_new_connecti
     port = await server.listen_tcp("127.0.0.1", 0)
     stalled_reader, stalled_writer = await asyncio.open_connection("127.0.0.1", port)
     stalled_writer.write(b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")  # and nothing more
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: any(c.reading for c in server.connections), 5)  # its head is read, its body waited for
     assert await exchange(port, post("/b", b"")) == []  # not stalled long enough yet: the new one is reset
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # time passing is what is tested: the body stalls past STALLED
     assert [a[0] for a in await exchange(port, post("/c", b""))] == [200]
     head = await asyncio.wait_for(stalled_reader.read(), 2)
     assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
@@ -435,7 +435,7 @@ async def test_a_caller_that_hangs_up_cancels_its_request_whether_it_closes_or_r
     async def held(request: Request) -> Response:
         started.set()
         try:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # simulated work
         except asyncio.CancelledError:
             outcome.append(f"cancelled {request.path}")
             raise
@@ -444,7 +444,7 @@ async def test_a_caller_that_hangs_up_cancels_its_request_whether_it_closes_or_r
 
     server = Server(held, MAX_BODY)
     port = await server.listen_tcp("127.0.0.1", 0)
-    for path in ("/closed", "/reset", "/kept"):
+    for done, path in enumerate(("/closed", "/reset", "/kept"), start=1):
         started.clear()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post(path, b""))
@@ -456,7 +456,7 @@ async def test_a_caller_that_hangs_up_cancels_its_request_whether_it_closes_or_r
         else:
             assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200 ")
             writer.close()
-        await asyncio.sleep(0.2)
+        await wait_for(lambda n=done: len(outcome) == n, 5)  # the handler was cancelled or finished
     assert outcome == ["cancelled /closed", "cancelled /reset", "finished /kept"]
     await server.stop(1.0)
 

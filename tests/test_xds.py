@@ -141,7 +141,7 @@ async def test_rejected_config_is_recorded_and_envoy_keeps_serving(xds: Xds, sta
         assert (status, body["backend"]) == (200, "a")
 
         # The rejected version is not pushed again in a loop.
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # an observation window: a loop would have pushed it again within it
         _, stats = envoy.admin("/stats?filter=rds.ingress.update_rejected")
         assert stats.strip().endswith(": 1"), stats
 
@@ -165,7 +165,7 @@ async def test_control_plane_restart_loses_no_request(xds: Xds, start_envoy: Any
                     await asyncio.sleep(0.005)
 
         load = asyncio.create_task(traffic())
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: counts["ok"] >= 20)  # traffic flows before the server stops
         await xds.server.stop(0)
         await asyncio.sleep(1.5)  # Envoy serves from its last config meanwhile
 
@@ -173,7 +173,7 @@ async def test_control_plane_restart_loses_no_request(xds: Xds, start_envoy: Any
         xds.cache.set_snapshot(NODE, v1)
         xds.server = await XdsServer(xds.cache, xds.acks, xds.addr).start()
         await wait_for(lambda: xds.acks.is_connected(NODE) and xds.acked("v1"), timeout=30)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # load duration: traffic on the new server's config too
         stop.set()
         await load
         assert counts["failed"] == 0
@@ -191,7 +191,7 @@ async def test_envoy_that_connects_before_its_snapshot_exists_gets_it_when_set(
             wait_live=False,
         )
         await wait_for(lambda: xds.acks.is_connected(NODE))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # simulated lateness: Envoy has asked and waits before any snapshot exists
         xds.cache.set_snapshot(NODE, snapshot("v1", listen, {"model-a": port}, r.weighted_route("/", [("model-a", 1)])))
         await wait_for(lambda: envoy.admin("/ready")[1].strip() == "LIVE")
         status, body = await get_json(f"http://127.0.0.1:{listen}/")
@@ -210,7 +210,7 @@ def test_the_ack_book_forgets_nodes_gone_longer_than_its_limit_and_keeps_the_oth
     book.connected("back", -1)
     assert {s.node_id for s in book.all()} == {"gone", "back", "here"}  # not at once: it may come back
     book.connected("back", 1)
-    time.sleep(0.1)
+    time.sleep(0.1)  # time passing is what is tested: past forget_after
     assert {s.node_id for s in book.all()} == {"back", "here"}
     assert set(book.extensions) == {"back", "here"}
 
@@ -303,6 +303,6 @@ async def test_a_stream_reads_a_bounded_number_of_requests_ahead() -> None:
 
     responses = SotwStream(cache, acks, iter(range(1, 10**9))).run(endless())
     await anext(responses)  # the first answer; then nobody takes the next one
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # an observation window: an unbounded reader would read on within it
     assert sent <= MAX_PENDING + 2, sent
     await responses.aclose()

@@ -149,12 +149,12 @@ async def test_twenty_two_changes_under_load_fail_no_request(
     load = [asyncio.create_task(client()) for _ in range(8)]
     try:
         for version, change in enumerate(CHANGES, start=2):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # load duration between changes
             changing = f"{version - 1} -> {version} ({change['transport']}) at {time.monotonic() - started:.1f}s"
             apply(kafka_plane, tmp_path, change)
             # In traffic: the gateway enters the new version.
             await in_traffic(kafka_plane, NAME, version)
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # load duration after the last change
     finally:
         stop.set()
         await asyncio.gather(*load)

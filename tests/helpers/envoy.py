@@ -35,8 +35,8 @@ async def http_backend(name: str, seen: list[str] | None = None) -> AsyncIterato
         await runner.cleanup()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll `predicate` (sync or async) until it returns something truthy."""
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
+    """Poll `predicate` (sync or async) every `every` seconds until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = predicate()
@@ -46,7 +46,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
             return result
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
 
 
 async def get_json(url: str) -> tuple[int, Any]:

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 
 async def send(bootstrap: str, topic: str, records: list[tuple[bytes | None, list[tuple[str, bytes]]]]) -> None:
@@ -38,6 +39,18 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 60, m
     finally:
         await consumer.stop()
     return found
+
+
+async def group_members(bootstrap: str, group: str) -> int:
+    """How many members a consumer group has once it is stable (0 while it rebalances or does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    groups = [g for response in described for g in response.to_object()["groups"]]
+    return sum(len(g["members"]) for g in groups if g["error_code"] == 0 and g["state"] == "Stable")
 
 
 def served(record: Any) -> str:

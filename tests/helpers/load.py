@@ -45,6 +45,14 @@ class SteadyLoad:
                 if status != 200 and len(self.failures) < 5:
                     self.failures.append(f"{status} {str(body)[:300]}")
 
+    async def more(self, count: int = 20, timeout: float = 30) -> None:
+        """Until `count` more requests have been answered (whatever their status): the load ran through a phase."""
+        target = sum(self.outcomes.values()) + count
+        deadline = asyncio.get_running_loop().time() + timeout
+        while sum(self.outcomes.values()) < target:
+            assert asyncio.get_running_loop().time() < deadline, f"{count} more answers not within {timeout}s"
+            await asyncio.sleep(0.01)
+
     async def __aenter__(self) -> SteadyLoad:
         self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
         return self

@@ -110,9 +110,9 @@ async def switch_under_load(
 
     load = [asyncio.create_task(steady()) for _ in range(4)]
     for transport in transports:
-        await asyncio.sleep(pause)
+        await asyncio.sleep(pause)  # load duration between changes
         apply(control_plane, tmp_path, pipeline(name, transport=transport))
-    await asyncio.sleep(pause)
+    await asyncio.sleep(pause)  # load duration after the last
     stop.set()
     await asyncio.gather(*load)
     return outcomes
