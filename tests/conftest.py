@@ -330,7 +330,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# The longest files first (seconds on 2 cores, measured with --durations=0), so that the two workers, which take
+# The longest files first (seconds on 2 cores, measured with --durations=0), so that the workers, which take
 # a file each time they are free (`--dist loadfile --no-loadscope-reorder`), end together instead of one running a
 # long scenario alone at the end. A file not named keeps its place after these; a stale list costs time, not
 # correctness.
