@@ -47,8 +47,12 @@ def stack_file(tmp_path: Path) -> tuple[Path, dict[str, int]]:
             runtime["target"] = "bench.device_model:classify_on_device"
             runtime["loader"] = "examples.nlp.models:load_classifier"
             runtime["autoscale"] = {
-                "min_replicas": 1, "max_replicas": 4, "target_in_flight": 1, "up_window": 2, "down_window": 15,
-            }  # fmt: skip
+                "min_replicas": 1,
+                "max_replicas": 4,
+                "target_in_flight": 1,
+                "up_window": 2,
+                "down_window": 15,
+            }
     stack["kafka"] = False
     names = ("consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics")
     ports = {k: processes.free_port() for k in names}
@@ -112,8 +116,12 @@ def launch(path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
     with open(tmp_path / "up.log", "wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env, start_new_session=True,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 async def until_up(up: subprocess.Popen[bytes], tmp_path: Path) -> None:
@@ -167,16 +175,28 @@ async def load_step(
         peak = max(passing for at, _, passing in seen if step <= at <= after)
         back_to_min = first(seen, after, lambda wanted, passing: wanted == 1 and passing == 1)
         scaled_p99 = p99([r for r in high if r[0] >= step + 30])  # the last 15 s of the high load
-        failed = {"low": sum(s != 200 for *_, s in low), "high": sum(s != 200 for *_, s in high),
-                  "after": sum(s != 200 for *_, s in settle)}  # fmt: skip
+        failed = {
+            "low": sum(s != 200 for *_, s in low),
+            "high": sum(s != 200 for *_, s in high),
+            "after": sum(s != 200 for *_, s in settle),
+        }
         figures = {
-            "load_rps": {"low": LOW, "high": HIGH}, "device_ms": 25,
-            "decided_up_after_s": decided_up, "second_replica_passing_after_s": second_passing,
-            "peak_replicas_passing": peak, "p99_ms": {"low": p99(low), "high_first_10s": p99(
-                [r for r in high if r[0] < step + 10]), "high_last_15s": scaled_p99, "after": p99(settle)},
-            "back_to_min_after_load_s": back_to_min, "failed": failed, "requests": len(low) + len(high) + len(settle),
+            "load_rps": {"low": LOW, "high": HIGH},
+            "device_ms": 25,
+            "decided_up_after_s": decided_up,
+            "second_replica_passing_after_s": second_passing,
+            "peak_replicas_passing": peak,
+            "p99_ms": {
+                "low": p99(low),
+                "high_first_10s": p99([r for r in high if r[0] < step + 10]),
+                "high_last_15s": scaled_p99,
+                "after": p99(settle),
+            },
+            "back_to_min_after_load_s": back_to_min,
+            "failed": failed,
+            "requests": len(low) + len(high) + len(settle),
             "last_decision": scaling(ports)["reason"],
-        }  # fmt: skip
+        }
         figures["at_start"] = {"wanted": before["wanted"], "passing": before["passing"]}
         figures["scaled_in_logged"] = "autoscale classifier:v1: 1 -> " in (tmp_path / "up.log").read_text()
         if then is not None:
@@ -195,8 +215,12 @@ def main() -> None:
         figures = asyncio.run(load_step(Path(tempfile.mkdtemp(prefix="mll-bench-autoscale-"))))
         runs.append(figures)
         print(f"   run {run + 1}/{args.runs}: {json.dumps(figures)}", flush=True)
-    keys = [("decided_up_after_s", 1), ("second_replica_passing_after_s", 1), ("peak_replicas_passing", 0),
-            ("back_to_min_after_load_s", 1)]  # fmt: skip
+    keys = [
+        ("decided_up_after_s", 1),
+        ("second_replica_passing_after_s", 1),
+        ("peak_replicas_passing", 0),
+        ("back_to_min_after_load_s", 1),
+    ]
     print(f"\nload step 10/s -> 50/s -> 10/s, classifier on a 25 ms device, median of {args.runs} runs")
     for key, digits in keys:
         values = [r[key] for r in runs if r[key] is not None]

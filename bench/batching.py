@@ -70,8 +70,10 @@ def stack() -> dict[str, Any]:
 def hey(url: str, body: Path) -> dict[str, float]:
     out = subprocess.run(
         ["hey", "-z", "8s", "-c", "64", "-m", "POST", "-T", "application/json", "-D", str(body), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     found = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         found[f"p{pct}"] = float(re.search(rf"{pct}%+ in ([\d.]+) secs", out).group(1)) * 1000  # type: ignore[union-attr]

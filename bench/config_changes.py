@@ -47,8 +47,10 @@ def score(v1: int, v2: int) -> dict[str, Any]:
 
 def answer(swapped: bool) -> dict[str, Any]:
     short, long = ("long", "short") if swapped else ("short", "long")
-    branches = [{"key": "short", "variants": [{"model": short, "version": "v1"}]},
-                {"key": "long", "variants": [{"model": long, "version": "v1"}]}]  # fmt: skip
+    branches = [
+        {"key": "short", "variants": [{"model": short, "version": "v1"}]},
+        {"key": "long", "variants": [{"model": long, "version": "v1"}]},
+    ]
     return {"name": "answer", "branch_on": "category", "branches": branches}
 
 
@@ -142,11 +144,15 @@ def main() -> None:
     runtimes = [
         {"model": model, "version": version, "target": f"{MODELS}:{target}"}
         for target, model, version in [
-            ("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
-            ("score", "score", "v1"), ("score_v2", "score", "v2"), ("short_model", "short", "v1"),
+            ("tokenize", "tokenize", "v1"),
+            ("count", "count", "v1"),
+            ("length_class", "classify", "v1"),
+            ("score", "score", "v1"),
+            ("score_v2", "score", "v2"),
+            ("short_model", "short", "v1"),
             ("long_model", "long", "v1"),
         ]
-    ]  # fmt: skip
+    ]
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-changes-"))
     with running_stack(folder, {"name": "bench-changes", "runtimes": runtimes, "kafka": True}) as (ports, _):
         print(json.dumps(asyncio.run(run(ports, args.changes)), indent=1))

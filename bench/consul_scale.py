@@ -49,13 +49,23 @@ class Fleet:
     async def register(self, model: str, n: int, port: int) -> str:
         service_id = f"{model}-v1-bench-{n}"
         meta = {
-            "model": model, "version": "v1", "runtime_port": str(port), "runtime_uds": f"/tmp/{service_id}.sock",
-            "ingress_port": str(port), "egress_port": str(port), "egress_uds": f"/tmp/{service_id}-e.sock",
-        }  # fmt: skip
+            "model": model,
+            "version": "v1",
+            "runtime_port": str(port),
+            "runtime_uds": f"/tmp/{service_id}.sock",
+            "ingress_port": str(port),
+            "egress_port": str(port),
+            "egress_uds": f"/tmp/{service_id}-e.sock",
+        }
         body = {
-            "Name": model, "ID": service_id, "Address": "127.0.0.1", "Port": port, "Tags": ["mllambda"],
-            "Meta": meta, "Check": {"TTL": "24h", "Status": "passing", "DeregisterCriticalServiceAfter": "1h"},
-        }  # fmt: skip
+            "Name": model,
+            "ID": service_id,
+            "Address": "127.0.0.1",
+            "Port": port,
+            "Tags": ["mllambda"],
+            "Meta": meta,
+            "Check": {"TTL": "24h", "Status": "passing", "DeregisterCriticalServiceAfter": "1h"},
+        }
         async with self.session.put(f"{self.base}/register", json=body) as resp:
             assert resp.status == 200, await resp.text()
         return service_id
@@ -165,10 +175,16 @@ async def main(args: argparse.Namespace) -> None:
         agent.wait_ready(processes.consul_ready(ports["http"]), timeout=30)
         xds, admin_port, gateway_port, gateway_admin = (processes.free_port() for _ in range(4))
         argv = [
-            sys.executable, "-m", "controlplane.cli", "controlplane", f"--xds=127.0.0.1:{xds}",
-            f"--admin=127.0.0.1:{admin_port}", f"--consul=127.0.0.1:{ports['http']}",
-            f"--gateway-port={gateway_port}", f"--gateway-admin-port={gateway_admin}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "controlplane",
+            f"--xds=127.0.0.1:{xds}",
+            f"--admin=127.0.0.1:{admin_port}",
+            f"--consul=127.0.0.1:{ports['http']}",
+            f"--gateway-port={gateway_port}",
+            f"--gateway-admin-port={gateway_admin}",
+        ]
         plane = processes.ManagedProcess("controlplane", argv, folder / "controlplane.log").start()
         started.append(plane)
         plane.wait_ready(processes.tcp_ready(admin_port), timeout=30)

@@ -75,8 +75,10 @@ def main() -> None:
         for _ in range(args.runs):
             done = subprocess.run(
                 [str(env_python(training_env())), str(HERE / "direct.py"), str(saved), str(args.seconds)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             direct = json.loads(done.stdout.strip().splitlines()[-1])
             for fmt in FORMATS:
                 script = folder / f"{fmt}.lua"

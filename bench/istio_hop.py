@@ -70,19 +70,34 @@ def certificates(folder: Path) -> dict[str, Path]:
     for side in ("client", "server"):
         run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{side}.key")
         run("req", "-new", "-key", f"{side}.key", "-subj", f"/CN={side}", "-out", f"{side}.csr")
-        run("x509", "-req", "-in", f"{side}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{side}.pem")  # fmt: skip
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{side}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{side}.pem",
+        )
     return {name: folder / name for name in ("ca.pem", "client.pem", "client.key", "server.pem", "server.key")}
 
 
 def _context(certs: dict[str, Path], side: str) -> dict[str, Any]:
     return {
         "tls_certificates": [
-            {"certificate_chain": {"filename": str(certs[f"{side}.pem"])},
-             "private_key": {"filename": str(certs[f"{side}.key"])}}
+            {
+                "certificate_chain": {"filename": str(certs[f"{side}.pem"])},
+                "private_key": {"filename": str(certs[f"{side}.key"])},
+            }
         ],
         "validation_context": {"trusted_ca": {"filename": str(certs["ca.pem"])}},
-    }  # fmt: skip
+    }
 
 
 def envoy_config(
@@ -96,8 +111,9 @@ def envoy_config(
     del hcm["rds"]
     if upstream is None:
         action = {"direct_response": {"status": 200, "body": {"inline_string": BODY}}}
-        hcm["route_config"] = {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, **action}]}]}  # fmt: skip
+        hcm["route_config"] = {
+            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, **action}]}]
+        }
         # Read the whole request before answering: a reply sent before the body is read closes the connection.
         buffer = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
@@ -142,18 +158,23 @@ def bare_config(listen: int, upstream: int) -> Any:
     hcm = {
         "@type": f"type.googleapis.com/{HCM}",
         "stat_prefix": "bare",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "next"}}]}]},
+        "route_config": {
+            "virtual_hosts": [
+                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "next"}}]}
+            ]
+        },
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": router}],
-    }  # fmt: skip
+    }
     chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
     upstream_address = {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}
     cluster = {
         "name": "next",
         "type": "STATIC",
-        "load_assignment": {"cluster_name": "next", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": upstream_address}}]}]},
-    }  # fmt: skip
+        "load_assignment": {
+            "cluster_name": "next",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": upstream_address}}]}],
+        },
+    }
     admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": processes.free_port()}}}
     listener = {"name": "bare", "address": address, "filter_chains": [chain]}
     return {"admin": admin, "static_resources": {"listeners": [listener], "clusters": [cluster]}}

@@ -59,11 +59,14 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mll-bench-kafka-"))
     models = ("tokenize", "count", "score")
     stack = {
-        "name": "bench-kafka", "kafka": True,
+        "name": "bench-kafka",
+        "kafka": True,
         "runtimes": [{"model": m, "version": "v1", "target": f"{MODELS}:{m}"} for m in models],
-        "pipelines": [{"name": "kb", "transport": "kafka", "stages": [stage(m) for m in models]},
-                      {"name": "hb", "transport": "http", "stages": [stage(m) for m in models]}],
-    }  # fmt: skip
+        "pipelines": [
+            {"name": "kb", "transport": "kafka", "stages": [stage(m) for m in models]},
+            {"name": "hb", "transport": "http", "stages": [stage(m) for m in models]},
+        ],
+    }
     (folder / "post.lua").write_text(POST_LUA)
     with running_stack(folder, stack) as (ports, _):
         bootstrap = f"127.0.0.1:{ports['kafka']}"

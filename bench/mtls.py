@@ -31,8 +31,10 @@ def hey(url: str, body: Path) -> dict[str, float]:
     """Open loop: 16 workers at 62.5 requests/s each = 1,000/s for 10 s."""
     out = subprocess.run(
         ["hey", "-z", "10s", "-c", "16", "-q", "62.5", "-m", "POST", "-T", "application/json", "-D", str(body), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     found = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "90", "99"):
         found[f"p{pct}"] = float(re.search(rf"{pct}%+ in ([\d.]+) secs", out).group(1)) * 1000  # type: ignore[union-attr]

@@ -75,9 +75,13 @@ def one_run(folder: Path, root: Path, args: list[str]) -> dict[str, float]:
             {"model": "device", "version": "v1", "target": "overload_model:held", "args": args},
             {"model": "echo", "version": "v1", "target": "examples.trivial.models:echo"},
         ],
-        "pipelines": [{"name": "busy", "stages": [
-            {"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("device", "echo")]}],
-    }  # fmt: skip
+        "pipelines": [
+            {
+                "name": "busy",
+                "stages": [{"name": m, "variants": [{"model": m, "version": "v1"}]} for m in ("device", "echo")],
+            }
+        ],
+    }
     with running_stack(folder, stack, {"PYTHONPATH": str(folder)}, root) as (ports, _):
         url = f"http://127.0.0.1:{ports['gateway']}/pipelines/busy"
         seen = asyncio.run(load(url))
@@ -159,11 +163,16 @@ def flow_run(folder: Path, args: list[str]) -> dict[str, float]:
             gold_alone = await open_loop(f"{base}/gold", GOLD, {})
             await asyncio.sleep(3)
             gold, bulk = await asyncio.gather(open_loop(f"{base}/gold", GOLD, {}), open_loop(f"{base}/bulk", BULK, {}))
-            found.update({
-                "light goodput": len(beside[1]) / max(1, len(alone[1])), "light p99 ms": p99(beside[1]),
-                "light p99 alone ms": p99(alone[1]), "gold goodput": len(gold[1]) / max(1, len(gold_alone[1])),
-                "gold p99 ms": p99(gold[1]), "bulk shed": bulk[0]["503"] / max(1, sum(bulk[0].values())),
-            })  # fmt: skip
+            found.update(
+                {
+                    "light goodput": len(beside[1]) / max(1, len(alone[1])),
+                    "light p99 ms": p99(beside[1]),
+                    "light p99 alone ms": p99(alone[1]),
+                    "gold goodput": len(gold[1]) / max(1, len(gold_alone[1])),
+                    "gold p99 ms": p99(gold[1]),
+                    "bulk shed": bulk[0]["503"] / max(1, sum(bulk[0].values())),
+                }
+            )
 
         asyncio.run(phases())
     return found
@@ -179,15 +188,21 @@ def flow_main(runs: int) -> None:
             where.mkdir()
             rows[name].append(flow_run(where, flags))
             print(f"   run {run + 1}/{runs} {name}: {rows[name][-1]}", flush=True)
-    print(f"\nA model of 40/s; light {LIGHT:.1f}/s beside heavy {HEAVY:.1f}/s (pipeline `shared`, fair shares by"
-          f" x-caller); critical `gold` {GOLD}/s beside sheddable `bulk` {BULK}/s; {FLOW_SECONDS} s each, clients"
-          f" give up after {FLOW_GIVE_UP:g} s; medians of {runs} runs")  # fmt: skip
-    print("| system | light: goodput vs alone | light p99 (alone) | critical: goodput vs alone | critical p99 "
-          "| sheddable refused |\n|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        f"\nA model of 40/s; light {LIGHT:.1f}/s beside heavy {HEAVY:.1f}/s (pipeline `shared`, fair shares by"
+        f" x-caller); critical `gold` {GOLD}/s beside sheddable `bulk` {BULK}/s; {FLOW_SECONDS} s each, clients"
+        f" give up after {FLOW_GIVE_UP:g} s; medians of {runs} runs"
+    )
+    print(
+        "| system | light: goodput vs alone | light p99 (alone) | critical: goodput vs alone | critical p99 "
+        "| sheddable refused |\n|---|---|---|---|---|---|"
+    )
     for name, found in rows.items():
         m = {k: median([r[k] for r in found]) for k in found[0]}
-        print(f"| {name} | {m['light goodput']:.2f} | {m['light p99 ms']:.0f} ms ({m['light p99 alone ms']:.0f} ms) "
-              f"| {m['gold goodput']:.2f} | {m['gold p99 ms']:.0f} ms | {m['bulk shed']:.0%} |")  # fmt: skip
+        print(
+            f"| {name} | {m['light goodput']:.2f} | {m['light p99 ms']:.0f} ms ({m['light p99 alone ms']:.0f} ms) "
+            f"| {m['gold goodput']:.2f} | {m['gold p99 ms']:.0f} ms | {m['bulk shed']:.0%} |"
+        )
     print(f"(logs in {folder})")
 
 
@@ -211,15 +226,21 @@ def main() -> None:
             where.mkdir()
             rows[name].append(one_run(where, root, flags))
             print(f"   run {run + 1}/{args.runs} {name}: {rows[name][-1]}", flush=True)
-    print(f"\n{RATE}/s for {SECONDS} s against a model that serves 40/s; clients give up after {GIVE_UP} s;"
-          f" medians of {args.runs} runs")  # fmt: skip
+    print(
+        f"\n{RATE}/s for {SECONDS} s against a model that serves 40/s; clients give up after {GIVE_UP} s;"
+        f" medians of {args.runs} runs"
+    )
     keys = ("in time", "gave up", "refused", "model ran", "model stopped", "next stage ran", "other")
-    print("| system | answers in time per s | gave up | 503 at once | model ran to its end | model stopped "
-          "| next stage ran | other |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| system | answers in time per s | gave up | 503 at once | model ran to its end | model stopped "
+        "| next stage ran | other |\n|---|---|---|---|---|---|---|---|"
+    )
     for name, found in rows.items():
         m: dict[str, Any] = {k: median([r[k] for r in found]) for k in keys}
-        print(f"| {name} | {m['in time']:.1f} | {m['gave up']:.0f} | {m['refused']:.0f} | {m['model ran']:.0f} "
-              f"| {m['model stopped']:.0f} | {m['next stage ran']:.0f} | {m['other']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {m['in time']:.1f} | {m['gave up']:.0f} | {m['refused']:.0f} | {m['model ran']:.0f} "
+            f"| {m['model stopped']:.0f} | {m['next stage ran']:.0f} | {m['other']:.0f} |"
+        )
     print(f"(logs in {folder})")
 
 

@@ -75,24 +75,41 @@ def one_run(work: Path, results: dict[str, list[float]], disk: dict[str, list[fl
     uv_cache, cache, store = work / "uv-cache", work / "cache", work / "store"
     consul_port, admin_port, xds_port = processes.free_port(), processes.free_port(), processes.free_port()
     consul = processes.ManagedProcess(
-        "consul", processes.consul_dev_argv(Path(str(find_consul())), work / "consul", {"http": consul_port,
-        **{k: processes.free_port() for k in ("dns", "serf_lan", "serf_wan", "server", "grpc")}}),
+        "consul",
+        processes.consul_dev_argv(
+            Path(str(find_consul())),
+            work / "consul",
+            {
+                "http": consul_port,
+                **{k: processes.free_port() for k in ("dns", "serf_lan", "serf_wan", "server", "grpc")},
+            },
+        ),
         work / "consul.log",
-    ).start()  # fmt: skip
+    ).start()
     env = {
-        **os.environ, "UV_CACHE_DIR": str(uv_cache), "MLLAMBDA_CACHE_DIR": str(cache),
-        "MLLAMBDA_MODEL_STORE": str(store), "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
+        **os.environ,
+        "UV_CACHE_DIR": str(uv_cache),
+        "MLLAMBDA_CACHE_DIR": str(cache),
+        "MLLAMBDA_MODEL_STORE": str(store),
+        "MLLAMBDA_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
         "MLLAMBDA_RUN_DIR": str(work / "run"),
-    }  # fmt: skip
+    }
     plane = None
     try:
         consul.wait_ready(processes.consul_ready(consul_port), timeout=30)
         plane = processes.ManagedProcess(
-            "controlplane", [*CLI, "controlplane", f"--admin=127.0.0.1:{admin_port}",
-            f"--consul=127.0.0.1:{consul_port}", f"--xds=127.0.0.1:{xds_port}",
-            f"--gateway-port={processes.free_port()}"],
-            work / "controlplane.log", env=env,
-        ).start()  # fmt: skip
+            "controlplane",
+            [
+                *CLI,
+                "controlplane",
+                f"--admin=127.0.0.1:{admin_port}",
+                f"--consul=127.0.0.1:{consul_port}",
+                f"--xds=127.0.0.1:{xds_port}",
+                f"--gateway-port={processes.free_port()}",
+            ],
+            work / "controlplane.log",
+            env=env,
+        ).start()
         plane.wait_ready(processes.tcp_ready(admin_port), timeout=30)
         for name, requirements in PACKAGES.items():
             folder = package(work / name, requirements)
@@ -112,10 +129,20 @@ def one_run(work: Path, results: dict[str, list[float]], disk: dict[str, list[fl
                 model = name.replace("+", "-")
                 service_id = f"{model}-{len(results)}-{time.monotonic_ns()}"
                 runtime = processes.ManagedProcess(
-                    service_id, [*CLI, "runtime", "--package", f"--model={model}", "--version=v1",
-                    f"--service-id={service_id}", f"--consul=127.0.0.1:{consul_port}", f"--xds=127.0.0.1:{xds_port}"],
-                    work / f"{service_id}.log", env=env,
-                )  # fmt: skip
+                    service_id,
+                    [
+                        *CLI,
+                        "runtime",
+                        "--package",
+                        f"--model={model}",
+                        "--version=v1",
+                        f"--service-id={service_id}",
+                        f"--consul=127.0.0.1:{consul_port}",
+                        f"--xds=127.0.0.1:{xds_port}",
+                    ],
+                    work / f"{service_id}.log",
+                    env=env,
+                )
                 started = time.perf_counter()
                 runtime.start()
                 runtime.wait_ready(passing(consul_port, model, service_id), timeout=300)

@@ -39,8 +39,11 @@ from bench.pipeline_hops import MODELS, plain_chain, stage, wrk, wrk_folder
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "1 MB": 1024 * 1024, "8 MB": 8 * 1024 * 1024}
 CONNECTIONS = {"1 KB": 32, "64 KB": 16, "1 MB": 8, "8 MB": 4}
 STAGES = ("e1", "e2", "e3")  # three model versions, each its own process, all answering with their input
-SYSTEMS = {"plain aiohttp chain": ("plain", ""), "ML Lambda, http": ("mllambda", "http"),
-           "ML Lambda, uds": ("mllambda", "uds")}  # fmt: skip
+SYSTEMS = {
+    "plain aiohttp chain": ("plain", ""),
+    "ML Lambda, http": ("mllambda", "http"),
+    "ML Lambda, uds": ("mllambda", "uds"),
+}
 PEERS = {"Ray Serve": ("ray", ""), "BentoML": ("bento", "")}  # --peers: installed into .tools/ on first use
 # --transports: the pipeline over Kafka (HTTP in at the gateway, through the bridge and topics), and mTLS on every hop
 TRANSPORTS = {"ML Lambda, http + mTLS": ("mllambda", "http+mtls"), "ML Lambda, kafka": ("mllambda", "kafka")}
@@ -193,8 +196,10 @@ def oip_runs(folder: Path, runs: int, seconds: int) -> None:
             runs_of = rows[(size_name, kind)]
             mid = {k: median([r[k] for r in runs_of]) for k in ("rps", "mb_s", "p50", "p99")}
             ratio = median([a["rps"] / b["rps"] for a, b in zip(runs_of, text, strict=True)])
-            print(f"| {size_name} | {kind} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
-                  f"{mid['p99']:.1f} | {ratio:.2f}x |")  # fmt: skip
+            print(
+                f"| {size_name} | {kind} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
+                f"{mid['p99']:.1f} | {ratio:.2f}x |"
+            )
 
 
 def main() -> None:
@@ -226,8 +231,11 @@ def main() -> None:
             with system(where, kind, transport) as url:
                 for size_name in SIZES:
                     rows[(name, size_name)].append(measure(url, where, size_name, args.seconds))
-                    print(f"   run {run + 1}/{args.runs} {name} {size_name}: "
-                          f"{rows[(name, size_name)][-1]['rps']:,.0f} req/s", flush=True)  # fmt: skip
+                    print(
+                        f"   run {run + 1}/{args.runs} {name} {size_name}: "
+                        f"{rows[(name, size_name)][-1]['rps']:,.0f} req/s",
+                        flush=True,
+                    )
     print(f"\n3 stages passing the body on; wrk {args.seconds} s per size; medians of {args.runs} runs")
     print("| body | system | req/s | MB/s | p50 ms | p99 ms | CPU us per MB | peak RSS MiB | req/s against the chain |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -237,8 +245,10 @@ def main() -> None:
             runs = rows[(name, size_name)]
             mid = {k: median([r[k] for r in runs]) for k in runs[0]}
             ratio = median([a["rps"] / b["rps"] for a, b in zip(runs, chain, strict=True)])
-            print(f"| {size_name} | {name} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
-                  f"{mid['p99']:.1f} | {mid['cpu_us_per_mb']:,.0f} | {mid['rss']:,.0f} | {ratio:.2f}x |")  # fmt: skip
+            print(
+                f"| {size_name} | {name} | {mid['rps']:,.0f} | {mid['mb_s']:,.1f} | {mid['p50']:.1f} | "
+                f"{mid['p99']:.1f} | {mid['cpu_us_per_mb']:,.0f} | {mid['rss']:,.0f} | {ratio:.2f}x |"
+            )
     print("\nCPU us per MB by process role (medians)")
     for (name, size_name), runs in rows.items():
         roles = sorted({k for r in runs for k in r if k.startswith("cpu ")})

@@ -213,8 +213,10 @@ def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
     )
     for name, m in mid.items():
         errors = sum(r["errors"] for r in rows[name])
-        print(f"| {name} | {m['rps']:,.0f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['cpu_us']:,.0f} | {m['mib']:,.0f} "
-              f"| {errors:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {m['rps']:,.0f} | {m['p50']:.1f} | {m['p99']:.1f} | {m['cpu_us']:,.0f} | {m['mib']:,.0f} "
+            f"| {errors:.0f} |"
+        )
     print("\nCPU us per request by process role (medians)")
     for name, m in mid.items():
         parts = ", ".join(f"{k[4:]} {v:.0f}" for k, v in sorted(m.items()) if k.startswith("cpu ") and v >= 1)
@@ -223,12 +225,16 @@ def report(rows: dict[str, list[dict[str, float]]], runs: int) -> None:
     for name in [n for n in rows if n.startswith("ML Lambda, http, at ")] + ["plain aiohttp chain"]:
         if "ML Lambda, http" in rows and name in rows:  # the ratio within each run, where the noise is shared
             ratios = [a["rps"] / b["rps"] for a, b in zip(rows["ML Lambda, http"], rows[name], strict=True)]
-            print(f"ML Lambda http / {name}, per run: {', '.join(f'{x:.2f}' for x in ratios)} "
-                  f"(median {median(ratios):.2f}x)")  # fmt: skip
+            print(
+                f"ML Lambda http / {name}, per run: {', '.join(f'{x:.2f}' for x in ratios)} "
+                f"(median {median(ratios):.2f}x)"
+            )
     for name in ("plain aiohttp chain", *PEERS):
         if ours and name in mid:
-            print(f"ML Lambda http / {name}: req/s {ours['rps'] / mid[name]['rps']:.2f}x, "
-                  f"p99 {ours['p99'] / mid[name]['p99']:.2f}x")  # fmt: skip
+            print(
+                f"ML Lambda http / {name}: req/s {ours['rps'] / mid[name]['rps']:.2f}x, "
+                f"p99 {ours['p99'] / mid[name]['p99']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ MODELS = "examples.trivial.models"
 def wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     for pct in ("50", "75", "90", "99"):
@@ -85,8 +87,11 @@ def start_python(folder: Path, name: str, args: list[str], port: int) -> process
 
 def hop_latency(folder: Path, runs: int, script: Path) -> None:
     backend = processes.free_port()
-    procs = [start_python(folder, "backend", ["-m", "bench.plain_chain", f"--port={backend}",
-                                              f"--predict={MODELS}:tokenize"], backend)]  # fmt: skip
+    procs = [
+        start_python(
+            folder, "backend", ["-m", "bench.plain_chain", f"--port={backend}", f"--predict={MODELS}:tokenize"], backend
+        )
+    ]
     ingress, egress = processes.free_port(), processes.free_port()
     procs.append(static_envoy(folder, "ingress", ingress, backend))
     procs.append(static_envoy(folder, "egress", egress, ingress))

@@ -83,14 +83,19 @@ def main() -> None:
         run: dict[float, dict[str, float]] = {}
         for percent in SETTINGS[:: -1 if n % 2 else 1]:
             run[percent] = one(percent, args.seconds, str(script))
-        print(f"run {n + 1}: " + ", ".join(f"{p:g}% {v['cpu_us']:.1f} us {v['req/s']:,.0f} req/s"
-                                           for p, v in sorted(run.items())), flush=True)  # fmt: skip
+        print(
+            f"run {n + 1}: "
+            + ", ".join(f"{p:g}% {v['cpu_us']:.1f} us {v['req/s']:,.0f} req/s" for p, v in sorted(run.items())),
+            flush=True,
+        )
         runs.append(run)
     print("\n| profiled | CPU per request | requests/s | against off (median of the runs' ratios) |\n|---|---|---|---|")
     for p in SETTINGS:
         ratio = median([r[p]["cpu_us"] / r[0.0]["cpu_us"] for r in runs])
-        print(f"| {p:g}% | {median([r[p]['cpu_us'] for r in runs]):.1f} us "
-              f"| {median([r[p]['req/s'] for r in runs]):,.0f} | {ratio:.3f}x |")  # fmt: skip
+        print(
+            f"| {p:g}% | {median([r[p]['cpu_us'] for r in runs]):.1f} us "
+            f"| {median([r[p]['req/s'] for r in runs]):,.0f} | {ratio:.3f}x |"
+        )
     print(f"\none version's profile of one window (10,000 requests of this shape): {profile_size():,} bytes")
 
 

@@ -61,8 +61,11 @@ def replay(env: dict[str, str], candidate: Path, *flags: str) -> tuple[dict[str,
     began = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", "replay", "rp", "--candidate", str(candidate), "-o", "json", *flags],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode not in (0, 1):
         raise RuntimeError(done.stderr)
     return json.loads(done.stdout), time.monotonic() - began
@@ -77,9 +80,10 @@ def one_run(folder: Path) -> dict[str, float]:
             {"model": "score", "version": "v1", "target": f"{M}:score"},
             {"model": "score", "version": "v2", "target": f"{M}:score_v2"},
         ],
-        "pipelines": [{"name": "rp", "logging": {"percent": 100},
-                       "stages": stages([{"model": "score", "version": "v1"}])}],
-    }  # fmt: skip
+        "pipelines": [
+            {"name": "rp", "logging": {"percent": 100}, "stages": stages([{"model": "score", "version": "v1"}])}
+        ],
+    }
     candidate = folder / "candidate.yaml"
     split = [{"model": "score", "version": "v1", "weight": 1}, {"model": "score", "version": "v2", "weight": 1}]
     candidate.write_text(yaml.safe_dump({"name": "rp", "stages": stages(split)}))
@@ -92,15 +96,33 @@ def one_run(folder: Path) -> dict[str, float]:
         report, took = replay(env, candidate, "--last", str(RECORDS), "--rate", "1000", "--concurrency", "16")
         alone = asyncio.run(live(url, LIVE_RATE, WINDOW))
         with subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "replay", "rp", "--candidate", str(candidate),
-             "--last", str(RECORDS), "-o", "json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        ) as running:  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "controlplane.cli",
+                "replay",
+                "rp",
+                "--candidate",
+                str(candidate),
+                "--last",
+                str(RECORDS),
+                "-o",
+                "json",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as running:
             time.sleep(3)  # its trial is pushed and it sends at its default rate
             during = asyncio.run(live(url, LIVE_RATE, WINDOW))
             running.kill()
-        subprocess.run([sys.executable, "-m", "controlplane.cli", "replay", "rp", "-o", "json"], env=env,
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "controlplane.cli", "replay", "rp", "-o", "json"],
+            env=env,
+            capture_output=True,
+            check=False,
+        )
     return {
         "replayed per s": report["requests"] / took,
         "requests": report["requests"],
@@ -126,11 +148,15 @@ def main() -> None:
         print(f"   run {run + 1}/{args.runs}: {rows[-1]}", flush=True)
     m = {k: median([r[k] for r in rows]) for k in rows[0]}
     print(f"\nmedians of {args.runs} runs; live load {LIVE_RATE}/s open loop for {WINDOW} s")
-    print("| replay of 2,000 records (rate 1000, 16 at once) | live p50 alone | live p99 alone "
-          "| live p50 during a replay (20/s) | live p99 during | p99 ratio |\n|---|---|---|---|---|---|")  # fmt: skip
-    print(f"| {m['replayed per s']:.0f} records/s | {m['alone p50']:.1f} ms | {m['alone p99']:.1f} ms "
-          f"| {m['during p50']:.1f} ms | {m['during p99']:.1f} ms "
-          f"| {median([r['during p99'] / r['alone p99'] for r in rows]):.2f}x |")  # fmt: skip
+    print(
+        "| replay of 2,000 records (rate 1000, 16 at once) | live p50 alone | live p99 alone "
+        "| live p50 during a replay (20/s) | live p99 during | p99 ratio |\n|---|---|---|---|---|---|"
+    )
+    print(
+        f"| {m['replayed per s']:.0f} records/s | {m['alone p50']:.1f} ms | {m['alone p99']:.1f} ms "
+        f"| {m['during p50']:.1f} ms | {m['during p99']:.1f} ms "
+        f"| {median([r['during p99'] / r['alone p99'] for r in rows]):.2f}x |"
+    )
     print(f"(logs in {folder})")
 
 

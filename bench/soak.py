@@ -472,10 +472,15 @@ def main() -> None:
     with running_stack(folder, stack) as (ports, env):
         book = asyncio.run(soak(args, ports, env, folder))
     raw = folder / "outcomes.jsonl"  # every request and fault, for a later look at what the summary folds
-    raw.write_text("".join(json.dumps({"t": round(t - book.started, 3), "pipeline": p, "status": s, "right": r})
-                           + "\n" for t, p, s, r in book.outcomes)
-                   + "".join(json.dumps({"t": round(t - book.started, 3), "fault": k, "target": x}) + "\n"
-                             for t, k, x in book.faults))  # fmt: skip
+    raw.write_text(
+        "".join(
+            json.dumps({"t": round(t - book.started, 3), "pipeline": p, "status": s, "right": r}) + "\n"
+            for t, p, s, r in book.outcomes
+        )
+        + "".join(
+            json.dumps({"t": round(t - book.started, 3), "fault": k, "target": x}) + "\n" for t, k, x in book.faults
+        )
+    )
     report(book, args.window, args.minutes, args.seed)
     print(f"  (raw outcomes: {raw}; logs in {folder})")
 

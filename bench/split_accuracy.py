@@ -47,8 +47,17 @@ def main() -> None:
             bodies, errors = sent.bodies, sent.errors
             counts = split_table(sent.served)["score"]
             share = counts.get("score:v2", 0) / max(1, sum(counts.values()))
-            print(json.dumps({"configured_v2": v2 / 100, "observed_v2": round(share, 4), "ok": len(bodies),
-                              "errors": len(errors), "off_by_pp": round(100 * abs(share - v2 / 100), 2)}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "configured_v2": v2 / 100,
+                        "observed_v2": round(share, 4),
+                        "ok": len(bodies),
+                        "errors": len(errors),
+                        "off_by_pp": round(100 * abs(share - v2 / 100), 2),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

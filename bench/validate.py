@@ -54,8 +54,10 @@ async def main(runs: int) -> None:
             started = time.perf_counter()
             await validator.check(reweighted)
             cached.append((time.perf_counter() - started) * 1000)
-        print(f"  {f'{stages} stages, 2 variants':<22}{median(fresh):>14.1f}{percentile(fresh, 99):>8.1f}"
-              f"{median(cached):>18.3f}{percentile(cached, 99):>8.3f}")  # fmt: skip
+        print(
+            f"  {f'{stages} stages, 2 variants':<22}{median(fresh):>14.1f}{percentile(fresh, 99):>8.1f}"
+            f"{median(cached):>18.3f}{percentile(cached, 99):>8.3f}"
+        )
 
 
 if __name__ == "__main__":

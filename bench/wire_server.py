@@ -87,8 +87,9 @@ def served_cpu(
                 time.sleep(0.1)
         subprocess.run(["wrk", "-t1", "-c32", "-d1s", "-s", script, url], capture_output=True, check=True)  # warm
         before = cpu_seconds(server.pid)
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script, url],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script, url], capture_output=True, text=True, check=True
+        ).stdout
         used = cpu_seconds(server.pid) - before
         found = re.search(r"(\d+) requests in", out)
         assert found and "Non-2xx" not in out, out
@@ -118,12 +119,18 @@ def main() -> None:
         for kind in kinds[:: -1 if n % 2 else 1]:
             run[kind] = one(kind, args.seconds, str(script), roots)
         ratio = run["wire"]["cpu_us"] / run["aiohttp"]["cpu_us"]
-        print(f"run {n + 1}: " + ", ".join(f"{k} {v['cpu_us']:.1f} us {v['req/s']:,.0f} req/s" for k, v in run.items())
-              + f"; wire/aiohttp CPU {ratio:.2f}", flush=True)  # fmt: skip
+        print(
+            f"run {n + 1}: "
+            + ", ".join(f"{k} {v['cpu_us']:.1f} us {v['req/s']:,.0f} req/s" for k, v in run.items())
+            + f"; wire/aiohttp CPU {ratio:.2f}",
+            flush=True,
+        )
         runs.append(run)
     for kind in kinds:
-        print(f"{kind}: median {median([r[kind]['cpu_us'] for r in runs]):.1f} us of CPU per request, "
-              f"{median([r[kind]['req/s'] for r in runs]):,.0f} req/s")  # fmt: skip
+        print(
+            f"{kind}: median {median([r[kind]['cpu_us'] for r in runs]):.1f} us of CPU per request, "
+            f"{median([r[kind]['req/s'] for r in runs]):,.0f} req/s"
+        )
     for kind in kinds[1:]:
         ratios = [r[kind]["cpu_us"] / r["aiohttp"]["cpu_us"] for r in runs]
         print(f"{kind}/aiohttp CPU per request: median {median(ratios):.2f}")

@@ -115,8 +115,10 @@ async def per_node_client(address: str, streams: int) -> None:
     failures = [0]
 
     def first(node: Any, index: int) -> list[Any]:
-        names = {ENDPOINT: [f"local-{index}", *(f"model-{k}.v{v}" for k in range(NEXT) for v in (0, 1))],
-                 ROUTE: ["ingress", "egress"]}  # fmt: skip
+        names = {
+            ENDPOINT: [f"local-{index}", *(f"model-{k}.v{v}" for k in range(NEXT) for v in (0, 1))],
+            ROUTE: ["ingress", "egress"],
+        }
         return [
             discovery_pb2.DiscoveryRequest(node=node, type_url=t, resource_names=names.get(t, []))
             for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
@@ -231,9 +233,15 @@ async def measure(streams: int) -> dict[str, float]:
     cache.set_snapshot("bench", snapshot(0))
     base_rss = rss_mib()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.xds_scale", "--client", f"127.0.0.1:{port}", str(streams),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "bench.xds_scale",
+        "--client",
+        f"127.0.0.1:{port}",
+        str(streams),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stdin is not None
 
     async def reached(version: str) -> float:
@@ -279,9 +287,15 @@ async def measure_per_node(streams: int) -> dict[str, float]:
         cache.set_snapshot(f"sim-{node}", sidecar(node, 0))
     acked.expect("v0", streams)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.xds_scale", "--per-node-client", f"127.0.0.1:{port}", str(streams),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "bench.xds_scale",
+        "--per-node-client",
+        f"127.0.0.1:{port}",
+        str(streams),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stdin is not None
     started = time.monotonic()
     await asyncio.wait_for(acked.done.wait(), 600)
@@ -309,22 +323,34 @@ async def measure_per_node(streams: int) -> dict[str, float]:
     failures = (await proc.stdout.readline()).decode().split()[-1]
     await proc.wait()
     await server.stop(0)
-    return {"streams": streams, "connect_s": connect_s, "build_s": median(builds), "p50": median(p50s),
-            "p99": median(p99s), "last": median(lasts), "rss_base": base_rss, "rss": with_streams,
-            "cpu_us": median(cpus) * 1e6,
-            "failures": float(failures)}  # fmt: skip
+    return {
+        "streams": streams,
+        "connect_s": connect_s,
+        "build_s": median(builds),
+        "p50": median(p50s),
+        "p99": median(p99s),
+        "last": median(lasts),
+        "rss_base": base_rss,
+        "rss": with_streams,
+        "cpu_us": median(cpus) * 1e6,
+        "failures": float(failures),
+    }
 
 
 async def per_node(counts: list[int]) -> None:
-    print("| streams | all connected and ACKed | build every node's change | set -> ACK of all 4 types, p50 | p99 "
-          "| last | server CPU per stream per push | control plane RSS | stream failures |")  # fmt: skip
+    print(
+        "| streams | all connected and ACKed | build every node's change | set -> ACK of all 4 types, p50 | p99 "
+        "| last | server CPU per stream per push | control plane RSS | stream failures |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in counts:
         m = await measure_per_node(n)
-        print(f"| {n:,} | {m['connect_s']:.1f} s | {m['build_s']:.2f} s | {m['p50'] * 1000:,.0f} ms | "
-              f"{m['p99'] * 1000:,.0f} ms | {m['last'] * 1000:,.0f} ms | {m['cpu_us']:,.0f} us | {m['rss']:,.0f} MiB | "
-              f"{m['failures']:.0f} |",
-              flush=True)  # fmt: skip
+        print(
+            f"| {n:,} | {m['connect_s']:.1f} s | {m['build_s']:.2f} s | {m['p50'] * 1000:,.0f} ms | "
+            f"{m['p99'] * 1000:,.0f} ms | {m['last'] * 1000:,.0f} ms | {m['cpu_us']:,.0f} us | {m['rss']:,.0f} MiB | "
+            f"{m['failures']:.0f} |",
+            flush=True,
+        )
 
 
 async def main(counts: list[int]) -> None:

@@ -298,8 +298,10 @@ class ControlPlane:
 
     def _compared(self) -> list[tuple[str, frozenset[str], bool]]:
         """Whose answers pair with whose in the stages in traffic (Stage.compared)."""
-        return sorted({c for v in self.pipelines for stage in v.pipeline.stages for c in stage.compared()},
-                      key=lambda c: (c[0], sorted(c[1]), c[2]))  # fmt: skip
+        return sorted(
+            {c for v in self.pipelines for stage in v.pipeline.stages for c in stage.compared()},
+            key=lambda c: (c[0], sorted(c[1]), c[2]),
+        )
 
     def _live_pipeline(self, name: str) -> Pipeline | None:
         return next((v.pipeline for v in self.pipelines if v.pipeline.name == name), None)
@@ -312,10 +314,13 @@ class ControlPlane:
         self._newest_view = view
         if self.empty_hold.held(view, bool(self.history), time.time()):
             if self._hold_timer is None:
-                log.warning("every pipeline vanished from Consul KV at once: serving them on for %.0f s unless"
-                            " they come back", self.empty_hold.grace)  # fmt: skip
-                self._hold_timer = asyncio.get_running_loop().call_later(self.empty_hold.grace + 0.1,
-                                                                         self._end_empty_hold)  # fmt: skip
+                log.warning(
+                    "every pipeline vanished from Consul KV at once: serving them on for %.0f s unless they come back",
+                    self.empty_hold.grace,
+                )
+                self._hold_timer = asyncio.get_running_loop().call_later(
+                    self.empty_hold.grace + 0.1, self._end_empty_hold
+                )
             return
         if self._hold_timer is not None:
             self._hold_timer.cancel()
@@ -403,8 +408,12 @@ class ControlPlane:
         if self.switchboard.advance(self._missing, self.reconciler.gateway_left):
             self._dirty = True
             self.traffic_book.entered.set()  # a reading of the counters where the new version's window starts
-        ends = {(v.model, v.version) for p in self.pipelines for s in (p.pipeline.stages[0], p.pipeline.stages[-1])
-                for v in s.all_variants()}  # fmt: skip
+        ends = {
+            (v.model, v.version)
+            for p in self.pipelines
+            for s in (p.pipeline.stages[0], p.pipeline.stages[-1])
+            for v in s.all_variants()
+        }
         if await self.signatures.follow(ends):
             self._dirty = True  # the gateway's OIP metadata names the models' inputs and outputs now
         trials = frozenset((name, t.id) for name, t in self.live_trials().items())

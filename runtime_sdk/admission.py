@@ -112,9 +112,11 @@ class Admission:
         if held >= share and len(self.places) > 1:  # alone, a caller is over nobody's share: saturated (below)
             weighed = f", weight {self.weights.get(key, weight)}" if self.total_weight != len(self.places) else ""
             raise Refused(
-                429, f"caller {key!r} holds {held} of the {self.slots + self.queue} places, its fair share is {share}"
-                f"{weighed} ({busy})", shed="over share",
-            )  # fmt: skip
+                429,
+                f"caller {key!r} holds {held} of the {self.slots + self.queue} places, its fair share is {share}"
+                f"{weighed} ({busy})",
+                shed="over share",
+            )
         if self.n_waiting >= self.queue and not self._give_up_a_place(priority, key, weight):
             raise Refused(503, f"saturated: {busy}", retriable=True)
         future = asyncio.get_running_loop().create_future()

@@ -173,13 +173,20 @@ class ControlPlaneProc:
 
     def start(self) -> ControlPlaneProc:
         argv = [
-            sys.executable, "-m", "controlplane.cli", "controlplane",
-            f"--xds={self.xds_addr}", f"--admin={self.admin_addr}",
-            f"--consul=127.0.0.1:{self.consul_port}", f"--kv-prefix={self.kv_prefix}",
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "controlplane",
+            f"--xds={self.xds_addr}",
+            f"--admin={self.admin_addr}",
+            f"--consul=127.0.0.1:{self.consul_port}",
+            f"--kv-prefix={self.kv_prefix}",
             f"--gateway-port={self.gateway_port or processes.free_port()}",
-            f"--gateway-admin-port={self.gateway_admin_port}", f"--metrics-port={self.metrics_port}",
-            f"--bridge=127.0.0.1:{self.bridge_port}", *self.extra_args,
-        ]  # fmt: skip
+            f"--gateway-admin-port={self.gateway_admin_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--bridge=127.0.0.1:{self.bridge_port}",
+            *self.extra_args,
+        ]
         env = {"MLLAMBDA_UI_TOKEN": self.ui_token, "MLLAMBDA_RUN_DIR": self.run_dir, **self.env}
         self.proc = ManagedProcess("controlplane", argv, self.log_path, env=env).start()
         self.proc.wait_ready(processes.tcp_ready(self.admin_port), timeout=30)
@@ -200,8 +207,12 @@ class ControlPlaneProc:
         env = {**os.environ, "MLLAMBDA_ADMIN_ADDR": self.admin_addr, "MLLAMBDA_TOKEN": token}
         done = subprocess.run(
             [sys.executable, "-m", "controlplane.cli", *args],
-            capture_output=True, text=True, env=env, input=stdin, timeout=timeout,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            input=stdin,
+            timeout=timeout,
+        )
         if "Connection refused" in done.stderr and self.proc is not None:  # say what the control plane was doing
             from tests.helpers.sockets import listeners
 
@@ -262,11 +273,19 @@ def start_runtime(
     ) -> RuntimeProc:
         service_id = f"{model}-{version}-{uuid.uuid4().hex[:6]}"
         argv = [
-            sys.executable, "-m", "controlplane.cli", "runtime", target,
-            f"--model={model}", f"--version={version}", f"--service-id={service_id}",
-            f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={xds or control_plane.xds_addr}",
-            "--drain-seconds=1.5", *extra,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "runtime",
+            target,
+            f"--model={model}",
+            f"--version={version}",
+            f"--service-id={service_id}",
+            f"--consul=127.0.0.1:{consul_agent.http_port}",
+            f"--xds={xds or control_plane.xds_addr}",
+            "--drain-seconds=1.5",
+            *extra,
+        ]
         env = {"MLLAMBDA_RUN_DIR": run_dir, "MLLAMBDA_KV_PREFIX": control_plane.kv_prefix}
         env["MLLAMBDA_KAFKA_BOOTSTRAP"] = control_plane.env.get("MLLAMBDA_KAFKA_BOOTSTRAP", "")
         proc = ManagedProcess(f"runtime {service_id}", argv, logs_dir / f"{service_id}.log", env=env).start()

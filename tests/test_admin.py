@@ -294,8 +294,10 @@ def test_history_is_paged_newest_first_pages_oldest_first_within(control_plane: 
 def test_a_config_only_envoy_refuses_is_refused_at_apply_with_envoys_words(control_plane: Any, tmp_path: Path) -> None:
     """Our validator allows 64 branches with 64-character keys; Envoy's 4 KiB direct-response limit does not."""
     branches = [{"key": f"k{i:02d}" + "x" * 60, "variants": [{"model": "n", "version": "v1"}]} for i in range(64)]
-    spec = {"name": "wide", "stages": [{"name": "a", "variants": [{"model": "m", "version": "v1"}]},
-                                       {"name": "b", "branches": branches}]}  # fmt: skip
+    spec = {
+        "name": "wide",
+        "stages": [{"name": "a", "variants": [{"model": "m", "version": "v1"}]}, {"name": "b", "branches": branches}],
+    }
     (tmp_path / "wide.yaml").write_text(yaml.safe_dump(spec))
     refused = control_plane.cli("apply", "-f", str(tmp_path / "wide.yaml"))
     assert refused.returncode == 1

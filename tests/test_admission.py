@@ -128,8 +128,15 @@ async def test_with_no_queue_nothing_waits_and_ten_thousand_callers_keep_the_boo
 
 def test_a_priority_header_is_a_name_or_a_bounded_number_and_anything_else_is_standard() -> None:
     assert [priority_of(v) for v in ("critical", "sheddable", "standard", "-5", "99999", "nan", "", None)] == [
-        100, -100, 0, -5, 1000, 0, 0, 0,
-    ]  # fmt: skip
+        100,
+        -100,
+        0,
+        -5,
+        1000,
+        0,
+        0,
+        0,
+    ]
 
 
 async def test_two_thousand_random_arrivals_departures_and_hang_ups_keep_every_bound_and_the_books_exact() -> None:

@@ -102,10 +102,17 @@ def test_recommendations_kept_are_bounded_by_the_window() -> None:
 def test_policies_name_every_problem_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidPolicy) as err:
         parse_policy(
-            {"model": "Bad\nName", "version": "v1", "min_replicas": -1, "max_replicas": 1000, "target_in_flight": -1,
-             "up_window": "soon", "surprise": 1},
+            {
+                "model": "Bad\nName",
+                "version": "v1",
+                "min_replicas": -1,
+                "max_replicas": 1000,
+                "target_in_flight": -1,
+                "up_window": "soon",
+                "surprise": 1,
+            },
             "models[0].",
-        )  # fmt: skip
+        )
     text = "\n".join(err.value.problems)
     for path in ("models[0].model", "min_replicas", "max_replicas", "target_in_flight", "up_window", "surprise"):
         assert path in text
@@ -150,21 +157,32 @@ def test_a_scale_record_that_is_not_ours_is_ignored() -> None:
     good = {"model": "m", "version": "v1", "replicas": 3, "reason": "r", "at": 1.0, "by": "cp"}
     assert parse_record(json.dumps(good).encode()).replicas == 3  # type: ignore[union-attr]
     hostile = [
-        None, b"", b"not json", b"[]", b"{}", json.dumps({**good, "replicas": -1}).encode(),
-        json.dumps({**good, "replicas": 10**9}).encode(), json.dumps({**good, "replicas": "3"}).encode(),
-        json.dumps({**good, "at": "yesterday"}).encode(), json.dumps({**good, "reason": "x" * MAX_RECORD}).encode(),
-        b"\xff\xfe", json.dumps({**good, "at": 1e300}).encode(), json.dumps({**good, "at": float("nan")}).encode(),
-    ]  # fmt: skip
+        None,
+        b"",
+        b"not json",
+        b"[]",
+        b"{}",
+        json.dumps({**good, "replicas": -1}).encode(),
+        json.dumps({**good, "replicas": 10**9}).encode(),
+        json.dumps({**good, "replicas": "3"}).encode(),
+        json.dumps({**good, "at": "yesterday"}).encode(),
+        json.dumps({**good, "reason": "x" * MAX_RECORD}).encode(),
+        b"\xff\xfe",
+        json.dumps({**good, "at": 1e300}).encode(),
+        json.dumps({**good, "at": float("nan")}).encode(),
+    ]
     assert [parse_record(raw) for raw in hostile] == [None] * len(hostile)
 
 
 def test_in_flight_is_read_from_envoy_gauges_and_summed_over_envoys() -> None:
     def stats(active: int, pending: int) -> dict[str, object]:
-        return {"stats": [
-            {"name": "cluster.classifier_v1.upstream_rq_total", "value": 10},
-            {"name": "cluster.classifier_v1.upstream_rq_active", "value": active},
-            {"name": "cluster.classifier_v1.upstream_rq_pending_active", "value": pending},
-        ]}  # fmt: skip
+        return {
+            "stats": [
+                {"name": "cluster.classifier_v1.upstream_rq_total", "value": 10},
+                {"name": "cluster.classifier_v1.upstream_rq_active", "value": active},
+                {"name": "cluster.classifier_v1.upstream_rq_pending_active", "value": pending},
+            ]
+        }
 
     merged = merge([parse_envoy_stats(stats(3, 1)), parse_envoy_stats(stats(2, 0))])
     assert merged["classifier.v1"].in_flight == 6 and merged["classifier.v1"].requests == 20
@@ -172,12 +190,14 @@ def test_in_flight_is_read_from_envoy_gauges_and_summed_over_envoys() -> None:
 
 def test_refused_requests_count_as_demand_so_shedding_and_scaling_work_together() -> None:
     def stats(total: int, refused_429: int, refused_503: int) -> dict[str, object]:
-        return {"stats": [
-            {"name": "cluster.classifier_v1.upstream_rq_total", "value": total},
-            {"name": "cluster.classifier_v1.upstream_rq_active", "value": 4},
-            {"name": "cluster.classifier_v1.upstream_rq_429", "value": refused_429},
-            {"name": "cluster.classifier_v1.upstream_rq_503", "value": refused_503},
-        ]}  # fmt: skip
+        return {
+            "stats": [
+                {"name": "cluster.classifier_v1.upstream_rq_total", "value": total},
+                {"name": "cluster.classifier_v1.upstream_rq_active", "value": 4},
+                {"name": "cluster.classifier_v1.upstream_rq_429", "value": refused_429},
+                {"name": "cluster.classifier_v1.upstream_rq_503", "value": refused_503},
+            ]
+        }
 
     merged = merge([parse_envoy_stats(stats(100, 30, 10)), parse_envoy_stats(stats(100, 0, 20))])
     assert merged["classifier.v1"].refused == 60 and merged["classifier.v1"].in_flight == 8

@@ -61,24 +61,49 @@ async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_
     assert figures["scaled_in_logged"], figures
 
 
-IDLE = {"kind": "Stack", "name": "idle", "runtimes": [
-    {"model": "tokenize", "version": "v1", "target": "examples.trivial.models:tokenize"},
-    {"model": "count", "version": "v1", "target": "examples.trivial.models:count",
-     "autoscale": {"min_replicas": 0, "max_replicas": 2, "target_in_flight": 4, "up_window": 2, "down_window": 6}},
-    {"model": "score", "version": "v1", "target": "examples.trivial.models:score"},
-], "pipelines": [{"name": "words", "stages": [
-    {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
-    {"name": "count", "variants": [{"model": "count", "version": "v1"}], "timeout_ms": 30000},
-    {"name": "score", "variants": [{"model": "score", "version": "v1"}]},
-]}]}  # fmt: skip
+IDLE = {
+    "kind": "Stack",
+    "name": "idle",
+    "runtimes": [
+        {"model": "tokenize", "version": "v1", "target": "examples.trivial.models:tokenize"},
+        {
+            "model": "count",
+            "version": "v1",
+            "target": "examples.trivial.models:count",
+            "autoscale": {
+                "min_replicas": 0,
+                "max_replicas": 2,
+                "target_in_flight": 4,
+                "up_window": 2,
+                "down_window": 6,
+            },
+        },
+        {"model": "score", "version": "v1", "target": "examples.trivial.models:score"},
+    ],
+    "pipelines": [
+        {
+            "name": "words",
+            "stages": [
+                {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
+                {"name": "count", "variants": [{"model": "count", "version": "v1"}], "timeout_ms": 30000},
+                {"name": "score", "variants": [{"model": "score", "version": "v1"}]},
+            ],
+        }
+    ],
+}
 
 
 async def test_a_version_scaled_to_zero_holds_the_first_request_until_a_replica_serves_it(tmp_path: Path) -> None:
     """count:v1 starts with no replica. The first request is held (not failed) while one starts; when
     no request came for the down window it goes back to zero; the next first request is served too.
     A pipeline naming the idle version can still be applied. Cold-start latencies are reported."""
-    stack = {**IDLE, "ports": {k: processes.free_port() for k in ("consul", "xds", "admin", "gateway",
-             "gateway_admin", "controlplane_metrics")}}  # fmt: skip
+    stack = {
+        **IDLE,
+        "ports": {
+            k: processes.free_port()
+            for k in ("consul", "xds", "admin", "gateway", "gateway_admin", "controlplane_metrics")
+        },
+    }
     ports = stack["ports"]
     path = tmp_path / "stack.yaml"
     path.write_text(yaml.safe_dump(stack))
@@ -110,15 +135,24 @@ async def test_a_version_scaled_to_zero_holds_the_first_request_until_a_replica_
             server = f"--server=127.0.0.1:{ports['admin']}"
             argv = [sys.executable, "-m", "controlplane.cli", "apply", "-f", "-", server]
             applied = await asyncio.to_thread(
-                subprocess.run, [*argv, "--wait"], input=yaml.safe_dump(v2), capture_output=True, text=True,
-                cwd=PROJECT_ROOT, timeout=60,
-            )  # fmt: skip
+                subprocess.run,
+                [*argv, "--wait"],
+                input=yaml.safe_dump(v2),
+                capture_output=True,
+                text=True,
+                cwd=PROJECT_ROOT,
+                timeout=60,
+            )
             assert applied.returncode == 0 and "created (version 2)" in applied.stdout, applied.stdout + applied.stderr
             second = await call()
             assert second[0] == 200 and second[2] == {"count": 3, "score": 30}, second
         warm_p50_ms = 1000 * sorted(t for _, t, _ in warm)[len(warm) // 2]
-        figures = {"first_request_s": first[1], "cold_start_held_s": cold_start, "warm_p50_ms": warm_p50_ms,
-                   "second_cold_request_s": second[1]}  # fmt: skip
+        figures = {
+            "first_request_s": first[1],
+            "cold_start_held_s": cold_start,
+            "warm_p50_ms": warm_p50_ms,
+            "second_cold_request_s": second[1],
+        }
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "scale-to-zero.json").write_text(json.dumps(figures, indent=2))
         print(json.dumps(figures, indent=2))

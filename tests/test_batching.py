@@ -48,9 +48,12 @@ async def test_a_lone_request_waits_no_longer_than_max_wait() -> None:
 async def test_errors_stay_with_the_request_that_caused_them() -> None:
     batcher = Batcher(doubler, BatchPolicy(max_batch=8, max_wait_ms=20))
     results = await asyncio.gather(
-        batcher.submit({"n": 1}), batcher.submit({"n": -1}), batcher.submit({"poison": True, "n": 0}),
-        batcher.submit({"n": 3}), return_exceptions=True,
-    )  # fmt: skip
+        batcher.submit({"n": 1}),
+        batcher.submit({"n": -1}),
+        batcher.submit({"poison": True, "n": 0}),
+        batcher.submit({"n": 3}),
+        return_exceptions=True,
+    )
     assert results[0] == {"doubled": 2} and results[3] == {"doubled": 6}
     assert isinstance(results[1], Rejected)
     assert isinstance(results[2], ValueError)

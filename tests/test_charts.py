@@ -9,14 +9,19 @@ from controlplane.delivery.traffic import ClusterStats, VariantTraffic
 from controlplane.pipeline.spec import parse_pipeline
 from controlplane.web.charts import line_chart, mark_groups, pipeline_svg, rate_series
 
-PIPELINE = parse_pipeline({
-    "name": "p",
-    "stages": [
-        {"name": "a", "variants": [{"model": "ma", "version": "v1", "weight": 3}, {"model": "ma", "version": "v2"}],
-         "shadow": {"model": "ma", "version": "v3", "percent": 5}},
-        {"name": "b", "branch_on": "k", "branches": [{"key": "x", "variants": [{"model": "mx", "version": "v1"}]}]},
-    ],
-})  # fmt: skip
+PIPELINE = parse_pipeline(
+    {
+        "name": "p",
+        "stages": [
+            {
+                "name": "a",
+                "variants": [{"model": "ma", "version": "v1", "weight": 3}, {"model": "ma", "version": "v2"}],
+                "shadow": {"model": "ma", "version": "v3", "percent": 5},
+            },
+            {"name": "b", "branch_on": "k", "branches": [{"key": "x", "variants": [{"model": "mx", "version": "v1"}]}]},
+        ],
+    }
+)
 
 
 def test_the_graph_draws_every_variant_with_its_weight_its_share_its_health_and_the_shadow() -> None:
@@ -85,8 +90,14 @@ def test_a_model_versions_charts_mark_each_pipeline_version_that_sent_to_it_or_s
         stages = [{"name": "s", "variants": [{"model": "ma", "version": v} for v in models]}]
         return PipelineVersion(parse_pipeline({"name": "p", "stages": stages}), n, at, f"cause {n}")
 
-    history = {"p": [version(1, ["v1"], "2026-12-06T10:00:00Z"), version(2, ["v1", "v2"], "2026-12-06T10:05:00Z"),
-                     version(3, ["v2"], "2026-12-06T10:06:00Z"), version(4, ["v2"], "not a time")]}  # fmt: skip
+    history = {
+        "p": [
+            version(1, ["v1"], "2026-12-06T10:00:00Z"),
+            version(2, ["v1", "v2"], "2026-12-06T10:05:00Z"),
+            version(3, ["v2"], "2026-12-06T10:06:00Z"),
+            version(4, ["v2"], "not a time"),
+        ]
+    }
     changes = version_changes(history)
     assert [label for _, label in changes["ma.v1"]] == ["p v1 cause 1", "p v2 cause 2", "p v3 cause 3"]
     assert [label for _, label in changes["ma.v2"]] == ["p v2 cause 2", "p v3 cause 3"]

@@ -57,11 +57,18 @@ def test_the_sender_says_what_the_ingress_would_and_drops_what_a_caller_forged()
     snapshots = translate(steady(PIPELINE), PASSING)
     (into_b,) = [x for x in routes(snapshots["ma-v1-1"], "egress") if x.match.path == "/pipelines/p/v1/b"]
     (ingress_b,) = [x for x in routes(snapshots["mb-v1-2"], "ingress") if x.match.path == "/pipelines/p/v1/b"]
-    assert added(into_b) == added(ingress_b) == {
-        h.STAGE: "b", h.TRANSPORT: "http", h.NEXT: "/pipelines/p/v1/c", h.BRANCH_FIELD: "category",
-        h.AGREE: "1",  # b has a shadow: its answers are kept for their agreement
-        h.MAX_BODY: str(PIPELINE.max_body),  # the pipeline's body limit, which the runtime enforces too
-    }  # fmt: skip
+    assert (
+        added(into_b)
+        == added(ingress_b)
+        == {
+            h.STAGE: "b",
+            h.TRANSPORT: "http",
+            h.NEXT: "/pipelines/p/v1/c",
+            h.BRANCH_FIELD: "category",
+            h.AGREE: "1",  # b has a shadow: its answers are kept for their agreement
+            h.MAX_BODY: str(PIPELINE.max_body),  # the pipeline's body limit, which the runtime enforces too
+        }
+    )
     assert set(h.STEERING) <= set(into_b.request_headers_to_remove)
     entry = entries(snapshots["gateway"])[0]
     assert added(entry)[h.NEXT] == "/pipelines/p/v1/b" and set(h.STEERING) <= set(entry.request_headers_to_remove)
@@ -128,9 +135,12 @@ def test_a_runtime_in_a_deep_folder_offers_no_egress_socket_and_one_whose_own_so
     deep = Path("/" + "d" * 95)  # m-1.sock fits (105 bytes); m-1-egress.sock does not (112)
     planned = plan(deep)
     assert planned.runtime_uds == f"{deep}/m-1.sock" and planned.egress_uds == ""  # forwards over TCP instead
-    assert RuntimeService.from_entry(
-        {"Service": {"ID": "m-1", "Address": "127.0.0.1", "Meta": planned.to_meta()}, "Node": {}, "Checks": []}
-    ).egress_uds == ""  # fmt: skip
+    assert (
+        RuntimeService.from_entry(
+            {"Service": {"ID": "m-1", "Address": "127.0.0.1", "Meta": planned.to_meta()}, "Node": {}, "Checks": []}
+        ).egress_uds
+        == ""
+    )
     with pytest.raises(CliError, match="MLLAMBDA_RUN_DIR"):
         plan(Path("/" + "d" * 110))
 

@@ -30,14 +30,16 @@ CONTRACTS = {
 
 
 def pipeline(classify: list[dict[str, Any]], network: list[dict[str, Any]]) -> Any:
-    return parse_pipeline({
-        "name": "p",
-        "stages": [
-            {"name": "features", "variants": [{"model": "features", "version": "v1"}]},
-            {"name": "classify", "variants": classify},
-            {"name": "network", "branch_on": "category", "branches": [{"key": "sports", "variants": network}]},
-        ],
-    })  # fmt: skip
+    return parse_pipeline(
+        {
+            "name": "p",
+            "stages": [
+                {"name": "features", "variants": [{"model": "features", "version": "v1"}]},
+                {"name": "classify", "variants": classify},
+                {"name": "network", "branch_on": "category", "branches": [{"key": "sports", "variants": network}]},
+            ],
+        }
+    )
 
 
 def test_stages_that_fit_pass_and_each_misfit_is_named_with_its_path() -> None:
@@ -73,10 +75,13 @@ def test_branch_keys_outside_the_answered_values_and_input_misfits_are_refused()
         "stages": [
             {"name": "features", "variants": [{"model": "features", "version": "v1"}]},
             {"name": "classify", "variants": [{"model": "classifier", "version": "v3"}]},
-            {"name": "network", "branch_on": "category", "branches": [
-                {"key": k, "variants": [{"model": "net", "version": "v1"}]} for k in ("sports", "food")]},
+            {
+                "name": "network",
+                "branch_on": "category",
+                "branches": [{"key": k, "variants": [{"model": "net", "version": "v1"}]} for k in ("sports", "food")],
+            },
         ],
-    }  # fmt: skip
+    }
     assert [str(p) for p in problems(parse_pipeline(spec), contracts)] == [
         "stages[2].branches[1].key: 'food' is never answered by stage 'classify' (category is one of: sports, tech)"
     ]
@@ -87,15 +92,18 @@ def test_branch_keys_outside_the_answered_values_and_input_misfits_are_refused()
     )
     # a version that declares no values (v1) answers any key: the branch can be taken
     both = [{"model": "classifier", "version": "v3"}, {"model": "classifier", "version": "v1"}]
-    either = parse_pipeline({**spec, "stages": [spec["stages"][0], {"name": "classify", "variants": both},
-                                                spec["stages"][2]]})  # fmt: skip
+    either = parse_pipeline(
+        {**spec, "stages": [spec["stages"][0], {"name": "classify", "variants": both}, spec["stages"][2]]}
+    )
     assert not [p for p in problems(either, contracts) if p.path.endswith(".key")]
     with pytest.raises(Exception, match=r"input.text: 'TEXT' is not one of"):
         parse_pipeline({**spec, "input": {"text": "TEXT"}})
     bad: list[str] = []
     read_contract({"answers": {"c": {"type": "BYTES", "enum": []}, "d": {"type": "BYTES", "values": [1]}}}, bad)
-    assert bad == ["contract.answers.c.enum: a list of 1 to 256 strings or integers",
-                   "contract.answers.d: a type, or {type: TYPE, enum: [values]}"]  # fmt: skip
+    assert bad == [
+        "contract.answers.c.enum: a list of 1 to 256 strings or integers",
+        "contract.answers.d: a type, or {type: TYPE, enum: [values]}",
+    ]
 
 
 def test_a_contract_its_own_examples_contradict_is_refused_at_build(tmp_path: Path) -> None:
@@ -110,8 +118,12 @@ def test_a_contract_its_own_examples_contradict_is_refused_at_build(tmp_path: Pa
     ]
     (tmp_path / "examples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{broken\n")
     answers = {"category": {"type": "BYTES", "enum": ["sports"]}}
-    manifest = {"kind": "Model", "entry": "model:predict", "examples": "examples.jsonl",
-                "contract": {"reads": {"text": "BYTES"}, "answers": answers}}  # fmt: skip
+    manifest = {
+        "kind": "Model",
+        "entry": "model:predict",
+        "examples": "examples.jsonl",
+        "contract": {"reads": {"text": "BYTES"}, "answers": answers},
+    }
     (tmp_path / "mllambda.yaml").write_text(yaml.safe_dump(manifest))
     with pytest.raises(PackageError) as refused:
         read_manifest(tmp_path, "mllambda.yaml", "")

@@ -53,36 +53,87 @@ def test_an_ensemble_round_trips_through_its_stored_form() -> None:
 @pytest.mark.parametrize(
     "stages, transport, problem",
     [
-        ([{"name": "e", "members": [{"name": "x", **one("m")}]}], "http",
-         "stages[0].members: the first stage is called by the gateway, which cannot ask an ensemble"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m")}]}], "kafka",
-         "stages[1].members: an ensemble is asked over HTTP: use transport http or uds"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m")}, {"name": "x", **one("n")}]}],
-         "http", "stages[1].members: duplicate member name 'x'"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x\n", **one("m")}]}], "http",
-         "stages[1].members[0].name: 'x\\n' is not valid"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "timeout_ms": 20_000}]}],
-         "http", "stages[1].members[0].timeout_ms: must be between 1 and 10000, got 20000"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "required": "no"}]}], "http",
-         "stages[1].members[0].required: must be true or false, got str"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x"}]}], "http",
-         "stages[1].members[0]: needs exactly one of 'variants' or 'branches'"),
-        ([{"name": "a", **one("m")}, {"name": "e", **one("m"), "members": [{"name": "x", **one("m")}]}], "http",
-         "stages[1]: needs exactly one of 'variants', 'branches' or 'members'"),
-        ([{"name": "a", **one("m")}, {"name": "e", **one("m"), "join": {"model": "j", "version": "v1"}}], "http",
-         "stages[1].join: only an ensemble (a stage with 'members') has a join"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m")}],
-          "shadow": {"model": "s", "version": "v1", "percent": 5}}], "http",
-         "stages[1].shadow: an ensemble's shadow goes in one of its members"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "rollout": {}}]}], "http",
-         "stages[1].members[0].rollout: unknown field"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m")}]},
-          {"name": "f", "members": [{"name": "x", **one("m")}]}], "http",
-         "stages[2].members: no model of ours sends into an ensemble here: put a stage (or a join) before it"),
-        ([{"name": "a", **one("m")}, {"name": "e", "members": [{"name": str(i), **one("m")} for i in range(9)]}],
-         "http", "stages[1].members: at most 8 entries, got 9"),
+        (
+            [{"name": "e", "members": [{"name": "x", **one("m")}]}],
+            "http",
+            "stages[0].members: the first stage is called by the gateway, which cannot ask an ensemble",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m")}]}],
+            "kafka",
+            "stages[1].members: an ensemble is asked over HTTP: use transport http or uds",
+        ),
+        (
+            [
+                {"name": "a", **one("m")},
+                {"name": "e", "members": [{"name": "x", **one("m")}, {"name": "x", **one("n")}]},
+            ],
+            "http",
+            "stages[1].members: duplicate member name 'x'",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x\n", **one("m")}]}],
+            "http",
+            "stages[1].members[0].name: 'x\\n' is not valid",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "timeout_ms": 20_000}]}],
+            "http",
+            "stages[1].members[0].timeout_ms: must be between 1 and 10000, got 20000",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "required": "no"}]}],
+            "http",
+            "stages[1].members[0].required: must be true or false, got str",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x"}]}],
+            "http",
+            "stages[1].members[0]: needs exactly one of 'variants' or 'branches'",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", **one("m"), "members": [{"name": "x", **one("m")}]}],
+            "http",
+            "stages[1]: needs exactly one of 'variants', 'branches' or 'members'",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", **one("m"), "join": {"model": "j", "version": "v1"}}],
+            "http",
+            "stages[1].join: only an ensemble (a stage with 'members') has a join",
+        ),
+        (
+            [
+                {"name": "a", **one("m")},
+                {
+                    "name": "e",
+                    "members": [{"name": "x", **one("m")}],
+                    "shadow": {"model": "s", "version": "v1", "percent": 5},
+                },
+            ],
+            "http",
+            "stages[1].shadow: an ensemble's shadow goes in one of its members",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": "x", **one("m"), "rollout": {}}]}],
+            "http",
+            "stages[1].members[0].rollout: unknown field",
+        ),
+        (
+            [
+                {"name": "a", **one("m")},
+                {"name": "e", "members": [{"name": "x", **one("m")}]},
+                {"name": "f", "members": [{"name": "x", **one("m")}]},
+            ],
+            "http",
+            "stages[2].members: no model of ours sends into an ensemble here: put a stage (or a join) before it",
+        ),
+        (
+            [{"name": "a", **one("m")}, {"name": "e", "members": [{"name": str(i), **one("m")} for i in range(9)]}],
+            "http",
+            "stages[1].members: at most 8 entries, got 9",
+        ),
     ],
-)  # fmt: skip
+)
 def test_every_ensemble_problem_is_reported_with_its_path(stages: list[Any], transport: str, problem: str) -> None:
     with pytest.raises(InvalidPipeline) as err:
         parse_pipeline(spec(*stages, transport=transport))
@@ -120,8 +171,12 @@ def test_members_answer_without_forwarding_and_the_join_sends_on() -> None:
     (member,) = [r for r in routes(snapshots["mx-v1-1"], "ingress") if r.name == "p/e/x"]
     assert member.match.path == "/pipelines/p/v1/e/x"
     # Members, their shadows and the join keep their answers by request id: monitoring compares them.
-    assert headers(member) == {"x-mll-stage": "e.x", "x-mll-transport": "http", "x-mll-agree": "1",
-                               "x-mll-max-body": str(16 * 1024 * 1024)}  # fmt: skip
+    assert headers(member) == {
+        "x-mll-stage": "e.x",
+        "x-mll-transport": "http",
+        "x-mll-agree": "1",
+        "x-mll-max-body": str(16 * 1024 * 1024),
+    }
     assert member.route.timeout.ToMilliseconds() == 2000
     (shadow,) = [r for r in routes(snapshots["mx-v2-2"], "ingress") if r.name == "p/e/x"]
     assert headers(shadow)["x-mll-shadow"] == "1" and headers(shadow)["x-mll-agree"] == "1"

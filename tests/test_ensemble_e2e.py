@@ -51,11 +51,15 @@ def runtimes(start_runtime: Any, consul_agent: Any) -> dict[str, Any]:
     started = [
         start_runtime(f"{M}:{target}", model, version, wait=False)
         for target, model, version in [
-            ("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("longest", "longest", "v1"),
-            ("longest", "longest", "v2"), ("sleepy", "sleepy", "v1"), ("broken", "broken", "v1"),
+            ("tokenize", "tokenize", "v1"),
+            ("count", "count", "v1"),
+            ("longest", "longest", "v1"),
+            ("longest", "longest", "v2"),
+            ("sleepy", "sleepy", "v1"),
+            ("broken", "broken", "v1"),
             ("join_answers", "joiner", "v1"),
         ]
-    ]  # fmt: skip
+    ]
     for r in started:
         r.proc.wait_ready(lambda r=r: consul_passing(consul_agent.http_port, r.model, r.service_id), timeout=60)
     return {f"{r.model}:{r.version}": r for r in started}

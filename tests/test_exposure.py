@@ -33,8 +33,15 @@ def test_the_control_plane_refuses_a_non_loopback_bind_without_tls_and_a_token(
     flag: str, consul_agent: object, tmp_path: Path
 ) -> None:
     port = processes.free_port()
-    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", flag.format(port=port),
-            f"--consul={consul_agent.addr}", f"--metrics-port={processes.free_port()}"]  # type: ignore[attr-defined]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "controlplane",
+        flag.format(port=port),
+        f"--consul={consul_agent.addr}",
+        f"--metrics-port={processes.free_port()}",
+    ]  # type: ignore[attr-defined]
     argv += [] if "--xds" in flag else [f"--xds=127.0.0.1:{processes.free_port()}"]
     argv += [] if "--admin" in flag else [f"--admin=127.0.0.1:{processes.free_port()}"]
     proc = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log", env={"MLLAMBDA_TOKEN": "t0ken"}).start()
@@ -63,16 +70,43 @@ def test_the_admin_api_over_tls_serves_beyond_loopback_with_a_token_and_the_cli_
 ) -> None:
     key, cert = tmp_path / "admin.key", tmp_path / "admin.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = processes.free_port()
-    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--admin=0.0.0.0:{port}",
-            f"--xds=127.0.0.1:{processes.free_port()}", f"--consul={consul_agent.addr}",  # type: ignore[attr-defined]
-            f"--metrics-port={processes.free_port()}", f"--kv-prefix=tls-{port}/",
-            f"--admin-tls-cert={cert}", f"--admin-tls-key={key}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "controlplane",
+        f"--admin=0.0.0.0:{port}",
+        f"--xds=127.0.0.1:{processes.free_port()}",
+        f"--consul={consul_agent.addr}",  # type: ignore[attr-defined]
+        f"--metrics-port={processes.free_port()}",
+        f"--kv-prefix=tls-{port}/",
+        f"--admin-tls-cert={cert}",
+        f"--admin-tls-key={key}",
+    ]
     plane = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log", env={"MLLAMBDA_TOKEN": "t0ken"})
     plane.start()
     try:
@@ -82,8 +116,11 @@ def test_the_admin_api_over_tls_serves_beyond_loopback_with_a_token_and_the_cli_
         def cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-m", "controlplane.cli", "get", "pipelines"],
-                capture_output=True, text=True, env=env, timeout=60,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
 
         assert cli({**base, "MLLAMBDA_ADMIN_CA": str(cert)}).returncode == 0
         plain = cli(base)  # a plaintext client cannot talk to a TLS port
@@ -99,8 +136,17 @@ def test_the_admin_api_over_tls_serves_beyond_loopback_with_a_token_and_the_cli_
     [("10.9.8.7", "refusing to open the sidecar's ingress beyond loopback"), ("db.internal", "an IP address")],
 )
 def test_a_runtime_is_not_advertised_beyond_loopback_without_mtls(address: str, said: str) -> None:
-    argv = [sys.executable, "-m", "controlplane.cli", "runtime", "examples.trivial.models:echo",
-            "--model=echo", "--version=v1", f"--advertise-address={address}", "--consul=127.0.0.1:1"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "runtime",
+        "examples.trivial.models:echo",
+        "--model=echo",
+        "--version=v1",
+        f"--advertise-address={address}",
+        "--consul=127.0.0.1:1",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and said in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -130,9 +176,17 @@ async def test_a_runtime_advertised_on_another_address_is_reached_there_and_only
 def test_the_dashboard_listens_on_the_address_given_and_answers_for_it(consul_agent: Any, tmp_path: Path) -> None:
     """127.0.0.2 stands for a host's own address (a loopback one, so no --insecure-expose is needed here)."""
     port = processes.free_port()
-    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--xds=127.0.0.1:{processes.free_port()}",
-            f"--admin=127.0.0.1:{processes.free_port()}", f"--consul={consul_agent.addr}",
-            f"--metrics-addr=127.0.0.2:{port}", f"--kv-prefix=exposure-{port}/"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "controlplane",
+        f"--xds=127.0.0.1:{processes.free_port()}",
+        f"--admin=127.0.0.1:{processes.free_port()}",
+        f"--consul={consul_agent.addr}",
+        f"--metrics-addr=127.0.0.2:{port}",
+        f"--kv-prefix=exposure-{port}/",
+    ]
     proc = processes.ManagedProcess("controlplane", argv, tmp_path / "cp.log").start()
     try:
         proc.wait_ready(lambda: processes.http_get(f"http://127.0.0.2:{port}/metrics")[0] == 200, timeout=30)
@@ -155,9 +209,17 @@ def test_the_dashboard_listens_on_the_address_given_and_answers_for_it(consul_ag
 
 def test_a_second_control_plane_on_an_admin_port_in_use_refuses_to_start(control_plane: Any) -> None:
     """Not a silent share of the port (gRPC's SO_REUSEPORT), which split admin calls between the two."""
-    argv = [sys.executable, "-m", "controlplane.cli", "controlplane", f"--xds=127.0.0.1:{processes.free_port()}",
-            f"--admin={control_plane.admin_addr}", f"--consul=127.0.0.1:{control_plane.consul_port}",
-            f"--metrics-addr=127.0.0.1:{processes.free_port()}", "--kv-prefix=second-on-a-taken-port/"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "controlplane",
+        f"--xds=127.0.0.1:{processes.free_port()}",
+        f"--admin={control_plane.admin_addr}",
+        f"--consul=127.0.0.1:{control_plane.consul_port}",
+        f"--metrics-addr=127.0.0.1:{processes.free_port()}",
+        "--kv-prefix=second-on-a-taken-port/",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "cannot listen for the admin API" in done.stderr, done.stderr[-800:]
     assert control_plane.cli("get", "pipelines").returncode == 0  # the first one serves on

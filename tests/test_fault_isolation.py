@@ -147,8 +147,14 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
     try:
         for n, service_id in enumerate(ids):
             check = {"TTL": "1h", "Status": "passing", "DeregisterCriticalServiceAfter": "1h"}
-            agent.register(f"fleet{n}", service_id=service_id, port=2, tags=["mllambda"],
-                           meta={**meta, "model": f"fleet{n}"}, check=check)  # fmt: skip
+            agent.register(
+                f"fleet{n}",
+                service_id=service_id,
+                port=2,
+                tags=["mllambda"],
+                meta={**meta, "model": f"fleet{n}"},
+                check=check,
+            )
         await wait_for(lambda: set(ids) <= {r["service_id"] for r in status(control_plane)["runtimes"]}, timeout=30)
         assert consul_connections(control_plane.proc.pid, consul_agent.http_port) <= 16
         spec = one_stage("busy", "fleet7")

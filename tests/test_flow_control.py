@@ -82,8 +82,10 @@ async def test_a_saturated_model_serves_the_critical_pipeline_sheds_the_sheddabl
     # One tenant sends six at a time, another one: six places (2 + 4 waiting); heavy weighs 2 (the gateway
     # says so to every stage for that key alone), so four are its share and two light's.
     heavy, light = Tally(), Tally()
-    await loaded(*[(heavy, f"{base}/shared", 100, {"x-tenant": "heavy"})] * 6, (light, f"{base}/shared", 100,
-                                                                                 {"x-tenant": "light"}))  # fmt: skip
+    await loaded(
+        *[(heavy, f"{base}/shared", 100, {"x-tenant": "heavy"})] * 6,
+        (light, f"{base}/shared", 100, {"x-tenant": "light"}),
+    )
     assert heavy.codes[429] > 0 and heavy.codes[200] > 0, heavy.codes
     for status, took, body, retry_after in heavy.refusals:
         assert status == 429 and took < 0.3 and retry_after == "1", (status, took, body)
@@ -153,8 +155,12 @@ async def test_a_rate_limit_refuses_a_caller_over_its_quota_at_the_gateway_and_n
     callers are tracked, the refused get 429 at once with the reason, and the runtime never sees them."""
     (echo,) = passing(start_runtime("examples.trivial.models:echo", "echo", "v1", wait=False))
     quota = {"per_second": 1, "burst": 3, "keys": 2}
-    spec = {"name": "quota", "fairness": {"header": "x-tenant", "shares": {"gold": 2}}, "rate_limit": quota,
-            "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}]}  # fmt: skip
+    spec = {
+        "name": "quota",
+        "fairness": {"header": "x-tenant", "shares": {"gold": 2}},
+        "rate_limit": quota,
+        "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}],
+    }
     apply(control_plane, tmp_path, spec)
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/quota"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:

@@ -34,15 +34,19 @@ async def test_poison_records_are_parked_with_their_reason_and_nothing_else_stop
 
     good = json.dumps({"text": "a b"}).encode()
     deep = b"[" * 100_000 + b"]" * 100_000
-    await send(kafka_bootstrap, "px-in", [
-        (good, []),
-        (None, []),  # a tombstone
-        (deep, []),  # RecursionError in a JSON parser
-        (b"\xff\xfe not utf-8", []),
-        (good, [("x-user", b"\xff\xfe"), ("mll-reply-to", b"px-stolen"), ("mll-version", b"\xff")]),
-        (b"x" * 900_000, []),  # not JSON, and its dead-letter record would be over the broker's limit
-        (good, []),
-    ])  # fmt: skip
+    await send(
+        kafka_bootstrap,
+        "px-in",
+        [
+            (good, []),
+            (None, []),  # a tombstone
+            (deep, []),  # RecursionError in a JSON parser
+            (b"\xff\xfe not utf-8", []),
+            (good, [("x-user", b"\xff\xfe"), ("mll-reply-to", b"px-stolen"), ("mll-version", b"\xff")]),
+            (b"x" * 900_000, []),  # not JSON, and its dead-letter record would be over the broker's limit
+            (good, []),
+        ],
+    )
     # Straight onto the last hop's topic, as any client of the broker could.
     last = "mll.px.score.score.v1"
     forged = [("mll-version", b"1"), ("mll-reply-to", b"px-stolen")]

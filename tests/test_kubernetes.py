@@ -25,8 +25,12 @@ from controlplane.stack.kubernetes import FILES, as_text, render
 DEPLOY = PROJECT_ROOT / "deploy" / "kubernetes"
 STACK = PROJECT_ROOT / "examples" / "nlp" / "stack.yaml"
 KUBERNETES = "1.37"
-POD = {"POD_IP": "10.1.0.7", "HOST_IP": "10.0.0.3", "POD_NAME": "runtime-classifier-v1-7d9f-x2x4q",
-       "POD_NAMESPACE": "mllambda"}  # fmt: skip
+POD = {
+    "POD_IP": "10.1.0.7",
+    "HOST_IP": "10.0.0.3",
+    "POD_NAME": "runtime-classifier-v1-7d9f-x2x4q",
+    "POD_NAMESPACE": "mllambda",
+}
 
 
 def committed() -> dict[str, list[dict[str, Any]]]:
@@ -107,10 +111,22 @@ def args_of_pair(sidecar: dict[str, Any], name: str) -> Any:
 
 def test_a_runtime_without_its_own_sidecar_under_mtls_must_name_the_sidecars_certificates() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "runtime", "examples.trivial.models:tokenize", "--model=m",
-         "--version=v1", "--no-sidecar", "--security=mtls"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "runtime",
+            "examples.trivial.models:tokenize",
+            "--model=m",
+            "--version=v1",
+            "--no-sidecar",
+            "--security=mtls",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
     assert result.returncode == 1 and "--sidecar-tls-dir" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -125,10 +141,12 @@ async def test_the_kubernetes_scaler_patches_the_scale_subresource_of_the_render
         body = await request.json()
         seen.append((request.method, request.path, request.content_type, body))
         answer = {
-            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
             "metadata": {"name": request.match_info["name"], "namespace": request.match_info["namespace"]},
-            "spec": {"replicas": body["spec"]["replicas"]}, "status": {"replicas": 1},
-        }  # fmt: skip
+            "spec": {"replicas": body["spec"]["replicas"]},
+            "status": {"replicas": 1},
+        }
         kubernetes_validate.validate(answer, KUBERNETES, strict=True)
         return web.json_response(answer)
 
@@ -162,15 +180,21 @@ def test_render_writes_the_files_and_a_bad_stack_file_writes_nothing(tmp_path: P
     out = tmp_path / "k8s"
     ok = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", "render", "kubernetes", "-f", str(STACK), "-o", str(out)],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
     assert ok.returncode == 0 and sorted(p.name for p in out.iterdir()) == sorted(FILES), ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: Stack\nruntimes: [{model: m, version: v1, target: x:y, autoscale: {max_replicas: 0}}]\n")
     refused = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", "render", "kubernetes", "-f", str(bad), "-o", str(tmp_path / "no")],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "autoscale.max_replicas" in refused.stderr
     assert not (tmp_path / "no").exists()
 

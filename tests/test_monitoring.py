@@ -114,8 +114,9 @@ def test_agreement_pairs_answers_by_request_id_per_field() -> None:
     from controlplane.monitoring.monitor import agreement
 
     primary = {f"r{i}": {"category": "a", "p": 0.5, "ok": True} for i in range(100)}
-    shadow = {f"r{i}": {"category": "b" if i % 4 == 0 else "a", "p": 0.504 if i % 2 else 0.6, "ok": 1}
-              for i in range(50, 150)}  # fmt: skip
+    shadow = {
+        f"r{i}": {"category": "b" if i % 4 == 0 else "a", "p": 0.504 if i % 2 else 0.6, "ok": 1} for i in range(50, 150)
+    }
     found = {a["field"]: a for a in agreement(shadow, [primary], ["m.v1"])}
     assert found["category"] == {"against": "m:v1", "field": "category", "pairs": 50, "agreement": 0.76}
     assert found["p"]["agreement"] == 0.5  # within 1%, or not
@@ -150,8 +151,14 @@ def test_the_runtime_answers_profiles_only_to_a_well_formed_query() -> None:
         return payload
 
     on = Runtime(predict, "m", "v1", profiler=Profiler(100))
-    for query, status in [("", 200), ("after=12", 200), ("after=-1", 400), ("after=x", 400), ("a=1", 400),
-                          ("after=" + "9" * 40, 400)]:  # fmt: skip
+    for query, status in [
+        ("", 200),
+        ("after=12", 200),
+        ("after=-1", 400),
+        ("after=x", 400),
+        ("a=1", 400),
+        ("after=" + "9" * 40, 400),
+    ]:
         page = answer_get(on, "/profiles", query)
         assert page is not None and page.status == status, (query, page)
     off = answer_get(Runtime(predict, "m", "v1"), "/profiles", "")

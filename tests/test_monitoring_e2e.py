@@ -18,8 +18,12 @@ from tests.helpers.pipelines import M, apply, post, until_ok
 async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agrees_four_in_five(
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
-    runtimes = [("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
-                ("length_class_flips", "classify", "v2")]  # fmt: skip
+    runtimes = [
+        ("tokenize", "tokenize", "v1"),
+        ("count", "count", "v1"),
+        ("length_class", "classify", "v1"),
+        ("length_class_flips", "classify", "v2"),
+    ]
     for target, model, version in runtimes:
         start_runtime(f"{M}:{target}", model, version, extra=("--profile-percent=100",))
     spec = {
@@ -27,10 +31,13 @@ async def test_a_shadow_that_answers_another_class_for_one_request_in_five_agree
         "stages": [
             {"name": "tokenize", "variants": [{"model": "tokenize", "version": "v1"}]},
             {"name": "count", "variants": [{"model": "count", "version": "v1"}]},
-            {"name": "classify", "variants": [{"model": "classify", "version": "v1"}],
-             "shadow": {"model": "classify", "version": "v2", "percent": 100}},
+            {
+                "name": "classify",
+                "variants": [{"model": "classify", "version": "v1"}],
+                "shadow": {"model": "classify", "version": "v2", "percent": 100},
+            },
         ],
-    }  # fmt: skip
+    }
     apply(control_plane, tmp_path, spec)
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/agree"
     await until_ok(url, {"text": "a b"})
@@ -83,18 +90,29 @@ async def test_a_rollout_gated_on_agreement_rolls_back_a_disagreeing_candidate_a
     control_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     """The candidate first shadows the stage; its agreement with the baseline decides whether it takes traffic."""
-    runtimes = [("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
-                ("length_class_flips", "classify", "v2"), ("length_class", "classify", "v3")]  # fmt: skip
+    runtimes = [
+        ("tokenize", "tokenize", "v1"),
+        ("count", "count", "v1"),
+        ("length_class", "classify", "v1"),
+        ("length_class_flips", "classify", "v2"),
+        ("length_class", "classify", "v3"),
+    ]
     for target, model, version in runtimes:
         start_runtime(f"{M}:{target}", model, version)  # the default profiling keeps shadowed answers
 
     def spec(candidate: str) -> dict[str, Any]:
-        rollout = {"candidate": {"model": "classify", "version": candidate}, "steps": [50, 100], "step_seconds": 2,
-                   "min_requests": 100, "min_agreement": 0.95, "agreement_on": "category",
-                   # agreement is what is tested here (the p99 guard is test_rollouts_e2e's): the same classifier in
-                   # a fresh process once measured 3.0x its baseline's p99 (21 vs 7 ms) on this noisy host, and the
-                   # guard rolled it back
-                   "max_p99_ratio": 10.0}  # fmt: skip
+        rollout = {
+            "candidate": {"model": "classify", "version": candidate},
+            "steps": [50, 100],
+            "step_seconds": 2,
+            "min_requests": 100,
+            "min_agreement": 0.95,
+            "agreement_on": "category",
+            # agreement is what is tested here (the p99 guard is test_rollouts_e2e's): the same classifier in
+            # a fresh process once measured 3.0x its baseline's p99 (21 vs 7 ms) on this noisy host, and the
+            # guard rolled it back
+            "max_p99_ratio": 10.0,
+        }
         return {
             "name": "gated",
             "stages": [

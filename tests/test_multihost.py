@@ -62,16 +62,42 @@ def leader_elsewhere(hosts: Hosts, asked: int, gone: int) -> Callable[[], bool]:
 def served(hosts: Hosts, name: str = "far") -> str:
     """What answers one request through the gateway on host 2 (its x-mll-served; "" if none did)."""
     url = f"http://127.0.0.1:18080/pipelines/{name}"
-    done = hosts.run(2, ["curl", "-s", "-m", "2", "-D", "-", "-o", "/dev/null", "-XPOST", "-H",
-                         "content-type: application/json", "-d", '{"x": 1}', url])  # fmt: skip
-    return next((line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
-                 if line.lower().startswith("x-mll-served:")), "")  # fmt: skip
+    done = hosts.run(
+        2,
+        [
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-XPOST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            '{"x": 1}',
+            url,
+        ],
+    )
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in done.stdout.splitlines()
+            if line.lower().startswith("x-mll-served:")
+        ),
+        "",
+    )
 
 
 def pipeline(folder: Path, stages: list[str]) -> Path:
     path = folder / f"far-{len(stages)}.yaml"
-    spec = {"name": "far", "transport": "http",
-            "stages": [{"name": s, "variants": [{"model": "echo", "version": "v1"}]} for s in stages]}  # fmt: skip
+    spec = {
+        "name": "far",
+        "transport": "http",
+        "stages": [{"name": s, "variants": [{"model": "echo", "version": "v1"}]} for s in stages],
+    }
     path.write_text(json.dumps(spec))
     return path
 
@@ -109,28 +135,82 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     consul, xds = str(find_consul()), ",".join(f"{ip}:18000" for ip in hosts.ips[:2])
     for i in range(3):
         joins = [f"-retry-join={ip}" for j, ip in enumerate(hosts.ips) if j != i]
-        argv = [consul, "agent", "-server", "-bootstrap-expect=3", f"-bind={hosts.ips[i]}", "-client=127.0.0.1",
-                f"-data-dir={tmp_path}/consul{i}", f"-node=host{i}", "-dns-port=-1", "-log-level=warn",
-                "-hcl", "connect { enabled = true }", "-hcl", 'autopilot { server_stabilization_time = "3s" }',
-                *joins]  # fmt: skip
+        argv = [
+            consul,
+            "agent",
+            "-server",
+            "-bootstrap-expect=3",
+            f"-bind={hosts.ips[i]}",
+            "-client=127.0.0.1",
+            f"-data-dir={tmp_path}/consul{i}",
+            f"-node=host{i}",
+            "-dns-port=-1",
+            "-log-level=warn",
+            "-hcl",
+            "connect { enabled = true }",
+            "-hcl",
+            'autopilot { server_stabilization_time = "3s" }',
+            *joins,
+        ]
         hosts.start(i, f"consul{i}", argv, tmp_path / f"consul{i}.log")
     until("a Consul leader", lambda: '"10.' in consul_get(hosts, 0, "/v1/status/leader"))
     until("the Connect CA", lambda: "RootCert" in consul_get(hosts, 2, "/v1/agent/connect/ca/roots"))
     for i in range(2):
-        hosts.start(i, f"controlplane{i}", [*CLI, "controlplane", f"--xds={hosts.ips[i]}:18000",
-                    "--admin=127.0.0.1:18001", "--consul=127.0.0.1:8500", "--security=mtls", "--gateway-port=18080",
-                    "--gateway-admin-port=19000", "--metrics-port=18002", f"--gateway-tls-dir={tmp_path}/gateway-tls",
-                    f"--packages={hosts.ips[i]}:18004", f"--model-store={tmp_path}/store{i}"],
-                    tmp_path / f"controlplane{i}.log")  # fmt: skip
+        hosts.start(
+            i,
+            f"controlplane{i}",
+            [
+                *CLI,
+                "controlplane",
+                f"--xds={hosts.ips[i]}:18000",
+                "--admin=127.0.0.1:18001",
+                "--consul=127.0.0.1:8500",
+                "--security=mtls",
+                "--gateway-port=18080",
+                "--gateway-admin-port=19000",
+                "--metrics-port=18002",
+                f"--gateway-tls-dir={tmp_path}/gateway-tls",
+                f"--packages={hosts.ips[i]}:18004",
+                f"--model-store={tmp_path}/store{i}",
+            ],
+            tmp_path / f"controlplane{i}.log",
+        )
         run_dir = tmp_path / f"run{i}"
         run_dir.mkdir()
-        hosts.start(i, f"runtime{i}", [*CLI, "runtime", "examples.trivial.models:echo", "--model=echo",
-                    "--version=v1", f"--service-id=echo-host{i}", f"--xds={xds}", "--consul=127.0.0.1:8500",
-                    "--security=mtls", f"--advertise-address={hosts.ips[i]}"], tmp_path / f"runtime{i}.log",
-                    env={"MLLAMBDA_RUN_DIR": str(run_dir)})  # fmt: skip
-    hosts.start(2, "gateway", [*CLI, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds={xds}",
-                "--admin-port=19000", f"--config-dir={tmp_path}", "--security=mtls", "--consul=127.0.0.1:8500"],
-                tmp_path / "gateway.log")  # fmt: skip
+        hosts.start(
+            i,
+            f"runtime{i}",
+            [
+                *CLI,
+                "runtime",
+                "examples.trivial.models:echo",
+                "--model=echo",
+                "--version=v1",
+                f"--service-id=echo-host{i}",
+                f"--xds={xds}",
+                "--consul=127.0.0.1:8500",
+                "--security=mtls",
+                f"--advertise-address={hosts.ips[i]}",
+            ],
+            tmp_path / f"runtime{i}.log",
+            env={"MLLAMBDA_RUN_DIR": str(run_dir)},
+        )
+    hosts.start(
+        2,
+        "gateway",
+        [
+            *CLI,
+            "sidecar",
+            "--node-id=gateway",
+            "--cluster=gateway",
+            f"--xds={xds}",
+            "--admin-port=19000",
+            f"--config-dir={tmp_path}",
+            "--security=mtls",
+            "--consul=127.0.0.1:8500",
+        ],
+        tmp_path / "gateway.log",
+    )
     passing = "/v1/health/service/echo?passing=true"
     until("both runtimes passing", lambda: consul_get(hosts, 2, passing).count('"ServiceID":"echo-host') == 2, 90)
     applied = hosts.run(0, [*CLI, "apply", "-f", str(pipeline(tmp_path, ["echo"])), "--server=127.0.0.1:18001"])
@@ -143,11 +223,27 @@ def test_three_hosts_keep_answering_when_a_control_plane_host_is_cut_off_and_a_r
     built = hosts.run(0, [*CLI, "build", str(PACKAGE), "--model=parcel", "--version=v1", "--server=127.0.0.1:18001"])
     assert "model/parcel:v1 built" in built.stdout, built.stderr
     parcel_env = {"MLLAMBDA_RUN_DIR": str(tmp_path / "run2"), "MLLAMBDA_CACHE_DIR": str(tmp_path / "cache2")}
-    hosts.start(2, "parcel", [*CLI, "runtime", "--package", "--model=parcel", "--version=v1", f"--xds={xds}",
-                "--service-id=parcel-host2", "--consul=127.0.0.1:8500", "--security=mtls",
-                f"--advertise-address={hosts.ips[2]}", f"--model-store={tmp_path}/store2",
-                f"--packages-from={hosts.ips[0]}:18004", "--profile-percent=100"], tmp_path / "parcel.log",
-                env=parcel_env)  # fmt: skip
+    hosts.start(
+        2,
+        "parcel",
+        [
+            *CLI,
+            "runtime",
+            "--package",
+            "--model=parcel",
+            "--version=v1",
+            f"--xds={xds}",
+            "--service-id=parcel-host2",
+            "--consul=127.0.0.1:8500",
+            "--security=mtls",
+            f"--advertise-address={hosts.ips[2]}",
+            f"--model-store={tmp_path}/store2",
+            f"--packages-from={hosts.ips[0]}:18004",
+            "--profile-percent=100",
+        ],
+        tmp_path / "parcel.log",
+        env=parcel_env,
+    )
     parcel = tmp_path / "parcel.yaml"
     stage = {"name": "echo", "variants": [{"model": "parcel", "version": "v1"}]}
     parcel.write_text(json.dumps({"name": "parcel", "stages": [stage]}))

@@ -34,9 +34,27 @@ from tests.helpers.envoy import wait_for
 from tests.helpers.observe import status
 
 HOSTILE = [
-    "ok\n", "ok\r", "\nok", "../ok", "..", ".", "ok/../../x", "OK", "a" * 64, "x y", "é", "ok\x00", "-ok", "ok-",
-    "ok.", "\x1b[31mred", "", "a\u202eb", "%2e%2e", "ok#1",
-]  # fmt: skip
+    "ok\n",
+    "ok\r",
+    "\nok",
+    "../ok",
+    "..",
+    ".",
+    "ok/../../x",
+    "OK",
+    "a" * 64,
+    "x y",
+    "é",
+    "ok\x00",
+    "-ok",
+    "ok-",
+    "ok.",
+    "\x1b[31mred",
+    "",
+    "a\u202eb",
+    "%2e%2e",
+    "ok#1",
+]
 names = st.one_of(
     st.sampled_from(HOSTILE),
     st.from_regex(LABEL, fullmatch=True),
@@ -129,8 +147,11 @@ def test_mllambda_runtime_refuses_bad_model_names_before_starting_anything(tmp_p
     for flags in (["--model", "Bad\n", "--version", "v1"], ["--model", "ok", "--version", "../v1"]):
         done = subprocess.run(
             [sys.executable, "-m", "controlplane.cli", "runtime", "examples.trivial.models:tokenize", *flags],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path.parent,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path.parent,
+        )
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert flags[0] in done.stderr or flags[2] in done.stderr, done.stderr
 

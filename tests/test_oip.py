@@ -43,8 +43,17 @@ def test_tensors_from_tritons_client_become_the_fields_predict_sees(binary: bool
 
 
 def test_answers_become_typed_tensors_and_anything_else_json_text() -> None:
-    output = {"label": "positive", "score": 0.93, "n": 3, "ok": True, "m": [[1, 2], [3, 4]], "mix": [1, 2.5],
-              "nested": {"a": 1}, "ragged": [[1], [2, 3]], "none": None}  # fmt: skip
+    output = {
+        "label": "positive",
+        "score": 0.93,
+        "n": 3,
+        "ok": True,
+        "m": [[1, 2], [3, 4]],
+        "mix": [1, 2.5],
+        "nested": {"a": 1},
+        "ragged": [[1], [2, 3]],
+        "none": None,
+    }
     response = oip.encode_response("nlp", "3", output, "r-1")
     tensors = {t["name"]: t for t in response["outputs"]}
     assert (response["model_name"], response["model_version"], response["id"]) == ("nlp", "3", "r-1")
@@ -71,26 +80,49 @@ def test_answers_become_typed_tensors_and_anything_else_json_text() -> None:
         (b"not json", None, "the request is not JSON"),
         (b"[]", None, "expected an object with a non-empty 'inputs' list"),
         (b'{"inputs": []}', None, "non-empty 'inputs' list"),
-        (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]}', None,
-         "inputs[0]: shape [2] holds 2 elements, data has 1"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "inputs[0]: shape [2] holds 2 elements, data has 1",
+        ),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]}', None, "inputs[0].datatype"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": ["1"]}]}', None, "are integers"),
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BOOL", "data": [1]}]}', None, "true or false"),
         (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]}', None, "non-negative"),
-        (b'{"inputs": [{"name": "x", "shape": [100000, 100000], "datatype": "FP32", "data": []}]}', None,
-         "at most 32 dimensions and 10000000 elements"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [100000, 100000], "datatype": "FP32", "data": []}]}',
+            None,
+            "at most 32 dimensions and 10000000 elements",
+        ),
         (b'{"inputs": [{"name": "x\\n", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "inputs[0].name"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},'
-         b'{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', None, "appears twice"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}ab',
-         "100", "runs past the end of the body"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]},'
+            b'{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            None,
+            "appears twice",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}ab',
+            "100",
+            "runs past the end of the body",
+        ),
         (b'{"inputs": []}', "9999", "does not fit a body"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}'
-         b"\xff\x00\x00\x00ab", "101", "a BYTES element runs past"),
-        (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + b"[" * 100_000 + b"]" * 100_000
-         + b"}]}", None, "not JSON"),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}'
+            b"\xff\x00\x00\x00ab",
+            "101",
+            "a BYTES element runs past",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}]}",
+            None,
+            "not JSON",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_requests_are_refused_with_what_is_wrong(body: bytes, length: str | None, message: str) -> None:
     with pytest.raises(oip.BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
         oip.decode_request(body, length)
@@ -113,10 +145,15 @@ def test_what_we_send_an_oip_stage_decodes_back_to_the_same_object() -> None:
     payload = {"x": [[5.1, 3.5, 1.4, 0.2]], "text": "hi", "n": 2, "meta": {"a": [1, "b"]}}
     body = json.dumps(oip.encode_request(payload)).encode()
     assert oip.decode_request(body) == (payload, "")
-    answer = json.dumps({"model_name": "iris", "outputs": [
-        {"name": "predict", "shape": [1, 1], "datatype": "INT64", "data": [2]},
-        {"name": "proba", "shape": [1, 3], "datatype": "FP64", "data": [0.1, 0.2, 0.7]},
-    ]}).encode()  # fmt: skip
+    answer = json.dumps(
+        {
+            "model_name": "iris",
+            "outputs": [
+                {"name": "predict", "shape": [1, 1], "datatype": "INT64", "data": [2]},
+                {"name": "proba", "shape": [1, 3], "datatype": "FP64", "data": [0.1, 0.2, 0.7]},
+            ],
+        }
+    ).encode()
     assert oip.decode_response(answer) == {"predict": 2, "proba": [[0.1, 0.2, 0.7]]}
     with pytest.raises(oip.BadRequest, match="no 'outputs' list"):
         oip.decode_response(b'{"error": "x"}')

@@ -36,8 +36,11 @@ def mlserver(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[int, ManagedProce
     folder.mkdir()
     save = f"from {MODELS} import save; save({str(folder / 'model.joblib')!r})"
     subprocess.run([str(MLSERVER / "python"), "-c", save], cwd=PROJECT_ROOT, check=True)
-    settings = {"name": "iris", "implementation": "mlserver_sklearn.SKLearnModel",
-                "parameters": {"uri": "./model.joblib", "version": "v1"}}  # fmt: skip
+    settings = {
+        "name": "iris",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib", "version": "v1"},
+    }
     (folder / "model-settings.json").write_text(json.dumps(settings))
     port = free_port()
     server = {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0}
@@ -50,10 +53,18 @@ def mlserver(tmp_path: Path, logs_dir: Path) -> Iterator[tuple[int, ManagedProce
 
 def register(control_plane: Any, consul_agent: Any, logs_dir: Path, port: int) -> ManagedProcess:
     argv = [
-        sys.executable, "-m", "controlplane.cli", "register", "--model=iris", "--version=v1",
-        f"--oip-port={port}", "--oip-model=iris", "--service-id=iris-mlserver",
-        f"--consul=127.0.0.1:{consul_agent.http_port}", f"--xds={control_plane.xds_addr}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "controlplane.cli",
+        "register",
+        "--model=iris",
+        "--version=v1",
+        f"--oip-port={port}",
+        "--oip-model=iris",
+        "--service-id=iris-mlserver",
+        f"--consul=127.0.0.1:{consul_agent.http_port}",
+        f"--xds={control_plane.xds_addr}",
+    ]
     proc = ManagedProcess("register iris", argv, logs_dir / "register-iris.log").start()
     proc.wait_ready(lambda: consul_passing(consul_agent.http_port, "iris", "iris-mlserver"), timeout=30)
     return proc
@@ -67,15 +78,25 @@ async def test_mlserver_is_a_stage_beside_our_runtime_and_leaves_eds_when_not_re
         extra = ("--loader", f"{MODELS}:load") if target == "predict" else ()
         start_runtime(f"{MODELS}:{target}", model, version, extra=extra)
     registered = register(control_plane, consul_agent, logs_dir, port)
-    apply(control_plane, Path(logs_dir), {
-        "name": "sizes",
-        "stages": [
-            {"name": "prepare", "variants": [{"model": "prepare", "version": "v1"}]},
-            {"name": "classify", "protocol": "oip", "variants": [
-                {"model": "iris", "version": "v1", "weight": 50}, {"model": "iris", "version": "v2", "weight": 50}]},
-            {"name": "name", "variants": [{"model": "namer", "version": "v1"}]},
-        ],
-    })  # fmt: skip
+    apply(
+        control_plane,
+        Path(logs_dir),
+        {
+            "name": "sizes",
+            "stages": [
+                {"name": "prepare", "variants": [{"model": "prepare", "version": "v1"}]},
+                {
+                    "name": "classify",
+                    "protocol": "oip",
+                    "variants": [
+                        {"model": "iris", "version": "v1", "weight": 50},
+                        {"model": "iris", "version": "v2", "weight": 50},
+                    ],
+                },
+                {"name": "name", "variants": [{"model": "namer", "version": "v1"}]},
+            ],
+        },
+    )
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/sizes"
     await until_ok(url, {"features": [1, 1, 1, 1]})
 

@@ -75,8 +75,13 @@ def test_answers_become_raw_tensors_and_refusals_grpc_statuses() -> None:
         t.infer_response(b'{"outputs": [{"name": "n", "datatype": "INT64", "shape": [3], "data": [1]}]}')
     assert bad.value.code == grpc.StatusCode.INTERNAL
 
-    for status, code in ((400, "INVALID_ARGUMENT"), (404, "NOT_FOUND"), (413, "RESOURCE_EXHAUSTED"),
-                         (503, "UNAVAILABLE"), (418, "UNKNOWN")):  # fmt: skip
+    for status, code in (
+        (400, "INVALID_ARGUMENT"),
+        (404, "NOT_FOUND"),
+        (413, "RESOURCE_EXHAUSTED"),
+        (503, "UNAVAILABLE"),
+        (418, "UNKNOWN"),
+    ):
         refused = t.refusal(status, b'{"error": "why ' + b"x" * 5000 + b'"}')
         assert refused.code.name == code and str(refused).startswith("why x") and len(str(refused)) < 1100
     assert "HTTP 502" in str(t.refusal(502, b"<html>bad gateway</html>"))
@@ -93,11 +98,22 @@ def test_caller_metadata_reaches_the_gateway_as_headers_but_never_what_is_the_ga
     from controlplane.edge.front import MAX_FORWARDED, forwarded
 
     metadata = [
-        ("x-tenant", "gold"), ("x-request-id", "r1"), ("authorization", "Bearer t"), ("trace-bin", b"\x00\x01"),
-        ("x-mll-caller", "light"), ("x-mll-priority", "critical"), ("x-mll-share", "100"), ("grpc-timeout", "1S"),
-        ("x-envoy-upstream-rq-timeout-ms", "1"), ("x-forwarded-for", "10.0.0.1"), ("user-agent", "grpc-python"),
-        ("te", "trailers"), ("content-type", "application/grpc"), (":authority", "x"), ("host", "elsewhere"),
-    ]  # fmt: skip
+        ("x-tenant", "gold"),
+        ("x-request-id", "r1"),
+        ("authorization", "Bearer t"),
+        ("trace-bin", b"\x00\x01"),
+        ("x-mll-caller", "light"),
+        ("x-mll-priority", "critical"),
+        ("x-mll-share", "100"),
+        ("grpc-timeout", "1S"),
+        ("x-envoy-upstream-rq-timeout-ms", "1"),
+        ("x-forwarded-for", "10.0.0.1"),
+        ("user-agent", "grpc-python"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+        (":authority", "x"),
+        ("host", "elsewhere"),
+    ]
     assert forwarded(metadata) == {"x-tenant": "gold", "x-request-id": "r1", "authorization": "Bearer t"}
     many = [(f"k{i}", "v") for i in range(MAX_FORWARDED + 10)]
     assert len(forwarded(many)) == MAX_FORWARDED  # bounded

@@ -176,8 +176,16 @@ def test_a_host_keeps_only_the_packages_and_environments_of_stored_versions(tmp_
 
     from controlplane.models.envs import prune_host
 
-    for folder in ("packages/aaa", "packages/bbb", "packages/ccc", "packages/.partial", "envs/lock1-sdk",
-                   "envs/lock2-sdk", "envs/lock3-sdk", "envs/lock4"):  # fmt: skip
+    for folder in (
+        "packages/aaa",
+        "packages/bbb",
+        "packages/ccc",
+        "packages/.partial",
+        "envs/lock1-sdk",
+        "envs/lock2-sdk",
+        "envs/lock3-sdk",
+        "envs/lock4",
+    ):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "envs" / "lock2-sdk.log").write_text("built")
     sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
@@ -190,8 +198,10 @@ def test_a_host_keeps_only_the_packages_and_environments_of_stored_versions(tmp_
             proc.kill()
             proc.wait()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
-        "envs/lock2-sdk", "envs/lock4", "packages/bbb"
-    ]  # fmt: skip
+        "envs/lock2-sdk",
+        "envs/lock4",
+        "packages/bbb",
+    ]
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*"))
     assert left == ["envs/lock1-sdk", "envs/lock3-sdk", "packages/.partial", "packages/aaa", "packages/ccc"]
 

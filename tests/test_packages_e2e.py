@@ -120,9 +120,14 @@ async def test_a_tampered_package_never_runs_and_bad_uploads_store_nothing(
         result = model_plane.cli("build", str(PACKAGES / "bare"), f"--model={model}", f"--version={version}")
         assert result.returncode == 1 and expected in result.stderr, result.stderr
     missing = model_plane.cli(
-        "runtime", "--package", "--model=echo", "--version=v9", f"--model-store={store}",
-        f"--consul=127.0.0.1:{model_plane.consul_port}", f"--kv-prefix={model_plane.kv_prefix}",
-    )  # fmt: skip
+        "runtime",
+        "--package",
+        "--model=echo",
+        "--version=v9",
+        f"--model-store={store}",
+        f"--consul=127.0.0.1:{model_plane.consul_port}",
+        f"--kv-prefix={model_plane.kv_prefix}",
+    )
     assert missing.returncode == 1 and "echo:v9 not found" in missing.stderr, missing.stderr
     assert sorted(p.name for p in (store / "sha256").iterdir()) == [blob.name]  # nothing half-written
 
@@ -157,10 +162,19 @@ def replica_starter(model_plane: ControlPlaneProc, store: Path, logs: Path) -> A
     def start(spec: Any, index: int) -> processes.ManagedProcess:
         service_id = f"{spec.model}-{spec.version}-{index}"
         argv = [
-            sys.executable, "-m", "controlplane.cli", "runtime", "--package", f"--model-store={store}",
-            f"--model={spec.model}", f"--version={spec.version}", f"--service-id={service_id}",
-            f"--consul=127.0.0.1:{model_plane.consul_port}", f"--xds={model_plane.xds_addr}", "--drain-seconds=0.5",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "runtime",
+            "--package",
+            f"--model-store={store}",
+            f"--model={spec.model}",
+            f"--version={spec.version}",
+            f"--service-id={service_id}",
+            f"--consul=127.0.0.1:{model_plane.consul_port}",
+            f"--xds={model_plane.xds_addr}",
+            "--drain-seconds=0.5",
+        ]
         env = {"MLLAMBDA_RUN_DIR": model_plane.run_dir, "MLLAMBDA_KV_PREFIX": model_plane.kv_prefix}
         return processes.ManagedProcess(service_id, argv, logs / f"{service_id}.log", env=env).start()
 

@@ -39,8 +39,12 @@ async def test_a_body_over_the_pipelines_max_body_is_a_413_at_the_gateway_and_on
     under, over = body_of(LIMIT - 16), body_of(LIMIT + 1)
     headers = {"content-type": "application/json"}
     for version, transport in enumerate(("http", "uds", "kafka"), 1):
-        spec = {"name": "big", "transport": transport, "max_body": "2Mi",
-                "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}]}  # fmt: skip
+        spec = {
+            "name": "big",
+            "transport": transport,
+            "max_body": "2Mi",
+            "stages": [{"name": "echo", "variants": [{"model": "echo", "version": "v1"}]}],
+        }
         apply(kafka_plane, tmp_path, spec)
         await in_traffic(kafka_plane, "big", version)
         await until_ok(url, {"text": "warm"}, timeout=60)

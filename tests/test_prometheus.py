@@ -36,9 +36,11 @@ def prometheus(consul_agent: Any, tmp_path: Path, logs_dir: Path) -> Iterator[in
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     argv = [
-        str(install_prometheus()), f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-    ]  # fmt: skip
+        str(install_prometheus()),
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     proc = ManagedProcess("prometheus", argv, logs_dir / "prometheus.log").start()
     proc.wait_ready(lambda: http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, timeout=30)
     yield port
@@ -165,8 +167,9 @@ async def test_an_input_mix_that_changes_drifts_past_its_threshold_and_prometheu
         page = f"http://127.0.0.1:{control_plane.metrics_port}/monitoring"
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "monitoring.png"
-        await asyncio.to_thread(browser, f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}",
-                                "--window-size=1100,1600", page)  # fmt: skip
+        await asyncio.to_thread(
+            browser, f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1100,1600", page
+        )
         assert shot.stat().st_size > 10_000
         dom = (
             await asyncio.to_thread(browser, f"--user-data-dir={tmp_path / 'chrome-dom'}", "--dump-dom", page)

@@ -29,9 +29,17 @@ from tests.helpers.translation import PIPELINE, RUNTIMES, at, entries, routes
 
 
 def line(pipeline: str = "p", i: int = 0, **more: Any) -> str:
-    record = {"at": f"2026-12-06T10:00:{i:02d}Z", "pipeline": pipeline, "version": "1", "request_id": f"r{i}",
-              "status": 200, "latency_ms": 1.5, "served": ["a=m:v1"], "request": {"i": i},
-              "response": {"y": i}}  # fmt: skip
+    record = {
+        "at": f"2026-12-06T10:00:{i:02d}Z",
+        "pipeline": pipeline,
+        "version": "1",
+        "request_id": f"r{i}",
+        "status": 200,
+        "latency_ms": 1.5,
+        "served": ["a=m:v1"],
+        "request": {"i": i},
+        "response": {"y": i},
+    }
     return json.dumps({**record, **more}) + "\n"
 
 
@@ -57,9 +65,16 @@ def test_the_log_keeps_the_newest_records_and_counts_every_line_it_skips(tmp_pat
     old.write_text("".join(line(i=i) for i in range(5)) + "\n\n")
     cut = line(i=20, request={"truncated": True, "bytes": 70_000, "head": "x"})
     new.write_text(
-        line(i=10) + "garbage\n" + line("other", i=11) + cut + '{"status": "x", "pipeline": "p"}\n' + "[]\n"
-        + line(i=12) + line(i=13, protocol="oip", request="\u0000binary tensors") + '{"pipeline": "p", "request": {"cut'
-    )  # fmt: skip
+        line(i=10)
+        + "garbage\n"
+        + line("other", i=11)
+        + cut
+        + '{"status": "x", "pipeline": "p"}\n'
+        + "[]\n"
+        + line(i=12)
+        + line(i=13, protocol="oip", request="\u0000binary tensors")
+        + '{"pipeline": "p", "request": {"cut'
+    )
     read = read_log([old, new], "p", last=3)
     assert [r.request_id for r in read.records] == ["r4", "r10", "r12"]  # oldest file first, newest kept
     assert read.skipped == {
@@ -145,8 +160,13 @@ def test_an_expired_or_out_of_range_trial_is_told_apart() -> None:
 
 
 def test_the_page_escapes_a_hostile_report() -> None:
-    hostile = {"id": "<script>x</script>", "requests": "<b>", "equal_share": "9" * 50, "changed_share": None,
-               "by_chain": [{"chain": "<img src=x>", "requests": 1, "equal_share": 1.0}, "not a dict"],
-               "latency_ms": ["nope"]}  # fmt: skip
+    hostile = {
+        "id": "<script>x</script>",
+        "requests": "<b>",
+        "equal_share": "9" * 50,
+        "changed_share": None,
+        "by_chain": [{"chain": "<img src=x>", "requests": 1, "equal_share": 1.0}, "not a dict"],
+        "latency_ms": ["nope"],
+    }
     page = render_replays([hostile, {}], running="<r>")
     assert "<script>" not in page and "<img" not in page and "&lt;r&gt;" in page and "100.0%" in page

@@ -30,9 +30,12 @@ def replay(plane: Any, *args: str, env: dict[str, str] | None = None) -> subproc
     gateway = f"http://127.0.0.1:{plane.gateway_port}"
     full = {**os.environ, "MLLAMBDA_ADMIN_ADDR": plane.admin_addr, "MLLAMBDA_GATEWAY": gateway, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "replay", *args], capture_output=True, text=True, env=full,
+        [sys.executable, "-m", "controlplane.cli", "replay", *args],
+        capture_output=True,
+        text=True,
+        env=full,
         timeout=120,
-    )  # fmt: skip
+    )
 
 
 def history(plane: Any, name: str) -> list[int]:
@@ -51,10 +54,16 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     logs = tmp_path / "payloads"
     passing(
         start_runtime(f"{M}:tokenize", "tokenize", "v1", wait=False, extra=(f"--payload-log-dir={logs}",)),
-        *(start_runtime(f"{M}:{t}", m, v, wait=False) for t, m, v in
-          (("count", "count", "v1"), ("score", "score", "v1"), ("score_v2", "score", "v2"),
-           ("broken", "broken", "v1"))),
-    )  # fmt: skip
+        *(
+            start_runtime(f"{M}:{t}", m, v, wait=False)
+            for t, m, v in (
+                ("count", "count", "v1"),
+                ("score", "score", "v1"),
+                ("score_v2", "score", "v2"),
+                ("broken", "broken", "v1"),
+            )
+        ),
+    )
     apply(control_plane, tmp_path, {**pipeline("rp"), "logging": {"percent": 100}})
     url = f"http://127.0.0.1:{control_plane.gateway_port}/pipelines/rp"
     await until_ok(url, {"text": "warm up"})
@@ -72,12 +81,24 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     other = json.loads(log.read_text().splitlines()[0]) | {"pipeline": "other"}
     cut = json.loads(log.read_text().splitlines()[0]) | {"request": {"truncated": True, "bytes": 70000, "head": "x"}}
     hostile.write_text(
-        log.read_text() + "not json at all\n[1, 2]\n" + json.dumps(other) + "\n" + json.dumps(cut) + "\n"
+        log.read_text()
+        + "not json at all\n[1, 2]\n"
+        + json.dumps(other)
+        + "\n"
+        + json.dumps(cut)
+        + "\n"
         + '{"pipeline": "rp", "status": 200, "request": {"text": "cut sh'
-    )  # fmt: skip
+    )
 
-    candidate = {**pipeline("rp", variants=[{"model": "score", "version": "v1", "weight": 50},
-                                            {"model": "score", "version": "v2", "weight": 50}])}  # fmt: skip
+    candidate = {
+        **pipeline(
+            "rp",
+            variants=[
+                {"model": "score", "version": "v1", "weight": 50},
+                {"model": "score", "version": "v2", "weight": 50},
+            ],
+        )
+    }
     (tmp_path / "candidate.yaml").write_text(yaml.safe_dump(candidate))
 
     async def live_during() -> list[tuple[int, Any, str]]:
@@ -89,11 +110,20 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     report_file = tmp_path / "report.json"
     done, live = await asyncio.gather(
         asyncio.to_thread(
-            replay, control_plane, "rp", "--candidate", str(tmp_path / "candidate.yaml"), "--log", str(hostile),
-            "--rate", "100", "--report", str(report_file),
+            replay,
+            control_plane,
+            "rp",
+            "--candidate",
+            str(tmp_path / "candidate.yaml"),
+            "--log",
+            str(hostile),
+            "--rate",
+            "100",
+            "--report",
+            str(report_file),
         ),
         live_during(),
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(report_file.read_text())
     assert report["requests"] == 201 and report["failed"] == 0, report
@@ -128,8 +158,20 @@ async def test_replay_compares_a_candidate_on_recorded_requests_and_live_traffic
     # A candidate that fails every request: counted by reason, and the exit code says so.
     broken = {**pipeline("rp", variants=[{"model": "broken", "version": "v1"}])}
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
-    failing = replay(control_plane, "rp", "--candidate", str(tmp_path / "broken.yaml"), "--log", str(log),
-                     "--last", "30", "--rate", "100", "-o", "json")  # fmt: skip
+    failing = replay(
+        control_plane,
+        "rp",
+        "--candidate",
+        str(tmp_path / "broken.yaml"),
+        "--log",
+        str(log),
+        "--last",
+        "30",
+        "--rate",
+        "100",
+        "-o",
+        "json",
+    )
     assert failing.returncode == 1, failing.stderr
     failed = json.loads(failing.stdout)
     assert failed["requests"] == 30 and failed["failed_share"] == 1.0 and failed["failed_by"] == {"status 500": 30}

@@ -52,11 +52,14 @@ def test_a_good_candidate_walks_every_step_then_is_promoted_alone() -> None:
         if p.stages[1].rollout:
             seen.append(str(shares(p)))
     assert seen == [
-        "rollout p/b net:v2 step 1/3 (10%)", "{'net.v1': 67.5, 'net.v0': 22.5, 'net.v2': 10.0}",
-        "rollout p/b net:v2 step 2/3 (50%)", "{'net.v1': 37.5, 'net.v0': 12.5, 'net.v2': 50.0}",
-        "rollout p/b net:v2 step 3/3 (100%)", "{'net.v2': 100.0}",
+        "rollout p/b net:v2 step 1/3 (10%)",
+        "{'net.v1': 67.5, 'net.v0': 22.5, 'net.v2': 10.0}",
+        "rollout p/b net:v2 step 2/3 (50%)",
+        "{'net.v1': 37.5, 'net.v0': 12.5, 'net.v2': 50.0}",
+        "rollout p/b net:v2 step 3/3 (100%)",
+        "{'net.v2': 100.0}",
         "rollout p/b net:v2 promoted",
-    ]  # fmt: skip
+    ]
     assert p.stages[1].rollout is None and [v.cluster for v in p.stages[1].variants] == ["net.v2"]
 
 
@@ -114,8 +117,11 @@ def test_a_bad_rollout_is_refused_with_its_path(stage: dict[str, object], proble
 
 def test_rollouts_need_envoy_stats_so_kafka_and_branches_are_refused() -> None:
     rollout = {"candidate": {"model": "x", "version": "v2"}}
-    kafka = {"name": "p", "transport": "kafka", "stages": [{"name": "b", "variants": [{"model": "x", "version": "v1"}],
-                                                            "rollout": rollout}]}  # fmt: skip
+    kafka = {
+        "name": "p",
+        "transport": "kafka",
+        "stages": [{"name": "b", "variants": [{"model": "x", "version": "v1"}], "rollout": rollout}],
+    }
     with pytest.raises(InvalidPipeline, match="use transport http or uds"):
         parse_pipeline(kafka)
     first = {"name": "a", "variants": [{"model": "t", "version": "v1"}]}

@@ -60,8 +60,10 @@ def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_thei
         *(start_runtime(f"{MODELS}:{target}", "echo", version, wait=False) for version, target in CANDIDATES.values()),
     )
     # Warm the baseline (its p99 is what the slow candidate is compared with).
-    warm = [{"kind": "Pipeline", "name": n, "stages": [{"name": "s", "variants": [{"model": "echo", "version": "v1"}]}]}
-            for n in CANDIDATES]  # fmt: skip
+    warm = [
+        {"kind": "Pipeline", "name": n, "stages": [{"name": "s", "variants": [{"model": "echo", "version": "v1"}]}]}
+        for n in CANDIDATES
+    ]
     (tmp_path / "warm.yaml").write_text(yaml.safe_dump_all(warm))
     assert control_plane.cli("apply", "-f", str(tmp_path / "warm.yaml"), "--wait").returncode == 0
     results: dict[str, list[tuple[float, int]]] = {n: [] for n in CANDIDATES}
@@ -121,8 +123,10 @@ def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_thei
     assert [code for _, code in results["good"] if code != 200] == []
     failed = [t for t, code in results["failing"] if code != 200 and started <= t]
     during = [t for t, _ in results["failing"] if started <= t <= ended["failing"]]
-    print(f"failing candidate: {len(failed)} of {len(during)} requests failed; rolled back after "
-          f"{ended['failing'] - started:.1f} s")  # fmt: skip
+    print(
+        f"failing candidate: {len(failed)} of {len(during)} requests failed; rolled back after "
+        f"{ended['failing'] - started:.1f} s"
+    )
     assert len(failed) <= 0.20 * 0.30 * len(during) * 2 + 5, (len(failed), len(during))
     # Once rolled back, every request answers again.
     for name in ("failing", "slow"):

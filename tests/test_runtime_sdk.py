@@ -164,8 +164,10 @@ async def test_placement_can_be_fixed(mode: str, on_loop: bool) -> None:
 def test_mllambda_runtime_refuses_a_target_it_cannot_load_before_starting_anything(target: str, message: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", "runtime", target, "--model=m", "--version=v1"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
 

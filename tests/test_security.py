@@ -112,10 +112,19 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         consul_flag = f"--consul=127.0.0.1:{consul.http_port}"
         gateway = ManagedProcess(
             "gateway",
-            [*me, "sidecar", "--node-id=gateway", "--cluster=gateway", f"--xds={plane.xds_addr}",
-             f"--admin-port={plane.gateway_admin_port}", f"--config-dir={state}", "--security=mtls", consul_flag],
+            [
+                *me,
+                "sidecar",
+                "--node-id=gateway",
+                "--cluster=gateway",
+                f"--xds={plane.xds_addr}",
+                f"--admin-port={plane.gateway_admin_port}",
+                f"--config-dir={state}",
+                "--security=mtls",
+                consul_flag,
+            ],
             logs_dir / "gateway-sec.log",
-        ).start()  # fmt: skip
+        ).start()
         started.append(gateway)
         gateway.wait_ready(processes.envoy_ready(plane.gateway_admin_port), timeout=30)
         runtimes = {}
@@ -123,12 +132,21 @@ def secure(logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             service_id = f"{model}-v1-{uuid.uuid4().hex[:6]}"
             runtime = ManagedProcess(
                 service_id,
-                [*me, "runtime", f"examples.trivial.models:{model}", f"--model={model}", "--version=v1",
-                 f"--service-id={service_id}", consul_flag, f"--xds={plane.xds_addr}", "--security=mtls",
-                 "--drain-seconds=0.5"],
+                [
+                    *me,
+                    "runtime",
+                    f"examples.trivial.models:{model}",
+                    f"--model={model}",
+                    "--version=v1",
+                    f"--service-id={service_id}",
+                    consul_flag,
+                    f"--xds={plane.xds_addr}",
+                    "--security=mtls",
+                    "--drain-seconds=0.5",
+                ],
                 logs_dir / f"{service_id}.log",
                 env={"MLLAMBDA_RUN_DIR": run_dir},
-            ).start()  # fmt: skip
+            ).start()
             started.append(runtime)
             runtimes[model] = service_id
         for model, service_id in runtimes.items():

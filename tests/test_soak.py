@@ -26,9 +26,16 @@ def test_every_kind_of_fault_under_load_fails_only_near_it_answers_nothing_wrong
     # a fault every ~10 s (jittered by the seed), each kind in turn; none in the last 50 s; a failure is charged
     # to a fault up to 40 s before it, any other is unexplained (on a quiet machine 30 s holds: the hour-long run)
     args = argparse.Namespace(
-        minutes=2.6, seed=7, rate=5.0, kafka_rate=5.0, every=10.0, window=40.0, calm=50.0, rounds=True,
+        minutes=2.6,
+        seed=7,
+        rate=5.0,
+        kafka_rate=5.0,
+        every=10.0,
+        window=40.0,
+        calm=50.0,
+        rounds=True,
         faults=",".join(KINDS),
-    )  # fmt: skip
+    )
     stack = nlp_stack()
     stack["name"] = "soak"
     with running_stack(tmp_path, stack) as (ports, env):

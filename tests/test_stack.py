@@ -59,8 +59,11 @@ def test_up_with_a_bad_stack_file_says_so_and_starts_nothing(tmp_path: Path) -> 
     path.write_text(BAD)
     result = subprocess.run(
         [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, env={"MLLAMBDA_STATE_DIR": str(tmp_path / "state")},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env={"MLLAMBDA_STATE_DIR": str(tmp_path / "state")},
+    )
     assert result.returncode == 1
     assert "has problems" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "state" / "logs").exists()

@@ -146,8 +146,10 @@ def changed_in_browser(dashboard: str, sign_in: str, tmp_path: Path, env: dict[s
         page.get(dashboard + "/models")  # every version runs here, in its own environment built on this host
         assert page.page_source.count(">built on this host") == 8 and "not built" not in page.page_source
         page.get(dashboard + "/runtimes")
-        rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
-                for r in page.find_elements(By.CSS_SELECTOR, "#runtimes tr")[1:]}  # fmt: skip
+        rows = {
+            r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+            for r in page.find_elements(By.CSS_SELECTOR, "#runtimes tr")[1:]
+        }
         assert rows["net-food:v2"] == "1/1" and len(rows) == 8, rows
         page.find_element(By.ID, "sign-out").click()  # from any page: its bar carries the session's CSRF value
         WebDriverWait(page, 15).until(shown.url_to_be(dashboard + "/"), page.current_url)  # the click returns first
@@ -272,8 +274,10 @@ def test_nlp_walkthrough(tmp_path: Path) -> None:
         page = f"http://127.0.0.1:{ports['controlplane_metrics']}/pipelines/nlp"
         before = drawn(page, tmp_path / "chrome-v1", "nlp-v1.png")
         assert {key: weight for key, (weight, _) in before["network"].items()} == {
-            ("sports", "net-sports:v1"): 1.0, ("tech", "net-tech:v1"): 1.0, ("food", "net-food:v1"): 1.0
-        }  # fmt: skip
+            ("sports", "net-sports:v1"): 1.0,
+            ("tech", "net-tech:v1"): 1.0,
+            ("food", "net-food:v1"): 1.0,
+        }
         assert before["network"][("sports", "net-sports:v1")][1] == 1.0  # the requests so far: sports
 
         replayed_v2_first(ports["gateway"], tmp_path, env)

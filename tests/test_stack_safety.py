@@ -51,9 +51,12 @@ def test_ctrl_c_with_the_output_pipe_closed_still_stops_everything(tmp_path: Pat
     path, env = small_stack(tmp_path)
     up = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "up", "-f", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+        cwd=PROJECT_ROOT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     assert up.stdout is not None
     lines = []
     for raw in up.stdout:
@@ -172,8 +175,14 @@ def test_run_folders_must_be_private_and_only_our_sockets_are_removed(tmp_path: 
     for bad, why in ((tmp_path / "link", "symlink"), (open_to_all, "open to other users")):
         with pytest.raises(PermissionError, match=why):
             files.private_dir(bad)
-    done = mllambda("runtime", "examples.trivial.models:tokenize", "--model=t", "--version=v1",
-                    env={"MLLAMBDA_RUN_DIR": str(open_to_all)}, timeout=60)  # fmt: skip
+    done = mllambda(
+        "runtime",
+        "examples.trivial.models:tokenize",
+        "--model=t",
+        "--version=v1",
+        env={"MLLAMBDA_RUN_DIR": str(open_to_all)},
+        timeout=60,
+    )
     assert done.returncode == 1 and "chmod 700" in done.stderr, done.stderr
 
     precious = mine / "notes.txt"

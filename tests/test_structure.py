@@ -367,3 +367,18 @@ def test_a_bare_sleep_is_found() -> None:
         "            time.sleep(3)\n"  # found: a function in a loop is not the loop
     )
     assert unexplained_sleeps(source) == [2, 7]
+
+
+def test_no_hand_formatting() -> None:
+    """ruff formats everything: no marker that turns it off to compress code by hand or fit a limit."""
+    marker = "# fmt: " + "skip", "# fmt: " + "off"
+    folders = ("contract", "controlplane", "runtime_sdk", "bench", "tests", "examples")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for folder in folders
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if "_gen" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if any(m in line for m in marker)
+    ]
+    assert found == []

@@ -125,9 +125,12 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 def test_the_foreground_stack_restarts_a_killed_runtime_and_backs_off_one_that_keeps_failing(stack: Stack) -> None:
     up = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "up", "-f", str(stack.path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **stack.env}, cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **stack.env},
+        cwd=PROJECT_ROOT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(raw.decode(errors="replace") for raw in up.stdout or []))
     reader.start()
@@ -174,8 +177,10 @@ def test_the_foreground_stack_restarts_a_killed_runtime_and_backs_off_one_that_k
         # 1 s back-off, the runtime's start, its check through the new sidecar (was ~25 s: discovery missed
         # the re-registration under the same ID; docs/architecture.md, "Supervision")
         assert outage < 10, outage
-        print(f"flaky back {time.monotonic() - healed:.1f} s after its fix; restarts recorded: "
-              f"{stack.processes()['flaky-v1-0']['restarts']}")  # fmt: skip
+        print(
+            f"flaky back {time.monotonic() - healed:.1f} s after its fix; restarts recorded: "
+            f"{stack.processes()['flaky-v1-0']['restarts']}"
+        )
     finally:
         if load is not None:
             load.close()

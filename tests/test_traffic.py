@@ -76,6 +76,8 @@ def test_envoys_on_this_host_are_read_at_their_admin_port_and_others_through_the
 
     here, there, open_there = runtime("127.0.0.1"), runtime("10.0.0.7", "/certs"), runtime("10.0.0.8")
     assert stats_urls([here, there, open_there], 19999, secure=True) == [
-        f"http://127.0.0.1:19999{STATS}", f"http://127.0.0.1:19000{STATS}", f"https://10.0.0.7:15001{STATS}",
-    ]  # fmt: skip
+        f"http://127.0.0.1:19999{STATS}",
+        f"http://127.0.0.1:19000{STATS}",
+        f"https://10.0.0.7:15001{STATS}",
+    ]
     assert stats_urls([there], 0, secure=False) == []  # without our own identity nothing there would admit us

@@ -162,8 +162,11 @@ def test_a_deleted_pipeline_loses_its_entry_while_its_hops_drain() -> None:
     v1 = at(PIPELINE)
     snapshots = translate([Deployment(None, (v1,))], RUNTIMES)
     assert [r.name for r in routes(snapshots["gateway"], "gateway")] == [
-        "oip-server", "oip-health", "oip-health", "not-found"
-    ]  # fmt: skip
+        "oip-server",
+        "oip-health",
+        "oip-health",
+        "not-found",
+    ]
     assert "/pipelines/p/v1/b" in {r.match.path for r in routes(snapshots["mb-v1-2"], "ingress")}
     assert carried([Deployment(None, (v1,))], RUNTIMES)["gateway"] == frozenset()
 

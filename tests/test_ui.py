@@ -30,12 +30,22 @@ def example() -> dict[str, Any]:
 def test_a_form_edits_weights_shadows_and_transport_and_nothing_else() -> None:
     doc = example()
     form = {
-        f"{CLASSIFY}[0].weight": "75", f"{CLASSIFY}[1].weight": "25", "transport": "uds",
-        "stages[1].shadow.model": "classifier", "stages[1].shadow.version": "v3", "stages[1].shadow.percent": "12.5",
-        "stages[0].shadow.model": "tokenize", "stages[0].shadow.version": "v2", "stages[0].shadow.percent": "1",
-        "stages[2].shadow.model": "", "stages[2].shadow.version": "", "stages[2].shadow.percent": "",
-        "name": "renamed", "stages[1].timeout_ms": "1", "csrf": "x",  # not editable here: ignored
-    }  # fmt: skip
+        f"{CLASSIFY}[0].weight": "75",
+        f"{CLASSIFY}[1].weight": "25",
+        "transport": "uds",
+        "stages[1].shadow.model": "classifier",
+        "stages[1].shadow.version": "v3",
+        "stages[1].shadow.percent": "12.5",
+        "stages[0].shadow.model": "tokenize",
+        "stages[0].shadow.version": "v2",
+        "stages[0].shadow.percent": "1",
+        "stages[2].shadow.model": "",
+        "stages[2].shadow.version": "",
+        "stages[2].shadow.percent": "",
+        "name": "renamed",
+        "stages[1].timeout_ms": "1",
+        "csrf": "x",  # not editable here: ignored
+    }
     new = parse_pipeline(edited(doc, form))
     assert [v.weight for v in new.stages[1].variants] == [75, 25]
     assert new.transport == "uds" and new.name == "nlp" and new.stages[1].timeout_ms == 2000
@@ -67,8 +77,16 @@ def test_what_is_not_a_number_is_reported_at_its_field() -> None:
         parse_pipeline(edited(doc, {f"{CLASSIFY}[0].weight": "0", f"{CLASSIFY}[1].weight": "0"}))
     assert [p.path for p in err.value.problems] == [CLASSIFY]  # the group's fieldset shows it
     with pytest.raises(InvalidPipeline) as err:
-        parse_pipeline(edited(doc, {"stages[1].shadow.model": "classifier", "stages[1].shadow.version": "v3",
-                                    "stages[1].shadow.percent": "lots"}))  # fmt: skip
+        parse_pipeline(
+            edited(
+                doc,
+                {
+                    "stages[1].shadow.model": "classifier",
+                    "stages[1].shadow.version": "v3",
+                    "stages[1].shadow.percent": "lots",
+                },
+            )
+        )
     assert [p.path for p in err.value.problems] == ["stages[1].shadow.percent"]
     back = problems_from_details(str(InvalidPipeline(err.value.problems)))
     assert [(p.path, p.message) for p in back] == [(p.path, p.message) for p in err.value.problems]
@@ -93,11 +111,13 @@ def test_a_form_adds_a_variant_at_its_share_removes_one_and_starts_a_rollout() -
     # What cannot be done is reported at its field and changes nothing.
     hostile = {
         f"{CLASSIFY}.add": "classifier:v1",  # in the group already
-        f"{politics}.add": "mlp-politics:v2", f"{politics}.add_share": "100",  # the whole group: not a share
+        f"{politics}.add": "mlp-politics:v2",
+        f"{politics}.add_share": "100",  # the whole group: not a share
         "stages[2].branches[0].variants.add": "no-colon\nhere",
-        "stages[1].rollout.start": "classifier:v3", "stages[1].rollout.steps": "10, lots",
+        "stages[1].rollout.start": "classifier:v3",
+        "stages[1].rollout.steps": "10, lots",
         "stages[0].variants[0].remove": "on",  # its only variant
-    }  # fmt: skip
+    }
     assert sorted((p.path, p.message.split(",")[0]) for p in form_problems(doc, hostile)) == [
         ("stages[0].variants[0].remove", "a group keeps at least one variant"),
         ("stages[1].rollout.steps", "percents from 1 to 100 separated by commas"),

@@ -104,8 +104,10 @@ async def test_bodies_in_pieces_cut_anywhere_are_read_whole_and_in_order() -> No
     try:
         for seed in range(8):
             rng = random.Random(seed)
-            bodies = [rng.randbytes(rng.choice([0, 1, 700, 70_000, 300_000])).hex()[: rng.randrange(1, 400_000)]
-                      for _ in range(4)]  # fmt: skip
+            bodies = [
+                rng.randbytes(rng.choice([0, 1, 700, 70_000, 300_000])).hex()[: rng.randrange(1, 400_000)]
+                for _ in range(4)
+            ]
             raw = b"".join(post(f"/{i}", b.encode()) for i, b in enumerate(bodies))
             raw += CHUNKED + b"3\r\nabc\r\n0\r\n\r\n" + post("/last", b"z")
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -489,8 +491,10 @@ def mutated(rng: random.Random) -> tuple[bytes, bytes | None]:
             None,
         )
     if kind == 5:  # chunks of random (often wrong) sizes
-        chunks = b"".join(f"{rng.randrange(0, 40):x}\r\n".encode() + rng.randbytes(rng.randrange(0, 40)) + b"\r\n"
-                          for _ in range(rng.randrange(1, 5)))  # fmt: skip
+        chunks = b"".join(
+            f"{rng.randrange(0, 40):x}\r\n".encode() + rng.randbytes(rng.randrange(0, 40)) + b"\r\n"
+            for _ in range(rng.randrange(1, 5))
+        )
         return b"POST /m HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", None
     if kind == 6:  # control characters and non-ASCII in a header
         value = bytes(rng.choice([0, 10, 13, 127, 200, 255, 65]) for _ in range(rng.randrange(1, 10)))

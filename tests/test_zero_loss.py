@@ -113,10 +113,14 @@ async def test_twenty_two_changes_under_load_fail_no_request(
     kafka_plane: Any, gateway: Any, start_runtime: Any, tmp_path: Path
 ) -> None:
     for target, model, version in [
-        ("tokenize", "tokenize", "v1"), ("count", "count", "v1"), ("length_class", "classify", "v1"),
-        ("score", "score", "v1"), ("score_v2", "score", "v2"),
-        ("short_model", "short", "v1"), ("long_model", "long", "v1"),
-    ]:  # fmt: skip
+        ("tokenize", "tokenize", "v1"),
+        ("count", "count", "v1"),
+        ("length_class", "classify", "v1"),
+        ("score", "score", "v1"),
+        ("score_v2", "score", "v2"),
+        ("short_model", "short", "v1"),
+        ("long_model", "long", "v1"),
+    ]:
         start_runtime(f"{M}:{target}", model, version, wait=False)
     for model, replicas in [("tokenize", 1), ("count", 1), ("classify", 1), ("score", 2), ("short", 1), ("long", 1)]:
         await wait_for(lambda m=model, n=replicas: _passing(kafka_plane, m) >= n, timeout=60)

@@ -33,8 +33,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             rows = json.loads(admin.SetBaseline(request).status_json)
             base = rows[0]["baseline"] if rows else None
             if base:
-                print(f"model/{model}:{version} baseline set: {base['requests']} {_source(base)}; "
-                      f"drift threshold {base['threshold']:g} (PSI)")  # fmt: skip
+                print(
+                    f"model/{model}:{version} baseline set: {base['requests']} {_source(base)}; "
+                    f"drift threshold {base['threshold']:g} (PSI)"
+                )
             return 0
         model, version = _ref(args.ref) if args.ref else ("", "")
         rows = json.loads(admin.GetMonitorStatus(pb.MonitorStatusRequest(model=model, version=version)).status_json)
@@ -59,15 +61,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         base = row["baseline"]
         about = (
             f"baseline {base['created_at']} ({base['requests']} {_source(base)}), threshold {base['threshold']:g}"
-            if base else "no baseline: `mllambda monitor baseline M:V`"
-        )  # fmt: skip
+            if base
+            else "no baseline: `mllambda monitor baseline M:V`"
+        )
         if row.get("broken_baseline"):
             about = f"baseline unreadable: {row['broken_baseline']}"
         lines.append(f"{row['model']}:{row['version']}  {row['requests']} profiled in the last minute; {about}")
         for d in row["drift"]:
             mark = "  DRIFTED" if base and d["psi"] > base["threshold"] else ""
-            lines.append(f"  {d['side']}.{d['field']} ({d['of']}): PSI {d['psi']:.3f}, {d['measure']} "
-                         f"{d['distance']:.3f}{mark}")  # fmt: skip
+            lines.append(
+                f"  {d['side']}.{d['field']} ({d['of']}): PSI {d['psi']:.3f}, {d['measure']} {d['distance']:.3f}{mark}"
+            )
         if row["too_few"]:
             lines.append(f"  too few values to judge: {', '.join(row['too_few'][:10])}")
     return "\n".join(lines)

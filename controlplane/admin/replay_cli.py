@@ -73,9 +73,15 @@ def _skipped(read: LogRead) -> str:
 
 
 async def _send(
-    url_base: str, name: str, secret: str, records: list[Recorded], rate: float, concurrency: int, timeout: float,
+    url_base: str,
+    name: str,
+    secret: str,
+    records: list[Recorded],
+    rate: float,
+    concurrency: int,
+    timeout: float,
     tally: Tally,
-) -> None:  # fmt: skip
+) -> None:
     """Every record through the trial at `rate` per second with at most `concurrency` at once, judged as answered."""
     slots = asyncio.Semaphore(concurrency)
     started, last_said = time.monotonic(), 0.0
@@ -115,8 +121,11 @@ async def _send(
             if time.monotonic() - last_said > PROGRESS_EVERY:
                 last_said = time.monotonic()
                 t = tally.total
-                print(f"  replayed {t.requests}/{len(records)}: {t.equal} equal, {t.changed} changed, "
-                      f"{t.failed} failed", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"  replayed {t.requests}/{len(records)}: {t.equal} equal, {t.changed} changed, {t.failed} failed",
+                    file=sys.stderr,
+                    flush=True,
+                )
         await asyncio.gather(*tasks)
 
 
@@ -159,8 +168,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         candidate = _candidate(args.candidate, name)
         files = log_files(args.log, name)
         read = read_log(files, name, args.last, args.since)
-        print(f"read {len(read.records)} records of pipeline/{name} from {', '.join(map(str, files))}"
-              f" ({read.lines} lines; skipped: {_skipped(read)})", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"read {len(read.records)} records of pipeline/{name} from {', '.join(map(str, files))}"
+            f" ({read.lines} lines; skipped: {_skipped(read)})",
+            file=sys.stderr,
+            flush=True,
+        )
         if not read.records:
             raise CliError(f"no record to replay ({read.lines} lines read; skipped: {_skipped(read)})")
         request = pb.StartReplayRequest(candidate=spec_to_proto(candidate), ttl_seconds=args.ttl)
@@ -174,8 +187,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             tally = Tally(args.tolerance)
             began = time.time()
             gateway = (args.gateway or os.environ.get("MLLAMBDA_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
-            asyncio.run(_send(gateway, name, trial.secret, read.records, args.rate, args.concurrency, args.timeout,
-                              tally))  # fmt: skip
+            asyncio.run(
+                _send(gateway, name, trial.secret, read.records, args.rate, args.concurrency, args.timeout, tally)
+            )
             report = {
                 **tally.report(),
                 "started_at": began,
@@ -212,8 +226,10 @@ def _table(name: str, r: dict[str, Any]) -> str:
         f"{'REQUESTS':>8}  {'EQUAL':>6}  {'CHANGED':>7}  {'FAILED':>6}  SERVED BY THE CANDIDATE",
     ]
     for c in r["by_chain"]:
-        lines.append(f"{c['requests']:>8}  {c['equal_share']:>6.1%}  {c['changed_share']:>7.1%}  "
-                     f"{c['failed_share']:>6.1%}  {c['chain']}")  # fmt: skip
+        lines.append(
+            f"{c['requests']:>8}  {c['equal_share']:>6.1%}  {c['changed_share']:>7.1%}  "
+            f"{c['failed_share']:>6.1%}  {c['chain']}"
+        )
     if r["changed_fields"]:
         lines += ["", "changed fields: " + ", ".join(f"{k} ({n})" for k, n in list(r["changed_fields"].items())[:10])]
     if r["failed_by"]:
@@ -233,8 +249,10 @@ def _list(admin: AdminClient, name: str, output: str) -> int:
     for t in running:
         print(f"running  {t['id']}  (lapses in {t['expires_at'] - time.time():.0f}s)")
     for r in reports:
-        print(f"done     {r.get('id')}  {r.get('requests')} requests, {r.get('equal_share', 0):.1%} equal, "
-              f"{r.get('changed_share', 0):.1%} changed, {r.get('failed_share', 0):.1%} failed")  # fmt: skip
+        print(
+            f"done     {r.get('id')}  {r.get('requests')} requests, {r.get('equal_share', 0):.1%} equal, "
+            f"{r.get('changed_share', 0):.1%} changed, {r.get('failed_share', 0):.1%} failed"
+        )
     if not running and not reports:
         print(f"no replays of pipeline/{name}")
     return 0
@@ -247,8 +265,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("pipeline")
     p.add_argument("--candidate", help="the candidate's YAML definition (without it: list this pipeline's replays)")
-    p.add_argument("--log", action="append", default=[], help="payload log file(s), oldest first (default: the "
-                   "pipeline's log in the local stack's or this user's run folder)")  # fmt: skip
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        help="payload log file(s), oldest first (default: the "
+        "pipeline's log in the local stack's or this user's run folder)",
+    )
     p.add_argument("--last", type=int, default=1000, help=f"the newest N records (default 1000, at most {MAX_RECORDS})")
     p.add_argument("--since", default="", help="only records at or after this UTC time (2026-12-06T10:00:00Z)")
     p.add_argument("--rate", type=float, default=DEFAULT_RATE, help=f"requests per second (default {DEFAULT_RATE:g})")

@@ -67,8 +67,16 @@ def _record(raw: Any, pipeline: str) -> Recorded | str:
     protocol = "oip" if raw.get("protocol") == "oip" else "json"
     if protocol == "oip" and not isinstance(request, dict):
         return "binary OIP request (the log keeps it as text)"
-    return Recorded(str(raw.get("request_id", "")), str(raw.get("at", "")), request, response, status, latency,
-                    tuple(served), protocol)  # fmt: skip
+    return Recorded(
+        str(raw.get("request_id", "")),
+        str(raw.get("at", "")),
+        request,
+        response,
+        status,
+        latency,
+        tuple(served),
+        protocol,
+    )
 
 
 def _lines(stream: TextIO) -> Iterator[str | None]:
@@ -129,8 +137,11 @@ def differences(recorded: Any, answered: Any, tolerance: float, path: str = "") 
     if isinstance(recorded, list) and isinstance(answered, list):
         if len(recorded) != len(answered):
             return [path or "(answer)"]
-        return [d for i, (a, b) in enumerate(zip(recorded, answered, strict=True))
-                for d in differences(a, b, tolerance, f"{path}[{i}]")]  # fmt: skip
+        return [
+            d
+            for i, (a, b) in enumerate(zip(recorded, answered, strict=True))
+            for d in differences(a, b, tolerance, f"{path}[{i}]")
+        ]
     if _number(recorded) and _number(answered):
         same = math.isclose(recorded, answered, rel_tol=tolerance, abs_tol=tolerance)
         return [] if same else [path or "(answer)"]
@@ -177,8 +188,12 @@ class Counts:
 
     def as_dict(self) -> dict[str, Any]:
         share = (lambda n: round(n / self.requests, 4)) if self.requests else (lambda n: 0.0)
-        return {**self.__dict__, "equal_share": share(self.equal), "changed_share": share(self.changed),
-                "failed_share": share(self.failed)}  # fmt: skip
+        return {
+            **self.__dict__,
+            "equal_share": share(self.equal),
+            "changed_share": share(self.changed),
+            "failed_share": share(self.failed),
+        }
 
 
 @dataclass
@@ -226,7 +241,7 @@ class Tally:
             "failed_by": dict(self.failed_by.most_common()),
             "latency_ms": {"recorded": _quantiles(self.recorded_ms), "candidate": _quantiles(self.answered_ms)},
             "examples": self.examples,
-        }  # fmt: skip
+        }
 
 
 def _example(record: Recorded, answer: Answer, diff: list[str]) -> dict[str, Any]:
@@ -234,8 +249,13 @@ def _example(record: Recorded, answer: Answer, diff: list[str]) -> dict[str, Any
         text = json.dumps(value)
         return value if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "..."
 
-    return {"request_id": record.request_id, "fields": diff[:10], "request": cut(record.request),
-            "recorded": cut(record.response), "candidate": cut(answer.body)}  # fmt: skip
+    return {
+        "request_id": record.request_id,
+        "fields": diff[:10],
+        "request": cut(record.request),
+        "recorded": cut(record.response),
+        "candidate": cut(answer.body),
+    }
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:

@@ -163,9 +163,10 @@ def metadata_response(body: bytes) -> pb.ModelMetadataResponse:
     try:
         about = json.loads(body)
         response = pb.ModelMetadataResponse(
-            name=str(about["name"]), versions=[str(v) for v in about.get("versions", [])],
+            name=str(about["name"]),
+            versions=[str(v) for v in about.get("versions", [])],
             platform=str(about.get("platform", "")),
-        )  # fmt: skip
+        )
         for side in ("inputs", "outputs"):
             for t in about.get(side, []):
                 getattr(response, side).add(name=str(t["name"]), datatype=str(t["datatype"]), shape=t["shape"])

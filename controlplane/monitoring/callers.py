@@ -90,10 +90,15 @@ def merged(reads: Iterable[Read]) -> list[CallerCounts]:
                 folded[OTHER][outcome] = folded[OTHER].get(outcome, 0) + n
         shown = {k: keys[k] for k in named[:MAX_KEYS]} | ({OTHER: folded[OTHER]} if folded[OTHER] else {})
         version_rows = [
-            CallerCounts(model, version, key, outcomes.get("admitted", 0),
-                         {o: n for o, n in outcomes.items() if o != "admitted" and n})
+            CallerCounts(
+                model,
+                version,
+                key,
+                outcomes.get("admitted", 0),
+                {o: n for o, n in outcomes.items() if o != "admitted" and n},
+            )
             for key, outcomes in shown.items()
-        ]  # fmt: skip
+        ]
         rows += sorted(version_rows, key=lambda r: (-sum(r.refused.values()), -r.total, r.caller))
     return rows
 

@@ -194,9 +194,15 @@ class Monitor:
         return state.since(self._window() - CURRENT_WINDOWS) if state else Profile()
 
     def _judge(self) -> None:
-        self.agreement = {shadow: agreement(self.answers.get(shadow, {}), [self.answers.get(p, {}) for p in
-                                            sorted(primaries)], sorted(primaries), shared)
-                          for shadow, primaries, shared in self.relations()}  # fmt: skip
+        self.agreement = {
+            shadow: agreement(
+                self.answers.get(shadow, {}),
+                [self.answers.get(p, {}) for p in sorted(primaries)],
+                sorted(primaries),
+                shared,
+            )
+            for shadow, primaries, shared in self.relations()
+        }
         now = self.clock()
         for shadow, rows in self.agreement.items():
             seen = {f"{a['field']} vs {a['against']}": a["agreement"] for a in rows}
@@ -270,8 +276,14 @@ class Monitor:
         self, model: str, version: str, profile: Profile, threshold: float, seconds: int, source: str
     ) -> Baseline:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
-        record = {"profile": profile.write(), "threshold": threshold, "created_at": created,
-                  "window_seconds": seconds, "requests": profile.requests, "source": source}  # fmt: skip
+        record = {
+            "profile": profile.write(),
+            "threshold": threshold,
+            "created_at": created,
+            "window_seconds": seconds,
+            "requests": profile.requests,
+            "source": source,
+        }
         text = json.dumps(record)
         if len(text) > MAX_BASELINE:
             raise MonitorError(f"the baseline is {len(text)} bytes, over {MAX_BASELINE}: too many fields to keep")
@@ -293,17 +305,29 @@ class Monitor:
             state = self.versions.get(version, VersionState())
             base = self.baselines.get(version)
             now = self.current(version)
-            rows.append({
-                "model": version[0], "version": version[1], "requests": now.requests,
-                "fields": {f"{side}.{n}": summary(p) for side, fields in now.sides.items() for n, p in fields.items()},
-                "baseline": None if base is None else {"created_at": base.created_at, "requests": base.requests,
-                                                       "window_seconds": base.window_seconds,
-                                                       "threshold": base.threshold, "source": base.source},
-                "broken_baseline": self.broken_baselines.get(version),
-                "drift": [d.__dict__ for d in state.drift],
-                "too_few": state.too_few,
-                "agreement": self.agreement.get(model_cluster(*version), []),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": version[0],
+                    "version": version[1],
+                    "requests": now.requests,
+                    "fields": {
+                        f"{side}.{n}": summary(p) for side, fields in now.sides.items() for n, p in fields.items()
+                    },
+                    "baseline": None
+                    if base is None
+                    else {
+                        "created_at": base.created_at,
+                        "requests": base.requests,
+                        "window_seconds": base.window_seconds,
+                        "threshold": base.threshold,
+                        "source": base.source,
+                    },
+                    "broken_baseline": self.broken_baselines.get(version),
+                    "drift": [d.__dict__ for d in state.drift],
+                    "too_few": state.too_few,
+                    "agreement": self.agreement.get(model_cluster(*version), []),
+                }
+            )
         return rows
 
     def page(self) -> list[dict[str, Any]]:
@@ -315,9 +339,11 @@ class Monitor:
             base, now = self.baselines.get(version), self.current(version)
             row["bins"] = {
                 f"{side}.{name}": bins(field_base, now.sides[side][name])
-                for side in now.sides if base is not None
-                for name, field_base in base.profile.sides[side].items() if name in now.sides[side]
-            }  # fmt: skip
+                for side in now.sides
+                if base is not None
+                for name, field_base in base.profile.sides[side].items()
+                if name in now.sides[side]
+            }
             row["drift_over_time"] = list(self.drift_history.get(version, ()))
             row["agreement_over_time"] = list(self.agreement_history.get(model_cluster(*version), ()))
         return rows

@@ -60,10 +60,14 @@ class FieldProfile:
     def read(cls, raw: Mapping[str, Any]) -> FieldProfile:
         kinds = raw.get("kinds") or {}
         return cls(
-            int(raw.get("count", 0)), int(raw.get("nulls", 0)), int(raw.get("odd", 0)),
+            int(raw.get("count", 0)),
+            int(raw.get("nulls", 0)),
+            int(raw.get("odd", 0)),
             Counter({str(k): int(v) for k, v in kinds.items()}) if isinstance(kinds, dict) else Counter(),
-            _kll(raw.get("numbers")), _items(raw.get("items")), _kll(raw.get("lengths")),
-        )  # fmt: skip
+            _kll(raw.get("numbers")),
+            _items(raw.get("items")),
+            _kll(raw.get("lengths")),
+        )
 
     def merge(self, other: FieldProfile) -> None:
         self.count += other.count
@@ -231,6 +235,13 @@ def bins(base: FieldProfile, now: FieldProfile) -> list[dict[str, Any]]:
         b_total, n_total = base.items.total_weight, max(now.items.total_weight, 1)
         b = [base.items.get_estimate(x) / b_total for x in names]
         n = [now.items.get_estimate(x) / n_total for x in names]
-        found.insert(0, {"of": "value", "labels": [*names, "(the rest)"], "baseline": [*b, max(0.0, 1 - sum(b))],
-                         "current": [*n, max(0.0, 1 - sum(n))]})  # fmt: skip
+        found.insert(
+            0,
+            {
+                "of": "value",
+                "labels": [*names, "(the rest)"],
+                "baseline": [*b, max(0.0, 1 - sum(b))],
+                "current": [*n, max(0.0, 1 - sum(n))],
+            },
+        )
     return found

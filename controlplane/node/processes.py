@@ -346,8 +346,13 @@ def connect_ca_config(consul: Path, folder: Path) -> Path:
     if config.exists():
         return config
     private_dir(folder)
-    made = subprocess.run([str(consul), "tls", "ca", "create", "-domain", "mllambda", "-days", "3650"],
-                          cwd=folder, capture_output=True, text=True, timeout=60)  # fmt: skip
+    made = subprocess.run(
+        [str(consul), "tls", "ca", "create", "-domain", "mllambda", "-days", "3650"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if made.returncode != 0:
         raise RuntimeError(f"consul tls ca create failed: {made.stderr.strip()[-300:]}")
     key, root = folder / "mllambda-agent-ca-key.pem", folder / "mllambda-agent-ca.pem"

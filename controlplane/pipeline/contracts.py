@@ -51,8 +51,13 @@ def _input_problems(pipeline: Pipeline, contracts: Contracts) -> list[Problem]:
     for path, variant in _variants(first, 0):
         contract = contracts.get((variant.model, variant.version))
         for name in sorted(_names(contract, "inputs") - given) if contract is not None else ():
-            found.append(Problem(path, f"{variant.model}:{variant.version} reads {name!r}, which the pipeline's "
-                                       f"input does not hold (input: {shown})"))  # fmt: skip
+            found.append(
+                Problem(
+                    path,
+                    f"{variant.model}:{variant.version} reads {name!r}, which the pipeline's "
+                    f"input does not hold (input: {shown})",
+                )
+            )
     return found
 
 

@@ -179,8 +179,11 @@ class Stage:
         cluster, the clusters it is compared with, whether only the fields both answer count). A shadow against
         the variants it shadows (every field of theirs: one it leaves out disagrees); an ensemble member against
         the join (the fields both answer: members answer parts) and a member's shadow against that member."""
-        found = [(self.shadow.cluster, frozenset(v.cluster for v in self.all_variants()), False)] if (
-            self.shadow and not self.members) else []  # fmt: skip
+        found = (
+            [(self.shadow.cluster, frozenset(v.cluster for v in self.all_variants()), False)]
+            if (self.shadow and not self.members)
+            else []
+        )
         for m in self.members:
             mine = frozenset(v.cluster for _, variants in m.groups() for v in variants)
             if self.join is not None:

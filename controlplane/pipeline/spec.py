@@ -211,8 +211,10 @@ class _Parser:
         data = self.mapping(raw, "fairness", {"header", "shares"})
         header = data.get("header")
         if not isinstance(header, str) or not HEADER_NAME.fullmatch(header) or header.startswith(RESERVED_HEADERS):
-            self.bad("fairness.header", f"a lower-case header name (a-z, 0-9, -; up to 64), not x-mll-* or x-envoy-*"
-                     f", got {str(header)[:40]!r}")  # fmt: skip
+            self.bad(
+                "fairness.header",
+                f"a lower-case header name (a-z, 0-9, -; up to 64), not x-mll-* or x-envoy-*, got {str(header)[:40]!r}",
+            )
             header = ""
         raw_shares = data.get("shares")
         if raw_shares is None:

@@ -139,8 +139,13 @@ def steering(p: Pipeline, version: int, k: int) -> list[Any]:
     where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
     stage = p.stages[k]  # its answers are compared with the shadow's, or (a join) with the members'
     agree = [r.header(h.AGREE, "1")] if stage.shadow or (stage.members and stage.join) else []
-    return [r.header(h.STAGE, p.stages[k].name), r.header(h.TRANSPORT, p.transport), *agree, max_body(p),
-            *onward(p, version, k + 1)]  # fmt: skip
+    return [
+        r.header(h.STAGE, p.stages[k].name),
+        r.header(h.TRANSPORT, p.transport),
+        *agree,
+        max_body(p),
+        *onward(p, version, k + 1),
+    ]
 
 
 def max_body(p: Pipeline) -> Any:
@@ -375,8 +380,13 @@ def body_limited(p: Pipeline, entries: Sequence[rc.Route]) -> list[rc.Route]:
     """A pipeline's way in, guarded by its max_body before any stage sees a byte: a request whose Content-Length
     is over it is a 413 at once; one without (chunked) is read whole at the gateway (Envoy's buffer filter, up to
     max_body, then a 413) and then sent on; the rest stream through as before."""
-    why = json.dumps({"error": f"the request body is over the max_body of pipeline {p.name} ({p.max_body} bytes)",
-                      "code": 413, "max_body": p.max_body})  # fmt: skip
+    why = json.dumps(
+        {
+            "error": f"the request body is over the max_body of pipeline {p.name} ({p.max_body} bytes)",
+            "code": 413,
+            "max_body": p.max_body,
+        }
+    )
     over = rc.HeaderMatcher(name=_LENGTH, range_match=range_pb2.Int64Range(start=p.max_body + 1, end=2**62))
     paths = list(dict.fromkeys(route.match.path for route in entries))
     guarded = [_answer(f"{p.name}/too-large", rc.RouteMatch(path=path, headers=[over]), 413, why) for path in paths]

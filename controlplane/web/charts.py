@@ -219,8 +219,10 @@ def line_chart(
             f"y2='{base}'/><rect x='{xs[first]:.1f}' y='14' width='{w}' height='14' rx='3'/>"
             f"<text x='{xs[first] + 4:.1f}' y='25' font-size='10'>{text}</text></g>"
         )
-    listed = [f"<li>{i + 1}: {e(label)} <span class='muted'>({_duration(end - t)} ago)</span></li>"
-              for i, (t, label) in enumerate(shown)]  # fmt: skip
+    listed = [
+        f"<li>{i + 1}: {e(label)} <span class='muted'>({_duration(end - t)} ago)</span></li>"
+        for i, (t, label) in enumerate(shown)
+    ]
     for i, (label, points) in enumerate(sorted(series.items())):
         kind = f"s{i % SERIES_CLASSES + 1}"
         if points:
@@ -256,24 +258,32 @@ def distribution_svg(title: str, labels: Sequence[str], baseline: Sequence[float
         return height - bottom - (height - bottom - 14) * value / top
 
     def bar(i: int, value: float, offset: float, series: str) -> str:
-        return (f"<rect class='{series}' data-series='{series}' x='{left + i * slot + offset:.1f}' "
-                f"y='{y(value):.1f}' width='{slot * 0.4:.1f}' height='{height - bottom - y(value):.1f}'><title>"
-                f"{series} {e(labels[i])}: {value:.1%}</title></rect>")  # fmt: skip
+        return (
+            f"<rect class='{series}' data-series='{series}' x='{left + i * slot + offset:.1f}' "
+            f"y='{y(value):.1f}' width='{slot * 0.4:.1f}' height='{height - bottom - y(value):.1f}'><title>"
+            f"{series} {e(labels[i])}: {value:.1%}</title></rect>"
+        )
 
-    parts = [f"<text x='{left}' y='10' font-weight='bold'>{e(title)}</text>",
-             f"<line class='grid' x1='{left}' y1='{y(most):.1f}' x2='{width}' y2='{y(most):.1f}'/>",
-             f"<text x='{left - 4}' y='{y(most) + 4:.1f}' text-anchor='end' class='dim'>{most:.0%}</text>",
-             f"<text x='{left - 4}' y='{height - bottom}' text-anchor='end' class='dim'>0%</text>",
-             f"<rect class='baseline' x='{width - 170}' y='2' width='10' height='10'/>",
-             f"<text x='{width - 156}' y='11'>baseline</text>",
-             f"<rect class='now' x='{width - 90}' y='2' width='10' height='10'/>",
-             f"<text x='{width - 76}' y='11'>now</text>"]  # fmt: skip
+    parts = [
+        f"<text x='{left}' y='10' font-weight='bold'>{e(title)}</text>",
+        f"<line class='grid' x1='{left}' y1='{y(most):.1f}' x2='{width}' y2='{y(most):.1f}'/>",
+        f"<text x='{left - 4}' y='{y(most) + 4:.1f}' text-anchor='end' class='dim'>{most:.0%}</text>",
+        f"<text x='{left - 4}' y='{height - bottom}' text-anchor='end' class='dim'>0%</text>",
+        f"<rect class='baseline' x='{width - 170}' y='2' width='10' height='10'/>",
+        f"<text x='{width - 156}' y='11'>baseline</text>",
+        f"<rect class='now' x='{width - 90}' y='2' width='10' height='10'/>",
+        f"<text x='{width - 76}' y='11'>now</text>",
+    ]
     for i, label in enumerate(labels):
         parts.append(bar(i, baseline[i], slot * 0.1, "baseline"))
         parts.append(bar(i, current[i], slot * 0.5, "now"))
         lx, ly = left + i * slot + slot / 2, height - bottom + 10
-        parts.append(f"<text x='{lx:.1f}' y='{ly}' text-anchor='end' font-size='9' transform='rotate(-40 {lx:.1f} "
-                     f"{ly})'>{e(label[:14])}</text>")  # fmt: skip
-    return (f"<svg class='distribution' role='img' aria-label='{e(title)}: share of values per bin, baseline and now' "
-            f"xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
-            f"font-family='sans-serif' font-size='11'>{''.join(parts)}</svg>")  # fmt: skip
+        parts.append(
+            f"<text x='{lx:.1f}' y='{ly}' text-anchor='end' font-size='9' transform='rotate(-40 {lx:.1f} "
+            f"{ly})'>{e(label[:14])}</text>"
+        )
+    return (
+        f"<svg class='distribution' role='img' aria-label='{e(title)}: share of values per bin, baseline and now' "
+        f"xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}' "
+        f"font-family='sans-serif' font-size='11'>{''.join(parts)}</svg>"
+    )

@@ -96,8 +96,18 @@ def status_document(view: PlaneView, traffic: Sequence[VariantTraffic]) -> dict[
     }
 
 
-REPLAY_KEYS = ("id", "requests", "equal_share", "changed_share", "failed_share", "by_chain", "failed_by",
-               "latency_ms", "candidate_models", "finished_at")  # fmt: skip
+REPLAY_KEYS = (
+    "id",
+    "requests",
+    "equal_share",
+    "changed_share",
+    "failed_share",
+    "by_chain",
+    "failed_by",
+    "latency_ms",
+    "candidate_models",
+    "finished_at",
+)
 REPLAYS_SHOWN = 3  # on a pipeline's page
 
 

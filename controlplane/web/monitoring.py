@@ -60,11 +60,19 @@ def monitoring_page(
         fields = []
         for name, summary in sorted(row["fields"].items()):
             drifts = [d for d in row["drift"] if f"{d['side']}.{d['field']}" == name]
-            state = "drifted" if name in drifted else "too few" if name in row["too_few"] else (
-                "stable" if drifts else "no baseline")  # fmt: skip
-            pictures = [jinja2.utils.markupsafe.Markup(distribution_svg(f"{name} ({b['of']})", b["labels"],
-                                                                        b["baseline"], b["current"]))
-                        for b in row.get("bins", {}).get(name, [])]  # fmt: skip
+            state = (
+                "drifted"
+                if name in drifted
+                else "too few"
+                if name in row["too_few"]
+                else ("stable" if drifts else "no baseline")
+            )
+            pictures = [
+                jinja2.utils.markupsafe.Markup(
+                    distribution_svg(f"{name} ({b['of']})", b["labels"], b["baseline"], b["current"])
+                )
+                for b in row.get("bins", {}).get(name, [])
+            ]
             fields.append({"name": name, "summary": summary, "drifts": drifts, "state": state, "pictures": pictures})
         charts = []
         start = now - 600

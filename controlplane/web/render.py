@@ -15,8 +15,13 @@ import jinja2
 HERE = Path(__file__).parent
 STYLESHEET = HERE / "static" / "mllambda.css"
 SCRIPT = HERE / "static" / "mllambda.js"
-SECTIONS = (("/", "Pipelines"), ("/runtimes", "Runtimes"), ("/models", "Models"), ("/monitoring", "Monitoring"),
-            ("/yaml", "YAML editor"))  # fmt: skip
+SECTIONS = (
+    ("/", "Pipelines"),
+    ("/runtimes", "Runtimes"),
+    ("/models", "Models"),
+    ("/monitoring", "Monitoring"),
+    ("/yaml", "YAML editor"),
+)
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
     autoescape=True,  # every template, whatever its name

@@ -70,8 +70,9 @@ class Hosts:
         return proc
 
     def run(self, host: int, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.names[host], *argv], capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            ["ip", "netns", "exec", self.names[host], *argv], capture_output=True, text=True, timeout=timeout
+        )
 
     def link(self, host: int, up: bool) -> None:
         """Cut (or restore) a host's only link: its processes live on, unreachable."""

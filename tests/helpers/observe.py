@@ -60,7 +60,7 @@ def driven_browser(profile: Path) -> Iterator[Any]:
         "--window-size=1280,1400",
         f"--user-data-dir={profile}",
     ):
-        options.add_argument(flag)  # fmt: skip
+        options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         yield driver
@@ -69,8 +69,16 @@ def driven_browser(profile: Path) -> Iterator[Any]:
 
 
 def browser(*args: str) -> subprocess.CompletedProcess[str]:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     return subprocess.run([chromium(), *flags, *args], capture_output=True, text=True, timeout=60)
 
 

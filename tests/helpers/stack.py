@@ -12,5 +12,9 @@ from controlplane.config import PROJECT_ROOT
 def mllambda(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "controlplane.cli", *args],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=timeout, cwd=PROJECT_ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )

@@ -13,10 +13,18 @@ from controlplane.xds.snapshot import ROUTE, Snapshot
 
 def instance(model: str, version: str, n: int, passing: bool = True, kafka_port: int = 0) -> RuntimeService:
     return RuntimeService(
-        f"{model}-{version}-{n}", model, version, "127.0.0.1", passing=passing,
-        runtime_port=7000 + n, runtime_uds=f"/run/{model}-{n}.sock", ingress_port=8000 + n,
-        egress_port=9000 + n, egress_uds=f"/run/{model}-{n}-egress.sock", kafka_port=kafka_port,
-    )  # fmt: skip
+        f"{model}-{version}-{n}",
+        model,
+        version,
+        "127.0.0.1",
+        passing=passing,
+        runtime_port=7000 + n,
+        runtime_uds=f"/run/{model}-{n}.sock",
+        ingress_port=8000 + n,
+        egress_port=9000 + n,
+        egress_uds=f"/run/{model}-{n}-egress.sock",
+        kafka_port=kafka_port,
+    )
 
 
 PIPELINE = parse_pipeline(
