@@ -16,7 +16,7 @@ from typing import Any
 from contract.payload import flat
 from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
-from controlplane.admin.server import NotServedYet, guard
+from controlplane.admin.server import Context, NotServedYet, guard
 from controlplane.config import cache_dir
 from controlplane.models.envs import env_folder, env_python, prune_host
 from controlplane.models.package import MAX_PACKAGE, read_member, read_meta
@@ -107,7 +107,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         return self.monitor
 
     @guard
-    async def SetBaseline(self, request: Any, context: Any) -> Any:
+    async def SetBaseline(self, request: pb.SetBaselineRequest, context: Context) -> pb.MonitorStatusResponse:
         check_names(request.model, request.version)
         seconds = request.window_seconds or 300
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
@@ -138,7 +138,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
             raise BadPackage(f"{name}: {err}") from err
 
     @guard
-    async def GetMonitorStatus(self, request: Any, context: Any) -> Any:
+    async def GetMonitorStatus(self, request: pb.MonitorStatusRequest, context: Context) -> pb.MonitorStatusResponse:
         wanted = None
         if request.model:
             check_names(request.model, request.version)
@@ -146,7 +146,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         return pb.MonitorStatusResponse(status_json=json.dumps(self._monitor().status(wanted)))
 
     @guard
-    async def Upload(self, requests: AsyncIterator[Any], context: Any) -> Any:
+    async def Upload(self, requests: AsyncIterator[pb.UploadChunk], context: Context) -> pb.UploadResponse:
         first = await anext(aiter(requests), None)
         if first is None:
             raise BadPackage("an upload needs a first message naming model, version and digest")
@@ -175,13 +175,13 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         return pb.UploadResponse(model=version_to_proto(version, deployment), created=created)
 
     @guard
-    async def GetModel(self, request: Any, context: Any) -> Any:
+    async def GetModel(self, request: pb.ModelRef, context: Context) -> pb.ModelVersion:
         version = await self.store.get(request.model, request.version)
         deployment = await self.store.deployment(request.model, request.version)
         return version_to_proto(version, deployment, await self.store.trouble(request.model, request.version))
 
     @guard
-    async def ListModels(self, request: Any, context: Any) -> Any:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         versions = await self.store.versions(request.model)
         deployed = {(d.model, d.version): d for d in await self.store.deployments()}
         troubles = await self.store.troubles()
@@ -190,7 +190,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         )
 
     @guard
-    async def DeleteModel(self, request: Any, context: Any) -> Any:
+    async def DeleteModel(self, request: pb.ModelRef, context: Context) -> pb.ModelVersion:
         await self._not_in_traffic(request.model, request.version, "delete")
         version = await self.store.delete(request.model, request.version)
         log.info("delete model=%s version=%s", version.model, version.version)
@@ -201,7 +201,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         return version_to_proto(version)
 
     @guard
-    async def Deploy(self, request: Any, context: Any) -> Any:
+    async def Deploy(self, request: pb.DeployRequest, context: Context) -> pb.DeployResponse:
         replicas, autoscale = request.replicas, None
         if request.HasField("autoscale"):
             check_names(request.model, request.version)
@@ -224,7 +224,7 @@ class ModelAdmin(pb_grpc.ModelAdminServicer):
         return pb.DeployResponse(model=version_to_proto(version, deployment), changed=changed)
 
     @guard
-    async def Undeploy(self, request: Any, context: Any) -> Any:
+    async def Undeploy(self, request: pb.UndeployRequest, context: Context) -> pb.ModelVersion:
         check_names(request.model, request.version)
         if await self.store.deployment(request.model, request.version) is None:
             raise ModelNotFound(f"{request.model}:{request.version} is not deployed")

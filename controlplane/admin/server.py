@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,6 +57,7 @@ from controlplane.xds.acks import AckBook
 from controlplane.xds.snapshot import ROUTE
 
 log = logging.getLogger("mllambda.admin")
+Context: TypeAlias = grpc.aio.ServicerContext  # what each method below is given beside its request
 SERVICE = pb.DESCRIPTOR.services_by_name["PipelineAdmin"].full_name
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelAdmin"].full_name
 CAUSE_LIMIT = 200
@@ -167,7 +168,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         ]
 
     @guard
-    async def Apply(self, request: Any, context: Any) -> Any:
+    async def Apply(self, request: pb.ApplyRequest, context: Context) -> pb.ApplyResponse:
         pipeline = spec_from_proto(request.spec)
         if pipeline.transport == "kafka" and not self.kafka_enabled:
             raise NotServedYet("transport 'kafka' needs a Kafka broker: start the control plane with --kafka-bootstrap")
@@ -183,30 +184,30 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         log.info("apply pipeline=%s version=%d created=%s cause=%s", pipeline.name, version.version, created, cause)
         return pb.ApplyResponse(pipeline=version_to_proto(version), created=created, warnings=self.warnings(pipeline))
 
-    async def _dry_run(self, pipeline: Pipeline, expect: int) -> Any:
+    async def _dry_run(self, pipeline: Pipeline, expect: int) -> pb.ApplyResponse:
         """What Apply would answer, nothing written: `created` says whether it would make a new version."""
         created = await self.store.would_create(pipeline, expect)
         would = PipelineVersion(pipeline, 0, "", "")
         return pb.ApplyResponse(pipeline=version_to_proto(would), created=created, warnings=self.warnings(pipeline))
 
     @guard
-    async def Get(self, request: Any, context: Any) -> Any:
+    async def Get(self, request: pb.GetRequest, context: Context) -> pb.GetResponse:
         version = await self.store.get(_required_name(request.name))
         return pb.GetResponse(pipeline=version_to_proto(version))
 
     @guard
-    async def List(self, request: Any, context: Any) -> Any:
+    async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
         view = await self.store.view()
         return pb.ListResponse(pipelines=[version_to_proto(v) for v in view.live()])
 
     @guard
-    async def Delete(self, request: Any, context: Any) -> Any:
+    async def Delete(self, request: pb.DeleteRequest, context: Context) -> pb.DeleteResponse:
         version = await self.store.delete(_required_name(request.name))
         log.info("delete pipeline=%s version=%d", version.pipeline.name, version.version)
         return pb.DeleteResponse(pipeline=version_to_proto(version))
 
     @guard
-    async def Rollback(self, request: Any, context: Any) -> Any:
+    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.ApplyResponse:
         cause = _cause(request.cause) if request.cause else ""
         version, created = await self.store.rollback(_required_name(request.name), request.to_version, cause)
         log.info("rollback pipeline=%s version=%d cause=%s", request.name, version.version, cause)
@@ -217,12 +218,12 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         )
 
     @guard
-    async def History(self, request: Any, context: Any) -> Any:
+    async def History(self, request: pb.HistoryRequest, context: Context) -> pb.HistoryResponse:
         versions, older = await self.store.history(_required_name(request.name), request.limit, request.before)
         return pb.HistoryResponse(versions=[version_to_proto(v) for v in versions], next_before=older)
 
     @guard
-    async def Status(self, request: Any, context: Any) -> Any:
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
         version = await self.store.get(_required_name(request.name))
         nodes = self._nodes(request.name)
         warnings = self.warnings(version.pipeline) + self.switch_notes(version.pipeline.name)
@@ -240,7 +241,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         return self.replays
 
     @guard
-    async def StartReplay(self, request: Any, context: Any) -> Any:
+    async def StartReplay(self, request: pb.StartReplayRequest, context: Context) -> pb.Replay:
         """A trial of the candidate beside the live version (delivery/replays.py); validated as Apply validates."""
         book = self._replays()
         candidate = spec_from_proto(request.candidate)
@@ -273,14 +274,14 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         )
 
     @guard
-    async def GetReplayState(self, request: Any, context: Any) -> Any:
+    async def GetReplayState(self, request: pb.ReplayRef, context: Context) -> pb.ReplayState:
         name = _required_name(request.pipeline)
         await self._replays().get(name, request.id)
         waiting = self.trial_missing(name, request.id)
         return pb.ReplayState(ready=not waiting, waiting_for=waiting[:20])
 
     @guard
-    async def EndReplay(self, request: Any, context: Any) -> Any:
+    async def EndReplay(self, request: pb.EndReplayRequest, context: Context) -> pb.ReplayRef:
         name = _required_name(request.pipeline)
         report = None
         if request.report_json:
@@ -294,7 +295,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         return pb.ReplayRef(pipeline=name, id=request.id)
 
     @guard
-    async def ListReplays(self, request: Any, context: Any) -> Any:
+    async def ListReplays(self, request: pb.ListReplaysRequest, context: Context) -> pb.ListReplaysResponse:
         name = _required_name(request.pipeline)
         view = await self._replays().view()
         running = [t for n, t in view.trials.items() if n == name]

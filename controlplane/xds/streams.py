@@ -19,7 +19,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -89,6 +89,12 @@ class TypeState:
         return self.wildcard or name in self.names
 
 
+# What a stream reads and writes: state of the world (SotwStream) or incremental (DeltaStream).
+Request: TypeAlias = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Response: TypeAlias = discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDiscoveryResponse
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
 class _Stream:
     """Shared loop: requests and snapshot changes arrive on one queue, in order."""
 
@@ -98,7 +104,7 @@ class _Stream:
         self.guard = guard  # None: plaintext xDS on loopback, every node is who it says
         self.allowed = guard is None
         self._extensions: frozenset[str] = frozenset()
-        self._held: list[Any] = []  # requests not answered yet: the node is not known to be who it says
+        self._held: list[Request] = []  # requests not answered yet: the node is not known to be who it says
         self._nonces = iter(nonces)
         self.types: dict[str, TypeState] = {}
         self.node_id = ""
@@ -116,7 +122,7 @@ class _Stream:
         self.types[type_url] = state
         return state
 
-    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def run(self, requests: AsyncIterator[Request]) -> AsyncIterator[Response]:
         queue, room = Inbox(), asyncio.Semaphore(MAX_PENDING)
         reader = asyncio.create_task(self._read(requests, queue, room))
         try:
@@ -155,11 +161,13 @@ class _Stream:
             self._announce()
         return self.allowed
 
-    def _replay(self) -> list[Any]:
+    def _replay(self) -> list[Response]:
         held, self._held = self._held, []
         return [response for request in held for response in self.on_request(request)]
 
-    async def _read(self, requests: AsyncIterator[Any], queue: asyncio.Queue[object], room: asyncio.Semaphore) -> None:
+    async def _read(
+        self, requests: AsyncIterator[Request], queue: asyncio.Queue[object], room: asyncio.Semaphore
+    ) -> None:
         try:
             async for request in requests:
                 await room.acquire()
@@ -169,7 +177,7 @@ class _Stream:
         finally:
             queue.put_nowait(_END)
 
-    def _join(self, request: Any, queue: asyncio.Queue[object]) -> None:
+    def _join(self, request: Request, queue: asyncio.Queue[object]) -> None:
         self.node_id = request.node.id or "unknown"
         self.group = self.cache.group_of(request.node)
         self._extensions = frozenset(e.name for e in request.node.extensions)
@@ -182,7 +190,7 @@ class _Stream:
         self.acks.joined(self.node_id, self._extensions)
         log.info("stream opened node=%s group=%s mode=%s", self.node_id, self.group, self.mode)
 
-    def _on_snapshot(self) -> list[Any]:
+    def _on_snapshot(self) -> list[Response]:
         snapshot = self.cache.get(self.group)
         if snapshot is None or snapshot is self.snapshot:
             return []
@@ -209,7 +217,7 @@ class _Stream:
             return False
         return bool(set(state.known) - set(self.snapshot.of_type(CLUSTER).versions))
 
-    def _drop_removed_clusters(self) -> list[Any]:
+    def _drop_removed_clusters(self) -> list[Response]:
         self._cleanup_nonces = set()
         state = self.types.get(CLUSTER)
         if state is None:
@@ -217,7 +225,7 @@ class _Stream:
         response = self.respond(CLUSTER, state, None)
         return [response] if response is not None else []
 
-    def handle_ack(self, request: Any, state: TypeState, version: str) -> list[Any]:
+    def handle_ack(self, request: Request, state: TypeState, version: str) -> list[Response]:
         """Record an ACK or NACK of the latest response; maybe finish a cluster removal."""
         type_url = request.type_url
         if request.HasField("error_detail"):
@@ -248,17 +256,19 @@ class _Stream:
 
     mode = ""
 
-    def on_request(self, request: Any) -> list[Any]:
+    def on_request(self, request: Request) -> list[Response]:
         raise NotImplementedError
 
-    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
+    def respond(
+        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
+    ) -> Response | None:
         raise NotImplementedError
 
 
 class SotwStream(_Stream):
     mode = "sotw"
 
-    def on_request(self, request: Any) -> list[Any]:
+    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[Response]:
         type_url = request.type_url
         names = set(request.resource_names)
         wildcard = type_url not in NAMED_TYPES and (not names or "*" in names)
@@ -283,7 +293,9 @@ class SotwStream(_Stream):
         response = self.respond(type_url, state, None, force=True)
         return [response] if response is not None else []
 
-    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
+    def respond(
+        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
+    ) -> Response | None:
         chosen = self.selection(type_url, state, keep_from)
         versions = {name: version for name, (version, _) in chosen.items()}
         if not force and state.answered and versions == state.known:
@@ -309,10 +321,10 @@ class SotwStream(_Stream):
 class DeltaStream(_Stream):
     mode = "delta"
 
-    def on_request(self, request: Any) -> list[Any]:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[Response]:
         type_url = request.type_url
         state = self.types.get(type_url)
-        responses: list[Any] = []
+        responses: list[Response] = []
         if state is None:
             subscribe = set(request.resource_names_subscribe)
             wildcard = type_url not in NAMED_TYPES and (not subscribe or "*" in subscribe)
@@ -342,7 +354,9 @@ class DeltaStream(_Stream):
         response = self.respond(type_url, state, None, force=fresh)
         return responses + ([response] if response is not None else [])
 
-    def respond(self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False) -> Any:
+    def respond(
+        self, type_url: str, state: TypeState, keep_from: Snapshot | None, force: bool = False
+    ) -> Response | None:
         chosen = self.selection(type_url, state, keep_from)
         known = state.known or {}
         changed = {n: vp for n, vp in chosen.items() if known.get(n) != vp[0]}
@@ -377,15 +391,21 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.authorize = authorize
         self._nonces = itertools.count(1)
 
-    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Context
+    ) -> AsyncIterator[Response]:
         async for response in self._serve(SotwStream, request_iterator, context):
             yield response
 
-    async def DeltaAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: Context
+    ) -> AsyncIterator[Response]:
         async for response in self._serve(DeltaStream, request_iterator, context):
             yield response
 
-    async def _serve(self, kind: type[_Stream], requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def _serve(
+        self, kind: type[_Stream], requests: AsyncIterator[Request], context: Context
+    ) -> AsyncIterator[Response]:
         guard, identity = None, None
         if self.authorize is not None:
             identity = peer_identity(context)
@@ -401,7 +421,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err)[:300])
 
 
-def peer_identity(context: Any) -> str | None:
+def peer_identity(context: Context) -> str | None:
     """The Consul service named by the peer certificate's SPIFFE URI (gRPC lists URI SANs with the others)."""
     for san in context.auth_context().get("x509_subject_alternative_name", []):
         found = identity_of(san.decode(errors="replace"))
