@@ -215,7 +215,7 @@ def test_kafka_transport_without_a_broker_is_refused(control_plane: Any, tmp_pat
 
 def test_a_second_control_plane_sees_the_same_pipelines(control_plane: Any, logs_dir: Path) -> None:
     from controlplane.node import processes
-    from tests.conftest import ControlPlaneProc
+    from tests.helpers.components import ControlPlaneProc
 
     assert control_plane.cli("apply", "-f", str(EXAMPLE)).returncode == 0
     second = ControlPlaneProc(

@@ -12,7 +12,7 @@ import aiohttp
 import consul
 import pytest
 
-from tests.conftest import ConsulAgent, start_consul
+from tests.helpers.components import ConsulAgent, start_consul
 from tests.helpers.envoy import wait_for
 from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.helpers.observe import metric, scrape

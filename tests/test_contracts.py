@@ -12,7 +12,7 @@ import yaml
 
 from controlplane.pipeline.contracts import coverage, problems
 from controlplane.pipeline.spec import parse_pipeline
-from tests.conftest import ControlPlaneProc
+from tests.helpers.components import ControlPlaneProc
 
 
 def contract(reads: list[str], answers: list[str]) -> dict[str, Any]:

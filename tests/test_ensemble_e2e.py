@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from bench.common import runtime_codes
-from tests.conftest import consul_passing
+from tests.helpers.components import consul_passing
 from tests.helpers.envoy import get_json, near_share, wait_for
 from tests.helpers.pipelines import M, apply, in_traffic, post, until_ok
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from controlplane.node.processes import http_get
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import admin_stat, wait_for
 from tests.helpers.observe import metric, scrape
 from tests.helpers.pipelines import apply, service_meta, until_ok

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from examples.formats.saved import train
-from tests.conftest import ControlPlaneProc, consul_passing
+from tests.helpers.components import ControlPlaneProc, consul_passing
 from tests.helpers.envoy import get_json, wait_for
 from tests.helpers.pipelines import apply, post, until_ok
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from contract.payload import NotAnObject, parse_object
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.kafka import consume, send
 from tests.helpers.pipelines import M, apply, in_traffic, pipeline, until_ok
 

@@ -18,7 +18,7 @@ from controlplane.kafka.plane import KafkaPlane
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
 from controlplane.pipeline.spec import parse_pipeline
-from tests.conftest import ControlPlaneProc
+from tests.helpers.components import ControlPlaneProc
 from tests.helpers.envoy import envoy_stat, get_json, wait_for
 from tests.helpers.load import ONE_STAGE, TOKENIZE, SteadyLoad, gateway_hosts
 from tests.helpers.pipelines import apply, in_traffic, until_ok

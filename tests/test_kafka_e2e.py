@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contract.naming import hop_group, hop_topic, routing_table_prefix
 from controlplane.node.processes import http_get
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import near_share, wait_for
 from tests.helpers.kafka import consume, group_members, served
 from tests.helpers.pipelines import (

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane.node.processes import http_get
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.kafka import consume, send, served
 from tests.helpers.pipelines import M, apply, in_traffic, pipeline, runtime_metric, service_meta

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.observe import ARTIFACTS, browser, metric, scrape
 from tests.helpers.pipelines import apply, pipeline, post, until_ok

@@ -17,7 +17,7 @@ import pytest
 
 from controlplane.config import PROJECT_ROOT
 from controlplane.node.processes import ManagedProcess, free_port, http_get
-from tests.conftest import consul_passing
+from tests.helpers.components import consul_passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import apply, post, until_ok
 

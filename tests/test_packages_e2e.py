@@ -24,7 +24,7 @@ import pytest
 
 from controlplane.node import processes
 from controlplane.stack.replicas import LocalScaler
-from tests.conftest import ControlPlaneProc
+from tests.helpers.components import ControlPlaneProc
 from tests.helpers.envoy import wait_for
 from tests.helpers.forms import Forms
 from tests.helpers.pipelines import apply, post, until_ok

@@ -14,7 +14,7 @@ import pytest
 
 from bench.common import runtime_codes
 from controlplane.node.processes import http_get
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import envoy_stat, near_share, wait_for
 from tests.helpers.pipelines import (
     M,

@@ -19,7 +19,7 @@ from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 from controlplane._gen.mllambda.admin.v1 import admin_pb2_grpc as pb_grpc
 from controlplane.admin.convert import spec_to_proto
 from controlplane.pipeline.spec import parse_pipeline
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import M, apply, pipeline, post, until_ok
 

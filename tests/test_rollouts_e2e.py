@@ -16,7 +16,7 @@ import yaml
 
 from controlplane.node import processes
 from controlplane.node.sidecar import render_bootstrap
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.load import SteadyLoad, post_status
 from tests.helpers.observe import metric, scrape

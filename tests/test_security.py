@@ -27,7 +27,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane.node import processes
 from controlplane.node.processes import ManagedProcess
-from tests.conftest import ConsulAgent, ControlPlaneProc, consul_passing, start_consul
+from tests.helpers.components import ConsulAgent, ControlPlaneProc, consul_passing, start_consul
 from tests.helpers.envoy import admin_stat
 from tests.helpers.paths import short_dir
 

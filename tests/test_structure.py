@@ -382,3 +382,16 @@ def test_no_hand_formatting() -> None:
         if any(m in line for m in marker)
     ]
     assert found == []
+
+
+def test_tests_take_shared_code_from_helpers_only() -> None:
+    """A test imports what tests share from tests/helpers/, never from conftest.py or another test module
+    (pytest may import those twice, under two names)."""
+    wrong = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                leaf = node.module.rsplit(".", 1)[-1]
+                if node.module.startswith("tests.") and (leaf == "conftest" or leaf.startswith("test_")):
+                    wrong.append(f"{path.relative_to(ROOT)}: {node.module}")
+    assert wrong == []

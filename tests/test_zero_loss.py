@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from controlplane.node import processes
-from tests.conftest import passing
+from tests.helpers.components import passing
 from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import M, apply, in_traffic, until_ok
 

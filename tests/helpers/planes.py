@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from controlplane.node import processes
-from tests.conftest import ControlPlaneProc
+from tests.helpers.components import ControlPlaneProc
 
 
 def second_control_plane(first: ControlPlaneProc, logs_dir: Path) -> ControlPlaneProc:
