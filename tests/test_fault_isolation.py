@@ -156,7 +156,13 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
                 check=check,
             )
         await wait_for(lambda: set(ids) <= {r["service_id"] for r in status(control_plane)["runtimes"]}, timeout=30)
-        assert consul_connections(control_plane.proc.pid, consul_agent.http_port) <= 16
+        # Held blocking queries are what grew with the fleet (150 before). Short requests come and go beside them,
+        # more at once on a busy machine (17 once): the fewest of a few looks is the held set.
+        seen = []
+        for _ in range(5):
+            seen.append(consul_connections(control_plane.proc.pid, consul_agent.http_port))
+            await asyncio.sleep(0.2)  # an observation window between looks
+        assert min(seen) <= 16 and max(seen) < 50, seen
         spec = one_stage("busy", "fleet7")
         apply(control_plane, tmp_path, spec)  # the CLI's own timeout is far below the 30 s it took
         got = control_plane.cli("get", "pipeline", "busy")
