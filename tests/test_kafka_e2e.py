@@ -156,7 +156,7 @@ async def test_killing_a_replica_mid_stream_loses_no_message(
     async def both_joined() -> bool:
         return await group_members(kafka_bootstrap, group) == 2
 
-    await wait_for(both_joined, 30)  # the group is stable with both replicas
+    await wait_for(both_joined, 30, every=0.5)  # the group is stable with both replicas (a broker call a look)
 
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.helpers.envoy import wait_for
 from tests.helpers.pipelines import post
 
 ONE_STAGE = {"name": "one", "stages": [{"name": "tok", "variants": [{"model": "tokenize", "version": "v1"}]}]}
@@ -48,10 +49,7 @@ class SteadyLoad:
     async def more(self, count: int = 20, timeout: float = 30) -> None:
         """Until `count` more requests have been answered (whatever their status): the load ran through a phase."""
         target = sum(self.outcomes.values()) + count
-        deadline = asyncio.get_running_loop().time() + timeout
-        while sum(self.outcomes.values()) < target:
-            assert asyncio.get_running_loop().time() < deadline, f"{count} more answers not within {timeout}s"
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: sum(self.outcomes.values()) >= target, timeout, every=0.01)
 
     async def __aenter__(self) -> SteadyLoad:
         self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
