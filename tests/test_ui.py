@@ -220,6 +220,11 @@ async def test_the_dashboard_changes_pipelines_only_through_the_admin_api(contro
             assert r.status == 403
         async with browser.post(base + edit, data=form, headers={"Host": "evil.example"}) as r:
             assert r.status == 421
+        # A field posted as a file (multipart), the CSRF value right: refused as a whole, not read as text.
+        upload = aiohttp.FormData({k: v for k, v in form.items() if k != f"{CLASSIFY}[0].weight"} | {"action": "apply"})
+        upload.add_field(f"{CLASSIFY}[0].weight", b"60", filename="weight.txt")
+        async with browser.post(base + edit, data=upload) as r:
+            assert r.status == 400 and "not text" in await r.text()
         assert history(control_plane) == [(1, "apply")]
 
         # An invalid edit: the field's own error next to it, the typed value kept, nothing written.

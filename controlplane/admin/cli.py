@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -16,6 +16,9 @@ from controlplane.admin.output import emit
 from controlplane.errors import CliError
 from controlplane.pipeline.model import InvalidPipeline
 from controlplane.pipeline.spec import parse_pipeline
+
+if TYPE_CHECKING:  # the generated messages, for annotations only (they are imported where used)
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
 RESOURCE = ("pipeline", "pipelines", "pl")
 BY_RESOURCE = {
@@ -200,7 +203,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def member_lines(stage: Any) -> list[str]:
+def member_lines(stage: pb.Stage) -> list[str]:
     """An ensemble's members, each with its split, and its join."""
     lines = []
     for m in stage.members:
@@ -213,25 +216,25 @@ def member_lines(stage: Any) -> list[str]:
     return lines
 
 
-def variants_text(holder: Any) -> str:
+def variants_text(holder: pb.Stage | pb.Member | pb.Branch) -> str:
     split = ", ".join(variant_text(x) for x in holder.variants)
     return split or "; ".join(
         f"branch {b.key}: " + ", ".join(variant_text(x) for x in b.variants) for b in holder.branches
     )
 
 
-def rollout_text(r: Any, branch: str) -> str:
+def rollout_text(r: pb.Rollout, branch: str) -> str:
     from controlplane.delivery.rollouts import state
 
     where = f" in branch {branch}" if branch else ""
     return f"rollout{where} to {r.candidate.model}:{r.candidate.version}: {state(r)} (steps {list(r.steps)})"
 
 
-def variant_text(variant: Any) -> str:
+def variant_text(variant: pb.Variant) -> str:
     return f"{variant.model}:{variant.version} weight={variant.weight}"
 
 
-def summary(spec: Any) -> str:
+def summary(spec: pb.PipelineSpec) -> str:
     parts = []
     for stage in spec.stages:
         names = [f"{x.model}:{x.version}" for x in stage.variants] or [f"{len(stage.branches)} branches"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from controlplane.errors import CliError
 from controlplane.pipeline.model import Pipeline
+
+if TYPE_CHECKING:  # the generated messages, for annotations only (they are imported where used)
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
 _HINTS = {
     grpc.StatusCode.UNAVAILABLE: "is the control plane running (mllambda controlplane / ./dev up)?",
@@ -80,7 +83,9 @@ class AdminClient:
         hint = _HINTS.get(code)
         return CliError(details + (f"\nhint: {hint}" if hint else ""))
 
-    def apply(self, pipeline: Pipeline, cause: str = "", expect_version: int = 0, dry_run: bool = False) -> Any:
+    def apply(
+        self, pipeline: Pipeline, cause: str = "", expect_version: int = 0, dry_run: bool = False
+    ) -> pb.ApplyResponse:
         from controlplane.admin.convert import apply_request
 
         return self.Apply(apply_request(pipeline, cause, expect_version, dry_run))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from controlplane.admin.client import AdminClient, admin_client
 from controlplane.admin.output import emit, shown
@@ -30,6 +30,8 @@ from controlplane.models.envs import check_entry, ensure_env, find_uv, infer_con
 from controlplane.models.formats import FORMATS
 from controlplane.models.package import MANIFEST, Built, PackageError, PackageMeta, build, chunks, lock_hash
 
+if TYPE_CHECKING:  # the generated messages, for annotations only (they are imported where used)
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 MODEL_RESOURCE = ("model", "models", "mo")
 UPLOAD_TIMEOUT = 600.0
 
@@ -78,7 +80,7 @@ def upload(admin: AdminClient, built: Built, model: str, version: str) -> bool:
     """Send a built package to the store through the admin API, in chunks. Created (else: already there)?"""
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
-    def messages() -> Iterator[Any]:
+    def messages() -> Iterator[pb.UploadChunk]:
         yield pb.UploadChunk(
             model=model, version=version, digest=built.digest, size=len(built.archive), built_by=builder()
         )
@@ -142,7 +144,7 @@ def get_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def deployed_column(m: Any) -> str:
+def deployed_column(m: pb.ModelVersion) -> str:
     """`2`, `1..4` (autoscaled), with ` (failing)` while its replicas keep exiting; `-`: not deployed."""
     if not m.deployed:
         return "-"
@@ -181,7 +183,7 @@ def describe_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def deployed_text(m: Any) -> str:
+def deployed_text(m: pb.ModelVersion) -> str:
     if not m.deployed:
         return "no"
     if not m.HasField("autoscale"):
@@ -191,7 +193,7 @@ def deployed_text(m: Any) -> str:
     return f"autoscaled, {a.min_replicas} to {a.max_replicas} replicas at {a.target_in_flight:g} in flight each{p99}"
 
 
-def trouble_lines(m: Any) -> list[str]:
+def trouble_lines(m: pb.ModelVersion) -> list[str]:
     """Why a deployed version's replicas do not stay up, as its stack reported: the count, when, and their words."""
     if not m.HasField("trouble"):
         return []

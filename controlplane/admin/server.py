@@ -302,7 +302,7 @@ class PipelineAdmin(pb_grpc.PipelineAdminServicer):
         shown = [pb.Replay(pipeline=name, id=t.id, version=t.version.version, expires_at=t.expires_at) for t in running]
         return pb.ListReplaysResponse(reports_json=[json.dumps(r) for r in view.reports.get(name, [])], running=shown)
 
-    def _nodes(self, name: str) -> list[Any]:
+    def _nodes(self, name: str) -> list[pb.NodeStatus]:
         """Route configs carry pipelines: one row per Envoy, from its route config ACK/NACK."""
         return [
             pb.NodeStatus(

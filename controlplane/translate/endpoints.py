@@ -4,8 +4,9 @@ sender's own host, at the runtime's Unix socket (docs/architecture.md, "Same hos
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 
 from contract.naming import cluster_model
@@ -24,13 +25,13 @@ class Endpoints:
     def __init__(self, reach: Reach, at_activator: frozenset[str] = frozenset()) -> None:
         self.reach = reach
         self.at_activator = at_activator  # clusters reached at the control plane's activator (plaintext loopback)
-        self._built: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
+        self._built: dict[tuple[str, str], tuple[list[r.Address], list[r.Address]]] = {}
 
-    def get(self, cluster: str, near: str = "") -> tuple[list[Any], list[Any]]:
+    def get(self, cluster: str, near: str = "") -> tuple[list[r.Address], list[r.Address]]:
         """(through their sidecar's ingress, straight to the runtime's socket): an instance on host `near`
         (the sender's own) is reached at its runtime's Unix socket; "": every instance through its ingress."""
         if (cluster, near) not in self._built:
-            found: tuple[list[Any], list[Any]] = ([], [])
+            found: tuple[list[r.Address], list[r.Address]] = ([], [])
             for host, port, socket in self.reach.get(cluster, ()):
                 if near and host == near and socket:
                     found[1].append(r.pipe_address(socket))
@@ -57,7 +58,7 @@ def endpoints_of(instances: Iterable[RuntimeService], parked: Iterable[tuple[str
 
 def remote_clusters(
     routes: Sequence[rc.Route], endpoints: Endpoints, tls_dir: str = "", near: str = ""
-) -> list[tuple[Any, Any]]:
+) -> list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]]:
     """A cluster per model version the routes send to. With `near` (the sender's host), the instances of a
     version that only steered routes send to (no mirror, ensemble member or OIP model) and that run on that
     host are reached at their runtime's socket, skipping their sidecar (docs/architecture.md, "Same host")."""

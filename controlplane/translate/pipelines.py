@@ -21,8 +21,12 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as rate_pb2
@@ -396,7 +400,9 @@ def rate_limited(p: Pipeline, routes: Sequence[rc.Route]) -> None:
 ALWAYS = base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(numerator=100))
 
 
-def _descriptor(bucket: Any, *entries: tuple[str, str]) -> Any:
+def _descriptor(
+    bucket: token_bucket_pb2.TokenBucket, *entries: tuple[str, str]
+) -> ratelimit_pb2.LocalRateLimitDescriptor:
     """A descriptor whose empty values match any value, each value its own bucket (Envoy's dynamic descriptors)."""
     found = ratelimit_pb2.LocalRateLimitDescriptor(token_bucket=bucket)
     for key, value in entries:
@@ -404,7 +410,7 @@ def _descriptor(bucket: Any, *entries: tuple[str, str]) -> Any:
     return found
 
 
-def flow_headers(p: Pipeline) -> list[Any]:
+def flow_headers(p: Pipeline) -> list[base_pb2.HeaderValueOption]:
     """What admission at each stage goes by (runtime_sdk/admission.py): the pipeline's priority, and the caller's
     key: the client's address, replaced by the named header's value when the request has it (Envoy adds no
     header whose value comes out empty)."""
@@ -453,7 +459,7 @@ def gateway_clusters(version: PipelineVersion) -> frozenset[str]:
     return frozenset(route_clusters(_gateway_routes(version)))
 
 
-def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
+def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> cluster_pb2.Cluster:
     cluster = r.static_cluster(BRIDGE, *(r.tcp_address(*b) for b in bridges))
     cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)  # a dying control plane: all its requests retry
     cluster.outlier_detection.CopyFrom(r.EJECT_ON_OWN_FAILURES)  # not picked again before Consul notices
@@ -462,7 +468,7 @@ def _bridge_cluster(bridges: Sequence[tuple[str, int]], tls_dir: str) -> Any:
     return cluster
 
 
-def _front_cluster(fronts: Sequence[tuple[str, int]]) -> Any:
+def _front_cluster(fronts: Sequence[tuple[str, int]]) -> cluster_pb2.Cluster:
     """The OIP gRPC fronts, over HTTP/2 (they are gRPC servers); plaintext: they listen on loopback only."""
     cluster = r.static_cluster(FRONT, *(r.tcp_address(*f) for f in fronts))
     cluster.circuit_breakers.CopyFrom(r.RETRIES_UNCAPPED)
@@ -549,10 +555,10 @@ def _near(options: Options, host: str) -> str:
 
 
 def _snapshot(
-    listeners: list[Any],
-    routes: list[Any],
-    remote: list[tuple[Any, Any]],
-    local_clusters: Sequence[Any] = (),
+    listeners: list[listener_pb2.Listener],
+    routes: list[route_pb2.RouteConfiguration],
+    remote: list[tuple[cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment]],
+    local_clusters: Sequence[cluster_pb2.Cluster] = (),
 ) -> Snapshot:
     clusters = [*local_clusters, *(c for c, _ in remote)]
     assignments = [a for _, a in remote]

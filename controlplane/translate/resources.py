@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -19,15 +19,15 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
 from xds.type.v3 import typed_struct_pb2
 
 from contract import headers as h
 from contract.naming import cluster_stat_name
 from controlplane.xds.snapshot import pack
 
-# xds-protos ships no type stubs: resources are typed loosely at this edge.
-Address: TypeAlias = Any
-Resource: TypeAlias = Any
+# xds-protos ships no type stubs: mypy reads these message classes as Any, so the names document, they do not check.
+Address: TypeAlias = address_pb2.Address
 
 
 def tcp_address(host: str, port: int) -> Address:
@@ -75,7 +75,7 @@ EJECT_ON_OWN_FAILURES = outlier_detection_pb2.OutlierDetection(
 )
 
 
-def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True) -> Resource:
+def eds_cluster(name: str, connect_timeout_ms: int = 1000, outlier: bool = True) -> cluster_pb2.Cluster:
     """A cluster whose endpoints come over EDS (from Consul via the control plane)."""
     cluster = cluster_pb2.Cluster(
         name=name,
@@ -102,7 +102,9 @@ PLAIN_AT_SOCKET = cluster_pb2.Cluster.TransportSocketMatch(
 )
 
 
-def load_assignment(cluster_name: str, addresses: Iterable[Address], at_socket: Iterable[Address] = ()) -> Resource:
+def load_assignment(
+    cluster_name: str, addresses: Iterable[Address], at_socket: Iterable[Address] = ()
+) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints of a cluster; those `at_socket` are marked so that PLAIN_AT_SOCKET applies to them."""
     marked = base_pb2.Metadata()
     marked.filter_metadata[_MATCH].update({AT_SOCKET: True})
@@ -120,10 +122,10 @@ def http_listener(
     name: str,
     address: Address,
     route_config_name: str,
-    transport_socket: Resource = None,
-    filters: Sequence[tuple[str, Resource]] = (),
-    optional: Sequence[tuple[str, Resource]] = (),
-) -> Resource:
+    transport_socket: base_pb2.TransportSocket | None = None,
+    filters: Sequence[tuple[str, Message]] = (),
+    optional: Sequence[tuple[str, Message]] = (),
+) -> listener_pb2.Listener:
     """An HTTP listener whose routes come over RDS; `filters` go before the router, then `optional` ones,
     which are off unless a route's per-filter config turns them on."""
     chain = [hcm_pb2.HttpFilter(name=n, typed_config=pack(config)) for n, config in filters]
@@ -142,7 +144,7 @@ def http_listener(
     return listener
 
 
-def _local_replies() -> list[Resource]:
+def _local_replies() -> list[hcm_pb2.ResponseMapper]:
     """Envoy's own errors (503 no healthy upstream, 504 timeout) as JSON naming the route.
 
     Routes are named after the pipeline stage they lead to, so a client sees
@@ -189,7 +191,9 @@ def _local_replies() -> list[Resource]:
     ]
 
 
-def static_cluster(name: str, *addresses: Address, connect_timeout_ms: int = 1000, idle_ms: int = 0) -> Resource:
+def static_cluster(
+    name: str, *addresses: Address, connect_timeout_ms: int = 1000, idle_ms: int = 0
+) -> cluster_pb2.Cluster:
     """A cluster with fixed endpoints (a sidecar's own runtime, the control planes' Kafka bridges); `idle_ms`:
     close a connection idle that long (Envoy's default is an hour)."""
     cluster = cluster_pb2.Cluster(
@@ -220,7 +224,7 @@ HTTP2_UPSTREAM = http_protocol_options_pb2.HttpProtocolOptions(  # to a gRPC ser
 LOCAL_IDLE_MS = 60_000
 
 
-def header(key: str, value: str) -> Resource:
+def header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, value=value),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
@@ -230,7 +234,7 @@ def header(key: str, value: str) -> Resource:
 KAFKA_BROKER_FILTER = "envoy.filters.network.kafka_broker"
 
 
-def kafka_listener(name: str, address: Address, cluster: str, broker_filter: bool) -> Resource:
+def kafka_listener(name: str, address: Address, cluster: str, broker_filter: bool) -> listener_pb2.Listener:
     """A runtime's way to the broker through its sidecar.
 
     With a contrib Envoy build the kafka_broker filter goes first (Kafka-level
@@ -249,7 +253,7 @@ def kafka_listener(name: str, address: Address, cluster: str, broker_filter: boo
     return _listener(name, address, *filters)
 
 
-def _listener(name: str, address: Address, *filters: tuple[str, Resource]) -> Resource:
+def _listener(name: str, address: Address, *filters: tuple[str, Message]) -> listener_pb2.Listener:
     """A listener with one filter chain: (filter name, its config) in order."""
     chain = [listener_components_pb2.Filter(name=n, typed_config=pack(config)) for n, config in filters]
     return listener_pb2.Listener(
@@ -257,14 +261,18 @@ def _listener(name: str, address: Address, *filters: tuple[str, Resource]) -> Re
     )
 
 
-def route_config(name: str, routes: Sequence[Resource], domains: Sequence[str] = ("*",)) -> Resource:
+def route_config(
+    name: str, routes: Sequence[route_components_pb2.Route], domains: Sequence[str] = ("*",)
+) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(
         name=name,
         virtual_hosts=[route_components_pb2.VirtualHost(name=name, domains=list(domains), routes=list(routes))],
     )
 
 
-def set_clusters(action: Resource, weights: Sequence[tuple[str, int]]) -> Resource:
+def set_clusters(
+    action: route_components_pb2.RouteAction, weights: Sequence[tuple[str, int]]
+) -> route_components_pb2.RouteAction:
     """Point a route at one cluster, or split it by integer weights across several."""
     if len(weights) == 1:
         action.cluster = weights[0][0]
@@ -282,7 +290,9 @@ def set_clusters(action: Resource, weights: Sequence[tuple[str, int]]) -> Resour
     return action
 
 
-def weighted_route(prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000) -> Resource:
+def weighted_route(
+    prefix: str, weights: Sequence[tuple[str, int]], timeout_ms: int = 15000
+) -> route_components_pb2.Route:
     """A prefix route split by weights (tests and benchmarks build bare snapshots with it)."""
     action = set_clusters(route_components_pb2.RouteAction(timeout=millis(timeout_ms)), weights)
     return route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix=prefix), route=action)

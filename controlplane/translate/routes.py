@@ -123,7 +123,9 @@ def oip_stage_route(p: Pipeline, version: int, k: int, me: RuntimeService, shado
     return route
 
 
-def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], timeout_ms: int) -> rc.Route:
+def _local_route(
+    p: Pipeline, name: str, match: rc.RouteMatch, add: list[base_pb2.HeaderValueOption], timeout_ms: int
+) -> rc.Route:
     local = LOCAL_UDS if p.transport == "uds" else LOCAL_HTTP
     return rc.Route(
         name=name,
@@ -134,7 +136,7 @@ def _local_route(p: Pipeline, name: str, match: rc.RouteMatch, add: list[Any], t
     )
 
 
-def steering(p: Pipeline, version: int, k: int) -> list[Any]:
+def steering(p: Pipeline, version: int, k: int) -> list[base_pb2.HeaderValueOption]:
     """What a runtime answering stage k (a variant, or an ensemble's join) is told: the stage, the transport,
     where its output goes. Its sidecar's ingress adds it; so does a sender delivering to it on the same host."""
     stage = p.stages[k]  # its answers are compared with the shadow's, or (a join) with the members'
@@ -148,7 +150,7 @@ def steering(p: Pipeline, version: int, k: int) -> list[Any]:
     ]
 
 
-def max_body(p: Pipeline) -> Any:
+def max_body(p: Pipeline) -> base_pb2.HeaderValueOption:
     """The pipeline's body limit, told to the runtime with each request (it refuses a bigger body with 413)."""
     return r.header(h.MAX_BODY, str(p.max_body))
 
@@ -157,7 +159,7 @@ def member_path(p: Pipeline, version: int, k: int, member: Member) -> str:
     return f"{stage_path(p.name, version, p.stages[k].name)}/{member.name}"
 
 
-def onward(p: Pipeline, version: int, k: int) -> list[Any]:
+def onward(p: Pipeline, version: int, k: int) -> list[base_pb2.HeaderValueOption]:
     """Steering headers for the runtime that sends into stage k: where to, and for an ensemble whom to ask."""
     if k >= len(p.stages):
         return []
@@ -210,7 +212,7 @@ def stage_routes(p: Pipeline, version: int, k: int, match_path: str, rewrite: st
     return routes if stage.protocol == oip.PROTOCOL else _steered(routes, steering(p, version, k))
 
 
-def _steered(routes: list[rc.Route], add: list[Any]) -> list[rc.Route]:
+def _steered(routes: list[rc.Route], add: list[base_pb2.HeaderValueOption]) -> list[rc.Route]:
     for route in routes:
         if route.HasField("route"):
             route.request_headers_to_remove.extend(h.STEERING)
@@ -312,7 +314,7 @@ def _mirror(shadow: Shadow | None) -> list[rc.RouteAction.RequestMirrorPolicy]:
     ]
 
 
-def _inline(text: str) -> Any:
+def _inline(text: str) -> base_pb2.DataSource:
     return base_pb2.DataSource(inline_string=text)
 
 

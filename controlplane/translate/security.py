@@ -12,14 +12,13 @@ models for the others. Everything else gets 403.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from google.protobuf import wrappers_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 
 from contract.naming import CA_FILE, CA_SECRET, CERT_FILE, CERT_SECRET, GATEWAY_IDENTITY, spiffe_regex
 from controlplane.pipeline.model import Pipeline
@@ -29,7 +28,7 @@ RBAC_FILTER = "envoy.filters.http.rbac"
 TLS_SOCKET = "envoy.transport_sockets.tls"
 
 
-def _sds(name: str, folder: str, file: str) -> Any:
+def _sds(name: str, folder: str, file: str) -> secret_pb2.SdsSecretConfig:
     source = config_source_pb2.ConfigSource(
         path_config_source=config_source_pb2.PathConfigSource(
             path=f"{folder}/{file}", watched_directory=base_pb2.WatchedDirectory(path=folder)
@@ -39,7 +38,7 @@ def _sds(name: str, folder: str, file: str) -> Any:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=source)
 
 
-def _uri_matcher(services: Iterable[str]) -> list[Any]:
+def _uri_matcher(services: Iterable[str]) -> list[common_pb2.SubjectAltNameMatcher]:
     return [
         common_pb2.SubjectAltNameMatcher(
             san_type=common_pb2.SubjectAltNameMatcher.URI,
@@ -49,7 +48,7 @@ def _uri_matcher(services: Iterable[str]) -> list[Any]:
     ]
 
 
-def common_context(folder: str, expect: Iterable[str] = (), alpn: Iterable[str] = ()) -> Any:
+def common_context(folder: str, expect: Iterable[str] = (), alpn: Iterable[str] = ()) -> tls_pb2.CommonTlsContext:
     """Our certificate, the CA roots, and (for a client) the identities the peer may have."""
     return tls_pb2.CommonTlsContext(
         tls_certificate_sds_secret_configs=[_sds(CERT_SECRET, folder, CERT_FILE)],
@@ -63,13 +62,13 @@ def common_context(folder: str, expect: Iterable[str] = (), alpn: Iterable[str] 
     )
 
 
-def upstream_tls(folder: str, expect: str, alpn: Iterable[str] = ()) -> Any:
+def upstream_tls(folder: str, expect: str, alpn: Iterable[str] = ()) -> base_pb2.TransportSocket:
     """A cluster's transport socket: mTLS to a peer that must be `expect`."""
     context = tls_pb2.UpstreamTlsContext(common_tls_context=common_context(folder, [expect], alpn))
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def downstream_tls(folder: str) -> Any:
+def downstream_tls(folder: str) -> base_pb2.TransportSocket:
     """A listener's transport socket: TLS that requires a client certificate from our CA."""
     context = tls_pb2.DownstreamTlsContext(
         common_tls_context=common_context(folder), require_client_certificate=wrappers_pb2.BoolValue(value=True)
@@ -77,12 +76,12 @@ def downstream_tls(folder: str) -> Any:
     return base_pb2.TransportSocket(name=TLS_SOCKET, typed_config=pack(context))
 
 
-def rbac_filter() -> Any:
+def rbac_filter() -> rbac_pb2.RBAC:
     """The ingress HTTP filter: deny by default; each stage route admits its callers (route_rbac)."""
     return rbac_pb2.RBAC(rules=rbac_config.RBAC(action=rbac_config.RBAC.ALLOW))
 
 
-def route_rbac(callers: Iterable[str]) -> Any:
+def route_rbac(callers: Iterable[str]) -> any_pb2.Any:
     """Per-route config: only these identities may call this route."""
     principals = [
         rbac_config.Principal(

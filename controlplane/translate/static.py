@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import json_format
+from google.protobuf import any_pb2, json_format
 
 from controlplane.xds.snapshot import CLUSTER, LISTENER, ROUTE, Snapshot, pack
 
@@ -46,7 +47,9 @@ def static_bootstrap(snapshots: Mapping[str, Snapshot]) -> dict[str, Any]:
     return {"static_resources": {"listeners": listeners, "clusters": [clusters[n] for n in sorted(clusters)]}}
 
 
-def _inline_routes(packed: Any, routes: Mapping[str, Any]) -> Any:
+def _inline_routes(
+    packed: any_pb2.Any, routes: Mapping[str, route_pb2.RouteConfiguration]
+) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager()
     packed.Unpack(hcm)
     if hcm.HasField("rds"):
@@ -55,7 +58,7 @@ def _inline_routes(packed: Any, routes: Mapping[str, Any]) -> Any:
     return hcm
 
 
-def _static(cluster: Any) -> Any:
+def _static(cluster: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
     copy = cluster_pb2.Cluster()
     copy.CopyFrom(cluster)
     if copy.type == cluster_pb2.Cluster.EDS:

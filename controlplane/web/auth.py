@@ -13,9 +13,9 @@ import hmac
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from aiohttp import web
 
@@ -86,7 +86,8 @@ def set_cookie(response: web.StreamResponse, session: Session) -> None:
     response.set_cookie(COOKIE, session.sid, httponly=True, samesite="Strict", path="/", max_age=SESSION_SECONDS)
 
 
-Changing = Callable[[web.Request, Session, Any], Awaitable[web.StreamResponse]]
+Form: TypeAlias = Mapping[str, str]  # a posted form's fields, each its first value, text only (text_form)
+Changing = Callable[[web.Request, Session, Form], Awaitable[web.StreamResponse]]
 
 
 def changing(sessions: Sessions | None, handler: Changing) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -100,12 +101,24 @@ def changing(sessions: Sessions | None, handler: Changing) -> Callable[[web.Requ
             return forbidden("sign in first (/login)")
         if not same_origin(request):
             return forbidden("this request comes from another site")
-        form = await request.post()
+        form = text_form(await request.post())
+        if form is None:
+            return web.Response(status=400, text="bad request: a form field is not text (these forms take no files)\n")
         if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             return forbidden("the form is stale or forged (CSRF check): reload the page")
         return await handler(request, session, form)
 
     return guarded
+
+
+def text_form(posted: Mapping[str, object]) -> Form | None:
+    """A posted form as text fields, each key's first value; None if any value is not text (a file, bytes)."""
+    form: dict[str, str] = {}
+    for key, value in posted.items():
+        if not isinstance(value, str):
+            return None
+        form.setdefault(key, value)
+    return form
 
 
 def session_of(sessions: Sessions | None, request: web.Request) -> Session | None:

@@ -28,7 +28,17 @@ from controlplane.delivery.rollouts import spots, user_move
 from controlplane.pipeline.model import InvalidPipeline, Pipeline, PipelineVersion, Problem
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 from controlplane.view import PlaneReader
-from controlplane.web.auth import COOKIE, Session, Sessions, changing, name_problem, same_origin, session_of, set_cookie
+from controlplane.web.auth import (
+    COOKIE,
+    Form,
+    Session,
+    Sessions,
+    changing,
+    name_problem,
+    same_origin,
+    session_of,
+    set_cookie,
+)
 from controlplane.web.forms import as_yaml, diff_lines, edited, form_problems, problems_from_details
 from controlplane.web.pages import (
     diff_page,
@@ -154,7 +164,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         set_cookie(response, session)
         return response
 
-    async def logout(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def logout(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         assert sessions is not None
         sessions.sign_out(session.sid)
         response = web.HTTPSeeOther("/")
@@ -186,7 +196,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
                 raise web.HTTPNotFound(text=f"{err.details}\n") from err
             raise
 
-    async def edit(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def edit(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         """`review` (the form's button): the diff and Envoy's check by a dry run, nothing written; `apply` (the
         review's button): the same values applied on the version they were reviewed against; `edit`: back."""
         name, action = request.match_info["name"], str(form.get("action", "review"))
@@ -212,7 +222,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             return html_page(_edit(current, doc, err.problems(), session, ""), status)
         return done(session, name, reply)
 
-    async def rollback(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def rollback(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         name, to = request.match_info["name"], _int(form.get("to_version"))
         pb = admin_pb2()
         request_pb = pb.RollbackRequest(name=name, to_version=to, cause=cause_of(session, f"rollback to v{to}"))
@@ -222,7 +232,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             return web.Response(status=400 if err.code != grpc.StatusCode.NOT_FOUND else 404, text=f"{err}\n")
         return done(session, name, reply)
 
-    async def rollout(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def rollout(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         name, action = request.match_info["name"], str(form.get("action", ""))
         current = await _current_or_404(name)
         spot = (_int(form.get("stage")), str(form.get("branch", "")))
@@ -258,7 +268,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
         text = as_yaml(pipeline_to_dict(live[name])) if name in live else ""
         return html_page(yaml_page(text, [], session.csrf))
 
-    async def yaml_apply(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def yaml_apply(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         text, dry_run = str(form.get("text", "")), form.get("action") != "apply"
         try:
             if len(text) > YAML_LIMIT:
@@ -290,7 +300,7 @@ def add_ui_routes(app: web.Application, reader: PlaneReader, sessions: Sessions 
             listed, error, status = [], f"the model store did not answer: {err.details}", 503
         return html_page(models_page(listed, reader.view().runtimes, session, note, error), status)
 
-    async def deploy(request: web.Request, session: Session, form: Any) -> web.StreamResponse:
+    async def deploy(request: web.Request, session: Session, form: Form) -> web.StreamResponse:
         model, version = request.match_info["model"], request.match_info["version"]
         replicas = _int(form.get("replicas"))
         pb = admin_pb2()

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from controlplane.delivery.rollouts import spots, where
@@ -25,7 +26,7 @@ class StateCollector(Collector):
         self.view = view
         self.traffic: list[VariantTraffic] = []  # refreshed by the /metrics handler before each scrape
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         view = self.view()
         yield from _xds(view)
         yield from _monitoring(view)
@@ -112,7 +113,7 @@ class StateCollector(Collector):
         )
 
 
-def _xds(view: PlaneView) -> Iterator[Any]:
+def _xds(view: PlaneView) -> Iterator[Metric]:
     connected = GaugeMetricFamily("mllambda_xds_connected_streams", "open ADS streams", labels=["mode"])
     for mode, count in view.streams_by_mode.items():
         connected.add_metric([mode], count)
@@ -135,7 +136,7 @@ def _xds(view: PlaneView) -> Iterator[Any]:
     yield info
 
 
-def _traffic(rows: list[VariantTraffic]) -> Iterator[Any]:
+def _traffic(rows: list[VariantTraffic]) -> Iterator[Metric]:
     labels = ["pipeline", "stage", "branch", "model", "version"]
     requests = CounterMetricFamily("mllambda_variant_requests", "requests a variant received", labels=labels)
     errors = CounterMetricFamily("mllambda_variant_errors", "5xx answers from a variant", labels=labels)
@@ -169,7 +170,7 @@ def metrics_handler(reader: PlaneReader) -> Callable[[web.Request], Any]:
     return metrics
 
 
-def _monitoring(view: PlaneView) -> Iterator[Any]:
+def _monitoring(view: PlaneView) -> Iterator[Metric]:
     """Model monitoring: per model version and field, drift against its baseline (bounded: the fields a
     runtime profiles, MAX_FIELDS a side)."""
     where = ["model", "version", "side", "field", "of"]
