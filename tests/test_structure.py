@@ -7,6 +7,7 @@ functions: a lazy import that closes a cycle is still a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -395,3 +396,33 @@ def test_tests_take_shared_code_from_helpers_only() -> None:
                 if node.module.startswith("tests.") and (leaf == "conftest" or leaf.startswith("test_")):
                     wrong.append(f"{path.relative_to(ROOT)}: {node.module}")
     assert wrong == []
+
+
+HTML_TAG = re.compile(
+    r"<(?:a|p|div|span|table|tr|td|th|h[1-6]|form|input|ul|ol|li|section|pre|button|select|option|label)\b"
+)
+DRAWN = {"charts.py", "render.py"}  # SVG drawn from geometry (each text escaped); the badge, one escaping Markup
+
+
+def html_in_strings(source: str) -> list[int]:
+    """Lines of string literals (f-string parts included) that hold an HTML tag."""
+    return sorted(
+        {
+            node.lineno
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and HTML_TAG.search(node.value)
+        }
+    )
+
+
+def test_pages_are_templates() -> None:
+    """The web pages are Jinja2 templates (autoescaped): no module builds HTML in strings, where a new field
+    could forget its escape."""
+    found = [
+        f"{path.name}:{n}"
+        for path in sorted((ROOT / "controlplane" / "web").glob("*.py"))
+        if path.name not in DRAWN
+        for n in html_in_strings(path.read_text())
+    ]
+    assert found == []
+    assert html_in_strings('x = f"<td>{y}</td>"\nz = "plain < text"\n') == [1]  # it finds one

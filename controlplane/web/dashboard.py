@@ -15,14 +15,15 @@ from typing import Any
 
 import consul
 from aiohttp import web
+from markupsafe import Markup
 
 from contract.naming import CONTROL_PLANE_IDENTITY, model_cluster
 from controlplane.consul.presence import Presence
 from controlplane.delivery.rollouts import state as rollout_state
 from controlplane.delivery.switch import switch_notes
 from controlplane.delivery.traffic import VariantTraffic
-from controlplane.monitoring.callers import CallerCounts, as_dicts, refused_text
-from controlplane.pipeline.model import JOIN_GROUP
+from controlplane.monitoring.callers import as_dicts, refused_text
+from controlplane.pipeline.model import JOIN_GROUP, Pipeline, PipelineVersion
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
 from controlplane.web.auth import viewer
@@ -30,7 +31,7 @@ from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
 from controlplane.web.monitoring import add_routes as add_monitoring_routes
-from controlplane.web.render import SCRIPT, STYLESHEET, badge, shell
+from controlplane.web.render import SCRIPT, STYLESHEET, badge, page, part
 from controlplane.xds.snapshot import short
 
 log = logging.getLogger("mllambda.dashboard")
@@ -119,30 +120,32 @@ def _replay_summary(report: Mapping[str, Any]) -> dict[str, Any]:
 def render_replays(reports: Sequence[Mapping[str, Any]], running: str | None) -> str:
     """The newest replay reports of a pipeline: shares overall and per change of the served chain.
 
-    A report is what a replaying client sent: every value is escaped and every share checked."""
-    e = html.escape
-    out = ["<h3>Replays</h3>"] + ([f"<p>replay {e(running)} is running</p>"] if running else [])
-    if not reports:
-        return "".join(out) + "<p>none yet: <code>mllambda replay PIPELINE --candidate FILE</code></p>"
+    A report is what a replaying client sent: the template escapes every value; every share is checked."""
+    shown = []
     for r in reports[:REPLAYS_SHOWN]:
         lat = _mapping(r.get("latency_ms"))
-        p99s = [e(str(_mapping(lat.get(k)).get("p99"))) for k in ("candidate", "recorded")]
-        shares = [_share(r.get(f"{k}_share")) for k in ("equal", "changed", "failed")]
-        out.append(
-            f"<p><b>{e(str(r.get('id')))}</b>: {e(str(r.get('requests')))} requests, {shares[0]} equal, "
-            f"{shares[1]} changed, {shares[2]} failed; p99 {p99s[0]} ms (recorded {p99s[1]} ms)</p>"
-        )
         listed = r.get("by_chain")
         chains = [_mapping(c) for c in (listed[:10] if isinstance(listed, list) else [])]
-        rows = "".join(
-            f"<tr><td>{e(str(c.get('chain')))}</td><td>{e(str(c.get('requests')))}</td>"
-            + "".join(f"<td>{_share(c.get(f'{k}_share'))}</td>" for k in ("equal", "changed", "failed"))
-            + "</tr>"
-            for c in chains
+        shown.append(
+            {
+                "id": str(r.get("id")),
+                "requests": str(r.get("requests")),
+                "shares": [_share(r.get(f"{k}_share")) for k in SHARES],
+                "p99s": [str(_mapping(lat.get(k)).get("p99")) for k in ("candidate", "recorded")],
+                "chains": [
+                    {
+                        "chain": str(c.get("chain")),
+                        "requests": str(c.get("requests")),
+                        "shares": [_share(c.get(f"{k}_share")) for k in SHARES],
+                    }
+                    for c in chains
+                ],
+            }
         )
-        heads = "".join(f"<th>{h}</th>" for h in ("served by the candidate", "requests", "equal", "changed", "failed"))
-        out.append(f"<table><tr>{heads}</tr>{rows}</table>")
-    return "".join(out)
+    return str(part("replays", shown, running))
+
+
+SHARES = ("equal", "changed", "failed")
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -190,7 +193,7 @@ def health_of(view: PlaneView) -> dict[str, tuple[int, int]]:
     return found
 
 
-def version_badges(view: PlaneView, current: Any) -> str:
+def version_badges(view: PlaneView, current: PipelineVersion) -> Markup:
     """The version in traffic, a pending one, the ones draining; `rolled back` when the current one is a rollback."""
     report = view.switch.get(current.pipeline.name, {})
     entry = report.get("entry") or current.version
@@ -200,178 +203,167 @@ def version_badges(view: PlaneView, current: Any) -> str:
     out += [badge(f"v{n} draining", "draining") for n in report.get("draining") or ()]
     if "rollback" in current.cause or "rolled back" in current.cause:
         out.append(badge("rolled back", "rolledback"))
-    return " ".join(out)
+    return Markup(" ").join(out)
 
 
 def render_dashboard(view: PlaneView, status: dict[str, Any], signed_in: bool = False, csrf: str = "") -> str:
-    e = html.escape
     health = health_of(view)
     nodes = status["nodes"]
-    failing_nodes = sum(1 for n in nodes if n["nack"])
-    up = sum(1 for r in view.runtimes if r.passing)
-    consul = badge("Consul reachable", "passing") if view.consul.reachable else badge("Consul UNREACHABLE", "failing")
-    envoys = badge(f"{len(nodes)} Envoys, {failing_nodes} rejecting config", "failing" if failing_nodes else "passing")
-    runtimes = badge(
-        f"{up}/{len(view.runtimes)} runtimes passing", "passing" if up == len(view.runtimes) else "failing"
-    )
-    parts = [
-        f"<h1>Pipelines</h1><p class='row'>{consul} {runtimes} {envoys} <a href='{e(view.consul_ui)}'>Consul UI</a>"
-        " <a href='/api/status'>status as JSON</a> <a href='/metrics'>metrics</a></p>",
-        "<div class='cards'>",
-    ]
-    for current in view.pipelines:
-        p = current.pipeline
-        parts.append(
-            f"<section class='card pipeline' data-name='{e(p.name)}'>"
-            f"<h2><a href='/pipelines/{e(p.name)}'>{e(p.name)}</a> <small>{e(p.transport)}</small></h2>"
-            f"<p class='row'>{version_badges(view, current)}"
-            f" <a href='/pipelines/{e(p.name)}/edit'>change</a></p>"
-            f"<p class='muted'>v{current.version} · {e(current.cause)}{_switch_note(view, p.name)}</p>"
-        )
-        versions = view.history.get(p.name, [])[-HISTORY_SHOWN:]
-        shown = ", ".join(f"v{h.version} ({e(h.cause)}, {e(h.created_at)})" for h in versions)
-        parts.append(f"<details><summary>history</summary><p class='history'>{shown}</p></details><ol>")
-        for stage in p.stages:
-            cells = []
-            for key, variants in stage.groups():
-                total = sum(v.weight for v in variants) or 1
-                split = ", ".join(
-                    f"<span class='{health_word(*health.get(v.cluster, (0, 0)))}'>{e(v.model)}:{e(v.version)}</span>"
-                    f" {100 * v.weight / total:.0f}%"
-                    for v in variants
-                )
-                label = "" if not key else f"{'member' if stage.members else 'branch'} {e(key)}: "
-                label = "join: " if key == JOIN_GROUP else label
-                cells.append(label + split)
-            for member, s in stage.shadows():
-                about = f" of member {e(member)}" if member else ""
-                cells.append(f"shadow{about} {e(s.model)}:{e(s.version)} {s.percent:g}%")
-            cells += [f"member {e(m.name)}: optional, {m.timeout_ms} ms" for m in stage.members if not m.required]
-            cells += ["asked over the Open Inference Protocol"] if stage.protocol == "oip" else []
-            for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
-                if ro is not None:
-                    where = f" in branch {e(key)}" if key else ""
-                    cand = f"{e(ro.candidate.model)}:{e(ro.candidate.version)}"
-                    cells.append(f"rollout{where} to {cand}: {badge(rollout_state(ro), 'pending')}")
-            parts.append(f"<li><b>{e(stage.name)}</b>: {'; '.join(cells)}</li>")
-        parts.append("</ol></section>")
-    parts.append("</div>" + ("" if view.pipelines else "<p>No pipelines yet: <code>mllambda apply -f FILE</code>.</p>"))
-    if view.broken:
-        parts.append("<h2>Skipped records</h2><ul class='broken'>")
-        parts += [f"<li>{e(name)}: {e(reason)}</li>" for name, reason in sorted(view.broken.items())]
-        parts.append("</ul>")
-    if view.translate_failed:
-        parts.append("<h2>Config not updated</h2><ul class='failed'>")
-        parts += [f"<li>{e(g)}: {e(why)}</li>" for g, why in sorted(view.translate_failed.items())[:50]]
-        parts.append("</ul>")
-    if view.consul.holding_since is not None:
-        since = time.strftime("%H:%M:%S", time.localtime(view.consul.holding_since))
-        parts.append(f"<p class='holding'>Every runtime vanished from Consul at {since}: the last ones are held.</p>")
-    if view.pipelines_held_since is not None:
-        since = time.strftime("%H:%M:%S", time.localtime(view.pipelines_held_since))
-        parts.append(f"<p class='holding'>Every pipeline vanished from Consul KV at {since}: they are served on.</p>")
-    parts.append("<h2>Runtimes</h2><p class='row runtimes'>")
+    runtime_badges = []
     for model, version in sorted({(r.model, r.version) for r in view.runtimes}):
         passing, registered = health[model_cluster(model, version)]
         word = health_word(passing, registered)
-        parts.append(badge(f"{model}:{version} {passing}/{registered} {word}", word))
-    parts.append(" <a href='/runtimes'>every instance</a></p>")
-    if view.scaling:
-        parts.append("<h2>Autoscaling</h2><div class='scroll'><table class='scaling'><tr><th>version</th>")
-        parts.append("<th>replicas wanted / passing</th><th>bounds</th><th>last decision</th></tr>")
-        for row in view.scaling:
-            when = time.strftime("%H:%M:%S", time.localtime(row.decided_at)) if row.decided_at else ""
-            wanted = "-" if row.wanted is None else row.wanted
-            parts.append(
-                f"<tr><td>{e(row.model)}:{e(row.version)}</td><td>{wanted} / {row.passing}</td>"
-                f"<td>{row.min_replicas}..{row.max_replicas}</td><td>{e(when)} {e(row.reason)}{_cold(row)}</td></tr>"
-            )
-        parts.append("</table></div>")
-    if view.stack:
-        parts.append("<h2>Stack processes</h2><div class='scroll'><table class='stack'><tr><th>process</th>")
-        parts.append("<th>state</th><th>restarts</th><th>last exit</th></tr>")
-        for proc in view.stack:
-            kind = str(proc.get("state", "running"))
-            lines = str(proc.get("last_lines", "")) if kind == "failing" else ""
-            tail = f"<pre>{e(lines[-800:])}</pre>" if lines else ""
-            word = {"running": "passing", "restarting": "draining"}.get(kind, "failing")
-            parts.append(
-                f"<tr class='{e(kind)}'><td>{e(str(proc.get('name', '')))}</td><td>{badge(kind, word)}</td>"
-                f"<td>{e(str(proc.get('restarts', 0)))}</td><td>{e(str(proc.get('last_exit', '')))}{tail}</td></tr>"
-            )
-        parts.append("</table></div>")
-    if view.consul.refused:
-        parts.append("<h2>Ignored registrations</h2><ul class='refused'>")
-        parts += [f"<li>{e(sid)}: {e(why)}</li>" for sid, why in sorted(view.consul.refused.items())[:50]]
-        parts.append("</ul>")
-    parts.append("<h2>Traffic</h2><div class='scroll'>" + render_traffic(status["traffic"]) + "</div>")
-    if view.callers:
-        parts.append("<h2>Admission by caller</h2><div class='scroll'>" + render_callers(view.callers) + "</div>")
-    summary = f"Envoys: {len(nodes)} nodes, {failing_nodes} rejecting config"
-    parts.append(f"<details{' open' if failing_nodes else ''}><summary><h2>{summary}</h2></summary>")
-    parts.append("<div class='scroll'><table><tr><th>node</th><th>acked</th><th>last NACK</th><th>updated</th></tr>")
-    for n in nodes:
-        age = f"{n['age_seconds']:.0f} s ago" if n["age_seconds"] is not None else ""
-        cells = [e(n["node"]) + ("" if n["connected"] else " (gone)"), e(n["acked"]), e(n["nack"]), age]
-        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    parts.append("</table></div></details>")
-    admin_links = " · ".join(f"<a href='{e(u)}'>{e(n)}</a>" for n, u in sorted(view.envoy_admin.items()))
-    parts.append(f"<p>Envoy admin: {admin_links}</p>")
-    if status["kafka_bridges"]:
-        parts.append(f"<p>Kafka bridges: {e(', '.join(status['kafka_bridges']))}</p>")
-    return shell("pipelines", "".join(parts), section="/", live=3, signed_in=signed_in, csrf=csrf)
+        runtime_badges.append((f"{model}:{version} {passing}/{registered} {word}", word))
+    return page(
+        "dashboard.html",
+        title="pipelines",
+        section="/",
+        live=3,
+        signed_in=signed_in,
+        csrf=csrf,
+        consul_reachable=view.consul.reachable,
+        up=sum(1 for r in view.runtimes if r.passing),
+        runtime_count=len(view.runtimes),
+        nodes=nodes,
+        failing_nodes=sum(1 for n in nodes if n["nack"]),
+        consul_ui=view.consul_ui,
+        cards=[_card(view, current, health) for current in view.pipelines],
+        broken=sorted(view.broken.items()),
+        translate_failed=sorted(view.translate_failed.items())[:50],
+        holding_since=_clock(view.consul.holding_since),
+        pipelines_held_since=_clock(view.pipelines_held_since),
+        runtime_badges=runtime_badges,
+        scaling=[_scale_row(row) for row in view.scaling],
+        stack=[_stack_row(proc) for proc in view.stack],
+        refused=sorted(view.consul.refused.items())[:50],
+        traffic=[_traffic_row(t) for t in status["traffic"]],
+        callers=[
+            {
+                "model": r.model,
+                "version": r.version,
+                "caller": r.caller,
+                "admitted": r.admitted,
+                "refused": refused_text(r.refused),
+            }
+            for r in view.callers
+        ],
+        envoy_admin=sorted(view.envoy_admin.items()),
+        kafka_bridges=status["kafka_bridges"],
+    )
+
+
+def _card(view: PlaneView, current: PipelineVersion, health: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """A pipeline on the dashboard: its versions' state, recent history, and per stage what it sends where."""
+    p = current.pipeline
+    stages = []
+    for stage in p.stages:
+        cells: list[dict[str, Any]] = []
+        for key, variants in stage.groups():
+            total = sum(v.weight for v in variants) or 1
+            label = "" if not key else f"{'member' if stage.members else 'branch'} {key}: "
+            shown = [
+                {
+                    "health": health_word(*health.get(v.cluster, (0, 0))),
+                    "model": v.model,
+                    "version": v.version,
+                    "share": f"{100 * v.weight / total:.0f}%",
+                }
+                for v in variants
+            ]
+            cells.append({"kind": "split", "label": "join: " if key == JOIN_GROUP else label, "variants": shown})
+        for member, s in stage.shadows():
+            about = f" of member {member}" if member else ""
+            cells.append({"kind": "text", "text": f"shadow{about} {s.model}:{s.version} {s.percent:g}%"})
+        cells += [
+            {"kind": "text", "text": f"member {m.name}: optional, {m.timeout_ms} ms"}
+            for m in stage.members
+            if not m.required
+        ]
+        cells += [{"kind": "text", "text": "asked over the Open Inference Protocol"}] if stage.protocol == "oip" else []
+        for key, ro in [("", stage.rollout), *((b.key, b.rollout) for b in stage.branches)]:
+            if ro is not None:
+                cells.append(
+                    {
+                        "kind": "rollout",
+                        "where": f" in branch {key}" if key else "",
+                        "candidate": f"{ro.candidate.model}:{ro.candidate.version}",
+                        "state": rollout_state(ro),
+                    }
+                )
+        stages.append({"name": stage.name, "cells": cells})
+    return {
+        "name": p.name,
+        "transport": p.transport,
+        "badges": version_badges(view, current),
+        "version": current.version,
+        "cause": current.cause,
+        "notes": switch_notes(view.switch.get(p.name, {})),
+        "history": view.history.get(p.name, [])[-HISTORY_SHOWN:],
+        "stages": stages,
+    }
+
+
+def _clock(at: float | None) -> str:
+    return "" if at is None else time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _scale_row(row: ScaleRow) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "version": row.version,
+        "wanted": "-" if row.wanted is None else row.wanted,
+        "passing": row.passing,
+        "bounds": f"{row.min_replicas}..{row.max_replicas}",
+        "when": _clock(row.decided_at) if row.decided_at else "",
+        "reason": row.reason + _cold(row),
+    }
+
+
+def _stack_row(proc: Mapping[str, Any]) -> dict[str, Any]:
+    """A supervised process of the local stack; a failing one with the last lines it wrote."""
+    kind = str(proc.get("state", "running"))
+    lines = str(proc.get("last_lines", "")) if kind == "failing" else ""
+    return {
+        "state": kind,
+        "word": {"running": "passing", "restarting": "draining"}.get(kind, "failing"),
+        "name": str(proc.get("name", "")),
+        "restarts": str(proc.get("restarts", 0)),
+        "last_exit": str(proc.get("last_exit", "")),
+        "tail": lines[-800:],
+    }
 
 
 def _cold(row: ScaleRow) -> str:
     return "" if row.cold_start_s is None else f" (last cold start {row.cold_start_s:.1f} s)"
 
 
-def _switch_note(view: PlaneView, name: str) -> str:
-    return "".join(f" · {html.escape(note)}" for note in switch_notes(view.switch.get(name, {})))
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _window(seconds: float | None) -> str:
-    return "" if seconds is None else f" <small>({seconds:.0f} s)</small>"
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def render_traffic(rows: list[dict[str, Any]]) -> str:
-    e = html.escape
-    out = [
-        "<table id='traffic'><tr><th>pipeline</th><th>stage</th><th>branch</th><th>variant</th><th>weight</th>"
-        "<th>observed (window)</th><th>requests</th><th>5xx</th><th>refused (429, 503)</th><th>retries</th>"
-        "<th>p50 ms</th><th>p99 ms</th></tr>"
-    ]
-    for t in rows:
-        errors = f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-"
-        out.append(
-            f"<tr><td>{e(t['pipeline'])}</td><td>{e(t['stage'])}</td><td>{e(t['branch'])}</td>"
-            f"<td class='variant'>{e(t['model'])}:{e(t['version'])}</td><td>{_pct(t['configured_share'])}</td>"
-            f"<td class='observed'>{_pct(t['observed_share'])}{_window(t.get('window_seconds'))}</td>"
-            f"<td>{t['requests']}</td><td>{errors}</td><td>{t.get('refused', 0)}</td>"
-            f"<td>{t['retries']}</td>"
-            f"<td>{_ms(t['p50_ms'])}</td><td>{_ms(t['p99_ms'])}</td></tr>"
-        )
-    return "".join(out) + "</table>"
-
-
-def render_callers(rows: Sequence[CallerCounts]) -> str:
-    """Admitted and refused per caller key and model version, as the runtimes counted them (fairness)."""
-    e = html.escape
-    out = ["<table id='callers'><tr><th>version</th><th>caller</th><th>admitted</th><th>refused</th></tr>"]
-    for r in rows:
-        out.append(
-            f"<tr><td>{e(r.model)}:{e(r.version)}</td><td class='caller'>{e(r.caller)}</td><td>{r.admitted}</td>"
-            f"<td>{e(refused_text(r.refused))}</td></tr>"
-        )
-    return "".join(out) + "</table>"
+def _traffic_row(t: Mapping[str, Any]) -> dict[str, Any]:
+    """A variant's row of the traffic table (a VariantTraffic as a dict), as shown."""
+    window = t.get("window_seconds")
+    return {
+        "pipeline": t["pipeline"],
+        "stage": t["stage"],
+        "branch": t["branch"],
+        "model": t["model"],
+        "version": t["version"],
+        "configured": _pct(t["configured_share"]),
+        "observed": _pct(t["observed_share"]),
+        "window": None if window is None else f"{window:.0f}",
+        "requests": t["requests"],
+        "errors": f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-",
+        "refused": t.get("refused", 0),
+        "retries": t["retries"],
+        "p50": _ms(t["p50_ms"]),
+        "p99": _ms(t["p99_ms"]),
+    }
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -461,7 +453,7 @@ def version_marks(view: PlaneView, name: str, now: float) -> list[tuple[float, s
 
 def render_pipeline_page(
     view: PlaneView,
-    current: Any,
+    current: PipelineVersion,
     rows: list[VariantTraffic],
     minutes: int = 15,
     signed_in: bool = False,
@@ -469,7 +461,7 @@ def render_pipeline_page(
 ) -> str:
     """One pipeline's home: its versions' state, its graph (weights, windowed shares, health, rollouts), its
     variants' traffic over the chosen minutes, its replays, and a way to change it."""
-    p, e = current.pipeline, html.escape
+    p = current.pipeline
     now = time.monotonic()
     first = view.readings[0][0] if view.readings else now
     start = max(now - minutes * 60, first - 5)  # a young control plane's chart starts with its readings
@@ -477,44 +469,46 @@ def render_pipeline_page(
     rps, errors, p99 = rate_series(view.readings, clusters, start)
     marks = version_marks(view, p.name, now)
     seen = next((r.window_seconds for r in rows if r.window_seconds), None)
-    window = f"shares seen over the last {seen:.0f} s of v{current.version}" if seen else "no traffic seen yet"
-    ranges = " ".join(
-        f"<span aria-current='true'>{m} min</span>" if m == minutes else f"<a href='?minutes={m}'>{m} min</a>"
-        for m in CHART_MINUTES
-    )
-    body = [
-        f"<h1>{e(p.name)} <small>{e(p.transport)}</small></h1>",
-        f"<p class='row'>{version_badges(view, current)} <span class='muted'>v{current.version}: {e(current.cause)}"
-        f"{_switch_note(view, p.name)}</span> <a href='/pipelines/{e(p.name)}/edit'>change this pipeline</a></p>",
-        _quota_note(view, p),
-        f"<section class='card'><h2>Graph <small>{e(window)}</small></h2><div class='scroll'>",
-        pipeline_svg(p, rows, health_of(view)),
-        "</div></section>",
-        f"<section class='card'><h2>Over time</h2><p class='range'>range: {ranges}</p>",
+    charts = [
         line_chart("requests per second, per model version", rps, start, now, marks, unit="req/s"),
         line_chart("5xx share of requests, per model version", errors, start, now, marks, unit="%"),
         line_chart("p99 latency, per model version (Envoy's last 5 s)", p99, start, now, marks, unit="ms"),
-        "</section>",
-        "<section class='card'><h2>Traffic now</h2><div class='scroll'>",
-        render_traffic([asdict(r) for r in rows]),
-        "</div></section><section class='card'>",
-        render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name)),
-        "</section>",
     ]
-    return shell(p.name, "".join(body), section="/", live=5, signed_in=signed_in, csrf=csrf)
-
-
-def _quota_note(view: PlaneView, p: Any) -> str:
-    """The pipeline's quota per caller and what it refused at the gateway ("" without one)."""
-    if p.rate_limit is None:
-        return ""
-    limit, refused = p.rate_limit, view.rate_limited().get(p.name, 0)
-    per = html.escape(p.fairness_header or "client address")
-    weighed = ", ".join(f"{html.escape(key)} \u00d7{weight}" for key, weight in p.fairness_shares)
-    return (
-        f"<p class='muted' id='rate-limit'>rate limit {limit.per_second}/s, burst {limit.burst}, per {per}: "
-        f"{refused} refused at the gateway{'; weighed: ' + weighed if weighed else ''}</p>"
+    return page(
+        "pipeline.html",
+        title=p.name,
+        section="/",
+        live=5,
+        signed_in=signed_in,
+        csrf=csrf,
+        name=p.name,
+        transport=p.transport,
+        badges=version_badges(view, current),
+        version=current.version,
+        cause=current.cause,
+        notes=switch_notes(view.switch.get(p.name, {})),
+        quota=_quota(view, p),
+        window=f"shares seen over the last {seen:.0f} s of v{current.version}" if seen else "no traffic seen yet",
+        graph=Markup(pipeline_svg(p, rows, health_of(view))),  # charts.py escapes what it draws
+        ranges=CHART_MINUTES,
+        minutes=minutes,
+        charts=[Markup(chart) for chart in charts],
+        traffic=[_traffic_row(asdict(r)) for r in rows],
+        replays=Markup(render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name))),
     )
+
+
+def _quota(view: PlaneView, p: Pipeline) -> dict[str, Any] | None:
+    """The pipeline's quota per caller and what it refused at the gateway (None without one)."""
+    if p.rate_limit is None:
+        return None
+    return {
+        "per_second": p.rate_limit.per_second,
+        "burst": p.rate_limit.burst,
+        "per": p.fairness_header or "client address",
+        "refused": view.rate_limited().get(p.name, 0),
+        "weighed": list(p.fairness_shares),
+    }
 
 
 class DashboardServer:

@@ -6,11 +6,11 @@ One page shell (templates/base.html: the section bar, sign-in, the live button) 
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 HERE = Path(__file__).parent
 STYLESHEET = HERE / "static" / "mllambda.css"
@@ -36,13 +36,22 @@ def page(template: str, **context: Any) -> str:
     return _env.get_template(template).render(**context)
 
 
+def part(macro: str, *args: Any) -> Markup:
+    """One of templates/parts.html's macros on its own: a piece a page shows that is also rendered alone."""
+    return Markup(getattr(_env.get_template("parts.html").module, macro)(*args))
+
+
 def shell(title: str, body: str, *, section: str = "", signed_in: bool = False, csrf: str = "", live: int = 0) -> str:
     """A page whose body was built elsewhere (already escaped HTML) in the one shell. `section` is the bar's
     entry shown as current; `live` (seconds) makes the page fetch itself again (never for a page with a form)."""
-    body_html = jinja2.utils.markupsafe.Markup(body)
+    body_html = Markup(body)
     return page("base.html", title=title, body=body_html, section=section, signed_in=signed_in, csrf=csrf, live=live)
 
 
-def badge(word: str, kind: str = "") -> str:
-    """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...)."""
-    return f"<span class='badge {html.escape(kind)}'>{html.escape(word)}</span>"
+def badge(word: str, kind: str = "") -> Markup:
+    """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...).
+    Templates call it too (a global): its escaped HTML goes in as it is."""
+    return Markup("<span class='badge {}'>{}</span>").format(kind, word)
+
+
+_env.globals["badge"] = badge
