@@ -15,7 +15,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import grpc
@@ -49,6 +50,9 @@ from controlplane.web.pages import (
     yaml_page,
 )
 from controlplane.web.render import page
+
+if TYPE_CHECKING:  # the generated messages, for annotations only (imported where used)
+    from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
 log = logging.getLogger("mllambda.ui")
 YAML_LIMIT = 256 * 1024  # characters in the YAML editor
@@ -90,7 +94,7 @@ class AdminCalls:
 
         return version_from_proto((await self.call("Get", admin_pb2().GetRequest(name=name))).pipeline)
 
-    async def apply(self, pipeline: Pipeline, cause: str, expect: int = 0, dry_run: bool = False) -> Any:
+    async def apply(self, pipeline: Pipeline, cause: str, expect: int = 0, dry_run: bool = False) -> pb.ApplyResponse:
         from controlplane.admin.convert import apply_request
 
         return await self.call("Apply", apply_request(pipeline, cause, expect, dry_run))
@@ -358,13 +362,19 @@ def _done_note(query: Mapping[str, str]) -> str:
     )
 
 
-def trouble_row(trouble: Any) -> dict[str, Any]:
+def trouble_row(trouble: pb.ReplicaTrouble) -> dict[str, Any]:
     """A deployed version's failing replicas as the models page shows them (its stack's report)."""
     at = datetime.fromtimestamp(trouble.retry_at, UTC).strftime("%H:%M:%S UTC")
     return {"failures": trouble.failures, "tail": trouble.tail, "again": at}
 
 
-def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Session | None, note: str, error: str) -> str:
+def models_page(
+    listed: Sequence[pb.ModelVersion],
+    runtimes: Sequence[RuntimeService],
+    session: Session | None,
+    note: str,
+    error: str,
+) -> str:
     passing: dict[tuple[str, str], int] = {}
     for r in runtimes:
         if r.passing:
@@ -404,7 +414,7 @@ def models_page(listed: Any, runtimes: Sequence[RuntimeService], session: Sessio
     )
 
 
-def admin_pb2() -> Any:
+def admin_pb2() -> ModuleType:
     from controlplane._gen.mllambda.admin.v1 import admin_pb2 as pb
 
     return pb
