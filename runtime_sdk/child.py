@@ -17,8 +17,7 @@ import os
 import sys
 from typing import Any
 
-import consul.aio
-
+from contract import consul_client
 from contract.service import RuntimeService
 from runtime_sdk.serve import ServeError, ServeOptions, serve
 
@@ -48,12 +47,8 @@ def read_spec(raw: str) -> tuple[ServeOptions, RuntimeService, dict[str, Any], b
 
 async def main() -> None:
     options, service, where, through_sidecar = read_spec(sys.stdin.readline())
-    client = consul.aio.Consul(
-        host=where["host"],
-        port=where["port"],
-        scheme=where["scheme"],
-        token=where.get("token"),
-        verify=where.get("ca_file") or True,
+    client = consul_client.connect(
+        where["scheme"], where["host"], where["port"], where.get("token"), where.get("ca_file")
     )
     try:
         await serve(options, service, client, Launcher(os.getppid()) if through_sidecar else None)

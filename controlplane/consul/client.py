@@ -1,20 +1,16 @@
-"""The one place a Consul client is made: address, ACL token, and the CA of an https agent.
-
-Every component that talks to Consul takes a `ConsulAddress` (flag > CONSUL_HTTP_ADDR,
-CONSUL_HTTP_TOKEN, CONSUL_CACERT, as the consul CLI reads them) and gets its client here,
-so a new setting (a CA, a token) reaches all of them at once.
+"""The control plane's Consul clients: every component that talks to Consul takes a `ConsulAddress` (flag >
+CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, as the consul CLI reads them) and gets its client here,
+made by contract/consul_client.py (the one place, shared with a packaged model's own process).
 """
 
 from __future__ import annotations
 
 import consul.aio
 
+from contract import consul_client
 from controlplane.config import ConsulAddress
 
 
 def connect(address: ConsulAddress) -> consul.aio.Consul:
     """An asyncio Consul client; https verifies the agent against `ca_file` if given, else the system's CAs."""
-    verify: bool | str = address.ca_file or True
-    return consul.aio.Consul(
-        host=address.host, port=address.port, scheme=address.scheme, token=address.token, verify=verify
-    )
+    return consul_client.connect(address.scheme, address.host, address.port, address.token, address.ca_file)
