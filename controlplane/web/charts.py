@@ -31,7 +31,8 @@ Series = dict[str, list[tuple[float, float]]]  # label -> (time, value)
 Health = Mapping[str, tuple[int, int]]  # cluster -> (replicas passing, registered)
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share (0..1) as a percent with one decimal; "-" for none."""
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -62,7 +63,7 @@ def pipeline_svg(p: Pipeline, rows: Sequence[VariantTraffic], health: Health) ->
                 share = v.weight / total
                 data = f"data-variant='{e(v.model)}:{e(v.version)}' data-weight='{share:.4f}'"
                 data += f" data-seen='{'' if seen is None else f'{seen:.4f}'}' data-health='{word}'"
-                about = f"{100 * share:.0f}% set · seen {_pct(seen)} · {passing}/{registered} passing"
+                about = f"{100 * share:.0f}% set · seen {percent(seen)} · {passing}/{registered} passing"
                 bar = (STAGE_W - 28) * min(max(seen or 0.0, 0.0), 1.0)
                 lines.append(
                     f"<g class='variant {word}' data-group='{e(key)}' {data}>"

@@ -27,7 +27,7 @@ from controlplane.pipeline.model import JOIN_GROUP, Pipeline, PipelineVersion
 from controlplane.pipeline.spec import pipeline_to_dict
 from controlplane.view import PlaneReader, PlaneView, ScaleRow
 from controlplane.web.auth import viewer
-from controlplane.web.charts import health_word, line_chart, pipeline_svg, rate_series, wall_time
+from controlplane.web.charts import health_word, line_chart, percent, pipeline_svg, rate_series, wall_time
 from controlplane.web.manage import LocalAdmin, add_ui_routes
 from controlplane.web.metrics import metrics_handler
 from controlplane.web.monitoring import add_routes as add_monitoring_routes
@@ -117,7 +117,7 @@ def _replay_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     return {k: report.get(k) for k in REPLAY_KEYS}
 
 
-def render_replays(reports: Sequence[Mapping[str, Any]], running: str | None) -> str:
+def render_replays(reports: Sequence[Mapping[str, Any]], running: str | None) -> Markup:
     """The newest replay reports of a pipeline: shares overall and per change of the served chain.
 
     A report is what a replaying client sent: the template escapes every value; every share is checked."""
@@ -142,7 +142,7 @@ def render_replays(reports: Sequence[Mapping[str, Any]], running: str | None) ->
                 ],
             }
         )
-    return str(part("replays", shown, running))
+    return part("replays", shown, running)
 
 
 SHARES = ("equal", "changed", "failed")
@@ -153,7 +153,7 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 
 def _share(value: Any) -> str:
-    return _pct(value) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+    return percent(value) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
 
 
 NACK_SHOWN = 160  # characters of a node's last NACK in the node table (describe shows it whole)
@@ -337,10 +337,6 @@ def _cold(row: ScaleRow) -> str:
     return "" if row.cold_start_s is None else f" (last cold start {row.cold_start_s:.1f} s)"
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -354,8 +350,8 @@ def _traffic_row(t: Mapping[str, Any]) -> dict[str, Any]:
         "branch": t["branch"],
         "model": t["model"],
         "version": t["version"],
-        "configured": _pct(t["configured_share"]),
-        "observed": _pct(t["observed_share"]),
+        "configured": percent(t["configured_share"]),
+        "observed": percent(t["observed_share"]),
         "window": None if window is None else f"{window:.0f}",
         "requests": t["requests"],
         "errors": f"{100 * t['errors'] / t['requests']:.1f}%" if t["requests"] else "-",
@@ -494,7 +490,7 @@ def render_pipeline_page(
         minutes=minutes,
         charts=[Markup(chart) for chart in charts],
         traffic=[_traffic_row(asdict(r)) for r in rows],
-        replays=Markup(render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name))),
+        replays=render_replays(view.replay_reports.get(p.name, ()), view.replays_running.get(p.name)),
     )
 
 

@@ -184,22 +184,18 @@ def runtimes_page(
         passing = sum(1 for i in instances if i.passing)
         requests, errors, window = seen.get(model_cluster(model, version), (0, 0, None))
         recent = f"{errors} of {requests}" + (f" in {window:.0f} s" if window else "") if requests else "no traffic"
-        shown = [
-            {
-                "passing": i.passing,
-                "service_id": i.service_id,
-                "oip_model": i.oip_model,
-                "host": i.host,
-                "ingress_port": i.ingress_port,
-                "admin": envoy_admin.get(i.service_id, ""),
-            }
-            for i in sorted(instances, key=lambda i: i.service_id)
-        ]
+        shown = sorted(instances, key=lambda i: i.service_id)
         word = "passing" if passing == len(instances) else "failing" if not passing else "degraded"
         rows.append(
             {"model": model, "version": version, "passing": passing, "word": word, "recent": recent, "instances": shown}
         )
-    csrf_shown = csrf or ""
     return _page(
-        "runtimes.html", "runtimes", csrf is not None, csrf_shown, section="/runtimes", rows=rows, consul_ui=consul_ui
+        "runtimes.html",
+        "runtimes",
+        csrf is not None,
+        csrf or "",
+        section="/runtimes",
+        rows=rows,
+        consul_ui=consul_ui,
+        envoy_admin=envoy_admin,
     )

@@ -41,13 +41,6 @@ def part(macro: str, *args: Any) -> Markup:
     return Markup(getattr(_env.get_template("parts.html").module, macro)(*args))
 
 
-def shell(title: str, body: str, *, section: str = "", signed_in: bool = False, csrf: str = "", live: int = 0) -> str:
-    """A page whose body was built elsewhere (already escaped HTML) in the one shell. `section` is the bar's
-    entry shown as current; `live` (seconds) makes the page fetch itself again (never for a page with a form)."""
-    body_html = Markup(body)
-    return page("base.html", title=title, body=body_html, section=section, signed_in=signed_in, csrf=csrf, live=live)
-
-
 def badge(word: str, kind: str = "") -> Markup:
     """A state said in words, coloured by its kind (a class of mllambda.css: passing, failing, draining...).
     Templates call it too (a global): its escaped HTML goes in as it is."""
