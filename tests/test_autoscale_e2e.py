@@ -4,7 +4,8 @@ The classifier runs on a simulated accelerator (bench/device_model.py: one
 request at a time, 25 ms each), so one replica serves at most 40 requests a
 second. Load goes from 10/s to 50/s (5x) and back, open loop, through the real
 gateway, sidecars (mTLS), Consul and control plane. Expected: replicas of
-classifier:v1 go up within a stated time and p99 comes back under the target;
+classifier:v1 go up within a stated time and p99 comes back under the target once scaled (the
+last 15 s of the high load, which start after the scale-up's bound and a backlog's drain);
 after the load, replicas go back to min_replicas with no request failing while
 they leave. The figures go to test-artifacts/autoscale.json.
 """
@@ -23,7 +24,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bench.autoscale import LOW, launch, load, load_step, scaling, stop_stack, until_up
+from bench.autoscale import LOW, UP_WITHIN_S, launch, load, load_step, scaling, stop_stack, until_up
 from controlplane.config import PROJECT_ROOT
 from controlplane.node import processes
 from tests.helpers.envoy import wait_for
@@ -31,7 +32,6 @@ from tests.helpers.observe import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 P99_TARGET_MS = 250  # under the high load, once scaled
-UP_WITHIN_S = 30  # from the step to a second replica passing
 
 
 async def test_a_load_step_scales_the_loaded_version_up_and_back_down_without_a_failure(tmp_path: Path) -> None:
