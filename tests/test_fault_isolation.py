@@ -11,6 +11,7 @@ import consul
 import pytest
 
 from contract.service import RuntimeService
+from controlplane.consul.discovery import READS
 from controlplane.node import processes
 from tests.helpers.envoy import http_backend, wait_for
 from tests.helpers.observe import metric, scrape, status
@@ -137,6 +138,18 @@ def consul_connections(pid: int, consul_port: int) -> int:
     return sum(1 for line in out.splitlines() if f"pid={pid}," in line and f":{consul_port} " in line + " ")
 
 
+OTHERS = 4  # short requests of the control plane's other components at once (autoscaler, store, presence, certs)
+
+
+async def fewest_consul_connections(control_plane: Any, consul_agent: Any) -> int:
+    """The fewest of a few looks: short requests come and go beside the held queries."""
+    seen = []
+    for _ in range(5):
+        seen.append(consul_connections(control_plane.proc.pid, consul_agent.http_port))
+        await asyncio.sleep(0.2)  # an observation window between looks
+    return min(seen)
+
+
 async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_do_not_wait(
     control_plane: Any, consul_agent: Any, tmp_path: Path
 ) -> None:
@@ -144,6 +157,7 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
     agent = consul.Consul(port=consul_agent.http_port).agent.service
     meta = RuntimeService("x", "m", "v1", "127.0.0.1", 1, "/r", 2, 3, "/e", 4).to_meta()
     ids = [f"fleet{n}-v1-1" for n in range(150)]
+    before = await fewest_consul_connections(control_plane, consul_agent)
     try:
         for n, service_id in enumerate(ids):
             check = {"TTL": "1h", "Status": "passing", "DeregisterCriticalServiceAfter": "1h"}
@@ -156,13 +170,23 @@ async def test_a_fleet_of_150_services_costs_a_few_connections_and_admin_calls_d
                 check=check,
             )
         await wait_for(lambda: set(ids) <= {r["service_id"] for r in status(control_plane)["runtimes"]}, timeout=30)
-        # Held blocking queries are what grew with the fleet (150 before). Short requests come and go beside them,
-        # more at once on a busy machine (17 once): the fewest of a few looks is the held set.
-        seen = []
-        for _ in range(5):
-            seen.append(consul_connections(control_plane.proc.pid, consul_agent.http_port))
-            await asyncio.sleep(0.2)  # an observation window between looks
-        assert min(seen) <= 16 and max(seen) < 50, seen
+        # Held blocking queries are what grew with the fleet (150 before, and they stay). Beside them, discovery
+        # reads services READS at a time and its client's pool keeps those connections open, idle, for a while;
+        # other components' short requests may each have opened one more meanwhile (a CI run saw 17 in five looks
+        # against a constant bound of 16; alone: 8 before the fleet, 13-16 after). So: the fleet of 150 adds at
+        # most READS and a few connections to what the control plane had before it, at once or once idle ones
+        # have closed.
+        seen: list[int] = []
+
+        async def few() -> bool:
+            seen.append(await fewest_consul_connections(control_plane, consul_agent))
+            return seen[-1] <= before + READS + OTHERS
+
+        try:
+            await wait_for(few, timeout=20, every=1)
+        except AssertionError as err:
+            raise AssertionError(f"connections to Consul: {before} before the fleet, then {seen}") from err
+        assert max(seen) < 50, (before, seen)
         spec = one_stage("busy", "fleet7")
         apply(control_plane, tmp_path, spec)  # the CLI's own timeout is far below the 30 s it took
         got = control_plane.cli("get", "pipeline", "busy")

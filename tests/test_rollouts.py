@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane.delivery.rollouts import Window, judge, spots, user_move
+from controlplane.delivery.traffic import ClusterStats, p99_same_seconds
 from controlplane.pipeline.model import InvalidPipeline, Pipeline
 from controlplane.pipeline.spec import parse_pipeline, pipeline_to_dict
 
@@ -88,6 +89,31 @@ def test_a_bad_candidate_is_rolled_back_to_the_baseline_with_the_reason(window: 
 def test_small_latency_differences_are_noise_not_a_regression() -> None:
     p = judge(pipeline(), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
     move = judge(p, (1, ""), Window(500, 0, 6, candidate_p99_ms=11, baseline_p99_ms=3))  # 3.7x, but 8 ms
+    assert move is not None and "step 2/3" in move.cause
+
+
+def test_latency_is_compared_over_the_same_seconds_so_a_busy_host_rolls_nothing_back() -> None:
+    """Seen on a busy CI host: the candidate's p99 since its Envoy started is the slowest of its first ~50
+    requests (24 ms), the baseline's is over thousands (3 ms). Over the last stats interval both are slow
+    alike, and only a candidate that is slower in the same seconds is rolled back."""
+    p = judge(pipeline(), (1, ""), QUIET).pipeline  # type: ignore[union-attr]
+    baseline = [
+        ClusterStats(9000, 0, p99_ms=3, p99_recent_ms=9),
+        ClusterStats(3000, 0, p99_ms=3, p99_recent_ms=13),
+        None,
+    ]
+    blip = ClusterStats(120, 0, p99_ms=24, p99_recent_ms=12)
+    candidate_p99, baseline_p99 = p99_same_seconds(blip, baseline)
+    assert (candidate_p99, baseline_p99) == (12, 10)  # the baseline weighted by its variants' requests
+    move = judge(p, (1, ""), Window(500, 0, 6, candidate_p99_ms=candidate_p99, baseline_p99_ms=baseline_p99))
+    assert move is not None and "step 2/3" in move.cause
+    slow = ClusterStats(120, 0, p99_ms=24, p99_recent_ms=60)
+    candidate_p99, baseline_p99 = p99_same_seconds(slow, baseline)
+    move = judge(p, (1, ""), Window(500, 0, 6, candidate_p99_ms=candidate_p99, baseline_p99_ms=baseline_p99))
+    assert move is not None and move.cause.endswith("p99 6.0x baseline (60 vs 10 ms) > 1.5x"), move
+    quiet = ClusterStats(120, 0, p99_ms=24, p99_recent_ms=None)  # no request of the candidate in the interval
+    assert p99_same_seconds(quiet, [None]) == (None, None)
+    move = judge(p, (1, ""), Window(500, 0, 6, *p99_same_seconds(quiet, baseline)))
     assert move is not None and "step 2/3" in move.cause
 
 

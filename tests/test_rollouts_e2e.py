@@ -80,8 +80,9 @@ def test_the_good_candidate_is_promoted_and_the_bad_ones_are_rolled_back_on_thei
     try:
         time.sleep(6)  # baseline latency in the gateway's histograms (Envoy computes them every 5 s)
         specs = [
-            # The same code: only the host's noise differs. A 2-s step at 20% is a few dozen requests, so its p99
-            # is their slowest: with another suite loading both cores, one CI run saw 3.1x (18 vs 6 ms) here.
+            # The same code: only the host's noise differs. Both p99s are over Envoy's last stats interval, so a
+            # busy host slows both; since the Envoys started, the candidate's few dozen requests against the
+            # baseline's thousands rolled it back twice on busy CI hosts (3.1x: 18 vs 6 ms; 7.6x: 24 vs 3 ms).
             # The slow candidate (+50 ms, ~9x) is judged at 1.5x below.
             spec("good", "v2", [20, 50, 100], 2, ratio=4.0),
             spec("failing", "v3", [20, 100], 8),

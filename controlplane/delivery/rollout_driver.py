@@ -20,7 +20,7 @@ import consul.aio
 
 from controlplane.consul.lock import SessionLock, lead
 from controlplane.delivery.rollouts import Agreement, Spot, Window, judge, spots, where
-from controlplane.delivery.traffic import ClusterStats
+from controlplane.delivery.traffic import ClusterStats, p99_same_seconds
 from controlplane.pipeline.model import Pipeline, PipelineVersion
 from controlplane.pipeline.store import NotCurrent, PipelineStore, WriteConflict
 
@@ -126,10 +126,9 @@ class RolloutDriver:
         candidate = stats.get(rollout.candidate.cluster, ClusterStats())
         key = (version.pipeline.name, version.version, spot)
         seen = self._windows.setdefault(key, Watched(time.monotonic(), candidate.requests, candidate.errors))
-        baseline = [stats.get(v.cluster) for v in rollout.baseline or variants]
-        weighted = [(s.p99_ms, s.requests) for s in baseline if s is not None and s.p99_ms is not None]
-        total = sum(n for _, n in weighted)
-        baseline_p99 = sum(q * n for q, n in weighted) / total if total else None
+        candidate_p99, baseline_p99 = p99_same_seconds(
+            candidate, [stats.get(v.cluster) for v in rollout.baseline or variants]
+        )
         drifted = None
         if rollout.max_drift and rollout.step:
             drifted = self.output_drift(
@@ -140,6 +139,6 @@ class RolloutDriver:
             requests=max(0, candidate.requests - seen.requests),
             errors=max(0, candidate.errors - seen.errors),
             seconds=time.monotonic() - seen.since,
-            candidate_p99_ms=candidate.p99_ms,
+            candidate_p99_ms=candidate_p99,
             baseline_p99_ms=baseline_p99,
         )

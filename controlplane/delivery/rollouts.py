@@ -8,8 +8,9 @@ candidate's requests since the step went live and decides:
 
 - roll back when, over at least `min_requests`, the candidate's 5xx share is
   above `max_error_rate`, or its p99 is above `max_p99_ratio` times the
-  baseline's (differences under LATENCY_SLACK_MS never count: Envoy's
-  histogram buckets are that coarse there), or above `max_p99_ms`;
+  baseline's over the same seconds (Envoy's last stats interval; differences
+  under LATENCY_SLACK_MS never count: Envoy's histogram buckets are that coarse
+  there), or above `max_p99_ms`;
 - otherwise, once the step has lasted `step_seconds` with at least
   `min_requests`, take the next step, or promote after the last one;
 - else hold.
@@ -45,7 +46,7 @@ class Window:
     requests: int
     errors: int
     seconds: float
-    candidate_p99_ms: float | None = None
+    candidate_p99_ms: float | None = None  # both over Envoy's last stats interval (5 s): the same seconds
     baseline_p99_ms: float | None = None
     output_drift: tuple[str, float] | None = None  # the candidate's answers against the baseline's: (field, PSI)
 

@@ -139,6 +139,18 @@ def _blend(a: float | None, wa: int, b: float | None, wb: int) -> float | None:
     return (a * wa + b * wb) / (wa + wb)
 
 
+def p99_same_seconds(
+    candidate: ClusterStats, baseline: Iterable[ClusterStats | None]
+) -> tuple[float | None, float | None]:
+    """A rollout's candidate p99 and its baseline's (request-weighted over the baseline's variants), both over
+    Envoy's last stats interval: the same seconds, so a host that slows down slows both. Since the Envoys
+    started, the candidate's p99 would be the slowest of its first few dozen requests against the baseline's
+    thousands (a busy CI host rolled a good candidate back on that: 24 against 3 ms)."""
+    weighted = [(s.p99_recent_ms, s.requests) for s in baseline if s is not None and s.p99_recent_ms is not None]
+    total = sum(n for _, n in weighted)
+    return candidate.p99_recent_ms, (sum(q * n for q, n in weighted) / total if total else None)
+
+
 def per_variant(pipelines: Sequence[Pipeline], stats: Mapping[str, ClusterStats]) -> list[VariantTraffic]:
     """Configured vs observed share for every split group (a stage, one branch of it, an ensemble's member)."""
     rows: list[VariantTraffic] = []
