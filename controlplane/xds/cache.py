@@ -30,8 +30,9 @@ class SnapshotCache:
         return node_group(node, self.group_by)
 
     def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
-        """Replace a group's snapshot; refuses one that references missing resources."""
-        problems = snapshot.consistency_problems()
+        """Replace a group's snapshot; refuses one that references missing resources (checked once: by
+        Snapshot.build, or here; 10,000 sidecars' snapshots checked twice cost ~0.25 s of a push)."""
+        problems = [] if snapshot.checked else snapshot.consistency_problems()
         if problems:
             raise InconsistentSnapshot(problems)
         if self._snapshots.get(group) is snapshot:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -78,6 +78,7 @@ class Resources:
 class Snapshot:
     version: str
     resources: Mapping[str, Resources] = field(default_factory=dict)
+    checked: bool = field(default=False, compare=False, repr=False)  # by build(): the cache need not check again
 
     @classmethod
     def build(
@@ -103,7 +104,7 @@ class Snapshot:
         problems = snapshot.consistency_problems()
         if problems:
             raise InconsistentSnapshot(problems)
-        return snapshot
+        return replace(snapshot, checked=True)
 
     def of_type(self, type_url: str) -> Resources:
         return self.resources.get(type_url) or Resources({}, {})

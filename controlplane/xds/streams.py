@@ -242,10 +242,10 @@ class _Stream:
     def selection(self, type_url: str, state: TypeState, keep_from: Snapshot | None) -> dict[str, tuple[str, Any]]:
         """name -> (version, packed resource) this stream should have now."""
         assert self.snapshot is not None
+        resources, wildcard, names = self.snapshot.of_type(type_url), state.wildcard, state.names
+        packed = resources.packed  # looked up once: this runs per stream per type on every push
         chosen = {
-            name: (version, self.snapshot.packed(type_url, name))
-            for name, version in self.snapshot.of_type(type_url).versions.items()
-            if state.wants(name)
+            name: (version, packed[name]) for name, version in resources.versions.items() if wildcard or name in names
         }
         if keep_from is not None and state.known:
             old = keep_from.of_type(type_url).versions
